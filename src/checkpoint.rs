@@ -1,0 +1,137 @@
+//! Safetensors checkpoints: loading single-file or sharded weights in f32/bf16/f16 into f32,
+//! validated against the names and shapes `config.json` implies; writing f32 tensor files.
+
+use crate::config::ModelConfig;
+use crate::model::params::param_specs;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The safetensors files of a model directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (name, file) in map {
+            let file = file.as_str().with_context(|| {
+                format!("{}: weight_map[{name:?}] is not a file name", index.display())
+            })?;
+            let path = dir.join(file);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
+}
+
+/// Converts one stored tensor to f32.
+fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
+    let bytes = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!(
+            "{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16",
+            file.display()
+        ),
+    })
+}
+
+/// The weights of a checkpoint as f32, by name, checked against `cfg`: every expected tensor
+/// present with its expected shape, nothing else. Also returns the stored dtype.
+pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Vec<f32>>, Dtype)> {
+    let expected: BTreeMap<String, Vec<usize>> = param_specs(cfg).into_iter().collect();
+    let mut out = HashMap::new();
+    let mut dtype = None;
+    for file in weight_files(dir)? {
+        let handle =
+            File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+        // SAFETY: the file is only read; a concurrent writer is outside what we can guard.
+        let mmap = unsafe { memmap2::Mmap::map(&handle) }
+            .with_context(|| format!("cannot map {}", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
+        for (name, view) in st.tensors() {
+            let Some(shape) = expected.get(&name) else {
+                bail!(
+                    "{}: unexpected tensor {name} (shape {:?}) that a {} checkpoint of this \
+                     config does not have",
+                    file.display(),
+                    view.shape(),
+                    if cfg.moe.is_some() { "Mixtral" } else { "Mistral" }
+                );
+            };
+            if view.shape() != shape.as_slice() {
+                bail!(
+                    "{}: tensor {name} has shape {:?}; config.json implies {:?}",
+                    file.display(),
+                    view.shape(),
+                    shape
+                );
+            }
+            dtype.get_or_insert(view.dtype());
+            out.insert(name.clone(), to_f32(&view, &name, &file)?);
+        }
+    }
+    if let Some(missing) = expected.keys().find(|n| !out.contains_key(*n)) {
+        bail!(
+            "{}: tensor {missing} (shape {:?}) is missing from the checkpoint",
+            dir.display(),
+            expected[missing]
+        );
+    }
+    Ok((out, dtype.unwrap_or(Dtype::F32)))
+}
+
+/// Writes `tensors` (f32, with shapes) to one safetensors file, atomically: a temporary file
+/// in the same directory renamed into place.
+pub fn save_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| bytemuck::cast_slice(data).to_vec())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .context("building safetensors views")?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, &None, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! Data sets: groups of one prompt and its rated responses, and their packing into batches.
+
+pub mod packing;
+pub mod pretokenized;
+
+/// One prompt with `K` responses and a reward for each (losses.md §1). A pairwise example is
+/// the group `K = 2`, rewards `(1, 0)`, chosen first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub prompt: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+    pub rewards: Vec<f64>,
+    /// Where the group came from, `file:line`, for error messages.
+    pub source: String,
+}
+
+impl Group {
+    /// Checks every token id against the vocabulary of the model that will read it.
+    pub fn check_vocab(&self, vocab: usize) -> anyhow::Result<()> {
+        let seqs = std::iter::once(("prompt".to_string(), &self.prompt)).chain(
+            self.responses
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("response {i}"), r)),
+        );
+        for (what, ids) in seqs {
+            if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+                anyhow::bail!(
+                    "{}: {what}, token {pos}: id {id} is outside the vocabulary (size {vocab})",
+                    self.source
+                );
+            }
+        }
+        Ok(())
+    }
+}

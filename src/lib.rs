@@ -1,0 +1,10 @@
+//! contralign: contrastive alignment (NCA, InfoNCA, DPO, SimPO, REFA) of Mistral and Mixtral
+//! models, with a CPU reference backend that every other backend is checked against.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod step;

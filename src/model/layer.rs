@@ -1,0 +1,208 @@
+//! One decoder layer, forward and backward, written against the ops trait:
+//! `h = x + o_proj(attn(rope(q a), rope(k a), v a))` with `a = rmsnorm(x)`, then
+//! `y = h + ffn(rmsnorm(h))` with a SwiGLU MLP or a top-k mixture of them.
+
+use super::moe::{route, Dispatch, LoadBalance, Routing};
+use super::params::{Expert, FeedForward, LayerParams};
+use crate::config::ModelConfig;
+use crate::ops::{AttentionLayout, AttentionShape, Ops};
+
+/// What the backward of one SwiGLU MLP needs (its input is held by the caller).
+pub struct MlpActs<B> {
+    gate: B,
+    up: B,
+    act: B,
+}
+
+pub struct ExpertActs<B> {
+    dispatch: Dispatch,
+    input: B,
+    mlp: MlpActs<B>,
+    output: B,
+}
+
+pub enum FfnActs<B> {
+    Dense(MlpActs<B>),
+    Moe { routing: Routing, experts: Vec<ExpertActs<B>> },
+}
+
+/// Everything the backward of a layer reads, from its input `x` on.
+pub struct LayerActs<B> {
+    normed: B,
+    q: B,
+    k: B,
+    v: B,
+    attn: B,
+    lse: B,
+    mid: B,
+    ffn_in: B,
+    ffn: FfnActs<B>,
+}
+
+impl<B> LayerActs<B> {
+    /// This layer's routing, for the load-balancing loss (`None` for a dense layer).
+    pub fn routing(&self) -> Option<&Routing> {
+        match &self.ffn {
+            FfnActs::Moe { routing, .. } => Some(routing),
+            FfnActs::Dense(_) => None,
+        }
+    }
+}
+
+/// The load-balancing gradient a layer's backward adds to its router probabilities.
+pub struct AuxGrad<'a> {
+    pub balance: &'a LoadBalance,
+    pub coef: f64,
+    pub row_weights: &'a [f64],
+}
+
+fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
+    AttentionShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim }
+}
+
+fn mlp_forward<O: Ops>(ops: &O, w: &Expert<O::Buf>, x: &O::Buf, rows: usize, cfg: &ModelConfig) -> (O::Buf, MlpActs<O::Buf>) {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let gate = ops.matmul(x, &w.gate, rows, d, i);
+    let up = ops.matmul(x, &w.up, rows, d, i);
+    let act = ops.swiglu(&gate, &up);
+    let out = ops.matmul(&act, &w.down, rows, i, d);
+    (out, MlpActs { gate, up, act })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mlp_backward<O: Ops>(
+    ops: &O,
+    w: &Expert<O::Buf>,
+    g: &mut Expert<O::Buf>,
+    x: &O::Buf,
+    acts: &MlpActs<O::Buf>,
+    dout: &O::Buf,
+    rows: usize,
+    cfg: &ModelConfig,
+) -> O::Buf {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let dact = ops.matmul_backward(&acts.act, &w.down, dout, rows, i, d, &mut g.down);
+    let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
+    let mut dx = ops.matmul_backward(x, &w.gate, &dgate, rows, d, i, &mut g.gate);
+    let dx_up = ops.matmul_backward(x, &w.up, &dup, rows, d, i, &mut g.up);
+    ops.add_assign(&mut dx, &dx_up);
+    dx
+}
+
+pub fn forward<O: Ops>(
+    ops: &O,
+    cfg: &ModelConfig,
+    p: &LayerParams<O::Buf>,
+    x: &O::Buf,
+    layout: &AttentionLayout,
+) -> (O::Buf, LayerActs<O::Buf>) {
+    let t = layout.len();
+    let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let eps = cfg.rms_norm_eps;
+
+    let normed = ops.rmsnorm(x, &p.input_norm, d, eps);
+    let mut q = ops.matmul(&normed, &p.q, t, d, qw);
+    let mut k = ops.matmul(&normed, &p.k, t, d, kvw);
+    let v = ops.matmul(&normed, &p.v, t, d, kvw);
+    ops.rope(&mut q, &layout.positions, cfg.num_heads, hd, cfg.rope_theta, false);
+    ops.rope(&mut k, &layout.positions, cfg.num_kv_heads, hd, cfg.rope_theta, false);
+    let (attn, lse) = ops.attention(&q, &k, &v, layout, attn_shape(cfg));
+    let mut mid = ops.matmul(&attn, &p.o, t, qw, d);
+    ops.add_assign(&mut mid, x);
+
+    let ffn_in = ops.rmsnorm(&mid, &p.post_norm, d, eps);
+    let (ffn_out, ffn) = match &p.ffn {
+        FeedForward::Dense(w) => {
+            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, cfg);
+            (out, FfnActs::Dense(acts))
+        }
+        FeedForward::Moe { router, experts } => {
+            let e_count = experts.len();
+            let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
+            let logits = ops.download(&ops.matmul(&ffn_in, router, t, d, e_count));
+            let routing = route(&logits, e_count, moe.experts_per_token);
+            let mut out = ops.zeros(t * d);
+            let mut acts = Vec::with_capacity(e_count);
+            for (w, dispatch) in experts.iter().zip(routing.dispatch()) {
+                let n = dispatch.rows.len();
+                let input = ops.gather_rows(&ffn_in, &dispatch.rows, None, d);
+                let (output, mlp) = mlp_forward(ops, w, &input, n, cfg);
+                ops.scatter_add_rows(&mut out, &output, &dispatch.rows, Some(&dispatch.weights), d);
+                acts.push(ExpertActs { dispatch, input, mlp, output });
+            }
+            (out, FfnActs::Moe { routing, experts: acts })
+        }
+    };
+    let mut y = ffn_out;
+    ops.add_assign(&mut y, &mid);
+    let acts = LayerActs { normed, q, k, v, attn, lse, mid, ffn_in, ffn };
+    (y, acts)
+}
+
+/// Returns `dL/dx` from `dL/dy`; accumulates every parameter gradient into `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<O: Ops>(
+    ops: &O,
+    cfg: &ModelConfig,
+    p: &LayerParams<O::Buf>,
+    g: &mut LayerParams<O::Buf>,
+    x: &O::Buf,
+    acts: &LayerActs<O::Buf>,
+    dy: &O::Buf,
+    layout: &AttentionLayout,
+    aux: Option<&AuxGrad>,
+) -> O::Buf {
+    let t = layout.len();
+    let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let eps = cfg.rms_norm_eps;
+
+    let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
+        (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
+            mlp_backward(ops, w, gw, &acts.ffn_in, a, dy, t, cfg)
+        }
+        (
+            FeedForward::Moe { router, experts },
+            FeedForward::Moe { router: grouter, experts: gexperts },
+            FfnActs::Moe { routing, experts: eacts },
+        ) => {
+            let mut dffn_in = ops.zeros(t * d);
+            let mut d_weights = vec![0f64; routing.chosen.len()];
+            for ((w, gw), a) in experts.iter().zip(gexperts.iter_mut()).zip(eacts) {
+                let rows = &a.dispatch.rows;
+                let dy_rows = ops.gather_rows(dy, rows, None, d);
+                for (&slot, dw) in a.dispatch.slots.iter().zip(ops.row_dots(&dy_rows, &a.output, d)) {
+                    d_weights[slot] = dw;
+                }
+                let dout = ops.gather_rows(dy, rows, Some(&a.dispatch.weights), d);
+                let dx = mlp_backward(ops, w, gw, &a.input, &a.mlp, &dout, rows.len(), cfg);
+                ops.scatter_add_rows(&mut dffn_in, &dx, rows, None, d);
+            }
+            let direct = aux.map(|a| a.balance.prob_grad(a.coef, a.row_weights));
+            let dz = ops.upload(&routing.backward(&d_weights, direct.as_deref()));
+            let dx_router =
+                ops.matmul_backward(&acts.ffn_in, router, &dz, t, d, experts.len(), grouter);
+            ops.add_assign(&mut dffn_in, &dx_router);
+            dffn_in
+        }
+        _ => unreachable!("parameters, gradients and activations share one layer structure"),
+    };
+    let mut dmid = ops.rmsnorm_backward(&acts.mid, &p.post_norm, &dffn_in, d, eps, &mut g.post_norm);
+    ops.add_assign(&mut dmid, dy);
+
+    let dattn = ops.matmul_backward(&acts.attn, &p.o, &dmid, t, qw, d, &mut g.o);
+    let (mut dq, mut dk, dv) = ops.attention_backward(
+        &acts.q, &acts.k, &acts.v, &acts.attn, &acts.lse, &dattn, layout, attn_shape(cfg),
+    );
+    ops.rope(&mut dq, &layout.positions, cfg.num_heads, hd, cfg.rope_theta, true);
+    ops.rope(&mut dk, &layout.positions, cfg.num_kv_heads, hd, cfg.rope_theta, true);
+    let mut dnormed = ops.matmul_backward(&acts.normed, &p.q, &dq, t, d, qw, &mut g.q);
+    let dk_in = ops.matmul_backward(&acts.normed, &p.k, &dk, t, d, kvw, &mut g.k);
+    let dv_in = ops.matmul_backward(&acts.normed, &p.v, &dv, t, d, kvw, &mut g.v);
+    ops.add_assign(&mut dnormed, &dk_in);
+    ops.add_assign(&mut dnormed, &dv_in);
+    let mut dx = ops.rmsnorm_backward(x, &p.input_norm, &dnormed, d, eps, &mut g.input_norm);
+    ops.add_assign(&mut dx, &dmid);
+    dx
+}

@@ -1,0 +1,235 @@
+//! The Mistral/Mixtral model: parameters on a backend, the forward pass over a packed batch,
+//! scoring into per-response statistics, and the backward from those statistics to every
+//! parameter, with optional per-layer activation checkpointing.
+
+pub mod layer;
+pub mod moe;
+pub mod params;
+
+use crate::checkpoint;
+use crate::config::ModelConfig;
+use crate::data::packing::Batch;
+use crate::ops::{AttentionLayout, Ops};
+use anyhow::Result;
+use layer::{AuxGrad, LayerActs};
+use moe::LoadBalance;
+use params::Params;
+use safetensors::Dtype;
+use std::path::Path;
+
+pub struct Model<B> {
+    pub cfg: ModelConfig,
+    pub params: Params<B>,
+    /// The dtype the checkpoint stored its weights in.
+    pub dtype: Dtype,
+}
+
+/// A response's statistics (losses.md §1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResponseStats {
+    pub logp_sum: f64,
+    pub tokens: usize,
+    pub logp_mean: f64,
+    /// `log π(EOS | …)` at the response's end; `None` when it does not end with EOS.
+    pub eos_logp: Option<f64>,
+}
+
+/// How much of the forward pass to keep for a backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: scoring only.
+    Nothing,
+    /// Each layer's input; the backward recomputes the rest layer by layer.
+    LayerInputs,
+    /// Every activation.
+    Everything,
+}
+
+struct Forward<B> {
+    /// The final hidden states before the last norm.
+    hidden: B,
+    layer_inputs: Vec<B>,
+    layer_acts: Vec<LayerActs<B>>,
+    balance: Option<LoadBalance>,
+}
+
+/// The loss of a batch as a function of its statistics: returns the loss and
+/// `dL/dS, dL/dA, dL/dE` per response.
+pub struct StatsGrad {
+    pub loss: f64,
+    pub d_s: Vec<f64>,
+    pub d_a: Vec<f64>,
+    pub d_e: Vec<f64>,
+}
+
+pub struct StepOptions {
+    pub checkpointing: bool,
+    /// Weight of the load-balancing loss (Mixtral); 0 leaves it out.
+    pub aux_coef: f64,
+}
+
+pub struct StepOutput<B> {
+    /// The objective: the statistics loss plus `aux_coef · aux`.
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub stats: Vec<ResponseStats>,
+    pub grads: Params<B>,
+}
+
+impl<B> Model<B> {
+    pub fn load<O: Ops<Buf = B>>(ops: &O, dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::load(dir)?;
+        let (mut weights, dtype) = checkpoint::load_weights(dir, &cfg)?;
+        let params = Params::build(&cfg, |name, _| {
+            let w = weights.remove(name).expect("load_weights checked every name");
+            Ok(ops.upload(&w))
+        })?;
+        Ok(Model { cfg, params, dtype })
+    }
+
+    /// Zero-filled buffers shaped like the parameters.
+    pub fn zeros_like<O: Ops<Buf = B>>(&self, ops: &O) -> Params<B> {
+        Params::build(&self.cfg, |_, shape| Ok(ops.zeros(shape.iter().product())))
+            .expect("building zero buffers cannot fail")
+    }
+
+    fn forward<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        tokens: &[u32],
+        layout: &AttentionLayout,
+        row_weights: &[f64],
+        keep: Keep,
+    ) -> Forward<B> {
+        let mut h = ops.embedding(&self.params.embed, tokens, self.cfg.hidden_size);
+        let mut out = Forward {
+            hidden: ops.zeros(0),
+            layer_inputs: Vec::new(),
+            layer_acts: Vec::new(),
+            balance: self.cfg.moe.as_ref().map(|m| LoadBalance::new(m.num_experts)),
+        };
+        for p in &self.params.layers {
+            let (next, acts) = layer::forward(ops, &self.cfg, p, &h, layout);
+            if let (Some(balance), Some(routing)) = (&mut out.balance, acts.routing()) {
+                balance.add_layer(routing, row_weights);
+            }
+            if keep != Keep::Nothing {
+                out.layer_inputs.push(h);
+            }
+            if keep == Keep::Everything {
+                out.layer_acts.push(acts);
+            }
+            h = next;
+        }
+        out.hidden = h;
+        out
+    }
+
+    /// Logits `[T, V]` of one plain sequence (every position).
+    pub fn logits<O: Ops<Buf = B>>(&self, ops: &O, ids: &[u32]) -> Vec<f32> {
+        let layout = AttentionLayout::causal(ids.len(), self.cfg.sliding_window);
+        let weights = vec![1.0; ids.len()];
+        let fwd = self.forward(ops, ids, &layout, &weights, Keep::Nothing);
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let normed = ops.rmsnorm(&fwd.hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
+        ops.download(&ops.matmul(&normed, self.params.head(), ids.len(), d, v))
+    }
+
+    fn token_logprobs<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch, hidden: &B) -> (B, B, Vec<f64>, B) {
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let normed = ops.rmsnorm(hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
+        let rows = ops.gather_rows(&normed, &batch.prediction_rows, None, d);
+        let (logp, lse) = ops.token_logprobs(&rows, self.params.head(), &batch.targets, d, v);
+        (normed, rows, logp, lse)
+    }
+
+    /// `S, n, A, E` of every response of the batch.
+    pub fn score<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> Vec<ResponseStats> {
+        let fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, Keep::Nothing);
+        let (_, _, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
+        response_stats(batch, &logp)
+    }
+
+    /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
+    pub fn loss_and_grads<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        batch: &Batch,
+        loss_fn: impl FnOnce(&[ResponseStats]) -> Result<StatsGrad>,
+        opts: &StepOptions,
+    ) -> Result<StepOutput<B>> {
+        let cfg = &self.cfg;
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let keep = if opts.checkpointing { Keep::LayerInputs } else { Keep::Everything };
+        let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
+        let (normed, rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
+        let stats = response_stats(batch, &logp);
+        let sg = loss_fn(&stats)?;
+        let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
+        let loss = sg.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
+
+        let dlogp = token_grads(batch, &sg);
+        let mut grads = self.zeros_like(ops);
+        let drows = {
+            let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
+            ops.token_logprobs_backward(&rows, self.params.head(), &batch.targets, &lse, &dlogp, d, v, dhead)
+        };
+        drop((rows, normed));
+        let mut dnormed = ops.zeros(batch.len() * d);
+        ops.scatter_add_rows(&mut dnormed, &drows, &batch.prediction_rows, None, d);
+        let mut dh = ops.rmsnorm_backward(
+            &fwd.hidden,
+            &self.params.final_norm,
+            &dnormed,
+            d,
+            cfg.rms_norm_eps,
+            &mut grads.final_norm,
+        );
+        let aux = match (&fwd.balance, opts.aux_coef) {
+            (Some(balance), coef) if coef != 0.0 => Some(AuxGrad { balance, coef, row_weights: &batch.row_weights }),
+            _ => None,
+        };
+        for l in (0..cfg.num_layers).rev() {
+            let x = fwd.layer_inputs.pop().expect("one input kept per layer");
+            let p = &self.params.layers[l];
+            let acts = match fwd.layer_acts.pop() {
+                Some(acts) => acts,
+                None => layer::forward(ops, cfg, p, &x, &batch.layout).1,
+            };
+            dh = layer::backward(ops, cfg, p, &mut grads.layers[l], &x, &acts, &dh, &batch.layout, aux.as_ref());
+        }
+        ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);
+        Ok(StepOutput { loss, aux_loss, stats, grads })
+    }
+}
+
+/// Reduces per-token log-probs into per-response statistics, in f64.
+pub fn response_stats(batch: &Batch, logp: &[f64]) -> Vec<ResponseStats> {
+    batch
+        .responses
+        .iter()
+        .map(|r| {
+            let lp = &logp[r.first..r.first + r.len];
+            let sum: f64 = lp.iter().sum();
+            ResponseStats {
+                logp_sum: sum,
+                tokens: r.len,
+                logp_mean: sum / r.len as f64,
+                eos_logp: r.ends_with_eos.then(|| lp[r.len - 1]),
+            }
+        })
+        .collect()
+}
+
+/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (losses.md §1).
+fn token_grads(batch: &Batch, g: &StatsGrad) -> Vec<f64> {
+    let mut out = vec![0f64; batch.targets.len()];
+    for (i, r) in batch.responses.iter().enumerate() {
+        let per_token = g.d_s[i] + g.d_a[i] / r.len as f64;
+        out[r.first..r.first + r.len].iter_mut().for_each(|x| *x = per_token);
+        if r.ends_with_eos {
+            out[r.first + r.len - 1] += g.d_e[i];
+        }
+    }
+    out
+}

@@ -1,0 +1,148 @@
+//! Mixtral routing on the host: softmax over experts, top-k with renormalized weights, its
+//! backward, and the Switch load-balancing loss (model.md). The router logits are `[T, E]`,
+//! small next to the activations, so this stays plain f64 code on every backend.
+
+/// The routing decision of one layer.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    pub experts: usize,
+    pub k: usize,
+    /// `softmax(z)` per token, `[T, E]`.
+    pub probs: Vec<f64>,
+    /// The chosen experts per token, `[T, k]`, by decreasing probability (ties: lowest index).
+    pub chosen: Vec<usize>,
+    /// Their renormalized weights, `[T, k]`.
+    pub weights: Vec<f64>,
+}
+
+/// The tokens one expert processes: `rows[i]` with weight `weights[i]`, which is slot
+/// `slots[i]` of `Routing::chosen`.
+#[derive(Clone, Debug, Default)]
+pub struct Dispatch {
+    pub rows: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub slots: Vec<usize>,
+}
+
+pub fn route(logits: &[f32], experts: usize, k: usize) -> Routing {
+    let tokens = logits.len() / experts;
+    let mut probs = vec![0f64; tokens * experts];
+    let mut chosen = Vec::with_capacity(tokens * k);
+    let mut weights = Vec::with_capacity(tokens * k);
+    for t in 0..tokens {
+        let z = &logits[t * experts..(t + 1) * experts];
+        let max = z.iter().map(|&x| x as f64).fold(f64::NEG_INFINITY, f64::max);
+        let p = &mut probs[t * experts..(t + 1) * experts];
+        for (pe, &ze) in p.iter_mut().zip(z) {
+            *pe = (ze as f64 - max).exp();
+        }
+        let sum: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= sum);
+        let mut order: Vec<usize> = (0..experts).collect();
+        // Stable sort: equal probabilities keep the lower index first.
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let top = &order[..k];
+        let top_sum: f64 = top.iter().map(|&e| p[e]).sum();
+        chosen.extend_from_slice(top);
+        weights.extend(top.iter().map(|&e| p[e] / top_sum));
+    }
+    Routing { experts, k, probs, chosen, weights }
+}
+
+impl Routing {
+    pub fn tokens(&self) -> usize {
+        self.probs.len() / self.experts
+    }
+
+    /// The tokens each expert receives, in token order.
+    pub fn dispatch(&self) -> Vec<Dispatch> {
+        let mut out = vec![Dispatch::default(); self.experts];
+        for (slot, (&e, &w)) in self.chosen.iter().zip(&self.weights).enumerate() {
+            out[e].rows.push((slot / self.k) as u32);
+            out[e].weights.push(w as f32);
+            out[e].slots.push(slot);
+        }
+        out
+    }
+
+    /// `dL/dz [T, E]` from `dL/dweight` per slot (`[T, k]`) plus any direct `dL/dp`
+    /// (`[T, E]`, from the load-balancing loss).
+    pub fn backward(&self, d_weights: &[f64], d_probs_direct: Option<&[f64]>) -> Vec<f32> {
+        let (e_count, k) = (self.experts, self.k);
+        let mut dz = vec![0f32; self.probs.len()];
+        for t in 0..self.tokens() {
+            let p = &self.probs[t * e_count..(t + 1) * e_count];
+            let mut dp = match d_probs_direct {
+                Some(direct) => direct[t * e_count..(t + 1) * e_count].to_vec(),
+                None => vec![0f64; e_count],
+            };
+            let slots = t * k..(t + 1) * k;
+            let top_sum: f64 = self.chosen[slots.clone()].iter().map(|&e| p[e]).sum();
+            let mean_grad: f64 = slots
+                .clone()
+                .map(|s| d_weights[s] * self.weights[s])
+                .sum();
+            for s in slots {
+                dp[self.chosen[s]] += (d_weights[s] - mean_grad) / top_sum;
+            }
+            let centre: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for e in 0..e_count {
+                dz[t * e_count + e] = (p[e] * (dp[e] - centre)) as f32;
+            }
+        }
+        dz
+    }
+}
+
+/// The running sums of the load-balancing loss over layers and weighted token rows.
+#[derive(Clone, Debug)]
+pub struct LoadBalance {
+    experts: usize,
+    chosen_mass: Vec<f64>,
+    prob_mass: Vec<f64>,
+    total_weight: f64,
+}
+
+impl LoadBalance {
+    pub fn new(experts: usize) -> Self {
+        LoadBalance {
+            experts,
+            chosen_mass: vec![0.0; experts],
+            prob_mass: vec![0.0; experts],
+            total_weight: 0.0,
+        }
+    }
+
+    pub fn add_layer(&mut self, routing: &Routing, row_weights: &[f64]) {
+        for (t, &w) in row_weights.iter().enumerate() {
+            self.total_weight += w;
+            for e in 0..self.experts {
+                self.prob_mass[e] += w * routing.probs[t * self.experts + e];
+            }
+            for &e in &routing.chosen[t * routing.k..(t + 1) * routing.k] {
+                self.chosen_mass[e] += w;
+            }
+        }
+    }
+
+    /// `aux = E · Σ_e f_e P_e`.
+    pub fn loss(&self) -> f64 {
+        let w = self.total_weight;
+        self.experts as f64
+            * (0..self.experts)
+                .map(|e| (self.chosen_mass[e] / w) * (self.prob_mass[e] / w))
+                .sum::<f64>()
+    }
+
+    /// `coef · d aux / d p [T, E]` of one layer; the gradient flows through `P_e` only.
+    pub fn prob_grad(&self, coef: f64, row_weights: &[f64]) -> Vec<f64> {
+        let w = self.total_weight;
+        let scale: Vec<f64> = (0..self.experts)
+            .map(|e| coef * self.experts as f64 * (self.chosen_mass[e] / w) / w)
+            .collect();
+        row_weights
+            .iter()
+            .flat_map(|&rw| scale.iter().map(move |s| s * rw))
+            .collect()
+    }
+}

@@ -1,0 +1,170 @@
+//! The reference backend: plain Rust on f32 storage with f64 accumulation, parallel with
+//! rayon where that is free. Every other backend is tested against it.
+
+mod attention;
+mod elementwise;
+pub mod linalg;
+mod scoring;
+
+use super::{AttentionLayout, AttentionShape, Ops, RowScale};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOps;
+
+impl Ops for CpuOps {
+    type Buf = Vec<f32>;
+
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+
+    fn embedding(&self, table: &Vec<f32>, ids: &[u32], d: usize) -> Vec<f32> {
+        elementwise::gather_rows(table, ids, None, d)
+    }
+
+    fn embedding_backward(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &[u32], d: usize) {
+        elementwise::scatter_add_rows(dtable, dout, ids, None, d)
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, d: usize, eps: f64) -> Vec<f32> {
+        elementwise::rmsnorm(x, w, d, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        d: usize,
+        eps: f64,
+        dw: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        elementwise::rmsnorm_backward(x, w, dy, d, eps, dw)
+    }
+
+    fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
+        linalg::matmul_nt(x, w, m, k, n)
+    }
+
+    fn matmul_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        dw: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        linalg::matmul_tn_acc(dy, x, m, k, n, dw);
+        linalg::matmul_nn(dy, w, m, k, n)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) {
+        elementwise::rope(x, positions, heads, head_dim, theta, inverse)
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>) {
+        attention::attention(q, k, v, layout, shape)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        attention::attention_backward(q, k, v, out, lse, dout, layout, shape)
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {
+        elementwise::swiglu(gate, up)
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dy: &Vec<f32>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        elementwise::swiglu_backward(gate, up, dy)
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], scale: RowScale, d: usize) -> Vec<f32> {
+        elementwise::gather_rows(x, rows, scale, d)
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Vec<f32>,
+        src: &Vec<f32>,
+        rows: &[u32],
+        scale: RowScale,
+        d: usize,
+    ) {
+        elementwise::scatter_add_rows(dst, src, rows, scale, d)
+    }
+
+    fn row_dots(&self, a: &Vec<f32>, b: &Vec<f32>, d: usize) -> Vec<f64> {
+        a.chunks(d).zip(b.chunks(d)).map(|(x, y)| linalg::dot(x, y)).collect()
+    }
+
+    fn token_logprobs(
+        &self,
+        h: &Vec<f32>,
+        head: &Vec<f32>,
+        targets: &[u32],
+        d: usize,
+        vocab: usize,
+    ) -> (Vec<f64>, Vec<f32>) {
+        scoring::token_logprobs(h, head, targets, d, vocab)
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        h: &Vec<f32>,
+        head: &Vec<f32>,
+        targets: &[u32],
+        lse: &Vec<f32>,
+        dlogp: &[f64],
+        d: usize,
+        vocab: usize,
+        dhead: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        scoring::token_logprobs_backward(h, head, targets, lse, dlogp, d, vocab, dhead)
+    }
+}

@@ -1,0 +1,196 @@
+//! The operations a training step needs, each with its backward, behind one trait that every
+//! backend implements. The model (`crate::model`) is written once against it.
+//!
+//! Conventions: tensors are row-major; a "row" is one token. Weights are `[out, in]` as in
+//! the checkpoints, so a projection is `y = x · Wᵀ`. Backward functions return the input
+//! gradient and *accumulate* weight gradients into the buffers they are given.
+
+pub mod cpu;
+
+/// Which keys each token of a packed stream may attend to (design.md, "Packed groups").
+///
+/// Token `t` sees keys in `[context_start[t], context_end[t])` (its group's prompt, empty for
+/// prompt tokens) and in `[own_start[t], t]` (its own segment up to itself), restricted to
+/// `positions[t] - window < positions[key]` when a sliding window is set.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionLayout {
+    pub positions: Vec<u32>,
+    pub context_start: Vec<u32>,
+    pub context_end: Vec<u32>,
+    pub own_start: Vec<u32>,
+    pub window: Option<usize>,
+}
+
+impl AttentionLayout {
+    /// One plain causal sequence of `len` tokens at positions `0..len`.
+    pub fn causal(len: usize, window: Option<usize>) -> Self {
+        AttentionLayout {
+            positions: (0..len as u32).collect(),
+            context_start: vec![0; len],
+            context_end: vec![0; len],
+            own_start: vec![0; len],
+            window,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The keys token `t` attends to, in increasing order.
+    pub fn keys(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let ctx = self.context_start[t] as usize..self.context_end[t] as usize;
+        let own = self.own_start[t] as usize..t + 1;
+        let pos = self.positions[t] as usize;
+        let window = self.window;
+        let positions = &self.positions;
+        ctx.chain(own).filter(move |&k| match window {
+            Some(w) => positions[k] as usize + w > pos,
+            None => true,
+        })
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Per-row scaling for row gathers and scatters (MoE dispatch and combine).
+pub type RowScale<'a> = Option<&'a [f32]>;
+
+pub trait Ops {
+    /// A tensor on this backend (f32 values as seen from the host).
+    type Buf;
+
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn zeros(&self, len: usize) -> Self::Buf;
+
+    /// `acc += x`.
+    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf);
+
+    /// Rows `ids` of `table [V, d]`.
+    fn embedding(&self, table: &Self::Buf, ids: &[u32], d: usize) -> Self::Buf;
+    /// `dtable[ids[t]] += dout[t]`.
+    fn embedding_backward(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &[u32], d: usize);
+
+    /// `y = w * x / sqrt(mean(x²) + eps)` per row of width `d`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, d: usize, eps: f64) -> Self::Buf;
+    /// Returns `dx`; accumulates `dw`.
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        d: usize,
+        eps: f64,
+        dw: &mut Self::Buf,
+    ) -> Self::Buf;
+
+    /// `y [m, n] = x [m, k] · w [n, k]ᵀ`.
+    fn matmul(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+    /// Returns `dx = dy · w`; accumulates `dw += dyᵀ · x`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        dw: &mut Self::Buf,
+    ) -> Self::Buf;
+
+    /// Rotates every head of `x [T, heads * head_dim]` in place by its token's position
+    /// (half-split RoPE); `inverse` rotates back, which is the backward.
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    );
+
+    /// Returns `(out [T, heads * hd], lse [T, heads])`, scale `1/sqrt(hd)`.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Self::Buf, Self::Buf);
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Self::Buf, Self::Buf, Self::Buf);
+
+    /// `silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Self::Buf;
+    /// Returns `(dgate, dup)`.
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dy: &Self::Buf,
+    ) -> (Self::Buf, Self::Buf);
+
+    /// `out[i] = scale[i] * x[rows[i]]`.
+    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], scale: RowScale, d: usize) -> Self::Buf;
+    /// `dst[rows[i]] += scale[i] * src[i]`.
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Self::Buf,
+        src: &Self::Buf,
+        rows: &[u32],
+        scale: RowScale,
+        d: usize,
+    );
+    /// `a[i] · b[i]` for each row of width `d`.
+    fn row_dots(&self, a: &Self::Buf, b: &Self::Buf, d: usize) -> Vec<f64>;
+
+    /// Fused LM head + log-softmax: for each row `i` of `h [P, d]`, the log-probability of
+    /// `targets[i]` under `softmax(h[i] · headᵀ)`, and the row's log-sum-exp. Never holds more
+    /// than one chunk of logits.
+    fn token_logprobs(
+        &self,
+        h: &Self::Buf,
+        head: &Self::Buf,
+        targets: &[u32],
+        d: usize,
+        vocab: usize,
+    ) -> (Vec<f64>, Self::Buf);
+    /// From `dlogp` per row, returns `dh`; accumulates `dhead`.
+    #[allow(clippy::too_many_arguments)]
+    fn token_logprobs_backward(
+        &self,
+        h: &Self::Buf,
+        head: &Self::Buf,
+        targets: &[u32],
+        lse: &Self::Buf,
+        dlogp: &[f64],
+        d: usize,
+        vocab: usize,
+        dhead: &mut Self::Buf,
+    ) -> Self::Buf;
+}

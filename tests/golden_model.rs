@@ -1,0 +1,162 @@
+//! The CPU reference against the transformers float64 goldens of both tiny fixtures:
+//! logits, policy and reference statistics, losses and parameter gradients.
+
+mod common;
+
+use common::{assert_close, fixture, hyperparameters, rel_err, Golden};
+use contralign::data::pretokenized::read_file;
+use contralign::data::Group;
+use contralign::loss::{LossKind, LossSpec};
+use contralign::model::params::param_specs;
+use contralign::model::{Model, StepOptions};
+use contralign::ops::cpu::CpuOps;
+use contralign::step;
+
+const MODELS: [&str; 2] = ["tiny-mistral", "tiny-mixtral"];
+
+fn load(name: &str) -> Model<Vec<f32>> {
+    Model::load(&CpuOps, &fixture(name)).unwrap()
+}
+
+fn data(model: &str, kind: &str) -> Vec<Group> {
+    read_file(&fixture(&format!("{model}.{kind}.jsonl"))).unwrap()
+}
+
+fn spec(model: &str, name: &str, kind: LossKind) -> LossSpec {
+    let hp = hyperparameters(model, name);
+    let get = |k: &str, default: f64| hp.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
+    LossSpec {
+        kind,
+        beta: get("beta", 0.1),
+        alpha: get("alpha", 0.0),
+        label_smoothing: get("label_smoothing", 0.0),
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in MODELS {
+        let model = load(name);
+        let golden = Golden::load(&format!("{name}.golden.safetensors"));
+        for kind in ["reward", "pairs"] {
+            for (g, group) in data(name, kind).iter().enumerate() {
+                for (r, response) in group.responses.iter().enumerate() {
+                    let ids: Vec<u32> = group.prompt.iter().chain(response).copied().collect();
+                    let got = model.logits(&CpuOps, &ids);
+                    let want = golden.get(&format!("{kind}.logits.{g}.{r}"));
+                    let err = rel_err(&got, want);
+                    assert!(err < 1e-5, "{name} {kind} logits {g}.{r}: relative error {err:.3e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_statistics_match_transformers() {
+    for name in MODELS {
+        let golden = Golden::load(&format!("{name}.golden.safetensors"));
+        for (model_dir, which) in [(name.to_string(), "policy"), (format!("{name}-ref"), "ref")] {
+            let model = load(&model_dir);
+            for kind in ["reward", "pairs"] {
+                let batch = step::pack(&model, &data(name, kind)).unwrap();
+                let stats = model.score(&CpuOps, &batch);
+                let want = golden.get(&format!("{kind}.stats.{which}"));
+                assert_eq!(stats.len() * 4, want.len());
+                for (i, s) in stats.iter().enumerate() {
+                    let w = &want[i * 4..i * 4 + 4];
+                    let what = format!("{model_dir} {kind} response {i}");
+                    assert_close(&format!("{what} S"), s.logp_sum, w[0], 1e-5);
+                    assert_eq!(s.tokens as f64, w[1], "{what} n");
+                    assert_close(&format!("{what} A"), s.logp_mean, w[2], 1e-5);
+                    match s.eos_logp {
+                        Some(e) => assert_close(&format!("{what} E"), e, w[3], 1e-5),
+                        None => assert!(w[3].is_nan(), "{what}: E missing, golden {}", w[3]),
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Case {
+    golden_name: &'static str,
+    kind: LossKind,
+    data: &'static str,
+    aux: bool,
+}
+
+const CASES: [Case; 3] = [
+    Case { golden_name: "sft", kind: LossKind::Sft, data: "reward", aux: false },
+    Case { golden_name: "nca", kind: LossKind::Nca, data: "reward", aux: false },
+    Case { golden_name: "dpo", kind: LossKind::Dpo, data: "pairs", aux: false },
+];
+
+fn check_grads(name: &str, case: &Case, checkpointing: bool) {
+    let policy = load(name);
+    let reference = load(&format!("{name}-ref"));
+    let golden = Golden::load(&format!("{name}.golden.safetensors"));
+    let base = case.golden_name;
+    let spec = spec(name, base, case.kind);
+    let aux_coef = if case.aux { policy.cfg.moe.as_ref().unwrap().router_aux_loss_coef } else { 0.0 };
+    let opts = StepOptions { checkpointing, aux_coef };
+    let out = step::loss_and_grads(
+        &CpuOps,
+        &policy,
+        Some(&reference),
+        &data(name, case.data),
+        &spec,
+        &opts,
+    )
+    .unwrap();
+    let key = if case.aux { format!("{base}+aux") } else { base.to_string() };
+    assert_close(&format!("{name} loss.{key}"), out.loss, golden.scalar(&format!("loss.{key}")), 1e-5);
+    if case.aux {
+        assert_close(&format!("{name} aux_loss"), out.aux_loss.unwrap(), golden.scalar("aux_loss"), 1e-5);
+    }
+    for ((pname, _), grad) in param_specs(&policy.cfg).iter().zip(out.grads.iter()) {
+        let want = golden.get(&format!("grad.{key}.{pname}"));
+        let err = rel_err(grad, want);
+        assert!(err < 1e-4, "{name} grad.{key}.{pname}: relative error {err:.3e}");
+    }
+}
+
+#[test]
+fn gradients_match_transformers() {
+    for name in MODELS {
+        for case in &CASES {
+            check_grads(name, case, true);
+        }
+    }
+}
+
+#[test]
+fn mixtral_aux_loss_gradients_match_transformers() {
+    let case = Case { golden_name: "nca", kind: LossKind::Nca, data: "reward", aux: true };
+    check_grads("tiny-mixtral", &case, false);
+}
+
+#[test]
+fn losses_match_transformers() {
+    for name in MODELS {
+        let golden = Golden::load(&format!("{name}.golden.safetensors"));
+        let policy = load(name);
+        let reference = load(&format!("{name}-ref"));
+        for (golden_name, kind, kind_data) in [
+            ("sft", LossKind::Sft, "reward"),
+            ("nca", LossKind::Nca, "reward"),
+            ("nca_a0", LossKind::Nca, "reward"),
+            ("dpo", LossKind::Dpo, "pairs"),
+            ("dpo_ls", LossKind::Dpo, "pairs"),
+        ] {
+            let spec = spec(name, golden_name, kind);
+            let opts = StepOptions { checkpointing: true, aux_coef: 0.0 };
+            let groups = data(name, kind_data);
+            let out =
+                step::loss_and_grads(&CpuOps, &policy, Some(&reference), &groups, &spec, &opts)
+                    .unwrap();
+            let want = golden.scalar(&format!("loss.{golden_name}"));
+            assert_close(&format!("{name} loss.{golden_name}"), out.loss, want, 1e-5);
+        }
+    }
+}
