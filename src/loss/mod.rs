@@ -26,6 +26,14 @@ impl LossKind {
         })
     }
 
+    /// The default `beta`: the NCA paper's 0.01 for NCA (UltraFeedback), DPO's and TRL's 0.1.
+    pub fn default_beta(self) -> f64 {
+        match self {
+            LossKind::Nca => 0.01,
+            LossKind::Dpo | LossKind::Sft => 0.1,
+        }
+    }
+
     /// Whether the loss reads `S^ref` (and so needs a reference model).
     pub fn needs_reference(self) -> bool {
         matches!(self, LossKind::Nca | LossKind::Dpo)

@@ -1,0 +1,36 @@
+//! Subcommands of the `contralign` binary.
+
+mod grads;
+mod score;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "contralign",
+    version,
+    about = "Contrastive alignment (NCA, InfoNCA, DPO, SimPO, REFA) of Mistral and Mixtral \
+             models",
+    long_about = "Contrastive alignment of Mistral and Mixtral models.\n\nModels are Hugging \
+                  Face checkpoint directories (config.json plus model.safetensors or a sharded \
+                  model.safetensors.index.json, float32/bfloat16/float16). Data sets are JSONL, \
+                  one group (a prompt with its rated responses) per line."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Score(score::ScoreArgs),
+    Grads(grads::GradsArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Score(args) => score::run(args),
+        Command::Grads(args) => grads::run(args),
+    }
+}

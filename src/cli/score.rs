@@ -1,0 +1,47 @@
+use anyhow::Result;
+use clap::Args;
+use contralign::data::pretokenized::read_file;
+use contralign::model::Model;
+use contralign::ops::cpu::CpuOps;
+use contralign::step;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Score every response of a data set under a model: one JSON line per response, in file
+/// order, `{"group", "response", "logp_sum", "tokens", "logp_mean", "eos_logp"}`.
+///
+/// `logp_sum` is the sum of the response tokens' log-probabilities given the prompt (the
+/// final EOS included), `tokens` their count, `logp_mean` their mean, and `eos_logp` the
+/// log-probability of the final EOS token (null when the response does not end with EOS).
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Pre-tokenized JSONL: reward groups {"prompt_ids", "response_ids", "rewards"} or
+    /// pairs {"prompt_ids", "chosen_ids", "rejected_ids"}, detected per line.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let groups = read_file(&args.data)?;
+    let model = Model::load(&CpuOps, &args.model)?;
+    let batch = step::pack(&model, &groups)?;
+    let stats = model.score(&CpuOps, &batch);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (i, (span, s)) in batch.responses.iter().zip(&stats).enumerate() {
+        let response = i - batch.group_offsets[span.group];
+        let line = serde_json::json!({
+            "group": span.group,
+            "response": response,
+            "logp_sum": s.logp_sum,
+            "tokens": s.tokens,
+            "logp_mean": s.logp_mean,
+            "eos_logp": s.eos_logp,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
