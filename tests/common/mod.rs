@@ -60,3 +60,52 @@ pub fn hyperparameters(model: &str, loss: &str) -> serde_json::Value {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["hyperparameters"][loss].clone()
 }
+
+/// A random generator seeded afresh each run (or from `CONTRALIGN_TEST_SEED`); the seed is
+/// printed so that a failure can be replayed.
+pub fn rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("CONTRALIGN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: CONTRALIGN_TEST_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Random groups: prompts of 1..=max_prompt tokens (BOS first), K in 2..=max_k responses of
+/// 1..=max_response tokens, most ending with EOS 2, rewards with ties.
+pub fn random_groups(
+    rng: &mut impl rand::Rng,
+    count: usize,
+    vocab: u32,
+    max_prompt: usize,
+    max_k: usize,
+    max_response: usize,
+) -> Vec<contralign::data::Group> {
+    (0..count)
+        .map(|g| {
+            let plen = rng.gen_range(1..=max_prompt);
+            let mut prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(3..vocab)).collect();
+            prompt[0] = 1;
+            let k = rng.gen_range(2..=max_k);
+            let responses = (0..k)
+                .map(|_| {
+                    let n = rng.gen_range(1..=max_response);
+                    let mut r: Vec<u32> = (0..n).map(|_| rng.gen_range(3..vocab)).collect();
+                    if rng.gen_bool(0.7) {
+                        r[n - 1] = 2;
+                    }
+                    r
+                })
+                .collect();
+            let rewards = (0..k).map(|_| rng.gen_range(0..4) as f64 * 2.5).collect();
+            contralign::data::Group { prompt, responses, rewards, source: format!("random:{g}") }
+        })
+        .collect()
+}

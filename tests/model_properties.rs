@@ -1,0 +1,171 @@
+//! Properties of the CPU reference that need no golden: packed shared-prompt batches equal
+//! per-sequence ones, checkpointing changes nothing, and gradients agree with finite
+//! differences.
+
+mod common;
+
+use common::{fixture, random_groups, rel_err, rng};
+use contralign::data::Group;
+use contralign::loss::{LossKind, LossSpec};
+use contralign::model::params::param_specs;
+use contralign::model::{Model, ResponseStats, StatsGrad, StepOptions};
+use contralign::ops::cpu::CpuOps;
+use contralign::step;
+use rand::Rng;
+
+fn load(name: &str) -> Model<Vec<f32>> {
+    Model::load(&CpuOps, &fixture(name)).unwrap()
+}
+
+/// Every response as its own sequence: the prompt repeated, nothing shared.
+fn unpacked(groups: &[Group]) -> Vec<Group> {
+    groups
+        .iter()
+        .flat_map(|g| {
+            g.responses.iter().zip(&g.rewards).map(|(r, &w)| Group {
+                prompt: g.prompt.clone(),
+                responses: vec![r.clone()],
+                rewards: vec![w],
+                source: g.source.clone(),
+            })
+        })
+        .collect()
+}
+
+/// A loss linear in every statistic, with fixed random coefficients: its gradient reaches
+/// every response through S, A and E.
+fn linear_loss(coef: &[[f64; 3]]) -> impl Fn(&[ResponseStats]) -> anyhow::Result<StatsGrad> + '_ {
+    move |stats| {
+        let loss = stats
+            .iter()
+            .zip(coef)
+            .map(|(s, c)| c[0] * s.logp_sum + c[1] * s.logp_mean + c[2] * s.eos_logp.unwrap_or(0.0))
+            .sum();
+        Ok(StatsGrad {
+            loss,
+            d_s: coef.iter().map(|c| c[0]).collect(),
+            d_a: coef.iter().map(|c| c[1]).collect(),
+            d_e: coef.iter().map(|c| c[2]).collect(),
+        })
+    }
+}
+
+fn grads_of(
+    model: &Model<Vec<f32>>,
+    groups: &[Group],
+    coef: &[[f64; 3]],
+    checkpointing: bool,
+    aux_coef: f64,
+) -> (f64, Vec<Vec<f32>>) {
+    let batch = step::pack(model, groups).unwrap();
+    let opts = StepOptions { checkpointing, aux_coef };
+    let out = model.loss_and_grads(&CpuOps, &batch, linear_loss(coef), &opts).unwrap();
+    (out.loss, out.grads.iter().into_iter().cloned().collect())
+}
+
+#[test]
+fn packed_groups_equal_per_sequence_scoring() {
+    let mut rng = rng("packed_groups_equal_per_sequence_scoring");
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let model = load(name);
+        // Prompts longer than Mistral's window of 6, so the window cuts into the prompt.
+        let groups = random_groups(&mut rng, 5, 256, 11, 5, 9);
+        let packed = model.score(&CpuOps, &step::pack(&model, &groups).unwrap());
+        let single = model.score(&CpuOps, &step::pack(&model, &unpacked(&groups)).unwrap());
+        assert_eq!(packed.len(), single.len());
+        for (i, (p, s)) in packed.iter().zip(&single).enumerate() {
+            assert_eq!(p.tokens, s.tokens);
+            let tol = 1e-6 * s.logp_sum.abs();
+            assert!((p.logp_sum - s.logp_sum).abs() <= tol, "{name} response {i}: {p:?} vs {s:?}");
+            assert_eq!(p.eos_logp.is_some(), s.eos_logp.is_some());
+            if let (Some(a), Some(b)) = (p.eos_logp, s.eos_logp) {
+                assert!((a - b).abs() <= 1e-6 * b.abs(), "{name} response {i} E: {a} vs {b}");
+            }
+        }
+        // The backward too: the shared prompt rows gather the gradient of all K responses.
+        let coef: Vec<[f64; 3]> = (0..packed.len())
+            .map(|_| [rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0)])
+            .collect();
+        let aux = if model.cfg.moe.is_some() { 0.05 } else { 0.0 };
+        let (loss_p, grads_p) = grads_of(&model, &groups, &coef, true, aux);
+        let (loss_s, grads_s) = grads_of(&model, &unpacked(&groups), &coef, true, aux);
+        assert!((loss_p - loss_s).abs() <= 1e-6 * loss_s.abs(), "{name}: {loss_p} vs {loss_s}");
+        for ((pname, _), (gp, gs)) in param_specs(&model.cfg).iter().zip(grads_p.iter().zip(&grads_s)) {
+            let gs: Vec<f64> = gs.iter().map(|&x| x as f64).collect();
+            let err = rel_err(gp, &gs);
+            assert!(err < 1e-5, "{name} {pname}: packed vs per-sequence gradient {err:.3e}");
+        }
+    }
+}
+
+#[test]
+fn checkpointing_does_not_change_gradients() {
+    let mut rng = rng("checkpointing_does_not_change_gradients");
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let model = load(name);
+        let groups = random_groups(&mut rng, 4, 256, 9, 4, 8);
+        let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
+        let coef: Vec<[f64; 3]> = (0..responses)
+            .map(|_| [rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0)])
+            .collect();
+        let aux = if model.cfg.moe.is_some() { 0.02 } else { 0.0 };
+        let (loss_on, on) = grads_of(&model, &groups, &coef, true, aux);
+        let (loss_off, off) = grads_of(&model, &groups, &coef, false, aux);
+        assert!((loss_on - loss_off).abs() <= 1e-12 * loss_off.abs().max(1.0));
+        for ((pname, _), (a, b)) in param_specs(&model.cfg).iter().zip(on.iter().zip(&off)) {
+            let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+            let err = rel_err(a, &b);
+            assert!(err < 1e-6, "{name} {pname}: checkpointing on/off differ by {err:.3e}");
+            assert!(b.iter().any(|&x| x != 0.0), "{name} {pname}: gradient is all zeros");
+        }
+    }
+}
+
+/// Central differences of the full objective (NCA plus the load-balancing loss on Mixtral)
+/// against the analytic gradient, for the largest entries of a sample of tensors.
+#[test]
+fn gradients_agree_with_finite_differences() {
+    let mut rng = rng("gradients_agree_with_finite_differences");
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let mut policy = load(name);
+        let reference = load(&format!("{name}-ref"));
+        let groups = random_groups(&mut rng, 3, 256, 7, 4, 6);
+        let spec = LossSpec { kind: LossKind::Nca, beta: 1.0, alpha: 0.5, label_smoothing: 0.0 };
+        let aux_coef = if policy.cfg.moe.is_some() { 0.5 } else { 0.0 };
+        let opts = StepOptions { checkpointing: true, aux_coef };
+        let objective = |m: &Model<Vec<f32>>| {
+            step::loss_and_grads(&CpuOps, m, Some(&reference), &groups, &spec, &opts).unwrap()
+        };
+        let analytic: Vec<Vec<f32>> =
+            objective(&policy).grads.iter().into_iter().cloned().collect();
+        let specs = param_specs(&policy.cfg);
+        let mut checked = 0;
+        for (t, (pname, _)) in specs.iter().enumerate() {
+            if t % 3 != 0 && !pname.contains("gate.weight") && !pname.contains("norm") {
+                continue;
+            }
+            let g = &analytic[t];
+            let mut order: Vec<usize> = (0..g.len()).collect();
+            order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+            let max = g[order[0]].abs() as f64;
+            for &j in order.iter().take(2).chain(std::iter::once(&order[rng.gen_range(0..order.len())])) {
+                let h = 1e-3f32;
+                let orig = policy.params.iter_mut()[t][j];
+                policy.params.iter_mut()[t][j] = orig + h;
+                let up = objective(&policy).loss;
+                policy.params.iter_mut()[t][j] = orig - h;
+                let down = objective(&policy).loss;
+                policy.params.iter_mut()[t][j] = orig;
+                let numeric = (up - down) / (2.0 * h as f64);
+                let exact = g[j] as f64;
+                let err = (numeric - exact).abs();
+                assert!(
+                    err <= 2e-2 * exact.abs() + 2e-3 * max + 1e-5,
+                    "{name} {pname}[{j}]: analytic {exact:.6e}, finite difference {numeric:.6e}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "{name}: only {checked} entries checked");
+    }
+}
