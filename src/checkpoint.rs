@@ -83,7 +83,10 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
             .with_context(|| format!("cannot map {}", file.display()))?;
         let st = SafeTensors::deserialize(&mmap)
             .with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
-        for (name, view) in st.tensors() {
+        let mut views = st.tensors();
+        // Sorted, so that the first problem reported does not depend on hash order.
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in views {
             let Some(shape) = expected.get(&name) else {
                 bail!(
                     "{}: unexpected tensor {name} (shape {:?}) that a {} checkpoint of this \

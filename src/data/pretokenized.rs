@@ -37,8 +37,17 @@ fn nonempty(ids: Vec<u32>, what: &str) -> Result<Vec<u32>> {
 pub fn parse_line(line: &str, source: String) -> Result<Group> {
     let value: Value = serde_json::from_str(line).context("malformed JSON")?;
     let obj = value.as_object().context("expected a JSON object")?;
+    let is_reward = obj.contains_key("response_ids");
+    let is_pair = obj.contains_key("chosen_ids") || obj.contains_key("rejected_ids");
+    if !is_reward && !is_pair {
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        bail!(
+            "unknown record: expected `prompt_ids` with `response_ids` and `rewards`, or with \
+             `chosen_ids` and `rejected_ids`; found keys {keys:?}"
+        );
+    }
     let prompt = nonempty(ids(obj, "prompt_ids")?, "field `prompt_ids`")?;
-    let (responses, rewards) = if obj.contains_key("response_ids") {
+    let (responses, rewards) = if is_reward {
         let arr = obj["response_ids"]
             .as_array()
             .context("field `response_ids`: expected a list of lists of token ids")?;
@@ -77,16 +86,10 @@ pub fn parse_line(line: &str, source: String) -> Result<Group> {
             bail!("field `response_ids` holds no response");
         }
         (responses, rewards)
-    } else if obj.contains_key("chosen_ids") || obj.contains_key("rejected_ids") {
+    } else {
         let chosen = nonempty(ids(obj, "chosen_ids")?, "field `chosen_ids`")?;
         let rejected = nonempty(ids(obj, "rejected_ids")?, "field `rejected_ids`")?;
         (vec![chosen, rejected], vec![1.0, 0.0])
-    } else {
-        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        bail!(
-            "unknown record: expected `prompt_ids` with `response_ids` and `rewards`, or with \
-             `chosen_ids` and `rejected_ids`; found keys {keys:?}"
-        );
     };
     Ok(Group { prompt, responses, rewards, source })
 }
