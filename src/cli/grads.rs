@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 /// plus `--aux-coef` times the Mixtral load-balancing loss. The output holds one f32 tensor
 /// per parameter under its checkpoint name, plus a scalar `loss`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GradsArgs {
     /// The policy: a Hugging Face model directory.
     #[arg(long, value_name = "DIR")]

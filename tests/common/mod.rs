@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A golden safetensors file (all F64), by name: `(shape, values)`.
@@ -29,7 +31,11 @@ impl Golden {
     }
 
     pub fn get(&self, key: &str) -> &[f64] {
-        &self.0.get(key).unwrap_or_else(|| panic!("golden key {key} missing")).1
+        &self
+            .0
+            .get(key)
+            .unwrap_or_else(|| panic!("golden key {key} missing"))
+            .1
     }
 
     pub fn scalar(&self, key: &str) -> f64 {
@@ -40,7 +46,12 @@ impl Golden {
 /// `‖a − b‖ / ‖b‖` (absolute when `b` is all zeros).
 pub fn rel_err<A: Copy + Into<f64>>(a: &[A], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((*x).into() - y).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x).into() - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if norm == 0.0 {
         diff
@@ -51,7 +62,10 @@ pub fn rel_err<A: Copy + Into<f64>>(a: &[A], b: &[f64]) -> f64 {
 
 pub fn assert_close(what: &str, got: f64, want: f64, rel: f64) {
     let err = (got - want).abs() / want.abs().max(1e-12);
-    assert!(err <= rel, "{what}: got {got}, want {want} (relative error {err:.3e} > {rel:.0e})");
+    assert!(
+        err <= rel,
+        "{what}: got {got}, want {want} (relative error {err:.3e} > {rel:.0e})"
+    );
 }
 
 /// The golden json's hyperparameters of one loss entry.
@@ -105,7 +119,12 @@ pub fn random_groups(
                 })
                 .collect();
             let rewards = (0..k).map(|_| rng.gen_range(0..4) as f64 * 2.5).collect();
-            contralign::data::Group { prompt, responses, rewards, source: format!("random:{g}") }
+            contralign::data::Group {
+                prompt,
+                responses,
+                rewards,
+                source: format!("random:{g}"),
+            }
         })
         .collect()
 }
