@@ -1,1 +1,58 @@
-fn main(){}
+//! A CPU forward+backward step (NCA with the load-balancing loss) on the tiny Mixtral
+//! fixture; throughput in tokens per second of the packed stream (each prompt counted once).
+
+use contralign::data::pretokenized::read_file;
+use contralign::loss::{LossKind, LossSpec};
+use contralign::model::{Model, StepOptions};
+use contralign::ops::cpu::CpuOps;
+use contralign::step;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn cpu_step(c: &mut Criterion) {
+    let policy = Model::load(&CpuOps, &fixture("tiny-mixtral")).unwrap();
+    let reference = Model::load(&CpuOps, &fixture("tiny-mixtral-ref")).unwrap();
+    // The fixture's three groups repeated to a batch of 24 groups.
+    let groups: Vec<_> = read_file(&fixture("tiny-mixtral.reward.jsonl"))
+        .unwrap()
+        .into_iter()
+        .cycle()
+        .take(24)
+        .collect();
+    let batch = step::pack(&policy, &groups).unwrap();
+    let spec = LossSpec {
+        kind: LossKind::Nca,
+        beta: 0.1,
+        alpha: 0.5,
+        label_smoothing: 0.0,
+    };
+    let mut group = c.benchmark_group("cpu_step_tiny_mixtral");
+    group.throughput(Throughput::Elements(batch.len() as u64));
+    for checkpointing in [true, false] {
+        let opts = StepOptions {
+            checkpointing,
+            aux_coef: 0.02,
+        };
+        let name = if checkpointing {
+            "checkpointing"
+        } else {
+            "no_checkpointing"
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                step::loss_and_grads(&CpuOps, &policy, Some(&reference), &groups, &spec, &opts)
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cpu_step);
+criterion_main!(benches);

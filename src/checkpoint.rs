@@ -26,7 +26,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = Vec::new();
         for (name, file) in map {
             let file = file.as_str().with_context(|| {
-                format!("{}: weight_map[{name:?}] is not a file name", index.display())
+                format!(
+                    "{}: weight_map[{name:?}] is not a file name",
+                    index.display()
+                )
             })?;
             let path = dir.join(file);
             if !files.contains(&path) {
@@ -93,7 +96,11 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
                      config does not have",
                     file.display(),
                     view.shape(),
-                    if cfg.moe.is_some() { "Mixtral" } else { "Mistral" }
+                    if cfg.moe.is_some() {
+                        "Mixtral"
+                    } else {
+                        "Mistral"
+                    }
                 );
             };
             if view.shape() != shape.as_slice() {
@@ -128,7 +135,9 @@ pub fn save_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Resu
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .map(|((name, shape, _), b)| {
+            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .context("building safetensors views")?;
     let tmp = path.with_extension("safetensors.tmp");

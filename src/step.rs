@@ -13,7 +13,9 @@ pub fn pack<B>(model: &Model<B>, groups: &[Group]) -> Result<Batch> {
     for g in groups {
         g.check_vocab(model.cfg.vocab_size)?;
     }
-    Ok(Batch::pack(groups, model.cfg.sliding_window, |t| model.cfg.is_eos(t)))
+    Ok(Batch::pack(groups, model.cfg.sliding_window, |t| {
+        model.cfg.is_eos(t)
+    }))
 }
 
 /// Checks that a reference model can score the same token ids as the policy.
@@ -51,7 +53,10 @@ pub fn loss_and_grads<O: Ops>(
         }
         (false, _) => None,
     };
-    let rewards: Vec<f64> = groups.iter().flat_map(|g| g.rewards.iter().copied()).collect();
+    let rewards: Vec<f64> = groups
+        .iter()
+        .flat_map(|g| g.rewards.iter().copied())
+        .collect();
     let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
     policy
         .loss_and_grads(
@@ -76,7 +81,12 @@ pub fn loss_and_grads<O: Ops>(
                         sources: &sources,
                     },
                 )?;
-                Ok(StatsGrad { loss: out.loss, d_s: out.d_s, d_a: out.d_a, d_e: out.d_e })
+                Ok(StatsGrad {
+                    loss: out.loss,
+                    d_s: out.d_s,
+                    d_a: out.d_a,
+                    d_e: out.d_e,
+                })
             },
             opts,
         )

@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 use tempfile::TempDir;
 
 fn contralign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_contralign")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_contralign"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn fx(name: &str) -> String {
@@ -22,7 +25,13 @@ fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String,
         .into_iter()
         .map(|(k, v)| {
             assert_eq!(v.dtype(), safetensors::Dtype::F32);
-            (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+            (
+                k,
+                v.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -31,8 +40,18 @@ fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String,
 fn score_prints_golden_statistics_in_file_order() {
     for name in ["tiny-mistral", "tiny-mixtral"] {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
-        let out = contralign(&["score", "--model", &fx(name), "--data", &fx(&format!("{name}.reward.jsonl"))]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = contralign(&[
+            "score",
+            "--model",
+            &fx(name),
+            "--data",
+            &fx(&format!("{name}.reward.jsonl")),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let want = golden.get("reward.stats.policy");
         let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
             .unwrap()
@@ -65,12 +84,32 @@ fn score_prints_golden_statistics_in_file_order() {
 fn grads_writes_golden_gradients() {
     let dir = TempDir::new().unwrap();
     let cases: [(&str, &str, &[&str]); 3] = [
-        ("tiny-mistral", "dpo", &["--loss", "dpo", "--beta", "0.1", "--data", "pairs"]),
-        ("tiny-mixtral", "sft", &["--loss", "sft", "--data", "reward"]),
+        (
+            "tiny-mistral",
+            "dpo",
+            &["--loss", "dpo", "--beta", "0.1", "--data", "pairs"],
+        ),
+        (
+            "tiny-mixtral",
+            "sft",
+            &["--loss", "sft", "--data", "reward"],
+        ),
         (
             "tiny-mixtral",
             "nca+aux",
-            &["--loss", "nca", "--beta", "0.1", "--alpha", "0.5", "--aux-coef", "0.02", "--no-checkpointing", "--data", "reward"],
+            &[
+                "--loss",
+                "nca",
+                "--beta",
+                "0.1",
+                "--alpha",
+                "0.5",
+                "--aux-coef",
+                "0.02",
+                "--no-checkpointing",
+                "--data",
+                "reward",
+            ],
         ),
     ];
     for (name, key, flags) in cases {
@@ -87,13 +126,26 @@ fn grads_writes_golden_gradients() {
         ];
         for (i, f) in flags.iter().enumerate() {
             let prev = if i > 0 { flags[i - 1] } else { "" };
-            args.push(if prev == "--data" { fx(&format!("{name}.{f}.jsonl")) } else { f.to_string() });
+            args.push(if prev == "--data" {
+                fx(&format!("{name}.{f}.jsonl"))
+            } else {
+                f.to_string()
+            });
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = contralign(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let tensors = read_f32_tensors(&out_path);
-        assert_close(&format!("{name} {key} loss"), tensors["loss"][0] as f64, golden.scalar(&format!("loss.{key}")), 1e-5);
+        assert_close(
+            &format!("{name} {key} loss"),
+            tensors["loss"][0] as f64,
+            golden.scalar(&format!("loss.{key}")),
+            1e-5,
+        );
         let prefix = format!("grad.{key}.");
         let mut compared = 0;
         for (gkey, (_, want)) in &golden.0 {
@@ -103,32 +155,80 @@ fn grads_writes_golden_gradients() {
                 compared += 1;
             }
         }
-        assert_eq!(compared + 1, tensors.len(), "{name} {key}: every tensor compared");
+        assert_eq!(
+            compared + 1,
+            tensors.len(),
+            "{name} {key}: every tensor compared"
+        );
     }
 }
 
 #[test]
 fn cli_errors_are_messages_not_panics() {
     let dir = TempDir::new().unwrap();
-    let out_file = dir.path().join("g.safetensors").to_string_lossy().into_owned();
-    let missing_dir = dir.path().join("nope/g.safetensors").to_string_lossy().into_owned();
+    let out_file = dir
+        .path()
+        .join("g.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let missing_dir = dir
+        .path()
+        .join("nope/g.safetensors")
+        .to_string_lossy()
+        .into_owned();
     let reward = fx("tiny-mistral.reward.jsonl");
     let model = fx("tiny-mistral");
     let cases: [(Vec<&str>, &str); 5] = [
-        (vec!["grads", "--model", &model, "--data", &reward, "--loss", "nca", "--out", &out_file], "needs a reference model"),
-        (vec!["grads", "--model", &model, "--data", &reward, "--loss", "sft", "--out", &missing_dir], "does not exist"),
-        (vec!["grads", "--model", &model, "--data", &reward, "--loss", "sft", "--beta", "-1", "--out", &out_file], "--beta must be a positive"),
-        (vec!["score", "--model", &model, "--data", "/no/such/file.jsonl"], "cannot read /no/such/file.jsonl"),
-        (vec!["score", "--model", "/no/such/model", "--data", &reward], "/no/such/model/config.json"),
+        (
+            vec![
+                "grads", "--model", &model, "--data", &reward, "--loss", "nca", "--out", &out_file,
+            ],
+            "needs a reference model",
+        ),
+        (
+            vec![
+                "grads",
+                "--model",
+                &model,
+                "--data",
+                &reward,
+                "--loss",
+                "sft",
+                "--out",
+                &missing_dir,
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "grads", "--model", &model, "--data", &reward, "--loss", "sft", "--beta", "-1",
+                "--out", &out_file,
+            ],
+            "--beta must be a positive",
+        ),
+        (
+            vec!["score", "--model", &model, "--data", "/no/such/file.jsonl"],
+            "cannot read /no/such/file.jsonl",
+        ),
+        (
+            vec!["score", "--model", "/no/such/model", "--data", &reward],
+            "/no/such/model/config.json",
+        ),
     ];
     for (args, message) in cases {
         let out = contralign(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(message), "{args:?}: {stderr:?} lacks {message:?}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: {stderr:?} lacks {message:?}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    assert!(!std::path::Path::new(&out_file).exists(), "no output is left behind after an error");
+    assert!(
+        !std::path::Path::new(&out_file).exists(),
+        "no output is left behind after an error"
+    );
 }
 
 #[test]
@@ -137,7 +237,21 @@ fn help_explains_every_flag() {
         ("score", &["--model", "--data", "logp_sum", "eos_logp"]),
         (
             "grads",
-            &["--model", "--ref-model", "--data", "--loss", "--beta", "--alpha", "--label-smoothing", "--aux-coef", "--no-checkpointing", "--out", "sft", "nca", "dpo"],
+            &[
+                "--model",
+                "--ref-model",
+                "--data",
+                "--loss",
+                "--beta",
+                "--alpha",
+                "--label-smoothing",
+                "--aux-coef",
+                "--no-checkpointing",
+                "--out",
+                "sft",
+                "nca",
+                "dpo",
+            ],
         ),
     ];
     for (cmd, words) in cases {

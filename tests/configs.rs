@@ -147,7 +147,7 @@ fn logits_match_transformers() {
         let model = load(&name);
         let golden = golden(&name);
         let groups = read_file(&fixture(&format!("configs/{name}/data.jsonl"))).unwrap();
-        let mut checked = 0;
+        let (mut checked, mut worst) = (0, 0.0f64);
         for (g, group) in groups.iter().enumerate() {
             for (r, response) in group.responses.iter().enumerate() {
                 let ids: Vec<u32> = group.prompt.iter().chain(response).copied().collect();
@@ -164,6 +164,7 @@ fn logits_match_transformers() {
                 );
                 let err = rel_err(&got, want);
                 assert!(err < 1e-5, "{name} {key}: relative error {err:.3e}");
+                worst = worst.max(err);
                 checked += 1;
             }
         }
@@ -172,6 +173,7 @@ fn logits_match_transformers() {
             checked, logit_keys,
             "{name}: golden logits not covered by data.jsonl"
         );
+        eprintln!("{name}: {checked} sequences, worst logits relative error {worst:.2e}");
     }
 }
 
@@ -185,9 +187,14 @@ fn packed_statistics_match_transformers() {
         let stats = model.score(&CpuOps, &batch);
         let want = golden.get("stats");
         assert_eq!(stats.len() * 4, want.len(), "{name}: number of responses");
+        let mut worst = 0.0f64;
         for (i, s) in stats.iter().enumerate() {
             let w = &want[i * 4..i * 4 + 4];
             let what = format!("{name} response {i}");
+            worst = worst.max((s.logp_sum - w[0]).abs() / w[0].abs());
+            if let Some(e) = s.eos_logp {
+                worst = worst.max((e - w[3]).abs() / w[3].abs());
+            }
             assert_close(&format!("{what} S"), s.logp_sum, w[0], 1e-5);
             assert_eq!(s.tokens as f64, w[1], "{what} n");
             assert_close(&format!("{what} A"), s.logp_mean, w[2], 1e-5);
@@ -196,5 +203,9 @@ fn packed_statistics_match_transformers() {
                 None => assert!(w[3].is_nan(), "{what}: E missing, golden {}", w[3]),
             }
         }
+        eprintln!(
+            "{name}: {} responses, worst S/E relative error {worst:.2e}",
+            stats.len()
+        );
     }
 }

@@ -33,12 +33,16 @@ fn data_file(dir: &TempDir, lines: &[&str]) -> std::path::PathBuf {
     path
 }
 
-const GOOD: &str = r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2], [9, 9, 2]], "rewards": [1, 0]}"#;
+const GOOD: &str =
+    r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2], [9, 9, 2]], "rewards": [1, 0]}"#;
 
 #[test]
 fn malformed_json_names_file_and_line() {
     let dir = TempDir::new().unwrap();
-    let path = data_file(&dir, &[GOOD, "", r#"{"prompt_ids": [1, 5], "response_ids": "#]);
+    let path = data_file(
+        &dir,
+        &[GOOD, "", r#"{"prompt_ids": [1, 5], "response_ids": "#],
+    );
     let text = err_text(read_file(&path));
     assert_mentions(&text, &[&format!("{}:3", path.display()), "malformed JSON"]);
 }
@@ -47,12 +51,30 @@ fn malformed_json_names_file_and_line() {
 fn bad_fields_are_named() {
     let dir = TempDir::new().unwrap();
     let cases: [(&str, &[&str]); 6] = [
-        (r#"{"prompt_ids": [1], "response_ids": [[3, 2], []], "rewards": [1, 0]}"#, &["response 1", "empty"]),
-        (r#"{"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [4]}"#, &["chosen_ids", "empty"]),
-        (r#"{"prompt_ids": [1], "response_ids": [[3, 2]], "rewards": [1, 0]}"#, &["1 responses but 2 rewards"]),
-        (r#"{"prompt_ids": [1, -4], "chosen_ids": [3], "rejected_ids": [4]}"#, &["prompt_ids", "element 1", "-4"]),
-        (r#"{"prompt": "hi", "completion": "x"}"#, &["unknown record", "completion"]),
-        (r#"{"prompt_ids": [1], "response_ids": [[3, 2], [4]], "rewards": [1, "a"]}"#, &["rewards", "element 1"]),
+        (
+            r#"{"prompt_ids": [1], "response_ids": [[3, 2], []], "rewards": [1, 0]}"#,
+            &["response 1", "empty"],
+        ),
+        (
+            r#"{"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [4]}"#,
+            &["chosen_ids", "empty"],
+        ),
+        (
+            r#"{"prompt_ids": [1], "response_ids": [[3, 2]], "rewards": [1, 0]}"#,
+            &["1 responses but 2 rewards"],
+        ),
+        (
+            r#"{"prompt_ids": [1, -4], "chosen_ids": [3], "rejected_ids": [4]}"#,
+            &["prompt_ids", "element 1", "-4"],
+        ),
+        (
+            r#"{"prompt": "hi", "completion": "x"}"#,
+            &["unknown record", "completion"],
+        ),
+        (
+            r#"{"prompt_ids": [1], "response_ids": [[3, 2], [4]], "rewards": [1, "a"]}"#,
+            &["rewards", "element 1"],
+        ),
     ];
     for (line, parts) in cases {
         let path = data_file(&dir, &[GOOD, line]);
@@ -65,33 +87,84 @@ fn bad_fields_are_named() {
 #[test]
 fn token_outside_vocabulary_is_an_error() {
     let dir = TempDir::new().unwrap();
-    let path = data_file(&dir, &[GOOD, r#"{"prompt_ids": [1, 5], "chosen_ids": [7, 256], "rejected_ids": [3]}"#]);
+    let path = data_file(
+        &dir,
+        &[
+            GOOD,
+            r#"{"prompt_ids": [1, 5], "chosen_ids": [7, 256], "rejected_ids": [3]}"#,
+        ],
+    );
     let model = Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
     let text = err_text(step::pack(&model, &read_file(&path).unwrap()));
-    assert_mentions(&text, &[&format!("{}:2", path.display()), "response 0", "id 256", "vocabulary (size 256)"]);
+    assert_mentions(
+        &text,
+        &[
+            &format!("{}:2", path.display()),
+            "response 0",
+            "id 256",
+            "vocabulary (size 256)",
+        ],
+    );
 }
 
 #[test]
 fn loss_on_a_single_response_group_is_an_error() {
     let dir = TempDir::new().unwrap();
-    let path = data_file(&dir, &[GOOD, r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2]], "rewards": [3]}"#]);
+    let path = data_file(
+        &dir,
+        &[
+            GOOD,
+            r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2]], "rewards": [3]}"#,
+        ],
+    );
     let model = Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
-    let spec = LossSpec { kind: LossKind::Sft, beta: 0.1, alpha: 0.0, label_smoothing: 0.0 };
-    let opts = StepOptions { checkpointing: true, aux_coef: 0.0 };
+    let spec = LossSpec {
+        kind: LossKind::Sft,
+        beta: 0.1,
+        alpha: 0.0,
+        label_smoothing: 0.0,
+    };
+    let opts = StepOptions {
+        checkpointing: true,
+        aux_coef: 0.0,
+    };
     let groups = read_file(&path).unwrap();
-    let text = err_text(step::loss_and_grads(&CpuOps, &model, None, &groups, &spec, &opts));
-    assert_mentions(&text, &[&format!("{}:2", path.display()), "at least 2 responses, found 1"]);
+    let text = err_text(step::loss_and_grads(
+        &CpuOps, &model, None, &groups, &spec, &opts,
+    ));
+    assert_mentions(
+        &text,
+        &[
+            &format!("{}:2", path.display()),
+            "at least 2 responses, found 1",
+        ],
+    );
     // Scoring a single response is fine.
-    assert_eq!(model.score(&CpuOps, &step::pack(&model, &groups).unwrap()).len(), 3);
+    assert_eq!(
+        model
+            .score(&CpuOps, &step::pack(&model, &groups).unwrap())
+            .len(),
+        3
+    );
 }
 
 #[test]
 fn reference_loss_without_reference_is_an_error() {
     let model = Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
     let groups = read_file(&fixture("tiny-mistral.reward.jsonl")).unwrap();
-    let spec = LossSpec { kind: LossKind::Nca, beta: 0.1, alpha: 0.5, label_smoothing: 0.0 };
-    let opts = StepOptions { checkpointing: true, aux_coef: 0.0 };
-    let text = err_text(step::loss_and_grads(&CpuOps, &model, None, &groups, &spec, &opts));
+    let spec = LossSpec {
+        kind: LossKind::Nca,
+        beta: 0.1,
+        alpha: 0.5,
+        label_smoothing: 0.0,
+    };
+    let opts = StepOptions {
+        checkpointing: true,
+        aux_coef: 0.0,
+    };
+    let text = err_text(step::loss_and_grads(
+        &CpuOps, &model, None, &groups, &spec, &opts,
+    ));
     assert_mentions(&text, &["reference model", "--ref-model"]);
 }
 
@@ -131,10 +204,22 @@ fn missing_extra_and_misshapen_tensors_are_named() {
     assert_mentions(&load_err(missing.path()), &[name, "missing", "[96, 64]"]);
 
     let extra = broken_model(
-        |t| t.push(("model.layers.0.mlp.up_proj.weight".into(), vec![2, 2], vec![0.0; 4])),
+        |t| {
+            t.push((
+                "model.layers.0.mlp.up_proj.weight".into(),
+                vec![2, 2],
+                vec![0.0; 4],
+            ))
+        },
         |_| {},
     );
-    assert_mentions(&load_err(extra.path()), &["unexpected tensor model.layers.0.mlp.up_proj.weight", "[2, 2]"]);
+    assert_mentions(
+        &load_err(extra.path()),
+        &[
+            "unexpected tensor model.layers.0.mlp.up_proj.weight",
+            "[2, 2]",
+        ],
+    );
 
     let misshapen = broken_model(
         |t| {
@@ -143,7 +228,10 @@ fn missing_extra_and_misshapen_tensors_are_named() {
         },
         |_| {},
     );
-    assert_mentions(&load_err(misshapen.path()), &[name, "shape [64, 96]", "implies [96, 64]"]);
+    assert_mentions(
+        &load_err(misshapen.path()),
+        &[name, "shape [64, 96]", "implies [96, 64]"],
+    );
 
     // A config that disagrees with the weights is the same error, seen from the other side.
     let wrong_cfg = broken_model(|_| {}, |c| c["intermediate_size"] = 80.into());
@@ -152,27 +240,54 @@ fn missing_extra_and_misshapen_tensors_are_named() {
 
 #[test]
 fn unsupported_configs_are_named() {
-    let llama = broken_model(|_| {}, |c| {
-        c["model_type"] = "llama".into();
-        c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-    });
-    assert_mentions(&load_err(llama.path()), &["config.json", "unsupported architecture", "\"llama\"", "LlamaForCausalLM"]);
+    let llama = broken_model(
+        |_| {},
+        |c| {
+            c["model_type"] = "llama".into();
+            c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        },
+    );
+    assert_mentions(
+        &load_err(llama.path()),
+        &[
+            "config.json",
+            "unsupported architecture",
+            "\"llama\"",
+            "LlamaForCausalLM",
+        ],
+    );
 
-    let yarn = broken_model(|_| {}, |c| {
-        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0});
-    });
+    let yarn = broken_model(
+        |_| {},
+        |c| {
+            c["rope_parameters"] =
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0});
+        },
+    );
     assert_mentions(&load_err(yarn.path()), &["unsupported rope type \"yarn\""]);
 
     let jitter = broken_model(|_| {}, |c| c["router_jitter_noise"] = 0.1.into());
-    assert_mentions(&load_err(jitter.path()), &["router_jitter_noise", "not supported"]);
+    assert_mentions(
+        &load_err(jitter.path()),
+        &["router_jitter_noise", "not supported"],
+    );
 
     let heads = broken_model(|_| {}, |c| c["num_key_value_heads"] = 3.into());
-    assert_mentions(&load_err(heads.path()), &["num_attention_heads (4)", "num_key_value_heads (3)"]);
+    assert_mentions(
+        &load_err(heads.path()),
+        &["num_attention_heads (4)", "num_key_value_heads (3)"],
+    );
 
-    let missing_key = broken_model(|_| {}, |c| {
-        c.as_object_mut().unwrap().remove("num_local_experts");
-    });
-    assert_mentions(&load_err(missing_key.path()), &["missing required key `num_local_experts`"]);
+    let missing_key = broken_model(
+        |_| {},
+        |c| {
+            c.as_object_mut().unwrap().remove("num_local_experts");
+        },
+    );
+    assert_mentions(
+        &load_err(missing_key.path()),
+        &["missing required key `num_local_experts`"],
+    );
 
     let no_dir = TempDir::new().unwrap();
     assert_mentions(&load_err(no_dir.path()), &["config.json"]);

@@ -45,7 +45,10 @@ fn logits_match_transformers() {
                     let got = model.logits(&CpuOps, &ids);
                     let want = golden.get(&format!("{kind}.logits.{g}.{r}"));
                     let err = rel_err(&got, want);
-                    assert!(err < 1e-5, "{name} {kind} logits {g}.{r}: relative error {err:.3e}");
+                    assert!(
+                        err < 1e-5,
+                        "{name} {kind} logits {g}.{r}: relative error {err:.3e}"
+                    );
                 }
             }
         }
@@ -87,9 +90,24 @@ struct Case {
 }
 
 const CASES: [Case; 3] = [
-    Case { golden_name: "sft", kind: LossKind::Sft, data: "reward", aux: false },
-    Case { golden_name: "nca", kind: LossKind::Nca, data: "reward", aux: false },
-    Case { golden_name: "dpo", kind: LossKind::Dpo, data: "pairs", aux: false },
+    Case {
+        golden_name: "sft",
+        kind: LossKind::Sft,
+        data: "reward",
+        aux: false,
+    },
+    Case {
+        golden_name: "nca",
+        kind: LossKind::Nca,
+        data: "reward",
+        aux: false,
+    },
+    Case {
+        golden_name: "dpo",
+        kind: LossKind::Dpo,
+        data: "pairs",
+        aux: false,
+    },
 ];
 
 fn check_grads(name: &str, case: &Case, checkpointing: bool) {
@@ -98,8 +116,15 @@ fn check_grads(name: &str, case: &Case, checkpointing: bool) {
     let golden = Golden::load(&format!("{name}.golden.safetensors"));
     let base = case.golden_name;
     let spec = spec(name, base, case.kind);
-    let aux_coef = if case.aux { policy.cfg.moe.as_ref().unwrap().router_aux_loss_coef } else { 0.0 };
-    let opts = StepOptions { checkpointing, aux_coef };
+    let aux_coef = if case.aux {
+        policy.cfg.moe.as_ref().unwrap().router_aux_loss_coef
+    } else {
+        0.0
+    };
+    let opts = StepOptions {
+        checkpointing,
+        aux_coef,
+    };
     let out = step::loss_and_grads(
         &CpuOps,
         &policy,
@@ -109,15 +134,32 @@ fn check_grads(name: &str, case: &Case, checkpointing: bool) {
         &opts,
     )
     .unwrap();
-    let key = if case.aux { format!("{base}+aux") } else { base.to_string() };
-    assert_close(&format!("{name} loss.{key}"), out.loss, golden.scalar(&format!("loss.{key}")), 1e-5);
+    let key = if case.aux {
+        format!("{base}+aux")
+    } else {
+        base.to_string()
+    };
+    assert_close(
+        &format!("{name} loss.{key}"),
+        out.loss,
+        golden.scalar(&format!("loss.{key}")),
+        1e-5,
+    );
     if case.aux {
-        assert_close(&format!("{name} aux_loss"), out.aux_loss.unwrap(), golden.scalar("aux_loss"), 1e-5);
+        assert_close(
+            &format!("{name} aux_loss"),
+            out.aux_loss.unwrap(),
+            golden.scalar("aux_loss"),
+            1e-5,
+        );
     }
     for ((pname, _), grad) in param_specs(&policy.cfg).iter().zip(out.grads.iter()) {
         let want = golden.get(&format!("grad.{key}.{pname}"));
         let err = rel_err(grad, want);
-        assert!(err < 1e-4, "{name} grad.{key}.{pname}: relative error {err:.3e}");
+        assert!(
+            err < 1e-4,
+            "{name} grad.{key}.{pname}: relative error {err:.3e}"
+        );
     }
 }
 
@@ -132,7 +174,12 @@ fn gradients_match_transformers() {
 
 #[test]
 fn mixtral_aux_loss_gradients_match_transformers() {
-    let case = Case { golden_name: "nca", kind: LossKind::Nca, data: "reward", aux: true };
+    let case = Case {
+        golden_name: "nca",
+        kind: LossKind::Nca,
+        data: "reward",
+        aux: true,
+    };
     check_grads("tiny-mixtral", &case, false);
 }
 
@@ -150,7 +197,10 @@ fn losses_match_transformers() {
             ("dpo_ls", LossKind::Dpo, "pairs"),
         ] {
             let spec = spec(name, golden_name, kind);
-            let opts = StepOptions { checkpointing: true, aux_coef: 0.0 };
+            let opts = StepOptions {
+                checkpointing: true,
+                aux_coef: 0.0,
+            };
             let groups = data(name, kind_data);
             let out =
                 step::loss_and_grads(&CpuOps, &policy, Some(&reference), &groups, &spec, &opts)

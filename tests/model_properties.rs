@@ -58,8 +58,13 @@ fn grads_of(
     aux_coef: f64,
 ) -> (f64, Vec<Vec<f32>>) {
     let batch = step::pack(model, groups).unwrap();
-    let opts = StepOptions { checkpointing, aux_coef };
-    let out = model.loss_and_grads(&CpuOps, &batch, linear_loss(coef), &opts).unwrap();
+    let opts = StepOptions {
+        checkpointing,
+        aux_coef,
+    };
+    let out = model
+        .loss_and_grads(&CpuOps, &batch, linear_loss(coef), &opts)
+        .unwrap();
     (out.loss, out.grads.iter().into_iter().cloned().collect())
 }
 
@@ -76,24 +81,45 @@ fn packed_groups_equal_per_sequence_scoring() {
         for (i, (p, s)) in packed.iter().zip(&single).enumerate() {
             assert_eq!(p.tokens, s.tokens);
             let tol = 1e-6 * s.logp_sum.abs();
-            assert!((p.logp_sum - s.logp_sum).abs() <= tol, "{name} response {i}: {p:?} vs {s:?}");
+            assert!(
+                (p.logp_sum - s.logp_sum).abs() <= tol,
+                "{name} response {i}: {p:?} vs {s:?}"
+            );
             assert_eq!(p.eos_logp.is_some(), s.eos_logp.is_some());
             if let (Some(a), Some(b)) = (p.eos_logp, s.eos_logp) {
-                assert!((a - b).abs() <= 1e-6 * b.abs(), "{name} response {i} E: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs(),
+                    "{name} response {i} E: {a} vs {b}"
+                );
             }
         }
         // The backward too: the shared prompt rows gather the gradient of all K responses.
         let coef: Vec<[f64; 3]> = (0..packed.len())
-            .map(|_| [rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0)])
+            .map(|_| {
+                [
+                    rng.gen_range(-1.0..1.0),
+                    rng.gen_range(-1.0..1.0),
+                    rng.gen_range(-1.0..1.0),
+                ]
+            })
             .collect();
         let aux = if model.cfg.moe.is_some() { 0.05 } else { 0.0 };
         let (loss_p, grads_p) = grads_of(&model, &groups, &coef, true, aux);
         let (loss_s, grads_s) = grads_of(&model, &unpacked(&groups), &coef, true, aux);
-        assert!((loss_p - loss_s).abs() <= 1e-6 * loss_s.abs(), "{name}: {loss_p} vs {loss_s}");
-        for ((pname, _), (gp, gs)) in param_specs(&model.cfg).iter().zip(grads_p.iter().zip(&grads_s)) {
+        assert!(
+            (loss_p - loss_s).abs() <= 1e-6 * loss_s.abs(),
+            "{name}: {loss_p} vs {loss_s}"
+        );
+        for ((pname, _), (gp, gs)) in param_specs(&model.cfg)
+            .iter()
+            .zip(grads_p.iter().zip(&grads_s))
+        {
             let gs: Vec<f64> = gs.iter().map(|&x| x as f64).collect();
             let err = rel_err(gp, &gs);
-            assert!(err < 1e-5, "{name} {pname}: packed vs per-sequence gradient {err:.3e}");
+            assert!(
+                err < 1e-5,
+                "{name} {pname}: packed vs per-sequence gradient {err:.3e}"
+            );
         }
     }
 }
@@ -106,7 +132,13 @@ fn checkpointing_does_not_change_gradients() {
         let groups = random_groups(&mut rng, 4, 256, 9, 4, 8);
         let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
         let coef: Vec<[f64; 3]> = (0..responses)
-            .map(|_| [rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0)])
+            .map(|_| {
+                [
+                    rng.gen_range(-1.0..1.0),
+                    rng.gen_range(-1.0..1.0),
+                    rng.gen_range(-1.0..1.0),
+                ]
+            })
             .collect();
         let aux = if model.cfg.moe.is_some() { 0.02 } else { 0.0 };
         let (loss_on, on) = grads_of(&model, &groups, &coef, true, aux);
@@ -115,8 +147,14 @@ fn checkpointing_does_not_change_gradients() {
         for ((pname, _), (a, b)) in param_specs(&model.cfg).iter().zip(on.iter().zip(&off)) {
             let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
             let err = rel_err(a, &b);
-            assert!(err < 1e-6, "{name} {pname}: checkpointing on/off differ by {err:.3e}");
-            assert!(b.iter().any(|&x| x != 0.0), "{name} {pname}: gradient is all zeros");
+            assert!(
+                err < 1e-6,
+                "{name} {pname}: checkpointing on/off differ by {err:.3e}"
+            );
+            assert!(
+                b.iter().any(|&x| x != 0.0),
+                "{name} {pname}: gradient is all zeros"
+            );
         }
     }
 }
@@ -130,14 +168,26 @@ fn gradients_agree_with_finite_differences() {
         let mut policy = load(name);
         let reference = load(&format!("{name}-ref"));
         let groups = random_groups(&mut rng, 3, 256, 7, 4, 6);
-        let spec = LossSpec { kind: LossKind::Nca, beta: 1.0, alpha: 0.5, label_smoothing: 0.0 };
+        let spec = LossSpec {
+            kind: LossKind::Nca,
+            beta: 1.0,
+            alpha: 0.5,
+            label_smoothing: 0.0,
+        };
         let aux_coef = if policy.cfg.moe.is_some() { 0.5 } else { 0.0 };
-        let opts = StepOptions { checkpointing: true, aux_coef };
+        let opts = StepOptions {
+            checkpointing: true,
+            aux_coef,
+        };
         let objective = |m: &Model<Vec<f32>>| {
             step::loss_and_grads(&CpuOps, m, Some(&reference), &groups, &spec, &opts).unwrap()
         };
-        let analytic: Vec<Vec<f32>> =
-            objective(&policy).grads.iter().into_iter().cloned().collect();
+        let analytic: Vec<Vec<f32>> = objective(&policy)
+            .grads
+            .iter()
+            .into_iter()
+            .cloned()
+            .collect();
         let specs = param_specs(&policy.cfg);
         let mut checked = 0;
         for (t, (pname, _)) in specs.iter().enumerate() {
@@ -148,7 +198,11 @@ fn gradients_agree_with_finite_differences() {
             let mut order: Vec<usize> = (0..g.len()).collect();
             order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
             let max = g[order[0]].abs() as f64;
-            for &j in order.iter().take(2).chain(std::iter::once(&order[rng.gen_range(0..order.len())])) {
+            for &j in order
+                .iter()
+                .take(2)
+                .chain(std::iter::once(&order[rng.gen_range(0..order.len())]))
+            {
                 let h = 1e-3f32;
                 let orig = policy.params.iter_mut()[t][j];
                 policy.params.iter_mut()[t][j] = orig + h;

@@ -62,7 +62,11 @@ fn check_writable(out: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     if !parent.is_dir() {
-        bail!("--out {}: directory {} does not exist", out.display(), parent.display());
+        bail!(
+            "--out {}: directory {} does not exist",
+            out.display(),
+            parent.display()
+        );
     }
     let probe = out.with_extension("safetensors.tmp");
     std::fs::write(&probe, b"")
@@ -81,7 +85,10 @@ pub fn run(args: GradsArgs) -> Result<()> {
     };
     spec.validate()?;
     if kind.needs_reference() && args.ref_model.is_none() {
-        bail!("--loss {} needs a reference model: give --ref-model DIR", args.loss);
+        bail!(
+            "--loss {} needs a reference model: give --ref-model DIR",
+            args.loss
+        );
     }
     check_writable(&args.out)?;
     let groups = read_file(&args.data)?;
@@ -95,7 +102,10 @@ pub fn run(args: GradsArgs) -> Result<()> {
     if !aux_coef.is_finite() || aux_coef < 0.0 {
         bail!("--aux-coef must be >= 0, found {aux_coef}");
     }
-    let opts = StepOptions { checkpointing: !args.no_checkpointing, aux_coef };
+    let opts = StepOptions {
+        checkpointing: !args.no_checkpointing,
+        aux_coef,
+    };
     let out = step::loss_and_grads(&ops, &policy, reference.as_ref(), &groups, &spec, &opts)?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(&policy.cfg)
         .into_iter()

@@ -33,7 +33,10 @@ impl Batch {
     pub fn pack(groups: &[Group], window: Option<usize>, is_eos: impl Fn(u32) -> bool) -> Self {
         let mut b = Batch {
             tokens: Vec::new(),
-            layout: AttentionLayout { window, ..Default::default() },
+            layout: AttentionLayout {
+                window,
+                ..Default::default()
+            },
             row_weights: Vec::new(),
             prediction_rows: Vec::new(),
             targets: Vec::new(),
@@ -51,7 +54,11 @@ impl Batch {
                 b.push_segment(response, prompt_len, (prompt_start, prompt_end), 1.0);
                 let first = b.targets.len();
                 for (j, &y) in response.iter().enumerate() {
-                    let row = if j == 0 { prompt_end - 1 } else { start + j as u32 - 1 };
+                    let row = if j == 0 {
+                        prompt_end - 1
+                    } else {
+                        start + j as u32 - 1
+                    };
                     b.prediction_rows.push(row);
                     b.targets.push(y);
                 }

@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 fn ids(obj: &Map<String, Value>, key: &str) -> Result<Vec<u32>> {
-    let v = obj.get(key).with_context(|| format!("missing field `{key}`"))?;
+    let v = obj
+        .get(key)
+        .with_context(|| format!("missing field `{key}`"))?;
     let arr = v
         .as_array()
         .with_context(|| format!("field `{key}`: expected a list of token ids"))?;
@@ -91,7 +93,12 @@ pub fn parse_line(line: &str, source: String) -> Result<Group> {
         let rejected = nonempty(ids(obj, "rejected_ids")?, "field `rejected_ids`")?;
         (vec![chosen, rejected], vec![1.0, 0.0])
     };
-    Ok(Group { prompt, responses, rewards, source })
+    Ok(Group {
+        prompt,
+        responses,
+        rewards,
+        source,
+    })
 }
 
 /// Reads every group of a pre-tokenized JSONL file; blank lines are skipped.

@@ -58,7 +58,10 @@ impl LossSpec {
             bail!("--alpha must be >= 0, found {}", self.alpha);
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            bail!("--label-smoothing must be in [0, 0.5), found {}", self.label_smoothing);
+            bail!(
+                "--label-smoothing must be in [0, 0.5), found {}",
+                self.label_smoothing
+            );
         }
         Ok(())
     }
@@ -84,7 +87,12 @@ pub struct GroupOutput {
 
 impl GroupOutput {
     fn zeros(loss: f64, k: usize) -> Self {
-        GroupOutput { loss, d_s: vec![0.0; k], d_a: vec![0.0; k], d_e: vec![0.0; k] }
+        GroupOutput {
+            loss,
+            d_s: vec![0.0; k],
+            d_a: vec![0.0; k],
+            d_e: vec![0.0; k],
+        }
     }
 }
 
@@ -103,7 +111,11 @@ fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
     let Some(s_ref) = g.s_ref else {
         bail!("loss needs reference log-probs (S^ref) and none were given");
     };
-    Ok(g.s.iter().zip(s_ref).map(|(s, r)| spec.beta * (s - r)).collect())
+    Ok(g.s
+        .iter()
+        .zip(s_ref)
+        .map(|(s, r)| spec.beta * (s - r))
+        .collect())
 }
 
 pub fn group_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
@@ -134,10 +146,8 @@ pub fn group_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
             let rho = implicit_rewards(spec, g)?;
             let eps = spec.label_smoothing;
             let z = rho[0] - rho[1];
-            let mut out = GroupOutput::zeros(
-                -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
-                k,
-            );
+            let mut out =
+                GroupOutput::zeros(-(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z), k);
             let dz = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
             out.d_s[0] = spec.beta * dz;
             out.d_s[1] = -spec.beta * dz;

@@ -22,7 +22,10 @@ pub fn sigmoid(x: f64) -> f64 {
 pub fn soft_labels(rewards: &[f64], alpha: f64) -> Vec<f64> {
     let max = rewards.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = if alpha == 0.0 {
-        rewards.iter().map(|&r| if r == max { 1.0 } else { 0.0 }).collect()
+        rewards
+            .iter()
+            .map(|&r| if r == max { 1.0 } else { 0.0 })
+            .collect()
     } else {
         rewards.iter().map(|&r| ((r - max) / alpha).exp()).collect()
     };

@@ -23,7 +23,10 @@ pub struct ExpertActs<B> {
 
 pub enum FfnActs<B> {
     Dense(MlpActs<B>),
-    Moe { routing: Routing, experts: Vec<ExpertActs<B>> },
+    Moe {
+        routing: Routing,
+        experts: Vec<ExpertActs<B>>,
+    },
 }
 
 /// Everything the backward of a layer reads, from its input `x` on.
@@ -57,10 +60,20 @@ pub struct AuxGrad<'a> {
 }
 
 fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
-    AttentionShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim }
+    AttentionShape {
+        heads: cfg.num_heads,
+        kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    }
 }
 
-fn mlp_forward<O: Ops>(ops: &O, w: &Expert<O::Buf>, x: &O::Buf, rows: usize, cfg: &ModelConfig) -> (O::Buf, MlpActs<O::Buf>) {
+fn mlp_forward<O: Ops>(
+    ops: &O,
+    w: &Expert<O::Buf>,
+    x: &O::Buf,
+    rows: usize,
+    cfg: &ModelConfig,
+) -> (O::Buf, MlpActs<O::Buf>) {
     let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
     let gate = ops.matmul(x, &w.gate, rows, d, i);
     let up = ops.matmul(x, &w.up, rows, d, i);
@@ -105,8 +118,22 @@ pub fn forward<O: Ops>(
     let mut q = ops.matmul(&normed, &p.q, t, d, qw);
     let mut k = ops.matmul(&normed, &p.k, t, d, kvw);
     let v = ops.matmul(&normed, &p.v, t, d, kvw);
-    ops.rope(&mut q, &layout.positions, cfg.num_heads, hd, cfg.rope_theta, false);
-    ops.rope(&mut k, &layout.positions, cfg.num_kv_heads, hd, cfg.rope_theta, false);
+    ops.rope(
+        &mut q,
+        &layout.positions,
+        cfg.num_heads,
+        hd,
+        cfg.rope_theta,
+        false,
+    );
+    ops.rope(
+        &mut k,
+        &layout.positions,
+        cfg.num_kv_heads,
+        hd,
+        cfg.rope_theta,
+        false,
+    );
     let (attn, lse) = ops.attention(&q, &k, &v, layout, attn_shape(cfg));
     let mut mid = ops.matmul(&attn, &p.o, t, qw, d);
     ops.add_assign(&mut mid, x);
@@ -128,15 +155,42 @@ pub fn forward<O: Ops>(
                 let n = dispatch.rows.len();
                 let input = ops.gather_rows(&ffn_in, &dispatch.rows, None, d);
                 let (output, mlp) = mlp_forward(ops, w, &input, n, cfg);
-                ops.scatter_add_rows(&mut out, &output, &dispatch.rows, Some(&dispatch.weights), d);
-                acts.push(ExpertActs { dispatch, input, mlp, output });
+                ops.scatter_add_rows(
+                    &mut out,
+                    &output,
+                    &dispatch.rows,
+                    Some(&dispatch.weights),
+                    d,
+                );
+                acts.push(ExpertActs {
+                    dispatch,
+                    input,
+                    mlp,
+                    output,
+                });
             }
-            (out, FfnActs::Moe { routing, experts: acts })
+            (
+                out,
+                FfnActs::Moe {
+                    routing,
+                    experts: acts,
+                },
+            )
         }
     };
     let mut y = ffn_out;
     ops.add_assign(&mut y, &mid);
-    let acts = LayerActs { normed, q, k, v, attn, lse, mid, ffn_in, ffn };
+    let acts = LayerActs {
+        normed,
+        q,
+        k,
+        v,
+        attn,
+        lse,
+        mid,
+        ffn_in,
+        ffn,
+    };
     (y, acts)
 }
 
@@ -164,15 +218,26 @@ pub fn backward<O: Ops>(
         }
         (
             FeedForward::Moe { router, experts },
-            FeedForward::Moe { router: grouter, experts: gexperts },
-            FfnActs::Moe { routing, experts: eacts },
+            FeedForward::Moe {
+                router: grouter,
+                experts: gexperts,
+            },
+            FfnActs::Moe {
+                routing,
+                experts: eacts,
+            },
         ) => {
             let mut dffn_in = ops.zeros(t * d);
             let mut d_weights = vec![0f64; routing.chosen.len()];
             for ((w, gw), a) in experts.iter().zip(gexperts.iter_mut()).zip(eacts) {
                 let rows = &a.dispatch.rows;
                 let dy_rows = ops.gather_rows(dy, rows, None, d);
-                for (&slot, dw) in a.dispatch.slots.iter().zip(ops.row_dots(&dy_rows, &a.output, d)) {
+                for (&slot, dw) in a
+                    .dispatch
+                    .slots
+                    .iter()
+                    .zip(ops.row_dots(&dy_rows, &a.output, d))
+                {
                     d_weights[slot] = dw;
                 }
                 let dout = ops.gather_rows(dy, rows, Some(&a.dispatch.weights), d);
@@ -188,15 +253,37 @@ pub fn backward<O: Ops>(
         }
         _ => unreachable!("parameters, gradients and activations share one layer structure"),
     };
-    let mut dmid = ops.rmsnorm_backward(&acts.mid, &p.post_norm, &dffn_in, d, eps, &mut g.post_norm);
+    let mut dmid =
+        ops.rmsnorm_backward(&acts.mid, &p.post_norm, &dffn_in, d, eps, &mut g.post_norm);
     ops.add_assign(&mut dmid, dy);
 
     let dattn = ops.matmul_backward(&acts.attn, &p.o, &dmid, t, qw, d, &mut g.o);
     let (mut dq, mut dk, dv) = ops.attention_backward(
-        &acts.q, &acts.k, &acts.v, &acts.attn, &acts.lse, &dattn, layout, attn_shape(cfg),
+        &acts.q,
+        &acts.k,
+        &acts.v,
+        &acts.attn,
+        &acts.lse,
+        &dattn,
+        layout,
+        attn_shape(cfg),
     );
-    ops.rope(&mut dq, &layout.positions, cfg.num_heads, hd, cfg.rope_theta, true);
-    ops.rope(&mut dk, &layout.positions, cfg.num_kv_heads, hd, cfg.rope_theta, true);
+    ops.rope(
+        &mut dq,
+        &layout.positions,
+        cfg.num_heads,
+        hd,
+        cfg.rope_theta,
+        true,
+    );
+    ops.rope(
+        &mut dk,
+        &layout.positions,
+        cfg.num_kv_heads,
+        hd,
+        cfg.rope_theta,
+        true,
+    );
     let mut dnormed = ops.matmul_backward(&acts.normed, &p.q, &dq, t, d, qw, &mut g.q);
     let dk_in = ops.matmul_backward(&acts.normed, &p.k, &dk, t, d, kvw, &mut g.k);
     let dv_in = ops.matmul_backward(&acts.normed, &p.v, &dv, t, d, kvw, &mut g.v);

@@ -81,7 +81,9 @@ impl<B> Model<B> {
         let cfg = ModelConfig::load(dir)?;
         let (mut weights, dtype) = checkpoint::load_weights(dir, &cfg)?;
         let params = Params::build(&cfg, |name, _| {
-            let w = weights.remove(name).expect("load_weights checked every name");
+            let w = weights
+                .remove(name)
+                .expect("load_weights checked every name");
             Ok(ops.upload(&w))
         })?;
         Ok(Model { cfg, params, dtype })
@@ -106,7 +108,11 @@ impl<B> Model<B> {
             hidden: ops.zeros(0),
             layer_inputs: Vec::new(),
             layer_acts: Vec::new(),
-            balance: self.cfg.moe.as_ref().map(|m| LoadBalance::new(m.num_experts)),
+            balance: self
+                .cfg
+                .moe
+                .as_ref()
+                .map(|m| LoadBalance::new(m.num_experts)),
         };
         for p in &self.params.layers {
             let (next, acts) = layer::forward(ops, &self.cfg, p, &h, layout);
@@ -131,11 +137,21 @@ impl<B> Model<B> {
         let weights = vec![1.0; ids.len()];
         let fwd = self.forward(ops, ids, &layout, &weights, Keep::Nothing);
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let normed = ops.rmsnorm(&fwd.hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
+        let normed = ops.rmsnorm(
+            &fwd.hidden,
+            &self.params.final_norm,
+            d,
+            self.cfg.rms_norm_eps,
+        );
         ops.download(&ops.matmul(&normed, self.params.head(), ids.len(), d, v))
     }
 
-    fn token_logprobs<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch, hidden: &B) -> (B, B, Vec<f64>, B) {
+    fn token_logprobs<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        batch: &Batch,
+        hidden: &B,
+    ) -> (B, B, Vec<f64>, B) {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let normed = ops.rmsnorm(hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
         let rows = ops.gather_rows(&normed, &batch.prediction_rows, None, d);
@@ -145,7 +161,13 @@ impl<B> Model<B> {
 
     /// `S, n, A, E` of every response of the batch.
     pub fn score<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> Vec<ResponseStats> {
-        let fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, Keep::Nothing);
+        let fwd = self.forward(
+            ops,
+            &batch.tokens,
+            &batch.layout,
+            &batch.row_weights,
+            Keep::Nothing,
+        );
         let (_, _, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
         response_stats(batch, &logp)
     }
@@ -160,7 +182,11 @@ impl<B> Model<B> {
     ) -> Result<StepOutput<B>> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let keep = if opts.checkpointing { Keep::LayerInputs } else { Keep::Everything };
+        let keep = if opts.checkpointing {
+            Keep::LayerInputs
+        } else {
+            Keep::Everything
+        };
         let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
         let (normed, rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
         let stats = response_stats(batch, &logp);
@@ -172,7 +198,16 @@ impl<B> Model<B> {
         let mut grads = self.zeros_like(ops);
         let drows = {
             let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-            ops.token_logprobs_backward(&rows, self.params.head(), &batch.targets, &lse, &dlogp, d, v, dhead)
+            ops.token_logprobs_backward(
+                &rows,
+                self.params.head(),
+                &batch.targets,
+                &lse,
+                &dlogp,
+                d,
+                v,
+                dhead,
+            )
         };
         drop((rows, normed));
         let mut dnormed = ops.zeros(batch.len() * d);
@@ -186,7 +221,11 @@ impl<B> Model<B> {
             &mut grads.final_norm,
         );
         let aux = match (&fwd.balance, opts.aux_coef) {
-            (Some(balance), coef) if coef != 0.0 => Some(AuxGrad { balance, coef, row_weights: &batch.row_weights }),
+            (Some(balance), coef) if coef != 0.0 => Some(AuxGrad {
+                balance,
+                coef,
+                row_weights: &batch.row_weights,
+            }),
             _ => None,
         };
         for l in (0..cfg.num_layers).rev() {
@@ -196,10 +235,25 @@ impl<B> Model<B> {
                 Some(acts) => acts,
                 None => layer::forward(ops, cfg, p, &x, &batch.layout).1,
             };
-            dh = layer::backward(ops, cfg, p, &mut grads.layers[l], &x, &acts, &dh, &batch.layout, aux.as_ref());
+            dh = layer::backward(
+                ops,
+                cfg,
+                p,
+                &mut grads.layers[l],
+                &x,
+                &acts,
+                &dh,
+                &batch.layout,
+                aux.as_ref(),
+            );
         }
         ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);
-        Ok(StepOutput { loss, aux_loss, stats, grads })
+        Ok(StepOutput {
+            loss,
+            aux_loss,
+            stats,
+            grads,
+        })
     }
 }
 
@@ -226,7 +280,9 @@ fn token_grads(batch: &Batch, g: &StatsGrad) -> Vec<f64> {
     let mut out = vec![0f64; batch.targets.len()];
     for (i, r) in batch.responses.iter().enumerate() {
         let per_token = g.d_s[i] + g.d_a[i] / r.len as f64;
-        out[r.first..r.first + r.len].iter_mut().for_each(|x| *x = per_token);
+        out[r.first..r.first + r.len]
+            .iter_mut()
+            .for_each(|x| *x = per_token);
         if r.ends_with_eos {
             out[r.first + r.len - 1] += g.d_e[i];
         }

@@ -31,7 +31,10 @@ pub fn route(logits: &[f32], experts: usize, k: usize) -> Routing {
     let mut weights = Vec::with_capacity(tokens * k);
     for t in 0..tokens {
         let z = &logits[t * experts..(t + 1) * experts];
-        let max = z.iter().map(|&x| x as f64).fold(f64::NEG_INFINITY, f64::max);
+        let max = z
+            .iter()
+            .map(|&x| x as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
         let p = &mut probs[t * experts..(t + 1) * experts];
         for (pe, &ze) in p.iter_mut().zip(z) {
             *pe = (ze as f64 - max).exp();
@@ -46,7 +49,13 @@ pub fn route(logits: &[f32], experts: usize, k: usize) -> Routing {
         chosen.extend_from_slice(top);
         weights.extend(top.iter().map(|&e| p[e] / top_sum));
     }
-    Routing { experts, k, probs, chosen, weights }
+    Routing {
+        experts,
+        k,
+        probs,
+        chosen,
+        weights,
+    }
 }
 
 impl Routing {
@@ -78,10 +87,7 @@ impl Routing {
             };
             let slots = t * k..(t + 1) * k;
             let top_sum: f64 = self.chosen[slots.clone()].iter().map(|&e| p[e]).sum();
-            let mean_grad: f64 = slots
-                .clone()
-                .map(|s| d_weights[s] * self.weights[s])
-                .sum();
+            let mean_grad: f64 = slots.clone().map(|s| d_weights[s] * self.weights[s]).sum();
             for s in slots {
                 dp[self.chosen[s]] += (d_weights[s] - mean_grad) / top_sum;
             }

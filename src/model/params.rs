@@ -39,14 +39,29 @@ pub struct Params<B> {
 /// Every tensor a checkpoint of `cfg` holds, in a fixed order, with its `[rows, cols]` shape.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d])];
+    let mut specs = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         specs.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        specs.push((format!("{p}.self_attn.q_proj.weight"), vec![cfg.num_heads * hd, d]));
-        specs.push((format!("{p}.self_attn.k_proj.weight"), vec![cfg.num_kv_heads * hd, d]));
-        specs.push((format!("{p}.self_attn.v_proj.weight"), vec![cfg.num_kv_heads * hd, d]));
-        specs.push((format!("{p}.self_attn.o_proj.weight"), vec![d, cfg.num_heads * hd]));
+        specs.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![cfg.num_heads * hd, d],
+        ));
+        specs.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![cfg.num_kv_heads * hd, d],
+        ));
+        specs.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![cfg.num_kv_heads * hd, d],
+        ));
+        specs.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, cfg.num_heads * hd],
+        ));
         specs.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
         match &cfg.moe {
             None => {
@@ -105,11 +120,28 @@ impl<B> Params<B> {
                     FeedForward::Moe { router, experts }
                 }
             };
-            layers.push(LayerParams { input_norm, q, k, v, o, post_norm, ffn });
+            layers.push(LayerParams {
+                input_norm,
+                q,
+                k,
+                v,
+                o,
+                post_norm,
+                ffn,
+            });
         }
         let final_norm = next()?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next()?) };
-        Ok(Params { embed, layers, final_norm, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(next()?)
+        };
+        Ok(Params {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 
     /// Every tensor in `param_specs` order.

@@ -4,7 +4,7 @@ use super::linalg::dot;
 use crate::ops::{AttentionLayout, AttentionShape};
 use rayon::prelude::*;
 
-fn head<'a>(x: &'a [f32], t: usize, h: usize, heads: usize, hd: usize) -> &'a [f32] {
+fn head(x: &[f32], t: usize, h: usize, heads: usize, hd: usize) -> &[f32] {
     let base = (t * heads + h) * hd;
     &x[base..base + hd]
 }

@@ -5,12 +5,14 @@ use rayon::prelude::*;
 
 pub fn rmsnorm(x: &[f32], w: &[f32], d: usize, eps: f64) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let rstd = inv_rms(xr, eps);
-        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = (g as f64 * (v as f64 * rstd)) as f32;
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let rstd = inv_rms(xr, eps);
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = (g as f64 * (v as f64 * rstd)) as f32;
+            }
+        });
     y
 }
 
@@ -127,7 +129,10 @@ pub fn scatter_add_rows(dst: &mut [f32], src: &[f32], rows: &[u32], scale: RowSc
     for (i, &r) in rows.iter().enumerate() {
         let s = scale.map_or(1.0, |s| s[i]);
         let r = r as usize;
-        for (o, &v) in dst[r * d..(r + 1) * d].iter_mut().zip(&src[i * d..(i + 1) * d]) {
+        for (o, &v) in dst[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&src[i * d..(i + 1) * d])
+        {
             *o += s * v;
         }
     }

@@ -8,7 +8,10 @@ const LANES: usize = 8;
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0f64; LANES];
     let chunks = a.len() / LANES * LANES;
-    for (ca, cb) in a[..chunks].chunks_exact(LANES).zip(b[..chunks].chunks_exact(LANES)) {
+    for (ca, cb) in a[..chunks]
+        .chunks_exact(LANES)
+        .zip(b[..chunks].chunks_exact(LANES))
+    {
         for l in 0..LANES {
             acc[l] += ca[l] as f64 * cb[l] as f64;
         }
@@ -44,32 +47,36 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
 /// `dx [m, k] = dy [m, n] · w [n, k]`.
 pub fn matmul_nn(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut dx = vec![0f32; m * k];
-    dx.par_chunks_mut(k.max(1)).enumerate().for_each(|(i, row)| {
-        let mut acc = vec![0f64; k];
-        for (j, &g) in dy[i * n..(i + 1) * n].iter().enumerate() {
-            if g != 0.0 {
-                axpy(&mut acc, g as f64, &w[j * k..(j + 1) * k]);
+    dx.par_chunks_mut(k.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            let mut acc = vec![0f64; k];
+            for (j, &g) in dy[i * n..(i + 1) * n].iter().enumerate() {
+                if g != 0.0 {
+                    axpy(&mut acc, g as f64, &w[j * k..(j + 1) * k]);
+                }
             }
-        }
-        for (o, a) in row.iter_mut().zip(&acc) {
-            *o = *a as f32;
-        }
-    });
+            for (o, a) in row.iter_mut().zip(&acc) {
+                *o = *a as f32;
+            }
+        });
     dx
 }
 
 /// `dw [n, k] += dy [m, n]ᵀ · x [m, k]`.
 pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, k: usize, n: usize, dw: &mut [f32]) {
-    dw.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| {
-        let mut acc = vec![0f64; k];
-        for i in 0..m {
-            let g = dy[i * n + j];
-            if g != 0.0 {
-                axpy(&mut acc, g as f64, &x[i * k..(i + 1) * k]);
+    dw.par_chunks_mut(k.max(1))
+        .enumerate()
+        .for_each(|(j, row)| {
+            let mut acc = vec![0f64; k];
+            for i in 0..m {
+                let g = dy[i * n + j];
+                if g != 0.0 {
+                    axpy(&mut acc, g as f64, &x[i * k..(i + 1) * k]);
+                }
             }
-        }
-        for (o, a) in row.iter_mut().zip(&acc) {
-            *o = (*o as f64 + *a) as f32;
-        }
-    });
+            for (o, a) in row.iter_mut().zip(&acc) {
+                *o = (*o as f64 + *a) as f32;
+            }
+        });
 }

@@ -140,7 +140,10 @@ impl Ops for CpuOps {
     }
 
     fn row_dots(&self, a: &Vec<f32>, b: &Vec<f32>, d: usize) -> Vec<f64> {
-        a.chunks(d).zip(b.chunks(d)).map(|(x, y)| linalg::dot(x, y)).collect()
+        a.chunks(d)
+            .zip(b.chunks(d))
+            .map(|(x, y)| linalg::dot(x, y))
+            .collect()
     }
 
     fn token_logprobs(

@@ -7,7 +7,9 @@ use rayon::prelude::*;
 const CHUNK: usize = 256;
 
 fn row_logits(h: &[f32], head: &[f32], d: usize, vocab: usize) -> Vec<f64> {
-    (0..vocab).map(|v| dot(h, &head[v * d..(v + 1) * d])).collect()
+    (0..vocab)
+        .map(|v| dot(h, &head[v * d..(v + 1) * d]))
+        .collect()
 }
 
 fn log_sum_exp(z: &[f64]) -> f64 {
