@@ -151,8 +151,9 @@ fn checkpointing_does_not_change_gradients() {
                 err < 1e-6,
                 "{name} {pname}: checkpointing on/off differ by {err:.3e}"
             );
+            // An expert that no token of a small random batch chose has a zero gradient.
             assert!(
-                b.iter().any(|&x| x != 0.0),
+                pname.contains(".experts.") || b.iter().any(|&x| x != 0.0),
                 "{name} {pname}: gradient is all zeros"
             );
         }
@@ -182,14 +183,10 @@ fn gradients_agree_with_finite_differences() {
         let objective = |m: &Model<Vec<f32>>| {
             step::loss_and_grads(&CpuOps, m, Some(&reference), &groups, &spec, &opts).unwrap()
         };
-        let analytic: Vec<Vec<f32>> = objective(&policy)
-            .grads
-            .iter()
-            .into_iter()
-            .cloned()
-            .collect();
+        let base = objective(&policy);
+        let analytic: Vec<Vec<f32>> = base.grads.iter().into_iter().cloned().collect();
         let specs = param_specs(&policy.cfg);
-        let mut checked = 0;
+        let (mut checked, mut at_routing_boundary) = (0, 0);
         for (t, (pname, _)) in specs.iter().enumerate() {
             if t % 3 != 0 && !pname.contains("gate.weight") && !pname.contains("norm") {
                 continue;
@@ -203,14 +200,22 @@ fn gradients_agree_with_finite_differences() {
                 .take(2)
                 .chain(std::iter::once(&order[rng.gen_range(0..order.len())]))
             {
-                let h = 1e-3f32;
                 let orig = policy.params.iter_mut()[t][j];
-                policy.params.iter_mut()[t][j] = orig + h;
+                let (plus, minus) = (orig + 1e-3, orig - 1e-3);
+                policy.params.iter_mut()[t][j] = plus;
                 let up = objective(&policy).loss;
-                policy.params.iter_mut()[t][j] = orig - h;
+                policy.params.iter_mut()[t][j] = minus;
                 let down = objective(&policy).loss;
                 policy.params.iter_mut()[t][j] = orig;
-                let numeric = (up - down) / (2.0 * h as f64);
+                let (h_up, h_down) = ((plus - orig) as f64, (orig - minus) as f64);
+                let (forward, backward) = ((up - base.loss) / h_up, (base.loss - down) / h_down);
+                let numeric = (up - down) / (h_up + h_down);
+                // A top-k routing decision that flips inside [-h, h] makes the objective jump;
+                // the two one-sided slopes then disagree and the point says nothing.
+                if (forward - backward).abs() > 0.1 * numeric.abs() + 1e-2 * max + 1e-3 {
+                    at_routing_boundary += 1;
+                    continue;
+                }
                 let exact = g[j] as f64;
                 let err = (numeric - exact).abs();
                 assert!(
@@ -220,6 +225,11 @@ fn gradients_agree_with_finite_differences() {
                 checked += 1;
             }
         }
+        assert!(
+            at_routing_boundary <= checked / 5,
+            "{name}: {at_routing_boundary} of {} points at a discontinuity",
+            checked + at_routing_boundary
+        );
         assert!(checked >= 20, "{name}: only {checked} entries checked");
     }
 }
