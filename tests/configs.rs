@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, fixture, rel_err, Golden};
+use common::{assert_stats, fixture, rel_err, Golden};
 use contralign::data::pretokenized::read_file;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
@@ -187,22 +187,7 @@ fn packed_statistics_match_transformers() {
         let stats = model.score(&CpuOps, &batch);
         let want = golden.get("stats");
         assert_eq!(stats.len() * 4, want.len(), "{name}: number of responses");
-        let mut worst = 0.0f64;
-        for (i, s) in stats.iter().enumerate() {
-            let w = &want[i * 4..i * 4 + 4];
-            let what = format!("{name} response {i}");
-            worst = worst.max((s.logp_sum - w[0]).abs() / w[0].abs());
-            if let Some(e) = s.eos_logp {
-                worst = worst.max((e - w[3]).abs() / w[3].abs());
-            }
-            assert_close(&format!("{what} S"), s.logp_sum, w[0], 1e-5);
-            assert_eq!(s.tokens as f64, w[1], "{what} n");
-            assert_close(&format!("{what} A"), s.logp_mean, w[2], 1e-5);
-            match s.eos_logp {
-                Some(e) => assert_close(&format!("{what} E"), e, w[3], 1e-5),
-                None => assert!(w[3].is_nan(), "{what}: E missing, golden {}", w[3]),
-            }
-        }
+        let worst = assert_stats(&name, &stats, want);
         eprintln!(
             "{name}: {} responses, worst S/E relative error {worst:.2e}",
             stats.len()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, fixture, hyperparameters, rel_err, Golden};
+use common::{assert_close, assert_stats, fixture, hyperparameters, rel_err, Golden};
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
@@ -65,18 +65,7 @@ fn packed_statistics_match_transformers() {
                 let batch = step::pack(&model, &data(name, kind)).unwrap();
                 let stats = model.score(&CpuOps, &batch);
                 let want = golden.get(&format!("{kind}.stats.{which}"));
-                assert_eq!(stats.len() * 4, want.len());
-                for (i, s) in stats.iter().enumerate() {
-                    let w = &want[i * 4..i * 4 + 4];
-                    let what = format!("{model_dir} {kind} response {i}");
-                    assert_close(&format!("{what} S"), s.logp_sum, w[0], 1e-5);
-                    assert_eq!(s.tokens as f64, w[1], "{what} n");
-                    assert_close(&format!("{what} A"), s.logp_mean, w[2], 1e-5);
-                    match s.eos_logp {
-                        Some(e) => assert_close(&format!("{what} E"), e, w[3], 1e-5),
-                        None => assert!(w[3].is_nan(), "{what}: E missing, golden {}", w[3]),
-                    }
-                }
+                assert_stats(&format!("{model_dir} {kind}"), &stats, want);
             }
         }
     }

@@ -50,6 +50,13 @@ fn linear_loss(coef: &[[f64; 3]]) -> impl Fn(&[ResponseStats]) -> anyhow::Result
     }
 }
 
+/// Coefficients in [-1, 1) of S, A and E for each of `n` responses.
+fn random_coef(rng: &mut impl Rng, n: usize) -> Vec<[f64; 3]> {
+    (0..n)
+        .map(|_| std::array::from_fn(|_| rng.gen_range(-1.0..1.0)))
+        .collect()
+}
+
 fn grads_of(
     model: &Model<Vec<f32>>,
     groups: &[Group],
@@ -94,15 +101,7 @@ fn packed_groups_equal_per_sequence_scoring() {
             }
         }
         // The backward too: the shared prompt rows gather the gradient of all K responses.
-        let coef: Vec<[f64; 3]> = (0..packed.len())
-            .map(|_| {
-                [
-                    rng.gen_range(-1.0..1.0),
-                    rng.gen_range(-1.0..1.0),
-                    rng.gen_range(-1.0..1.0),
-                ]
-            })
-            .collect();
+        let coef = random_coef(&mut rng, packed.len());
         let aux = if model.cfg.moe.is_some() { 0.05 } else { 0.0 };
         let (loss_p, grads_p) = grads_of(&model, &groups, &coef, true, aux);
         let (loss_s, grads_s) = grads_of(&model, &unpacked(&groups), &coef, true, aux);
@@ -131,15 +130,7 @@ fn checkpointing_does_not_change_gradients() {
         let model = load(name);
         let groups = random_groups(&mut rng, 4, 256, 9, 4, 8);
         let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
-        let coef: Vec<[f64; 3]> = (0..responses)
-            .map(|_| {
-                [
-                    rng.gen_range(-1.0..1.0),
-                    rng.gen_range(-1.0..1.0),
-                    rng.gen_range(-1.0..1.0),
-                ]
-            })
-            .collect();
+        let coef = random_coef(&mut rng, responses);
         let aux = if model.cfg.moe.is_some() { 0.02 } else { 0.0 };
         let (loss_on, on) = grads_of(&model, &groups, &coef, true, aux);
         let (loss_off, off) = grads_of(&model, &groups, &coef, false, aux);

@@ -128,3 +128,26 @@ pub fn random_groups(
         })
         .collect()
 }
+
+/// Checks statistics against a golden `[responses, 4]` table of `S, n, A, E` (E nan when
+/// absent) to 1e-5 relative; returns the worst relative error of S and E.
+pub fn assert_stats(what: &str, stats: &[contralign::model::ResponseStats], want: &[f64]) -> f64 {
+    assert_eq!(stats.len() * 4, want.len(), "{what}: response count");
+    let mut worst = 0.0f64;
+    for (i, s) in stats.iter().enumerate() {
+        let w = &want[i * 4..i * 4 + 4];
+        let what = format!("{what} response {i}");
+        worst = worst.max((s.logp_sum - w[0]).abs() / w[0].abs());
+        assert_close(&format!("{what} S"), s.logp_sum, w[0], 1e-5);
+        assert_eq!(s.tokens as f64, w[1], "{what} n");
+        assert_close(&format!("{what} A"), s.logp_mean, w[2], 1e-5);
+        match s.eos_logp {
+            Some(e) => {
+                worst = worst.max((e - w[3]).abs() / w[3].abs());
+                assert_close(&format!("{what} E"), e, w[3], 1e-5)
+            }
+            None => assert!(w[3].is_nan(), "{what}: E missing, golden {}", w[3]),
+        }
+    }
+    worst
+}
