@@ -27,10 +27,9 @@ fn cpu_step(c: &mut Criterion) {
         .collect();
     let batch = step::pack(&policy, &groups).unwrap();
     let spec = LossSpec {
-        kind: LossKind::Nca,
         beta: 0.1,
         alpha: 0.5,
-        label_smoothing: 0.0,
+        ..LossSpec::new(LossKind::Nca)
     };
     let mut group = c.benchmark_group("cpu_step_tiny_mixtral");
     group.throughput(Throughput::Elements(batch.len() as u64));

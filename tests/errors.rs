@@ -119,10 +119,9 @@ fn loss_on_a_single_response_group_is_an_error() {
     );
     let model = Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
     let spec = LossSpec {
-        kind: LossKind::Sft,
         beta: 0.1,
         alpha: 0.0,
-        label_smoothing: 0.0,
+        ..LossSpec::new(LossKind::Sft)
     };
     let opts = StepOptions {
         checkpointing: true,
@@ -153,10 +152,9 @@ fn reference_loss_without_reference_is_an_error() {
     let model = Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
     let groups = read_file(&fixture("tiny-mistral.reward.jsonl")).unwrap();
     let spec = LossSpec {
-        kind: LossKind::Nca,
         beta: 0.1,
         alpha: 0.5,
-        label_smoothing: 0.0,
+        ..LossSpec::new(LossKind::Nca)
     };
     let opts = StepOptions {
         checkpointing: true,

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_close, assert_stats, fixture, hyperparameters, rel_err, Golden};
+use common::{
+    assert_close, assert_stats, fixture, hyperparameters, rel_err, spec_from_json, Golden,
+};
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
@@ -23,14 +25,7 @@ fn data(model: &str, kind: &str) -> Vec<Group> {
 }
 
 fn spec(model: &str, name: &str, kind: LossKind) -> LossSpec {
-    let hp = hyperparameters(model, name);
-    let get = |k: &str, default: f64| hp.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
-    LossSpec {
-        kind,
-        beta: get("beta", 0.1),
-        alpha: get("alpha", 0.0),
-        label_smoothing: get("label_smoothing", 0.0),
-    }
+    spec_from_json(kind, &hyperparameters(model, name))
 }
 
 #[test]
@@ -78,7 +73,7 @@ struct Case {
     aux: bool,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 4] = [
     Case {
         golden_name: "sft",
         kind: LossKind::Sft,
@@ -95,6 +90,12 @@ const CASES: [Case; 3] = [
         golden_name: "dpo",
         kind: LossKind::Dpo,
         data: "pairs",
+        aux: false,
+    },
+    Case {
+        golden_name: "refa",
+        kind: LossKind::Refa,
+        data: "reward",
         aux: false,
     },
 ];
@@ -178,13 +179,37 @@ fn losses_match_transformers() {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
         let policy = load(name);
         let reference = load(&format!("{name}-ref"));
-        for (golden_name, kind, kind_data) in [
-            ("sft", LossKind::Sft, "reward"),
-            ("nca", LossKind::Nca, "reward"),
-            ("nca_a0", LossKind::Nca, "reward"),
-            ("dpo", LossKind::Dpo, "pairs"),
-            ("dpo_ls", LossKind::Dpo, "pairs"),
-        ] {
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("{name}.golden.json"))).unwrap(),
+        )
+        .unwrap();
+        let pairwise: Vec<&str> = json["pairwise_losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let names: Vec<String> = json["hyperparameters"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(names.len(), 13);
+        for golden_name in &names {
+            let base = golden_name.split("_a0").next().unwrap();
+            let base = ["_ls", "_p1", "_1vall"]
+                .iter()
+                .fold(base.to_string(), |b, suffix| {
+                    b.trim_end_matches(suffix).to_string()
+                });
+            let kind = LossKind::parse(&base).unwrap();
+            let kind_data = if pairwise.contains(&golden_name.as_str()) {
+                "pairs"
+            } else {
+                "reward"
+            };
+
             let spec = spec(name, golden_name, kind);
             let opts = StepOptions {
                 checkpointing: true,

@@ -161,10 +161,9 @@ fn gradients_agree_with_finite_differences() {
         let reference = load(&format!("{name}-ref"));
         let groups = random_groups(&mut rng, 3, 256, 7, 4, 6);
         let spec = LossSpec {
-            kind: LossKind::Nca,
             beta: 1.0,
             alpha: 0.5,
-            label_smoothing: 0.0,
+            ..LossSpec::new(LossKind::Nca)
         };
         let aux_coef = if policy.cfg.moe.is_some() { 0.5 } else { 0.0 };
         let opts = StepOptions {

@@ -1,8 +1,8 @@
+use crate::cli::loss_args::LossArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::save_f32;
 use contralign::data::pretokenized::read_file;
-use contralign::loss::{LossKind, LossSpec};
 use contralign::model::params::param_specs;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
@@ -21,31 +21,15 @@ pub struct GradsArgs {
     /// The policy: a Hugging Face model directory.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// The frozen reference model, required by reference-based losses (nca, dpo).
+    /// The frozen reference model, required by reference-based losses (infonca, nca, dpo,
+    /// nca_pair).
     #[arg(long, value_name = "DIR")]
     ref_model: Option<PathBuf>,
     /// Pre-tokenized JSONL (reward groups or pairs, detected per line).
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
-    /// The loss: sft (token-mean NLL of the best response), nca (NCA, any K), dpo (K = 2,
-    /// response 0 chosen).
-    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(LossKind::NAMES))]
-    loss: String,
-    /// Inverse temperature of the implicit reward beta·(S − S_ref). Default: 0.01 for nca
-    /// (NCA paper, UltraFeedback), 0.1 for dpo (DPO paper, TRL).
-    #[arg(long, value_name = "F")]
-    beta: Option<f64>,
-    /// Reward temperature of the soft labels softmax(r/alpha); 0 puts all weight on the
-    /// best-rated responses. Default 0.01 (NCA paper).
-    #[arg(long, value_name = "F", default_value_t = 0.01)]
-    alpha: f64,
-    /// DPO label smoothing eps in [0, 0.5). Default 0.
-    #[arg(long, value_name = "F", default_value_t = 0.0)]
-    label_smoothing: f64,
-    /// Weight of the Mixtral load-balancing loss. Default: the config's router_aux_loss_coef
-    /// when its output_router_logits is true, else 0 (as transformers does).
-    #[arg(long, value_name = "F")]
-    aux_coef: Option<f64>,
+    #[command(flatten)]
+    loss: LossArgs,
     /// Keep every activation instead of recomputing each layer in the backward
     /// (faster, more memory; gradients agree to float rounding).
     #[arg(long)]
@@ -76,32 +60,22 @@ fn check_writable(out: &Path) -> Result<()> {
 }
 
 pub fn run(args: GradsArgs) -> Result<()> {
-    let kind = LossKind::parse(&args.loss)?;
-    let spec = LossSpec {
-        kind,
-        beta: args.beta.unwrap_or(kind.default_beta()),
-        alpha: args.alpha,
-        label_smoothing: args.label_smoothing,
-    };
-    spec.validate()?;
-    if kind.needs_reference() && args.ref_model.is_none() {
+    let spec = args.loss.spec()?;
+    if spec.kind.needs_reference() && args.ref_model.is_none() {
         bail!(
             "--loss {} needs a reference model: give --ref-model DIR",
-            args.loss
+            spec.kind.name()
         );
     }
     check_writable(&args.out)?;
-    let groups = read_file(&args.data)?;
+    let groups = args.loss.prepare(&spec, read_file(&args.data)?)?;
     let ops = CpuOps;
     let policy = Model::load(&ops, &args.model)?;
     let reference = match &args.ref_model {
-        Some(dir) if kind.needs_reference() => Some(Model::load(&ops, dir)?),
+        Some(dir) if spec.kind.needs_reference() => Some(Model::load(&ops, dir)?),
         _ => None,
     };
-    let aux_coef = args.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
-    if !aux_coef.is_finite() || aux_coef < 0.0 {
-        bail!("--aux-coef must be >= 0, found {aux_coef}");
-    }
+    let aux_coef = args.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
     let opts = StepOptions {
         checkpointing: !args.no_checkpointing,
         aux_coef,

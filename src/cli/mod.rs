@@ -1,6 +1,7 @@
 //! Subcommands of the `contralign` binary.
 
 mod grads;
+mod loss_args;
 mod score;
 
 use anyhow::Result;

@@ -1,6 +1,7 @@
 //! Data sets: groups of one prompt and its rated responses, and their packing into batches.
 
 pub mod packing;
+pub mod pairs;
 pub mod pretokenized;
 
 /// One prompt with `K` responses and a reward for each (losses.md §1). A pairwise example is

@@ -5,38 +5,76 @@
 mod numeric;
 
 use anyhow::{bail, Result};
-use numeric::{log_sigmoid, sigmoid, soft_labels};
+use numeric::{log_sigmoid, log_sum_exp, sigmoid, soft_labels};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossKind {
-    Sft,
+    Infonca,
     Nca,
     Dpo,
+    NcaPair,
+    Simpo,
+    Refa,
+    InfoncaFree,
+    Sft,
 }
 
 impl LossKind {
-    pub const NAMES: &'static [&'static str] = &["sft", "nca", "dpo"];
+    pub const NAMES: &'static [&'static str] = &[
+        "infonca",
+        "nca",
+        "dpo",
+        "nca_pair",
+        "simpo",
+        "refa",
+        "infonca_free",
+        "sft",
+    ];
 
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
-            "sft" => LossKind::Sft,
+            "infonca" => LossKind::Infonca,
             "nca" => LossKind::Nca,
             "dpo" => LossKind::Dpo,
+            "nca_pair" => LossKind::NcaPair,
+            "simpo" => LossKind::Simpo,
+            "refa" => LossKind::Refa,
+            "infonca_free" => LossKind::InfoncaFree,
+            "sft" => LossKind::Sft,
             other => bail!("unknown loss {other:?}; expected one of {:?}", Self::NAMES),
         })
     }
 
-    /// The default `beta`: the NCA paper's 0.01 for NCA (UltraFeedback), DPO's and TRL's 0.1.
-    pub fn default_beta(self) -> f64 {
-        match self {
-            LossKind::Nca => 0.01,
-            LossKind::Dpo | LossKind::Sft => 0.1,
-        }
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
     }
 
     /// Whether the loss reads `S^ref` (and so needs a reference model).
     pub fn needs_reference(self) -> bool {
-        matches!(self, LossKind::Nca | LossKind::Dpo)
+        matches!(
+            self,
+            LossKind::Infonca | LossKind::Nca | LossKind::Dpo | LossKind::NcaPair
+        )
+    }
+
+    /// Whether the loss is defined on pairs only (K = 2, response 0 chosen).
+    pub fn is_pairwise(self) -> bool {
+        matches!(self, LossKind::Dpo | LossKind::NcaPair | LossKind::Simpo)
+    }
+
+    /// The papers' defaults (losses.md): `(beta, alpha, gamma, lambda)`.
+    /// NCA/InfoNCA: beta 0.01, alpha 0.01 (NCA repo, UltraFeedback); DPO and NCA-pair:
+    /// beta 0.1 (DPO paper, TRL); SimPO: beta 2.0, gamma 1.6 (Mistral-7B-Base); REFA:
+    /// beta 3.0, alpha 0.01, gamma 2.0, lambda 5e-5 (v4, Mistral-7B base; one-vs-all beta 2.0).
+    pub fn defaults(self, one_vs_all: bool) -> (f64, f64, f64, f64) {
+        match self {
+            LossKind::Infonca | LossKind::Nca => (0.01, 0.01, 1.0, 0.0),
+            LossKind::Dpo | LossKind::NcaPair | LossKind::Sft => (0.1, 0.01, 1.0, 0.0),
+            LossKind::Simpo => (2.0, 0.01, 1.6, 0.0),
+            LossKind::Refa if one_vs_all => (2.0, 0.01, 2.0, 5e-5),
+            LossKind::Refa => (3.0, 0.01, 2.0, 5e-5),
+            LossKind::InfoncaFree => (3.0, 0.01, 1.0, 5e-5),
+        }
     }
 }
 
@@ -46,10 +84,38 @@ pub struct LossSpec {
     pub kind: LossKind,
     pub beta: f64,
     pub alpha: f64,
+    /// SimPO margin; REFA negative over-weighting.
+    pub gamma: f64,
+    /// REFA deviation exponent, 1 or 2.
+    pub p: u32,
+    /// Weight of the EOS regularizer (REFA, REFA-InfoNCA).
+    pub lambda: f64,
     pub label_smoothing: f64,
+    pub one_vs_all: bool,
+    /// REFA scores with `A` (true) or `S` (false).
+    pub normalize: bool,
+    /// Weight of the `sft` anchor added to the loss (losses.md §4).
+    pub sft_weight: f64,
 }
 
 impl LossSpec {
+    /// The spec of `kind` with the papers' defaults.
+    pub fn new(kind: LossKind) -> Self {
+        let (beta, alpha, gamma, lambda) = kind.defaults(false);
+        LossSpec {
+            kind,
+            beta,
+            alpha,
+            gamma,
+            p: 2,
+            lambda,
+            label_smoothing: 0.0,
+            one_vs_all: false,
+            normalize: true,
+            sft_weight: 0.0,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.beta.is_finite() && self.beta > 0.0) {
             bail!("--beta must be a positive number, found {}", self.beta);
@@ -57,11 +123,26 @@ impl LossSpec {
         if !(self.alpha.is_finite() && self.alpha >= 0.0) {
             bail!("--alpha must be >= 0, found {}", self.alpha);
         }
+        if matches!(self.kind, LossKind::Refa) && !(self.gamma.is_finite() && self.gamma > 0.0) {
+            bail!("--gamma must be > 0 for refa, found {}", self.gamma);
+        }
+        if matches!(self.kind, LossKind::Simpo) && !self.gamma.is_finite() {
+            bail!("--gamma must be a finite number, found {}", self.gamma);
+        }
+        if !matches!(self.p, 1 | 2) {
+            bail!("--p must be 1 or 2, found {}", self.p);
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            bail!("--lambda must be >= 0, found {}", self.lambda);
+        }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             bail!(
                 "--label-smoothing must be in [0, 0.5), found {}",
                 self.label_smoothing
             );
+        }
+        if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
+            bail!("--sft-weight must be >= 0, found {}", self.sft_weight);
         }
         Ok(())
     }
@@ -94,10 +175,21 @@ impl GroupOutput {
             d_e: vec![0.0; k],
         }
     }
+
+    fn add(&mut self, other: &GroupOutput, weight: f64) {
+        self.loss += weight * other.loss;
+        for (dst, src) in [
+            (&mut self.d_s, &other.d_s),
+            (&mut self.d_a, &other.d_a),
+            (&mut self.d_e, &other.d_e),
+        ] {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += weight * s);
+        }
+    }
 }
 
 /// The first index of the maximum reward.
-fn best(rewards: &[f64]) -> usize {
+pub fn best(rewards: &[f64]) -> usize {
     let mut b = 0;
     for (i, &r) in rewards.iter().enumerate() {
         if r > rewards[b] {
@@ -109,7 +201,10 @@ fn best(rewards: &[f64]) -> usize {
 
 fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
     let Some(s_ref) = g.s_ref else {
-        bail!("loss needs reference log-probs (S^ref) and none were given");
+        bail!(
+            "loss {} needs reference log-probs (S^ref) and none were given",
+            spec.kind.name()
+        );
     };
     Ok(g.s
         .iter()
@@ -118,31 +213,115 @@ fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
         .collect())
 }
 
-pub fn group_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
+fn require_pair(spec: &LossSpec, k: usize) -> Result<()> {
+    if k != 2 {
+        bail!(
+            "{} is pairwise and needs exactly 2 responses per group, found {k}; turn reward \
+             groups into pairs with --pairs best_vs_random|best_vs_each|all_pairs",
+            spec.kind.name()
+        );
+    }
+    Ok(())
+}
+
+/// `-Σ q_i log softmax(x)_i` and its gradient `softmax(x) - q` with respect to `x`.
+fn soft_cross_entropy(x: &[f64], q: &[f64]) -> (f64, Vec<f64>) {
+    let lse = log_sum_exp(x);
+    let loss = -x.iter().zip(q).map(|(xi, qi)| qi * (xi - lse)).sum::<f64>();
+    let grad = x
+        .iter()
+        .zip(q)
+        .map(|(xi, qi)| (xi - lse).exp() - qi)
+        .collect();
+    (loss, grad)
+}
+
+/// `R_eos = λ Σ exp(E_i)` over the responses that end with EOS, with `dR/dE_i`.
+fn eos_regularizer(lambda: f64, e: &[Option<f64>], out: &mut GroupOutput) {
+    for (i, ei) in e.iter().enumerate() {
+        if let Some(ei) = ei {
+            let p = ei.exp();
+            out.loss += lambda * p;
+            out.d_e[i] += lambda * p;
+        }
+    }
+}
+
+/// REFA (losses.md §3): the preference term and the EOS regularizer.
+fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
     let k = g.s.len();
-    match spec.kind {
+    let r = g.rewards;
+    let mut out = GroupOutput::zeros(0.0, k);
+    let mean = r.iter().sum::<f64>() / k as f64;
+    let b = best(r);
+    let positive: Vec<bool> = (0..k)
+        .map(|i| if spec.one_vs_all { i == b } else { r[i] > mean })
+        .collect();
+    // With every reward equal, REFA-dynamic has no positive and only R_eos remains;
+    // one-vs-all always has its one positive.
+    if positive.contains(&true) {
+        let x = if spec.normalize { g.a } else { g.s };
+        let score: Vec<f64> = (0..k)
+            .map(|i| spec.beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
+            .collect();
+        // Negatives enter the denominator with weight gamma: shift their scores by ln(gamma).
+        let shifted: Vec<f64> = (0..k)
+            .map(|i| {
+                if positive[i] {
+                    score[i]
+                } else {
+                    score[i] + spec.gamma.ln()
+                }
+            })
+            .collect();
+        let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
+        let lse_pos = log_sum_exp(&pos);
+        let lse_all = log_sum_exp(&shifted);
+        out.loss = lse_all - lse_pos;
+        for i in 0..k {
+            let mut d = (shifted[i] - lse_all).exp();
+            if positive[i] {
+                d -= (score[i] - lse_pos).exp();
+            }
+            let dx = spec.beta * d;
+            if spec.normalize {
+                out.d_a[i] = dx;
+            } else {
+                out.d_s[i] = dx;
+            }
+        }
+    }
+    eos_regularizer(spec.lambda, g.e, &mut out);
+    out
+}
+
+/// The per-group loss without the `sft` anchor.
+fn base_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
+    let k = g.s.len();
+    Ok(match spec.kind {
         LossKind::Sft => {
             let b = best(g.rewards);
             let mut out = GroupOutput::zeros(-g.a[b], k);
             out.d_a[b] = -1.0;
-            Ok(out)
+            out
+        }
+        LossKind::Infonca => {
+            let rho = implicit_rewards(spec, g)?;
+            let (loss, d_rho) = soft_cross_entropy(&rho, &soft_labels(g.rewards, spec.alpha));
+            let mut out = GroupOutput::zeros(loss, k);
+            out.d_s = d_rho.iter().map(|d| spec.beta * d).collect();
+            out
         }
         LossKind::Nca => {
             let rho = implicit_rewards(spec, g)?;
-            let q = soft_labels(g.rewards, spec.alpha);
-            let kf = k as f64;
-            let mut out = GroupOutput::zeros(0.0, k);
-            for i in 0..k {
-                out.loss -= q[i] * log_sigmoid(rho[i]) + log_sigmoid(-rho[i]) / kf;
-                let d_rho = -q[i] * sigmoid(-rho[i]) + sigmoid(rho[i]) / kf;
-                out.d_s[i] = spec.beta * d_rho;
-            }
-            Ok(out)
+            nca(spec.beta, &rho, &soft_labels(g.rewards, spec.alpha))
+        }
+        LossKind::NcaPair => {
+            require_pair(spec, k)?;
+            nca(spec.beta, &implicit_rewards(spec, g)?, &[1.0, 0.0])
         }
         LossKind::Dpo => {
-            if k != 2 {
-                bail!("dpo is pairwise and needs exactly 2 responses per group, found {k}");
-            }
+            require_pair(spec, k)?;
             let rho = implicit_rewards(spec, g)?;
             let eps = spec.label_smoothing;
             let z = rho[0] - rho[1];
@@ -151,9 +330,56 @@ pub fn group_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
             let dz = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
             out.d_s[0] = spec.beta * dz;
             out.d_s[1] = -spec.beta * dz;
-            Ok(out)
+            out
         }
+        LossKind::Simpo => {
+            require_pair(spec, k)?;
+            let z = spec.beta * (g.a[0] - g.a[1]) - spec.gamma;
+            let mut out = GroupOutput::zeros(-log_sigmoid(z), k);
+            let dz = -sigmoid(-z);
+            out.d_a[0] = spec.beta * dz;
+            out.d_a[1] = -spec.beta * dz;
+            out
+        }
+        LossKind::Refa => refa(spec, g),
+        LossKind::InfoncaFree => {
+            let x: Vec<f64> = g.a.iter().map(|a| spec.beta * a).collect();
+            let (loss, dx) = soft_cross_entropy(&x, &soft_labels(g.rewards, spec.alpha));
+            let mut out = GroupOutput::zeros(loss, k);
+            out.d_a = dx.iter().map(|d| spec.beta * d).collect();
+            eos_regularizer(spec.lambda, g.e, &mut out);
+            out
+        }
+    })
+}
+
+/// NCA with soft labels `q`: `-Σ q_i log σ(ρ_i) - (1/K) Σ log σ(-ρ_i)`.
+fn nca(beta: f64, rho: &[f64], q: &[f64]) -> GroupOutput {
+    let k = rho.len();
+    let kf = k as f64;
+    let mut out = GroupOutput::zeros(0.0, k);
+    for i in 0..k {
+        out.loss -= q[i] * log_sigmoid(rho[i]) + log_sigmoid(-rho[i]) / kf;
+        let d_rho = -q[i] * sigmoid(-rho[i]) + sigmoid(rho[i]) / kf;
+        out.d_s[i] = beta * d_rho;
     }
+    out
+}
+
+/// One group's loss (with the `sft` anchor when `sft_weight > 0`) and its gradient.
+pub fn group_loss(spec: &LossSpec, g: &GroupInput) -> Result<GroupOutput> {
+    let mut out = base_loss(spec, g)?;
+    if spec.sft_weight > 0.0 && spec.kind != LossKind::Sft {
+        let anchor = base_loss(
+            &LossSpec {
+                kind: LossKind::Sft,
+                ..spec.clone()
+            },
+            g,
+        )?;
+        out.add(&anchor, spec.sft_weight);
+    }
+    Ok(out)
 }
 
 /// The loss of a batch: the mean over its groups, with gradients per response.

@@ -32,3 +32,12 @@ pub fn soft_labels(rewards: &[f64], alpha: f64) -> Vec<f64> {
     let sum: f64 = weights.iter().sum();
     weights.into_iter().map(|w| w / sum).collect()
 }
+
+/// `log Σ exp(x_i)` with the maximum subtracted; `-inf` for an empty slice.
+pub fn log_sum_exp(x: &[f64]) -> f64 {
+    let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return max;
+    }
+    max + x.iter().map(|&v| (v - max).exp()).sum::<f64>().ln()
+}

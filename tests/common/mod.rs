@@ -151,3 +151,25 @@ pub fn assert_stats(what: &str, stats: &[contralign::model::ResponseStats], want
     }
     worst
 }
+
+/// A loss spec from a golden json's hyperparameters (`beta`, `alpha`, `gamma`, `p`, `lam`,
+/// `label_smoothing`, `one_vs_all`, `normalize`); absent ones are 0 / off / on.
+pub fn spec_from_json(
+    kind: contralign::loss::LossKind,
+    hp: &serde_json::Value,
+) -> contralign::loss::LossSpec {
+    let num = |k: &str, default: f64| hp.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
+    let flag = |k: &str, default: bool| hp.get(k).and_then(|v| v.as_bool()).unwrap_or(default);
+    contralign::loss::LossSpec {
+        kind,
+        beta: num("beta", 0.1),
+        alpha: num("alpha", 0.0),
+        gamma: num("gamma", 1.0),
+        p: num("p", 2.0) as u32,
+        lambda: num("lam", 0.0),
+        label_smoothing: num("label_smoothing", 0.0),
+        one_vs_all: flag("one_vs_all", false),
+        normalize: flag("normalize", true),
+        sft_weight: 0.0,
+    }
+}

@@ -1,0 +1,116 @@
+//! The loss flags shared by `eval` and `grads`.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use contralign::data::pairs::{to_pairs, PairStrategy};
+use contralign::data::Group;
+use contralign::loss::{LossKind, LossSpec};
+
+#[derive(Args, Debug)]
+pub struct LossArgs {
+    /// The loss (losses.md). Reference-based: infonca, nca (any K), dpo, nca_pair (K = 2).
+    /// Reference-free: simpo (K = 2), refa, infonca_free (REFA-InfoNCA), sft (token-mean NLL
+    /// of the best response).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(LossKind::NAMES))]
+    pub loss: String,
+    /// Inverse temperature. Defaults: 0.01 for infonca/nca (NCA paper), 0.1 for dpo/nca_pair
+    /// (DPO paper, TRL), 2.0 for simpo, 3.0 for refa (2.0 with --one-vs-all) and infonca_free
+    /// (REFA v4, Mistral-7B base).
+    #[arg(long, value_name = "F")]
+    pub beta: Option<f64>,
+    /// Reward temperature of the soft labels softmax(r/alpha) (infonca, nca, infonca_free;
+    /// 0 = uniform over the best-rated), or REFA's deviation strength. Default 0.01.
+    #[arg(long, value_name = "F")]
+    pub alpha: Option<f64>,
+    /// SimPO target margin (default 1.6) or REFA negative over-weighting (> 0, default 2.0).
+    #[arg(long, value_name = "F")]
+    pub gamma: Option<f64>,
+    /// REFA deviation exponent: 1 (signed) or 2. Default 2.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub p: u32,
+    /// Weight of the EOS-probability regularizer of refa and infonca_free. Default 5e-5.
+    #[arg(long, value_name = "F")]
+    pub lambda: Option<f64>,
+    /// DPO label smoothing in [0, 0.5). Default 0.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// REFA-1-vs-all: the best response is the only positive.
+    #[arg(long)]
+    pub one_vs_all: bool,
+    /// REFA scores with the log-prob sum S instead of the length-normalized mean A.
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Weight of an sft anchor (NLL of the best response) added to the loss. Default 0.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub sft_weight: f64,
+    /// Weight of the Mixtral load-balancing loss. Default: the config's router_aux_loss_coef
+    /// when its output_router_logits is true, else 0 (as transformers does).
+    #[arg(long, value_name = "F")]
+    pub aux_coef: Option<f64>,
+    /// Turn reward groups into pairs for a pairwise loss: best_vs_random (Zephyr, seeded by
+    /// --seed), best_vs_each, all_pairs. Required for dpo/nca_pair/simpo on data with K > 2.
+    #[arg(long, value_name = "STRATEGY", value_parser = clap::builder::PossibleValuesParser::new(PairStrategy::NAMES))]
+    pub pairs: Option<String>,
+    /// Seed of best_vs_random. Default 0.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl LossArgs {
+    pub fn spec(&self) -> Result<LossSpec> {
+        let kind = LossKind::parse(&self.loss)?;
+        let (beta, alpha, gamma, lambda) = kind.defaults(self.one_vs_all);
+        let spec = LossSpec {
+            kind,
+            beta: self.beta.unwrap_or(beta),
+            alpha: self.alpha.unwrap_or(alpha),
+            gamma: self.gamma.unwrap_or(gamma),
+            p: self.p,
+            lambda: self.lambda.unwrap_or(lambda),
+            label_smoothing: self.label_smoothing,
+            one_vs_all: self.one_vs_all,
+            normalize: !self.no_normalize,
+            sft_weight: self.sft_weight,
+        };
+        spec.validate()?;
+        if let Some(c) = self.aux_coef {
+            if !(c.is_finite() && c >= 0.0) {
+                bail!("--aux-coef must be >= 0, found {c}");
+            }
+        }
+        Ok(spec)
+    }
+
+    /// The groups the loss sees: pairs when a strategy is given. Checks group sizes before
+    /// any model is loaded.
+    pub fn prepare(&self, spec: &LossSpec, groups: Vec<Group>) -> Result<Vec<Group>> {
+        let groups = match &self.pairs {
+            Some(name) => {
+                let pairs = to_pairs(&groups, PairStrategy::parse(name)?, self.seed);
+                if pairs.is_empty() {
+                    bail!("--pairs {name}: no group has two responses with different rewards");
+                }
+                pairs
+            }
+            None => groups,
+        };
+        for g in &groups {
+            let k = g.responses.len();
+            if k < 2 {
+                bail!(
+                    "{}: the loss needs a group of at least 2 responses, found {k}",
+                    g.source
+                );
+            }
+            if spec.kind.is_pairwise() && k != 2 {
+                bail!(
+                    "{}: {} is pairwise but the group has {k} responses; give --pairs \
+                     best_vs_random|best_vs_each|all_pairs",
+                    g.source,
+                    spec.kind.name()
+                );
+            }
+        }
+        Ok(groups)
+    }
+}
