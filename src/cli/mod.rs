@@ -26,12 +26,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Score(score::ScoreArgs),
-    Grads(grads::GradsArgs),
+    Grads(Box<grads::GradsArgs>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
-        Command::Grads(args) => grads::run(args),
+        Command::Grads(args) => grads::run(*args),
     }
 }
