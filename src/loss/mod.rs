@@ -5,7 +5,7 @@
 mod numeric;
 
 use anyhow::{bail, Result};
-use numeric::{log_sigmoid, log_sum_exp, sigmoid, soft_labels};
+use numeric::{log_sigmoid, log_sum_exp, max_and_log_sum_exp, sigmoid, soft_labels};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossKind {
@@ -224,14 +224,31 @@ fn require_pair(spec: &LossSpec, k: usize) -> Result<()> {
     Ok(())
 }
 
-/// `-Σ q_i log softmax(x)_i` and its gradient `softmax(x) - q` with respect to `x`.
+/// `-Σ q_i log softmax(x)_i` and its gradient `softmax(x) - q` with respect to `x`, the
+/// latter as `softmax_i Σ_{j≠i} q_j - q_i Σ_{j≠i} softmax_j` so that it keeps its tiny values
+/// at margins of hundreds (where `softmax_i - q_i` would cancel to 0).
 fn soft_cross_entropy(x: &[f64], q: &[f64]) -> (f64, Vec<f64>) {
-    let lse = log_sum_exp(x);
-    let loss = -x.iter().zip(q).map(|(xi, qi)| qi * (xi - lse)).sum::<f64>();
-    let grad = x
+    let (max, shifted) = max_and_log_sum_exp(x);
+    let lse = max + shifted;
+    // `lse - x_i` as `(max - x_i) + shifted`: exact for the dominant term.
+    let loss = x
         .iter()
         .zip(q)
-        .map(|(xi, qi)| (xi - lse).exp() - qi)
+        .filter(|(_, &qi)| qi > 0.0)
+        .map(|(xi, qi)| qi * ((max - xi) + shifted))
+        .sum::<f64>();
+    let softmax: Vec<f64> = x.iter().map(|xi| (xi - lse).exp()).collect();
+    let grad = (0..x.len())
+        .map(|i| {
+            let others = |v: &[f64]| -> f64 {
+                v.iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, x)| x)
+                    .sum()
+            };
+            softmax[i] * others(q) - q[i] * others(&softmax)
+        })
         .collect();
     (loss, grad)
 }

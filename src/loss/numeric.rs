@@ -33,11 +33,26 @@ pub fn soft_labels(rewards: &[f64], alpha: f64) -> Vec<f64> {
     weights.into_iter().map(|w| w / sum).collect()
 }
 
-/// `log Σ exp(x_i)` with the maximum subtracted; `-inf` for an empty slice.
-pub fn log_sum_exp(x: &[f64]) -> f64 {
-    let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+/// `(max(x), log Σ exp(x_i - max))`, the latter as `ln_1p(Σ_{i ≠ argmax} exp(x_i - max))` so
+/// that it keeps its tiny values when one term dominates.
+pub fn max_and_log_sum_exp(x: &[f64]) -> (f64, f64) {
+    let Some((arg, &max)) = x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) else {
+        return (f64::NEG_INFINITY, 0.0);
+    };
     if max == f64::NEG_INFINITY {
-        return max;
+        return (max, 0.0);
     }
-    max + x.iter().map(|&v| (v - max).exp()).sum::<f64>().ln()
+    let rest: f64 = x
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != arg)
+        .map(|(_, &v)| (v - max).exp())
+        .sum();
+    (max, rest.ln_1p())
+}
+
+/// `log Σ exp(x_i)`; `-inf` for an empty slice.
+pub fn log_sum_exp(x: &[f64]) -> f64 {
+    let (max, shifted) = max_and_log_sum_exp(x);
+    max + shifted
 }
