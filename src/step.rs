@@ -3,6 +3,7 @@
 
 use crate::data::packing::Batch;
 use crate::data::Group;
+use crate::loss::metrics::batch_metrics;
 use crate::loss::{batch_loss, BatchInput, LossSpec};
 use crate::model::{Model, ResponseStats, StatsGrad, StepOptions, StepOutput};
 use crate::ops::Ops;
@@ -30,6 +31,72 @@ pub fn check_reference<B>(policy: &Model<B>, reference: &Model<B>) -> Result<()>
     Ok(())
 }
 
+/// The statistics of a batch as the columns the loss library reads.
+struct Columns {
+    s: Vec<f64>,
+    a: Vec<f64>,
+    e: Vec<Option<f64>>,
+    s_ref: Option<Vec<f64>>,
+    rewards: Vec<f64>,
+    offsets: Vec<usize>,
+    sources: Vec<String>,
+}
+
+impl Columns {
+    fn new(
+        batch: &Batch,
+        groups: &[Group],
+        stats: &[ResponseStats],
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Self {
+        Columns {
+            s: stats.iter().map(|x| x.logp_sum).collect(),
+            a: stats.iter().map(|x| x.logp_mean).collect(),
+            e: stats.iter().map(|x| x.eos_logp).collect(),
+            s_ref: ref_stats.map(|r| r.iter().map(|x| x.logp_sum).collect()),
+            rewards: groups
+                .iter()
+                .flat_map(|g| g.rewards.iter().copied())
+                .collect(),
+            offsets: batch.group_offsets.clone(),
+            sources: groups.iter().map(|g| g.source.clone()).collect(),
+        }
+    }
+
+    fn input(&self) -> BatchInput<'_> {
+        BatchInput {
+            s: &self.s,
+            a: &self.a,
+            e: &self.e,
+            s_ref: self.s_ref.as_deref(),
+            rewards: &self.rewards,
+            offsets: &self.offsets,
+            sources: &self.sources,
+        }
+    }
+}
+
+/// The reference model's statistics when the loss needs them.
+fn reference_stats<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: Option<&Model<O::Buf>>,
+    batch: &Batch,
+    spec: &LossSpec,
+) -> Result<Option<Vec<ResponseStats>>> {
+    match (spec.kind.needs_reference(), reference) {
+        (true, None) => bail!(
+            "loss {} compares the policy with a reference model: give --ref-model DIR",
+            spec.kind.name()
+        ),
+        (true, Some(r)) => {
+            check_reference(policy, r)?;
+            Ok(Some(r.score(ops, batch)))
+        }
+        (false, _) => Ok(None),
+    }
+}
+
 /// The loss of `spec` over `groups` (mean over groups, plus `aux_coef · aux`) and its
 /// gradient for every parameter of `policy`.
 pub fn loss_and_grads<O: Ops>(
@@ -42,45 +109,14 @@ pub fn loss_and_grads<O: Ops>(
 ) -> Result<StepOutput<O::Buf>> {
     spec.validate()?;
     let batch = pack(policy, groups)?;
-    let ref_stats = match (spec.kind.needs_reference(), reference) {
-        (true, None) => bail!(
-            "loss {:?} compares the policy with a reference model: give --ref-model DIR",
-            spec.kind
-        ),
-        (true, Some(r)) => {
-            check_reference(policy, r)?;
-            Some(r.score(ops, &batch))
-        }
-        (false, _) => None,
-    };
-    let rewards: Vec<f64> = groups
-        .iter()
-        .flat_map(|g| g.rewards.iter().copied())
-        .collect();
-    let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
+    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
     policy
         .loss_and_grads(
             ops,
             &batch,
             |stats: &[ResponseStats]| {
-                let s: Vec<f64> = stats.iter().map(|x| x.logp_sum).collect();
-                let a: Vec<f64> = stats.iter().map(|x| x.logp_mean).collect();
-                let e: Vec<Option<f64>> = stats.iter().map(|x| x.eos_logp).collect();
-                let s_ref: Option<Vec<f64>> = ref_stats
-                    .as_ref()
-                    .map(|r| r.iter().map(|x| x.logp_sum).collect());
-                let out = batch_loss(
-                    spec,
-                    &BatchInput {
-                        s: &s,
-                        a: &a,
-                        e: &e,
-                        s_ref: s_ref.as_deref(),
-                        rewards: &rewards,
-                        offsets: &batch.group_offsets,
-                        sources: &sources,
-                    },
-                )?;
+                let columns = Columns::new(&batch, groups, stats, ref_stats.as_deref());
+                let out = batch_loss(spec, &columns.input())?;
                 Ok(StatsGrad {
                     loss: out.loss,
                     d_s: out.d_s,
@@ -91,4 +127,40 @@ pub fn loss_and_grads<O: Ops>(
             opts,
         )
         .context("computing the loss")
+}
+
+/// The loss of a batch (no gradients) and its metrics (losses.md §5).
+pub struct Evaluation {
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Scores `groups` under the policy (and the reference when the loss needs it) and
+/// evaluates the objective `loss + aux_coef · aux` with its metrics.
+pub fn evaluate<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: Option<&Model<O::Buf>>,
+    groups: &[Group],
+    spec: &LossSpec,
+    aux_coef: f64,
+) -> Result<Evaluation> {
+    spec.validate()?;
+    let batch = pack(policy, groups)?;
+    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
+    let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
+    let columns = Columns::new(&batch, groups, &stats, ref_stats.as_deref());
+    let out = batch_loss(spec, &columns.input())?;
+    let loss = out.loss + aux_coef * aux_loss.unwrap_or(0.0);
+    let mut metrics = batch_metrics(spec, &columns.input(), &stats);
+    metrics.insert(0, ("loss".to_string(), loss));
+    if let Some(aux) = aux_loss {
+        metrics.push(("aux_loss".to_string(), aux));
+    }
+    Ok(Evaluation {
+        loss,
+        aux_loss,
+        metrics,
+    })
 }

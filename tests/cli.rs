@@ -83,7 +83,15 @@ fn score_prints_golden_statistics_in_file_order() {
 #[test]
 fn grads_writes_golden_gradients() {
     let dir = TempDir::new().unwrap();
-    let cases: [(&str, &str, &[&str]); 3] = [
+    let cases: [(&str, &str, &[&str]); 4] = [
+        (
+            "tiny-mistral",
+            "refa",
+            &[
+                "--loss", "refa", "--beta", "2", "--alpha", "0.5", "--gamma", "1.5", "--p", "2",
+                "--lambda", "0.1", "--data", "reward",
+            ],
+        ),
         (
             "tiny-mistral",
             "dpo",
@@ -183,7 +191,7 @@ fn cli_errors_are_messages_not_panics() {
             vec![
                 "grads", "--model", &model, "--data", &reward, "--loss", "nca", "--out", &out_file,
             ],
-            "needs a reference model",
+            "give --ref-model DIR",
         ),
         (
             vec![
@@ -261,5 +269,136 @@ fn help_explains_every_flag() {
         for w in words {
             assert!(text.contains(w), "`{cmd} --help` does not mention {w}");
         }
+    }
+}
+
+/// The flags of a golden json's hyperparameter entry.
+fn loss_flags(loss: &str, hp: &serde_json::Value) -> Vec<String> {
+    let mut flags = vec!["--loss".to_string(), loss.to_string()];
+    for (key, value) in hp.as_object().unwrap() {
+        match (key.as_str(), value) {
+            ("one_vs_all", serde_json::Value::Bool(true)) => flags.push("--one-vs-all".into()),
+            ("normalize", serde_json::Value::Bool(false)) => flags.push("--no-normalize".into()),
+            ("lam", v) => flags.extend(["--lambda".to_string(), v.to_string()]),
+            (k, v) => flags.extend([format!("--{}", k.replace('_', "-")), v.to_string()]),
+        }
+    }
+    flags
+}
+
+#[test]
+fn eval_reproduces_every_golden_model_loss() {
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let golden = Golden::load(&format!("{name}.golden.safetensors"));
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("{name}.golden.json"))).unwrap(),
+        )
+        .unwrap();
+        let pairwise = json["pairwise_losses"].as_array().unwrap();
+        for (golden_name, hp) in json["hyperparameters"].as_object().unwrap() {
+            let loss = ["_a0", "_ls", "_p1", "_1vall"]
+                .iter()
+                .fold(golden_name.as_str(), |n, suffix| n.trim_end_matches(suffix));
+            let data = if pairwise.contains(&golden_name.as_str().into()) {
+                "pairs"
+            } else {
+                "reward"
+            };
+            let mut args = vec![
+                "eval".to_string(),
+                "--model".into(),
+                fx(name),
+                "--ref-model".into(),
+                fx(&format!("{name}-ref")),
+                "--data".into(),
+                fx(&format!("{name}.{data}.jsonl")),
+            ];
+            args.extend(loss_flags(loss, hp));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = contralign(&args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let want = golden.scalar(&format!("loss.{golden_name}"));
+            assert_close(
+                &format!("{name} eval {golden_name}"),
+                result["loss"].as_f64().unwrap(),
+                want,
+                1e-5,
+            );
+            let metrics = result["metrics"].as_object().unwrap();
+            for key in [
+                "rewards/chosen",
+                "rewards/margins",
+                "rewards/accuracies",
+                "logps/chosen",
+                "rewards/rank_1",
+                "eos_prob",
+                "response_len",
+            ] {
+                assert!(
+                    metrics[key].as_f64().is_some_and(f64::is_finite),
+                    "{name} {golden_name}: {key}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn eval_refuses_bad_requests_before_loading_models() {
+    let reward = fx("tiny-mistral.reward.jsonl");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--loss", "dpo", "--ref-model", "/no/such/ref"],
+            "dpo is pairwise but the group has 4 responses; give --pairs",
+        ),
+        (&["--loss", "refa", "--gamma", "0"], "--gamma must be > 0"),
+        (&["--loss", "refa", "--p", "3"], "--p must be 1 or 2"),
+        (&["--loss", "infonca"], "give --ref-model DIR"),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec!["eval", "--model", "/no/such/model", "--data", &reward];
+        args.extend_from_slice(flags);
+        let out = contralign(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: {stderr:?} lacks {message:?}"
+        );
+    }
+}
+
+#[test]
+fn pairwise_losses_run_on_reward_groups_through_a_pairs_strategy() {
+    for strategy in ["best_vs_random", "best_vs_each", "all_pairs"] {
+        let out = contralign(&[
+            "eval",
+            "--model",
+            &fx("tiny-mistral"),
+            "--data",
+            &fx("tiny-mistral.reward.jsonl"),
+            "--loss",
+            "simpo",
+            "--pairs",
+            strategy,
+        ]);
+        assert!(
+            out.status.success(),
+            "{strategy}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(result["loss"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            result["metrics"]["rewards/accuracies"]
+                .as_f64()
+                .map(|a| (0.0..=1.0).contains(&a)),
+            Some(true)
+        );
     }
 }

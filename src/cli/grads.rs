@@ -1,10 +1,9 @@
-use crate::cli::loss_args::LossArgs;
+use crate::cli::loss_args::InputArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::save_f32;
-use contralign::data::pretokenized::read_file;
 use contralign::model::params::param_specs;
-use contralign::model::{Model, StepOptions};
+use contralign::model::StepOptions;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::Ops;
 use contralign::step;
@@ -18,18 +17,8 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
 pub struct GradsArgs {
-    /// The policy: a Hugging Face model directory.
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
-    /// The frozen reference model, required by reference-based losses (infonca, nca, dpo,
-    /// nca_pair).
-    #[arg(long, value_name = "DIR")]
-    ref_model: Option<PathBuf>,
-    /// Pre-tokenized JSONL (reward groups or pairs, detected per line).
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
     #[command(flatten)]
-    loss: LossArgs,
+    inputs: InputArgs,
     /// Keep every activation instead of recomputing each layer in the backward
     /// (faster, more memory; gradients agree to float rounding).
     #[arg(long)]
@@ -60,28 +49,21 @@ fn check_writable(out: &Path) -> Result<()> {
 }
 
 pub fn run(args: GradsArgs) -> Result<()> {
-    let spec = args.loss.spec()?;
-    if spec.kind.needs_reference() && args.ref_model.is_none() {
-        bail!(
-            "--loss {} needs a reference model: give --ref-model DIR",
-            spec.kind.name()
-        );
-    }
-    check_writable(&args.out)?;
-    let groups = args.loss.prepare(&spec, read_file(&args.data)?)?;
+    let l = args.inputs.load(|| check_writable(&args.out))?;
     let ops = CpuOps;
-    let policy = Model::load(&ops, &args.model)?;
-    let reference = match &args.ref_model {
-        Some(dir) if spec.kind.needs_reference() => Some(Model::load(&ops, dir)?),
-        _ => None,
-    };
-    let aux_coef = args.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
     let opts = StepOptions {
         checkpointing: !args.no_checkpointing,
-        aux_coef,
+        aux_coef: l.aux_coef,
     };
-    let out = step::loss_and_grads(&ops, &policy, reference.as_ref(), &groups, &spec, &opts)?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(&policy.cfg)
+    let out = step::loss_and_grads(
+        &ops,
+        &l.policy,
+        l.reference.as_ref(),
+        &l.groups,
+        &l.spec,
+        &opts,
+    )?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(&l.policy.cfg)
         .into_iter()
         .zip(out.grads.iter())
         .map(|((name, shape), g)| (name, shape, ops.download(g)))
@@ -91,7 +73,7 @@ pub fn run(args: GradsArgs) -> Result<()> {
     eprintln!(
         "loss {:.6} over {} groups; wrote {} gradient tensors to {}",
         out.loss,
-        groups.len(),
+        l.groups.len(),
         tensors.len() - 1,
         args.out.display()
     );

@@ -1,10 +1,14 @@
-//! The loss flags shared by `eval` and `grads`.
+//! The model, data and loss flags shared by `eval` and `grads`.
 
 use anyhow::{bail, Result};
 use clap::Args;
 use contralign::data::pairs::{to_pairs, PairStrategy};
+use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::model::Model;
+use contralign::ops::cpu::CpuOps;
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct LossArgs {
@@ -112,5 +116,60 @@ impl LossArgs {
             }
         }
         Ok(groups)
+    }
+}
+
+/// The model and data flags shared by `eval` and `grads`.
+#[derive(Args, Debug)]
+pub struct InputArgs {
+    /// The policy: a Hugging Face model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The frozen reference model, required by reference-based losses (infonca, nca, dpo,
+    /// nca_pair); ignored by the others.
+    #[arg(long, value_name = "DIR")]
+    pub ref_model: Option<PathBuf>,
+    /// Pre-tokenized JSONL (reward groups or pairs, detected per line).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub loss: LossArgs,
+}
+
+/// Everything a loss evaluation needs, loaded and checked.
+pub struct Loaded {
+    pub spec: LossSpec,
+    pub groups: Vec<Group>,
+    pub policy: Model<Vec<f32>>,
+    pub reference: Option<Model<Vec<f32>>>,
+    pub aux_coef: f64,
+}
+
+impl InputArgs {
+    /// Checks the flags and the data first (and runs `precheck`, e.g. that the output can be
+    /// written), then loads the models: bad requests fail before any heavy work.
+    pub fn load(&self, precheck: impl FnOnce() -> Result<()>) -> Result<Loaded> {
+        let spec = self.loss.spec()?;
+        if spec.kind.needs_reference() && self.ref_model.is_none() {
+            bail!(
+                "--loss {} compares the policy with a reference model: give --ref-model DIR",
+                spec.kind.name()
+            );
+        }
+        precheck()?;
+        let groups = self.loss.prepare(&spec, read_file(&self.data)?)?;
+        let policy = Model::load(&CpuOps, &self.model)?;
+        let reference = match &self.ref_model {
+            Some(dir) if spec.kind.needs_reference() => Some(Model::load(&CpuOps, dir)?),
+            _ => None,
+        };
+        let aux_coef = self.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
+        Ok(Loaded {
+            spec,
+            groups,
+            policy,
+            reference,
+            aux_coef,
+        })
     }
 }

@@ -1,5 +1,6 @@
 //! Subcommands of the `contralign` binary.
 
+mod eval;
 mod grads;
 mod loss_args;
 mod score;
@@ -26,12 +27,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Score(score::ScoreArgs),
+    Eval(Box<eval::EvalArgs>),
     Grads(Box<grads::GradsArgs>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
+        Command::Eval(args) => eval::run(*args),
         Command::Grads(args) => grads::run(*args),
     }
 }

@@ -2,6 +2,7 @@
 //! the group's statistics. Each loss is a pure function of one group, in f64, so that a
 //! device kernel can mirror it line for line.
 
+pub mod metrics;
 mod numeric;
 
 use anyhow::{bail, Result};

@@ -161,6 +161,15 @@ impl<B> Model<B> {
 
     /// `S, n, A, E` of every response of the batch.
     pub fn score<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> Vec<ResponseStats> {
+        self.score_with_aux(ops, batch).0
+    }
+
+    /// The statistics and, for Mixtral, the load-balancing loss of the batch.
+    pub fn score_with_aux<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        batch: &Batch,
+    ) -> (Vec<ResponseStats>, Option<f64>) {
         let fwd = self.forward(
             ops,
             &batch.tokens,
@@ -169,7 +178,8 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, _, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
-        response_stats(batch, &logp)
+        let aux = fwd.balance.as_ref().map(LoadBalance::loss);
+        (response_stats(batch, &logp), aux)
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.

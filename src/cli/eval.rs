@@ -1,0 +1,42 @@
+use crate::cli::loss_args::InputArgs;
+use anyhow::Result;
+use clap::Args;
+use contralign::ops::cpu::CpuOps;
+use contralign::step;
+
+/// Evaluate a loss over a data set and print one JSON object `{"loss": L, "metrics": {...}}`.
+///
+/// The loss is the mean over groups of the per-group loss (plus `--aux-coef` times the
+/// Mixtral load-balancing loss). Metrics follow TRL's names: rewards/chosen, rewards/rejected,
+/// rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, rewards/rank_1..K,
+/// eos_prob, response_len. Rewards are beta·(S − S_ref) for reference-based losses and
+/// beta·A for reference-free ones; for K > 2 chosen is the best-rated response and rejected
+/// the worst.
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    inputs: InputArgs,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let l = args.inputs.load(|| Ok(()))?;
+    let eval = step::evaluate(
+        &CpuOps,
+        &l.policy,
+        l.reference.as_ref(),
+        &l.groups,
+        &l.spec,
+        l.aux_coef,
+    )?;
+    let metrics: serde_json::Map<String, serde_json::Value> = eval
+        .metrics
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"loss": eval.loss, "metrics": metrics})
+    );
+    Ok(())
+}

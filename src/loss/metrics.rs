@@ -1,0 +1,83 @@
+//! Per-batch metrics (losses.md §5), named as TRL names them where TRL has a name.
+//! Rewards are implicit: `beta·(S − S_ref)` for reference-based losses, `beta·A` for
+//! reference-free ones. For K > 2 "chosen" is the best-rated response and "rejected" the
+//! worst; `rewards/rank_j` is the mean reward of the j-th best-rated response.
+
+use super::{best, BatchInput, LossSpec};
+use crate::model::ResponseStats;
+
+/// The first index of the minimum reward.
+fn worst(rewards: &[f64]) -> usize {
+    let mut w = 0;
+    for (i, &r) in rewards.iter().enumerate() {
+        if r < rewards[w] {
+            w = i;
+        }
+    }
+    w
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+pub fn batch_metrics(
+    spec: &LossSpec,
+    b: &BatchInput,
+    stats: &[ResponseStats],
+) -> Vec<(String, f64)> {
+    let implicit: Vec<f64> = match b.s_ref {
+        Some(s_ref) if spec.kind.needs_reference() => {
+            b.s.iter()
+                .zip(s_ref)
+                .map(|(s, r)| spec.beta * (s - r))
+                .collect()
+        }
+        _ => b.a.iter().map(|a| spec.beta * a).collect(),
+    };
+    let groups = b.offsets.len() - 1;
+    let (mut chosen, mut rejected, mut correct) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut logp_chosen, mut logp_rejected) = (Vec::new(), Vec::new());
+    let mut by_rank: Vec<Vec<f64>> = Vec::new();
+    for g in 0..groups {
+        let range = b.offsets[g]..b.offsets[g + 1];
+        let r = &b.rewards[range.clone()];
+        let rho = &implicit[range.clone()];
+        let s = &b.s[range];
+        let (c, w) = (best(r), worst(r));
+        chosen.push(rho[c]);
+        rejected.push(rho[w]);
+        correct.push(if rho[c] > rho[w] { 1.0 } else { 0.0 });
+        logp_chosen.push(s[c]);
+        logp_rejected.push(s[w]);
+        let mut order: Vec<usize> = (0..r.len()).collect();
+        order.sort_by(|&i, &j| r[j].total_cmp(&r[i]));
+        for (rank, &i) in order.iter().enumerate() {
+            if by_rank.len() <= rank {
+                by_rank.push(Vec::new());
+            }
+            by_rank[rank].push(rho[i]);
+        }
+    }
+    let margins: Vec<f64> = chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect();
+    let eos: Vec<f64> = b.e.iter().flatten().map(|e| e.exp()).collect();
+    let lengths: Vec<f64> = stats.iter().map(|s| s.tokens as f64).collect();
+    let mut out = vec![
+        ("rewards/chosen".to_string(), mean(&chosen)),
+        ("rewards/rejected".to_string(), mean(&rejected)),
+        ("rewards/margins".to_string(), mean(&margins)),
+        ("rewards/accuracies".to_string(), mean(&correct)),
+        ("logps/chosen".to_string(), mean(&logp_chosen)),
+        ("logps/rejected".to_string(), mean(&logp_rejected)),
+    ];
+    for (rank, values) in by_rank.iter().enumerate() {
+        out.push((format!("rewards/rank_{}", rank + 1), mean(values)));
+    }
+    out.push(("eos_prob".to_string(), mean(&eos)));
+    out.push(("response_len".to_string(), mean(&lengths)));
+    out
+}
