@@ -8,3 +8,4 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod step;
+pub mod train;
