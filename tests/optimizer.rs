@@ -103,7 +103,7 @@ fn warmup_ratio_and_bad_optimizer_settings() {
     };
     assert!(bad.validate().unwrap_err().to_string().contains("--eps"));
     // Clipping disabled leaves the gradients alone but still reports the norm.
-    let mut g = vec![vec![3.0f32, 4.0]];
+    let mut g = [vec![3.0f32, 4.0]];
     assert_eq!(
         clip_global_norm(&mut g.iter_mut().collect::<Vec<_>>(), 0.0),
         5.0
