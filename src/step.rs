@@ -97,6 +97,21 @@ fn reference_stats<O: Ops>(
     }
 }
 
+/// Validates `spec`, packs `groups` and scores them under the reference when the loss
+/// needs it.
+fn prepare<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: Option<&Model<O::Buf>>,
+    groups: &[Group],
+    spec: &LossSpec,
+) -> Result<(Batch, Option<Vec<ResponseStats>>)> {
+    spec.validate()?;
+    let batch = pack(policy, groups)?;
+    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
+    Ok((batch, ref_stats))
+}
+
 /// The loss of `spec` over `groups` (mean over groups, plus `aux_coef · aux`) and its
 /// gradient for every parameter of `policy`.
 pub fn loss_and_grads<O: Ops>(
@@ -107,9 +122,7 @@ pub fn loss_and_grads<O: Ops>(
     spec: &LossSpec,
     opts: &StepOptions,
 ) -> Result<StepOutput<O::Buf>> {
-    spec.validate()?;
-    let batch = pack(policy, groups)?;
-    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
+    let (batch, ref_stats) = prepare(ops, policy, reference, groups, spec)?;
     policy
         .loss_and_grads(
             ops,
@@ -146,9 +159,7 @@ pub fn evaluate<O: Ops>(
     spec: &LossSpec,
     aux_coef: f64,
 ) -> Result<Evaluation> {
-    spec.validate()?;
-    let batch = pack(policy, groups)?;
-    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
+    let (batch, ref_stats) = prepare(ops, policy, reference, groups, spec)?;
     let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
     let columns = Columns::new(&batch, groups, &stats, ref_stats.as_deref());
     let out = batch_loss(spec, &columns.input())?;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, fixture, rel_err, Golden};
+use common::{assert_close, fixture, golden_json, golden_loss_name, rel_err, Golden};
 use std::process::{Command, Output};
 use tempfile::TempDir;
 
@@ -12,6 +12,17 @@ fn contralign(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Runs the binary and requires success; the message shows the arguments and stderr.
+fn contralign_ok(args: &[&str]) -> Output {
+    let out = contralign(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn fx(name: &str) -> String {
@@ -40,18 +51,13 @@ fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String,
 fn score_prints_golden_statistics_in_file_order() {
     for name in ["tiny-mistral", "tiny-mixtral"] {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
-        let out = contralign(&[
+        let out = contralign_ok(&[
             "score",
             "--model",
             &fx(name),
             "--data",
             &fx(&format!("{name}.reward.jsonl")),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let want = golden.get("reward.stats.policy");
         let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
             .unwrap()
@@ -141,12 +147,7 @@ fn grads_writes_golden_gradients() {
             });
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = contralign(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        contralign_ok(&args);
         let tensors = read_f32_tensors(&out_path);
         assert_close(
             &format!("{name} {key} loss"),
@@ -290,15 +291,10 @@ fn loss_flags(loss: &str, hp: &serde_json::Value) -> Vec<String> {
 fn eval_reproduces_every_golden_model_loss() {
     for name in ["tiny-mistral", "tiny-mixtral"] {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
-        let json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(&format!("{name}.golden.json"))).unwrap(),
-        )
-        .unwrap();
+        let json = golden_json(name);
         let pairwise = json["pairwise_losses"].as_array().unwrap();
         for (golden_name, hp) in json["hyperparameters"].as_object().unwrap() {
-            let loss = ["_a0", "_ls", "_p1", "_1vall"]
-                .iter()
-                .fold(golden_name.as_str(), |n, suffix| n.trim_end_matches(suffix));
+            let loss = golden_loss_name(golden_name);
             let data = if pairwise.contains(&golden_name.as_str().into()) {
                 "pairs"
             } else {
@@ -315,12 +311,7 @@ fn eval_reproduces_every_golden_model_loss() {
             ];
             args.extend(loss_flags(loss, hp));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = contralign(&args);
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = contralign_ok(&args);
             let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let want = golden.scalar(&format!("loss.{golden_name}"));
             assert_close(
@@ -376,7 +367,7 @@ fn eval_refuses_bad_requests_before_loading_models() {
 #[test]
 fn pairwise_losses_run_on_reward_groups_through_a_pairs_strategy() {
     for strategy in ["best_vs_random", "best_vs_each", "all_pairs"] {
-        let out = contralign(&[
+        let out = contralign_ok(&[
             "eval",
             "--model",
             &fx("tiny-mistral"),
@@ -387,11 +378,6 @@ fn pairwise_losses_run_on_reward_groups_through_a_pairs_strategy() {
             "--pairs",
             strategy,
         ]);
-        assert!(
-            out.status.success(),
-            "{strategy}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(result["loss"].as_f64().unwrap() > 0.0);
         assert_eq!(

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    assert_close, assert_stats, fixture, hyperparameters, rel_err, spec_from_json, Golden,
+    assert_close, assert_stats, fixture, golden_json, golden_loss_name, hyperparameters, rel_err,
+    spec_from_json, Golden,
 };
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
@@ -179,10 +180,7 @@ fn losses_match_transformers() {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
         let policy = load(name);
         let reference = load(&format!("{name}-ref"));
-        let json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(&format!("{name}.golden.json"))).unwrap(),
-        )
-        .unwrap();
+        let json = golden_json(name);
         let pairwise: Vec<&str> = json["pairwise_losses"]
             .as_array()
             .unwrap()
@@ -197,13 +195,7 @@ fn losses_match_transformers() {
             .collect();
         assert_eq!(names.len(), 13);
         for golden_name in &names {
-            let base = golden_name.split("_a0").next().unwrap();
-            let base = ["_ls", "_p1", "_1vall"]
-                .iter()
-                .fold(base.to_string(), |b, suffix| {
-                    b.trim_end_matches(suffix).to_string()
-                });
-            let kind = LossKind::parse(&base).unwrap();
+            let kind = LossKind::parse(golden_loss_name(golden_name)).unwrap();
             let kind_data = if pairwise.contains(&golden_name.as_str()) {
                 "pairs"
             } else {

@@ -151,12 +151,12 @@ impl<B> Model<B> {
         ops: &O,
         batch: &Batch,
         hidden: &B,
-    ) -> (B, B, Vec<f64>, B) {
+    ) -> (B, Vec<f64>, B) {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let normed = ops.rmsnorm(hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
         let rows = ops.gather_rows(&normed, &batch.prediction_rows, None, d);
         let (logp, lse) = ops.token_logprobs(&rows, self.params.head(), &batch.targets, d, v);
-        (normed, rows, logp, lse)
+        (rows, logp, lse)
     }
 
     /// `S, n, A, E` of every response of the batch.
@@ -177,7 +177,7 @@ impl<B> Model<B> {
             &batch.row_weights,
             Keep::Nothing,
         );
-        let (_, _, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
+        let (_, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
         let aux = fwd.balance.as_ref().map(LoadBalance::loss);
         (response_stats(batch, &logp), aux)
     }
@@ -198,7 +198,7 @@ impl<B> Model<B> {
             Keep::Everything
         };
         let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
-        let (normed, rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
+        let (rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
         let stats = response_stats(batch, &logp);
         let sg = loss_fn(&stats)?;
         let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
@@ -219,7 +219,7 @@ impl<B> Model<B> {
                 dhead,
             )
         };
-        drop((rows, normed));
+        drop(rows);
         let mut dnormed = ops.zeros(batch.len() * d);
         ops.scatter_add_rows(&mut dnormed, &drows, &batch.prediction_rows, None, d);
         let mut dh = ops.rmsnorm_backward(

@@ -70,9 +70,20 @@ pub fn assert_close(what: &str, got: f64, want: f64, rel: f64) {
 
 /// The golden json's hyperparameters of one loss entry.
 pub fn hyperparameters(model: &str, loss: &str) -> serde_json::Value {
+    golden_json(model)["hyperparameters"][loss].clone()
+}
+
+/// `MODEL.golden.json`: hyperparameters, pairwise losses, descriptions.
+pub fn golden_json(model: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture(&format!("{model}.golden.json"))).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["hyperparameters"][loss].clone()
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The loss behind a golden entry's name (`nca_a0`, `dpo_ls`, `refa_p1`, `refa_1vall`, …).
+pub fn golden_loss_name(entry: &str) -> &str {
+    ["_a0", "_ls", "_p1", "_1vall"]
+        .iter()
+        .fold(entry, |n, suffix| n.trim_end_matches(suffix))
 }
 
 /// A random generator seeded afresh each run (or from `CONTRALIGN_TEST_SEED`); the seed is
