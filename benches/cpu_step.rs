@@ -45,8 +45,18 @@ fn cpu_step(c: &mut Criterion) {
         };
         group.bench_function(name, |b| {
             b.iter(|| {
-                step::loss_and_grads(&CpuOps, &policy, Some(&reference), &groups, &spec, &opts)
-                    .unwrap()
+                let ref_stats =
+                    step::reference_stats(&CpuOps, &policy, Some(&reference), &groups, &spec)
+                        .unwrap();
+                step::loss_and_grads(
+                    &CpuOps,
+                    &policy,
+                    ref_stats.as_deref(),
+                    &groups,
+                    &spec,
+                    &opts,
+                )
+                .unwrap()
             })
         });
     }

@@ -2,12 +2,6 @@
 
 mod cli;
 
-use clap::Parser;
-
-fn main() {
-    let args = cli::Cli::parse();
-    if let Err(err) = cli::run(args) {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

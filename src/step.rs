@@ -43,12 +43,11 @@ struct Columns {
 }
 
 impl Columns {
-    fn new(
-        batch: &Batch,
-        groups: &[Group],
-        stats: &[ResponseStats],
-        ref_stats: Option<&[ResponseStats]>,
-    ) -> Self {
+    fn new(groups: &[Group], stats: &[ResponseStats], ref_stats: Option<&[ResponseStats]>) -> Self {
+        let mut offsets = vec![0];
+        for g in groups {
+            offsets.push(offsets.last().copied().unwrap_or(0) + g.responses.len());
+        }
         Columns {
             s: stats.iter().map(|x| x.logp_sum).collect(),
             a: stats.iter().map(|x| x.logp_mean).collect(),
@@ -58,7 +57,7 @@ impl Columns {
                 .iter()
                 .flat_map(|g| g.rewards.iter().copied())
                 .collect(),
-            offsets: batch.group_offsets.clone(),
+            offsets,
             sources: groups.iter().map(|g| g.source.clone()).collect(),
         }
     }
@@ -76,12 +75,13 @@ impl Columns {
     }
 }
 
-/// The reference model's statistics when the loss needs them.
-fn reference_stats<O: Ops>(
+/// The reference model's statistics of every response of `groups`, in order, when the loss
+/// needs them.
+pub fn reference_stats<O: Ops>(
     ops: &O,
     policy: &Model<O::Buf>,
     reference: Option<&Model<O::Buf>>,
-    batch: &Batch,
+    groups: &[Group],
     spec: &LossSpec,
 ) -> Result<Option<Vec<ResponseStats>>> {
     match (spec.kind.needs_reference(), reference) {
@@ -91,44 +91,52 @@ fn reference_stats<O: Ops>(
         ),
         (true, Some(r)) => {
             check_reference(policy, r)?;
-            Ok(Some(r.score(ops, batch)))
+            Ok(Some(r.score(ops, &pack(r, groups)?)))
         }
         (false, _) => Ok(None),
     }
 }
 
-/// Validates `spec`, packs `groups` and scores them under the reference when the loss
-/// needs it.
-fn prepare<O: Ops>(
-    ops: &O,
-    policy: &Model<O::Buf>,
-    reference: Option<&Model<O::Buf>>,
+/// Checks that reference statistics are there when the loss needs them, one per response.
+fn check_ref_stats(
     groups: &[Group],
     spec: &LossSpec,
-) -> Result<(Batch, Option<Vec<ResponseStats>>)> {
+    ref_stats: Option<&[ResponseStats]>,
+) -> Result<()> {
     spec.validate()?;
-    let batch = pack(policy, groups)?;
-    let ref_stats = reference_stats(ops, policy, reference, &batch, spec)?;
-    Ok((batch, ref_stats))
+    let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
+    match ref_stats {
+        None if spec.kind.needs_reference() => bail!(
+            "loss {} compares the policy with a reference model: give --ref-model DIR or \
+             --ref-logps FILE",
+            spec.kind.name()
+        ),
+        Some(r) if r.len() != responses => {
+            bail!("{} reference statistics for {responses} responses", r.len())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The loss of `spec` over `groups` (mean over groups, plus `aux_coef · aux`) and its
-/// gradient for every parameter of `policy`.
+/// gradient for every parameter of `policy`. `ref_stats` holds the reference model's
+/// statistics of every response, in order, for the losses that need them.
 pub fn loss_and_grads<O: Ops>(
     ops: &O,
     policy: &Model<O::Buf>,
-    reference: Option<&Model<O::Buf>>,
+    ref_stats: Option<&[ResponseStats]>,
     groups: &[Group],
     spec: &LossSpec,
     opts: &StepOptions,
 ) -> Result<StepOutput<O::Buf>> {
-    let (batch, ref_stats) = prepare(ops, policy, reference, groups, spec)?;
+    check_ref_stats(groups, spec, ref_stats)?;
+    let batch = pack(policy, groups)?;
     policy
         .loss_and_grads(
             ops,
             &batch,
             |stats: &[ResponseStats]| {
-                let columns = Columns::new(&batch, groups, stats, ref_stats.as_deref());
+                let columns = Columns::new(groups, stats, ref_stats);
                 let out = batch_loss(spec, &columns.input())?;
                 Ok(StatsGrad {
                     loss: out.loss,
@@ -142,6 +150,17 @@ pub fn loss_and_grads<O: Ops>(
         .context("computing the loss")
 }
 
+/// The metrics of losses.md §5 (without `loss`) of `groups` from the policy's statistics
+/// `stats` and the reference's `ref_stats`, both one per response in order.
+pub fn metrics(
+    spec: &LossSpec,
+    groups: &[Group],
+    stats: &[ResponseStats],
+    ref_stats: Option<&[ResponseStats]>,
+) -> Vec<(String, f64)> {
+    batch_metrics(spec, &Columns::new(groups, stats, ref_stats).input(), stats)
+}
+
 /// The loss of a batch (no gradients) and its metrics (losses.md §5).
 pub struct Evaluation {
     pub loss: f64,
@@ -149,19 +168,20 @@ pub struct Evaluation {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// Scores `groups` under the policy (and the reference when the loss needs it) and
-/// evaluates the objective `loss + aux_coef · aux` with its metrics.
+/// Scores `groups` under the policy and evaluates the objective `loss + aux_coef · aux`
+/// with its metrics. `ref_stats` as for [`loss_and_grads`].
 pub fn evaluate<O: Ops>(
     ops: &O,
     policy: &Model<O::Buf>,
-    reference: Option<&Model<O::Buf>>,
+    ref_stats: Option<&[ResponseStats]>,
     groups: &[Group],
     spec: &LossSpec,
     aux_coef: f64,
 ) -> Result<Evaluation> {
-    let (batch, ref_stats) = prepare(ops, policy, reference, groups, spec)?;
+    check_ref_stats(groups, spec, ref_stats)?;
+    let batch = pack(policy, groups)?;
     let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
-    let columns = Columns::new(&batch, groups, &stats, ref_stats.as_deref());
+    let columns = Columns::new(groups, &stats, ref_stats);
     let out = batch_loss(spec, &columns.input())?;
     let loss = out.loss + aux_coef * aux_loss.unwrap_or(0.0);
     let mut metrics = batch_metrics(spec, &columns.input(), &stats);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::fixture;
-use contralign::checkpoint::{load_weights, save_f32};
+use contralign::checkpoint::{load_weights, save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::data::pretokenized::read_file;
 use contralign::loss::{LossKind, LossSpec};
@@ -163,7 +163,7 @@ fn reference_loss_without_reference_is_an_error() {
     let text = err_text(step::loss_and_grads(
         &CpuOps, &model, None, &groups, &spec, &opts,
     ));
-    assert_mentions(&text, &["reference model", "--ref-model"]);
+    assert_mentions(&text, &["reference model", "--ref-model", "--ref-logps"]);
 }
 
 /// Copies a fixture model to a temporary directory as one f32 file, with `edit` applied to
@@ -184,7 +184,15 @@ fn broken_model(
         .collect();
     edit(&mut tensors);
     let dir = TempDir::new().unwrap();
-    save_f32(&dir.path().join("model.safetensors"), &tensors).unwrap();
+    let views: Vec<Tensor> = tensors
+        .iter()
+        .map(|(name, shape, data)| Tensor {
+            name: name.clone(),
+            shape: shape.clone(),
+            data,
+        })
+        .collect();
+    save_f32(&dir.path().join("model.safetensors"), &views).unwrap();
     let mut raw = cfg.raw.clone();
     patch(&mut raw);
     std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    assert_close, assert_stats, fixture, golden_json, golden_loss_name, hyperparameters, rel_err,
-    spec_from_json, Golden,
+    assert_close, assert_stats, fixture, golden_json, golden_loss_name, hyperparameters,
+    loss_and_grads_with_reference, rel_err, spec_from_json, Golden,
 };
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
@@ -116,15 +116,8 @@ fn check_grads(name: &str, case: &Case, checkpointing: bool) {
         checkpointing,
         aux_coef,
     };
-    let out = step::loss_and_grads(
-        &CpuOps,
-        &policy,
-        Some(&reference),
-        &data(name, case.data),
-        &spec,
-        &opts,
-    )
-    .unwrap();
+    let out =
+        loss_and_grads_with_reference(&policy, &reference, &data(name, case.data), &spec, &opts);
     let key = if case.aux {
         format!("{base}+aux")
     } else {
@@ -207,10 +200,13 @@ fn losses_match_transformers() {
                 checkpointing: true,
                 aux_coef: 0.0,
             };
-            let groups = data(name, kind_data);
-            let out =
-                step::loss_and_grads(&CpuOps, &policy, Some(&reference), &groups, &spec, &opts)
-                    .unwrap();
+            let out = loss_and_grads_with_reference(
+                &policy,
+                &reference,
+                &data(name, kind_data),
+                &spec,
+                &opts,
+            );
             let want = golden.scalar(&format!("loss.{golden_name}"));
             assert_close(&format!("{name} loss.{golden_name}"), out.loss, want, 1e-5);
         }

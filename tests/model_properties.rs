@@ -170,8 +170,10 @@ fn gradients_agree_with_finite_differences() {
             checkpointing: true,
             aux_coef,
         };
+        let ref_stats =
+            step::reference_stats(&CpuOps, &policy, Some(&reference), &groups, &spec).unwrap();
         let objective = |m: &Model<Vec<f32>>| {
-            step::loss_and_grads(&CpuOps, m, Some(&reference), &groups, &spec, &opts).unwrap()
+            step::loss_and_grads(&CpuOps, m, ref_stats.as_deref(), &groups, &spec, &opts).unwrap()
         };
         let base = objective(&policy);
         let analytic: Vec<Vec<f32>> = base.grads.iter().into_iter().cloned().collect();

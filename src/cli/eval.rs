@@ -24,7 +24,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let eval = step::evaluate(
         &CpuOps,
         &l.policy,
-        l.reference.as_ref(),
+        l.ref_stats.as_deref(),
         &l.groups,
         &l.spec,
         l.aux_coef,

@@ -1,13 +1,14 @@
 use crate::cli::loss_args::InputArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
-use contralign::checkpoint::save_f32;
+use contralign::checkpoint::{save_f32, Tensor};
+use contralign::fsutil::check_writable_file;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::Ops;
 use contralign::step;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Compute the gradient of a batch loss for every parameter and write it as safetensors.
 ///
@@ -28,28 +29,10 @@ pub struct GradsArgs {
     out: PathBuf,
 }
 
-/// Fails early, before any work, when `out` cannot be written.
-fn check_writable(out: &Path) -> Result<()> {
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!(
-            "--out {}: directory {} does not exist",
-            out.display(),
-            parent.display()
-        );
-    }
-    let probe = out.with_extension("safetensors.tmp");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("--out {}: cannot write there", out.display()))?;
-    std::fs::remove_file(&probe).ok();
-    Ok(())
-}
-
 pub fn run(args: GradsArgs) -> Result<()> {
-    let l = args.inputs.load(|| check_writable(&args.out))?;
+    let l = args
+        .inputs
+        .load(|| check_writable_file(&args.out, "--out"))?;
     let ops = CpuOps;
     let opts = StepOptions {
         checkpointing: !args.no_checkpointing,
@@ -58,17 +41,28 @@ pub fn run(args: GradsArgs) -> Result<()> {
     let out = step::loss_and_grads(
         &ops,
         &l.policy,
-        l.reference.as_ref(),
+        l.ref_stats.as_deref(),
         &l.groups,
         &l.spec,
         &opts,
     )?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(&l.policy.cfg)
+    let data: Vec<Vec<f32>> = out
+        .grads
+        .iter()
         .into_iter()
-        .zip(out.grads.iter())
-        .map(|((name, shape), g)| (name, shape, ops.download(g)))
+        .map(|g| ops.download(g))
         .collect();
-    tensors.push(("loss".to_string(), vec![], vec![out.loss as f32]));
+    let loss = [out.loss as f32];
+    let mut tensors: Vec<Tensor> = param_specs(&l.policy.cfg)
+        .into_iter()
+        .zip(&data)
+        .map(|((name, shape), data)| Tensor { name, shape, data })
+        .collect();
+    tensors.push(Tensor {
+        name: "loss".to_string(),
+        shape: vec![],
+        data: &loss,
+    });
     save_f32(&args.out, &tensors)?;
     eprintln!(
         "loss {:.6} over {} groups; wrote {} gradient tensors to {}",

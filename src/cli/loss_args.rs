@@ -6,11 +6,14 @@ use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
-use contralign::model::Model;
+use contralign::model::{Model, ResponseStats};
 use contralign::ops::cpu::CpuOps;
+use contralign::step;
+use serde::Serialize;
 use std::path::PathBuf;
 
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LossArgs {
     /// The loss (losses.md). Reference-based: infonca, nca (any K), dpo, nca_pair (K = 2).
     /// Reference-free: simpo (K = 2), refa, infonca_free (REFA-InfoNCA), sft (token-mean NLL
@@ -120,7 +123,8 @@ impl LossArgs {
 }
 
 /// The model and data flags shared by `eval` and `grads`.
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct InputArgs {
     /// The policy: a Hugging Face model directory.
     #[arg(long, value_name = "DIR")]
@@ -133,6 +137,7 @@ pub struct InputArgs {
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     #[command(flatten)]
+    #[serde(flatten)]
     pub loss: LossArgs,
 }
 
@@ -141,7 +146,8 @@ pub struct Loaded {
     pub spec: LossSpec,
     pub groups: Vec<Group>,
     pub policy: Model<Vec<f32>>,
-    pub reference: Option<Model<Vec<f32>>>,
+    /// The reference model's statistics of every response, when the loss needs them.
+    pub ref_stats: Option<Vec<ResponseStats>>,
     pub aux_coef: f64,
 }
 
@@ -163,12 +169,14 @@ impl InputArgs {
             Some(dir) if spec.kind.needs_reference() => Some(Model::load(&CpuOps, dir)?),
             _ => None,
         };
+        let ref_stats =
+            step::reference_stats(&CpuOps, &policy, reference.as_ref(), &groups, &spec)?;
         let aux_coef = self.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
         Ok(Loaded {
             spec,
             groups,
             policy,
-            reference,
+            ref_stats,
             aux_coef,
         })
     }

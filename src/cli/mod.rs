@@ -1,12 +1,17 @@
 //! Subcommands of the `contralign` binary.
 
+mod config_file;
 mod eval;
 mod grads;
 mod loss_args;
+mod precompute;
 mod score;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,15 +31,43 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Train(Box<train::TrainArgs>),
     Score(score::ScoreArgs),
     Eval(Box<eval::EvalArgs>),
     Grads(Box<grads::GradsArgs>),
+    PrecomputeRef(precompute::PrecomputeArgs),
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Train(args) => return train::run(*args),
         Command::Score(args) => score::run(args),
         Command::Eval(args) => eval::run(*args),
         Command::Grads(args) => grads::run(*args),
+        Command::PrecomputeRef(args) => precompute::run(args),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `train`'s command line with its configuration files expanded into flags.
+fn expand(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    if argv.get(1).is_some_and(|a| a == "train") {
+        let rest = argv.split_off(2);
+        argv.extend(config_file::expand_train_args::<train::TrainArgs>(
+            rest,
+            contralign::train::run_dir::CONFIG,
+        )?);
+    }
+    Ok(argv)
+}
+
+pub fn main() -> ExitCode {
+    let result = expand(std::env::args_os().collect()).and_then(|argv| run(Cli::parse_from(argv)));
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -16,6 +16,11 @@ pub struct Group {
 }
 
 impl Group {
+    /// Tokens the group takes in a packed batch: the prompt once, then every response.
+    pub fn packed_len(&self) -> usize {
+        self.prompt.len() + self.responses.iter().map(Vec::len).sum::<usize>()
+    }
+
     /// Checks every token id against the vocabulary of the model that will read it.
     pub fn check_vocab(&self, vocab: usize) -> anyhow::Result<()> {
         let seqs = std::iter::once(("prompt".to_string(), &self.prompt)).chain(

@@ -1,4 +1,9 @@
-//! Training: the optimizer, learning-rate schedules and gradient clipping.
+//! Training: the step plan, the optimizer, learning-rate schedules and gradient clipping,
+//! the reference cache, checkpoints and the loop.
 
 pub mod optimizer;
+pub mod plan;
+pub mod refcache;
+pub mod run_dir;
 pub mod schedule;
+pub mod trainer;

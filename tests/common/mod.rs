@@ -184,3 +184,16 @@ pub fn spec_from_json(
         sft_weight: 0.0,
     }
 }
+
+/// The loss and gradients of `groups` with the reference statistics computed by `reference`.
+pub fn loss_and_grads_with_reference(
+    policy: &contralign::model::Model<Vec<f32>>,
+    reference: &contralign::model::Model<Vec<f32>>,
+    groups: &[contralign::data::Group],
+    spec: &contralign::loss::LossSpec,
+    opts: &contralign::model::StepOptions,
+) -> contralign::model::StepOutput<Vec<f32>> {
+    use contralign::{ops::cpu::CpuOps, step};
+    let ref_stats = step::reference_stats(&CpuOps, policy, Some(reference), groups, spec).unwrap();
+    step::loss_and_grads(&CpuOps, policy, ref_stats.as_deref(), groups, spec, opts).unwrap()
+}

@@ -1,5 +1,9 @@
 //! Safetensors checkpoints: loading single-file or sharded weights in f32/bf16/f16 into f32,
-//! validated against the names and shapes `config.json` implies; writing f32 tensor files.
+//! validated against the names and shapes `config.json` implies; writing them (`save`).
+
+mod save;
+
+pub use save::{dtype_name, parse_dtype, save_f32, write_model_dir, Tensor};
 
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;
@@ -125,25 +129,19 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
     Ok((out, dtype.unwrap_or(Dtype::F32)))
 }
 
-/// Writes `tensors` (f32, with shapes) to one safetensors file, atomically: a temporary file
-/// in the same directory renamed into place.
-pub fn save_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, data)| bytemuck::cast_slice(data).to_vec())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
+/// Tensors by name: shape and f32 values.
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every tensor of one safetensors file as f32, with its shape, by name.
+pub fn read_tensors(path: &Path) -> Result<TensorMap> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = to_f32(&view, &name, path)?;
+            Ok((name, (view.shape().to_vec(), data)))
         })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .context("building safetensors views")?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, &None, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+        .collect()
 }

@@ -1,0 +1,155 @@
+//! Writing safetensors: single tensor files, and Hugging Face model directories that
+//! transformers' `from_pretrained` loads (config.json, one file or shards with an index,
+//! the tokenizer files).
+
+use crate::fsutil;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One named tensor of f32 values with its shape.
+pub struct Tensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: &'a [f32],
+}
+
+/// The dtype named as transformers names it (`float32`, `bfloat16`, `float16`), or short.
+pub fn parse_dtype(name: &str) -> Result<Dtype> {
+    Ok(match name {
+        "float32" | "f32" | "fp32" => Dtype::F32,
+        "bfloat16" | "bf16" => Dtype::BF16,
+        "float16" | "f16" | "fp16" => Dtype::F16,
+        other => bail!("unknown dtype {other:?}; expected float32, bfloat16 or float16"),
+    })
+}
+
+/// transformers' name of a dtype, as config.json writes it.
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// The little-endian bytes of `data` in `dtype` (round to nearest even for 16-bit types).
+fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => data
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        _ => bytemuck::cast_slice(data).to_vec(),
+    }
+}
+
+/// Writes `tensors` to one safetensors file at `path` (not atomically; callers write into
+/// a temporary place). The `format: pt` metadata is what transformers checks for.
+fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| encode(t.data, dtype)).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(dtype, t.shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .context("building safetensors views")?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, &Some(metadata), path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes `tensors` (f32) to one safetensors file, atomically.
+pub fn save_f32(path: &Path, tensors: &[Tensor]) -> Result<()> {
+    let tmp = fsutil::temp_path(path);
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    write_file(&tmp, &refs, Dtype::F32)?;
+    fsutil::rename(&tmp, path)
+}
+
+/// Files of a Hugging Face model directory that travel with the weights.
+const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+/// Fills the (new, empty) directory `dir` with a Hugging Face model: `config` with its dtype
+/// set to `dtype`, the weights in `dtype` — one `model.safetensors`, or shards of at most
+/// `max_shard_bytes` named `model-0000i-of-0000n.safetensors` with
+/// `model.safetensors.index.json` — and the tokenizer and generation files of `source`.
+pub fn write_model_dir(
+    dir: &Path,
+    config: &Value,
+    tensors: &[Tensor],
+    dtype: Dtype,
+    max_shard_bytes: usize,
+    source: &Path,
+) -> Result<()> {
+    let mut config = config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        // transformers 4 writes `torch_dtype`, 5 writes `dtype`; keep whichever is there.
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.to_string(), json!(dtype_name(dtype)));
+    }
+    let text = serde_json::to_string_pretty(&config).context("serializing config.json")?;
+    std::fs::write(dir.join("config.json"), text)
+        .with_context(|| format!("cannot write {}", dir.join("config.json").display()))?;
+
+    let width = match dtype {
+        Dtype::F32 => 4,
+        _ => 2,
+    };
+    let mut shards: Vec<Vec<&Tensor>> = vec![Vec::new()];
+    let mut shard_bytes = 0;
+    for t in tensors {
+        let bytes = t.data.len() * width;
+        if shard_bytes > 0 && shard_bytes + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shards.last_mut().expect("at least one shard").push(t);
+        shard_bytes += bytes;
+    }
+    if shards.len() == 1 {
+        write_file(&dir.join("model.safetensors"), &shards[0], dtype)?;
+    } else {
+        let n = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            write_file(&dir.join(&name), shard, dtype)?;
+            for t in shard {
+                weight_map.insert(t.name.clone(), json!(name));
+            }
+        }
+        let total: usize = tensors.iter().map(|t| t.data.len() * width).sum();
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&index)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for name in COMPANION_FILES {
+        let from = source.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(name))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+use crate::cli::config_file::args_to_toml;
+use crate::cli::loss_args::InputArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use contralign::checkpoint::parse_dtype;
+use contralign::data::pretokenized::read_file;
+use contralign::model::Model;
+use contralign::ops::cpu::CpuOps;
+use contralign::step::check_reference;
+use contralign::train::optimizer::AdamWConfig;
+use contralign::train::plan::{Length, StepBudget};
+use contralign::train::refcache::RefCache;
+use contralign::train::run_dir::{load_checkpoint, RunDir, SaveOptions, CONFIG};
+use contralign::train::schedule::ScheduleKind;
+use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Train a policy with a contrastive loss and write a run directory.
+///
+/// RUN_DIR (--out) receives metrics.jsonl (one JSON object per optimizer step: step, epoch,
+/// loss, lr, grad_norm, tokens_per_s, and the metrics of `eval`), checkpoint-STEP/ every
+/// --save-every steps and final/ at the end — each a Hugging Face model directory
+/// (config.json, safetensors, tokenizer files) plus the optimizer and trainer state a
+/// resume needs — and train.toml, the run's configuration. Ctrl-C saves a checkpoint and
+/// exits (status 130); `--resume RUN_DIR` continues from the newest checkpoint with the
+/// saved configuration (flags given again override it). Every flag can also be set in a
+/// TOML file given by --config, under the flag's name (`tokens-per-step = 4096`); flags on
+/// the command line win.
+#[derive(Args, Clone, Debug, Serialize)]
+#[command(allow_negative_numbers = true, args_override_self = true)]
+#[serde(rename_all = "kebab-case")]
+pub struct TrainArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    inputs: InputArgs,
+    /// Reference statistics precomputed by `contralign precompute-ref` for this data and
+    /// reference model, instead of running --ref-model at every step.
+    #[arg(long, value_name = "FILE")]
+    ref_logps: Option<PathBuf>,
+    /// The run directory (created if missing; must not hold another run).
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Optimizer steps to take. Default: one epoch.
+    #[arg(long, value_name = "N", conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Passes over the data set (each reshuffled). Default 1.
+    #[arg(long, value_name = "N")]
+    epochs: Option<u64>,
+    /// Packed tokens per optimizer step: groups are added while they fit (a step holds at
+    /// least one group).
+    #[arg(long, value_name = "N", conflicts_with = "groups_per_step")]
+    tokens_per_step: Option<usize>,
+    /// Groups per optimizer step. Default 8 (TRL's per-device batch size).
+    #[arg(long, value_name = "N")]
+    groups_per_step: Option<usize>,
+    /// Most packed tokens in one forward/backward; larger steps accumulate gradients over
+    /// micro-batches (the loss stays the mean over the step's groups).
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    micro_tokens: usize,
+    /// Peak learning rate. Default 1e-6 (TRL's DPO default).
+    #[arg(long, value_name = "F", default_value_t = 1e-6)]
+    lr: f64,
+    /// AdamW betas.
+    #[arg(long, value_name = "B1,B2", default_value = "0.9,0.999")]
+    betas: String,
+    /// AdamW epsilon.
+    #[arg(long, value_name = "F", default_value_t = 1e-8)]
+    eps: f64,
+    /// Decoupled weight decay (transformers' default 0).
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_name = "NAME", default_value = "linear", value_parser = clap::builder::PossibleValuesParser::new(ScheduleKind::NAMES))]
+    schedule: String,
+    /// Linear warmup steps from 0 to --lr.
+    #[arg(long, value_name = "N", conflicts_with = "warmup_ratio")]
+    warmup_steps: Option<u64>,
+    /// Warmup as a fraction of all steps (rounded up).
+    #[arg(long, value_name = "F")]
+    warmup_ratio: Option<f64>,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Save checkpoint-STEP every N steps (0: only final/).
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    save_every: u64,
+    /// dtype of saved weights: float32, bfloat16 or float16. Default: as loaded.
+    #[arg(long, value_name = "DTYPE")]
+    save_dtype: Option<String>,
+    /// Largest safetensors shard, in bytes or with a unit (5GB, 500MB); bigger models are
+    /// sharded with an index, as transformers does.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    max_shard_size: String,
+    /// Keep every activation instead of recomputing each layer in the backward.
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Stop (after saving a checkpoint) when this many steps in a row have a non-finite
+    /// loss or gradient; such steps are skipped and logged.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    max_bad_steps: u32,
+    /// Read flags from a TOML file (keys are the flags' names); command-line flags win.
+    #[arg(long, value_name = "FILE.toml")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint, with its saved configuration.
+    #[arg(long, value_name = "RUN_DIR")]
+    #[serde(skip)]
+    resume: Option<PathBuf>,
+}
+
+/// `5GB`, `500MB`, `1024` (bytes); decimal units as transformers' `max_shard_size`.
+fn parse_size(text: &str) -> Result<usize> {
+    let t = text.trim().to_ascii_uppercase();
+    let (digits, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t.as_str(), ""),
+    };
+    let scale: f64 = match unit {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("--max-shard-size {text:?}: unknown unit {unit:?} (use B, KB, MB, GB)"),
+    };
+    let n: f64 = digits
+        .trim()
+        .parse()
+        .with_context(|| format!("--max-shard-size {text:?}: expected a size like 5GB"))?;
+    if !(n.is_finite() && n >= 1.0) {
+        bail!("--max-shard-size must be at least 1 byte, found {text:?}");
+    }
+    Ok((n * scale) as usize)
+}
+
+fn parse_betas(text: &str) -> Result<(f64, f64)> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    if let [b1, b2] = parts[..] {
+        if let (Ok(b1), Ok(b2)) = (b1.parse(), b2.parse()) {
+            return Ok((b1, b2));
+        }
+    }
+    bail!("--betas expects two numbers B1,B2 such as 0.9,0.999; found {text:?}")
+}
+
+impl TrainArgs {
+    /// The arguments with every path absolute, as the run directory saves them, so that a
+    /// resume from another working directory finds the same files.
+    fn with_absolute_paths(&self) -> Result<TrainArgs> {
+        let abs = |p: &PathBuf| {
+            std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+        };
+        let mut args = self.clone();
+        args.inputs.model = abs(&self.inputs.model)?;
+        args.inputs.data = abs(&self.inputs.data)?;
+        args.inputs.ref_model = self.inputs.ref_model.as_ref().map(abs).transpose()?;
+        args.ref_logps = self.ref_logps.as_ref().map(abs).transpose()?;
+        args.out = self.out.as_ref().map(abs).transpose()?;
+        Ok(args)
+    }
+
+    fn options(&self) -> Result<TrainOptions> {
+        let spec = self.inputs.loss.spec()?;
+        let adamw = AdamWConfig {
+            betas: parse_betas(&self.betas)?,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        };
+        adamw.validate()?;
+        let budget = match (self.tokens_per_step, self.groups_per_step) {
+            (Some(t), _) => StepBudget::Tokens(t),
+            (None, g) => StepBudget::Groups(g.unwrap_or(8)),
+        };
+        let length = match (self.steps, self.epochs) {
+            (Some(s), _) => Length::Steps(s),
+            (None, e) => Length::Epochs(e.unwrap_or(1)),
+        };
+        let warmup = match (self.warmup_steps, self.warmup_ratio) {
+            (_, Some(r)) => Warmup::Ratio(r),
+            (s, None) => Warmup::Steps(s.unwrap_or(0)),
+        };
+        Ok(TrainOptions {
+            spec,
+            aux_coef: 0.0,
+            checkpointing: !self.no_checkpointing,
+            budget,
+            micro_tokens: self.micro_tokens,
+            seed: self.inputs.loss.seed,
+            length,
+            adamw,
+            schedule: ScheduleKind::parse(&self.schedule)?,
+            lr: self.lr,
+            warmup,
+            max_grad_norm: self.max_grad_norm,
+            max_bad_steps: self.max_bad_steps,
+        })
+    }
+}
+
+/// Shows progress on a terminal; elsewhere prints a line now and then.
+struct Progress {
+    bar: ProgressBar,
+    every: u64,
+}
+
+impl Progress {
+    fn new(total: u64, done: u64) -> Self {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "step {pos}/{len} [{bar:30}] {msg} | {elapsed_precise} ETA {eta_precise}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(done);
+        Progress {
+            bar,
+            every: (total / 20).max(1),
+        }
+    }
+
+    fn step(&self, step: u64, total: u64, loss: f64, tokens_per_s: f64) {
+        let msg = format!("loss {loss:.4} | {:.0} tok/s", tokens_per_s);
+        self.bar.set_position(step);
+        self.bar.set_message(msg.clone());
+        if !std::io::stderr().is_terminal() && (step.is_multiple_of(self.every) || step == total) {
+            eprintln!("step {step}/{total}: {msg}");
+        }
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<ExitCode> {
+    let opts = args.options()?;
+    let save_dtype = args.save_dtype.as_deref().map(parse_dtype).transpose()?;
+    let max_shard_bytes = parse_size(&args.max_shard_size)?;
+    let out = match (&args.resume, &args.out) {
+        (Some(r), Some(o)) if r != o => {
+            bail!(
+                "--out {} differs from --resume {}: a resumed run continues in its own \
+                 directory",
+                o.display(),
+                r.display()
+            )
+        }
+        (_, Some(o)) => o.clone(),
+        (Some(r), None) => r.clone(),
+        (None, None) => bail!("give --out RUN_DIR"),
+    };
+    let inputs = &args.inputs;
+    let spec = &opts.spec;
+    if spec.kind.needs_reference() && inputs.ref_model.is_none() && args.ref_logps.is_none() {
+        bail!(
+            "--loss {} compares the policy with a reference model: give --ref-model DIR or \
+             --ref-logps FILE",
+            spec.kind.name()
+        );
+    }
+    let run = RunDir::create(&out)?;
+    if args.resume.is_none() && (run.metrics_path().exists() || run.latest_checkpoint()?.is_some())
+    {
+        bail!(
+            "--out {} already holds a run; continue it with --resume {}, or choose another \
+             directory",
+            out.display(),
+            out.display()
+        );
+    }
+
+    let data = read_file(&inputs.data)?;
+    let groups = inputs.loss.prepare(spec, data.clone())?;
+    let restored = match &args.resume {
+        Some(_) => {
+            let dir = run.latest_checkpoint()?.with_context(|| {
+                format!("--resume {}: no checkpoint to resume from", out.display())
+            })?;
+            eprintln!("resuming from {}", dir.display());
+            Some(load_checkpoint(&dir)?)
+        }
+        None => None,
+    };
+    let (policy, restored) = match restored {
+        Some(r) => (r.policy, Some((r.state, r.moments))),
+        None => (Model::load(&CpuOps, &inputs.model)?, None),
+    };
+    let reference = if !spec.kind.needs_reference() {
+        Reference::None
+    } else if let Some(path) = &args.ref_logps {
+        let cache = RefCache::load(path)?;
+        let model_dir = inputs.ref_model.as_ref().unwrap_or(&inputs.model);
+        cache.check(path, &inputs.data, &data, model_dir)?;
+        Reference::Cache(cache.lookup(&data))
+    } else {
+        let dir = inputs.ref_model.as_ref().expect("checked above");
+        let reference = Model::load(&CpuOps, dir)?;
+        check_reference(&policy, &reference)?;
+        Reference::Model(Box::new(reference))
+    };
+    let aux_coef = inputs
+        .loss
+        .aux_coef
+        .unwrap_or(policy.cfg.default_aux_coef());
+    let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
+    if let Some((state, moments)) = restored {
+        trainer.restore(&state, moments)?;
+        run.truncate_metrics(state.step)?;
+    } else {
+        contralign::fsutil::write_atomically(
+            &run.path.join(CONFIG),
+            args_to_toml(&args.with_absolute_paths()?)?.as_bytes(),
+        )?;
+    }
+    let save = SaveOptions {
+        dtype: save_dtype,
+        max_shard_bytes,
+        source: inputs.model.clone(),
+    };
+    let total = trainer.total_steps();
+    if trainer.done() {
+        eprintln!(
+            "the run in {} is complete ({} of {total} steps); give --steps N to train further",
+            out.display(),
+            trainer.step
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C does not wait for the checkpoint.
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let progress = Progress::new(total, trainer.step);
+    while !trainer.done() {
+        let record = trainer.train_step()?;
+        run.append_metrics(&record.to_json())?;
+        if let Some(reason) = &record.skipped {
+            progress.bar.suspend(|| {
+                eprintln!(
+                    "step {}: {reason}; the update was skipped ({} in a row)",
+                    record.step, trainer.bad_steps_in_a_row
+                )
+            });
+        }
+        progress.step(record.step, total, record.loss, record.tokens_per_s);
+        let name = format!("checkpoint-{}", trainer.step);
+        if trainer.too_many_bad_steps() {
+            let path = run.save_checkpoint(&name, &trainer, &save)?;
+            progress.bar.abandon();
+            bail!(
+                "{} steps in a row had a non-finite loss or gradient; stopped at step {} and \
+                 saved {}",
+                trainer.bad_steps_in_a_row,
+                trainer.step,
+                path.display()
+            );
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            let path = run.save_checkpoint(&name, &trainer, &save)?;
+            progress.bar.abandon();
+            eprintln!(
+                "interrupted at step {}: saved {}; continue with `contralign train --resume {}`",
+                trainer.step,
+                path.display(),
+                out.display()
+            );
+            return Ok(ExitCode::from(130));
+        }
+        if args.save_every > 0 && trainer.step % args.save_every == 0 && !trainer.done() {
+            progress
+                .bar
+                .suspend(|| run.save_checkpoint(&name, &trainer, &save))?;
+        }
+    }
+    let path = run.save_checkpoint("final", &trainer, &save)?;
+    progress.bar.finish();
+    eprintln!(
+        "trained {total} steps; wrote {} and {}",
+        run.metrics_path().display(),
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

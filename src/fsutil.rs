@@ -1,0 +1,88 @@
+//! Atomic writes: every output is written to a temporary name beside its destination and
+//! renamed into place, so a crash or Ctrl-C never leaves a half-written file or directory.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// A temporary name beside `path`, unique to this process.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    rename(&tmp, path)
+}
+
+/// Builds the directory `path` atomically: `fill` writes into a fresh temporary directory,
+/// which then replaces `path` (an existing `path` is removed only once the new one is
+/// complete).
+pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    if let Err(e) = fill(&tmp) {
+        std::fs::remove_dir_all(&tmp).ok();
+        return Err(e);
+    }
+    if path.exists() {
+        let old = path.with_file_name(format!(
+            ".{}.old-{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        rename(path, &old)?;
+        rename(&tmp, path)?;
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove {}", old.display()))?;
+        return Ok(());
+    }
+    rename(&tmp, path)
+}
+
+/// Fails early, before any work, when files cannot be created in directory `dir` (which is
+/// created if missing).
+pub fn check_writable_dir(dir: &Path, flag: &str) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {}: exists and is not a directory", dir.display());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
+    let probe = temp_path(&dir.join("write-probe"));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{flag} {}: cannot write there", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// Fails early, before any work, when the file `path` cannot be written: its directory
+/// must exist and take new files.
+pub fn check_writable_file(path: &Path, flag: &str) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "{flag} {}: directory {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    let probe = temp_path(path);
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{flag} {}: cannot write there", path.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}

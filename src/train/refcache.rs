@@ -1,0 +1,235 @@
+//! The reference log-prob cache: the frozen reference model's statistics of every response
+//! of a data set, computed once (`contralign precompute-ref`) and keyed by the contents of
+//! the data (its token ids) and of the model (config and weight files), so that a cache made
+//! for other data or another model is refused instead of silently used.
+
+use crate::data::Group;
+use crate::model::{Model, ResponseStats};
+use crate::ops::Ops;
+use crate::step::pack;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+const FORMAT: &str = "contralign-ref-logps-v1";
+
+/// The content hash of a data set's token ids (prompts and responses, in order). Rewards do
+/// not enter: the reference statistics do not depend on them.
+pub fn data_hash(groups: &[Group]) -> String {
+    let mut h = blake3::Hasher::new();
+    for g in groups {
+        hash_ids(&mut h, &g.prompt);
+        h.update(&(g.responses.len() as u64).to_le_bytes());
+        for r in &g.responses {
+            hash_ids(&mut h, r);
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn hash_ids(h: &mut blake3::Hasher, ids: &[u32]) {
+    h.update(&(ids.len() as u64).to_le_bytes());
+    h.update(bytemuck::cast_slice(ids));
+}
+
+/// The content hash of a model directory: config.json and every safetensors file, by name.
+pub fn model_hash(dir: &Path) -> Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read model directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n == "config.json")
+                || p.extension().is_some_and(|e| e == "safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        h.update(name.as_bytes());
+        h.update(&[0]);
+        h.update_mmap_rayon(f)
+            .with_context(|| format!("cannot read {}", f.display()))?;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// One response's cached statistics: `[logp_sum, tokens, eos_logp or null]`.
+type Entry = (f64, usize, Option<f64>);
+
+#[derive(Serialize, Deserialize)]
+pub struct RefCache {
+    pub format: String,
+    /// The model directory it was computed from (for messages) and its content hash.
+    pub model_dir: String,
+    pub model_hash: String,
+    /// The data file (for messages) and the hash of its token ids.
+    pub data_file: String,
+    pub data_hash: String,
+    /// Per group, per response.
+    groups: Vec<Vec<Entry>>,
+}
+
+/// The key of one (prompt, response) pair, so that lookups survive reordering and pairing.
+fn pair_key(prompt: &[u32], response: &[u32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    hash_ids(&mut h, prompt);
+    hash_ids(&mut h, response);
+    *h.finalize().as_bytes()
+}
+
+impl RefCache {
+    /// Scores every response of `groups` under `model`, `max_tokens` packed tokens at a
+    /// time, calling `progress(groups done)` after each chunk.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compute<O: Ops>(
+        ops: &O,
+        model: &Model<O::Buf>,
+        model_dir: &Path,
+        groups: &[Group],
+        data_file: &Path,
+        max_tokens: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        let mut out = Vec::with_capacity(groups.len());
+        let mut start = 0;
+        while start < groups.len() {
+            let mut end = start;
+            let mut tokens = 0;
+            while end < groups.len() {
+                let len = groups[end].packed_len();
+                if end > start && tokens + len > max_tokens {
+                    break;
+                }
+                tokens += len;
+                end += 1;
+            }
+            let chunk = &groups[start..end];
+            let stats = model.score(ops, &pack(model, chunk)?);
+            let mut it = stats.into_iter();
+            for g in chunk {
+                out.push(
+                    it.by_ref()
+                        .take(g.responses.len())
+                        .map(|s| (s.logp_sum, s.tokens, s.eos_logp))
+                        .collect(),
+                );
+            }
+            start = end;
+            progress(start);
+        }
+        Ok(RefCache {
+            format: FORMAT.to_string(),
+            model_dir: model_dir.display().to_string(),
+            model_hash: model_hash(model_dir)?,
+            data_file: data_file.display().to_string(),
+            data_hash: data_hash(groups),
+            groups: out,
+        })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).context("serializing the reference cache")?;
+        crate::fsutil::write_atomically(path, text.as_bytes())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read reference cache {}", path.display()))?;
+        let cache: RefCache = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a reference log-prob cache (make one with `contralign precompute-ref`)",
+                path.display()
+            )
+        })?;
+        if cache.format != FORMAT {
+            bail!(
+                "{}: cache format {:?}; this version reads {FORMAT:?}",
+                path.display(),
+                cache.format
+            );
+        }
+        Ok(cache)
+    }
+
+    /// Refuses a cache made for other data or another model, saying which and why.
+    pub fn check(
+        &self,
+        path: &Path,
+        data: &Path,
+        groups: &[Group],
+        model_dir: &Path,
+    ) -> Result<()> {
+        let hash = data_hash(groups);
+        if hash != self.data_hash {
+            bail!(
+                "{}: the cache was made for other data: {} (token hash {}…), but {} with these \
+                 truncation settings hashes to {}…; run `contralign precompute-ref` again",
+                path.display(),
+                self.data_file,
+                &self.data_hash[..12],
+                data.display(),
+                &hash[..12]
+            );
+        }
+        let hash = model_hash(model_dir)?;
+        if hash != self.model_hash {
+            bail!(
+                "{}: the cache was made with another model: {} (content hash {}…), but the \
+                 reference {} hashes to {}…; run `contralign precompute-ref` again",
+                path.display(),
+                self.model_dir,
+                &self.model_hash[..12],
+                model_dir.display(),
+                &hash[..12]
+            );
+        }
+        if self.groups.len() != groups.len() {
+            bail!(
+                "{}: {} groups cached for {} in the data",
+                path.display(),
+                self.groups.len(),
+                groups.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// A lookup by content, for the groups the loss sees (which may be pairs cut from the
+    /// cached groups). `groups` are the data set's groups the cache was made from.
+    pub fn lookup(&self, groups: &[Group]) -> RefLookup {
+        let mut map = HashMap::new();
+        for (g, entries) in groups.iter().zip(&self.groups) {
+            for (r, &(logp_sum, tokens, eos_logp)) in g.responses.iter().zip(entries) {
+                let stats = ResponseStats {
+                    logp_sum,
+                    tokens,
+                    logp_mean: logp_sum / tokens.max(1) as f64,
+                    eos_logp,
+                };
+                map.insert(pair_key(&g.prompt, r), stats);
+            }
+        }
+        RefLookup(map)
+    }
+}
+
+/// Cached reference statistics by (prompt, response) content.
+pub struct RefLookup(HashMap<[u8; 32], ResponseStats>);
+
+impl RefLookup {
+    /// The statistics of every response of `groups`, in order.
+    pub fn stats(&self, groups: &[Group]) -> Result<Vec<ResponseStats>> {
+        let mut out = Vec::new();
+        for g in groups {
+            for (i, r) in g.responses.iter().enumerate() {
+                let s = self.0.get(&pair_key(&g.prompt, r)).with_context(|| {
+                    format!("{}: response {i} is not in the reference cache", g.source)
+                })?;
+                out.push(*s);
+            }
+        }
+        Ok(out)
+    }
+}

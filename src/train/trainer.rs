@@ -1,0 +1,366 @@
+//! The training loop's step: the groups of the plan, split into micro-batches whose
+//! gradients accumulate into the gradient of the mean loss over the step's groups, then
+//! clipping and AdamW. A step whose loss or gradient is not finite is skipped.
+
+use super::optimizer::{clip_global_norm, AdamW, AdamWConfig};
+use super::plan::{Cursor, Length, Planner, Position, StepBudget};
+use super::refcache::RefLookup;
+use super::schedule::{Schedule, ScheduleKind};
+use crate::data::Group;
+use crate::loss::LossSpec;
+use crate::model::params::Params;
+use crate::model::{Model, ResponseStats, StepOptions};
+use crate::ops::cpu::CpuOps;
+use crate::step;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Warmup of the learning-rate schedule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Warmup {
+    Steps(u64),
+    Ratio(f64),
+}
+
+/// Everything that decides what a run computes.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub spec: LossSpec,
+    pub aux_coef: f64,
+    pub checkpointing: bool,
+    pub budget: StepBudget,
+    /// The most packed tokens one forward/backward holds; a step beyond it accumulates.
+    pub micro_tokens: usize,
+    pub seed: u64,
+    pub length: Length,
+    pub adamw: AdamWConfig,
+    pub schedule: ScheduleKind,
+    pub lr: f64,
+    pub warmup: Warmup,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// A run stops after this many non-finite steps in a row.
+    pub max_bad_steps: u32,
+}
+
+/// Where the reference statistics come from.
+pub enum Reference {
+    /// The loss is reference-free.
+    None,
+    Model(Box<Model<Vec<f32>>>),
+    Cache(RefLookup),
+}
+
+/// The resumable state of a run, besides weights and optimizer moments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub step_in_epoch: usize,
+    /// The shuffle seed; the shuffle of epoch e is stream e of it.
+    pub seed: u64,
+    pub optimizer_step: u64,
+    pub bad_steps_in_a_row: u32,
+    /// The token hash of the training data, so that a resume on changed data is refused.
+    pub data_hash: String,
+}
+
+/// What one step did, for metrics.jsonl.
+#[derive(Clone, Debug)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub groups: usize,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub metrics: Vec<(String, f64)>,
+    pub aux_loss: Option<f64>,
+    /// Why the update was skipped, if it was.
+    pub skipped: Option<String>,
+}
+
+impl StepRecord {
+    /// One line of metrics.jsonl; non-finite numbers become null.
+    pub fn to_json(&self) -> serde_json::Value {
+        let num = |x: f64| {
+            serde_json::Number::from_f64(x)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("step".into(), self.step.into());
+        m.insert("epoch".into(), num(self.epoch));
+        if let Some(reason) = &self.skipped {
+            m.insert("skipped".into(), reason.clone().into());
+        }
+        m.insert("loss".into(), num(self.loss));
+        m.insert("lr".into(), num(self.lr));
+        m.insert("grad_norm".into(), num(self.grad_norm));
+        m.insert("tokens_per_s".into(), num(self.tokens_per_s));
+        m.insert("groups".into(), self.groups.into());
+        m.insert("tokens".into(), self.tokens.into());
+        for (k, v) in &self.metrics {
+            m.insert(k.clone(), num(*v));
+        }
+        if let Some(aux) = self.aux_loss {
+            m.insert("aux_loss".into(), num(aux));
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+pub struct Trainer {
+    pub opts: TrainOptions,
+    pub policy: Model<Vec<f32>>,
+    reference: Reference,
+    groups: Vec<Group>,
+    planner: Planner,
+    cursor: Cursor,
+    pub schedule: Schedule,
+    pub optimizer: AdamW,
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    pub bad_steps_in_a_row: u32,
+    data_hash: String,
+}
+
+impl Trainer {
+    /// A fresh run. `groups` are the groups the loss sees (pairs already cut).
+    pub fn new(
+        opts: TrainOptions,
+        policy: Model<Vec<f32>>,
+        reference: Reference,
+        groups: Vec<Group>,
+    ) -> Result<Self> {
+        opts.spec.validate()?;
+        opts.adamw.validate()?;
+        if !(opts.lr.is_finite() && opts.lr >= 0.0) {
+            bail!("--lr must be >= 0, found {}", opts.lr);
+        }
+        if !(opts.max_grad_norm.is_finite() && opts.max_grad_norm >= 0.0) {
+            bail!(
+                "--max-grad-norm must be >= 0 (0 disables clipping), found {}",
+                opts.max_grad_norm
+            );
+        }
+        if opts.micro_tokens == 0 {
+            bail!("--micro-tokens must be at least 1");
+        }
+        if opts.spec.kind.needs_reference() && matches!(reference, Reference::None) {
+            bail!(
+                "--loss {} compares the policy with a reference model: give --ref-model DIR \
+                 or --ref-logps FILE",
+                opts.spec.kind.name()
+            );
+        }
+        for g in &groups {
+            g.check_vocab(policy.cfg.vocab_size)?;
+        }
+        let planner = Planner::new(
+            groups.iter().map(Group::packed_len).collect(),
+            opts.seed,
+            opts.budget,
+        )?;
+        let total_steps = planner.total_steps(opts.length);
+        if total_steps == 0 {
+            bail!("the run has no steps: give --steps N or --epochs N with N >= 1");
+        }
+        let schedule = match opts.warmup {
+            Warmup::Steps(w) => Schedule {
+                kind: opts.schedule,
+                lr: opts.lr,
+                warmup_steps: w,
+                total_steps,
+            },
+            Warmup::Ratio(r) => {
+                Schedule::with_warmup_ratio(opts.schedule, opts.lr, r, total_steps)?
+            }
+        };
+        let sizes: Vec<usize> = policy.params.iter().iter().map(|p| p.len()).collect();
+        let optimizer = AdamW::new(opts.adamw.clone(), &sizes);
+        let cursor = Cursor::new(&planner, Position::default());
+        let data_hash = super::refcache::data_hash(&groups);
+        Ok(Trainer {
+            opts,
+            policy,
+            reference,
+            groups,
+            planner,
+            cursor,
+            schedule,
+            optimizer,
+            step: 0,
+            bad_steps_in_a_row: 0,
+            data_hash,
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.schedule.total_steps
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+
+    /// Whether the run must stop because too many steps in a row were not finite.
+    pub fn too_many_bad_steps(&self) -> bool {
+        self.bad_steps_in_a_row >= self.opts.max_bad_steps
+    }
+
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            step: self.step,
+            total_steps: self.total_steps(),
+            epoch: self.cursor.position.epoch,
+            step_in_epoch: self.cursor.position.step_in_epoch,
+            seed: self.opts.seed,
+            optimizer_step: self.optimizer.step,
+            bad_steps_in_a_row: self.bad_steps_in_a_row,
+            data_hash: self.data_hash.clone(),
+        }
+    }
+
+    /// Continues from a saved state: the weights are already in `policy`; `moments` are
+    /// AdamW's first and second moments per parameter.
+    pub fn restore(
+        &mut self,
+        state: &TrainerState,
+        moments: (Vec<Vec<f32>>, Vec<Vec<f32>>),
+    ) -> Result<()> {
+        if state.data_hash != self.data_hash {
+            bail!(
+                "the training data differs from the data the run was started with (token \
+                 hash {}… then, {}… now): a resume must see the same data",
+                &state.data_hash[..12.min(state.data_hash.len())],
+                &self.data_hash[..12]
+            );
+        }
+        if state.seed != self.opts.seed {
+            bail!(
+                "--seed {} differs from the run's seed {}: a resume must shuffle the same way",
+                self.opts.seed,
+                state.seed
+            );
+        }
+        self.step = state.step;
+        self.bad_steps_in_a_row = state.bad_steps_in_a_row;
+        self.cursor = Cursor::new(
+            &self.planner,
+            Position {
+                epoch: state.epoch,
+                step_in_epoch: state.step_in_epoch,
+            },
+        );
+        self.optimizer.step = state.optimizer_step;
+        let (m, v) = moments;
+        self.optimizer.exp_avg = m;
+        self.optimizer.exp_avg_sq = v;
+        Ok(())
+    }
+
+    fn reference_stats(&self, groups: &[Group]) -> Result<Option<Vec<ResponseStats>>> {
+        if !self.opts.spec.kind.needs_reference() {
+            return Ok(None);
+        }
+        match &self.reference {
+            Reference::None => bail!("no reference statistics"),
+            Reference::Model(m) => {
+                step::reference_stats(&CpuOps, &self.policy, Some(m), groups, &self.opts.spec)
+            }
+            Reference::Cache(lookup) => Ok(Some(lookup.stats(groups)?)),
+        }
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<StepRecord> {
+        let start = Instant::now();
+        let (indices, epoch) = self.cursor.next_step(&self.planner);
+        let step_groups: Vec<Group> = indices.iter().map(|&i| self.groups[i].clone()).collect();
+        let n = step_groups.len() as f64;
+        let step_opts = StepOptions {
+            checkpointing: self.opts.checkpointing,
+            aux_coef: self.opts.aux_coef,
+        };
+        let mut grads: Option<Params<Vec<f32>>> = None;
+        let (mut loss, mut aux) = (0.0, None::<f64>);
+        let (mut stats, mut ref_stats) = (Vec::new(), Vec::new());
+        let mut first = 0;
+        for micro in self.planner.micro_batches(&indices, self.opts.micro_tokens) {
+            let groups = &step_groups[first..first + micro.len()];
+            first += micro.len();
+            let refs = self.reference_stats(groups)?;
+            let out = step::loss_and_grads(
+                &CpuOps,
+                &self.policy,
+                refs.as_deref(),
+                groups,
+                &self.opts.spec,
+                &step_opts,
+            )?;
+            // The step's loss is the mean over its groups: each micro-batch's mean counts
+            // in proportion to its groups.
+            let share = groups.len() as f64 / n;
+            loss += share * out.loss;
+            if let Some(a) = out.aux_loss {
+                *aux.get_or_insert(0.0) += share * a;
+            }
+            let mut g = out.grads;
+            if share != 1.0 {
+                for t in g.iter_mut() {
+                    t.iter_mut().for_each(|x| *x = (*x as f64 * share) as f32);
+                }
+            }
+            match &mut grads {
+                None => grads = Some(g),
+                Some(total) => {
+                    for (t, s) in total.iter_mut().into_iter().zip(g.iter()) {
+                        t.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            stats.extend(out.stats);
+            ref_stats.extend(refs.unwrap_or_default());
+        }
+        let mut grads = grads.expect("a step has at least one group");
+        let lr = self.schedule.lr_at(self.step);
+        let grad_norm = clip_global_norm(&mut grads.iter_mut(), self.opts.max_grad_norm);
+        let skipped = if !loss.is_finite() {
+            Some("non-finite loss".to_string())
+        } else if !grad_norm.is_finite() {
+            Some("non-finite gradient".to_string())
+        } else {
+            None
+        };
+        if skipped.is_some() {
+            self.bad_steps_in_a_row += 1;
+        } else {
+            self.bad_steps_in_a_row = 0;
+            self.optimizer
+                .update(&mut self.policy.params.iter_mut(), &grads.iter(), lr);
+        }
+        self.step += 1;
+        let refs = (!ref_stats.is_empty()).then_some(ref_stats.as_slice());
+        let metrics = step::metrics(&self.opts.spec, &step_groups, &stats, refs);
+        let tokens = self.planner.tokens(&indices);
+        Ok(StepRecord {
+            step: self.step,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            groups: step_groups.len(),
+            tokens,
+            tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+            metrics,
+            aux_loss: aux,
+            skipped,
+        })
+    }
+}
