@@ -365,7 +365,8 @@ fn text_needs_a_tokenizer_and_conversations_a_template() {
         load_groups(&data.path, Some(&tok), &DataOptions::default()).unwrap_err()
     );
     assert!(
-        text.contains(&format!("{}:1", data.path.display())) && text.contains("no chat template"),
+        text.contains(&format!("{}:1", data.path.display()))
+            && text.contains("conversational data needs a chat template"),
         "{text}"
     );
 }

@@ -123,7 +123,10 @@ fn plain_text_gets_bos_and_eos() {
     assert_eq!(got.prompt, [246, 75, 108]);
     assert_eq!(got.responses, [vec![252]]);
     let text = err_text(tok.tokenize_chat(&[msg("user", "Hi")], &[vec![msg("assistant", "t")]]));
-    assert!(text.contains("no chat template"), "{text}");
+    assert!(
+        text.contains("conversational data needs a chat template"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -228,4 +231,42 @@ fn load_errors_name_the_file() {
         text.contains("tokenizer_config.json") && text.contains("chat_template"),
         "{text}"
     );
+}
+
+#[test]
+fn template_sources_and_saved_lengths() {
+    // Older configs list named templates; transformers uses "default".
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
+    ]})));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.render_chat(&[msg("user", "a")], false).unwrap(), "[a]");
+    // chat_template.jinja wins over tokenizer_config.json's template.
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ bos_token }}{{ messages | length }}",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<s>", "chat_template": "x"}).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.render_chat(&[msg("user", "a")], false).unwrap(), "<s>1");
+
+    // Truncation and padding saved in tokenizer.json do not apply to encode.
+    let mut json: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-tokenizer/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    json["truncation"] = serde_json::json!(
+        {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    );
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 9}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"});
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.encode("Hi the").unwrap(), [246, 75, 108, 252]);
 }

@@ -40,27 +40,24 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
+    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json` and
+    /// `dir/chat_template.jinja` (where recent transformers saves the template; it wins over
+    /// tokenizer_config.json's, as in transformers).
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             bail!("{}: no such file", path.display());
         }
-        let tokenizer = Tokenizer::from_file(&path)
+        let mut tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        // Lengths are the data loader's business: a tokenizer.json saved with truncation or
+        // padding must not cut or pad what it encodes.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        tokenizer.with_padding(None);
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .with_context(|| format!("cannot read {}", config_path.display()))?;
-            let config: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: malformed JSON", config_path.display()))?;
-            if !config.is_object() {
-                bail!("{}: expected a JSON object", config_path.display());
-            }
-            config
-        } else {
-            Value::Null
-        };
+        let config = read_config(&config_path)?;
         let special = |key: &str| -> Result<Option<(String, u32)>> {
             let Some(content) = token_content(&config[key]) else {
                 return Ok(None);
@@ -75,16 +72,15 @@ impl TextTokenizer {
             Ok(Some((content.to_string(), id)))
         };
         let (bos, eos) = (special("bos_token")?, special("eos_token")?);
-        let template = match &config["chat_template"] {
-            Value::Null => None,
-            Value::String(source) => Some(
-                ChatTemplate::new(source)
-                    .with_context(|| format!("{}: chat_template", config_path.display()))?,
-            ),
-            _ => bail!(
-                "{}: chat_template: expected a string (named templates are not supported)",
-                config_path.display()
-            ),
+        let jinja_path = dir.join("chat_template.jinja");
+        let template = if jinja_path.is_file() {
+            let source = std::fs::read_to_string(&jinja_path)
+                .with_context(|| format!("cannot read {}", jinja_path.display()))?;
+            Some(ChatTemplate::new(&source).with_context(|| jinja_path.display().to_string())?)
+        } else {
+            config_template(&config)
+                .and_then(|source| source.map(ChatTemplate::new).transpose())
+                .with_context(|| format!("{}: chat_template", config_path.display()))?
         };
         Ok(TextTokenizer {
             tokenizer,
@@ -126,10 +122,10 @@ impl TextTokenizer {
     /// Renders the chat template over `messages`, with `bos_token`, `eos_token` and
     /// `add_generation_prompt` defined as transformers' `apply_chat_template` defines them.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .template
-            .as_ref()
-            .context("the tokenizer has no chat template (tokenizer_config.json chat_template)")?;
+        let template = self.template.as_ref().context(
+            "conversational data needs a chat template, and the tokenizer has none (no \
+                 chat_template in tokenizer_config.json, no chat_template.jinja)",
+        )?;
         template.render(
             messages,
             self.bos.as_ref().map(|(s, _)| s.as_str()),
@@ -197,6 +193,37 @@ impl TextTokenizer {
                 .map(|r| self.encode(r))
                 .collect::<Result<_>>()?,
         })
+    }
+}
+
+/// tokenizer_config.json as a JSON object, or `null` when there is none.
+fn read_config(path: &Path) -> Result<Value> {
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed JSON", path.display()))?;
+    if !config.is_object() {
+        bail!("{}: expected a JSON object", path.display());
+    }
+    Ok(config)
+}
+
+/// tokenizer_config.json's chat template: a string, or in older files a list of named
+/// templates of which transformers uses the one named `default`.
+fn config_template(config: &Value) -> Result<Option<&str>> {
+    match &config["chat_template"] {
+        Value::Null => Ok(None),
+        Value::String(source) => Ok(Some(source)),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(Some)
+            .context("no template named \"default\" in the list"),
+        other => bail!("expected a string or a list of named templates, found {other}"),
     }
 }
 
