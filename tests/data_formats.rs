@@ -372,6 +372,34 @@ fn text_needs_a_tokenizer_and_conversations_a_template() {
 }
 
 #[test]
+fn a_response_the_template_drops_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    std::fs::copy(
+        fixture("tiny-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}\
+                    {% endfor %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({ "chat_template": template }).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let line = format!(r#"{{"prompt": {USER_HI}, "chosen": "the", "rejected": "t"}}"#);
+    let data = Data::new(&[&line]);
+    let text = format!(
+        "{:#}",
+        load_groups(&data.path, Some(&tok), &DataOptions::default()).unwrap_err()
+    );
+    assert_eq!(
+        text,
+        format!("{}:1: response 0 has no tokens", data.path.display())
+    );
+}
+
+#[test]
 fn skip_invalid_counts_and_keeps_the_first_reason() {
     let data = Data::new(&[
         r#"{"prompt": "Hi", "chosen": "the", "rejected": "t"}"#,

@@ -136,7 +136,10 @@ fn group(
 
 fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<Tokenized> {
     let need = || {
-        tokenizer.context("the line is text, but no tokenizer was given (the model directory has no tokenizer.json)")
+        tokenizer.context(
+            "the line is text, but no tokenizer was given (the model directory has no \
+             tokenizer.json)",
+        )
     };
     match sequences {
         Sequences::Tokens { prompt, responses } => Ok(Tokenized { prompt, responses }),
