@@ -9,4 +9,5 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod step;
+pub mod tokenizer;
 pub mod train;

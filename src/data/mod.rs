@@ -1,8 +1,12 @@
-//! Data sets: groups of one prompt and its rated responses, and their packing into batches.
+//! Data sets: groups of one prompt and its rated responses, read from JSONL files in the
+//! formats of [`formats`], and their packing into batches.
 
+pub mod formats;
+pub mod load;
 pub mod packing;
 pub mod pairs;
 pub mod pretokenized;
+pub mod truncate;
 
 /// One prompt with `K` responses and a reward for each (losses.md §1). A pairwise example is
 /// the group `K = 2`, rewards `(1, 0)`, chosen first.

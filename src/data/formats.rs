@@ -1,0 +1,244 @@
+//! The JSONL data formats, detected per line. Text forms, whose prompt `P` and responses `R`
+//! are plain strings or conversations (lists of `{"role", "content"}`, as TRL accepts them):
+//!
+//! - reward groups `{"prompt": P, "responses": [R, ..], "rewards": [r, ..]}`;
+//! - TRL preference pairs `{"prompt": P, "chosen": R, "rejected": R}`, the group `K = 2`,
+//!   rewards `(1, 0)`, chosen first;
+//! - UltraFeedback as published, `{"instruction": P, "completions": [{"response": R,
+//!   "overall_score": s, ..}, ..]}`, the score field selectable;
+//!
+//! and the pre-tokenized forms of [`super::pretokenized`].
+//!
+//! With a conversational prompt, a response is its assistant message(s); a plain-string
+//! response there is one assistant message.
+
+use super::pretokenized;
+use crate::tokenizer::Message;
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+
+/// A prompt and its responses, before tokenization where they are text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sequences {
+    Tokens {
+        prompt: Vec<u32>,
+        responses: Vec<Vec<u32>>,
+    },
+    Plain {
+        prompt: String,
+        responses: Vec<String>,
+    },
+    Chat {
+        prompt: Vec<Message>,
+        responses: Vec<Vec<Message>>,
+    },
+}
+
+/// One line of a data file: a group before tokenization.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub sequences: Sequences,
+    pub rewards: Vec<f64>,
+}
+
+/// Parses one line, detecting its format; `score_field` is UltraFeedback's score, a key or a
+/// dotted path into each completion (`overall_score`, `annotations.helpfulness.Rating`).
+pub fn parse_record(line: &str, score_field: &str) -> Result<Record> {
+    let value: Value = serde_json::from_str(line).context("malformed JSON")?;
+    let obj = value.as_object().context("expected a JSON object")?;
+    if pretokenized::is_pretokenized(obj) {
+        pretokenized::parse(obj)
+    } else if obj.contains_key("responses") {
+        reward_group(obj)
+    } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
+        preference_pair(obj)
+    } else if obj.contains_key("completions") || obj.contains_key("instruction") {
+        ultrafeedback(obj, score_field)
+    } else {
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        bail!(
+            "unknown record: expected `prompt` with `responses` and `rewards` (reward group), \
+             `prompt` with `chosen` and `rejected` (preference pair), `instruction` with \
+             `completions` (UltraFeedback), or `prompt_ids` with `response_ids` and `rewards` \
+             or with `chosen_ids` and `rejected_ids` (pre-tokenized); found keys {keys:?}"
+        )
+    }
+}
+
+/// The `rewards` list of a reward group, checked against its number of responses.
+pub(super) fn rewards(obj: &Map<String, Value>, responses: usize) -> Result<Vec<f64>> {
+    let rewards = obj
+        .get("rewards")
+        .context("missing field `rewards`")?
+        .as_array()
+        .context("field `rewards`: expected a list of numbers")?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.as_f64().filter(|x| x.is_finite()).with_context(|| {
+                format!("field `rewards`, element {i}: expected a finite number, found {r}")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if rewards.len() != responses {
+        bail!("{responses} responses but {} rewards", rewards.len());
+    }
+    Ok(rewards)
+}
+
+fn reward_group(obj: &Map<String, Value>) -> Result<Record> {
+    let prompt = text(field(obj, "prompt")?, "field `prompt`")?;
+    let responses = field(obj, "responses")?
+        .as_array()
+        .context("field `responses`: expected a list of responses")?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| text(r, &format!("field `responses`, response {i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let rewards = rewards(obj, responses.len())?;
+    if responses.is_empty() {
+        bail!("field `responses` holds no response");
+    }
+    Ok(Record {
+        sequences: sequences(prompt, responses)?,
+        rewards,
+    })
+}
+
+fn preference_pair(obj: &Map<String, Value>) -> Result<Record> {
+    let prompt = text(field(obj, "prompt")?, "field `prompt`")?;
+    let chosen = text(field(obj, "chosen")?, "field `chosen`")?;
+    let rejected = text(field(obj, "rejected")?, "field `rejected`")?;
+    Ok(Record {
+        sequences: sequences(prompt, vec![chosen, rejected])?,
+        rewards: vec![1.0, 0.0],
+    })
+}
+
+fn ultrafeedback(obj: &Map<String, Value>, score_field: &str) -> Result<Record> {
+    let prompt = text(field(obj, "instruction")?, "field `instruction`")?;
+    let completions = field(obj, "completions")?
+        .as_array()
+        .context("field `completions`: expected a list of completions")?;
+    if completions.is_empty() {
+        bail!("field `completions` holds no completion");
+    }
+    let mut responses = Vec::with_capacity(completions.len());
+    let mut rewards = Vec::with_capacity(completions.len());
+    for (i, c) in completions.iter().enumerate() {
+        let c = c
+            .as_object()
+            .with_context(|| format!("completion {i}: expected a JSON object"))?;
+        let what = format!("completion {i}");
+        responses.push(text(
+            field(c, "response").with_context(|| what.clone())?,
+            &format!("{what}, field `response`"),
+        )?);
+        rewards.push(score(c, score_field).with_context(|| what)?);
+    }
+    Ok(Record {
+        sequences: sequences(prompt, responses)?,
+        rewards,
+    })
+}
+
+/// A completion's score: a number or a numeric string (UltraFeedback stores its ratings as
+/// strings), found by key or by dotted path.
+fn score(completion: &Map<String, Value>, path: &str) -> Result<f64> {
+    let value =
+        lookup(completion, path).with_context(|| format!("missing score field `{path}`"))?;
+    let number = match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    number
+        .filter(|x| x.is_finite())
+        .with_context(|| format!("score field `{path}`: expected a finite number, found {value}"))
+}
+
+/// The value at a key, or else at a dotted path of keys.
+fn lookup<'a>(obj: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = obj.get(path) {
+        return Some(v);
+    }
+    let mut keys = path.split('.');
+    let mut at = obj.get(keys.next()?)?;
+    for key in keys {
+        at = at.as_object()?.get(key)?;
+    }
+    Some(at)
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a Value> {
+    obj.get(key)
+        .with_context(|| format!("missing field `{key}`"))
+}
+
+/// A prompt or response as written: plain text or a conversation.
+enum Text {
+    Plain(String),
+    Chat(Vec<Message>),
+}
+
+fn text(value: &Value, what: &str) -> Result<Text> {
+    match value {
+        Value::String(s) if s.is_empty() => bail!("{what} is empty"),
+        Value::String(s) => Ok(Text::Plain(s.clone())),
+        Value::Array(a) if a.is_empty() => bail!("{what} holds no message"),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, m)| message(m).with_context(|| format!("{what}, message {i}")))
+            .collect::<Result<_>>()
+            .map(Text::Chat),
+        _ => bail!("{what}: expected a string or a list of messages, found {value}"),
+    }
+}
+
+fn message(value: &Value) -> Result<Message> {
+    let obj = value
+        .as_object()
+        .context("expected an object with `role` and `content`")?;
+    let string = |key: &str| -> Result<String> {
+        field(obj, key)?
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("field `{key}`: expected a string"))
+    };
+    Ok(Message {
+        role: string("role")?,
+        content: string("content")?,
+    })
+}
+
+fn sequences(prompt: Text, responses: Vec<Text>) -> Result<Sequences> {
+    match prompt {
+        Text::Plain(prompt) => {
+            let responses = responses
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| match r {
+                    Text::Plain(r) => Ok(r),
+                    Text::Chat(_) => {
+                        bail!("response {i} is a conversation but the prompt is plain text")
+                    }
+                })
+                .collect::<Result<_>>()?;
+            Ok(Sequences::Plain { prompt, responses })
+        }
+        Text::Chat(prompt) => {
+            let responses = responses
+                .into_iter()
+                .map(|r| match r {
+                    Text::Chat(messages) => messages,
+                    Text::Plain(content) => vec![Message {
+                        role: "assistant".to_string(),
+                        content,
+                    }],
+                })
+                .collect();
+            Ok(Sequences::Chat { prompt, responses })
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Loading a JSONL data file into groups of token ids: each line parsed in its own format
+//! ([`super::formats`]), tokenized where it is text, and truncated.
+
+use super::formats::{parse_record, Sequences};
+use super::truncate::truncate;
+use super::Group;
+use crate::tokenizer::{TextTokenizer, Tokenized};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataOptions {
+    /// Keep at most this many prompt tokens, the last ones.
+    pub max_prompt_len: Option<usize>,
+    /// The most tokens of prompt + response (TRL's `max_length`); longer responses are cut.
+    pub max_len: Option<usize>,
+    /// UltraFeedback's score: a completion's key or a dotted path into it.
+    pub score_field: String,
+    /// Skip and count invalid lines instead of failing on the first.
+    pub skip_invalid: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            max_prompt_len: None,
+            max_len: None,
+            score_field: "overall_score".to_string(),
+            skip_invalid: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataStats {
+    /// Non-blank lines read.
+    pub lines: usize,
+    pub groups: usize,
+    /// Invalid lines skipped (with `skip_invalid`).
+    pub skipped: usize,
+    /// The first skipped line's error, `file:line: problem`.
+    pub first_skipped: Option<String>,
+    pub truncated_prompts: usize,
+    pub truncated_responses: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub groups: Vec<Group>,
+    pub stats: DataStats,
+}
+
+/// Reads every group of a JSONL file, one per non-blank line, the format detected per line.
+/// Text lines need `tokenizer`. A bad line is an error naming `file:line`, or with
+/// `skip_invalid` is skipped and counted.
+pub fn load_groups(
+    path: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    opts: &DataOptions,
+) -> Result<Dataset> {
+    if opts.max_prompt_len == Some(0) {
+        bail!("the maximum prompt length must be at least 1 token");
+    }
+    if opts.max_len.is_some_and(|m| m < 2) {
+        bail!("the maximum length must be at least 2 tokens (a prompt and a response token)");
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut groups = Vec::new();
+    let mut stats = DataStats::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        stats.lines += 1;
+        let source = format!("{}:{}", path.display(), i + 1);
+        match group(line, &source, tokenizer, opts, &mut stats) {
+            Ok(group) => groups.push(group),
+            Err(e) if opts.skip_invalid => {
+                stats.skipped += 1;
+                stats
+                    .first_skipped
+                    .get_or_insert_with(|| format!("{source}: {e:#}"));
+            }
+            Err(e) => return Err(e.context(source)),
+        }
+    }
+    if groups.is_empty() {
+        match &stats.first_skipped {
+            Some(first) => bail!(
+                "{}: no valid group; all {} lines were invalid, the first: {first}",
+                path.display(),
+                stats.skipped
+            ),
+            None => bail!("{}: no groups in the file", path.display()),
+        }
+    }
+    stats.groups = groups.len();
+    Ok(Dataset { groups, stats })
+}
+
+/// One line's group; counts its truncations into `stats` once it is known to be valid.
+fn group(
+    line: &str,
+    source: &str,
+    tokenizer: Option<&TextTokenizer>,
+    opts: &DataOptions,
+    stats: &mut DataStats,
+) -> Result<Group> {
+    let record = parse_record(line, &opts.score_field)?;
+    let Tokenized {
+        mut prompt,
+        mut responses,
+    } = token_ids(record.sequences, tokenizer)?;
+    if prompt.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    if let Some(i) = responses.iter().position(Vec::is_empty) {
+        bail!("response {i} has no tokens");
+    }
+    let cuts = truncate(
+        &mut prompt,
+        &mut responses,
+        opts.max_prompt_len,
+        opts.max_len,
+    )?;
+    stats.truncated_prompts += usize::from(cuts.prompt);
+    stats.truncated_responses += cuts.responses;
+    Ok(Group {
+        prompt,
+        responses,
+        rewards: record.rewards,
+        source: source.to_string(),
+    })
+}
+
+fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<Tokenized> {
+    let need = || {
+        tokenizer.context(
+            "the line is text, but no tokenizer was given (the model directory has no \
+             tokenizer.json)",
+        )
+    };
+    match sequences {
+        Sequences::Tokens { prompt, responses } => Ok(Tokenized { prompt, responses }),
+        Sequences::Plain { prompt, responses } => need()?.tokenize_plain(&prompt, &responses),
+        Sequences::Chat { prompt, responses } => need()?.tokenize_chat(&prompt, &responses),
+    }
+}

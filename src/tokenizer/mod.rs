@@ -1,0 +1,238 @@
+//! The text side of a Hugging Face model directory: `tokenizer.json` (through the
+//! `tokenizers` crate), the special tokens and chat template of `tokenizer_config.json`, and
+//! the split of a prompt and its responses into token ids.
+
+mod template;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use template::ChatTemplate;
+use tokenizers::Tokenizer;
+
+/// One chat message, as chat templates see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A prompt and its responses as token ids, each tokenized on its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tokenized {
+    pub prompt: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+}
+
+/// The texts a conversation is tokenized from: the prompt rendered with the generation
+/// prompt, and what each full rendering adds after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatTexts {
+    pub prompt: String,
+    pub responses: Vec<String>,
+}
+
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+    template: Option<ChatTemplate>,
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json` and
+    /// `dir/chat_template.jinja` (where recent transformers saves the template; it wins over
+    /// tokenizer_config.json's, as in transformers).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            bail!("{}: no such file", path.display());
+        }
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        // Lengths are the data loader's business: a tokenizer.json saved with truncation or
+        // padding must not cut or pad what it encodes.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        tokenizer.with_padding(None);
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_config(&config_path)?;
+        let special = |key: &str| -> Result<Option<(String, u32)>> {
+            let Some(content) = token_content(&config[key]) else {
+                return Ok(None);
+            };
+            let id = tokenizer.token_to_id(content).with_context(|| {
+                format!(
+                    "{}: {key} {content:?} is not in the vocabulary of {}",
+                    config_path.display(),
+                    path.display()
+                )
+            })?;
+            Ok(Some((content.to_string(), id)))
+        };
+        let (bos, eos) = (special("bos_token")?, special("eos_token")?);
+        let jinja_path = dir.join("chat_template.jinja");
+        let template = if jinja_path.is_file() {
+            let source = std::fs::read_to_string(&jinja_path)
+                .with_context(|| format!("cannot read {}", jinja_path.display()))?;
+            Some(ChatTemplate::new(&source).with_context(|| jinja_path.display().to_string())?)
+        } else {
+            config_template(&config)
+                .and_then(|source| source.map(ChatTemplate::new).transpose())
+                .with_context(|| format!("{}: chat_template", config_path.display()))?
+        };
+        Ok(TextTokenizer {
+            tokenizer,
+            bos,
+            eos,
+            template,
+        })
+    }
+
+    /// The text's tokens with no special tokens added; special tokens written in the text
+    /// (`<s>`, `</s>`) are recognized, as in Hugging Face tokenizers.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of the ids, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|(_, id)| *id)
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos.as_ref().map(|(_, id)| *id)
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.template.as_ref().map(ChatTemplate::source)
+    }
+
+    /// Renders the chat template over `messages`, with `bos_token`, `eos_token` and
+    /// `add_generation_prompt` defined as transformers' `apply_chat_template` defines them.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.template.as_ref().context(
+            "conversational data needs a chat template, and the tokenizer has none (no \
+                 chat_template in tokenizer_config.json, no chat_template.jinja)",
+        )?;
+        template.render(
+            messages,
+            self.bos.as_ref().map(|(s, _)| s.as_str()),
+            self.eos.as_ref().map(|(s, _)| s.as_str()),
+            add_generation_prompt,
+        )
+    }
+
+    /// Plain text: the prompt is BOS (when the tokenizer has one) and the prompt's tokens;
+    /// each response is its tokens and EOS (when the tokenizer has one).
+    pub fn tokenize_plain(&self, prompt: &str, responses: &[String]) -> Result<Tokenized> {
+        let prompt = self
+            .bos_id()
+            .into_iter()
+            .chain(self.encode(prompt)?)
+            .collect();
+        let responses = responses
+            .iter()
+            .map(|r| Ok(self.encode(r)?.into_iter().chain(self.eos_id()).collect()))
+            .collect::<Result<_>>()?;
+        Ok(Tokenized { prompt, responses })
+    }
+
+    /// The texts of a conversation: the prompt rendered with the generation prompt, and for
+    /// each response (its assistant message or messages) what rendering the prompt and the
+    /// response without the generation prompt adds after that prompt text.
+    pub fn chat_texts(&self, prompt: &[Message], responses: &[Vec<Message>]) -> Result<ChatTexts> {
+        let prompt_text = self.render_chat(prompt, true)?;
+        let responses = responses
+            .iter()
+            .enumerate()
+            .map(|(i, response)| {
+                let messages: Vec<Message> = prompt.iter().chain(response).cloned().collect();
+                let full = self.render_chat(&messages, false)?;
+                full.strip_prefix(&prompt_text)
+                    .map(str::to_string)
+                    .with_context(|| {
+                        format!(
+                            "response {i}: the chat template's rendering of the conversation \
+                             {full:?} does not start with its rendering of the prompt \
+                             {prompt_text:?}"
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?;
+        Ok(ChatTexts {
+            prompt: prompt_text,
+            responses,
+        })
+    }
+
+    /// A conversation's token ids: the texts of [`Self::chat_texts`], each tokenized on its
+    /// own with no special tokens added (the template writes them).
+    pub fn tokenize_chat(
+        &self,
+        prompt: &[Message],
+        responses: &[Vec<Message>],
+    ) -> Result<Tokenized> {
+        let texts = self.chat_texts(prompt, responses)?;
+        Ok(Tokenized {
+            prompt: self.encode(&texts.prompt)?,
+            responses: texts
+                .responses
+                .iter()
+                .map(|r| self.encode(r))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// tokenizer_config.json as a JSON object, or `null` when there is none.
+fn read_config(path: &Path) -> Result<Value> {
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed JSON", path.display()))?;
+    if !config.is_object() {
+        bail!("{}: expected a JSON object", path.display());
+    }
+    Ok(config)
+}
+
+/// tokenizer_config.json's chat template: a string, or in older files a list of named
+/// templates of which transformers uses the one named `default`.
+fn config_template(config: &Value) -> Result<Option<&str>> {
+    match &config["chat_template"] {
+        Value::Null => Ok(None),
+        Value::String(source) => Ok(Some(source)),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(Some)
+            .context("no template named \"default\" in the list"),
+        other => bail!("expected a string or a list of named templates, found {other}"),
+    }
+}
+
+/// A special token of tokenizer_config.json: a string, or an AddedToken-style object
+/// `{"content": ..}`.
+fn token_content(value: &Value) -> Option<&str> {
+    match value {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content").and_then(Value::as_str),
+        _ => None,
+    }
+}

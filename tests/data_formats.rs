@@ -1,0 +1,470 @@
+//! The JSONL data formats through the loader, with the tiny tokenizer (ids computed by hand
+//! from tests/fixtures/README.md, Tokenizers): every format in plain and conversational form,
+//! detection per line, UltraFeedback scores, truncation, and bad lines named by file:line.
+
+mod common;
+
+use common::fixture;
+use contralign::data::load::{load_groups, DataOptions, DataStats, Dataset};
+use contralign::data::Group;
+use contralign::tokenizer::TextTokenizer;
+use std::path::PathBuf;
+use tempfile::TempDir;
+
+/// `Hi` as a plain prompt: BOS, ▁, H, i.
+const PLAIN_PROMPT: [u32; 4] = [1, 246, 75, 108];
+/// Plain responses `the`, `he` and `t`, each with EOS.
+const THE: [u32; 2] = [252, 2];
+const HE: [u32; 3] = [246, 251, 2];
+const T: [u32; 2] = [250, 2];
+
+/// Each byte of ASCII text as the tiny tokenizer's byte-fallback id.
+fn bytes(s: &str) -> Vec<u32> {
+    s.bytes().map(|b| u32::from(b) + 3).collect()
+}
+
+/// `[{"role": "user", "content": "Hi"}]` through the Mistral template:
+/// `<s>[INST] Hi [/INST]`, tokenized as `<s>`, `▁[INST]▁Hi▁[/INST]`.
+fn chat_prompt() -> Vec<u32> {
+    let mut ids = vec![1, 246];
+    ids.extend(bytes("[INST]"));
+    ids.extend([246, 75, 108, 246]);
+    ids.extend(bytes("[/INST]"));
+    ids
+}
+
+struct Data {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl Data {
+    fn new(lines: &[&str]) -> Self {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("data.jsonl");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        Data { _dir: dir, path }
+    }
+
+    fn load(&self, opts: &DataOptions) -> anyhow::Result<Dataset> {
+        let tok = TextTokenizer::load(&fixture("tiny-tokenizer")).unwrap();
+        load_groups(&self.path, Some(&tok), opts)
+    }
+
+    fn group(&self, line: usize, prompt: Vec<u32>, responses: &[&[u32]], rewards: &[f64]) -> Group {
+        Group {
+            prompt,
+            responses: responses.iter().map(|r| r.to_vec()).collect(),
+            rewards: rewards.to_vec(),
+            source: format!("{}:{line}", self.path.display()),
+        }
+    }
+
+    fn err(&self, opts: &DataOptions) -> String {
+        match self.load(opts) {
+            Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+}
+
+fn only_group(data: &Data) -> Group {
+    let dataset = data.load(&DataOptions::default()).unwrap();
+    assert_eq!(dataset.groups.len(), 1);
+    dataset.groups.into_iter().next().unwrap()
+}
+
+const USER_HI: &str = r#"[{"role": "user", "content": "Hi"}]"#;
+
+fn assistant(content: &str) -> String {
+    format!(r#"[{{"role": "assistant", "content": "{content}"}}]"#)
+}
+
+#[test]
+fn reward_groups_plain_and_conversational() {
+    let data = Data::new(&[
+        r#"{"prompt": "Hi", "responses": ["the", "he", "t"], "rewards": [1, 0.5, 0]}"#,
+    ]);
+    assert_eq!(
+        only_group(&data),
+        data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &HE, &T], &[1.0, 0.5, 0.0])
+    );
+
+    let line = format!(
+        r#"{{"prompt": {USER_HI}, "responses": [{}, {}], "rewards": [2, 3]}}"#,
+        assistant("the"),
+        assistant("he")
+    );
+    let data = Data::new(&[&line]);
+    // An assistant message renders as its content and EOS, tokenized on its own.
+    assert_eq!(
+        only_group(&data),
+        data.group(1, chat_prompt(), &[&THE, &HE], &[2.0, 3.0])
+    );
+}
+
+#[test]
+fn preference_pairs_plain_and_conversational() {
+    let data = Data::new(&[r#"{"prompt": "Hi", "chosen": "the", "rejected": "t"}"#]);
+    assert_eq!(
+        only_group(&data),
+        data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &T], &[1.0, 0.0])
+    );
+
+    // TRL's conversational form; the rejected side is a two-turn continuation.
+    let rejected = r#"[{"role": "assistant", "content": "t"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "e"}]"#;
+    let line = format!(
+        r#"{{"prompt": {USER_HI}, "chosen": {}, "rejected": {rejected}}}"#,
+        assistant("the")
+    );
+    let data = Data::new(&[&line]);
+    // `t</s>[INST] Hi [/INST]e</s>`: ▁t, EOS, then the second turn as in the prompt.
+    let mut two_turns = vec![250, 2, 246];
+    two_turns.extend(bytes("[INST]"));
+    two_turns.extend([246, 75, 108, 246]);
+    two_turns.extend(bytes("[/INST]"));
+    two_turns.extend([247, 2]);
+    assert_eq!(
+        only_group(&data),
+        data.group(1, chat_prompt(), &[&THE, &two_turns], &[1.0, 0.0])
+    );
+
+    // With a conversational prompt, a plain response is one assistant message.
+    let line = format!(r#"{{"prompt": {USER_HI}, "chosen": "the", "rejected": "t"}}"#);
+    let data = Data::new(&[&line]);
+    assert_eq!(
+        only_group(&data),
+        data.group(1, chat_prompt(), &[&THE, &T], &[1.0, 0.0])
+    );
+}
+
+const UF_LINE: &str = r#"{"source": "evol_instruct", "instruction": "Hi", "models": ["a", "b"], "completions": [
+    {"model": "a", "annotations": {"helpfulness": {"Rating": "2", "Rationale": "meh"}}, "overall_score": 7.5, "response": "the"},
+    {"model": "b", "annotations": {"helpfulness": {"Rating": " 4 ", "Rationale": "ok"}}, "overall_score": 3, "response": "he"}]}"#;
+
+#[test]
+fn ultrafeedback_with_default_and_custom_score_fields() {
+    let line = UF_LINE.replace('\n', "");
+    let data = Data::new(&[&line]);
+    assert_eq!(
+        only_group(&data),
+        data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &HE], &[7.5, 3.0])
+    );
+    let opts = DataOptions {
+        score_field: "annotations.helpfulness.Rating".into(),
+        ..DataOptions::default()
+    };
+    assert_eq!(data.load(&opts).unwrap().groups[0].rewards, [2.0, 4.0]);
+
+    let na = line.replace(r#""Rating": " 4 ""#, r#""Rating": "N/A""#);
+    let data = Data::new(&[&line, &na]);
+    let text = data.err(&opts);
+    for part in [
+        &format!("{}:2", data.path.display()),
+        "completion 1",
+        "score field `annotations.helpfulness.Rating`",
+        "\"N/A\"",
+    ] {
+        assert!(text.contains(part), "{text:?} lacks {part:?}");
+    }
+}
+
+#[test]
+fn formats_are_detected_per_line() {
+    let chat_pair = format!(
+        r#"{{"prompt": {USER_HI}, "chosen": {}, "rejected": {}}}"#,
+        assistant("t"),
+        assistant("the")
+    );
+    let uf = UF_LINE.replace('\n', "");
+    let data = Data::new(&[
+        r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2], [9, 9, 2]], "rewards": [1, 0]}"#,
+        r#"{"prompt": "Hi", "responses": ["t"], "rewards": [4]}"#,
+        "",
+        &chat_pair,
+        "   ",
+        r#"{"prompt_ids": [1, 6], "chosen_ids": [8], "rejected_ids": [3, 2]}"#,
+        &uf,
+    ]);
+    let dataset = data.load(&DataOptions::default()).unwrap();
+    assert_eq!(
+        dataset.groups,
+        [
+            data.group(1, vec![1, 5], &[&[7, 2], &[9, 9, 2]], &[1.0, 0.0]),
+            data.group(2, PLAIN_PROMPT.to_vec(), &[&T], &[4.0]),
+            data.group(4, chat_prompt(), &[&T, &THE], &[1.0, 0.0]),
+            data.group(6, vec![1, 6], &[&[8], &[3, 2]], &[1.0, 0.0]),
+            data.group(7, PLAIN_PROMPT.to_vec(), &[&THE, &HE], &[7.5, 3.0]),
+        ]
+    );
+    assert_eq!(
+        dataset.stats,
+        DataStats {
+            lines: 5,
+            groups: 5,
+            ..DataStats::default()
+        }
+    );
+}
+
+#[test]
+fn truncation_keeps_the_prompt_end_and_cuts_responses() {
+    let data = Data::new(&[
+        r#"{"prompt": "Hi", "responses": ["the", "he", "t"], "rewards": [1, 0.5, 0]}"#,
+        r#"{"prompt_ids": [1, 5, 6, 7], "response_ids": [[8, 9, 10, 2], [11, 2]], "rewards": [1, 0]}"#,
+        r#"{"prompt_ids": [1, 5], "chosen_ids": [8, 9, 2], "rejected_ids": [9, 2]}"#,
+    ]);
+    let opts = DataOptions {
+        max_prompt_len: Some(2),
+        max_len: Some(4),
+        ..DataOptions::default()
+    };
+    let dataset = data.load(&opts).unwrap();
+    assert_eq!(
+        dataset.groups,
+        [
+            // The prompt keeps `H i`; `▁ he EOS` is cut to its first two tokens, losing EOS.
+            data.group(1, vec![75, 108], &[&THE, &[246, 251], &T], &[1.0, 0.5, 0.0]),
+            data.group(2, vec![6, 7], &[&[8, 9], &[11, 2]], &[1.0, 0.0]),
+            data.group(3, vec![1, 5], &[&[8, 9], &[9, 2]], &[1.0, 0.0]),
+        ]
+    );
+    assert_eq!(
+        dataset.stats,
+        DataStats {
+            lines: 3,
+            groups: 3,
+            truncated_prompts: 2,
+            truncated_responses: 3,
+            ..DataStats::default()
+        }
+    );
+
+    // A prompt as long as max_len leaves no room for a response; skipped lines count no cuts.
+    let opts = DataOptions {
+        max_len: Some(4),
+        ..DataOptions::default()
+    };
+    let text = data.err(&opts);
+    assert!(
+        text.contains(&format!("{}:1", data.path.display()))
+            && text.contains("prompt of 4 tokens leaves no room")
+            && text.contains("maximum length of 4"),
+        "{text}"
+    );
+    let skipping = DataOptions {
+        skip_invalid: true,
+        ..opts
+    };
+    let dataset = data.load(&skipping).unwrap();
+    assert_eq!(dataset.groups.len(), 1);
+    assert_eq!(
+        (dataset.stats.skipped, dataset.stats.truncated_responses),
+        (2, 1)
+    );
+}
+
+#[test]
+fn malformed_lines_name_file_line_and_problem() {
+    let good = r#"{"prompt": "Hi", "chosen": "the", "rejected": "t"}"#;
+    let system = r#"[{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"}]"#;
+    let cases: Vec<(String, &[&str])> = vec![
+        (r#"{"prompt": "Hi", "responses": "#.into(), &["malformed JSON"]),
+        ("[1, 2]".into(), &["expected a JSON object"]),
+        (r#"{"prompt": "Hi", "chosen": "the"}"#.into(), &["missing field `rejected`"]),
+        (
+            r#"{"prompt": 5, "chosen": "the", "rejected": "t"}"#.into(),
+            &["field `prompt`", "expected a string or a list of messages"],
+        ),
+        (
+            r#"{"prompt": "Hi", "responses": ["the", ""], "rewards": [1, 0]}"#.into(),
+            &["response 1", "is empty"],
+        ),
+        (
+            r#"{"prompt": "Hi", "responses": ["the", "t"], "rewards": [1]}"#.into(),
+            &["2 responses but 1 rewards"],
+        ),
+        (
+            r#"{"prompt": "Hi", "responses": [], "rewards": []}"#.into(),
+            &["holds no response"],
+        ),
+        (
+            r#"{"question": "Hi", "answer": "the"}"#.into(),
+            &["unknown record", "\"question\"", "\"answer\""],
+        ),
+        (
+            format!(r#"{{"prompt": {system}, "chosen": "the", "rejected": "t"}}"#),
+            &["chat template", "Only user and assistant roles are supported!"],
+        ),
+        (
+            format!(r#"{{"prompt": "Hi", "chosen": {}, "rejected": "t"}}"#, assistant("x")),
+            &["response 0 is a conversation but the prompt is plain text"],
+        ),
+        (
+            r#"{"prompt": [{"content": "Hi"}], "chosen": "the", "rejected": "t"}"#.into(),
+            &["field `prompt`, message 0", "missing field `role`"],
+        ),
+        (
+            r#"{"prompt": [], "chosen": "the", "rejected": "t"}"#.into(),
+            &["field `prompt` holds no message"],
+        ),
+        (
+            r#"{"instruction": "Hi", "completions": [{"response": "the", "overall_score": 1}, {"response": "t"}]}"#.into(),
+            &["completion 1", "missing score field `overall_score`"],
+        ),
+        (
+            r#"{"instruction": "Hi", "completions": []}"#.into(),
+            &["holds no completion"],
+        ),
+        (
+            r#"{"prompt_ids": [1], "response_ids": [[3, 2], []], "rewards": [1, 0]}"#.into(),
+            &["response 1", "empty"],
+        ),
+    ];
+    for (line, parts) in cases {
+        let data = Data::new(&[good, "", &line]);
+        let text = data.err(&DataOptions::default());
+        assert!(
+            text.contains(&format!("{}:3: ", data.path.display())),
+            "{text:?} does not name line 3"
+        );
+        for part in parts {
+            assert!(text.contains(part), "{line}: {text:?} lacks {part:?}");
+        }
+    }
+}
+
+#[test]
+fn text_needs_a_tokenizer_and_conversations_a_template() {
+    let data = Data::new(&[
+        r#"{"prompt_ids": [1], "chosen_ids": [3], "rejected_ids": [4]}"#,
+        r#"{"prompt": "Hi", "chosen": "the", "rejected": "t"}"#,
+    ]);
+    let text = format!(
+        "{:#}",
+        load_groups(&data.path, None, &DataOptions::default()).unwrap_err()
+    );
+    assert!(
+        text.contains(&format!("{}:2", data.path.display()))
+            && text.contains("is text")
+            && text.contains("no tokenizer.json"),
+        "{text}"
+    );
+
+    let bare = TempDir::new().unwrap();
+    std::fs::copy(
+        fixture("tiny-tokenizer/tokenizer.json"),
+        bare.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(bare.path()).unwrap();
+    let line = format!(r#"{{"prompt": {USER_HI}, "chosen": "the", "rejected": "t"}}"#);
+    let data = Data::new(&[&line]);
+    let text = format!(
+        "{:#}",
+        load_groups(&data.path, Some(&tok), &DataOptions::default()).unwrap_err()
+    );
+    assert!(
+        text.contains(&format!("{}:1", data.path.display()))
+            && text.contains("conversational data needs a chat template"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_response_the_template_drops_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    std::fs::copy(
+        fixture("tiny-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}\
+                    {% endfor %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({ "chat_template": template }).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let line = format!(r#"{{"prompt": {USER_HI}, "chosen": "the", "rejected": "t"}}"#);
+    let data = Data::new(&[&line]);
+    let text = format!(
+        "{:#}",
+        load_groups(&data.path, Some(&tok), &DataOptions::default()).unwrap_err()
+    );
+    assert_eq!(
+        text,
+        format!("{}:1: response 0 has no tokens", data.path.display())
+    );
+}
+
+#[test]
+fn skip_invalid_counts_and_keeps_the_first_reason() {
+    let data = Data::new(&[
+        r#"{"prompt": "Hi", "chosen": "the", "rejected": "t"}"#,
+        r#"{"prompt": "Hi", "chosen": "the"}"#,
+        r#"{"prompt": "Hi", "responses": ["he"], "rewards": [1]}"#,
+        "not json",
+        r#"{"prompt_ids": [1], "chosen_ids": [3], "rejected_ids": [4]}"#,
+    ]);
+    let opts = DataOptions {
+        skip_invalid: true,
+        ..DataOptions::default()
+    };
+    let dataset = data.load(&opts).unwrap();
+    assert_eq!(
+        dataset
+            .groups
+            .iter()
+            .map(|g| g.source.clone())
+            .collect::<Vec<_>>(),
+        [1, 3, 5].map(|l| format!("{}:{l}", data.path.display()))
+    );
+    assert_eq!(
+        dataset.stats,
+        DataStats {
+            lines: 5,
+            groups: 3,
+            skipped: 2,
+            first_skipped: Some(format!(
+                "{}:2: missing field `rejected`",
+                data.path.display()
+            )),
+            ..DataStats::default()
+        }
+    );
+
+    let data = Data::new(&["not json", "[]"]);
+    let text = data.err(&opts);
+    assert!(
+        text.contains("no valid group") && text.contains("all 2 lines were invalid"),
+        "{text}"
+    );
+    let text = Data::new(&["", "  "]).err(&DataOptions::default());
+    assert!(text.contains("no groups in the file"), "{text}");
+}
+
+#[test]
+fn bad_length_limits_are_refused() {
+    let data = Data::new(&[r#"{"prompt_ids": [1], "chosen_ids": [3], "rejected_ids": [4]}"#]);
+    for (opts, part) in [
+        (
+            DataOptions {
+                max_prompt_len: Some(0),
+                ..DataOptions::default()
+            },
+            "maximum prompt length must be at least 1",
+        ),
+        (
+            DataOptions {
+                max_len: Some(1),
+                ..DataOptions::default()
+            },
+            "maximum length must be at least 2",
+        ),
+    ] {
+        let text = data.err(&opts);
+        assert!(text.contains(part), "{text}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The text tokenizer: the real Mistral tokenizer against transformers' chat golden, the tiny
+//! test tokenizer against ids computed by hand (tests/fixtures/README.md, Tokenizers), special
+//! tokens and chat templates from tokenizer_config.json, and errors naming their file.
+
+mod common;
+
+use common::fixture;
+use contralign::tokenizer::{Message, TextTokenizer, Tokenized};
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn msg(role: &str, content: &str) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+fn err_text<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A model directory with the tiny tokenizer.json and the given tokenizer_config.json.
+fn tokenizer_dir(config: Option<Value>) -> TempDir {
+    let dir = TempDir::new().unwrap();
+    std::fs::copy(
+        fixture("tiny-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    }
+    dir
+}
+
+fn tiny() -> TextTokenizer {
+    TextTokenizer::load(&fixture("tiny-tokenizer")).unwrap()
+}
+
+#[test]
+fn mistral_chat_golden_token_for_token() {
+    let tok = TextTokenizer::load(&fixture("mistral-tokenizer")).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
+    let text = std::fs::read_to_string(fixture("mistral-tokenizer/chat_golden.jsonl")).unwrap();
+    let mut lines = 0;
+    for line in text.lines() {
+        let case: Value = serde_json::from_str(line).unwrap();
+        let prompt: Vec<Message> = case["prompt"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| msg(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let response = case["response"].as_str().unwrap();
+        let responses = vec![vec![msg("assistant", response)]];
+        let ids = |key: &str| -> Vec<u32> {
+            case[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+
+        let texts = tok.chat_texts(&prompt, &responses).unwrap();
+        assert_eq!(texts.prompt, case["prompt_text"].as_str().unwrap());
+        assert_eq!(texts.responses, [case["response_text"].as_str().unwrap()]);
+        let got = tok.tokenize_chat(&prompt, &responses).unwrap();
+        assert_eq!(got.prompt, ids("prompt_ids"), "{line}");
+        assert_eq!(got.responses, [ids("response_ids")], "{line}");
+        assert_eq!(tok.decode(&got.responses[0]).unwrap(), response);
+        lines += 1;
+    }
+    assert_eq!(lines, 3);
+}
+
+#[test]
+fn tiny_tokenizer_ids_by_hand() {
+    let tok = tiny();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
+    // "▁Hi▁the": ▁ 246, H = 0x48 + 3, i = 0x69 + 3, then ▁ t h e merged into ▁the 252.
+    assert_eq!(tok.encode("Hi the").unwrap(), [246, 75, 108, 252]);
+    // "▁other": h e merges, t stays a piece, o and r are bytes.
+    assert_eq!(tok.encode("other").unwrap(), [246, 114, 249, 251, 117]);
+    // é = C3 A9: bytes above 0xC1 sit one place lower (0xC0 and 0xC1 are left out).
+    assert_eq!(tok.encode("é").unwrap(), [246, 196, 172]);
+    assert_eq!(tok.encode("🙂").unwrap(), [246, 241, 162, 156, 133]);
+    // Special tokens written in the text are recognized; none are added.
+    assert_eq!(tok.encode("<s>the</s>").unwrap(), [1, 252, 2]);
+    assert_eq!(
+        tok.decode(&[1, 246, 75, 108, 252, 246, 196, 172, 2])
+            .unwrap(),
+        "Hi the é"
+    );
+    assert!(tok.chat_template().unwrap().starts_with("{{ bos_token }}"));
+}
+
+#[test]
+fn plain_text_gets_bos_and_eos() {
+    let tok = tiny();
+    let got = tok
+        .tokenize_plain("Hi", &["the".into(), "he".into()])
+        .unwrap();
+    assert_eq!(
+        got,
+        Tokenized {
+            prompt: vec![1, 246, 75, 108],
+            responses: vec![vec![252, 2], vec![246, 251, 2]],
+        }
+    );
+    // Without tokenizer_config.json there is neither BOS nor EOS nor chat template.
+    let bare = tokenizer_dir(None);
+    let tok = TextTokenizer::load(bare.path()).unwrap();
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.chat_template()),
+        (None, None, None)
+    );
+    let got = tok.tokenize_plain("Hi", &["the".into()]).unwrap();
+    assert_eq!(got.prompt, [246, 75, 108]);
+    assert_eq!(got.responses, [vec![252]]);
+    let text = err_text(tok.tokenize_chat(&[msg("user", "Hi")], &[vec![msg("assistant", "t")]]));
+    assert!(
+        text.contains("conversational data needs a chat template"),
+        "{text}"
+    );
+}
+
+#[test]
+fn special_tokens_as_added_token_objects() {
+    let dir = tokenizer_dir(Some(serde_json::json!({
+        "bos_token": {"content": "<s>", "lstrip": false, "special": true},
+        "eos_token": {"__type": "AddedToken", "content": "</s>"},
+    })));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
+
+    let dir = tokenizer_dir(Some(serde_json::json!({"eos_token": "<|im_end|>"})));
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("tokenizer_config.json") && text.contains("<|im_end|>"),
+        "{text}"
+    );
+}
+
+#[test]
+fn mistral_template_renders_and_raises() {
+    let tok = tiny();
+    let conversation = [msg("user", "Hi"), msg("assistant", "the"), msg("user", "t")];
+    assert_eq!(
+        tok.render_chat(&conversation, true).unwrap(),
+        "<s>[INST] Hi [/INST]the</s>[INST] t [/INST]"
+    );
+    let text = err_text(tok.render_chat(&[msg("assistant", "the")], false));
+    assert!(
+        text.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
+        "{text}"
+    );
+    let text = err_text(tok.render_chat(&[msg("user", "Hi"), msg("system", "be brief")], false));
+    assert!(
+        text.contains("Only user and assistant roles are supported!"),
+        "{text}"
+    );
+}
+
+#[test]
+fn templates_get_transformers_whitespace_and_python_methods() {
+    // trim_blocks drops the newline after each block tag; `.strip()` is Python's.
+    let template = "{% for m in messages %}\n{{ m.role }}: {{ m.content.strip() }}\n{% endfor %}\n\
+                    {% if add_generation_prompt %}assistant:{% endif %}";
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": template})));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(
+        tok.render_chat(&[msg("user", "  hi \n")], true).unwrap(),
+        "user: hi\nassistant:"
+    );
+    let texts = tok
+        .chat_texts(&[msg("user", "hi")], &[vec![msg("assistant", " ok ")]])
+        .unwrap();
+    assert_eq!(texts.prompt, "user: hi\nassistant:");
+    // The full rendering has no "assistant:" generation prompt but "assistant: ok".
+    assert_eq!(texts.responses, [" ok\n"]);
+}
+
+#[test]
+fn response_must_extend_the_prompt_rendering() {
+    let template = "{% for m in messages %}{{ m.content }}{% endfor %}\
+                    {% if add_generation_prompt %}>>{% endif %}";
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": template})));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let text = err_text(tok.chat_texts(&[msg("user", "hi")], &[vec![msg("assistant", "ok")]]));
+    assert!(
+        text.contains("response 0")
+            && text.contains("does not start with")
+            && text.contains("hi>>"),
+        "{text}"
+    );
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let empty = TempDir::new().unwrap();
+    let text = err_text(TextTokenizer::load(empty.path()));
+    assert!(
+        text.contains("tokenizer.json") && text.contains("no such file"),
+        "{text}"
+    );
+
+    let bad = TempDir::new().unwrap();
+    std::fs::write(bad.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    let text = err_text(TextTokenizer::load(bad.path()));
+    assert!(
+        text.contains(&format!("{}", bad.path().join("tokenizer.json").display())),
+        "{text}"
+    );
+
+    let dir = tokenizer_dir(None);
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{\"bos_token\": ").unwrap();
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("tokenizer_config.json") && text.contains("malformed JSON"),
+        "{text}"
+    );
+
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": "{% for %}"})));
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("tokenizer_config.json") && text.contains("chat_template"),
+        "{text}"
+    );
+}
+
+#[test]
+fn template_sources_and_saved_lengths() {
+    // Older configs list named templates; transformers uses "default".
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
+    ]})));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.render_chat(&[msg("user", "a")], false).unwrap(), "[a]");
+    // chat_template.jinja wins over tokenizer_config.json's template.
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ bos_token }}{{ messages | length }}",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<s>", "chat_template": "x"}).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.render_chat(&[msg("user", "a")], false).unwrap(), "<s>1");
+
+    // Truncation and padding saved in tokenizer.json do not apply to encode.
+    let mut json: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-tokenizer/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    json["truncation"] = serde_json::json!(
+        {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    );
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 9}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"});
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.encode("Hi the").unwrap(), [246, 75, 108, 252]);
+}
