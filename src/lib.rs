@@ -7,5 +7,6 @@ pub mod data;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod step;
 pub mod train;
