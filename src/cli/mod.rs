@@ -3,6 +3,7 @@
 mod eval;
 mod grads;
 mod loss_args;
+mod plot;
 mod score;
 
 use anyhow::Result;
@@ -29,6 +30,7 @@ enum Command {
     Score(score::ScoreArgs),
     Eval(Box<eval::EvalArgs>),
     Grads(Box<grads::GradsArgs>),
+    Plot(plot::PlotArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -36,5 +38,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Eval(args) => eval::run(*args),
         Command::Grads(args) => grads::run(*args),
+        Command::Plot(args) => plot::run(args),
     }
 }
