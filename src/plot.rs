@@ -44,7 +44,7 @@ const PALETTE: [RGBColor; 10] = [
 
 /// Every numeric metric of a run: name (`eval/` names included) to `(step, value)` points in
 /// file order.
-pub type Metrics = BTreeMap<String, Vec<(f64, f64)>>;
+type Metrics = BTreeMap<String, Vec<(f64, f64)>>;
 
 /// One line of a panel: a training series, or an `eval/` one (thinner, dotted, same color).
 struct Series<'a> {
@@ -100,7 +100,7 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Parses a `metrics.jsonl`. Non-finite numbers, nulls and non-numbers are left out; a
 /// `step` that is not a number is an error.
-pub fn read_metrics(file: &Path) -> Result<Metrics> {
+fn read_metrics(file: &Path) -> Result<Metrics> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let lines: Vec<(usize, &[u8])> = bytes
         .split(|&b| b == b'\n')
@@ -280,14 +280,18 @@ fn draw_panel(
         .light_line_style(TRANSPARENT)
         .draw()
         .map_err(plot_error)?;
-    let label_style =
-        TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    // Many ranks (with their eval series) shrink the legend's rows to fit the panel.
+    let row = (f64::from(PANEL_HEIGHT - 80) / series.len() as f64).min(24.0);
+    let label_style = TextStyle::from(("sans-serif", (row - 4.0).min(15.0)).into_font())
+        .pos(Pos::new(HPos::Left, VPos::Center));
     for (i, s) in series.iter().enumerate() {
         let style = s.color.stroke_width(if s.eval { 1 } else { 2 });
+        // A lone point has no segment to draw: it gets a dot, as eval points do.
+        let dots = s.eval || s.points.len() == 1;
         let line =
-            LineSeries::new(s.points.iter().copied(), style).point_size(if s.eval { 3 } else { 0 });
+            LineSeries::new(s.points.iter().copied(), style).point_size(if dots { 3 } else { 0 });
         chart.draw_series(line).map_err(plot_error)?;
-        let y = 60 + 24 * i as i32;
+        let y = 60 + (row * i as f64) as i32;
         legend_area
             .draw(&PathElement::new([(0, y), (28, y)], style))
             .map_err(plot_error)?;
@@ -357,7 +361,8 @@ fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32) -> Result<()> {
         .write_header()
         .and_then(|mut w| w.write_image_data(rgb))
         .with_context(|| format!("cannot encode {}", path.display()))?;
-    let tmp = path.with_extension("png.tmp");
+    // The process id keeps two concurrent `plot`s of one run from sharing a temporary file.
+    let tmp = path.with_extension(format!("png.{}.tmp", std::process::id()));
     let result = std::fs::write(&tmp, &bytes)
         .with_context(|| format!("cannot write {}", tmp.display()))
         .and_then(|()| {
