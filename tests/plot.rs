@@ -180,6 +180,16 @@ fn names(paths: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn a_run_in_progress_draws_three_figures_with_their_series() {
     let mut rng = common::rng("a_run_in_progress_draws_three_figures_with_their_series");
@@ -190,13 +200,8 @@ fn a_run_in_progress_draws_three_figures_with_their_series() {
     for path in &written {
         assert_eq!(path.parent(), Some(dir.path()));
     }
-    let mut left: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
     assert_eq!(
-        left,
+        entries(dir.path()),
         ["logps.png", "loss.png", "metrics.jsonl", "rewards.png"],
         "no temporary file is left behind"
     );
@@ -274,6 +279,39 @@ fn eval_points_are_drawn_in_their_training_series_color() {
     let (top, middle) = blue(true);
     assert!(top >= 40, "with eval: {top} blue pixels in the top third");
     assert_eq!(middle, 0, "with eval: the training line stays low");
+}
+
+#[test]
+fn a_single_step_is_a_dot_and_many_ranks_fit() {
+    let mut line = json!({"step": 1, "loss": 0.69});
+    for j in 1..=12 {
+        line[format!("rewards/rank_{j}")] = json!(-0.01 * j as f64);
+    }
+    let mut eval = line.clone();
+    eval["loss"] = json!(null);
+    for j in 1..=12 {
+        eval[format!("eval/rewards/rank_{j}")] = json!(0.01 * j as f64);
+    }
+    let dir = run_dir(&[line.to_string(), eval.to_string()], "");
+    let written = plot_run(dir.path()).unwrap();
+    assert_eq!(names(&written), ["loss.png", "rewards.png"]);
+    let loss = Image::load(&written[0]);
+    assert_eq!((loss.width, loss.height), (WIDTH, PANEL));
+    let dot = loss.find(0..PANEL, 0..WIDTH - 200, |p| p == TAB10[0]);
+    assert!(dot.len() >= 10, "loss.png: {} pixels of the dot", dot.len());
+    let rewards = Image::load(&written[1]);
+    assert_eq!((rewards.width, rewards.height), (WIDTH, PANEL));
+    // Orange is rank 2 and rank 12 (the palette cycles), each with its eval series: four
+    // legend entries, the last ones only visible if the 24 rows shrink to fit.
+    let mut rows: Vec<usize> = rewards
+        .find(0..PANEL, WIDTH - 200..WIDTH, |p| p == TAB10[1])
+        .iter()
+        .map(|&(_, y)| y)
+        .collect();
+    rows.sort();
+    rows.dedup();
+    let entries = 1 + rows.windows(2).filter(|w| w[1] - w[0] > 4).count();
+    assert_eq!(entries, 4, "orange legend rows {rows:?}");
 }
 
 #[test]
@@ -362,7 +400,7 @@ fn an_unwritable_figure_is_an_error_and_leaves_no_temporary_file() {
     std::fs::create_dir(dir.path().join("loss.png")).unwrap();
     let text = err_text(plot_run(dir.path()));
     assert_mentions(&text, &["cannot move", "loss.png"]);
-    assert!(!dir.path().join("loss.png.tmp").exists());
+    assert_eq!(entries(dir.path()), ["loss.png", "metrics.jsonl"]);
 }
 
 #[test]
