@@ -2,7 +2,7 @@
 //!
 //! `metrics.jsonl` holds one JSON object per optimizer step (`{"step": 1, "loss": 0.69,
 //! "lr": 5e-7, ...}`) and possibly eval lines (`{"step": 10, "eval/loss": ...}`). Keys may be
-//! missing and values null; a non-numeric value is a gap, not an error. The run may still be
+//! missing and values null; a non-numeric value is skipped, not an error. The run may still be
 //! writing the file, so an unparsable last line is ignored; an unparsable line before it is an
 //! error naming `file:line`.
 //!
