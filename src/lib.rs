@@ -8,6 +8,7 @@ pub mod fsutil;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod step;
 pub mod tokenizer;
 pub mod train;

@@ -4,6 +4,7 @@ mod config_file;
 mod eval;
 mod grads;
 mod loss_args;
+mod plot;
 mod precompute;
 mod score;
 mod train;
@@ -36,6 +37,7 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     Grads(Box<grads::GradsArgs>),
     PrecomputeRef(precompute::PrecomputeArgs),
+    Plot(plot::PlotArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -45,6 +47,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(*args),
         Command::Grads(args) => grads::run(*args),
         Command::PrecomputeRef(args) => precompute::run(args),
+        Command::Plot(args) => plot::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
