@@ -3,31 +3,10 @@
 
 mod common;
 
-use common::{assert_close, fixture, golden_json, golden_loss_name, rel_err, Golden};
-use std::process::{Command, Output};
+use common::{
+    assert_close, contralign, contralign_ok, fx, golden_json, golden_loss_name, rel_err, Golden,
+};
 use tempfile::TempDir;
-
-fn contralign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_contralign"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs the binary and requires success; the message shows the arguments and stderr.
-fn contralign_ok(args: &[&str]) -> Output {
-    let out = contralign(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fx(name: &str) -> String {
-    fixture(name).to_string_lossy().into_owned()
-}
 
 fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).unwrap();

@@ -1,9 +1,9 @@
 //! The model, data and loss flags shared by `eval` and `grads`.
 
+use crate::cli::data_args::DataArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use contralign::data::pairs::{to_pairs, PairStrategy};
-use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
 use contralign::model::{Model, ResponseStats};
@@ -133,9 +133,9 @@ pub struct InputArgs {
     /// nca_pair); ignored by the others.
     #[arg(long, value_name = "DIR")]
     pub ref_model: Option<PathBuf>,
-    /// Pre-tokenized JSONL (reward groups or pairs, detected per line).
-    #[arg(long, value_name = "FILE")]
-    pub data: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub loss: LossArgs,
@@ -163,7 +163,7 @@ impl InputArgs {
             );
         }
         precheck()?;
-        let groups = self.loss.prepare(&spec, read_file(&self.data)?)?;
+        let groups = self.loss.prepare(&spec, self.data.load(&self.model)?)?;
         let policy = Model::load(&CpuOps, &self.model)?;
         let reference = match &self.ref_model {
             Some(dir) if spec.kind.needs_reference() => Some(Model::load(&CpuOps, dir)?),

@@ -1,6 +1,7 @@
 //! Subcommands of the `contralign` binary.
 
 mod config_file;
+mod data_args;
 mod eval;
 mod grads;
 mod loss_args;

@@ -1,6 +1,6 @@
+use crate::cli::data_args::DataArgs;
 use anyhow::Result;
 use clap::Args;
-use contralign::data::pretokenized::read_file;
 use contralign::fsutil::check_writable_file;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
@@ -19,9 +19,8 @@ pub struct PrecomputeArgs {
     /// The reference model: a Hugging Face model directory.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// The training data set (JSONL).
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
     /// The cache file to write (JSON, atomically).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
@@ -32,7 +31,7 @@ pub struct PrecomputeArgs {
 
 pub fn run(args: PrecomputeArgs) -> Result<()> {
     check_writable_file(&args.out, "--out")?;
-    let groups = read_file(&args.data)?;
+    let groups = args.data.load(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let bar = ProgressBar::new(groups.len() as u64);
     bar.set_style(
@@ -47,7 +46,7 @@ pub fn run(args: PrecomputeArgs) -> Result<()> {
         &model,
         &args.model,
         &groups,
-        &args.data,
+        &args.data.data,
         args.micro_tokens.max(1),
         |done| bar.set_position(done as u64),
     )?;

@@ -1,6 +1,6 @@
+use crate::cli::data_args::DataArgs;
 use anyhow::Result;
 use clap::Args;
-use contralign::data::pretokenized::read_file;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::step;
@@ -18,14 +18,12 @@ pub struct ScoreArgs {
     /// Hugging Face model directory (config.json + safetensors).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Pre-tokenized JSONL: reward groups {"prompt_ids", "response_ids", "rewards"} or
-    /// pairs {"prompt_ids", "chosen_ids", "rejected_ids"}, detected per line.
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let groups = read_file(&args.data)?;
+    let groups = args.data.load(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let batch = step::pack(&model, &groups)?;
     let stats = model.score(&CpuOps, &batch);

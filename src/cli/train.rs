@@ -3,7 +3,6 @@ use crate::cli::loss_args::InputArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::parse_dtype;
-use contralign::data::pretokenized::read_file;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::step::check_reference;
@@ -160,7 +159,7 @@ impl TrainArgs {
         };
         let mut args = self.clone();
         args.inputs.model = abs(&self.inputs.model)?;
-        args.inputs.data = abs(&self.inputs.data)?;
+        args.inputs.data.data = abs(&self.inputs.data.data)?;
         args.inputs.ref_model = self.inputs.ref_model.as_ref().map(abs).transpose()?;
         args.ref_logps = self.ref_logps.as_ref().map(abs).transpose()?;
         args.out = self.out.as_ref().map(abs).transpose()?;
@@ -275,7 +274,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         );
     }
 
-    let data = read_file(&inputs.data)?;
+    let data = inputs.data.load(&inputs.model)?;
     let groups = inputs.loss.prepare(spec, data.clone())?;
     let restored = match &args.resume {
         Some(_) => {
@@ -296,7 +295,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     } else if let Some(path) = &args.ref_logps {
         let cache = RefCache::load(path)?;
         let model_dir = inputs.ref_model.as_ref().unwrap_or(&inputs.model);
-        cache.check(path, &inputs.data, &data, model_dir)?;
+        cache.check(path, &inputs.data.data, &data, model_dir)?;
         Reference::Cache(cache.lookup(&data))
     } else {
         let dir = inputs.ref_model.as_ref().expect("checked above");

@@ -197,3 +197,27 @@ pub fn loss_and_grads_with_reference(
     let ref_stats = step::reference_stats(&CpuOps, policy, Some(reference), groups, spec).unwrap();
     step::loss_and_grads(&CpuOps, policy, ref_stats.as_deref(), groups, spec, opts).unwrap()
 }
+
+/// Runs the `contralign` binary.
+pub fn contralign(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_contralign"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs the binary and requires success; the message shows the arguments and stderr.
+pub fn contralign_ok(args: &[&str]) -> std::process::Output {
+    let out = contralign(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A fixture's path as a string, for command lines.
+pub fn fx(name: &str) -> String {
+    fixture(name).to_string_lossy().into_owned()
+}

@@ -1,0 +1,72 @@
+//! The data flags shared by every command that reads a data set.
+
+use anyhow::Result;
+use clap::Args;
+use contralign::data::load::{load_groups, DataOptions};
+use contralign::data::Group;
+use contralign::tokenizer::TextTokenizer;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DataArgs {
+    /// The data set, JSONL, one group per line, its format detected per line: reward groups
+    /// {"prompt", "responses", "rewards"}, TRL pairs {"prompt", "chosen", "rejected"},
+    /// UltraFeedback {"instruction", "completions"}, or their pre-tokenized forms
+    /// (`prompt_ids`, `response_ids`, `chosen_ids`, `rejected_ids`). Text is plain or a
+    /// conversation (a list of {"role", "content"}) rendered with the model's chat template.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Keep at most the last N prompt tokens.
+    #[arg(long, value_name = "N")]
+    pub max_prompt_len: Option<usize>,
+    /// At most N tokens of prompt + response (TRL's max_length); longer responses are cut
+    /// and then have no EOS.
+    #[arg(long, value_name = "N")]
+    pub max_len: Option<usize>,
+    /// UltraFeedback's score: a completion's key or dotted path.
+    #[arg(long, value_name = "FIELD", default_value = "overall_score")]
+    pub score_field: String,
+    /// Skip and count malformed lines instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+impl DataArgs {
+    /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
+    /// has one); what was skipped or truncated is reported on stderr.
+    pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
+        let tokenizer = if model_dir.join("tokenizer.json").is_file() {
+            Some(TextTokenizer::load(model_dir)?)
+        } else {
+            None
+        };
+        let opts = DataOptions {
+            max_prompt_len: self.max_prompt_len,
+            max_len: self.max_len,
+            score_field: self.score_field.clone(),
+            skip_invalid: self.skip_invalid,
+        };
+        let data = load_groups(&self.data, tokenizer.as_ref(), &opts)?;
+        let s = &data.stats;
+        if s.skipped > 0 {
+            eprintln!(
+                "{}: skipped {} invalid of {} lines (the first: {})",
+                self.data.display(),
+                s.skipped,
+                s.lines,
+                s.first_skipped.as_deref().unwrap_or("?")
+            );
+        }
+        if s.truncated_prompts + s.truncated_responses > 0 {
+            eprintln!(
+                "{}: truncated {} prompts (--max-prompt-len) and {} responses (--max-len)",
+                self.data.display(),
+                s.truncated_prompts,
+                s.truncated_responses
+            );
+        }
+        Ok(data.groups)
+    }
+}
