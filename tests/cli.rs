@@ -221,34 +221,44 @@ fn cli_errors_are_messages_not_panics() {
 
 #[test]
 fn help_explains_every_flag() {
-    let cases: [(&str, &[&str]); 2] = [
-        ("score", &["--model", "--data", "logp_sum", "eos_logp"]),
-        (
-            "grads",
-            &[
-                "--model",
-                "--ref-model",
-                "--data",
-                "--loss",
-                "--beta",
-                "--alpha",
-                "--label-smoothing",
-                "--aux-coef",
-                "--no-checkpointing",
-                "--out",
-                "sft",
-                "nca",
-                "dpo",
-            ],
-        ),
-    ];
-    for (cmd, words) in cases {
-        let out = contralign(&[cmd, "--help"]);
-        assert!(out.status.success());
+    let commands = ["train", "score", "eval", "grads", "precompute-ref", "plot"];
+    for cmd in commands {
+        let out = contralign_ok(&[cmd, "--help"]);
         let text = String::from_utf8(out.stdout).unwrap();
-        for w in words {
-            assert!(text.contains(w), "`{cmd} --help` does not mention {w}");
+        let lines: Vec<&str> = text.lines().collect();
+        let mut flags = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let spec = line.trim_start();
+            if !(spec.starts_with("--") || spec.starts_with("-h, --")) {
+                continue;
+            }
+            flags += 1;
+            // clap's long help puts the description on the next line.
+            let described = lines
+                .get(i + 1)
+                .is_some_and(|next| !next.trim().is_empty() && !next.trim_start().starts_with('-'));
+            assert!(described, "`{cmd} --help`: {spec} has no description");
         }
+        assert!(flags >= 1, "`{cmd} --help` lists {flags} flags:\n{text}");
+    }
+    let out = contralign_ok(&["--help"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in commands {
+        assert!(text.contains(cmd), "`--help` does not list {cmd}");
+    }
+    let train = String::from_utf8(contralign_ok(&["train", "--help"]).stdout).unwrap();
+    for word in [
+        "metrics.jsonl",
+        "checkpoint-STEP",
+        "--resume",
+        "--config",
+        "Ctrl-C",
+        "[default: 1e-6]",
+    ] {
+        assert!(
+            train.contains(word),
+            "`train --help` does not mention {word}"
+        );
     }
 }
 
