@@ -62,14 +62,14 @@ pub struct TrainArgs {
     /// micro-batches (the loss stays the mean over the step's groups).
     #[arg(long, value_name = "N", default_value_t = 8192)]
     micro_tokens: usize,
-    /// Peak learning rate. Default 1e-6 (TRL's DPO default).
-    #[arg(long, value_name = "F", default_value_t = 1e-6)]
+    /// Peak learning rate (the default is TRL's DPO default).
+    #[arg(long, value_name = "F", default_value = "1e-6")]
     lr: f64,
     /// AdamW betas.
     #[arg(long, value_name = "B1,B2", default_value = "0.9,0.999")]
     betas: String,
     /// AdamW epsilon.
-    #[arg(long, value_name = "F", default_value_t = 1e-8)]
+    #[arg(long, value_name = "F", default_value = "1e-8")]
     eps: f64,
     /// Decoupled weight decay (transformers' default 0).
     #[arg(long, value_name = "F", default_value_t = 0.0)]
