@@ -11,6 +11,7 @@ use contralign::train::plan::{Length, StepBudget};
 use contralign::train::refcache::RefCache;
 use contralign::train::run_dir::{load_checkpoint, RunDir, SaveOptions, CONFIG};
 use contralign::train::schedule::ScheduleKind;
+use contralign::train::session::{self, Outcome};
 use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -344,53 +345,42 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         .context("installing the Ctrl-C handler")?;
     }
     let progress = Progress::new(total, trainer.step);
-    while !trainer.done() {
-        let record = trainer.train_step()?;
-        run.append_metrics(&record.to_json())?;
-        if let Some(reason) = &record.skipped {
-            progress.bar.suspend(|| {
-                eprintln!(
-                    "step {}: {reason}; the update was skipped ({} in a row)",
-                    record.step, trainer.bad_steps_in_a_row
-                )
-            });
-        }
-        progress.step(record.step, total, record.loss, record.tokens_per_s);
-        let name = format!("checkpoint-{}", trainer.step);
-        if trainer.too_many_bad_steps() {
-            let path = run.save_checkpoint(&name, &trainer, &save)?;
-            progress.bar.abandon();
-            bail!(
-                "{} steps in a row had a non-finite loss or gradient; stopped at step {} and \
-                 saved {}",
-                trainer.bad_steps_in_a_row,
-                trainer.step,
+    let outcome = session::run(
+        &mut trainer,
+        &run,
+        &save,
+        args.save_every,
+        &interrupted,
+        |record, trainer| {
+            if let Some(reason) = &record.skipped {
+                progress.bar.suspend(|| {
+                    eprintln!(
+                        "step {}: {reason}; the update was skipped ({} in a row)",
+                        record.step, trainer.bad_steps_in_a_row
+                    )
+                });
+            }
+            progress.step(record.step, total, record.loss, record.tokens_per_s);
+        },
+    );
+    progress.bar.abandon();
+    match outcome? {
+        Outcome::Finished(path) => {
+            eprintln!(
+                "trained {total} steps; wrote {} and {}",
+                run.metrics_path().display(),
                 path.display()
             );
+            Ok(ExitCode::SUCCESS)
         }
-        if interrupted.load(Ordering::SeqCst) {
-            let path = run.save_checkpoint(&name, &trainer, &save)?;
-            progress.bar.abandon();
+        Outcome::Interrupted(path) => {
             eprintln!(
                 "interrupted at step {}: saved {}; continue with `contralign train --resume {}`",
                 trainer.step,
                 path.display(),
                 out.display()
             );
-            return Ok(ExitCode::from(130));
-        }
-        if args.save_every > 0 && trainer.step % args.save_every == 0 && !trainer.done() {
-            progress
-                .bar
-                .suspend(|| run.save_checkpoint(&name, &trainer, &save))?;
+            Ok(ExitCode::from(130))
         }
     }
-    let path = run.save_checkpoint("final", &trainer, &save)?;
-    progress.bar.finish();
-    eprintln!(
-        "trained {total} steps; wrote {} and {}",
-        run.metrics_path().display(),
-        path.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -6,4 +6,5 @@ pub mod plan;
 pub mod refcache;
 pub mod run_dir;
 pub mod schedule;
+pub mod session;
 pub mod trainer;
