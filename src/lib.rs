@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod fsutil;
+pub mod generate;
 pub mod loss;
 pub mod model;
 pub mod ops;

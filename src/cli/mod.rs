@@ -2,6 +2,7 @@
 
 mod config_file;
 mod data_args;
+mod demo;
 mod eval;
 mod grads;
 mod loss_args;
@@ -33,6 +34,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Demo(demo::DemoArgs),
     Train(Box<train::TrainArgs>),
     Score(score::ScoreArgs),
     Eval(Box<eval::EvalArgs>),
@@ -43,6 +45,7 @@ enum Command {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Train(args) => return train::run(*args),
         Command::Score(args) => score::run(args),
         Command::Eval(args) => eval::run(*args),

@@ -50,5 +50,7 @@ pub fn run(
             run.save_checkpoint(&name, trainer, save)?;
         }
     }
-    Ok(Outcome::Finished(run.save_checkpoint("final", trainer, save)?))
+    Ok(Outcome::Finished(
+        run.save_checkpoint("final", trainer, save)?,
+    ))
 }
