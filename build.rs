@@ -50,6 +50,8 @@ fn main() {
 
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let nvcc = find_nvcc(&root);
+        // A reinstalled or upgraded compiler rebuilds the PTX.
+        println!("cargo:rerun-if-changed={}", nvcc.display());
         let ptx_dir = out.join("ptx");
         fs::create_dir_all(&ptx_dir)
             .unwrap_or_else(|e| fail(&format!("{}: {e}", ptx_dir.display())));
@@ -130,19 +132,32 @@ fn scan_kernels(path: &Path, text: &str) -> Vec<String> {
 /// Copies every `cuda/*.cu` and `cuda/*.cuh` into `dir` with its `__shared__` declarations
 /// rewritten; a `#line` keeps the compiler's messages pointing at the originals.
 fn write_emulator_sources(cuda: &Path, dir: &Path) {
+    // From scratch: a stale copy of a deleted header would still be found by #include.
+    if dir.exists() {
+        fs::remove_dir_all(dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+    }
     fs::create_dir_all(dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
     let entries = fs::read_dir(cuda).unwrap_or_else(|e| fail(&format!("{}: {e}", cuda.display())));
     for entry in entries {
-        let path = entry.unwrap_or_else(|e| fail(&format!("{}: {e}", cuda.display()))).path();
-        if !path.extension().is_some_and(|ext| ext == "cu" || ext == "cuh") {
+        let path = entry
+            .unwrap_or_else(|e| fail(&format!("{}: {e}", cuda.display())))
+            .path();
+        if !path
+            .extension()
+            .is_some_and(|ext| ext == "cu" || ext == "cuh")
+        {
             continue;
         }
-        let text = fs::read_to_string(&path)
-            .unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
+        let text =
+            fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
         let rewritten = rewrite_shared(&text).unwrap_or_else(|(line, message)| {
             fail(&format!("{}:{line}: {message}", path.display()))
         });
-        let quoted = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+        let quoted = path
+            .display()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
         let copy = dir.join(path.file_name().unwrap());
         write(&copy, &format!("#line 1 \"{quoted}\"\n{rewritten}"));
     }
@@ -171,7 +186,9 @@ fn rewrite_shared(text: &str) -> Result<String, (usize, String)> {
                 i = text[i..].find('\n').map_or(bytes.len(), |n| i + n);
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i = text[i + 2..].find("*/").map_or(bytes.len(), |n| i + 2 + n + 2);
+                i = text[i + 2..]
+                    .find("*/")
+                    .map_or(bytes.len(), |n| i + 2 + n + 2);
             }
             quote @ (b'"' | b'\'') => {
                 i += 1;
@@ -204,16 +221,18 @@ fn rewrite_shared(text: &str) -> Result<String, (usize, String)> {
                     }
                     decl_start = word_start;
                 }
-                let end = text[i..]
-                    .find(';')
-                    .map(|n| i + n)
-                    .ok_or_else(|| (line_of(start), "`__shared__` declaration without `;`".to_string()))?;
+                let end = text[i..].find(';').map(|n| i + n).ok_or_else(|| {
+                    (
+                        line_of(start),
+                        "`__shared__` declaration without `;`".to_string(),
+                    )
+                })?;
                 let replacement = shared_declaration(&text[i..end], is_extern)
                     .map_err(|message| (line_of(start), message))?;
                 out.push_str(&text[copied..decl_start]);
                 out.push_str(&replacement);
                 // Keep the lines of a declaration that spanned several.
-                out.extend(std::iter::repeat('\n').take(text[decl_start..end].matches('\n').count()));
+                out.push_str(&"\n".repeat(text[decl_start..end].matches('\n').count()));
                 copied = end;
                 i = end;
             }
@@ -253,7 +272,9 @@ fn shared_declaration(decl: &str, is_extern: bool) -> Result<String, String> {
         .map_or(0, |p| p + 1);
     let (ty, name) = (head[..name_start].trim(), &head[name_start..]);
     if ty.is_empty() || name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err(format!("cannot read `__shared__{decl}` as `__shared__ TYPE NAME[...]`"));
+        return Err(format!(
+            "cannot read `__shared__{decl}` as `__shared__ TYPE NAME[...]`"
+        ));
     }
     if is_extern {
         if dims != "[]" {
@@ -367,12 +388,11 @@ fn build_ptx(nvcc: &Path, cuda: &Path, modules: &[Module], ptx_dir: &Path) {
     let errors = Mutex::new(Vec::new());
     thread::scope(|scope| {
         for _ in 0..jobs.min(modules.len()) {
-            scope.spawn(|| loop {
-                let Some(module) = modules.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                if let Err(e) = compile_ptx(nvcc, cuda, module, ptx_dir) {
-                    errors.lock().unwrap().push(e);
+            scope.spawn(|| {
+                while let Some(module) = modules.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if let Err(e) = compile_ptx(nvcc, cuda, module, ptx_dir) {
+                        errors.lock().unwrap().push(e);
+                    }
                 }
             });
         }

@@ -311,7 +311,7 @@ fn every_thread_runs_once_with_its_coordinates() {
             None,
         );
         let count_div3 = (0..per_block)
-            .filter(|t| (t % block.0 as usize) % 3 == 0)
+            .filter(|t| (t % block.0 as usize).is_multiple_of(3))
             .count() as u32;
         for g in 0..n {
             let (b, t) = (g / per_block, (g % per_block) as u32);

@@ -119,7 +119,6 @@ enum class WarpOp : int {
     ReduceAddI,
     ReduceMinI,
     ReduceMaxI,
-    Matrix,
 };
 // Waits until every live thread of the block arrives; returns the mode's reduction of the
 // predicates.
@@ -312,16 +311,24 @@ CONTRALIGN_EMU_WARP_REDUCE(__reduce_max_sync, ReduceMaxU, ReduceMaxI)
 // Blocks of a launch run one after another on one OS thread and fibers are never preempted,
 // so a plain read-modify-write is atomic.
 
+namespace contralign_emu {
 template <class T>
-T contralign_emu_atomic_update(T* address, T value, T (*update)(T, T)) {
+T atomic_update(T* address, T value, T (*update)(T, T)) {
     T old = *address;
     *address = update(old, value);
     return old;
 }
-#define CONTRALIGN_EMU_ATOMIC(fn, T, expr)                                           \
-    inline T fn(T* address, T value) {                                               \
-        return contralign_emu_atomic_update<T>(address, value,                       \
-                                               [](T a, T b) -> T { return expr; }); \
+template <class T>
+T atomic_cas(T* address, T compare, T value) {
+    T old = *address;
+    if (old == compare) *address = value;
+    return old;
+}
+}  // namespace contralign_emu
+#define CONTRALIGN_EMU_ATOMIC(fn, T, expr)                                                \
+    inline T fn(T* address, T value) {                                                    \
+        return ::contralign_emu::atomic_update<T>(address, value,                         \
+                                                  [](T a, T b) -> T { return expr; });   \
     }
 CONTRALIGN_EMU_ATOMIC(atomicAdd, int, a + b)
 CONTRALIGN_EMU_ATOMIC(atomicAdd, unsigned int, a + b)
@@ -342,19 +349,13 @@ CONTRALIGN_EMU_ATOMIC(atomicExch, unsigned long long, ((void)a, b))
 CONTRALIGN_EMU_ATOMIC(atomicExch, float, ((void)a, b))
 #undef CONTRALIGN_EMU_ATOMIC
 
-template <class T>
-T contralign_emu_atomic_cas(T* address, T compare, T value) {
-    T old = *address;
-    if (old == compare) *address = value;
-    return old;
-}
-inline int atomicCAS(int* a, int c, int v) { return contralign_emu_atomic_cas(a, c, v); }
+inline int atomicCAS(int* a, int c, int v) { return ::contralign_emu::atomic_cas(a, c, v); }
 inline unsigned int atomicCAS(unsigned int* a, unsigned int c, unsigned int v) {
-    return contralign_emu_atomic_cas(a, c, v);
+    return ::contralign_emu::atomic_cas(a, c, v);
 }
 inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long c,
                                     unsigned long long v) {
-    return contralign_emu_atomic_cas(a, c, v);
+    return ::contralign_emu::atomic_cas(a, c, v);
 }
 
 // ---- Math ---------------------------------------------------------------------------------

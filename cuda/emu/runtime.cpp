@@ -259,7 +259,6 @@ const char* op_name(WarpOp op) {
         case WarpOp::ReduceMinI: return "__reduce_min_sync";
         case WarpOp::ReduceMaxU:
         case WarpOp::ReduceMaxI: return "__reduce_max_sync";
-        case WarpOp::Matrix: return "a wmma *_sync call";
     }
     return "?";
 }
@@ -382,8 +381,7 @@ bool complete_warp_collective(Block& b, unsigned warp, unsigned mask) {
         if (!(group >> l & 1u)) continue;
         Fiber& f = lanes[l];
         switch (f.op) {
-            case WarpOp::Sync:
-            case WarpOp::Matrix: f.result = 0; break;
+            case WarpOp::Sync: f.result = 0; break;
             case WarpOp::ShflIdx:
             case WarpOp::ShflUp:
             case WarpOp::ShflDown:
