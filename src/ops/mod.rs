@@ -6,6 +6,7 @@
 //! gradient and *accumulate* weight gradients into the buffers they are given.
 
 pub mod cpu;
+pub mod cuda;
 
 /// Which keys each token of a packed stream may attend to (design.md, "Packed groups").
 ///
