@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod fsutil;
+pub mod generate;
 pub mod loss;
 pub mod model;
 pub mod ops;
