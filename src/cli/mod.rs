@@ -3,6 +3,7 @@
 mod config_file;
 mod data_args;
 mod eval;
+mod generate;
 mod grads;
 mod loss_args;
 mod plot;
@@ -39,6 +40,7 @@ enum Command {
     Grads(Box<grads::GradsArgs>),
     PrecomputeRef(precompute::PrecomputeArgs),
     Plot(plot::PlotArgs),
+    Generate(Box<generate::GenerateArgs>),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -49,6 +51,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Grads(args) => grads::run(*args),
         Command::PrecomputeRef(args) => precompute::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Generate(args) => generate::run(*args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
