@@ -221,7 +221,15 @@ fn cli_errors_are_messages_not_panics() {
 
 #[test]
 fn help_explains_every_flag() {
-    let commands = ["train", "score", "eval", "grads", "precompute-ref", "plot"];
+    let commands = [
+        "train",
+        "score",
+        "eval",
+        "grads",
+        "precompute-ref",
+        "plot",
+        "generate",
+    ];
     for cmd in commands {
         let out = contralign_ok(&[cmd, "--help"]);
         let text = String::from_utf8(out.stdout).unwrap();

@@ -4,6 +4,7 @@ mod config_file;
 mod data_args;
 mod demo;
 mod eval;
+mod generate;
 mod grads;
 mod loss_args;
 mod plot;
@@ -41,6 +42,7 @@ enum Command {
     Grads(Box<grads::GradsArgs>),
     PrecomputeRef(precompute::PrecomputeArgs),
     Plot(plot::PlotArgs),
+    Generate(Box<generate::GenerateArgs>),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -52,6 +54,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Grads(args) => grads::run(*args),
         Command::PrecomputeRef(args) => precompute::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Generate(args) => generate::run(*args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -59,7 +59,7 @@ pub struct AuxGrad<'a> {
     pub row_weights: &'a [f64],
 }
 
-fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
+pub fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
     AttentionShape {
         heads: cfg.num_heads,
         kv_heads: cfg.num_kv_heads,
@@ -109,7 +109,23 @@ pub fn forward<O: Ops>(
     x: &O::Buf,
     layout: &AttentionLayout,
 ) -> (O::Buf, LayerActs<O::Buf>) {
-    let t = layout.len();
+    forward_with(ops, cfg, p, x, &layout.positions, |q, k, v| {
+        ops.attention(q, k, v, layout, attn_shape(cfg))
+    })
+}
+
+/// The layer over rows `x` at `positions`, its attention supplied by
+/// `attend(q, k, v) -> (out, lse)` from the rows' rotated queries and keys and their values:
+/// a KV-cached decoder attends over earlier tokens' keys as well.
+pub fn forward_with<O: Ops>(
+    ops: &O,
+    cfg: &ModelConfig,
+    p: &LayerParams<O::Buf>,
+    x: &O::Buf,
+    positions: &[u32],
+    attend: impl FnOnce(&O::Buf, &O::Buf, &O::Buf) -> (O::Buf, O::Buf),
+) -> (O::Buf, LayerActs<O::Buf>) {
+    let t = positions.len();
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let eps = cfg.rms_norm_eps;
@@ -118,23 +134,16 @@ pub fn forward<O: Ops>(
     let mut q = ops.matmul(&normed, &p.q, t, d, qw);
     let mut k = ops.matmul(&normed, &p.k, t, d, kvw);
     let v = ops.matmul(&normed, &p.v, t, d, kvw);
-    ops.rope(
-        &mut q,
-        &layout.positions,
-        cfg.num_heads,
-        hd,
-        cfg.rope_theta,
-        false,
-    );
+    ops.rope(&mut q, positions, cfg.num_heads, hd, cfg.rope_theta, false);
     ops.rope(
         &mut k,
-        &layout.positions,
+        positions,
         cfg.num_kv_heads,
         hd,
         cfg.rope_theta,
         false,
     );
-    let (attn, lse) = ops.attention(&q, &k, &v, layout, attn_shape(cfg));
+    let (attn, lse) = attend(&q, &k, &v);
     let mut mid = ops.matmul(&attn, &p.o, t, qw, d);
     ops.add_assign(&mut mid, x);
 

@@ -9,6 +9,34 @@ fn head(x: &[f32], t: usize, h: usize, heads: usize, hd: usize) -> &[f32] {
     &x[base..base + hd]
 }
 
+/// Softmax attention of one query head over keys `0..n` (`key(i)` and `value(i)` their
+/// heads), scale `scale`: writes the output head and returns the log-sum-exp. The packed and
+/// the cached attention share it, so that both compute the same sums in the same order.
+fn attend_head<'a>(
+    qh: &[f32],
+    n: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f64,
+    out: &mut [f32],
+) -> f32 {
+    let scores: Vec<f64> = (0..n).map(|i| scale * dot(qh, key(i))).collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut acc = vec![0f64; out.len()];
+    let mut sum = 0f64;
+    for (i, &sc) in scores.iter().enumerate() {
+        let p = (sc - max).exp();
+        sum += p;
+        for (a, &x) in acc.iter_mut().zip(value(i)) {
+            *a += p * x as f64;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = (a / sum) as f32;
+    }
+    (max + sum.ln()) as f32
+}
+
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -27,27 +55,50 @@ pub fn attention(
         .enumerate()
         .for_each(|(t, (out_t, lse_t))| {
             let keys: Vec<usize> = layout.keys(t).collect();
-            let mut scores = vec![0f64; keys.len()];
             for h in 0..hq {
                 let kvh = h / group;
-                let qh = head(q, t, h, hq, hd);
-                for (sc, &key) in scores.iter_mut().zip(&keys) {
-                    *sc = scale * dot(qh, head(k, key, kvh, hkv, hd));
-                }
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let mut acc = vec![0f64; hd];
-                let mut sum = 0f64;
-                for (&sc, &key) in scores.iter().zip(&keys) {
-                    let p = (sc - max).exp();
-                    sum += p;
-                    for (a, &x) in acc.iter_mut().zip(head(v, key, kvh, hkv, hd)) {
-                        *a += p * x as f64;
-                    }
-                }
-                for (o, a) in out_t[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
-                    *o = (a / sum) as f32;
-                }
-                lse_t[h] = (max + sum.ln()) as f32;
+                lse_t[h] = attend_head(
+                    head(q, t, h, hq, hd),
+                    keys.len(),
+                    |i| head(k, keys[i], kvh, hkv, hd),
+                    |i| head(v, keys[i], kvh, hkv, hd),
+                    scale,
+                    &mut out_t[h * hd..(h + 1) * hd],
+                );
+            }
+        });
+    (out, lse)
+}
+
+/// Attention of query rows `q [R, heads * hd]` over keys and values held elsewhere (a KV
+/// cache): row `r` attends to every row of `kv[r] = (keys, values)`, each
+/// `[n_r, kv_heads * hd]`. Returns `(out [R, heads * hd], lse [R, heads])`, as [`attention`].
+pub fn attention_over(
+    q: &[f32],
+    kv: &[(&[f32], &[f32])],
+    s: AttentionShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let (hq, hkv, hd) = (s.heads, s.kv_heads, s.head_dim);
+    let group = hq / hkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0f32; kv.len() * hq * hd];
+    let mut lse = vec![0f32; kv.len() * hq];
+    out.par_chunks_mut(hq * hd)
+        .zip(lse.par_chunks_mut(hq))
+        .zip(kv)
+        .enumerate()
+        .for_each(|(r, ((out_r, lse_r), &(k, v)))| {
+            let n = k.len() / (hkv * hd);
+            for h in 0..hq {
+                let kvh = h / group;
+                lse_r[h] = attend_head(
+                    head(q, r, h, hq, hd),
+                    n,
+                    |i| head(k, i, kvh, hkv, hd),
+                    |i| head(v, i, kvh, hkv, hd),
+                    scale,
+                    &mut out_r[h * hd..(h + 1) * hd],
+                );
             }
         });
     (out, lse)

@@ -8,6 +8,9 @@ mod scoring;
 
 use super::{AttentionLayout, AttentionShape, Ops, RowScale};
 
+/// Attention over a KV cache, which the ops trait does not model (generation only runs here).
+pub use attention::attention_over;
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
 

@@ -1,0 +1,177 @@
+use crate::cli::data_args::DataArgs;
+use anyhow::{Context, Result};
+use clap::{ArgGroup, Args};
+use contralign::generate::{generate, Sampling};
+use contralign::model::Model;
+use contralign::ops::cpu::CpuOps;
+use contralign::tokenizer::{Message, TextTokenizer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Generate a completion of a prompt, or of every prompt of a data set, on the CPU with a KV
+/// cache: greedy by default, or sampled with --temperature and --top-p. Generation stops at an
+/// EOS id of the model's config or after --max-new-tokens.
+///
+/// With --prompt, prints the completion's text (special tokens skipped), or with --json one
+/// object {"prompt", "completion", "ids", "stopped_at_eos"} where "prompt" is the text the
+/// model saw (the chat template rendered) and "ids" the new tokens, the EOS included.
+///
+/// With --data, prints one JSON line per group, in file order: {"group", "ids",
+/// "completion", "stopped_at_eos"}; "completion" is null when the model directory has no
+/// tokenizer (pre-tokenized data).
+#[derive(Args, Debug)]
+#[command(
+    allow_negative_numbers = true,
+    group(ArgGroup::new("input").required(true).args(["prompt", "data"]))
+)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The prompt's text, tokenized with the model directory's tokenizer: a single user
+    /// message in the chat template when the tokenizer has one, otherwise BOS + the text.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// Generate for every group's prompt of a data set (any format `score` reads; text needs
+    /// the model directory's tokenizer, pre-tokenized prompts do not).
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// Keep at most the last N tokens of each data set prompt.
+    #[arg(long, value_name = "N", conflicts_with = "prompt")]
+    max_prompt_len: Option<usize>,
+    /// UltraFeedback's score of a data set: a completion's key or dotted path.
+    #[arg(
+        long,
+        value_name = "FIELD",
+        default_value = "overall_score",
+        conflicts_with = "prompt"
+    )]
+    score_field: String,
+    /// Skip and count malformed data set lines instead of stopping at the first.
+    #[arg(long, conflicts_with = "prompt")]
+    skip_invalid: bool,
+    /// Stop after N new tokens (an EOS stops sooner).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Divide the logits by F before sampling; 0 is greedy (the highest logit, the lowest id
+    /// among equal ones).
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample from the nucleus: the most probable tokens whose probability reaches F.
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of the sampling; prompt i draws from its own stream, whatever the others.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+    /// Render --prompt with the chat template (an error when the tokenizer has none).
+    #[arg(long, conflicts_with_all = ["data", "no_chat"])]
+    chat: bool,
+    /// Tokenize --prompt as plain text (BOS + the text) even when the tokenizer has a chat
+    /// template.
+    #[arg(long, conflicts_with = "data")]
+    no_chat: bool,
+    /// Print --prompt's result as a JSON object instead of the completion's text.
+    #[arg(long, conflicts_with = "data")]
+    json: bool,
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
+    if dir.join("tokenizer.json").is_file() {
+        Ok(Some(TextTokenizer::load(dir)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The prompt's text as the model sees it, and its tokens.
+fn tokenize_prompt(
+    tokenizer: &TextTokenizer,
+    text: &str,
+    args: &GenerateArgs,
+) -> Result<(String, Vec<u32>)> {
+    let chat = if args.chat {
+        true
+    } else {
+        !args.no_chat && tokenizer.chat_template().is_some()
+    };
+    if chat {
+        let message = Message {
+            role: "user".to_string(),
+            content: text.to_string(),
+        };
+        let rendered = tokenizer.render_chat(&[message], true)?;
+        let ids = tokenizer.encode(&rendered)?;
+        Ok((rendered, ids))
+    } else {
+        let ids = tokenizer.tokenize_plain(text, &[])?.prompt;
+        Ok((text.to_string(), ids))
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    sampling.check()?;
+    match (&args.prompt, &args.data) {
+        (Some(text), _) => run_prompt(&args, text, &sampling),
+        (None, Some(data)) => run_data(&args, data, &sampling),
+        (None, None) => unreachable!("clap requires --prompt or --data"),
+    }
+}
+
+fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()> {
+    let tokenizer = load_tokenizer(&args.model)?.with_context(|| {
+        format!(
+            "--prompt needs a tokenizer, and {} has no tokenizer.json (--data takes \
+             pre-tokenized prompts)",
+            args.model.display()
+        )
+    })?;
+    let (rendered, ids) = tokenize_prompt(&tokenizer, text, args)?;
+    let model = Model::load(&CpuOps, &args.model)?;
+    let g = generate(&model, &[ids], sampling)?.remove(0);
+    let completion = tokenizer.decode(&g.ids)?;
+    if args.json {
+        let line = serde_json::json!({
+            "prompt": rendered,
+            "completion": completion,
+            "ids": g.ids,
+            "stopped_at_eos": g.stopped_at_eos,
+        });
+        println!("{line}");
+    } else {
+        println!("{completion}");
+    }
+    Ok(())
+}
+
+fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()> {
+    let data_args = DataArgs {
+        data: data.to_path_buf(),
+        max_prompt_len: args.max_prompt_len,
+        max_len: None,
+        score_field: args.score_field.clone(),
+        skip_invalid: args.skip_invalid,
+    };
+    let groups = data_args.load(&args.model)?;
+    let tokenizer = load_tokenizer(&args.model)?;
+    let model = Model::load(&CpuOps, &args.model)?;
+    let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (i, g) in generate(&model, &prompts, sampling)?.iter().enumerate() {
+        let completion = tokenizer.as_ref().map(|t| t.decode(&g.ids)).transpose()?;
+        let line = serde_json::json!({
+            "group": i,
+            "ids": g.ids,
+            "completion": completion,
+            "stopped_at_eos": g.stopped_at_eos,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
