@@ -305,6 +305,9 @@ fn build_emulator(cuda: &Path, emu_sources: &Path, modules: &[Module]) {
         // Kernels run in the emulator for every test; unoptimized they would be ten times
         // slower, whatever the profile.
         .opt_level(2)
+        // The `__d*_rn` intrinsics promise uncontracted double arithmetic (cuda/emu); with
+        // FMA in the target (-march=native in CXXFLAGS) GCC would fuse them after inlining.
+        .flag_if_supported("-ffp-contract=off")
         .file(cuda.join("emu/runtime.cpp"));
     for module in modules {
         build.file(emu_sources.join(module.path.file_name().unwrap()));

@@ -229,6 +229,7 @@ fn help_explains_every_flag() {
         "precompute-ref",
         "plot",
         "generate",
+        "selftest",
     ];
     for cmd in commands {
         let out = contralign_ok(&[cmd, "--help"]);
@@ -384,4 +385,52 @@ fn pairwise_losses_run_on_reward_groups_through_a_pairs_strategy() {
             Some(true)
         );
     }
+}
+
+#[test]
+fn selftest_on_the_emulator_passes_and_lists_every_op() {
+    let out = contralign_ok(&["selftest", "--device", "emu"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for op in [
+        "swiglu_forward f32",
+        "swiglu_backward dgate bf16",
+        "embedding_forward bf16",
+        "embedding_backward f32",
+        "rmsnorm_forward y bf16",
+        "rmsnorm_backward dh f32",
+        "rmsnorm_backward dw bf16",
+        "rope_forward f32",
+        "rope_backward bf16",
+        "cast f32->bf16",
+        "cast bf16->f32",
+        "grad_norm",
+        "grad_clip",
+        "adamw f32 param",
+        "adamw bf16+master param",
+        "adamw bf16 stochastic neighbours",
+        "adamw bf16 stochastic mean",
+    ] {
+        assert!(text.contains(op), "selftest does not list {op}:\n{text}");
+    }
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.contains("checks pass"), "{text}");
+}
+
+#[test]
+fn selftest_on_cuda_without_a_gpu_is_a_clear_error() {
+    // On a machine with a GPU and a CUDA build there is nothing to check here.
+    if cfg!(feature = "cuda") && std::path::Path::new("/dev/nvidia0").exists() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let out = contralign(&["selftest", "--device", "cuda"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let expected = if cfg!(feature = "cuda") {
+        "CUDA driver"
+    } else {
+        "built without CUDA support"
+    };
+    assert!(stderr.contains(expected), "{stderr:?} lacks {expected:?}");
 }

@@ -1,9 +1,15 @@
 //! Kernels of cuda/*.cu run in the emulator against the CPU reference (`ops::cpu`), on fresh
 //! random inputs of awkward sizes and launch shapes.
 
+mod common;
+
 use contralign::ops::cpu::CpuOps;
+use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::emu::{self, KernelArgs, LaunchConfig};
+use contralign::ops::cuda::kernels::{AdamWStep, Kernels};
+use contralign::ops::cuda::selftest::{self, Row};
 use contralign::ops::Ops;
+use contralign::train::optimizer::AdamWConfig;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -161,4 +167,258 @@ fn swiglu_backward_matches_the_cpu_reference() {
             );
         }
     }
+}
+
+/// Launch shapes for the kernels through the device layer: (threads per block, most blocks).
+/// Partial warps (33, 96 = 3 warps), one warp, the largest block, and grids small enough that
+/// the kernels' grid-stride loops go round several times.
+const LAYER_SHAPES: [(u32, u32); 5] = [(256, 4096), (33, 3), (96, 7), (32, 1), (1024, 2)];
+
+fn kernels(device: &Device, (block, max_grid): (u32, u32)) -> Kernels<'_> {
+    Kernels {
+        device,
+        block,
+        max_grid,
+    }
+}
+
+fn assert_pass(rows: Vec<Row>, launch: (u32, u32)) {
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.pass).collect();
+    assert!(
+        failed.is_empty(),
+        "launch shape {launch:?}:\n{}",
+        selftest::table(&rows)
+    );
+}
+
+#[test]
+fn embedding_matches_the_cpu_bit_for_bit_with_repeated_ids() {
+    let device = Device::Emu;
+    let mut rng = common::rng("embedding");
+    // (tokens, vocab, d): one token, one column, more tokens than rows (ids repeat), widths
+    // that are no multiple of a warp.
+    for (tokens, vocab, d) in [
+        (1, 1, 1),
+        (1, 5, 7),
+        (40, 3, 33),
+        (300, 17, 129),
+        (9, 1000, 4099),
+    ] {
+        for launch in LAYER_SHAPES {
+            let k = kernels(&device, launch);
+            assert_pass(
+                selftest::embedding::<f32>(&k, &mut rng, tokens, vocab, d).unwrap(),
+                launch,
+            );
+            assert_pass(
+                selftest::embedding::<half::bf16>(&k, &mut rng, tokens, vocab, d).unwrap(),
+                launch,
+            );
+        }
+    }
+}
+
+#[test]
+fn embedding_rejects_an_id_past_the_table() {
+    let device = Device::Emu;
+    let k = Kernels::new(&device);
+    let table = device.upload(&[0f32; 12]).unwrap();
+    let ids = device.upload(&[0u32, 3]).unwrap();
+    let mut out = device.alloc::<f32>(8).unwrap();
+    let err = k.embedding_forward(&table, &ids, &mut out, 4).unwrap_err();
+    assert!(format!("{err:#}").contains("trap"), "{err:#}");
+}
+
+#[test]
+fn rmsnorm_with_residual_matches_the_cpu_reference() {
+    let device = Device::Emu;
+    let mut rng = common::rng("rmsnorm");
+    for (rows, d) in [(1, 1), (1, 4099), (7, 33), (130, 96), (3, 1000), (65, 31)] {
+        for launch in LAYER_SHAPES {
+            let k = kernels(&device, launch);
+            assert_pass(
+                selftest::rmsnorm::<f32>(&k, &mut rng, rows, d).unwrap(),
+                launch,
+            );
+            assert_pass(
+                selftest::rmsnorm::<half::bf16>(&k, &mut rng, rows, d).unwrap(),
+                launch,
+            );
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_without_residual_is_plain_rmsnorm() {
+    let device = Device::Emu;
+    let mut rng = common::rng("rmsnorm_plain");
+    let k = kernels(&device, (96, 5));
+    let (rows, d) = (11, 517);
+    let x: Vec<f32> = (0..rows * d).map(|_| rng.gen_range(-3.0..3.0)).collect();
+    let w: Vec<f32> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (mut y, mut rstd) = (
+        device.alloc::<f32>(rows * d).unwrap(),
+        device.alloc(rows).unwrap(),
+    );
+    k.rmsnorm_forward(
+        &device.upload(&x).unwrap(),
+        None,
+        &device.upload(&w).unwrap(),
+        None,
+        &mut y,
+        &mut rstd,
+        1e-6,
+    )
+    .unwrap();
+    let want = CpuOps.rmsnorm(&x, &w, d, 1e-6);
+    // As in selftest::rmsnorm: 6 threads' terms and a 7-level tree, (k/2 + 8) u.
+    let bound = ((d.div_ceil(96) as f32 + 7.0) / 2.0 + 8.0) * f32::EPSILON / 2.0;
+    let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
+    assert_close(
+        "y",
+        &device.download(&y).unwrap(),
+        &want,
+        &scale,
+        bound,
+        0.0,
+    );
+}
+
+#[test]
+fn rope_matches_the_cpu_reference_and_its_inverse() {
+    let device = Device::Emu;
+    let mut rng = common::rng("rope");
+    // (tokens, heads, head_dim): odd head widths leave the last element alone.
+    for (tokens, heads, hd) in [(1, 1, 2), (1, 3, 5), (17, 4, 64), (40, 8, 128), (3, 2, 33)] {
+        for launch in LAYER_SHAPES {
+            let k = kernels(&device, launch);
+            assert_pass(
+                selftest::rope::<f32>(&k, &mut rng, tokens, heads, hd).unwrap(),
+                launch,
+            );
+            assert_pass(
+                selftest::rope::<half::bf16>(&k, &mut rng, tokens, heads, hd).unwrap(),
+                launch,
+            );
+        }
+    }
+}
+
+#[test]
+fn casts_round_to_nearest_even_and_back_exactly() {
+    let device = Device::Emu;
+    let mut rng = common::rng("casts");
+    for n in [1, 31, 70001] {
+        for launch in [(256, 4096), (33, 3)] {
+            assert_pass(
+                selftest::casts(&kernels(&device, launch), &mut rng, n).unwrap(),
+                launch,
+            );
+        }
+    }
+}
+
+#[test]
+fn grad_norm_and_clipping_match_the_cpu_reference() {
+    let device = Device::Emu;
+    let mut rng = common::rng("grad_norm");
+    let cases: [&[usize]; 4] = [&[1], &[0, 31, 1], &[4099, 65537, 7], &[1000; 9]];
+    for lens in cases {
+        for launch in LAYER_SHAPES {
+            let k = kernels(&device, launch);
+            assert_pass(selftest::grad_norm(&k, &mut rng, lens).unwrap(), launch);
+        }
+    }
+}
+
+#[test]
+fn grad_norm_is_deterministic_and_leaves_small_gradients_alone() {
+    let device = Device::Emu;
+    let mut rng = common::rng("grad_norm_determinism");
+    let k = kernels(&device, (96, 7));
+    let grads: Vec<Vec<f32>> = [5003, 17]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect())
+        .collect();
+    let mut bufs: Vec<_> = grads.iter().map(|g| device.upload(g).unwrap()).collect();
+    let norms: Vec<Vec<f32>> = (0..3)
+        .map(|_| {
+            device
+                .download(&k.grad_norm(&bufs.iter().collect::<Vec<_>>(), 0.0).unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(norms.windows(2).all(|w| w[0] == w[1]), "{norms:?}");
+    assert_eq!(norms[0][1], 1.0, "max_norm 0 disables clipping");
+    // max_norm above the norm: coef 1, gradients untouched (bit for bit).
+    let out = k
+        .grad_norm(&bufs.iter().collect::<Vec<_>>(), norms[0][0] * 2.0)
+        .unwrap();
+    assert_eq!(device.download(&out).unwrap()[1], 1.0);
+    k.clip(&mut bufs.iter_mut().collect::<Vec<_>>(), &out)
+        .unwrap();
+    for (b, g) in bufs.iter().zip(&grads) {
+        assert_eq!(&device.download(b).unwrap(), g);
+    }
+}
+
+#[test]
+fn adamw_matches_the_cpu_optimizer_bit_for_bit() {
+    let device = Device::Emu;
+    let mut rng = common::rng("adamw");
+    for n in [1, 33, 4099] {
+        for launch in LAYER_SHAPES {
+            assert_pass(
+                selftest::adamw_exact(&kernels(&device, launch), &mut rng, n).unwrap(),
+                launch,
+            );
+        }
+    }
+}
+
+#[test]
+fn adamw_stochastic_rounding_is_unbiased_and_picks_a_neighbour() {
+    let device = Device::Emu;
+    let mut rng = common::rng("adamw_stochastic");
+    for launch in [(256, 4096), (96, 7)] {
+        let k = kernels(&device, launch);
+        assert_pass(
+            selftest::adamw_stochastic(&k, &mut rng, 16, 4099).unwrap(),
+            launch,
+        );
+    }
+}
+
+#[test]
+fn adamw_stochastic_rounding_is_deterministic_per_seed() {
+    let device = Device::Emu;
+    let mut rng = common::rng("adamw_seed");
+    let k = Kernels::new(&device);
+    let n = 4099;
+    // Updates of about a quarter of a bf16 ulp, so that each element's rounding is a coin toss.
+    let param: Vec<half::bf16> = (0..n)
+        .map(|_| half::bf16::from_f32(rng.gen_range(0.5..1.0)))
+        .collect();
+    let grad: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let run = |seed: u64| {
+        let mut p = device.upload(&param).unwrap();
+        let (mut m, mut v) = (
+            device.alloc::<f32>(n).unwrap(),
+            device.alloc::<f32>(n).unwrap(),
+        );
+        let step = AdamWStep::new(&AdamWConfig::default(), 1, 1e-3, seed);
+        k.adamw_bf16(
+            &mut p,
+            None,
+            &device.upload(&grad).unwrap(),
+            &mut m,
+            &mut v,
+            &step,
+        )
+        .unwrap();
+        device.download(&p).unwrap()
+    };
+    let seed = rng.gen();
+    assert_eq!(run(seed), run(seed));
+    assert_ne!(run(seed), run(seed ^ 1));
 }

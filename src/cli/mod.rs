@@ -10,6 +10,7 @@ mod loss_args;
 mod plot;
 mod precompute;
 mod score;
+mod selftest;
 mod train;
 
 use anyhow::Result;
@@ -43,6 +44,7 @@ enum Command {
     PrecomputeRef(precompute::PrecomputeArgs),
     Plot(plot::PlotArgs),
     Generate(Box<generate::GenerateArgs>),
+    Selftest(selftest::SelftestArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -55,6 +57,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::PrecomputeRef(args) => precompute::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Selftest(args) => return selftest::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

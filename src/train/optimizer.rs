@@ -37,6 +37,31 @@ impl AdamWConfig {
     }
 }
 
+/// The factors of one AdamW step that do not depend on the element, shared by the CPU update
+/// and the CUDA kernel (`cuda/adamw.cu`) so that both compute them identically.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepConstants {
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f64,
+    /// `√(1 − β2ᵗ)`.
+    pub bias2_sqrt: f64,
+    /// `1 − lr·wd`.
+    pub decay: f64,
+}
+
+impl AdamWConfig {
+    /// The constants of step `step` (1 for the first update).
+    pub fn step_constants(&self, step: u64, lr: f64) -> StepConstants {
+        let (b1, b2) = self.betas;
+        let t = step as i32;
+        StepConstants {
+            step_size: lr / (1.0 - b1.powi(t)),
+            bias2_sqrt: (1.0 - b2.powi(t)).sqrt(),
+            decay: 1.0 - lr * self.weight_decay,
+        }
+    }
+}
+
 /// AdamW state: f32 first and second moments per parameter tensor, and the step count.
 #[derive(Clone, Debug)]
 pub struct AdamW {
@@ -61,10 +86,11 @@ impl AdamW {
     pub fn update(&mut self, params: &mut [&mut Vec<f32>], grads: &[&Vec<f32>], lr: f64) {
         self.step += 1;
         let (b1, b2) = self.config.betas;
-        let t = self.step as i32;
-        let step_size = lr / (1.0 - b1.powi(t));
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let decay = 1.0 - lr * self.config.weight_decay;
+        let StepConstants {
+            step_size,
+            bias2_sqrt,
+            decay,
+        } = self.config.step_constants(self.step, lr);
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             for j in 0..p.len() {

@@ -91,12 +91,21 @@ impl KernelArgs {
         self.sizes.push(size_of::<T>());
         self
     }
+
+    /// `kernelParams` for cuLaunchKernel (and the emulator's entry points): a pointer to each
+    /// argument's value, valid while `self` is neither moved nor changed.
+    pub(crate) fn param_ptrs(&self) -> Vec<*mut c_void> {
+        self.values
+            .iter()
+            .map(|slot| slot.as_ptr() as *mut c_void)
+            .collect()
+    }
 }
 
 /// What `CONTRALIGN_KERNEL` exports for each kernel (`contralign_emu::KernelDesc` in
 /// `cuda/emu/cuda_emu.h`).
 #[repr(C)]
-struct KernelDesc {
+pub(crate) struct KernelDesc {
     entry: unsafe extern "C" fn(params: *mut *mut c_void),
     arity: u32,
     param_sizes: *const u32,
@@ -162,29 +171,8 @@ pub unsafe fn launch_seeded(
     args: &KernelArgs,
     seed: u64,
 ) -> Result<()> {
-    let Ok(index) = EMU_KERNELS.binary_search_by(|(kernel, _)| kernel.cmp(&name)) else {
-        bail!("no kernel named `{name}` (kernels are the CONTRALIGN_KERNEL lines of cuda/*.cu)");
-    };
-    let desc = (EMU_KERNELS[index].1)();
-    // SAFETY: CONTRALIGN_KERNEL makes param_sizes point to `arity` sizes.
-    let param_sizes = std::slice::from_raw_parts(desc.param_sizes, desc.arity as usize);
-    ensure!(
-        param_sizes.len() == args.sizes.len(),
-        "kernel `{name}` takes {} arguments, got {}",
-        param_sizes.len(),
-        args.sizes.len()
-    );
-    for (i, (&want, &got)) in param_sizes.iter().zip(&args.sizes).enumerate() {
-        ensure!(
-            want as usize == got,
-            "kernel `{name}`: argument {i} has {got} bytes, the parameter {want}"
-        );
-    }
-    let mut params: Vec<*mut c_void> = args
-        .values
-        .iter()
-        .map(|slot| slot.as_ptr() as *mut c_void)
-        .collect();
+    let desc = check_args(name, args)?;
+    let mut params = args.param_ptrs();
     let mut error = [0 as c_char; 1024];
     let status = contralign_emu_launch(
         desc.entry,
@@ -201,4 +189,30 @@ pub unsafe fn launch_seeded(
         bail!("kernel `{name}` (emulated, seed {seed}): {message}");
     }
     Ok(())
+}
+
+/// Checks that kernel `name` exists and that `args` match its parameters in number and byte
+/// sizes. The GPU device layer checks its launches here too: the emulator build sees the same
+/// kernel declarations as nvcc, and the driver checks nothing.
+pub(crate) fn check_args(name: &str, args: &KernelArgs) -> Result<KernelDesc> {
+    let Ok(index) = EMU_KERNELS.binary_search_by(|(kernel, _)| kernel.cmp(&name)) else {
+        bail!("no kernel named `{name}` (kernels are the CONTRALIGN_KERNEL lines of cuda/*.cu)");
+    };
+    // SAFETY: the descriptor functions only return static data.
+    let desc = unsafe { (EMU_KERNELS[index].1)() };
+    // SAFETY: CONTRALIGN_KERNEL makes param_sizes point to `arity` sizes.
+    let param_sizes = unsafe { std::slice::from_raw_parts(desc.param_sizes, desc.arity as usize) };
+    ensure!(
+        param_sizes.len() == args.sizes.len(),
+        "kernel `{name}` takes {} arguments, got {}",
+        param_sizes.len(),
+        args.sizes.len()
+    );
+    for (i, (&want, &got)) in param_sizes.iter().zip(&args.sizes).enumerate() {
+        ensure!(
+            want as usize == got,
+            "kernel `{name}`: argument {i} has {got} bytes, the parameter {want}"
+        );
+    }
+    Ok(desc)
 }

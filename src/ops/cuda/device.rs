@@ -1,0 +1,229 @@
+//! The device layer of the CUDA backend: typed buffers, copies between host and device, and
+//! kernel launches by name, on one of two devices (design.md, "CUDA kernels that run
+//! everywhere"):
+//!
+//! - [`Device::Emu`]: buffers in host memory (256-byte aligned, as cudaMalloc's), launches in
+//!   the emulator ([`super::emu`]), synchronous. Always available.
+//! - `Device::Gpu` (`--features cuda`): a GPU through the CUDA driver API, loaded at run time
+//!   (cudarc's dynamic loading), running the PTX that build.rs embeds.
+//!
+//! Both run the same kernels with the same arguments: a buffer is passed to a kernel as its
+//! device address ([`Buffer::device_ptr`]), which is a host address on the emulator.
+
+use super::emu::{self, KernelArgs, LaunchConfig};
+use anyhow::{bail, ensure, Result};
+use std::marker::PhantomData;
+
+#[cfg(feature = "cuda")]
+use super::gpu;
+
+/// Which device to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Emu,
+    Cuda,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Emu => "emu",
+            DeviceKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// Element types of kernels templated over their storage: the suffix of the kernel names
+/// (`swiglu_forward_f32`, `swiglu_forward_bf16`).
+pub trait Float: bytemuck::Pod + Send + Sync {
+    const DTYPE: &'static str;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Float for f32 {
+    const DTYPE: &'static str = "f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Float for half::bf16 {
+    const DTYPE: &'static str = "bf16";
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// cudaMalloc's alignment, which vectorized and WMMA loads rely on.
+#[derive(Clone, Copy)]
+#[repr(C, align(256))]
+struct Chunk([u8; 256]);
+
+// SAFETY: a byte array with nothing around it (size 256, alignment 256, no padding).
+unsafe impl bytemuck::Zeroable for Chunk {}
+// SAFETY: as above; every bit pattern is a valid byte array.
+unsafe impl bytemuck::Pod for Chunk {}
+
+enum Memory {
+    Host(Vec<Chunk>),
+    #[cfg(feature = "cuda")]
+    Gpu(gpu::Allocation),
+}
+
+/// `len` elements of `T` on a device.
+pub struct Buffer<T> {
+    len: usize,
+    memory: Memory,
+    _element: PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> Buffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address of the first element on its device, as a kernel's pointer parameter
+    /// takes it.
+    pub fn device_ptr(&self) -> u64 {
+        match &self.memory {
+            Memory::Host(chunks) => chunks.as_ptr() as u64,
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(allocation) => allocation.ptr(),
+        }
+    }
+}
+
+/// A device that runs the kernels of `cuda/*.cu`.
+pub enum Device {
+    Emu,
+    #[cfg(feature = "cuda")]
+    Gpu(gpu::Gpu),
+}
+
+impl Device {
+    /// Opens a device: the emulator, or the first GPU. A GPU needs a binary built with
+    /// `--features cuda` and a CUDA driver; without either this is an error that says so.
+    pub fn open(kind: DeviceKind) -> Result<Device> {
+        match kind {
+            DeviceKind::Emu => Ok(Device::Emu),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => Ok(Device::Gpu(gpu::Gpu::open(0)?)),
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => bail!(
+                "this contralign was built without CUDA support; rebuild it with \
+                 `cargo build --release --features cuda` (needs nvcc: \
+                 tools/install-cuda-toolchain.sh)"
+            ),
+        }
+    }
+
+    /// A one-line description: "emulator" or the GPU's name.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Emu => "CUDA emulator (host threads as fibers)".to_string(),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.describe(),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn alloc<T: bytemuck::Pod>(&self, len: usize) -> Result<Buffer<T>> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| anyhow::anyhow!("buffer of {len} elements is too large"))?;
+        let memory = match self {
+            Device::Emu => Memory::Host(vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)]),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => Memory::Gpu(gpu.alloc_zeroed(bytes)?),
+        };
+        Ok(Buffer {
+            len,
+            memory,
+            _element: PhantomData,
+        })
+    }
+
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
+        let mut buffer = self.alloc(data.len())?;
+        self.copy_to(&mut buffer, data)?;
+        Ok(buffer)
+    }
+
+    /// Overwrites `buffer` with `data` (of its length).
+    pub fn copy_to<T: bytemuck::Pod>(&self, buffer: &mut Buffer<T>, data: &[T]) -> Result<()> {
+        ensure!(
+            buffer.len == data.len(),
+            "copy of {} elements into a buffer of {}",
+            data.len(),
+            buffer.len
+        );
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match &mut buffer.memory {
+            Memory::Host(chunks) => {
+                bytemuck::cast_slice_mut::<Chunk, u8>(chunks)[..bytes.len()].copy_from_slice(bytes)
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(allocation) => match self {
+                Device::Gpu(gpu) => gpu.copy_to_device(allocation, bytes)?,
+                Device::Emu => bail!("a GPU buffer given to the emulator"),
+            },
+        }
+        Ok(())
+    }
+
+    /// The buffer's contents, once every launch before this call has finished.
+    pub fn download<T: bytemuck::Pod>(&self, buffer: &Buffer<T>) -> Result<Vec<T>> {
+        let mut data = vec![T::zeroed(); buffer.len];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+        match &buffer.memory {
+            Memory::Host(chunks) => {
+                bytes.copy_from_slice(&bytemuck::cast_slice::<Chunk, u8>(chunks)[..bytes.len()])
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(allocation) => match self {
+                Device::Gpu(gpu) => gpu.copy_from_device(bytes, allocation)?,
+                Device::Emu => bail!("a GPU buffer given to the emulator"),
+            },
+        }
+        Ok(data)
+    }
+
+    /// Launches kernel `name` (a `CONTRALIGN_KERNEL` of `cuda/*.cu`). The arguments are
+    /// checked against the kernel's parameters (count and byte sizes) on both devices. The
+    /// emulator runs the launch to completion; a GPU queues it, and its failures show at the
+    /// next [`Device::download`] or [`Device::synchronize`].
+    ///
+    /// # Safety
+    /// As for a CUDA launch: every pointer argument must be the [`Buffer::device_ptr`] of a
+    /// live buffer of this device, large enough for what the kernel reads and writes there.
+    pub unsafe fn launch(&self, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<()> {
+        match self {
+            Device::Emu => emu::launch(name, config, args),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => {
+                emu::check_args(name, args)?;
+                gpu.launch(name, config, args)
+            }
+        }
+    }
+
+    /// Waits for every queued launch; reports a kernel's failure.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Emu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.synchronize(),
+        }
+    }
+}

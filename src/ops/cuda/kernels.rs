@@ -1,0 +1,434 @@
+//! Typed launches of the kernels of `cuda/*.cu` on a [`Device`]: each wrapper checks the
+//! buffers' lengths, picks the launch shape and passes the arguments in the kernel's order.
+//! The kernels' contracts are in their source files.
+
+use super::device::{Buffer, Device, Float};
+use super::emu::{KernelArgs, LaunchConfig};
+use crate::train::optimizer::AdamWConfig;
+use anyhow::{ensure, Result};
+use half::bf16;
+
+/// The kernels on one device, with the launch shape they use: `block` threads per block and
+/// at most `max_grid` blocks (the kernels loop over whatever a grid does not cover).
+pub struct Kernels<'a> {
+    pub device: &'a Device,
+    pub block: u32,
+    pub max_grid: u32,
+}
+
+/// Blocks of the partial sums of the gradient norm: enough to fill a GPU, few enough for one
+/// block to add up.
+const NORM_PARTS: u32 = 1024;
+
+/// The per-step constants of `adamw_f32` / `adamw_bf16` (`struct AdamWStep` in
+/// cuda/adamw.cu, field for field), computed as the CPU's AdamW computes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub beta1: f64,
+    pub one_minus_beta1: f64,
+    pub beta2: f64,
+    pub one_minus_beta2: f64,
+    pub eps: f64,
+    pub step_size: f64,
+    pub bias2_sqrt: f64,
+    pub decay: f64,
+    /// The stochastic rounding's random stream; give every tensor its own.
+    pub seed: u64,
+    /// The step (1 for the first update).
+    pub step: u64,
+}
+
+impl AdamWStep {
+    pub fn new(config: &AdamWConfig, step: u64, lr: f64, seed: u64) -> Self {
+        let (beta1, beta2) = config.betas;
+        let constants = config.step_constants(step, lr);
+        AdamWStep {
+            beta1,
+            one_minus_beta1: 1.0 - beta1,
+            beta2,
+            one_minus_beta2: 1.0 - beta2,
+            eps: config.eps,
+            step_size: constants.step_size,
+            bias2_sqrt: constants.bias2_sqrt,
+            decay: constants.decay,
+            seed,
+            step,
+        }
+    }
+}
+
+fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
+    what: &str,
+    a: &Buffer<A>,
+    b: &Buffer<B>,
+) -> Result<()> {
+    ensure!(
+        a.len() == b.len(),
+        "{what}: buffers of {} and {} elements",
+        a.len(),
+        b.len()
+    );
+    Ok(())
+}
+
+fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
+    ensure!(
+        d > 0 && len.is_multiple_of(d),
+        "{what}: {len} elements are not rows of {d}"
+    );
+    Ok(len / d)
+}
+
+/// A device address, or null for an absent optional buffer.
+fn ptr_or_null<T: bytemuck::Pod>(buffer: Option<&Buffer<T>>) -> u64 {
+    buffer.map_or(0, Buffer::device_ptr)
+}
+
+impl<'a> Kernels<'a> {
+    /// The shape every caller but the tests wants: 256 threads, up to 4096 blocks.
+    pub fn new(device: &'a Device) -> Self {
+        Kernels {
+            device,
+            block: 256,
+            max_grid: 4096,
+        }
+    }
+
+    fn launch(&self, name: &str, blocks: usize, args: &KernelArgs) -> Result<()> {
+        let grid = blocks.clamp(1, self.max_grid as usize) as u32;
+        // SAFETY: every wrapper passes device pointers of live buffers of `self.device` whose
+        // lengths it has checked against what the kernel touches.
+        unsafe {
+            self.device
+                .launch(name, LaunchConfig::new(grid, self.block, 0), args)
+        }
+    }
+
+    fn element_blocks(&self, n: usize) -> usize {
+        n.div_ceil(self.block as usize)
+    }
+
+    /// `out = silu(gate) * up`.
+    pub fn swiglu_forward<E: Float>(
+        &self,
+        gate: &Buffer<E>,
+        up: &Buffer<E>,
+        out: &mut Buffer<E>,
+    ) -> Result<()> {
+        same_len("swiglu", gate, up)?;
+        same_len("swiglu", gate, out)?;
+        let mut args = KernelArgs::new();
+        args.arg(gate.device_ptr())
+            .arg(up.device_ptr())
+            .arg(out.device_ptr())
+            .arg(gate.len() as i64);
+        let name = format!("swiglu_forward_{}", E::DTYPE);
+        self.launch(&name, self.element_blocks(gate.len()), &args)
+    }
+
+    pub fn swiglu_backward<E: Float>(
+        &self,
+        gate: &Buffer<E>,
+        up: &Buffer<E>,
+        dout: &Buffer<E>,
+        dgate: &mut Buffer<E>,
+        dup: &mut Buffer<E>,
+    ) -> Result<()> {
+        for b in [up, dout, &*dgate, &*dup] {
+            same_len("swiglu_backward", gate, b)?;
+        }
+        let mut args = KernelArgs::new();
+        args.arg(gate.device_ptr())
+            .arg(up.device_ptr())
+            .arg(dout.device_ptr())
+            .arg(dgate.device_ptr())
+            .arg(dup.device_ptr())
+            .arg(gate.len() as i64);
+        let name = format!("swiglu_backward_{}", E::DTYPE);
+        self.launch(&name, self.element_blocks(gate.len()), &args)
+    }
+
+    /// `out[t] = table[ids[t]]`, rows of `d`; an id `>= vocab` fails the launch.
+    pub fn embedding_forward<E: Float>(
+        &self,
+        table: &Buffer<E>,
+        ids: &Buffer<u32>,
+        out: &mut Buffer<E>,
+        d: usize,
+    ) -> Result<()> {
+        let vocab = rows_of("embedding table", table.len(), d)?;
+        ensure!(
+            out.len() == ids.len() * d,
+            "embedding: {} ids need {} outputs, got {}",
+            ids.len(),
+            ids.len() * d,
+            out.len()
+        );
+        let mut args = KernelArgs::new();
+        args.arg(table.device_ptr())
+            .arg(ids.device_ptr())
+            .arg(out.device_ptr())
+            .arg(ids.len() as i64)
+            .arg(d as i32)
+            .arg(vocab as u32);
+        let name = format!("embedding_forward_{}", E::DTYPE);
+        self.launch(&name, self.element_blocks(out.len()), &args)
+    }
+
+    /// `dtable[ids[t]] += dout[t]`, in token order.
+    pub fn embedding_backward<E: Float>(
+        &self,
+        dout: &Buffer<E>,
+        ids: &Buffer<u32>,
+        dtable: &mut Buffer<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let vocab = rows_of("embedding table gradient", dtable.len(), d)?;
+        ensure!(
+            dout.len() == ids.len() * d,
+            "embedding_backward: {} ids need {} gradient elements, got {}",
+            ids.len(),
+            ids.len() * d,
+            dout.len()
+        );
+        let mut args = KernelArgs::new();
+        args.arg(dout.device_ptr())
+            .arg(ids.device_ptr())
+            .arg(dtable.device_ptr())
+            .arg(ids.len() as i64)
+            .arg(d as i32)
+            .arg(vocab as u32);
+        let name = format!("embedding_backward_{}", E::DTYPE);
+        self.launch(&name, self.element_blocks(d), &args)
+    }
+
+    /// `h = x + residual` (stored in `h_out` when given), `y = w * h / rms(h)`, `rstd` per
+    /// row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_forward<E: Float>(
+        &self,
+        x: &Buffer<E>,
+        residual: Option<&Buffer<E>>,
+        w: &Buffer<E>,
+        h_out: Option<&mut Buffer<E>>,
+        y: &mut Buffer<E>,
+        rstd: &mut Buffer<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        let rows = rows_of("rmsnorm", x.len(), d)?;
+        if let Some(r) = residual {
+            same_len("rmsnorm residual", x, r)?;
+        }
+        let h_out = h_out.map(|h| &*h);
+        if let Some(h) = h_out {
+            same_len("rmsnorm h", x, h)?;
+        }
+        same_len("rmsnorm y", x, y)?;
+        ensure!(rstd.len() == rows, "rmsnorm: rstd needs {rows} elements");
+        let mut args = KernelArgs::new();
+        args.arg(x.device_ptr())
+            .arg(ptr_or_null(residual))
+            .arg(w.device_ptr())
+            .arg(ptr_or_null(h_out))
+            .arg(y.device_ptr())
+            .arg(rstd.device_ptr())
+            .arg(rows as i32)
+            .arg(d as i32)
+            .arg(eps);
+        let name = format!("rmsnorm_forward_{}", E::DTYPE);
+        self.launch(&name, rows, &args)
+    }
+
+    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward<E: Float>(
+        &self,
+        h: &Buffer<E>,
+        w: &Buffer<E>,
+        rstd: &Buffer<f32>,
+        dy: &Buffer<E>,
+        dh_in: Option<&Buffer<E>>,
+        dh: &mut Buffer<E>,
+        dw: &mut Buffer<f32>,
+    ) -> Result<()> {
+        let d = w.len();
+        let rows = rows_of("rmsnorm_backward", h.len(), d)?;
+        same_len("rmsnorm_backward dy", h, dy)?;
+        same_len("rmsnorm_backward dh", h, dh)?;
+        if let Some(g) = dh_in {
+            same_len("rmsnorm_backward dh_in", h, g)?;
+        }
+        ensure!(
+            rstd.len() == rows,
+            "rmsnorm_backward: rstd needs {rows} elements"
+        );
+        same_len("rmsnorm_backward dw", w, dw)?;
+        let parts = rows.clamp(1, self.max_grid as usize);
+        let partial = self.device.alloc::<f32>(parts * d)?;
+        let mut args = KernelArgs::new();
+        args.arg(h.device_ptr())
+            .arg(w.device_ptr())
+            .arg(rstd.device_ptr())
+            .arg(dy.device_ptr())
+            .arg(ptr_or_null(dh_in))
+            .arg(dh.device_ptr())
+            .arg(partial.device_ptr())
+            .arg(rows as i32)
+            .arg(d as i32);
+        self.launch(&format!("rmsnorm_backward_{}", E::DTYPE), parts, &args)?;
+        let mut args = KernelArgs::new();
+        args.arg(partial.device_ptr())
+            .arg(parts as i32)
+            .arg(d as i32)
+            .arg(dw.device_ptr());
+        self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
+    }
+
+    /// Rotates `x [T, heads * head_dim]` in place by each token's position (rotate-half);
+    /// `inverse` rotates back (the backward).
+    pub fn rope<E: Float>(
+        &self,
+        x: &mut Buffer<E>,
+        positions: &Buffer<u32>,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()> {
+        let tokens = positions.len();
+        ensure!(
+            x.len() == tokens * heads * head_dim,
+            "rope: {tokens} tokens of {heads} heads of {head_dim} need {} elements, got {}",
+            tokens * heads * head_dim,
+            x.len()
+        );
+        let mut args = KernelArgs::new();
+        args.arg(x.device_ptr())
+            .arg(positions.device_ptr())
+            .arg(tokens as i32)
+            .arg(heads as i32)
+            .arg(head_dim as i32)
+            .arg(theta)
+            .arg(inverse as i32);
+        self.launch(&format!("rope_{}", E::DTYPE), tokens, &args)
+    }
+
+    /// f32 to bf16, rounding to nearest even.
+    pub fn cast_to_bf16(&self, x: &Buffer<f32>, out: &mut Buffer<bf16>) -> Result<()> {
+        same_len("cast_to_bf16", x, out)?;
+        let mut args = KernelArgs::new();
+        args.arg(x.device_ptr())
+            .arg(out.device_ptr())
+            .arg(x.len() as i64);
+        self.launch("cast_f32_to_bf16", self.element_blocks(x.len()), &args)
+    }
+
+    pub fn cast_to_f32(&self, x: &Buffer<bf16>, out: &mut Buffer<f32>) -> Result<()> {
+        same_len("cast_to_f32", x, out)?;
+        let mut args = KernelArgs::new();
+        args.arg(x.device_ptr())
+            .arg(out.device_ptr())
+            .arg(x.len() as i64);
+        self.launch("cast_bf16_to_f32", self.element_blocks(x.len()), &args)
+    }
+
+    /// The global L2 norm of `grads` and clip_grad_norm_'s factor for `max_norm` (0: none),
+    /// as a device buffer `[norm, coef]` for [`Kernels::clip`].
+    pub fn grad_norm(&self, grads: &[&Buffer<f32>], max_norm: f32) -> Result<Buffer<f32>> {
+        let (pointers, lens) = self.buffer_table(grads)?;
+        let longest = grads.iter().map(|g| g.len()).max().unwrap_or(0);
+        let parts = self
+            .element_blocks(longest)
+            .clamp(1, NORM_PARTS.min(self.max_grid) as usize);
+        let partials = self.device.alloc::<f32>(parts)?;
+        let mut args = KernelArgs::new();
+        args.arg(pointers.device_ptr())
+            .arg(lens.device_ptr())
+            .arg(grads.len() as i32)
+            .arg(partials.device_ptr());
+        self.launch("grad_norm_partial", parts, &args)?;
+        let out = self.device.alloc::<f32>(2)?;
+        let mut args = KernelArgs::new();
+        args.arg(partials.device_ptr())
+            .arg(parts as i32)
+            .arg(max_norm)
+            .arg(out.device_ptr());
+        self.launch("grad_norm_finish", 1, &args)?;
+        Ok(out)
+    }
+
+    /// Multiplies every gradient by the factor of [`Kernels::grad_norm`] when it is below 1.
+    pub fn clip(&self, grads: &mut [&mut Buffer<f32>], norm_and_coef: &Buffer<f32>) -> Result<()> {
+        ensure!(norm_and_coef.len() == 2, "clip: expected [norm, coef]");
+        let shared: Vec<&Buffer<f32>> = grads.iter().map(|g| &**g).collect();
+        let (pointers, lens) = self.buffer_table(&shared)?;
+        let longest = shared.iter().map(|g| g.len()).max().unwrap_or(0);
+        let mut args = KernelArgs::new();
+        args.arg(pointers.device_ptr())
+            .arg(lens.device_ptr())
+            .arg(grads.len() as i32)
+            .arg(norm_and_coef.device_ptr());
+        self.launch("grad_clip_scale", self.element_blocks(longest), &args)
+    }
+
+    /// The device addresses and lengths of `buffers`, on the device, for the kernels that
+    /// take many buffers in one launch.
+    fn buffer_table(&self, buffers: &[&Buffer<f32>]) -> Result<(Buffer<u64>, Buffer<i64>)> {
+        let pointers: Vec<u64> = buffers.iter().map(|b| b.device_ptr()).collect();
+        let lens: Vec<i64> = buffers.iter().map(|b| b.len() as i64).collect();
+        Ok((self.device.upload(&pointers)?, self.device.upload(&lens)?))
+    }
+
+    /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`.
+    pub fn adamw_f32(
+        &self,
+        param: &mut Buffer<f32>,
+        grad: &Buffer<f32>,
+        m: &mut Buffer<f32>,
+        v: &mut Buffer<f32>,
+        step: &AdamWStep,
+    ) -> Result<()> {
+        for b in [grad, &*m, &*v] {
+            same_len("adamw", param, b)?;
+        }
+        let mut args = KernelArgs::new();
+        args.arg(param.device_ptr())
+            .arg(grad.device_ptr())
+            .arg(m.device_ptr())
+            .arg(v.device_ptr())
+            .arg(param.len() as i64)
+            .arg(*step);
+        self.launch("adamw_f32", self.element_blocks(param.len()), &args)
+    }
+
+    /// One AdamW step of a bf16 tensor: through its fp32 `master` copy when given (the bf16
+    /// copy rounded to nearest from it), otherwise with stochastic rounding.
+    pub fn adamw_bf16(
+        &self,
+        param: &mut Buffer<bf16>,
+        master: Option<&mut Buffer<f32>>,
+        grad: &Buffer<f32>,
+        m: &mut Buffer<f32>,
+        v: &mut Buffer<f32>,
+        step: &AdamWStep,
+    ) -> Result<()> {
+        for b in [grad, &*m, &*v] {
+            same_len("adamw", param, b)?;
+        }
+        let master = master.map(|b| &*b);
+        if let Some(b) = master {
+            same_len("adamw master", param, b)?;
+        }
+        let mut args = KernelArgs::new();
+        args.arg(param.device_ptr())
+            .arg(ptr_or_null(master))
+            .arg(grad.device_ptr())
+            .arg(m.device_ptr())
+            .arg(v.device_ptr())
+            .arg(param.len() as i64)
+            .arg(*step);
+        self.launch("adamw_bf16", self.element_blocks(param.len()), &args)
+    }
+}

@@ -1,0 +1,820 @@
+//! Every kernel of `cuda/*.cu`, run through the device layer on fresh random inputs of awkward
+//! sizes and compared with the CPU reference (`contralign selftest`, and the kernel tests).
+//!
+//! Each comparison is a [`Row`]: the largest error, the largest error relative to the
+//! magnitude it is measured against, and the bound that relative error must stay within. The
+//! bounds come from the precision of the computation (fp32 roundings, reduction lengths, one
+//! bf16 rounding of the output), never from what a run happened to give:
+//!
+//! - `u = 2^-24`, the unit roundoff of fp32. A sum of `k` terms in a fixed order errs by at
+//!   most `k u` relative to the sum of the terms' magnitudes. A kernel's reduction is each
+//!   thread's terms in turn, then a tree over the block's threads (`ceil(log2 block)` levels).
+//! - bf16 outputs add one rounding to 8 significant bits: at most `2^-8` relative to the
+//!   value, so `2^-8 + (1 + 2^-8) b` for an fp32 bound `b`.
+//! - Ops that only move or convert values (embedding, casts) and AdamW on f32 (the CPU's
+//!   arithmetic operation for operation) must match bit for bit: bound 0.
+
+use super::device::{Buffer, Device, Float};
+use super::kernels::{AdamWStep, Kernels};
+use crate::ops::cpu::CpuOps;
+use crate::ops::Ops;
+use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
+use anyhow::Result;
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The unit roundoff of fp32.
+const U: f64 = f32::EPSILON as f64 / 2.0;
+/// One rounding to bf16, relative to the value.
+const BF16_ROUNDING: f64 = 1.0 / 256.0;
+
+/// One comparison of a kernel's output with the reference.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    /// max |got - want|.
+    pub max_abs: f64,
+    /// max |got - want| / scale, where scale is the magnitude the error is measured against
+    /// (at least |want|).
+    pub max_rel: f64,
+    /// The largest allowed `max_rel`.
+    pub bound: f64,
+    pub pass: bool,
+}
+
+/// Compares `got` with `want` elementwise: |got - want| <= bound * scale (NaN matches NaN).
+fn compare(op: String, shape: String, got: &[f32], want: &[f32], scale: &[f32], bound: f64) -> Row {
+    assert_eq!(got.len(), want.len());
+    let (mut max_abs, mut max_rel, mut pass) = (0f64, 0f64, true);
+    for ((&g, &w), &s) in got.iter().zip(want).zip(scale) {
+        if g.is_nan() && w.is_nan() {
+            continue;
+        }
+        // Equal infinities are no error.
+        let err = if g == w {
+            0.0
+        } else {
+            (g as f64 - w as f64).abs()
+        };
+        let s = (s as f64).max(w.abs() as f64);
+        let rel = if err == 0.0 { 0.0 } else { err / s };
+        // NaN errors fail: the comparisons below are false for them.
+        pass &= err <= bound * s || err == 0.0;
+        max_abs = if err.is_nan() {
+            f64::NAN
+        } else {
+            max_abs.max(err)
+        };
+        max_rel = if rel.is_nan() {
+            f64::NAN
+        } else {
+            max_rel.max(rel)
+        };
+    }
+    Row {
+        op,
+        shape,
+        max_abs,
+        max_rel,
+        bound,
+        pass,
+    }
+}
+
+/// The magnitudes of the values themselves.
+fn magnitudes(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| v.abs()).collect()
+}
+
+/// The bound of an output stored as `E`, from the bound of its fp32 computation.
+fn stored<E: Float>(fp32_bound: f64) -> f64 {
+    if E::DTYPE == "bf16" {
+        BF16_ROUNDING + (1.0 + BF16_ROUNDING) * fp32_bound
+    } else {
+        fp32_bound
+    }
+}
+
+/// Levels of a tree reduction over `n` values.
+fn tree_levels(n: usize) -> f64 {
+    (n.max(1) as f64).log2().ceil()
+}
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+/// `x` rounded to `E` and back: what the reference sees of an input stored as `E`.
+fn rounded<E: Float>(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| E::from_f32(v).to_f32()).collect()
+}
+
+fn upload<E: Float>(device: &Device, x: &[f32]) -> Result<Buffer<E>> {
+    device.upload(&x.iter().map(|&v| E::from_f32(v)).collect::<Vec<E>>())
+}
+
+fn download<E: Float>(device: &Device, buffer: &Buffer<E>) -> Result<Vec<f32>> {
+    Ok(device
+        .download(buffer)?
+        .into_iter()
+        .map(E::to_f32)
+        .collect())
+}
+
+fn name<E: Float>(op: &str) -> String {
+    format!("{op} {}", E::DTYPE)
+}
+
+/// SwiGLU forward and backward on `n` elements.
+pub fn swiglu<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let gate = rounded::<E>(&random(rng, n, 8.0));
+    let up = rounded::<E>(&random(rng, n, 3.0));
+    let dy = rounded::<E>(&random(rng, n, 2.0));
+    let (g, u, d) = (
+        upload::<E>(dev, &gate)?,
+        upload::<E>(dev, &up)?,
+        upload::<E>(dev, &dy)?,
+    );
+    let mut out = dev.alloc::<E>(n)?;
+    k.swiglu_forward(&g, &u, &mut out)?;
+    let (mut dg, mut du) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?);
+    k.swiglu_backward(&g, &u, &d, &mut dg, &mut du)?;
+    let shape = format!("{n}");
+    // s = 1 / (1 + expf(-g)) carries about 2 u (expf's 2 ulp are damped by the 1 +), which
+    // g (1 - s) in dgate multiplies by up to |g| = 8: 16 u, plus a handful of roundings. dgate's
+    // terms may cancel, so its error is relative to their magnitudes.
+    let bound = stored::<E>(32.0 * U);
+    let want = CpuOps.swiglu(&gate, &up);
+    let (want_dg, want_du) = CpuOps.swiglu_backward(&gate, &up, &dy);
+    let scale_dg: Vec<f32> = (0..n)
+        .map(|i| {
+            let (g, u, d) = (gate[i] as f64, up[i] as f64, dy[i] as f64);
+            let s = 1.0 / (1.0 + (-g).exp());
+            ((d * u * s).abs() * (1.0 + g.abs() * (1.0 - s))) as f32
+        })
+        .collect();
+    Ok(vec![
+        compare(
+            name::<E>("swiglu_forward"),
+            shape.clone(),
+            &download(dev, &out)?,
+            &want,
+            &magnitudes(&want),
+            bound,
+        ),
+        compare(
+            name::<E>("swiglu_backward dgate"),
+            shape.clone(),
+            &download(dev, &dg)?,
+            &want_dg,
+            &scale_dg,
+            bound,
+        ),
+        compare(
+            name::<E>("swiglu_backward dup"),
+            shape,
+            &download(dev, &du)?,
+            &want_du,
+            &magnitudes(&want_du),
+            bound,
+        ),
+    ])
+}
+
+/// Embedding forward and backward: `tokens` ids drawn from a vocabulary small enough that
+/// they repeat. Both must match the CPU bit for bit (the backward adds in the same order).
+pub fn embedding<E: Float>(
+    k: &Kernels,
+    rng: &mut StdRng,
+    tokens: usize,
+    vocab: usize,
+    d: usize,
+) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let table = rounded::<E>(&random(rng, vocab * d, 1.0));
+    let ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.gen_range(0..vocab as u32))
+        .collect();
+    let dout = rounded::<E>(&random(rng, tokens * d, 1.0));
+    let dtable0 = random(rng, vocab * d, 1.0);
+    let ids_buf = dev.upload(&ids)?;
+    let mut out = dev.alloc::<E>(tokens * d)?;
+    k.embedding_forward(&upload::<E>(dev, &table)?, &ids_buf, &mut out, d)?;
+    let mut dtable = dev.upload(&dtable0)?;
+    k.embedding_backward(&upload::<E>(dev, &dout)?, &ids_buf, &mut dtable, d)?;
+    let want = CpuOps.embedding(&table, &ids, d);
+    let mut want_dtable = dtable0;
+    CpuOps.embedding_backward(&mut want_dtable, &dout, &ids, d);
+    let shape = format!("{tokens} ids of {vocab}x{d}");
+    Ok(vec![
+        compare(
+            name::<E>("embedding_forward"),
+            shape.clone(),
+            &download(dev, &out)?,
+            &want,
+            &magnitudes(&want),
+            0.0,
+        ),
+        compare(
+            name::<E>("embedding_backward"),
+            shape,
+            &dev.download(&dtable)?,
+            &want_dtable,
+            &magnitudes(&want_dtable),
+            0.0,
+        ),
+    ])
+}
+
+/// 1 / rms of each row of `h`, in f64.
+fn inv_rms(h: &[f32], d: usize, eps: f64) -> Vec<f64> {
+    h.chunks(d)
+        .map(|row| {
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            1.0 / (ms + eps).sqrt()
+        })
+        .collect()
+}
+
+/// RMSNorm with the residual add, forward (y, h, rstd) and backward (dh with a residual
+/// gradient, dw accumulated), on `rows` rows of `d`.
+pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let eps = 1e-5f32;
+    let n = rows * d;
+    let x = rounded::<E>(&random(rng, n, 2.0));
+    let res = rounded::<E>(&random(rng, n, 2.0));
+    let w = rounded::<E>(&random(rng, d, 1.5));
+    let dy = rounded::<E>(&random(rng, n, 1.0));
+    let dh_in = rounded::<E>(&random(rng, n, 0.5));
+    let dw0 = random(rng, d, 1.0);
+
+    let (x_b, res_b, w_b) = (
+        upload::<E>(dev, &x)?,
+        upload::<E>(dev, &res)?,
+        upload::<E>(dev, &w)?,
+    );
+    let (mut h_b, mut y_b, mut rstd_b) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?, dev.alloc(rows)?);
+    k.rmsnorm_forward(
+        &x_b,
+        Some(&res_b),
+        &w_b,
+        Some(&mut h_b),
+        &mut y_b,
+        &mut rstd_b,
+        eps,
+    )?;
+    let (mut dh_b, mut dw_b) = (dev.alloc::<E>(n)?, dev.upload(&dw0)?);
+    k.rmsnorm_backward(
+        &h_b,
+        &w_b,
+        &rstd_b,
+        &upload::<E>(dev, &dy)?,
+        Some(&upload::<E>(dev, &dh_in)?),
+        &mut dh_b,
+        &mut dw_b,
+    )?;
+
+    // h = x + residual in fp32, stored as E: exact.
+    let h: Vec<f32> = rounded::<E>(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<_>>());
+    let r = inv_rms(&h, d, eps as f64);
+    let want_y = CpuOps.rmsnorm(&h, &w, d, eps as f64);
+    let mut want_dw = dw0.clone();
+    let mut want_dh = CpuOps.rmsnorm_backward(&h, &w, &dy, d, eps as f64, &mut want_dw);
+    for (g, a) in want_dh.iter_mut().zip(&dh_in) {
+        *g = (*g as f64 + *a as f64) as f32;
+    }
+
+    // The sum of squares: each thread's ceil(d / block) terms, then the block's tree; then
+    // / d + eps (2 roundings) and rsqrtf (2 ulp on a GPU): 1/rms within (k/2 + 6) u, and y
+    // two roundings more.
+    let block = k.block as usize;
+    let k_sum = d.div_ceil(block) as f64 + tree_levels(block);
+    let rstd_bound = (k_sum / 2.0 + 6.0) * U;
+    // dh = r (w dy - h r² P / d) + dh_in: the projection P sums like the squares, with three
+    // roundings per term; r enters cubed; a few roundings around.
+    let dh_bound = stored::<E>(rstd_bound * 3.0 + (k_sum + 10.0) * U);
+    let scale_dh: Vec<f32> = (0..n)
+        .map(|i| {
+            let (t, j) = (i / d, i % d);
+            let row = t * d..(t + 1) * d;
+            let proj: f64 = row
+                .map(|m| (w[m - t * d] as f64 * dy[m] as f64 * h[m] as f64).abs())
+                .sum();
+            let rt = r[t];
+            (rt * ((w[j] as f64 * dy[i] as f64).abs()
+                + (h[i] as f64).abs() * rt * rt * proj / d as f64)
+                + (dh_in[i] as f64).abs()) as f32
+        })
+        .collect();
+    // dw_j: each block sums its rows in turn (ceil(rows / grid) terms, 3 roundings each with
+    // rstd's error), then the blocks' partials in order, then into dw.
+    let grid = rows.clamp(1, k.max_grid as usize);
+    let dw_bound = (rows.div_ceil(grid) + grid + 4) as f64 * U + rstd_bound;
+    let scale_dw: Vec<f32> = (0..d)
+        .map(|j| {
+            let terms: f64 = (0..rows)
+                .map(|t| (dy[t * d + j] as f64 * h[t * d + j] as f64 * r[t]).abs())
+                .sum();
+            (terms + dw0[j].abs() as f64) as f32
+        })
+        .collect();
+    let rstd_want: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+    let shape = format!("{rows}x{d}");
+    Ok(vec![
+        compare(
+            name::<E>("rmsnorm_forward h"),
+            shape.clone(),
+            &download(dev, &h_b)?,
+            &h,
+            &magnitudes(&h),
+            0.0,
+        ),
+        compare(
+            name::<E>("rmsnorm_forward rstd"),
+            shape.clone(),
+            &dev.download(&rstd_b)?,
+            &rstd_want,
+            &magnitudes(&rstd_want),
+            rstd_bound,
+        ),
+        compare(
+            name::<E>("rmsnorm_forward y"),
+            shape.clone(),
+            &download(dev, &y_b)?,
+            &want_y,
+            &magnitudes(&want_y),
+            stored::<E>(rstd_bound + 2.0 * U),
+        ),
+        compare(
+            name::<E>("rmsnorm_backward dh"),
+            shape.clone(),
+            &download(dev, &dh_b)?,
+            &want_dh,
+            &scale_dh,
+            dh_bound,
+        ),
+        compare(
+            name::<E>("rmsnorm_backward dw"),
+            shape,
+            &dev.download(&dw_b)?,
+            &want_dw,
+            &scale_dw,
+            dw_bound,
+        ),
+    ])
+}
+
+/// RoPE forward and backward (the inverse rotation) at random positions up to 10^5.
+pub fn rope<E: Float>(
+    k: &Kernels,
+    rng: &mut StdRng,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let theta = 1e6;
+    let x = rounded::<E>(&random(rng, tokens * heads * head_dim, 2.0));
+    let positions: Vec<u32> = (0..tokens).map(|_| rng.gen_range(0..100_000)).collect();
+    let pos_b = dev.upload(&positions)?;
+    // The magnitude of each element's pair (a, b), which its rotation's error is relative to.
+    let half = head_dim / 2;
+    let pair_scale = |v: &[f32]| -> Vec<f32> {
+        (0..v.len())
+            .map(|i| {
+                let j = i % head_dim;
+                let base = i - j;
+                if j < half {
+                    v[i].abs() + v[base + j + half].abs()
+                } else if j < 2 * half {
+                    v[i].abs() + v[base + j - half].abs()
+                } else {
+                    v[i].abs()
+                }
+            })
+            .collect()
+    };
+    // cos and sin rounded to fp32 (u each), two products and a sum: 4 u of |a| + |b|.
+    let bound = stored::<E>(4.0 * U);
+    let shape = format!("{tokens}x{heads}x{head_dim}");
+    let mut rows = Vec::new();
+    for inverse in [false, true] {
+        let mut buf = upload::<E>(dev, &x)?;
+        k.rope(&mut buf, &pos_b, heads, head_dim, theta, inverse)?;
+        let mut want = x.clone();
+        CpuOps.rope(&mut want, &positions, heads, head_dim, theta, inverse);
+        let op = if inverse {
+            "rope_backward"
+        } else {
+            "rope_forward"
+        };
+        rows.push(compare(
+            name::<E>(op),
+            shape.clone(),
+            &download(dev, &buf)?,
+            &want,
+            &pair_scale(&x),
+            bound,
+        ));
+    }
+    Ok(rows)
+}
+
+/// Both casts on `n` random values plus the edge cases of rounding to bf16: ties, values that
+/// round up into the next binade or to infinity, subnormals, infinities, NaN. Exact.
+pub fn casts(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let mut x: Vec<f32> = (0..n).map(|_| f32::from_bits(rng.gen::<u32>())).collect();
+    x.extend([
+        0.0,
+        -0.0,
+        1.0 + f32::EPSILON * 32768.0,       // a tie, rounds down to even
+        1.0 + f32::EPSILON * 3.0 * 32768.0, // a tie, rounds up to even
+        1.9999999,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    let mut out = dev.alloc::<bf16>(x.len())?;
+    k.cast_to_bf16(&dev.upload(&x)?, &mut out)?;
+    let got: Vec<f32> = dev.download(&out)?.into_iter().map(bf16::to_f32).collect();
+    let want: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let every: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+    let mut back = dev.alloc::<f32>(every.len())?;
+    k.cast_to_f32(&dev.upload(&every)?, &mut back)?;
+    let want_back: Vec<f32> = every.iter().map(|v| v.to_f32()).collect();
+    Ok(vec![
+        compare(
+            "cast f32->bf16".into(),
+            format!("{}", x.len()),
+            &got,
+            &want,
+            &magnitudes(&want),
+            0.0,
+        ),
+        compare(
+            "cast bf16->f32".into(),
+            "every bf16".into(),
+            &dev.download(&back)?,
+            &want_back,
+            &magnitudes(&want_back),
+            0.0,
+        ),
+    ])
+}
+
+/// The global norm of buffers of the given lengths, then clipping to a third of it.
+pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let grads: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| {
+            let scale = 10f32.powi(rng.gen_range(-3..3));
+            random(rng, n, scale)
+        })
+        .collect();
+    let mut bufs: Vec<Buffer<f32>> = grads.iter().map(|g| dev.upload(g)).collect::<Result<_>>()?;
+    let want_norm = global_norm(&grads.iter().collect::<Vec<_>>());
+    let max_norm = (want_norm / 3.0) as f32;
+    let out = k.grad_norm(&bufs.iter().collect::<Vec<_>>(), max_norm)?;
+    let got = dev.download(&out)?;
+    k.clip(&mut bufs.iter_mut().collect::<Vec<_>>(), &out)?;
+
+    // Each thread's squares over every buffer (ceil(len / threads) each), the block's tree;
+    // then one block adds the partials (ceil(parts / block) each, a tree); sqrt halves it.
+    let block = k.block as usize;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let parts = longest
+        .div_ceil(block)
+        .clamp(1, 1024.min(k.max_grid as usize));
+    let per_thread: usize = lens.iter().map(|&n| n.div_ceil(parts * block)).sum();
+    let k_sum = (per_thread + parts.div_ceil(block) + 1) as f64 + 2.0 * tree_levels(block);
+    let norm_bound = k_sum / 2.0 * U + 2.0 * U;
+    // coef = max_norm / (norm + 1e-6): the norm's error and two roundings; one more for the
+    // product.
+    let coef_want = max_norm as f64 / (want_norm + 1e-6);
+    let clip_bound = norm_bound + 4.0 * U;
+    let mut clipped_got = Vec::new();
+    let mut clipped_want = Vec::new();
+    for (buf, g) in bufs.iter().zip(&grads) {
+        clipped_got.extend(dev.download(buf)?);
+        clipped_want.extend(g.iter().map(|&v| (v as f64 * coef_want) as f32));
+    }
+    let shape = format!(
+        "{} buffers, {} values",
+        lens.len(),
+        lens.iter().sum::<usize>()
+    );
+    Ok(vec![
+        compare(
+            "grad_norm".into(),
+            shape.clone(),
+            &got[..1],
+            &[want_norm as f32],
+            &[want_norm as f32],
+            norm_bound,
+        ),
+        compare(
+            "grad_clip".into(),
+            shape,
+            &clipped_got,
+            &clipped_want,
+            &magnitudes(&clipped_want),
+            clip_bound,
+        ),
+    ])
+}
+
+/// Random AdamW state at step `step - 1` of `n` elements, and the CPU's update of it.
+struct AdamWCase {
+    config: AdamWConfig,
+    lr: f64,
+    step: u64,
+    param: Vec<f32>,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl AdamWCase {
+    fn random(rng: &mut StdRng, n: usize, param_of: impl Fn(f32) -> f32) -> AdamWCase {
+        let grad = random(rng, n, 1e-2);
+        AdamWCase {
+            config: AdamWConfig {
+                betas: (0.9, 0.95),
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            lr: 1e-3,
+            step: rng.gen_range(1..20),
+            param: random(rng, n, 1.0).into_iter().map(param_of).collect(),
+            m: random(rng, n, 1e-2),
+            v: grad
+                .iter()
+                .map(|g| g * g * rng.gen_range(0.0..4.0))
+                .collect(),
+            grad,
+        }
+    }
+
+    /// The CPU's (param, m, v) after the step.
+    fn reference(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut opt = AdamW::new(self.config.clone(), &[self.param.len()]);
+        opt.step = self.step - 1;
+        opt.exp_avg[0] = self.m.clone();
+        opt.exp_avg_sq[0] = self.v.clone();
+        let mut param = self.param.clone();
+        opt.update(&mut [&mut param], &[&self.grad], self.lr);
+        (param, opt.exp_avg.remove(0), opt.exp_avg_sq.remove(0))
+    }
+
+    fn step(&self, seed: u64) -> AdamWStep {
+        AdamWStep::new(&self.config, self.step, self.lr, seed)
+    }
+}
+
+/// AdamW on f32, and on bf16 through an fp32 master copy: bit for bit the CPU's.
+pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let case = AdamWCase::random(rng, n, |p| p);
+    let (want_p, want_m, want_v) = case.reference();
+    let shape = format!("{n}");
+    let mut rows = Vec::new();
+    let mut exact = |op: &str, got: &[f32], want: &[f32]| {
+        rows.push(compare(
+            op.into(),
+            shape.clone(),
+            got,
+            want,
+            &magnitudes(want),
+            0.0,
+        ));
+    };
+
+    let (mut p, mut m, mut v) = (
+        dev.upload(&case.param)?,
+        dev.upload(&case.m)?,
+        dev.upload(&case.v)?,
+    );
+    k.adamw_f32(
+        &mut p,
+        &dev.upload(&case.grad)?,
+        &mut m,
+        &mut v,
+        &case.step(0),
+    )?;
+    exact("adamw f32 param", &dev.download(&p)?, &want_p);
+    exact(
+        "adamw f32 moments",
+        &[dev.download(&m)?, dev.download(&v)?].concat(),
+        &[want_m.clone(), want_v.clone()].concat(),
+    );
+
+    let mut param = dev.alloc::<bf16>(n)?;
+    let (mut master, mut m, mut v) = (
+        dev.upload(&case.param)?,
+        dev.upload(&case.m)?,
+        dev.upload(&case.v)?,
+    );
+    k.adamw_bf16(
+        &mut param,
+        Some(&mut master),
+        &dev.upload(&case.grad)?,
+        &mut m,
+        &mut v,
+        &case.step(0),
+    )?;
+    exact("adamw bf16+master master", &dev.download(&master)?, &want_p);
+    exact(
+        "adamw bf16+master param",
+        &download::<bf16>(dev, &param)?,
+        &rounded::<bf16>(&want_p),
+    );
+    exact(
+        "adamw bf16+master moments",
+        &[dev.download(&m)?, dev.download(&v)?].concat(),
+        &[want_m, want_v].concat(),
+    );
+    Ok(rows)
+}
+
+/// The two bf16 neighbours of an f32 value (the same one twice when it is a bf16 value).
+fn bf16_neighbours(x: f32) -> (f32, f32) {
+    let bits = x.to_bits();
+    let below = f32::from_bits(bits & 0xffff_0000);
+    if bits & 0xffff == 0 {
+        (below, below)
+    } else {
+        (below, f32::from_bits((bits & 0xffff_0000) + 0x1_0000))
+    }
+}
+
+/// AdamW on bf16 with stochastic rounding. Every result must be one of the two bf16 neighbours
+/// of the exact (CPU, f32) update (row "neighbours": the error relative to their gap, at most
+/// 1). And the rounding must be unbiased: `draws` elements with the same state (so the same
+/// update, rounded with independent random bits) must average to the exact update within 6
+/// standard deviations of the mean of `draws` such roundings (row "mean", in standard
+/// deviations; a correct kernel fails it with probability 2e-9 per case).
+pub fn adamw_stochastic(
+    k: &Kernels,
+    rng: &mut StdRng,
+    cases: usize,
+    draws: usize,
+) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let (mut worst_gap, mut worst_sigma) = (0f64, 0f64);
+    let (mut picks_ok, mut mean_ok) = (true, true);
+    let seed = rng.gen();
+    for _ in 0..cases {
+        // Parameters that are bf16 values, and one state repeated `draws` times.
+        let one = AdamWCase::random(rng, 1, |p| bf16::from_f32(p).to_f32());
+        let case = AdamWCase {
+            param: vec![one.param[0]; draws],
+            grad: vec![one.grad[0]; draws],
+            m: vec![one.m[0]; draws],
+            v: vec![one.v[0]; draws],
+            ..one
+        };
+        let target = case.reference().0[0];
+        let (below, above) = bf16_neighbours(target);
+        let mut param = upload::<bf16>(dev, &case.param)?;
+        let (mut m, mut v) = (dev.upload(&case.m)?, dev.upload(&case.v)?);
+        k.adamw_bf16(
+            &mut param,
+            None,
+            &dev.upload(&case.grad)?,
+            &mut m,
+            &mut v,
+            &case.step(seed),
+        )?;
+        let got = download::<bf16>(dev, &param)?;
+        let gap = (above - below) as f64;
+        for &g in &got {
+            let ok = g == below || g == above;
+            picks_ok &= ok;
+            let err = (g as f64 - target as f64).abs();
+            worst_gap = worst_gap.max(if gap == 0.0 {
+                if ok {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                err / gap
+            });
+        }
+        if gap > 0.0 {
+            let p = (target as f64 - below as f64) / gap;
+            let sigma = gap * (p * (1.0 - p) / draws as f64).sqrt();
+            let mean = got.iter().map(|&g| g as f64).sum::<f64>() / draws as f64;
+            let dev_sigmas = if sigma == 0.0 {
+                0.0
+            } else {
+                (mean - target as f64).abs() / sigma
+            };
+            worst_sigma = worst_sigma.max(dev_sigmas);
+            mean_ok &= dev_sigmas <= 6.0;
+        }
+    }
+    let shape = format!("{cases} cases x {draws}");
+    Ok(vec![
+        Row {
+            op: "adamw bf16 stochastic neighbours".into(),
+            shape: shape.clone(),
+            max_abs: f64::NAN,
+            max_rel: worst_gap,
+            bound: 1.0,
+            pass: picks_ok,
+        },
+        Row {
+            op: "adamw bf16 stochastic mean (sigmas)".into(),
+            shape,
+            max_abs: f64::NAN,
+            max_rel: worst_sigma,
+            bound: 6.0,
+            pass: mean_ok,
+        },
+    ])
+}
+
+/// Every check once, at awkward sizes, with the launch shape of [`Kernels::new`].
+pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
+    let k = Kernels::new(device);
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    rows.extend(swiglu::<f32>(&k, rng, 4099)?);
+    rows.extend(swiglu::<bf16>(&k, rng, 4099)?);
+    rows.extend(embedding::<f32>(&k, rng, 67, 13, 257)?);
+    rows.extend(embedding::<bf16>(&k, rng, 67, 13, 257)?);
+    rows.extend(rmsnorm::<f32>(&k, rng, 37, 1001)?);
+    rows.extend(rmsnorm::<bf16>(&k, rng, 37, 1001)?);
+    rows.extend(rope::<f32>(&k, rng, 29, 5, 66)?);
+    rows.extend(rope::<bf16>(&k, rng, 29, 5, 66)?);
+    rows.extend(casts(&k, rng, 3001)?);
+    rows.extend(grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
+    rows.extend(adamw_exact(&k, rng, 5003)?);
+    rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
+    device.synchronize()?;
+    Ok(rows)
+}
+
+/// The rows as an aligned text table.
+pub fn table(rows: &[Row]) -> String {
+    let fmt = |x: f64| {
+        if x.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{x:.2e}")
+        }
+    };
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.op.clone(),
+                r.shape.clone(),
+                fmt(r.max_abs),
+                fmt(r.max_rel),
+                fmt(r.bound),
+                if r.pass { "pass" } else { "FAIL" }.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "op",
+        "shape",
+        "max abs err",
+        "max rel err",
+        "bound",
+        "result",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |row: &[String]| {
+        let mut s = String::new();
+        for (i, (c, w)) in row.iter().zip(widths).enumerate() {
+            if i < 2 {
+                s.push_str(&format!("{c:<w$}  "));
+            } else {
+                s.push_str(&format!("{c:>w$}  "));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&header.map(String::from));
+    for row in &cells {
+        out.push_str(&line(row));
+    }
+    out
+}
