@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    assert_close, contralign, contralign_ok, fx, golden_json, golden_loss_name, rel_err, Golden,
+    assert_close, contralign, contralign_fails, contralign_ok, fx, golden_json, golden_loss_name,
+    rel_err, Golden,
 };
 use tempfile::TempDir;
 
@@ -204,14 +205,7 @@ fn cli_errors_are_messages_not_panics() {
         ),
     ];
     for (args, message) in cases {
-        let out = contralign(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(message),
-            "{args:?}: {stderr:?} lacks {message:?}"
-        );
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        contralign_fails(&args, message);
     }
     assert!(
         !std::path::Path::new(&out_file).exists(),
@@ -352,13 +346,7 @@ fn eval_refuses_bad_requests_before_loading_models() {
     for (flags, message) in cases {
         let mut args = vec!["eval", "--model", "/no/such/model", "--data", &reward];
         args.extend_from_slice(flags);
-        let out = contralign(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(message),
-            "{args:?}: {stderr:?} lacks {message:?}"
-        );
+        contralign_fails(&args, message);
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::contralign_ok;
+use common::{contralign_ok, metrics_without_timing};
 use tempfile::TempDir;
 
 #[test]
@@ -51,17 +51,9 @@ fn nca_improves_over_sft_and_train_with_the_demo_config_reproduces_it() {
     let config_path = tmp.path().join("demo.toml");
     std::fs::write(&config_path, config).unwrap();
     contralign_ok(&["train", "--config", &config_path.to_string_lossy()]);
-    let metrics = |dir: &std::path::Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("tokens_per_s");
-                v
-            })
-            .collect()
-    };
     let train_run = tmp.path().join("demo-nca");
-    assert_eq!(metrics(&train_run), metrics(&out.join("nca")));
+    assert_eq!(
+        metrics_without_timing(&train_run),
+        metrics_without_timing(&out.join("nca"))
+    );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{contralign, contralign_ok, fixture, fx, random_groups, rng};
+use common::{contralign, contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
 use contralign::checkpoint::read_tensors;
 use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::Group;
@@ -342,19 +342,6 @@ fn base_args(model: &str, loss: &str, out: &Path) -> Vec<String> {
 
 fn run_cli(args: &[String]) -> std::process::Output {
     contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-/// metrics.jsonl without the timing, which differs between runs.
-fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_s");
-            v
-        })
-        .collect()
 }
 
 fn weights(dir: &Path) -> Vec<u8> {

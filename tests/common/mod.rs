@@ -221,3 +221,30 @@ pub fn contralign_ok(args: &[&str]) -> std::process::Output {
 pub fn fx(name: &str) -> String {
     fixture(name).to_string_lossy().into_owned()
 }
+
+/// A run directory's metrics.jsonl without the timing, which differs between runs.
+pub fn metrics_without_timing(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+/// Runs the binary, requires it to fail with status 1 and a message containing `message`
+/// (and no panic); returns stderr.
+pub fn contralign_fails(args: &[&str], message: &str) -> String {
+    let out = contralign(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "{args:?}: {stderr:?} lacks {message:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
