@@ -422,3 +422,68 @@ fn adamw_stochastic_rounding_is_deterministic_per_seed() {
     assert_eq!(run(seed), run(seed));
     assert_ne!(run(seed), run(seed ^ 1));
 }
+
+#[test]
+fn gemm_computes_the_cpu_references_projection_and_its_gradients() {
+    use contralign::ops::cuda::gemm::Gemm;
+    let device = Device::Emu;
+    let ops = CpuOps;
+    let mut rng = common::rng("gemm");
+    for (m, k, n) in [(1, 1, 1), (37, 129, 67), (5, 1, 300), (64, 33, 2)] {
+        let x = random(&mut rng, m * k, 1.5);
+        let w = random(&mut rng, n * k, 1.5);
+        let dy = random(&mut rng, m * n, 1.5);
+        let dw0 = random(&mut rng, n * k, 1.5);
+        let (xb, wb, dyb) = (
+            device.upload(&x).unwrap(),
+            device.upload(&w).unwrap(),
+            device.upload(&dy).unwrap(),
+        );
+
+        let mut y = device.alloc::<f32>(m * n).unwrap();
+        device
+            .gemm(&Gemm::projection(m, k, n), &xb, &wb, &mut y)
+            .unwrap();
+        let want_y = ops.download(&ops.matmul(&x, &w, m, k, n));
+
+        let mut dx = device.alloc::<f32>(m * k).unwrap();
+        device
+            .gemm(&Gemm::projection_input_grad(m, k, n), &dyb, &wb, &mut dx)
+            .unwrap();
+        let mut want_dw = dw0.clone();
+        let want_dx = ops.matmul_backward(&x, &w, &dy, m, k, n, &mut want_dw);
+
+        let mut dw = device.upload(&dw0).unwrap();
+        device
+            .gemm(&Gemm::projection_weight_grad(m, k, n), &dyb, &xb, &mut dw)
+            .unwrap();
+
+        // Both sides accumulate in f64 (in different orders) and round once to f32: one ulp
+        // apart at most, and a hair of absolute error where a sum cancels to about zero.
+        let shape = format!("m={m} k={k} n={n}");
+        for (what, got, want) in [
+            ("y", device.download(&y).unwrap(), want_y),
+            ("dx", device.download(&dx).unwrap(), want_dx),
+            ("dw", device.download(&dw).unwrap(), want_dw),
+        ] {
+            let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
+            assert_close(
+                &format!("{what} {shape}"),
+                &got,
+                &want,
+                &scale,
+                f32::EPSILON,
+                1e-9,
+            );
+        }
+    }
+    let mut wrong = device.alloc::<f32>(3).unwrap();
+    let x = device.upload(&[1f32; 4]).unwrap();
+    let err = device
+        .gemm(&Gemm::projection(2, 2, 2), &x, &x, &mut wrong)
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("operand c has 3 elements, needs 4"),
+        "{err}"
+    );
+}

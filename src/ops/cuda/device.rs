@@ -11,6 +11,7 @@
 //! device address ([`Buffer::device_ptr`]), which is a host address on the emulator.
 
 use super::emu::{self, KernelArgs, LaunchConfig};
+use super::gemm::{self, Gemm};
 use anyhow::{bail, ensure, Result};
 use std::marker::PhantomData;
 
@@ -91,6 +92,24 @@ impl<T: bytemuck::Pod> Buffer<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    fn host(&self) -> Option<&[T]> {
+        match &self.memory {
+            Memory::Host(chunks) => Some(&bytemuck::cast_slice::<Chunk, T>(chunks)[..self.len]),
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(_) => None,
+        }
+    }
+
+    fn host_mut(&mut self) -> Option<&mut [T]> {
+        match &mut self.memory {
+            Memory::Host(chunks) => {
+                Some(&mut bytemuck::cast_slice_mut::<Chunk, T>(chunks)[..self.len])
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(_) => None,
+        }
     }
 
     /// The address of the first element on its device, as a kernel's pointer parameter
@@ -216,6 +235,61 @@ impl Device {
                 gpu.launch(name, config, args)
             }
         }
+    }
+
+    /// `c = alpha · op(a) · op(b) + beta · c` ([`Gemm`]) with fp32 accumulation: cuBLAS on a
+    /// GPU, [`gemm::host_gemm`] on the emulator.
+    pub fn gemm<E: Float, C: Float>(
+        &self,
+        g: &Gemm,
+        a: &Buffer<E>,
+        b: &Buffer<E>,
+        c: &mut Buffer<C>,
+    ) -> Result<()> {
+        g.check(a.len(), b.len(), c.len())?;
+        match self {
+            Device::Emu => match (a.host(), b.host(), c.host_mut()) {
+                (Some(a), Some(b), Some(c)) => gemm::host_gemm(g, a, b, c),
+                _ => bail!("a GPU buffer given to the emulator"),
+            },
+            #[cfg(feature = "cuda")]
+            // SAFETY: three live buffers of this device whose lengths `check` accepted.
+            Device::Gpu(gpu) => unsafe {
+                gpu.gemm(
+                    g,
+                    E::DTYPE,
+                    a.device_ptr(),
+                    b.device_ptr(),
+                    C::DTYPE,
+                    c.device_ptr(),
+                )
+            },
+        }
+    }
+
+    /// Copies `src` into `dst` (of its length) on the device, in launch order.
+    pub fn copy_buffer<T: bytemuck::Pod>(
+        &self,
+        src: &Buffer<T>,
+        dst: &mut Buffer<T>,
+    ) -> Result<()> {
+        ensure!(
+            src.len == dst.len,
+            "device copy of {} elements into a buffer of {}",
+            src.len,
+            dst.len
+        );
+        match self {
+            Device::Emu => match (src.host(), dst.host_mut()) {
+                (Some(s), Some(d)) => d.copy_from_slice(s),
+                _ => bail!("a GPU buffer given to the emulator"),
+            },
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => {
+                gpu.copy_on_device(dst.device_ptr(), src.device_ptr(), src.len * size_of::<T>())?
+            }
+        }
+        Ok(())
     }
 
     /// Waits for every queued launch; reports a kernel's failure.

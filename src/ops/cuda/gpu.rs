@@ -8,12 +8,14 @@
 //! opens.
 
 use super::emu::{KernelArgs, LaunchConfig};
+use super::gemm::{Gemm, Op};
 use super::ptx;
 use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas;
 use cudarc::driver::{result, sys, DriverError};
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::sync::Arc;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, OnceLock};
 
 fn driver_error(e: DriverError) -> anyhow::Error {
     let name = e
@@ -77,12 +79,66 @@ impl Drop for Allocation {
     }
 }
 
+/// A cuBLAS handle on the legacy default stream, the one every launch and copy uses.
+struct Blas {
+    handle: cublas::sys::cublasHandle_t,
+    context: Arc<PrimaryContext>,
+}
+
+impl Blas {
+    fn create(context: Arc<PrimaryContext>) -> Result<Blas> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { cublas::sys::is_culib_present() } {
+            bail!(
+                "cuBLAS could not be loaded (libcublas.so): put the folder that holds it on \
+                 LD_LIBRARY_PATH (a CUDA toolkit's lib64, or the nvidia-cublas wheel's lib)"
+            );
+        }
+        context.bind()?;
+        let handle = cublas::result::create_handle()
+            .map_err(|e| anyhow!("cuBLAS: creating a handle: {e:?}"))?;
+        Ok(Blas { handle, context })
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        if self.context.bind().is_ok() {
+            // SAFETY: created in Blas::create, destroyed once.
+            let _ = unsafe { cublas::result::destroy_handle(self.handle) };
+        }
+    }
+}
+
+// SAFETY: the handle is used only with its context bound, from one thread at a time (Gpu is
+// used behind & by one thread; cuBLAS handles may move between threads).
+unsafe impl Send for Blas {}
+// SAFETY: as above.
+unsafe impl Sync for Blas {}
+
+fn blas_type(dtype: &str) -> Result<cublas::sys::cudaDataType> {
+    match dtype {
+        "f32" => Ok(cublas::sys::cudaDataType::CUDA_R_32F),
+        "bf16" => Ok(cublas::sys::cudaDataType::CUDA_R_16BF),
+        other => bail!("gemm: no cuBLAS type for {other}"),
+    }
+}
+
+fn blas_op(op: Op) -> cublas::sys::cublasOperation_t {
+    match op {
+        Op::N => cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        Op::T => cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+    }
+}
+
 /// An open GPU with the kernels loaded.
 pub struct Gpu {
     context: Arc<PrimaryContext>,
     name: String,
     capability: (i32, i32),
     functions: HashMap<&'static str, sys::CUfunction>,
+    /// Created at the first GEMM, so that the kernels run where cuBLAS is missing.
+    blas: OnceLock<Result<Blas, String>>,
 }
 
 impl Gpu {
@@ -136,6 +192,7 @@ impl Gpu {
             name,
             capability,
             functions,
+            blas: OnceLock::new(),
         })
     }
 
@@ -210,6 +267,68 @@ impl Gpu {
         )
         .map_err(driver_error)
         .with_context(|| format!("launching kernel `{name}`"))
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the GPU, in stream order.
+    pub fn copy_on_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.context.bind()?;
+        // SAFETY: the callers pass two live allocations of at least `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, result::stream::null()) }
+            .map_err(driver_error)
+    }
+
+    /// `c = alpha · op(a) · op(b) + beta · c` through cuBLAS with fp32 accumulation; `a`, `b`
+    /// and `c` are device addresses of `a_type`, `a_type` and `c_type` elements.
+    ///
+    /// # Safety
+    /// The addresses must be live allocations of this GPU of the lengths [`Gemm::check`]
+    /// accepts.
+    pub unsafe fn gemm(
+        &self,
+        g: &Gemm,
+        a_type: &str,
+        a: u64,
+        b: u64,
+        c_type: &str,
+        c: u64,
+    ) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let blas = self
+            .blas
+            .get_or_init(|| Blas::create(self.context.clone()).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))?;
+        self.context.bind()?;
+        let (lda, ldb, ldc) = g.leading_dims();
+        // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ, and a row-major matrix
+        // is its column-major transpose: the same call with the operands swapped.
+        cublas::result::gemm_ex(
+            blas.handle,
+            blas_op(g.op_b),
+            blas_op(g.op_a),
+            g.n as i32,
+            g.m as i32,
+            g.k as i32,
+            (&g.alpha as *const f32).cast::<c_void>(),
+            b as *const c_void,
+            blas_type(a_type)?,
+            ldb.max(1) as i32,
+            a as *const c_void,
+            blas_type(a_type)?,
+            lda.max(1) as i32,
+            (&g.beta as *const f32).cast::<c_void>(),
+            c as *mut c_void,
+            blas_type(c_type)?,
+            ldc.max(1) as i32,
+            cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| anyhow!("cuBLAS gemm {g:?}: {e:?}"))
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod emu;
+pub mod gemm;
 #[cfg(feature = "cuda")]
 mod gpu;
 pub mod kernels;

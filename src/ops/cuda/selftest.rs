@@ -11,10 +11,15 @@
 //!   thread's terms in turn, then a tree over the block's threads (`ceil(log2 block)` levels).
 //! - bf16 outputs add one rounding to 8 significant bits: at most `2^-8` relative to the
 //!   value, so `2^-8 + (1 + 2^-8) b` for an fp32 bound `b`.
+//! - A GEMM accumulates `k` products in some order cuBLAS chooses: `k u` relative to
+//!   `Σ|a||b|`, doubled for bf16 inputs, whose tensor-core accumulation may truncate instead
+//!   of rounding (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), plus the
+//!   two roundings of `alpha · acc + beta · c`.
 //! - Ops that only move or convert values (embedding, casts) and AdamW on f32 (the CPU's
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
 use super::device::{Buffer, Device, Float};
+use super::gemm::{Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
 use crate::ops::cpu::CpuOps;
 use crate::ops::Ops;
@@ -744,6 +749,82 @@ pub fn adamw_stochastic(
     ])
 }
 
+/// One GEMM `g` with inputs `E` and output `C` against an f64 evaluation of its definition.
+pub fn gemm<E: Float, C: Float>(device: &Device, rng: &mut StdRng, g: Gemm) -> Result<Row> {
+    let a = rounded::<E>(&random(rng, g.m * g.k, 2.0));
+    let b = rounded::<E>(&random(rng, g.k * g.n, 2.0));
+    let c = rounded::<C>(&random(rng, g.m * g.n, 4.0));
+    let (lda, ldb, _) = g.leading_dims();
+    let at = |x: &[f32], op: Op, ld: usize, r: usize, col: usize| match op {
+        Op::N => x[r * ld + col] as f64,
+        Op::T => x[col * ld + r] as f64,
+    };
+    let (mut want, mut scale) = (Vec::new(), Vec::new());
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let (mut sum, mut magnitude) = (0f64, 0f64);
+            for p in 0..g.k {
+                let product = at(&a, g.op_a, lda, i, p) * at(&b, g.op_b, ldb, p, j);
+                sum += product;
+                magnitude += product.abs();
+            }
+            let prior = c[i * g.n + j] as f64;
+            let beta_c = if g.beta == 0.0 {
+                0.0
+            } else {
+                g.beta as f64 * prior
+            };
+            want.push((g.alpha as f64 * sum + beta_c) as f32);
+            scale.push((g.alpha.abs() as f64 * magnitude + beta_c.abs()) as f32);
+        }
+    }
+    let (ab, bb) = (upload::<E>(device, &a)?, upload::<E>(device, &b)?);
+    let mut cb = upload::<C>(device, &c)?;
+    device.gemm(&g, &ab, &bb, &mut cb)?;
+    let got = download::<C>(device, &cb)?;
+    let accumulation = if E::DTYPE == "bf16" { 2.0 } else { 1.0 };
+    let bound = stored::<C>((accumulation * g.k as f64 + 2.0) * U);
+    Ok(compare(
+        format!(
+            "gemm {:?}{:?} {}->{} a={} b={}",
+            g.op_a,
+            g.op_b,
+            E::DTYPE,
+            C::DTYPE,
+            g.alpha,
+            g.beta
+        ),
+        format!("{}x{}x{}", g.m, g.n, g.k),
+        &got,
+        &want,
+        &scale,
+        bound,
+    ))
+}
+
+/// The GEMMs of a projection's forward and backward, and general ones, at awkward sizes.
+pub fn gemms(device: &Device, rng: &mut StdRng) -> Result<Vec<Row>> {
+    let general = |op_a, op_b, m, n, k, alpha, beta| Gemm {
+        op_a,
+        op_b,
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+    };
+    Ok(vec![
+        gemm::<bf16, bf16>(device, rng, Gemm::projection(37, 129, 67))?,
+        gemm::<bf16, bf16>(device, rng, Gemm::projection_input_grad(37, 129, 67))?,
+        gemm::<bf16, f32>(device, rng, Gemm::projection_weight_grad(37, 129, 67))?,
+        gemm::<f32, f32>(device, rng, Gemm::projection(1, 1000, 33))?,
+        gemm::<f32, f32>(device, rng, Gemm::projection_input_grad(45, 7, 301))?,
+        gemm::<f32, f32>(device, rng, Gemm::projection_weight_grad(301, 19, 5))?,
+        gemm::<bf16, f32>(device, rng, general(Op::T, Op::T, 23, 41, 77, 0.5, -1.5))?,
+        gemm::<f32, bf16>(device, rng, general(Op::N, Op::N, 64, 1, 1, -2.0, 0.25))?,
+    ])
+}
+
 /// Every check once, at awkward sizes, with the launch shape of [`Kernels::new`].
 pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     let k = Kernels::new(device);
@@ -761,6 +842,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
     rows.extend(adamw_exact(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
+    rows.extend(gemms(device, rng)?);
     device.synchronize()?;
     Ok(rows)
 }
