@@ -91,7 +91,9 @@ pub fn reference_stats<O: Ops>(
         ),
         (true, Some(r)) => {
             check_reference(policy, r)?;
-            Ok(Some(r.score(ops, &pack(r, groups)?)))
+            let stats = r.score(ops, &pack(r, groups)?);
+            ops.check()?;
+            Ok(Some(stats))
         }
         (false, _) => Ok(None),
     }
@@ -136,6 +138,8 @@ pub fn loss_and_grads<O: Ops>(
             ops,
             &batch,
             |stats: &[ResponseStats]| {
+                // Statistics of a failed device are zeros: report the failure, not their loss.
+                ops.check()?;
                 let columns = Columns::new(groups, stats, ref_stats);
                 let out = batch_loss(spec, &columns.input())?;
                 Ok(StatsGrad {
@@ -147,6 +151,7 @@ pub fn loss_and_grads<O: Ops>(
             },
             opts,
         )
+        .and_then(|out| ops.check().map(|()| out))
         .context("computing the loss")
 }
 
@@ -181,6 +186,7 @@ pub fn evaluate<O: Ops>(
     check_ref_stats(groups, spec, ref_stats)?;
     let batch = pack(policy, groups)?;
     let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
+    ops.check()?;
     let columns = Columns::new(groups, &stats, ref_stats);
     let out = batch_loss(spec, &columns.input())?;
     let loss = out.loss + aux_coef * aux_loss.unwrap_or(0.0);

@@ -1,7 +1,8 @@
+use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use anyhow::Result;
 use clap::Args;
-use contralign::ops::cpu::CpuOps;
+use contralign::ops::Ops;
 use contralign::step;
 
 /// Evaluate a loss over a data set and print one JSON object `{"loss": L, "metrics": {...}}`.
@@ -17,18 +18,27 @@ use contralign::step;
 pub struct EvalArgs {
     #[command(flatten)]
     inputs: InputArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl OnOps for &EvalArgs {
+    type Output = step::Evaluation;
+    fn run<O: Ops>(self, ops: &O) -> Result<step::Evaluation> {
+        let l = self.inputs.load(ops, || Ok(()))?;
+        step::evaluate(
+            ops,
+            &l.policy,
+            l.ref_stats.as_deref(),
+            &l.groups,
+            &l.spec,
+            l.aux_coef,
+        )
+    }
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let l = args.inputs.load(|| Ok(()))?;
-    let eval = step::evaluate(
-        &CpuOps,
-        &l.policy,
-        l.ref_stats.as_deref(),
-        &l.groups,
-        &l.spec,
-        l.aux_coef,
-    )?;
+    let eval = args.device.run(&args)?;
     let metrics: serde_json::Map<String, serde_json::Value> = eval
         .metrics
         .into_iter()

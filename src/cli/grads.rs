@@ -1,3 +1,4 @@
+use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use anyhow::Result;
 use clap::Args;
@@ -5,7 +6,6 @@ use contralign::checkpoint::{save_f32, Tensor};
 use contralign::fsutil::check_writable_file;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
-use contralign::ops::cpu::CpuOps;
 use contralign::ops::Ops;
 use contralign::step;
 use std::path::PathBuf;
@@ -27,35 +27,58 @@ pub struct GradsArgs {
     /// Output safetensors file (written atomically).
     #[arg(long, value_name = "FILE.safetensors")]
     out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// The loss, the gradients on the host in parameter order, and what they were taken over.
+pub struct Gradients {
+    loss: f64,
+    grads: Vec<Vec<f32>>,
+    cfg: contralign::config::ModelConfig,
+    groups: usize,
+}
+
+impl OnOps for &GradsArgs {
+    type Output = Gradients;
+    fn run<O: Ops>(self, ops: &O) -> Result<Gradients> {
+        let l = self
+            .inputs
+            .load(ops, || check_writable_file(&self.out, "--out"))?;
+        let opts = StepOptions {
+            checkpointing: !self.no_checkpointing,
+            aux_coef: l.aux_coef,
+        };
+        let out = step::loss_and_grads(
+            ops,
+            &l.policy,
+            l.ref_stats.as_deref(),
+            &l.groups,
+            &l.spec,
+            &opts,
+        )?;
+        let grads = out
+            .grads
+            .iter()
+            .into_iter()
+            .map(|g| ops.download(g))
+            .collect();
+        Ok(Gradients {
+            loss: out.loss,
+            grads,
+            cfg: l.policy.cfg,
+            groups: l.groups.len(),
+        })
+    }
 }
 
 pub fn run(args: GradsArgs) -> Result<()> {
-    let l = args
-        .inputs
-        .load(|| check_writable_file(&args.out, "--out"))?;
-    let ops = CpuOps;
-    let opts = StepOptions {
-        checkpointing: !args.no_checkpointing,
-        aux_coef: l.aux_coef,
-    };
-    let out = step::loss_and_grads(
-        &ops,
-        &l.policy,
-        l.ref_stats.as_deref(),
-        &l.groups,
-        &l.spec,
-        &opts,
-    )?;
-    let data: Vec<Vec<f32>> = out
-        .grads
-        .iter()
-        .into_iter()
-        .map(|g| ops.download(g))
-        .collect();
+    let out = args.device.run(&args)?;
+    let data = &out.grads;
     let loss = [out.loss as f32];
-    let mut tensors: Vec<Tensor> = param_specs(&l.policy.cfg)
+    let mut tensors: Vec<Tensor> = param_specs(&out.cfg)
         .into_iter()
-        .zip(&data)
+        .zip(data)
         .map(|((name, shape), data)| Tensor { name, shape, data })
         .collect();
     tensors.push(Tensor {
@@ -67,7 +90,7 @@ pub fn run(args: GradsArgs) -> Result<()> {
     eprintln!(
         "loss {:.6} over {} groups; wrote {} gradient tensors to {}",
         out.loss,
-        l.groups.len(),
+        out.groups,
         tensors.len() - 1,
         args.out.display()
     );

@@ -7,7 +7,7 @@ use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
 use contralign::model::{Model, ResponseStats};
-use contralign::ops::cpu::CpuOps;
+use contralign::ops::Ops;
 use contralign::step;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -142,10 +142,10 @@ pub struct InputArgs {
 }
 
 /// Everything a loss evaluation needs, loaded and checked.
-pub struct Loaded {
+pub struct Loaded<B> {
     pub spec: LossSpec,
     pub groups: Vec<Group>,
-    pub policy: Model<Vec<f32>>,
+    pub policy: Model<B>,
     /// The reference model's statistics of every response, when the loss needs them.
     pub ref_stats: Option<Vec<ResponseStats>>,
     pub aux_coef: f64,
@@ -154,7 +154,11 @@ pub struct Loaded {
 impl InputArgs {
     /// Checks the flags and the data first (and runs `precheck`, e.g. that the output can be
     /// written), then loads the models: bad requests fail before any heavy work.
-    pub fn load(&self, precheck: impl FnOnce() -> Result<()>) -> Result<Loaded> {
+    pub fn load<O: Ops>(
+        &self,
+        ops: &O,
+        precheck: impl FnOnce() -> Result<()>,
+    ) -> Result<Loaded<O::Buf>> {
         let spec = self.loss.spec()?;
         if spec.kind.needs_reference() && self.ref_model.is_none() {
             bail!(
@@ -164,13 +168,12 @@ impl InputArgs {
         }
         precheck()?;
         let groups = self.loss.prepare(&spec, self.data.load(&self.model)?)?;
-        let policy = Model::load(&CpuOps, &self.model)?;
+        let policy = Model::load(ops, &self.model)?;
         let reference = match &self.ref_model {
-            Some(dir) if spec.kind.needs_reference() => Some(Model::load(&CpuOps, dir)?),
+            Some(dir) if spec.kind.needs_reference() => Some(Model::load(ops, dir)?),
             _ => None,
         };
-        let ref_stats =
-            step::reference_stats(&CpuOps, &policy, reference.as_ref(), &groups, &spec)?;
+        let ref_stats = step::reference_stats(ops, &policy, reference.as_ref(), &groups, &spec)?;
         let aux_coef = self.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
         Ok(Loaded {
             spec,

@@ -3,6 +3,7 @@
 mod config_file;
 mod data_args;
 mod demo;
+mod device_args;
 mod eval;
 mod generate;
 mod grads;

@@ -1,9 +1,11 @@
 use crate::cli::data_args::DataArgs;
+use crate::cli::device_args::{DeviceArgs, OnOps};
 use anyhow::Result;
 use clap::Args;
+use contralign::data::Group;
 use contralign::fsutil::check_writable_file;
 use contralign::model::Model;
-use contralign::ops::cpu::CpuOps;
+use contralign::ops::Ops;
 use contralign::train::refcache::RefCache;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -27,30 +29,48 @@ pub struct PrecomputeArgs {
     /// Most packed tokens scored at once.
     #[arg(long, value_name = "N", default_value_t = 8192)]
     micro_tokens: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+struct Precompute<'a> {
+    args: &'a PrecomputeArgs,
+    groups: &'a [Group],
+}
+
+impl OnOps for Precompute<'_> {
+    type Output = RefCache;
+    fn run<O: Ops>(self, ops: &O) -> Result<RefCache> {
+        let model = Model::load(ops, &self.args.model)?;
+        let bar = ProgressBar::new(self.groups.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "groups {pos}/{len} [{bar:30}] {elapsed_precise} ETA {eta_precise}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        let cache = RefCache::compute(
+            ops,
+            &model,
+            &self.args.model,
+            self.groups,
+            &self.args.data.data,
+            self.args.micro_tokens.max(1),
+            |done| bar.set_position(done as u64),
+        )?;
+        bar.finish_and_clear();
+        Ok(cache)
+    }
 }
 
 pub fn run(args: PrecomputeArgs) -> Result<()> {
     check_writable_file(&args.out, "--out")?;
     let groups = args.data.load(&args.model)?;
-    let model = Model::load(&CpuOps, &args.model)?;
-    let bar = ProgressBar::new(groups.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "groups {pos}/{len} [{bar:30}] {elapsed_precise} ETA {eta_precise}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    let cache = RefCache::compute(
-        &CpuOps,
-        &model,
-        &args.model,
-        &groups,
-        &args.data.data,
-        args.micro_tokens.max(1),
-        |done| bar.set_position(done as u64),
-    )?;
-    bar.finish_and_clear();
+    let cache = args.device.run(Precompute {
+        args: &args,
+        groups: &groups,
+    })?;
     cache.save(&args.out)?;
     eprintln!(
         "scored {} groups under {}; wrote {}",

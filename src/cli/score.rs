@@ -1,8 +1,11 @@
 use crate::cli::data_args::DataArgs;
+use crate::cli::device_args::{DeviceArgs, OnOps};
 use anyhow::Result;
 use clap::Args;
-use contralign::model::Model;
-use contralign::ops::cpu::CpuOps;
+use contralign::data::packing::Batch;
+use contralign::data::Group;
+use contralign::model::{Model, ResponseStats};
+use contralign::ops::Ops;
 use contralign::step;
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,13 +23,31 @@ pub struct ScoreArgs {
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+struct Scoring<'a> {
+    args: &'a ScoreArgs,
+    groups: &'a [Group],
+}
+
+impl OnOps for Scoring<'_> {
+    type Output = (Batch, Vec<ResponseStats>);
+    fn run<O: Ops>(self, ops: &O) -> Result<(Batch, Vec<ResponseStats>)> {
+        let model = Model::load(ops, &self.args.model)?;
+        let batch = step::pack(&model, self.groups)?;
+        let stats = model.score(ops, &batch);
+        Ok((batch, stats))
+    }
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
     let groups = args.data.load(&args.model)?;
-    let model = Model::load(&CpuOps, &args.model)?;
-    let batch = step::pack(&model, &groups)?;
-    let stats = model.score(&CpuOps, &batch);
+    let (batch, stats) = args.device.run(Scoring {
+        args: &args,
+        groups: &groups,
+    })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (i, (span, s)) in batch.responses.iter().zip(&stats).enumerate() {
         let response = i - batch.group_offsets[span.group];

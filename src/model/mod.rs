@@ -10,7 +10,7 @@ use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::Batch;
 use crate::ops::{AttentionLayout, Ops};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use layer::{AuxGrad, LayerActs};
 use moe::LoadBalance;
 use params::Params;
@@ -86,6 +86,8 @@ impl<B> Model<B> {
                 .expect("load_weights checked every name");
             Ok(ops.upload(&w))
         })?;
+        ops.check()
+            .with_context(|| format!("loading {} onto the device", dir.display()))?;
         Ok(Model { cfg, params, dtype })
     }
 

@@ -71,6 +71,13 @@ pub trait Ops {
     /// A tensor on this backend (f32 values as seen from the host).
     type Buf;
 
+    /// The first failure of the backend since the last call (a device can fail; the CPU
+    /// cannot). Operations after a failure return zeros, so results are only valid once this
+    /// says so.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     fn upload(&self, data: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn zeros(&self, len: usize) -> Self::Buf;

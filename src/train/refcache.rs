@@ -107,6 +107,7 @@ impl RefCache {
             }
             let chunk = &groups[start..end];
             let stats = model.score(ops, &pack(model, chunk)?);
+            ops.check()?;
             let mut it = stats.into_iter();
             for g in chunk {
                 out.push(

@@ -173,6 +173,20 @@ impl Device {
         })
     }
 
+    /// A zero-filled buffer of `len` elements in host memory whatever the device: what an
+    /// operation returns after an earlier one failed ([`super::ops::DeviceOps`]), so that
+    /// nothing more is asked of a device in error. Never give it to a launch or a GEMM.
+    pub fn host_zeros<T: bytemuck::Pod>(len: usize) -> Buffer<T> {
+        Buffer {
+            len,
+            memory: Memory::Host(vec![
+                Chunk([0; 256]);
+                (len * size_of::<T>()).div_ceil(256).max(1)
+            ]),
+            _element: PhantomData,
+        }
+    }
+
     pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
         let mut buffer = self.alloc(data.len())?;
         self.copy_to(&mut buffer, data)?;

@@ -149,6 +149,16 @@ impl<'a> Kernels<'a> {
         self.launch(&name, self.element_blocks(gate.len()), &args)
     }
 
+    /// `acc += x`.
+    pub fn add_assign(&self, acc: &mut Buffer<f32>, x: &Buffer<f32>) -> Result<()> {
+        same_len("add_assign", acc, x)?;
+        let mut args = KernelArgs::new();
+        args.arg(acc.device_ptr())
+            .arg(x.device_ptr())
+            .arg(acc.len() as i64);
+        self.launch("add_assign_f32", self.element_blocks(acc.len()), &args)
+    }
+
     /// `out[t] = table[ids[t]]`, rows of `d`; an id `>= vocab` fails the launch.
     pub fn embedding_forward<E: Float>(
         &self,

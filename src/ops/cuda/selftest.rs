@@ -749,6 +749,25 @@ pub fn adamw_stochastic(
     ])
 }
 
+/// `acc += x` on `n` elements: one f32 addition each, as the CPU does it (bound 0).
+pub fn add_assign(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let acc = random(rng, n, 4.0);
+    let x = random(rng, n, 4.0);
+    let mut want = acc.clone();
+    CpuOps.add_assign(&mut want, &x);
+    let mut acc_buffer = k.device.upload(&acc)?;
+    k.add_assign(&mut acc_buffer, &k.device.upload(&x)?)?;
+    let got = k.device.download(&acc_buffer)?;
+    Ok(vec![compare(
+        "add_assign f32".to_string(),
+        n.to_string(),
+        &got,
+        &want,
+        &magnitudes(&want),
+        0.0,
+    )])
+}
+
 /// One GEMM `g` with inputs `E` and output `C` against an f64 evaluation of its definition.
 pub fn gemm<E: Float, C: Float>(device: &Device, rng: &mut StdRng, g: Gemm) -> Result<Row> {
     let a = rounded::<E>(&random(rng, g.m * g.k, 2.0));
@@ -842,6 +861,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
     rows.extend(adamw_exact(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
+    rows.extend(add_assign(&k, rng, 4099)?);
     rows.extend(gemms(device, rng)?);
     device.synchronize()?;
     Ok(rows)

@@ -1,0 +1,48 @@
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use contralign::ops::cpu::CpuOps;
+use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::ops::DeviceOps;
+use contralign::ops::Ops;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The CPU reference: f32 storage, f64 sums.
+    Cpu,
+    /// The CUDA backend's kernels and GEMMs in the host emulator: slow, for checking.
+    Emu,
+    /// A GPU; needs a binary built with `--features cuda`.
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU and the
+    /// projections run as device kernels and GEMMs; attention, MoE dispatch and the LM-head
+    /// scoring still run on the host until their kernels exist.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Backend,
+}
+
+/// A command's work, written once for every backend.
+pub trait OnOps {
+    type Output;
+    fn run<O: Ops>(self, ops: &O) -> Result<Self::Output>;
+}
+
+impl DeviceArgs {
+    /// Runs `work` on the chosen backend; on a device, only once the device reports no error.
+    pub fn run<W: OnOps>(&self, work: W) -> Result<W::Output> {
+        let kind = match self.device {
+            Backend::Cpu => return work.run(&CpuOps),
+            Backend::Emu => DeviceKind::Emu,
+            Backend::Cuda => DeviceKind::Cuda,
+        };
+        let device = Device::open(kind)?;
+        eprintln!("device: {}", device.describe());
+        let ops = DeviceOps::new(&device);
+        let output = work.run(&ops)?;
+        ops.check()?;
+        Ok(output)
+    }
+}
