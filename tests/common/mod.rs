@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, golden tensors, error measures.
 #![allow(dead_code)]
 
+pub mod device_step;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

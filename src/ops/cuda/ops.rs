@@ -62,6 +62,20 @@ impl<'a> DeviceOps<'a> {
     fn alloc(&self, len: usize) -> Result<Buffer<f32>> {
         self.device.alloc(len)
     }
+
+    /// RMSNorm's output and each row's 1/rms.
+    fn rmsnorm_with_rstd(
+        &self,
+        x: &Buffer<f32>,
+        w: &Buffer<f32>,
+        eps: f64,
+    ) -> Result<(Buffer<f32>, Buffer<f32>)> {
+        let mut y = self.alloc(x.len())?;
+        let mut rstd = self.alloc(x.len() / w.len().max(1))?;
+        self.kernels
+            .rmsnorm_forward(x, None, w, None, &mut y, &mut rstd, eps as f32)?;
+        Ok((y, rstd))
+    }
 }
 
 impl Ops for DeviceOps<'_> {
@@ -129,13 +143,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm",
             || Self::placeholder(x.len()),
-            || {
-                let mut y = self.alloc(x.len())?;
-                let mut rstd = self.alloc(x.len() / w.len().max(1))?;
-                self.kernels
-                    .rmsnorm_forward(x, None, w, None, &mut y, &mut rstd, eps as f32)?;
-                Ok(y)
-            },
+            || Ok(self.rmsnorm_with_rstd(x, w, eps)?.0),
         )
     }
 
@@ -153,10 +161,7 @@ impl Ops for DeviceOps<'_> {
             || Self::placeholder(x.len()),
             || {
                 // The trait keeps no statistics between the passes: recompute 1/rms.
-                let mut y = self.alloc(x.len())?;
-                let mut rstd = self.alloc(x.len() / w.len().max(1))?;
-                self.kernels
-                    .rmsnorm_forward(x, None, w, None, &mut y, &mut rstd, eps as f32)?;
+                let (_, rstd) = self.rmsnorm_with_rstd(x, w, eps)?;
                 let mut dx = self.alloc(x.len())?;
                 self.kernels
                     .rmsnorm_backward(x, w, &rstd, dy, None, &mut dx, dw)?;
