@@ -1,0 +1,142 @@
+//! The kernels and GEMMs on a real GPU (`--features cuda` and a CUDA driver), against the CPU
+//! reference within the selftest's bounds. Without a GPU each test prints why it skipped and
+//! passes, so that the suite runs everywhere; tools/gpu-suite.sh runs it on a GPU machine.
+
+use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::kernels::Kernels;
+use contralign::ops::cuda::selftest::{self, Row};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::process::Command;
+
+/// The first GPU, or `None` after printing why there is none.
+fn gpu() -> Option<Device> {
+    match Device::open(DeviceKind::Cuda) {
+        Ok(device) => {
+            println!("GPU: {}", device.describe());
+            Some(device)
+        }
+        Err(e) => {
+            println!("skipped: no GPU: {e:#}");
+            None
+        }
+    }
+}
+
+/// A fresh seed, printed so that a failure can be rerun with
+/// `contralign selftest --device cuda --seed N`.
+fn fresh_seed() -> u64 {
+    let seed = rand::random();
+    println!("seed {seed}");
+    seed
+}
+
+fn assert_pass(rows: &[Row], what: &str, seed: u64) {
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    assert!(
+        failed == 0,
+        "{what}, seed {seed}: {failed} of {} checks fail\n{}",
+        rows.len(),
+        selftest::table(rows)
+    );
+}
+
+#[test]
+fn selftest_passes_on_the_gpu() {
+    let Some(device) = gpu() else { return };
+    let seed = fresh_seed();
+    let rows =
+        selftest::run(&device, seed).unwrap_or_else(|e| panic!("selftest, seed {seed}: {e:#}"));
+    print!("{}", selftest::table(&rows));
+    assert_pass(&rows, "selftest", seed);
+}
+
+/// The launch shapes of the emulator's kernel tests (threads per block, most blocks): blocks
+/// that are not whole warps, and grids too small for the data. A GPU runs warps in lockstep
+/// where the emulator runs threads one after another, so what passes there can still fail
+/// here.
+const LAUNCH_SHAPES: [(u32, u32); 5] = [(256, 4096), (33, 3), (96, 7), (32, 1), (1024, 2)];
+
+#[test]
+fn kernels_pass_with_every_launch_shape() {
+    let Some(device) = gpu() else { return };
+    let seed = fresh_seed();
+    let rng = &mut StdRng::seed_from_u64(seed);
+    for (block, max_grid) in LAUNCH_SHAPES {
+        let k = Kernels {
+            device: &device,
+            block,
+            max_grid,
+        };
+        let rows = (|| -> anyhow::Result<Vec<Row>> {
+            let mut rows = Vec::new();
+            rows.extend(selftest::swiglu::<bf16>(&k, rng, 65537)?);
+            rows.extend(selftest::embedding::<bf16>(&k, rng, 67, 13, 257)?);
+            rows.extend(selftest::rmsnorm::<f32>(&k, rng, 37, 1001)?);
+            rows.extend(selftest::rmsnorm::<bf16>(&k, rng, 37, 1001)?);
+            rows.extend(selftest::rope::<bf16>(&k, rng, 29, 5, 66)?);
+            rows.extend(selftest::casts(&k, rng, 3001)?);
+            rows.extend(selftest::grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
+            rows.extend(selftest::adamw_exact(&k, rng, 5003)?);
+            device.synchronize()?;
+            Ok(rows)
+        })()
+        .unwrap_or_else(|e| panic!("launch shape ({block}, {max_grid}), seed {seed}: {e:#}"));
+        assert_pass(
+            &rows,
+            &format!("launch shape ({block} threads, {max_grid} blocks)"),
+            seed,
+        );
+    }
+}
+
+/// Set in the child process that runs the trapping launch.
+const TRAP_CHILD: &str = "CONTRALIGN_GPU_TEST_TRAP_CHILD";
+const TRAP_TEST: &str = "embedding_fails_on_an_id_past_the_table";
+
+/// The kernel traps on an id past the table rather than read another tensor's memory. A trap
+/// leaves the CUDA context unusable for the rest of the process, so the launch runs in a child
+/// process (this test binary, running only this test) and the other tests keep a working GPU.
+#[test]
+fn embedding_fails_on_an_id_past_the_table() {
+    if std::env::var_os(TRAP_CHILD).is_some() {
+        return trap_in_this_process();
+    }
+    // The parent needs no context of its own: only whether there is a GPU.
+    if gpu().is_none() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("the path of this test executable");
+    let out = Command::new(&exe)
+        .args([TRAP_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(TRAP_CHILD, "1")
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("child process:\n{stdout}{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("launch failed as it should: "),
+        "the child process ({}) did not see the launch fail",
+        out.status
+    );
+}
+
+fn trap_in_this_process() {
+    let device = gpu().expect("the parent process found a GPU");
+    let k = Kernels::new(&device);
+    let (vocab, d) = (3, 4);
+    let table = device.upload(&vec![1f32; vocab * d]).unwrap();
+    let ids = device.upload(&[0u32, vocab as u32]).unwrap();
+    let mut out = device.alloc::<f32>(2 * d).unwrap();
+    // A GPU reports the trap at the next synchronizing call, the emulator at the launch.
+    let result = k
+        .embedding_forward(&table, &ids, &mut out, d)
+        .and_then(|()| device.synchronize())
+        .and_then(|()| device.download(&out));
+    match result {
+        Err(e) => println!("launch failed as it should: {e:#}"),
+        Ok(values) => panic!("an id past the table of {vocab} rows passed: {values:?}"),
+    }
+}
