@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    assert_close, contralign, contralign_fails, contralign_ok, fx, golden_json, golden_loss_name,
-    rel_err, Golden,
+    assert_close, contralign_fails, contralign_ok, fx, golden_json, golden_loss_name, rel_err,
+    Golden,
 };
 use tempfile::TempDir;
 

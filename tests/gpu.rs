@@ -1,7 +1,10 @@
-//! The kernels and GEMMs on a real GPU (`--features cuda` and a CUDA driver), against the CPU
-//! reference within the selftest's bounds. Without a GPU each test prints why it skipped and
+//! The kernels, the GEMMs and a whole training step on a real GPU (`--features cuda` and a
+//! CUDA driver), against the CPU reference within the selftest's bounds. Without a GPU each test prints why it skipped and
 //! passes, so that the suite runs everywhere; tools/gpu-suite.sh runs it on a GPU machine.
 
+mod common;
+
+use common::device_step::check_step_on_device;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::selftest::{self, Row};
@@ -50,6 +53,16 @@ fn selftest_passes_on_the_gpu() {
         selftest::run(&device, seed).unwrap_or_else(|e| panic!("selftest, seed {seed}: {e:#}"));
     print!("{}", selftest::table(&rows));
     assert_pass(&rows, "selftest", seed);
+}
+
+/// A whole training step of the dense and the MoE fixture on the GPU against the CPU: the
+/// GEMMs, the kernels and the host-side attention and scoring together.
+#[test]
+fn a_training_step_on_the_gpu_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    for (name, checkpointing) in [("tiny-mistral", false), ("tiny-mixtral", true)] {
+        check_step_on_device(&device, name, checkpointing);
+    }
 }
 
 /// The launch shapes of the emulator's kernel tests (threads per block, most blocks): blocks

@@ -186,6 +186,8 @@ run() {
         echo "libcublas folders: ${libs:-none found (GEMMs will fail to load cuBLAS)}"
     } | tee "$out/environment.log"
 
+    # The test executables were built elsewhere: point them at this checkout's fixtures.
+    export CONTRALIGN_FIXTURES=$root/tests/fixtures
     failed=()
     rows=()
     # Where criterion keeps its estimates: thrown away, never in OUT.

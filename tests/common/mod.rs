@@ -6,9 +6,13 @@ pub mod device_step;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// A test fixture: under `CONTRALIGN_FIXTURES` when set (test executables carried to a
+/// machine where the checkout sits elsewhere, as tools/gpu-suite.sh does), else this crate's
+/// tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("CONTRALIGN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(name)
 }
 
