@@ -486,4 +486,9 @@ fn gemm_computes_the_cpu_references_projection_and_its_gradients() {
         format!("{err}").contains("operand c has 3 elements, needs 4"),
         "{err}"
     );
+    let mut bf16_out = device.alloc::<bf16>(4).unwrap();
+    let err = device
+        .gemm(&Gemm::projection(2, 2, 2), &x, &x, &mut bf16_out)
+        .unwrap_err();
+    assert!(format!("{err}").contains("no cuBLAS combination"), "{err}");
 }

@@ -261,6 +261,13 @@ impl Device {
         c: &mut Buffer<C>,
     ) -> Result<()> {
         g.check(a.len(), b.len(), c.len())?;
+        // cublasGemmEx with fp32 compute takes bf16 -> bf16, bf16 -> f32 and f32 -> f32; the
+        // emulator refuses what the GPU would.
+        ensure!(
+            !(E::DTYPE == "f32" && C::DTYPE == "bf16"),
+            "gemm: f32 inputs with a bf16 output is no cuBLAS combination; cast the inputs to \
+             bf16 or keep the output f32"
+        );
         match self {
             Device::Emu => match (a.host(), b.host(), c.host_mut()) {
                 (Some(a), Some(b), Some(c)) => gemm::host_gemm(g, a, b, c),

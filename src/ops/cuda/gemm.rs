@@ -5,8 +5,8 @@
 //! - input gradient `dx = dy · W`: both as stored;
 //! - weight gradient `dW += dyᵀ · x`: `a = dy` transposed, `beta = 1`.
 //!
-//! Inputs are f32 or bf16, the output f32 or bf16, accumulation fp32 (cuBLAS's
-//! `CUBLAS_COMPUTE_32F`) on a GPU. The emulator's product has the same contract with a wider
+//! Inputs and output are bf16 -> bf16, bf16 -> f32 or f32 -> f32 (what `cublasGemmEx` takes
+//! with `CUBLAS_COMPUTE_32F`), accumulation fp32 on a GPU. The emulator's product has the same contract with a wider
 //! (f64) accumulation, which is inside every bound an fp32 accumulation must meet.
 
 use super::device::Float;
