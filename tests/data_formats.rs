@@ -138,6 +138,65 @@ fn preference_pairs_plain_and_conversational() {
     );
 }
 
+#[test]
+fn preference_pairs_without_a_prompt_split_it_off_as_trl_does() {
+    use contralign::data::formats::split_implicit_prompt;
+    let chars = |s: &str| s.chars().collect::<Vec<char>>();
+    let split = |c: &str, r: &str| split_implicit_prompt(&chars(c), &chars(r), |ch| *ch == ' ');
+    // The first difference, less the space before it; a prefix keeps one item for the shorter.
+    assert_eq!(split("Hi the", "Hi he"), 2);
+    assert_eq!(split("Hi:the", "Hi:he"), 3);
+    assert_eq!(split("Hi the", "Hi t"), 3);
+    assert_eq!(split("same", "same"), 3);
+    assert_eq!(split("x", "y"), 0);
+
+    // Each implicit form loads as the explicit pair TRL's extract_prompt makes of it.
+    let chat = |content: &str| {
+        format!(
+            r#"[{{"role": "user", "content": "Hi"}}, {{"role": "assistant", "content": "{content}"}}]"#
+        )
+    };
+    let cases = [
+        (
+            r#"{"chosen": "Hi the", "rejected": "Hi he"}"#.to_string(),
+            r#"{"prompt": "Hi", "chosen": " the", "rejected": " he"}"#.to_string(),
+        ),
+        (
+            format!(
+                r#"{{"chosen": {}, "rejected": {}}}"#,
+                chat("the"),
+                chat("he")
+            ),
+            format!(
+                r#"{{"prompt": {USER_HI}, "chosen": {}, "rejected": {}}}"#,
+                assistant("the"),
+                assistant("he")
+            ),
+        ),
+    ];
+    for (implicit, explicit) in cases {
+        let (implicit, explicit) = (Data::new(&[&implicit]), Data::new(&[&explicit]));
+        let (mut got, want) = (only_group(&implicit), only_group(&explicit));
+        got.source = want.source.clone();
+        assert_eq!(got, want);
+    }
+
+    for (line, message) in [
+        (
+            r#"{"chosen": "the", "rejected": "he"}"#.to_string(),
+            "implicit prompt (their common start) is empty",
+        ),
+        (
+            format!(r#"{{"chosen": "Hi the", "rejected": {}}}"#, chat("he")),
+            "not both plain text or both conversations",
+        ),
+    ] {
+        let err = Data::new(&[&line]).err(&DataOptions::default());
+        assert!(err.contains(message), "{err}");
+        assert!(err.contains(":1"), "{err}");
+    }
+}
+
 const UF_LINE: &str = r#"{"source": "evol_instruct", "instruction": "Hi", "models": ["a", "b"], "completions": [
     {"model": "a", "annotations": {"helpfulness": {"Rating": "2", "Rationale": "meh"}}, "overall_score": 7.5, "response": "the"},
     {"model": "b", "annotations": {"helpfulness": {"Rating": " 4 ", "Rationale": "ok"}}, "overall_score": 3, "response": "he"}]}"#;

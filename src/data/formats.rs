@@ -3,7 +3,8 @@
 //!
 //! - reward groups `{"prompt": P, "responses": [R, ..], "rewards": [r, ..]}`;
 //! - TRL preference pairs `{"prompt": P, "chosen": R, "rejected": R}`, the group `K = 2`,
-//!   rewards `(1, 0)`, chosen first;
+//!   rewards `(1, 0)`, chosen first; without `prompt`, TRL's implicit prompt: the longest
+//!   common prefix of `chosen` and `rejected` (see [`split_implicit_prompt`]);
 //! - UltraFeedback as published, `{"instruction": P, "completions": [{"response": R,
 //!   "overall_score": s, ..}, ..]}`, the score field selectable;
 //!
@@ -58,7 +59,8 @@ pub fn parse_record(line: &str, score_field: &str) -> Result<Record> {
         let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
         bail!(
             "unknown record: expected `prompt` with `responses` and `rewards` (reward group), \
-             `prompt` with `chosen` and `rejected` (preference pair), `instruction` with \
+             `chosen` and `rejected`, with a `prompt` or not (preference pair; without one, \
+             TRL's implicit prompt), `instruction` with \
              `completions` (UltraFeedback), or `prompt_ids` with `response_ids` and `rewards` \
              or with `chosen_ids` and `rejected_ids` (pre-tokenized); found keys {keys:?}"
         )
@@ -106,13 +108,78 @@ fn reward_group(obj: &Map<String, Value>) -> Result<Record> {
 }
 
 fn preference_pair(obj: &Map<String, Value>) -> Result<Record> {
-    let prompt = text(field(obj, "prompt")?, "field `prompt`")?;
     let chosen = text(field(obj, "chosen")?, "field `chosen`")?;
     let rejected = text(field(obj, "rejected")?, "field `rejected`")?;
+    let (prompt, chosen, rejected) = match obj.get("prompt") {
+        Some(prompt) => (text(prompt, "field `prompt`")?, chosen, rejected),
+        None => implicit_prompt(chosen, rejected)?,
+    };
     Ok(Record {
         sequences: sequences(prompt, vec![chosen, rejected])?,
         rewards: vec![1.0, 0.0],
     })
+}
+
+/// Where TRL's `extract_prompt` ends the prompt shared by `chosen` and `rejected`: at their
+/// first difference, less a space just before it (which goes with the responses); where one
+/// is a prefix of the other, one item before the shorter one's end, so that no response is
+/// empty.
+pub fn split_implicit_prompt<T: PartialEq>(
+    chosen: &[T],
+    rejected: &[T],
+    is_space: impl Fn(&T) -> bool,
+) -> usize {
+    let shorter = chosen.len().min(rejected.len());
+    match (0..shorter).find(|&i| chosen[i] != rejected[i]) {
+        Some(i) if i > 0 && is_space(&chosen[i - 1]) => i - 1,
+        Some(i) => i,
+        None => shorter.saturating_sub(1),
+    }
+}
+
+/// A preference pair without a `prompt` field: the prompt is the common start of both
+/// responses (characters of plain text, messages of conversations).
+fn implicit_prompt(chosen: Text, rejected: Text) -> Result<(Text, Text, Text)> {
+    let (prompt, chosen, rejected) = match (chosen, rejected) {
+        (Text::Plain(c), Text::Plain(r)) => {
+            let (cc, rc): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            let at = split_implicit_prompt(&cc, &rc, |ch| *ch == ' ');
+            let (c_at, r_at) = (byte_offset(&c, at), byte_offset(&r, at));
+            (
+                Text::Plain(c[..c_at].to_string()),
+                Text::Plain(c[c_at..].to_string()),
+                Text::Plain(r[r_at..].to_string()),
+            )
+        }
+        (Text::Chat(c), Text::Chat(r)) => {
+            let at = split_implicit_prompt(&c, &r, |_| false);
+            (
+                Text::Chat(c[..at].to_vec()),
+                Text::Chat(c[at..].to_vec()),
+                Text::Chat(r[at..].to_vec()),
+            )
+        }
+        _ => bail!(
+            "no field `prompt`, and `chosen` and `rejected` are not both plain text or both \
+             conversations, so no prompt can be taken from their common start"
+        ),
+    };
+    let empty = match &prompt {
+        Text::Plain(p) => p.is_empty(),
+        Text::Chat(p) => p.is_empty(),
+    };
+    if empty {
+        bail!(
+            "no field `prompt`, and `chosen` and `rejected` differ from their start: TRL's \
+             implicit prompt (their common start) is empty"
+        );
+    }
+    Ok((prompt, chosen, rejected))
+}
+
+/// The byte offset of character `chars` of `s`.
+fn byte_offset(s: &str, chars: usize) -> usize {
+    s.char_indices().nth(chars).map_or(s.len(), |(i, _)| i)
 }
 
 fn ultrafeedback(obj: &Map<String, Value>, score_field: &str) -> Result<Record> {
