@@ -3,7 +3,7 @@
 
 mod save;
 
-pub use save::{dtype_name, parse_dtype, save_f32, write_model_dir, Tensor};
+pub use save::{dtype_name, named_tensors, parse_dtype, save_f32, write_model_dir, Tensor};
 
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;

@@ -16,6 +16,24 @@ pub struct Tensor<'a> {
     pub data: &'a [f32],
 }
 
+/// One tensor per `(name, shape)` of `specs` (the parameters as `param_specs` lists them),
+/// named `prefix` + name, holding the matching item of `data`.
+pub fn named_tensors<'a, D: AsRef<[f32]> + 'a>(
+    specs: &[(String, Vec<usize>)],
+    prefix: &str,
+    data: impl IntoIterator<Item = &'a D>,
+) -> Vec<Tensor<'a>> {
+    specs
+        .iter()
+        .zip(data)
+        .map(|((name, shape), data)| Tensor {
+            name: format!("{prefix}{name}"),
+            shape: shape.clone(),
+            data: data.as_ref(),
+        })
+        .collect()
+}
+
 /// The dtype named as transformers names it (`float32`, `bfloat16`, `float16`), or short.
 pub fn parse_dtype(name: &str) -> Result<Dtype> {
     Ok(match name {

@@ -2,7 +2,7 @@ use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use anyhow::Result;
 use clap::Args;
-use contralign::checkpoint::{save_f32, Tensor};
+use contralign::checkpoint::{named_tensors, save_f32, Tensor};
 use contralign::fsutil::check_writable_file;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
@@ -76,11 +76,7 @@ pub fn run(args: GradsArgs) -> Result<()> {
     let out = args.device.run(&args)?;
     let data = &out.grads;
     let loss = [out.loss as f32];
-    let mut tensors: Vec<Tensor> = param_specs(&out.cfg)
-        .into_iter()
-        .zip(data)
-        .map(|((name, shape), data)| Tensor { name, shape, data })
-        .collect();
+    let mut tensors = named_tensors(&param_specs(&out.cfg), "", data);
     tensors.push(Tensor {
         name: "loss".to_string(),
         shape: vec![],

@@ -1,19 +1,11 @@
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::selftest;
 use std::process::ExitCode;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
-    /// The CUDA emulator on the host (always available).
-    Emu,
-    /// The first GPU (needs a build with --features cuda and a CUDA driver).
-    Cuda,
-}
-
 /// Run every CUDA kernel (SwiGLU, embedding, RMSNorm with the residual add, RoPE, casts, the
-/// gradient norm and clipping, AdamW) through the device layer on fresh random inputs of
+/// gradient norm and clipping, AdamW, accumulation) and the device GEMMs through the device layer on fresh random inputs of
 /// awkward sizes, compare each with the CPU reference, and print a table: op, shape, largest
 /// absolute error, largest error relative to the magnitude it is measured against, the bound
 /// that relative error must stay within (from the precision of the computation), and pass or
@@ -22,7 +14,7 @@ enum DeviceArg {
 pub struct SelftestArgs {
     /// Where the kernels run.
     #[arg(long, value_enum, default_value = "emu")]
-    device: DeviceArg,
+    device: DeviceKind,
 
     /// Seed of the random inputs [default: drawn afresh, and printed].
     #[arg(long)]
@@ -30,10 +22,7 @@ pub struct SelftestArgs {
 }
 
 pub fn run(args: SelftestArgs) -> Result<ExitCode> {
-    let kind = match args.device {
-        DeviceArg::Emu => DeviceKind::Emu,
-        DeviceArg::Cuda => DeviceKind::Cuda,
-    };
+    let kind = args.device;
     let device = Device::open(kind)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("device: {} ({kind}), seed {seed}", device.describe());

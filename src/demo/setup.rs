@@ -2,7 +2,7 @@
 //! trained on them with the tokenizers crate, and a tiny Mistral initialized at random.
 
 use super::task::{candidates, judge, prompt_text, random_list};
-use crate::checkpoint::{write_model_dir, Tensor};
+use crate::checkpoint::{named_tensors, write_model_dir};
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;
 use anyhow::{anyhow, Context, Result};
@@ -161,15 +161,7 @@ pub fn write_model(
             }
         })
         .collect();
-    let tensors: Vec<Tensor> = specs
-        .iter()
-        .zip(&data)
-        .map(|((name, shape), data)| Tensor {
-            name: name.clone(),
-            shape: shape.clone(),
-            data,
-        })
-        .collect();
+    let tensors = named_tensors(&specs, "", &data);
     crate::fsutil::write_dir_atomically(dir, |tmp| {
         write_model_dir(
             tmp,

@@ -4,7 +4,7 @@
 //! — the f32 weights — when the model is saved in a 16-bit dtype).
 
 use super::trainer::{Trainer, TrainerState};
-use crate::checkpoint::{read_tensors, write_model_dir, Tensor, TensorMap};
+use crate::checkpoint::{named_tensors, read_tensors, write_model_dir, TensorMap};
 use crate::fsutil;
 use crate::model::params::param_specs;
 use crate::model::Model;
@@ -119,15 +119,7 @@ impl RunDir {
         let policy = &trainer.policy;
         let specs = param_specs(&policy.cfg);
         let params = policy.params.iter();
-        let weights: Vec<Tensor> = specs
-            .iter()
-            .zip(&params)
-            .map(|((n, shape), p)| Tensor {
-                name: n.clone(),
-                shape: shape.clone(),
-                data: p,
-            })
-            .collect();
+        let weights = named_tensors(&specs, "", params);
         let dtype = opts.dtype.unwrap_or(policy.dtype);
         fsutil::write_dir_atomically(&path, |dir| {
             write_model_dir(
@@ -141,22 +133,12 @@ impl RunDir {
             if dtype != Dtype::F32 {
                 crate::checkpoint::save_f32(&dir.join(MASTER), &weights)?;
             }
-            let moments: Vec<Tensor> = specs
-                .iter()
-                .zip(&trainer.optimizer.exp_avg)
-                .map(|((n, shape), m)| (format!("exp_avg.{n}"), shape, m))
-                .chain(
-                    specs
-                        .iter()
-                        .zip(&trainer.optimizer.exp_avg_sq)
-                        .map(|((n, shape), v)| (format!("exp_avg_sq.{n}"), shape, v)),
-                )
-                .map(|(name, shape, data)| Tensor {
-                    name,
-                    shape: shape.clone(),
-                    data,
-                })
-                .collect();
+            let mut moments = named_tensors(&specs, "exp_avg.", &trainer.optimizer.exp_avg);
+            moments.extend(named_tensors(
+                &specs,
+                "exp_avg_sq.",
+                &trainer.optimizer.exp_avg_sq,
+            ));
             crate::checkpoint::save_f32(&dir.join(OPTIMIZER), &moments)?;
             let state = serde_json::to_string_pretty(&trainer.state())?;
             std::fs::write(dir.join(STATE), state)

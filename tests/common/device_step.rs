@@ -15,16 +15,6 @@ use contralign::step;
 pub const STATS_REL: f64 = 1e-5;
 pub const GRAD_REL: f64 = 1e-4;
 
-fn rel_norm_err(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 /// A training step (NCA + aux) of fixture `name` on `device` against the CPU reference:
 /// loss, statistics and every parameter gradient, on fresh random groups.
 pub fn check_step_on_device(device: &Device, name: &str, checkpointing: bool) {
@@ -67,7 +57,8 @@ pub fn check_step_on_device(device: &Device, name: &str, checkpointing: bool) {
     let (got_grads, want_grads) = (got.grads.iter(), want.grads.iter());
     assert_eq!(got_grads.len(), want_grads.len());
     for ((g, w), (tensor, _)) in got_grads.into_iter().zip(want_grads).zip(&names) {
-        let err = rel_norm_err(&ops.download(g), w);
+        let want: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let err = crate::common::rel_err(&ops.download(g), &want);
         assert!(
             err <= GRAD_REL,
             "{what}: gradient of {tensor}: relative error {err:.2e}"

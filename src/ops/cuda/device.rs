@@ -18,10 +18,12 @@ use std::marker::PhantomData;
 #[cfg(feature = "cuda")]
 use super::gpu;
 
-/// Which device to open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which device to open (also a command-line value: `emu`, `cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceKind {
+    /// The CUDA emulator on the host (always available).
     Emu,
+    /// The first GPU (needs a build with --features cuda and a CUDA driver).
     Cuda,
 }
 

@@ -116,7 +116,7 @@ impl Gemm {
 }
 
 /// Element `(row, col)` of `op(x)` for `x` stored with rows of `ld`.
-fn at(x: &[f32], op: Op, ld: usize, row: usize, col: usize) -> f32 {
+pub fn element(x: &[f32], op: Op, ld: usize, row: usize, col: usize) -> f32 {
     match op {
         Op::N => x[row * ld + col],
         Op::T => x[col * ld + row],
@@ -133,11 +133,11 @@ pub fn host_gemm<E: Float, C: Float>(g: &Gemm, a: &[E], b: &[E], c: &mut [C]) ->
     // Rows of op(a) and columns of op(b), contiguous, so that each output is one dot product.
     let a_rows: Vec<f32> = (0..g.m)
         .flat_map(|i| (0..g.k).map(move |p| (i, p)))
-        .map(|(i, p)| at(&a, g.op_a, lda, i, p))
+        .map(|(i, p)| element(&a, g.op_a, lda, i, p))
         .collect();
     let b_cols: Vec<f32> = (0..g.n)
         .flat_map(|j| (0..g.k).map(move |p| (j, p)))
-        .map(|(j, p)| at(&b, g.op_b, ldb, p, j))
+        .map(|(j, p)| element(&b, g.op_b, ldb, p, j))
         .collect();
     let (alpha, beta) = (g.alpha as f64, g.beta as f64);
     c.par_chunks_mut(g.n.max(1))

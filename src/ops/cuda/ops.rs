@@ -15,11 +15,21 @@ use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use anyhow::Result;
 use std::cell::RefCell;
+use std::rc::Rc;
+
+/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids and positions.
+const KEPT_INDEX_LISTS: usize = 2;
+
+/// An index list and its copy on the device.
+type IndexList = (Vec<u32>, Rc<Buffer<u32>>);
 
 pub struct DeviceOps<'a> {
     device: &'a Device,
     kernels: Kernels<'a>,
     error: RefCell<Option<anyhow::Error>>,
+    /// The index lists uploaded last, with their device copies: the model passes the same
+    /// positions to RoPE in every layer, forward, backward and recomputation.
+    index_lists: RefCell<Vec<IndexList>>,
 }
 
 impl<'a> DeviceOps<'a> {
@@ -28,6 +38,7 @@ impl<'a> DeviceOps<'a> {
             device,
             kernels: Kernels::new(device),
             error: RefCell::new(None),
+            index_lists: RefCell::new(Vec::new()),
         }
     }
 
@@ -57,6 +68,20 @@ impl<'a> DeviceOps<'a> {
 
     fn host(&self, buf: &Buffer<f32>) -> Result<Vec<f32>> {
         self.device.download(buf)
+    }
+
+    /// `values` on the device, uploaded unless they are one of the lists kept from before.
+    fn indices(&self, values: &[u32]) -> Result<Rc<Buffer<u32>>> {
+        let mut kept = self.index_lists.borrow_mut();
+        if let Some((_, buffer)) = kept.iter().find(|(list, _)| list == values) {
+            return Ok(buffer.clone());
+        }
+        let buffer = Rc::new(self.device.upload(values)?);
+        if kept.len() == KEPT_INDEX_LISTS {
+            kept.remove(0);
+        }
+        kept.push((values.to_vec(), buffer.clone()));
+        Ok(buffer)
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer<f32>> {
@@ -114,7 +139,7 @@ impl Ops for DeviceOps<'_> {
             "embedding",
             || Self::placeholder(ids.len() * d),
             || {
-                let ids = self.device.upload(ids)?;
+                let ids = self.indices(ids)?;
                 let mut out = self.alloc(ids.len() * d)?;
                 self.kernels.embedding_forward(table, &ids, &mut out, d)?;
                 Ok(out)
@@ -133,7 +158,7 @@ impl Ops for DeviceOps<'_> {
             "embedding_backward",
             || (),
             || {
-                let ids = self.device.upload(ids)?;
+                let ids = self.indices(ids)?;
                 self.kernels.embedding_backward(dout, &ids, dtable, d)
             },
         )
@@ -226,7 +251,7 @@ impl Ops for DeviceOps<'_> {
             "rope",
             || (),
             || {
-                let positions = self.device.upload(positions)?;
+                let positions = self.indices(positions)?;
                 self.kernels
                     .rope(x, &positions, heads, head_dim, theta, inverse)
             },

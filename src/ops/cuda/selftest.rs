@@ -19,7 +19,7 @@
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
 use super::device::{Buffer, Device, Float};
-use super::gemm::{Gemm, Op};
+use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
 use crate::ops::cpu::CpuOps;
 use crate::ops::Ops;
@@ -774,16 +774,13 @@ pub fn gemm<E: Float, C: Float>(device: &Device, rng: &mut StdRng, g: Gemm) -> R
     let b = rounded::<E>(&random(rng, g.k * g.n, 2.0));
     let c = rounded::<C>(&random(rng, g.m * g.n, 4.0));
     let (lda, ldb, _) = g.leading_dims();
-    let at = |x: &[f32], op: Op, ld: usize, r: usize, col: usize| match op {
-        Op::N => x[r * ld + col] as f64,
-        Op::T => x[col * ld + r] as f64,
-    };
     let (mut want, mut scale) = (Vec::new(), Vec::new());
     for i in 0..g.m {
         for j in 0..g.n {
             let (mut sum, mut magnitude) = (0f64, 0f64);
             for p in 0..g.k {
-                let product = at(&a, g.op_a, lda, i, p) * at(&b, g.op_b, ldb, p, j);
+                let product =
+                    element(&a, g.op_a, lda, i, p) as f64 * element(&b, g.op_b, ldb, p, j) as f64;
                 sum += product;
                 magnitude += product.abs();
             }
