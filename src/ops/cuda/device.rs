@@ -12,7 +12,7 @@
 
 use super::emu::{self, KernelArgs, LaunchConfig};
 use super::gemm::{self, Gemm};
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use std::marker::PhantomData;
 
 #[cfg(feature = "cuda")]
@@ -64,6 +64,16 @@ impl Float for half::bf16 {
     }
 }
 
+/// The environment switch that makes a GPU wait for every launch, so that a failing kernel is
+/// named (launches are asynchronous: otherwise a fault shows at a later copy).
+pub const SYNC_LAUNCHES: &str = "CONTRALIGN_SYNC_LAUNCHES";
+
+#[cfg(feature = "cuda")]
+fn sync_every_launch() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(SYNC_LAUNCHES).is_ok_and(|v| v == "1"))
+}
+
 /// cudaMalloc's alignment, which vectorized and WMMA loads rely on.
 #[derive(Clone, Copy)]
 #[repr(C, align(256))]
@@ -96,21 +106,13 @@ impl<T: bytemuck::Pod> Buffer<T> {
         self.len == 0
     }
 
-    fn host(&self) -> Option<&[T]> {
-        match &self.memory {
-            Memory::Host(chunks) => Some(&bytemuck::cast_slice::<Chunk, T>(chunks)[..self.len]),
-            #[cfg(feature = "cuda")]
-            Memory::Gpu(_) => None,
-        }
-    }
-
-    fn host_mut(&mut self) -> Option<&mut [T]> {
-        match &mut self.memory {
-            Memory::Host(chunks) => {
-                Some(&mut bytemuck::cast_slice_mut::<Chunk, T>(chunks)[..self.len])
-            }
-            #[cfg(feature = "cuda")]
-            Memory::Gpu(_) => None,
+    /// The whole buffer as a [`View`].
+    pub fn view(&self) -> View<T> {
+        View {
+            ptr: self.device_ptr(),
+            len: self.len,
+            on_host: matches!(self.memory, Memory::Host(_)),
+            _element: PhantomData,
         }
     }
 
@@ -122,6 +124,199 @@ impl<T: bytemuck::Pod> Buffer<T> {
             #[cfg(feature = "cuda")]
             Memory::Gpu(allocation) => allocation.ptr(),
         }
+    }
+}
+
+/// A typed, non-owning handle on `len` elements of `T` in a device allocation (a
+/// [`Buffer`], or a region of an [`Arena`]): what kernels, GEMMs and copies read and write.
+/// It holds no lifetime, as a CUDA pointer does not: whoever carves views keeps their
+/// allocation alive while they are used (the engine owns its arena for its whole life).
+pub struct View<T> {
+    ptr: u64,
+    len: usize,
+    /// Host memory (the emulator's) rather than a GPU's.
+    on_host: bool,
+    _element: PhantomData<T>,
+}
+
+impl<T> Clone for View<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for View<T> {}
+
+impl<T> std::fmt::Debug for View<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "View({:#x}, {} elements)", self.ptr, self.len)
+    }
+}
+
+impl<T: bytemuck::Pod> View<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Elements `offset..offset + len` of this view.
+    pub fn slice(&self, offset: usize, len: usize) -> Result<View<T>> {
+        ensure!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "a slice of {len} elements at {offset} of a view of {}",
+            self.len
+        );
+        Ok(View {
+            ptr: self.ptr + (offset * size_of::<T>()) as u64,
+            len,
+            on_host: self.on_host,
+            _element: PhantomData,
+        })
+    }
+
+    /// The elements, where they are in host memory.
+    fn host(&self) -> Option<&[T]> {
+        // SAFETY: a host view points at `len` live, aligned elements of an allocation that its
+        // carver keeps alive (the type's contract).
+        self.on_host
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr as *const T, self.len) })
+    }
+
+    /// As [`View::host`], to write; views alias as device pointers do, so the callers keep
+    /// the written view apart from the ones read in the same call.
+    #[allow(clippy::mut_from_ref)]
+    fn host_mut(&self) -> Option<&mut [T]> {
+        // SAFETY: as for `host`; the device layer never holds two of these at once.
+        self.on_host
+            .then(|| unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, self.len) })
+    }
+}
+
+/// What the kernels, GEMMs and copies take: a [`Buffer`] or a [`View`] of one.
+pub trait AsView<T> {
+    fn view(&self) -> View<T>;
+}
+
+impl<T: bytemuck::Pod> AsView<T> for View<T> {
+    fn view(&self) -> View<T> {
+        *self
+    }
+}
+
+impl<T: bytemuck::Pod> AsView<T> for Buffer<T> {
+    fn view(&self) -> View<T> {
+        Buffer::view(self)
+    }
+}
+
+/// What the device layer did on the calling thread: allocations and transfers between host
+/// and device, so that tests can show that a step allocates nothing and downloads only what
+/// it logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub allocations: u64,
+    pub allocated_bytes: u64,
+    pub uploads: u64,
+    pub uploaded_bytes: u64,
+    pub downloads: u64,
+    pub downloaded_bytes: u64,
+}
+
+thread_local! {
+    static COUNTERS: std::cell::Cell<Counters> = const {
+        std::cell::Cell::new(Counters {
+            allocations: 0,
+            allocated_bytes: 0,
+            uploads: 0,
+            uploaded_bytes: 0,
+            downloads: 0,
+            downloaded_bytes: 0,
+        })
+    };
+}
+
+/// The calling thread's [`Counters`] since it started.
+pub fn counters() -> Counters {
+    COUNTERS.with(|c| c.get())
+}
+
+fn count(update: impl FnOnce(&mut Counters)) {
+    COUNTERS.with(|c| {
+        let mut now = c.get();
+        update(&mut now);
+        c.set(now);
+    })
+}
+
+/// cudaMalloc's alignment, kept by every region of an [`Arena`].
+pub const ALIGNMENT: usize = 256;
+
+/// One device allocation made once, carved into named regions: the engine's memory, sized
+/// by its memory plan before anything else is allocated, so that nothing is allocated or
+/// freed while it trains.
+pub struct Arena {
+    memory: Buffer<u8>,
+    used: usize,
+    regions: Vec<(String, usize, usize)>,
+}
+
+impl Arena {
+    /// An arena of `bytes` (zero-filled once).
+    pub fn new(device: &Device, bytes: usize) -> Result<Arena> {
+        let memory = device.alloc::<u8>(bytes).with_context(|| {
+            format!(
+                "allocating the engine's arena of {bytes} bytes ({:.2} GiB)",
+                bytes as f64 / (1u64 << 30) as f64
+            )
+        })?;
+        Ok(Arena {
+            memory,
+            used: 0,
+            regions: Vec::new(),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.memory.len()
+    }
+
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// The regions carved so far: name, byte offset, bytes.
+    pub fn regions(&self) -> &[(String, usize, usize)] {
+        &self.regions
+    }
+
+    /// The next `len` elements of `T`, [`ALIGNMENT`]-aligned, under `name`.
+    pub fn carve<T: bytemuck::Pod>(&mut self, name: &str, len: usize) -> Result<View<T>> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| anyhow!("region {name}: {len} elements are too many"))?;
+        let offset = self.used.next_multiple_of(ALIGNMENT);
+        ensure!(
+            offset + bytes <= self.capacity(),
+            "the arena of {} bytes has no room for region {name} ({bytes} bytes at {offset}): \
+             the memory plan is smaller than what the engine carves",
+            self.capacity()
+        );
+        self.used = offset + bytes;
+        self.regions.push((name.to_string(), offset, bytes));
+        let whole = self.memory.view();
+        Ok(View {
+            ptr: whole.ptr + offset as u64,
+            len,
+            on_host: whole.on_host,
+            _element: PhantomData,
+        })
     }
 }
 
@@ -141,11 +336,11 @@ impl Device {
             #[cfg(feature = "cuda")]
             DeviceKind::Cuda => Ok(Device::Gpu(gpu::Gpu::open(0)?)),
             #[cfg(not(feature = "cuda"))]
-            DeviceKind::Cuda => bail!(
+            DeviceKind::Cuda => Err(anyhow!(
                 "this contralign was built without CUDA support; rebuild it with \
                  `cargo build --release --features cuda` (needs nvcc: \
                  tools/install-cuda-toolchain.sh)"
-            ),
+            )),
         }
     }
 
@@ -162,12 +357,16 @@ impl Device {
     pub fn alloc<T: bytemuck::Pod>(&self, len: usize) -> Result<Buffer<T>> {
         let bytes = len
             .checked_mul(size_of::<T>())
-            .ok_or_else(|| anyhow::anyhow!("buffer of {len} elements is too large"))?;
+            .ok_or_else(|| anyhow!("buffer of {len} elements is too large"))?;
         let memory = match self {
             Device::Emu => Memory::Host(vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)]),
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => Memory::Gpu(gpu.alloc_zeroed(bytes)?),
         };
+        count(|c| {
+            c.allocations += 1;
+            c.allocated_bytes += bytes as u64;
+        });
         Ok(Buffer {
             len,
             memory,
@@ -189,49 +388,77 @@ impl Device {
         }
     }
 
+    /// Whether `view` lives on this device (a host view on the emulator, a GPU view on a
+    /// GPU): a placeholder or a foreign buffer never reaches a kernel or cuBLAS.
+    fn check_home<T: bytemuck::Pod>(&self, view: &View<T>) -> Result<()> {
+        let on_host = matches!(self, Device::Emu);
+        ensure!(
+            view.on_host == on_host,
+            "a {} buffer given to the {}",
+            if view.on_host { "host" } else { "GPU" },
+            if on_host { "emulator" } else { "GPU" }
+        );
+        Ok(())
+    }
+
     pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
         let mut buffer = self.alloc(data.len())?;
         self.copy_to(&mut buffer, data)?;
         Ok(buffer)
     }
 
-    /// Overwrites `buffer` with `data` (of its length).
-    pub fn copy_to<T: bytemuck::Pod>(&self, buffer: &mut Buffer<T>, data: &[T]) -> Result<()> {
+    /// Overwrites `dst` (a buffer or a view) with `data` (of its length).
+    pub fn copy_to<T: bytemuck::Pod>(&self, dst: &mut impl AsView<T>, data: &[T]) -> Result<()> {
+        let dst = dst.view();
         ensure!(
-            buffer.len == data.len(),
+            dst.len == data.len(),
             "copy of {} elements into a buffer of {}",
             data.len(),
-            buffer.len
+            dst.len
         );
+        self.check_home(&dst)?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        match &mut buffer.memory {
-            Memory::Host(chunks) => {
-                bytemuck::cast_slice_mut::<Chunk, u8>(chunks)[..bytes.len()].copy_from_slice(bytes)
-            }
+        count(|c| {
+            c.uploads += 1;
+            c.uploaded_bytes += bytes.len() as u64;
+        });
+        match self {
+            Device::Emu => dst.host_mut().expect("checked").copy_from_slice(data),
             #[cfg(feature = "cuda")]
-            Memory::Gpu(allocation) => match self {
-                Device::Gpu(gpu) => gpu.copy_to_device(allocation, bytes)?,
-                Device::Emu => bail!("a GPU buffer given to the emulator"),
-            },
+            Device::Gpu(gpu) => gpu.copy_to_device(dst.ptr, bytes)?,
         }
         Ok(())
     }
 
-    /// The buffer's contents, once every launch before this call has finished.
-    pub fn download<T: bytemuck::Pod>(&self, buffer: &Buffer<T>) -> Result<Vec<T>> {
-        let mut data = vec![T::zeroed(); buffer.len];
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
-        match &buffer.memory {
-            Memory::Host(chunks) => {
-                bytes.copy_from_slice(&bytemuck::cast_slice::<Chunk, u8>(chunks)[..bytes.len()])
-            }
+    /// The contents of `src` (a buffer or a view), once every launch before this call has
+    /// finished.
+    pub fn download<T: bytemuck::Pod>(&self, src: &impl AsView<T>) -> Result<Vec<T>> {
+        let src = src.view();
+        self.check_home(&src)?;
+        let mut data = vec![T::zeroed(); src.len];
+        count(|c| {
+            c.downloads += 1;
+            c.downloaded_bytes += (src.len * size_of::<T>()) as u64;
+        });
+        match self {
+            Device::Emu => data.copy_from_slice(src.host().expect("checked")),
             #[cfg(feature = "cuda")]
-            Memory::Gpu(allocation) => match self {
-                Device::Gpu(gpu) => gpu.copy_from_device(bytes, allocation)?,
-                Device::Emu => bail!("a GPU buffer given to the emulator"),
-            },
+            Device::Gpu(gpu) => gpu.copy_from_device(bytemuck::cast_slice_mut(&mut data), src.ptr)?,
         }
         Ok(data)
+    }
+
+    /// Sets every byte of `dst` to zero, in launch order.
+    pub fn zero<T: bytemuck::Pod>(&self, dst: &mut impl AsView<T>) -> Result<()> {
+        let dst = dst.view();
+        self.check_home(&dst)?;
+        match self {
+            Device::Emu => bytemuck::cast_slice_mut::<T, u8>(dst.host_mut().expect("checked"))
+                .fill(0),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.zero(dst.ptr, dst.len * size_of::<T>())?,
+        }
+        Ok(())
     }
 
     /// Launches kernel `name` (a `CONTRALIGN_KERNEL` of `cuda/*.cu`). The arguments are
@@ -248,7 +475,12 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => {
                 emu::check_args(name, args)?;
-                gpu.launch(name, config, args)
+                gpu.launch(name, config, args)?;
+                if sync_every_launch() {
+                    gpu.synchronize()
+                        .with_context(|| format!("kernel `{name}` ({SYNC_LAUNCHES}=1)"))?;
+                }
+                Ok(())
             }
         }
     }
@@ -258,10 +490,11 @@ impl Device {
     pub fn gemm<E: Float, C: Float>(
         &self,
         g: &Gemm,
-        a: &Buffer<E>,
-        b: &Buffer<E>,
-        c: &mut Buffer<C>,
+        a: &impl AsView<E>,
+        b: &impl AsView<E>,
+        c: &mut impl AsView<C>,
     ) -> Result<()> {
+        let (a, b, c) = (a.view(), b.view(), c.view());
         g.check(a.len(), b.len(), c.len())?;
         // cublasGemmEx with fp32 compute takes bf16 -> bf16, bf16 -> f32 and f32 -> f32; the
         // emulator refuses what the GPU would.
@@ -270,47 +503,45 @@ impl Device {
             "gemm: f32 inputs with a bf16 output is no cuBLAS combination; cast the inputs to \
              bf16 or keep the output f32"
         );
+        for home in [self.check_home(&a), self.check_home(&b), self.check_home(&c)] {
+            home.context("gemm")?;
+        }
         match self {
-            Device::Emu => match (a.host(), b.host(), c.host_mut()) {
-                (Some(a), Some(b), Some(c)) => gemm::host_gemm(g, a, b, c),
-                _ => bail!("a GPU buffer given to the emulator"),
-            },
+            Device::Emu => gemm::host_gemm(
+                g,
+                a.host().expect("checked"),
+                b.host().expect("checked"),
+                c.host_mut().expect("checked"),
+            ),
             #[cfg(feature = "cuda")]
-            // SAFETY: three live buffers of this device whose lengths `check` accepted.
-            Device::Gpu(gpu) => unsafe {
-                gpu.gemm(
-                    g,
-                    E::DTYPE,
-                    a.device_ptr(),
-                    b.device_ptr(),
-                    C::DTYPE,
-                    c.device_ptr(),
-                )
-            },
+            // SAFETY: three live views of this device whose lengths `check` accepted.
+            Device::Gpu(gpu) => unsafe { gpu.gemm(g, E::DTYPE, a.ptr, b.ptr, C::DTYPE, c.ptr) },
         }
     }
 
     /// Copies `src` into `dst` (of its length) on the device, in launch order.
     pub fn copy_buffer<T: bytemuck::Pod>(
         &self,
-        src: &Buffer<T>,
-        dst: &mut Buffer<T>,
+        src: &impl AsView<T>,
+        dst: &mut impl AsView<T>,
     ) -> Result<()> {
+        let (src, dst) = (src.view(), dst.view());
         ensure!(
             src.len == dst.len,
             "device copy of {} elements into a buffer of {}",
             src.len,
             dst.len
         );
+        self.check_home(&src)?;
+        self.check_home(&dst)?;
         match self {
-            Device::Emu => match (src.host(), dst.host_mut()) {
-                (Some(s), Some(d)) => d.copy_from_slice(s),
-                _ => bail!("a GPU buffer given to the emulator"),
+            // SAFETY: two host views of `src.len` live elements (checked above); they may
+            // overlap, as device pointers may.
+            Device::Emu => unsafe {
+                std::ptr::copy(src.ptr as *const T, dst.ptr as *mut T, src.len)
             },
             #[cfg(feature = "cuda")]
-            Device::Gpu(gpu) => {
-                gpu.copy_on_device(dst.device_ptr(), src.device_ptr(), src.len * size_of::<T>())?
-            }
+            Device::Gpu(gpu) => gpu.copy_on_device(dst.ptr, src.ptr, src.len * size_of::<T>())?,
         }
         Ok(())
     }

@@ -29,6 +29,10 @@ fn driver_error(e: DriverError) -> anyhow::Error {
     anyhow!("CUDA driver: {name}: {text}")
 }
 
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// What every buffer keeps alive: the context, current on whichever thread frees memory.
 struct PrimaryContext {
     device: sys::CUdevice,
@@ -213,7 +217,19 @@ impl Gpu {
             // anything else on the stream can read it.
             unsafe {
                 let stream = result::stream::null();
-                let ptr = result::malloc_async(stream, bytes).map_err(driver_error)?;
+                let ptr = result::malloc_async(stream, bytes).map_err(|e| {
+                    if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                        let (free, total) = result::mem_get_info().unwrap_or((0, 0));
+                        anyhow!(
+                            "out of GPU memory: {bytes} bytes ({:.2} GiB) asked for, {:.2} GiB                              free of {:.2} GiB; `contralign plan` shows what a configuration                              needs",
+                            gib(bytes),
+                            gib(free),
+                            gib(total)
+                        )
+                    } else {
+                        driver_error(e)
+                    }
+                })?;
                 result::memset_d8_async(ptr, 0, bytes, stream).map_err(driver_error)?;
                 ptr
             }
@@ -225,26 +241,39 @@ impl Gpu {
         })
     }
 
-    pub fn copy_to_device(&self, dst: &mut Allocation, src: &[u8]) -> Result<()> {
+    /// Copies `src` to the device address `dst`, which holds at least `src.len()` bytes.
+    pub fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
         self.context.bind()?;
-        assert!(src.len() <= dst.bytes);
-        // SAFETY: `dst` holds at least src.len() bytes; the copy is synchronous.
-        unsafe { result::memcpy_htod_sync(dst.ptr, src) }.map_err(driver_error)
+        // SAFETY: the device layer checked that `dst` holds `src.len()` bytes; the copy is
+        // synchronous.
+        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver_error)
     }
 
-    pub fn copy_from_device(&self, dst: &mut [u8], src: &Allocation) -> Result<()> {
+    /// Copies `dst.len()` bytes from the device address `src`, after every earlier launch.
+    pub fn copy_from_device(&self, dst: &mut [u8], src: u64) -> Result<()> {
         if dst.is_empty() {
             return self.synchronize();
         }
         self.context.bind()?;
-        assert!(dst.len() <= src.bytes);
-        // SAFETY: `src` holds at least dst.len() bytes; the copy waits for earlier launches.
-        unsafe { result::memcpy_dtoh_sync(dst, src.ptr) }
+        // SAFETY: the device layer checked that `src` holds `dst.len()` bytes; the copy waits
+        // for earlier launches.
+        unsafe { result::memcpy_dtoh_sync(dst, src) }
             .map_err(driver_error)
             .context("copying from the GPU (or a kernel before it failed)")
+    }
+
+    /// Zeroes `bytes` at the device address `dst`, in stream order.
+    pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.context.bind()?;
+        // SAFETY: the device layer checked that `dst` holds `bytes` bytes.
+        unsafe { result::memset_d8_async(dst, 0, bytes, result::stream::null()) }
+            .map_err(driver_error)
     }
 
     /// # Safety

@@ -2,7 +2,7 @@
 //! buffers' lengths, picks the launch shape and passes the arguments in the kernel's order.
 //! The kernels' contracts are in their source files.
 
-use super::device::{Buffer, Device, Float};
+use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
 use crate::train::optimizer::AdamWConfig;
 use anyhow::{ensure, Result};
@@ -60,8 +60,8 @@ impl AdamWStep {
 
 fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
     what: &str,
-    a: &Buffer<A>,
-    b: &Buffer<B>,
+    a: View<A>,
+    b: View<B>,
 ) -> Result<()> {
     ensure!(
         a.len() == b.len(),
@@ -81,8 +81,8 @@ fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
 }
 
 /// A device address, or null for an absent optional buffer.
-fn ptr_or_null<T: bytemuck::Pod>(buffer: Option<&Buffer<T>>) -> u64 {
-    buffer.map_or(0, Buffer::device_ptr)
+fn ptr_or_null<T: bytemuck::Pod>(view: Option<View<T>>) -> u64 {
+    view.map_or(0, |v| v.device_ptr())
 }
 
 impl<'a> Kernels<'a> {
@@ -112,10 +112,11 @@ impl<'a> Kernels<'a> {
     /// `out = silu(gate) * up`.
     pub fn swiglu_forward<E: Float>(
         &self,
-        gate: &Buffer<E>,
-        up: &Buffer<E>,
-        out: &mut Buffer<E>,
+        gate: &impl AsView<E>,
+        up: &impl AsView<E>,
+        out: &mut impl AsView<E>,
     ) -> Result<()> {
+        let (gate, up, out) = (gate.view(), up.view(), out.view());
         same_len("swiglu", gate, up)?;
         same_len("swiglu", gate, out)?;
         let mut args = KernelArgs::new();
@@ -129,13 +130,14 @@ impl<'a> Kernels<'a> {
 
     pub fn swiglu_backward<E: Float>(
         &self,
-        gate: &Buffer<E>,
-        up: &Buffer<E>,
-        dout: &Buffer<E>,
-        dgate: &mut Buffer<E>,
-        dup: &mut Buffer<E>,
+        gate: &impl AsView<E>,
+        up: &impl AsView<E>,
+        dout: &impl AsView<E>,
+        dgate: &mut impl AsView<E>,
+        dup: &mut impl AsView<E>,
     ) -> Result<()> {
-        for b in [up, dout, &*dgate, &*dup] {
+        let (gate, up, dout, dgate, dup) = (gate.view(), up.view(), dout.view(), dgate.view(), dup.view());
+        for b in [up, dout, dgate, dup] {
             same_len("swiglu_backward", gate, b)?;
         }
         let mut args = KernelArgs::new();
@@ -150,7 +152,8 @@ impl<'a> Kernels<'a> {
     }
 
     /// `acc += x`.
-    pub fn add_assign(&self, acc: &mut Buffer<f32>, x: &Buffer<f32>) -> Result<()> {
+    pub fn add_assign(&self, acc: &mut impl AsView<f32>, x: &impl AsView<f32>) -> Result<()> {
+        let (acc, x) = (acc.view(), x.view());
         same_len("add_assign", acc, x)?;
         let mut args = KernelArgs::new();
         args.arg(acc.device_ptr())
@@ -162,11 +165,12 @@ impl<'a> Kernels<'a> {
     /// `out[t] = table[ids[t]]`, rows of `d`; an id `>= vocab` fails the launch.
     pub fn embedding_forward<E: Float>(
         &self,
-        table: &Buffer<E>,
-        ids: &Buffer<u32>,
-        out: &mut Buffer<E>,
+        table: &impl AsView<E>,
+        ids: &impl AsView<u32>,
+        out: &mut impl AsView<E>,
         d: usize,
     ) -> Result<()> {
+        let (table, ids, out) = (table.view(), ids.view(), out.view());
         let vocab = rows_of("embedding table", table.len(), d)?;
         ensure!(
             out.len() == ids.len() * d,
@@ -189,11 +193,12 @@ impl<'a> Kernels<'a> {
     /// `dtable[ids[t]] += dout[t]`, in token order.
     pub fn embedding_backward<E: Float>(
         &self,
-        dout: &Buffer<E>,
-        ids: &Buffer<u32>,
-        dtable: &mut Buffer<f32>,
+        dout: &impl AsView<E>,
+        ids: &impl AsView<u32>,
+        dtable: &mut impl AsView<f32>,
         d: usize,
     ) -> Result<()> {
+        let (dout, ids, dtable) = (dout.view(), ids.view(), dtable.view());
         let vocab = rows_of("embedding table gradient", dtable.len(), d)?;
         ensure!(
             dout.len() == ids.len() * d,
@@ -218,20 +223,20 @@ impl<'a> Kernels<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_forward<E: Float>(
         &self,
-        x: &Buffer<E>,
-        residual: Option<&Buffer<E>>,
-        w: &Buffer<E>,
-        h_out: Option<&mut Buffer<E>>,
-        y: &mut Buffer<E>,
-        rstd: &mut Buffer<f32>,
+        x: &impl AsView<E>,
+        residual: Option<View<E>>,
+        w: &impl AsView<E>,
+        h_out: Option<View<E>>,
+        y: &mut impl AsView<E>,
+        rstd: &mut impl AsView<f32>,
         eps: f32,
     ) -> Result<()> {
+        let (x, w, y, rstd) = (x.view(), w.view(), y.view(), rstd.view());
         let d = w.len();
         let rows = rows_of("rmsnorm", x.len(), d)?;
         if let Some(r) = residual {
             same_len("rmsnorm residual", x, r)?;
         }
-        let h_out = h_out.map(|h| &*h);
         if let Some(h) = h_out {
             same_len("rmsnorm h", x, h)?;
         }
@@ -255,14 +260,15 @@ impl<'a> Kernels<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_backward<E: Float>(
         &self,
-        h: &Buffer<E>,
-        w: &Buffer<E>,
-        rstd: &Buffer<f32>,
-        dy: &Buffer<E>,
-        dh_in: Option<&Buffer<E>>,
-        dh: &mut Buffer<E>,
-        dw: &mut Buffer<f32>,
+        h: &impl AsView<E>,
+        w: &impl AsView<E>,
+        rstd: &impl AsView<f32>,
+        dy: &impl AsView<E>,
+        dh_in: Option<View<E>>,
+        dh: &mut impl AsView<E>,
+        dw: &mut impl AsView<f32>,
     ) -> Result<()> {
+        let (h, w, rstd, dy, dh, dw) = (h.view(), w.view(), rstd.view(), dy.view(), dh.view(), dw.view());
         let d = w.len();
         let rows = rows_of("rmsnorm_backward", h.len(), d)?;
         same_len("rmsnorm_backward dy", h, dy)?;
@@ -300,13 +306,14 @@ impl<'a> Kernels<'a> {
     /// `inverse` rotates back (the backward).
     pub fn rope<E: Float>(
         &self,
-        x: &mut Buffer<E>,
-        positions: &Buffer<u32>,
+        x: &mut impl AsView<E>,
+        positions: &impl AsView<u32>,
         heads: usize,
         head_dim: usize,
         theta: f64,
         inverse: bool,
     ) -> Result<()> {
+        let (x, positions) = (x.view(), positions.view());
         let tokens = positions.len();
         ensure!(
             x.len() == tokens * heads * head_dim,
@@ -326,7 +333,8 @@ impl<'a> Kernels<'a> {
     }
 
     /// f32 to bf16, rounding to nearest even.
-    pub fn cast_to_bf16(&self, x: &Buffer<f32>, out: &mut Buffer<bf16>) -> Result<()> {
+    pub fn cast_to_bf16(&self, x: &impl AsView<f32>, out: &mut impl AsView<bf16>) -> Result<()> {
+        let (x, out) = (x.view(), out.view());
         same_len("cast_to_bf16", x, out)?;
         let mut args = KernelArgs::new();
         args.arg(x.device_ptr())
@@ -335,7 +343,8 @@ impl<'a> Kernels<'a> {
         self.launch("cast_f32_to_bf16", self.element_blocks(x.len()), &args)
     }
 
-    pub fn cast_to_f32(&self, x: &Buffer<bf16>, out: &mut Buffer<f32>) -> Result<()> {
+    pub fn cast_to_f32(&self, x: &impl AsView<bf16>, out: &mut impl AsView<f32>) -> Result<()> {
+        let (x, out) = (x.view(), out.view());
         same_len("cast_to_f32", x, out)?;
         let mut args = KernelArgs::new();
         args.arg(x.device_ptr())
@@ -370,7 +379,8 @@ impl<'a> Kernels<'a> {
     }
 
     /// Multiplies every gradient by the factor of [`Kernels::grad_norm`] when it is below 1.
-    pub fn clip(&self, grads: &mut [&mut Buffer<f32>], norm_and_coef: &Buffer<f32>) -> Result<()> {
+    pub fn clip(&self, grads: &mut [&mut Buffer<f32>], norm_and_coef: &impl AsView<f32>) -> Result<()> {
+        let norm_and_coef = norm_and_coef.view();
         ensure!(norm_and_coef.len() == 2, "clip: expected [norm, coef]");
         let shared: Vec<&Buffer<f32>> = grads.iter().map(|g| &**g).collect();
         let (pointers, lens) = self.buffer_table(&shared)?;
@@ -394,13 +404,14 @@ impl<'a> Kernels<'a> {
     /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`.
     pub fn adamw_f32(
         &self,
-        param: &mut Buffer<f32>,
-        grad: &Buffer<f32>,
-        m: &mut Buffer<f32>,
-        v: &mut Buffer<f32>,
+        param: &mut impl AsView<f32>,
+        grad: &impl AsView<f32>,
+        m: &mut impl AsView<f32>,
+        v: &mut impl AsView<f32>,
         step: &AdamWStep,
     ) -> Result<()> {
-        for b in [grad, &*m, &*v] {
+        let (param, grad, m, v) = (param.view(), grad.view(), m.view(), v.view());
+        for b in [grad, m, v] {
             same_len("adamw", param, b)?;
         }
         let mut args = KernelArgs::new();
@@ -417,17 +428,17 @@ impl<'a> Kernels<'a> {
     /// copy rounded to nearest from it), otherwise with stochastic rounding.
     pub fn adamw_bf16(
         &self,
-        param: &mut Buffer<bf16>,
-        master: Option<&mut Buffer<f32>>,
-        grad: &Buffer<f32>,
-        m: &mut Buffer<f32>,
-        v: &mut Buffer<f32>,
+        param: &mut impl AsView<bf16>,
+        master: Option<View<f32>>,
+        grad: &impl AsView<f32>,
+        m: &mut impl AsView<f32>,
+        v: &mut impl AsView<f32>,
         step: &AdamWStep,
     ) -> Result<()> {
-        for b in [grad, &*m, &*v] {
+        let (param, grad, m, v) = (param.view(), grad.view(), m.view(), v.view());
+        for b in [grad, m, v] {
             same_len("adamw", param, b)?;
         }
-        let master = master.map(|b| &*b);
         if let Some(b) = master {
             same_len("adamw master", param, b)?;
         }

@@ -141,7 +141,7 @@ impl Ops for DeviceOps<'_> {
             || {
                 let ids = self.indices(ids)?;
                 let mut out = self.alloc(ids.len() * d)?;
-                self.kernels.embedding_forward(table, &ids, &mut out, d)?;
+                self.kernels.embedding_forward(table, &*ids, &mut out, d)?;
                 Ok(out)
             },
         )
@@ -159,7 +159,7 @@ impl Ops for DeviceOps<'_> {
             || (),
             || {
                 let ids = self.indices(ids)?;
-                self.kernels.embedding_backward(dout, &ids, dtable, d)
+                self.kernels.embedding_backward(dout, &*ids, dtable, d)
             },
         )
     }
@@ -253,7 +253,7 @@ impl Ops for DeviceOps<'_> {
             || {
                 let positions = self.indices(positions)?;
                 self.kernels
-                    .rope(x, &positions, heads, head_dim, theta, inverse)
+                    .rope(x, &*positions, heads, head_dim, theta, inverse)
             },
         )
     }

@@ -265,9 +265,9 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     let (mut h_b, mut y_b, mut rstd_b) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?, dev.alloc(rows)?);
     k.rmsnorm_forward(
         &x_b,
-        Some(&res_b),
+        Some(res_b.view()),
         &w_b,
-        Some(&mut h_b),
+        Some(h_b.view()),
         &mut y_b,
         &mut rstd_b,
         eps,
@@ -278,7 +278,7 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         &w_b,
         &rstd_b,
         &upload::<E>(dev, &dy)?,
-        Some(&upload::<E>(dev, &dh_in)?),
+        Some(upload::<E>(dev, &dh_in)?.view()),
         &mut dh_b,
         &mut dw_b,
     )?;
@@ -630,7 +630,7 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
     );
     k.adamw_bf16(
         &mut param,
-        Some(&mut master),
+        Some(master.view()),
         &dev.upload(&case.grad)?,
         &mut m,
         &mut v,
