@@ -283,7 +283,7 @@ fn rmsnorm<E: Float>(b: &mut Bench) -> Result<()> {
     let w = random::<E>(device, D, 1.0, 9)?;
     let dy = random::<E>(device, n, 1.0, 10)?;
     let dh_in = random::<E>(device, n, 1.0, 11)?;
-    let mut h = device.alloc::<E>(n)?;
+    let h = device.alloc::<E>(n)?;
     let mut y = device.alloc::<E>(n)?;
     let mut rstd = device.alloc::<f32>(TOKENS)?;
     let mut dh = device.alloc::<E>(n)?;
@@ -302,9 +302,9 @@ fn rmsnorm<E: Float>(b: &mut Bench) -> Result<()> {
         || {
             k.rmsnorm_forward(
                 &x,
-                Some(&residual),
+                Some(residual.view()),
                 &w,
-                Some(&mut h),
+                Some(h.view()),
                 &mut y,
                 &mut rstd,
                 1e-5,
@@ -317,7 +317,7 @@ fn rmsnorm<E: Float>(b: &mut Bench) -> Result<()> {
         &format!("backward {}", E::DTYPE),
         &shape,
         Work::Bytes(4 * tensor + w_bytes + rstd_bytes + 8 * D as u64),
-        || k.rmsnorm_backward(&h, &w, &rstd, &dy, Some(&dh_in), &mut dh, &mut dw),
+        || k.rmsnorm_backward(&h, &w, &rstd, &dy, Some(dh_in.view()), &mut dh, &mut dw),
     )
 }
 
@@ -414,7 +414,16 @@ fn adamw(b: &mut Bench) -> Result<()> {
         "bf16 with f32 master",
         &shape,
         Work::Bytes(30 * n),
-        || k.adamw_bf16(&mut param, Some(&mut master), &grad, &mut m, &mut v, &step),
+        || {
+            k.adamw_bf16(
+                &mut param,
+                Some(master.view()),
+                &grad,
+                &mut m,
+                &mut v,
+                &step,
+            )
+        },
     )?;
     // param, grad, m, v read; param, m, v written.
     b.case(

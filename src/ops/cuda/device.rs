@@ -443,7 +443,9 @@ impl Device {
         match self {
             Device::Emu => data.copy_from_slice(src.host().expect("checked")),
             #[cfg(feature = "cuda")]
-            Device::Gpu(gpu) => gpu.copy_from_device(bytemuck::cast_slice_mut(&mut data), src.ptr)?,
+            Device::Gpu(gpu) => {
+                gpu.copy_from_device(bytemuck::cast_slice_mut(&mut data), src.ptr)?
+            }
         }
         Ok(data)
     }
@@ -453,8 +455,9 @@ impl Device {
         let dst = dst.view();
         self.check_home(&dst)?;
         match self {
-            Device::Emu => bytemuck::cast_slice_mut::<T, u8>(dst.host_mut().expect("checked"))
-                .fill(0),
+            Device::Emu => {
+                bytemuck::cast_slice_mut::<T, u8>(dst.host_mut().expect("checked")).fill(0)
+            }
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => gpu.zero(dst.ptr, dst.len * size_of::<T>())?,
         }
@@ -503,7 +506,11 @@ impl Device {
             "gemm: f32 inputs with a bf16 output is no cuBLAS combination; cast the inputs to \
              bf16 or keep the output f32"
         );
-        for home in [self.check_home(&a), self.check_home(&b), self.check_home(&c)] {
+        for home in [
+            self.check_home(&a),
+            self.check_home(&b),
+            self.check_home(&c),
+        ] {
             home.context("gemm")?;
         }
         match self {

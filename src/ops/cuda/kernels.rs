@@ -58,11 +58,7 @@ impl AdamWStep {
     }
 }
 
-fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
-    what: &str,
-    a: View<A>,
-    b: View<B>,
-) -> Result<()> {
+fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(what: &str, a: View<A>, b: View<B>) -> Result<()> {
     ensure!(
         a.len() == b.len(),
         "{what}: buffers of {} and {} elements",
@@ -136,7 +132,13 @@ impl<'a> Kernels<'a> {
         dgate: &mut impl AsView<E>,
         dup: &mut impl AsView<E>,
     ) -> Result<()> {
-        let (gate, up, dout, dgate, dup) = (gate.view(), up.view(), dout.view(), dgate.view(), dup.view());
+        let (gate, up, dout, dgate, dup) = (
+            gate.view(),
+            up.view(),
+            dout.view(),
+            dgate.view(),
+            dup.view(),
+        );
         for b in [up, dout, dgate, dup] {
             same_len("swiglu_backward", gate, b)?;
         }
@@ -268,7 +270,14 @@ impl<'a> Kernels<'a> {
         dh: &mut impl AsView<E>,
         dw: &mut impl AsView<f32>,
     ) -> Result<()> {
-        let (h, w, rstd, dy, dh, dw) = (h.view(), w.view(), rstd.view(), dy.view(), dh.view(), dw.view());
+        let (h, w, rstd, dy, dh, dw) = (
+            h.view(),
+            w.view(),
+            rstd.view(),
+            dy.view(),
+            dh.view(),
+            dw.view(),
+        );
         let d = w.len();
         let rows = rows_of("rmsnorm_backward", h.len(), d)?;
         same_len("rmsnorm_backward dy", h, dy)?;
@@ -379,7 +388,11 @@ impl<'a> Kernels<'a> {
     }
 
     /// Multiplies every gradient by the factor of [`Kernels::grad_norm`] when it is below 1.
-    pub fn clip(&self, grads: &mut [&mut Buffer<f32>], norm_and_coef: &impl AsView<f32>) -> Result<()> {
+    pub fn clip(
+        &self,
+        grads: &mut [&mut Buffer<f32>],
+        norm_and_coef: &impl AsView<f32>,
+    ) -> Result<()> {
         let norm_and_coef = norm_and_coef.view();
         ensure!(norm_and_coef.len() == 2, "clip: expected [norm, coef]");
         let shared: Vec<&Buffer<f32>> = grads.iter().map(|g| &**g).collect();

@@ -262,7 +262,7 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         upload::<E>(dev, &res)?,
         upload::<E>(dev, &w)?,
     );
-    let (mut h_b, mut y_b, mut rstd_b) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?, dev.alloc(rows)?);
+    let (h_b, mut y_b, mut rstd_b) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?, dev.alloc(rows)?);
     k.rmsnorm_forward(
         &x_b,
         Some(res_b.view()),
@@ -623,7 +623,7 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
     );
 
     let mut param = dev.alloc::<bf16>(n)?;
-    let (mut master, mut m, mut v) = (
+    let (master, mut m, mut v) = (
         dev.upload(&case.param)?,
         dev.upload(&case.m)?,
         dev.upload(&case.v)?,
