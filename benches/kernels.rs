@@ -367,27 +367,26 @@ fn grad_norm(b: &mut Bench) -> Result<()> {
     let lens = [D * D, KV_DIM * D, KV_DIM * D, D * D, D, D];
     let total: usize = lens.iter().sum();
     let shape = format!("6 tensors, {total}");
-    let mut grads = lens
+    let grads = lens
         .iter()
         .enumerate()
         .map(|(i, &n)| random::<f32>(device, n, 1e-3, 20 + i as u64))
         .collect::<Result<Vec<_>>>()?;
     let bytes = Work::Bytes(4 * total as u64);
-    let refs: Vec<&Buffer<f32>> = grads.iter().collect();
+    let ws = k.grad_norm_workspace(&grads.iter().map(Buffer::view).collect::<Vec<_>>())?;
     b.case("grad_norm", "norm f32", &shape, bytes, || {
-        k.grad_norm(&refs, 1.0).map(drop)
+        k.grad_norm(&ws, 1.0).map(drop)
     })?;
-    let norm = device.download(&k.grad_norm(&refs, 0.0)?)?[0];
+    let norm = device.download(&k.grad_norm(&ws, 0.0)?)?[0];
     // A factor just below 1, so that every run scales (a factor of 1 returns at once) and the
     // gradients stay far from the subnormals over thousands of runs.
-    let norm_and_coef = k.grad_norm(&refs, 0.999 * norm)?;
-    let mut refs: Vec<&mut Buffer<f32>> = grads.iter_mut().collect();
+    k.grad_norm(&ws, 0.999 * norm)?;
     b.case(
         "grad_norm",
         "clip f32",
         &shape,
         Work::Bytes(8 * total as u64),
-        || k.clip(&mut refs, &norm_and_coef),
+        || k.clip(&ws),
     )
 }
 
@@ -406,7 +405,7 @@ fn adamw(b: &mut Bench) -> Result<()> {
     let n = n as u64;
     // param, grad, m, v read; param, m, v written.
     b.case("adamw", "f32", &shape, Work::Bytes(28 * n), || {
-        k.adamw_f32(&mut master, &grad, &mut m, &mut v, &step)
+        k.adamw_f32(&mut master, &grad, &mut m, &mut v, None, &step)
     })?;
     // master, grad, m, v read; master, the bf16 copy, m, v written.
     b.case(
@@ -421,6 +420,7 @@ fn adamw(b: &mut Bench) -> Result<()> {
                 &grad,
                 &mut m,
                 &mut v,
+                None,
                 &step,
             )
         },
@@ -431,7 +431,7 @@ fn adamw(b: &mut Bench) -> Result<()> {
         "bf16 stochastic rounding",
         &shape,
         Work::Bytes(24 * n),
-        || k.adamw_bf16(&mut param, None, &grad, &mut m, &mut v, &step),
+        || k.adamw_bf16(&mut param, None, &grad, &mut m, &mut v, None, &step),
     )
 }
 

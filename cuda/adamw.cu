@@ -4,6 +4,12 @@
 // contraction into fma, so an f32 tensor gets exactly the CPU's result. The per-step constants
 // come from the host (`AdamWStep`, computed by the same Rust code as the CPU's).
 //
+// `clip`, when not null, is grad_norm_finish's `[norm, coef]` (cuda/grad_norm.cu), read on the
+// device so that the host never waits for the norm: a non-finite norm skips the update (the
+// step is dropped on the device, parameters and moments untouched), and each gradient is
+// scaled by coef first, rounded to fp32 as the CPU's clipping rounds it. That folds
+// clip_grad_norm_'s pass over the gradients into this one.
+//
 // bf16 parameters take one of two forms:
 //   - with an fp32 master copy (`master` not null): the master is updated as an f32 tensor and
 //     the bf16 copy is the master rounded to nearest;
@@ -13,7 +19,7 @@
 //     (seed, step, index): a run is deterministic per seed.
 #include "contralign.cuh"
 
-// Matches `AdamWStep` in src/ops/cuda/mod.rs field for field.
+// Matches `AdamWStep` in src/ops/cuda/kernels.rs field for field.
 struct AdamWStep {
     double beta1;
     double one_minus_beta1;
@@ -62,15 +68,30 @@ __device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned long 
     return __ushort_as_bfloat16(static_cast<unsigned short>(rounded >> 16));
 }
 
+// Whether the step goes ahead, and the gradient's factor.
+__device__ __forceinline__ bool clip_factor(const float* clip, double* coef) {
+    *coef = 1.0;
+    if (clip == nullptr) return true;
+    if (!isfinite(clip[0])) return false;
+    *coef = clip[1];
+    return true;
+}
+
+__device__ __forceinline__ float clipped(float g, double coef) {
+    return coef == 1.0 ? g : static_cast<float>(__dmul_rn(static_cast<double>(g), coef));
+}
+
 }  // namespace
 
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad,
                                      float* __restrict__ m, float* __restrict__ v, long long n,
-                                     AdamWStep s) {
+                                     const float* __restrict__ clip, AdamWStep s) {
+    double coef;
+    if (!clip_factor(clip, &coef)) return;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += stride) {
-        param[i] = static_cast<float>(adamw_update(s, param[i], grad[i], m, v, i));
+        param[i] = static_cast<float>(adamw_update(s, param[i], clipped(grad[i], coef), m, v, i));
     }
 }
 CONTRALIGN_KERNEL(adamw_f32)
@@ -78,18 +99,23 @@ CONTRALIGN_KERNEL(adamw_f32)
 extern "C" __global__ void adamw_bf16(__nv_bfloat16* __restrict__ param,
                                       float* __restrict__ master,
                                       const float* __restrict__ grad, float* __restrict__ m,
-                                      float* __restrict__ v, long long n, AdamWStep s) {
+                                      float* __restrict__ v, long long n,
+                                      const float* __restrict__ clip, AdamWStep s) {
+    double coef;
+    if (!clip_factor(clip, &coef)) return;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const unsigned long long stream = mix64(mix64(s.seed) ^ s.step);
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += stride) {
         if (master != nullptr) {
-            const float p = static_cast<float>(adamw_update(s, master[i], grad[i], m, v, i));
+            const float p =
+                static_cast<float>(adamw_update(s, master[i], clipped(grad[i], coef), m, v, i));
             master[i] = p;
             param[i] = __float2bfloat16_rn(p);
         } else {
             const double old = __bfloat162float(param[i]);
-            const float p = static_cast<float>(adamw_update(s, old, grad[i], m, v, i));
+            const float p =
+                static_cast<float>(adamw_update(s, old, clipped(grad[i], coef), m, v, i));
             param[i] = bf16_stochastic(p, mix64(stream ^ static_cast<unsigned long long>(i)));
         }
     }

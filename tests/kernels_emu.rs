@@ -340,23 +340,19 @@ fn grad_norm_is_deterministic_and_leaves_small_gradients_alone() {
         .iter()
         .map(|&n| (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect())
         .collect();
-    let mut bufs: Vec<_> = grads.iter().map(|g| device.upload(g).unwrap()).collect();
+    let bufs: Vec<_> = grads.iter().map(|g| device.upload(g).unwrap()).collect();
+    let ws = k
+        .grad_norm_workspace(&bufs.iter().map(|b| b.view()).collect::<Vec<_>>())
+        .unwrap();
     let norms: Vec<Vec<f32>> = (0..3)
-        .map(|_| {
-            device
-                .download(&k.grad_norm(&bufs.iter().collect::<Vec<_>>(), 0.0).unwrap())
-                .unwrap()
-        })
+        .map(|_| device.download(&k.grad_norm(&ws, 0.0).unwrap()).unwrap())
         .collect();
     assert!(norms.windows(2).all(|w| w[0] == w[1]), "{norms:?}");
     assert_eq!(norms[0][1], 1.0, "max_norm 0 disables clipping");
     // max_norm above the norm: coef 1, gradients untouched (bit for bit).
-    let out = k
-        .grad_norm(&bufs.iter().collect::<Vec<_>>(), norms[0][0] * 2.0)
-        .unwrap();
+    let out = k.grad_norm(&ws, norms[0][0] * 2.0).unwrap();
     assert_eq!(device.download(&out).unwrap()[1], 1.0);
-    k.clip(&mut bufs.iter_mut().collect::<Vec<_>>(), &out)
-        .unwrap();
+    k.clip(&ws).unwrap();
     for (b, g) in bufs.iter().zip(&grads) {
         assert_eq!(&device.download(b).unwrap(), g);
     }
@@ -413,6 +409,7 @@ fn adamw_stochastic_rounding_is_deterministic_per_seed() {
             &device.upload(&grad).unwrap(),
             &mut m,
             &mut v,
+            None,
             &step,
         )
         .unwrap();

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod optimizer;
 
 /// Which keys each token of a packed stream may attend to (design.md, "Packed groups").
 ///

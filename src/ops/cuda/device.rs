@@ -308,9 +308,26 @@ impl Arena {
              the memory plan is smaller than what the engine carves",
             self.capacity()
         );
+        let view = self.memory.region(offset, len)?;
         self.used = offset + bytes;
         self.regions.push((name.to_string(), offset, bytes));
-        let whole = self.memory.view();
+        Ok(view)
+    }
+}
+
+impl Buffer<u8> {
+    /// `len` elements of `T` from byte `offset` (a multiple of `T`'s alignment) on.
+    pub fn region<T: bytemuck::Pod>(&self, offset: usize, len: usize) -> Result<View<T>> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .ok_or_else(|| anyhow!("a region of {len} elements is too large"))?;
+        ensure!(
+            offset.is_multiple_of(align_of::<T>())
+                && offset.checked_add(bytes).is_some_and(|end| end <= self.len),
+            "a region of {bytes} bytes at {offset} of a buffer of {} bytes",
+            self.len
+        );
+        let whole = self.view();
         Ok(View {
             ptr: whole.ptr + offset as u64,
             len,

@@ -4,7 +4,7 @@
 
 use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
-use crate::train::optimizer::AdamWConfig;
+use crate::ops::optimizer::AdamWConfig;
 use anyhow::{ensure, Result};
 use half::bf16;
 
@@ -19,6 +19,16 @@ pub struct Kernels<'a> {
 /// Blocks of the partial sums of the gradient norm: enough to fill a GPU, few enough for one
 /// block to add up.
 const NORM_PARTS: u32 = 1024;
+
+/// The device state of the gradient norm over a fixed set of gradient buffers
+/// ([`Kernels::grad_norm_workspace`]).
+pub struct GradNormWorkspace {
+    pointers: Buffer<u64>,
+    lens: Buffer<i64>,
+    longest: usize,
+    partials: Buffer<f32>,
+    norm_and_coef: Buffer<f32>,
+}
 
 /// The per-step constants of `adamw_f32` / `adamw_bf16` (`struct AdamWStep` in
 /// cuda/adamw.cu, field for field), computed as the CPU's AdamW computes them.
@@ -362,65 +372,66 @@ impl<'a> Kernels<'a> {
         self.launch("cast_bf16_to_f32", self.element_blocks(x.len()), &args)
     }
 
-    /// The global L2 norm of `grads` and clip_grad_norm_'s factor for `max_norm` (0: none),
-    /// as a device buffer `[norm, coef]` for [`Kernels::clip`].
-    pub fn grad_norm(&self, grads: &[&Buffer<f32>], max_norm: f32) -> Result<Buffer<f32>> {
-        let (pointers, lens) = self.buffer_table(grads)?;
+    /// What [`Kernels::grad_norm`] and [`Kernels::clip`] need for `grads`, made once: the
+    /// buffers' addresses and lengths on the device, the partial sums and the result, so
+    /// that a step's norm allocates and uploads nothing.
+    pub fn grad_norm_workspace(&self, grads: &[View<f32>]) -> Result<GradNormWorkspace> {
+        let pointers: Vec<u64> = grads.iter().map(|b| b.device_ptr()).collect();
+        let lens: Vec<i64> = grads.iter().map(|b| b.len() as i64).collect();
         let longest = grads.iter().map(|g| g.len()).max().unwrap_or(0);
         let parts = self
             .element_blocks(longest)
             .clamp(1, NORM_PARTS.min(self.max_grid) as usize);
-        let partials = self.device.alloc::<f32>(parts)?;
+        Ok(GradNormWorkspace {
+            pointers: self.device.upload(&pointers)?,
+            lens: self.device.upload(&lens)?,
+            longest,
+            partials: self.device.alloc(parts)?,
+            norm_and_coef: self.device.alloc(2)?,
+        })
+    }
+
+    /// The global L2 norm of the workspace's gradients and clip_grad_norm_'s factor for
+    /// `max_norm` (0: none), as `[norm, coef]` on the device for [`Kernels::clip`] or the
+    /// AdamW kernels.
+    pub fn grad_norm(&self, ws: &GradNormWorkspace, max_norm: f32) -> Result<View<f32>> {
+        let parts = ws.partials.len();
         let mut args = KernelArgs::new();
-        args.arg(pointers.device_ptr())
-            .arg(lens.device_ptr())
-            .arg(grads.len() as i32)
-            .arg(partials.device_ptr());
+        args.arg(ws.pointers.device_ptr())
+            .arg(ws.lens.device_ptr())
+            .arg(ws.pointers.len() as i32)
+            .arg(ws.partials.device_ptr());
         self.launch("grad_norm_partial", parts, &args)?;
-        let out = self.device.alloc::<f32>(2)?;
         let mut args = KernelArgs::new();
-        args.arg(partials.device_ptr())
+        args.arg(ws.partials.device_ptr())
             .arg(parts as i32)
             .arg(max_norm)
-            .arg(out.device_ptr());
+            .arg(ws.norm_and_coef.device_ptr());
         self.launch("grad_norm_finish", 1, &args)?;
-        Ok(out)
+        Ok(ws.norm_and_coef.view())
     }
 
-    /// Multiplies every gradient by the factor of [`Kernels::grad_norm`] when it is below 1.
-    pub fn clip(
-        &self,
-        grads: &mut [&mut Buffer<f32>],
-        norm_and_coef: &impl AsView<f32>,
-    ) -> Result<()> {
-        let norm_and_coef = norm_and_coef.view();
-        ensure!(norm_and_coef.len() == 2, "clip: expected [norm, coef]");
-        let shared: Vec<&Buffer<f32>> = grads.iter().map(|g| &**g).collect();
-        let (pointers, lens) = self.buffer_table(&shared)?;
-        let longest = shared.iter().map(|g| g.len()).max().unwrap_or(0);
+    /// Multiplies every gradient of the workspace by the factor [`Kernels::grad_norm`] left
+    /// there, when it is below 1.
+    pub fn clip(&self, ws: &GradNormWorkspace) -> Result<()> {
         let mut args = KernelArgs::new();
-        args.arg(pointers.device_ptr())
-            .arg(lens.device_ptr())
-            .arg(grads.len() as i32)
-            .arg(norm_and_coef.device_ptr());
-        self.launch("grad_clip_scale", self.element_blocks(longest), &args)
+        args.arg(ws.pointers.device_ptr())
+            .arg(ws.lens.device_ptr())
+            .arg(ws.pointers.len() as i32)
+            .arg(ws.norm_and_coef.device_ptr());
+        self.launch("grad_clip_scale", self.element_blocks(ws.longest), &args)
     }
 
-    /// The device addresses and lengths of `buffers`, on the device, for the kernels that
-    /// take many buffers in one launch.
-    fn buffer_table(&self, buffers: &[&Buffer<f32>]) -> Result<(Buffer<u64>, Buffer<i64>)> {
-        let pointers: Vec<u64> = buffers.iter().map(|b| b.device_ptr()).collect();
-        let lens: Vec<i64> = buffers.iter().map(|b| b.len() as i64).collect();
-        Ok((self.device.upload(&pointers)?, self.device.upload(&lens)?))
-    }
-
-    /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`.
+    /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`. With `clip` (the
+    /// `[norm, coef]` of [`Kernels::grad_norm`]) the gradient is clipped first, and a
+    /// non-finite norm skips the step on the device.
     pub fn adamw_f32(
         &self,
         param: &mut impl AsView<f32>,
         grad: &impl AsView<f32>,
         m: &mut impl AsView<f32>,
         v: &mut impl AsView<f32>,
+        clip: Option<View<f32>>,
         step: &AdamWStep,
     ) -> Result<()> {
         let (param, grad, m, v) = (param.view(), grad.view(), m.view(), v.view());
@@ -433,12 +444,15 @@ impl<'a> Kernels<'a> {
             .arg(m.device_ptr())
             .arg(v.device_ptr())
             .arg(param.len() as i64)
+            .arg(ptr_or_null(clip))
             .arg(*step);
         self.launch("adamw_f32", self.element_blocks(param.len()), &args)
     }
 
     /// One AdamW step of a bf16 tensor: through its fp32 `master` copy when given (the bf16
-    /// copy rounded to nearest from it), otherwise with stochastic rounding.
+    /// copy rounded to nearest from it), otherwise with stochastic rounding; `clip` as for
+    /// [`Kernels::adamw_f32`].
+    #[allow(clippy::too_many_arguments)]
     pub fn adamw_bf16(
         &self,
         param: &mut impl AsView<bf16>,
@@ -446,6 +460,7 @@ impl<'a> Kernels<'a> {
         grad: &impl AsView<f32>,
         m: &mut impl AsView<f32>,
         v: &mut impl AsView<f32>,
+        clip: Option<View<f32>>,
         step: &AdamWStep,
     ) -> Result<()> {
         let (param, grad, m, v) = (param.view(), grad.view(), m.view(), v.view());
@@ -462,6 +477,7 @@ impl<'a> Kernels<'a> {
             .arg(m.device_ptr())
             .arg(v.device_ptr())
             .arg(param.len() as i64)
+            .arg(ptr_or_null(clip))
             .arg(*step);
         self.launch("adamw_bf16", self.element_blocks(param.len()), &args)
     }

@@ -8,9 +8,10 @@
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
-use super::device::{Buffer, Device};
+use super::device::{Device, View};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
+use super::pool::{Lease, Pool, Tensor};
 use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use anyhow::Result;
@@ -21,11 +22,14 @@ use std::rc::Rc;
 const KEPT_INDEX_LISTS: usize = 2;
 
 /// An index list and its copy on the device.
-type IndexList = (Vec<u32>, Rc<Buffer<u32>>);
+type IndexList = (Vec<u32>, Rc<(View<u32>, Lease)>);
 
 pub struct DeviceOps<'a> {
     device: &'a Device,
     kernels: Kernels<'a>,
+    /// Where every output comes from: no op allocates device memory once the pool holds a
+    /// step's worth.
+    pool: Pool,
     error: RefCell<Option<anyhow::Error>>,
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
@@ -33,10 +37,17 @@ pub struct DeviceOps<'a> {
 }
 
 impl<'a> DeviceOps<'a> {
+    /// Ops whose workspace grows as the first passes need it.
     pub fn new(device: &'a Device) -> Self {
+        DeviceOps::with_pool(device, Pool::default())
+    }
+
+    /// Ops that take their outputs from `pool`.
+    pub fn with_pool(device: &'a Device, pool: Pool) -> Self {
         DeviceOps {
             device,
             kernels: Kernels::new(device),
+            pool,
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
         }
@@ -62,21 +73,38 @@ impl<'a> DeviceOps<'a> {
         }
     }
 
-    fn placeholder(len: usize) -> Buffer<f32> {
-        Device::host_zeros(len)
+    pub fn device(&self) -> &'a Device {
+        self.device
     }
 
-    fn host(&self, buf: &Buffer<f32>) -> Result<Vec<f32>> {
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn placeholder(len: usize) -> Tensor {
+        Tensor::owned(Device::host_zeros(len))
+    }
+
+    fn host(&self, buf: &Tensor) -> Result<Vec<f32>> {
         self.device.download(buf)
     }
 
+    /// `data` in a tensor of the pool.
+    fn put(&self, data: &[f32]) -> Result<Tensor> {
+        let mut t = self.alloc(data.len())?;
+        self.device.copy_to(&mut t, data)?;
+        Ok(t)
+    }
+
     /// `values` on the device, uploaded unless they are one of the lists kept from before.
-    fn indices(&self, values: &[u32]) -> Result<Rc<Buffer<u32>>> {
+    fn indices(&self, values: &[u32]) -> Result<Rc<(View<u32>, Lease)>> {
         let mut kept = self.index_lists.borrow_mut();
         if let Some((_, buffer)) = kept.iter().find(|(list, _)| list == values) {
             return Ok(buffer.clone());
         }
-        let buffer = Rc::new(self.device.upload(values)?);
+        let (mut view, lease) = self.pool.take::<u32>(self.device, values.len())?;
+        self.device.copy_to(&mut view, values)?;
+        let buffer = Rc::new((view, lease));
         if kept.len() == KEPT_INDEX_LISTS {
             kept.remove(0);
         }
@@ -84,17 +112,14 @@ impl<'a> DeviceOps<'a> {
         Ok(buffer)
     }
 
-    fn alloc(&self, len: usize) -> Result<Buffer<f32>> {
-        self.device.alloc(len)
+    /// A tensor of `len` elements whose contents are undefined until an op writes them.
+    fn alloc(&self, len: usize) -> Result<Tensor> {
+        let (view, lease) = self.pool.take(self.device, len)?;
+        Ok(Tensor::leased(view, lease))
     }
 
     /// RMSNorm's output and each row's 1/rms.
-    fn rmsnorm_with_rstd(
-        &self,
-        x: &Buffer<f32>,
-        w: &Buffer<f32>,
-        eps: f64,
-    ) -> Result<(Buffer<f32>, Buffer<f32>)> {
+    fn rmsnorm_with_rstd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let mut y = self.alloc(x.len())?;
         let mut rstd = self.alloc(x.len() / w.len().max(1))?;
         self.kernels
@@ -104,7 +129,7 @@ impl<'a> DeviceOps<'a> {
 }
 
 impl Ops for DeviceOps<'_> {
-    type Buf = Buffer<f32>;
+    type Buf = Tensor;
 
     /// The first error since the last call, if any operation failed; clears it.
     fn check(&self) -> Result<()> {
@@ -114,57 +139,59 @@ impl Ops for DeviceOps<'_> {
         }
     }
 
-    fn upload(&self, data: &[f32]) -> Buffer<f32> {
+    fn upload(&self, data: &[f32]) -> Tensor {
         self.attempt(
             "upload",
             || Self::placeholder(data.len()),
-            || self.device.upload(data),
+            || self.put(data),
         )
     }
 
-    fn download(&self, buf: &Buffer<f32>) -> Vec<f32> {
+    fn download(&self, buf: &Tensor) -> Vec<f32> {
         self.attempt("download", || vec![0.0; buf.len()], || self.host(buf))
     }
 
-    fn zeros(&self, len: usize) -> Buffer<f32> {
-        self.attempt("zeros", || Self::placeholder(len), || self.alloc(len))
+    fn zeros(&self, len: usize) -> Tensor {
+        self.attempt(
+            "zeros",
+            || Self::placeholder(len),
+            || {
+                let mut t = self.alloc(len)?;
+                self.device.zero(&mut t)?;
+                Ok(t)
+            },
+        )
     }
 
-    fn add_assign(&self, acc: &mut Buffer<f32>, x: &Buffer<f32>) {
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) {
         self.attempt("add_assign", || (), || self.kernels.add_assign(acc, x))
     }
 
-    fn embedding(&self, table: &Buffer<f32>, ids: &[u32], d: usize) -> Buffer<f32> {
+    fn embedding(&self, table: &Tensor, ids: &[u32], d: usize) -> Tensor {
         self.attempt(
             "embedding",
             || Self::placeholder(ids.len() * d),
             || {
                 let ids = self.indices(ids)?;
-                let mut out = self.alloc(ids.len() * d)?;
-                self.kernels.embedding_forward(table, &*ids, &mut out, d)?;
+                let mut out = self.alloc(ids.0.len() * d)?;
+                self.kernels.embedding_forward(table, &ids.0, &mut out, d)?;
                 Ok(out)
             },
         )
     }
 
-    fn embedding_backward(
-        &self,
-        dtable: &mut Buffer<f32>,
-        dout: &Buffer<f32>,
-        ids: &[u32],
-        d: usize,
-    ) {
+    fn embedding_backward(&self, dtable: &mut Tensor, dout: &Tensor, ids: &[u32], d: usize) {
         self.attempt(
             "embedding_backward",
             || (),
             || {
                 let ids = self.indices(ids)?;
-                self.kernels.embedding_backward(dout, &*ids, dtable, d)
+                self.kernels.embedding_backward(dout, &ids.0, dtable, d)
             },
         )
     }
 
-    fn rmsnorm(&self, x: &Buffer<f32>, w: &Buffer<f32>, _d: usize, eps: f64) -> Buffer<f32> {
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, _d: usize, eps: f64) -> Tensor {
         self.attempt(
             "rmsnorm",
             || Self::placeholder(x.len()),
@@ -174,13 +201,13 @@ impl Ops for DeviceOps<'_> {
 
     fn rmsnorm_backward(
         &self,
-        x: &Buffer<f32>,
-        w: &Buffer<f32>,
-        dy: &Buffer<f32>,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
         _d: usize,
         eps: f64,
-        dw: &mut Buffer<f32>,
-    ) -> Buffer<f32> {
+        dw: &mut Tensor,
+    ) -> Tensor {
         self.attempt(
             "rmsnorm_backward",
             || Self::placeholder(x.len()),
@@ -195,14 +222,7 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn matmul(
-        &self,
-        x: &Buffer<f32>,
-        w: &Buffer<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Buffer<f32> {
+    fn matmul(&self, x: &Tensor, w: &Tensor, m: usize, k: usize, n: usize) -> Tensor {
         self.attempt(
             "matmul",
             || Self::placeholder(m * n),
@@ -216,14 +236,14 @@ impl Ops for DeviceOps<'_> {
 
     fn matmul_backward(
         &self,
-        x: &Buffer<f32>,
-        w: &Buffer<f32>,
-        dy: &Buffer<f32>,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
         m: usize,
         k: usize,
         n: usize,
-        dw: &mut Buffer<f32>,
-    ) -> Buffer<f32> {
+        dw: &mut Tensor,
+    ) -> Tensor {
         self.attempt(
             "matmul_backward",
             || Self::placeholder(m * k),
@@ -240,7 +260,7 @@ impl Ops for DeviceOps<'_> {
 
     fn rope(
         &self,
-        x: &mut Buffer<f32>,
+        x: &mut Tensor,
         positions: &[u32],
         heads: usize,
         head_dim: usize,
@@ -253,19 +273,19 @@ impl Ops for DeviceOps<'_> {
             || {
                 let positions = self.indices(positions)?;
                 self.kernels
-                    .rope(x, &*positions, heads, head_dim, theta, inverse)
+                    .rope(x, &positions.0, heads, head_dim, theta, inverse)
             },
         )
     }
 
     fn attention(
         &self,
-        q: &Buffer<f32>,
-        k: &Buffer<f32>,
-        v: &Buffer<f32>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         layout: &AttentionLayout,
         shape: AttentionShape,
-    ) -> (Buffer<f32>, Buffer<f32>) {
+    ) -> (Tensor, Tensor) {
         let tokens = layout.len();
         self.attempt(
             "attention (on the host)",
@@ -283,22 +303,22 @@ impl Ops for DeviceOps<'_> {
                     layout,
                     shape,
                 );
-                Ok((self.device.upload(&out)?, self.device.upload(&lse)?))
+                Ok((self.put(&out)?, self.put(&lse)?))
             },
         )
     }
 
     fn attention_backward(
         &self,
-        q: &Buffer<f32>,
-        k: &Buffer<f32>,
-        v: &Buffer<f32>,
-        out: &Buffer<f32>,
-        lse: &Buffer<f32>,
-        dout: &Buffer<f32>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
         layout: &AttentionLayout,
         shape: AttentionShape,
-    ) -> (Buffer<f32>, Buffer<f32>, Buffer<f32>) {
+    ) -> (Tensor, Tensor, Tensor) {
         self.attempt(
             "attention_backward (on the host)",
             || {
@@ -319,16 +339,12 @@ impl Ops for DeviceOps<'_> {
                     layout,
                     shape,
                 );
-                Ok((
-                    self.device.upload(&dq)?,
-                    self.device.upload(&dk)?,
-                    self.device.upload(&dv)?,
-                ))
+                Ok((self.put(&dq)?, self.put(&dk)?, self.put(&dv)?))
             },
         )
     }
 
-    fn swiglu(&self, gate: &Buffer<f32>, up: &Buffer<f32>) -> Buffer<f32> {
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Tensor {
         self.attempt(
             "swiglu",
             || Self::placeholder(gate.len()),
@@ -340,12 +356,7 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn swiglu_backward(
-        &self,
-        gate: &Buffer<f32>,
-        up: &Buffer<f32>,
-        dy: &Buffer<f32>,
-    ) -> (Buffer<f32>, Buffer<f32>) {
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
         self.attempt(
             "swiglu_backward",
             || (Self::placeholder(gate.len()), Self::placeholder(up.len())),
@@ -359,21 +370,21 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn gather_rows(&self, x: &Buffer<f32>, rows: &[u32], scale: RowScale, d: usize) -> Buffer<f32> {
+    fn gather_rows(&self, x: &Tensor, rows: &[u32], scale: RowScale, d: usize) -> Tensor {
         self.attempt(
             "gather_rows (on the host)",
             || Self::placeholder(rows.len() * d),
             || {
                 let out = CpuOps.gather_rows(&self.host(x)?, rows, scale, d);
-                self.device.upload(&out)
+                self.put(&out)
             },
         )
     }
 
     fn scatter_add_rows(
         &self,
-        dst: &mut Buffer<f32>,
-        src: &Buffer<f32>,
+        dst: &mut Tensor,
+        src: &Tensor,
         rows: &[u32],
         scale: RowScale,
         d: usize,
@@ -389,7 +400,7 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn row_dots(&self, a: &Buffer<f32>, b: &Buffer<f32>, d: usize) -> Vec<f64> {
+    fn row_dots(&self, a: &Tensor, b: &Tensor, d: usize) -> Vec<f64> {
         self.attempt(
             "row_dots (on the host)",
             || vec![0.0; a.len() / d.max(1)],
@@ -399,34 +410,34 @@ impl Ops for DeviceOps<'_> {
 
     fn token_logprobs(
         &self,
-        h: &Buffer<f32>,
-        head: &Buffer<f32>,
+        h: &Tensor,
+        head: &Tensor,
         targets: &[u32],
         d: usize,
         vocab: usize,
-    ) -> (Vec<f64>, Buffer<f32>) {
+    ) -> (Vec<f64>, Tensor) {
         self.attempt(
             "token_logprobs (on the host)",
             || (vec![0.0; targets.len()], Self::placeholder(targets.len())),
             || {
                 let (logp, lse) =
                     CpuOps.token_logprobs(&self.host(h)?, &self.host(head)?, targets, d, vocab);
-                Ok((logp, self.device.upload(&lse)?))
+                Ok((logp, self.put(&lse)?))
             },
         )
     }
 
     fn token_logprobs_backward(
         &self,
-        h: &Buffer<f32>,
-        head: &Buffer<f32>,
+        h: &Tensor,
+        head: &Tensor,
         targets: &[u32],
-        lse: &Buffer<f32>,
+        lse: &Tensor,
         dlogp: &[f64],
         d: usize,
         vocab: usize,
-        dhead: &mut Buffer<f32>,
-    ) -> Buffer<f32> {
+        dhead: &mut Tensor,
+    ) -> Tensor {
         self.attempt(
             "token_logprobs_backward (on the host)",
             || Self::placeholder(h.len()),
@@ -443,7 +454,7 @@ impl Ops for DeviceOps<'_> {
                     &mut host_dhead,
                 );
                 self.device.copy_to(dhead, &host_dhead)?;
-                self.device.upload(&dh)
+                self.put(&dh)
             },
         )
     }

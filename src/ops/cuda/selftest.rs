@@ -22,8 +22,8 @@ use super::device::{Buffer, Device, Float};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
 use crate::ops::cpu::CpuOps;
+use crate::ops::optimizer::{clip_global_norm, global_norm, AdamW, AdamWConfig};
 use crate::ops::Ops;
-use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
 use anyhow::Result;
 use half::bf16;
 use rand::rngs::StdRng;
@@ -485,12 +485,12 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
             random(rng, n, scale)
         })
         .collect();
-    let mut bufs: Vec<Buffer<f32>> = grads.iter().map(|g| dev.upload(g)).collect::<Result<_>>()?;
+    let bufs: Vec<Buffer<f32>> = grads.iter().map(|g| dev.upload(g)).collect::<Result<_>>()?;
     let want_norm = global_norm(&grads.iter().collect::<Vec<_>>());
     let max_norm = (want_norm / 3.0) as f32;
-    let out = k.grad_norm(&bufs.iter().collect::<Vec<_>>(), max_norm)?;
-    let got = dev.download(&out)?;
-    k.clip(&mut bufs.iter_mut().collect::<Vec<_>>(), &out)?;
+    let ws = k.grad_norm_workspace(&bufs.iter().map(Buffer::view).collect::<Vec<_>>())?;
+    let got = dev.download(&k.grad_norm(&ws, max_norm)?)?;
+    k.clip(&ws)?;
 
     // Each thread's squares over every buffer (ceil(len / threads) each), the block's tree;
     // then one block adds the partials (ceil(parts / block) each, a tree); sqrt halves it.
@@ -538,6 +538,7 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
 }
 
 /// Random AdamW state at step `step - 1` of `n` elements, and the CPU's update of it.
+#[derive(Clone)]
 struct AdamWCase {
     config: AdamWConfig,
     lr: f64,
@@ -613,6 +614,7 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
         &dev.upload(&case.grad)?,
         &mut m,
         &mut v,
+        None,
         &case.step(0),
     )?;
     exact("adamw f32 param", &dev.download(&p)?, &want_p);
@@ -634,6 +636,7 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
         &dev.upload(&case.grad)?,
         &mut m,
         &mut v,
+        None,
         &case.step(0),
     )?;
     exact("adamw bf16+master master", &dev.download(&master)?, &want_p);
@@ -647,6 +650,84 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
         &[dev.download(&m)?, dev.download(&v)?].concat(),
         &[want_m, want_v].concat(),
     );
+    Ok(rows)
+}
+
+/// AdamW with the clipping folded in (`clip` = the device's `[norm, coef]`) against the CPU's
+/// clip-then-update, and a non-finite norm, which must leave every value untouched.
+pub fn adamw_clipped(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let dev = k.device;
+    let case = AdamWCase::random(rng, n, |p| p);
+    let want_norm = global_norm(&[&case.grad]);
+    let max_norm = want_norm / 2.0;
+    let mut clipped = case.grad.clone();
+    clip_global_norm(&mut [&mut clipped], max_norm);
+    let (want_p, want_m, want_v) = AdamWCase {
+        grad: clipped,
+        ..case.clone()
+    }
+    .reference();
+    let grad = dev.upload(&case.grad)?;
+    let ws = k.grad_norm_workspace(&[grad.view()])?;
+    let norm_and_coef = k.grad_norm(&ws, max_norm as f32)?;
+    let (mut p, mut m, mut v) = (
+        dev.upload(&case.param)?,
+        dev.upload(&case.m)?,
+        dev.upload(&case.v)?,
+    );
+    k.adamw_f32(
+        &mut p,
+        &grad,
+        &mut m,
+        &mut v,
+        Some(norm_and_coef),
+        &case.step(0),
+    )?;
+    // The device's coef carries the fp32 norm's error (grad_norm's bound, a few U) into the
+    // clipped gradient, the moments and the update; each is one more rounding.
+    let bound = 64.0 * U;
+    let shape = format!("{n}");
+    let mut rows = vec![
+        compare(
+            "adamw f32 clipped param".into(),
+            shape.clone(),
+            &dev.download(&p)?,
+            &want_p,
+            &magnitudes(&want_p),
+            bound,
+        ),
+        compare(
+            "adamw f32 clipped moments".into(),
+            shape.clone(),
+            &[dev.download(&m)?, dev.download(&v)?].concat(),
+            &[want_m, want_v].concat(),
+            &magnitudes(&[case.m.clone(), case.v.clone()].concat()),
+            bound,
+        ),
+    ];
+    let not_finite = dev.upload(&[f32::NAN, 1.0])?;
+    let (mut p, mut m, mut v) = (
+        dev.upload(&case.param)?,
+        dev.upload(&case.m)?,
+        dev.upload(&case.v)?,
+    );
+    k.adamw_f32(
+        &mut p,
+        &grad,
+        &mut m,
+        &mut v,
+        Some(not_finite.view()),
+        &case.step(0),
+    )?;
+    let before = [case.param.clone(), case.m.clone(), case.v.clone()].concat();
+    rows.push(compare(
+        "adamw f32 non-finite norm skips".into(),
+        shape,
+        &[dev.download(&p)?, dev.download(&m)?, dev.download(&v)?].concat(),
+        &before,
+        &magnitudes(&before),
+        0.0,
+    ));
     Ok(rows)
 }
 
@@ -697,6 +778,7 @@ pub fn adamw_stochastic(
             &dev.upload(&case.grad)?,
             &mut m,
             &mut v,
+            None,
             &case.step(seed),
         )?;
         let got = download::<bf16>(dev, &param)?;
@@ -857,6 +939,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(casts(&k, rng, 3001)?);
     rows.extend(grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
     rows.extend(adamw_exact(&k, rng, 5003)?);
+    rows.extend(adamw_clipped(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
     rows.extend(add_assign(&k, rng, 4099)?);
     rows.extend(gemms(device, rng)?);

@@ -1,0 +1,207 @@
+//! The workspace that device ops take their outputs from: segments of device memory, each
+//! allocated once, whose aligned regions are leased out and come back when their [`Tensor`]
+//! is dropped (first fit, neighbours merged). A training step's shapes repeat, so after the
+//! first step the leases fit into what is already there and the device allocates nothing; the
+//! engine sizes the first segment from its memory plan so that even the first step allocates
+//! nothing beyond it. A lease that fits nowhere adds a segment (at least double the last), so
+//! an undersized plan costs an allocation, never a failure.
+
+use super::device::{AsView, Buffer, Device, View, ALIGNMENT};
+use anyhow::Result;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+struct Segment {
+    memory: Buffer<u8>,
+    /// Free `(offset, bytes)` ranges, sorted by offset, never adjacent.
+    free: Vec<(usize, usize)>,
+}
+
+impl Segment {
+    fn take(&mut self, bytes: usize) -> Option<usize> {
+        let i = self.free.iter().position(|&(_, len)| len >= bytes)?;
+        let (offset, len) = self.free[i];
+        if len == bytes {
+            self.free.remove(i);
+        } else {
+            self.free[i] = (offset + bytes, len - bytes);
+        }
+        Some(offset)
+    }
+
+    fn give_back(&mut self, offset: usize, bytes: usize) {
+        let i = self.free.partition_point(|&(o, _)| o < offset);
+        self.free.insert(i, (offset, bytes));
+        if i + 1 < self.free.len() && offset + bytes == self.free[i + 1].0 {
+            self.free[i].1 += self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == offset {
+            self.free[i - 1].1 += self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    segments: Vec<Segment>,
+    in_use: usize,
+    peak: usize,
+}
+
+/// Leased regions of device memory; cheap to clone (one shared state).
+#[derive(Clone, Default)]
+pub struct Pool {
+    state: Rc<RefCell<State>>,
+}
+
+/// A region of a [`Pool`], returned to it on drop.
+pub struct Lease {
+    state: Rc<RefCell<State>>,
+    segment: usize,
+    offset: usize,
+    bytes: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.state.borrow_mut();
+        state.in_use -= self.bytes;
+        state.segments[self.segment].give_back(self.offset, self.bytes);
+    }
+}
+
+impl Pool {
+    /// A pool whose first segment holds `bytes` (none when 0: the first lease makes one).
+    pub fn new(device: &Device, bytes: usize) -> Result<Pool> {
+        let pool = Pool::default();
+        if bytes > 0 {
+            pool.add_segment(device, bytes)?;
+        }
+        Ok(pool)
+    }
+
+    fn add_segment(&self, device: &Device, bytes: usize) -> Result<()> {
+        let bytes = bytes.next_multiple_of(ALIGNMENT);
+        let memory = device.alloc::<u8>(bytes)?;
+        self.state.borrow_mut().segments.push(Segment {
+            memory,
+            free: vec![(0, bytes)],
+        });
+        Ok(())
+    }
+
+    /// `len` elements of `T` (their contents are whatever the region last held).
+    pub fn take<T: bytemuck::Pod>(&self, device: &Device, len: usize) -> Result<(View<T>, Lease)> {
+        let bytes = (len * size_of::<T>()).max(1).next_multiple_of(ALIGNMENT);
+        let found = self.find(bytes);
+        let (segment, offset) = match found {
+            Some(place) => place,
+            None => {
+                let last = self
+                    .state
+                    .borrow()
+                    .segments
+                    .last()
+                    .map_or(0, |s| s.memory.len());
+                self.add_segment(device, bytes.max(2 * last))?;
+                self.find(bytes).expect("a new segment holds the lease")
+            }
+        };
+        let mut state = self.state.borrow_mut();
+        state.in_use += bytes;
+        state.peak = state.peak.max(state.in_use);
+        let view = state.segments[segment].memory.region::<T>(offset, len)?;
+        Ok((
+            view,
+            Lease {
+                state: self.state.clone(),
+                segment,
+                offset,
+                bytes,
+            },
+        ))
+    }
+
+    fn find(&self, bytes: usize) -> Option<(usize, usize)> {
+        let mut state = self.state.borrow_mut();
+        state
+            .segments
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, s)| s.take(bytes).map(|offset| (i, offset)))
+    }
+
+    /// Bytes of device memory the pool holds.
+    pub fn capacity(&self) -> usize {
+        self.state
+            .borrow()
+            .segments
+            .iter()
+            .map(|s| s.memory.len())
+            .sum()
+    }
+
+    /// The most bytes leased at once.
+    pub fn peak(&self) -> usize {
+        self.state.borrow().peak
+    }
+}
+
+/// What holds a [`Tensor`]'s memory.
+enum Backing {
+    /// Memory someone else owns for longer (the engine's parameter store).
+    Borrowed,
+    Leased {
+        _lease: Lease,
+    },
+    /// A buffer of its own (the zeros a failed device returns, in host memory).
+    Owned {
+        _buffer: Buffer<f32>,
+    },
+}
+
+/// An f32 tensor of the device model: a view and what keeps it alive.
+pub struct Tensor {
+    view: View<f32>,
+    _backing: Backing,
+}
+
+impl Tensor {
+    pub fn leased(view: View<f32>, lease: Lease) -> Tensor {
+        Tensor {
+            view,
+            _backing: Backing::Leased { _lease: lease },
+        }
+    }
+
+    /// A tensor over memory that outlives it.
+    pub fn borrowed(view: View<f32>) -> Tensor {
+        Tensor {
+            view,
+            _backing: Backing::Borrowed,
+        }
+    }
+
+    pub fn owned(buffer: Buffer<f32>) -> Tensor {
+        Tensor {
+            view: buffer.view(),
+            _backing: Backing::Owned { _buffer: buffer },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.view.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.view.is_empty()
+    }
+}
+
+impl AsView<f32> for Tensor {
+    fn view(&self) -> View<f32> {
+        self.view
+    }
+}
