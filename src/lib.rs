@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod engine;
 pub mod fsutil;
 pub mod generate;
 pub mod loss;

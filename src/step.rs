@@ -5,7 +5,8 @@ use crate::data::packing::Batch;
 use crate::data::Group;
 use crate::loss::metrics::batch_metrics;
 use crate::loss::{batch_loss, BatchInput, LossSpec};
-use crate::model::{Model, ResponseStats, StatsGrad, StepOptions, StepOutput};
+use crate::model::params::Params;
+use crate::model::{Model, PassOutput, ResponseStats, StatsGrad, StepOptions, StepOutput};
 use crate::ops::Ops;
 use anyhow::{bail, Context, Result};
 
@@ -131,10 +132,33 @@ pub fn loss_and_grads<O: Ops>(
     spec: &LossSpec,
     opts: &StepOptions,
 ) -> Result<StepOutput<O::Buf>> {
+    let mut grads = policy.zeros_like(ops);
+    let out = accumulate_grads(ops, policy, ref_stats, groups, spec, opts, 1.0, &mut grads)?;
+    Ok(StepOutput {
+        loss: out.loss,
+        aux_loss: out.aux_loss,
+        stats: out.stats,
+        grads,
+    })
+}
+
+/// As [`loss_and_grads`], adding `scale ·` the gradient into `grads` (a micro-batch's share of
+/// a step).
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_grads<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    ref_stats: Option<&[ResponseStats]>,
+    groups: &[Group],
+    spec: &LossSpec,
+    opts: &StepOptions,
+    scale: f64,
+    grads: &mut Params<O::Buf>,
+) -> Result<PassOutput> {
     check_ref_stats(groups, spec, ref_stats)?;
     let batch = pack(policy, groups)?;
     policy
-        .loss_and_grads(
+        .accumulate_grads(
             ops,
             &batch,
             |stats: &[ResponseStats]| {
@@ -150,6 +174,8 @@ pub fn loss_and_grads<O: Ops>(
                 })
             },
             opts,
+            scale,
+            grads,
         )
         .and_then(|out| ops.check().map(|()| out))
         .context("computing the loss")

@@ -241,7 +241,7 @@ fn checkpoints_are_hf_directories_that_score_like_the_model_in_memory() {
     };
     // As loaded (f32), one file: scores exactly like the model in memory.
     let f32_dir = run
-        .save_checkpoint("checkpoint-2", &trainer, &save(None, 1 << 30))
+        .save_checkpoint("checkpoint-2", &mut trainer, &save(None, 1 << 30))
         .unwrap();
     assert_scores_match("f32", &cli_scores(&f32_dir, &data), &in_memory);
     assert!(header_dtypes(&f32_dir.join("model.safetensors"))
@@ -253,7 +253,7 @@ fn checkpoints_are_hf_directories_that_score_like_the_model_in_memory() {
     // each in the shard that holds it, and the total size is the bytes of the weights.
     let bf16 = Some(safetensors::Dtype::BF16);
     let dir = run
-        .save_checkpoint("final", &trainer, &save(bf16, 100_000))
+        .save_checkpoint("final", &mut trainer, &save(bf16, 100_000))
         .unwrap();
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),

@@ -5,7 +5,8 @@ use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::Ops;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The CPU reference: f32 storage, f64 sums.
     Cpu,
@@ -30,13 +31,22 @@ pub trait OnOps {
     fn run<O: Ops>(self, ops: &O) -> Result<Self::Output>;
 }
 
+impl Backend {
+    /// The device it opens; `None` for the CPU.
+    pub fn device_kind(self) -> Option<DeviceKind> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Emu => Some(DeviceKind::Emu),
+            Backend::Cuda => Some(DeviceKind::Cuda),
+        }
+    }
+}
+
 impl DeviceArgs {
     /// Runs `work` on the chosen backend; on a device, only once the device reports no error.
     pub fn run<W: OnOps>(&self, work: W) -> Result<W::Output> {
-        let kind = match self.device {
-            Backend::Cpu => return work.run(&CpuOps),
-            Backend::Emu => DeviceKind::Emu,
-            Backend::Cuda => DeviceKind::Cuda,
+        let Some(kind) = self.device.device_kind() else {
+            return work.run(&CpuOps);
         };
         let device = Device::open(kind)?;
         eprintln!("device: {}", device.describe());

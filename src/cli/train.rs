@@ -1,4 +1,5 @@
 use crate::cli::config_file::args_to_toml;
+use crate::cli::device_args::Backend;
 use crate::cli::loss_args::InputArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -100,6 +101,15 @@ pub struct TrainArgs {
     /// Keep every activation instead of recomputing each layer in the backward.
     #[arg(long)]
     no_checkpointing: bool,
+    /// Where the policy trains. cpu: the reference backend. emu: the device engine in the
+    /// CUDA emulator on the host (slow; for checking). cuda: the device engine on a GPU (a
+    /// build with --features cuda). On emu and cuda the weights, gradients and AdamW's moments
+    /// live on the device as flat f32 buffers (zeroing, the norm and AdamW with the clipping
+    /// folded in are one launch each); attention, MoE dispatch and the LM-head scoring still
+    /// run on the host until their kernels exist, and the reference model (--ref-model) on
+    /// the CPU — use --ref-logps.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Backend,
     /// Stop (after saving a checkpoint) when this many steps in a row have a non-finite
     /// loss or gradient; such steps are skipped and logged.
     #[arg(long, value_name = "N", default_value_t = 5)]
@@ -309,9 +319,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         .aux_coef
         .unwrap_or(policy.cfg.default_aux_coef());
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
+    let resumed = restored.is_some();
     if let Some((state, moments)) = restored {
         trainer.restore(&state, moments)?;
-        run.truncate_metrics(state.step)?;
+    }
+    if let Some(kind) = args.device.device_kind() {
+        eprintln!("device: {}", trainer.use_device(kind)?);
+    }
+    if let Some(step) = resumed.then_some(trainer.step) {
+        run.truncate_metrics(step)?;
     } else {
         contralign::fsutil::write_atomically(
             &run.path.join(CONFIG),

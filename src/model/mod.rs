@@ -68,6 +68,14 @@ pub struct StepOptions {
     pub aux_coef: f64,
 }
 
+/// What a forward and backward pass reports besides the gradients.
+pub struct PassOutput {
+    /// The objective: the statistics loss plus `aux_coef · aux`.
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub stats: Vec<ResponseStats>,
+}
+
 pub struct StepOutput<B> {
     /// The objective: the statistics loss plus `aux_coef · aux`.
     pub loss: f64,
@@ -192,6 +200,28 @@ impl<B> Model<B> {
         loss_fn: impl FnOnce(&[ResponseStats]) -> Result<StatsGrad>,
         opts: &StepOptions,
     ) -> Result<StepOutput<B>> {
+        let mut grads = self.zeros_like(ops);
+        let out = self.accumulate_grads(ops, batch, loss_fn, opts, 1.0, &mut grads)?;
+        Ok(StepOutput {
+            loss: out.loss,
+            aux_loss: out.aux_loss,
+            stats: out.stats,
+            grads,
+        })
+    }
+
+    /// As [`Model::loss_and_grads`], adding `scale ·` the gradient into `grads`: a step
+    /// accumulates its micro-batches this way, each scaled by its share of the step's groups,
+    /// into gradients that live for the whole run.
+    pub fn accumulate_grads<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        batch: &Batch,
+        loss_fn: impl FnOnce(&[ResponseStats]) -> Result<StatsGrad>,
+        opts: &StepOptions,
+        scale: f64,
+        grads: &mut Params<B>,
+    ) -> Result<PassOutput> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let keep = if opts.checkpointing {
@@ -206,8 +236,10 @@ impl<B> Model<B> {
         let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
         let loss = sg.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
-        let dlogp = token_grads(batch, &sg);
-        let mut grads = self.zeros_like(ops);
+        let dlogp: Vec<f64> = token_grads(batch, &sg)
+            .into_iter()
+            .map(|g| g * scale)
+            .collect();
         let drows = {
             let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
             ops.token_logprobs_backward(
@@ -235,7 +267,7 @@ impl<B> Model<B> {
         let aux = match (&fwd.balance, opts.aux_coef) {
             (Some(balance), coef) if coef != 0.0 => Some(AuxGrad {
                 balance,
-                coef,
+                coef: coef * scale,
                 row_weights: &batch.row_weights,
             }),
             _ => None,
@@ -260,11 +292,10 @@ impl<B> Model<B> {
             );
         }
         ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);
-        Ok(StepOutput {
+        Ok(PassOutput {
             loss,
             aux_loss,
             stats,
-            grads,
         })
     }
 }

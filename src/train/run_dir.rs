@@ -108,13 +108,15 @@ impl RunDir {
         Ok(best.map(|(_, p)| p))
     }
 
-    /// Writes `name` (e.g. `checkpoint-40`, `final`) atomically.
+    /// Writes `name` (e.g. `checkpoint-40`, `final`) atomically, with the trainer's state
+    /// brought back from its device first.
     pub fn save_checkpoint(
         &self,
         name: &str,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         opts: &SaveOptions,
     ) -> Result<PathBuf> {
+        trainer.sync_to_host()?;
         let path = self.path.join(name);
         let policy = &trainer.policy;
         let specs = param_specs(&policy.cfg);

@@ -7,10 +7,11 @@ use super::plan::{Cursor, Length, Planner, Position, StepBudget};
 use super::refcache::RefLookup;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
+use crate::engine::DeviceEngine;
 use crate::loss::LossSpec;
-use crate::model::params::Params;
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::CpuOps;
+use crate::ops::cuda::device::{Device, DeviceKind};
 use crate::step;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -115,6 +116,17 @@ impl StepRecord {
     }
 }
 
+/// Why a step's update is dropped, if it is.
+fn skip_reason(loss: f64, grad_norm: f64) -> Option<String> {
+    if !loss.is_finite() {
+        Some("non-finite loss".to_string())
+    } else if !grad_norm.is_finite() {
+        Some("non-finite gradient".to_string())
+    } else {
+        None
+    }
+}
+
 pub struct Trainer {
     pub opts: TrainOptions,
     pub policy: Model<Vec<f32>>,
@@ -128,6 +140,9 @@ pub struct Trainer {
     pub step: u64,
     pub bad_steps_in_a_row: u32,
     data_hash: String,
+    /// Where the policy trains when not on the CPU; `policy` and `optimizer` then hold the
+    /// state as of the last [`Trainer::sync_to_host`].
+    engine: Option<DeviceEngine>,
 }
 
 impl Trainer {
@@ -198,6 +213,7 @@ impl Trainer {
             step: 0,
             bad_steps_in_a_row: 0,
             data_hash,
+            engine: None,
         })
     }
 
@@ -265,6 +281,38 @@ impl Trainer {
         Ok(())
     }
 
+    /// Moves the training onto `kind`'s device: the weights and moments as they are now
+    /// (fresh, or restored), in the device engine from here on.
+    /// Returns the device's description.
+    pub fn use_device(&mut self, kind: DeviceKind) -> Result<String> {
+        let device = Device::open(kind)?;
+        let mut engine = DeviceEngine::new(device, &self.policy, 0)?;
+        engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
+        let described = engine.device().describe();
+        self.engine = Some(engine);
+        Ok(described)
+    }
+
+    /// Brings the device's weights and moments into `policy` and `optimizer` (before a
+    /// checkpoint is written from them); nothing to do on the CPU.
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        if let Some(engine) = &self.engine {
+            for (host, device) in self
+                .policy
+                .params
+                .iter_mut()
+                .into_iter()
+                .zip(engine.weights()?)
+            {
+                *host = device;
+            }
+            let (m, v) = engine.moments()?;
+            self.optimizer.exp_avg = m;
+            self.optimizer.exp_avg_sq = v;
+        }
+        Ok(())
+    }
+
     fn reference_stats(&self, groups: &[Group]) -> Result<Option<Vec<ResponseStats>>> {
         if !self.opts.spec.kind.needs_reference() {
             return Ok(None);
@@ -288,7 +336,13 @@ impl Trainer {
             checkpointing: self.opts.checkpointing,
             aux_coef: self.opts.aux_coef,
         };
-        let mut grads: Option<Params<Vec<f32>>> = None;
+        let mut grads = match &self.engine {
+            Some(engine) => {
+                engine.zero_grads()?;
+                None
+            }
+            None => Some(self.policy.zeros_like(&CpuOps)),
+        };
         let (mut loss, mut aux) = (0.0, None::<f64>);
         let (mut stats, mut ref_stats) = (Vec::new(), Vec::new());
         let mut first = 0;
@@ -296,54 +350,66 @@ impl Trainer {
             let groups = &step_groups[first..first + micro.len()];
             first += micro.len();
             let refs = self.reference_stats(groups)?;
-            let out = step::loss_and_grads(
-                &CpuOps,
-                &self.policy,
-                refs.as_deref(),
-                groups,
-                &self.opts.spec,
-                &step_opts,
-            )?;
             // The step's loss is the mean over its groups: each micro-batch's mean counts
-            // in proportion to its groups.
+            // in proportion to its groups, and so does its gradient.
             let share = groups.len() as f64 / n;
+            let out = match (&mut self.engine, &mut grads) {
+                (Some(engine), _) => engine.accumulate(
+                    refs.as_deref(),
+                    groups,
+                    &self.opts.spec,
+                    &step_opts,
+                    share,
+                )?,
+                (None, Some(grads)) => step::accumulate_grads(
+                    &CpuOps,
+                    &self.policy,
+                    refs.as_deref(),
+                    groups,
+                    &self.opts.spec,
+                    &step_opts,
+                    share,
+                    grads,
+                )?,
+                (None, None) => unreachable!("CPU gradients exist without an engine"),
+            };
             loss += share * out.loss;
             if let Some(a) = out.aux_loss {
                 *aux.get_or_insert(0.0) += share * a;
             }
-            let mut g = out.grads;
-            if share != 1.0 {
-                for t in g.iter_mut() {
-                    t.iter_mut().for_each(|x| *x = (*x as f64 * share) as f32);
-                }
-            }
-            match &mut grads {
-                None => grads = Some(g),
-                Some(total) => {
-                    for (t, s) in total.iter_mut().into_iter().zip(g.iter()) {
-                        t.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-                    }
-                }
-            }
             stats.extend(out.stats);
             ref_stats.extend(refs.unwrap_or_default());
         }
-        let mut grads = grads.expect("a step has at least one group");
         let lr = self.schedule.lr_at(self.step);
-        let grad_norm = clip_global_norm(&mut grads.iter_mut(), self.opts.max_grad_norm);
-        let skipped = if !loss.is_finite() {
-            Some("non-finite loss".to_string())
-        } else if !grad_norm.is_finite() {
-            Some("non-finite gradient".to_string())
-        } else {
-            None
+        let (grad_norm, skipped) = match (&mut self.engine, grads) {
+            (Some(engine), _) => {
+                // The update runs unless the loss is already known to be non-finite; a
+                // non-finite gradient norm makes the device skip it.
+                let update =
+                    loss.is_finite()
+                        .then_some((&self.opts.adamw, self.optimizer.step + 1, lr));
+                let norm = engine.finish_step(update, self.opts.max_grad_norm)?;
+                let skipped = skip_reason(loss, norm);
+                if skipped.is_none() {
+                    self.optimizer.step += 1;
+                }
+                (norm, skipped)
+            }
+            (None, Some(mut grads)) => {
+                let norm = clip_global_norm(&mut grads.iter_mut(), self.opts.max_grad_norm);
+                let skipped = skip_reason(loss, norm);
+                if skipped.is_none() {
+                    self.optimizer
+                        .update(&mut self.policy.params.iter_mut(), &grads.iter(), lr);
+                }
+                (norm, skipped)
+            }
+            (None, None) => unreachable!("CPU gradients exist without an engine"),
         };
         if skipped.is_some() {
             self.bad_steps_in_a_row += 1;
         } else {
             self.bad_steps_in_a_row = 0;
-            self.optimizer
-                .update(&mut self.policy.params.iter_mut(), &grads.iter(), lr);
         }
         self.step += 1;
         let refs = (!ref_stats.is_empty()).then_some(ref_stats.as_slice());

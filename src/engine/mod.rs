@@ -1,0 +1,173 @@
+//! The device-resident training engine (docs/architecture.md §12): the policy's weights, its
+//! gradients and AdamW's moments in one arena on a device, each a flat buffer
+//! ([`store::ParamStore`]); every op's output leased from a pool made once
+//! ([`crate::ops::cuda::pool`]); a step that zeroes the gradients, accumulates its
+//! micro-batches into them, takes the global norm and runs AdamW with the clipping folded in,
+//! one launch each, without any device allocation after the first step.
+//!
+//! Today it stores everything in f32 (`--precision f32`, the path that is checked against the
+//! CPU exactly); attention, the MoE row moves and the scoring still round-trip through the
+//! host inside [`DeviceOps`] until their kernels land, and the per-response statistics come
+//! to the host for the loss once per micro-batch.
+
+pub mod store;
+
+use crate::data::Group;
+use crate::loss::LossSpec;
+use crate::model::params::Params;
+use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
+use crate::ops::cuda::device::{Arena, Device, View};
+use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
+use crate::ops::cuda::ops::DeviceOps;
+use crate::ops::cuda::pool::{Pool, Tensor};
+use crate::ops::optimizer::AdamWConfig;
+use crate::step;
+use anyhow::{Context, Result};
+use store::ParamStore;
+
+/// The flat buffers of the arena.
+struct Flat {
+    weights: View<f32>,
+    grads: View<f32>,
+    exp_avg: View<f32>,
+    exp_avg_sq: View<f32>,
+}
+
+pub struct DeviceEngine {
+    /// The policy, its tensors views of `flat.weights`.
+    model: Model<Tensor>,
+    /// Views of `flat.grads`, in the same layout.
+    grads: Params<Tensor>,
+    store: ParamStore,
+    flat: Flat,
+    norm: GradNormWorkspace,
+    pool: Pool,
+    /// Owns the memory every view above points into; declared after them so that it is
+    /// dropped last.
+    arena: Arena,
+    device: Device,
+}
+
+impl DeviceEngine {
+    /// The engine on `device` for `policy` (weights uploaded once, moments zero), with a
+    /// workspace pool of `workspace_bytes` to begin with.
+    pub fn new(device: Device, policy: &Model<Vec<f32>>, workspace_bytes: usize) -> Result<Self> {
+        let store = ParamStore::new(&policy.cfg);
+        let mut arena = Arena::new(&device, 4 * store.total * size_of::<f32>())?;
+        let flat = Flat {
+            weights: arena.carve("weights", store.total)?,
+            grads: arena.carve("gradients", store.total)?,
+            exp_avg: arena.carve("exp_avg", store.total)?,
+            exp_avg_sq: arena.carve("exp_avg_sq", store.total)?,
+        };
+        let mut weights = flat.weights;
+        device
+            .copy_to(&mut weights, &store.flatten(&policy.params.iter()))
+            .context("uploading the policy's weights")?;
+        let model = Model {
+            cfg: policy.cfg.clone(),
+            params: store.params(&policy.cfg, flat.weights)?,
+            dtype: policy.dtype,
+        };
+        let grads = store.params(&policy.cfg, flat.grads)?;
+        let norm = Kernels::new(&device).grad_norm_workspace(&[flat.grads])?;
+        let pool = Pool::new(&device, workspace_bytes)?;
+        Ok(DeviceEngine {
+            model,
+            grads,
+            store,
+            flat,
+            norm,
+            pool,
+            arena,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of device memory the engine holds: the arena and the workspace pool.
+    pub fn device_bytes(&self) -> usize {
+        self.arena.capacity() + self.pool.capacity()
+    }
+
+    /// Sets every gradient to zero: the start of a step.
+    pub fn zero_grads(&self) -> Result<()> {
+        let mut grads = self.flat.grads;
+        self.device.zero(&mut grads)
+    }
+
+    /// One micro-batch's forward and backward, its gradient scaled by `share` (its part of
+    /// the step's groups) and added to the step's.
+    pub fn accumulate(
+        &mut self,
+        ref_stats: Option<&[ResponseStats]>,
+        groups: &[Group],
+        spec: &LossSpec,
+        opts: &StepOptions,
+        share: f64,
+    ) -> Result<PassOutput> {
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone());
+        step::accumulate_grads(
+            &ops,
+            &self.model,
+            ref_stats,
+            groups,
+            spec,
+            opts,
+            share,
+            &mut self.grads,
+        )
+    }
+
+    /// The gradients' global norm, and unless `update` is `None`, AdamW step
+    /// `update.step` with the clipping to `max_grad_norm` (0: none) folded in; a non-finite
+    /// norm skips the update on the device. Returns the norm (the step's one download).
+    pub fn finish_step(
+        &mut self,
+        update: Option<(&AdamWConfig, u64, f64)>,
+        max_grad_norm: f64,
+    ) -> Result<f64> {
+        let kernels = Kernels::new(&self.device);
+        let norm_and_coef = kernels.grad_norm(&self.norm, max_grad_norm as f32)?;
+        if let Some((config, step, lr)) = update {
+            let (mut weights, mut m, mut v) =
+                (self.flat.weights, self.flat.exp_avg, self.flat.exp_avg_sq);
+            kernels.adamw_f32(
+                &mut weights,
+                &self.flat.grads,
+                &mut m,
+                &mut v,
+                Some(norm_and_coef),
+                &AdamWStep::new(config, step, lr, 0),
+            )?;
+        }
+        let norm = self.device.download(&norm_and_coef.slice(0, 1)?)?[0];
+        Ok(norm as f64)
+    }
+
+    /// The weights, in checkpoint order.
+    pub fn weights(&self) -> Result<Vec<Vec<f32>>> {
+        Ok(self.store.split(&self.device.download(&self.flat.weights)?))
+    }
+
+    /// AdamW's first and second moments, in checkpoint order.
+    pub fn moments(&self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        Ok((
+            self.store.split(&self.device.download(&self.flat.exp_avg)?),
+            self.store
+                .split(&self.device.download(&self.flat.exp_avg_sq)?),
+        ))
+    }
+
+    /// Replaces the moments (a resume).
+    pub fn set_moments(&mut self, exp_avg: &[Vec<f32>], exp_avg_sq: &[Vec<f32>]) -> Result<()> {
+        let (mut m, mut v) = (self.flat.exp_avg, self.flat.exp_avg_sq);
+        let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();
+        let v_host: Vec<&Vec<f32>> = exp_avg_sq.iter().collect();
+        self.device.copy_to(&mut m, &self.store.flatten(&m_host))?;
+        self.device.copy_to(&mut v, &self.store.flatten(&v_host))
+    }
+}
