@@ -8,6 +8,7 @@ pub mod demo;
 pub mod fsutil;
 pub mod generate;
 pub mod loss;
+pub mod memory_plan;
 pub mod model;
 pub mod ops;
 pub mod plot;
