@@ -9,11 +9,13 @@ use contralign::memory_plan::{
 use serde_json::json;
 use std::path::PathBuf;
 
-/// Print the memory plan of a training step on one device: the bytes of weights, master
-/// weights, gradients, moments, reference weights, kept activations, recompute workspace,
-/// logits chunk, cuBLAS workspace and batch data, and whether they fit in --memory. The
-/// exit status is 1 when they do not, with the flags that would make them fit. `train`
-/// allocates exactly this plan. No weights are read.
+/// Print the memory plan of a training step on one device, and whether it fits.
+///
+/// A table of the bytes of weights, master weights, gradients, moments, reference weights,
+/// kept activations, recompute workspace, logits chunk, cuBLAS workspace and batch data,
+/// their total and whether it fits in --memory. The exit status is 1 when it does not, with
+/// the flags that would make it fit. The device engine allocates exactly this plan, as one
+/// arena of 256-byte aligned regions. No weights are read.
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     /// A model directory or a config.json file.

@@ -100,18 +100,38 @@ pub(super) fn not_fitting(plan: &MemoryPlan, memory: u64) -> String {
             not_enough.push(text);
         }
     }
-    match fitting_micro_tokens(plan, memory) {
-        Some(t) => fitting.push(format!("--micro-tokens {t}")),
-        None => not_enough.push("a lower --micro-tokens".to_string()),
+    if let Some(t) = fitting_micro_tokens(plan, memory) {
+        fitting.push(format!("--micro-tokens {t}"));
     }
     if !fitting.is_empty() {
         msg += &format!(" Each of these fits: {}.", fitting.join(", "));
     }
     if !not_enough.is_empty() {
+        msg += &format!(" Not enough on its own: {}.", not_enough.join(", "));
+    }
+    let state: u64 = [
+        Category::Weights,
+        Category::MasterWeights,
+        Category::Gradients,
+        Category::Moments,
+        Category::ReferenceWeights,
+    ]
+    .iter()
+    .map(|&c| plan.category_bytes(c))
+    .sum();
+    if state > memory {
         msg += &format!(
-            " Not enough on its own: {}; combine them, or plan for a device with more memory.",
-            not_enough.join(", ")
+            " The parameters' state alone (weights, master, gradients, moments, reference) \
+             needs {}, more than --memory at any micro-batch size.",
+            human_bytes(state)
         );
+    }
+    if fitting.is_empty() {
+        msg += if not_enough.is_empty() {
+            " No flag makes it fit, even at 128 micro-tokens: plan for a device with more memory."
+        } else {
+            " Combine them (and a smaller --micro-tokens), or plan for a device with more memory."
+        };
     }
     msg
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageDtype {
-    /// bfloat16: 2 bytes; updates are stochastically rounded where no fp32 copy exists.
+    /// bfloat16: 2 bytes.
     Bf16,
     /// float32: 4 bytes.
     F32,
