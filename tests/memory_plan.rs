@@ -465,7 +465,7 @@ fn plan_prints_the_table_and_json() {
     for needle in [
         "parameters   7,241,732,096",
         "precision    bf16 (master none, moments bf16, grads bf16)",
-        "recompute    selective (the default: selective where it fits)",
+        "recompute    selective (the default where it fits)",
         "weights                 14.48 GB     14,483,464,192   20.2%",
         "moments (m, v)          28.97 GB     28,966,928,384   40.3%",
         "kept activations        12.43 GB     12,431,933,440   17.3%",

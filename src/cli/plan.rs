@@ -84,7 +84,7 @@ fn table(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> String {
     let total = plan.total();
     let recompute = match (args.precision.recompute, o.recompute) {
         (Some(_), _) => "",
-        (None, RecomputePolicy::Selective) => " (the default: selective where it fits)",
+        (None, RecomputePolicy::Selective) => " (the default where it fits)",
         (None, _) => " (the default: selective does not fit)",
     };
     let mut out = format!(
