@@ -12,7 +12,7 @@ use contralign::memory_plan::{
     Category, MasterWeights, MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy,
     ReferenceSource, StorageDtype, REGION_ALIGN,
 };
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use std::path::PathBuf;
 
 fn config_path(name: &str) -> String {
@@ -370,7 +370,7 @@ fn resolving_precision_flags() {
         .contains("--master f32 with --precision f32"));
 }
 
-/// A random config of awkward sizes, as `config.json` text values.
+/// A random Mistral or Mixtral config of awkward sizes.
 fn random_config(rng: &mut impl Rng) -> ModelConfig {
     let kv = rng.gen_range(1..4usize);
     let heads = kv * rng.gen_range(1..4usize);
@@ -397,8 +397,7 @@ fn random_config(rng: &mut impl Rng) -> ModelConfig {
 
 #[test]
 fn regions_tile_the_arena_aligned_and_the_parameter_spans_follow_param_specs() {
-    let seed = rand::random::<u64>();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = common::rng("regions_tile_the_arena");
     for _ in 0..50 {
         let cfg = random_config(&mut rng);
         let t = rng.gen_range(1..3000);
@@ -408,7 +407,7 @@ fn regions_tile_the_arena_aligned_and_the_parameter_spans_follow_param_specs() {
             RecomputePolicy::Selective,
         ][rng.gen_range(0..3)];
         let plan = MemoryPlan::new(&cfg, &options(t, policy)).unwrap();
-        let ctx = format!("seed {seed}, T {t}, {policy:?}, {:?}", cfg.raw);
+        let ctx = format!("T {t}, {policy:?}, {:?}", cfg.raw);
         let mut end = 0;
         for r in &plan.regions {
             assert_eq!(
