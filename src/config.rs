@@ -204,8 +204,21 @@ impl ModelConfig {
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
+        Self::load_file(&dir.join("config.json"))
+    }
+
+    /// A model directory's `config.json`, or a config file itself when `path` is no
+    /// directory.
+    pub fn load_dir_or_file(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::load(path)
+        } else {
+            Self::load_file(path)
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let raw: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: malformed JSON", path.display()))?;

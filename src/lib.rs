@@ -9,6 +9,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod generate;
 pub mod loss;
+pub mod memory_plan;
 pub mod model;
 pub mod ops;
 pub mod plot;

@@ -8,10 +8,13 @@ mod eval;
 mod generate;
 mod grads;
 mod loss_args;
+mod plan;
 mod plot;
+mod precision_args;
 mod precompute;
 mod score;
 mod selftest;
+mod size_arg;
 mod train;
 
 use anyhow::Result;
@@ -43,6 +46,7 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     Grads(Box<grads::GradsArgs>),
     PrecomputeRef(precompute::PrecomputeArgs),
+    Plan(Box<plan::PlanArgs>),
     Plot(plot::PlotArgs),
     Generate(Box<generate::GenerateArgs>),
     Selftest(selftest::SelftestArgs),
@@ -56,6 +60,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(*args),
         Command::Grads(args) => grads::run(*args),
         Command::PrecomputeRef(args) => precompute::run(args),
+        Command::Plan(args) => plan::run(*args),
         Command::Plot(args) => plot::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Selftest(args) => return selftest::run(args),

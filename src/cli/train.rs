@@ -1,6 +1,7 @@
 use crate::cli::config_file::args_to_toml;
 use crate::cli::device_args::Backend;
 use crate::cli::loss_args::InputArgs;
+use crate::cli::size_arg::parse_size;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::parse_dtype;
@@ -124,33 +125,6 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 }
 
-/// `5GB`, `500MB`, `1024` (bytes); decimal units as transformers' `max_shard_size`.
-fn parse_size(text: &str) -> Result<usize> {
-    let t = text.trim().to_ascii_uppercase();
-    let (digits, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => t.split_at(i),
-        None => (t.as_str(), ""),
-    };
-    let scale: f64 = match unit {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        _ => bail!("--max-shard-size {text:?}: unknown unit {unit:?} (use B, KB, MB, GB)"),
-    };
-    let n: f64 = digits
-        .trim()
-        .parse()
-        .with_context(|| format!("--max-shard-size {text:?}: expected a size like 5GB"))?;
-    if !(n.is_finite() && n >= 1.0) {
-        bail!("--max-shard-size must be at least 1 byte, found {text:?}");
-    }
-    Ok((n * scale) as usize)
-}
-
 fn parse_betas(text: &str) -> Result<(f64, f64)> {
     let parts: Vec<&str> = text.split(',').map(str::trim).collect();
     if let [b1, b2] = parts[..] {
@@ -251,7 +225,7 @@ impl Progress {
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let opts = args.options()?;
     let save_dtype = args.save_dtype.as_deref().map(parse_dtype).transpose()?;
-    let max_shard_bytes = parse_size(&args.max_shard_size)?;
+    let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let out = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             bail!(
