@@ -25,6 +25,9 @@ use crate::step;
 use anyhow::{Context, Result};
 use store::ParamStore;
 
+/// AdamW's first and second moments, per tensor in checkpoint order.
+pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// The flat buffers of the arena.
 struct Flat {
     weights: View<f32>,
@@ -154,7 +157,7 @@ impl DeviceEngine {
     }
 
     /// AdamW's first and second moments, in checkpoint order.
-    pub fn moments(&self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    pub fn moments(&self) -> Result<Moments> {
         Ok((
             self.store.split(&self.device.download(&self.flat.exp_avg)?),
             self.store
