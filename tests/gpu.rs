@@ -78,9 +78,9 @@ fn kernels_pass_with_every_launch_shape() {
     let rng = &mut StdRng::seed_from_u64(seed);
     for (block, max_grid) in LAUNCH_SHAPES {
         let k = Kernels {
-            device: &device,
             block,
             max_grid,
+            ..Kernels::new(&device)
         };
         let rows = (|| -> anyhow::Result<Vec<Row>> {
             let mut rows = Vec::new();

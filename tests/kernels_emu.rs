@@ -176,9 +176,9 @@ const LAYER_SHAPES: [(u32, u32); 5] = [(256, 4096), (33, 3), (96, 7), (32, 1), (
 
 fn kernels(device: &Device, (block, max_grid): (u32, u32)) -> Kernels<'_> {
     Kernels {
-        device,
         block,
         max_grid,
+        ..Kernels::new(device)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The device-resident training engine (docs/architecture.md §12): the policy's weights, its
 //! gradients and AdamW's moments in one arena on a device, each a flat buffer
-//! ([`store::ParamStore`]); every op's output leased from a pool made once
+//! ([`ParamLayout`], [`store`]); every op's output leased from a pool made once
 //! ([`crate::ops::cuda::pool`]); a step that zeroes the gradients, accumulates its
 //! micro-batches into them, takes the global norm and runs AdamW with the clipping folded in,
 //! one launch each, without any device allocation after the first step.
@@ -14,6 +14,7 @@ pub mod store;
 
 use crate::data::Group;
 use crate::loss::LossSpec;
+use crate::memory_plan::layout::ParamLayout;
 use crate::model::params::Params;
 use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View};
@@ -23,7 +24,6 @@ use crate::ops::cuda::pool::{Pool, Tensor};
 use crate::ops::optimizer::AdamWConfig;
 use crate::step;
 use anyhow::{Context, Result};
-use store::ParamStore;
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
@@ -41,7 +41,7 @@ pub struct DeviceEngine {
     model: Model<Tensor>,
     /// Views of `flat.grads`, in the same layout.
     grads: Params<Tensor>,
-    store: ParamStore,
+    layout: ParamLayout,
     flat: Flat,
     norm: GradNormWorkspace,
     pool: Pool,
@@ -55,30 +55,34 @@ impl DeviceEngine {
     /// The engine on `device` for `policy` (weights uploaded once, moments zero), with a
     /// workspace pool of `workspace_bytes` to begin with.
     pub fn new(device: Device, policy: &Model<Vec<f32>>, workspace_bytes: usize) -> Result<Self> {
-        let store = ParamStore::new(&policy.cfg);
-        let mut arena = Arena::new(&device, 4 * store.total * size_of::<f32>())?;
+        let layout = ParamLayout::new(&policy.cfg);
+        let elements = layout.elements;
+        let mut arena = Arena::new(&device, 4 * elements * size_of::<f32>())?;
         let flat = Flat {
-            weights: arena.carve("weights", store.total)?,
-            grads: arena.carve("gradients", store.total)?,
-            exp_avg: arena.carve("exp_avg", store.total)?,
-            exp_avg_sq: arena.carve("exp_avg_sq", store.total)?,
+            weights: arena.carve("weights", elements)?,
+            grads: arena.carve("grads", elements)?,
+            exp_avg: arena.carve("moments.m", elements)?,
+            exp_avg_sq: arena.carve("moments.v", elements)?,
         };
         let mut weights = flat.weights;
         device
-            .copy_to(&mut weights, &store.flatten(&policy.params.iter()))
+            .copy_to(
+                &mut weights,
+                &store::flatten(&layout, &policy.params.iter()),
+            )
             .context("uploading the policy's weights")?;
         let model = Model {
             cfg: policy.cfg.clone(),
-            params: store.params(&policy.cfg, flat.weights)?,
+            params: store::params(&layout, &policy.cfg, flat.weights)?,
             dtype: policy.dtype,
         };
-        let grads = store.params(&policy.cfg, flat.grads)?;
+        let grads = store::params(&layout, &policy.cfg, flat.grads)?;
         let norm = Kernels::new(&device).grad_norm_workspace(&[flat.grads])?;
         let pool = Pool::new(&device, workspace_bytes)?;
         Ok(DeviceEngine {
             model,
             grads,
-            store,
+            layout,
             flat,
             norm,
             pool,
@@ -153,15 +157,18 @@ impl DeviceEngine {
 
     /// The weights, in checkpoint order.
     pub fn weights(&self) -> Result<Vec<Vec<f32>>> {
-        Ok(self.store.split(&self.device.download(&self.flat.weights)?))
+        Ok(store::split(
+            &self.layout,
+            &self.device.download(&self.flat.weights)?,
+        ))
     }
 
     /// AdamW's first and second moments, in checkpoint order.
     pub fn moments(&self) -> Result<Moments> {
+        let layout = &self.layout;
         Ok((
-            self.store.split(&self.device.download(&self.flat.exp_avg)?),
-            self.store
-                .split(&self.device.download(&self.flat.exp_avg_sq)?),
+            store::split(layout, &self.device.download(&self.flat.exp_avg)?),
+            store::split(layout, &self.device.download(&self.flat.exp_avg_sq)?),
         ))
     }
 
@@ -170,7 +177,9 @@ impl DeviceEngine {
         let (mut m, mut v) = (self.flat.exp_avg, self.flat.exp_avg_sq);
         let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();
         let v_host: Vec<&Vec<f32>> = exp_avg_sq.iter().collect();
-        self.device.copy_to(&mut m, &self.store.flatten(&m_host))?;
-        self.device.copy_to(&mut v, &self.store.flatten(&v_host))
+        self.device
+            .copy_to(&mut m, &store::flatten(&self.layout, &m_host))?;
+        self.device
+            .copy_to(&mut v, &store::flatten(&self.layout, &v_host))
     }
 }

@@ -4,6 +4,7 @@
 
 use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
+use super::pool::Pool;
 use crate::ops::optimizer::AdamWConfig;
 use anyhow::{ensure, Result};
 use half::bf16;
@@ -14,6 +15,9 @@ pub struct Kernels<'a> {
     pub device: &'a Device,
     pub block: u32,
     pub max_grid: u32,
+    /// Where launches that need temporary device memory (partial sums) take it from, so
+    /// that a repeated launch allocates nothing.
+    pub scratch: Pool,
 }
 
 /// Blocks of the partial sums of the gradient norm: enough to fill a GPU, few enough for one
@@ -94,10 +98,16 @@ fn ptr_or_null<T: bytemuck::Pod>(view: Option<View<T>>) -> u64 {
 impl<'a> Kernels<'a> {
     /// The shape every caller but the tests wants: 256 threads, up to 4096 blocks.
     pub fn new(device: &'a Device) -> Self {
+        Kernels::with_scratch(device, Pool::default())
+    }
+
+    /// As [`Kernels::new`], with temporary memory from `scratch`.
+    pub fn with_scratch(device: &'a Device, scratch: Pool) -> Self {
         Kernels {
             device,
             block: 256,
             max_grid: 4096,
+            scratch,
         }
     }
 
@@ -301,7 +311,7 @@ impl<'a> Kernels<'a> {
         );
         same_len("rmsnorm_backward dw", w, dw)?;
         let parts = rows.clamp(1, self.max_grid as usize);
-        let partial = self.device.alloc::<f32>(parts * d)?;
+        let (partial, _lease) = self.scratch.take::<f32>(self.device, parts * d)?;
         let mut args = KernelArgs::new();
         args.arg(h.device_ptr())
             .arg(w.device_ptr())

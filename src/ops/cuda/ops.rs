@@ -46,7 +46,7 @@ impl<'a> DeviceOps<'a> {
     pub fn with_pool(device: &'a Device, pool: Pool) -> Self {
         DeviceOps {
             device,
-            kernels: Kernels::new(device),
+            kernels: Kernels::with_scratch(device, pool.clone()),
             pool,
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),

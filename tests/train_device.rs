@@ -1,0 +1,192 @@
+//! Training on the device engine (`train --device emu`: weights, gradients and moments as
+//! flat buffers on the emulated device, AdamW with the clipping folded in) against the CPU
+//! trainer, its allocations after the first step, and exact resume on the device.
+
+mod common;
+
+use common::{contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
+use contralign::data::Group;
+use contralign::loss::{LossKind, LossSpec};
+use contralign::model::Model;
+use contralign::ops::cpu::CpuOps;
+use contralign::ops::cuda::device::{counters, DeviceKind};
+use contralign::train::optimizer::AdamWConfig;
+use contralign::train::plan::{Length, StepBudget};
+use contralign::train::schedule::ScheduleKind;
+use contralign::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
+use tempfile::TempDir;
+
+fn options(steps: u64, micro_tokens: usize) -> TrainOptions {
+    TrainOptions {
+        spec: LossSpec::new(LossKind::Nca),
+        aux_coef: 0.02,
+        checkpointing: true,
+        budget: StepBudget::Groups(3),
+        micro_tokens,
+        seed: 11,
+        length: Length::Steps(steps),
+        adamw: AdamWConfig {
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        },
+        schedule: ScheduleKind::Linear,
+        lr: 2e-3,
+        warmup: Warmup::Steps(1),
+        max_grad_norm: 0.05,
+        max_bad_steps: 3,
+    }
+}
+
+fn trainer(model: &str, groups: &[Group], opts: TrainOptions) -> Trainer {
+    let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
+    let reference = Reference::Model(Box::new(load(&format!("{model}-ref"))));
+    Trainer::new(opts, load(model), reference, groups.to_vec()).unwrap()
+}
+
+fn run(trainer: &mut Trainer) -> Vec<StepRecord> {
+    let mut out = Vec::new();
+    while !trainer.done() {
+        out.push(trainer.train_step().unwrap());
+    }
+    out
+}
+
+/// The f32 device path runs fp32 kernels with fp32 reductions where the CPU sums in f64
+/// (statistics within ~1e-6 relative, tests/device_ops.rs), and its norm, hence the clipping
+/// factor, in fp32: the losses, norms and each tensor's total update agree to 1e-5 relative
+/// over three steps.
+const REL: f64 = 1e-5;
+
+#[test]
+fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
+    let mut rng = rng("three_steps_on_the_emulated_device_equal_the_cpu_trainer");
+    for model in ["tiny-mistral", "tiny-mixtral"] {
+        let groups = random_groups(&mut rng, 7, 256, 9, 4, 10);
+        // Micro-batches of about one group: every step accumulates.
+        let opts = options(3, 40);
+        let mut cpu = trainer(model, &groups, opts.clone());
+        let mut emu = trainer(model, &groups, opts);
+        emu.use_device(DeviceKind::Emu).unwrap();
+        let (want, got) = (run(&mut cpu), run(&mut emu));
+        assert!(
+            want.iter().any(|r| r.grad_norm > 0.05),
+            "{model}: no step was clipped"
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!(w.skipped.is_none() && g.skipped.is_none());
+            common::assert_close(&format!("{model} loss"), g.loss, w.loss, REL);
+            common::assert_close(&format!("{model} grad_norm"), g.grad_norm, w.grad_norm, REL);
+        }
+        emu.sync_to_host().unwrap();
+        assert_eq!(emu.optimizer.step, cpu.optimizer.step);
+        let start = Model::load(&CpuOps, &fixture(model)).unwrap();
+        let names = contralign::model::params::param_specs(&start.cfg);
+        let tensors = emu.policy.params.iter();
+        let moments = emu.optimizer.exp_avg.iter().zip(&cpu.optimizer.exp_avg);
+        for (((g, w), w0), (name, _)) in tensors
+            .iter()
+            .zip(cpu.policy.params.iter())
+            .zip(start.params.iter())
+            .zip(&names)
+        {
+            let update = |p: &Vec<f32>| -> Vec<f64> {
+                p.iter()
+                    .zip(w0.iter())
+                    .map(|(a, b)| *a as f64 - *b as f64)
+                    .collect()
+            };
+            let err = common::rel_err(&update(g), &update(w));
+            assert!(
+                err <= REL,
+                "{model}: update of {name}: relative error {err:.2e}"
+            );
+        }
+        for (g, w) in moments {
+            let want: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+            assert!(common::rel_err(g, &want) <= REL);
+        }
+    }
+}
+
+#[test]
+fn steps_after_the_first_allocate_nothing_on_the_device() {
+    let mut rng = rng("steps_after_the_first_allocate_nothing_on_the_device");
+    // Groups of one shape, so that every step packs the same sizes.
+    let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
+    let groups = vec![one; 9];
+    for model in ["tiny-mistral", "tiny-mixtral"] {
+        let mut emu = trainer(model, &groups, options(4, 10_000));
+        emu.use_device(DeviceKind::Emu).unwrap();
+        emu.train_step().unwrap();
+        let after_first = counters();
+        let records: Vec<StepRecord> = (0..3).map(|_| emu.train_step().unwrap()).collect();
+        let now = counters();
+        assert_eq!(
+            now.allocations,
+            after_first.allocations,
+            "{model}: steps 2 to 4 allocated {} bytes",
+            now.allocated_bytes - after_first.allocated_bytes
+        );
+        assert!(records.iter().all(|r| r.loss.is_finite()));
+    }
+}
+
+#[test]
+fn resume_on_the_emulated_device_is_exact() {
+    let tmp = TempDir::new().unwrap();
+    let train = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args: Vec<String> = [
+            "train",
+            "--loss",
+            "nca",
+            "--device",
+            "emu",
+            "--groups-per-step",
+            "2",
+            "--lr",
+            "1e-3",
+            "--max-grad-norm",
+            "0.5",
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (flag, value) in [
+            ("--model", fx("tiny-mixtral")),
+            ("--ref-model", fx("tiny-mixtral-ref")),
+            ("--data", fx("tiny-mixtral.reward.jsonl")),
+            ("--out", out.to_string_lossy().into_owned()),
+        ] {
+            args.extend([flag.to_string(), value]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        out
+    };
+    let straight = train("straight", &[]);
+    let resumed = train("resumed", &[]);
+    // A run that died after checkpoint-2: resumed, it redoes steps 3 and 4 identically.
+    std::fs::remove_dir_all(resumed.join("final")).unwrap();
+    std::fs::remove_dir_all(resumed.join("checkpoint-4")).ok();
+    contralign_ok(&["train", "--resume", &resumed.to_string_lossy()]);
+    assert_eq!(
+        metrics_without_timing(&resumed),
+        metrics_without_timing(&straight)
+    );
+    let weights = |dir: &std::path::Path| std::fs::read(dir.join("final/model.safetensors"));
+    assert!(weights(&resumed).unwrap() == weights(&straight).unwrap());
+    // The device run trains as the CPU run does.
+    let cpu = train("cpu", &["--device", "cpu"]);
+    let (d, c) = (
+        metrics_without_timing(&straight),
+        metrics_without_timing(&cpu),
+    );
+    for (g, w) in d.iter().zip(&c) {
+        let (g, w) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+        common::assert_close("loss", g, w, REL);
+    }
+}
