@@ -44,7 +44,7 @@ pub struct PlanArgs {
 }
 
 /// `--memory`: a bare number is in GB.
-fn parse_memory(text: &str) -> Result<u64> {
+pub fn parse_memory(text: &str) -> Result<u64> {
     if text.trim().parse::<f64>().is_ok() {
         parse_size("--memory", &format!("{}GB", text.trim()))
     } else {

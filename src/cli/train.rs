@@ -1,12 +1,17 @@
 use crate::cli::config_file::args_to_toml;
 use crate::cli::device_args::Backend;
 use crate::cli::loss_args::InputArgs;
+use crate::cli::plan::parse_memory;
 use crate::cli::size_arg::parse_size;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::parse_dtype;
+use contralign::config::ModelConfig;
+use contralign::engine::DeviceEngine;
+use contralign::memory_plan::human_bytes;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
+use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::step::check_reference;
 use contralign::train::optimizer::AdamWConfig;
 use contralign::train::plan::{Length, StepBudget};
@@ -111,6 +116,12 @@ pub struct TrainArgs {
     /// the CPU — use --ref-logps.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Backend,
+    /// The device memory the run may plan for (80GB, 79.5GiB; a bare number is GB). Default:
+    /// the GPU's memory on cuda, no limit on emu. The run's memory plan (`contralign plan`,
+    /// here with every stored tensor f32, the engine's only precision yet) must fit, or the
+    /// run stops before loading any weight, naming the flag to change.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
     /// Stop (after saving a checkpoint) when this many steps in a row have a non-finite
     /// loss or gradient; such steps are skipped and logged.
     #[arg(long, value_name = "N", default_value_t = 5)]
@@ -123,6 +134,36 @@ pub struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR")]
     #[serde(skip)]
     resume: Option<PathBuf>,
+}
+
+/// The device of `--device`, once the run's memory plan is known to fit in it (`--memory`,
+/// else the GPU's memory): checked from the model's config.json alone, before any weight is
+/// read.
+fn open_planned_device(kind: DeviceKind, args: &TrainArgs, opts: &TrainOptions) -> Result<Device> {
+    let device = Device::open(kind)?;
+    eprintln!("device: {}", device.describe());
+    let cfg = ModelConfig::load(&args.inputs.model)?;
+    let plan = DeviceEngine::plan(
+        &cfg,
+        opts.micro_tokens,
+        opts.checkpointing,
+        opts.spec.kind.needs_reference(),
+    )?;
+    let memory = match &args.memory {
+        Some(text) => Some(parse_memory(text)?),
+        None => device.total_memory()?,
+    };
+    if let Some(memory) = memory {
+        plan.fits(memory).context(
+            "the run does not fit on the device (the engine stores every tensor in f32 for now)",
+        )?;
+        eprintln!(
+            "memory plan: {} of {}",
+            human_bytes(plan.total()),
+            human_bytes(memory)
+        );
+    }
+    Ok(device)
 }
 
 fn parse_betas(text: &str) -> Result<(f64, f64)> {
@@ -248,6 +289,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             spec.kind.name()
         );
     }
+    let device = match args.device.device_kind() {
+        Some(kind) => Some(open_planned_device(kind, &args, &opts)?),
+        None => None,
+    };
     let run = RunDir::create(&out)?;
     if args.resume.is_none() && (run.metrics_path().exists() || run.latest_checkpoint()?.is_some())
     {
@@ -297,8 +342,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     if let Some((state, moments)) = restored {
         trainer.restore(&state, moments)?;
     }
-    if let Some(kind) = args.device.device_kind() {
-        eprintln!("device: {}", trainer.use_device(kind)?);
+    if let Some(device) = device {
+        trainer.use_device(device)?;
     }
     if let Some(step) = resumed.then_some(trainer.step) {
         run.truncate_metrics(step)?;

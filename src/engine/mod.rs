@@ -12,9 +12,13 @@
 
 pub mod store;
 
+use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
+use crate::memory_plan::{
+    Category, MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy, ReferenceSource,
+};
 use crate::model::params::Params;
 use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View};
@@ -23,7 +27,7 @@ use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor};
 use crate::ops::optimizer::AdamWConfig;
 use crate::step;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
@@ -52,18 +56,70 @@ pub struct DeviceEngine {
 }
 
 impl DeviceEngine {
-    /// The engine on `device` for `policy` (weights uploaded once, moments zero), with a
-    /// workspace pool of `workspace_bytes` to begin with.
-    pub fn new(device: Device, policy: &Model<Vec<f32>>, workspace_bytes: usize) -> Result<Self> {
+    /// The plan the engine allocates: everything f32 (the only precision it has yet), the
+    /// reference's statistics cached or computed off the device.
+    pub fn plan(
+        cfg: &ModelConfig,
+        micro_tokens: usize,
+        checkpointing: bool,
+        reference: bool,
+    ) -> Result<MemoryPlan> {
+        MemoryPlan::new(
+            cfg,
+            &PlanOptions {
+                micro_tokens,
+                precision: PrecisionOptions::all_f32(),
+                recompute: if checkpointing {
+                    RecomputePolicy::Full
+                } else {
+                    RecomputePolicy::None
+                },
+                reference: if reference {
+                    ReferenceSource::Cached
+                } else {
+                    ReferenceSource::None
+                },
+                logits_chunk_rows: None,
+            },
+        )
+    }
+
+    /// The engine on `device` for `policy` (weights uploaded once, moments zero), allocated
+    /// as `plan` ([`DeviceEngine::plan`]) says: the parameter stores as its regions of the
+    /// same names, the step's activations and workspace as a pool of the size of theirs.
+    pub fn new(device: Device, policy: &Model<Vec<f32>>, plan: &MemoryPlan) -> Result<Self> {
         let layout = ParamLayout::new(&policy.cfg);
-        let elements = layout.elements;
-        let mut arena = Arena::new(&device, 4 * elements * size_of::<f32>())?;
-        let flat = Flat {
-            weights: arena.carve("weights", elements)?,
-            grads: arena.carve("grads", elements)?,
-            exp_avg: arena.carve("moments.m", elements)?,
-            exp_avg_sq: arena.carve("moments.v", elements)?,
+        let store = |name: &str| -> Result<u64> {
+            let region = plan
+                .region(name)
+                .with_context(|| format!("the memory plan has no region {name}"))?;
+            ensure!(
+                region.bytes == (layout.elements * size_of::<f32>()) as u64,
+                "the plan's {name} holds {} bytes, the f32 store needs {}",
+                region.bytes,
+                layout.elements * size_of::<f32>()
+            );
+            Ok(region.bytes)
         };
+        let names = ["weights", "grads", "moments.m", "moments.v"];
+        let arena_bytes = names.iter().map(|n| store(n)).sum::<Result<u64>>()?;
+        let mut arena = Arena::new(&device, arena_bytes as usize)?;
+        let elements = layout.elements;
+        let flat = Flat {
+            weights: arena.carve(names[0], elements)?,
+            grads: arena.carve(names[1], elements)?,
+            exp_avg: arena.carve(names[2], elements)?,
+            exp_avg_sq: arena.carve(names[3], elements)?,
+        };
+        let workspace_bytes: u64 = [
+            Category::KeptActivations,
+            Category::RecomputeWorkspace,
+            Category::LogitsChunk,
+            Category::BatchData,
+        ]
+        .iter()
+        .map(|&c| plan.category_bytes(c))
+        .sum();
         let mut weights = flat.weights;
         device
             .copy_to(
@@ -78,7 +134,7 @@ impl DeviceEngine {
         };
         let grads = store::params(&layout, &policy.cfg, flat.grads)?;
         let norm = Kernels::new(&device).grad_norm_workspace(&[flat.grads])?;
-        let pool = Pool::new(&device, workspace_bytes)?;
+        let pool = Pool::new(&device, workspace_bytes as usize)?;
         Ok(DeviceEngine {
             model,
             grads,

@@ -9,9 +9,10 @@ use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
 use crate::engine::DeviceEngine;
 use crate::loss::LossSpec;
+use crate::memory_plan::MemoryPlan;
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::CpuOps;
-use crate::ops::cuda::device::{Device, DeviceKind};
+use crate::ops::cuda::device::Device;
 use crate::step;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -281,16 +282,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// Moves the training onto `kind`'s device: the weights and moments as they are now
-    /// (fresh, or restored), in the device engine from here on.
-    /// Returns the device's description.
-    pub fn use_device(&mut self, kind: DeviceKind) -> Result<String> {
-        let device = Device::open(kind)?;
-        let mut engine = DeviceEngine::new(device, &self.policy, 0)?;
+    /// The memory plan of this run on a device ([`DeviceEngine::plan`]).
+    pub fn device_plan(&self) -> Result<MemoryPlan> {
+        DeviceEngine::plan(
+            &self.policy.cfg,
+            self.opts.micro_tokens,
+            self.opts.checkpointing,
+            self.opts.spec.kind.needs_reference(),
+        )
+    }
+
+    /// Moves the training onto `device`: the weights and moments as they are now (fresh, or
+    /// restored), in the device engine from here on, allocated as [`Trainer::device_plan`].
+    pub fn use_device(&mut self, device: Device) -> Result<()> {
+        let mut engine = DeviceEngine::new(device, &self.policy, &self.device_plan()?)?;
         engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
-        let described = engine.device().describe();
         self.engine = Some(engine);
-        Ok(described)
+        Ok(())
     }
 
     /// Brings the device's weights and moments into `policy` and `optimizer` (before a

@@ -361,6 +361,15 @@ impl Device {
         }
     }
 
+    /// The device's memory in bytes; `None` for the emulator, whose memory is the host's.
+    pub fn total_memory(&self) -> Result<Option<u64>> {
+        match self {
+            Device::Emu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.total_memory().map(Some),
+        }
+    }
+
     /// A one-line description: "emulator" or the GPU's name.
     pub fn describe(&self) -> String {
         match self {

@@ -200,6 +200,13 @@ impl Gpu {
         })
     }
 
+    /// The device's total memory in bytes.
+    pub fn total_memory(&self) -> Result<u64> {
+        self.context.bind()?;
+        let (_, total) = result::mem_get_info().map_err(driver_error)?;
+        Ok(total as u64)
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} (sm_{}{})",
