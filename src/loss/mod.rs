@@ -3,7 +3,7 @@
 //! device kernel can mirror it line for line.
 
 pub mod metrics;
-mod numeric;
+pub mod numeric;
 
 use anyhow::{bail, Result};
 use numeric::{log_sigmoid, log_sum_exp, max_and_log_sum_exp, sigmoid, soft_labels};
@@ -200,13 +200,18 @@ pub fn best(rewards: &[f64]) -> usize {
     b
 }
 
-fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
-    let Some(s_ref) = g.s_ref else {
-        bail!(
+fn reference<'a>(spec: &LossSpec, s_ref: Option<&'a [f64]>) -> Result<&'a [f64]> {
+    match s_ref {
+        Some(s_ref) => Ok(s_ref),
+        None => bail!(
             "loss {} needs reference log-probs (S^ref) and none were given",
             spec.kind.name()
-        );
-    };
+        ),
+    }
+}
+
+fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
+    let s_ref = reference(spec, g.s_ref)?;
     Ok(g.s
         .iter()
         .zip(s_ref)
@@ -221,6 +226,22 @@ fn require_pair(spec: &LossSpec, k: usize) -> Result<()> {
              groups into pairs with --pairs best_vs_random|best_vs_each|all_pairs",
             spec.kind.name()
         );
+    }
+    Ok(())
+}
+
+/// The errors [`batch_loss`] reports for a group of `k` responses, before computing
+/// anything: too few responses, a pairwise loss on more than a pair, no reference statistics
+/// for a loss that needs them.
+pub fn check_group(spec: &LossSpec, k: usize, has_reference: bool) -> Result<()> {
+    if k < 2 {
+        bail!("the loss needs a group of at least 2 responses, found {k}");
+    }
+    if spec.kind.is_pairwise() {
+        require_pair(spec, k)?;
+    }
+    if spec.kind.needs_reference() {
+        reference(spec, has_reference.then_some(&[][..]))?;
     }
     Ok(())
 }
@@ -434,13 +455,8 @@ pub fn batch_loss(spec: &LossSpec, b: &BatchInput) -> Result<BatchOutput> {
     };
     for g in 0..groups {
         let r = b.offsets[g]..b.offsets[g + 1];
-        if r.len() < 2 {
-            bail!(
-                "{}: the loss needs a group of at least 2 responses, found {}",
-                b.sources[g],
-                r.len()
-            );
-        }
+        check_group(spec, r.len(), b.s_ref.is_some())
+            .map_err(|e| e.context(b.sources[g].clone()))?;
         let input = GroupInput {
             s: &b.s[r.clone()],
             a: &b.a[r.clone()],
