@@ -286,41 +286,64 @@ fn eos_regularizer(lambda: f64, e: &[Option<f64>], out: &mut GroupOutput) {
     }
 }
 
-/// REFA (losses.md §3): the preference term and the EOS regularizer.
-fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
+/// REFA's preference term of one group (losses.md §3): which responses are positive, their
+/// scores `beta (x_i + alpha D_i)`, the scores with the negatives' shifted by `ln(gamma)`, and
+/// the log-sum-exps over the positives' scores and over all shifted scores.
+pub struct RefaTerms {
+    pub positive: Vec<bool>,
+    pub score: Vec<f64>,
+    pub shifted: Vec<f64>,
+    pub lse_pos: f64,
+    pub lse_all: f64,
+}
+
+/// [`RefaTerms`] of a group; `None` when it has no positive: with every reward equal,
+/// REFA-dynamic has none and only R_eos remains (one-vs-all always has its one positive).
+pub fn refa_terms(spec: &LossSpec, g: &GroupInput) -> Option<RefaTerms> {
     let k = g.s.len();
     let r = g.rewards;
-    let mut out = GroupOutput::zeros(0.0, k);
     let mean = r.iter().sum::<f64>() / k as f64;
     let b = best(r);
     let positive: Vec<bool> = (0..k)
         .map(|i| if spec.one_vs_all { i == b } else { r[i] > mean })
         .collect();
-    // With every reward equal, REFA-dynamic has no positive and only R_eos remains;
-    // one-vs-all always has its one positive.
-    if positive.contains(&true) {
-        let x = if spec.normalize { g.a } else { g.s };
-        let score: Vec<f64> = (0..k)
-            .map(|i| spec.beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
-            .collect();
-        // Negatives enter the denominator with weight gamma: shift their scores by ln(gamma).
-        let shifted: Vec<f64> = (0..k)
-            .map(|i| {
-                if positive[i] {
-                    score[i]
-                } else {
-                    score[i] + spec.gamma.ln()
-                }
-            })
-            .collect();
-        let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
-        let lse_pos = log_sum_exp(&pos);
-        let lse_all = log_sum_exp(&shifted);
-        out.loss = lse_all - lse_pos;
-        for i in 0..k {
-            let mut d = (shifted[i] - lse_all).exp();
+    if !positive.contains(&true) {
+        return None;
+    }
+    let x = if spec.normalize { g.a } else { g.s };
+    let score: Vec<f64> = (0..k)
+        .map(|i| spec.beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
+        .collect();
+    // Negatives enter the denominator with weight gamma: shift their scores by ln(gamma).
+    let shifted: Vec<f64> = (0..k)
+        .map(|i| {
             if positive[i] {
-                d -= (score[i] - lse_pos).exp();
+                score[i]
+            } else {
+                score[i] + spec.gamma.ln()
+            }
+        })
+        .collect();
+    let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
+    Some(RefaTerms {
+        lse_pos: log_sum_exp(&pos),
+        lse_all: log_sum_exp(&shifted),
+        positive,
+        score,
+        shifted,
+    })
+}
+
+/// REFA (losses.md §3): the preference term and the EOS regularizer.
+fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
+    let k = g.s.len();
+    let mut out = GroupOutput::zeros(0.0, k);
+    if let Some(t) = refa_terms(spec, g) {
+        out.loss = t.lse_all - t.lse_pos;
+        for i in 0..k {
+            let mut d = (t.shifted[i] - t.lse_all).exp();
+            if t.positive[i] {
+                d -= (t.score[i] - t.lse_pos).exp();
             }
             let dx = spec.beta * d;
             if spec.normalize {

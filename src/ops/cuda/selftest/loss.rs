@@ -20,7 +20,7 @@
 use super::{compare, Row};
 use crate::loss::metrics::batch_metrics;
 use crate::loss::numeric::{log_sum_exp, sigmoid, soft_labels};
-use crate::loss::{batch_loss, best, BatchInput, GroupInput, LossKind, LossSpec};
+use crate::loss::{batch_loss, best, refa_terms, BatchInput, GroupInput, LossKind, LossSpec};
 use crate::model::ResponseStats;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::loss::host_batch_loss;
@@ -195,31 +195,16 @@ pub fn group_scales(spec: &LossSpec, g: &GroupInput, loss: f64) -> Scales {
             out.loss += out.d_e.iter().sum::<f64>();
         }
         LossKind::Refa => {
-            let r = g.rewards;
-            let mean = r.iter().sum::<f64>() / k as f64;
-            let b = best(r);
-            let positive: Vec<bool> = (0..k)
-                .map(|i| if spec.one_vs_all { i == b } else { r[i] > mean })
-                .collect();
-            if positive.contains(&true) {
-                let x = if spec.normalize { g.a } else { g.s };
-                let score: Vec<f64> = (0..k)
-                    .map(|i| beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
-                    .collect();
-                let shifted: Vec<f64> = (0..k)
-                    .map(|i| score[i] + if positive[i] { 0.0 } else { spec.gamma.ln() })
-                    .collect();
-                let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
-                let (lse_pos, lse_all) = (log_sum_exp(&pos), log_sum_exp(&shifted));
-                out.loss = lse_all.abs() + lse_pos.abs();
+            if let Some(t) = refa_terms(spec, g) {
+                out.loss = t.lse_all.abs() + t.lse_pos.abs();
                 let d: Vec<f64> = (0..k)
                     .map(|i| {
-                        let own = if positive[i] {
-                            (score[i] - lse_pos).exp()
+                        let own = if t.positive[i] {
+                            (t.score[i] - t.lse_pos).exp()
                         } else {
                             0.0
                         };
-                        beta * ((shifted[i] - lse_all).exp() + own)
+                        beta * ((t.shifted[i] - t.lse_all).exp() + own)
                     })
                     .collect();
                 if spec.normalize {
