@@ -1,20 +1,25 @@
 // The loss library of src/loss/ on the device: each group's loss (losses.md) with its
 // gradient with respect to every response's S, A and E, and the metrics the CLI logs, from
-// per-response statistics that are already on the device. Two launches:
+// the per-response statistics the scoring leaves on the device. Two launches:
 //
-//   loss_groups_f64  one thread per group: the group's loss, dL/dS, dL/dA, dL/dE (overwritten,
-//                    already scaled by 1/groups for the batch mean, as `batch_loss` returns
-//                    them) and the group's metric values;
-//   loss_finish_f64  one block: the batch loss and every metric, each a sum by one thread over
-//                    the groups (or responses) in order.
+//   loss_groups_f64  one thread per group. Reads stats [responses][3] = (S, A, E) and spans
+//                    [responses][3] = (start, len, has_eos) (the tables of cuda/scoring.cu;
+//                    E is read only where has_eos), S_ref (every `ref_stride`-th value: 1 for
+//                    a column, 3 for a reference model's stats table; null when the loss needs
+//                    none), rewards and offsets. OVERWRITES per_group[g], grads [responses][3]
+//                    = (dL/dS, dL/dA, dL/dE), already times 1/groups for the batch mean as
+//                    `batch_loss` returns them (what scoring_row_coef reads), and the group's
+//                    metric values (rank_reward, group_metrics); `scratch` holds 2 doubles per
+//                    response;
+//   loss_finish_f64  one block. OVERWRITES summary: the batch loss and every metric, each a sum
+//                    by one thread over the groups (or responses) in order.
 //
 // Everything is f64, formula for formula and in the order of the CPU library
 // (src/loss/mod.rs, numeric.rs, metrics.rs): the stable log-sigmoid and log-sum-exp, the
 // softmax-minus-labels gradient written without cancellation, the sums left to right. The
 // work is a few dozen operations per response, so f64 costs nothing measurable even where
-// FP64 throughput is low, and fp32 would lose the margins: S of -500 holds only 3e-5 in fp32,
-// more than a typical S - S_ref. No atomics: the results are the same bit for bit from run to
-// run.
+// FP64 throughput is low, while fp32 cannot hold the gradients of margins in the hundreds
+// (σ(-300) ≈ 5e-131). No atomics: the results are the same bit for bit from run to run.
 #include "contralign.cuh"
 
 // Matches `LossParams` in src/ops/cuda/loss.rs field for field.
@@ -55,6 +60,29 @@ enum GroupMetric {
 };
 
 namespace {
+
+// One group's responses in the scoring's tables, three values per response.
+struct Group {
+    const double* stats;
+    const int* spans;
+    const double* s_ref;  // null when the loss reads none
+    int ref_stride;
+    const double* r;
+    int k;
+    __device__ double s(int i) const { return stats[3 * i]; }
+    __device__ double a(int i) const { return stats[3 * i + 1]; }
+    __device__ double e(int i) const { return stats[3 * i + 2]; }
+    __device__ bool has_eos(int i) const { return spans[3 * i + 2] != 0; }
+    __device__ double ref(int i) const { return s_ref[ref_stride * i]; }
+};
+
+// The group's gradients, (dL/dS, dL/dA, dL/dE) per response.
+struct Grads {
+    double* g;
+    __device__ double& s(int i) const { return g[3 * i]; }
+    __device__ double& a(int i) const { return g[3 * i + 1]; }
+    __device__ double& e(int i) const { return g[3 * i + 2]; }
+};
 
 // Rust's f64::total_cmp as an integer key: -0 below +0, NaN above everything.
 __device__ __forceinline__ long long total_key(double x) {
@@ -123,10 +151,10 @@ __device__ void soft_labels(const double* r, int k, double alpha, double* q) {
 }
 
 // `-Σ q_i log softmax(x)_i`; its gradient softmax_i Σ_{j≠i} q_j - q_i Σ_{j≠i} softmax_j
-// times `scale` into grad. `softmax` is scratch of k values.
-template <class X>
+// times `scale` into grad(i). `softmax` is scratch of k values.
+template <class X, class Grad>
 __device__ double soft_cross_entropy(int k, X x, const double* q, double* softmax, double scale,
-                                     double* grad) {
+                                     Grad grad) {
     const MaxLse m = max_and_log_sum_exp(k, x, [](int) { return true; });
     const double lse = m.max + m.shifted;
     double loss = 0.0;
@@ -141,42 +169,41 @@ __device__ double soft_cross_entropy(int k, X x, const double* q, double* softma
             q_others += q[j];
             softmax_others += softmax[j];
         }
-        grad[i] = scale * (softmax[i] * q_others - q[i] * softmax_others);
+        grad(i) = scale * (softmax[i] * q_others - q[i] * softmax_others);
     }
     return loss;
 }
 
 // NCA with soft labels q: `-Σ q_i log σ(ρ_i) - (1/K) Σ log σ(-ρ_i)`.
 template <class Rho>
-__device__ double nca(int k, Rho rho, const double* q, double beta, double* d_s) {
+__device__ double nca(int k, Rho rho, const double* q, double beta, const Grads& d) {
     const double kf = k;
     double loss = 0.0;
     for (int i = 0; i < k; ++i) {
         const double r = rho(i);
         loss -= q[i] * log_sigmoid(r) + log_sigmoid(-r) / kf;
-        d_s[i] = beta * (-q[i] * sigmoid(-r) + sigmoid(r) / kf);
+        d.s(i) = beta * (-q[i] * sigmoid(-r) + sigmoid(r) / kf);
     }
     return loss;
 }
 
 // `loss + R_eos`, R_eos = λ Σ exp(E_i) over the responses that end with EOS (added to the
 // loss term by term, as the CPU does), and dR/dE_i.
-__device__ double eos_regularizer(double loss, int k, double lambda, const double* e,
-                                  const unsigned char* has_eos, double* d_e) {
-    for (int i = 0; i < k; ++i) {
-        if (!has_eos[i]) continue;
-        const double p = exp(e[i]);
+__device__ double eos_regularizer(double loss, const Group& g, double lambda, const Grads& d) {
+    for (int i = 0; i < g.k; ++i) {
+        if (!g.has_eos(i)) continue;
+        const double p = exp(g.e(i));
         loss += lambda * p;
-        d_e[i] += lambda * p;
+        d.e(i) += lambda * p;
     }
     return loss;
 }
 
 // REFA-dynamic or -1-vs-all with the EOS regularizer. With every reward equal REFA-dynamic
 // has no positive and only R_eos remains.
-__device__ double refa(const LossParams& p, int k, const double* s, const double* a,
-                       const double* e, const unsigned char* has_eos, const double* r,
-                       double* d_s, double* d_a, double* d_e) {
+__device__ double refa(const LossParams& p, const Group& g, const Grads& d) {
+    const int k = g.k;
+    const double* r = g.r;
     double sum = 0.0;
     for (int i = 0; i < k; ++i) sum += r[i];
     const double mean = sum / k;
@@ -186,11 +213,10 @@ __device__ double refa(const LossParams& p, int k, const double* s, const double
     for (int i = 0; i < k; ++i) any |= positive(i);
     double loss = 0.0;
     if (any) {
-        const double* x = p.normalize ? a : s;
-        double* d_x = p.normalize ? d_a : d_s;
         auto score = [&](int i) {
             const double dev = r[i] - mean;
-            return p.beta * (x[i] + p.alpha * (p.p == 1 ? dev : dev * dev));
+            const double x = p.normalize ? g.a(i) : g.s(i);
+            return p.beta * (x + p.alpha * (p.p == 1 ? dev : dev * dev));
         };
         // Negatives enter the denominator with weight gamma: their scores shift by ln(gamma).
         auto shifted = [&](int i) { return positive(i) ? score(i) : score(i) + p.ln_gamma; };
@@ -200,58 +226,60 @@ __device__ double refa(const LossParams& p, int k, const double* s, const double
         const double lse_all = all.max + all.shifted;
         loss = lse_all - lse_pos;
         for (int i = 0; i < k; ++i) {
-            double d = exp(shifted(i) - lse_all);
-            if (positive(i)) d -= exp(score(i) - lse_pos);
-            d_x[i] = p.beta * d;
+            double di = exp(shifted(i) - lse_all);
+            if (positive(i)) di -= exp(score(i) - lse_pos);
+            (p.normalize ? d.a(i) : d.s(i)) = p.beta * di;
         }
     }
-    return eos_regularizer(loss, k, p.lambda, e, has_eos, d_e);
+    return eos_regularizer(loss, g, p.lambda, d);
 }
 
-// The group's loss without the sft anchor, its gradients into d_s, d_a, d_e (zeros on entry).
-__device__ double base_loss(const LossParams& p, int k, const double* s, const double* a,
-                            const double* e, const unsigned char* has_eos, const double* s_ref,
-                            const double* r, double* q, double* softmax, double* d_s,
-                            double* d_a, double* d_e) {
-    auto rho = [&](int i) { return p.beta * (s[i] - s_ref[i]); };
+// The group's loss without the sft anchor, its gradients into d (zeros on entry). `q` and
+// `softmax` are scratch of k values.
+__device__ double base_loss(const LossParams& p, const Group& g, double* q, double* softmax,
+                            const Grads& d) {
+    const int k = g.k;
+    auto rho = [&](int i) { return p.beta * (g.s(i) - g.ref(i)); };
     switch (p.kind) {
         case INFONCA:
-            soft_labels(r, k, p.alpha, q);
-            return soft_cross_entropy(k, rho, q, softmax, p.beta, d_s);
+            soft_labels(g.r, k, p.alpha, q);
+            return soft_cross_entropy(k, rho, q, softmax, p.beta,
+                                      [&](int i) -> double& { return d.s(i); });
         case NCA:
-            soft_labels(r, k, p.alpha, q);
-            return nca(k, rho, q, p.beta, d_s);
+            soft_labels(g.r, k, p.alpha, q);
+            return nca(k, rho, q, p.beta, d);
         case NCA_PAIR:
             q[0] = 1.0;
             q[1] = 0.0;
-            return nca(k, rho, q, p.beta, d_s);
+            return nca(k, rho, q, p.beta, d);
         case DPO: {
             const double eps = p.label_smoothing;
             const double z = rho(0) - rho(1);
             const double dz = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
-            d_s[0] = p.beta * dz;
-            d_s[1] = -p.beta * dz;
+            d.s(0) = p.beta * dz;
+            d.s(1) = -p.beta * dz;
             return -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z);
         }
         case SIMPO: {
-            const double z = p.beta * (a[0] - a[1]) - p.gamma;
+            const double z = p.beta * (g.a(0) - g.a(1)) - p.gamma;
             const double dz = -sigmoid(-z);
-            d_a[0] = p.beta * dz;
-            d_a[1] = -p.beta * dz;
+            d.a(0) = p.beta * dz;
+            d.a(1) = -p.beta * dz;
             return -log_sigmoid(z);
         }
         case REFA:
-            return refa(p, k, s, a, e, has_eos, r, d_s, d_a, d_e);
+            return refa(p, g, d);
         case INFONCA_FREE: {
-            soft_labels(r, k, p.alpha, q);
-            auto x = [&](int i) { return p.beta * a[i]; };
-            const double loss = soft_cross_entropy(k, x, q, softmax, p.beta, d_a);
-            return eos_regularizer(loss, k, p.lambda, e, has_eos, d_e);
+            soft_labels(g.r, k, p.alpha, q);
+            auto x = [&](int i) { return p.beta * g.a(i); };
+            const double loss = soft_cross_entropy(k, x, q, softmax, p.beta,
+                                                   [&](int i) -> double& { return d.a(i); });
+            return eos_regularizer(loss, g, p.lambda, d);
         }
         default: {  // SFT
-            const int b = extreme(r, k, false);
-            d_a[b] = -1.0;
-            return -a[b];
+            const int b = extreme(g.r, k, false);
+            d.a(b) = -1.0;
+            return -g.a(b);
         }
     }
 }
@@ -259,73 +287,64 @@ __device__ double base_loss(const LossParams& p, int k, const double* s, const d
 }  // namespace
 
 // Group g holds responses offsets[g] .. offsets[g + 1] (at least 2; the pairwise losses
-// exactly 2). `e` is read only where has_eos; `s_ref` only by the losses that need it (it
-// may be null otherwise). `scratch` holds 2 doubles per response. Writes per_group[g], the
-// responses' d_s, d_a, d_e (times 1 / groups), rank_reward (each group's implicit rewards
-// sorted by decreasing reward, ties in index order) and group_metrics[m * groups + g].
-extern "C" __global__ void loss_groups_f64(const double* __restrict__ s,
-                                           const double* __restrict__ a,
-                                           const double* __restrict__ e,
-                                           const unsigned char* __restrict__ has_eos,
-                                           const double* __restrict__ s_ref,
+// exactly 2). rank_reward gets each group's implicit rewards sorted by decreasing reward (ties
+// in index order), group_metrics[m * groups + g] its GroupMetric values.
+extern "C" __global__ void loss_groups_f64(const double* __restrict__ stats,
+                                           const int* __restrict__ spans,
+                                           const double* __restrict__ s_ref, int ref_stride,
                                            const double* __restrict__ rewards,
                                            const int* __restrict__ offsets, int groups,
                                            int responses, LossParams p,
                                            double* __restrict__ scratch,
                                            double* __restrict__ per_group,
-                                           double* __restrict__ d_s, double* __restrict__ d_a,
-                                           double* __restrict__ d_e,
+                                           double* __restrict__ grads,
                                            double* __restrict__ rank_reward,
                                            double* __restrict__ group_metrics) {
-    const int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= groups) return;
-    const int first = offsets[g];
-    const int k = offsets[g + 1] - first;
-    const double* r = rewards + first;
-    double* ds = d_s + first;
-    double* da = d_a + first;
-    double* de = d_e + first;
-    for (int i = 0; i < k; ++i) ds[i] = da[i] = de[i] = 0.0;
-    const double* sr = s_ref != nullptr ? s_ref + first : nullptr;
-    double loss = base_loss(p, k, s + first, a + first, e + first, has_eos + first, sr, r,
-                            scratch + first, scratch + responses + first, ds, da, de);
+    const int gi = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gi >= groups) return;
+    const int first = offsets[gi];
+    const Group g{stats + 3 * first,
+                  spans + 3 * first,
+                  s_ref != nullptr ? s_ref + ref_stride * first : nullptr,
+                  ref_stride,
+                  rewards + first,
+                  offsets[gi + 1] - first};
+    const Grads d{grads + 3 * first};
+    for (int i = 0; i < 3 * g.k; ++i) d.g[i] = 0.0;
+    double loss = base_loss(p, g, scratch + first, scratch + responses + first, d);
     // The sft anchor: weight · (-A_b) on the best response.
     if (p.sft_weight > 0.0 && p.kind != SFT) {
-        const int b = extreme(r, k, false);
-        loss += p.sft_weight * -a[first + b];
-        da[b] += p.sft_weight * -1.0;
+        const int b = extreme(g.r, g.k, false);
+        loss += p.sft_weight * -g.a(b);
+        d.a(b) += p.sft_weight * -1.0;
     }
     const double scale = 1.0 / groups;
-    per_group[g] = loss;
-    for (int i = 0; i < k; ++i) {
-        ds[i] *= scale;
-        da[i] *= scale;
-        de[i] *= scale;
-    }
+    per_group[gi] = loss;
+    for (int i = 0; i < 3 * g.k; ++i) d.g[i] *= scale;
 
     // Metrics (metrics.rs): implicit rewards β(S - S_ref) for the losses with a reference,
     // βA otherwise; chosen is the best-rated response, rejected the worst.
-    const bool reference = sr != nullptr && (p.kind == INFONCA || p.kind == NCA ||
-                                             p.kind == DPO || p.kind == NCA_PAIR);
+    const bool reference = g.s_ref != nullptr && (p.kind == INFONCA || p.kind == NCA ||
+                                                  p.kind == DPO || p.kind == NCA_PAIR);
     auto implicit = [&](int i) {
-        return reference ? p.beta * (s[first + i] - sr[i]) : p.beta * a[first + i];
+        return reference ? p.beta * (g.s(i) - g.ref(i)) : p.beta * g.a(i);
     };
-    const int c = extreme(r, k, false);
-    const int w = extreme(r, k, true);
+    const int c = extreme(g.r, g.k, false);
+    const int w = extreme(g.r, g.k, true);
     const double chosen = implicit(c);
     const double rejected = implicit(w);
-    group_metrics[CHOSEN * groups + g] = chosen;
-    group_metrics[REJECTED * groups + g] = rejected;
-    group_metrics[MARGIN * groups + g] = chosen - rejected;
-    group_metrics[CORRECT * groups + g] = chosen > rejected ? 1.0 : 0.0;
-    group_metrics[LOGP_CHOSEN * groups + g] = s[first + c];
-    group_metrics[LOGP_REJECTED * groups + g] = s[first + w];
-    for (int i = 0; i < k; ++i) {
+    group_metrics[CHOSEN * groups + gi] = chosen;
+    group_metrics[REJECTED * groups + gi] = rejected;
+    group_metrics[MARGIN * groups + gi] = chosen - rejected;
+    group_metrics[CORRECT * groups + gi] = chosen > rejected ? 1.0 : 0.0;
+    group_metrics[LOGP_CHOSEN * groups + gi] = g.s(c);
+    group_metrics[LOGP_REJECTED * groups + gi] = g.s(w);
+    for (int i = 0; i < g.k; ++i) {
         // The position of i in a stable sort by decreasing reward (total_cmp).
-        const long long key = total_key(r[i]);
+        const long long key = total_key(g.r[i]);
         int rank = 0;
-        for (int j = 0; j < k; ++j) {
-            const long long other = total_key(r[j]);
+        for (int j = 0; j < g.k; ++j) {
+            const long long other = total_key(g.r[j]);
             rank += other > key || (other == key && j < i);
         }
         rank_reward[first + rank] = implicit(i);
@@ -341,9 +360,8 @@ extern "C" __global__ void loss_finish_f64(const double* __restrict__ per_group,
                                            const double* __restrict__ group_metrics,
                                            const double* __restrict__ rank_reward,
                                            const int* __restrict__ offsets,
-                                           const double* __restrict__ e,
-                                           const unsigned char* __restrict__ has_eos,
-                                           const int* __restrict__ tokens, int groups,
+                                           const double* __restrict__ stats,
+                                           const int* __restrict__ spans, int groups,
                                            int responses, int max_k,
                                            double* __restrict__ summary) {
     const int count = 1 + GROUP_METRICS + max_k + 2;
@@ -367,12 +385,12 @@ extern "C" __global__ void loss_finish_f64(const double* __restrict__ per_group,
             }
         } else if (t == count - 2) {
             for (int i = 0; i < responses; ++i) {
-                if (!has_eos[i]) continue;
-                sum += exp(e[i]);
+                if (spans[3 * i + 2] == 0) continue;
+                sum += exp(stats[3 * i + 2]);
                 n += 1.0;
             }
         } else {
-            for (int i = 0; i < responses; ++i) sum += tokens[i];
+            for (int i = 0; i < responses; ++i) sum += spans[3 * i + 1];
             n = responses;
         }
         summary[t] = n == 0.0 ? NAN : (t == 0 ? sum : sum / n);

@@ -206,3 +206,56 @@ fn bad_groups_are_the_cpu_errors() {
     assert_eq!(dev, cpu);
     assert!(dev.contains("needs reference log-probs"), "{dev}");
 }
+
+/// S_ref read from a reference model's `(S, A, E)` table gives what the column gives, bit for
+/// bit: the kernel reads every third value and nothing else of it.
+#[test]
+fn reference_from_a_stats_table_equals_the_column() {
+    use contralign::ops::cuda::loss::{device_batch_loss, GroupLayout, LossInputs, Reference};
+    let device = Device::Emu;
+    let mut rng = common::rng("reference_from_a_stats_table_equals_the_column");
+    let b = LossBatch::random(&mut rng, 13, 9, false, 0.1, 30.0);
+    let n = b.s.len();
+    let stats: Vec<f64> = (0..n)
+        .flat_map(|i| [b.s[i], b.a[i], b.e[i].unwrap_or(f64::NAN)])
+        .collect();
+    let spans: Vec<i32> = (0..n)
+        .flat_map(|i| [0, b.tokens[i] as i32, b.e[i].is_some() as i32])
+        .collect();
+    // A and E of the reference are NaN: reading them would show.
+    let ref_table: Vec<f64> = b
+        .s_ref
+        .iter()
+        .flat_map(|&s| [s, f64::NAN, f64::NAN])
+        .collect();
+    let layout = GroupLayout::new(&device, &b.offsets, &b.sources).unwrap();
+    let (stats, spans) = (
+        device.upload(&stats).unwrap(),
+        device.upload(&spans).unwrap(),
+    );
+    let rewards = device.upload(&b.rewards).unwrap();
+    let (column, table) = (
+        device.upload(&b.s_ref).unwrap(),
+        device.upload(&ref_table).unwrap(),
+    );
+    let run = |s_ref| {
+        let inputs = LossInputs {
+            stats: &stats,
+            spans: &spans,
+            s_ref: Some(s_ref),
+            rewards: &rewards,
+        };
+        let out =
+            device_batch_loss(&device, &LossSpec::new(LossKind::Nca), &layout, &inputs).unwrap();
+        (
+            device.download(&out.grads).unwrap(),
+            device.download(&out.summary).unwrap(),
+        )
+    };
+    let (want, got) = (
+        run(Reference::Column(&column)),
+        run(Reference::Stats(&table)),
+    );
+    assert!(want.0.iter().chain(&want.1).all(|x| x.is_finite()));
+    assert_eq!(got, want);
+}

@@ -1,8 +1,10 @@
 //! The loss library ([`crate::loss`]) on a device: `cuda/loss.cu` computes each group's loss,
 //! the gradients `dL/dS, dL/dA, dL/dE` of every response (scaled for the batch mean, as
 //! [`crate::loss::batch_loss`] returns them), the batch loss and the metrics of
-//! [`crate::loss::metrics::batch_metrics`], from statistics already on the device. All in
-//! f64, formula for formula the CPU's (the kernel file says why).
+//! [`crate::loss::metrics::batch_metrics`], from statistics already on the device in the
+//! tables of the fused scoring (cuda/scoring.cu): `(S, A, E)` and `(start, len, has_eos)` per
+//! response in, `(dL/dS, dL/dA, dL/dE)` per response out, as `scoring_row_coef` reads them.
+//! All in f64, formula for formula the CPU's (the kernel file says why).
 
 use super::device::{Buffer, Device};
 use super::emu::{KernelArgs, LaunchConfig};
@@ -112,17 +114,32 @@ impl GroupLayout {
     }
 }
 
-/// One value per response, on the device.
+/// `S^ref` per response on the device.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    /// One value per response (a reference cache, uploaded).
+    Column(&'a Buffer<f64>),
+    /// The reference model's `[responses, 3] = (S, A, E)` statistics table (its S).
+    Stats(&'a Buffer<f64>),
+}
+
+impl Reference<'_> {
+    fn buffer_and_stride(self) -> (&'static str, u64, usize, usize) {
+        match self {
+            Reference::Column(b) => ("S_ref", b.device_ptr(), b.len(), 1),
+            Reference::Stats(b) => ("reference stats", b.device_ptr(), b.len(), 3),
+        }
+    }
+}
+
+/// A batch's statistics on the device, in the scoring's tables (cuda/scoring.cu).
 pub struct LossInputs<'a> {
-    pub s: &'a Buffer<f64>,
-    pub a: &'a Buffer<f64>,
-    /// `log π(EOS)` where `has_eos` is 1; anything elsewhere.
-    pub e: &'a Buffer<f64>,
-    pub has_eos: &'a Buffer<u8>,
-    /// n, for `response_len`.
-    pub tokens: &'a Buffer<i32>,
-    /// `S^ref`; needed by the reference-based losses only.
-    pub s_ref: Option<&'a Buffer<f64>>,
+    /// `[responses, 3] = (S, A, E)`; E is read only where the span has an EOS.
+    pub stats: &'a Buffer<f64>,
+    /// `[responses, 3] = (start, len, has_eos)`: len is n (for `response_len`).
+    pub spans: &'a Buffer<i32>,
+    /// Needed by the reference-based losses only.
+    pub s_ref: Option<Reference<'a>>,
     pub rewards: &'a Buffer<f64>,
 }
 
@@ -130,10 +147,9 @@ pub struct LossInputs<'a> {
 pub struct LossOutputs {
     /// Each group's loss (not scaled).
     pub per_group: Buffer<f64>,
-    /// Per response, already times 1 / groups.
-    pub d_s: Buffer<f64>,
-    pub d_a: Buffer<f64>,
-    pub d_e: Buffer<f64>,
+    /// `[responses, 3] = (dL/dS, dL/dA, dL/dE)`, already times 1 / groups: what
+    /// `scoring_row_coef` reads.
+    pub grads: Buffer<f64>,
     /// The batch loss, then the values of [`metric_names`]`(max_k)` in order.
     pub summary: Buffer<f64>,
 }
@@ -156,38 +172,35 @@ pub fn device_batch_loss(
         check_group(spec, w[1] - w[0], inputs.s_ref.is_some())
             .map_err(|e| e.context(layout.sources[g].clone()))?;
     }
+    let reference = inputs.s_ref.map(Reference::buffer_and_stride);
     let lens = [
-        ("S", inputs.s.len()),
-        ("A", inputs.a.len()),
-        ("E", inputs.e.len()),
-        ("has_eos", inputs.has_eos.len()),
-        ("tokens", inputs.tokens.len()),
-        ("rewards", inputs.rewards.len()),
-        ("S_ref", inputs.s_ref.map_or(n, Buffer::len)),
-    ];
-    for (what, len) in lens {
+        ("stats", inputs.stats.len(), 3 * n),
+        ("spans", inputs.spans.len(), 3 * n),
+        ("rewards", inputs.rewards.len(), n),
+    ]
+    .into_iter()
+    .chain(reference.map(|(what, _, len, stride)| (what, len, stride * n)));
+    for (what, len, want) in lens {
         ensure!(
-            len == n,
-            "loss: {what} holds {len} values for {n} responses"
+            len == want,
+            "loss: {what} holds {len} values, {n} responses need {want}"
         );
     }
     let max_k = layout.max_k();
     let out = LossOutputs {
         per_group: device.alloc(groups)?,
-        d_s: device.alloc(n)?,
-        d_a: device.alloc(n)?,
-        d_e: device.alloc(n)?,
+        grads: device.alloc(3 * n)?,
         summary: device.alloc(1 + metric_names(max_k).len())?,
     };
     let scratch = device.alloc::<f64>(2 * n)?;
     let rank_reward = device.alloc::<f64>(n)?;
     let group_metrics = device.alloc::<f64>(GROUP_METRICS * groups)?;
+    let (ref_ptr, ref_stride) = reference.map_or((0, 1), |(_, ptr, _, stride)| (ptr, stride));
     let mut args = KernelArgs::new();
-    args.arg(inputs.s.device_ptr())
-        .arg(inputs.a.device_ptr())
-        .arg(inputs.e.device_ptr())
-        .arg(inputs.has_eos.device_ptr())
-        .arg(inputs.s_ref.map_or(0, Buffer::device_ptr))
+    args.arg(inputs.stats.device_ptr())
+        .arg(inputs.spans.device_ptr())
+        .arg(ref_ptr)
+        .arg(ref_stride as i32)
         .arg(inputs.rewards.device_ptr())
         .arg(layout.device_offsets.device_ptr())
         .arg(groups as i32)
@@ -195,14 +208,12 @@ pub fn device_batch_loss(
         .arg(LossParams::new(spec))
         .arg(scratch.device_ptr())
         .arg(out.per_group.device_ptr())
-        .arg(out.d_s.device_ptr())
-        .arg(out.d_a.device_ptr())
-        .arg(out.d_e.device_ptr())
+        .arg(out.grads.device_ptr())
         .arg(rank_reward.device_ptr())
         .arg(group_metrics.device_ptr());
     let grid = (groups as u32).div_ceil(GROUP_BLOCK);
-    // SAFETY: live buffers of `device` of the lengths checked above: n per response, groups
-    // + 1 offsets, 2n scratch, 6 metric values per group.
+    // SAFETY: live buffers of `device` of the lengths checked above: 3 values per response in
+    // the tables and gradients, groups + 1 offsets, 2n scratch, 6 metric values per group.
     unsafe {
         device.launch(
             "loss_groups_f64",
@@ -215,9 +226,8 @@ pub fn device_batch_loss(
         .arg(group_metrics.device_ptr())
         .arg(rank_reward.device_ptr())
         .arg(layout.device_offsets.device_ptr())
-        .arg(inputs.e.device_ptr())
-        .arg(inputs.has_eos.device_ptr())
-        .arg(inputs.tokens.device_ptr())
+        .arg(inputs.stats.device_ptr())
+        .arg(inputs.spans.device_ptr())
         .arg(groups as i32)
         .arg(n as i32)
         .arg(max_k as i32)
@@ -236,34 +246,36 @@ pub fn host_batch_loss(
     tokens: &[usize],
 ) -> Result<(BatchOutput, Vec<(String, f64)>)> {
     let layout = GroupLayout::new(device, b.offsets, b.sources)?;
-    let e: Vec<f64> = b.e.iter().map(|e| e.unwrap_or(0.0)).collect();
-    let has_eos: Vec<u8> = b.e.iter().map(|e| e.is_some() as u8).collect();
-    let tokens = tokens
-        .iter()
-        .map(|&t| i32::try_from(t).context("a response too long for the loss kernels"))
-        .collect::<Result<Vec<i32>>>()?;
+    ensure!(
+        tokens.len() == b.s.len(),
+        "{} token counts for {} responses",
+        tokens.len(),
+        b.s.len()
+    );
+    let mut stats = Vec::with_capacity(3 * b.s.len());
+    let mut spans = Vec::with_capacity(3 * b.s.len());
+    for i in 0..b.s.len() {
+        stats.extend([b.s[i], b.a[i], b.e[i].unwrap_or(f64::NAN)]);
+        let n = i32::try_from(tokens[i]).context("a response too long for the loss kernels")?;
+        // The loss reads no start.
+        spans.extend([0, n, b.e[i].is_some() as i32]);
+    }
     let s_ref = b.s_ref.map(|r| device.upload(r)).transpose()?;
-    let (s, a, rewards) = (
-        device.upload(b.s)?,
-        device.upload(b.a)?,
+    let (stats, spans, rewards) = (
+        device.upload(&stats)?,
+        device.upload(&spans)?,
         device.upload(b.rewards)?,
     );
-    let (e, has_eos, tokens) = (
-        device.upload(&e)?,
-        device.upload(&has_eos)?,
-        device.upload(&tokens)?,
-    );
     let inputs = LossInputs {
-        s: &s,
-        a: &a,
-        e: &e,
-        has_eos: &has_eos,
-        tokens: &tokens,
-        s_ref: s_ref.as_ref(),
+        stats: &stats,
+        spans: &spans,
+        s_ref: s_ref.as_ref().map(Reference::Column),
         rewards: &rewards,
     };
     let out = device_batch_loss(device, spec, &layout, &inputs)?;
     let summary = device.download(&out.summary)?;
+    let grads = device.download(&out.grads)?;
+    let column = |c: usize| -> Vec<f64> { grads.iter().skip(c).step_by(3).copied().collect() };
     let metrics = metric_names(layout.max_k())
         .into_iter()
         .zip(summary[1..].iter().copied())
@@ -272,9 +284,9 @@ pub fn host_batch_loss(
         BatchOutput {
             loss: summary[0],
             per_group: device.download(&out.per_group)?,
-            d_s: device.download(&out.d_s)?,
-            d_a: device.download(&out.d_a)?,
-            d_e: device.download(&out.d_e)?,
+            d_s: column(0),
+            d_a: column(1),
+            d_e: column(2),
         },
         metrics,
     ))
