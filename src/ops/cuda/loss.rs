@@ -254,9 +254,9 @@ pub fn host_batch_loss(
     );
     let mut stats = Vec::with_capacity(3 * b.s.len());
     let mut spans = Vec::with_capacity(3 * b.s.len());
-    for i in 0..b.s.len() {
+    for (i, &n) in tokens.iter().enumerate() {
         stats.extend([b.s[i], b.a[i], b.e[i].unwrap_or(f64::NAN)]);
-        let n = i32::try_from(tokens[i]).context("a response too long for the loss kernels")?;
+        let n = i32::try_from(n).context("a response too long for the loss kernels")?;
         // The loss reads no start.
         spans.extend([0, n, b.e[i].is_some() as i32]);
     }
