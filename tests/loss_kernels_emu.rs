@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixture, spec_from_json, Golden};
+use common::{golden_loss_cases, Golden};
 use contralign::loss::{batch_loss, LossKind, LossSpec};
 use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::loss::host_batch_loss;
@@ -21,19 +21,12 @@ fn assert_pass(rows: &[Row], what: &str) {
     );
 }
 
-/// The golden cases as batches, with their specs and golden values.
-fn golden_cases() -> Vec<(String, LossSpec, LossBatch)> {
-    let golden = Golden::load("losses.golden.safetensors");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("losses.golden.json")).unwrap())
-            .unwrap();
-    let cases = json["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 37);
-    cases
-        .iter()
-        .map(|(case, info)| {
-            let kind = LossKind::parse(info["loss"].as_str().unwrap()).unwrap();
-            let spec = spec_from_json(kind, &info["hyperparameters"]);
+/// The golden cases as batches, with their specs, and the golden tensors.
+fn golden_cases() -> (Vec<(String, LossSpec, LossBatch)>, Golden) {
+    let (cases, golden) = golden_loss_cases();
+    let batches = cases
+        .into_iter()
+        .map(|(case, spec)| {
             let get = |k: &str| golden.get(&format!("{case}.{k}")).to_vec();
             let (s, n) = (get("S"), get("n"));
             let offsets: Vec<usize> = get("offsets").iter().map(|&x| x as usize).collect();
@@ -52,16 +45,17 @@ fn golden_cases() -> Vec<(String, LossSpec, LossBatch)> {
                 offsets,
                 s,
             };
-            (case.clone(), spec, batch)
+            (case, spec, batch)
         })
-        .collect()
+        .collect();
+    (batches, golden)
 }
 
 #[test]
 fn every_golden_case_agrees_on_the_emulator() {
     let device = Device::Emu;
-    let golden = Golden::load("losses.golden.safetensors");
-    for (case, spec, batch) in golden_cases() {
+    let (cases, golden) = golden_cases();
+    for (case, spec, batch) in cases {
         assert_pass(&compare_loss(&device, &spec, &batch, &case).unwrap(), &case);
         // And the goldens themselves, to the CPU library's 1e-9 (tests/losses_golden.rs).
         let (got, _) = host_batch_loss(&device, &spec, &batch.input(), &batch.tokens).unwrap();
