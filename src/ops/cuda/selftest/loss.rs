@@ -394,7 +394,7 @@ pub fn variants() -> Vec<(String, LossSpec)> {
 /// The selftest's rows: every variant on a random batch of `groups` groups (K up to 9,
 /// margins up to 300), the rows of each loss family merged.
 pub fn rows(device: &Device, rng: &mut StdRng, groups: usize) -> Result<Vec<Row>> {
-    let mut families: Vec<(&'static str, Vec<Row>)> = Vec::new();
+    let mut families: Vec<(&'static str, usize, Vec<Row>)> = Vec::new();
     for (label, spec) in variants() {
         let margin = [1.0, 30.0, 300.0][rng.gen_range(0..3)];
         let batch = LossBatch::random(rng, groups, 9, spec.kind.is_pairwise(), spec.beta, margin);
@@ -404,8 +404,9 @@ pub fn rows(device: &Device, rng: &mut StdRng, groups: usize) -> Result<Vec<Row>
             spec.kind.name()
         };
         let rows = compare_loss(device, &spec, &batch, &label)?;
-        match families.iter_mut().find(|(f, _)| *f == family) {
-            Some((_, merged)) => {
+        match families.iter_mut().find(|(f, _, _)| *f == family) {
+            Some((_, count, merged)) => {
+                *count += 1;
                 for (m, r) in merged.iter_mut().zip(rows) {
                     m.max_abs = m.max_abs.max(r.max_abs);
                     m.max_rel = m.max_rel.max(r.max_rel);
@@ -413,15 +414,16 @@ pub fn rows(device: &Device, rng: &mut StdRng, groups: usize) -> Result<Vec<Row>
                     m.pass &= r.pass;
                 }
             }
-            None => families.push((family, rows)),
+            None => families.push((family, 1, rows)),
         }
     }
     Ok(families
         .into_iter()
-        .flat_map(|(family, rows)| {
+        .flat_map(|(family, count, rows)| {
             rows.into_iter().map(move |mut r| {
                 let what = r.op.rsplit(' ').next().unwrap_or("").to_string();
                 r.op = format!("loss {family} {what}");
+                r.shape = format!("{count} variants x {groups} groups");
                 r
             })
         })
