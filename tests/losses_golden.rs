@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{fixture, spec_from_json, Golden};
-use contralign::loss::{batch_loss, BatchInput, LossKind};
+use common::golden_loss_cases;
+use contralign::loss::{batch_loss, BatchInput};
 
 fn close(a: f64, b: f64, scale: f64) -> bool {
     (a - b).abs() <= 1e-9 * b.abs().max(scale) + 1e-15
@@ -12,15 +12,8 @@ fn close(a: f64, b: f64, scale: f64) -> bool {
 
 #[test]
 fn all_golden_loss_cases() {
-    let golden = Golden::load("losses.golden.safetensors");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("losses.golden.json")).unwrap())
-            .unwrap();
-    let cases = json["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 37);
-    for (case, info) in cases {
-        let kind = LossKind::parse(info["loss"].as_str().unwrap()).unwrap();
-        let spec = spec_from_json(kind, &info["hyperparameters"]);
+    let (cases, golden) = golden_loss_cases();
+    for (case, spec) in cases {
         spec.validate().unwrap();
         let get = |k: &str| golden.get(&format!("{case}.{k}")).to_vec();
         let (s, s_ref, n, e_raw, r) = (get("S"), get("Sref"), get("n"), get("E"), get("r"));

@@ -66,18 +66,38 @@ pub fn batch_metrics(
     let margins: Vec<f64> = chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect();
     let eos: Vec<f64> = b.e.iter().flatten().map(|e| e.exp()).collect();
     let lengths: Vec<f64> = stats.iter().map(|s| s.tokens as f64).collect();
-    let mut out = vec![
-        ("rewards/chosen".to_string(), mean(&chosen)),
-        ("rewards/rejected".to_string(), mean(&rejected)),
-        ("rewards/margins".to_string(), mean(&margins)),
-        ("rewards/accuracies".to_string(), mean(&correct)),
-        ("logps/chosen".to_string(), mean(&logp_chosen)),
-        ("logps/rejected".to_string(), mean(&logp_rejected)),
+    let mut values = vec![
+        mean(&chosen),
+        mean(&rejected),
+        mean(&margins),
+        mean(&correct),
+        mean(&logp_chosen),
+        mean(&logp_rejected),
     ];
-    for (rank, values) in by_rank.iter().enumerate() {
-        out.push((format!("rewards/rank_{}", rank + 1), mean(values)));
-    }
-    out.push(("eos_prob".to_string(), mean(&eos)));
-    out.push(("response_len".to_string(), mean(&lengths)));
-    out
+    values.extend(by_rank.iter().map(|v| mean(v)));
+    values.push(mean(&eos));
+    values.push(mean(&lengths));
+    metric_names(by_rank.len())
+        .into_iter()
+        .zip(values)
+        .collect()
+}
+
+/// The names of [`batch_metrics`], in its order, for a batch whose largest group has `ranks`
+/// responses.
+pub fn metric_names(ranks: usize) -> Vec<String> {
+    let mut names: Vec<String> = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ]
+    .map(String::from)
+    .to_vec();
+    names.extend((1..=ranks).map(|rank| format!("rewards/rank_{rank}")));
+    names.push("eos_prob".to_string());
+    names.push("response_len".to_string());
+    names
 }

@@ -3,7 +3,7 @@
 //! device kernel can mirror it line for line.
 
 pub mod metrics;
-mod numeric;
+pub mod numeric;
 
 use anyhow::{bail, Result};
 use numeric::{log_sigmoid, log_sum_exp, max_and_log_sum_exp, sigmoid, soft_labels};
@@ -200,13 +200,18 @@ pub fn best(rewards: &[f64]) -> usize {
     b
 }
 
-fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
-    let Some(s_ref) = g.s_ref else {
-        bail!(
+fn reference<'a>(spec: &LossSpec, s_ref: Option<&'a [f64]>) -> Result<&'a [f64]> {
+    match s_ref {
+        Some(s_ref) => Ok(s_ref),
+        None => bail!(
             "loss {} needs reference log-probs (S^ref) and none were given",
             spec.kind.name()
-        );
-    };
+        ),
+    }
+}
+
+fn implicit_rewards(spec: &LossSpec, g: &GroupInput) -> Result<Vec<f64>> {
+    let s_ref = reference(spec, g.s_ref)?;
     Ok(g.s
         .iter()
         .zip(s_ref)
@@ -221,6 +226,22 @@ fn require_pair(spec: &LossSpec, k: usize) -> Result<()> {
              groups into pairs with --pairs best_vs_random|best_vs_each|all_pairs",
             spec.kind.name()
         );
+    }
+    Ok(())
+}
+
+/// The errors [`batch_loss`] reports for a group of `k` responses, before computing
+/// anything: too few responses, a pairwise loss on more than a pair, no reference statistics
+/// for a loss that needs them.
+pub fn check_group(spec: &LossSpec, k: usize, has_reference: bool) -> Result<()> {
+    if k < 2 {
+        bail!("the loss needs a group of at least 2 responses, found {k}");
+    }
+    if spec.kind.is_pairwise() {
+        require_pair(spec, k)?;
+    }
+    if spec.kind.needs_reference() {
+        reference(spec, has_reference.then_some(&[][..]))?;
     }
     Ok(())
 }
@@ -265,41 +286,64 @@ fn eos_regularizer(lambda: f64, e: &[Option<f64>], out: &mut GroupOutput) {
     }
 }
 
-/// REFA (losses.md §3): the preference term and the EOS regularizer.
-fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
+/// REFA's preference term of one group (losses.md §3): which responses are positive, their
+/// scores `beta (x_i + alpha D_i)`, the scores with the negatives' shifted by `ln(gamma)`, and
+/// the log-sum-exps over the positives' scores and over all shifted scores.
+pub struct RefaTerms {
+    pub positive: Vec<bool>,
+    pub score: Vec<f64>,
+    pub shifted: Vec<f64>,
+    pub lse_pos: f64,
+    pub lse_all: f64,
+}
+
+/// [`RefaTerms`] of a group; `None` when it has no positive: with every reward equal,
+/// REFA-dynamic has none and only R_eos remains (one-vs-all always has its one positive).
+pub fn refa_terms(spec: &LossSpec, g: &GroupInput) -> Option<RefaTerms> {
     let k = g.s.len();
     let r = g.rewards;
-    let mut out = GroupOutput::zeros(0.0, k);
     let mean = r.iter().sum::<f64>() / k as f64;
     let b = best(r);
     let positive: Vec<bool> = (0..k)
         .map(|i| if spec.one_vs_all { i == b } else { r[i] > mean })
         .collect();
-    // With every reward equal, REFA-dynamic has no positive and only R_eos remains;
-    // one-vs-all always has its one positive.
-    if positive.contains(&true) {
-        let x = if spec.normalize { g.a } else { g.s };
-        let score: Vec<f64> = (0..k)
-            .map(|i| spec.beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
-            .collect();
-        // Negatives enter the denominator with weight gamma: shift their scores by ln(gamma).
-        let shifted: Vec<f64> = (0..k)
-            .map(|i| {
-                if positive[i] {
-                    score[i]
-                } else {
-                    score[i] + spec.gamma.ln()
-                }
-            })
-            .collect();
-        let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
-        let lse_pos = log_sum_exp(&pos);
-        let lse_all = log_sum_exp(&shifted);
-        out.loss = lse_all - lse_pos;
-        for i in 0..k {
-            let mut d = (shifted[i] - lse_all).exp();
+    if !positive.contains(&true) {
+        return None;
+    }
+    let x = if spec.normalize { g.a } else { g.s };
+    let score: Vec<f64> = (0..k)
+        .map(|i| spec.beta * (x[i] + spec.alpha * (r[i] - mean).powi(spec.p as i32)))
+        .collect();
+    // Negatives enter the denominator with weight gamma: shift their scores by ln(gamma).
+    let shifted: Vec<f64> = (0..k)
+        .map(|i| {
             if positive[i] {
-                d -= (score[i] - lse_pos).exp();
+                score[i]
+            } else {
+                score[i] + spec.gamma.ln()
+            }
+        })
+        .collect();
+    let pos: Vec<f64> = (0..k).filter(|&i| positive[i]).map(|i| score[i]).collect();
+    Some(RefaTerms {
+        lse_pos: log_sum_exp(&pos),
+        lse_all: log_sum_exp(&shifted),
+        positive,
+        score,
+        shifted,
+    })
+}
+
+/// REFA (losses.md §3): the preference term and the EOS regularizer.
+fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
+    let k = g.s.len();
+    let mut out = GroupOutput::zeros(0.0, k);
+    if let Some(t) = refa_terms(spec, g) {
+        out.loss = t.lse_all - t.lse_pos;
+        for i in 0..k {
+            let mut d = (t.shifted[i] - t.lse_all).exp();
+            if t.positive[i] {
+                d -= (t.score[i] - t.lse_pos).exp();
             }
             let dx = spec.beta * d;
             if spec.normalize {
@@ -434,13 +478,8 @@ pub fn batch_loss(spec: &LossSpec, b: &BatchInput) -> Result<BatchOutput> {
     };
     for g in 0..groups {
         let r = b.offsets[g]..b.offsets[g + 1];
-        if r.len() < 2 {
-            bail!(
-                "{}: the loss needs a group of at least 2 responses, found {}",
-                b.sources[g],
-                r.len()
-            );
-        }
+        check_group(spec, r.len(), b.s_ref.is_some())
+            .map_err(|e| e.context(b.sources[g].clone()))?;
         let input = GroupInput {
             s: &b.s[r.clone()],
             a: &b.a[r.clone()],

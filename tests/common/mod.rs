@@ -191,6 +191,25 @@ pub fn spec_from_json(
     }
 }
 
+/// The 37 cases of `losses.golden.json` (name and spec, in file order) and the golden
+/// tensors of `losses.golden.safetensors` (`CASE.S`, `CASE.loss`, ...).
+pub fn golden_loss_cases() -> (Vec<(String, contralign::loss::LossSpec)>, Golden) {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("losses.golden.json")).unwrap())
+            .unwrap();
+    let cases: Vec<_> = json["cases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(case, info)| {
+            let kind = contralign::loss::LossKind::parse(info["loss"].as_str().unwrap()).unwrap();
+            (case.clone(), spec_from_json(kind, &info["hyperparameters"]))
+        })
+        .collect();
+    assert_eq!(cases.len(), 37);
+    (cases, Golden::load("losses.golden.safetensors"))
+}
+
 /// The loss and gradients of `groups` with the reference statistics computed by `reference`.
 pub fn loss_and_grads_with_reference(
     policy: &contralign::model::Model<Vec<f32>>,

@@ -18,6 +18,8 @@
 //! - Ops that only move or convert values (embedding, casts) and AdamW on f32 (the CPU's
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
+pub mod loss;
+
 use super::device::{Buffer, Device, Float};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
@@ -50,20 +52,24 @@ pub struct Row {
 }
 
 /// Compares `got` with `want` elementwise: |got - want| <= bound * scale (NaN matches NaN).
-fn compare(op: String, shape: String, got: &[f32], want: &[f32], scale: &[f32], bound: f64) -> Row {
+fn compare<T: Copy + Into<f64>>(
+    op: String,
+    shape: String,
+    got: &[T],
+    want: &[T],
+    scale: &[T],
+    bound: f64,
+) -> Row {
     assert_eq!(got.len(), want.len());
     let (mut max_abs, mut max_rel, mut pass) = (0f64, 0f64, true);
     for ((&g, &w), &s) in got.iter().zip(want).zip(scale) {
+        let (g, w, s): (f64, f64, f64) = (g.into(), w.into(), s.into());
         if g.is_nan() && w.is_nan() {
             continue;
         }
         // Equal infinities are no error.
-        let err = if g == w {
-            0.0
-        } else {
-            (g as f64 - w as f64).abs()
-        };
-        let s = (s as f64).max(w.abs() as f64);
+        let err = if g == w { 0.0 } else { (g - w).abs() };
+        let s = s.max(w.abs());
         let rel = if err == 0.0 { 0.0 } else { err / s };
         // NaN errors fail: the comparisons below are false for them.
         pass &= err <= bound * s || err == 0.0;
@@ -943,6 +949,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
     rows.extend(add_assign(&k, rng, 4099)?);
     rows.extend(gemms(device, rng)?);
+    rows.extend(loss::rows(device, rng, 37)?);
     device.synchronize()?;
     Ok(rows)
 }

@@ -1,0 +1,293 @@
+//! The loss library ([`crate::loss`]) on a device: `cuda/loss.cu` computes each group's loss,
+//! the gradients `dL/dS, dL/dA, dL/dE` of every response (scaled for the batch mean, as
+//! [`crate::loss::batch_loss`] returns them), the batch loss and the metrics of
+//! [`crate::loss::metrics::batch_metrics`], from statistics already on the device in the
+//! tables of the fused scoring (cuda/scoring.cu): `(S, A, E)` and `(start, len, has_eos)` per
+//! response in, `(dL/dS, dL/dA, dL/dE)` per response out, as `scoring_row_coef` reads them.
+//! All in f64, formula for formula the CPU's (the kernel file says why).
+
+use super::device::{Buffer, Device};
+use super::emu::{KernelArgs, LaunchConfig};
+use crate::loss::metrics::metric_names;
+use crate::loss::{check_group, BatchInput, BatchOutput, LossKind, LossSpec};
+use anyhow::{ensure, Context, Result};
+
+/// The hyperparameters of `loss_groups_f64` (`struct LossParams` in cuda/loss.cu, field for
+/// field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossParams {
+    /// [`LossKind`] as its declaration order numbers it.
+    pub kind: i32,
+    pub p: i32,
+    pub one_vs_all: i32,
+    pub normalize: i32,
+    pub beta: f64,
+    pub alpha: f64,
+    pub gamma: f64,
+    /// `ln(gamma)`, computed here as the CPU's REFA computes it.
+    pub ln_gamma: f64,
+    pub lambda: f64,
+    pub label_smoothing: f64,
+    pub sft_weight: f64,
+}
+
+impl LossParams {
+    pub fn new(spec: &LossSpec) -> Self {
+        let kind = match spec.kind {
+            LossKind::Infonca => 0,
+            LossKind::Nca => 1,
+            LossKind::Dpo => 2,
+            LossKind::NcaPair => 3,
+            LossKind::Simpo => 4,
+            LossKind::Refa => 5,
+            LossKind::InfoncaFree => 6,
+            LossKind::Sft => 7,
+        };
+        LossParams {
+            kind,
+            p: spec.p as i32,
+            one_vs_all: spec.one_vs_all as i32,
+            normalize: spec.normalize as i32,
+            beta: spec.beta,
+            alpha: spec.alpha,
+            gamma: spec.gamma,
+            ln_gamma: spec.gamma.ln(),
+            lambda: spec.lambda,
+            label_smoothing: spec.label_smoothing,
+            sft_weight: spec.sft_weight,
+        }
+    }
+}
+
+/// How a batch's responses fall into groups: group `g` is responses `offsets[g]..offsets[g +
+/// 1]`. Built once per batch from the host's packed layout; the kernels read the device copy.
+pub struct GroupLayout {
+    offsets: Vec<usize>,
+    device_offsets: Buffer<i32>,
+    /// `file:line` of each group, for errors.
+    sources: Vec<String>,
+}
+
+impl GroupLayout {
+    pub fn new(device: &Device, offsets: &[usize], sources: &[String]) -> Result<Self> {
+        ensure!(
+            offsets.len() >= 2 && offsets[0] == 0,
+            "a batch needs at least one group and offsets starting at 0, found {offsets:?}"
+        );
+        ensure!(
+            sources.len() == offsets.len() - 1,
+            "{} sources for {} groups",
+            sources.len(),
+            offsets.len() - 1
+        );
+        ensure!(
+            offsets.windows(2).all(|w| w[0] <= w[1]),
+            "group offsets must not decrease, found {offsets:?}"
+        );
+        let device_offsets = offsets
+            .iter()
+            .map(|&o| i32::try_from(o).context("more responses than a kernel indexes"))
+            .collect::<Result<Vec<i32>>>()?;
+        Ok(GroupLayout {
+            offsets: offsets.to_vec(),
+            device_offsets: device.upload(&device_offsets)?,
+            sources: sources.to_vec(),
+        })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn responses(&self) -> usize {
+        self.offsets[self.groups()]
+    }
+
+    /// The largest group: the number of `rewards/rank_j` metrics.
+    pub fn max_k(&self) -> usize {
+        self.offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// `S^ref` per response on the device.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    /// One value per response (a reference cache, uploaded).
+    Column(&'a Buffer<f64>),
+    /// The reference model's `[responses, 3] = (S, A, E)` statistics table (its S).
+    Stats(&'a Buffer<f64>),
+}
+
+impl Reference<'_> {
+    fn buffer_and_stride(self) -> (&'static str, u64, usize, usize) {
+        match self {
+            Reference::Column(b) => ("S_ref", b.device_ptr(), b.len(), 1),
+            Reference::Stats(b) => ("reference stats", b.device_ptr(), b.len(), 3),
+        }
+    }
+}
+
+/// A batch's statistics on the device, in the scoring's tables (cuda/scoring.cu).
+pub struct LossInputs<'a> {
+    /// `[responses, 3] = (S, A, E)`; E is read only where the span has an EOS.
+    pub stats: &'a Buffer<f64>,
+    /// `[responses, 3] = (start, len, has_eos)`: len is n (for `response_len`).
+    pub spans: &'a Buffer<i32>,
+    /// Needed by the reference-based losses only.
+    pub s_ref: Option<Reference<'a>>,
+    pub rewards: &'a Buffer<f64>,
+}
+
+/// What the loss kernels leave on the device.
+pub struct LossOutputs {
+    /// Each group's loss (not scaled).
+    pub per_group: Buffer<f64>,
+    /// `[responses, 3] = (dL/dS, dL/dA, dL/dE)`, already times 1 / groups: what
+    /// `scoring_row_coef` reads.
+    pub grads: Buffer<f64>,
+    /// The batch loss, then the values of [`metric_names`]`(max_k)` in order.
+    pub summary: Buffer<f64>,
+}
+
+/// Threads per block of the per-group kernel (one thread per group).
+const GROUP_BLOCK: u32 = 128;
+/// The per-group metric values `loss_groups_f64` keeps (`enum GroupMetric`).
+const GROUP_METRICS: usize = 6;
+
+/// The batch loss of `spec` over `layout`'s groups on the device. The groups are checked as
+/// the CPU's `batch_loss` checks them (the same errors); nothing is read back.
+pub fn device_batch_loss(
+    device: &Device,
+    spec: &LossSpec,
+    layout: &GroupLayout,
+    inputs: &LossInputs,
+) -> Result<LossOutputs> {
+    let (groups, n) = (layout.groups(), layout.responses());
+    for (g, w) in layout.offsets.windows(2).enumerate() {
+        check_group(spec, w[1] - w[0], inputs.s_ref.is_some())
+            .map_err(|e| e.context(layout.sources[g].clone()))?;
+    }
+    let reference = inputs.s_ref.map(Reference::buffer_and_stride);
+    let lens = [
+        ("stats", inputs.stats.len(), 3 * n),
+        ("spans", inputs.spans.len(), 3 * n),
+        ("rewards", inputs.rewards.len(), n),
+    ]
+    .into_iter()
+    .chain(reference.map(|(what, _, len, stride)| (what, len, stride * n)));
+    for (what, len, want) in lens {
+        ensure!(
+            len == want,
+            "loss: {what} holds {len} values, {n} responses need {want}"
+        );
+    }
+    let max_k = layout.max_k();
+    let out = LossOutputs {
+        per_group: device.alloc(groups)?,
+        grads: device.alloc(3 * n)?,
+        summary: device.alloc(1 + metric_names(max_k).len())?,
+    };
+    let scratch = device.alloc::<f64>(2 * n)?;
+    let rank_reward = device.alloc::<f64>(n)?;
+    let group_metrics = device.alloc::<f64>(GROUP_METRICS * groups)?;
+    let (ref_ptr, ref_stride) = reference.map_or((0, 1), |(_, ptr, _, stride)| (ptr, stride));
+    let mut args = KernelArgs::new();
+    args.arg(inputs.stats.device_ptr())
+        .arg(inputs.spans.device_ptr())
+        .arg(ref_ptr)
+        .arg(ref_stride as i32)
+        .arg(inputs.rewards.device_ptr())
+        .arg(layout.device_offsets.device_ptr())
+        .arg(groups as i32)
+        .arg(n as i32)
+        .arg(LossParams::new(spec))
+        .arg(scratch.device_ptr())
+        .arg(out.per_group.device_ptr())
+        .arg(out.grads.device_ptr())
+        .arg(rank_reward.device_ptr())
+        .arg(group_metrics.device_ptr());
+    let grid = (groups as u32).div_ceil(GROUP_BLOCK);
+    // SAFETY: live buffers of `device` of the lengths checked above: 3 values per response in
+    // the tables and gradients, groups + 1 offsets, 2n scratch, 6 metric values per group.
+    unsafe {
+        device.launch(
+            "loss_groups_f64",
+            LaunchConfig::new(grid, GROUP_BLOCK, 0),
+            &args,
+        )?
+    };
+    let mut args = KernelArgs::new();
+    args.arg(out.per_group.device_ptr())
+        .arg(group_metrics.device_ptr())
+        .arg(rank_reward.device_ptr())
+        .arg(layout.device_offsets.device_ptr())
+        .arg(inputs.stats.device_ptr())
+        .arg(inputs.spans.device_ptr())
+        .arg(groups as i32)
+        .arg(n as i32)
+        .arg(max_k as i32)
+        .arg(out.summary.device_ptr());
+    // SAFETY: as above; summary holds 1 + 6 + max_k + 2 values.
+    unsafe { device.launch("loss_finish_f64", LaunchConfig::new(1, 32, 0), &args)? };
+    Ok(out)
+}
+
+/// [`device_batch_loss`] on host data: uploads `b` (and each response's token count), runs
+/// the kernels and returns what the CPU's `batch_loss` and `batch_metrics` return.
+pub fn host_batch_loss(
+    device: &Device,
+    spec: &LossSpec,
+    b: &BatchInput,
+    tokens: &[usize],
+) -> Result<(BatchOutput, Vec<(String, f64)>)> {
+    let layout = GroupLayout::new(device, b.offsets, b.sources)?;
+    ensure!(
+        tokens.len() == b.s.len(),
+        "{} token counts for {} responses",
+        tokens.len(),
+        b.s.len()
+    );
+    let mut stats = Vec::with_capacity(3 * b.s.len());
+    let mut spans = Vec::with_capacity(3 * b.s.len());
+    for (i, &n) in tokens.iter().enumerate() {
+        stats.extend([b.s[i], b.a[i], b.e[i].unwrap_or(f64::NAN)]);
+        let n = i32::try_from(n).context("a response too long for the loss kernels")?;
+        // The loss reads no start.
+        spans.extend([0, n, b.e[i].is_some() as i32]);
+    }
+    let s_ref = b.s_ref.map(|r| device.upload(r)).transpose()?;
+    let (stats, spans, rewards) = (
+        device.upload(&stats)?,
+        device.upload(&spans)?,
+        device.upload(b.rewards)?,
+    );
+    let inputs = LossInputs {
+        stats: &stats,
+        spans: &spans,
+        s_ref: s_ref.as_ref().map(Reference::Column),
+        rewards: &rewards,
+    };
+    let out = device_batch_loss(device, spec, &layout, &inputs)?;
+    let summary = device.download(&out.summary)?;
+    let grads = device.download(&out.grads)?;
+    let column = |c: usize| -> Vec<f64> { grads.iter().skip(c).step_by(3).copied().collect() };
+    let metrics = metric_names(layout.max_k())
+        .into_iter()
+        .zip(summary[1..].iter().copied())
+        .collect();
+    Ok((
+        BatchOutput {
+            loss: summary[0],
+            per_group: device.download(&out.per_group)?,
+            d_s: column(0),
+            d_a: column(1),
+            d_e: column(2),
+        },
+        metrics,
+    ))
+}
