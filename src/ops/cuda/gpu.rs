@@ -18,6 +18,7 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, OnceLock};
 
 fn driver_error(e: DriverError) -> anyhow::Error {
+    use sys::cudaError_enum as E;
     let name = e
         .error_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -26,8 +27,29 @@ fn driver_error(e: DriverError) -> anyhow::Error {
         .error_string()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    anyhow!("CUDA driver: {name}: {text}")
+    // A kernel fault is sticky: the context is lost and every later call fails the same way.
+    let lost = matches!(
+        e.0,
+        E::CUDA_ERROR_ILLEGAL_ADDRESS
+            | E::CUDA_ERROR_ASSERT
+            | E::CUDA_ERROR_HARDWARE_STACK_ERROR
+            | E::CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | E::CUDA_ERROR_MISALIGNED_ADDRESS
+            | E::CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | E::CUDA_ERROR_INVALID_PC
+            | E::CUDA_ERROR_LAUNCH_FAILED
+    );
+    if lost {
+        anyhow!(
+            "CUDA driver: {name}: {text}; the GPU context is lost and nothing more can run in              this process (rerun with CONTRALIGN_SYNC_LAUNCHES=1 to name the failing kernel)"
+        )
+    } else {
+        anyhow!("CUDA driver: {name}: {text}")
+    }
 }
+
+/// Dynamic shared memory a kernel may use without opting in (`cuFuncSetAttribute`).
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 << 10;
 
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
@@ -291,6 +313,24 @@ impl Gpu {
             .get(name)
             .ok_or_else(|| anyhow!("kernel `{name}` is not in the embedded PTX"))?;
         self.context.bind()?;
+        if config.shared_bytes > DEFAULT_DYNAMIC_SHARED {
+            // SAFETY: a loaded function of the current context; the driver refuses more than
+            // the device's opt-in maximum with an error.
+            unsafe {
+                result::function::set_function_attribute(
+                    function,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    config.shared_bytes as i32,
+                )
+            }
+            .map_err(driver_error)
+            .with_context(|| {
+                format!(
+                    "kernel `{name}` asks for {} bytes of dynamic shared memory, more than this                      GPU allows",
+                    config.shared_bytes
+                )
+            })?;
+        }
         let mut params = args.param_ptrs();
         let (g, b) = (config.grid, config.block);
         result::launch_kernel(
