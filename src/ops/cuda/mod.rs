@@ -3,6 +3,7 @@
 //! build.rs embeds (`--features cuda`), or on the host in the emulator ([`emu`]), which is
 //! always built so that every test can run the whole GPU code path.
 
+pub mod attention;
 pub mod device;
 pub mod emu;
 pub mod gemm;

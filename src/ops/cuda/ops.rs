@@ -1,13 +1,14 @@
 //! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
-//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, accumulation and every
-//! projection (GEMM) run there. Attention, the MoE row gathers and scatters, and the fused
-//! LM-head scoring have no kernels yet: they copy their operands to the host, run the CPU
+//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
+//! backward), accumulation and every projection (GEMM) run there. The MoE row gathers and
+//! scatters, and the fused LM-head scoring have no kernels yet: they copy their operands to the host, run the CPU
 //! reference and copy the results back (correct, and slow on a GPU).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
+use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
@@ -30,6 +31,9 @@ pub struct DeviceOps<'a> {
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
     index_lists: RefCell<Vec<IndexList>>,
+    /// The attention layout uploaded last, with its device copy: every layer's attention,
+    /// forward and backward, takes the batch's layout.
+    attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
 }
 
 impl<'a> DeviceOps<'a> {
@@ -39,6 +43,7 @@ impl<'a> DeviceOps<'a> {
             kernels: Kernels::new(device),
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
+            attention_layout: RefCell::new(None),
         }
     }
 
@@ -82,6 +87,23 @@ impl<'a> DeviceOps<'a> {
         }
         kept.push((values.to_vec(), buffer.clone()));
         Ok(buffer)
+    }
+
+    /// `layout` on the device (with f32 tile lists), uploaded unless it is the one from before.
+    fn attention_layout(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+        let mut kept = self.attention_layout.borrow_mut();
+        if let Some((host, device)) = kept.as_ref() {
+            if host == layout {
+                return Ok(device.clone());
+            }
+        }
+        let device = Rc::new(DeviceLayout::new(
+            self.device,
+            layout,
+            tile_rows::<f32>(),
+        )?);
+        *kept = Some((layout.clone(), device.clone()));
+        Ok(device)
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer<f32>> {
@@ -268,7 +290,7 @@ impl Ops for DeviceOps<'_> {
     ) -> (Buffer<f32>, Buffer<f32>) {
         let tokens = layout.len();
         self.attempt(
-            "attention (on the host)",
+            "attention",
             || {
                 (
                     Self::placeholder(q.len()),
@@ -276,14 +298,12 @@ impl Ops for DeviceOps<'_> {
                 )
             },
             || {
-                let (out, lse) = CpuOps.attention(
-                    &self.host(q)?,
-                    &self.host(k)?,
-                    &self.host(v)?,
-                    layout,
-                    shape,
-                );
-                Ok((self.device.upload(&out)?, self.device.upload(&lse)?))
+                let layout = self.attention_layout(layout)?;
+                let mut out = self.alloc(q.len())?;
+                let mut lse = self.alloc(tokens * shape.heads)?;
+                AttentionKernels::new(self.device)
+                    .forward(q, k, v, &layout, shape, &mut out, &mut lse)?;
+                Ok((out, lse))
             },
         )
     }
@@ -300,7 +320,7 @@ impl Ops for DeviceOps<'_> {
         shape: AttentionShape,
     ) -> (Buffer<f32>, Buffer<f32>, Buffer<f32>) {
         self.attempt(
-            "attention_backward (on the host)",
+            "attention_backward",
             || {
                 (
                     Self::placeholder(q.len()),
@@ -309,21 +329,14 @@ impl Ops for DeviceOps<'_> {
                 )
             },
             || {
-                let (dq, dk, dv) = CpuOps.attention_backward(
-                    &self.host(q)?,
-                    &self.host(k)?,
-                    &self.host(v)?,
-                    &self.host(out)?,
-                    &self.host(lse)?,
-                    &self.host(dout)?,
-                    layout,
-                    shape,
-                );
-                Ok((
-                    self.device.upload(&dq)?,
-                    self.device.upload(&dk)?,
-                    self.device.upload(&dv)?,
-                ))
+                let layout = self.attention_layout(layout)?;
+                let mut dq = self.alloc(q.len())?;
+                let mut dk = self.alloc(k.len())?;
+                let mut dv = self.alloc(v.len())?;
+                AttentionKernels::new(self.device).backward(
+                    q, k, v, out, lse, dout, &layout, shape, &mut dq, &mut dk, &mut dv,
+                )?;
+                Ok((dq, dk, dv))
             },
         )
     }
