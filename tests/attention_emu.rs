@@ -18,11 +18,7 @@ use rand::Rng;
 fn attention_matches_the_cpu_reference_for_every_mask_and_shape() {
     let mut rng = common::rng("attention_matches_the_cpu_reference");
     let rows = selftest::attention_rows(&Device::Emu, &mut rng).unwrap();
-    assert!(
-        rows.iter().all(|r| r.pass),
-        "{}",
-        selftest::table(&rows)
-    );
+    assert!(rows.iter().all(|r| r.pass), "{}", selftest::table(&rows));
     // Every case gives out, lse, dq, dk, dv in f32 and bf16.
     assert_eq!(rows.len(), 5 * 2 * 5);
 }
@@ -44,7 +40,10 @@ fn layouts() -> Vec<AttentionLayout> {
     vec![
         AttentionLayout::causal(97, None),
         AttentionLayout::causal(130, Some(17)),
-        packed_layout(&[(13, vec![40, 3, 22]), (1, vec![1, 1]), (50, vec![33])], None),
+        packed_layout(
+            &[(13, vec![40, 3, 22]), (1, vec![1, 1]), (50, vec![33])],
+            None,
+        ),
         packed_layout(&[(37, vec![29, 64]), (5, vec![9, 18, 2])], Some(20)),
         // One 512-token prompt with 8 responses of 256, at a tenth of the size.
         packed_layout(&[(51, vec![26; 8])], None),
@@ -58,15 +57,17 @@ fn tile_lists_name_exactly_the_tiles_with_a_visible_key() {
             let lists = TileLists::new(&layout, tile);
             let needed = needed_pairs(&layout, tile);
             for (qt, row) in needed.iter().enumerate() {
-                let want: Vec<i32> = (0..row.len() as i32).filter(|&kt| row[kt as usize]).collect();
+                let want: Vec<i32> = (0..row.len() as i32)
+                    .filter(|&kt| row[kt as usize])
+                    .collect();
                 assert_eq!(lists.key_tiles(qt), want, "query tile {qt} of {tile}");
             }
             for kt in 0..needed.len() {
                 let want: Vec<i32> = (0..needed.len() as i32)
                     .filter(|&qt| needed[qt as usize][kt])
                     .collect();
-                let got = &lists.k_tiles
-                    [lists.k_offsets[kt] as usize..lists.k_offsets[kt + 1] as usize];
+                let got =
+                    &lists.k_tiles[lists.k_offsets[kt] as usize..lists.k_offsets[kt + 1] as usize];
                 assert_eq!(got, want, "key tile {kt} of {tile}");
             }
         }
@@ -75,7 +76,12 @@ fn tile_lists_name_exactly_the_tiles_with_a_visible_key() {
     let shared_prompt = packed_layout(&[(512, vec![256; 8])], None);
     let lists = TileLists::new(&shared_prompt, 32);
     let causal = TileLists::new(&AttentionLayout::causal(shared_prompt.len(), None), 32);
-    assert!(lists.visited() * 2 < causal.visited(), "{} of {}", lists.visited(), causal.visited());
+    assert!(
+        lists.visited() * 2 < causal.visited(),
+        "{} of {}",
+        lists.visited(),
+        causal.visited()
+    );
 }
 
 /// Inputs of one attention problem in storage `E`, on the emulator.
@@ -89,7 +95,9 @@ struct Problem<E: Float> {
 }
 
 fn random<E: Float>(rng: &mut StdRng, n: usize) -> Vec<E> {
-    (0..n).map(|_| E::from_f32(rng.gen_range(-2.0..2.0))).collect()
+    (0..n)
+        .map(|_| E::from_f32(rng.gen_range(-2.0..2.0)))
+        .collect()
 }
 
 impl<E: Float> Problem<E> {
@@ -113,10 +121,11 @@ impl<E: Float> Problem<E> {
         Device::Emu.upload(x).unwrap()
     }
 
-
     fn forward(&self, q: &[E], k: &[E], v: &[E]) -> (Vec<E>, Vec<f32>) {
         let mut out = Device::Emu.alloc::<E>(q.len()).unwrap();
-        let mut lse = Device::Emu.alloc::<f32>(self.layout.tokens() * self.shape.heads).unwrap();
+        let mut lse = Device::Emu
+            .alloc::<f32>(self.layout.tokens() * self.shape.heads)
+            .unwrap();
         AttentionKernels::new(&Device::Emu)
             .forward(
                 &Self::upload(q),
@@ -209,7 +218,10 @@ fn masked_tiles_are_never_read<E: Float>(rng: &mut StdRng) {
     let p = Problem::<E>::new(rng, &layout, shape);
     let tile = tile_rows::<E>();
     let needed = needed_pairs(&layout, tile);
-    let (q_row, kv_row) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+    let (q_row, kv_row) = (
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
     let (out, lse) = p.forward(&p.q, &p.k, &p.v);
     let [clean_dq, clean_dk, clean_dv] = p.backward(&p.q, &p.k, &p.v, &p.dout, &out, &lse, 1);
     let mut skipped = 0;
@@ -225,7 +237,10 @@ fn masked_tiles_are_never_read<E: Float>(rng: &mut StdRng) {
             skipped += usize::from(!must_read);
             for (what, x, c) in [("out", &got, &out), ("dq", &dq, &clean_dq)] {
                 let (nan, same) = row_state(x, c, t, q_row);
-                assert_eq!(nan, must_read, "{what} of token {t}, key tile {kt} poisoned");
+                assert_eq!(
+                    nan, must_read,
+                    "{what} of token {t}, key tile {kt} poisoned"
+                );
                 assert!(must_read || same, "{what} of token {t} changed");
             }
         }
@@ -248,7 +263,10 @@ fn masked_tiles_are_never_read<E: Float>(rng: &mut StdRng) {
             let must_read = needed[qt][s / tile];
             for (what, x, c) in [("dk", &dk, &clean_dk), ("dv", &dv, &clean_dv)] {
                 let (nan, same) = row_state(x, c, s, kv_row);
-                assert_eq!(nan, must_read, "{what} of key {s}, query tile {qt} poisoned");
+                assert_eq!(
+                    nan, must_read,
+                    "{what} of key {s}, query tile {qt} poisoned"
+                );
                 assert!(must_read || same, "{what} of key {s} changed");
             }
         }
@@ -294,11 +312,17 @@ fn bad_layouts_and_shapes_are_errors_that_say_what_is_wrong() {
     let mut layout = AttentionLayout::causal(10, None);
     layout.own_start[4] = 7;
     let err = DeviceLayout::new(&Device::Emu, &layout, 16).err().unwrap();
-    assert!(format!("{err:#}").contains("token 4 has own_start 7"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("token 4 has own_start 7"),
+        "{err:#}"
+    );
     let mut layout = AttentionLayout::causal(10, None);
     layout.context_end[2] = 11;
     let err = DeviceLayout::new(&Device::Emu, &layout, 16).err().unwrap();
-    assert!(format!("{err:#}").contains("context range [0, 11)"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("context range [0, 11)"),
+        "{err:#}"
+    );
 
     let layout = DeviceLayout::new(&Device::Emu, &AttentionLayout::causal(3, None), 16).unwrap();
     let shape = AttentionShape {

@@ -138,8 +138,7 @@ impl<'a> SeenRanges<'a> {
         }
         let pos = l.positions[t] as u64;
         // Inside the window: pos - positions[k] < window.
-        start
-            + l.positions[start..end].partition_point(|&p| (p as u64) + (window as u64) <= pos)
+        start + l.positions[start..end].partition_point(|&p| (p as u64) + (window as u64) <= pos)
     }
 }
 
@@ -190,8 +189,9 @@ fn to_i32(what: &str, x: &[u32]) -> Result<Vec<i32>> {
     x.iter()
         .enumerate()
         .map(|(t, &v)| {
-            i32::try_from(v)
-                .map_err(|_| anyhow::anyhow!("attention layout: {what}[{t}] = {v} exceeds 2^31 - 1"))
+            i32::try_from(v).map_err(|_| {
+                anyhow::anyhow!("attention layout: {what}[{t}] = {v} exceeds 2^31 - 1")
+            })
         })
         .collect()
 }

@@ -97,11 +97,7 @@ impl<'a> DeviceOps<'a> {
                 return Ok(device.clone());
             }
         }
-        let device = Rc::new(DeviceLayout::new(
-            self.device,
-            layout,
-            tile_rows::<f32>(),
-        )?);
+        let device = Rc::new(DeviceLayout::new(self.device, layout, tile_rows::<f32>())?);
         *kept = Some((layout.clone(), device.clone()));
         Ok(device)
     }

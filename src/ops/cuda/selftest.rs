@@ -22,9 +22,9 @@ use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
-use crate::ops::cpu::CpuOps;
 use crate::data::packing::Batch;
 use crate::data::Group;
+use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops};
 use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
 use anyhow::Result;
@@ -975,7 +975,10 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
         },
         AttentionCase {
             name: "packed",
-            layout: packed_layout(&[(21, vec![9, 30, 1]), (3, vec![40, 17]), (33, vec![5])], None),
+            layout: packed_layout(
+                &[(21, vec![9, 30, 1]), (3, vec![40, 17]), (33, vec![5])],
+                None,
+            ),
             shape: shape(8, 1, 80),
         },
         AttentionCase {
@@ -995,6 +998,8 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
 /// measured against: |v| for the output, |lse| or 1 for lse, and for each gradient the sum of
 /// the absolute values of its terms.
 struct AttentionReference {
+    /// The output before it is stored as `E`, and as stored (what the backward reads).
+    out_exact: Vec<f32>,
     out: Vec<f32>,
     lse: Vec<f32>,
     grads: [Vec<f32>; 3],
@@ -1028,7 +1033,8 @@ fn attention_reference(
     let scale = 1.0 / (hd as f64).sqrt();
     let (out, lse) = CpuOps.attention(q, k, v, layout, s);
     // The backward takes the output as stored.
-    let out = stored_out(&out);
+    let out_exact = out;
+    let out = stored_out(&out_exact);
     let (dq, dk, dv) = CpuOps.attention_backward(q, k, v, &out, &lse, dout, layout, s);
     let (q, k, v, dout) = (&q[..], &k[..], &v[..], &dout[..]);
     let at = |x: &[f32], t: usize, h: usize, heads: usize, c: usize| x[(t * heads + h) * hd + c];
@@ -1074,6 +1080,7 @@ fn attention_reference(
     let f32s = |x: &[f64]| x.iter().map(|&m| m as f32).collect::<Vec<f32>>();
     AttentionReference {
         max_lse: lse.iter().fold(0f64, |m, &x| m.max((x as f64).abs())),
+        out_exact,
         out,
         lse,
         grads: [dq, dk, dv],
@@ -1140,14 +1147,15 @@ pub fn attention<E: Float>(
     let bf16 = E::DTYPE == "bf16";
     let e = want.score_error;
     let n = want.max_keys as f64;
-    let p_rounding = if bf16 { BF16_ROUNDING / 2.0 } else { 0.0 };
+    let p_rounding = if bf16 { BF16_ROUNDING } else { 0.0 };
     let p_error = 2.0 * e + 2.0 * want.max_lse * U + 8.0 * U + p_rounding;
     let tiles = n / tile_rows::<E>() as f64;
     let out_bound = stored::<E>(2.0 * p_error + (n + tiles + 4.0) * U);
     let lse_bound = p_error + (n + tiles + 8.0) * U;
     let dp = s.head_dim.div_ceil(16) as f64 * 16.0;
-    let grad_bound =
-        stored::<E>(p_error + p_rounding + (2.0 * dp + n * (s.heads / s.kv_heads) as f64 + 8.0) * U);
+    let grad_bound = stored::<E>(
+        p_error + p_rounding + (2.0 * dp + n * (s.heads / s.kv_heads) as f64 + 8.0) * U,
+    );
     let shape = format!(
         "{} tokens, {}/{} heads of {}",
         t, s.heads, s.kv_heads, s.head_dim
@@ -1157,7 +1165,7 @@ pub fn attention<E: Float>(
             name::<E>(&format!("attention {} out", case.name)),
             shape.clone(),
             &download(device, &out)?,
-            &rounded::<E>(&want.out),
+            &want.out_exact,
             &want.out_scale,
             out_bound,
         ),
