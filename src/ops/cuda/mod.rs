@@ -4,6 +4,7 @@
 //! always built so that every test can run the whole GPU code path.
 
 pub mod attention;
+pub mod attention_bench;
 pub mod device;
 pub mod emu;
 pub mod gemm;
