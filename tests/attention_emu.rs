@@ -353,3 +353,57 @@ fn bad_layouts_and_shapes_are_errors_that_say_what_is_wrong() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("tiles have 16 rows"), "{err:#}");
 }
+
+#[test]
+fn bench_attention_prints_timings_and_tile_counts_as_json() {
+    let out = common::contralign_ok(&[
+        "bench",
+        "attention",
+        "--device",
+        "emu",
+        "--dtype",
+        "f32",
+        "--tokens",
+        "70",
+        "--mask",
+        "causal,packed",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--prompt",
+        "4",
+        "--responses",
+        "2",
+        "--response-len",
+        "33",
+        "--reps",
+        "1",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    // 70 causal tokens see 70·71/2 keys; the packed group (4 + 2·33) as many as its mask, in
+    // fewer of the 5² tiles of 16: the second response skips the first one's middle tile.
+    let packed = packed_layout(&[(4, vec![33, 33])], None);
+    let packed_pairs: usize = (0..packed.len()).map(|t| packed.keys(t).count()).sum();
+    for (case, (tokens, pairs, tiles)) in cases
+        .iter()
+        .zip([(70, 70 * 71 / 2, 25), (70, packed_pairs, 25)])
+    {
+        assert_eq!(case["tokens"], tokens, "{case}");
+        assert_eq!(case["visible_pairs"], pairs, "{case}");
+        assert_eq!(case["tiles"], tiles, "{case}");
+        for key in [
+            "forward_ms",
+            "forward_tflops",
+            "backward_ms",
+            "backward_tflops",
+        ] {
+            assert!(case[key].as_f64().unwrap() > 0.0, "{key}: {case}");
+        }
+    }
+    assert!(cases[1]["tiles_visited"].as_u64() < cases[0]["tiles_visited"].as_u64());
+}

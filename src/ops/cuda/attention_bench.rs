@@ -94,6 +94,91 @@ fn median_seconds(
     Ok(times[times.len() / 2])
 }
 
+/// One case's inputs and outputs on the device, for timing the kernels on them.
+pub struct BenchProblem<E> {
+    pub mask: BenchMask,
+    pub shape: AttentionShape,
+    pub layout: DeviceLayout,
+    /// (query, key) pairs the mask lets through, per head.
+    pub visible_pairs: u64,
+    q: Buffer<E>,
+    k: Buffer<E>,
+    v: Buffer<E>,
+    dout: Buffer<E>,
+    out: Buffer<E>,
+    lse: Buffer<f32>,
+    dq: Buffer<E>,
+    dk: Buffer<E>,
+    dv: Buffer<E>,
+}
+
+impl<E: Float> BenchProblem<E> {
+    pub fn new(
+        device: &Device,
+        mask: BenchMask,
+        tokens: usize,
+        shape: AttentionShape,
+    ) -> Result<Self> {
+        let host_layout = mask.layout(tokens);
+        let t = host_layout.len();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (q_len, kv_len) = (
+            t * shape.heads * shape.head_dim,
+            t * shape.kv_heads * shape.head_dim,
+        );
+        Ok(BenchProblem {
+            mask,
+            shape,
+            layout: DeviceLayout::new(device, &host_layout, tile_rows::<E>())?,
+            visible_pairs: (0..t).map(|i| host_layout.keys(i).count() as u64).sum(),
+            q: random(device, &mut rng, q_len)?,
+            k: random(device, &mut rng, kv_len)?,
+            v: random(device, &mut rng, kv_len)?,
+            dout: random(device, &mut rng, q_len)?,
+            out: device.alloc(q_len)?,
+            lse: device.alloc(t * shape.heads)?,
+            dq: device.alloc(q_len)?,
+            dk: device.alloc(kv_len)?,
+            dv: device.alloc(kv_len)?,
+        })
+    }
+
+    pub fn forward(&mut self, kernels: &AttentionKernels) -> Result<()> {
+        kernels.forward(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.layout,
+            self.shape,
+            &mut self.out,
+            &mut self.lse,
+        )
+    }
+
+    pub fn backward(&mut self, kernels: &AttentionKernels) -> Result<()> {
+        kernels.backward(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.out,
+            &self.lse,
+            &self.dout,
+            &self.layout,
+            self.shape,
+            &mut self.dq,
+            &mut self.dk,
+            &mut self.dv,
+        )
+    }
+
+    /// FLOPs of the forward and of the backward over the visible pairs.
+    pub fn flops(&self) -> (f64, f64) {
+        let per_pair =
+            (self.visible_pairs * (self.shape.heads * self.shape.head_dim) as u64) as f64;
+        (4.0 * per_pair, 10.0 * per_pair)
+    }
+}
+
 /// Times the forward and the backward of one case with storage `E`.
 pub fn time_attention<E: Float>(
     device: &Device,
@@ -102,36 +187,13 @@ pub fn time_attention<E: Float>(
     shape: AttentionShape,
     reps: usize,
 ) -> Result<AttentionTiming> {
-    let host_layout = mask.layout(tokens);
-    let t = host_layout.len();
-    let layout = DeviceLayout::new(device, &host_layout, tile_rows::<E>())?;
-    let visible_pairs: u64 = (0..t).map(|i| host_layout.keys(i).count() as u64).sum();
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let (q_len, kv_len) = (
-        t * shape.heads * shape.head_dim,
-        t * shape.kv_heads * shape.head_dim,
-    );
-    let q = random::<E>(device, &mut rng, q_len)?;
-    let k = random::<E>(device, &mut rng, kv_len)?;
-    let v = random::<E>(device, &mut rng, kv_len)?;
-    let dout = random::<E>(device, &mut rng, q_len)?;
-    let mut out = device.alloc::<E>(q_len)?;
-    let mut lse = device.alloc::<f32>(t * shape.heads)?;
-    let (mut dq, mut dk, mut dv) = (
-        device.alloc::<E>(q_len)?,
-        device.alloc::<E>(kv_len)?,
-        device.alloc::<E>(kv_len)?,
-    );
+    let mut p = BenchProblem::<E>::new(device, mask, tokens, shape)?;
     let kernels = AttentionKernels::new(device);
-    let forward = median_seconds(device, reps, || {
-        kernels.forward(&q, &k, &v, &layout, shape, &mut out, &mut lse)
-    })?;
-    let backward = median_seconds(device, reps, || {
-        kernels.backward(
-            &q, &k, &v, &out, &lse, &dout, &layout, shape, &mut dq, &mut dk, &mut dv,
-        )
-    })?;
-    let per_pair = (visible_pairs * shape.heads as u64 * shape.head_dim as u64) as f64;
+    let forward = median_seconds(device, reps, || p.forward(&kernels))?;
+    // The backward reads the output and lse the forward has just written.
+    let backward = median_seconds(device, reps, || p.backward(&kernels))?;
+    let (forward_flops, backward_flops) = p.flops();
+    let t = p.layout.tokens();
     Ok(AttentionTiming {
         dtype: E::DTYPE,
         mask,
@@ -139,12 +201,12 @@ pub fn time_attention<E: Float>(
         heads: shape.heads,
         kv_heads: shape.kv_heads,
         head_dim: shape.head_dim,
-        visible_pairs,
-        tiles_visited: layout.lists().visited(),
+        visible_pairs: p.visible_pairs,
+        tiles_visited: p.layout.lists().visited(),
         tiles: t.div_ceil(tile_rows::<E>()).pow(2),
         forward_ms: forward * 1e3,
-        forward_tflops: 4.0 * per_pair / forward / 1e12,
+        forward_tflops: forward_flops / forward / 1e12,
         backward_ms: backward * 1e3,
-        backward_tflops: 10.0 * per_pair / backward / 1e12,
+        backward_tflops: backward_flops / backward / 1e12,
     })
 }
