@@ -35,7 +35,7 @@ fn run(device: &Device, criterion: &mut Criterion) -> Result<()> {
             let mut p = BenchProblem::<bf16>::new(device, mask, tokens, SHAPE)?;
             let (forward_flops, backward_flops) = p.flops();
             let shape = format!("{} tokens {name}", p.layout.tokens());
-            let mut step = |p: &mut BenchProblem<bf16>, backward: bool| -> Result<()> {
+            let step = |p: &mut BenchProblem<bf16>, backward: bool| -> Result<()> {
                 if backward {
                     p.backward(&kernels)?;
                 } else {
