@@ -415,6 +415,10 @@ fn selftest_on_the_emulator_passes_and_lists_every_op() {
         "add_assign f32",
         "gemm NT bf16->bf16",
         "gemm TN bf16->f32",
+        "attention causal out f32",
+        "attention window 11 x packed lse bf16",
+        "attention_backward 1000-token stream dk f32",
+        "attention_backward packed dv bf16",
     ] {
         assert!(text.contains(op), "selftest does not list {op}:\n{text}");
     }

@@ -56,7 +56,7 @@ fn selftest_passes_on_the_gpu() {
 }
 
 /// A whole training step of the dense and the MoE fixture on the GPU against the CPU: the
-/// GEMMs, the kernels and the host-side attention and scoring together.
+/// GEMMs, the kernels (attention included) and the host-side scoring together.
 #[test]
 fn a_training_step_on_the_gpu_matches_the_cpu() {
     let Some(device) = gpu() else { return };
