@@ -411,3 +411,23 @@ fn bench_attention_prints_timings_and_tile_counts_as_json() {
     }
     assert!(cases[1]["tiles_visited"].as_u64() < cases[0]["tiles_visited"].as_u64());
 }
+
+#[test]
+fn head_dims_that_rows_cannot_load_in_16_bytes_take_the_element_loads() {
+    let mut rng = common::rng("odd_head_dims");
+    // 1 and 17: element loads in both storages; 36: 16-byte loads in f32, not in bf16.
+    for (head_dim, heads, kv_heads) in [(1, 3, 1), (17, 4, 2), (36, 2, 2)] {
+        let case = selftest::AttentionCase {
+            name: "odd head dim",
+            layout: packed_layout(&[(19, vec![7, 30]), (4, vec![12])], Some(15)),
+            shape: AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+        };
+        let mut rows = selftest::attention::<f32>(&Device::Emu, &mut rng, &case).unwrap();
+        rows.extend(selftest::attention::<bf16>(&Device::Emu, &mut rng, &case).unwrap());
+        assert!(rows.iter().all(|r| r.pass), "{}", selftest::table(&rows));
+    }
+}
