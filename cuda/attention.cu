@@ -266,6 +266,35 @@ CONTRALIGN_UNROLL
     }
 }
 
+// c = a b^T for two (kRows x head) tiles of shared memory (leading dimension ld), into the
+// fp32 tile c (leading dimension Tile<T>::kScoreLd). bf16: one 16 x 16 fragment per warp.
+// f32: one dot product per element over every thread of the block, since a 16-row tile has
+// too few fragments to keep four warps busy.
+template <class T>
+__device__ void tile_product_nt(const T* a, const T* b, float* c, int ld, int dp) {
+    constexpr int R = Tile<T>::kRows;
+    constexpr int kSld = Tile<T>::kScoreLd;
+    if constexpr (sizeof(T) == 4) {
+        for (int e = threadIdx.x; e < R * R; e += blockDim.x) {
+            const int r = e / R, col = e % R;
+            float acc = 0.0f;
+            for (int k = 0; k < dp; ++k) acc = fmaf(a[r * ld + k], b[col * ld + k], acc);
+            c[r * kSld + col] = acc;
+        }
+    } else {
+        using M = Mma<T>;
+        for (int f = threadIdx.x / 32; f < (R / 16) * (R / 16); f += kWarps) {
+            const int fr = f / (R / 16), fc = f % (R / 16);
+            typename M::Acc acc;
+            M::zero(acc);
+            for (int kk = 0; kk < dp; kk += 16) {
+                M::nt(acc, a + fr * 16 * ld + kk, ld, b + fc * 16 * ld + kk, ld);
+            }
+            M::store(c + fr * 16 * kSld + fc * 16, acc, kSld);
+        }
+    }
+}
+
 // ---- Forward --------------------------------------------------------------------------
 
 template <class T>
@@ -316,7 +345,6 @@ CONTRALIGN_UNROLL
     for (int s = 0; s < Tile<T>::kSlots; ++s) M::zero(acc[s]);
     const int col_frags = dp / 16;
     const int out_frags = (R / 16) * col_frags;
-    constexpr int score_frags = (R / 16) * (R / 16);
 
     for (int i = L.q_offsets[qt]; i < L.q_offsets[qt + 1]; ++i) {
         const int key0 = L.q_tiles[i] * R;
@@ -327,15 +355,7 @@ CONTRALIGN_UNROLL
         load_key_positions(key_pos, L, key0, R);
         __syncthreads();
         // S = Q K^T.
-        for (int f = warp; f < score_frags; f += kWarps) {
-            const int fr = f / (R / 16), fc = f % (R / 16);
-            typename M::Acc c;
-            M::zero(c);
-            for (int kk = 0; kk < dp; kk += 16) {
-                M::nt(c, qs + fr * 16 * ld + kk, ld, ks + fc * 16 * ld + kk, ld);
-            }
-            M::store(scores + fr * 16 * kSld + fc * 16, c, kSld);
-        }
+        tile_product_nt<T>(qs, ks, scores, ld, dp);
         __syncthreads();
         // Online softmax of this thread's columns my_part, my_part + kTpr, ...
         float s_vals[R / kTpr];
@@ -380,7 +400,9 @@ CONTRALIGN_UNROLL
             if (rescale) {
                 M::store(scratch, acc[s], 16);
                 __syncwarp();
-                for (int e = threadIdx.x % 32; e < 256; e += 32) scratch[e] *= alpha[fr * 16 + e / 16];
+                for (int e = threadIdx.x % 32; e < 256; e += 32) {
+                    scratch[e] *= alpha[fr * 16 + e / 16];
+                }
                 __syncwarp();
                 M::load(acc[s], scratch, 16);
             }
@@ -394,7 +416,7 @@ CONTRALIGN_UNROLL
     __syncthreads();
     write_rows<T, M>(out + static_cast<long long>(h) * D.head_dim, q_stride, row0, L.tokens,
                      D.head_dim, acc, scratch,
-                     [&](int r) { return row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f; });
+                     [row_sum](int r) { return row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f; });
     if (my_part == 0 && row0 + my_row < L.tokens) {
         lse[static_cast<long long>(row0 + my_row) * D.heads + h] =
             l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
@@ -465,26 +487,12 @@ __device__ __forceinline__ BackwardSmem<T> carve_backward(unsigned char* p, int 
 template <class T>
 __device__ void probabilities_and_score_grads(const BackwardSmem<T>& s, const LayoutArgs& L,
                                               const Dims& D, int row0, int key0) {
-    using M = Mma<T>;
     constexpr int R = Tile<T>::kRows;
     constexpr int kSld = Tile<T>::kScoreLd;
     constexpr int kPld = kSld * static_cast<int>(sizeof(float) / sizeof(T));
-    constexpr int score_frags = (R / 16) * (R / 16);
     const int dp = padded_dim(D.head_dim);
-    const int warp = threadIdx.x / 32;
-    for (int f = warp; f < 2 * score_frags; f += kWarps) {
-        const bool grad = f >= score_frags;
-        const int g = grad ? f - score_frags : f;
-        const int fr = g / (R / 16), fc = g % (R / 16);
-        const T* a = grad ? s.dos : s.qs;
-        const T* b = grad ? s.vs : s.ks;
-        typename M::Acc c;
-        M::zero(c);
-        for (int kk = 0; kk < dp; kk += 16) {
-            M::nt(c, a + fr * 16 * s.ld + kk, s.ld, b + fc * 16 * s.ld + kk, s.ld);
-        }
-        M::store((grad ? s.dscores : s.scores) + fr * 16 * kSld + fc * 16, c, kSld);
-    }
+    tile_product_nt<T>(s.qs, s.ks, s.scores, s.ld, dp);
+    tile_product_nt<T>(s.dos, s.vs, s.dscores, s.ld, dp);
     __syncthreads();
     // Every element is read before any is overwritten (bf16 P shares bytes with other
     // threads' fp32 S): read, barrier, write.
@@ -590,7 +598,7 @@ CONTRALIGN_UNROLL
     }
     const float scale = D.scale_log2 * kLn2;
     write_rows<T, M>(dk + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0, L.tokens,
-                     D.head_dim, dk_acc, s.scratch, [&](int) { return scale; });
+                     D.head_dim, dk_acc, s.scratch, [scale](int) { return scale; });
     write_rows<T, M>(dv + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0, L.tokens,
                      D.head_dim, dv_acc, s.scratch, [](int) { return 1.0f; });
 }
@@ -648,7 +656,7 @@ CONTRALIGN_UNROLL
     }
     const float scale = D.scale_log2 * kLn2;
     write_rows<T, M>(dq + static_cast<long long>(h) * D.head_dim, q_stride, row0, L.tokens,
-                     D.head_dim, dq_acc, s.scratch, [&](int) { return scale; });
+                     D.head_dim, dq_acc, s.scratch, [scale](int) { return scale; });
 }
 
 }  // namespace
@@ -656,7 +664,7 @@ CONTRALIGN_UNROLL
 #define CONTRALIGN_ATTENTION_KERNELS(suffix, T)                                                 \
     extern "C" __global__ void __launch_bounds__(kThreads)                                      \
         attention_forward_##suffix(const T* q, const T* k, const T* v, T* out, float* lse,      \
-                                   AttentionLayoutArgs layout, AttentionDims dims) {                              \
+                                   AttentionLayoutArgs layout, AttentionDims dims) {            \
         attention_forward<T>(q, k, v, out, lse, layout, dims);                                  \
     }                                                                                           \
     extern "C" __global__ void attention_backward_delta_##suffix(                               \
@@ -665,12 +673,12 @@ CONTRALIGN_UNROLL
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_##suffix(    \
         const T* q, const T* k, const T* v, const float* lse, const float* delta,               \
-        const T* dout, T* dk, T* dv, AttentionLayoutArgs layout, AttentionDims dims) {                            \
+        const T* dout, T* dk, T* dv, AttentionLayoutArgs layout, AttentionDims dims) {          \
         attention_backward_dkdv<T>(q, k, v, lse, delta, dout, dk, dv, layout, dims);            \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(kThreads) attention_backward_dq_##suffix(      \
         const T* q, const T* k, const T* v, const float* lse, const float* delta,               \
-        const T* dout, T* dq, AttentionLayoutArgs layout, AttentionDims dims) {                                   \
+        const T* dout, T* dq, AttentionLayoutArgs layout, AttentionDims dims) {                 \
         attention_backward_dq<T>(q, k, v, lse, delta, dout, dq, layout, dims);                  \
     }
 
