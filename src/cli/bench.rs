@@ -38,8 +38,10 @@ enum MaskKind {
 /// backward). The defaults are Mistral-7B's shapes.
 #[derive(Args, Debug)]
 pub struct AttentionBenchArgs {
+    /// Where the kernels run (emu: the emulator, for checking the command, not for timing).
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
+    /// Storage of Q, K, V and the outputs (bf16: tensor cores; f32: what the model uses today).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Stream lengths; a packed case holds as many whole groups as fit (at least one).
