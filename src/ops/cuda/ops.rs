@@ -1,8 +1,8 @@
 //! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
 //! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
 //! backward), accumulation and every projection (GEMM) run there. The MoE row gathers and
-//! scatters, and the fused LM-head scoring have no kernels yet: they copy their operands to the host, run the CPU
-//! reference and copy the results back (correct, and slow on a GPU).
+//! scatters and the fused LM-head scoring have no kernels yet: they copy their operands to
+//! the host, run the CPU reference and copy the results back (correct, and slow on a GPU).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
