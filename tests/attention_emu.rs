@@ -6,9 +6,11 @@
 
 mod common;
 
-use contralign::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout, TileLists};
+use contralign::ops::cuda::attention::{
+    packed_layout, tile_rows, AttentionKernels, DeviceLayout, TileLists,
+};
 use contralign::ops::cuda::device::{Buffer, Device, Float};
-use contralign::ops::cuda::selftest::{self, packed_layout};
+use contralign::ops::cuda::selftest;
 use contralign::ops::{AttentionLayout, AttentionShape};
 use half::bf16;
 use rand::rngs::StdRng;

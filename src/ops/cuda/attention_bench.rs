@@ -5,9 +5,8 @@
 //! 4 · hd FLOPs each for the forward (two products), 10 · hd for the backward (five), the
 //! convention of FlashAttention's papers, so a kernel that computes masked pairs gains nothing.
 
-use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
-use super::selftest::packed_layout;
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};

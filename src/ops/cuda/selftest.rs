@@ -18,12 +18,10 @@
 //! - Ops that only move or convert values (embedding, casts) and AdamW on f32 (the CPU's
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
-use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
-use crate::data::packing::Batch;
-use crate::data::Group;
 use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops};
 use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
@@ -927,20 +925,6 @@ pub struct AttentionCase {
     pub name: &'static str,
     pub layout: AttentionLayout,
     pub shape: AttentionShape,
-}
-
-/// The layout `data::packing` gives groups of these prompt and response lengths.
-pub fn packed_layout(groups: &[(usize, Vec<usize>)], window: Option<usize>) -> AttentionLayout {
-    let groups: Vec<Group> = groups
-        .iter()
-        .map(|(prompt, responses)| Group {
-            prompt: vec![0; *prompt],
-            responses: responses.iter().map(|&r| vec![0; r]).collect(),
-            rewards: vec![0.0; responses.len()],
-            source: String::new(),
-        })
-        .collect();
-    Batch::pack(&groups, window, |_| false).layout
 }
 
 /// Every mask kind (causal, sliding window, packed groups, window × packed groups), head dims
