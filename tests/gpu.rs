@@ -153,3 +153,75 @@ fn trap_in_this_process() {
         Ok(values) => panic!("an id past the table of {vocab} rows passed: {values:?}"),
     }
 }
+
+/// Attention at Mistral-7B's head shape (32 query heads, 8 KV heads, head dim 128) over a
+/// packed group of a 512-token prompt and two responses with a 128-token window: many tiles
+/// and blocks at once against the CPU, and the backward's bits the same on a second run.
+#[test]
+fn attention_at_mistral_head_shapes_matches_the_cpu_and_repeats_its_bits() {
+    use contralign::ops::cuda::attention::DeviceLayout;
+    use contralign::ops::cuda::attention::{packed_layout, tile_rows, AttentionKernels};
+    use contralign::ops::AttentionShape;
+    let Some(device) = gpu() else { return };
+    let seed = fresh_seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let case = selftest::AttentionCase {
+        name: "mistral heads",
+        layout: packed_layout(&[(512, vec![128, 200])], Some(128)),
+        shape: AttentionShape {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+        },
+    };
+    let mut rows = selftest::attention::<bf16>(&device, &mut rng, &case).unwrap();
+    rows.extend(selftest::attention::<f32>(&device, &mut rng, &case).unwrap());
+    print!("{}", selftest::table(&rows));
+    assert_pass(&rows, "attention", seed);
+
+    let s = case.shape;
+    let t = case.layout.len();
+    let layout = DeviceLayout::new(&device, &case.layout, tile_rows::<bf16>()).unwrap();
+    let random = |n: usize, rng: &mut StdRng| {
+        use rand::Rng;
+        let x: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(rng.gen_range(-2.0..2.0)))
+            .collect();
+        device.upload(&x).unwrap()
+    };
+    let (q, k, v, dout) = (
+        random(t * s.heads * s.head_dim, &mut rng),
+        random(t * s.kv_heads * s.head_dim, &mut rng),
+        random(t * s.kv_heads * s.head_dim, &mut rng),
+        random(t * s.heads * s.head_dim, &mut rng),
+    );
+    let kernels = AttentionKernels::new(&device);
+    let mut out = device.alloc::<bf16>(q.len()).unwrap();
+    let mut lse = device.alloc::<f32>(t * s.heads).unwrap();
+    kernels
+        .forward(&q, &k, &v, &layout, s, &mut out, &mut lse)
+        .unwrap();
+    let backward = || {
+        let mut dq = device.alloc::<bf16>(q.len()).unwrap();
+        let mut dk = device.alloc::<bf16>(k.len()).unwrap();
+        let mut dv = device.alloc::<bf16>(v.len()).unwrap();
+        kernels
+            .backward(
+                &q, &k, &v, &out, &lse, &dout, &layout, s, &mut dq, &mut dk, &mut dv,
+            )
+            .unwrap();
+        [dq, dk, dv].map(|g| {
+            let g: Vec<u16> = device
+                .download(&g)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            g
+        })
+    };
+    assert!(
+        backward() == backward(),
+        "the backward's bits differ between runs"
+    );
+}
