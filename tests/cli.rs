@@ -295,6 +295,49 @@ fn loss_flags(loss: &str, hp: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
+fn eval_on_the_emulated_device_matches_the_cpu() {
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let run = |device: &str| -> serde_json::Value {
+            let (model, reference) = (fx(name), fx(&format!("{name}-ref")));
+            let data = fx(&format!("{name}.reward.jsonl"));
+            let out = contralign_ok(&[
+                "eval",
+                "--model",
+                &model,
+                "--ref-model",
+                &reference,
+                "--data",
+                &data,
+                "--loss",
+                "nca",
+                "--device",
+                device,
+            ]);
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let (cpu, emu) = (run("cpu"), run("emu"));
+        assert_close(
+            &format!("{name} eval nca loss on emu"),
+            emu["loss"].as_f64().unwrap(),
+            cpu["loss"].as_f64().unwrap(),
+            1e-5,
+        );
+        let metrics = cpu["metrics"].as_object().unwrap();
+        assert!(metrics.values().any(|v| v.is_f64()), "{cpu}");
+        for (key, want) in metrics {
+            let (got, want) = (emu["metrics"][key].as_f64(), want.as_f64());
+            if let (Some(got), Some(want)) = (got, want) {
+                let tolerance = 1e-5 * want.abs().max(1.0);
+                assert!(
+                    (got - want).abs() <= tolerance,
+                    "{name} {key}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn eval_reproduces_every_golden_model_loss() {
     for name in ["tiny-mistral", "tiny-mixtral"] {
         let golden = Golden::load(&format!("{name}.golden.safetensors"));
@@ -415,6 +458,10 @@ fn selftest_on_the_emulator_passes_and_lists_every_op() {
         "add_assign f32",
         "gemm NT bf16->bf16",
         "gemm TN bf16->f32",
+        "attention causal out f32",
+        "attention window 11 x packed lse bf16",
+        "attention_backward 1000-token stream dk f32",
+        "attention_backward packed dv bf16",
     ] {
         assert!(text.contains(op), "selftest does not list {op}:\n{text}");
     }

@@ -7,6 +7,7 @@ mod common;
 use common::device_step::check_step_on_device;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::kernels::Kernels;
+use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::selftest::{self, Row};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -56,7 +57,7 @@ fn selftest_passes_on_the_gpu() {
 }
 
 /// A whole training step of the dense and the MoE fixture on the GPU against the CPU: the
-/// GEMMs, the kernels and the host-side attention and scoring together.
+/// GEMMs, the kernels (attention included) and the host-side scoring together.
 #[test]
 fn a_training_step_on_the_gpu_matches_the_cpu() {
     let Some(device) = gpu() else { return };
@@ -152,4 +153,77 @@ fn trap_in_this_process() {
         Err(e) => println!("launch failed as it should: {e:#}"),
         Ok(values) => panic!("an id past the table of {vocab} rows passed: {values:?}"),
     }
+}
+
+/// Attention at Mistral-7B's head shape (32 query heads, 8 KV heads, head dim 128) over a
+/// packed group of a 512-token prompt and two responses with a 128-token window: many tiles
+/// and blocks at once against the CPU, and the backward's bits the same on a second run.
+#[test]
+fn attention_at_mistral_head_shapes_matches_the_cpu_and_repeats_its_bits() {
+    use contralign::ops::cuda::attention::DeviceLayout;
+    use contralign::ops::cuda::attention::{packed_layout, tile_rows, AttentionKernels};
+    use contralign::ops::AttentionShape;
+    let Some(device) = gpu() else { return };
+    let seed = fresh_seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let case = selftest::AttentionCase {
+        name: "mistral heads",
+        layout: packed_layout(&[(512, vec![128, 200])], Some(128)),
+        shape: AttentionShape {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+        },
+    };
+    let mut rows = selftest::attention::<bf16>(&device, &mut rng, &case).unwrap();
+    rows.extend(selftest::attention::<f32>(&device, &mut rng, &case).unwrap());
+    print!("{}", selftest::table(&rows));
+    assert_pass(&rows, "attention", seed);
+
+    let s = case.shape;
+    let t = case.layout.len();
+    let layout =
+        DeviceLayout::new(&device, &Pool::default(), &case.layout, tile_rows::<bf16>()).unwrap();
+    let random = |n: usize, rng: &mut StdRng| {
+        use rand::Rng;
+        let x: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(rng.gen_range(-2.0..2.0)))
+            .collect();
+        device.upload(&x).unwrap()
+    };
+    let (q, k, v, dout) = (
+        random(t * s.heads * s.head_dim, &mut rng),
+        random(t * s.kv_heads * s.head_dim, &mut rng),
+        random(t * s.kv_heads * s.head_dim, &mut rng),
+        random(t * s.heads * s.head_dim, &mut rng),
+    );
+    let kernels = AttentionKernels::new(&device);
+    let mut out = device.alloc::<bf16>(q.len()).unwrap();
+    let mut lse = device.alloc::<f32>(t * s.heads).unwrap();
+    kernels
+        .forward(&q, &k, &v, &layout, s, &mut out, &mut lse)
+        .unwrap();
+    let backward = || {
+        let mut dq = device.alloc::<bf16>(q.len()).unwrap();
+        let mut dk = device.alloc::<bf16>(k.len()).unwrap();
+        let mut dv = device.alloc::<bf16>(v.len()).unwrap();
+        kernels
+            .backward(
+                &q, &k, &v, &out, &lse, &dout, &layout, s, &mut dq, &mut dk, &mut dv,
+            )
+            .unwrap();
+        [dq, dk, dv].map(|g| {
+            let g: Vec<u16> = device
+                .download(&g)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            g
+        })
+    };
+    assert!(
+        backward() == backward(),
+        "the backward's bits differ between runs"
+    );
 }

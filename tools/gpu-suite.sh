@@ -7,8 +7,9 @@
 #       packs them into DIR/suite.tar.xz when they are too large to carry loose.
 #   tools/gpu-suite.sh run DIR OUT   (on the GPU machine) runs, each with a time limit and its
 #       log in OUT: `contralign selftest --device cuda`, the GPU tests, the emulator tests (a
-#       check that the binaries run there at all) and the bench; then writes OUT/summary.md
-#       (steps, exit statuses, times, the selftest table, the bench summary). It carries on
+#       check that the binaries run there at all), the bench and `contralign bench attention`;
+#       then writes OUT/summary.md (steps, exit statuses, times, the selftest table, the bench
+#       summary, the attention bench's JSON). It carries on
 #       past a failing step and exits non-zero if any failed.
 #
 # `run` fits the device tool's 600 s per command: its steps' limits add up to 540 s, and it
@@ -195,7 +196,8 @@ run() {
     step selftest 60 "$bin/contralign" selftest --device cuda
     step test-gpu 150 "$bin/test-gpu" --nocapture --test-threads=1
     step test-kernels-emu 60 "$bin/test-kernels-emu"
-    step bench 270 "$bin/bench-kernels" --bench --noplot
+    step bench 230 "$bin/bench-kernels" --bench --noplot
+    step bench-attention 40 "$bin/contralign" bench attention --device cuda --reps 5
 
     {
         echo "# GPU suite"
@@ -234,6 +236,12 @@ run() {
             tail -n 20 "$out/bench.log"
             echo '```'
         fi
+        echo
+        echo "## contralign bench attention (bench-attention.log)"
+        echo
+        echo '```'
+        cat "$out/bench-attention.log"
+        echo '```'
         local name
         for name in "${failed[@]}"; do
             [[ $name == selftest ]] && continue

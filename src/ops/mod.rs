@@ -14,7 +14,7 @@ pub mod optimizer;
 /// Token `t` sees keys in `[context_start[t], context_end[t])` (its group's prompt, empty for
 /// prompt tokens) and in `[own_start[t], t]` (its own segment up to itself), restricted to
 /// `positions[t] - window < positions[key]` when a sliding window is set.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AttentionLayout {
     pub positions: Vec<u32>,
     pub context_start: Vec<u32>,

@@ -3,6 +3,8 @@
 //! build.rs embeds (`--features cuda`), or on the host in the emulator ([`emu`]), which is
 //! always built so that every test can run the whole GPU code path.
 
+pub mod attention;
+pub mod attention_bench;
 pub mod device;
 pub mod emu;
 pub mod gemm;

@@ -1,17 +1,18 @@
 //! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
-//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, accumulation and every
-//! projection (GEMM) run there. Attention, the MoE row gathers and scatters, and the fused
-//! LM-head scoring have no kernels yet: they copy their operands to the host, run the CPU
-//! reference and copy the results back (correct, and slow on a GPU).
+//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
+//! backward), accumulation and every projection (GEMM) run there. The MoE row gathers and
+//! scatters and the fused LM-head scoring have no kernels yet: they copy their operands to
+//! the host, run the CPU reference and copy the results back (correct, and slow on a GPU).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
-use super::device::{Device, View};
+use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::device::Device;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
-use super::pool::{Lease, Pool, Tensor};
+use super::pool::{Leased, Pool, Tensor};
 use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use anyhow::Result;
@@ -22,7 +23,7 @@ use std::rc::Rc;
 const KEPT_INDEX_LISTS: usize = 2;
 
 /// An index list and its copy on the device.
-type IndexList = (Vec<u32>, Rc<(View<u32>, Lease)>);
+type IndexList = (Vec<u32>, Rc<Leased<u32>>);
 
 pub struct DeviceOps<'a> {
     device: &'a Device,
@@ -34,6 +35,9 @@ pub struct DeviceOps<'a> {
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
     index_lists: RefCell<Vec<IndexList>>,
+    /// The attention layout uploaded last, with its device copy: every layer's attention,
+    /// forward and backward, takes the batch's layout.
+    attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
 }
 
 impl<'a> DeviceOps<'a> {
@@ -50,6 +54,7 @@ impl<'a> DeviceOps<'a> {
             pool,
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
+            attention_layout: RefCell::new(None),
         }
     }
 
@@ -97,19 +102,35 @@ impl<'a> DeviceOps<'a> {
     }
 
     /// `values` on the device, uploaded unless they are one of the lists kept from before.
-    fn indices(&self, values: &[u32]) -> Result<Rc<(View<u32>, Lease)>> {
+    fn indices(&self, values: &[u32]) -> Result<Rc<Leased<u32>>> {
         let mut kept = self.index_lists.borrow_mut();
         if let Some((_, buffer)) = kept.iter().find(|(list, _)| list == values) {
             return Ok(buffer.clone());
         }
-        let (mut view, lease) = self.pool.take::<u32>(self.device, values.len())?;
-        self.device.copy_to(&mut view, values)?;
-        let buffer = Rc::new((view, lease));
+        let buffer = Rc::new(self.pool.upload(self.device, values)?);
         if kept.len() == KEPT_INDEX_LISTS {
             kept.remove(0);
         }
         kept.push((values.to_vec(), buffer.clone()));
         Ok(buffer)
+    }
+
+    /// `layout` on the device (with f32 tile lists), uploaded unless it is the one from before.
+    fn attention_layout(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+        let mut kept = self.attention_layout.borrow_mut();
+        if let Some((host, device)) = kept.as_ref() {
+            if host == layout {
+                return Ok(device.clone());
+            }
+        }
+        let device = Rc::new(DeviceLayout::new(
+            self.device,
+            &self.pool,
+            layout,
+            tile_rows::<f32>(),
+        )?);
+        *kept = Some((layout.clone(), device.clone()));
+        Ok(device)
     }
 
     /// A tensor of `len` elements whose contents are undefined until an op writes them.
@@ -173,8 +194,8 @@ impl Ops for DeviceOps<'_> {
             || Self::placeholder(ids.len() * d),
             || {
                 let ids = self.indices(ids)?;
-                let mut out = self.alloc(ids.0.len() * d)?;
-                self.kernels.embedding_forward(table, &ids.0, &mut out, d)?;
+                let mut out = self.alloc(ids.len() * d)?;
+                self.kernels.embedding_forward(table, &*ids, &mut out, d)?;
                 Ok(out)
             },
         )
@@ -186,7 +207,7 @@ impl Ops for DeviceOps<'_> {
             || (),
             || {
                 let ids = self.indices(ids)?;
-                self.kernels.embedding_backward(dout, &ids.0, dtable, d)
+                self.kernels.embedding_backward(dout, &*ids, dtable, d)
             },
         )
     }
@@ -273,7 +294,7 @@ impl Ops for DeviceOps<'_> {
             || {
                 let positions = self.indices(positions)?;
                 self.kernels
-                    .rope(x, &positions.0, heads, head_dim, theta, inverse)
+                    .rope(x, &*positions, heads, head_dim, theta, inverse)
             },
         )
     }
@@ -288,7 +309,7 @@ impl Ops for DeviceOps<'_> {
     ) -> (Tensor, Tensor) {
         let tokens = layout.len();
         self.attempt(
-            "attention (on the host)",
+            "attention",
             || {
                 (
                     Self::placeholder(q.len()),
@@ -296,14 +317,12 @@ impl Ops for DeviceOps<'_> {
                 )
             },
             || {
-                let (out, lse) = CpuOps.attention(
-                    &self.host(q)?,
-                    &self.host(k)?,
-                    &self.host(v)?,
-                    layout,
-                    shape,
-                );
-                Ok((self.put(&out)?, self.put(&lse)?))
+                let layout = self.attention_layout(layout)?;
+                let mut out = self.alloc(q.len())?;
+                let mut lse = self.alloc(tokens * shape.heads)?;
+                AttentionKernels::with_scratch(self.device, self.pool.clone())
+                    .forward(q, k, v, &layout, shape, &mut out, &mut lse)?;
+                Ok((out, lse))
             },
         )
     }
@@ -320,7 +339,7 @@ impl Ops for DeviceOps<'_> {
         shape: AttentionShape,
     ) -> (Tensor, Tensor, Tensor) {
         self.attempt(
-            "attention_backward (on the host)",
+            "attention_backward",
             || {
                 (
                     Self::placeholder(q.len()),
@@ -329,17 +348,14 @@ impl Ops for DeviceOps<'_> {
                 )
             },
             || {
-                let (dq, dk, dv) = CpuOps.attention_backward(
-                    &self.host(q)?,
-                    &self.host(k)?,
-                    &self.host(v)?,
-                    &self.host(out)?,
-                    &self.host(lse)?,
-                    &self.host(dout)?,
-                    layout,
-                    shape,
-                );
-                Ok((self.put(&dq)?, self.put(&dk)?, self.put(&dv)?))
+                let layout = self.attention_layout(layout)?;
+                let mut dq = self.alloc(q.len())?;
+                let mut dk = self.alloc(k.len())?;
+                let mut dv = self.alloc(v.len())?;
+                AttentionKernels::with_scratch(self.device, self.pool.clone()).backward(
+                    q, k, v, out, lse, dout, &layout, shape, &mut dq, &mut dk, &mut dv,
+                )?;
+                Ok((dq, dk, dv))
             },
         )
     }

@@ -149,6 +149,44 @@ impl Pool {
     }
 }
 
+/// A view of a [`Pool`] with its lease: index lists and other batch data on the device.
+pub struct Leased<T> {
+    view: View<T>,
+    _lease: Lease,
+}
+
+impl<T: bytemuck::Pod> Leased<T> {
+    pub fn len(&self) -> usize {
+        self.view.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.view.is_empty()
+    }
+
+    pub fn device_ptr(&self) -> u64 {
+        self.view.device_ptr()
+    }
+}
+
+impl<T: bytemuck::Pod> AsView<T> for Leased<T> {
+    fn view(&self) -> View<T> {
+        self.view
+    }
+}
+
+impl Pool {
+    /// `data` on the device, in a region of the pool.
+    pub fn upload<T: bytemuck::Pod>(&self, device: &Device, data: &[T]) -> Result<Leased<T>> {
+        let (mut view, lease) = self.take::<T>(device, data.len())?;
+        device.copy_to(&mut view, data)?;
+        Ok(Leased {
+            view,
+            _lease: lease,
+        })
+    }
+}
+
 /// What holds a [`Tensor`]'s memory.
 enum Backing {
     /// Memory someone else owns for longer (the engine's parameter store).

@@ -20,12 +20,14 @@
 
 pub mod loss;
 
+use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
+use super::pool::Pool;
 use crate::ops::cpu::CpuOps;
 use crate::ops::optimizer::{clip_global_norm, global_norm, AdamW, AdamWConfig};
-use crate::ops::Ops;
+use crate::ops::{AttentionLayout, AttentionShape, Ops};
 use anyhow::Result;
 use half::bf16;
 use rand::rngs::StdRng;
@@ -950,6 +952,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(add_assign(&k, rng, 4099)?);
     rows.extend(gemms(device, rng)?);
     rows.extend(loss::rows(device, rng, 37)?);
+    rows.extend(attention_rows(device, rng)?);
     device.synchronize()?;
     Ok(rows)
 }
@@ -1006,4 +1009,273 @@ pub fn table(rows: &[Row]) -> String {
         out.push_str(&line(row));
     }
     out
+}
+
+/// One attention check: a layout and the shape of its heads.
+pub struct AttentionCase {
+    pub name: &'static str,
+    pub layout: AttentionLayout,
+    pub shape: AttentionShape,
+}
+
+/// Every mask kind (causal, sliding window, packed groups, window × packed groups), head dims
+/// 24, 64, 80 and 128, grouped-query ratios 1, 4 and 8, and a stream of 1000 tokens in many
+/// small groups.
+pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
+    let shape = |heads, kv_heads, head_dim| AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let mut stream = Vec::new();
+    let mut tokens = 0;
+    while tokens < 1000 {
+        let prompt = rng.gen_range(1..40);
+        let responses: Vec<usize> = (0..rng.gen_range(1..5))
+            .map(|_| rng.gen_range(1..30))
+            .collect();
+        tokens += prompt + responses.iter().sum::<usize>();
+        stream.push((prompt, responses));
+    }
+    vec![
+        AttentionCase {
+            name: "causal",
+            layout: AttentionLayout::causal(77, None),
+            shape: shape(4, 4, 64),
+        },
+        AttentionCase {
+            name: "window 13",
+            layout: AttentionLayout::causal(93, Some(13)),
+            shape: shape(8, 2, 24),
+        },
+        AttentionCase {
+            name: "packed",
+            layout: packed_layout(
+                &[(21, vec![9, 30, 1]), (3, vec![40, 17]), (33, vec![5])],
+                None,
+            ),
+            shape: shape(8, 1, 80),
+        },
+        AttentionCase {
+            name: "window 11 x packed",
+            layout: packed_layout(&[(40, vec![25, 19]), (9, vec![31, 2, 6])], Some(11)),
+            shape: shape(4, 1, 128),
+        },
+        AttentionCase {
+            name: "1000-token stream",
+            layout: packed_layout(&stream, None),
+            shape: shape(2, 1, 64),
+        },
+    ]
+}
+
+/// The reference's view of one attention problem and the magnitudes its errors are
+/// measured against: |v| for the output, |lse| or 1 for lse, and for each gradient the sum of
+/// the absolute values of its terms.
+struct AttentionReference {
+    /// The output before it is stored as `E`, and as stored (what the backward reads).
+    out_exact: Vec<f32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    grads: [Vec<f32>; 3],
+    out_scale: Vec<f32>,
+    grad_scales: [Vec<f32>; 3],
+    /// The largest score error of an fp32 dot product over the padded head, relative to
+    /// nothing (scores are logits): (dp + 4) u max Σ|q k| scale.
+    score_error: f64,
+    /// The most keys a row sees.
+    max_keys: usize,
+    max_lse: f64,
+}
+
+/// The inputs of one attention check, as stored.
+struct AttentionInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+fn attention_reference(
+    x: &AttentionInputs,
+    layout: &AttentionLayout,
+    s: AttentionShape,
+    stored_out: impl Fn(&[f32]) -> Vec<f32>,
+) -> AttentionReference {
+    let (q, k, v, dout) = (&x.q, &x.k, &x.v, &x.dout);
+    let (hq, hkv, hd) = (s.heads, s.kv_heads, s.head_dim);
+    let group = hq / hkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (out, lse) = CpuOps.attention(q, k, v, layout, s);
+    // The backward takes the output as stored.
+    let out_exact = out;
+    let out = stored_out(&out_exact);
+    let (dq, dk, dv) = CpuOps.attention_backward(q, k, v, &out, &lse, dout, layout, s);
+    let (q, k, v, dout) = (&q[..], &k[..], &v[..], &dout[..]);
+    let at = |x: &[f32], t: usize, h: usize, heads: usize, c: usize| x[(t * heads + h) * hd + c];
+    let mut out_scale = vec![0f32; out.len()];
+    let mut mags = [
+        vec![0f64; dq.len()],
+        vec![0f64; dk.len()],
+        vec![0f64; dv.len()],
+    ];
+    let (mut max_score, mut max_keys) = (0f64, 0usize);
+    for t in 0..layout.len() {
+        let keys: Vec<usize> = layout.keys(t).collect();
+        max_keys = max_keys.max(keys.len());
+        for h in 0..hq {
+            let g = h / group;
+            let l = lse[t * hq + h] as f64;
+            let delta_mag: f64 = (0..hd)
+                .map(|c| (at(dout, t, h, hq, c) as f64 * at(&out, t, h, hq, c) as f64).abs())
+                .sum();
+            for &key in &keys {
+                let (mut dot, mut dot_mag, mut dp_mag) = (0f64, 0f64, 0f64);
+                for c in 0..hd {
+                    let qk = at(q, t, h, hq, c) as f64 * at(k, key, g, hkv, c) as f64;
+                    dot += qk;
+                    dot_mag += qk.abs();
+                    dp_mag += (at(dout, t, h, hq, c) as f64 * at(v, key, g, hkv, c) as f64).abs();
+                }
+                max_score = max_score.max(scale * dot_mag);
+                let p = (scale * dot - l).exp();
+                let ds_mag = p * (dp_mag + delta_mag) * scale;
+                for c in 0..hd {
+                    let i = (t * hq + h) * hd + c;
+                    let j = (key * hkv + g) * hd + c;
+                    out_scale[i] = out_scale[i].max(at(v, key, g, hkv, c).abs());
+                    mags[0][i] += ds_mag * at(k, key, g, hkv, c).abs() as f64;
+                    mags[1][j] += ds_mag * at(q, t, h, hq, c).abs() as f64;
+                    mags[2][j] += p * at(dout, t, h, hq, c).abs() as f64;
+                }
+            }
+        }
+    }
+    let padded = hd.div_ceil(16) * 16;
+    let f32s = |x: &[f64]| x.iter().map(|&m| m as f32).collect::<Vec<f32>>();
+    AttentionReference {
+        max_lse: lse.iter().fold(0f64, |m, &x| m.max((x as f64).abs())),
+        out_exact,
+        out,
+        lse,
+        grads: [dq, dk, dv],
+        out_scale,
+        grad_scales: [f32s(&mags[0]), f32s(&mags[1]), f32s(&mags[2])],
+        score_error: (padded as f64 + 4.0) * U * max_score,
+        max_keys,
+    }
+}
+
+/// Attention forward and backward of `case` with storage `E` against the CPU reference (on
+/// the inputs rounded to `E`). The bounds: a score errs by at most `e` (the fp32 dot over the
+/// padded head), which moves a probability by `2e` relative (its own error and the row
+/// maximum's); bf16 rounds each probability (and each score gradient) once more. The output
+/// is a weighted mean of value rows, so it errs relative to their largest magnitude; the
+/// gradients relative to the sums of their terms' magnitudes; sums of `n` terms add `n u`.
+pub fn attention<E: Float>(
+    device: &Device,
+    rng: &mut StdRng,
+    case: &AttentionCase,
+) -> Result<Vec<Row>> {
+    let s = case.shape;
+    let t = case.layout.len();
+    let x = AttentionInputs {
+        q: rounded::<E>(&random(rng, t * s.heads * s.head_dim, 2.0)),
+        k: rounded::<E>(&random(rng, t * s.kv_heads * s.head_dim, 2.0)),
+        v: rounded::<E>(&random(rng, t * s.kv_heads * s.head_dim, 2.0)),
+        dout: rounded::<E>(&random(rng, t * s.heads * s.head_dim, 2.0)),
+    };
+    let want = attention_reference(&x, &case.layout, s, rounded::<E>);
+    let (q, k, v) = (&x.q, &x.k, &x.v);
+
+    let kernels = AttentionKernels::new(device);
+    let layout = DeviceLayout::new(device, &Pool::default(), &case.layout, tile_rows::<E>())?;
+    let (qb, kb, vb) = (
+        upload::<E>(device, q)?,
+        upload::<E>(device, k)?,
+        upload::<E>(device, v)?,
+    );
+    let mut out = device.alloc::<E>(q.len())?;
+    let mut lse = device.alloc::<f32>(t * s.heads)?;
+    kernels.forward(&qb, &kb, &vb, &layout, s, &mut out, &mut lse)?;
+    let (stored_out, lse_ref) = (upload::<E>(device, &want.out)?, device.upload(&want.lse)?);
+    let mut grads = [
+        device.alloc::<E>(q.len())?,
+        device.alloc::<E>(k.len())?,
+        device.alloc::<E>(v.len())?,
+    ];
+    let [dq, dk, dv] = &mut grads;
+    kernels.backward(
+        &qb,
+        &kb,
+        &vb,
+        &stored_out,
+        &lse_ref,
+        &upload::<E>(device, &x.dout)?,
+        &layout,
+        s,
+        dq,
+        dk,
+        dv,
+    )?;
+
+    let bf16 = E::DTYPE == "bf16";
+    let e = want.score_error;
+    let n = want.max_keys as f64;
+    let p_rounding = if bf16 { BF16_ROUNDING } else { 0.0 };
+    let p_error = 2.0 * e + 2.0 * want.max_lse * U + 8.0 * U + p_rounding;
+    let tiles = n / tile_rows::<E>() as f64;
+    let out_bound = stored::<E>(2.0 * p_error + (n + tiles + 4.0) * U);
+    let lse_bound = p_error + (n + tiles + 8.0) * U;
+    let dp = s.head_dim.div_ceil(16) as f64 * 16.0;
+    let grad_bound = stored::<E>(
+        p_error + p_rounding + (2.0 * dp + n * (s.heads / s.kv_heads) as f64 + 8.0) * U,
+    );
+    let shape = format!(
+        "{} tokens, {}/{} heads of {}",
+        t, s.heads, s.kv_heads, s.head_dim
+    );
+    let mut rows = vec![
+        compare(
+            name::<E>(&format!("attention {} out", case.name)),
+            shape.clone(),
+            &download(device, &out)?,
+            &want.out_exact,
+            &want.out_scale,
+            out_bound,
+        ),
+        compare(
+            name::<E>(&format!("attention {} lse", case.name)),
+            shape.clone(),
+            &device.download(&lse)?,
+            &want.lse,
+            &vec![1.0; want.lse.len()],
+            lse_bound,
+        ),
+    ];
+    for ((what, got), (w, scale)) in ["dq", "dk", "dv"]
+        .iter()
+        .zip(&grads)
+        .zip(want.grads.iter().zip(&want.grad_scales))
+    {
+        rows.push(compare(
+            name::<E>(&format!("attention_backward {} {what}", case.name)),
+            shape.clone(),
+            &download(device, got)?,
+            w,
+            scale,
+            grad_bound,
+        ));
+    }
+    Ok(rows)
+}
+
+/// [`attention`] for every case of [`attention_cases`], in f32 and bf16.
+pub fn attention_rows(device: &Device, rng: &mut StdRng) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for case in attention_cases(rng) {
+        rows.extend(attention::<f32>(device, rng, &case)?);
+        rows.extend(attention::<bf16>(device, rng, &case)?);
+    }
+    Ok(rows)
 }

@@ -1,0 +1,212 @@
+//! Timing of the attention kernels at given shapes on random inputs made on the device's side
+//! of the link (`contralign bench attention`, benches/attention.rs).
+//!
+//! Work is counted over the (query, key) pairs the mask lets through, per query head:
+//! 4 · hd FLOPs each for the forward (two products), 10 · hd for the backward (five), the
+//! convention of FlashAttention's papers, so a kernel that computes masked pairs gains nothing.
+
+use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
+use super::device::{Buffer, Device, Float};
+use super::pool::Pool;
+use crate::ops::{AttentionLayout, AttentionShape};
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The mask of a benchmark case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchMask {
+    /// One causal sequence of the given length.
+    Causal,
+    /// Groups of one prompt and `responses` responses of `response_len`, as many as fit in
+    /// the token count (at least one).
+    Packed {
+        prompt: usize,
+        responses: usize,
+        response_len: usize,
+    },
+}
+
+impl BenchMask {
+    pub fn layout(&self, tokens: usize) -> AttentionLayout {
+        match *self {
+            BenchMask::Causal => AttentionLayout::causal(tokens, None),
+            BenchMask::Packed {
+                prompt,
+                responses,
+                response_len,
+            } => {
+                let per_group = prompt + responses * response_len;
+                let groups = (tokens / per_group.max(1)).max(1);
+                packed_layout(&vec![(prompt, vec![response_len; responses]); groups], None)
+            }
+        }
+    }
+}
+
+/// One case's timings (the median of `reps` synchronized runs after a warm-up).
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionTiming {
+    pub dtype: &'static str,
+    pub mask: BenchMask,
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// (query, key) pairs the mask lets through, per head.
+    pub visible_pairs: u64,
+    /// Tiles the kernels visit, of `tiles²`.
+    pub tiles_visited: usize,
+    pub tiles: usize,
+    pub forward_ms: f64,
+    pub forward_tflops: f64,
+    pub backward_ms: f64,
+    pub backward_tflops: f64,
+}
+
+fn random<E: Float>(device: &Device, rng: &mut ChaCha8Rng, n: usize) -> Result<Buffer<E>> {
+    let host: Vec<E> = (0..n)
+        .map(|_| E::from_f32(rng.gen_range(-2.0..2.0)))
+        .collect();
+    device.upload(&host)
+}
+
+/// The median time of `reps` runs of `run`, each followed by a synchronize, after one
+/// warm-up.
+fn median_seconds(
+    device: &Device,
+    reps: usize,
+    mut run: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    run()?;
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        run()?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// One case's inputs and outputs on the device, for timing the kernels on them.
+pub struct BenchProblem<E> {
+    pub mask: BenchMask,
+    pub shape: AttentionShape,
+    pub layout: DeviceLayout,
+    /// (query, key) pairs the mask lets through, per head.
+    pub visible_pairs: u64,
+    q: Buffer<E>,
+    k: Buffer<E>,
+    v: Buffer<E>,
+    dout: Buffer<E>,
+    out: Buffer<E>,
+    lse: Buffer<f32>,
+    dq: Buffer<E>,
+    dk: Buffer<E>,
+    dv: Buffer<E>,
+}
+
+impl<E: Float> BenchProblem<E> {
+    pub fn new(
+        device: &Device,
+        mask: BenchMask,
+        tokens: usize,
+        shape: AttentionShape,
+    ) -> Result<Self> {
+        let host_layout = mask.layout(tokens);
+        let t = host_layout.len();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (q_len, kv_len) = (
+            t * shape.heads * shape.head_dim,
+            t * shape.kv_heads * shape.head_dim,
+        );
+        Ok(BenchProblem {
+            mask,
+            shape,
+            layout: DeviceLayout::new(device, &Pool::default(), &host_layout, tile_rows::<E>())?,
+            visible_pairs: (0..t).map(|i| host_layout.keys(i).count() as u64).sum(),
+            q: random(device, &mut rng, q_len)?,
+            k: random(device, &mut rng, kv_len)?,
+            v: random(device, &mut rng, kv_len)?,
+            dout: random(device, &mut rng, q_len)?,
+            out: device.alloc(q_len)?,
+            lse: device.alloc(t * shape.heads)?,
+            dq: device.alloc(q_len)?,
+            dk: device.alloc(kv_len)?,
+            dv: device.alloc(kv_len)?,
+        })
+    }
+
+    pub fn forward(&mut self, kernels: &AttentionKernels) -> Result<()> {
+        kernels.forward(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.layout,
+            self.shape,
+            &mut self.out,
+            &mut self.lse,
+        )
+    }
+
+    pub fn backward(&mut self, kernels: &AttentionKernels) -> Result<()> {
+        kernels.backward(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.out,
+            &self.lse,
+            &self.dout,
+            &self.layout,
+            self.shape,
+            &mut self.dq,
+            &mut self.dk,
+            &mut self.dv,
+        )
+    }
+
+    /// FLOPs of the forward and of the backward over the visible pairs.
+    pub fn flops(&self) -> (f64, f64) {
+        let per_pair =
+            (self.visible_pairs * (self.shape.heads * self.shape.head_dim) as u64) as f64;
+        (4.0 * per_pair, 10.0 * per_pair)
+    }
+}
+
+/// Times the forward and the backward of one case with storage `E`.
+pub fn time_attention<E: Float>(
+    device: &Device,
+    mask: BenchMask,
+    tokens: usize,
+    shape: AttentionShape,
+    reps: usize,
+) -> Result<AttentionTiming> {
+    let mut p = BenchProblem::<E>::new(device, mask, tokens, shape)?;
+    let kernels = AttentionKernels::new(device);
+    let forward = median_seconds(device, reps, || p.forward(&kernels))?;
+    // The backward reads the output and lse the forward has just written.
+    let backward = median_seconds(device, reps, || p.backward(&kernels))?;
+    let (forward_flops, backward_flops) = p.flops();
+    let t = p.layout.tokens();
+    Ok(AttentionTiming {
+        dtype: E::DTYPE,
+        mask,
+        tokens: t,
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        visible_pairs: p.visible_pairs,
+        tiles_visited: p.layout.lists().visited(),
+        tiles: t.div_ceil(tile_rows::<E>()).pow(2),
+        forward_ms: forward * 1e3,
+        forward_tflops: forward_flops / forward / 1e12,
+        backward_ms: backward * 1e3,
+        backward_tflops: backward_flops / backward / 1e12,
+    })
+}
