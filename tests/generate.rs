@@ -421,7 +421,7 @@ fn generate_command_completes_text_prompts_through_the_tokenizer() {
         let ids = if flag == "--chat" {
             tokenizer.encode(rendered).unwrap()
         } else {
-            tokenizer.tokenize_plain(rendered, &[]).unwrap().prompt
+            tokenizer.encode_with_special_tokens(rendered).unwrap()
         };
         let want = generate(&model, &[ids], &Sampling::greedy(12))
             .unwrap()

@@ -7,6 +7,7 @@ mod device_args;
 mod eval;
 mod generate;
 mod grads;
+mod init;
 mod loss_args;
 mod plot;
 mod precompute;
@@ -45,6 +46,7 @@ enum Command {
     PrecomputeRef(precompute::PrecomputeArgs),
     Plot(plot::PlotArgs),
     Generate(Box<generate::GenerateArgs>),
+    Init(Box<init::InitArgs>),
     Selftest(selftest::SelftestArgs),
 }
 
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::PrecomputeRef(args) => precompute::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Init(args) => init::run(*args),
         Command::Selftest(args) => return selftest::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
