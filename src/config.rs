@@ -205,10 +205,7 @@ impl ModelConfig {
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: malformed JSON", path.display()))?;
+        let raw = crate::fsutil::read_json_object(&path)?;
         Self::from_json(raw).with_context(|| format!("{}", path.display()))
     }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{contralign, contralign_fails, contralign_ok, fixture, fx, metrics_without_timing};
+use common::{contralign, contralign_fails, contralign_ok, fx, metrics_without_timing};
 use contralign::checkpoint::{save_f32, Tensor};
 use contralign::train::run_dir::RunDir;
 use std::collections::BTreeSet;
@@ -79,15 +79,7 @@ fn a_train_that_fails_on_its_inputs_leaves_no_out_directory() {
 fn final_is_the_model_alone_sharing_the_last_checkpoints_files() {
     let tmp = TempDir::new().unwrap();
     let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for (dir, file) in [
-        ("tiny-mistral", "config.json"),
-        ("tiny-mistral", "model.safetensors"),
-        ("tiny-tokenizer", "tokenizer.json"),
-        ("tiny-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixture(dir).join(file), model.join(file)).unwrap();
-    }
+    common::tiny_mistral_with_tokenizer(&model);
     let out = tmp.path().join("run");
     let mut a = args(&out, &["--steps", "3", "--save-every", "0"]);
     a[2] = model.to_string_lossy().into_owned();

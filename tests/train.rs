@@ -752,15 +752,7 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
 fn text_data_trains_through_the_tokenizer_and_checkpoints_carry_it() {
     let tmp = TempDir::new().unwrap();
     let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for (dir, file) in [
-        ("tiny-mistral", "config.json"),
-        ("tiny-mistral", "model.safetensors"),
-        ("tiny-tokenizer", "tokenizer.json"),
-        ("tiny-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixture(dir).join(file), model.join(file)).unwrap();
-    }
+    common::tiny_mistral_with_tokenizer(&model);
     let data = tmp.path().join("data.jsonl");
     std::fs::write(
         &data,

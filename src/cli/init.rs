@@ -129,22 +129,11 @@ fn default_config(arch: Arch) -> Value {
     config
 }
 
-fn read_config(path: &PathBuf) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed JSON", path.display()))?;
-    if !config.is_object() {
-        bail!("{}: expected a JSON object", path.display());
-    }
-    Ok(config)
-}
-
 impl InitArgs {
     /// The configuration: the base with the flags given written over it.
     fn config(&self, tokenizer: Option<&TextTokenizer>) -> Result<Value> {
         let mut config = match &self.config {
-            Some(path) => read_config(path)?,
+            Some(path) => contralign::fsutil::read_json_object(path)?,
             None => default_config(self.arch),
         };
         let obj = config.as_object_mut().expect("checked to be an object");

@@ -243,14 +243,7 @@ fn read_config(path: &Path) -> Result<Value> {
     if !path.is_file() {
         return Ok(Value::Null);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed JSON", path.display()))?;
-    if !config.is_object() {
-        bail!("{}: expected a JSON object", path.display());
-    }
-    Ok(config)
+    crate::fsutil::read_json_object(path)
 }
 
 /// tokenizer_config.json's chat template: a string, or in older files a list of named
