@@ -218,10 +218,7 @@ impl ModelConfig {
     }
 
     pub fn load_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: malformed JSON", path.display()))?;
+        let raw = crate::fsutil::read_json_object(path)?;
         Self::from_json(raw).with_context(|| format!("{}", path.display()))
     }
 

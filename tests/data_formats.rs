@@ -13,10 +13,12 @@ use tempfile::TempDir;
 
 /// `Hi` as a plain prompt: BOS, ▁, H, i.
 const PLAIN_PROMPT: [u32; 4] = [1, 246, 75, 108];
-/// Plain responses `the`, `he` and `t`, each with EOS.
-const THE: [u32; 2] = [252, 2];
-const HE: [u32; 3] = [246, 251, 2];
-const T: [u32; 2] = [250, 2];
+/// Responses `the`, `he` and `t` after the prompt `Hi` or the template's `[/INST]`, each
+/// with EOS: tokenized with what precedes them (TRL's rule), they continue its last word
+/// and get no ▁ of their own.
+const THE: [u32; 3] = [249, 251, 2];
+const HE: [u32; 2] = [251, 2];
+const T: [u32; 2] = [249, 2];
 
 /// Each byte of ASCII text as the tiny tokenizer's byte-fallback id.
 fn bytes(s: &str) -> Vec<u32> {
@@ -96,7 +98,7 @@ fn reward_groups_plain_and_conversational() {
         assistant("he")
     );
     let data = Data::new(&[&line]);
-    // An assistant message renders as its content and EOS, tokenized on its own.
+    // An assistant message renders as its content and EOS, right after `[/INST]`.
     assert_eq!(
         only_group(&data),
         data.group(1, chat_prompt(), &[&THE, &HE], &[2.0, 3.0])
@@ -118,8 +120,9 @@ fn preference_pairs_plain_and_conversational() {
         assistant("the")
     );
     let data = Data::new(&[&line]);
-    // `t</s>[INST] Hi [/INST]e</s>`: ▁t, EOS, then the second turn as in the prompt.
-    let mut two_turns = vec![250, 2, 246];
+    // `t</s>[INST] Hi [/INST]e</s>`: t, EOS, then the second turn as in the prompt (the
+    // text after a special token starts a word).
+    let mut two_turns = vec![249, 2, 246];
     two_turns.extend(bytes("[INST]"));
     two_turns.extend([246, 75, 108, 246]);
     two_turns.extend(bytes("[/INST]"));
@@ -282,8 +285,8 @@ fn truncation_keeps_the_prompt_end_and_cuts_responses() {
     assert_eq!(
         dataset.groups,
         [
-            // The prompt keeps `H i`; `▁ he EOS` is cut to its first two tokens, losing EOS.
-            data.group(1, vec![75, 108], &[&THE, &[246, 251], &T], &[1.0, 0.5, 0.0]),
+            // The prompt keeps `H i`; `t he EOS` is cut to its first two tokens, losing EOS.
+            data.group(1, vec![75, 108], &[&[249, 251], &HE, &T], &[1.0, 0.5, 0.0]),
             data.group(2, vec![6, 7], &[&[8, 9], &[11, 2]], &[1.0, 0.0]),
             data.group(3, vec![1, 5], &[&[8, 9], &[9, 2]], &[1.0, 0.0]),
         ]
@@ -526,4 +529,60 @@ fn bad_length_limits_are_refused() {
         let text = data.err(&opts);
         assert!(text.contains(part), "{text}");
     }
+}
+
+/// `tests/fixtures/mistral-tokenizer/trl_golden.jsonl`: each row, as text, loads to the ids
+/// TRL's DPOTrainer made of it (plain, conversational, implicit prompt), and to the same
+/// groups as the row's pre-tokenized form.
+#[test]
+fn trl_golden_rows_load_to_trl_token_ids() {
+    let tok = TextTokenizer::load(&fixture("mistral-tokenizer")).unwrap();
+    let golden = std::fs::read_to_string(fixture("mistral-tokenizer/trl_golden.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = golden
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text_lines: Vec<String> = rows.iter().map(|r| r["row"].to_string()).collect();
+    let id_lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"],
+                               "rejected_ids": r["rejected_ids"]})
+            .to_string()
+        })
+        .collect();
+    fn lines(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let (text, ids) = (Data::new(&lines(&text_lines)), Data::new(&lines(&id_lines)));
+    let opts = DataOptions::default();
+    let got = load_groups(&text.path, Some(&tok), &opts).unwrap();
+    let want = load_groups(&ids.path, None, &opts).unwrap();
+    assert_eq!(got.groups.len(), rows.len());
+    let kinds = |pred: &dyn Fn(&serde_json::Value) -> bool| rows.iter().filter(|r| pred(r)).count();
+    assert!(kinds(&|r| r["row"]["prompt"].is_string()) >= 2);
+    assert!(kinds(&|r| r["row"]["prompt"].is_array()) >= 2);
+    assert!(kinds(&|r| r["row"].get("prompt").is_none()) >= 1);
+    for (i, (g, w)) in got.groups.iter().zip(&want.groups).enumerate() {
+        assert_eq!(g.prompt, w.prompt, "row {i}: prompt_ids");
+        assert_eq!(
+            g.responses, w.responses,
+            "row {i}: chosen_ids, rejected_ids"
+        );
+        assert_eq!(g.rewards, [1.0, 0.0]);
+    }
+    // The row whose prompt ends in a space: alone it ends in ▁, which the completion's first
+    // word takes; TRL's prompt (the common prefix) is one token shorter. Counted once per row.
+    let shortened = rows
+        .iter()
+        .filter(|r| {
+            let prompt = r["row"]["prompt"].as_str();
+            prompt.is_some_and(|p| {
+                tok.encode_with_special_tokens(p).unwrap().len()
+                    > r["prompt_ids"].as_array().unwrap().len()
+            })
+        })
+        .count();
+    assert!(shortened >= 1);
+    assert_eq!(got.stats.shortened_prompts, shortened);
 }

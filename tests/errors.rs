@@ -298,3 +298,88 @@ fn unsupported_configs_are_named() {
     let no_dir = TempDir::new().unwrap();
     assert_mentions(&load_err(no_dir.path()), &["config.json"]);
 }
+
+#[test]
+fn a_missing_model_directory_is_named_whatever_the_data() {
+    let dir = TempDir::new().unwrap();
+    let missing = dir.path().join("no-model");
+    let text = data_file(
+        &dir,
+        &[r#"{"prompt": "Hi", "chosen": "a", "rejected": "b"}"#],
+    );
+    let ids = dir.path().join("ids.jsonl");
+    std::fs::write(&ids, GOOD).unwrap();
+    let message = format!("--model {}: no such directory", missing.display());
+    for data in [&text, &ids] {
+        for command in ["score", "generate"] {
+            common::contralign_fails(
+                &[
+                    command,
+                    "--model",
+                    &missing.to_string_lossy(),
+                    "--data",
+                    &data.to_string_lossy(),
+                ],
+                &message,
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_or_corrupt_safetensors_are_described_in_words() {
+    let good = std::fs::read(fixture("tiny-mistral/model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let data = good.len() - 8 - header;
+    let with_header_len = |n: u64| {
+        let mut b = good.clone();
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        b
+    };
+    let cases: Vec<(Vec<u8>, Vec<String>)> = vec![
+        (
+            good[..good.len() - 100].to_vec(),
+            vec![
+                format!("take {data} bytes of data, but {} bytes follow", data - 100),
+                "truncated".into(),
+            ],
+        ),
+        (
+            good[..5].to_vec(),
+            vec!["the file has 5 bytes".into(), "8-byte header length".into()],
+        ),
+        (
+            with_header_len(good.len() as u64),
+            vec![
+                format!("says {} bytes of header", good.len()),
+                format!("only {} bytes follow", good.len() - 8),
+            ],
+        ),
+        (
+            [&8u64.to_le_bytes()[..], b"{\"a\": 1,"].concat(),
+            vec!["not valid JSON".into()],
+        ),
+    ];
+    for (bytes, parts) in cases {
+        let dir = TempDir::new().unwrap();
+        std::fs::copy(
+            fixture("tiny-mistral/config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        let file = dir.path().join("model.safetensors");
+        std::fs::write(&file, &bytes).unwrap();
+        let text = err_text(Model::load(&CpuOps, dir.path()));
+        let file = file.display().to_string();
+        let mut want: Vec<&str> = parts.iter().map(String::as_str).collect();
+        want.push(&file);
+        assert_mentions(&text, &want);
+        for variant in [
+            "MetadataIncompleteBuffer",
+            "HeaderTooSmall",
+            "InvalidHeader",
+        ] {
+            assert!(!text.contains(variant), "{text}");
+        }
+    }
+}

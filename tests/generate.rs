@@ -389,15 +389,7 @@ fn generate_command_refuses_bad_requests() {
 fn generate_command_completes_text_prompts_through_the_tokenizer() {
     let tmp = TempDir::new().unwrap();
     let model_dir = tmp.path().join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    for (dir, file) in [
-        ("tiny-mistral", "config.json"),
-        ("tiny-mistral", "model.safetensors"),
-        ("tiny-tokenizer", "tokenizer.json"),
-        ("tiny-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixture(dir).join(file), model_dir.join(file)).unwrap();
-    }
+    common::tiny_mistral_with_tokenizer(&model_dir);
     let dir = model_dir.to_string_lossy().into_owned();
     let tokenizer = TextTokenizer::load(&model_dir).unwrap();
     let model = Model::load(&CpuOps, &model_dir).unwrap();
@@ -421,7 +413,7 @@ fn generate_command_completes_text_prompts_through_the_tokenizer() {
         let ids = if flag == "--chat" {
             tokenizer.encode(rendered).unwrap()
         } else {
-            tokenizer.tokenize_plain(rendered, &[]).unwrap().prompt
+            tokenizer.encode_with_special_tokens(rendered).unwrap()
         };
         let want = generate(&model, &[ids], &Sampling::greedy(12))
             .unwrap()

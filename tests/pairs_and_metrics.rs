@@ -117,7 +117,8 @@ fn metrics_of_a_hand_computed_batch() {
             m[key]
         );
     }
-    // Reference-free losses report beta·A.
+    // Reference-free losses report beta·A, and as CPOTrainer under SimPO the length-averaged
+    // log-probs A as logps/*: chosen A = -4/4, -1/2; rejected A = -9/3, -3/1.
     let spec = LossSpec {
         beta: 2.0,
         ..LossSpec::new(LossKind::Simpo)
@@ -125,4 +126,6 @@ fn metrics_of_a_hand_computed_batch() {
     let m: std::collections::HashMap<String, f64> =
         batch_metrics(&spec, &input, &stats).into_iter().collect();
     assert!((m["rewards/chosen"] - (-2.0 - 1.0) / 2.0).abs() < 1e-12);
+    assert!((m["logps/chosen"] - (-1.0 - 0.5) / 2.0).abs() < 1e-12);
+    assert!((m["logps/rejected"] - (-3.0 - 3.0) / 2.0).abs() < 1e-12);
 }

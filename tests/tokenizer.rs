@@ -69,10 +69,15 @@ fn mistral_chat_golden_token_for_token() {
         let texts = tok.chat_texts(&prompt, &responses).unwrap();
         assert_eq!(texts.prompt, case["prompt_text"].as_str().unwrap());
         assert_eq!(texts.responses, [case["response_text"].as_str().unwrap()]);
-        let got = tok.tokenize_chat(&prompt, &responses).unwrap();
-        assert_eq!(got.prompt, ids("prompt_ids"), "{line}");
-        assert_eq!(got.responses, [ids("response_ids")], "{line}");
-        assert_eq!(tok.decode(&got.responses[0]).unwrap(), response);
+        // Each text on its own: the template and the tokenizer alone, not TRL's split.
+        assert_eq!(
+            tok.encode(&texts.prompt).unwrap(),
+            ids("prompt_ids"),
+            "{line}"
+        );
+        let response_ids = tok.encode(&texts.responses[0]).unwrap();
+        assert_eq!(response_ids, ids("response_ids"), "{line}");
+        assert_eq!(tok.decode(&response_ids).unwrap(), response);
         lines += 1;
     }
     assert_eq!(lines, 3);
@@ -100,8 +105,10 @@ fn tiny_tokenizer_ids_by_hand() {
 }
 
 #[test]
-fn plain_text_gets_bos_and_eos() {
+fn plain_text_is_split_where_prompt_and_prompt_plus_response_diverge() {
     let tok = tiny();
+    // "Hithe</s>" and "Hihe</s>": the responses continue the prompt's word, so they get no
+    // ▁ of their own (`t`, `he`, then EOS), as in TRL.
     let got = tok
         .tokenize_plain("Hi", &["the".into(), "he".into()])
         .unwrap();
@@ -109,18 +116,39 @@ fn plain_text_gets_bos_and_eos() {
         got,
         Tokenized {
             prompt: vec![1, 246, 75, 108],
-            responses: vec![vec![252, 2], vec![246, 251, 2]],
+            responses: vec![vec![249, 251, 2], vec![251, 2]],
+            prompt_shortened: false,
         }
     );
-    // Without tokenizer_config.json there is neither BOS nor EOS nor chat template.
+    // "Hi the": ▁the; a response that already ends with the EOS text gets no second one.
+    let got = tok
+        .tokenize_plain("Hi", &[" the".into(), " t</s>".into()])
+        .unwrap();
+    assert_eq!(got.responses, [vec![252, 2], vec![250, 2]]);
+    assert!(!got.prompt_shortened);
+    // "Hi " alone ends in ▁ (246), which "Hi the" merges into ▁the: the prompt is the common
+    // prefix, one token shorter.
+    let got = tok
+        .tokenize_plain("Hi ", &["the".into(), "he".into()])
+        .unwrap();
+    assert_eq!(
+        got,
+        Tokenized {
+            prompt: vec![1, 246, 75, 108],
+            responses: vec![vec![252, 2], vec![246, 251, 2]],
+            prompt_shortened: true,
+        }
+    );
+    // Without tokenizer_config.json there is no EOS nor chat template; BOS comes from
+    // tokenizer.json's post-processor, as `tokenizer(text)` adds it.
     let bare = tokenizer_dir(None);
     let tok = TextTokenizer::load(bare.path()).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.chat_template()),
         (None, None, None)
     );
-    let got = tok.tokenize_plain("Hi", &["the".into()]).unwrap();
-    assert_eq!(got.prompt, [246, 75, 108]);
+    let got = tok.tokenize_plain("Hi", &[" the".into()]).unwrap();
+    assert_eq!(got.prompt, [1, 246, 75, 108]);
     assert_eq!(got.responses, [vec![252]]);
     let text = err_text(tok.tokenize_chat(&[msg("user", "Hi")], &[vec![msg("assistant", "t")]]));
     assert!(

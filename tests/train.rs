@@ -233,15 +233,17 @@ fn checkpoints_are_hf_directories_that_score_like_the_model_in_memory() {
     let in_memory = trainer.policy.score(&CpuOps, &batch);
 
     let tmp = TempDir::new().unwrap();
-    let run = RunDir::create(&tmp.path().join("run")).unwrap();
+    let run = |name: &str| RunDir::create(&tmp.path().join(name)).unwrap();
     let save = |dtype, max_shard_bytes| SaveOptions {
         dtype,
         max_shard_bytes,
         source: fixture("tiny-mixtral"),
+        total_limit: None,
+        keep: None,
     };
     // As loaded (f32), one file: scores exactly like the model in memory.
-    let f32_dir = run
-        .save_checkpoint("checkpoint-2", &mut trainer, &save(None, 1 << 30))
+    let f32_dir = run("f32")
+        .save_checkpoint(&mut trainer, &save(None, 1 << 30))
         .unwrap();
     assert_scores_match("f32", &cli_scores(&f32_dir, &data), &in_memory);
     assert!(header_dtypes(&f32_dir.join("model.safetensors"))
@@ -252,8 +254,8 @@ fn checkpoints_are_hf_directories_that_score_like_the_model_in_memory() {
     // bf16 in shards of at most 100 kB: the index lists every tensor of the model once,
     // each in the shard that holds it, and the total size is the bytes of the weights.
     let bf16 = Some(safetensors::Dtype::BF16);
-    let dir = run
-        .save_checkpoint("final", &mut trainer, &save(bf16, 100_000))
+    let dir = run("bf16")
+        .save_checkpoint(&mut trainer, &save(bf16, 100_000))
         .unwrap();
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
@@ -376,7 +378,9 @@ fn resume_is_exact() {
     let straight = train("tiny-mixtral", "nca", "straight", &mixtral);
     // A run that died after checkpoint-4: resumed, it must redo steps 5..8 identically.
     let resumed = train("tiny-mixtral", "nca", "resumed", &mixtral);
-    std::fs::remove_dir_all(resumed.join("final")).unwrap();
+    for dir in ["final", "checkpoint-8"] {
+        std::fs::remove_dir_all(resumed.join(dir)).unwrap();
+    }
     assert_eq!(metrics_without_timing(&resumed).len(), 8);
     run_cli(&["train", "--resume", &resumed.to_string_lossy()].map(String::from));
     assert_eq!(
@@ -384,14 +388,19 @@ fn resume_is_exact() {
         metrics_without_timing(&straight)
     );
     assert!(weights(&resumed.join("final")) == weights(&straight.join("final")));
+    let last = |run: &Path| weights(&run.join("checkpoint-8"));
+    assert!(last(&resumed) == last(&straight));
 
-    // N/2 steps, then --resume with --steps N (a constant schedule, so that the first half
-    // does not depend on N): the same as N straight.
+    // A finished run of N/2 steps that saved only at its end, then --resume with --steps N
+    // (a constant schedule, so that the first half does not depend on N): the same as N
+    // straight. The resume reads checkpoint-3, never final/.
     let flags = [
         "--schedule",
         "constant",
         "--max-grad-norm",
         "0.5",
+        "--save-every",
+        "0",
         "--steps",
     ];
     let whole = train(
@@ -406,6 +415,7 @@ fn resume_is_exact() {
         "halves",
         &[&flags[..], &["3"]].concat(),
     );
+    std::fs::remove_dir_all(halves.join("final")).unwrap();
     run_cli(
         &[
             "train",
@@ -456,7 +466,9 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it() {
         &std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(state["step"].as_u64().unwrap() as usize, steps);
+    // transformers' layout: the step and every step's metrics so far.
+    assert_eq!(state["global_step"].as_u64().unwrap() as usize, steps);
+    assert_eq!(state["log_history"].as_array().unwrap().len(), steps);
     let target = (steps + 2).to_string();
     run_cli(
         &[
@@ -740,15 +752,7 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
 fn text_data_trains_through_the_tokenizer_and_checkpoints_carry_it() {
     let tmp = TempDir::new().unwrap();
     let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for (dir, file) in [
-        ("tiny-mistral", "config.json"),
-        ("tiny-mistral", "model.safetensors"),
-        ("tiny-tokenizer", "tokenizer.json"),
-        ("tiny-tokenizer", "tokenizer_config.json"),
-    ] {
-        std::fs::copy(fixture(dir).join(file), model.join(file)).unwrap();
-    }
+    common::tiny_mistral_with_tokenizer(&model);
     let data = tmp.path().join("data.jsonl");
     std::fs::write(
         &data,

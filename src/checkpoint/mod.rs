@@ -1,13 +1,14 @@
 //! Safetensors checkpoints: loading single-file or sharded weights in f32/bf16/f16 into f32,
 //! validated against the names and shapes `config.json` implies; writing them (`save`).
 
+mod describe;
 mod save;
 
 pub use save::{dtype_name, named_tensors, parse_dtype, save_f32, write_model_dir, Tensor};
 
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +54,17 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// The tensors of a safetensors file's bytes; what is wrong with a bad file, in words.
+fn deserialize<'a>(bytes: &'a [u8], file: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not a valid safetensors file: {}",
+            file.display(),
+            describe::describe(&e, bytes)
+        )
+    })
+}
+
 /// Converts one stored tensor to f32.
 fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
     let bytes = view.data();
@@ -88,8 +100,7 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
         // SAFETY: the file is only read; a concurrent writer is outside what we can guard.
         let mmap = unsafe { memmap2::Mmap::map(&handle) }
             .with_context(|| format!("cannot map {}", file.display()))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
+        let st = deserialize(&mmap, &file)?;
         let mut views = st.tensors();
         // Sorted, so that the first problem reported does not depend on hash order.
         views.sort_by(|a, b| a.0.cmp(&b.0));
@@ -135,8 +146,7 @@ pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
 /// Every tensor of one safetensors file as f32, with its shape, by name.
 pub fn read_tensors(path: &Path) -> Result<TensorMap> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let st = deserialize(&bytes, path)?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {

@@ -3,7 +3,7 @@
 //! the tokenizer files).
 
 use crate::fsutil;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -79,8 +79,13 @@ fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .context("building safetensors views")?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, &Some(metadata), path)
-        .with_context(|| format!("cannot write {}", path.display()))
+    safetensors::serialize_to_file(views, &Some(metadata), path).map_err(|e| {
+        anyhow!(
+            "cannot write {}: {}",
+            path.display(),
+            super::describe::describe(&e, &[])
+        )
+    })
 }
 
 /// Writes `tensors` (f32) to one safetensors file, atomically.
@@ -106,14 +111,15 @@ const COMPANION_FILES: &[&str] = &[
 /// Fills the (new, empty) directory `dir` with a Hugging Face model: `config` with its dtype
 /// set to `dtype`, the weights in `dtype` — one `model.safetensors`, or shards of at most
 /// `max_shard_bytes` named `model-0000i-of-0000n.safetensors` with
-/// `model.safetensors.index.json` — and the tokenizer and generation files of `source`.
+/// `model.safetensors.index.json` — and the tokenizer and generation files of `source`
+/// (none without one).
 pub fn write_model_dir(
     dir: &Path,
     config: &Value,
     tensors: &[Tensor],
     dtype: Dtype,
     max_shard_bytes: usize,
-    source: &Path,
+    source: Option<&Path>,
 ) -> Result<()> {
     let mut config = config.clone();
     if let Some(obj) = config.as_object_mut() {
@@ -162,11 +168,13 @@ pub fn write_model_dir(
         std::fs::write(&path, serde_json::to_string_pretty(&index)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    for name in COMPANION_FILES {
-        let from = source.join(name);
+    for from in source
+        .iter()
+        .flat_map(|s| COMPANION_FILES.iter().map(|name| s.join(name)))
+    {
         if from.is_file() {
-            std::fs::copy(&from, dir.join(name))
-                .with_context(|| format!("cannot copy {}", from.display()))?;
+            let to = dir.join(from.file_name().expect("a file name"));
+            std::fs::copy(&from, to).with_context(|| format!("cannot copy {}", from.display()))?;
         }
     }
     Ok(())

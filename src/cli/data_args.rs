@@ -1,6 +1,6 @@
 //! The data flags shared by every command that reads a data set.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use contralign::data::load::{load_groups, DataOptions};
 use contralign::data::Group;
@@ -33,15 +33,29 @@ pub struct DataArgs {
     pub skip_invalid: bool,
 }
 
+/// The tokenizer of a model directory, `None` when it has no tokenizer.json. A path that is
+/// not a directory is an error first, so that it is not blamed on text needing a tokenizer.
+pub fn model_tokenizer(model_dir: &Path) -> Result<Option<TextTokenizer>> {
+    if !model_dir.is_dir() {
+        let what = if model_dir.exists() {
+            "not a directory"
+        } else {
+            "no such directory"
+        };
+        bail!("--model {}: {what}", model_dir.display());
+    }
+    if model_dir.join("tokenizer.json").is_file() {
+        Ok(Some(TextTokenizer::load(model_dir)?))
+    } else {
+        Ok(None)
+    }
+}
+
 impl DataArgs {
     /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
     /// has one); what was skipped or truncated is reported on stderr.
     pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
-        let tokenizer = if model_dir.join("tokenizer.json").is_file() {
-            Some(TextTokenizer::load(model_dir)?)
-        } else {
-            None
-        };
+        let tokenizer = model_tokenizer(model_dir)?;
         let opts = DataOptions {
             max_prompt_len: self.max_prompt_len,
             max_len: self.max_len,
@@ -65,6 +79,15 @@ impl DataArgs {
                 self.data.display(),
                 s.truncated_prompts,
                 s.truncated_responses
+            );
+        }
+        if s.shortened_prompts > 0 {
+            eprintln!(
+                "{}: {} prompts end in a token that merges with the start of their responses \
+                 when tokenized together; as TRL does, their prompt is the common prefix of \
+                 the tokenized prompt and prompt + response, shorter than the prompt alone",
+                self.data.display(),
+                s.shortened_prompts
             );
         }
         Ok(data.groups)

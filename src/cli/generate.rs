@@ -1,4 +1,4 @@
-use crate::cli::data_args::DataArgs;
+use crate::cli::data_args::{model_tokenizer, DataArgs};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use contralign::generate::{generate, Sampling};
@@ -29,7 +29,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// The prompt's text, tokenized with the model directory's tokenizer: a single user
-    /// message in the chat template when the tokenizer has one, otherwise BOS + the text.
+    /// message in the chat template when the tokenizer has one, otherwise the text with the
+    /// tokenizer's special tokens (BOS for Mistral).
     #[arg(long, value_name = "TEXT")]
     prompt: Option<String>,
     /// Generate for every group's prompt of a data set (any format `score` reads; text needs
@@ -66,21 +67,13 @@ pub struct GenerateArgs {
     /// Render --prompt with the chat template (an error when the tokenizer has none).
     #[arg(long, conflicts_with_all = ["data", "no_chat"])]
     chat: bool,
-    /// Tokenize --prompt as plain text (BOS + the text) even when the tokenizer has a chat
+    /// Tokenize --prompt as plain text (with the tokenizer's BOS) even when the tokenizer has a chat
     /// template.
     #[arg(long, conflicts_with = "data")]
     no_chat: bool,
     /// Print --prompt's result as a JSON object instead of the completion's text.
     #[arg(long, conflicts_with = "data")]
     json: bool,
-}
-
-fn load_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
-    if dir.join("tokenizer.json").is_file() {
-        Ok(Some(TextTokenizer::load(dir)?))
-    } else {
-        Ok(None)
-    }
 }
 
 /// The prompt's text as the model sees it, and its tokens.
@@ -103,7 +96,7 @@ fn tokenize_prompt(
         let ids = tokenizer.encode(&rendered)?;
         Ok((rendered, ids))
     } else {
-        let ids = tokenizer.tokenize_plain(text, &[])?.prompt;
+        let ids = tokenizer.encode_with_special_tokens(text)?;
         Ok((text.to_string(), ids))
     }
 }
@@ -124,7 +117,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()> {
-    let tokenizer = load_tokenizer(&args.model)?.with_context(|| {
+    let tokenizer = model_tokenizer(&args.model)?.with_context(|| {
         format!(
             "--prompt needs a tokenizer, and {} has no tokenizer.json (--data takes \
              pre-tokenized prompts)",
@@ -158,7 +151,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         skip_invalid: args.skip_invalid,
     };
     let groups = data_args.load(&args.model)?;
-    let tokenizer = load_tokenizer(&args.model)?;
+    let tokenizer = model_tokenizer(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -8,6 +8,7 @@ mod device_args;
 mod eval;
 mod generate;
 mod grads;
+mod init;
 mod loss_args;
 mod plan;
 mod plot;
@@ -50,6 +51,7 @@ enum Command {
     Plan(Box<plan::PlanArgs>),
     Plot(plot::PlotArgs),
     Generate(Box<generate::GenerateArgs>),
+    Init(Box<init::InitArgs>),
     Selftest(selftest::SelftestArgs),
     Bench(bench::BenchArgs),
 }
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(args) => plan::run(*args),
         Command::Plot(args) => plot::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Init(args) => init::run(*args),
         Command::Selftest(args) => return selftest::run(args),
         Command::Bench(args) => bench::run(args),
     }?;

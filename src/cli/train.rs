@@ -23,7 +23,7 @@ use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -94,9 +94,13 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0 disables clipping).
     #[arg(long, value_name = "F", default_value_t = 1.0)]
     max_grad_norm: f64,
-    /// Save checkpoint-STEP every N steps (0: only final/).
+    /// Save checkpoint-STEP every N steps (0: only at the last step, with final/).
     #[arg(long, value_name = "N", default_value_t = 500)]
     save_every: u64,
+    /// Keep only the newest N checkpoint-STEP directories (Hugging Face's save_total_limit);
+    /// the newest and the one a run resumed from are never removed. Default: keep all.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    save_total_limit: Option<u64>,
     /// dtype of saved weights: float32, bfloat16 or float16. Default: as loaded.
     #[arg(long, value_name = "DTYPE")]
     save_dtype: Option<String>,
@@ -265,8 +269,6 @@ impl Progress {
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let opts = args.options()?;
-    let save_dtype = args.save_dtype.as_deref().map(parse_dtype).transpose()?;
-    let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let out = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             bail!(
@@ -280,22 +282,45 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         (Some(r), None) => r.clone(),
         (None, None) => bail!("give --out RUN_DIR"),
     };
-    let inputs = &args.inputs;
-    let spec = &opts.spec;
-    if spec.kind.needs_reference() && inputs.ref_model.is_none() && args.ref_logps.is_none() {
+    if opts.spec.kind.needs_reference()
+        && args.inputs.ref_model.is_none()
+        && args.ref_logps.is_none()
+    {
         bail!(
             "--loss {} compares the policy with a reference model: give --ref-model DIR or \
              --ref-logps FILE",
-            spec.kind.name()
+            opts.spec.kind.name()
         );
     }
     let device = match args.device.device_kind() {
         Some(kind) => Some(open_planned_device(kind, &args, &opts)?),
         None => None,
     };
+    let existed = out.exists();
     let run = RunDir::create(&out)?;
-    if args.resume.is_none() && (run.metrics_path().exists() || run.latest_checkpoint()?.is_some())
-    {
+    let result = train_in(&args, opts, device, &run, &out);
+    // A run that failed before its first step leaves no directory behind.
+    if result.is_err() && !existed && !run.holds_a_run().unwrap_or(true) {
+        std::fs::remove_dir_all(&out).ok();
+    }
+    result
+}
+
+/// The run in `run` (the directory `out`), once it exists, on `device` when given; it holds
+/// the run's lock.
+fn train_in(
+    args: &TrainArgs,
+    opts: TrainOptions,
+    device: Option<Device>,
+    run: &RunDir,
+    out: &Path,
+) -> Result<ExitCode> {
+    let _lock = run.lock()?;
+    let save_dtype = args.save_dtype.as_deref().map(parse_dtype).transpose()?;
+    let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
+    let inputs = &args.inputs;
+    let spec = &opts.spec;
+    if args.resume.is_none() && run.holds_a_run()? {
         bail!(
             "--out {} already holds a run; continue it with --resume {}, or choose another \
              directory",
@@ -306,13 +331,22 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
     let data = inputs.data.load(&inputs.model)?;
     let groups = inputs.loss.prepare(spec, data.clone())?;
-    let restored = match &args.resume {
-        Some(_) => {
-            let dir = run.latest_checkpoint()?.with_context(|| {
-                format!("--resume {}: no checkpoint to resume from", out.display())
-            })?;
+    let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
+    let tokens: usize = groups.iter().map(|g| g.packed_len()).sum();
+    eprintln!(
+        "data: {} groups, {responses} responses, {tokens} tokens packed (prompts once)",
+        groups.len()
+    );
+    let resumed_from = match &args.resume {
+        Some(_) => Some(run.latest_checkpoint()?.with_context(|| {
+            format!("--resume {}: no checkpoint to resume from", out.display())
+        })?),
+        None => None,
+    };
+    let restored = match &resumed_from {
+        Some(dir) => {
             eprintln!("resuming from {}", dir.display());
-            Some(load_checkpoint(&dir)?)
+            Some(load_checkpoint(dir)?)
         }
         None => None,
     };
@@ -357,6 +391,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         dtype: save_dtype,
         max_shard_bytes,
         source: inputs.model.clone(),
+        total_limit: args.save_total_limit.map(|n| n as usize),
+        keep: resumed_from,
     };
     let total = trainer.total_steps();
     if trainer.done() {
@@ -382,7 +418,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let progress = Progress::new(total, trainer.step);
     let outcome = session::run(
         &mut trainer,
-        &run,
+        run,
         &save,
         args.save_every,
         &interrupted,
@@ -401,8 +437,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     progress.bar.abandon();
     match outcome? {
         Outcome::Finished(path) => {
+            // The plots are a view of metrics.jsonl: failing to draw them fails no run.
+            if let Err(e) = contralign::plot::plot_run(&run.path) {
+                eprintln!("warning: no plots: {e:#}");
+            }
             eprintln!(
-                "trained {total} steps; wrote {} and {}",
+                "trained {total} steps; wrote {}, its plots and {}",
                 run.metrics_path().display(),
                 path.display()
             );

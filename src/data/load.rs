@@ -42,6 +42,9 @@ pub struct DataStats {
     pub first_skipped: Option<String>,
     pub truncated_prompts: usize,
     pub truncated_responses: usize,
+    /// Prompts shorter than their own tokenization, because their last tokens merged with
+    /// the start of the responses (TRL warns of the mismatch).
+    pub shortened_prompts: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -111,6 +114,7 @@ fn group(
     let Tokenized {
         mut prompt,
         mut responses,
+        prompt_shortened,
     } = token_ids(record.sequences, tokenizer)?;
     if prompt.is_empty() {
         bail!("the prompt has no tokens");
@@ -126,6 +130,7 @@ fn group(
     )?;
     stats.truncated_prompts += usize::from(cuts.prompt);
     stats.truncated_responses += cuts.responses;
+    stats.shortened_prompts += usize::from(prompt_shortened);
     Ok(Group {
         prompt,
         responses,
@@ -142,7 +147,11 @@ fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<
         )
     };
     match sequences {
-        Sequences::Tokens { prompt, responses } => Ok(Tokenized { prompt, responses }),
+        Sequences::Tokens { prompt, responses } => Ok(Tokenized {
+            prompt,
+            responses,
+            prompt_shortened: false,
+        }),
         Sequences::Plain { prompt, responses } => need()?.tokenize_plain(&prompt, &responses),
         Sequences::Chat { prompt, responses } => need()?.tokenize_chat(&prompt, &responses),
     }

@@ -147,6 +147,8 @@ fn train_phase(
         dtype: None,
         max_shard_bytes: usize::MAX,
         source: phase.init.to_path_buf(),
+        total_limit: None,
+        keep: None,
     };
     let start = Instant::now();
     let mut tokens = 0;

@@ -2,17 +2,15 @@
 //! trained on them with the tokenizers crate, and a tiny Mistral initialized at random.
 
 use super::task::{candidates, judge, prompt_text, random_list};
-use crate::checkpoint::{named_tensors, write_model_dir};
 use crate::config::ModelConfig;
-use crate::model::params::param_specs;
 use anyhow::{anyhow, Context, Result};
 use rand::Rng;
-use rand_distr::{Distribution, Normal};
 use serde_json::json;
 use std::path::Path;
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// The probability of each candidate (best first) as an SFT target: mostly imperfect, so the
@@ -103,6 +101,15 @@ pub fn write_tokenizer(dir: &Path) -> Result<usize> {
     tokenizer
         .train(&mut trainer, words.iter())
         .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    // BOS before every text, as Mistral's tokenizer.json adds it: `tokenizer(text)` in
+    // transformers, and TRL's tokenization of plain text, then start with it.
+    let bos = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| anyhow!("building the tokenizer's post-processor: {e}"))?
+        .special_tokens(vec![("<s>", 1)])
+        .build()
+        .map_err(|e| anyhow!("building the tokenizer's post-processor: {e}"))?;
+    tokenizer.with_post_processor(Some(bos));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("tokenizer.json");
     tokenizer
@@ -147,29 +154,13 @@ pub fn write_model(
         "initializer_range": 0.02,
         "torch_dtype": "float32"
     });
-    let cfg = ModelConfig::from_json(config.clone())?;
-    let normal = Normal::new(0.0f32, 0.02).expect("a valid std");
-    let specs = param_specs(&cfg);
-    let data: Vec<Vec<f32>> = specs
-        .iter()
-        .map(|(name, shape)| {
-            let n = shape.iter().product();
-            if name.ends_with("norm.weight") {
-                vec![1.0; n]
-            } else {
-                (0..n).map(|_| normal.sample(rng)).collect()
-            }
-        })
-        .collect();
-    let tensors = named_tensors(&specs, "", &data);
-    crate::fsutil::write_dir_atomically(dir, |tmp| {
-        write_model_dir(
-            tmp,
-            &config,
-            &tensors,
-            safetensors::Dtype::F32,
-            usize::MAX,
-            tokenizer_dir,
-        )
-    })
+    let cfg = ModelConfig::from_json(config)?;
+    crate::model::init::write_random_model(
+        dir,
+        &cfg,
+        safetensors::Dtype::F32,
+        usize::MAX,
+        Some(tokenizer_dir),
+        rng,
+    )
 }

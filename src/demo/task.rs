@@ -5,9 +5,11 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-/// The prompt text of a list: `sort 3 1 4 1 :`.
+/// The prompt text of a list: `sort 3 1 4 1 : `.
 pub fn prompt_text(digits: &[u8]) -> String {
-    format!("sort {} :", join(digits))
+    // The trailing space separates the answer's first word when TRL's rule tokenizes the
+    // prompt and prompt + answer as one text.
+    format!("sort {} : ", join(digits))
 }
 
 fn join(digits: &[u8]) -> String {

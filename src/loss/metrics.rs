@@ -1,7 +1,9 @@
-//! Per-batch metrics (losses.md §5), named as TRL names them where TRL has a name.
-//! Rewards are implicit: `beta·(S − S_ref)` for reference-based losses, `beta·A` for
-//! reference-free ones. For K > 2 "chosen" is the best-rated response and "rejected" the
-//! worst; `rewards/rank_j` is the mean reward of the j-th best-rated response.
+//! Per-batch metrics (losses.md §5), named as TRL names them where TRL has a name, with
+//! TRL's meaning. Rewards are implicit: `beta·(S − S_ref)` for reference-based losses (as
+//! DPOTrainer), `beta·A` for reference-free ones (as CPOTrainer's SimPO); `logps/*` are the
+//! statistic the rewards use — S, or under a reference-free loss the length-averaged A, as
+//! CPOTrainer logs them for SimPO. For K > 2 "chosen" is the best-rated response and
+//! "rejected" the worst; `rewards/rank_j` is the mean reward of the j-th best-rated response.
 
 use super::{best, BatchInput, LossSpec};
 use crate::model::ResponseStats;
@@ -30,14 +32,15 @@ pub fn batch_metrics(
     b: &BatchInput,
     stats: &[ResponseStats],
 ) -> Vec<(String, f64)> {
-    let implicit: Vec<f64> = match b.s_ref {
-        Some(s_ref) if spec.kind.needs_reference() => {
+    let (implicit, logps): (Vec<f64>, &[f64]) = match b.s_ref {
+        Some(s_ref) if spec.kind.needs_reference() => (
             b.s.iter()
                 .zip(s_ref)
                 .map(|(s, r)| spec.beta * (s - r))
-                .collect()
-        }
-        _ => b.a.iter().map(|a| spec.beta * a).collect(),
+                .collect(),
+            b.s,
+        ),
+        _ => (b.a.iter().map(|a| spec.beta * a).collect(), b.a),
     };
     let groups = b.offsets.len() - 1;
     let (mut chosen, mut rejected, mut correct) = (Vec::new(), Vec::new(), Vec::new());
@@ -47,7 +50,7 @@ pub fn batch_metrics(
         let range = b.offsets[g]..b.offsets[g + 1];
         let r = &b.rewards[range.clone()];
         let rho = &implicit[range.clone()];
-        let s = &b.s[range];
+        let s = &logps[range];
         let (c, w) = (best(r), worst(r));
         chosen.push(rho[c]);
         rejected.push(rho[w]);

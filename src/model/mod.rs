@@ -2,6 +2,7 @@
 //! scoring into per-response statistics, and the backward from those statistics to every
 //! parameter, with optional per-layer activation checkpointing.
 
+pub mod init;
 pub mod layer;
 pub mod moe;
 pub mod params;

@@ -1,6 +1,6 @@
 //! The text side of a Hugging Face model directory: `tokenizer.json` (through the
 //! `tokenizers` crate), the special tokens and chat template of `tokenizer_config.json`, and
-//! the split of a prompt and its responses into token ids.
+//! the split of a prompt and its responses into token ids as TRL makes it.
 
 mod template;
 
@@ -17,11 +17,15 @@ pub struct Message {
     pub content: String,
 }
 
-/// A prompt and its responses as token ids, each tokenized on its own.
+/// A prompt and its responses as token ids, split as TRL splits them
+/// ([`split_at_divergence`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tokenized {
     pub prompt: Vec<u32>,
     pub responses: Vec<Vec<u32>>,
+    /// Whether the prompt is shorter than the prompt tokenized alone: its last tokens
+    /// merged with the start of a response.
+    pub prompt_shortened: bool,
 }
 
 /// The texts a conversation is tokenized from: the prompt rendered with the generation
@@ -107,6 +111,11 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))
     }
 
+    /// The number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos.as_ref().map(|(_, id)| *id)
     }
@@ -134,32 +143,45 @@ impl TextTokenizer {
         )
     }
 
-    /// Plain text: the prompt is BOS (when the tokenizer has one) and the prompt's tokens;
-    /// each response is its tokens and EOS (when the tokenizer has one).
+    /// The text's tokens with the special tokens of tokenizer.json's post-processor added
+    /// (BOS for Mistral), as `tokenizer(text)` gives them in transformers.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Plain text as TRL's DPOTrainer tokenizes it: the prompt with special tokens added, and
+    /// the prompt followed by each response and the EOS token's text (unless the response
+    /// already ends with it); see [`split_at_divergence`].
     pub fn tokenize_plain(&self, prompt: &str, responses: &[String]) -> Result<Tokenized> {
-        let prompt = self
-            .bos_id()
-            .into_iter()
-            .chain(self.encode(prompt)?)
-            .collect();
-        let responses = responses
+        let eos = self.eos.as_ref().map(|(text, _)| text.as_str());
+        let full = responses
             .iter()
-            .map(|r| Ok(self.encode(r)?.into_iter().chain(self.eos_id()).collect()))
-            .collect::<Result<_>>()?;
-        Ok(Tokenized { prompt, responses })
+            .map(|r| {
+                let eos = eos.filter(|e| !r.ends_with(e)).unwrap_or("");
+                self.encode_with_special_tokens(&format!("{prompt}{r}{eos}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_at_divergence(
+            self.encode_with_special_tokens(prompt)?,
+            full,
+        ))
     }
 
     /// The texts of a conversation: the prompt rendered with the generation prompt, and for
     /// each response (its assistant message or messages) what rendering the prompt and the
-    /// response without the generation prompt adds after that prompt text.
+    /// response without the generation prompt adds after that prompt text. A check of the
+    /// template alone; training splits token ids instead ([`Self::tokenize_chat`]).
     pub fn chat_texts(&self, prompt: &[Message], responses: &[Vec<Message>]) -> Result<ChatTexts> {
         let prompt_text = self.render_chat(prompt, true)?;
         let responses = responses
             .iter()
             .enumerate()
             .map(|(i, response)| {
-                let messages: Vec<Message> = prompt.iter().chain(response).cloned().collect();
-                let full = self.render_chat(&messages, false)?;
+                let full = self.render_chat(&conversation(prompt, response), false)?;
                 full.strip_prefix(&prompt_text)
                     .map(str::to_string)
                     .with_context(|| {
@@ -177,22 +199,42 @@ impl TextTokenizer {
         })
     }
 
-    /// A conversation's token ids: the texts of [`Self::chat_texts`], each tokenized on its
-    /// own with no special tokens added (the template writes them).
+    /// A conversation as TRL's DPOTrainer tokenizes it: the template over the prompt with the
+    /// generation prompt, and over the prompt and each response, tokenized with no special
+    /// tokens added (the template writes them); see [`split_at_divergence`].
     pub fn tokenize_chat(
         &self,
         prompt: &[Message],
         responses: &[Vec<Message>],
     ) -> Result<Tokenized> {
-        let texts = self.chat_texts(prompt, responses)?;
-        Ok(Tokenized {
-            prompt: self.encode(&texts.prompt)?,
-            responses: texts
-                .responses
-                .iter()
-                .map(|r| self.encode(r))
-                .collect::<Result<_>>()?,
-        })
+        let prompt_ids = self.encode(&self.render_chat(prompt, true)?)?;
+        let full = responses
+            .iter()
+            .map(|r| self.encode(&self.render_chat(&conversation(prompt, r), false)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_at_divergence(prompt_ids, full))
+    }
+}
+
+fn conversation(prompt: &[Message], response: &[Message]) -> Vec<Message> {
+    prompt.iter().chain(response).cloned().collect()
+}
+
+/// TRL's split of a tokenized prompt and the tokenized prompt + response texts: the prompt
+/// is the longest common prefix of the prompt's ids and every full sequence's ids (the
+/// minimum over the responses), and each response is the rest of its full sequence. A
+/// SentencePiece tokenizer thus gives a response no word-start token of its own where the
+/// full text has none; where a token spans the prompt's end, the prompt is shortened.
+pub fn split_at_divergence(prompt: Vec<u32>, full: Vec<Vec<u32>>) -> Tokenized {
+    let common = full
+        .iter()
+        .map(|f| prompt.iter().zip(f).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(prompt.len());
+    Tokenized {
+        prompt_shortened: common < prompt.len(),
+        prompt: prompt[..common].to_vec(),
+        responses: full.into_iter().map(|f| f[common..].to_vec()).collect(),
     }
 }
 
@@ -201,14 +243,7 @@ fn read_config(path: &Path) -> Result<Value> {
     if !path.is_file() {
         return Ok(Value::Null);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed JSON", path.display()))?;
-    if !config.is_object() {
-        bail!("{}: expected a JSON object", path.display());
-    }
-    Ok(config)
+    crate::fsutil::read_json_object(path)
 }
 
 /// tokenizer_config.json's chat template: a string, or in older files a list of named

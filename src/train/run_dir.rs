@@ -1,7 +1,9 @@
-//! A run directory: `metrics.jsonl`, the run's configuration, and checkpoints
-//! (`checkpoint-STEP/`, `final/`), each a Hugging Face model directory plus the state a
-//! resume needs (`trainer_state.json`, `optimizer.safetensors`, and `master.safetensors`
-//! — the f32 weights — when the model is saved in a 16-bit dtype).
+//! A run directory: `metrics.jsonl`, the run's configuration, checkpoints
+//! (`checkpoint-STEP/`: a Hugging Face model directory plus the state a resume needs —
+//! `contralign_state.json`, `optimizer.safetensors`, and `master.safetensors`, the f32
+//! weights, when the model is saved in a 16-bit dtype — and transformers'
+//! `trainer_state.json`), and `final/`, the last checkpoint's model alone (hard links to its
+//! files where the filesystem allows). Resumes read checkpoints only, never `final/`.
 
 use super::trainer::{Trainer, TrainerState};
 use crate::checkpoint::{named_tensors, read_tensors, write_model_dir, TensorMap};
@@ -11,14 +13,24 @@ use crate::model::Model;
 use crate::ops::cpu::CpuOps;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::Dtype;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const METRICS: &str = "metrics.jsonl";
 pub const CONFIG: &str = "train.toml";
-const STATE: &str = "trainer_state.json";
+pub const FINAL: &str = "final";
+/// What a resume needs besides weights and moments (not transformers' trainer_state.json).
+const STATE: &str = "contralign_state.json";
+/// transformers' `TrainerState` layout, for tools that read Hugging Face checkpoints.
+const HF_STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const MASTER: &str = "master.safetensors";
+/// The files of a checkpoint that `final/` leaves out: resume state, not model.
+const RESUME_FILES: [&str; 4] = [STATE, HF_STATE, OPTIMIZER, MASTER];
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+/// Locked (flock) by the process that writes the run; the kernel releases it when that
+/// process ends, however it ends.
+const LOCK: &str = "train.lock";
 
 /// How checkpoints are written.
 #[derive(Clone, Debug)]
@@ -28,10 +40,20 @@ pub struct SaveOptions {
     pub max_shard_bytes: usize,
     /// Where the tokenizer and generation files are copied from.
     pub source: PathBuf,
+    /// Keep at most this many `checkpoint-*` directories, the newest (Hugging Face's
+    /// `save_total_limit`); `None` keeps all.
+    pub total_limit: Option<usize>,
+    /// A checkpoint never removed by `total_limit`: the one the run resumed from.
+    pub keep: Option<PathBuf>,
 }
 
 pub struct RunDir {
     pub path: PathBuf,
+}
+
+/// The run directory's lock, held until dropped (or the process ends).
+pub struct RunLock {
+    _file: std::fs::File,
 }
 
 /// A checkpoint read back for a resume.
@@ -48,6 +70,45 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
         })
+    }
+
+    /// Takes the run's lock: one process at a time writes a run. Refused, naming the
+    /// process, while another holds it; a lock left by a process that died is free.
+    pub fn lock(&self) -> Result<RunLock> {
+        let path = self.path.join(LOCK);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.read_to_string(&mut holder).ok();
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process"
+                } else {
+                    holder
+                };
+                bail!(
+                    "{} is being written by {holder} (it holds {}): a run has one writer at a \
+                     time; wait for that process to end or stop it",
+                    self.path.display(),
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| write!(file, "process {}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(RunLock { _file: file })
     }
 
     pub fn metrics_path(&self) -> PathBuf {
@@ -86,38 +147,81 @@ impl RunDir {
         fsutil::write_atomically(&path, kept.as_bytes())
     }
 
-    /// The newest checkpoint (by its saved step) among `checkpoint-*` and `final`.
-    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
-        let mut best: Option<(u64, PathBuf)> = None;
+    /// The complete checkpoints (`checkpoint-*` with a resume state), oldest first by their
+    /// saved step.
+    fn checkpoints(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut found = Vec::new();
         let entries = std::fs::read_dir(&self.path)
             .with_context(|| format!("cannot read run directory {}", self.path.display()))?;
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().to_string();
-            if !(name.starts_with("checkpoint-") || name == "final") {
-                continue;
-            }
             let state = entry.path().join(STATE);
-            if !state.is_file() {
-                continue;
-            }
-            let step = read_state(&state)?.step;
-            if best.as_ref().is_none_or(|(s, _)| step > *s) {
-                best = Some((step, entry.path()));
+            if name.starts_with(CHECKPOINT_PREFIX) && state.is_file() {
+                found.push((read_state(&state)?.step, entry.path()));
             }
         }
-        Ok(best.map(|(_, p)| p))
+        found.sort();
+        Ok(found)
     }
 
-    /// Writes `name` (e.g. `checkpoint-40`, `final`) atomically, with the trainer's state
-    /// brought back from its device first.
-    pub fn save_checkpoint(
-        &self,
-        name: &str,
-        trainer: &mut Trainer,
-        opts: &SaveOptions,
-    ) -> Result<PathBuf> {
+    /// The newest checkpoint (by its saved step); `final/` is never one.
+    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
+        Ok(self.checkpoints()?.pop().map(|(_, p)| p))
+    }
+
+    /// Whether the directory holds anything of a run: metrics or a checkpoint.
+    pub fn holds_a_run(&self) -> Result<bool> {
+        Ok(self.metrics_path().exists() || !self.checkpoints()?.is_empty())
+    }
+
+    /// Removes the oldest checkpoints beyond `opts.total_limit`, never the newest one nor
+    /// `opts.keep`.
+    fn prune_checkpoints(&self, opts: &SaveOptions) -> Result<()> {
+        let Some(limit) = opts.total_limit else {
+            return Ok(());
+        };
+        let mut all = self.checkpoints()?;
+        all.pop();
+        let keep = limit.saturating_sub(1);
+        let excess = all.len().saturating_sub(keep);
+        for (_, dir) in all.into_iter().take(excess) {
+            if opts.keep.as_ref() == Some(&dir) {
+                continue;
+            }
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `final/` from the checkpoint `from`: its model files only (weights, config,
+    /// tokenizer and generation files), hard-linked where the filesystem allows, else copied.
+    pub fn save_final(&self, from: &Path) -> Result<PathBuf> {
+        let path = self.path.join(FINAL);
+        fsutil::write_dir_atomically(&path, |dir| {
+            let entries = std::fs::read_dir(from)
+                .with_context(|| format!("cannot read {}", from.display()))?;
+            for entry in entries {
+                let entry = entry.with_context(|| format!("cannot read {}", from.display()))?;
+                let name = entry.file_name();
+                if RESUME_FILES.iter().any(|f| name == *f) {
+                    continue;
+                }
+                fsutil::link_or_copy(&entry.path(), &dir.join(&name))?;
+            }
+            Ok(())
+        })?;
+        Ok(path)
+    }
+
+    /// Writes `checkpoint-STEP/` atomically, with the trainer's state brought back from its
+    /// device first, then removes the checkpoints beyond `opts.total_limit`.
+    pub fn save_checkpoint(&self, trainer: &mut Trainer, opts: &SaveOptions) -> Result<PathBuf> {
         trainer.sync_to_host()?;
-        let path = self.path.join(name);
+        let path = self
+            .path
+            .join(format!("{CHECKPOINT_PREFIX}{}", trainer.step));
+        let hf_state = self.hf_trainer_state(trainer)?;
         let policy = &trainer.policy;
         let specs = param_specs(&policy.cfg);
         let params = policy.params.iter();
@@ -130,7 +234,7 @@ impl RunDir {
                 &weights,
                 dtype,
                 opts.max_shard_bytes,
-                &opts.source,
+                Some(&opts.source),
             )?;
             if dtype != Dtype::F32 {
                 crate::checkpoint::save_f32(&dir.join(MASTER), &weights)?;
@@ -142,11 +246,45 @@ impl RunDir {
                 &trainer.optimizer.exp_avg_sq,
             ));
             crate::checkpoint::save_f32(&dir.join(OPTIMIZER), &moments)?;
-            let state = serde_json::to_string_pretty(&trainer.state())?;
-            std::fs::write(dir.join(STATE), state)
-                .with_context(|| format!("cannot write {}", dir.join(STATE).display()))
+            for (file, value) in [
+                (STATE, serde_json::to_value(trainer.state())?),
+                (HF_STATE, hf_state),
+            ] {
+                let path = dir.join(file);
+                std::fs::write(&path, serde_json::to_string_pretty(&value)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
         })?;
+        self.prune_checkpoints(opts)?;
         Ok(path)
+    }
+
+    /// transformers' `TrainerState` of the run at its current step (only fields that
+    /// `TrainerState.load_from_json` accepts): the step, epoch, steps in all, and the
+    /// metrics of every step so far as `log_history`.
+    fn hf_trainer_state(&self, trainer: &Trainer) -> Result<serde_json::Value> {
+        let path = self.metrics_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let history: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["step"].as_u64().is_some_and(|s| s <= trainer.step))
+            .collect();
+        let epoch = history.last().map_or(0.0.into(), |h| h["epoch"].clone());
+        Ok(serde_json::json!({
+            "global_step": trainer.step,
+            "max_steps": trainer.total_steps(),
+            "epoch": epoch,
+            "logging_steps": 1,
+            "log_history": history,
+            "is_local_process_zero": true,
+            "is_world_process_zero": true,
+        }))
     }
 }
 

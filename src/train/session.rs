@@ -1,6 +1,6 @@
 //! A training run from its current step to the end: every step logged to metrics.jsonl,
-//! checkpoints every `save_every` steps and at the end, a checkpoint and a stop on an
-//! interrupt or on too many non-finite steps in a row.
+//! checkpoints every `save_every` steps and at the end (with `final/`, the model alone), a
+//! checkpoint and a stop on an interrupt or on too many non-finite steps in a row.
 
 use super::run_dir::{RunDir, SaveOptions};
 use super::trainer::{StepRecord, Trainer};
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How a run ended.
 pub enum Outcome {
-    /// `final/` was written.
+    /// The last step's checkpoint and `final/` were written; the path is `final/`.
     Finished(PathBuf),
     /// Interrupted: this checkpoint was written.
     Interrupted(PathBuf),
@@ -30,9 +30,8 @@ pub fn run(
         let record = trainer.train_step()?;
         run.append_metrics(&record.to_json())?;
         on_step(&record, trainer);
-        let name = format!("checkpoint-{}", trainer.step);
         if trainer.too_many_bad_steps() {
-            let path = run.save_checkpoint(&name, trainer, save)?;
+            let path = run.save_checkpoint(trainer, save)?;
             bail!(
                 "{} steps in a row had a non-finite loss or gradient; stopped at step {} and \
                  saved {}",
@@ -42,15 +41,12 @@ pub fn run(
             );
         }
         if interrupted.load(Ordering::SeqCst) {
-            return Ok(Outcome::Interrupted(
-                run.save_checkpoint(&name, trainer, save)?,
-            ));
+            return Ok(Outcome::Interrupted(run.save_checkpoint(trainer, save)?));
         }
         if save_every > 0 && trainer.step.is_multiple_of(save_every) && !trainer.done() {
-            run.save_checkpoint(&name, trainer, save)?;
+            run.save_checkpoint(trainer, save)?;
         }
     }
-    Ok(Outcome::Finished(
-        run.save_checkpoint("final", trainer, save)?,
-    ))
+    let last = run.save_checkpoint(trainer, save)?;
+    Ok(Outcome::Finished(run.save_final(&last)?))
 }

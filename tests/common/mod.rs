@@ -242,6 +242,19 @@ pub fn contralign_ok(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// A model directory at `dir` (created): tiny-mistral with the tiny tokenizer.
+pub fn tiny_mistral_with_tokenizer(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (from, file) in [
+        ("tiny-mistral", "config.json"),
+        ("tiny-mistral", "model.safetensors"),
+        ("tiny-tokenizer", "tokenizer.json"),
+        ("tiny-tokenizer", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(fixture(from).join(file), dir.join(file)).unwrap();
+    }
+}
+
 /// A fixture's path as a string, for command lines.
 pub fn fx(name: &str) -> String {
     fixture(name).to_string_lossy().into_owned()
