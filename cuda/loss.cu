@@ -323,7 +323,8 @@ extern "C" __global__ void loss_groups_f64(const double* __restrict__ stats,
     for (int i = 0; i < 3 * g.k; ++i) d.g[i] *= scale;
 
     // Metrics (metrics.rs): implicit rewards β(S - S_ref) for the losses with a reference,
-    // βA otherwise; chosen is the best-rated response, rejected the worst.
+    // βA otherwise, and logps/* the statistic the rewards use (S, or A as CPOTrainer logs it
+    // for SimPO); chosen is the best-rated response, rejected the worst.
     const bool reference = g.s_ref != nullptr && (p.kind == INFONCA || p.kind == NCA ||
                                                   p.kind == DPO || p.kind == NCA_PAIR);
     auto implicit = [&](int i) {
@@ -337,8 +338,8 @@ extern "C" __global__ void loss_groups_f64(const double* __restrict__ stats,
     group_metrics[REJECTED * groups + gi] = rejected;
     group_metrics[MARGIN * groups + gi] = chosen - rejected;
     group_metrics[CORRECT * groups + gi] = chosen > rejected ? 1.0 : 0.0;
-    group_metrics[LOGP_CHOSEN * groups + gi] = g.s(c);
-    group_metrics[LOGP_REJECTED * groups + gi] = g.s(w);
+    group_metrics[LOGP_CHOSEN * groups + gi] = reference ? g.s(c) : g.a(c);
+    group_metrics[LOGP_REJECTED * groups + gi] = reference ? g.s(w) : g.a(w);
     for (int i = 0; i < g.k; ++i) {
         // The position of i in a stable sort by decreasing reward (total_cmp).
         const long long key = total_key(g.r[i]);

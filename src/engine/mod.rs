@@ -10,6 +10,7 @@
 //! host inside [`DeviceOps`] until their kernels land, and the per-response statistics come
 //! to the host for the loss once per micro-batch.
 
+pub mod bench;
 pub mod store;
 
 use crate::config::ModelConfig;

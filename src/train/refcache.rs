@@ -220,6 +220,15 @@ impl RefCache {
 pub struct RefLookup(HashMap<[u8; 32], ResponseStats>);
 
 impl RefLookup {
+    /// A lookup of given statistics, one per response of `groups` in order (benchmarks that
+    /// make their reference up).
+    pub fn from_stats(groups: &[Group], stats: &[ResponseStats]) -> RefLookup {
+        let keys = groups
+            .iter()
+            .flat_map(|g| g.responses.iter().map(|r| pair_key(&g.prompt, r)));
+        RefLookup(keys.zip(stats.iter().copied()).collect())
+    }
+
     /// The statistics of every response of `groups`, in order.
     pub fn stats(&self, groups: &[Group]) -> Result<Vec<ResponseStats>> {
         let mut out = Vec::new();

@@ -301,6 +301,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// Bytes of device memory the engine holds, when the run is on a device.
+    pub fn device_bytes(&self) -> Option<usize> {
+        self.engine.as_ref().map(DeviceEngine::device_bytes)
+    }
+
     /// Brings the device's weights and moments into `policy` and `optimizer` (before a
     /// checkpoint is written from them); nothing to do on the CPU.
     pub fn sync_to_host(&mut self) -> Result<()> {

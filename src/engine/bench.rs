@@ -1,0 +1,234 @@
+//! A timed training step of the device engine at given shapes (`contralign bench step`):
+//! random weights made in memory (no checkpoint on disk), random data of packed groups, a
+//! cached reference (random statistics), the engine's precision, and the figures the
+//! scoreboard reads: tokens/s, achieved TFLOP/s, model-FLOPs utilization against the H100's
+//! dense bf16 peak and against a GEMM rate measured on the same device in the same run, and
+//! the engine's device memory.
+
+use crate::config::ModelConfig;
+use crate::data::Group;
+use crate::loss::{LossKind, LossSpec};
+use crate::model::init::random_params;
+use crate::model::params::Params;
+use crate::model::{Model, ResponseStats};
+use crate::ops::cuda::device::Device;
+use crate::ops::cuda::gemm::Gemm;
+use crate::ops::optimizer::AdamWConfig;
+use crate::train::plan::{Length, StepBudget};
+use crate::train::refcache::RefLookup;
+use crate::train::schedule::ScheduleKind;
+use crate::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
+use anyhow::{ensure, Result};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The H100 SXM's dense bf16 peak, the figure MFU is quoted against.
+pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+
+/// The shapes of a benchmarked step: `groups` groups of one `prompt`-token prompt and
+/// `responses` responses of `response_len` tokens, in one micro-batch.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StepShape {
+    pub prompt: usize,
+    pub responses: usize,
+    pub response_len: usize,
+    pub groups: usize,
+}
+
+impl StepShape {
+    pub fn tokens(&self) -> usize {
+        self.groups * (self.prompt + self.responses * self.response_len)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepTiming {
+    pub device: String,
+    pub layers: usize,
+    pub parameters: usize,
+    pub precision: &'static str,
+    pub loss: &'static str,
+    pub shape: StepShape,
+    pub tokens_per_step: usize,
+    pub timed_steps: usize,
+    /// The median over the timed steps (after one untimed step).
+    pub seconds_per_step: f64,
+    pub tokens_per_s: f64,
+    /// Model FLOPs of a step: 6 per active parameter per token (forward and backward, no
+    /// recompute counted) plus attention's 12·head_dim·heads per visible (query, key) pair
+    /// per layer.
+    pub model_tflop_per_step: f64,
+    pub achieved_tflops: f64,
+    pub mfu_vs_h100_peak: f64,
+    /// A `[m, m] · [m, m]` bf16 GEMM with fp32 accumulation on the same device.
+    pub gemm_size: usize,
+    pub gemm_tflops: f64,
+    pub mfu_vs_measured_gemm: f64,
+    /// The engine's arena and workspace pool.
+    pub device_bytes: usize,
+    pub note: &'static str,
+}
+
+/// Parameters a token passes through: a Mixtral layer's experts count `experts_per_token` of
+/// `num_experts` times.
+fn active_parameters(cfg: &ModelConfig) -> f64 {
+    let all = crate::model::params::param_specs(cfg);
+    all.iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>() as f64;
+            match &cfg.moe {
+                Some(moe) if name.contains(".experts.") => {
+                    n * moe.experts_per_token as f64 / moe.num_experts as f64
+                }
+                _ => n,
+            }
+        })
+        .sum()
+}
+
+fn random_group(rng: &mut StdRng, cfg: &ModelConfig, shape: &StepShape, index: usize) -> Group {
+    let vocab = cfg.vocab_size as u32;
+    let eos = cfg.eos_token_ids.first().copied().unwrap_or(0);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
+    let prompt = ids(shape.prompt);
+    let responses = (0..shape.responses)
+        .map(|_| {
+            let mut r = ids(shape.response_len);
+            if let Some(last) = r.last_mut() {
+                *last = eos;
+            }
+            r
+        })
+        .collect();
+    Group {
+        prompt,
+        responses,
+        rewards: (0..shape.responses).map(|i| i as f64).collect(),
+        source: format!("bench group {index}"),
+    }
+}
+
+/// The device's bf16 GEMM rate at `[m, m] · [m, m]`, the median of `reps` runs.
+fn gemm_tflops(device: &Device, m: usize, reps: usize) -> Result<f64> {
+    let a = device.alloc::<bf16>(m * m)?;
+    let b = device.alloc::<bf16>(m * m)?;
+    let mut c = device.alloc::<bf16>(m * m)?;
+    let g = Gemm::projection(m, m, m);
+    device.gemm(&g, &a, &b, &mut c)?;
+    device.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        device.gemm(&g, &a, &b, &mut c)?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m as f64).powi(3) / median(&mut times) / 1e12)
+}
+
+fn median(x: &mut [f64]) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+/// Times `steps` NCA steps (after one untimed step) of a model of `cfg` with random weights on
+/// `device`, and a bf16 GEMM of `gemm_size`.
+pub fn time_step(
+    device: Device,
+    cfg: &ModelConfig,
+    shape: StepShape,
+    steps: usize,
+    gemm_size: usize,
+    seed: u64,
+) -> Result<StepTiming> {
+    ensure!(
+        steps >= 1 && shape.groups >= 1 && shape.responses >= 2 && shape.response_len >= 1,
+        "bench step needs at least 1 timed step, 1 group and 2 responses of 1 token"
+    );
+    let described = device.describe();
+    let gemm = gemm_tflops(&device, gemm_size, 5)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = random_params(cfg, &mut rng)?.into_iter();
+    let params = Params::build(cfg, |_, _| Ok(tensors.next().expect("one per tensor")))?;
+    let policy = Model {
+        cfg: cfg.clone(),
+        params,
+        dtype: safetensors::Dtype::BF16,
+    };
+    let groups: Vec<Group> = (0..shape.groups * (steps + 1))
+        .map(|i| random_group(&mut rng, cfg, &shape, i))
+        .collect();
+    let stats: Vec<ResponseStats> = groups
+        .iter()
+        .flat_map(|g| g.responses.iter())
+        .map(|r| {
+            let logp_sum = -(r.len() as f64) * rng.gen_range(1.0..3.0);
+            ResponseStats {
+                logp_sum,
+                tokens: r.len(),
+                logp_mean: logp_sum / r.len() as f64,
+                eos_logp: Some(-rng.gen_range(0.1..2.0)),
+            }
+        })
+        .collect();
+    let reference = Reference::Cache(RefLookup::from_stats(&groups, &stats));
+    let opts = TrainOptions {
+        spec: LossSpec::new(LossKind::Nca),
+        aux_coef: cfg.default_aux_coef(),
+        checkpointing: true,
+        budget: StepBudget::Groups(shape.groups),
+        micro_tokens: shape.tokens(),
+        seed,
+        length: Length::Steps(steps as u64 + 1),
+        adamw: AdamWConfig::default(),
+        schedule: ScheduleKind::Constant,
+        lr: 1e-6,
+        warmup: Warmup::Steps(0),
+        max_grad_norm: 1.0,
+        max_bad_steps: u32::MAX,
+    };
+    let mut trainer = Trainer::new(opts, policy, reference, groups.clone())?;
+    trainer.use_device(device)?;
+    trainer.train_step()?;
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let start = Instant::now();
+        trainer.train_step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let seconds = median(&mut times);
+    let layout = crate::step::pack(&trainer.policy, &groups[..shape.groups])?.layout;
+    let pairs: usize = (0..layout.len()).map(|t| layout.keys(t).count()).sum();
+    let tokens = shape.tokens();
+    let attention =
+        12.0 * (cfg.head_dim * cfg.num_heads) as f64 * pairs as f64 * cfg.num_layers as f64;
+    let flops = 6.0 * active_parameters(cfg) * tokens as f64 + attention;
+    let achieved = flops / seconds / 1e12;
+    Ok(StepTiming {
+        device: described,
+        layers: cfg.num_layers,
+        parameters: crate::model::params::param_specs(cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum(),
+        precision: "f32",
+        loss: "nca",
+        shape,
+        tokens_per_step: tokens,
+        timed_steps: steps,
+        seconds_per_step: seconds,
+        tokens_per_s: tokens as f64 / seconds,
+        model_tflop_per_step: flops / 1e12,
+        achieved_tflops: achieved,
+        mfu_vs_h100_peak: achieved / H100_BF16_PEAK_TFLOPS,
+        gemm_size,
+        gemm_tflops: gemm,
+        mfu_vs_measured_gemm: achieved / gemm,
+        device_bytes: trainer.device_bytes().unwrap_or(0),
+        note: "the engine stores f32 and runs attention's f32 kernels; MoE dispatch and \
+               scoring still round-trip through the host",
+    })
+}
