@@ -1,5 +1,6 @@
 //! Subcommands of the `contralign` binary.
 
+mod bench;
 mod config_file;
 mod data_args;
 mod demo;
@@ -46,6 +47,7 @@ enum Command {
     Plot(plot::PlotArgs),
     Generate(Box<generate::GenerateArgs>),
     Selftest(selftest::SelftestArgs),
+    Bench(bench::BenchArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -59,6 +61,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plot(args) => plot::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Selftest(args) => return selftest::run(args),
+        Command::Bench(args) => bench::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -263,6 +263,31 @@ impl Device {
         c: &mut Buffer<C>,
     ) -> Result<()> {
         g.check(a.len(), b.len(), c.len())?;
+        self.gemm_at(g, (a, 0), (b, 0), (c, 0))
+    }
+
+    /// [`Device::gemm`] on operands that start at an element offset of their buffers and have
+    /// the lengths `g` gives them (the chunks of the fused scoring).
+    pub fn gemm_at<E: Float, C: Float>(
+        &self,
+        g: &Gemm,
+        (a, a_at): (&Buffer<E>, usize),
+        (b, b_at): (&Buffer<E>, usize),
+        (c, c_at): (&mut Buffer<C>, usize),
+    ) -> Result<()> {
+        let (a_len, b_len, c_len) = (g.m * g.k, g.k * g.n, g.m * g.n);
+        g.check(a_len, b_len, c_len)?;
+        for (name, at, len, have) in [
+            ("a", a_at, a_len, a.len()),
+            ("b", b_at, b_len, b.len()),
+            ("c", c_at, c_len, c.len()),
+        ] {
+            ensure!(
+                at.checked_add(len).is_some_and(|end| end <= have),
+                "gemm: operand {name} of {len} elements at offset {at} overruns its buffer of \
+                 {have}"
+            );
+        }
         // cublasGemmEx with fp32 compute takes bf16 -> bf16, bf16 -> f32 and f32 -> f32; the
         // emulator refuses what the GPU would.
         ensure!(
@@ -272,19 +297,25 @@ impl Device {
         );
         match self {
             Device::Emu => match (a.host(), b.host(), c.host_mut()) {
-                (Some(a), Some(b), Some(c)) => gemm::host_gemm(g, a, b, c),
+                (Some(a), Some(b), Some(c)) => gemm::host_gemm(
+                    g,
+                    &a[a_at..a_at + a_len],
+                    &b[b_at..b_at + b_len],
+                    &mut c[c_at..c_at + c_len],
+                ),
                 _ => bail!("a GPU buffer given to the emulator"),
             },
             #[cfg(feature = "cuda")]
-            // SAFETY: three live buffers of this device whose lengths `check` accepted.
+            // SAFETY: three live buffers of this device, each holding its operand's elements
+            // from its offset (checked above).
             Device::Gpu(gpu) => unsafe {
                 gpu.gemm(
                     g,
                     E::DTYPE,
-                    a.device_ptr(),
-                    b.device_ptr(),
+                    a.device_ptr() + (a_at * size_of::<E>()) as u64,
+                    b.device_ptr() + (b_at * size_of::<E>()) as u64,
                     C::DTYPE,
-                    c.device_ptr(),
+                    c.device_ptr() + (c_at * size_of::<C>()) as u64,
                 )
             },
         }

@@ -58,7 +58,7 @@ impl AdamWStep {
     }
 }
 
-fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
+pub(super) fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
     what: &str,
     a: &Buffer<A>,
     b: &Buffer<B>,
@@ -72,7 +72,7 @@ fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
     Ok(())
 }
 
-fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
+pub(super) fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
     ensure!(
         d > 0 && len.is_multiple_of(d),
         "{what}: {len} elements are not rows of {d}"
@@ -95,7 +95,7 @@ impl<'a> Kernels<'a> {
         }
     }
 
-    fn launch(&self, name: &str, blocks: usize, args: &KernelArgs) -> Result<()> {
+    pub(super) fn launch(&self, name: &str, blocks: usize, args: &KernelArgs) -> Result<()> {
         let grid = blocks.clamp(1, self.max_grid as usize) as u32;
         // SAFETY: every wrapper passes device pointers of live buffers of `self.device` whose
         // lengths it has checked against what the kernel touches.
