@@ -11,6 +11,7 @@ use contralign::data::packing::ResponseSpan;
 use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::scoring::{FusedScoring, Spans};
+use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape, Unfused};
 use contralign::ops::cuda::selftest::scoring::{scoring, ScoringCase};
 use contralign::ops::cuda::selftest::{self, Row};
 use half::bf16;
@@ -156,4 +157,101 @@ fn a_target_past_the_vocabulary_traps_and_bad_spans_are_errors() {
         format!("{wrong_width:#}").contains("LM head"),
         "{wrong_width:#}"
     );
+}
+
+#[test]
+fn eval_agrees_on_the_cpu_and_the_emulated_device() {
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let eval = |device: &str| -> serde_json::Value {
+            let out = common::contralign_ok(&[
+                "eval",
+                "--model",
+                &common::fx(name),
+                "--ref-model",
+                &common::fx(&format!("{name}-ref")),
+                "--data",
+                &common::fx(&format!("{name}.reward.jsonl")),
+                "--loss",
+                "nca",
+                "--device",
+                device,
+            ]);
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let (cpu, emu) = (eval("cpu"), eval("emu"));
+        let metrics = cpu["metrics"].as_object().unwrap();
+        assert_eq!(metrics.len(), emu["metrics"].as_object().unwrap().len());
+        for (key, want) in metrics {
+            let (g, w) = (emu["metrics"][key].as_f64().unwrap(), want.as_f64().unwrap());
+            // The device's fp32 statistics against the CPU's f64 (common::device_step's
+            // bound), absolute for metrics near zero.
+            assert!(
+                (g - w).abs() <= 1e-5 * (w.abs() + 1.0),
+                "{name} {key}: emu {g}, cpu {w}"
+            );
+        }
+        assert_eq!(cpu["loss"], cpu["metrics"]["loss"]);
+    }
+}
+
+#[test]
+fn bench_scoring_runs_on_the_emulator_and_prints_every_figure() {
+    let out = common::contralign_ok(&[
+        "bench",
+        "scoring",
+        "--device",
+        "emu",
+        "--rows",
+        "300",
+        "--vocab",
+        "257",
+        "--dim",
+        "24",
+        "--chunk-rows",
+        "128",
+        "--reps",
+        "1",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["emulator_time"], true);
+    assert_eq!(report["chunk_rows"], 128);
+    assert_eq!(report["fused_extra_bytes"], 128 * 257 * 2);
+    assert_eq!(report["unfused_extra_bytes"], 2 * 300 * 257 * 4);
+    for key in [
+        "fused_forward_s",
+        "fused_forward_backward_s",
+        "gemms_forward_s",
+        "gemms_forward_backward_s",
+        "unfused_forward_s",
+        "copy_gb_s",
+        "rows_pass_gb_s",
+        "backward_pass_gb_s",
+        "rows_pass_of_copy",
+    ] {
+        let v = report[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key} = {}", report[key]);
+    }
+}
+
+#[test]
+fn the_unfused_baseline_computes_what_the_fused_scoring_does() {
+    let device = Device::Emu;
+    let shape = ScoringShape {
+        rows: 70,
+        vocab: 333,
+        dim: 20,
+        chunk_rows: Some(16),
+    };
+    let mut bench = ScoringBench::<f32>::new(&device, shape, 5).unwrap();
+    bench.fused_forward().unwrap();
+    let fused = scoring_bench::logp(&bench).unwrap();
+    Unfused::new(&device, &shape)
+        .unwrap()
+        .forward(&mut bench)
+        .unwrap();
+    let unfused = scoring_bench::logp(&bench).unwrap();
+    for (a, b) in fused.iter().zip(&unfused) {
+        // Both in fp32 from the same logits: a few roundings of log-probs of about ln 333.
+        assert!((a - b).abs() <= 1e-5 * (a.abs() + 1.0), "{a} vs {b}");
+    }
 }
