@@ -182,7 +182,10 @@ fn eval_agrees_on_the_cpu_and_the_emulated_device() {
         let metrics = cpu["metrics"].as_object().unwrap();
         assert_eq!(metrics.len(), emu["metrics"].as_object().unwrap().len());
         for (key, want) in metrics {
-            let (g, w) = (emu["metrics"][key].as_f64().unwrap(), want.as_f64().unwrap());
+            let (g, w) = (
+                emu["metrics"][key].as_f64().unwrap(),
+                want.as_f64().unwrap(),
+            );
             // The device's fp32 statistics against the CPU's f64 (common::device_step's
             // bound), absolute for metrics near zero.
             assert!(

@@ -414,14 +414,8 @@ impl Ops for DeviceOps<'_> {
             || {
                 let targets = self.indices(targets)?;
                 let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
-                FusedScoring::new::<f32>(&self.kernels, vocab).forward(
-                    h,
-                    head,
-                    &targets,
-                    d,
-                    &mut lse,
-                    &mut logp,
-                )?;
+                FusedScoring::new::<f32>(&self.kernels, vocab)
+                    .forward(h, head, &targets, d, &mut lse, &mut logp)?;
                 // The trait hands the per-row log-probs to the host's loss: `rows` values.
                 let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
                 Ok((logp, lse))

@@ -106,7 +106,14 @@ impl Kernels<'_> {
         coef: &Buffer<f32>,
         row0: usize,
     ) -> Result<()> {
-        check_chunk("scoring_backward", z.len(), rows, vocab, targets.len(), row0)?;
+        check_chunk(
+            "scoring_backward",
+            z.len(),
+            rows,
+            vocab,
+            targets.len(),
+            row0,
+        )?;
         same_len("scoring_backward lse", targets, lse)?;
         same_len("scoring_backward coef", targets, coef)?;
         let mut args = KernelArgs::new();

@@ -46,7 +46,12 @@ pub struct ScoringBench<'a, E> {
     dhead: Buffer<f32>,
 }
 
-fn random<E: Float>(device: &Device, n: usize, scale: f32, rng: &mut ChaCha8Rng) -> Result<Buffer<E>> {
+fn random<E: Float>(
+    device: &Device,
+    n: usize,
+    scale: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Buffer<E>> {
     let host: Vec<E> = (0..n)
         .map(|_| E::from_f32(rng.gen_range(-scale..scale)))
         .collect();
@@ -291,7 +296,11 @@ impl Unfused {
             .arg(vocab as i32)
             .arg(bench.targets.device_ptr())
             .arg(bench.logp.device_ptr());
-        k.launch("scoring_unfused_gather", rows.div_ceil(k.block as usize), &args)?;
+        k.launch(
+            "scoring_unfused_gather",
+            rows.div_ceil(k.block as usize),
+            &args,
+        )?;
         k.response_stats(&bench.logp, &bench.spans, &mut bench.stats)
     }
 }
@@ -321,7 +330,11 @@ pub fn median_seconds(
 }
 
 /// Every figure of the benchmark as one JSON object (`contralign bench scoring`).
-pub fn report<E: Float>(device: &Device, shape: ScoringShape, reps: usize) -> Result<serde_json::Value> {
+pub fn report<E: Float>(
+    device: &Device,
+    shape: ScoringShape,
+    reps: usize,
+) -> Result<serde_json::Value> {
     let mut bench = ScoringBench::<E>::new(device, shape, 0)?;
     let mut z = bench.chunk()?;
     let fused_forward = median_seconds(device, reps, || bench.fused_forward())?;
@@ -338,7 +351,9 @@ pub fn report<E: Float>(device: &Device, shape: ScoringShape, reps: usize) -> Re
     // The copy bandwidth over a buffer as large as the unfused logits (bytes read + written).
     let copy_src = unfused.logits;
     let mut copy_dst = unfused.logprobs;
-    let copy = median_seconds(device, reps, || device.copy_buffer(&copy_src, &mut copy_dst))?;
+    let copy = median_seconds(device, reps, || {
+        device.copy_buffer(&copy_src, &mut copy_dst)
+    })?;
     let copy_rate = 8.0 * copy_src.len() as f64 / copy;
     let (fwd_bytes, bwd_bytes) = bench.pass_bytes();
     let (fwd_flops, both_flops) = bench.gemm_flops();

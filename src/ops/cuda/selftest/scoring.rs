@@ -81,7 +81,11 @@ impl ScoringCase {
     }
 
     pub fn rows(&self) -> usize {
-        self.spans.iter().map(|s| s.first + s.len).max().unwrap_or(0)
+        self.spans
+            .iter()
+            .map(|s| s.first + s.len)
+            .max()
+            .unwrap_or(0)
     }
 
     fn describe(&self) -> String {
@@ -104,7 +108,13 @@ struct RowMagnitudes {
     scale: Vec<f64>,
 }
 
-fn magnitudes_of(h: &[f32], w: &[f32], case: &ScoringCase, lse: &[f32], logp: &[f64]) -> RowMagnitudes {
+fn magnitudes_of(
+    h: &[f32],
+    w: &[f32],
+    case: &ScoringCase,
+    lse: &[f32],
+    logp: &[f64],
+) -> RowMagnitudes {
     let (rows, vocab, d) = (case.rows(), case.vocab, case.d);
     let mut z = vec![0f64; rows * vocab];
     let mut m = vec![0f64; rows];
@@ -190,8 +200,16 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     };
     let dlogp = token_grads(&case.spans, rows, &sg);
     let mut want_dhead = dhead0.clone();
-    let want_dh =
-        CpuOps.token_logprobs_backward(&h, &w, &targets, &want_lse, &dlogp, d, vocab, &mut want_dhead);
+    let want_dh = CpuOps.token_logprobs_backward(
+        &h,
+        &w,
+        &targets,
+        &want_lse,
+        &dlogp,
+        d,
+        vocab,
+        &mut want_dhead,
+    );
 
     // The bounds.
     let mags = magnitudes_of(&h, &w, case, &want_lse, &want_logp);
@@ -211,7 +229,14 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     let scale: Vec<f32> = to_f32(&mags.scale);
     let span_scale = |s: &ResponseSpan| mags.scale[s.first..s.first + s.len].iter().sum::<f64>();
     let got_stats = dev.download(&stats_b)?;
-    let stat = |i: usize| -> Vec<f32> { got_stats.iter().skip(i).step_by(3).map(|&v| v as f32).collect() };
+    let stat = |i: usize| -> Vec<f32> {
+        got_stats
+            .iter()
+            .skip(i)
+            .step_by(3)
+            .map(|&v| v as f32)
+            .collect()
+    };
     let want_s: Vec<f32> = want_stats.iter().map(|s| s.logp_sum as f32).collect();
     let want_a: Vec<f32> = want_stats.iter().map(|s| s.logp_mean as f32).collect();
     let want_e: Vec<f32> = want_stats
