@@ -17,9 +17,9 @@ pub enum Backend {
 
 #[derive(Args, Debug)]
 pub struct DeviceArgs {
-    /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU and the
-    /// projections run as device kernels and GEMMs; attention, MoE dispatch and the LM-head
-    /// scoring still run on the host until their kernels exist.
+    /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU, the
+    /// projections and the LM-head scoring run as device kernels and GEMMs; attention and MoE
+    /// dispatch still run on the host until their kernels exist.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Backend,
 }
