@@ -239,6 +239,7 @@ fn help_explains_every_flag() {
         "plot",
         "generate",
         "selftest",
+        "bench",
     ];
     for cmd in commands {
         let out = contralign_ok(&[cmd, "--help"]);
