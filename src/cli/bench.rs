@@ -24,8 +24,10 @@ enum Dtype {
     F32,
 }
 
-/// The fused LM-head scoring (logits by chunks, log-sum-exp and target log-probs, per-response
-/// S, A, E, and the backward into dh and dW) on random inputs: the time of the fused forward
+/// Time the fused LM-head scoring on random inputs and print the figures as JSON.
+///
+/// The fused scoring (logits by chunks, log-sum-exp and target log-probs, per-response S, A,
+/// E, and the backward into dh and dW) on random inputs: the time of the fused forward
 /// and forward+backward, of the same GEMMs alone (the floor), of an unfused baseline (fp32
 /// logits of the whole batch, log-softmax, gather, reduce), the extra memory of each, and the
 /// bandwidth of the logits passes against the measured copy bandwidth. On `--device emu` the
