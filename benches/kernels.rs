@@ -1,6 +1,7 @@
 //! Speed of the CUDA kernels and the cuBLAS GEMMs on a GPU, at Mistral-7B sizes (8192 tokens,
 //! width 4096, 32 heads of 128, FFN 14336, vocabulary 32000), forward and backward, in bf16 and
-//! f32 where a kernel has both.
+//! f32 where a kernel has both, and the fused LM-head scoring against its GEMMs and an unfused
+//! baseline.
 //!
 //! The kernels are memory-bound, so each is reported as the bytes it must move (every input
 //! read once, every output written once) per second, next to the device-to-device copy
@@ -17,6 +18,7 @@ use anyhow::{Context, Result};
 use contralign::ops::cuda::device::{Buffer, Device, DeviceKind, Float};
 use contralign::ops::cuda::gemm::Gemm;
 use contralign::ops::cuda::kernels::{AdamWStep, Kernels};
+use contralign::ops::cuda::scoring_bench::{ScoringBench, ScoringShape, Unfused};
 use contralign::train::optimizer::AdamWConfig;
 use criterion::{Criterion, Throughput};
 use half::bf16;
@@ -463,6 +465,70 @@ fn gemms(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// The fused LM-head scoring at T = 8192 prediction rows, V = 32000, d = 4096 in bf16 (chunks
+/// of 256 MiB of logits): the fused forward and forward+backward against the same GEMMs alone
+/// (all in FLOP/s of those GEMMs, so that the ratio of rates is the ratio of times), the
+/// unfused baseline (fp32 logits of the whole batch, log-softmax, gather, reduce), and the
+/// logits passes alone in GB/s.
+fn scoring(b: &mut Bench) -> Result<()> {
+    let shape = ScoringShape {
+        rows: TOKENS,
+        vocab: VOCAB,
+        dim: D,
+        chunk_rows: None,
+    };
+    let mut s = ScoringBench::<bf16>::new(b.device, shape, 60)?;
+    let mut unfused = Unfused::new(b.device, &shape)?;
+    let mut z = s.chunk()?;
+    let desc = format!("{TOKENS}x{VOCAB}x{D} chunks of {}", s.chunk_rows);
+    let (fwd, both) = s.gemm_flops();
+    let (fwd_bytes, bwd_bytes) = s.pass_bytes();
+    let group = "scoring (elements = FLOPs of its GEMMs)";
+    b.case(group, "fused forward", &desc, Work::Flops(fwd), || {
+        s.fused_forward()
+    })?;
+    b.case(
+        group,
+        "fused forward+backward",
+        &desc,
+        Work::Flops(both),
+        || s.fused_forward_backward(),
+    )?;
+    b.case(
+        group,
+        "GEMMs alone forward",
+        &desc,
+        Work::Flops(fwd),
+        || s.gemms_forward(&mut z),
+    )?;
+    b.case(
+        group,
+        "GEMMs alone forward+backward",
+        &desc,
+        Work::Flops(both),
+        || s.gemms_forward_backward(&mut z),
+    )?;
+    let all = format!("{TOKENS}x{VOCAB}x{D} unchunked");
+    b.case(group, "unfused forward", &all, Work::Flops(fwd), || {
+        unfused.forward(&mut s)
+    })?;
+    s.gemms_forward(&mut z)?;
+    b.case(
+        "scoring",
+        "logits pass forward",
+        &desc,
+        Work::Bytes(fwd_bytes),
+        || s.rows_pass(&z),
+    )?;
+    b.case(
+        "scoring",
+        "logits pass backward",
+        &desc,
+        Work::Bytes(bwd_bytes),
+        || s.backward_pass(&mut z),
+    )
+}
+
 fn run(b: &mut Bench) -> Result<()> {
     // The copy first: the summary measures every kernel against it.
     copy(b)?;
@@ -477,7 +543,8 @@ fn run(b: &mut Bench) -> Result<()> {
     casts(b)?;
     grad_norm(b)?;
     adamw(b)?;
-    gemms(b)
+    gemms(b)?;
+    scoring(b)
 }
 
 fn main() -> ExitCode {

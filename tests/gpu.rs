@@ -5,13 +5,17 @@
 mod common;
 
 use common::device_step::check_step_on_device;
+use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::pool::Pool;
+use contralign::ops::cuda::scoring::FusedScoring;
+use contralign::ops::cuda::selftest::scoring::ScoringCase;
 use contralign::ops::cuda::selftest::{self, Row};
+use contralign::ops::Ops;
 use half::bf16;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::process::Command;
 
 /// The first GPU, or `None` after printing why there is none.
@@ -93,6 +97,9 @@ fn kernels_pass_with_every_launch_shape() {
             rows.extend(selftest::casts(&k, rng, 3001)?);
             rows.extend(selftest::grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
             rows.extend(selftest::adamw_exact(&k, rng, 5003)?);
+            let case = ScoringCase::random(rng, 3, 9, 12, (4099, 33, 7));
+            rows.extend(selftest::scoring::scoring::<f32>(&k, rng, &case)?);
+            rows.extend(selftest::scoring::scoring::<bf16>(&k, rng, &case)?);
             device.synchronize()?;
             Ok(rows)
         })()
@@ -101,6 +108,48 @@ fn kernels_pass_with_every_launch_shape() {
             &rows,
             &format!("launch shape ({block} threads, {max_grid} blocks)"),
             seed,
+        );
+    }
+}
+
+/// One chunk of 65,600 rows of 32,768 f32 logits (8.6 GB) holds more than 2^31 elements: the
+/// rows past the 2^31st element must score as the CPU scores them (32-bit offsets would
+/// wrap to the chunk's first rows).
+#[test]
+fn scoring_indexes_a_chunk_past_two_to_the_31_elements() {
+    let Some(device) = gpu() else { return };
+    let seed = fresh_seed();
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let (rows, vocab, d) = (65_600, 32_768, 8);
+    let h: Vec<f32> = (0..rows * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..vocab * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let targets: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let k = Kernels::new(&device);
+    let scoring = FusedScoring {
+        kernels: &k,
+        chunk_rows: rows,
+    };
+    let (mut lse, mut logp) = (device.alloc(rows).unwrap(), device.alloc(rows).unwrap());
+    scoring
+        .forward(
+            &device.upload(&h).unwrap(),
+            &device.upload(&w).unwrap(),
+            &device.upload(&targets).unwrap(),
+            d,
+            &mut lse,
+            &mut logp,
+        )
+        .unwrap();
+    let got = device.download(&logp).unwrap();
+    let first = (1usize << 31) / vocab - 2;
+    let (want, _) =
+        CpuOps.token_logprobs(&h[first * d..].to_vec(), &w, &targets[first..], d, vocab);
+    for (i, (&g, &w)) in got[first..].iter().zip(&want).enumerate() {
+        // Logits of at most 8, an fp32 sum of 32,768 terms: well within 1e-4.
+        assert!(
+            (g as f64 - w).abs() <= 1e-4,
+            "row {}: {g}, want {w} (seed {seed})",
+            first + i
         );
     }
 }

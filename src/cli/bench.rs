@@ -1,27 +1,154 @@
-//! `contralign bench ...`: timings of the device kernels at given shapes, printed as JSON.
+//! `contralign bench`: speed measurements that print JSON, one sub-command per workload.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use contralign::config::ModelConfig;
+use contralign::engine::bench::{time_step, StepShape};
 use contralign::ops::cuda::attention_bench::{time_attention, BenchMask};
 use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::scoring_bench::{self, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
+use std::path::PathBuf;
 
+/// Measure a workload on a device and print the figures as one JSON object.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    what: BenchCommand,
+    what: Workload,
 }
 
 #[derive(Subcommand, Debug)]
-enum BenchCommand {
+enum Workload {
     Attention(AttentionBenchArgs),
+    Scoring(ScoringArgs),
+    Step(StepArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Dtype {
     Bf16,
     F32,
+}
+
+/// Time a whole training step of the device engine and print JSON: tokens/s, achieved
+/// TFLOP/s, model-FLOPs utilization against the H100's 989 TFLOP/s and against a bf16 GEMM
+/// rate measured on the same device in the same run, and the engine's device memory.
+///
+/// The model is --config (a config.json or model directory; its weights are not read) with
+/// --layers of its layers, random weights made in memory; the data are --groups groups of a
+/// --prompt-token prompt and --responses responses of --response-len tokens, in one
+/// micro-batch; the loss NCA with a cached (made-up) reference. Default: Mistral-7B's width
+/// and heads with 2 layers. On --device emu the times are the emulator's: they check the
+/// command, they measure nothing about a GPU.
+#[derive(Args, Debug)]
+struct StepArgs {
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceKind,
+    /// A config.json, or a model directory holding one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "examples/configs/mistral-7b-v0.1.json"
+    )]
+    config: PathBuf,
+    /// Layers of the model (the config's own count when not given).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    #[arg(long, default_value_t = 4)]
+    responses: usize,
+    #[arg(long, default_value_t = 256)]
+    response_len: usize,
+    #[arg(long, default_value_t = 2)]
+    groups: usize,
+    /// Timed steps (the median is reported), after one untimed step.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// The side of the square bf16 GEMM whose rate MFU is also read against.
+    #[arg(long, default_value_t = 8192)]
+    gemm_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn step(a: StepArgs) -> Result<()> {
+    ensure!(a.layers >= 1, "--layers must be at least 1");
+    let mut cfg = ModelConfig::load_dir_or_file(&a.config)?;
+    cfg.num_layers = a.layers;
+    cfg.raw["num_hidden_layers"] = a.layers.into();
+    let device = Device::open(a.device)?;
+    let shape = StepShape {
+        prompt: a.prompt,
+        responses: a.responses,
+        response_len: a.response_len,
+        groups: a.groups,
+    };
+    let timing = time_step(device, &cfg, shape, a.steps, a.gemm_size, a.seed)?;
+    println!("{}", serde_json::to_string_pretty(&timing)?);
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        Workload::Attention(a) => attention(a),
+        Workload::Step(a) => step(a),
+        Workload::Scoring(a) => {
+            ensure!(
+                a.rows > 0 && a.vocab > 0 && a.dim > 0,
+                "--rows, --vocab and --dim must be positive"
+            );
+            ensure!(a.chunk_rows != Some(0), "--chunk-rows must be positive");
+            let device = Device::open(a.device)?;
+            let shape = ScoringShape {
+                rows: a.rows,
+                vocab: a.vocab,
+                dim: a.dim,
+                chunk_rows: a.chunk_rows,
+            };
+            let report = match a.dtype {
+                Dtype::Bf16 => scoring_bench::report::<bf16>(&device, shape, a.reps)?,
+                Dtype::F32 => scoring_bench::report::<f32>(&device, shape, a.reps)?,
+            };
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+/// Time the fused LM-head scoring on random inputs and print the figures as JSON.
+///
+/// The fused scoring (logits by chunks, log-sum-exp and target log-probs, per-response S, A,
+/// E, and the backward into dh and dW) on random inputs: the time of the fused forward
+/// and forward+backward, of the same GEMMs alone (the floor), of an unfused baseline (fp32
+/// logits of the whole batch, log-softmax, gather, reduce), the extra memory of each, and the
+/// bandwidth of the logits passes against the measured copy bandwidth. On `--device emu` the
+/// times are the emulator's (`"emulator_time": true`): they check that it runs, they measure
+/// nothing about a GPU.
+#[derive(Args, Debug)]
+struct ScoringArgs {
+    /// Prediction rows (tokens scored).
+    #[arg(long, default_value_t = 8192)]
+    rows: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Hidden width.
+    #[arg(long, default_value_t = 4096)]
+    dim: usize,
+    /// Storage of h, the LM head and the logits.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: Dtype,
+    /// Rows per chunk of logits [default: as many as 256 MiB hold].
+    #[arg(long)]
+    chunk_rows: Option<usize>,
+    /// Timed repetitions of each case (the median is printed), after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Where it runs.
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceKind,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -72,12 +199,6 @@ pub struct AttentionBenchArgs {
     /// Timed runs per case (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 10)]
     reps: usize,
-}
-
-pub fn run(args: BenchArgs) -> Result<()> {
-    match args.what {
-        BenchCommand::Attention(a) => attention(a),
-    }
 }
 
 fn attention(a: AttentionBenchArgs) -> Result<()> {

@@ -18,9 +18,9 @@ pub enum Backend {
 
 #[derive(Args, Debug)]
 pub struct DeviceArgs {
-    /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU, attention and
-    /// the projections run as device kernels and GEMMs; MoE dispatch and the LM-head scoring
-    /// still run on the host until their kernels exist.
+    /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU, attention,
+    /// the projections and the LM-head scoring run as device kernels and GEMMs; MoE dispatch
+    /// still runs on the host until its kernels exist.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Backend,
 }

@@ -5,8 +5,8 @@ use contralign::ops::cuda::selftest;
 use std::process::ExitCode;
 
 /// Run every CUDA kernel (SwiGLU, embedding, RMSNorm with the residual add, RoPE, casts, the
-/// gradient norm and clipping, AdamW, accumulation, attention forward and backward) and the
-/// device GEMMs through the device layer on fresh random inputs of
+/// gradient norm and clipping, AdamW, accumulation, attention forward and backward, the fused
+/// scoring, the losses) and the device GEMMs through the device layer on fresh random inputs of
 /// awkward sizes, compare each with the CPU reference, and print a table: op, shape, largest
 /// absolute error, largest error relative to the magnitude it is measured against, the bound
 /// that relative error must stay within (from the precision of the computation), and pass or

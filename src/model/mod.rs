@@ -9,7 +9,7 @@ pub mod params;
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
-use crate::data::packing::Batch;
+use crate::data::packing::{Batch, ResponseSpan};
 use crate::ops::{AttentionLayout, Ops};
 use anyhow::{Context, Result};
 use layer::{AuxGrad, LayerActs};
@@ -237,7 +237,7 @@ impl<B> Model<B> {
         let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
         let loss = sg.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
-        let dlogp: Vec<f64> = token_grads(batch, &sg)
+        let dlogp: Vec<f64> = token_grads(&batch.responses, batch.targets.len(), &sg)
             .into_iter()
             .map(|g| g * scale)
             .collect();
@@ -303,8 +303,12 @@ impl<B> Model<B> {
 
 /// Reduces per-token log-probs into per-response statistics, in f64.
 pub fn response_stats(batch: &Batch, logp: &[f64]) -> Vec<ResponseStats> {
-    batch
-        .responses
+    span_stats(&batch.responses, logp)
+}
+
+/// The statistics of each span of `logp`.
+pub fn span_stats(responses: &[ResponseSpan], logp: &[f64]) -> Vec<ResponseStats> {
+    responses
         .iter()
         .map(|r| {
             let lp = &logp[r.first..r.first + r.len];
@@ -319,10 +323,11 @@ pub fn response_stats(batch: &Batch, logp: &[f64]) -> Vec<ResponseStats> {
         .collect()
 }
 
-/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (losses.md §1).
-fn token_grads(batch: &Batch, g: &StatsGrad) -> Vec<f64> {
-    let mut out = vec![0f64; batch.targets.len()];
-    for (i, r) in batch.responses.iter().enumerate() {
+/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (losses.md §1) for
+/// each of `rows` prediction rows; rows of no response get 0.
+pub fn token_grads(responses: &[ResponseSpan], rows: usize, g: &StatsGrad) -> Vec<f64> {
+    let mut out = vec![0f64; rows];
+    for (i, r) in responses.iter().enumerate() {
         let per_token = g.d_s[i] + g.d_a[i] / r.len as f64;
         out[r.first..r.first + r.len]
             .iter_mut()

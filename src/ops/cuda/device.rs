@@ -552,6 +552,24 @@ impl Device {
         }
     }
 
+    /// [`Device::gemm`] on operands that start at an element offset of their buffers and have
+    /// the lengths `g` gives them (the chunks of the fused scoring).
+    pub fn gemm_at<E: Float, C: Float>(
+        &self,
+        g: &Gemm,
+        (a, a_at): (&impl AsView<E>, usize),
+        (b, b_at): (&impl AsView<E>, usize),
+        (c, c_at): (&mut impl AsView<C>, usize),
+    ) -> Result<()> {
+        let mut c = c.view().slice(c_at, g.m * g.n).context("gemm operand c")?;
+        self.gemm(
+            g,
+            &a.view().slice(a_at, g.m * g.k).context("gemm operand a")?,
+            &b.view().slice(b_at, g.k * g.n).context("gemm operand b")?,
+            &mut c,
+        )
+    }
+
     /// Copies `src` into `dst` (of its length) on the device, in launch order.
     pub fn copy_buffer<T: bytemuck::Pod>(
         &self,

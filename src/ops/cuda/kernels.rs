@@ -72,7 +72,11 @@ impl AdamWStep {
     }
 }
 
-fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(what: &str, a: View<A>, b: View<B>) -> Result<()> {
+pub(super) fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
+    what: &str,
+    a: View<A>,
+    b: View<B>,
+) -> Result<()> {
     ensure!(
         a.len() == b.len(),
         "{what}: buffers of {} and {} elements",
@@ -82,7 +86,7 @@ fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(what: &str, a: View<A>, b: View<
     Ok(())
 }
 
-fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
+pub(super) fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
     ensure!(
         d > 0 && len.is_multiple_of(d),
         "{what}: {len} elements are not rows of {d}"
@@ -111,7 +115,7 @@ impl<'a> Kernels<'a> {
         }
     }
 
-    fn launch(&self, name: &str, blocks: usize, args: &KernelArgs) -> Result<()> {
+    pub(super) fn launch(&self, name: &str, blocks: usize, args: &KernelArgs) -> Result<()> {
         let grid = blocks.clamp(1, self.max_grid as usize) as u32;
         // SAFETY: every wrapper passes device pointers of live buffers of `self.device` whose
         // lengths it has checked against what the kernel touches.

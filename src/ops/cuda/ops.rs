@@ -1,8 +1,9 @@
 //! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
 //! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
-//! backward), accumulation and every projection (GEMM) run there. The MoE row gathers and
-//! scatters and the fused LM-head scoring have no kernels yet: they copy their operands to
-//! the host, run the CPU reference and copy the results back (correct, and slow on a GPU).
+//! backward), accumulation, every projection (GEMM) and the fused LM-head scoring
+//! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE row gathers
+//! and scatters have no kernels yet: they copy their operands to the host, run the CPU
+//! reference and copy the results back (correct, and slow on a GPU).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
@@ -13,14 +14,16 @@ use super::device::Device;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::pool::{Leased, Pool, Tensor};
+use super::scoring::FusedScoring;
 use crate::ops::cpu::CpuOps;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use anyhow::Result;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids and positions.
-const KEPT_INDEX_LISTS: usize = 2;
+/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions and
+/// targets.
+const KEPT_INDEX_LISTS: usize = 3;
 
 /// An index list and its copy on the device.
 type IndexList = (Vec<u32>, Rc<Leased<u32>>);
@@ -432,13 +435,18 @@ impl Ops for DeviceOps<'_> {
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Tensor) {
+        let rows = targets.len();
         self.attempt(
-            "token_logprobs (on the host)",
-            || (vec![0.0; targets.len()], Self::placeholder(targets.len())),
+            "token_logprobs",
+            || (vec![0.0; rows], Self::placeholder(rows)),
             || {
-                let (logp, lse) =
-                    CpuOps.token_logprobs(&self.host(h)?, &self.host(head)?, targets, d, vocab);
-                Ok((logp, self.put(&lse)?))
+                let targets = self.indices(targets)?;
+                let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
+                FusedScoring::new::<f32>(&self.kernels, vocab)
+                    .forward(h, head, &*targets, d, &mut lse, &mut logp)?;
+                // The trait hands the per-row log-probs to the host's loss: `rows` values.
+                let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
+                Ok((logp, lse))
             },
         )
     }
@@ -455,22 +463,18 @@ impl Ops for DeviceOps<'_> {
         dhead: &mut Tensor,
     ) -> Tensor {
         self.attempt(
-            "token_logprobs_backward (on the host)",
+            "token_logprobs_backward",
             || Self::placeholder(h.len()),
             || {
-                let mut host_dhead = self.host(dhead)?;
-                let dh = CpuOps.token_logprobs_backward(
-                    &self.host(h)?,
-                    &self.host(head)?,
-                    targets,
-                    &self.host(lse)?,
-                    dlogp,
-                    d,
-                    vocab,
-                    &mut host_dhead,
-                );
-                self.device.copy_to(dhead, &host_dhead)?;
-                self.put(&dh)
+                let targets = self.indices(targets)?;
+                // dL/dlogp comes from the host's loss; the loss kernels will make it on the
+                // device (`Kernels::row_coef`).
+                let coef: Vec<f32> = dlogp.iter().map(|&g| g as f32).collect();
+                let coef = self.put(&coef)?;
+                let mut dh = self.alloc(h.len())?;
+                FusedScoring::new::<f32>(&self.kernels, vocab)
+                    .backward(h, head, &*targets, lse, &coef, d, &mut dh, dhead)?;
+                Ok(dh)
             },
         )
     }

@@ -33,6 +33,8 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+pub mod scoring;
+
 /// The unit roundoff of fp32.
 const U: f64 = f32::EPSILON as f64 / 2.0;
 /// One rounding to bf16, relative to the value.
@@ -953,6 +955,11 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(gemms(device, rng)?);
     rows.extend(loss::rows(device, rng, 37)?);
     rows.extend(attention_rows(device, rng)?);
+    // Chunks of 13 rows cut through responses; a vocabulary of no multiple of 8 leaves every
+    // row but the first unaligned for 16-byte loads.
+    let case = scoring::ScoringCase::random(rng, 4, 9, 11, (1001, 67, 13));
+    rows.extend(scoring::scoring::<f32>(&k, rng, &case)?);
+    rows.extend(scoring::scoring::<bf16>(&k, rng, &case)?);
     device.synchronize()?;
     Ok(rows)
 }

@@ -1,0 +1,381 @@
+// The fused LM-head scoring (design.md, "Fused scoring and loss"): the logits of a chunk of
+// prediction rows are made by a GEMM (`z = h · Wᵀ`, src/ops/cuda/scoring.rs), and these
+// kernels turn them into log-probabilities, per-response statistics and, in the backward,
+// the logits' gradient, without ever holding more than one chunk of logits.
+//
+// Contracts (llm.c style: what each kernel reads, what it overwrites, what it accumulates):
+//
+//   scoring_rows_{f32,bf16}      reads z [rows, vocab] (one chunk) and targets[row0 + r];
+//                                OVERWRITES lse[row0 + r] and logp[row0 + r] for r < rows.
+//                                One read of each logit: an online max and sum (fp32), with
+//                                16-byte loads between an unaligned head and tail of each row.
+//                                A target >= vocab traps.
+//   scoring_response_stats       reads logp [rows] and spans [responses][3] = (start, len,
+//                                has_eos); OVERWRITES stats [responses][3] = (S, A, E) in
+//                                fp64: S = Σ logp over the span, A = S / len, E = the last
+//                                row's logp when has_eos, else NaN (read has_eos, not E).
+//   scoring_row_coef             reads spans and grads [responses][3] = (dL/dS, dL/dA, dL/dE)
+//                                in fp64; OVERWRITES coef[t] = dL/dlogp_t for every row t of
+//                                a span (losses.md §1: dS + dA / n, plus dE at the last row of
+//                                a response that ends with EOS), computed in fp64 as the CPU
+//                                computes it, rounded once to fp32. Rows of no span are left
+//                                alone.
+//   scoring_backward_{f32,bf16}  reads z [rows, vocab] (the chunk's recomputed logits),
+//                                targets, lse and coef at row0 + r; OVERWRITES z in place with
+//                                dL/dz = coef * (onehot(target) - exp(z - lse)).
+//
+// The unfused baseline of the benchmarks (the ordinary way: materialized fp32 logits, a
+// log-softmax, a gather), kept beside the fused kernels so that both are measured alike:
+//
+//   scoring_unfused_log_softmax  reads logits [rows, vocab] (fp32) three times (max, sum,
+//                                write); OVERWRITES out [rows, vocab] with log_softmax.
+//   scoring_unfused_gather       reads logprobs [rows, vocab] at targets[r]; OVERWRITES
+//                                logp[r].
+//
+// Launches: one block per row (rows kernels) or per response (the others), any block size
+// (partial warps included), grid-stride over what a grid does not cover. Every sum is in a
+// fixed order that depends only on blockDim, so results are the same bit for bit from run to
+// run. Row indices are int (a batch has fewer than 2^31 rows); element offsets are 64-bit
+// (a chunk of 65,536 rows of 32,000 logits has 2^31 elements).
+#include "contralign.cuh"
+
+namespace {
+
+// A running log-sum-exp: `s` is the sum of exp(x - m) over the values seen, `m` their
+// maximum, and `t` the target's logit where this thread saw it (0 elsewhere: adding zeros is
+// exact, so the block's sum of `t` is the target logit bit for bit).
+struct Lse {
+    float m;
+    float s;
+    float t;
+};
+
+__device__ __forceinline__ Lse lse_empty() { return Lse{-INFINITY, 0.0f, 0.0f}; }
+
+// Folds `count` values (at most 8) into the running state: one rescale at most per call.
+__device__ __forceinline__ void lse_add(Lse& a, const float* x, int count) {
+    float top = x[0];
+    for (int i = 1; i < count; ++i) top = fmaxf(top, x[i]);
+    if (top > a.m) {
+        a.s *= expf(a.m - top);
+        a.m = top;
+    }
+    // NaN logits fail every comparison above and poison the sum here: they show in the result.
+    for (int i = 0; i < count; ++i) a.s += expf(x[i] - a.m);
+}
+
+__device__ __forceinline__ Lse lse_combine(Lse a, Lse b) {
+    if (a.m == -INFINITY) return Lse{b.m, b.s, a.t + b.t};
+    if (b.m == -INFINITY) return Lse{a.m, a.s, a.t + b.t};
+    const float m = fmaxf(a.m, b.m);
+    return Lse{m, a.s * expf(a.m - m) + b.s * expf(b.m - m), a.t + b.t};
+}
+
+// The combination of the states of the first `lanes` lanes of the warp, in lane 0.
+__device__ __forceinline__ Lse warp_combine(Lse v, unsigned lanes) {
+    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    const unsigned lane = threadIdx.x % 32;
+    for (unsigned offset = 16; offset > 0; offset /= 2) {
+        const Lse other{__shfl_down_sync(mask, v.m, offset), __shfl_down_sync(mask, v.s, offset),
+                        __shfl_down_sync(mask, v.t, offset)};
+        if (lane + offset < lanes) v = lse_combine(v, other);
+    }
+    return v;
+}
+
+// The block's combined state, returned to every thread; `scratch` holds at least 33 states
+// and is free again on return.
+__device__ Lse block_combine(Lse v, Lse* scratch) {
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warps = (blockDim.x + 31) / 32;
+    const unsigned left = blockDim.x - warp * 32;
+    v = warp_combine(v, left < 32 ? left : 32);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        Lse w = lane < warps ? scratch[lane] : lse_empty();
+        w = warp_combine(w, blockDim.x < 32 ? blockDim.x : 32);
+        if (lane == 0) scratch[32] = w;
+    }
+    __syncthreads();
+    const Lse total = scratch[32];
+    __syncthreads();
+    return total;
+}
+
+// The same for fp64 sums (the per-response statistics).
+__device__ __forceinline__ double warp_sum_f64(double v, unsigned lanes) {
+    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    const unsigned lane = threadIdx.x % 32;
+    for (unsigned offset = 16; offset > 0; offset /= 2) {
+        const double other = __shfl_down_sync(mask, v, offset);
+        if (lane + offset < lanes) v += other;
+    }
+    return v;
+}
+
+__device__ double block_sum_f64(double v, double* scratch) {
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warps = (blockDim.x + 31) / 32;
+    const unsigned left = blockDim.x - warp * 32;
+    v = warp_sum_f64(v, left < 32 ? left : 32);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < warps ? scratch[lane] : 0.0;
+        w = warp_sum_f64(w, blockDim.x < 32 ? blockDim.x : 32);
+        if (lane == 0) scratch[32] = w;
+    }
+    __syncthreads();
+    const double total = scratch[32];
+    __syncthreads();
+    return total;
+}
+
+// 16 bytes of storage: 4 floats or 8 bf16.
+template <class T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+    static constexpr int N = 4;
+    __device__ static void load(const float* p, float* out) {
+        const float4 v = *reinterpret_cast<const float4*>(p);
+        out[0] = v.x;
+        out[1] = v.y;
+        out[2] = v.z;
+        out[3] = v.w;
+    }
+    __device__ static void store(float* p, const float* in) {
+        *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+    }
+};
+template <>
+struct Vec16<__nv_bfloat16> {
+    static constexpr int N = 8;
+    // A bf16 is the high half of the float with the same bits: widening is a shift.
+    __device__ static void load(const __nv_bfloat16* p, float* out) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        const unsigned words[4] = {v.x, v.y, v.z, v.w};
+        for (int i = 0; i < 4; ++i) {
+            out[2 * i] = __uint_as_float(words[i] << 16);
+            out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+        }
+    }
+    __device__ static void store(__nv_bfloat16* p, const float* in) {
+        unsigned words[4];
+        for (int i = 0; i < 4; ++i) {
+            const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i]));
+            const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i + 1]));
+            words[i] = lo | (hi << 16);
+        }
+        *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+};
+
+// How a row of `vocab` elements starting at `row` splits into a scalar head (up to the first
+// 16-byte boundary), whole 16-byte vectors, and a scalar tail.
+template <class T>
+struct RowSplit {
+    int head;
+    int vectors;
+    int tail_start;
+    __device__ RowSplit(const T* row, int vocab) {
+        constexpr int n = Vec16<T>::N;
+        const unsigned misalign = static_cast<unsigned>(reinterpret_cast<unsigned long long>(row) % 16);
+        head = misalign == 0 ? 0 : static_cast<int>((16 - misalign) / sizeof(T));
+        if (head > vocab) head = vocab;
+        vectors = (vocab - head) / n;
+        tail_start = head + vectors * n;
+    }
+};
+
+template <class T>
+__device__ void scoring_rows(const T* __restrict__ z, int rows, int vocab,
+                             const unsigned* __restrict__ targets, long long row0,
+                             float* __restrict__ lse, float* __restrict__ logp) {
+    __shared__ Lse scratch[33];
+    constexpr int n = Vec16<T>::N;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* row = z + static_cast<long long>(r) * vocab;
+        const unsigned target = targets[row0 + r];
+        if (target >= static_cast<unsigned>(vocab)) __trap();
+        const RowSplit<T> split(row, vocab);
+        Lse state = lse_empty();
+        float x[n];
+        // The head and the tail: one element per thread.
+        for (int j = threadIdx.x; j < split.head; j += blockDim.x) {
+            x[0] = to_f32(row[j]);
+            if (static_cast<unsigned>(j) == target) state.t = x[0];
+            lse_add(state, x, 1);
+        }
+        for (int v = threadIdx.x; v < split.vectors; v += blockDim.x) {
+            const int first = split.head + v * n;
+            Vec16<T>::load(row + first, x);
+            const unsigned offset = target - static_cast<unsigned>(first);
+            if (offset < static_cast<unsigned>(n)) state.t = x[offset];
+            lse_add(state, x, n);
+        }
+        for (int j = split.tail_start + threadIdx.x; j < vocab; j += blockDim.x) {
+            x[0] = to_f32(row[j]);
+            if (static_cast<unsigned>(j) == target) state.t = x[0];
+            lse_add(state, x, 1);
+        }
+        const Lse total = block_combine(state, scratch);
+        if (threadIdx.x == 0) {
+            const float log_s = logf(total.s);
+            lse[row0 + r] = total.m + log_s;
+            // (t - m) first: exact when t is near the maximum, the usual case for a target.
+            logp[row0 + r] = (total.t - total.m) - log_s;
+        }
+    }
+}
+
+template <class T>
+__device__ void scoring_backward(T* z, int rows, int vocab, const unsigned* __restrict__ targets,
+                                 const float* __restrict__ lse, const float* __restrict__ coef,
+                                 long long row0) {
+    constexpr int n = Vec16<T>::N;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        T* row = z + static_cast<long long>(r) * vocab;
+        const unsigned target = targets[row0 + r];
+        if (target >= static_cast<unsigned>(vocab)) __trap();
+        const float l = lse[row0 + r];
+        const float g = coef[row0 + r];
+        const RowSplit<T> split(row, vocab);
+        // Every element is read and written by the same thread: in place needs no barrier.
+        auto grad = [&](float x, int j) {
+            const float onehot = static_cast<unsigned>(j) == target ? 1.0f : 0.0f;
+            return g * (onehot - expf(x - l));
+        };
+        for (int j = threadIdx.x; j < split.head; j += blockDim.x)
+            row[j] = from_f32<T>(grad(to_f32(row[j]), j));
+        float x[n];
+        for (int v = threadIdx.x; v < split.vectors; v += blockDim.x) {
+            const int first = split.head + v * n;
+            Vec16<T>::load(row + first, x);
+            for (int i = 0; i < n; ++i) x[i] = grad(x[i], first + i);
+            Vec16<T>::store(row + first, x);
+        }
+        for (int j = split.tail_start + threadIdx.x; j < vocab; j += blockDim.x)
+            row[j] = from_f32<T>(grad(to_f32(row[j]), j));
+    }
+}
+
+// The block's maximum of `v`, returned to every thread (the baseline's first pass).
+__device__ float block_max(float v, float* scratch) {
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warps = (blockDim.x + 31) / 32;
+    const unsigned left = blockDim.x - warp * 32;
+    const unsigned lanes = left < 32 ? left : 32;
+    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    for (unsigned offset = 16; offset > 0; offset /= 2) {
+        const float other = __shfl_down_sync(mask, v, offset);
+        if (lane + offset < lanes) v = fmaxf(v, other);
+    }
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = scratch[0];
+        for (unsigned w = 1; w < warps; ++w) m = fmaxf(m, scratch[w]);
+        scratch[32] = m;
+    }
+    __syncthreads();
+    const float total = scratch[32];
+    __syncthreads();
+    return total;
+}
+
+}  // namespace
+
+extern "C" __global__ void scoring_unfused_log_softmax(const float* logits, float* out, int rows,
+                                                       int vocab) {
+    __shared__ float scratch[33];
+    __shared__ double sum_scratch[33];
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long base = static_cast<long long>(r) * vocab;
+        float m = -INFINITY;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, logits[base + j]);
+        m = block_max(m, scratch);
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(logits[base + j] - m);
+        const float lse = m + logf(static_cast<float>(block_sum_f64(s, sum_scratch)));
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) out[base + j] = logits[base + j] - lse;
+    }
+}
+CONTRALIGN_KERNEL(scoring_unfused_log_softmax)
+
+extern "C" __global__ void scoring_unfused_gather(const float* logprobs, int rows, int vocab,
+                                                  const unsigned* targets, float* logp) {
+    const int stride = gridDim.x * blockDim.x;
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) {
+        if (targets[r] >= static_cast<unsigned>(vocab)) __trap();
+        logp[r] = logprobs[static_cast<long long>(r) * vocab + targets[r]];
+    }
+}
+CONTRALIGN_KERNEL(scoring_unfused_gather)
+
+extern "C" __global__ void scoring_rows_f32(const float* z, int rows, int vocab,
+                                            const unsigned* targets, long long row0, float* lse,
+                                            float* logp) {
+    scoring_rows(z, rows, vocab, targets, row0, lse, logp);
+}
+CONTRALIGN_KERNEL(scoring_rows_f32)
+
+extern "C" __global__ void scoring_rows_bf16(const __nv_bfloat16* z, int rows, int vocab,
+                                             const unsigned* targets, long long row0, float* lse,
+                                             float* logp) {
+    scoring_rows(z, rows, vocab, targets, row0, lse, logp);
+}
+CONTRALIGN_KERNEL(scoring_rows_bf16)
+
+extern "C" __global__ void scoring_response_stats(const float* logp, const int* spans,
+                                                  int responses, double* stats) {
+    __shared__ double scratch[33];
+    for (int i = blockIdx.x; i < responses; i += gridDim.x) {
+        const int start = spans[3 * i];
+        const int len = spans[3 * i + 1];
+        double sum = 0.0;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) sum += logp[start + j];
+        const double total = block_sum_f64(sum, scratch);
+        if (threadIdx.x == 0) {
+            stats[3 * i] = total;
+            stats[3 * i + 1] = total / len;
+            stats[3 * i + 2] = spans[3 * i + 2] != 0 ? static_cast<double>(logp[start + len - 1])
+                                                     : __longlong_as_double(0x7ff8000000000000ll);
+        }
+    }
+}
+CONTRALIGN_KERNEL(scoring_response_stats)
+
+extern "C" __global__ void scoring_row_coef(const int* spans, const double* grads, int responses,
+                                            float* coef) {
+    for (int i = blockIdx.x; i < responses; i += gridDim.x) {
+        const int start = spans[3 * i];
+        const int len = spans[3 * i + 1];
+        const bool eos = spans[3 * i + 2] != 0;
+        const double per_token = grads[3 * i] + grads[3 * i + 1] / len;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            double c = per_token;
+            if (eos && j == len - 1) c += grads[3 * i + 2];
+            coef[start + j] = static_cast<float>(c);
+        }
+    }
+}
+CONTRALIGN_KERNEL(scoring_row_coef)
+
+extern "C" __global__ void scoring_backward_f32(float* z, int rows, int vocab,
+                                                const unsigned* targets, const float* lse,
+                                                const float* coef, long long row0) {
+    scoring_backward(z, rows, vocab, targets, lse, coef, row0);
+}
+CONTRALIGN_KERNEL(scoring_backward_f32)
+
+extern "C" __global__ void scoring_backward_bf16(__nv_bfloat16* z, int rows, int vocab,
+                                                 const unsigned* targets, const float* lse,
+                                                 const float* coef, long long row0) {
+    scoring_backward(z, rows, vocab, targets, lse, coef, row0);
+}
+CONTRALIGN_KERNEL(scoring_backward_bf16)
