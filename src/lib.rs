@@ -7,6 +7,7 @@ pub mod data;
 pub mod demo;
 pub mod fsutil;
 pub mod generate;
+pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod ops;

@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod grads;
 mod loss_args;
+mod model_arg;
 mod plot;
 mod precompute;
 mod score;
