@@ -61,7 +61,7 @@ fn cache() -> TempDir {
         .iter()
         .map(|g| (g.prompt.clone(), g.responses.clone(), g.rewards.clone()))
         .collect();
-    let shard = |rows: &[(Vec<u32>, Vec<Vec<u32>>, Vec<f64>)]| {
+    let shard = |rows: &[parquet_file::TokenRow]| {
         let path = tmp.path().join("shard.parquet");
         parquet_file::write_pretokenized(&path, rows, 1);
         std::fs::read(path).unwrap()

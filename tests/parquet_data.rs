@@ -27,7 +27,7 @@ fn load(path: &Path, opts: &DataOptions) -> anyhow::Result<Dataset> {
 }
 
 /// Groups without their sources, which name different files.
-fn contents(groups: &[Group]) -> Vec<(Vec<u32>, Vec<Vec<u32>>, Vec<f64>)> {
+fn contents(groups: &[Group]) -> Vec<parquet_file::TokenRow> {
     groups
         .iter()
         .map(|g| (g.prompt.clone(), g.responses.clone(), g.rewards.clone()))

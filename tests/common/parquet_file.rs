@@ -110,13 +110,12 @@ pub fn write(path: &Path, schema: &str, compression: Compression, row_groups: Ve
     writer.close().expect("a closed file");
 }
 
+/// A pre-tokenized reward group: prompt ids, each response's ids, rewards.
+pub type TokenRow = (Vec<u32>, Vec<Vec<u32>>, Vec<f64>);
+
 /// Pre-tokenized reward groups `prompt_ids`, `response_ids`, `rewards`, as pyarrow writes
 /// lists of int32 and doubles.
-pub fn write_pretokenized(
-    path: &Path,
-    rows: &[(Vec<u32>, Vec<Vec<u32>>, Vec<f64>)],
-    rows_per_group: usize,
-) {
+pub fn write_pretokenized(path: &Path, rows: &[TokenRow], rows_per_group: usize) {
     let schema = "message schema {
         optional group prompt_ids (LIST) { repeated group list { optional int32 element; } }
         optional group response_ids (LIST) { repeated group list {
@@ -144,14 +143,17 @@ pub fn write_pretokenized(
     write(path, schema, Compression::SNAPPY, groups);
 }
 
-/// A conversation message of [`write_ultrafeedback`].
+/// A conversation message of [`write_ultrafeedback`]: content, role.
 pub type Message = (String, String);
+
+/// A row of `ultrafeedback_binarized`: chosen, rejected, score_chosen, score_rejected.
+pub type PairRow = (Vec<Message>, Vec<Message>, f64, f64);
 
 /// Rows of `trl-lib/ultrafeedback_binarized`'s shape: `chosen` and `rejected` lists of
 /// `{content, role}` structs, `score_chosen` and `score_rejected` doubles.
 pub fn write_ultrafeedback(
     path: &Path,
-    rows: &[(Vec<Message>, Vec<Message>, f64, f64)],
+    rows: &[PairRow],
     rows_per_group: usize,
     compression: Compression,
 ) {
@@ -191,7 +193,7 @@ pub fn write_ultrafeedback(
 }
 
 /// The JSON Lines twin of [`write_ultrafeedback`]'s rows.
-pub fn ultrafeedback_jsonl(rows: &[(Vec<Message>, Vec<Message>, f64, f64)]) -> String {
+pub fn ultrafeedback_jsonl(rows: &[PairRow]) -> String {
     let conv = |m: &[Message]| -> serde_json::Value {
         m.iter()
             .map(|(content, role)| serde_json::json!({"content": content, "role": role}))
