@@ -352,6 +352,7 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
         &watch,
         &["score", "--model", "test-org/absent", "--data", &data],
         &[
+            "no directory test-org/absent, so it was read as a Hub id",
             "model test-org/absent is not in the Hugging Face cache",
             &hub.join("models--test-org--absent").display().to_string(),
             "`hf download test-org/absent`",
@@ -388,6 +389,20 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
             "datasets--test-org--absent-data",
             "`hf download test-org/absent-data --repo-type dataset`",
         ],
+    );
+
+    // A relative path to a data file that is missing is a missing file, not an id.
+    fails(
+        c,
+        &watch,
+        &[
+            "score",
+            "--model",
+            "test-org/tiny-mistral",
+            "--data",
+            "data/missing.parquet",
+        ],
+        &["cannot read data/missing.parquet"],
     );
 
     // A blob deleted under a snapshot: a shard of the sharded Mixtral, a data shard.

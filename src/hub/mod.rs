@@ -10,7 +10,8 @@ pub mod download;
 pub mod env;
 pub mod repo;
 
-use anyhow::Result;
+use crate::data::records::FileKind;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 pub use repo::{RepoId, RepoKind};
@@ -24,7 +25,8 @@ pub fn model_dir(arg: &str) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     match RepoId::parse(arg, RepoKind::Model) {
-        Some(id) => checkpoint_files::snapshot(&id, &env::HubEnv::from_env()),
+        Some(id) => checkpoint_files::snapshot(&id, &env::HubEnv::from_env())
+            .with_context(|| format!("no directory {arg}, so it was read as a Hub id")),
         None => Ok(path.to_path_buf()),
     }
 }
@@ -36,11 +38,13 @@ pub fn data_files(arg: &Path, config: Option<&str>, split: &str) -> Result<Vec<P
     if arg.is_dir() {
         return data_files::folder_split(&arg.display().to_string(), arg, config, split);
     }
+    // `data/train.jsonl` is a missing file, not the repository `data` of `train.jsonl`.
+    let file_name = FileKind::holds_data(arg);
     match arg
         .to_str()
         .and_then(|s| RepoId::parse(s, RepoKind::Dataset))
     {
-        Some(id) if !arg.exists() => {
+        Some(id) if !arg.exists() && !file_name => {
             data_files::dataset_files(&id, &env::HubEnv::from_env(), config, split)
         }
         _ => Ok(vec![arg.to_path_buf()]),
