@@ -4,7 +4,7 @@
 
 use super::env::HubEnv;
 use super::repo::RepoId;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The repository's folder in the cache, whether or not it exists.
 pub fn repo_dir(env: &HubEnv, id: &RepoId) -> PathBuf {
@@ -27,6 +27,25 @@ pub fn snapshot_dir(env: &HubEnv, id: &RepoId) -> Option<PathBuf> {
             .trim()
             .to_string()
     };
-    let dir = repo.join("snapshots").join(commit);
+    let dir = commit_dir(env, id, &commit);
     dir.is_dir().then_some(dir)
+}
+
+/// The snapshot folder of one commit, whether or not it exists.
+pub fn commit_dir(env: &HubEnv, id: &RepoId, commit: &str) -> PathBuf {
+    repo_dir(env, id).join("snapshots").join(commit)
+}
+
+/// The error of a cached snapshot that lacks files (relative paths): which, where, and the
+/// command that fetches them.
+pub fn incomplete_snapshot(id: &RepoId, dir: &Path, missing: &[String]) -> anyhow::Error {
+    let files: Vec<&str> = missing.iter().map(String::as_str).collect();
+    anyhow::anyhow!(
+        "{} {id}: the cached snapshot {} lacks {} (a deleted blob or an interrupted download); \
+         fetch it with `{}`",
+        id.kind.what(),
+        dir.display(),
+        missing.join(", "),
+        id.download_command(&files)
+    )
 }

@@ -2,7 +2,7 @@
 //! checkpoint needs (config.json, the weights, every shard of a sharded index), with what is
 //! missing downloaded when the Hub may be asked.
 
-use super::cache::snapshot_dir;
+use super::cache::{commit_dir, incomplete_snapshot, snapshot_dir};
 use super::download::{not_available, Remote};
 use super::env::HubEnv;
 use super::repo::RepoId;
@@ -45,14 +45,7 @@ pub fn snapshot(id: &RepoId, env: &HubEnv) -> Result<PathBuf> {
             return Ok(dir.clone());
         }
         if env.offline {
-            let files: Vec<&str> = missing.iter().map(String::as_str).collect();
-            bail!(
-                "model {id}: the cached snapshot {} lacks {} (a deleted blob or an interrupted \
-                 download); fetch it with `{}`",
-                dir.display(),
-                missing.join(", "),
-                id.download_command(&files)
-            );
+            return Err(incomplete_snapshot(id, dir, &missing));
         }
     }
     download(id, env)
@@ -78,11 +71,7 @@ fn download(id: &RepoId, env: &HubEnv) -> Result<PathBuf> {
              safetensors weights"
         );
     };
-    let dir = env
-        .cache
-        .join(id.folder())
-        .join("snapshots")
-        .join(&listing.commit);
+    let dir = commit_dir(env, id, &listing.commit);
     let wanted = ["config.json", weights]
         .into_iter()
         .chain(COMPANION_FILES.iter().copied().filter(|f| has(f)));

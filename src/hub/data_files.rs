@@ -4,7 +4,7 @@
 //! `test`/`eval`, ...) as a folder or a delimited part of the file name
 //! (`data/train-00000-of-00002.parquet`, `test/0.jsonl`), else every data file as `train`.
 
-use super::cache::snapshot_dir;
+use super::cache::{commit_dir, incomplete_snapshot, snapshot_dir};
 use super::download::Remote;
 use super::env::HubEnv;
 use super::repo::RepoId;
@@ -265,14 +265,7 @@ pub fn dataset_files(
                     return Ok(files);
                 }
                 if env.offline {
-                    let names: Vec<&str> = missing.iter().map(String::as_str).collect();
-                    bail!(
-                        "{what}: the cached snapshot {} lacks {} (a deleted blob or an \
-                         interrupted download); fetch it with `{}`",
-                        dir.display(),
-                        missing.join(", "),
-                        id.download_command(&names)
-                    );
+                    return Err(incomplete_snapshot(id, &dir, &missing));
                 }
             }
             Err(e) if env.offline => return Err(e),
@@ -281,11 +274,7 @@ pub fn dataset_files(
     }
     let remote = Remote::connect(env, id)?;
     let listing = remote.list()?;
-    let dir = env
-        .cache
-        .join(id.folder())
-        .join("snapshots")
-        .join(&listing.commit);
+    let dir = commit_dir(env, id, &listing.commit);
     let card = if listing.files.iter().any(|f| f == "README.md") {
         if !dir.join("README.md").is_file() {
             remote.fetch("README.md")?;
