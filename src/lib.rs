@@ -8,6 +8,7 @@ pub mod demo;
 pub mod engine;
 pub mod fsutil;
 pub mod generate;
+pub mod hub;
 pub mod loss;
 pub mod memory_plan;
 pub mod model;

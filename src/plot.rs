@@ -1,13 +1,13 @@
 //! Training curves of a run directory: `RUN_DIR/metrics.jsonl` drawn as PNG figures.
 //!
 //! `metrics.jsonl` holds one JSON object per optimizer step (`{"step": 1, "loss": 0.69,
-//! "lr": 5e-7, ...}`) and possibly eval lines (`{"step": 10, "eval/loss": ...}`). Keys may be
+//! "lr": 5e-7, ...}`) and possibly eval lines (`{"step": 10, "eval_loss": ...}`, TRL's names). Keys may be
 //! missing and values null; a non-numeric value is skipped, not an error. The run may still be
 //! writing the file, so an unparsable last line is ignored; an unparsable line before it is an
 //! error naming `file:line`.
 //!
 //! Figures, 1000 pixels wide (the last 200 a legend), 400 per panel; series colored in the
-//! order of matplotlib's `tab10` palette; an `eval/` series is drawn in its training series'
+//! order of matplotlib's `tab10` palette; an `eval_` series is drawn in its training series'
 //! color, thinner and with a dot per point:
 //! - `loss.png`: panels `loss`, `lr`, `grad_norm`;
 //! - `rewards.png`: panels `rewards/rank_1..K` (the NCA paper's Figure 5) and
@@ -17,6 +17,7 @@
 //! A panel without values is left out and a figure without panels is not drawn (with a note
 //! on stderr); it is an error only when no figure can be drawn.
 
+use crate::train::held_out::EVAL_PREFIX;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -42,11 +43,11 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
-/// Every numeric metric of a run: name (`eval/` names included) to `(step, value)` points in
+/// Every numeric metric of a run: name (`eval_` names included) to `(step, value)` points in
 /// file order.
 type Metrics = BTreeMap<String, Vec<(f64, f64)>>;
 
-/// One line of a panel: a training series, or an `eval/` one (thinner, dotted, same color).
+/// One line of a panel: a training series, or an `eval_` one (thinner, dotted, same color).
 struct Series<'a> {
     label: String,
     points: &'a [(f64, f64)],
@@ -188,7 +189,7 @@ fn rank_keys(metrics: &Metrics) -> Vec<String> {
     let k = metrics
         .keys()
         .filter_map(|key| {
-            key.trim_start_matches("eval/")
+            key.trim_start_matches(EVAL_PREFIX)
                 .strip_prefix("rewards/rank_")?
                 .parse::<usize>()
                 .ok()
@@ -199,7 +200,7 @@ fn rank_keys(metrics: &Metrics) -> Vec<String> {
 }
 
 fn has_values(metrics: &Metrics, key: &str) -> bool {
-    metrics.contains_key(key) || metrics.contains_key(&format!("eval/{key}"))
+    metrics.contains_key(key) || metrics.contains_key(&format!("{EVAL_PREFIX}{key}"))
 }
 
 fn register_font() -> Result<()> {
@@ -237,7 +238,7 @@ fn draw_panel(
         .enumerate()
         .flat_map(|(i, key)| {
             let color = PALETTE[i % PALETTE.len()];
-            let eval = format!("eval/{key}");
+            let eval = format!("{EVAL_PREFIX}{key}");
             [
                 metrics.get(key).map(|points| Series {
                     label: key.clone(),

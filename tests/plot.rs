@@ -145,7 +145,7 @@ fn synthetic_lines(rng: &mut impl Rng, steps: u64, with_eval: bool) -> Vec<Strin
         lines.push(line.to_string());
         if with_eval && step % 10 == 0 {
             lines.push(
-                json!({"step": step, "eval/loss": loss + 0.05, "eval/rewards/accuracies": 0.55})
+                json!({"step": step, "eval_loss": loss + 0.05, "eval_rewards/accuracies": 0.55})
                     .to_string(),
             );
         }
@@ -252,7 +252,7 @@ fn eval_points_are_drawn_in_their_training_series_color() {
             .flat_map(|step| {
                 let mut v = vec![json!({"step": step, "loss": 0.6 + 0.001 * step as f64})];
                 if with_eval && step % 5 == 0 {
-                    v.push(json!({"step": step, "eval/loss": 3.0}));
+                    v.push(json!({"step": step, "eval_loss": 3.0}));
                 }
                 v
             })
@@ -290,7 +290,7 @@ fn a_single_step_is_a_dot_and_many_ranks_fit() {
     let mut eval = line.clone();
     eval["loss"] = json!(null);
     for j in 1..=12 {
-        eval[format!("eval/rewards/rank_{j}")] = json!(0.01 * j as f64);
+        eval[format!("eval_rewards/rank_{j}")] = json!(0.01 * j as f64);
     }
     let dir = run_dir(&[line.to_string(), eval.to_string()], "");
     let written = plot_run(dir.path()).unwrap();

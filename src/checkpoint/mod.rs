@@ -4,7 +4,9 @@
 mod describe;
 mod save;
 
-pub use save::{dtype_name, named_tensors, parse_dtype, save_f32, write_model_dir, Tensor};
+pub use save::{
+    dtype_name, named_tensors, parse_dtype, save_f32, write_model_dir, Tensor, COMPANION_FILES,
+};
 
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// The safetensors files of a model directory: `model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index)

@@ -97,7 +97,7 @@ pub fn save_f32(path: &Path, tensors: &[Tensor]) -> Result<()> {
 }
 
 /// Files of a Hugging Face model directory that travel with the weights.
-const COMPANION_FILES: &[&str] = &[
+pub const COMPANION_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -2,8 +2,9 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use contralign::data::load::{load_groups, DataOptions};
+use contralign::data::load::{load_files, DataOptions};
 use contralign::data::Group;
+use contralign::hub::data_files;
 use contralign::tokenizer::TextTokenizer;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -11,13 +12,23 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DataArgs {
-    /// The data set, JSONL, one group per line, its format detected per line: reward groups
-    /// {"prompt", "responses", "rewards"}, TRL pairs {"prompt", "chosen", "rejected"},
-    /// UltraFeedback {"instruction", "completions"}, or their pre-tokenized forms
-    /// (`prompt_ids`, `response_ids`, `chosen_ids`, `rejected_ids`). Text is plain or a
-    /// conversation (a list of {"role", "content"}) rendered with the model's chat template.
-    #[arg(long, value_name = "FILE")]
+    /// The data set: a JSONL file (one group per line), a Parquet file (one per row), a
+    /// folder of shards, or a Hugging Face data set id (org/name[@revision]) found in the
+    /// local Hugging Face cache (downloaded when missing). Formats, detected per record:
+    /// reward groups {"prompt", "responses", "rewards"}, TRL pairs {"prompt", "chosen",
+    /// "rejected"} (the prompt optional), UltraFeedback {"instruction", "completions"}, or
+    /// their pre-tokenized forms (`prompt_ids`, `response_ids`, `chosen_ids`,
+    /// `rejected_ids`). Text is plain or a conversation (a list of {"role", "content"})
+    /// rendered with the model's chat template.
+    #[arg(long, value_name = "FILE|DIR|ID")]
     pub data: PathBuf,
+    /// The split of a data set id or folder (`load_dataset`'s split).
+    #[arg(long, value_name = "NAME", default_value = "train")]
+    pub split: String,
+    /// The config (subset) of a data set id or folder, as its card's `configs:` name it
+    /// (`load_dataset`'s name). Default: the card's default config.
+    #[arg(long, value_name = "NAME")]
+    pub data_config: Option<String>,
     /// Keep at most the last N prompt tokens.
     #[arg(long, value_name = "N")]
     pub max_prompt_len: Option<usize>,
@@ -62,11 +73,17 @@ impl DataArgs {
             score_field: self.score_field.clone(),
             skip_invalid: self.skip_invalid,
         };
-        let data = load_groups(&self.data, tokenizer.as_ref(), &opts)?;
+        let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
+        let data = load_files(
+            &self.data.display().to_string(),
+            &files,
+            tokenizer.as_ref(),
+            &opts,
+        )?;
         let s = &data.stats;
         if s.skipped > 0 {
             eprintln!(
-                "{}: skipped {} invalid of {} lines (the first: {})",
+                "{}: skipped {} invalid of {} records (the first: {})",
                 self.data.display(),
                 s.skipped,
                 s.lines,

@@ -25,8 +25,10 @@ use std::path::{Path, PathBuf};
     group(ArgGroup::new("input").required(true).args(["prompt", "data"]))
 )]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text).
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text), or
+    /// a Hub id (org/name[@revision]) from the local Hugging Face cache, downloaded when
+    /// missing.
+    #[arg(long, value_name = "DIR|ID", value_parser = crate::cli::model_arg::parse)]
     model: PathBuf,
     /// The prompt's text, tokenized with the model directory's tokenizer: a single user
     /// message in the chat template when the tokenizer has one, otherwise the text with the
@@ -145,6 +147,8 @@ fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()
 fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()> {
     let data_args = DataArgs {
         data: data.to_path_buf(),
+        split: "train".to_string(),
+        data_config: None,
         max_prompt_len: args.max_prompt_len,
         max_len: None,
         score_field: args.score_field.clone(),

@@ -126,12 +126,13 @@ impl LossArgs {
 #[derive(Args, Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct InputArgs {
-    /// The policy: a Hugging Face model directory.
-    #[arg(long, value_name = "DIR")]
+    /// The policy: a Hugging Face model directory, or a Hub id (org/name[@revision]) from
+    /// the local Hugging Face cache, downloaded when missing.
+    #[arg(long, value_name = "DIR|ID", value_parser = crate::cli::model_arg::parse)]
     pub model: PathBuf,
-    /// The frozen reference model, required by reference-based losses (infonca, nca, dpo,
-    /// nca_pair); ignored by the others.
-    #[arg(long, value_name = "DIR")]
+    /// The frozen reference model (a directory or a Hub id), required by reference-based
+    /// losses (infonca, nca, dpo, nca_pair); ignored by the others.
+    #[arg(long, value_name = "DIR|ID", value_parser = crate::cli::model_arg::parse)]
     pub ref_model: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]

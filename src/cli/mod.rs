@@ -10,6 +10,7 @@ mod generate;
 mod grads;
 mod init;
 mod loss_args;
+mod model_arg;
 mod plan;
 mod plot;
 mod precision_args;
@@ -32,8 +33,10 @@ use std::process::ExitCode;
              models",
     long_about = "Contrastive alignment of Mistral and Mixtral models.\n\nModels are Hugging \
                   Face checkpoint directories (config.json plus model.safetensors or a sharded \
-                  model.safetensors.index.json, float32/bfloat16/float16). Data sets are JSONL, \
-                  one group (a prompt with its rated responses) per line."
+                  model.safetensors.index.json, float32/bfloat16/float16) or Hub ids found in \
+                  the local Hugging Face cache. Data sets are JSONL (one group, a prompt with \
+                  its rated responses, per line), Parquet (one per row), folders of shards or \
+                  Hub data set ids."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -18,8 +18,9 @@ use std::path::PathBuf;
 /// data or another model, and says which.
 #[derive(Args, Debug)]
 pub struct PrecomputeArgs {
-    /// The reference model: a Hugging Face model directory.
-    #[arg(long, value_name = "DIR")]
+    /// The reference model: a Hugging Face model directory, or a Hub id (org/name[@revision])
+    /// from the local Hugging Face cache, downloaded when missing.
+    #[arg(long, value_name = "DIR|ID", value_parser = crate::cli::model_arg::parse)]
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,

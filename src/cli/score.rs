@@ -18,8 +18,9 @@ use std::path::PathBuf;
 /// log-probability of the final EOS token (null when the response does not end with EOS).
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Hugging Face model directory (config.json + safetensors).
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory (config.json + safetensors), or a Hub id
+    /// (org/name[@revision]) from the local Hugging Face cache, downloaded when missing.
+    #[arg(long, value_name = "DIR|ID", value_parser = crate::cli::model_arg::parse)]
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,

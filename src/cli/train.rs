@@ -1,5 +1,6 @@
 use crate::cli::config_file::args_to_toml;
 use crate::cli::device_args::Backend;
+use crate::cli::data_args::DataArgs;
 use crate::cli::loss_args::InputArgs;
 use crate::cli::plan::parse_memory;
 use crate::cli::size_arg::parse_size;
@@ -12,7 +13,8 @@ use contralign::memory_plan::human_bytes;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
-use contralign::step::check_reference;
+use contralign::step::{self, check_reference};
+use contralign::train::held_out::{HeldOut, EVAL_PREFIX};
 use contralign::train::optimizer::AdamWConfig;
 use contralign::train::plan::{Length, StepBudget};
 use contralign::train::refcache::RefCache;
@@ -130,6 +132,17 @@ pub struct TrainArgs {
     /// loss or gradient; such steps are skipped and logged.
     #[arg(long, value_name = "N", default_value_t = 5)]
     max_bad_steps: u32,
+    /// Held-out data (TRL's eval_dataset): a file, a folder or a data set id, read with the
+    /// data flags above; scored every --eval-every steps and at the end, its metrics logged
+    /// to metrics.jsonl under TRL's eval_ names (eval_loss, eval_rewards/accuracies, ...).
+    #[arg(long, value_name = "FILE|DIR|ID")]
+    eval_data: Option<PathBuf>,
+    /// The split of --eval-data.
+    #[arg(long, value_name = "NAME", default_value = "test")]
+    eval_split: String,
+    /// Evaluate --eval-data every N steps (TRL's eval_steps; 0: only at the end).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    eval_every: u64,
     /// Read flags from a TOML file (keys are the flags' names); command-line flags win.
     #[arg(long, value_name = "FILE.toml")]
     #[serde(skip)]
@@ -184,12 +197,17 @@ impl TrainArgs {
     /// The arguments with every path absolute, as the run directory saves them, so that a
     /// resume from another working directory finds the same files.
     fn with_absolute_paths(&self) -> Result<TrainArgs> {
-        let abs = |p: &PathBuf| {
+        // A data set id is kept as written; models are directories by now.
+        let abs = |p: &PathBuf| -> Result<PathBuf> {
+            if !p.exists() {
+                return Ok(p.clone());
+            }
             std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
         };
         let mut args = self.clone();
         args.inputs.model = abs(&self.inputs.model)?;
         args.inputs.data.data = abs(&self.inputs.data.data)?;
+        args.eval_data = self.eval_data.as_ref().map(abs).transpose()?;
         args.inputs.ref_model = self.inputs.ref_model.as_ref().map(abs).transpose()?;
         args.ref_logps = self.ref_logps.as_ref().map(abs).transpose()?;
         args.out = self.out.as_ref().map(abs).transpose()?;
@@ -265,6 +283,33 @@ impl Progress {
             eprintln!("step {step}/{total}: {msg}");
         }
     }
+}
+
+/// The held-out groups of `--eval-data` (read with the training data's flags, cut into pairs
+/// as the training data is) and their reference statistics, which need the reference model.
+fn held_out(
+    args: &TrainArgs,
+    path: &Path,
+    policy: &Model<Vec<f32>>,
+    reference: &Reference,
+) -> Result<HeldOut> {
+    let inputs = &args.inputs;
+    let data = DataArgs {
+        data: path.to_path_buf(),
+        split: args.eval_split.clone(),
+        ..inputs.data.clone()
+    };
+    let spec = inputs.loss.spec()?;
+    let groups = inputs.loss.prepare(&spec, data.load(&inputs.model)?)?;
+    let reference = match reference {
+        Reference::Model(model) => Some(model.as_ref()),
+        Reference::None => None,
+        Reference::Cache(_) => bail!(
+            "--eval-data with --ref-logps: the reference statistics cover the training data              only; give --ref-model DIR for the held-out groups"
+        ),
+    };
+    let ref_stats = step::reference_stats(&CpuOps, policy, reference, &groups, &spec)?;
+    Ok(HeldOut::new(groups, ref_stats, args.eval_every))
 }
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
@@ -367,6 +412,10 @@ fn train_in(
         check_reference(&policy, &reference)?;
         Reference::Model(Box::new(reference))
     };
+    let held_out = match &args.eval_data {
+        Some(path) => Some(held_out(args, path, &policy, &reference)?),
+        None => None,
+    };
     let aux_coef = inputs
         .loss
         .aux_coef
@@ -432,6 +481,17 @@ fn train_in(
                 });
             }
             progress.step(record.step, total, record.loss, record.tokens_per_s);
+            if let Some(held_out) = held_out.as_ref().filter(|h| h.due(trainer)) {
+                let row = held_out.row(trainer, record)?;
+                run.append_metrics(&row)?;
+                let loss = row[format!("{EVAL_PREFIX}loss")]
+                    .as_f64()
+                    .unwrap_or(f64::NAN);
+                progress
+                    .bar
+                    .suspend(|| eprintln!("step {}: {EVAL_PREFIX}loss {loss:.4}", record.step));
+            }
+            Ok(())
         },
     );
     progress.bar.abandon();

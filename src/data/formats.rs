@@ -46,24 +46,51 @@ pub struct Record {
 /// dotted path into each completion (`overall_score`, `annotations.helpfulness.Rating`).
 pub fn parse_record(line: &str, score_field: &str) -> Result<Record> {
     let value: Value = serde_json::from_str(line).context("malformed JSON")?;
-    let obj = value.as_object().context("expected a JSON object")?;
-    if pretokenized::is_pretokenized(obj) {
-        pretokenized::parse(obj)
-    } else if obj.contains_key("responses") {
-        reward_group(obj)
-    } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
-        preference_pair(obj)
-    } else if obj.contains_key("completions") || obj.contains_key("instruction") {
-        ultrafeedback(obj, score_field)
+    record_of(&value, score_field)
+}
+
+/// The data formats, as [`format_of`] tells them apart by their fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Pretokenized,
+    RewardGroup,
+    PreferencePair,
+    UltraFeedback,
+}
+
+/// What the formats expect, for the errors of records (and tables) that fit none.
+pub const EXPECTED_FIELDS: &str = "`prompt` with `responses` and `rewards` (reward group), \
+     `chosen` and `rejected`, with a `prompt` or not (preference pair; without one, TRL's \
+     implicit prompt), `instruction` with `completions` (UltraFeedback), or `prompt_ids` with \
+     `response_ids` and `rewards` or with `chosen_ids` and `rejected_ids` (pre-tokenized)";
+
+/// The format of a record with these fields, or none.
+pub fn format_of(has: impl Fn(&str) -> bool) -> Option<Format> {
+    if pretokenized::PRETOKENIZED_FIELDS.iter().any(|k| has(k)) {
+        Some(Format::Pretokenized)
+    } else if has("responses") {
+        Some(Format::RewardGroup)
+    } else if has("chosen") || has("rejected") {
+        Some(Format::PreferencePair)
+    } else if has("completions") || has("instruction") {
+        Some(Format::UltraFeedback)
     } else {
-        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        bail!(
-            "unknown record: expected `prompt` with `responses` and `rewards` (reward group), \
-             `chosen` and `rejected`, with a `prompt` or not (preference pair; without one, \
-             TRL's implicit prompt), `instruction` with \
-             `completions` (UltraFeedback), or `prompt_ids` with `response_ids` and `rewards` \
-             or with `chosen_ids` and `rejected_ids` (pre-tokenized); found keys {keys:?}"
-        )
+        None
+    }
+}
+
+/// One record (a JSONL line's or a table row's object), its format detected from its fields.
+pub fn record_of(value: &Value, score_field: &str) -> Result<Record> {
+    let obj = value.as_object().context("expected a JSON object")?;
+    match format_of(|k| obj.contains_key(k)) {
+        Some(Format::Pretokenized) => pretokenized::parse(obj),
+        Some(Format::RewardGroup) => reward_group(obj),
+        Some(Format::PreferencePair) => preference_pair(obj),
+        Some(Format::UltraFeedback) => ultrafeedback(obj, score_field),
+        None => {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            bail!("unknown record: expected {EXPECTED_FIELDS}; found keys {keys:?}")
+        }
     }
 }
 
@@ -250,6 +277,7 @@ enum Text {
 
 fn text(value: &Value, what: &str) -> Result<Text> {
     match value {
+        Value::Null => bail!("{what} is null"),
         Value::String(s) if s.is_empty() => bail!("{what} is empty"),
         Value::String(s) => Ok(Text::Plain(s.clone())),
         Value::Array(a) if a.is_empty() => bail!("{what} holds no message"),

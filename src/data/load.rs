@@ -1,12 +1,14 @@
-//! Loading a JSONL data file into groups of token ids: each line parsed in its own format
-//! ([`super::formats`]), tokenized where it is text, and truncated.
+//! Loading data files (JSONL, Parquet) into groups of token ids: each record parsed in its
+//! own format ([`super::formats`]), tokenized where it is text, and truncated.
 
-use super::formats::{parse_record, Sequences};
+use super::formats::{record_of, Sequences};
+use super::records::{records, RawRecord};
 use super::truncate::truncate;
 use super::Group;
 use crate::tokenizer::{TextTokenizer, Tokenized};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataOptions {
@@ -33,7 +35,7 @@ impl Default for DataOptions {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DataStats {
-    /// Non-blank lines read.
+    /// Records read (non-blank lines, rows).
     pub lines: usize,
     pub groups: usize,
     /// Invalid lines skipped (with `skip_invalid`).
@@ -53,11 +55,25 @@ pub struct Dataset {
     pub stats: DataStats,
 }
 
-/// Reads every group of a JSONL file, one per non-blank line, the format detected per line.
-/// Text lines need `tokenizer`. A bad line is an error naming `file:line`, or with
+/// Reads every group of a data file (JSONL, one record per non-blank line, or Parquet, one
+/// per row), of a folder of such shards (its `train` split, as [`crate::hub::data_files`]
+/// reads a folder), or of a data set id; the format is detected per record. Text records
+/// need `tokenizer`. A bad record is an error naming `file:line` (`file, row N`), or with
 /// `skip_invalid` is skipped and counted.
 pub fn load_groups(
     path: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    opts: &DataOptions,
+) -> Result<Dataset> {
+    let files = crate::hub::data_files(path, None, "train")?;
+    load_files(&path.display().to_string(), &files, tokenizer, opts)
+}
+
+/// Reads every group of `files` in order as one data set, `name` in its messages. Nothing
+/// is returned unless every file is readable.
+pub fn load_files(
+    name: &str,
+    files: &[PathBuf],
     tokenizer: Option<&TextTokenizer>,
     opts: &DataOptions,
 ) -> Result<Dataset> {
@@ -67,50 +83,47 @@ pub fn load_groups(
     if opts.max_len.is_some_and(|m| m < 2) {
         bail!("the maximum length must be at least 2 tokens (a prompt and a response token)");
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut groups = Vec::new();
     let mut stats = DataStats::default();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        stats.lines += 1;
-        let source = format!("{}:{}", path.display(), i + 1);
-        match group(line, &source, tokenizer, opts, &mut stats) {
-            Ok(group) => groups.push(group),
-            Err(e) if opts.skip_invalid => {
-                stats.skipped += 1;
-                stats
-                    .first_skipped
-                    .get_or_insert_with(|| format!("{source}: {e:#}"));
+    for file in files {
+        for record in records(file)? {
+            let RawRecord { source, value } = record?;
+            stats.lines += 1;
+            match value.and_then(|v| group(&v, &source, tokenizer, opts, &mut stats)) {
+                Ok(group) => groups.push(group),
+                Err(e) if opts.skip_invalid => {
+                    stats.skipped += 1;
+                    stats
+                        .first_skipped
+                        .get_or_insert_with(|| format!("{source}: {e:#}"));
+                }
+                Err(e) => return Err(e.context(source)),
             }
-            Err(e) => return Err(e.context(source)),
         }
     }
     if groups.is_empty() {
         match &stats.first_skipped {
             Some(first) => bail!(
-                "{}: no valid group; all {} lines were invalid, the first: {first}",
-                path.display(),
+                "{name}: no valid group; all {} lines were invalid, the first: {first}",
                 stats.skipped
             ),
-            None => bail!("{}: no groups in the file", path.display()),
+            None if files.len() == 1 => bail!("{name}: no groups in the file"),
+            None => bail!("{name}: no groups in the files"),
         }
     }
     stats.groups = groups.len();
     Ok(Dataset { groups, stats })
 }
 
-/// One line's group; counts its truncations into `stats` once it is known to be valid.
+/// One record's group; counts its truncations into `stats` once it is known to be valid.
 fn group(
-    line: &str,
+    value: &Value,
     source: &str,
     tokenizer: Option<&TextTokenizer>,
     opts: &DataOptions,
     stats: &mut DataStats,
 ) -> Result<Group> {
-    let record = parse_record(line, &opts.score_field)?;
+    let record = record_of(value, &opts.score_field)?;
     let Tokenized {
         mut prompt,
         mut responses,

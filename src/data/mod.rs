@@ -1,11 +1,13 @@
-//! Data sets: groups of one prompt and its rated responses, read from JSONL files in the
-//! formats of [`formats`], and their packing into batches.
+//! Data sets: groups of one prompt and its rated responses, read from JSONL and Parquet files
+//! in the formats of [`formats`], and their packing into batches.
 
 pub mod formats;
 pub mod load;
 pub mod packing;
 pub mod pairs;
+pub mod parquet;
 pub mod pretokenized;
+pub mod records;
 pub mod truncate;
 
 /// One prompt with `K` responses and a reward for each (losses.md §1). A pairwise example is

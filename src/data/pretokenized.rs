@@ -37,12 +37,8 @@ fn nonempty(ids: Vec<u32>, what: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Whether a line's object is in a pre-tokenized form.
-pub fn is_pretokenized(obj: &Map<String, Value>) -> bool {
-    ["response_ids", "chosen_ids", "rejected_ids"]
-        .iter()
-        .any(|k| obj.contains_key(*k))
-}
+/// The fields of which any one makes a record pre-tokenized.
+pub const PRETOKENIZED_FIELDS: [&str; 3] = ["response_ids", "chosen_ids", "rejected_ids"];
 
 /// Parses a pre-tokenized line's object.
 pub fn parse(obj: &Map<String, Value>) -> Result<Record> {

@@ -161,7 +161,8 @@ fn train_phase(
         &AtomicBool::new(false),
         |r, _| {
             tokens += r.tokens;
-            progress(phase.name, r, total)
+            progress(phase.name, r, total);
+            Ok(())
         },
     )?;
     let session::Outcome::Finished(final_dir) = outcome else {

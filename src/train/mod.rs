@@ -1,6 +1,7 @@
 //! Training: the step plan, the optimizer, learning-rate schedules and gradient clipping,
 //! the reference cache, checkpoints and the loop.
 
+pub mod held_out;
 pub mod plan;
 pub mod refcache;
 pub mod run_dir;

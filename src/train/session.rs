@@ -16,20 +16,21 @@ pub enum Outcome {
     Interrupted(PathBuf),
 }
 
-/// Runs `trainer` to its last step. `on_step` sees every step (progress display);
-/// `interrupted` is polled after each step.
+/// Runs `trainer` to its last step. `on_step` sees every step once it is logged and before
+/// its checkpoint (progress display, held-out evaluation); `interrupted` is polled after
+/// each step.
 pub fn run(
     trainer: &mut Trainer,
     run: &RunDir,
     save: &SaveOptions,
     save_every: u64,
     interrupted: &AtomicBool,
-    mut on_step: impl FnMut(&StepRecord, &Trainer),
+    mut on_step: impl FnMut(&StepRecord, &Trainer) -> Result<()>,
 ) -> Result<Outcome> {
     while !trainer.done() {
         let record = trainer.train_step()?;
         run.append_metrics(&record.to_json())?;
-        on_step(&record, trainer);
+        on_step(&record, trainer)?;
         if trainer.too_many_bad_steps() {
             let path = run.save_checkpoint(trainer, save)?;
             bail!(

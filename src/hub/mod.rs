@@ -1,0 +1,52 @@
+//! Models and data sets by Hugging Face id (`org/name`, `org/name@revision`), found in the
+//! local Hugging Face cache as `huggingface_hub` lays it out ([`cache`]) and downloaded into
+//! it when missing ([`download`]), so that contralign reads what `from_pretrained` and
+//! `load_dataset` already fetched, offline.
+
+pub mod cache;
+pub mod checkpoint_files;
+pub mod data_files;
+pub mod download;
+pub mod env;
+pub mod repo;
+
+use crate::data::records::FileKind;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+pub use repo::{RepoId, RepoKind};
+
+/// A `--model` argument as a model directory: an existing path as it is (a directory wins
+/// over an id of the same spelling), else a Hub id resolved in the cache, downloaded when
+/// missing and allowed.
+pub fn model_dir(arg: &str) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    match RepoId::parse(arg, RepoKind::Model) {
+        Some(id) => checkpoint_files::snapshot(&id, &env::HubEnv::from_env())
+            .with_context(|| format!("no directory {arg}, so it was read as a Hub id")),
+        None => Ok(path.to_path_buf()),
+    }
+}
+
+/// A `--data` argument's files: a file as it is, a folder laid out as a data set (its card's
+/// configs, else `datasets`' naming, else all its data files), else a data set id's split
+/// from the cache, downloaded when missing and allowed.
+pub fn data_files(arg: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    if arg.is_dir() {
+        return data_files::folder_split(&arg.display().to_string(), arg, config, split);
+    }
+    // `data/train.jsonl` is a missing file, not the repository `data` of `train.jsonl`.
+    let file_name = FileKind::holds_data(arg);
+    match arg
+        .to_str()
+        .and_then(|s| RepoId::parse(s, RepoKind::Dataset))
+    {
+        Some(id) if !arg.exists() && !file_name => {
+            data_files::dataset_files(&id, &env::HubEnv::from_env(), config, split)
+        }
+        _ => Ok(vec![arg.to_path_buf()]),
+    }
+}

@@ -1,0 +1,443 @@
+//! Models and data sets by Hugging Face id from a cache built in a temporary folder in
+//! `huggingface_hub`'s layout (blobs, snapshot symlinks, refs/main): `score`, `eval` and a
+//! 2-step `train` by ids give the numbers they give by paths; a single-file and a sharded
+//! model, a sharded Parquet data set with a card; and with `HF_HUB_OFFLINE=1` a missing id,
+//! a snapshot missing a file, a split or config that does not exist are errors that say what
+//! was looked for and where, with no connection made.
+
+mod common;
+#[path = "common/hf_cache.rs"]
+mod hf_cache;
+#[path = "common/parquet_file.rs"]
+mod parquet_file;
+
+use common::{fixture, fx, metrics_without_timing};
+use hf_cache::{add_repo, dir_files};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tempfile::TempDir;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+const DATA_COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+/// A card whose configs name a train and a test split by glob.
+const CARD: &str = "---
+license: mit
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*
+---
+# A tiny data set
+";
+
+/// A cache holding the four tiny models (the Mixtral ones sharded) and a data set of
+/// tiny-mistral's reward groups as two train shards and one test shard.
+fn cache() -> TempDir {
+    let tmp = TempDir::new().unwrap();
+    let hub = tmp.path().join("hub");
+    for name in [
+        "tiny-mistral",
+        "tiny-mistral-ref",
+        "tiny-mixtral",
+        "tiny-mixtral-ref",
+    ] {
+        add_repo(
+            &hub,
+            &format!("models--test-org--{name}"),
+            COMMIT,
+            &dir_files(&fixture(name)),
+        );
+    }
+    let groups =
+        contralign::data::pretokenized::read_file(&fixture("tiny-mistral.reward.jsonl")).unwrap();
+    let rows: Vec<_> = groups
+        .iter()
+        .map(|g| (g.prompt.clone(), g.responses.clone(), g.rewards.clone()))
+        .collect();
+    let shard = |rows: &[parquet_file::TokenRow]| {
+        let path = tmp.path().join("shard.parquet");
+        parquet_file::write_pretokenized(&path, rows, 1);
+        std::fs::read(path).unwrap()
+    };
+    add_repo(
+        &hub,
+        "datasets--test-org--tiny-reward",
+        DATA_COMMIT,
+        &[
+            ("README.md".to_string(), CARD.as_bytes().to_vec()),
+            (
+                "data/train-00000-of-00002.parquet".to_string(),
+                shard(&rows[..2]),
+            ),
+            (
+                "data/train-00001-of-00002.parquet".to_string(),
+                shard(&rows[2..]),
+            ),
+            (
+                "data/test-00000-of-00001.parquet".to_string(),
+                shard(&rows[1..2]),
+            ),
+        ],
+    );
+    tmp
+}
+
+/// A listener standing in for the Hub: counts the connections made to it.
+struct Watch {
+    endpoint: String,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        // Ends with the test process; it answers nothing.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Watch {
+            endpoint,
+            connections,
+        }
+    }
+}
+
+fn run(cache: &Path, watch: &Watch, cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_contralign"));
+    cmd.args(args)
+        .env("HF_HUB_CACHE", cache.join("hub"))
+        .env("HF_HOME", cache.join("home"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", &watch.endpoint)
+        .env_remove("HF_TOKEN");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(cache: &Path, watch: &Watch, args: &[&str]) -> String {
+    let out = run(cache, watch, None, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Fails with a message holding every one of `parts`, no panic; returns stderr.
+fn fails(cache: &Path, watch: &Watch, args: &[&str], parts: &[&str]) -> String {
+    let out = run(cache, watch, None, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for part in parts {
+        assert!(stderr.contains(part), "{args:?}: {stderr:?} lacks {part:?}");
+    }
+    stderr
+}
+
+#[test]
+fn score_eval_and_train_by_ids_equal_by_paths() {
+    let tmp = cache();
+    let watch = Watch::new();
+    let c = tmp.path();
+    let data_jsonl = fx("tiny-mistral.reward.jsonl");
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let id = format!("test-org/{name}");
+        let ref_id = format!("test-org/{name}-ref@{COMMIT}");
+        let by_id = ok(
+            c,
+            &watch,
+            &["score", "--model", &id, "--data", "test-org/tiny-reward"],
+        );
+        let by_path = ok(
+            c,
+            &watch,
+            &["score", "--model", &fx(name), "--data", &data_jsonl],
+        );
+        assert_eq!(by_id, by_path, "{name}");
+        let responses: usize =
+            contralign::data::pretokenized::read_file(&fixture("tiny-mistral.reward.jsonl"))
+                .unwrap()
+                .iter()
+                .map(|g| g.responses.len())
+                .sum();
+        assert_eq!(by_id.lines().count(), responses, "{name}");
+
+        let eval = |model: &str, reference: &str, data: &str| {
+            ok(
+                c,
+                &watch,
+                &[
+                    "eval",
+                    "--model",
+                    model,
+                    "--ref-model",
+                    reference,
+                    "--data",
+                    data,
+                    "--loss",
+                    "nca",
+                ],
+            )
+        };
+        let by_id = eval(&id, &ref_id, "test-org/tiny-reward@main");
+        let by_path = eval(&fx(name), &fx(&format!("{name}-ref")), &data_jsonl);
+        assert_eq!(by_id, by_path, "{name}");
+    }
+
+    let train = |out: &Path, model: &str, reference: &str, data: &str| {
+        ok(
+            c,
+            &watch,
+            &[
+                "train",
+                "--model",
+                model,
+                "--ref-model",
+                reference,
+                "--data",
+                data,
+                "--loss",
+                "nca",
+                "--steps",
+                "2",
+                "--groups-per-step",
+                "2",
+                "--lr",
+                "1e-3",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+    };
+    let runs = TempDir::new().unwrap();
+    let (a, b) = (runs.path().join("by-id"), runs.path().join("by-path"));
+    train(
+        &a,
+        "test-org/tiny-mistral",
+        "test-org/tiny-mistral-ref",
+        "test-org/tiny-reward",
+    );
+    train(
+        &b,
+        &fx("tiny-mistral"),
+        &fx("tiny-mistral-ref"),
+        &data_jsonl,
+    );
+    let (ma, mb) = (metrics_without_timing(&a), metrics_without_timing(&b));
+    assert_eq!(ma.len(), 2);
+    assert_eq!(ma, mb);
+    // The saved configuration names the snapshot it read, so a resume needs no lookup, and
+    // keeps the data set id.
+    let saved = std::fs::read_to_string(a.join("train.toml")).unwrap();
+    assert!(
+        saved.contains(&format!(
+            "models--test-org--tiny-mistral/snapshots/{COMMIT}"
+        )) && saved.contains("data = \"test-org/tiny-reward\""),
+        "{saved}"
+    );
+    assert_eq!(watch.connections.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn splits_configs_and_directories_resolve_as_datasets_and_transformers_do() {
+    let tmp = cache();
+    let watch = Watch::new();
+    let c = tmp.path();
+    let score = |args: &[&str]| ok(c, &watch, &[&["score"], args].concat());
+    let model = ["--model", "test-org/tiny-mistral"];
+    let test = score(
+        &[
+            &model[..],
+            &["--data", "test-org/tiny-reward", "--split", "test"],
+        ]
+        .concat(),
+    );
+    let all = score(&[&model[..], &["--data", "test-org/tiny-reward"]].concat());
+    // The test shard holds group 1 of the train split.
+    let group1: Vec<serde_json::Value> = all
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["group"] == 1)
+        .map(|mut v| {
+            v["group"] = 0.into();
+            v
+        })
+        .collect();
+    let test: Vec<serde_json::Value> = test
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(test, group1);
+
+    fails(
+        c,
+        &watch,
+        &[
+            &["score"],
+            &model[..],
+            &["--data", "test-org/tiny-reward", "--split", "validation"],
+        ]
+        .concat(),
+        &["data set test-org/tiny-reward: no split `validation`; its splits: train, test"],
+    );
+    fails(
+        c,
+        &watch,
+        &[
+            &["score"],
+            &model[..],
+            &["--data", "test-org/tiny-reward", "--data-config", "en"],
+        ]
+        .concat(),
+        &["no config `en`; its configs: default"],
+    );
+
+    // A directory of the same spelling as an id wins over the cache: here the reference
+    // model's files under ./test-org/tiny-mistral.
+    let cwd = TempDir::new().unwrap();
+    let shadow = cwd.path().join("test-org/tiny-mistral");
+    std::fs::create_dir_all(&shadow).unwrap();
+    for (name, bytes) in dir_files(&fixture("tiny-mistral-ref")) {
+        std::fs::write(shadow.join(name), bytes).unwrap();
+    }
+    let data = fx("tiny-mistral.reward.jsonl");
+    let out = run(
+        c,
+        &watch,
+        Some(cwd.path()),
+        &["score", "--model", "test-org/tiny-mistral", "--data", &data],
+    );
+    assert!(out.status.success());
+    let reference = ok(
+        c,
+        &watch,
+        &["score", "--model", &fx("tiny-mistral-ref"), "--data", &data],
+    );
+    let policy = ok(
+        c,
+        &watch,
+        &["score", "--model", &fx("tiny-mistral"), "--data", &data],
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), reference);
+    assert_ne!(reference, policy);
+    assert_eq!(watch.connections.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn offline_misses_name_the_id_the_cache_and_the_command() {
+    let tmp = cache();
+    let watch = Watch::new();
+    let c = tmp.path();
+    let hub = c.join("hub");
+    let data = fx("tiny-mistral.reward.jsonl");
+    fails(
+        c,
+        &watch,
+        &["score", "--model", "test-org/absent", "--data", &data],
+        &[
+            "no directory test-org/absent, so it was read as a Hub id",
+            "model test-org/absent is not in the Hugging Face cache",
+            &hub.join("models--test-org--absent").display().to_string(),
+            "`hf download test-org/absent`",
+            "HF_HUB_OFFLINE is set",
+        ],
+    );
+    fails(
+        c,
+        &watch,
+        &[
+            "score",
+            "--model",
+            "test-org/tiny-mistral@v2",
+            "--data",
+            &data,
+        ],
+        &[
+            "model test-org/tiny-mistral@v2 is not in",
+            "`hf download test-org/tiny-mistral --revision v2`",
+        ],
+    );
+    fails(
+        c,
+        &watch,
+        &[
+            "score",
+            "--model",
+            "test-org/tiny-mistral",
+            "--data",
+            "test-org/absent-data",
+        ],
+        &[
+            "data set test-org/absent-data is not in the Hugging Face cache",
+            "datasets--test-org--absent-data",
+            "`hf download test-org/absent-data --repo-type dataset`",
+        ],
+    );
+
+    // A relative path to a data file that is missing is a missing file, not an id.
+    fails(
+        c,
+        &watch,
+        &[
+            "score",
+            "--model",
+            "test-org/tiny-mistral",
+            "--data",
+            "data/missing.parquet",
+        ],
+        &["cannot read data/missing.parquet"],
+    );
+
+    // A blob deleted under a snapshot: a shard of the sharded Mixtral, a data shard.
+    let mixtral = hub.join(format!("models--test-org--tiny-mixtral/snapshots/{COMMIT}"));
+    let shard = mixtral.join("model-00002-of-00004.safetensors");
+    std::fs::remove_file(std::fs::canonicalize(&shard).unwrap()).unwrap();
+    fails(
+        c,
+        &watch,
+        &["score", "--model", "test-org/tiny-mixtral", "--data", &data],
+        &[
+            "model test-org/tiny-mixtral: the cached snapshot",
+            "lacks model-00002-of-00004.safetensors",
+            "`hf download test-org/tiny-mixtral model-00002-of-00004.safetensors`",
+        ],
+    );
+    let snapshot = hub.join(format!(
+        "datasets--test-org--tiny-reward/snapshots/{DATA_COMMIT}"
+    ));
+    let shard = snapshot.join("data/train-00001-of-00002.parquet");
+    std::fs::remove_file(std::fs::canonicalize(&shard).unwrap()).unwrap();
+    fails(
+        c,
+        &watch,
+        &[
+            "score",
+            "--model",
+            "test-org/tiny-mistral",
+            "--data",
+            "test-org/tiny-reward",
+        ],
+        &[
+            "lacks data/train-00001-of-00002.parquet",
+            "--repo-type dataset",
+        ],
+    );
+    assert_eq!(watch.connections.load(Ordering::SeqCst), 0);
+}
