@@ -86,6 +86,7 @@ fn final_is_the_model_alone_sharing_the_last_checkpoints_files() {
     contralign_ok(&strs(&a));
     let model_files = [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -152,6 +153,15 @@ fn final_is_the_model_alone_sharing_the_last_checkpoints_files() {
         assert!(hf_fields.contains(&key.as_str()), "{key}");
     }
     assert_eq!(state["global_step"], 3);
+    // No generation_config.json in the source: one from config.json's token ids.
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("final/generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        generation,
+        serde_json::json!({"_from_model_config": true, "bos_token_id": 1, "eos_token_id": 2})
+    );
     assert_eq!(state["max_steps"], 3);
     let history = state["log_history"].as_array().unwrap();
     assert_eq!(

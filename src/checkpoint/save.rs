@@ -112,7 +112,8 @@ pub const COMPANION_FILES: &[&str] = &[
 /// set to `dtype`, the weights in `dtype` — one `model.safetensors`, or shards of at most
 /// `max_shard_bytes` named `model-0000i-of-0000n.safetensors` with
 /// `model.safetensors.index.json` — and the tokenizer and generation files of `source`
-/// (none without one).
+/// (none without one); `generation_config.json` from the config's token ids where `source`
+/// has none.
 pub fn write_model_dir(
     dir: &Path,
     config: &Value,
@@ -176,6 +177,21 @@ pub fn write_model_dir(
             let to = dir.join(from.file_name().expect("a file name"));
             std::fs::copy(&from, to).with_context(|| format!("cannot copy {}", from.display()))?;
         }
+    }
+    let generation = dir.join("generation_config.json");
+    if !generation.exists() {
+        // What `save_pretrained` writes for a model without one: its special token ids.
+        let mut g = serde_json::Map::from_iter([("_from_model_config".to_string(), json!(true))]);
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+                g.insert(key.to_string(), v.clone());
+            }
+        }
+        std::fs::write(
+            &generation,
+            serde_json::to_string_pretty(&Value::Object(g))?,
+        )
+        .with_context(|| format!("cannot write {}", generation.display()))?;
     }
     Ok(())
 }

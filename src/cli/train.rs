@@ -34,11 +34,12 @@ use std::sync::Arc;
 ///
 /// RUN_DIR (--out) receives metrics.jsonl (one JSON object per optimizer step: step, epoch,
 /// loss, lr, grad_norm, tokens_per_s, and the metrics of `eval`), checkpoint-STEP/ every
-/// --save-every steps and final/ at the end — each a Hugging Face model directory
-/// (config.json, safetensors, tokenizer files) plus the optimizer and trainer state a
-/// resume needs — and train.toml, the run's configuration. Ctrl-C saves a checkpoint and
-/// exits (status 130); `--resume RUN_DIR` continues from the newest checkpoint with the
-/// saved configuration (flags given again override it). Every flag can also be set in a
+/// --save-every steps and at the last step — a Hugging Face model directory (config.json,
+/// safetensors, tokenizer files) plus the optimizer and trainer state a resume needs —,
+/// final/ (the last checkpoint's model alone), train.toml (the run's configuration) and the
+/// plots of metrics.jsonl. Ctrl-C saves a checkpoint and exits (status 130);
+/// `--resume RUN_DIR` continues from the newest checkpoint with the saved configuration
+/// (flags given again override it). One process writes a run at a time (RUN_DIR/train.lock). Every flag can also be set in a
 /// TOML file given by --config, under the flag's name (`tokens-per-step = 4096`); flags on
 /// the command line win.
 #[derive(Args, Clone, Debug, Serialize)]

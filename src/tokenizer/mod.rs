@@ -97,9 +97,13 @@ impl TextTokenizer {
     /// The text's tokens with no special tokens added; special tokens written in the text
     /// (`<s>`, `</s>`) are recognized, as in Hugging Face tokenizers.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.ids(text, false)
+    }
+
+    fn ids(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
-            .encode(text, false)
+            .encode(text, add_special_tokens)
             .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -146,11 +150,7 @@ impl TextTokenizer {
     /// The text's tokens with the special tokens of tokenizer.json's post-processor added
     /// (BOS for Mistral), as `tokenizer(text)` gives them in transformers.
     pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        Ok(encoding.get_ids().to_vec())
+        self.ids(text, true)
     }
 
     /// Plain text as TRL's DPOTrainer tokenizes it: the prompt with special tokens added, and
