@@ -113,6 +113,7 @@ void mma_sync(fragment<accumulator, M, N, K, Tacc>& d,
               const fragment<matrix_b, M, N, K, Tin, Lb>& b,
               const fragment<accumulator, M, N, K, Tacc>& c) {
     __syncwarp();
+    ::contralign_emu::rt::count_warp_flops(2ull * M * N * K);
     for (int i = 0; i < M; ++i) {
         for (int j = 0; j < N; ++j) {
             float acc = static_cast<float>(c.x[i * N + j]);

@@ -84,6 +84,8 @@ enum Memory {
 pub struct Buffer<T> {
     len: usize,
     memory: Memory,
+    /// On the emulator: the memory probe watches the buffer while it lives.
+    _watched: Option<emu::Registration>,
     _element: PhantomData<T>,
 }
 
@@ -163,14 +165,19 @@ impl Device {
         let bytes = len
             .checked_mul(size_of::<T>())
             .ok_or_else(|| anyhow::anyhow!("buffer of {len} elements is too large"))?;
-        let memory = match self {
-            Device::Emu => Memory::Host(vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)]),
+        let (memory, watched) = match self {
+            Device::Emu => {
+                let chunks = vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)];
+                let watched = emu::Registration::new(chunks.as_ptr().cast(), bytes);
+                (Memory::Host(chunks), Some(watched))
+            }
             #[cfg(feature = "cuda")]
-            Device::Gpu(gpu) => Memory::Gpu(gpu.alloc_zeroed(bytes)?),
+            Device::Gpu(gpu) => (Memory::Gpu(gpu.alloc_zeroed(bytes)?), None),
         };
         Ok(Buffer {
             len,
             memory,
+            _watched: watched,
             _element: PhantomData,
         })
     }
@@ -185,6 +192,7 @@ impl Device {
                 Chunk([0; 256]);
                 (len * size_of::<T>()).div_ceil(256).max(1)
             ]),
+            _watched: None,
             _element: PhantomData,
         }
     }
@@ -253,6 +261,17 @@ impl Device {
         }
     }
 
+    /// Lets kernel `name` take up to `bytes` of dynamic shared memory per block: more than
+    /// the 48 KiB a launch may have by default, up to the architecture's opt-in maximum
+    /// (cuFuncSetAttribute on a GPU, [`emu::set_max_dynamic_shared`] on the emulator).
+    pub fn set_max_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
+        match self {
+            Device::Emu => emu::set_max_dynamic_shared(name, bytes),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.set_max_dynamic_shared(name, bytes),
+        }
+    }
+
     /// `c = alpha · op(a) · op(b) + beta · c` ([`Gemm`]) with fp32 accumulation: cuBLAS on a
     /// GPU, [`gemm::host_gemm`] on the emulator.
     pub fn gemm<E: Float, C: Float>(
@@ -272,7 +291,10 @@ impl Device {
         );
         match self {
             Device::Emu => match (a.host(), b.host(), c.host_mut()) {
-                (Some(a), Some(b), Some(c)) => gemm::host_gemm(g, a, b, c),
+                (Some(a), Some(b), Some(c)) => {
+                    emu::record_gemm(g, size_of::<E>(), size_of::<C>());
+                    gemm::host_gemm(g, a, b, c)
+                }
                 _ => bail!("a GPU buffer given to the emulator"),
             },
             #[cfg(feature = "cuda")]
