@@ -322,7 +322,10 @@ fn build_emulator(cuda: &Path, emu_sources: &Path, modules: &[Module]) {
     runtime.compile("contralign_emu_runtime");
 
     let mut kernels = base();
-    if !kernels.is_flag_supported("-fsanitize=thread").unwrap_or(false) {
+    if !kernels
+        .is_flag_supported("-fsanitize=thread")
+        .unwrap_or(false)
+    {
         fail(
             "the emulator needs a C++ compiler with -fsanitize=thread (g++ or clang++) for its \
              memory probe",

@@ -174,10 +174,7 @@ impl Bench<'_> {
                 Work::Flops(f) => Some(f as f64 / peak),
             };
             let (model, versus) = match model {
-                Some(m) => (
-                    format!("{:.1}", m * 1e6),
-                    format!("{:.2}", l.seconds / m),
-                ),
+                Some(m) => (format!("{:.1}", m * 1e6), format!("{:.2}", l.seconds / m)),
                 _ => ("-".into(), "-".into()),
             };
             let (rate, fraction, tflops) = match l.work {
@@ -522,8 +519,7 @@ fn main() -> ExitCode {
         .without_plots()
         .configure_from_args();
     // The model's counted/ideal ratios: the emulator's probe at small shapes (a few seconds).
-    let counted_over_ideal = match profile::profile(&Device::Emu, &Shapes::small(16, 1 << 16), 1)
-    {
+    let counted_over_ideal = match profile::profile(&Device::Emu, &Shapes::small(16, 1 << 16), 1) {
         Ok(rows) => rows
             .iter()
             .filter(|r| r.counted)

@@ -21,7 +21,12 @@ const RACECHECK: Probe = Probe {
     racecheck: true,
 };
 
-fn launch(device: &Device, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<(), String> {
+fn launch(
+    device: &Device,
+    name: &str,
+    config: LaunchConfig,
+    args: &KernelArgs,
+) -> Result<(), String> {
     // SAFETY: every test passes device buffers of the sizes its kernel touches.
     unsafe { device.launch(name, config, args) }.map_err(|e| format!("{e:#}"))
 }
@@ -94,8 +99,15 @@ fn sixteen_byte_loads_are_counted_whole_and_must_be_aligned() {
         args
     };
     let traffic = counted(&device, "probe_copy128", config, &args(0));
-    assert_eq!(traffic.accesses_by_width[4], 2 * packs as u64, "{traffic:?}");
-    assert_eq!(traffic.accesses_by_width.iter().sum::<u64>(), 2 * packs as u64);
+    assert_eq!(
+        traffic.accesses_by_width[4],
+        2 * packs as u64,
+        "{traffic:?}"
+    );
+    assert_eq!(
+        traffic.accesses_by_width.iter().sum::<u64>(),
+        2 * packs as u64
+    );
     assert!(traffic.coalescing() > 0.99, "{traffic:?}");
     let x = device.download(&input).unwrap();
     assert_eq!(device.download(&out).unwrap()[..4 * packs], x[..4 * packs]);
@@ -103,8 +115,7 @@ fn sixteen_byte_loads_are_counted_whole_and_must_be_aligned() {
     // One float off: a misaligned 16-byte load, which a GPU faults on; with or without the
     // probe.
     for probe in [Probe::default(), COUNT] {
-        let (result, _) =
-            emu::probed(probe, || launch(&device, "probe_copy128", config, &args(1)));
+        let (result, _) = emu::probed(probe, || launch(&device, "probe_copy128", config, &args(1)));
         let message = result.expect_err("a misaligned 16-byte load must fail");
         assert!(message.contains("misaligned 16-byte access"), "{message}");
     }
@@ -159,9 +170,12 @@ fn racecheck_reports_two_blocks_writing_one_address_without_atomics() {
     for atomic in [1, 0] {
         let out = device.alloc::<f32>(1).unwrap();
         let mut args = KernelArgs::new();
-        args.arg(input.device_ptr()).arg(out.device_ptr()).arg(atomic);
-        let (result, _) =
-            emu::probed(RACECHECK, || launch(&device, "probe_block_sum", config, &args));
+        args.arg(input.device_ptr())
+            .arg(out.device_ptr())
+            .arg(atomic);
+        let (result, _) = emu::probed(RACECHECK, || {
+            launch(&device, "probe_block_sum", config, &args)
+        });
         if atomic == 1 {
             result.unwrap();
             assert_eq!(device.download(&out).unwrap(), [15.0]);
@@ -184,7 +198,9 @@ fn shared_memory_beyond_the_architecture_fails_the_launch() {
         let mut args = KernelArgs::new();
         args.arg(out.device_ptr()).arg(floats as i32);
         let config = LaunchConfig::new(1, 32, 4 * floats);
-        emu::with_arch(arch, || launch(&device, "probe_dynamic_shared", config, &args))
+        emu::with_arch(arch, || {
+            launch(&device, "probe_dynamic_shared", config, &args)
+        })
     };
     // 48 KiB of dynamic shared memory without an opt-in, not a byte more.
     dynamic(12 * 1024, Arch::Sm80).unwrap();
@@ -196,7 +212,13 @@ fn shared_memory_beyond_the_architecture_fails_the_launch() {
     // fail.
     let mut args = KernelArgs::new();
     args.arg(out.device_ptr());
-    launch(&device, "probe_static_shared", LaunchConfig::new(1, 32, 0), &args).unwrap();
+    launch(
+        &device,
+        "probe_static_shared",
+        LaunchConfig::new(1, 32, 0),
+        &args,
+    )
+    .unwrap();
     assert_eq!(device.download(&out).unwrap(), [8192.0]);
     let message = launch(
         &device,
@@ -205,7 +227,10 @@ fn shared_memory_beyond_the_architecture_fails_the_launch() {
         &args,
     )
     .unwrap_err();
-    assert!(message.contains("32768 bytes of static and 20480 of dynamic"), "{message}");
+    assert!(
+        message.contains("32768 bytes of static and 20480 of dynamic"),
+        "{message}"
+    );
 
     // With the opt-in: 170 KiB is more than an A100's 163 KiB, within an H100's 227 KiB.
     emu::set_max_dynamic_shared("probe_dynamic_shared", 170 * 1024).unwrap();
@@ -214,7 +239,10 @@ fn shared_memory_beyond_the_architecture_fails_the_launch() {
     dynamic(170 * 256, Arch::Sm90).unwrap();
     assert_eq!(device.download(&out).unwrap(), [170.0 * 256.0]);
     let message = dynamic(170 * 256 + 1, Arch::Sm90).unwrap_err();
-    assert!(message.contains("the size the kernel opted in to"), "{message}");
+    assert!(
+        message.contains("the size the kernel opted in to"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -40,13 +40,19 @@ pub struct SelftestArgs {
 
 pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     let kind = args.device;
+    if (args.profile || args.racecheck) && kind != DeviceKind::Emu {
+        anyhow::bail!("--profile and --racecheck are modes of the emulator: use --device emu");
+    }
     let device = Device::open(kind)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("device: {} ({kind}), seed {seed}", device.describe());
     if args.profile {
         let shapes = Shapes::small(args.profile_tokens, 1 << 20);
         let rows = profile::profile(&device, &shapes, seed)?;
-        print!("{}", profile::table(&rows, &shapes, &[Gpu::a100(), Gpu::h100()]));
+        print!(
+            "{}",
+            profile::table(&rows, &shapes, &[Gpu::a100(), Gpu::h100()])
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let probe = Probe {

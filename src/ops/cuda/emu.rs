@@ -209,7 +209,11 @@ impl Traffic {
         self.requests += other.requests;
         self.request_sectors += other.request_sectors;
         self.min_sectors += other.min_sectors;
-        for (a, b) in self.accesses_by_width.iter_mut().zip(other.accesses_by_width) {
+        for (a, b) in self
+            .accesses_by_width
+            .iter_mut()
+            .zip(other.accesses_by_width)
+        {
             *a += b;
         }
         self.flops += other.flops;

@@ -96,11 +96,16 @@ impl OpProfile {
     }
 }
 
+/// An op's ideal (bytes, FLOPs) at given shapes.
+type Ideal = Box<dyn Fn(&Shapes) -> (u64, u64)>;
+/// Runs an op once at given shapes, on fresh random inputs.
+type Run = Box<dyn Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()>>;
+
 /// One op of the table: its name, how to run it once and its ideal (bytes, FLOPs).
 struct Case {
     op: String,
-    ideal: Box<dyn Fn(&Shapes) -> (u64, u64)>,
-    run: Box<dyn Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()>>,
+    ideal: Ideal,
+    run: Run,
 }
 
 fn case(
@@ -129,7 +134,10 @@ fn size<E>() -> u64 {
 
 /// Distinct ids, so that every row read or written is a row the op must move.
 fn ids(device: &Device, rng: &mut StdRng, s: &Shapes) -> Result<Buffer<u32>> {
-    ensure!(s.tokens <= s.vocab, "the profile wants distinct ids: tokens <= vocab");
+    ensure!(
+        s.tokens <= s.vocab,
+        "the profile wants distinct ids: tokens <= vocab"
+    );
     let ids: Vec<u32> = sample(rng, s.vocab, s.tokens)
         .into_iter()
         .map(|i| i as u32)
@@ -146,7 +154,10 @@ fn element_cases<E: Float>() -> Vec<Case> {
             move |s| (3 * (s.tokens * s.ffn) as u64 * e, 0),
             |k, s, rng| {
                 let n = s.tokens * s.ffn;
-                let (g, u) = (random::<E>(k.device, rng, n, 4.0)?, random(k.device, rng, n, 2.0)?);
+                let (g, u) = (
+                    random::<E>(k.device, rng, n, 4.0)?,
+                    random(k.device, rng, n, 2.0)?,
+                );
                 let mut out = k.device.alloc::<E>(n)?;
                 k.swiglu_forward(&g, &u, &mut out)
             },
@@ -157,7 +168,10 @@ fn element_cases<E: Float>() -> Vec<Case> {
             |k, s, rng| {
                 let n = s.tokens * s.ffn;
                 let g = random::<E>(k.device, rng, n, 4.0)?;
-                let (u, dy) = (random(k.device, rng, n, 2.0)?, random(k.device, rng, n, 1.0)?);
+                let (u, dy) = (
+                    random(k.device, rng, n, 2.0)?,
+                    random(k.device, rng, n, 1.0)?,
+                );
                 let (mut dg, mut du) = (k.device.alloc::<E>(n)?, k.device.alloc::<E>(n)?);
                 k.swiglu_backward(&g, &u, &dy, &mut dg, &mut du)
             },
@@ -296,8 +310,14 @@ fn other_cases() -> Vec<Case> {
             "adamw f32".into(),
             |s| (28 * s.params as u64, 0),
             |k, s, rng| {
-                let (mut p, g) = (random(k.device, rng, s.params, 1.0)?, random(k.device, rng, s.params, 1e-2)?);
-                let (mut m, mut v) = (random(k.device, rng, s.params, 1e-2)?, k.device.alloc(s.params)?);
+                let (mut p, g) = (
+                    random(k.device, rng, s.params, 1.0)?,
+                    random(k.device, rng, s.params, 1e-2)?,
+                );
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
                 k.adamw_f32(&mut p, &g, &mut m, &mut v, &adamw_step())
             },
         ),
@@ -308,7 +328,10 @@ fn other_cases() -> Vec<Case> {
                 let mut p = k.device.alloc::<bf16>(s.params)?;
                 let mut master = random(k.device, rng, s.params, 1.0)?;
                 let g = random(k.device, rng, s.params, 1e-2)?;
-                let (mut m, mut v) = (random(k.device, rng, s.params, 1e-2)?, k.device.alloc(s.params)?);
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
                 k.adamw_bf16(&mut p, Some(&mut master), &g, &mut m, &mut v, &adamw_step())
             },
         ),
@@ -318,7 +341,10 @@ fn other_cases() -> Vec<Case> {
             |k, s, rng| {
                 let mut p = random::<bf16>(k.device, rng, s.params, 1.0)?;
                 let g = random(k.device, rng, s.params, 1e-2)?;
-                let (mut m, mut v) = (random(k.device, rng, s.params, 1e-2)?, k.device.alloc(s.params)?);
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
                 k.adamw_bf16(&mut p, None, &g, &mut m, &mut v, &adamw_step())
             },
         ),
@@ -327,7 +353,10 @@ fn other_cases() -> Vec<Case> {
             "gemm bf16 forward".into(),
             move |s| {
                 let g = gemm(s);
-                (2 * (g.m * g.k + g.k * g.n + g.m * g.n) as u64, 2 * (g.m * g.n * g.k) as u64)
+                (
+                    2 * (g.m * g.k + g.k * g.n + g.m * g.n) as u64,
+                    2 * (g.m * g.n * g.k) as u64,
+                )
             },
             move |k, s, rng| {
                 let g = gemm(s);
