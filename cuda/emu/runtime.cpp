@@ -184,7 +184,7 @@ private:
     std::size_t capacity_ = 0;
 };
 
-// One launch; lives on the launching thread's stack during contralign_emu_launch.
+// One launch; lives on the launching thread's stack during contralign_emu_launch_with.
 struct Block {
     void (*entry)(void**);
     void** params;
@@ -768,13 +768,4 @@ extern "C" int contralign_emu_launch_with(void (*entry)(void**), void** params, 
         return 1;
     }
     return 0;
-}
-
-// The launch ABI with the defaults: sm_80, no opt-in, no probe.
-extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 grid, dim3 block,
-                                     std::uint32_t dynamic_shared_bytes, std::uint64_t seed,
-                                     char* error, std::size_t error_len) {
-    const contralign_emu_options options{80, 0, 0};
-    return contralign_emu_launch_with(entry, params, grid, block, dynamic_shared_bytes, seed,
-                                      &options, nullptr, error, error_len);
 }
