@@ -246,6 +246,44 @@ fn shared_memory_beyond_the_architecture_fails_the_launch() {
 }
 
 #[test]
+fn wmma_counts_its_flops_and_bytes_and_is_race_free() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(4);
+    let (m, n, k) = (48usize, 32usize, 64usize);
+    let bf16s = |len: usize, rng: &mut StdRng| -> Vec<half::bf16> {
+        (0..len)
+            .map(|_| half::bf16::from_f32(rng.gen_range(-2.0..2.0)))
+            .collect()
+    };
+    let a = device.upload(&bf16s(m * k, rng)).unwrap();
+    let w = device.upload(&bf16s(n * k, rng)).unwrap();
+    let c = random(&device, rng, m * n);
+    let mut args = KernelArgs::new();
+    args.arg(a.device_ptr())
+        .arg(w.device_ptr())
+        .arg(c.device_ptr())
+        .arg(m as i32)
+        .arg(n as i32)
+        .arg(k as i32)
+        .arg(0i32);
+    let config = LaunchConfig::new(((n / 16) as u32, (m / 16).div_ceil(2) as u32), (32, 2), 0);
+    let probe = Probe {
+        count: true,
+        racecheck: true,
+    };
+    let (result, records) =
+        emu::probed(probe, || launch(&device, "wmma_matmul_bf16", config, &args));
+    result.unwrap_or_else(|e| panic!("{e}"));
+    let traffic = records[0].traffic;
+    assert_eq!(traffic.flops, 2 * (m * n * k) as u64);
+    // a and w read, c read and written: each once.
+    assert_eq!(
+        traffic.dram_bytes(),
+        (2 * (m * k + n * k) + 8 * m * n) as u64
+    );
+}
+
+#[test]
 fn the_selftest_runs_clean_under_racecheck() {
     let device = Device::Emu;
     let seed = rand::random();

@@ -48,12 +48,18 @@ struct Access {
     bool atomic;
 };
 
-// What racecheck knows about one byte: its last writer, and a reader since then (`others`:
-// another thread read it in the same interval too).
+// What racecheck knows about one byte: its last writer and a reader since then; and when
+// other threads read it unordered with that reader, the latest interval's first of them
+// (`other`), whether more threads of its warp did (`other_many`), of other warps of its block
+// and barrier interval (`others_mixed`), or of other blocks (`others_foreign`).
 struct Shadow {
     Access writer{};
     Access reader{};
     bool others = false;
+    bool other_many = false;
+    bool others_mixed = false;
+    bool others_foreign = false;
+    Access other{};
 };
 
 // A thread's access that may continue: the host compiler splits a 16-byte copy into pieces,
@@ -180,13 +186,22 @@ struct Probe {
                       static_cast<std::uint16_t>(thread), atomic};
     }
 
-    // Whether `a` and `b` (b the later) may happen in either order and are not both atomic.
-    static bool unordered(const Access& a, const Access& b) {
+    // Whether `a` and `b` (b the later) may happen in either order and are not both atomic,
+    // if they were made by different threads.
+    static bool unordered_threads(const Access& a, const Access& b) {
         if (a.atomic && b.atomic) return false;
         if (a.block != b.block) return true;
-        if (a.thread == b.thread || a.epoch != b.epoch) return false;
+        if (a.epoch != b.epoch) return false;
         return a.thread / 32 != b.thread / 32 || a.warp_epoch == b.warp_epoch;
     }
+
+    // The same for the threads that made them.
+    static bool unordered(const Access& a, const Access& b) {
+        const bool same_thread = a.block == b.block && a.thread == b.thread;
+        return !same_thread && unordered_threads(a, b);
+    }
+
+
 
     [[noreturn]] void report(std::uintptr_t a, const Access& earlier,
                              Kind earlier_kind, const Access& later, Kind later_kind) const {
@@ -246,20 +261,38 @@ struct Probe {
                 if (s.reader.block != 0 && unordered(s.reader, cur)) {
                     report(byte, s.reader, Kind::Read, cur, kind);
                 }
-                // Another reader in the stored reader's interval, which may not be this thread.
-                if (s.others && (s.reader.block != cur.block || s.reader.epoch == cur.epoch)) {
-                    report(byte, s.reader, Kind::Read, cur, kind);
+                // The other readers. Readers in two warps of this thread's interval include
+                // one of another warp than this thread's.
+                if (s.others) {
+                    const bool race =
+                        s.others_foreign ||
+                        (s.others_mixed ? cur.block == s.other.block && cur.epoch == s.other.epoch
+                         : s.other_many ? unordered_threads(s.other, cur)
+                                        : unordered(s.other, cur));
+                    if (race) report(byte, s.other, Kind::Read, cur, kind);
                 }
                 s.writer = cur;
                 s.reader = Access{};
                 s.others = false;
+                s.others_foreign = false;
             } else if (s.reader.block == 0 || !unordered(s.reader, cur)) {
                 // The stored reader is this thread, or ordered before it: keep the later one.
                 const bool same = s.reader.block == cur.block && s.reader.thread == cur.thread;
                 if (!same) s.others = false;
                 s.reader = cur;
-            } else {
+            } else if (!s.others || (cur.block == s.other.block && cur.epoch != s.other.epoch)) {
+                // The first other reader, or one of a later interval, which earlier others
+                // are ordered before.
                 s.others = true;
+                s.other = cur;
+                s.other_many = false;
+                s.others_mixed = false;
+            } else if (cur.block != s.other.block) {
+                s.others_foreign = true;
+            } else if (cur.thread / 32 != s.other.thread / 32) {
+                s.others_mixed = true;
+            } else if (cur.thread != s.other.thread) {
+                s.other_many = true;
             }
         }
     }
