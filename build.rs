@@ -290,29 +290,64 @@ fn shared_declaration(decl: &str, is_extern: bool) -> Result<String, String> {
     }
 }
 
+/// Two static libraries: the runtime (`emu/runtime.cpp`, `emu/probe.cpp`) as it is, and the
+/// kernel files with ThreadSanitizer's instrumentation but not its runtime: the compiler calls
+/// `__tsan_read4(address)` and its kind before every load and store, and `emu/probe.cpp`
+/// implements those calls (alignment checks always; traffic counting and racecheck in a
+/// probed launch).
 fn build_emulator(cuda: &Path, emu_sources: &Path, modules: &[Module]) {
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        // The rewritten copies first, so that they include each other's rewritten headers;
-        // then cuda/ for emu/.
-        .include(emu_sources)
-        .include(cuda)
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            // The rewritten copies first, so that they include each other's rewritten
+            // headers; then cuda/ for emu/.
+            .include(emu_sources)
+            .include(cuda)
+            // Kernels run in the emulator for every test; unoptimized they would be ten times
+            // slower, whatever the profile.
+            .opt_level(2)
+            // Rounding as in the PTX, which nvcc compiles with -fmad=false: no contraction of
+            // a * b + c into an fma (kernels that want one call fmaf), and the `__d*_rn`
+            // intrinsics' uncontracted double arithmetic even with FMA in the target
+            // (-march=native in CXXFLAGS).
+            .flag_if_supported("-ffp-contract=off");
+        build
+    };
+    let mut runtime = base();
+    runtime
+        .file(cuda.join("emu/runtime.cpp"))
+        .file(cuda.join("emu/probe.cpp"));
+    runtime.compile("contralign_emu_runtime");
+
+    let mut kernels = base();
+    if !kernels
+        .is_flag_supported("-fsanitize=thread")
+        .unwrap_or(false)
+    {
+        fail(
+            "the emulator needs a C++ compiler with -fsanitize=thread (g++ or clang++) for its \
+             memory probe",
+        );
+    }
+    kernels
         // The kernel files end in .cu, which the compiler would not read as C++ by itself.
         .flag("-x")
         .flag("c++")
-        // Kernels run in the emulator for every test; unoptimized they would be ten times
-        // slower, whatever the profile.
-        .opt_level(2)
-        // The `__d*_rn` intrinsics promise uncontracted double arithmetic (cuda/emu); with
-        // FMA in the target (-march=native in CXXFLAGS) GCC would fuse them after inlining.
-        .flag_if_supported("-ffp-contract=off")
-        .file(cuda.join("emu/runtime.cpp"));
+        .flag("-fsanitize=thread")
+        // GCC: no calls at function entry and exit (probe.cpp has empty ones for clang).
+        .flag_if_supported("--param=tsan-instrument-func-entry-exit=0")
+        // The probe reports the widths of the kernel's own accesses, not of the host's
+        // vector instructions.
+        .flag_if_supported("-fno-tree-vectorize")
+        .flag_if_supported("-fno-tree-slp-vectorize")
+        .flag_if_supported("-fno-vectorize")
+        .flag_if_supported("-fno-slp-vectorize");
     for module in modules {
-        build.file(emu_sources.join(module.path.file_name().unwrap()));
+        kernels.file(emu_sources.join(module.path.file_name().unwrap()));
     }
-    build.compile("contralign_emu");
+    kernels.compile("contralign_emu");
 }
 
 /// `static EMU_KERNELS`, sorted by name, over the entry points that `CONTRALIGN_KERNEL`
@@ -414,6 +449,9 @@ fn compile_ptx(nvcc: &Path, cuda: &Path, module: &Module, ptx_dir: &Path) -> Res
             "-arch=compute_80",
             "-std=c++17",
             "-O3",
+            // Rounding that agrees with the emulator's (-ffp-contract=off): no a * b + c
+            // contracted into an fma unless the kernel calls fmaf.
+            "-fmad=false",
             "-lineinfo",
         ])
         .arg("-I")

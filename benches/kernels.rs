@@ -10,7 +10,11 @@
 //! GPU's, not the launch queue's.
 //!
 //! Criterion measures each case; a summary table (median of synchronized repetitions timed
-//! here) is printed at the end. Without `--bench` (criterion's test mode) each case runs once
+//! here) is printed at the end, each time beside the roofline model's estimate for it
+//! (`src/ops/cuda/profile.rs`): the case's bytes times the counted/ideal ratio that the
+//! emulator's probe measures for the kernel at small shapes, over the copy bandwidth measured
+//! here; a GEMM's FLOPs over the GPU's published bf16 peak. The ratio of the two says how far
+//! the model can be trusted. Without `--bench` (criterion's test mode) each case runs once
 //! and the table only shows that everything ran. Without a GPU, or in a build without
 //! `--features cuda`, it prints why it skipped and exits successfully.
 
@@ -18,6 +22,8 @@ use anyhow::{Context, Result};
 use contralign::ops::cuda::device::{Buffer, Device, DeviceKind, Float};
 use contralign::ops::cuda::gemm::Gemm;
 use contralign::ops::cuda::kernels::{AdamWStep, Kernels};
+use contralign::ops::cuda::profile::{self, Shapes};
+use contralign::ops::cuda::roofline::Gpu;
 use contralign::ops::cuda::scoring_bench::{ScoringBench, ScoringShape, Unfused};
 use contralign::train::optimizer::AdamWConfig;
 use criterion::{Criterion, Throughput};
@@ -60,6 +66,8 @@ struct Bench<'a> {
     /// `--bench` was given: measure; otherwise run each case once.
     measure: bool,
     lines: Vec<Line>,
+    /// The emulator's counted/ideal bytes of each kernel, by the summary's kernel name.
+    counted_over_ideal: std::collections::HashMap<String, f64>,
 }
 
 impl Bench<'_> {
@@ -144,9 +152,33 @@ impl Bench<'_> {
                 "a single run (test mode: not a measurement)"
             }
         ));
-        out.push_str("| kernel | shape | time (µs) | GB/s | of copy | TFLOP/s |\n");
-        out.push_str("|:--|:--|--:|--:|--:|--:|\n");
+        // The bf16 peak of the GPU the model assumes: an A100's, or an H100's (an H200's too).
+        let peak = if self.device.describe().contains("A100") {
+            Gpu::a100().bf16_flops
+        } else {
+            Gpu::h100().bf16_flops
+        };
+        out.push_str(&format!(
+            "model: the roofline estimate, bytes (times the emulator's counted/ideal ratio) over \
+             the copy bandwidth, FLOPs over {:.0} TFLOP/s.\n\n",
+            peak / 1e12
+        ));
+        out.push_str(
+            "| kernel | shape | time (µs) | GB/s | of copy | TFLOP/s | model (µs) | time / model |\n",
+        );
+        out.push_str("|:--|:--|--:|--:|--:|--:|--:|--:|\n");
         for l in &self.lines {
+            let model = match l.work {
+                Work::Bytes(b) => self
+                    .counted_over_ideal
+                    .get(&l.kernel)
+                    .map(|ratio| b as f64 * ratio / copy),
+                Work::Flops(f) => Some(f as f64 / peak),
+            };
+            let (model, versus) = match model {
+                Some(m) => (format!("{:.1}", m * 1e6), format!("{:.2}", l.seconds / m)),
+                _ => ("-".into(), "-".into()),
+            };
             let (rate, fraction, tflops) = match l.work {
                 Work::Bytes(b) => {
                     let rate = b as f64 / l.seconds;
@@ -163,7 +195,7 @@ impl Bench<'_> {
                 ),
             };
             out.push_str(&format!(
-                "| {} | {} | {:.1} | {rate} | {fraction} | {tflops} |\n",
+                "| {} | {} | {:.1} | {rate} | {fraction} | {tflops} | {model} | {versus} |\n",
                 l.kernel,
                 l.shape,
                 l.seconds * 1e6
@@ -562,8 +594,21 @@ fn main() -> ExitCode {
         .measurement_time(Duration::from_secs(1))
         .without_plots()
         .configure_from_args();
+    // The model's counted/ideal ratios: the emulator's probe at small shapes (a few seconds).
+    let counted_over_ideal = match profile::profile(&Device::Emu, &Shapes::small(16, 1 << 16), 1) {
+        Ok(rows) => rows
+            .iter()
+            .filter(|r| r.counted)
+            .map(|r| (r.op.clone(), r.bytes_over_ideal()))
+            .collect(),
+        Err(e) => {
+            println!("kernels bench: the emulator's profile failed, no model column: {e:#}");
+            Default::default()
+        }
+    };
     let mut b = Bench {
         device: &device,
+        counted_over_ideal,
         criterion,
         // Criterion's own rule: it measures with `--bench` unless `--test` is given too.
         measure: std::env::args().any(|a| a == "--bench")

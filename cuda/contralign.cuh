@@ -31,3 +31,45 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
     return __float2bfloat16_rn(v);
 }
+
+// 16 bytes of elements that a thread loads or stores whole (ld.global.v4 / st.global.v4 on a
+// GPU, llm.c's x128): the widest access, and the one that moves the most bytes per
+// instruction. The address must be 16-byte aligned: a misaligned 16-byte access faults on a
+// GPU, and fails the launch in the emulator.
+template <class T>
+struct alignas(16) Pack128 {
+    static constexpr int size = 16 / sizeof(T);
+    T v[size];
+    __device__ __forceinline__ T& operator[](int i) { return v[i]; }
+    __device__ __forceinline__ const T& operator[](int i) const { return v[i]; }
+};
+
+// Whether `p` may be given to load128/store128.
+__device__ __forceinline__ bool aligned128(const void* p) {
+    return reinterpret_cast<unsigned long long>(p) % 16 == 0;
+}
+
+template <class T>
+__device__ __forceinline__ Pack128<T> load128(const T* p) {
+    Pack128<T> pack;
+#ifdef __CUDACC__
+    const int4 bits = *reinterpret_cast<const int4*>(p);
+    memcpy(&pack, &bits, 16);
+#else
+    ::contralign_emu::require_aligned(p, 16, "load128");
+    memcpy(&pack, p, 16);
+#endif
+    return pack;
+}
+
+template <class T>
+__device__ __forceinline__ void store128(T* p, const Pack128<T>& pack) {
+#ifdef __CUDACC__
+    int4 bits;
+    memcpy(&bits, &pack, 16);
+    *reinterpret_cast<int4*>(p) = bits;
+#else
+    ::contralign_emu::require_aligned(p, 16, "store128");
+    memcpy(p, &pack, 16);
+#endif
+}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the PTX (`cargo build --release --features cuda`) and assembles every PTX file with
-# ptxas for sm_80 and sm_90: any error fails; each kernel's registers and spills are printed.
+# ptxas for sm_80 and sm_90: any error fails; each kernel's registers and spills are printed,
+# and a function that spills registers (spill stores or loads) fails unless
+# tools/ptx-spills-allowed.txt lists it with the reason.
 # Needs nvcc/ptxas: tools/install-cuda-toolchain.sh (or NVCC / CUDA_HOME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +35,25 @@ if [ ${#files[@]} -eq 0 ]; then
   echo "no PTX files in $ptx_dir" >&2
   exit 1
 fi
+# `NAME reason...` lines; `#` starts a comment.
+allowed=$(sed -e 's/#.*//' tools/ptx-spills-allowed.txt | awk 'NF >= 2 { print $1 }')
+spills=()
 for arch in sm_80 sm_90; do
   for ptx in "${files[@]}"; do
     echo "-- ptxas -arch=$arch $(basename "$ptx")"
-    "$ptxas" -arch="$arch" -v -o /dev/null "$ptx" 2>&1 \
-      | grep -E "Compiling entry|Used [0-9]+ registers|spill|error" | sed 's/^ptxas info    : //'
-    "$ptxas" -arch="$arch" -o /dev/null "$ptx"
+    log=$("$ptxas" -arch="$arch" -v -o /dev/null "$ptx" 2>&1)
+    grep -E "Compiling entry|Used [0-9]+ registers|spill|error" <<<"$log" | sed 's/^ptxas info    : //'
+    # The function of each "N bytes spill stores, M bytes spill loads" line is named by the
+    # "Function properties for NAME" line before it.
+    while read -r name; do
+      grep -qxF "$name" <<<"$allowed" || spills+=("$name ($arch)")
+    done < <(awk '/Function properties for/ { name = $NF }
+                  /bytes spill stores/ { if ($5 + $9 > 0) print name }' <<<"$log")
   done
 done
-echo "ptxas: ${#files[@]} PTX files assemble for sm_80 and sm_90"
+if ((${#spills[@]})); then
+  echo "register spills in: ${spills[*]}" >&2
+  echo "make the kernel fit its registers, or list it in tools/ptx-spills-allowed.txt with the reason" >&2
+  exit 1
+fi
+echo "ptxas: ${#files[@]} PTX files assemble for sm_80 and sm_90, no register spills"

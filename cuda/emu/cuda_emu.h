@@ -139,6 +139,12 @@ struct SharedSlot {
 };
 // Gives `slot` `bytes` of the current block's static shared memory.
 void allocate_shared(SharedSlot& slot, std::size_t bytes, std::size_t align);
+// An atomic read-modify-write of `bytes` at `address`, for the memory probe (emu/probe.h):
+// counted as a read and a write, and never a race with another atomic.
+void atomic_access(const void* address, unsigned bytes);
+// Adds a warp-wide operation's FLOPs to the launch's count (every lane calls it; lane 0
+// counts).
+void count_warp_flops(std::uint64_t flops);
 }  // namespace rt
 
 // The variable of one `__shared__` declaration (`Site` is a lambda type unique to the
@@ -204,6 +210,16 @@ T shuffle(rt::WarpOp op, unsigned int mask, const T& var, unsigned int arg, int 
     return bits_to<T>(rt::warp_collective(op, mask, to_bits(var), arg, width));
 }
 
+}  // namespace contralign_emu
+
+namespace contralign_emu {
+// Fails the launch unless `p` is `bytes`-aligned, as a GPU faults on a misaligned access.
+inline void require_aligned(const void* p, unsigned bytes, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+        rt::fail("%s: misaligned %u-byte access at %p (a GPU faults: misaligned address)", what,
+                 bytes, p);
+    }
+}
 }  // namespace contralign_emu
 
 // `contralign_emu_run_<name>` runs the kernel from a parameter array;
@@ -312,14 +328,20 @@ CONTRALIGN_EMU_WARP_REDUCE(__reduce_max_sync, ReduceMaxU, ReduceMaxI)
 // so a plain read-modify-write is atomic.
 
 namespace contralign_emu {
+// Out of line and outside the memory probe's instrumentation (which would see a plain read
+// and write, and might see the read moved before a branch): the probe hears of the access
+// through rt::atomic_access instead.
 template <class T>
-T atomic_update(T* address, T value, T (*update)(T, T)) {
+__attribute__((noinline, no_sanitize("thread"))) T atomic_update(T* address, T value,
+                                                                  T (*update)(T, T)) {
+    rt::atomic_access(address, sizeof(T));
     T old = *address;
     *address = update(old, value);
     return old;
 }
 template <class T>
-T atomic_cas(T* address, T compare, T value) {
+__attribute__((noinline, no_sanitize("thread"))) T atomic_cas(T* address, T compare, T value) {
+    rt::atomic_access(address, sizeof(T));
     T old = *address;
     if (old == compare) *address = value;
     return old;

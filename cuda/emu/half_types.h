@@ -191,7 +191,6 @@ CONTRALIGN_EMU_HALF_OPS(__half, __half2, __half2float, __float2half_rn)
 
 // sm_80's atomicAdd on bf16: exact sum rounded once.
 inline __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 value) {
-    __nv_bfloat16 old = *address;
-    *address = old + value;
-    return old;
+    return ::contralign_emu::atomic_update<__nv_bfloat16>(
+        address, value, [](__nv_bfloat16 a, __nv_bfloat16 b) -> __nv_bfloat16 { return a + b; });
 }

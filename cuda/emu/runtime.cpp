@@ -3,6 +3,7 @@
 // src/ops/cuda/emu.rs calls. See cuda/README.md for the model and its guarantees.
 
 #include "cuda_emu.h"
+#include "probe.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -23,10 +24,23 @@
 #endif
 
 namespace {
-// The GPU's limits: 48 KiB of static shared memory per block, and up to an H100's 227 KiB of
-// dynamic shared memory.
+// The GPU's limits on shared memory per block: 48 KiB of static shared memory; 48 KiB of
+// static and dynamic together unless the kernel opted in (cuFuncSetAttribute with
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); with the opt-in, static plus the opted-in
+// dynamic size up to the architecture's maximum (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 163 KiB on an A100, 227 KiB on an H100).
 constexpr std::size_t kMaxStaticShared = 48 * 1024;
-constexpr std::uint32_t kMaxDynamicShared = 227 * 1024;
+constexpr std::size_t kDefaultShared = 48 * 1024;
+constexpr std::size_t kArenaDynamicShared = 227 * 1024;
+
+// The opt-in maximum of an architecture (80 or 90); 0 for one the emulator does not know.
+std::size_t opt_in_shared(std::uint32_t arch) {
+    switch (arch) {
+        case 80: return 163 * 1024;
+        case 90: return 227 * 1024;
+        default: return 0;
+    }
+}
 }  // namespace
 
 #if CONTRALIGN_EMU_ASM_SWITCH
@@ -170,10 +184,14 @@ private:
     std::size_t capacity_ = 0;
 };
 
-// One launch; lives on the launching thread's stack during contralign_emu_launch.
+// One launch; lives on the launching thread's stack during contralign_emu_launch_with.
 struct Block {
     void (*entry)(void**);
     void** params;
+    // Static shared memory plus `dynamic_reserved` (the launch's dynamic size, or the size
+    // the kernel opted in to) may not pass `shared_limit` (see opt_in_shared).
+    std::size_t shared_limit;
+    std::size_t dynamic_reserved;
     // Static shared memory: the arena, the bytes the current block has allocated, and the
     // most any block of the launch has (what the next block must poison).
     unsigned char* static_shared;
@@ -227,6 +245,7 @@ void start_fiber(Fiber& f, char* low, char* high) {
 void resume(Block& b, Fiber& f) {
     b.current = &f;
     detail::thread_idx = f.tid;
+    probe::resumed(static_cast<unsigned>(&f - b.fibers));
 #if CONTRALIGN_EMU_ASM_SWITCH
     contralign_emu_switch(&b.scheduler_sp, f.sp);
 #else
@@ -313,6 +332,7 @@ void release_barrier_if_complete(Block& b) {
         }
     }
     b.at_barrier = 0;
+    probe::barrier_released();
 }
 
 unsigned source_lane(const Fiber& f) {
@@ -404,6 +424,7 @@ bool complete_warp_collective(Block& b, unsigned warp, unsigned mask) {
     for (unsigned l = 0; l < lane_count; ++l) {
         if (group >> l & 1u) lanes[l].state = State::Runnable;
     }
+    probe::warp_synced(warp);
     return true;
 }
 
@@ -488,6 +509,7 @@ int barrier(BarrierMode mode, int predicate) {
                       barrier_name(mode), barrier_name(b.barrier_mode));
         fail_current(b, buffer);
     }
+    probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::AtBarrier;
     f.predicate = predicate;
     ++b.at_barrier;
@@ -512,6 +534,7 @@ std::uint64_t warp_collective(WarpOp op, unsigned mask, std::uint64_t value, uns
                       op_name(op), width);
         fail_current(b, buffer);
     }
+    probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::AtWarp;
     f.op = op;
     f.mask = mask;
@@ -547,6 +570,11 @@ void allocate_shared(SharedSlot& slot, std::size_t bytes, std::size_t align) {
     if (offset + bytes > kMaxStaticShared) {
         fail("more than %zu bytes of static __shared__ memory", kMaxStaticShared);
     }
+    if (offset + bytes + b->dynamic_reserved > b->shared_limit) {
+        fail("%zu bytes of static and %zu of dynamic shared memory: more than the %zu bytes "
+             "a block may have",
+             offset + bytes, b->dynamic_reserved, b->shared_limit);
+    }
     b->static_used = offset + bytes;
     if (b->static_used > b->static_high) {
         std::memset(b->static_shared + b->static_high, 0xff, b->static_used - b->static_high);
@@ -554,6 +582,19 @@ void allocate_shared(SharedSlot& slot, std::size_t bytes, std::size_t align) {
     }
     slot.block = detail::block_serial;
     slot.address = b->static_shared + offset;
+}
+
+bool in_launch() { return t_block != nullptr; }
+
+void atomic_access(const void* address, unsigned bytes) {
+    // Called from the out-of-line atomic: its return address identifies the atomic, not the
+    // kernel's call site, which is enough to tell requests apart by their occurrence.
+    probe::atomic_access(address, bytes,
+                         reinterpret_cast<std::uintptr_t>(__builtin_return_address(0)));
+}
+
+void count_warp_flops(std::uint64_t flops) {
+    if (t_block != nullptr && t_block->current->lane == 0) probe::count_flops(flops);
 }
 
 void fail(const char* fmt, ...) {
@@ -575,6 +616,7 @@ extern "C" void contralign_emu_fiber_main() {
     Block& b = *contralign_emu::rt::t_block;
     b.entry(b.params);
     auto& f = *b.current;
+    contralign_emu::probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::Done;
     --b.live;
     contralign_emu::rt::release_barrier_if_complete(b);
@@ -602,14 +644,21 @@ std::uint64_t gcd(std::uint64_t a, std::uint64_t b) {
 }  // namespace
 
 // The launch ABI (cuda/README.md). `entry` is a kernel's contralign_emu_run_<name>, `params`
-// its cuLaunchKernel-style argument array. Returns 0, or 1 with a message in `error`.
-extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 grid, dim3 block,
-                                     std::uint32_t dynamic_shared_bytes, std::uint64_t seed,
-                                     char* error, std::size_t error_len) {
+// its cuLaunchKernel-style argument array, `options` the architecture, the kernel's opt-in to
+// more dynamic shared memory and the probe (emu/probe.h); `traffic`, when not null, receives
+// what the probe counted. Returns 0, or 1 with a message in `error`.
+extern "C" int contralign_emu_launch_with(void (*entry)(void**), void** params, dim3 grid,
+                                          dim3 block, std::uint32_t dynamic_shared_bytes,
+                                          std::uint64_t seed,
+                                          const contralign_emu_options* options,
+                                          contralign_emu_traffic* traffic, char* error,
+                                          std::size_t error_len) {
     namespace rt = contralign_emu::rt;
     namespace detail = contralign_emu::detail;
+    namespace probe = contralign_emu::probe;
+    if (traffic != nullptr) *traffic = contralign_emu_traffic{};
     const std::uint64_t threads = std::uint64_t{block.x} * block.y * block.z;
-    char message[256];
+    char message[320];
     if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 ||
         block.z > 64 || threads > 1024) {
         std::snprintf(message, sizeof message,
@@ -627,10 +676,31 @@ extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 
         set_error(error, error_len, message);
         return 1;
     }
-    if (dynamic_shared_bytes > kMaxDynamicShared) {
+    const std::size_t opt_in = opt_in_shared(options->arch);
+    if (opt_in == 0) {
+        std::snprintf(message, sizeof message, "unknown architecture sm_%u (sm_80 or sm_90)",
+                      options->arch);
+        set_error(error, error_len, message);
+        return 1;
+    }
+    if (options->max_dynamic_shared > opt_in) {
         std::snprintf(message, sizeof message,
-                      "%u bytes of dynamic shared memory; at most %u", dynamic_shared_bytes,
-                      kMaxDynamicShared);
+                      "the kernel opted in to %u bytes of dynamic shared memory; sm_%u allows at "
+                      "most %zu per block",
+                      options->max_dynamic_shared, options->arch, opt_in);
+        set_error(error, error_len, message);
+        return 1;
+    }
+    const std::size_t max_dynamic =
+        options->max_dynamic_shared == 0 ? kDefaultShared : options->max_dynamic_shared;
+    if (dynamic_shared_bytes > max_dynamic) {
+        std::snprintf(message, sizeof message,
+                      "%u bytes of dynamic shared memory; at most %zu on sm_%u%s",
+                      dynamic_shared_bytes, max_dynamic, options->arch,
+                      options->max_dynamic_shared == 0
+                          ? " unless the kernel opts in to more (cuFuncSetAttribute, "
+                            "emu::set_max_dynamic_shared)"
+                          : ", the size the kernel opted in to");
         set_error(error, error_len, message);
         return 1;
     }
@@ -640,7 +710,7 @@ extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 
     }
     const unsigned n = static_cast<unsigned>(threads);
     unsigned char* static_shared = rt::t_static_shared.reserve(kMaxStaticShared);
-    unsigned char* dynamic_shared = rt::t_dynamic_shared.reserve(dynamic_shared_bytes);
+    unsigned char* dynamic_shared = rt::t_dynamic_shared.reserve(kArenaDynamicShared);
     if (!rt::t_stacks.reserve(n) || static_shared == nullptr || dynamic_shared == nullptr) {
         set_error(error, error_len, "out of memory for the fiber stacks or shared memory");
         return 1;
@@ -651,6 +721,9 @@ extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 
     Block b{};
     b.entry = entry;
     b.params = params;
+    b.shared_limit = options->max_dynamic_shared == 0 ? kDefaultShared : opt_in;
+    b.dynamic_reserved =
+        options->max_dynamic_shared == 0 ? dynamic_shared_bytes : options->max_dynamic_shared;
     b.fibers = fibers.data();
     b.n = n;
     b.static_shared = static_shared;
@@ -658,6 +731,8 @@ extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 
     detail::grid_dim = grid;
     detail::dynamic_shared = dynamic_shared;
     rt::t_block = &b;
+    probe::begin_launch(options->probe, static_shared, kMaxStaticShared, dynamic_shared,
+                        dynamic_shared_bytes, n);
 
     // Blocks run in an order that depends on the seed, k -> (a k + c) mod count with a
     // coprime to count: a kernel that assumes an order between blocks fails under some seed.
@@ -680,8 +755,11 @@ extern "C" int contralign_emu_launch(void (*entry)(void**), void** params, dim3 
         std::memset(static_shared, 0xff, b.static_high);
         b.static_used = 0;
         std::memset(dynamic_shared, 0xff, dynamic_shared_bytes);
+        probe::begin_block(linear);
         ok = rt::run_block(b, seed, linear, order);
+        probe::end_block();
     }
+    probe::end_launch(ok ? traffic : nullptr);
     rt::t_block = nullptr;
     if (!ok) {
         const uint3 idx = detail::block_idx;

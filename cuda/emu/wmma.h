@@ -98,6 +98,10 @@ template <int M, int N, int K, class T>
 void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
                        layout_t layout) {
     detail::enter("store_matrix_sync", ptr, ldm);
+    // Every lane holds the whole tile here; lane 0 stores it, so that racecheck does not see
+    // 32 lanes writing the same bytes (on a GPU each lane stores its own part).
+    const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (linear % 32 != 0) return;
     for (int r = 0; r < M; ++r) {
         for (int c = 0; c < N; ++c) {
             (layout == mem_col_major ? ptr[c * ldm + r] : ptr[r * ldm + c]) = f.x[r * N + c];
@@ -113,6 +117,7 @@ void mma_sync(fragment<accumulator, M, N, K, Tacc>& d,
               const fragment<matrix_b, M, N, K, Tin, Lb>& b,
               const fragment<accumulator, M, N, K, Tacc>& c) {
     __syncwarp();
+    ::contralign_emu::rt::count_warp_flops(2ull * M * N * K);
     for (int i = 0; i < M; ++i) {
         for (int j = 0; j < N; ++j) {
             float acc = static_cast<float>(c.x[i * N + j]);

@@ -1,6 +1,9 @@
 use anyhow::Result;
 use clap::Args;
 use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::emu::{self, Probe};
+use contralign::ops::cuda::profile::{self, Shapes};
+use contralign::ops::cuda::roofline::Gpu;
 use contralign::ops::cuda::selftest;
 use std::process::ExitCode;
 
@@ -20,14 +23,45 @@ pub struct SelftestArgs {
     /// Seed of the random inputs [default: drawn afresh, and printed].
     #[arg(long)]
     seed: Option<u64>,
+
+    /// With --device emu: run the checks under racecheck (a race fails the launch).
+    #[arg(long)]
+    racecheck: bool,
+
+    /// With --device emu: instead of the checks, count every kernel's memory traffic at
+    /// Mistral-7B's widths and print the table: ideal and counted bytes, coalescing, access
+    /// widths and the roofline model's A100/H100 times at Mistral-7B's shapes.
+    #[arg(long)]
+    profile: bool,
+
+    /// Tokens of the profile (its batch; the widths are Mistral-7B's).
+    #[arg(long, default_value_t = 64, requires = "profile")]
+    profile_tokens: usize,
 }
 
 pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     let kind = args.device;
+    if (args.profile || args.racecheck) && kind != DeviceKind::Emu {
+        anyhow::bail!("--profile and --racecheck are modes of the emulator: use --device emu");
+    }
     let device = Device::open(kind)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("device: {} ({kind}), seed {seed}", device.describe());
-    let rows = selftest::run(&device, seed)?;
+    if args.profile {
+        let shapes = Shapes::small(args.profile_tokens, 1 << 20);
+        let rows = profile::profile(&device, &shapes, seed)?;
+        print!(
+            "{}",
+            profile::table(&rows, &shapes, &[Gpu::a100(), Gpu::h100()])
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let probe = Probe {
+        count: false,
+        racecheck: args.racecheck,
+    };
+    let (rows, _) = emu::probed(probe, || selftest::run(&device, seed));
+    let rows = rows?;
     print!("{}", selftest::table(&rows));
     let failed = rows.iter().filter(|r| !r.pass).count();
     if failed == 0 {

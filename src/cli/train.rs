@@ -1,6 +1,6 @@
 use crate::cli::config_file::args_to_toml;
-use crate::cli::device_args::Backend;
 use crate::cli::data_args::DataArgs;
+use crate::cli::device_args::Backend;
 use crate::cli::loss_args::InputArgs;
 use crate::cli::plan::parse_memory;
 use crate::cli::size_arg::parse_size;

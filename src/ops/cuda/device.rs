@@ -94,6 +94,8 @@ enum Memory {
 pub struct Buffer<T> {
     len: usize,
     memory: Memory,
+    /// On the emulator: the memory probe watches the buffer while it lives.
+    _watched: Option<emu::Registration>,
     _element: PhantomData<T>,
 }
 
@@ -384,10 +386,14 @@ impl Device {
         let bytes = len
             .checked_mul(size_of::<T>())
             .ok_or_else(|| anyhow!("buffer of {len} elements is too large"))?;
-        let memory = match self {
-            Device::Emu => Memory::Host(vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)]),
+        let (memory, watched) = match self {
+            Device::Emu => {
+                let chunks = vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)];
+                let watched = emu::Registration::new(chunks.as_ptr().cast(), bytes);
+                (Memory::Host(chunks), Some(watched))
+            }
             #[cfg(feature = "cuda")]
-            Device::Gpu(gpu) => Memory::Gpu(gpu.alloc_zeroed(bytes)?),
+            Device::Gpu(gpu) => (Memory::Gpu(gpu.alloc_zeroed(bytes)?), None),
         };
         count(|c| {
             c.allocations += 1;
@@ -396,6 +402,7 @@ impl Device {
         Ok(Buffer {
             len,
             memory,
+            _watched: watched,
             _element: PhantomData,
         })
     }
@@ -410,6 +417,7 @@ impl Device {
                 Chunk([0; 256]);
                 (len * size_of::<T>()).div_ceil(256).max(1)
             ]),
+            _watched: None,
             _element: PhantomData,
         }
     }
@@ -514,6 +522,17 @@ impl Device {
         }
     }
 
+    /// Lets kernel `name` take up to `bytes` of dynamic shared memory per block: more than
+    /// the 48 KiB a launch may have by default, up to the architecture's opt-in maximum
+    /// (cuFuncSetAttribute on a GPU, [`emu::set_max_dynamic_shared`] on the emulator).
+    pub fn set_max_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
+        match self {
+            Device::Emu => emu::set_max_dynamic_shared(name, bytes),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.set_max_dynamic_shared(name, bytes),
+        }
+    }
+
     /// `c = alpha · op(a) · op(b) + beta · c` ([`Gemm`]) with fp32 accumulation: cuBLAS on a
     /// GPU, [`gemm::host_gemm`] on the emulator.
     pub fn gemm<E: Float, C: Float>(
@@ -540,12 +559,15 @@ impl Device {
             home.context("gemm")?;
         }
         match self {
-            Device::Emu => gemm::host_gemm(
-                g,
-                a.host().expect("checked"),
-                b.host().expect("checked"),
-                c.host_mut().expect("checked"),
-            ),
+            Device::Emu => {
+                emu::record_gemm(g, size_of::<E>(), size_of::<C>());
+                gemm::host_gemm(
+                    g,
+                    a.host().expect("checked"),
+                    b.host().expect("checked"),
+                    c.host_mut().expect("checked"),
+                )
+            }
             #[cfg(feature = "cuda")]
             // SAFETY: three live views of this device whose lengths `check` accepted.
             Device::Gpu(gpu) => unsafe { gpu.gemm(g, E::DTYPE, a.ptr, b.ptr, C::DTYPE, c.ptr) },

@@ -6,11 +6,19 @@
 //! different threads run independently. Within a block, threads run as fibers in an order
 //! shuffled by the seed (`CONTRALIGN_EMU_SEED`, or [`launch_seeded`]), so that a missing
 //! `__syncthreads` or `__syncwarp` changes the results instead of going unnoticed.
+//!
+//! Launches fit the limits of a GPU architecture ([`Arch`], sm_80 unless
+//! `CONTRALIGN_EMU_ARCH` or [`with_arch`] says otherwise). [`probed`] runs code with the
+//! memory probe (`cuda/emu/probe.cpp`): each launch's global-memory traffic counted
+//! ([`Traffic`]), and racecheck.
 
+use super::gemm::Gemm;
 use anyhow::{bail, ensure, Result};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::{align_of, size_of, MaybeUninit};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Grid or block dimensions, as CUDA's `dim3`.
 #[repr(C)]
@@ -102,6 +110,274 @@ impl KernelArgs {
     }
 }
 
+/// A GPU architecture whose limits emulated launches enforce: 1024 threads per block, 48 KiB
+/// of static shared memory, 48 KiB of static and dynamic shared memory together unless the
+/// kernel opted in ([`set_max_dynamic_shared`]), and then at most the opt-in maximum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// A100: 163 KiB of shared memory per block with the opt-in.
+    Sm80,
+    /// H100: 227 KiB.
+    Sm90,
+}
+
+impl Arch {
+    fn number(self) -> u32 {
+        match self {
+            Arch::Sm80 => 80,
+            Arch::Sm90 => 90,
+        }
+    }
+
+    /// cudaDevAttrMaxSharedMemoryPerBlockOptin.
+    pub fn max_shared_opt_in(self) -> u32 {
+        match self {
+            Arch::Sm80 => 163 * 1024,
+            Arch::Sm90 => 227 * 1024,
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Arch> {
+        match s.trim() {
+            "sm_80" | "80" => Ok(Arch::Sm80),
+            "sm_90" | "90" => Ok(Arch::Sm90),
+            other => bail!("unknown architecture {other:?}: sm_80 or sm_90"),
+        }
+    }
+}
+
+/// What the memory probe does in a launch (see [`probed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Probe {
+    /// Count the global-memory traffic ([`Traffic`]) of every launch.
+    pub count: bool,
+    /// Fail a launch in which two threads of a block touch a byte of shared or global
+    /// memory between the same barriers, one of them writing, or two blocks touch a byte of
+    /// global memory, one of them writing (atomics excepted).
+    pub racecheck: bool,
+}
+
+impl Probe {
+    fn flags(self) -> u32 {
+        u32::from(self.count) | u32::from(self.racecheck) << 1
+    }
+}
+
+/// The global-memory traffic of one launch as the probe counted it (`contralign_emu_traffic`
+/// in `cuda/emu/probe.h`). Only accesses inside device buffers count ([`Device::alloc`]'s on
+/// the emulator). A warp-wide request is what the lanes of a warp access at one instruction
+/// for one time; pieces of one wide access that the host compiler split are joined first.
+///
+/// [`Device::alloc`]: super::device::Device::alloc
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Distinct 32-byte sectors first accessed by a read (fetched from DRAM).
+    pub read_sectors: u64,
+    /// Distinct sectors written (written back to DRAM).
+    pub write_sectors: u64,
+    pub requests: u64,
+    /// Sectors the requests touched, summed over requests.
+    pub request_sectors: u64,
+    /// The fewest sectors that hold the distinct bytes each request asked for, summed.
+    pub min_sectors: u64,
+    /// Per-thread accesses of 1, 2, 4, 8 and 16 bytes, and of other sizes.
+    pub accesses_by_width: [u64; 6],
+    /// FLOPs of WMMA `mma_sync` calls.
+    pub flops: u64,
+}
+
+impl Traffic {
+    /// The compulsory DRAM traffic: every sector read once and written once.
+    pub fn dram_bytes(&self) -> u64 {
+        32 * (self.read_sectors + self.write_sectors)
+    }
+
+    /// The fewest sectors the requests could have touched over the sectors they did (1 for
+    /// perfectly coalesced accesses; NaN without requests).
+    pub fn coalescing(&self) -> f64 {
+        self.min_sectors as f64 / self.request_sectors as f64
+    }
+
+    /// Adds another launch's counts.
+    pub fn add(&mut self, other: &Traffic) {
+        self.read_sectors += other.read_sectors;
+        self.write_sectors += other.write_sectors;
+        self.requests += other.requests;
+        self.request_sectors += other.request_sectors;
+        self.min_sectors += other.min_sectors;
+        for (a, b) in self
+            .accesses_by_width
+            .iter_mut()
+            .zip(other.accesses_by_width)
+        {
+            *a += b;
+        }
+        self.flops += other.flops;
+    }
+}
+
+/// One launch (or emulated GEMM) of a [`probed`] run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchRecord {
+    /// The kernel, or `gemm` for a GEMM of the device layer.
+    pub kernel: String,
+    pub config: Option<LaunchConfig>,
+    pub traffic: Traffic,
+    /// The bytes were counted (kernels); false for GEMMs, whose host implementation is not
+    /// instrumented: their bytes are the minimum (each operand read once, the output written
+    /// once), as cuBLAS comes close to.
+    pub counted: bool,
+}
+
+/// Settings of this OS thread's launches: `None` until first asked (then the environment's).
+struct Settings {
+    arch: Cell<Option<Arch>>,
+    probe: Cell<Probe>,
+    records: RefCell<Vec<LaunchRecord>>,
+}
+
+thread_local! {
+    static SETTINGS: Settings = const {
+        Settings {
+            arch: Cell::new(None),
+            probe: Cell::new(Probe { count: false, racecheck: false }),
+            records: RefCell::new(Vec::new()),
+        }
+    };
+}
+
+/// The architecture of this thread's launches: [`with_arch`]'s, else `CONTRALIGN_EMU_ARCH`
+/// (`sm_80` or `sm_90`), else sm_80.
+pub fn arch() -> Result<Arch> {
+    static DEFAULT: OnceLock<Result<Arch, String>> = OnceLock::new();
+    if let Some(arch) = SETTINGS.with(|s| s.arch.get()) {
+        return Ok(arch);
+    }
+    DEFAULT
+        .get_or_init(|| match std::env::var("CONTRALIGN_EMU_ARCH") {
+            Err(std::env::VarError::NotPresent) => Ok(Arch::Sm80),
+            Ok(text) => text
+                .parse()
+                .map_err(|e| format!("CONTRALIGN_EMU_ARCH: {e:#}")),
+            Err(e) => Err(format!("CONTRALIGN_EMU_ARCH: {e}")),
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Runs `f` with this thread's launches held to `arch`'s limits.
+pub fn with_arch<R>(arch: Arch, f: impl FnOnce() -> R) -> R {
+    let before = SETTINGS.with(|s| s.arch.replace(Some(arch)));
+    let _restore = Restore(move || SETTINGS.with(|s| s.arch.set(before)));
+    f()
+}
+
+/// Runs `f` with the memory probe on for this thread's launches, and returns what it gave
+/// with the record of every launch and device GEMM it made (traffic counts when
+/// `probe.count`). Probed runs nest: an inner one takes its own records.
+pub fn probed<R>(probe: Probe, f: impl FnOnce() -> R) -> (R, Vec<LaunchRecord>) {
+    let (before, outer) = SETTINGS.with(|s| (s.probe.replace(probe), s.records.take()));
+    let mut outer = Some(outer);
+    let _restore = Restore(move || {
+        SETTINGS.with(|s| {
+            s.probe.set(before);
+            *s.records.borrow_mut() = outer.take().unwrap_or_default();
+        })
+    });
+    let result = f();
+    (result, SETTINGS.with(|s| s.records.take()))
+}
+
+/// Runs its closure when dropped (also when unwinding): puts a thread's settings back.
+struct Restore<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Restore<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn record(entry: LaunchRecord) {
+    SETTINGS.with(|s| s.records.borrow_mut().push(entry));
+}
+
+/// Records a device GEMM on the emulator in a counting [`probed`] run: its FLOPs, and its
+/// minimal bytes for operands of `input_bytes` and an output of `output_bytes` per element.
+pub(crate) fn record_gemm(g: &Gemm, input_bytes: usize, output_bytes: usize) {
+    if !SETTINGS.with(|s| s.probe.get().count) {
+        return;
+    }
+    let reads_c = usize::from(g.beta != 0.0);
+    let read = (g.m * g.k + g.k * g.n) * input_bytes + reads_c * g.m * g.n * output_bytes;
+    record(LaunchRecord {
+        kernel: "gemm".into(),
+        config: None,
+        traffic: Traffic {
+            read_sectors: read.div_ceil(32) as u64,
+            write_sectors: (g.m * g.n * output_bytes).div_ceil(32) as u64,
+            flops: 2 * (g.m * g.n * g.k) as u64,
+            ..Traffic::default()
+        },
+        counted: false,
+    });
+}
+
+/// The opt-ins of kernels to more dynamic shared memory, by name.
+static MAX_DYNAMIC_SHARED: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// Lets kernel `name` take up to `bytes` of dynamic shared memory per block, as
+/// `cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)` does on a GPU. A
+/// launch fails when its static shared memory and `bytes` pass its architecture's opt-in
+/// maximum ([`Arch::max_shared_opt_in`]).
+pub fn set_max_dynamic_shared(name: &str, bytes: u32) -> Result<()> {
+    descriptor(name)?;
+    MAX_DYNAMIC_SHARED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), bytes);
+    Ok(())
+}
+
+fn max_dynamic_shared(name: &str) -> u32 {
+    MAX_DYNAMIC_SHARED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A device buffer in host memory whose accesses the probe counts and checks, from creation
+/// to drop.
+pub(crate) struct Registration(usize);
+
+impl Registration {
+    pub(crate) fn new(start: *const u8, bytes: usize) -> Registration {
+        // SAFETY: the registry only keeps and compares the address.
+        unsafe { contralign_emu_register_global(start.cast(), bytes) };
+        Registration(start as usize)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { contralign_emu_unregister_global(self.0 as *const c_void) };
+    }
+}
+
+/// `contralign_emu_options` of `cuda/emu/probe.h`.
+#[repr(C)]
+struct LaunchOptions {
+    arch: u32,
+    max_dynamic_shared: u32,
+    probe: u32,
+}
+
 /// What `CONTRALIGN_KERNEL` exports for each kernel (`contralign_emu::KernelDesc` in
 /// `cuda/emu/cuda_emu.h`).
 #[repr(C)]
@@ -114,16 +390,21 @@ pub(crate) struct KernelDesc {
 extern "C" {
     /// `cuda/emu/runtime.cpp`: runs every block of the launch; 0, or 1 with a message.
     #[allow(clippy::too_many_arguments)]
-    fn contralign_emu_launch(
+    fn contralign_emu_launch_with(
         entry: unsafe extern "C" fn(params: *mut *mut c_void),
         params: *mut *mut c_void,
         grid: Dim3,
         block: Dim3,
         dynamic_shared_bytes: u32,
         seed: u64,
+        options: *const LaunchOptions,
+        traffic: *mut Traffic,
         error: *mut c_char,
         error_len: usize,
     ) -> i32;
+    /// `cuda/emu/probe.cpp`: the device buffers the probe watches.
+    fn contralign_emu_register_global(start: *const c_void, bytes: usize);
+    fn contralign_emu_unregister_global(start: *const c_void);
 }
 
 include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));
@@ -172,21 +453,42 @@ pub unsafe fn launch_seeded(
     seed: u64,
 ) -> Result<()> {
     let desc = check_args(name, args)?;
+    let arch = arch()?;
+    let probe = SETTINGS.with(|s| s.probe.get());
+    let options = LaunchOptions {
+        arch: arch.number(),
+        max_dynamic_shared: max_dynamic_shared(name),
+        probe: probe.flags(),
+    };
     let mut params = args.param_ptrs();
     let mut error = [0 as c_char; 1024];
-    let status = contralign_emu_launch(
+    let mut traffic = Traffic::default();
+    let status = contralign_emu_launch_with(
         desc.entry,
         params.as_mut_ptr(),
         config.grid,
         config.block,
         config.shared_bytes,
         seed,
+        &options,
+        &mut traffic,
         error.as_mut_ptr(),
         error.len(),
     );
     if status != 0 {
         let message = CStr::from_ptr(error.as_ptr()).to_string_lossy();
-        bail!("kernel `{name}` (emulated, seed {seed}): {message}");
+        bail!(
+            "kernel `{name}` (emulated sm_{}, seed {seed}): {message}",
+            arch.number()
+        );
+    }
+    if probe.count {
+        record(LaunchRecord {
+            kernel: name.to_string(),
+            config: Some(config),
+            traffic,
+            counted: true,
+        });
     }
     Ok(())
 }
@@ -195,11 +497,7 @@ pub unsafe fn launch_seeded(
 /// sizes. The GPU device layer checks its launches here too: the emulator build sees the same
 /// kernel declarations as nvcc, and the driver checks nothing.
 pub(crate) fn check_args(name: &str, args: &KernelArgs) -> Result<KernelDesc> {
-    let Ok(index) = EMU_KERNELS.binary_search_by(|(kernel, _)| kernel.cmp(&name)) else {
-        bail!("no kernel named `{name}` (kernels are the CONTRALIGN_KERNEL lines of cuda/*.cu)");
-    };
-    // SAFETY: the descriptor functions only return static data.
-    let desc = unsafe { (EMU_KERNELS[index].1)() };
+    let desc = descriptor(name)?;
     // SAFETY: CONTRALIGN_KERNEL makes param_sizes point to `arity` sizes.
     let param_sizes = unsafe { std::slice::from_raw_parts(desc.param_sizes, desc.arity as usize) };
     ensure!(
@@ -215,4 +513,13 @@ pub(crate) fn check_args(name: &str, args: &KernelArgs) -> Result<KernelDesc> {
         );
     }
     Ok(desc)
+}
+
+/// The descriptor of kernel `name`.
+fn descriptor(name: &str) -> Result<KernelDesc> {
+    let Ok(index) = EMU_KERNELS.binary_search_by(|(kernel, _)| kernel.cmp(&name)) else {
+        bail!("no kernel named `{name}` (kernels are the CONTRALIGN_KERNEL lines of cuda/*.cu)");
+    };
+    // SAFETY: the descriptor functions only return static data.
+    Ok(unsafe { (EMU_KERNELS[index].1)() })
 }

@@ -345,6 +345,27 @@ impl Gpu {
         .with_context(|| format!("launching kernel `{name}`"))
     }
 
+    /// Lets kernel `name` take up to `bytes` of dynamic shared memory per block (more than
+    /// the default 48 KiB, up to the GPU's opt-in maximum).
+    pub fn set_max_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
+        let function = *self
+            .functions
+            .get(name)
+            .ok_or_else(|| anyhow!("kernel `{name}` is not in the embedded PTX"))?;
+        self.context.bind()?;
+        let value = i32::try_from(bytes).context("dynamic shared memory size")?;
+        // SAFETY: a function of a loaded module of the current context.
+        unsafe {
+            result::function::set_function_attribute(
+                function,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                value,
+            )
+        }
+        .map_err(driver_error)
+        .with_context(|| format!("kernel `{name}`: {bytes} bytes of dynamic shared memory"))
+    }
+
     /// Copies `bytes` from `src` to `dst` on the GPU, in stream order.
     pub fn copy_on_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {

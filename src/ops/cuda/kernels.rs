@@ -314,7 +314,7 @@ impl<'a> Kernels<'a> {
             "rmsnorm_backward: rstd needs {rows} elements"
         );
         same_len("rmsnorm_backward dw", w, dw)?;
-        let parts = rows.clamp(1, self.max_grid as usize);
+        let parts = self.rmsnorm_dw_parts(rows);
         let (partial, _lease) = self.scratch.take::<f32>(self.device, parts * d)?;
         let mut args = KernelArgs::new();
         args.arg(h.device_ptr())
@@ -333,6 +333,13 @@ impl<'a> Kernels<'a> {
             .arg(d as i32)
             .arg(dw.device_ptr());
         self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
+    }
+
+    /// The blocks of the RMSNorm backward: each sums 8 rows or more of dw into its partial
+    /// row, so that the partials (written, then read by rmsnorm_dw_reduce) add at most an
+    /// eighth of the bytes the rows themselves move.
+    pub fn rmsnorm_dw_parts(&self, rows: usize) -> usize {
+        rows.div_ceil(8).clamp(1, self.max_grid as usize)
     }
 
     /// Rotates `x [T, heads * head_dim]` in place by each token's position (rotate-half);

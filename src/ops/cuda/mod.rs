@@ -14,6 +14,8 @@ pub mod kernels;
 pub mod loss;
 pub mod ops;
 pub mod pool;
+pub mod profile;
+pub mod roofline;
 pub mod scoring;
 pub mod scoring_bench;
 pub mod selftest;

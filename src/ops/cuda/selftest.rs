@@ -22,6 +22,7 @@ pub mod loss;
 
 use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
+use super::emu::{KernelArgs, LaunchConfig};
 use super::gemm::{element, Gemm, Op};
 use super::kernels::{AdamWStep, Kernels};
 use super::pool::Pool;
@@ -327,7 +328,7 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         .collect();
     // dw_j: each block sums its rows in turn (ceil(rows / grid) terms, 3 roundings each with
     // rstd's error), then the blocks' partials in order, then into dw.
-    let grid = rows.clamp(1, k.max_grid as usize);
+    let grid = k.rmsnorm_dw_parts(rows);
     let dw_bound = (rows.div_ceil(grid) + grid + 4) as f64 * U + rstd_bound;
     let scale_dw: Vec<f32> = (0..d)
         .map(|j| {
@@ -860,6 +861,53 @@ pub fn add_assign(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
     )])
 }
 
+/// `a * b + c` as written and as `fmaf(a, b, c)` (cuda/emu_probe_checks.cu), on values where
+/// the two differ (`c` close to `-a b`): the device must round as the CPU does, the product
+/// before the sum (the PTX is built with -fmad=false, the emulator with -ffp-contract=off),
+/// and `fmaf` once. Exact.
+pub fn fp_contraction(device: &Device, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let a: Vec<f32> = (0..n).map(|_| rng.gen_range(1.0..2.0)).collect();
+    let b: Vec<f32> = (0..n).map(|_| rng.gen_range(1.0..2.0)).collect();
+    let c: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| -(x * y) * (1.0 + rng.gen_range(-1e-6..1e-6)))
+        .collect();
+    let (ab, bb, cb) = (device.upload(&a)?, device.upload(&b)?, device.upload(&c)?);
+    let (plain, fused) = (device.alloc::<f32>(n)?, device.alloc::<f32>(n)?);
+    let mut args = KernelArgs::new();
+    args.arg(ab.device_ptr())
+        .arg(bb.device_ptr())
+        .arg(cb.device_ptr())
+        .arg(plain.device_ptr())
+        .arg(fused.device_ptr())
+        .arg(n as i64);
+    let config = LaunchConfig::new(n.div_ceil(256) as u32, 256, 0);
+    // SAFETY: five live buffers of n elements, as the kernel takes them.
+    unsafe { device.launch("fp_contraction_probe", config, &args)? };
+    let want_plain: Vec<f32> = (0..n).map(|i| a[i] * b[i] + c[i]).collect();
+    let want_fused: Vec<f32> = (0..n).map(|i| a[i].mul_add(b[i], c[i])).collect();
+    let shape = n.to_string();
+    Ok(vec![
+        compare(
+            "fp a*b+c uncontracted".into(),
+            shape.clone(),
+            &device.download(&plain)?,
+            &want_plain,
+            &magnitudes(&want_plain),
+            0.0,
+        ),
+        compare(
+            "fp fmaf".into(),
+            shape,
+            &device.download(&fused)?,
+            &want_fused,
+            &magnitudes(&want_fused),
+            0.0,
+        ),
+    ])
+}
+
 /// One GEMM `g` with inputs `E` and output `C` against an f64 evaluation of its definition.
 pub fn gemm<E: Float, C: Float>(device: &Device, rng: &mut StdRng, g: Gemm) -> Result<Row> {
     let a = rounded::<E>(&random(rng, g.m * g.k, 2.0));
@@ -952,6 +1000,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(adamw_clipped(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
     rows.extend(add_assign(&k, rng, 4099)?);
+    rows.extend(fp_contraction(device, rng, 4099)?);
     rows.extend(gemms(device, rng)?);
     rows.extend(loss::rows(device, rng, 37)?);
     rows.extend(attention_rows(device, rng)?);

@@ -1,0 +1,496 @@
+//! The memory traffic of every kernel, counted by the emulator's probe
+//! ([`emu::probed`]), against the ideal bytes of its op (each input read once, each output
+//! written once), with the roofline model's time on an A100 and an H100 ([`Gpu`]), at the
+//! profiled shapes and extrapolated to Mistral-7B's (`contralign selftest --profile`).
+//!
+//! The extrapolation assumes that an op's counted bytes scale like its ideal bytes (the
+//! ratio measured at the profiled shape holds at the larger one) and that its coalescing
+//! stays the same. It is a model, not a measurement.
+
+use super::device::{Buffer, Device, Float};
+use super::emu::{self, Probe, Traffic};
+use super::gemm::Gemm;
+use super::kernels::{AdamWStep, Kernels};
+use super::roofline::Gpu;
+use crate::train::optimizer::AdamWConfig;
+use anyhow::{ensure, Result};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+
+/// The sizes the ops run at: a transformer's widths and a batch of tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shapes {
+    pub tokens: usize,
+    pub d: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    /// Elements of the optimizer, cast, accumulation and gradient-norm cases.
+    pub params: usize,
+}
+
+impl Shapes {
+    /// Mistral-7B's widths with 8192 tokens and a 50M-element tensor: the sizes of
+    /// `benches/kernels.rs`.
+    pub fn mistral_7b() -> Shapes {
+        Shapes {
+            tokens: 8192,
+            d: 4096,
+            ffn: 14336,
+            heads: 32,
+            head_dim: 128,
+            vocab: 32000,
+            params: 50 << 20,
+        }
+    }
+
+    /// Mistral-7B's widths with `tokens` tokens, a vocabulary of 1024 (only the rows the ids
+    /// touch move) and `params` elements: small enough for the instrumented emulator.
+    pub fn small(tokens: usize, params: usize) -> Shapes {
+        Shapes {
+            tokens,
+            vocab: 1024,
+            params,
+            ..Shapes::mistral_7b()
+        }
+    }
+}
+
+/// One op's counts at the profiled shapes.
+#[derive(Clone, Debug)]
+pub struct OpProfile {
+    /// As `benches/kernels.rs` names the case: family and variant.
+    pub op: String,
+    pub launches: usize,
+    /// What the op must read and write at least, at the profiled shapes and at Mistral-7B's.
+    pub ideal_bytes: u64,
+    pub ideal_bytes_7b: u64,
+    pub flops: u64,
+    pub flops_7b: u64,
+    pub traffic: Traffic,
+    /// False for GEMMs: the host GEMM is not instrumented, its bytes are the ideal ones.
+    pub counted: bool,
+}
+
+impl OpProfile {
+    pub fn bytes(&self) -> u64 {
+        self.traffic.dram_bytes()
+    }
+
+    pub fn bytes_over_ideal(&self) -> f64 {
+        self.bytes() as f64 / self.ideal_bytes as f64
+    }
+
+    /// The model's bytes at Mistral-7B's shapes.
+    pub fn bytes_7b(&self) -> f64 {
+        self.ideal_bytes_7b as f64 * self.bytes_over_ideal()
+    }
+
+    /// Whether a memory-bound op meets the targets: at least 0.8 coalescing, at most 1.25
+    /// times its ideal bytes.
+    pub fn meets_targets(&self) -> bool {
+        !self.counted || (self.traffic.coalescing() >= 0.8 && self.bytes_over_ideal() <= 1.25)
+    }
+}
+
+/// An op's ideal (bytes, FLOPs) at given shapes.
+type Ideal = Box<dyn Fn(&Shapes) -> (u64, u64)>;
+/// Runs an op once at given shapes, on fresh random inputs.
+type Run = Box<dyn Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()>>;
+
+/// One op of the table: its name, how to run it once and its ideal (bytes, FLOPs).
+struct Case {
+    op: String,
+    ideal: Ideal,
+    run: Run,
+}
+
+fn case(
+    op: String,
+    ideal: impl Fn(&Shapes) -> (u64, u64) + 'static,
+    run: impl Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()> + 'static,
+) -> Case {
+    Case {
+        op,
+        ideal: Box::new(ideal),
+        run: Box::new(run),
+    }
+}
+
+fn random<E: Float>(device: &Device, rng: &mut StdRng, n: usize, scale: f32) -> Result<Buffer<E>> {
+    device.upload(
+        &(0..n)
+            .map(|_| E::from_f32(rng.gen_range(-scale..scale)))
+            .collect::<Vec<E>>(),
+    )
+}
+
+fn size<E>() -> u64 {
+    size_of::<E>() as u64
+}
+
+/// Distinct ids, so that every row read or written is a row the op must move.
+fn ids(device: &Device, rng: &mut StdRng, s: &Shapes) -> Result<Buffer<u32>> {
+    ensure!(
+        s.tokens <= s.vocab,
+        "the profile wants distinct ids: tokens <= vocab"
+    );
+    let ids: Vec<u32> = sample(rng, s.vocab, s.tokens)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    device.upload(&ids)
+}
+
+fn element_cases<E: Float>() -> Vec<Case> {
+    let e = size::<E>();
+    let dt = E::DTYPE;
+    vec![
+        case(
+            format!("swiglu forward {dt}"),
+            move |s| (3 * (s.tokens * s.ffn) as u64 * e, 0),
+            |k, s, rng| {
+                let n = s.tokens * s.ffn;
+                let (g, u) = (
+                    random::<E>(k.device, rng, n, 4.0)?,
+                    random(k.device, rng, n, 2.0)?,
+                );
+                let mut out = k.device.alloc::<E>(n)?;
+                k.swiglu_forward(&g, &u, &mut out)
+            },
+        ),
+        case(
+            format!("swiglu backward {dt}"),
+            move |s| (5 * (s.tokens * s.ffn) as u64 * e, 0),
+            |k, s, rng| {
+                let n = s.tokens * s.ffn;
+                let g = random::<E>(k.device, rng, n, 4.0)?;
+                let (u, dy) = (
+                    random(k.device, rng, n, 2.0)?,
+                    random(k.device, rng, n, 1.0)?,
+                );
+                let (mut dg, mut du) = (k.device.alloc::<E>(n)?, k.device.alloc::<E>(n)?);
+                k.swiglu_backward(&g, &u, &dy, &mut dg, &mut du)
+            },
+        ),
+        // The ids, each token's table row read and its output row written.
+        case(
+            format!("embedding forward {dt}"),
+            move |s| (4 * s.tokens as u64 + 2 * (s.tokens * s.d) as u64 * e, 0),
+            |k, s, rng| {
+                let table = random::<E>(k.device, rng, s.vocab * s.d, 1.0)?;
+                let ids = ids(k.device, rng, s)?;
+                let mut out = k.device.alloc::<E>(s.tokens * s.d)?;
+                k.embedding_forward(&table, &ids, &mut out, s.d)
+            },
+        ),
+        // The ids, each token's gradient row read, its f32 table row read and written.
+        case(
+            format!("embedding backward {dt}"),
+            move |s| (4 * s.tokens as u64 + (s.tokens * s.d) as u64 * (e + 8), 0),
+            |k, s, rng| {
+                let dout = random::<E>(k.device, rng, s.tokens * s.d, 1.0)?;
+                let ids = ids(k.device, rng, s)?;
+                let mut dtable = random::<f32>(k.device, rng, s.vocab * s.d, 1.0)?;
+                k.embedding_backward(&dout, &ids, &mut dtable, s.d)
+            },
+        ),
+        // x and the residual read, h and y written; w once, rstd written.
+        case(
+            format!("rmsnorm forward {dt}"),
+            move |s| {
+                let n = (s.tokens * s.d) as u64;
+                (4 * n * e + s.d as u64 * e + 4 * s.tokens as u64, 0)
+            },
+            |k, s, rng| {
+                let n = s.tokens * s.d;
+                let x = random::<E>(k.device, rng, n, 2.0)?;
+                let r = random::<E>(k.device, rng, n, 2.0)?;
+                let w = random::<E>(k.device, rng, s.d, 1.0)?;
+                let (h, mut y) = (k.device.alloc::<E>(n)?, k.device.alloc::<E>(n)?);
+                let mut rstd = k.device.alloc::<f32>(s.tokens)?;
+                k.rmsnorm_forward(
+                    &x,
+                    Some(r.view()),
+                    &w,
+                    Some(h.view()),
+                    &mut y,
+                    &mut rstd,
+                    1e-5,
+                )
+            },
+        ),
+        // h, dy and the incoming gradient read, dh written; w and rstd once; dw read and
+        // written.
+        case(
+            format!("rmsnorm backward {dt}"),
+            move |s| {
+                let n = (s.tokens * s.d) as u64;
+                (4 * n * e + s.d as u64 * (e + 8) + 4 * s.tokens as u64, 0)
+            },
+            |k, s, rng| {
+                let n = s.tokens * s.d;
+                let h = random::<E>(k.device, rng, n, 2.0)?;
+                let w = random::<E>(k.device, rng, s.d, 1.0)?;
+                let rstd = random::<f32>(k.device, rng, s.tokens, 1.0)?;
+                let dy = random::<E>(k.device, rng, n, 1.0)?;
+                let dh_in = random::<E>(k.device, rng, n, 1.0)?;
+                let mut dh = k.device.alloc::<E>(n)?;
+                let mut dw = random::<f32>(k.device, rng, s.d, 1.0)?;
+                k.rmsnorm_backward(&h, &w, &rstd, &dy, Some(dh_in.view()), &mut dh, &mut dw)
+            },
+        ),
+        rope_case::<E>("forward", false),
+        rope_case::<E>("backward", true),
+    ]
+}
+
+/// q rotated in place (read and written), and the positions.
+fn rope_case<E: Float>(direction: &str, inverse: bool) -> Case {
+    let e = size::<E>();
+    case(
+        format!("rope {direction} {}", E::DTYPE),
+        move |s| {
+            let n = (s.tokens * s.heads * s.head_dim) as u64;
+            (2 * n * e + 4 * s.tokens as u64, 0)
+        },
+        move |k, s, rng| {
+            let mut x = random::<E>(k.device, rng, s.tokens * s.heads * s.head_dim, 2.0)?;
+            let positions: Vec<u32> = (0..s.tokens as u32).collect();
+            let positions = k.device.upload(&positions)?;
+            k.rope(&mut x, &positions, s.heads, s.head_dim, 1e6, inverse)
+        },
+    )
+}
+
+fn other_cases() -> Vec<Case> {
+    let gemm = |s: &Shapes| Gemm::projection(s.tokens, s.d, s.d);
+    vec![
+        case(
+            "cast f32 to bf16".into(),
+            |s| (6 * s.params as u64, 0),
+            |k, s, rng| {
+                let x = random::<f32>(k.device, rng, s.params, 4.0)?;
+                let mut out = k.device.alloc::<bf16>(s.params)?;
+                k.cast_to_bf16(&x, &mut out)
+            },
+        ),
+        case(
+            "cast bf16 to f32".into(),
+            |s| (6 * s.params as u64, 0),
+            |k, s, rng| {
+                let x = random::<bf16>(k.device, rng, s.params, 4.0)?;
+                let mut out = k.device.alloc::<f32>(s.params)?;
+                k.cast_to_f32(&x, &mut out)
+            },
+        ),
+        case(
+            "add_assign f32".into(),
+            |s| (12 * s.params as u64, 0),
+            |k, s, rng| {
+                let mut acc = random::<f32>(k.device, rng, s.params, 1.0)?;
+                let x = random::<f32>(k.device, rng, s.params, 1.0)?;
+                k.add_assign(&mut acc, &x)
+            },
+        ),
+        case(
+            "grad_norm norm f32".into(),
+            |s| (4 * s.params as u64, 0),
+            |k, s, rng| {
+                let g = random::<f32>(k.device, rng, s.params, 1.0)?;
+                let ws = emu::probed(Probe::default(), || k.grad_norm_workspace(&[g.view()])).0?;
+                k.grad_norm(&ws, 1e-3).map(drop)
+            },
+        ),
+        // The gradient read and written; the norm computed outside the count.
+        case(
+            "grad_norm clip f32".into(),
+            |s| (8 * s.params as u64, 0),
+            |k, s, rng| {
+                let g = random::<f32>(k.device, rng, s.params, 1.0)?;
+                let ws = emu::probed(Probe::default(), || k.grad_norm_workspace(&[g.view()])).0?;
+                emu::probed(Probe::default(), || k.grad_norm(&ws, 1e-3)).0?;
+                k.clip(&ws)
+            },
+        ),
+        case(
+            "adamw f32".into(),
+            |s| (28 * s.params as u64, 0),
+            |k, s, rng| {
+                let (mut p, g) = (
+                    random(k.device, rng, s.params, 1.0)?,
+                    random(k.device, rng, s.params, 1e-2)?,
+                );
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
+                k.adamw_f32(&mut p, &g, &mut m, &mut v, None, &adamw_step())
+            },
+        ),
+        case(
+            "adamw bf16 with f32 master".into(),
+            |s| (30 * s.params as u64, 0),
+            |k, s, rng| {
+                let mut p = k.device.alloc::<bf16>(s.params)?;
+                let master = random(k.device, rng, s.params, 1.0)?;
+                let g = random(k.device, rng, s.params, 1e-2)?;
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
+                k.adamw_bf16(
+                    &mut p,
+                    Some(master.view()),
+                    &g,
+                    &mut m,
+                    &mut v,
+                    None,
+                    &adamw_step(),
+                )
+            },
+        ),
+        case(
+            "adamw bf16 stochastic rounding".into(),
+            |s| (24 * s.params as u64, 0),
+            |k, s, rng| {
+                let mut p = random::<bf16>(k.device, rng, s.params, 1.0)?;
+                let g = random(k.device, rng, s.params, 1e-2)?;
+                let (mut m, mut v) = (
+                    random(k.device, rng, s.params, 1e-2)?,
+                    k.device.alloc(s.params)?,
+                );
+                k.adamw_bf16(&mut p, None, &g, &mut m, &mut v, None, &adamw_step())
+            },
+        ),
+        // Not counted: the emulator's GEMM is host code. Its bytes are the ideal ones.
+        case(
+            "gemm bf16 forward".into(),
+            move |s| {
+                let g = gemm(s);
+                (
+                    2 * (g.m * g.k + g.k * g.n + g.m * g.n) as u64,
+                    2 * (g.m * g.n * g.k) as u64,
+                )
+            },
+            move |k, s, rng| {
+                let g = gemm(s);
+                let a = random::<bf16>(k.device, rng, g.m * g.k, 1.0)?;
+                let b = random::<bf16>(k.device, rng, g.k * g.n, 1.0)?;
+                let mut c = k.device.alloc::<bf16>(g.m * g.n)?;
+                k.device.gemm(&g, &a, &b, &mut c)
+            },
+        ),
+    ]
+}
+
+fn adamw_step() -> AdamWStep {
+    let config = AdamWConfig {
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    AdamWStep::new(&config, 3, 1e-4, 7)
+}
+
+/// Every op once at `shapes`, on the emulator, with the probe counting.
+pub fn profile(device: &Device, shapes: &Shapes, seed: u64) -> Result<Vec<OpProfile>> {
+    ensure!(
+        matches!(device, Device::Emu),
+        "the profile counts memory traffic in the emulator: use --device emu"
+    );
+    let k = Kernels::new(device);
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let big = Shapes::mistral_7b();
+    let mut cases = element_cases::<f32>();
+    cases.extend(element_cases::<bf16>());
+    cases.extend(other_cases());
+    let mut out = Vec::new();
+    for c in &cases {
+        let (result, records) = emu::probed(
+            Probe {
+                count: true,
+                racecheck: false,
+            },
+            || (c.run)(&k, shapes, rng),
+        );
+        result?;
+        let mut traffic = Traffic::default();
+        for r in &records {
+            traffic.add(&r.traffic);
+        }
+        let (ideal_bytes, flops) = (c.ideal)(shapes);
+        let (ideal_bytes_7b, flops_7b) = (c.ideal)(&big);
+        out.push(OpProfile {
+            op: c.op.clone(),
+            launches: records.len(),
+            ideal_bytes,
+            ideal_bytes_7b,
+            flops,
+            flops_7b,
+            traffic,
+            counted: records.iter().all(|r| r.counted),
+        });
+    }
+    Ok(out)
+}
+
+/// The profile as a Markdown table, with the modeled times at Mistral-7B's shapes on `gpus`.
+pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
+    let mut out = format!(
+        "Counted by the emulator's probe at {} tokens (d {}, ffn {}, {} heads of {}, {} \
+         optimizer elements); times are the roofline model at Mistral-7B's shapes ({} tokens, \
+         50M optimizer elements), extrapolated with each op's counted/ideal ratio. A model, not \
+         a measurement.\n\n",
+        shapes.tokens,
+        shapes.d,
+        shapes.ffn,
+        shapes.heads,
+        shapes.head_dim,
+        shapes.params,
+        Shapes::mistral_7b().tokens
+    );
+    out.push_str("| op | launches | ideal bytes | counted bytes | counted/ideal | coalescing | accesses by width (1/2/4/8/16 B) |");
+    for gpu in gpus {
+        out.push_str(&format!(" {} µs (7B) |", gpu.name));
+    }
+    out.push_str(" note |\n|:--|--:|--:|--:|--:|--:|:--|");
+    for _ in gpus {
+        out.push_str("--:|");
+    }
+    out.push_str(":--|\n");
+    for r in rows {
+        let widths = r.traffic.accesses_by_width;
+        let (counted, ratio, coalescing, widths) = if r.counted {
+            (
+                r.bytes().to_string(),
+                format!("{:.3}", r.bytes_over_ideal()),
+                format!("{:.3}", r.traffic.coalescing()),
+                format!(
+                    "{}/{}/{}/{}/{}",
+                    widths[0], widths[1], widths[2], widths[3], widths[4]
+                ),
+            )
+        } else {
+            ("(ideal)".into(), "-".into(), "-".into(), "-".into())
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {counted} | {ratio} | {coalescing} | {widths} |",
+            r.op, r.launches, r.ideal_bytes
+        ));
+        for gpu in gpus {
+            let micros = gpu.seconds(r.bytes_7b(), r.flops_7b as f64) * 1e6;
+            out.push_str(&format!(" {micros:.1} |"));
+        }
+        let note = if r.meets_targets() {
+            ""
+        } else {
+            "MISSES the targets"
+        };
+        out.push_str(&format!(" {note} |\n"));
+    }
+    out
+}

@@ -1,0 +1,312 @@
+//! The emulator as a GPU model (cuda/README.md, "Traffic, races and limits"), through the
+//! deliberately good and bad kernels of cuda/emu_probe_checks.cu: the probe measures a plain
+//! copy as coalesced and a strided one as not, racecheck reports a missing barrier and two
+//! blocks writing one address, a misaligned 16-byte load and a launch with more shared memory
+//! than the architecture allows fail, the selftest runs clean under racecheck, and every
+//! memory-bound kernel meets the traffic targets of the profile.
+
+use contralign::ops::cuda::device::{Buffer, Device};
+use contralign::ops::cuda::emu::{self, Arch, KernelArgs, LaunchConfig, Probe, Traffic};
+use contralign::ops::cuda::profile::{self, Shapes};
+use contralign::ops::cuda::selftest;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const COUNT: Probe = Probe {
+    count: true,
+    racecheck: false,
+};
+const RACECHECK: Probe = Probe {
+    count: false,
+    racecheck: true,
+};
+
+fn launch(
+    device: &Device,
+    name: &str,
+    config: LaunchConfig,
+    args: &KernelArgs,
+) -> Result<(), String> {
+    // SAFETY: every test passes device buffers of the sizes its kernel touches.
+    unsafe { device.launch(name, config, args) }.map_err(|e| format!("{e:#}"))
+}
+
+/// The traffic of one launch under the counting probe.
+fn counted(device: &Device, name: &str, config: LaunchConfig, args: &KernelArgs) -> Traffic {
+    let (result, records) = emu::probed(COUNT, || launch(device, name, config, args));
+    result.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(records.len(), 1, "{name}: one launch, one record");
+    records[0].traffic
+}
+
+fn random(device: &Device, rng: &mut StdRng, n: usize) -> Buffer<f32> {
+    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    device.upload(&x).unwrap()
+}
+
+#[test]
+fn a_plain_copy_is_coalesced_and_a_strided_one_is_not() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(1);
+    let n = 4099;
+    let stride = 33;
+    let input = random(&device, rng, n * stride);
+    let out = device.alloc::<f32>(n).unwrap();
+    let config = LaunchConfig::new(n.div_ceil(128) as u32, 128, 0);
+
+    let mut args = KernelArgs::new();
+    args.arg(input.device_ptr())
+        .arg(out.device_ptr())
+        .arg(n as i64);
+    let plain = counted(&device, "probe_copy", config, &args);
+    let x = device.download(&input).unwrap();
+    assert_eq!(device.download(&out).unwrap(), x[..n]);
+    // Each warp reads and writes 128 contiguous bytes: 4 sectors each, the fewest possible.
+    assert_eq!(plain.requests, 2 * n.div_ceil(32) as u64);
+    assert!(plain.coalescing() > 0.99, "{plain:?}");
+    // Every byte read once and written once, in whole sectors.
+    assert_eq!(plain.read_sectors, (4 * n).div_ceil(32) as u64);
+    assert_eq!(plain.write_sectors, (4 * n).div_ceil(32) as u64);
+    assert_eq!(plain.accesses_by_width[2], 2 * n as u64);
+
+    let mut args = KernelArgs::new();
+    args.arg(input.device_ptr())
+        .arg(out.device_ptr())
+        .arg(n as i64)
+        .arg(stride as i32);
+    let strided = counted(&device, "probe_strided_copy", config, &args);
+    let want: Vec<f32> = (0..n).map(|i| x[i * stride]).collect();
+    assert_eq!(device.download(&out).unwrap(), want);
+    // Every lane's load in a sector of its own: 32 sectors for 4 sectors' worth of bytes.
+    assert!(strided.coalescing() < 0.3, "{strided:?}");
+    assert_eq!(strided.read_sectors, n as u64);
+}
+
+#[test]
+fn sixteen_byte_loads_are_counted_whole_and_must_be_aligned() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(2);
+    let packs = 1001;
+    let input = random(&device, rng, 4 * packs + 4);
+    let out = device.alloc::<f32>(4 * packs + 4).unwrap();
+    let config = LaunchConfig::new(packs.div_ceil(64) as u32, 64, 0);
+    let args = |offset: i32| {
+        let mut args = KernelArgs::new();
+        args.arg(input.device_ptr())
+            .arg(out.device_ptr())
+            .arg(packs as i64)
+            .arg(offset);
+        args
+    };
+    let traffic = counted(&device, "probe_copy128", config, &args(0));
+    assert_eq!(
+        traffic.accesses_by_width[4],
+        2 * packs as u64,
+        "{traffic:?}"
+    );
+    assert_eq!(
+        traffic.accesses_by_width.iter().sum::<u64>(),
+        2 * packs as u64
+    );
+    assert!(traffic.coalescing() > 0.99, "{traffic:?}");
+    let x = device.download(&input).unwrap();
+    assert_eq!(device.download(&out).unwrap()[..4 * packs], x[..4 * packs]);
+
+    // One float off: a misaligned 16-byte load, which a GPU faults on; with or without the
+    // probe.
+    for probe in [Probe::default(), COUNT] {
+        let (result, _) = emu::probed(probe, || launch(&device, "probe_copy128", config, &args(1)));
+        let message = result.expect_err("a misaligned 16-byte load must fail");
+        assert!(message.contains("misaligned 16-byte access"), "{message}");
+    }
+}
+
+#[test]
+fn racecheck_reports_a_missing_barrier() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(3);
+    let (blocks, threads) = (3, 96);
+    let input = random(&device, rng, blocks * threads);
+    let out = device.alloc::<f32>(blocks * threads).unwrap();
+    let config = LaunchConfig::new(blocks as u32, threads as u32, 0);
+    let args = |sync: i32| {
+        let mut args = KernelArgs::new();
+        args.arg(input.device_ptr()).arg(out.device_ptr()).arg(sync);
+        args
+    };
+    let (result, _) = emu::probed(RACECHECK, || {
+        launch(&device, "probe_shared_neighbour", config, &args(1))
+    });
+    result.unwrap();
+    let x = device.download(&input).unwrap();
+    let want: Vec<f32> = (0..blocks * threads)
+        .map(|i| x[i / threads * threads + (i % threads + 1) % threads])
+        .collect();
+    assert_eq!(device.download(&out).unwrap(), want);
+
+    // Without the barrier: under every seed, whatever the order the threads happen to run in.
+    for seed in 0..4 {
+        let (result, _) = emu::probed(RACECHECK, || {
+            // SAFETY: as in `launch`.
+            unsafe { emu::launch_seeded("probe_shared_neighbour", config, &args(0), seed) }
+                .map_err(|e| format!("{e:#}"))
+        });
+        let message = result.expect_err("racecheck must report the missing barrier");
+        assert!(
+            message.contains("racecheck: static shared memory")
+                && message.contains("a __syncthreads or __syncwarp is missing"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn racecheck_reports_two_blocks_writing_one_address_without_atomics() {
+    let device = Device::Emu;
+    let blocks = 5;
+    let values: Vec<f32> = (1..=blocks).map(|b| b as f32).collect();
+    let input = device.upload(&values).unwrap();
+    let config = LaunchConfig::new(blocks as u32, 32, 0);
+    for atomic in [1, 0] {
+        let out = device.alloc::<f32>(1).unwrap();
+        let mut args = KernelArgs::new();
+        args.arg(input.device_ptr())
+            .arg(out.device_ptr())
+            .arg(atomic);
+        let (result, _) = emu::probed(RACECHECK, || {
+            launch(&device, "probe_block_sum", config, &args)
+        });
+        if atomic == 1 {
+            result.unwrap();
+            assert_eq!(device.download(&out).unwrap(), [15.0]);
+        } else {
+            let message = result.expect_err("racecheck must report the blocks' race");
+            assert!(
+                message.contains("racecheck: global memory")
+                    && message.contains("blocks are unordered"),
+                "{message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn shared_memory_beyond_the_architecture_fails_the_launch() {
+    let device = Device::Emu;
+    let out = device.alloc::<f32>(1).unwrap();
+    let dynamic = |floats: u32, arch: Arch| {
+        let mut args = KernelArgs::new();
+        args.arg(out.device_ptr()).arg(floats as i32);
+        let config = LaunchConfig::new(1, 32, 4 * floats);
+        emu::with_arch(arch, || {
+            launch(&device, "probe_dynamic_shared", config, &args)
+        })
+    };
+    // 48 KiB of dynamic shared memory without an opt-in, not a byte more.
+    dynamic(12 * 1024, Arch::Sm80).unwrap();
+    assert_eq!(device.download(&out).unwrap(), [12.0 * 1024.0]);
+    let message = dynamic(12 * 1024 + 1, Arch::Sm80).unwrap_err();
+    assert!(message.contains("unless the kernel opts in"), "{message}");
+
+    // Static and dynamic together count against the 48 KiB: 32 KiB static and 20 KiB dynamic
+    // fail.
+    let mut args = KernelArgs::new();
+    args.arg(out.device_ptr());
+    launch(
+        &device,
+        "probe_static_shared",
+        LaunchConfig::new(1, 32, 0),
+        &args,
+    )
+    .unwrap();
+    assert_eq!(device.download(&out).unwrap(), [8192.0]);
+    let message = launch(
+        &device,
+        "probe_static_shared",
+        LaunchConfig::new(1, 32, 20 * 1024),
+        &args,
+    )
+    .unwrap_err();
+    assert!(
+        message.contains("32768 bytes of static and 20480 of dynamic"),
+        "{message}"
+    );
+
+    // With the opt-in: 170 KiB is more than an A100's 163 KiB, within an H100's 227 KiB.
+    emu::set_max_dynamic_shared("probe_dynamic_shared", 170 * 1024).unwrap();
+    let message = dynamic(170 * 256, Arch::Sm80).unwrap_err();
+    assert!(message.contains("sm_80 allows at most 166912"), "{message}");
+    dynamic(170 * 256, Arch::Sm90).unwrap();
+    assert_eq!(device.download(&out).unwrap(), [170.0 * 256.0]);
+    let message = dynamic(170 * 256 + 1, Arch::Sm90).unwrap_err();
+    assert!(
+        message.contains("the size the kernel opted in to"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wmma_counts_its_flops_and_bytes_and_is_race_free() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(4);
+    let (m, n, k) = (48usize, 32usize, 64usize);
+    let bf16s = |len: usize, rng: &mut StdRng| -> Vec<half::bf16> {
+        (0..len)
+            .map(|_| half::bf16::from_f32(rng.gen_range(-2.0..2.0)))
+            .collect()
+    };
+    let a = device.upload(&bf16s(m * k, rng)).unwrap();
+    let w = device.upload(&bf16s(n * k, rng)).unwrap();
+    let c = random(&device, rng, m * n);
+    let mut args = KernelArgs::new();
+    args.arg(a.device_ptr())
+        .arg(w.device_ptr())
+        .arg(c.device_ptr())
+        .arg(m as i32)
+        .arg(n as i32)
+        .arg(k as i32)
+        .arg(0i32);
+    let config = LaunchConfig::new(((n / 16) as u32, (m / 16).div_ceil(2) as u32), (32, 2), 0);
+    let probe = Probe {
+        count: true,
+        racecheck: true,
+    };
+    let (result, records) =
+        emu::probed(probe, || launch(&device, "wmma_matmul_bf16", config, &args));
+    result.unwrap_or_else(|e| panic!("{e}"));
+    let traffic = records[0].traffic;
+    assert_eq!(traffic.flops, 2 * (m * n * k) as u64);
+    // a and w read, c read and written: each once.
+    assert_eq!(
+        traffic.dram_bytes(),
+        (2 * (m * k + n * k) + 8 * m * n) as u64
+    );
+}
+
+#[test]
+fn the_selftest_runs_clean_under_racecheck() {
+    let device = Device::Emu;
+    let seed = rand::random();
+    let (rows, _) = emu::probed(RACECHECK, || selftest::run(&device, seed));
+    let rows = rows.unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    let failed: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
+    assert!(failed.is_empty(), "seed {seed}: {failed:?}");
+}
+
+#[test]
+fn every_memory_bound_kernel_meets_the_traffic_targets() {
+    let device = Device::Emu;
+    let shapes = Shapes::small(16, 1 << 16);
+    let rows = profile::profile(&device, &shapes, 5).unwrap();
+    let table = profile::table(&rows, &shapes, &[]);
+    for r in &rows {
+        assert!(r.launches >= 1, "{}: no launch recorded\n{table}", r.op);
+        if !r.counted {
+            assert!(r.flops > 0, "{}: a GEMM counts its FLOPs", r.op);
+            continue;
+        }
+        // Nothing moves fewer bytes than it must.
+        assert!(r.bytes_over_ideal() >= 0.99, "{}\n{table}", r.op);
+        assert!(r.meets_targets(), "{} misses the targets\n{table}", r.op);
+    }
+}
