@@ -1,5 +1,5 @@
-// Flash attention over a packed token stream, forward and backward (design.md, "Packed
-// groups"; the CPU reference is src/ops/cpu/attention.rs).
+// Flash attention over a packed token stream, forward and backward (docs/architecture.md §7;
+// the CPU reference is src/ops/cpu/attention.rs).
 //
 // Tensors: q [T, heads, hd], k and v [T, kv_heads, hd], out [T, heads, hd], lse [T, heads]
 // (natural log, fp32), dout like out. Query head h reads KV head h / (heads / kv_heads), any

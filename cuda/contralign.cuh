@@ -19,7 +19,7 @@
 #endif
 
 // Element conversions shared by kernels that are templates over their storage type: values
-// are loaded into fp32, computed in fp32 and rounded once when stored (design.md, Precision).
+// are loaded into fp32, computed in fp32 and rounded once when stored (docs/numerics.md §2).
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 

@@ -1,4 +1,4 @@
-// The loss library of src/loss/ on the device: each group's loss (losses.md) with its
+// The loss library of src/loss/ on the device: each group's loss (docs/losses.md) with its
 // gradient with respect to every response's S, A and E, and the metrics the CLI logs, from
 // the per-response statistics the scoring leaves on the device. Two launches:
 //

@@ -1,4 +1,4 @@
-// The fused LM-head scoring (design.md, "Fused scoring and loss"): the logits of a chunk of
+// The fused LM-head scoring (docs/architecture.md §8): the logits of a chunk of
 // prediction rows are made by a GEMM (`z = h · Wᵀ`, src/ops/cuda/scoring.rs), and these
 // kernels turn them into log-probabilities, per-response statistics and, in the backward,
 // the logits' gradient, without ever holding more than one chunk of logits.
@@ -16,7 +16,7 @@
 //                                row's logp when has_eos, else NaN (read has_eos, not E).
 //   scoring_row_coef             reads spans and grads [responses][3] = (dL/dS, dL/dA, dL/dE)
 //                                in fp64; OVERWRITES coef[t] = dL/dlogp_t for every row t of
-//                                a span (losses.md §1: dS + dA / n, plus dE at the last row of
+//                                a span (docs/losses.md §1: dS + dA / n, plus dE at the last row of
 //                                a response that ends with EOS), computed in fp64 as the CPU
 //                                computes it, rounded once to fp32. Rows of no span are left
 //                                alone.

@@ -1,5 +1,5 @@
 //! `config.json` of a Hugging Face Mistral or Mixtral checkpoint, in both spellings found in
-//! the wild (see `model.md`).
+//! the wild (see `docs/model.md`).
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;

@@ -181,7 +181,7 @@ pub fn accumulate_grads<O: Ops>(
         .context("computing the loss")
 }
 
-/// The metrics of losses.md §5 (without `loss`) of `groups` from the policy's statistics
+/// The metrics of docs/losses.md §7 (without `loss`) of `groups` from the policy's statistics
 /// `stats` and the reference's `ref_stats`, both one per response in order.
 pub fn metrics(
     spec: &LossSpec,
@@ -192,7 +192,7 @@ pub fn metrics(
     batch_metrics(spec, &Columns::new(groups, stats, ref_stats).input(), stats)
 }
 
-/// The loss of a batch (no gradients) and its metrics (losses.md §5).
+/// The loss of a batch (no gradients) and its metrics (docs/losses.md §7).
 pub struct Evaluation {
     pub loss: f64,
     pub aux_loss: Option<f64>,

@@ -1,4 +1,4 @@
-//! Every loss of losses.md against the 37 float64 autograd cases of
+//! Every loss of docs/losses.md against the 37 float64 autograd cases of
 //! `losses.golden.safetensors`: batch loss, per-group loss, dS and dE to 1e-9 relative.
 
 mod common;

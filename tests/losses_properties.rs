@@ -1,4 +1,4 @@
-//! Properties of the loss library on random statistics: the identities of losses.md,
+//! Properties of the loss library on random statistics: the identities of docs/losses.md,
 //! closed-form gradients against finite differences (margins of ±500, alpha → 0, ragged K),
 //! finiteness, and clear errors for bad hyperparameters.
 

@@ -26,7 +26,7 @@ sequence per forward. transformers drops to float32 in four places even in a flo
 (RMSNorm variance, RoPE inv_freq/cos/sin, the eager attention softmax `dtype=torch.float32`,
 the Mixtral router softmax `.float()`); while the golden is computed those four are replaced
 by the same formulas kept in float64 (see `float64_everywhere`). The result is then checked
-against an independent float64 implementation of model.md (`reference_logits`), which reads
+against an independent float64 implementation of docs/model.md (`reference_logits`), which reads
 config.json and the safetensors files directly, to ~1e-12; the script stops otherwise.
 """
 
@@ -116,7 +116,7 @@ def float64_everywhere():
 
 
 # --------------------------------------------------------------------------------------------
-# an independent float64 implementation of model.md, straight from the files on disk
+# an independent float64 implementation of docs/model.md, straight from the files on disk
 
 
 def read_checkpoint(path):

@@ -1,4 +1,4 @@
-// The CUDA execution model on the host (design.md, "CUDA kernels that run everywhere").
+// The CUDA execution model on the host (docs/cuda.md, "Kernels that run everywhere").
 //
 // Kernel sources include this (through cuda/contralign.cuh) when they are compiled by the host
 // C++ compiler. runtime.cpp runs each block's threads as fibers on one OS thread: a thread

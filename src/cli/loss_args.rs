@@ -15,7 +15,7 @@ use std::path::PathBuf;
 #[derive(Args, Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct LossArgs {
-    /// The loss (losses.md). Reference-based: infonca, nca (any K), dpo, nca_pair (K = 2).
+    /// The loss (docs/losses.md). Reference-based: infonca, nca (any K), dpo, nca_pair (K = 2).
     /// Reference-free: simpo (K = 2), refa, infonca_free (REFA-InfoNCA), sft (token-mean NLL
     /// of the best response).
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(LossKind::NAMES))]

@@ -10,7 +10,7 @@ pub mod pretokenized;
 pub mod records;
 pub mod truncate;
 
-/// One prompt with `K` responses and a reward for each (losses.md §1). A pairwise example is
+/// One prompt with `K` responses and a reward for each (docs/losses.md §1). A pairwise example is
 /// the group `K = 2`, rewards `(1, 0)`, chosen first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Group {

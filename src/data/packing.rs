@@ -1,5 +1,5 @@
 //! Packing groups into one token stream: each group's prompt once, then its K responses,
-//! which attend to the prompt and to themselves (design.md). No padding.
+//! which attend to the prompt and to themselves (docs/architecture.md §7). No padding.
 
 use super::Group;
 use crate::ops::AttentionLayout;
@@ -19,7 +19,7 @@ pub struct Batch {
     pub tokens: Vec<u32>,
     pub layout: AttentionLayout,
     /// How many sequences each row stands for: K for a prompt row, 1 for a response row
-    /// (the weights of the load-balancing loss, model.md).
+    /// (the weights of the load-balancing loss, docs/model.md).
     pub row_weights: Vec<f64>,
     /// The row whose logits predict each target token.
     pub prediction_rows: Vec<u32>,

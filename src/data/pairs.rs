@@ -1,5 +1,5 @@
 //! Turning reward groups with K > 2 into pairs for the pairwise losses, by the strategies
-//! the NCA paper compares (losses.md §4). A pair is chosen first, with rewards `(1, 0)`;
+//! the NCA paper compares (docs/losses.md §4). A pair is chosen first, with rewards `(1, 0)`;
 //! responses with equal rewards never form a pair.
 
 use super::Group;

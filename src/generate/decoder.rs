@@ -75,7 +75,7 @@ impl<'a> Decoder<'a> {
                     seqs[seq].keys[l].extend_from_slice(&k[r * kvw..(r + 1) * kvw]);
                     seqs[seq].values[l].extend_from_slice(&v[r * kvw..(r + 1) * kvw]);
                 }
-                // model.md: a token sees the keys at positions in (pos - window, pos].
+                // docs/model.md: a token sees the keys at positions in (pos - window, pos].
                 let kv: Vec<(&[f32], &[f32])> = rows
                     .iter()
                     .map(|&(seq, pos)| {

@@ -1,4 +1,4 @@
-//! Per-batch metrics (losses.md §5), named as TRL names them where TRL has a name, with
+//! Per-batch metrics (docs/losses.md §7), named as TRL names them where TRL has a name, with
 //! TRL's meaning. Rewards are implicit: `beta·(S − S_ref)` for reference-based losses (as
 //! DPOTrainer), `beta·A` for reference-free ones (as CPOTrainer's SimPO); `logps/*` are the
 //! statistic the rewards use — S, or under a reference-free loss the length-averaged A, as

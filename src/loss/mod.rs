@@ -1,4 +1,4 @@
-//! Per-group contrastive losses (losses.md) and their closed-form gradients with respect to
+//! Per-group contrastive losses (docs/losses.md) and their closed-form gradients with respect to
 //! the group's statistics. Each loss is a pure function of one group, in f64, so that a
 //! device kernel can mirror it line for line.
 
@@ -63,7 +63,7 @@ impl LossKind {
         matches!(self, LossKind::Dpo | LossKind::NcaPair | LossKind::Simpo)
     }
 
-    /// The papers' defaults (losses.md): `(beta, alpha, gamma, lambda)`.
+    /// The papers' defaults (docs/losses.md): `(beta, alpha, gamma, lambda)`.
     /// NCA/InfoNCA: beta 0.01, alpha 0.01 (NCA repo, UltraFeedback); DPO and NCA-pair:
     /// beta 0.1 (DPO paper, TRL); SimPO: beta 2.0, gamma 1.6 (Mistral-7B-Base); REFA:
     /// beta 3.0, alpha 0.01, gamma 2.0, lambda 5e-5 (v4, Mistral-7B base; one-vs-all beta 2.0).
@@ -79,7 +79,7 @@ impl LossKind {
     }
 }
 
-/// A loss with its hyperparameters (names and meanings of losses.md).
+/// A loss with its hyperparameters (names and meanings of docs/losses.md).
 #[derive(Clone, Debug)]
 pub struct LossSpec {
     pub kind: LossKind,
@@ -95,7 +95,7 @@ pub struct LossSpec {
     pub one_vs_all: bool,
     /// REFA scores with `A` (true) or `S` (false).
     pub normalize: bool,
-    /// Weight of the `sft` anchor added to the loss (losses.md §4).
+    /// Weight of the `sft` anchor added to the loss (docs/losses.md §4).
     pub sft_weight: f64,
 }
 
@@ -149,7 +149,7 @@ impl LossSpec {
     }
 }
 
-/// One group's statistics (losses.md §1). `e[i]` is `None` for a truncated response.
+/// One group's statistics (docs/losses.md §1). `e[i]` is `None` for a truncated response.
 pub struct GroupInput<'a> {
     pub s: &'a [f64],
     pub a: &'a [f64],
@@ -286,7 +286,7 @@ fn eos_regularizer(lambda: f64, e: &[Option<f64>], out: &mut GroupOutput) {
     }
 }
 
-/// REFA's preference term of one group (losses.md §3): which responses are positive, their
+/// REFA's preference term of one group (docs/losses.md §3): which responses are positive, their
 /// scores `beta (x_i + alpha D_i)`, the scores with the negatives' shifted by `ln(gamma)`, and
 /// the log-sum-exps over the positives' scores and over all shifted scores.
 pub struct RefaTerms {
@@ -334,7 +334,7 @@ pub fn refa_terms(spec: &LossSpec, g: &GroupInput) -> Option<RefaTerms> {
     })
 }
 
-/// REFA (losses.md §3): the preference term and the EOS regularizer.
+/// REFA (docs/losses.md §3): the preference term and the EOS regularizer.
 fn refa(spec: &LossSpec, g: &GroupInput) -> GroupOutput {
     let k = g.s.len();
     let mut out = GroupOutput::zeros(0.0, k);

@@ -1,6 +1,6 @@
 //! The memory plan of a training step on one device: every buffer the step needs, as named
-//! regions of one arena allocated once before any weight is loaded (design.md, "The engine
-//! on a device", "Precision and memory"). `contralign plan` prints it; `train` refuses a
+//! regions of one arena allocated once before any weight is loaded (docs/architecture.md §12,
+//! docs/numerics.md §5). `contralign plan` prints it; `train` refuses a
 //! plan that does not fit.
 //!
 //! Regions, in arena order (`T` micro-batch tokens, `P` parameters, `V` vocabulary, `d`

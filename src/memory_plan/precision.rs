@@ -1,4 +1,4 @@
-//! What each stored tensor of a training step is held in (design.md, "Precision and memory").
+//! What each stored tensor of a training step is held in (docs/numerics.md §2).
 
 use anyhow::{bail, Result};
 use serde::Serialize;

@@ -25,7 +25,7 @@ pub struct Model<B> {
     pub dtype: Dtype,
 }
 
-/// A response's statistics (losses.md §1).
+/// A response's statistics (docs/losses.md §1).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ResponseStats {
     pub logp_sum: f64,
@@ -323,7 +323,7 @@ pub fn span_stats(responses: &[ResponseSpan], logp: &[f64]) -> Vec<ResponseStats
         .collect()
 }
 
-/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (losses.md §1) for
+/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (docs/losses.md §1) for
 /// each of `rows` prediction rows; rows of no response get 0.
 pub fn token_grads(responses: &[ResponseSpan], rows: usize, g: &StatsGrad) -> Vec<f64> {
     let mut out = vec![0f64; rows];

@@ -1,5 +1,5 @@
 //! Mixtral routing on the host: softmax over experts, top-k with renormalized weights, its
-//! backward, and the Switch load-balancing loss (model.md). The router logits are `[T, E]`,
+//! backward, and the Switch load-balancing loss (docs/model.md). The router logits are `[T, E]`,
 //! small next to the activations, so this stays plain f64 code on every backend.
 
 /// The routing decision of one layer.

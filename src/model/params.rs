@@ -1,4 +1,4 @@
-//! The parameters of a Mistral/Mixtral model under their checkpoint names (model.md), held
+//! The parameters of a Mistral/Mixtral model under their checkpoint names (docs/model.md), held
 //! in any buffer type: weights on a backend, their gradients, optimizer moments.
 
 use crate::config::ModelConfig;

@@ -9,7 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod optimizer;
 
-/// Which keys each token of a packed stream may attend to (design.md, "Packed groups").
+/// Which keys each token of a packed stream may attend to (docs/architecture.md §7).
 ///
 /// Token `t` sees keys in `[context_start[t], context_end[t])` (its group's prompt, empty for
 /// prompt tokens) and in `[own_start[t], t]` (its own segment up to itself), restricted to

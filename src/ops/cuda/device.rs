@@ -1,5 +1,5 @@
 //! The device layer of the CUDA backend: typed buffers, copies between host and device, and
-//! kernel launches by name, on one of two devices (design.md, "CUDA kernels that run
+//! kernel launches by name, on one of two devices (docs/cuda.md, "Kernels that run
 //! everywhere"):
 //!
 //! - [`Device::Emu`]: buffers in host memory (256-byte aligned, as cudaMalloc's), launches in

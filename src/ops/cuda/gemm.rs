@@ -1,5 +1,5 @@
 //! The device layer's matrix product, `c = alpha · op(a) · op(b) + beta · c` in row-major
-//! terms, with every transpose the model needs (design.md: cuBLAS for the large GEMMs):
+//! terms, with every transpose the model needs (docs/cuda.md: cuBLAS for the large GEMMs):
 //!
 //! - forward `y = x · Wᵀ`: `a = x` as stored, `b = W` transposed;
 //! - input gradient `dx = dy · W`: both as stored;

@@ -1,4 +1,4 @@
-//! The CUDA backend (design.md, "CUDA kernels that run everywhere"): the kernels of
+//! The CUDA backend (docs/cuda.md, "Kernels that run everywhere"): the kernels of
 //! `cuda/*.cu` and the device layer that runs them. The kernels run on a GPU from the PTX that
 //! build.rs embeds (`--features cuda`), or on the host in the emulator ([`emu`]), which is
 //! always built so that every test can run the whole GPU code path.

@@ -1,4 +1,4 @@
-//! The fused LM-head scoring on a device (design.md, "Fused scoring and loss";
+//! The fused LM-head scoring on a device (docs/architecture.md §8;
 //! cuda/scoring.cu): per chunk of prediction rows, the logits `z = h · Wᵀ` by a GEMM (fp32
 //! accumulation, stored as the model's element type), then one pass over each row for its
 //! log-sum-exp and target log-prob; per response `S, n, A, E` by a segmented reduction; and in
