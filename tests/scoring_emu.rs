@@ -13,8 +13,8 @@ use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::scoring::{FusedScoring, Spans};
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape, Unfused};
-use contralign::ops::cuda::selftest::scoring::{scoring, ScoringCase};
-use contralign::ops::cuda::selftest::{self, Row};
+use contralign::selftest::scoring::{scoring, ScoringCase};
+use contralign::selftest::{self, Row};
 use half::bf16;
 use rand::Rng;
 

@@ -64,7 +64,7 @@ impl DeviceEngine {
     pub fn plan(
         cfg: &ModelConfig,
         micro_tokens: usize,
-        checkpointing: bool,
+        recompute: RecomputePolicy,
         reference: bool,
     ) -> Result<MemoryPlan> {
         MemoryPlan::new(
@@ -72,11 +72,7 @@ impl DeviceEngine {
             &PlanOptions {
                 micro_tokens,
                 precision: PrecisionOptions::all_f32(),
-                recompute: if checkpointing {
-                    RecomputePolicy::Full
-                } else {
-                    RecomputePolicy::None
-                },
+                recompute,
                 reference: if reference {
                     ReferenceSource::Cached
                 } else {

@@ -11,6 +11,7 @@ use crate::engine::DeviceEngine;
 use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::MemoryPlan;
+use crate::memory_plan::RecomputePolicy;
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::device::Device;
@@ -31,7 +32,8 @@ pub enum Warmup {
 pub struct TrainOptions {
     pub spec: LossSpec,
     pub aux_coef: f64,
-    pub checkpointing: bool,
+    /// What the backward recomputes of each layer's forward.
+    pub recompute: RecomputePolicy,
     pub budget: StepBudget,
     /// The most packed tokens one forward/backward holds; a step beyond it accumulates.
     pub micro_tokens: usize,
@@ -288,7 +290,7 @@ impl Trainer {
         DeviceEngine::plan(
             &self.policy.cfg,
             self.opts.micro_tokens,
-            self.opts.checkpointing,
+            self.opts.recompute,
             self.opts.spec.kind.needs_reference(),
         )
     }
@@ -347,7 +349,7 @@ impl Trainer {
         let step_groups: Vec<Group> = indices.iter().map(|&i| self.groups[i].clone()).collect();
         let n = step_groups.len() as f64;
         let step_opts = StepOptions {
-            checkpointing: self.opts.checkpointing,
+            recompute: self.opts.recompute,
             aux_coef: self.opts.aux_coef,
         };
         let mut grads = match &self.engine {
