@@ -56,6 +56,8 @@ pub struct DeviceEngine {
     flat: Flat,
     norm: GradNormWorkspace,
     pool: Pool,
+    /// The plan's rows of one logits chunk, which the scoring holds at most.
+    logits_chunk_rows: usize,
     /// Owns the memory every view above points into; declared after them so that it is
     /// dropped last.
     arena: Arena,
@@ -168,6 +170,7 @@ impl DeviceEngine {
             model,
             grads,
             reference,
+            logits_chunk_rows: plan.logits_chunk_rows,
             layout,
             flat,
             norm,
@@ -209,7 +212,8 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput<MetricTotals>> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone());
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone())
+            .with_scoring_chunk_rows(self.logits_chunk_rows);
         let Some(reference) = self
             .reference
             .as_ref()
