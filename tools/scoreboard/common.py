@@ -84,6 +84,14 @@ def compare(name, ours, theirs):
     return {"baseline_loss": ours, "contralign_loss": theirs, "relative": rel, "ok": ok}
 
 
+def bounded(name, rel):
+    """Prints a relative difference of other outputs than the loss, held to the same bound."""
+    ok = rel <= RELATIVE_BOUND
+    print(f"check {name}: relative difference {rel:.2e} "
+          f"{'ok' if ok else f'MISMATCH (bound {RELATIVE_BOUND:g})'}", file=sys.stderr)
+    return {"relative": rel, "ok": ok}
+
+
 def emit(result, out):
     text = json.dumps(result, indent=2)
     print(text)
