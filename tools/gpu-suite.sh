@@ -95,7 +95,7 @@ download_wheels() {
 # what the device tool carries.
 check_carry() {
     local dir=$1 total tree
-    total=$(du -cb "$dir"/* "$dir"/wheels/* 2>/dev/null | tail -n 1 | cut -f 1)
+    total=$(du -sb "$dir" | cut -f 1)
     # The rest of the working tree travels too: tracked and untracked-not-ignored files.
     tree=$(cd "$root" && git ls-files -co --exclude-standard -z | du -cb --files0-from=- |
         tail -n 1 | cut -f 1)
@@ -206,16 +206,19 @@ finish() {
         echo "gpu-suite: packing $out/logs.tar.gz failed" >&2
 }
 
-# step NAME LIMIT_S [--json FILE] COMMAND...: runs COMMAND with its output in $logs/NAME.log
-# (stdout in FILE with --json) and a row in the step table; skipped when LIMIT_S is more than
-# the command's budget has left.
+# step NAME LIMIT_S [--json FILE | --result FILE] COMMAND...: runs COMMAND with its output in
+# $logs/NAME.log (stdout in FILE with --json; with --result, COMMAND writes FILE) and a row in
+# the step table; skipped when LIMIT_S is more than the command's budget has left. A skipped
+# or failed step leaves in FILE why it has no figures (a failed command's own FILE stays).
 step() {
-    local name=$1 limit=$2 start rc seconds command json=
+    local name=$1 limit=$2 start rc seconds command json= result=
     shift 2
-    if [[ $1 == --json ]]; then
-        json=$2
-        shift 2
-    fi
+    case $1 in
+        --json) json=$2 ;;
+        --result) result=$2 ;;
+    esac
+    [[ $1 == --json || $1 == --result ]] && shift 2
+    local file=${json:-$result}
     command=$(basename "$1")
     (($# > 1)) && command+=" ${*:2}"
     local left
@@ -224,7 +227,7 @@ step() {
         echo "== $name: skipped: its ${limit}s limit does not fit the ${left}s left"
         rows+=("| $name | \`$command\` | skipped (${limit}s limit, ${left}s left) | 0 |")
         steps_json+=("{\"step\": \"$name\", \"exit\": \"skipped\", \"seconds\": 0, \"limit\": $limit}")
-        [[ -n $json ]] && echo "{\"skipped\": \"its ${limit}s limit did not fit the ${left}s left\"}" >"$json"
+        [[ -n $file ]] && echo "{\"skipped\": \"its ${limit}s limit did not fit the ${left}s left\"}" >"$file"
         return 0
     fi
     echo "== $name: $* (limit ${limit}s)"
@@ -243,7 +246,9 @@ step() {
     esac
     if ((rc != 0)); then
         failed+=("$name")
-        [[ -n $json ]] && echo "{\"failed\": \"exit $status, see $name.log in logs.tar.gz\"}" >"$json"
+        if [[ -n $json || (-n $result && ! -s $result) ]]; then
+            echo "{\"failed\": \"exit $status, see $name.log in logs.tar.gz\"}" >"$file"
+        fi
     fi
     echo "== $name: exit $status in ${seconds}s"
     tail -n 5 "$logs/$name.log"
@@ -403,16 +408,19 @@ rows_of() {
     local c=$bin r=$results bad=0
     mkdir -p "$dump"
     # Each baseline's --budget-s: its step's limit less about 15 s of imports and set-up.
-    step env 15 "$python" "$tools/env_probe.py" "${p_common[@]:0:2}" --reps 5 --budget-s 5 \
+    step env 15 --result "$r/env.json" \
+        "$python" "$tools/env_probe.py" "${p_common[@]:0:2}" --reps 5 --budget-s 5 \
         $([[ $shape == tiny ]] && echo --gemm-size 256 --copy-bytes 1000000) \
         --out "$r/env.json" || bad=1
     step contralign-scoring 20 --json "$r/contralign-scoring.json" \
         "$c" bench scoring --device "$device" "${c_scoring[@]}" || bad=1
-    step scoring 25 "$python" "$tools/scoring.py" "${p_common[@]}" "${p_scoring[@]}" \
+    step scoring 25 --result "$r/scoring.json" \
+        "$python" "$tools/scoring.py" "${p_common[@]}" "${p_scoring[@]}" \
         --budget-s 10 --out "$r/scoring.json" || bad=1
     step contralign-attention 15 --json "$r/contralign-attention.json" \
         "$c" bench attention --device "$device" "${c_attention[@]}" || bad=1
-    step attention 20 "$python" "$tools/attention.py" "${p_common[@]}" "${p_attention[@]}" \
+    step attention 20 --result "$r/attention.json" \
+        "$python" "$tools/attention.py" "${p_common[@]}" "${p_attention[@]}" \
         --budget-s 8 --out "$r/attention.json" || bad=1
     step contralign-dpo 45 --json "$r/contralign-dpo.json" "$c" bench step --device "$device" \
         --loss dpo --responses 2 "${c_step[@]}" \
@@ -424,22 +432,22 @@ rows_of() {
     fi
     if [[ -n $trl_python ]]; then
         # TRL's own trainer; its reproduction only where TRL did not run.
-        step trl-dpo 40 "$trl_python" "$tools/trl_dpo.py" "${p_common[@]}" "${p_step[@]}" \
-            "${dpo_check[@]}" --budget-s 20 --out "$r/trl-dpo.json" || {
-            bad=1
-            echo "{\"failed\": \"TRL's step failed: see trl-dpo.log\"}" >"$r/trl-dpo.json"
-        }
+        step trl-dpo 40 --result "$r/trl-dpo.json" \
+            "$trl_python" "$tools/trl_dpo.py" "${p_common[@]}" "${p_step[@]}" \
+            "${dpo_check[@]}" --budget-s 20 --out "$r/trl-dpo.json" || bad=1
     else
         echo "{\"missing\": \"TRL did not install: see trl-venv.log\"}" >"$r/trl-dpo.json"
     fi
     if [[ $shape == tiny ]] || grep -q '"failed"\|"missing"' "$r/trl-dpo.json"; then
-        step trl-step 30 "$python" "$tools/trl_step.py" "${p_common[@]}" "${p_step[@]}" \
+        step trl-step 30 --result "$r/trl-step.json" \
+            "$python" "$tools/trl_step.py" "${p_common[@]}" "${p_step[@]}" \
             "${dpo_check[@]}" --budget-s 15 --out "$r/trl-step.json" || bad=1
     fi
     step contralign-nca 30 --json "$r/contralign-nca.json" "$c" bench step --device "$device" \
         --loss nca --responses 4 "${c_step[@]}" \
         $([[ $shape == tiny ]] && echo --dump "$dump/nca") || bad=1
-    step nca 25 "$python" "$tools/nca_step.py" "${p_common[@]}" "${p_step[@]}" --responses 4 \
+    step nca 25 --result "$r/nca.json" \
+        "$python" "$tools/nca_step.py" "${p_common[@]}" "${p_step[@]}" --responses 4 \
         "${nca_check[@]}" --budget-s 10 --out "$r/nca.json" || bad=1
     if has_mode "$c" step --memory; then
         step contralign-7b 35 --json "$r/contralign-7b.json" "$c" bench step \
@@ -449,12 +457,14 @@ rows_of() {
         missing "$r/contralign-7b.json" "bench step --memory (a step planned under a memory limit)"
     fi
     if [[ $shape == gpu ]]; then
-        step mistral7b 30 "$python" "$tools/mistral7b.py" "${p_common[@]}" --groups 2 \
+        step mistral7b 30 --result "$r/mistral7b.json" \
+            "$python" "$tools/mistral7b.py" "${p_common[@]}" --groups 2 \
             --prompt 512 --response-len 256 --reps 2 --budget-s 10 --out "$r/mistral7b.json" ||
             bad=1
     else
         # The 32-layer step at tiny width, its first loss checked against the DPO dump.
-        step mistral7b 30 "$python" "$tools/mistral7b.py" "${p_common[@]}" "${p_step[@]:0:2}" \
+        step mistral7b 30 --result "$r/mistral7b.json" \
+            "$python" "$tools/mistral7b.py" "${p_common[@]}" "${p_step[@]:0:2}" \
             --groups 2 --prompt 12 --response-len 8 --reps 1 "${dpo_check[@]}" \
             --out "$r/mistral7b.json" || bad=1
     fi
@@ -470,8 +480,11 @@ rows_of() {
         missing "$r/contralign-moe.json" "bench moe exists, but the dry run knows no tiny shape of it"
     fi
     # The baseline runs at every dry run, and on the GPU where contralign's side exists.
-    if [[ $shape == tiny || -n $moe ]]; then
-        step moe 15 "$python" "$tools/moe.py" "${p_common[@]}" "${p_moe[@]}" \
+    if [[ $shape == gpu && -z $moe ]]; then
+        echo '{"skipped": "the MoE baseline runs where bench moe exists"}' >"$r/moe.json"
+    else
+        step moe 15 --result "$r/moe.json" \
+            "$python" "$tools/moe.py" "${p_common[@]}" "${p_moe[@]}" \
             --out "$r/moe.json" || bad=1
     fi
     ((bad == 0))
@@ -488,7 +501,8 @@ scoreboard() {
     local dir=$1
     begin "$2" 300
     unpack "$dir"
-    local work results trl_python=
+    local results trl_python=
+    # Global: the exit trap reads it after this function has returned.
     work=$(mktemp -d) || die "mktemp failed"
     results=$work/results
     mkdir -p "$results"
