@@ -1,16 +1,19 @@
 //! `contralign bench`: speed measurements that print JSON, one sub-command per workload.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::engine::bench::{time_step, StepRun, StepShape};
-use contralign::loss::LossKind;
-use contralign::ops::cuda::attention_bench::{time_attention, BenchMask, BenchProblem};
+use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
+use contralign::ops::cuda::attention_bench::{
+    time_attention, BenchMask, BenchProblem, DumpedTensor,
+};
 use contralign::ops::cuda::device::{Device, DeviceKind};
-use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape};
+use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringDump, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Measure a workload on a device and print the figures as one JSON object.
 #[derive(Args, Debug)]
@@ -139,12 +142,14 @@ fn scoring(a: ScoringArgs) -> Result<()> {
     };
     let dumped = match (&a.dump, a.dtype) {
         (None, _) => None,
-        (Some(dir), Dtype::Bf16) => Some(scoring_bench::dump(
-            &mut ScoringBench::<bf16>::new(&device, shape, 0)?,
+        (Some(dir), Dtype::Bf16) => Some(write_scoring_dump(
+            scoring_bench::dump(&mut ScoringBench::<bf16>::new(&device, shape, 0)?)?,
+            &shape,
             dir,
         )?),
-        (Some(dir), Dtype::F32) => Some(scoring_bench::dump(
-            &mut ScoringBench::<f32>::new(&device, shape, 0)?,
+        (Some(dir), Dtype::F32) => Some(write_scoring_dump(
+            scoring_bench::dump(&mut ScoringBench::<f32>::new(&device, shape, 0)?)?,
+            &shape,
             dir,
         )?),
     };
@@ -284,12 +289,15 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
             };
             if let Some(dir) = &a.dump {
                 let name = format!("attention-{}-{tokens}", kind.name());
-                let loss = match a.dtype {
-                    Dtype::Bf16 => BenchProblem::<bf16>::new(&device, mask, tokens, shape)?
-                        .dump(&device, dir, &name)?,
-                    Dtype::F32 => BenchProblem::<f32>::new(&device, mask, tokens, shape)?
-                        .dump(&device, dir, &name)?,
+                let tensors = match a.dtype {
+                    Dtype::Bf16 => {
+                        BenchProblem::<bf16>::new(&device, mask, tokens, shape)?.dump(&device)?
+                    }
+                    Dtype::F32 => {
+                        BenchProblem::<f32>::new(&device, mask, tokens, shape)?.dump(&device)?
+                    }
                 };
+                let loss = write_attention_dump(&tensors, mask, shape, dir, &name)?;
                 dumps.push(serde_json::json!({"name": name, "loss": loss}));
             }
             cases.push(match a.dtype {
@@ -306,4 +314,112 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--dump: cannot create {}", dir.display()))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, value.to_string())
+        .with_context(|| format!("--dump: cannot write {}", path.display()))
+}
+
+/// `dir/scoring.safetensors` (h, head) and `dir/scoring.json` (the targets, the spans, each
+/// response's S and the DPO loss of consecutive responses as (chosen, rejected) pairs with a
+/// zero reference: the loss TRL's sigmoid DPO computes from the same sums). Returns the
+/// folder and the loss for the report.
+fn write_scoring_dump(
+    d: ScoringDump,
+    shape: &ScoringShape,
+    dir: &Path,
+) -> Result<serde_json::Value> {
+    let pairs = d.s.len() / 2;
+    ensure!(
+        pairs >= 1,
+        "--dump needs at least 2 responses: --rows {} holds {}",
+        shape.rows,
+        d.s.len()
+    );
+    let s = &d.s[..2 * pairs];
+    let spec = LossSpec::new(LossKind::Dpo);
+    let zeros = vec![0.0; s.len()];
+    let offsets: Vec<usize> = (0..=pairs).map(|g| 2 * g).collect();
+    let sources: Vec<String> = (0..pairs).map(|g| format!("scoring pair {g}")).collect();
+    let loss = batch_loss(
+        &spec,
+        &BatchInput {
+            s,
+            a: &zeros,
+            e: &vec![None; s.len()],
+            s_ref: Some(&zeros),
+            rewards: &[1.0, 0.0].repeat(pairs),
+            offsets: &offsets,
+            sources: &sources,
+        },
+    )?
+    .loss;
+    create_dir(dir)?;
+    save_f32(
+        &dir.join("scoring.safetensors"),
+        &[
+            Tensor {
+                name: "h".into(),
+                shape: vec![shape.rows, shape.dim],
+                data: &d.h,
+            },
+            Tensor {
+                name: "head".into(),
+                shape: vec![shape.vocab, shape.dim],
+                data: &d.head,
+            },
+        ],
+    )?;
+    let record = serde_json::json!({
+        "targets": d.targets,
+        "spans": &d.spans[..2 * pairs],
+        "s": s,
+        "beta": spec.beta,
+        "loss": loss,
+    });
+    write_json(&dir.join("scoring.json"), &record)?;
+    Ok(serde_json::json!({"dump": dir, "loss": loss}))
+}
+
+/// `dir/NAME.safetensors` (the case's tensors) and `dir/NAME.json` (the mask, the stream
+/// length, the shape and the loss `Σ out · dout` whose gradients dq, dk, dv are); returns the
+/// loss.
+fn write_attention_dump(
+    tensors: &[DumpedTensor],
+    mask: BenchMask,
+    shape: AttentionShape,
+    dir: &Path,
+    name: &str,
+) -> Result<f64> {
+    let find = |n: &str| &tensors.iter().find(|t| t.name == n).expect("dumped").data;
+    let loss: f64 = find("out")
+        .iter()
+        .zip(find("dout"))
+        .map(|(&o, &g)| o as f64 * g as f64)
+        .sum();
+    create_dir(dir)?;
+    let named: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.to_string(),
+            shape: t.shape.clone(),
+            data: &t.data,
+        })
+        .collect();
+    save_f32(&dir.join(format!("{name}.safetensors")), &named)?;
+    let record = serde_json::json!({
+        "mask": mask,
+        "tokens": tensors[0].shape[0],
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "loss": loss,
+    });
+    write_json(&dir.join(format!("{name}.json")), &record)?;
+    Ok(loss)
 }

@@ -11,6 +11,7 @@ use crate::checkpoint::{named_tensors, write_model_dir};
 use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::{LossKind, LossSpec};
+use crate::memory_plan::RecomputePolicy;
 use crate::model::init::random_params;
 use crate::model::params::Params;
 use crate::model::{Model, ResponseStats};
@@ -251,7 +252,7 @@ pub fn time_step(
     let opts = TrainOptions {
         spec: spec.clone(),
         aux_coef: cfg.default_aux_coef(),
-        checkpointing: true,
+        recompute: RecomputePolicy::Selective,
         budget: StepBudget::Groups(shape.groups),
         micro_tokens: shape.tokens(),
         seed,

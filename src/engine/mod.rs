@@ -11,10 +11,12 @@
 //! to the host for the loss once per micro-batch.
 
 pub mod bench;
+pub mod loss;
 pub mod store;
 
 use crate::config::ModelConfig;
 use crate::data::Group;
+use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
@@ -62,7 +64,7 @@ impl DeviceEngine {
     pub fn plan(
         cfg: &ModelConfig,
         micro_tokens: usize,
-        checkpointing: bool,
+        recompute: RecomputePolicy,
         reference: bool,
     ) -> Result<MemoryPlan> {
         MemoryPlan::new(
@@ -70,11 +72,7 @@ impl DeviceEngine {
             &PlanOptions {
                 micro_tokens,
                 precision: PrecisionOptions::all_f32(),
-                recompute: if checkpointing {
-                    RecomputePolicy::Full
-                } else {
-                    RecomputePolicy::None
-                },
+                recompute,
                 reference: if reference {
                     ReferenceSource::Cached
                 } else {
@@ -172,7 +170,7 @@ impl DeviceEngine {
         spec: &LossSpec,
         opts: &StepOptions,
         share: f64,
-    ) -> Result<PassOutput> {
+    ) -> Result<PassOutput<MetricTotals>> {
         let ops = DeviceOps::with_pool(&self.device, self.pool.clone());
         step::accumulate_grads(
             &ops,

@@ -4,20 +4,18 @@
 //! Work is counted over the (query, key) pairs the mask lets through, per query head:
 //! 4 · hd FLOPs each for the forward (two products), 10 · hd for the backward (five), the
 //! convention of FlashAttention's papers, so a kernel that computes masked pairs gains nothing.
-//! `BenchProblem::dump` writes a case's inputs and outputs for the scoreboard's PyTorch side
+//! `BenchProblem::dump` returns a case's inputs and outputs for the scoreboard's PyTorch side
 //! (docs/cuda.md, "The scoreboard").
 
-use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
+use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
 use super::scoring_bench::to_f32;
-use crate::checkpoint::{save_f32, Tensor};
 use crate::ops::{AttentionLayout, AttentionShape};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::path::Path;
 use std::time::Instant;
 
 /// The mask of a benchmark case.
@@ -46,7 +44,10 @@ impl BenchMask {
             } => {
                 let per_group = prompt + responses * response_len;
                 let groups = (tokens / per_group.max(1)).max(1);
-                packed_layout(&vec![(prompt, vec![response_len; responses]); groups], None)
+                AttentionLayout::packed(
+                    &vec![(prompt, vec![response_len; responses]); groups],
+                    None,
+                )
             }
         }
     }
@@ -97,6 +98,13 @@ fn median_seconds(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// One named f32 tensor of a dumped case.
+pub struct DumpedTensor {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
 }
 
 /// One case's inputs and outputs on the device, for timing the kernels on them.
@@ -176,11 +184,10 @@ impl<E: Float> BenchProblem<E> {
         )
     }
 
-    /// Runs the forward and the backward and writes `NAME.safetensors` (q, k, v `[T, heads or
-    /// kv_heads, hd]`, the output gradient `dout`, the output and dq, dk, dv, as f32) and
-    /// `NAME.json` (the mask, the stream length, the shape, and the loss `Σ out · dout` whose
-    /// gradients dq, dk, dv are) into `dir`.
-    pub fn dump(&mut self, device: &Device, dir: &Path, name: &str) -> Result<f64> {
+    /// Runs the forward and the backward and returns, as f32 `[T, heads or kv_heads, hd]`,
+    /// q, k, v, the output gradient `dout`, the output and dq, dk, dv: the gradients of the
+    /// loss `Σ out · dout` (for the scoreboard's PyTorch side, `bench attention --dump`).
+    pub fn dump(&mut self, device: &Device) -> Result<Vec<DumpedTensor>> {
         let kernels = AttentionKernels::new(device);
         self.forward(&kernels)?;
         self.backward(&kernels)?;
@@ -190,7 +197,7 @@ impl<E: Float> BenchProblem<E> {
             kv_heads,
             head_dim,
         } = self.shape;
-        let buffers = [
+        [
             ("q", heads, &self.q),
             ("k", kv_heads, &self.k),
             ("v", kv_heads, &self.v),
@@ -199,40 +206,16 @@ impl<E: Float> BenchProblem<E> {
             ("dq", heads, &self.dq),
             ("dk", kv_heads, &self.dk),
             ("dv", kv_heads, &self.dv),
-        ];
-        let data = buffers
-            .iter()
-            .map(|(_, _, b)| to_f32(device, b))
-            .collect::<Result<Vec<_>>>()?;
-        let loss: f64 = data[4]
-            .iter()
-            .zip(&data[3])
-            .map(|(&o, &g)| o as f64 * g as f64)
-            .sum();
-        let tensors: Vec<Tensor> = buffers
-            .iter()
-            .zip(&data)
-            .map(|((n, h, _), d)| Tensor {
-                name: n.to_string(),
-                shape: vec![t, *h, head_dim],
-                data: d,
+        ]
+        .into_iter()
+        .map(|(name, h, b)| {
+            Ok(DumpedTensor {
+                name,
+                shape: vec![t, h, head_dim],
+                data: to_f32(device, b)?,
             })
-            .collect();
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--dump: cannot create {}", dir.display()))?;
-        save_f32(&dir.join(format!("{name}.safetensors")), &tensors)?;
-        let record = serde_json::json!({
-            "mask": self.mask,
-            "tokens": t,
-            "heads": heads,
-            "kv_heads": kv_heads,
-            "head_dim": head_dim,
-            "loss": loss,
-        });
-        let path = dir.join(format!("{name}.json"));
-        std::fs::write(&path, record.to_string())
-            .with_context(|| format!("--dump: cannot write {}", path.display()))?;
-        Ok(loss)
+        })
+        .collect()
     }
 
     /// FLOPs of the forward and of the backward over the visible pairs.

@@ -2,22 +2,20 @@
 //! criterion bench: random inputs made on the device, the fused op, the same GEMMs alone (the
 //! floor no fusion removes), the logits passes alone (for their bandwidth), and an unfused
 //! baseline written the ordinary way — fp32 logits of the whole batch, a log-softmax into a
-//! second `[rows, vocab]` fp32 tensor, a gather, the per-response reduction. `dump` writes a
-//! batch's inputs and the fused forward's results for the scoreboard's PyTorch side
+//! second `[rows, vocab]` fp32 tensor, a gather, the per-response reduction. `dump` returns a
+//! batch's inputs and the fused forward's sums for the scoreboard's PyTorch side
 //! (docs/cuda.md, "The scoreboard").
 
 use super::device::{Buffer, Device, Float};
 use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
+use super::pool::Pool;
 use super::scoring::{chunk_rows_for, FusedScoring, Spans, DEFAULT_CHUNK_BYTES};
-use crate::checkpoint::{save_f32, Tensor};
-use crate::data::packing::ResponseSpan;
-use crate::loss::{batch_loss, BatchInput, LossKind, LossSpec};
-use anyhow::{Context, Result};
+use crate::ops::ResponseSpan;
+use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
 use std::time::Instant;
 
 /// Tokens per response of the benchmark's batch (the last one takes what is left).
@@ -102,8 +100,7 @@ impl<'a, E: Float> ScoringBench<'a, E> {
             h: random(device, rows * dim, 1.0, rng)?,
             head: random(device, vocab * dim, 4.0 / (dim as f32).sqrt(), rng)?,
             targets: device.upload(&targets)?,
-            spans: Spans::upload(device, &spans, rows)?,
-
+            spans: Spans::upload(device, &Pool::default(), &spans, rows)?,
             grads: device.upload(&grads)?,
             lse: device.alloc(rows)?,
             logp: device.alloc(rows)?,
@@ -155,7 +152,7 @@ impl<'a, E: Float> ScoringBench<'a, E> {
     pub fn fused_forward_backward(&mut self) -> Result<()> {
         self.fused_forward()?;
         self.kernels
-            .row_coef(&self.spans, &self.grads, &mut self.coef)?;
+            .row_coef(&self.spans, &self.grads, 1.0, &mut self.coef)?;
         fused(&self.kernels, self.chunk_rows).backward(
             &self.h,
             &self.head,
@@ -324,77 +321,29 @@ pub fn to_f32<E: Float>(device: &Device, buffer: &Buffer<E>) -> Result<Vec<f32>>
         .collect())
 }
 
-/// Runs the fused forward and writes into `dir` what the scoreboard's PyTorch baseline
-/// recomputes: `scoring.safetensors` (`h [rows, dim]`, `head [vocab, dim]`, as f32) and
-/// `scoring.json` (the targets, the response spans, each response's S, and the DPO loss of
-/// consecutive responses as (chosen, rejected) pairs with a zero reference — the loss TRL's
-/// sigmoid DPO computes from the same sums).
-pub fn dump<E: Float>(bench: &mut ScoringBench<E>, dir: &Path) -> Result<serde_json::Value> {
+/// A batch's inputs and contralign's per-response sums, for the scoreboard's PyTorch side
+/// (`contralign bench scoring --dump`): h `[rows, dim]` and the head `[vocab, dim]` as f32,
+/// the targets, the response spans `(first, len)` and each response's S.
+pub struct ScoringDump {
+    pub h: Vec<f32>,
+    pub head: Vec<f32>,
+    pub targets: Vec<u32>,
+    pub spans: Vec<[usize; 2]>,
+    pub s: Vec<f64>,
+}
+
+/// Runs the fused forward and returns what it read and the sums it made.
+pub fn dump<E: Float>(bench: &mut ScoringBench<E>) -> Result<ScoringDump> {
     bench.fused_forward()?;
     let device = bench.device();
     let stats = device.download(&bench.stats)?;
-    let pairs = bench.host_spans.len() / 2;
-    anyhow::ensure!(
-        pairs >= 1,
-        "--dump needs at least 2 responses of {RESPONSE_LEN} rows: --rows must exceed \
-         {RESPONSE_LEN}"
-    );
-    let s: Vec<f64> = stats.chunks(3).take(2 * pairs).map(|r| r[0]).collect();
-    let spec = LossSpec::new(LossKind::Dpo);
-    let zeros = vec![0.0; s.len()];
-    let offsets: Vec<usize> = (0..=pairs).map(|g| 2 * g).collect();
-    let sources: Vec<String> = (0..pairs).map(|g| format!("scoring pair {g}")).collect();
-    let loss = batch_loss(
-        &spec,
-        &BatchInput {
-            a: &zeros,
-            e: &vec![None; s.len()],
-            s: &s,
-            s_ref: Some(&zeros),
-            rewards: &[1.0, 0.0].repeat(pairs),
-            offsets: &offsets,
-            sources: &sources,
-        },
-    )?
-    .loss;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("--dump: cannot create {}", dir.display()))?;
-    let ScoringShape {
-        rows, vocab, dim, ..
-    } = bench.shape;
-    let (h, head) = (to_f32(device, &bench.h)?, to_f32(device, &bench.head)?);
-    save_f32(
-        &dir.join("scoring.safetensors"),
-        &[
-            Tensor {
-                name: "h".into(),
-                shape: vec![rows, dim],
-                data: &h,
-            },
-            Tensor {
-                name: "head".into(),
-                shape: vec![vocab, dim],
-                data: &head,
-            },
-        ],
-    )?;
-    let spans: Vec<[usize; 2]> = bench
-        .host_spans
-        .iter()
-        .take(2 * pairs)
-        .map(|r| [r.first, r.len])
-        .collect();
-    let record = serde_json::json!({
-        "targets": bench.host_targets,
-        "spans": spans,
-        "s": s,
-        "beta": spec.beta,
-        "loss": loss,
-    });
-    let path = dir.join("scoring.json");
-    std::fs::write(&path, record.to_string())
-        .with_context(|| format!("--dump: cannot write {}", path.display()))?;
-    Ok(serde_json::json!({"dump": dir, "loss": loss}))
+    Ok(ScoringDump {
+        h: to_f32(device, &bench.h)?,
+        head: to_f32(device, &bench.head)?,
+        targets: bench.host_targets.clone(),
+        spans: bench.host_spans.iter().map(|r| [r.first, r.len]).collect(),
+        s: stats.chunks(3).map(|r| r[0]).collect(),
+    })
 }
 
 /// The per-row log-probs of the last pass, for checks.
