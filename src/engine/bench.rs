@@ -155,7 +155,7 @@ fn median(x: &mut [f64]) -> f64 {
     x[x.len() / 2]
 }
 
-/// What the PyTorch side reads to compute the first step (tools/scoreboard/common.py).
+/// What the PyTorch side reads to compute the first step (tools/scoreboard/trl_step.py).
 #[derive(Serialize)]
 struct StepDump<'a> {
     loss: &'static str,
