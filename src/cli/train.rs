@@ -9,7 +9,7 @@ use clap::Args;
 use contralign::checkpoint::parse_dtype;
 use contralign::config::ModelConfig;
 use contralign::engine::DeviceEngine;
-use contralign::memory_plan::{human_bytes, RecomputePolicy};
+use contralign::memory_plan::{human_bytes, RecomputePolicy, ReferenceSource};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
@@ -133,9 +133,9 @@ pub struct TrainArgs {
     /// CUDA emulator on the host (slow; for checking). cuda: the device engine on a GPU (a
     /// build with --features cuda). On emu and cuda the weights, gradients and AdamW's moments
     /// live on the device as flat f32 buffers (zeroing, the norm and AdamW with the clipping
-    /// folded in are one launch each); attention, MoE dispatch and the LM-head scoring still
-    /// run on the host until their kernels exist, and the reference model (--ref-model) on
-    /// the CPU — use --ref-logps.
+    /// folded in are one launch each); attention, the LM-head scoring and the loss run there
+    /// too, MoE dispatch still on the host; a --ref-model is resident on the device beside the
+    /// policy (--ref-logps saves its memory).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Backend,
     /// The device memory the run may plan for (80GB, 79.5GiB; a bare number is GB). Default:
@@ -187,14 +187,14 @@ fn open_planned_device(
         Some(text) => Some(parse_memory(text)?),
         None => device.total_memory()?,
     };
-    let plan_with = |recompute| {
-        DeviceEngine::plan(
-            &cfg,
-            opts.micro_tokens,
-            recompute,
-            opts.spec.kind.needs_reference(),
-        )
+    // --ref-logps is looked up on the host; a --ref-model lives on the device beside the
+    // policy (the trainer's choice, Trainer::device_plan).
+    let reference = match (opts.spec.kind.needs_reference(), &args.ref_logps) {
+        (false, _) => ReferenceSource::None,
+        (true, Some(_)) => ReferenceSource::Cached,
+        (true, None) => ReferenceSource::Resident,
     };
+    let plan_with = |recompute| DeviceEngine::plan(&cfg, opts.micro_tokens, recompute, reference);
     if args.recompute.is_none() && !args.no_checkpointing {
         let selective = plan_with(RecomputePolicy::Selective)?;
         if memory.is_none_or(|m| selective.total() <= m) {

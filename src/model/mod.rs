@@ -190,6 +190,18 @@ impl<B> Model<B> {
         ops: &O,
         batch: &Batch,
     ) -> (Vec<ResponseStats>, Option<f64>) {
+        let (table, aux) = self.scored(ops, batch);
+        let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
+        (stats, aux)
+    }
+
+    /// The `(S, A, E)` table of the batch's responses, left on the backend (a reference model
+    /// scored where the policy trains).
+    pub fn score_table<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> O::Table {
+        self.scored(ops, batch).0
+    }
+
+    fn scored<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> (O::Table, Option<f64>) {
         let fwd = self.forward(
             ops,
             &batch.tokens,
@@ -198,9 +210,7 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, table, _) = self.response_scores(ops, batch, &fwd.hidden);
-        let aux = fwd.balance.as_ref().map(LoadBalance::loss);
-        let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
-        (stats, aux)
+        (table, fwd.balance.as_ref().map(LoadBalance::loss))
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.

@@ -46,6 +46,8 @@ pub struct DeviceOps<'a> {
     attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
     /// The response spans uploaded last, with the rows they cover and their device copy.
     spans: RefCell<Option<KeptSpans>>,
+    /// Rows of one logits chunk of the scoring; `None`: as many as its default budget holds.
+    scoring_chunk_rows: Option<usize>,
 }
 
 /// [`Ops::Table`] on a device: three f64 per response in the pool; nothing when the device
@@ -95,6 +97,24 @@ impl<'a> DeviceOps<'a> {
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
             spans: RefCell::new(None),
+            scoring_chunk_rows: None,
+        }
+    }
+
+    /// Ops whose LM-head scoring holds at most `rows` rows of logits at once (the memory
+    /// plan's logits chunk) instead of [`super::scoring::DEFAULT_CHUNK_BYTES`].
+    pub fn with_scoring_chunk_rows(mut self, rows: usize) -> Self {
+        self.scoring_chunk_rows = Some(rows.max(1));
+        self
+    }
+
+    fn scoring(&self, vocab: usize) -> FusedScoring<'_> {
+        match self.scoring_chunk_rows {
+            Some(chunk_rows) => FusedScoring {
+                kernels: &self.kernels,
+                chunk_rows,
+            },
+            None => FusedScoring::new::<f32>(&self.kernels, vocab),
         }
     }
 
@@ -503,14 +523,8 @@ impl Ops for DeviceOps<'_> {
             || {
                 let device_targets = self.indices(targets)?;
                 let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
-                FusedScoring::new::<f32>(&self.kernels, vocab).forward(
-                    h,
-                    head,
-                    &*device_targets,
-                    d,
-                    &mut lse,
-                    &mut logp,
-                )?;
+                self.scoring(vocab)
+                    .forward(h, head, &*device_targets, d, &mut lse, &mut logp)?;
                 let mut table = self.pool.lease::<f64>(self.device, 3 * spans.len())?;
                 self.kernels
                     .response_stats(&logp, &*self.spans(spans, rows)?, &mut table)?;
@@ -546,7 +560,7 @@ impl Ops for DeviceOps<'_> {
                     &mut coef,
                 )?;
                 let mut dh = self.alloc(h.len())?;
-                FusedScoring::new::<f32>(&self.kernels, vocab).backward(
+                self.scoring(vocab).backward(
                     h,
                     head,
                     &*device_targets,
