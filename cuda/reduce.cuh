@@ -39,3 +39,33 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     return total;
 }
+
+// As `warp_sum` and `block_sum`, in fp64 (`scratch`: shared memory of at least 33 doubles).
+__device__ __forceinline__ double warp_sum(double v, unsigned lanes) {
+    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    const unsigned lane = threadIdx.x % 32;
+    for (unsigned offset = 16; offset > 0; offset /= 2) {
+        const double other = __shfl_down_sync(mask, v, offset);
+        if (lane + offset < lanes) v += other;
+    }
+    return v;
+}
+
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warps = (blockDim.x + 31) / 32;
+    const unsigned left = blockDim.x - warp * 32;
+    v = warp_sum(v, left < 32 ? left : 32);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < warps ? scratch[lane] : 0.0;
+        w = warp_sum(w, blockDim.x < 32 ? blockDim.x : 32);
+        if (lane == 0) scratch[32] = w;
+    }
+    __syncthreads();
+    const double total = scratch[32];
+    __syncthreads();
+    return total;
+}

@@ -2,10 +2,9 @@
 //! `h = x + o_proj(attn(rope(q a), rope(k a), v a))` with `a = rmsnorm(x)`, then
 //! `y = h + ffn(rmsnorm(h))` with a SwiGLU MLP or a top-k mixture of them.
 
-use super::moe::{route, Dispatch, LoadBalance, Routing};
 use super::params::{Expert, FeedForward, LayerParams};
 use crate::config::ModelConfig;
-use crate::ops::{AttentionLayout, AttentionShape, Ops};
+use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops};
 
 /// What the backward of one SwiGLU MLP needs (its input is held by the caller).
 pub struct MlpActs<B> {
@@ -14,49 +13,53 @@ pub struct MlpActs<B> {
     act: B,
 }
 
-pub struct ExpertActs<B> {
-    dispatch: Dispatch,
-    input: B,
-    mlp: MlpActs<B>,
-    output: B,
+/// What the backward of a MoE feed-forward reads (docs/architecture.md §6): the routing,
+/// the input rows in expert order, each expert's MLP activations (`None` for an expert that
+/// received no row) and the experts' outputs in expert order.
+pub struct MoeActs<O: Ops + ?Sized> {
+    routing: O::Routing,
+    rows_per_expert: Vec<usize>,
+    input: O::Buf,
+    mlp: Vec<Option<MlpActs<O::Buf>>>,
+    output: O::Buf,
 }
 
-pub enum FfnActs<B> {
-    Dense(MlpActs<B>),
-    Moe {
-        routing: Routing,
-        experts: Vec<ExpertActs<B>>,
-    },
+pub enum FfnActs<O: Ops + ?Sized> {
+    Dense(MlpActs<O::Buf>),
+    Moe(MoeActs<O>),
 }
 
 /// Everything the backward of a layer reads, from its input `x` on.
-pub struct LayerActs<B> {
-    normed: B,
-    q: B,
-    k: B,
-    v: B,
-    attn: B,
-    lse: B,
-    mid: B,
-    ffn_in: B,
-    ffn: FfnActs<B>,
+pub struct LayerActs<O: Ops + ?Sized> {
+    normed: O::Buf,
+    q: O::Buf,
+    k: O::Buf,
+    v: O::Buf,
+    attn: O::Buf,
+    lse: O::Buf,
+    mid: O::Buf,
+    ffn_in: O::Buf,
+    ffn: FfnActs<O>,
 }
 
-impl<B> LayerActs<B> {
+impl<O: Ops + ?Sized> LayerActs<O> {
     /// This layer's routing, for the load-balancing loss (`None` for a dense layer).
-    pub fn routing(&self) -> Option<&Routing> {
+    pub fn routing(&self) -> Option<&O::Routing> {
         match &self.ffn {
-            FfnActs::Moe { routing, .. } => Some(routing),
+            FfnActs::Moe(m) => Some(&m.routing),
             FfnActs::Dense(_) => None,
         }
     }
 }
 
-/// The load-balancing gradient a layer's backward adds to its router probabilities.
-pub struct AuxGrad<'a> {
-    pub balance: &'a LoadBalance,
-    pub coef: f64,
-    pub row_weights: &'a [f64],
+/// The first row of each expert in expert order, and the rows' end.
+fn expert_starts(rows_per_expert: &[usize]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(rows_per_expert.len() + 1);
+    starts.push(0);
+    for &n in rows_per_expert {
+        starts.push(starts.last().copied().unwrap_or(0) + n);
+    }
+    starts
 }
 
 pub fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
@@ -108,7 +111,7 @@ pub fn forward<O: Ops>(
     p: &LayerParams<O::Buf>,
     x: &O::Buf,
     layout: &AttentionLayout,
-) -> (O::Buf, LayerActs<O::Buf>) {
+) -> (O::Buf, LayerActs<O>) {
     forward_with(ops, cfg, p, x, &layout.positions, |q, k, v| {
         ops.attention(q, k, v, layout, attn_shape(cfg))
     })
@@ -124,7 +127,7 @@ pub fn forward_with<O: Ops>(
     x: &O::Buf,
     positions: &[u32],
     attend: impl FnOnce(&O::Buf, &O::Buf, &O::Buf) -> (O::Buf, O::Buf),
-) -> (O::Buf, LayerActs<O::Buf>) {
+) -> (O::Buf, LayerActs<O>) {
     let t = positions.len();
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -154,36 +157,36 @@ pub fn forward_with<O: Ops>(
             (out, FfnActs::Dense(acts))
         }
         FeedForward::Moe { router, experts } => {
-            let e_count = experts.len();
             let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
-            let logits = ops.download(&ops.matmul(&ffn_in, router, t, d, e_count));
-            let routing = route(&logits, e_count, moe.experts_per_token);
-            let mut out = ops.zeros(t * d);
-            let mut acts = Vec::with_capacity(e_count);
-            for (w, dispatch) in experts.iter().zip(routing.dispatch()) {
-                let n = dispatch.rows.len();
-                let input = ops.gather_rows(&ffn_in, &dispatch.rows, None, d);
-                let (output, mlp) = mlp_forward(ops, w, &input, n, cfg);
-                ops.scatter_add_rows(
-                    &mut out,
-                    &output,
-                    &dispatch.rows,
-                    Some(&dispatch.weights),
-                    d,
-                );
-                acts.push(ExpertActs {
-                    dispatch,
+            let logits = ops.matmul(&ffn_in, router, t, d, experts.len());
+            let routing = ops.moe_route(&logits, experts.len(), moe.experts_per_token);
+            let rows_per_expert = ops.moe_expert_rows(&routing);
+            let starts = expert_starts(&rows_per_expert);
+            let input = ops.moe_permute(&ffn_in, &routing, false, d);
+            let mut outputs = Vec::with_capacity(experts.len());
+            let mut mlp = Vec::with_capacity(experts.len());
+            // A failed device reports no rows, and then no expert runs (its error is pending).
+            for ((w, &n), &start) in experts.iter().zip(&rows_per_expert).zip(&starts) {
+                if n == 0 {
+                    mlp.push(None);
+                    continue;
+                }
+                let rows = ops.rows(&input, start, n, d);
+                let (output, acts) = mlp_forward(ops, w, &rows, n, cfg);
+                outputs.push(output);
+                mlp.push(Some(acts));
+            }
+            let output = ops.concat(&outputs);
+            let out = ops.moe_unpermute(&output, &routing, true, d);
+            (
+                out,
+                FfnActs::Moe(MoeActs {
+                    routing,
+                    rows_per_expert,
                     input,
                     mlp,
                     output,
-                });
-            }
-            (
-                out,
-                FfnActs::Moe {
-                    routing,
-                    experts: acts,
-                },
+                }),
             )
         }
     };
@@ -211,10 +214,10 @@ pub fn backward<O: Ops>(
     p: &LayerParams<O::Buf>,
     g: &mut LayerParams<O::Buf>,
     x: &O::Buf,
-    acts: &LayerActs<O::Buf>,
+    acts: &LayerActs<O>,
     dy: &O::Buf,
     layout: &AttentionLayout,
-    aux: Option<&AuxGrad>,
+    aux: Option<MoeAux<O::Balance>>,
 ) -> O::Buf {
     let t = layout.len();
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -231,30 +234,20 @@ pub fn backward<O: Ops>(
                 router: grouter,
                 experts: gexperts,
             },
-            FfnActs::Moe {
-                routing,
-                experts: eacts,
-            },
+            FfnActs::Moe(a),
         ) => {
-            let mut dffn_in = ops.zeros(t * d);
-            let mut d_weights = vec![0f64; routing.chosen.len()];
-            for ((w, gw), a) in experts.iter().zip(gexperts.iter_mut()).zip(eacts) {
-                let rows = &a.dispatch.rows;
-                let dy_rows = ops.gather_rows(dy, rows, None, d);
-                for (&slot, dw) in a
-                    .dispatch
-                    .slots
-                    .iter()
-                    .zip(ops.row_dots(&dy_rows, &a.output, d))
-                {
-                    d_weights[slot] = dw;
-                }
-                let dout = ops.gather_rows(dy, rows, Some(&a.dispatch.weights), d);
-                let dx = mlp_backward(ops, w, gw, &a.input, &a.mlp, &dout, rows.len(), cfg);
-                ops.scatter_add_rows(&mut dffn_in, &dx, rows, None, d);
+            let starts = expert_starts(&a.rows_per_expert);
+            let dout = ops.moe_permute(dy, &a.routing, true, d);
+            let mut dinputs = Vec::with_capacity(experts.len());
+            let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
+            for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows) {
+                let Some(mlp) = mlp else { continue };
+                let input = ops.rows(&a.input, start, n, d);
+                let dout_rows = ops.rows(&dout, start, n, d);
+                dinputs.push(mlp_backward(ops, w, gw, &input, mlp, &dout_rows, n, cfg));
             }
-            let direct = aux.map(|a| a.balance.prob_grad(a.coef, a.row_weights));
-            let dz = ops.upload(&routing.backward(&d_weights, direct.as_deref()));
+            let mut dffn_in = ops.moe_unpermute(&ops.concat(&dinputs), &a.routing, false, d);
+            let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
             let dx_router =
                 ops.matmul_backward(&acts.ffn_in, router, &dz, t, d, experts.len(), grouter);
             ops.add_assign(&mut dffn_in, &dx_router);

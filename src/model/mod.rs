@@ -4,16 +4,14 @@
 
 pub mod init;
 pub mod layer;
-pub mod moe;
 pub mod params;
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::{Batch, ResponseSpan};
-use crate::ops::{AttentionLayout, Ops};
+use crate::ops::{AttentionLayout, MoeAux, Ops};
 use anyhow::{Context, Result};
-use layer::{AuxGrad, LayerActs};
-use moe::LoadBalance;
+use layer::LayerActs;
 use params::Params;
 use safetensors::Dtype;
 use std::path::Path;
@@ -46,12 +44,13 @@ pub enum Keep {
     Everything,
 }
 
-struct Forward<B> {
+struct Forward<O: Ops> {
     /// The final hidden states before the last norm.
-    hidden: B,
-    layer_inputs: Vec<B>,
-    layer_acts: Vec<LayerActs<B>>,
-    balance: Option<LoadBalance>,
+    hidden: O::Buf,
+    layer_inputs: Vec<O::Buf>,
+    layer_acts: Vec<LayerActs<O>>,
+    /// The load-balancing sums (Mixtral).
+    balance: Option<O::Balance>,
 }
 
 /// The loss of a batch as a function of its statistics: returns the loss and
@@ -113,22 +112,18 @@ impl<B> Model<B> {
         layout: &AttentionLayout,
         row_weights: &[f64],
         keep: Keep,
-    ) -> Forward<B> {
+    ) -> Forward<O> {
         let mut h = ops.embedding(&self.params.embed, tokens, self.cfg.hidden_size);
         let mut out = Forward {
             hidden: ops.zeros(0),
             layer_inputs: Vec::new(),
             layer_acts: Vec::new(),
-            balance: self
-                .cfg
-                .moe
-                .as_ref()
-                .map(|m| LoadBalance::new(m.num_experts)),
+            balance: self.cfg.moe.as_ref().map(|m| ops.moe_balance(m.num_experts)),
         };
         for p in &self.params.layers {
             let (next, acts) = layer::forward(ops, &self.cfg, p, &h, layout);
             if let (Some(balance), Some(routing)) = (&mut out.balance, acts.routing()) {
-                balance.add_layer(routing, row_weights);
+                ops.moe_balance_add(balance, routing, row_weights);
             }
             if keep != Keep::Nothing {
                 out.layer_inputs.push(h);
@@ -189,7 +184,7 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
-        let aux = fwd.balance.as_ref().map(LoadBalance::loss);
+        let aux = fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b));
         (response_stats(batch, &logp), aux)
     }
 
@@ -234,7 +229,7 @@ impl<B> Model<B> {
         let (rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
         let stats = response_stats(batch, &logp);
         let sg = loss_fn(&stats)?;
-        let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
+        let aux_loss = fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b));
         let loss = sg.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
         let dlogp: Vec<f64> = token_grads(&batch.responses, batch.targets.len(), &sg)
@@ -265,8 +260,8 @@ impl<B> Model<B> {
             cfg.rms_norm_eps,
             &mut grads.final_norm,
         );
-        let aux = match (&fwd.balance, opts.aux_coef) {
-            (Some(balance), coef) if coef != 0.0 => Some(AuxGrad {
+        let aux = |coef: f64| match &fwd.balance {
+            Some(balance) if coef != 0.0 => Some(MoeAux {
                 balance,
                 coef: coef * scale,
                 row_weights: &batch.row_weights,
@@ -289,7 +284,7 @@ impl<B> Model<B> {
                 &acts,
                 &dh,
                 &batch.layout,
-                aux.as_ref(),
+                aux(opts.aux_coef),
             );
         }
         ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);

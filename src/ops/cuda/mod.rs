@@ -12,6 +12,7 @@ pub mod gemm;
 mod gpu;
 pub mod kernels;
 pub mod loss;
+pub mod moe;
 pub mod ops;
 pub mod pool;
 pub mod profile;

@@ -176,6 +176,15 @@ impl<T: bytemuck::Pod> AsView<T> for Leased<T> {
 }
 
 impl Pool {
+    /// `len` elements of `T` in a region of the pool, their contents undefined.
+    pub fn leased<T: bytemuck::Pod>(&self, device: &Device, len: usize) -> Result<Leased<T>> {
+        let (view, lease) = self.take::<T>(device, len)?;
+        Ok(Leased {
+            view,
+            _lease: lease,
+        })
+    }
+
     /// `data` on the device, in a region of the pool.
     pub fn upload<T: bytemuck::Pod>(&self, device: &Device, data: &[T]) -> Result<Leased<T>> {
         let (mut view, lease) = self.take::<T>(device, data.len())?;
