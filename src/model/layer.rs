@@ -75,9 +75,8 @@ fn mlp_forward<O: Ops>(
     w: &Expert<O::Buf>,
     x: &O::Buf,
     rows: usize,
-    cfg: &ModelConfig,
+    (d, i): (usize, usize),
 ) -> (O::Buf, MlpActs<O::Buf>) {
-    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
     let gate = ops.matmul(x, &w.gate, rows, d, i);
     let up = ops.matmul(x, &w.up, rows, d, i);
     let act = ops.swiglu(&gate, &up);
@@ -94,14 +93,113 @@ fn mlp_backward<O: Ops>(
     acts: &MlpActs<O::Buf>,
     dout: &O::Buf,
     rows: usize,
-    cfg: &ModelConfig,
+    (d, i): (usize, usize),
 ) -> O::Buf {
-    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
     let dact = ops.matmul_backward(&acts.act, &w.down, dout, rows, i, d, &mut g.down);
     let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
     let mut dx = ops.matmul_backward(x, &w.gate, &dgate, rows, d, i, &mut g.gate);
     let dx_up = ops.matmul_backward(x, &w.up, &dup, rows, d, i, &mut g.up);
     ops.add_assign(&mut dx, &dx_up);
+    dx
+}
+
+/// The shape of a MoE feed-forward: width, expert MLP width, experts, experts per token.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    pub d: usize,
+    pub ffn: usize,
+    pub experts: usize,
+    pub k: usize,
+}
+
+fn moe_shape(cfg: &ModelConfig) -> MoeShape {
+    let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
+    MoeShape {
+        d: cfg.hidden_size,
+        ffn: cfg.intermediate_size,
+        experts: moe.num_experts,
+        k: moe.experts_per_token,
+    }
+}
+
+/// The MoE feed-forward of `t` rows `x [t, d]`: the router, the rows permuted into expert order,
+/// one SwiGLU MLP per expert on its contiguous rows, the weighted un-permute.
+pub fn moe_forward<O: Ops>(
+    ops: &O,
+    s: MoeShape,
+    router: &O::Buf,
+    experts: &[Expert<O::Buf>],
+    x: &O::Buf,
+    t: usize,
+) -> (O::Buf, MoeActs<O>) {
+    let logits = ops.matmul(x, router, t, s.d, s.experts);
+    let routing = ops.moe_route(&logits, s.experts, s.k);
+    let rows_per_expert = ops.moe_expert_rows(&routing);
+    let starts = expert_starts(&rows_per_expert);
+    let input = ops.moe_permute(x, &routing, false, s.d);
+    let mut outputs = Vec::with_capacity(experts.len());
+    let mut mlp = Vec::with_capacity(experts.len());
+    // A failed device reports no rows, and then no expert runs (its error is pending).
+    for ((w, &n), &start) in experts.iter().zip(&rows_per_expert).zip(&starts) {
+        if n == 0 {
+            mlp.push(None);
+            continue;
+        }
+        let rows = ops.rows(&input, start, n, s.d);
+        let (output, acts) = mlp_forward(ops, w, &rows, n, (s.d, s.ffn));
+        outputs.push(output);
+        mlp.push(Some(acts));
+    }
+    let output = ops.concat(&outputs);
+    let out = ops.moe_unpermute(&output, &routing, true, s.d);
+    let acts = MoeActs {
+        routing,
+        rows_per_expert,
+        input,
+        mlp,
+        output,
+    };
+    (out, acts)
+}
+
+/// Returns `dL/dx` of [`moe_forward`] from `dL/dout`; accumulates the router's and the
+/// experts' gradients into `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward<O: Ops>(
+    ops: &O,
+    s: MoeShape,
+    (router, experts): (&O::Buf, &[Expert<O::Buf>]),
+    (grouter, gexperts): (&mut O::Buf, &mut [Expert<O::Buf>]),
+    (x, t): (&O::Buf, usize),
+    a: &MoeActs<O>,
+    dy: &O::Buf,
+    aux: Option<MoeAux<O::Balance>>,
+) -> O::Buf {
+    let d = s.d;
+    let starts = expert_starts(&a.rows_per_expert);
+    let dout = ops.moe_permute(dy, &a.routing, true, d);
+    let mut dinputs = Vec::with_capacity(experts.len());
+    let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
+    for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows)
+    {
+        let Some(mlp) = mlp else { continue };
+        let input = ops.rows(&a.input, start, n, d);
+        let dout_rows = ops.rows(&dout, start, n, d);
+        dinputs.push(mlp_backward(
+            ops,
+            w,
+            gw,
+            &input,
+            mlp,
+            &dout_rows,
+            n,
+            (d, s.ffn),
+        ));
+    }
+    let mut dx = ops.moe_unpermute(&ops.concat(&dinputs), &a.routing, false, d);
+    let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
+    let dx_router = ops.matmul_backward(x, router, &dz, t, d, s.experts, grouter);
+    ops.add_assign(&mut dx, &dx_router);
     dx
 }
 
@@ -153,41 +251,12 @@ pub fn forward_with<O: Ops>(
     let ffn_in = ops.rmsnorm(&mid, &p.post_norm, d, eps);
     let (ffn_out, ffn) = match &p.ffn {
         FeedForward::Dense(w) => {
-            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, cfg);
+            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, (d, cfg.intermediate_size));
             (out, FfnActs::Dense(acts))
         }
         FeedForward::Moe { router, experts } => {
-            let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
-            let logits = ops.matmul(&ffn_in, router, t, d, experts.len());
-            let routing = ops.moe_route(&logits, experts.len(), moe.experts_per_token);
-            let rows_per_expert = ops.moe_expert_rows(&routing);
-            let starts = expert_starts(&rows_per_expert);
-            let input = ops.moe_permute(&ffn_in, &routing, false, d);
-            let mut outputs = Vec::with_capacity(experts.len());
-            let mut mlp = Vec::with_capacity(experts.len());
-            // A failed device reports no rows, and then no expert runs (its error is pending).
-            for ((w, &n), &start) in experts.iter().zip(&rows_per_expert).zip(&starts) {
-                if n == 0 {
-                    mlp.push(None);
-                    continue;
-                }
-                let rows = ops.rows(&input, start, n, d);
-                let (output, acts) = mlp_forward(ops, w, &rows, n, cfg);
-                outputs.push(output);
-                mlp.push(Some(acts));
-            }
-            let output = ops.concat(&outputs);
-            let out = ops.moe_unpermute(&output, &routing, true, d);
-            (
-                out,
-                FfnActs::Moe(MoeActs {
-                    routing,
-                    rows_per_expert,
-                    input,
-                    mlp,
-                    output,
-                }),
-            )
+            let (out, acts) = moe_forward(ops, moe_shape(cfg), router, experts, &ffn_in, t);
+            (out, FfnActs::Moe(acts))
         }
     };
     let mut y = ffn_out;
@@ -225,9 +294,16 @@ pub fn backward<O: Ops>(
     let eps = cfg.rms_norm_eps;
 
     let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
-        (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
-            mlp_backward(ops, w, gw, &acts.ffn_in, a, dy, t, cfg)
-        }
+        (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => mlp_backward(
+            ops,
+            w,
+            gw,
+            &acts.ffn_in,
+            a,
+            dy,
+            t,
+            (d, cfg.intermediate_size),
+        ),
         (
             FeedForward::Moe { router, experts },
             FeedForward::Moe {
@@ -236,22 +312,18 @@ pub fn backward<O: Ops>(
             },
             FfnActs::Moe(a),
         ) => {
-            let starts = expert_starts(&a.rows_per_expert);
-            let dout = ops.moe_permute(dy, &a.routing, true, d);
-            let mut dinputs = Vec::with_capacity(experts.len());
-            let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
-            for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows) {
-                let Some(mlp) = mlp else { continue };
-                let input = ops.rows(&a.input, start, n, d);
-                let dout_rows = ops.rows(&dout, start, n, d);
-                dinputs.push(mlp_backward(ops, w, gw, &input, mlp, &dout_rows, n, cfg));
-            }
-            let mut dffn_in = ops.moe_unpermute(&ops.concat(&dinputs), &a.routing, false, d);
-            let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
-            let dx_router =
-                ops.matmul_backward(&acts.ffn_in, router, &dz, t, d, experts.len(), grouter);
-            ops.add_assign(&mut dffn_in, &dx_router);
-            dffn_in
+            let grads = (grouter, gexperts.as_mut_slice());
+            let shape = moe_shape(cfg);
+            moe_backward(
+                ops,
+                shape,
+                (router, experts),
+                grads,
+                (&acts.ffn_in, t),
+                a,
+                dy,
+                aux,
+            )
         }
         _ => unreachable!("parameters, gradients and activations share one layer structure"),
     };

@@ -118,7 +118,11 @@ impl<B> Model<B> {
             hidden: ops.zeros(0),
             layer_inputs: Vec::new(),
             layer_acts: Vec::new(),
-            balance: self.cfg.moe.as_ref().map(|m| ops.moe_balance(m.num_experts)),
+            balance: self
+                .cfg
+                .moe
+                .as_ref()
+                .map(|m| ops.moe_balance(m.num_experts)),
         };
         for p in &self.params.layers {
             let (next, acts) = layer::forward(ops, &self.cfg, p, &h, layout);

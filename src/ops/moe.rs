@@ -16,7 +16,6 @@ pub struct Routing {
     pub weights: Vec<f64>,
 }
 
-
 pub fn route(logits: &[f32], experts: usize, k: usize) -> Routing {
     let tokens = logits.len() / experts;
     let mut probs = vec![0f64; tokens * experts];

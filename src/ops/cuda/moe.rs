@@ -309,7 +309,11 @@ impl<'a> MoeKernels<'a> {
         ensure_len("moe router backward dL/dweight", d_weights.len(), r.slots())?;
         if let Some((balance, _, row_weights)) = aux {
             ensure_len("moe balance experts", balance.experts, r.experts)?;
-            ensure_len("moe router backward row weights", row_weights.len(), r.tokens)?;
+            ensure_len(
+                "moe router backward row weights",
+                row_weights.len(),
+                r.tokens,
+            )?;
         }
         let mut args = KernelArgs::new();
         args.arg(r.probs.device_ptr())

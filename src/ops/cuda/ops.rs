@@ -13,11 +13,11 @@
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::device::AsView;
 use super::device::Device;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
-use super::device::AsView;
 use super::pool::{Leased, Pool, Tensor};
 use super::scoring::FusedScoring;
 use crate::ops::cpu::CpuOps;
