@@ -24,6 +24,12 @@ pub struct MoeActs<O: Ops + ?Sized> {
     output: O::Buf,
 }
 
+impl<O: Ops + ?Sized> MoeActs<O> {
+    pub fn routing(&self) -> &O::Routing {
+        &self.routing
+    }
+}
+
 pub enum FfnActs<O: Ops + ?Sized> {
     Dense(MlpActs<O::Buf>),
     Moe(MoeActs<O>),
