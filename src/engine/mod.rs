@@ -6,7 +6,7 @@
 //! one launch each, without any device allocation after the first step.
 //!
 //! Today it stores everything in f32 (`--precision f32`, the path that is checked against the
-//! CPU exactly); the prediction rows' gather and scatter still round-trip through the host
+//! CPU exactly); the prediction rows' scatter-add still round-trips through the host
 //! inside [`DeviceOps`], the MoE layers download their per-expert row counts (a temporary
 //! exception, docs/architecture.md §12), and the per-response statistics come to the host
 //! for the loss once per micro-batch.

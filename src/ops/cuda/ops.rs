@@ -4,9 +4,9 @@
 //! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE layer's
 //! routing, row permutations, router backward and load-balancing sums run there too
 //! (`super::moe`; its per-expert row counts come to the host, a stated temporary exception).
-//! The generic row gathers and scatters (`gather_rows`, `scatter_add_rows`, the prediction
-//! rows) have no kernels yet: they copy their operands to the host, run the CPU reference and
-//! copy the results back.
+//! `gather_rows` (the prediction rows) runs the MoE gather kernel; `scatter_add_rows`, whose
+//! rows may repeat, has no kernel yet: it copies its operands to the host, runs the CPU
+//! reference and copies the result back.
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
@@ -421,11 +421,23 @@ impl Ops for DeviceOps<'_> {
 
     fn gather_rows(&self, x: &Tensor, rows: &[u32], scale: RowScale, d: usize) -> Tensor {
         self.attempt(
-            "gather_rows (on the host)",
+            "gather_rows",
             || Self::placeholder(rows.len() * d),
             || {
-                let out = CpuOps.gather_rows(&self.host(x)?, rows, scale, d);
-                self.put(&out)
+                let rows_on_device = self.pool.upload(self.device, rows)?;
+                let scale = match scale {
+                    Some(s) => Some(self.pool.upload(self.device, s)?),
+                    None => None,
+                };
+                let mut out = self.alloc(rows.len() * d)?;
+                self.moe().gather(
+                    x,
+                    rows_on_device.view(),
+                    scale.as_ref().map(AsView::view),
+                    &mut out,
+                    d,
+                )?;
+                Ok(out)
             },
         )
     }
