@@ -8,8 +8,8 @@ use contralign::model::params::Expert;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
 use contralign::ops::cuda::ops::DeviceOps;
-use contralign::ops::cuda::selftest::{self, moe};
 use contralign::ops::{MoeAux, Ops};
+use contralign::selftest::{self, moe};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -7,6 +7,7 @@ mod common;
 use common::{contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
@@ -20,7 +21,7 @@ fn options(steps: u64, micro_tokens: usize) -> TrainOptions {
     TrainOptions {
         spec: LossSpec::new(LossKind::Nca),
         aux_coef: 0.02,
-        checkpointing: true,
+        recompute: RecomputePolicy::Full,
         budget: StepBudget::Groups(3),
         micro_tokens,
         seed: 11,
@@ -78,6 +79,9 @@ fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
             assert!(w.skipped.is_none() && g.skipped.is_none());
             common::assert_close(&format!("{model} loss"), g.loss, w.loss, REL);
             common::assert_close(&format!("{model} grad_norm"), g.grad_norm, w.grad_norm, REL);
+            // The device's metrics come from the loss kernels, combined over micro-batches.
+            let beta = LossSpec::new(LossKind::Nca).beta;
+            common::assert_metrics_close(model, &g.metrics, &w.metrics, REL, beta);
         }
         emu.sync_to_host().unwrap();
         assert_eq!(emu.optimizer.step, cpu.optimizer.step);
@@ -116,8 +120,16 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
     // Groups of one shape, so that every step packs the same sizes.
     let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
     let groups = vec![one; 9];
-    for model in ["tiny-mistral", "tiny-mixtral"] {
-        let mut emu = trainer(model, &groups, options(4, 10_000));
+    for (model, recompute) in [
+        ("tiny-mistral", RecomputePolicy::Full),
+        ("tiny-mistral", RecomputePolicy::Selective),
+        ("tiny-mixtral", RecomputePolicy::Selective),
+    ] {
+        let opts = TrainOptions {
+            recompute,
+            ..options(4, 10_000)
+        };
+        let mut emu = trainer(model, &groups, opts);
         emu.use_device(Device::Emu).unwrap();
         emu.train_step().unwrap();
         let after_first = counters();
@@ -130,6 +142,36 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
             now.allocated_bytes - after_first.allocated_bytes
         );
         assert!(records.iter().all(|r| r.loss.is_finite()));
+    }
+}
+
+/// A step copies to the host only what it logs: per micro-batch the loss kernels' summary
+/// (the loss and the metrics: 1 + 6 + K + 2 f64 for groups of K responses), per step the
+/// gradient norm (one f32). Mistral only: Mixtral's MoE row moves still run on the host.
+#[test]
+fn a_step_downloads_only_the_scalars_it_logs() {
+    let mut rng = rng("a_step_downloads_only_the_scalars_it_logs");
+    let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
+    let k = one.responses.len();
+    let group_tokens = one.prompt.len() + one.responses.iter().map(Vec::len).sum::<usize>();
+    let groups = vec![one; 9];
+    // One micro-batch per step, then one per group (the step's 3 groups).
+    for (micro_tokens, micro_batches) in [(10_000, 1), (group_tokens, 3)] {
+        let mut emu = trainer("tiny-mistral", &groups, options(4, micro_tokens));
+        emu.use_device(Device::Emu).unwrap();
+        emu.train_step().unwrap();
+        let before = counters();
+        emu.train_step().unwrap();
+        let after = counters();
+        let summary_bytes = 8 * (1 + 6 + k + 2) as u64;
+        assert_eq!(
+            (
+                after.downloads - before.downloads,
+                after.downloaded_bytes - before.downloaded_bytes
+            ),
+            (micro_batches + 1, micro_batches * summary_bytes + 4),
+            "downloads of a step of {micro_batches} micro-batches"
+        );
     }
 }
 
@@ -192,7 +234,15 @@ fn resume_on_the_emulated_device_is_exact() {
             args.extend([flag.to_string(), value]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let run = contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        // Without a recompute flag and without a memory limit, a device run recomputes
+        // selectively.
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(
+            stderr.contains("recompute: selective"),
+            !extra.contains(&"cpu"),
+            "{stderr}"
+        );
         out
     };
     let straight = train("straight", &[]);

@@ -6,17 +6,17 @@
 //! one launch each, without any device allocation after the first step.
 //!
 //! Today it stores everything in f32 (`--precision f32`, the path that is checked against the
-//! CPU exactly); the prediction rows' scatter-add still round-trips through the host
-//! inside [`DeviceOps`], the MoE layers download their per-expert row counts (a temporary
-//! exception, docs/architecture.md §12), and the per-response statistics come to the host
-//! for the loss once per micro-batch.
+//! CPU exactly); a step downloads its logged scalars, and each MoE layer its per-expert row
+//! counts (a temporary exception, docs/architecture.md §12).
 
 pub mod bench;
+pub mod loss;
 pub mod moe_bench;
 pub mod store;
 
 use crate::config::ModelConfig;
 use crate::data::Group;
+use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
@@ -64,7 +64,7 @@ impl DeviceEngine {
     pub fn plan(
         cfg: &ModelConfig,
         micro_tokens: usize,
-        checkpointing: bool,
+        recompute: RecomputePolicy,
         reference: bool,
     ) -> Result<MemoryPlan> {
         MemoryPlan::new(
@@ -72,11 +72,7 @@ impl DeviceEngine {
             &PlanOptions {
                 micro_tokens,
                 precision: PrecisionOptions::all_f32(),
-                recompute: if checkpointing {
-                    RecomputePolicy::Full
-                } else {
-                    RecomputePolicy::None
-                },
+                recompute,
                 reference: if reference {
                     ReferenceSource::Cached
                 } else {
@@ -174,7 +170,7 @@ impl DeviceEngine {
         spec: &LossSpec,
         opts: &StepOptions,
         share: f64,
-    ) -> Result<PassOutput> {
+    ) -> Result<PassOutput<MetricTotals>> {
         let ops = DeviceOps::with_pool(&self.device, self.pool.clone());
         step::accumulate_grads(
             &ops,

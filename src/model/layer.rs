@@ -6,20 +6,22 @@ use super::params::{Expert, FeedForward, LayerParams};
 use crate::config::ModelConfig;
 use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops};
 
-/// What the backward of one SwiGLU MLP needs (its input is held by the caller).
+/// What the backward of one SwiGLU MLP needs (its input is held by the caller); `act` is
+/// `None` when the backward recomputes it from `gate` and `up` (selective recompute).
 pub struct MlpActs<B> {
     gate: B,
     up: B,
-    act: B,
+    act: Option<B>,
 }
 
 /// What the backward of a MoE feed-forward reads (docs/architecture.md §6): the routing,
-/// the input rows in expert order, each expert's MLP activations (`None` for an expert that
-/// received no row) and the experts' outputs in expert order.
+/// the input rows in expert order (`None` under selective recompute: the backward permutes
+/// the layer's input again, the same bits), each expert's MLP activations (`None` for an
+/// expert that received no row) and the experts' outputs in expert order.
 pub struct MoeActs<O: Ops + ?Sized> {
     routing: O::Routing,
     rows_per_expert: Vec<usize>,
-    input: O::Buf,
+    input: Option<O::Buf>,
     mlp: Vec<Option<MlpActs<O::Buf>>>,
     output: O::Buf,
 }
@@ -35,20 +37,37 @@ pub enum FfnActs<O: Ops + ?Sized> {
     Moe(MoeActs<O>),
 }
 
-/// Everything the backward of a layer reads, from its input `x` on.
+/// Everything the backward of a layer reads, from its input `x` on. Under selective
+/// recompute the norms' outputs and SwiGLU's are dropped (`None`) and recomputed by the
+/// backward from what is kept, the same ops on the same inputs: the same bits.
 pub struct LayerActs<O: Ops + ?Sized> {
-    normed: O::Buf,
+    normed: Option<O::Buf>,
     q: O::Buf,
     k: O::Buf,
     v: O::Buf,
     attn: O::Buf,
     lse: O::Buf,
     mid: O::Buf,
-    ffn_in: O::Buf,
+    ffn_in: Option<O::Buf>,
     ffn: FfnActs<O>,
 }
 
 impl<O: Ops + ?Sized> LayerActs<O> {
+    /// What selective recompute keeps: the GEMM, attention and routing outputs, without the
+    /// norms', SwiGLU's and the MoE dispatch's (docs/architecture.md §12).
+    pub fn selective(mut self) -> Self {
+        self.normed = None;
+        self.ffn_in = None;
+        match &mut self.ffn {
+            FfnActs::Dense(mlp) => mlp.act = None,
+            FfnActs::Moe(m) => {
+                m.input = None;
+                m.mlp.iter_mut().flatten().for_each(|mlp| mlp.act = None);
+            }
+        }
+        self
+    }
+
     /// This layer's routing, for the load-balancing loss (`None` for a dense layer).
     pub fn routing(&self) -> Option<&O::Routing> {
         match &self.ffn {
@@ -66,6 +85,18 @@ fn expert_starts(rows_per_expert: &[usize]) -> Vec<usize> {
         starts.push(starts.last().copied().unwrap_or(0) + n);
     }
     starts
+}
+
+/// A kept activation, or the one `recompute` makes, held in `slot` for as long as it is used.
+fn kept_or<'a, B>(
+    kept: &'a Option<B>,
+    slot: &'a mut Option<B>,
+    recompute: impl FnOnce() -> B,
+) -> &'a B {
+    match kept {
+        Some(value) => value,
+        None => slot.insert(recompute()),
+    }
 }
 
 pub fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
@@ -87,6 +118,7 @@ fn mlp_forward<O: Ops>(
     let up = ops.matmul(x, &w.up, rows, d, i);
     let act = ops.swiglu(&gate, &up);
     let out = ops.matmul(&act, &w.down, rows, i, d);
+    let act = Some(act);
     (out, MlpActs { gate, up, act })
 }
 
@@ -101,7 +133,11 @@ fn mlp_backward<O: Ops>(
     rows: usize,
     (d, i): (usize, usize),
 ) -> O::Buf {
-    let dact = ops.matmul_backward(&acts.act, &w.down, dout, rows, i, d, &mut g.down);
+    let mut recomputed = None;
+    let act = kept_or(&acts.act, &mut recomputed, || {
+        ops.swiglu(&acts.gate, &acts.up)
+    });
+    let dact = ops.matmul_backward(act, &w.down, dout, rows, i, d, &mut g.down);
     let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
     let mut dx = ops.matmul_backward(x, &w.gate, &dgate, rows, d, i, &mut g.gate);
     let dx_up = ops.matmul_backward(x, &w.up, &dup, rows, d, i, &mut g.up);
@@ -161,7 +197,7 @@ pub fn moe_forward<O: Ops>(
     let acts = MoeActs {
         routing,
         rows_per_expert,
-        input,
+        input: Some(input),
         mlp,
         output,
     };
@@ -183,13 +219,17 @@ pub fn moe_backward<O: Ops>(
 ) -> O::Buf {
     let d = s.d;
     let starts = expert_starts(&a.rows_per_expert);
+    let mut input_recomputed = None;
+    let all_input = kept_or(&a.input, &mut input_recomputed, || {
+        ops.moe_permute(x, &a.routing, false, d)
+    });
     let dout = ops.moe_permute(dy, &a.routing, true, d);
     let mut dinputs = Vec::with_capacity(experts.len());
     let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
     for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows)
     {
         let Some(mlp) = mlp else { continue };
-        let input = ops.rows(&a.input, start, n, d);
+        let input = ops.rows(all_input, start, n, d);
         let dout_rows = ops.rows(&dout, start, n, d);
         dinputs.push(mlp_backward(
             ops,
@@ -268,14 +308,14 @@ pub fn forward_with<O: Ops>(
     let mut y = ffn_out;
     ops.add_assign(&mut y, &mid);
     let acts = LayerActs {
-        normed,
+        normed: Some(normed),
         q,
         k,
         v,
         attn,
         lse,
         mid,
-        ffn_in,
+        ffn_in: Some(ffn_in),
         ffn,
     };
     (y, acts)
@@ -298,18 +338,15 @@ pub fn backward<O: Ops>(
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let eps = cfg.rms_norm_eps;
+    let mut ffn_in_recomputed = None;
+    let ffn_in = kept_or(&acts.ffn_in, &mut ffn_in_recomputed, || {
+        ops.rmsnorm(&acts.mid, &p.post_norm, d, eps)
+    });
 
     let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
-        (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => mlp_backward(
-            ops,
-            w,
-            gw,
-            &acts.ffn_in,
-            a,
-            dy,
-            t,
-            (d, cfg.intermediate_size),
-        ),
+        (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
+            mlp_backward(ops, w, gw, ffn_in, a, dy, t, (d, cfg.intermediate_size))
+        }
         (
             FeedForward::Moe { router, experts },
             FeedForward::Moe {
@@ -325,7 +362,7 @@ pub fn backward<O: Ops>(
                 shape,
                 (router, experts),
                 grads,
-                (&acts.ffn_in, t),
+                (ffn_in, t),
                 a,
                 dy,
                 aux,
@@ -364,9 +401,14 @@ pub fn backward<O: Ops>(
         cfg.rope_theta,
         true,
     );
-    let mut dnormed = ops.matmul_backward(&acts.normed, &p.q, &dq, t, d, qw, &mut g.q);
-    let dk_in = ops.matmul_backward(&acts.normed, &p.k, &dk, t, d, kvw, &mut g.k);
-    let dv_in = ops.matmul_backward(&acts.normed, &p.v, &dv, t, d, kvw, &mut g.v);
+    drop(ffn_in_recomputed);
+    let mut normed_recomputed = None;
+    let normed = kept_or(&acts.normed, &mut normed_recomputed, || {
+        ops.rmsnorm(x, &p.input_norm, d, eps)
+    });
+    let mut dnormed = ops.matmul_backward(normed, &p.q, &dq, t, d, qw, &mut g.q);
+    let dk_in = ops.matmul_backward(normed, &p.k, &dk, t, d, kvw, &mut g.k);
+    let dv_in = ops.matmul_backward(normed, &p.v, &dv, t, d, kvw, &mut g.v);
     ops.add_assign(&mut dnormed, &dk_in);
     ops.add_assign(&mut dnormed, &dv_in);
     let mut dx = ops.rmsnorm_backward(x, &p.input_norm, &dnormed, d, eps, &mut g.input_norm);

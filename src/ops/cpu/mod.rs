@@ -4,10 +4,12 @@
 mod attention;
 mod elementwise;
 pub mod linalg;
-mod scoring;
+pub mod scoring;
 
 use super::moe::{route, LoadBalance, Routing};
-use super::{AttentionLayout, AttentionShape, MoeAux, Ops, RowScale};
+use super::{
+    row_grads, span_table, AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale,
+};
 
 /// Attention over a KV cache, which the ops trait does not model (generation only runs here).
 pub use attention::attention_over;
@@ -41,6 +43,7 @@ impl Ops for CpuOps {
     type Buf = Vec<f32>;
     type Routing = CpuRouting;
     type Balance = LoadBalance;
+    type Table = Vec<f64>;
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -228,28 +231,37 @@ impl Ops for CpuOps {
         balance.loss()
     }
 
-    fn token_logprobs(
+    fn response_scores(
         &self,
         h: &Vec<f32>,
         head: &Vec<f32>,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Vec<f32>) {
-        scoring::token_logprobs(h, head, targets, d, vocab)
+        let (logp, lse) = scoring::token_logprobs(h, head, targets, d, vocab);
+        (span_table(spans, &logp), lse)
     }
 
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Vec<f32>,
         head: &Vec<f32>,
         targets: &[u32],
         lse: &Vec<f32>,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &Vec<f64>,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Vec<f32>,
     ) -> Vec<f32> {
-        scoring::token_logprobs_backward(h, head, targets, lse, dlogp, d, vocab, dhead)
+        let dlogp = row_grads(spans, targets.len(), grads, scale);
+        scoring::token_logprobs_backward(h, head, targets, lse, &dlogp, d, vocab, dhead)
+    }
+
+    fn table_to_host(&self, table: &Vec<f64>) -> Vec<f64> {
+        table.clone()
     }
 }

@@ -87,7 +87,7 @@ impl<'a> MoeKernels<'a> {
     }
 
     fn take<T: bytemuck::Pod>(&self, len: usize) -> Result<Leased<T>> {
-        self.pool.leased(self.device, len)
+        self.pool.lease(self.device, len)
     }
 
     /// Softmax, top-k and renormalization of `logits [T, experts]`, then the counting sort

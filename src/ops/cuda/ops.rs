@@ -4,9 +4,9 @@
 //! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE layer's
 //! routing, row permutations, router backward and load-balancing sums run there too
 //! (`super::moe`; its per-expert row counts come to the host, a stated temporary exception).
-//! `gather_rows` (the prediction rows) runs the MoE gather kernel; `scatter_add_rows`, whose
-//! rows may repeat, has no kernel yet: it copies its operands to the host, runs the CPU
-//! reference and copies the result back.
+//! An unscaled `gather_rows` / `scatter_add_rows` (the prediction rows) is an embedding
+//! lookup / backward; a scaled gather runs the MoE gather kernel; a scaled scatter-add (which
+//! the model no longer uses) copies its operands to the host and runs the CPU reference.
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
@@ -19,16 +19,19 @@ use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
 use super::pool::{Leased, Pool, Tensor};
-use super::scoring::FusedScoring;
+use super::scoring::{FusedScoring, Spans};
 use crate::ops::cpu::CpuOps;
-use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, RowScale};
+use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale};
 use anyhow::{Context, Result};
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions and
-/// targets.
-const KEPT_INDEX_LISTS: usize = 3;
+/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions,
+/// prediction rows and targets.
+const KEPT_INDEX_LISTS: usize = 4;
+
+/// Response spans, the rows they cover, and their copy on the device.
+type KeptSpans = (Vec<ResponseSpan>, usize, Rc<Spans>);
 
 /// An index list and its copy on the device.
 type IndexList = (Vec<u32>, Rc<Leased<u32>>);
@@ -46,6 +49,39 @@ pub struct DeviceOps<'a> {
     /// The attention layout uploaded last, with its device copy: every layer's attention,
     /// forward and backward, takes the batch's layout.
     attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
+    /// The response spans uploaded last, with the rows they cover and their device copy.
+    spans: RefCell<Option<KeptSpans>>,
+}
+
+/// [`Ops::Table`] on a device: three f64 per response in the pool; nothing when the device
+/// failed before it was made.
+pub struct DeviceTable {
+    values: Option<Leased<f64>>,
+    responses: usize,
+}
+
+impl DeviceTable {
+    pub fn new(values: Leased<f64>) -> Self {
+        let responses = values.len() / 3;
+        DeviceTable {
+            values: Some(values),
+            responses,
+        }
+    }
+
+    fn failed(responses: usize) -> Self {
+        DeviceTable {
+            values: None,
+            responses,
+        }
+    }
+
+    /// The values, three per response.
+    pub fn values(&self) -> Result<&Leased<f64>> {
+        self.values
+            .as_ref()
+            .context("a statistics table that a failed device operation never made")
+    }
 }
 
 impl<'a> DeviceOps<'a> {
@@ -63,6 +99,7 @@ impl<'a> DeviceOps<'a> {
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
+            spans: RefCell::new(None),
         }
     }
 
@@ -150,6 +187,20 @@ impl<'a> DeviceOps<'a> {
         self.pool.upload(self.device, weights)
     }
 
+    /// `spans` over `rows` prediction rows on the device, uploaded unless they are the ones
+    /// from before (the forward's, in the backward).
+    pub fn spans(&self, spans: &[ResponseSpan], rows: usize) -> Result<Rc<Spans>> {
+        let mut kept = self.spans.borrow_mut();
+        if let Some((host, host_rows, device)) = kept.as_ref() {
+            if host.as_slice() == spans && *host_rows == rows {
+                return Ok(device.clone());
+            }
+        }
+        let device = Rc::new(Spans::upload(self.device, &self.pool, spans, rows)?);
+        *kept = Some((spans.to_vec(), rows, device.clone()));
+        Ok(device)
+    }
+
     /// A tensor of `len` elements whose contents are undefined until an op writes them.
     fn alloc(&self, len: usize) -> Result<Tensor> {
         let (view, lease) = self.pool.take(self.device, len)?;
@@ -184,6 +235,7 @@ impl Ops for DeviceOps<'_> {
     /// `None` after a failure (the error is pending).
     type Routing = Option<DeviceRouting>;
     type Balance = Option<DeviceBalance>;
+    type Table = DeviceTable;
 
     /// The first error since the last call, if any operation failed; clears it.
     fn check(&self) -> Result<()> {
@@ -420,6 +472,10 @@ impl Ops for DeviceOps<'_> {
     }
 
     fn gather_rows(&self, x: &Tensor, rows: &[u32], scale: RowScale, d: usize) -> Tensor {
+        if scale.is_none() {
+            // An unscaled gather is an embedding lookup in `x` (the prediction rows).
+            return self.embedding(x, rows, d);
+        }
         self.attempt(
             "gather_rows",
             || Self::placeholder(rows.len() * d),
@@ -450,6 +506,10 @@ impl Ops for DeviceOps<'_> {
         scale: RowScale,
         d: usize,
     ) {
+        if scale.is_none() {
+            // An unscaled scatter-add is an embedding's backward into `dst`.
+            return self.embedding_backward(dst, src, rows, d);
+        }
         self.attempt(
             "scatter_add_rows (on the host)",
             || (),
@@ -617,55 +677,85 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn token_logprobs(
+    fn response_scores(
         &self,
         h: &Tensor,
         head: &Tensor,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
-    ) -> (Vec<f64>, Tensor) {
+    ) -> (DeviceTable, Tensor) {
         let rows = targets.len();
         self.attempt(
-            "token_logprobs",
-            || (vec![0.0; rows], Self::placeholder(rows)),
+            "response_scores",
+            || (DeviceTable::failed(spans.len()), Self::placeholder(rows)),
             || {
-                let targets = self.indices(targets)?;
+                let device_targets = self.indices(targets)?;
                 let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
-                FusedScoring::new::<f32>(&self.kernels, vocab)
-                    .forward(h, head, &*targets, d, &mut lse, &mut logp)?;
-                // The trait hands the per-row log-probs to the host's loss: `rows` values.
-                let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
-                Ok((logp, lse))
+                FusedScoring::new::<f32>(&self.kernels, vocab).forward(
+                    h,
+                    head,
+                    &*device_targets,
+                    d,
+                    &mut lse,
+                    &mut logp,
+                )?;
+                let mut table = self.pool.lease::<f64>(self.device, 3 * spans.len())?;
+                self.kernels
+                    .response_stats(&logp, &*self.spans(spans, rows)?, &mut table)?;
+                Ok((DeviceTable::new(table), lse))
             },
         )
     }
 
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Tensor,
         head: &Tensor,
         targets: &[u32],
         lse: &Tensor,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &DeviceTable,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Tensor,
     ) -> Tensor {
+        let rows = targets.len();
         self.attempt(
-            "token_logprobs_backward",
+            "response_scores_backward",
             || Self::placeholder(h.len()),
             || {
-                let targets = self.indices(targets)?;
-                // dL/dlogp comes from the host's loss; the loss kernels will make it on the
-                // device (`Kernels::row_coef`).
-                let coef: Vec<f32> = dlogp.iter().map(|&g| g as f32).collect();
-                let coef = self.put(&coef)?;
+                let device_targets = self.indices(targets)?;
+                let mut coef = self.alloc(rows)?;
+                self.kernels.row_coef(
+                    &*self.spans(spans, rows)?,
+                    grads.values()?,
+                    scale,
+                    &mut coef,
+                )?;
                 let mut dh = self.alloc(h.len())?;
-                FusedScoring::new::<f32>(&self.kernels, vocab)
-                    .backward(h, head, &*targets, lse, &coef, d, &mut dh, dhead)?;
+                FusedScoring::new::<f32>(&self.kernels, vocab).backward(
+                    h,
+                    head,
+                    &*device_targets,
+                    lse,
+                    &coef,
+                    d,
+                    &mut dh,
+                    dhead,
+                )?;
                 Ok(dh)
             },
+        )
+    }
+
+    fn table_to_host(&self, table: &DeviceTable) -> Vec<f64> {
+        self.attempt(
+            "table_to_host",
+            || vec![0.0; 3 * table.responses],
+            || self.device.download(table.values()?),
         )
     }
 }

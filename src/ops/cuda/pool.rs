@@ -176,8 +176,8 @@ impl<T: bytemuck::Pod> AsView<T> for Leased<T> {
 }
 
 impl Pool {
-    /// `len` elements of `T` in a region of the pool, their contents undefined.
-    pub fn leased<T: bytemuck::Pod>(&self, device: &Device, len: usize) -> Result<Leased<T>> {
+    /// `len` elements of `T` in a region of the pool, undefined until written.
+    pub fn lease<T: bytemuck::Pod>(&self, device: &Device, len: usize) -> Result<Leased<T>> {
         let (view, lease) = self.take::<T>(device, len)?;
         Ok(Leased {
             view,
@@ -187,12 +187,9 @@ impl Pool {
 
     /// `data` on the device, in a region of the pool.
     pub fn upload<T: bytemuck::Pod>(&self, device: &Device, data: &[T]) -> Result<Leased<T>> {
-        let (mut view, lease) = self.take::<T>(device, data.len())?;
-        device.copy_to(&mut view, data)?;
-        Ok(Leased {
-            view,
-            _lease: lease,
-        })
+        let mut leased = self.lease::<T>(device, data.len())?;
+        device.copy_to(&mut leased.view, data)?;
+        Ok(leased)
     }
 }
 
