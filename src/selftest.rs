@@ -19,6 +19,7 @@
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
 pub mod loss;
+pub mod moe;
 
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
@@ -1009,6 +1010,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(gemms(device, rng)?);
     rows.extend(loss::rows(device, rng, 37)?);
     rows.extend(attention_rows(device, rng)?);
+    rows.extend(moe::rows(device, rng)?);
     // Chunks of 13 rows cut through responses; a vocabulary of no multiple of 8 leaves every
     // row but the first unaligned for 16-byte loads.
     let case = scoring::ScoringCase::random(rng, 4, 9, 11, (1001, 67, 13));

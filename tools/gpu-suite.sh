@@ -478,8 +478,12 @@ rows_of() {
         step contralign-moe 10 --json "$r/contralign-moe.json" "$c" bench moe \
             --device "$device" || bad=1
     else
-        # Its flags for a tiny shape are bench moe's to define; it has no dump to check yet.
-        missing "$r/contralign-moe.json" "bench moe exists, but the dry run knows no tiny shape of it"
+        # tiny-mixtral.json's layer (d 64, F 96, 8 experts, top-2) at the baseline's 64 tokens;
+        # no dump to compare yet, so the row shows that the command runs.
+        moe=1
+        step contralign-moe 10 --json "$r/contralign-moe.json" "$c" bench moe \
+            --device "$device" --tokens 64 --dim 64 --ffn 96 --experts 8 --top-k 2 --reps 1 \
+            || bad=1
     fi
     # The baseline runs at every dry run, and on the GPU where contralign's side exists.
     if [[ $shape == gpu && -z $moe ]]; then

@@ -5,7 +5,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::engine::bench::{time_step, StepRun, StepShape};
+use contralign::engine::moe_bench::time_moe;
 use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
+use contralign::model::layer::MoeShape;
 use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
 };
@@ -25,6 +27,7 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 enum Workload {
     Attention(AttentionBenchArgs),
+    Moe(MoeBenchArgs),
     Scoring(ScoringArgs),
     Step(StepArgs),
 }
@@ -122,6 +125,7 @@ fn step(a: StepArgs) -> Result<()> {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         Workload::Attention(a) => attention(a),
+        Workload::Moe(a) => moe(a),
         Workload::Step(a) => step(a),
         Workload::Scoring(a) => scoring(a),
     }
@@ -422,4 +426,53 @@ fn write_attention_dump(
     });
     write_json(&dir.join(format!("{name}.json")), &record)?;
     Ok(loss)
+}
+
+/// Time the mixture-of-experts feed-forward (the model's MoE layer on the device: routing,
+/// counting sort and row moves of cuda/moe.cu, one GEMM per expert) forward and backward on
+/// random inputs made in memory, and print JSON: the time and achieved TFLOP/s of each (the
+/// GEMMs' FLOPs: 2·T·d·E + 6·T·k·d·F forward, twice that backward) and the dispatch's time
+/// alone. The defaults are Mixtral-8x7B's shapes in f32 (the model's tensors today). On
+/// --device emu use tiny shapes: the times are the emulator's, they check the command.
+#[derive(Args, Debug)]
+pub struct MoeBenchArgs {
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceKind,
+    /// Token rows entering the layer.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Hidden width.
+    #[arg(long, default_value_t = 4096)]
+    dim: usize,
+    /// Width of each expert's MLP.
+    #[arg(long, default_value_t = 14336)]
+    ffn: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Experts per token (1 to 4).
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Timed runs (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn moe(a: MoeBenchArgs) -> Result<()> {
+    let device = Device::open(a.device)?;
+    let shape = MoeShape {
+        d: a.dim,
+        ffn: a.ffn,
+        experts: a.experts,
+        k: a.top_k,
+    };
+    let timing = time_moe(&device, shape, a.tokens, a.reps, a.seed)?;
+    let report = serde_json::json!({
+        "bench": "moe",
+        "device": device.describe(),
+        "case": timing,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

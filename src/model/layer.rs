@@ -2,10 +2,9 @@
 //! `h = x + o_proj(attn(rope(q a), rope(k a), v a))` with `a = rmsnorm(x)`, then
 //! `y = h + ffn(rmsnorm(h))` with a SwiGLU MLP or a top-k mixture of them.
 
-use super::moe::{route, Dispatch, LoadBalance, Routing};
 use super::params::{Expert, FeedForward, LayerParams};
 use crate::config::ModelConfig;
-use crate::ops::{AttentionLayout, AttentionShape, Ops};
+use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops};
 
 /// What the backward of one SwiGLU MLP needs (its input is held by the caller); `act` is
 /// `None` when the backward recomputes it from `gate` and `up` (selective recompute).
@@ -15,64 +14,77 @@ pub struct MlpActs<B> {
     act: Option<B>,
 }
 
-pub struct ExpertActs<B> {
-    dispatch: Dispatch,
-    input: B,
-    mlp: MlpActs<B>,
-    output: B,
+/// What the backward of a MoE feed-forward reads (docs/architecture.md §6): the routing,
+/// the input rows in expert order (`None` under selective recompute: the backward permutes
+/// the layer's input again, the same bits), each expert's MLP activations (`None` for an
+/// expert that received no row) and the experts' outputs in expert order.
+pub struct MoeActs<O: Ops + ?Sized> {
+    routing: O::Routing,
+    rows_per_expert: Vec<usize>,
+    input: Option<O::Buf>,
+    mlp: Vec<Option<MlpActs<O::Buf>>>,
+    output: O::Buf,
 }
 
-pub enum FfnActs<B> {
-    Dense(MlpActs<B>),
-    Moe {
-        routing: Routing,
-        experts: Vec<ExpertActs<B>>,
-    },
+impl<O: Ops + ?Sized> MoeActs<O> {
+    pub fn routing(&self) -> &O::Routing {
+        &self.routing
+    }
+}
+
+pub enum FfnActs<O: Ops + ?Sized> {
+    Dense(MlpActs<O::Buf>),
+    Moe(MoeActs<O>),
 }
 
 /// Everything the backward of a layer reads, from its input `x` on. Under selective
 /// recompute the norms' outputs and SwiGLU's are dropped (`None`) and recomputed by the
 /// backward from what is kept, the same ops on the same inputs: the same bits.
-pub struct LayerActs<B> {
-    normed: Option<B>,
-    q: B,
-    k: B,
-    v: B,
-    attn: B,
-    lse: B,
-    mid: B,
-    ffn_in: Option<B>,
-    ffn: FfnActs<B>,
+pub struct LayerActs<O: Ops + ?Sized> {
+    normed: Option<O::Buf>,
+    q: O::Buf,
+    k: O::Buf,
+    v: O::Buf,
+    attn: O::Buf,
+    lse: O::Buf,
+    mid: O::Buf,
+    ffn_in: Option<O::Buf>,
+    ffn: FfnActs<O>,
 }
 
-impl<B> LayerActs<B> {
+impl<O: Ops + ?Sized> LayerActs<O> {
     /// What selective recompute keeps: the GEMM, attention and routing outputs, without the
-    /// norms' and SwiGLU's (docs/architecture.md §12; the MoE experts' gathered inputs are
-    /// kept too until the MoE dispatch runs on the device).
+    /// norms', SwiGLU's and the MoE dispatch's (docs/architecture.md §12).
     pub fn selective(mut self) -> Self {
         self.normed = None;
         self.ffn_in = None;
         match &mut self.ffn {
             FfnActs::Dense(mlp) => mlp.act = None,
-            FfnActs::Moe { experts, .. } => experts.iter_mut().for_each(|e| e.mlp.act = None),
+            FfnActs::Moe(m) => {
+                m.input = None;
+                m.mlp.iter_mut().flatten().for_each(|mlp| mlp.act = None);
+            }
         }
         self
     }
 
     /// This layer's routing, for the load-balancing loss (`None` for a dense layer).
-    pub fn routing(&self) -> Option<&Routing> {
+    pub fn routing(&self) -> Option<&O::Routing> {
         match &self.ffn {
-            FfnActs::Moe { routing, .. } => Some(routing),
+            FfnActs::Moe(m) => Some(&m.routing),
             FfnActs::Dense(_) => None,
         }
     }
 }
 
-/// The load-balancing gradient a layer's backward adds to its router probabilities.
-pub struct AuxGrad<'a> {
-    pub balance: &'a LoadBalance,
-    pub coef: f64,
-    pub row_weights: &'a [f64],
+/// The first row of each expert in expert order, and the rows' end.
+fn expert_starts(rows_per_expert: &[usize]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(rows_per_expert.len() + 1);
+    starts.push(0);
+    for &n in rows_per_expert {
+        starts.push(starts.last().copied().unwrap_or(0) + n);
+    }
+    starts
 }
 
 /// A kept activation, or the one `recompute` makes, held in `slot` for as long as it is used.
@@ -100,9 +112,8 @@ fn mlp_forward<O: Ops>(
     w: &Expert<O::Buf>,
     x: &O::Buf,
     rows: usize,
-    cfg: &ModelConfig,
+    (d, i): (usize, usize),
 ) -> (O::Buf, MlpActs<O::Buf>) {
-    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
     let gate = ops.matmul(x, &w.gate, rows, d, i);
     let up = ops.matmul(x, &w.up, rows, d, i);
     let act = ops.swiglu(&gate, &up);
@@ -120,9 +131,8 @@ fn mlp_backward<O: Ops>(
     acts: &MlpActs<O::Buf>,
     dout: &O::Buf,
     rows: usize,
-    cfg: &ModelConfig,
+    (d, i): (usize, usize),
 ) -> O::Buf {
-    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
     let mut recomputed = None;
     let act = kept_or(&acts.act, &mut recomputed, || {
         ops.swiglu(&acts.gate, &acts.up)
@@ -135,13 +145,117 @@ fn mlp_backward<O: Ops>(
     dx
 }
 
+/// The shape of a MoE feed-forward: width, expert MLP width, experts, experts per token.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    pub d: usize,
+    pub ffn: usize,
+    pub experts: usize,
+    pub k: usize,
+}
+
+fn moe_shape(cfg: &ModelConfig) -> MoeShape {
+    let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
+    MoeShape {
+        d: cfg.hidden_size,
+        ffn: cfg.intermediate_size,
+        experts: moe.num_experts,
+        k: moe.experts_per_token,
+    }
+}
+
+/// The MoE feed-forward of `t` rows `x [t, d]`: the router, the rows permuted into expert order,
+/// one SwiGLU MLP per expert on its contiguous rows, the weighted un-permute.
+pub fn moe_forward<O: Ops>(
+    ops: &O,
+    s: MoeShape,
+    router: &O::Buf,
+    experts: &[Expert<O::Buf>],
+    x: &O::Buf,
+    t: usize,
+) -> (O::Buf, MoeActs<O>) {
+    let logits = ops.matmul(x, router, t, s.d, s.experts);
+    let routing = ops.moe_route(&logits, s.experts, s.k);
+    let rows_per_expert = ops.moe_expert_rows(&routing);
+    let starts = expert_starts(&rows_per_expert);
+    let input = ops.moe_permute(x, &routing, false, s.d);
+    let mut outputs = Vec::with_capacity(experts.len());
+    let mut mlp = Vec::with_capacity(experts.len());
+    // A failed device reports no rows, and then no expert runs (its error is pending).
+    for ((w, &n), &start) in experts.iter().zip(&rows_per_expert).zip(&starts) {
+        if n == 0 {
+            mlp.push(None);
+            continue;
+        }
+        let rows = ops.rows(&input, start, n, s.d);
+        let (output, acts) = mlp_forward(ops, w, &rows, n, (s.d, s.ffn));
+        outputs.push(output);
+        mlp.push(Some(acts));
+    }
+    let output = ops.concat(&outputs);
+    let out = ops.moe_unpermute(&output, &routing, true, s.d);
+    let acts = MoeActs {
+        routing,
+        rows_per_expert,
+        input: Some(input),
+        mlp,
+        output,
+    };
+    (out, acts)
+}
+
+/// Returns `dL/dx` of [`moe_forward`] from `dL/dout`; accumulates the router's and the
+/// experts' gradients into `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward<O: Ops>(
+    ops: &O,
+    s: MoeShape,
+    (router, experts): (&O::Buf, &[Expert<O::Buf>]),
+    (grouter, gexperts): (&mut O::Buf, &mut [Expert<O::Buf>]),
+    (x, t): (&O::Buf, usize),
+    a: &MoeActs<O>,
+    dy: &O::Buf,
+    aux: Option<MoeAux<O::Balance>>,
+) -> O::Buf {
+    let d = s.d;
+    let starts = expert_starts(&a.rows_per_expert);
+    let mut input_recomputed = None;
+    let all_input = kept_or(&a.input, &mut input_recomputed, || {
+        ops.moe_permute(x, &a.routing, false, d)
+    });
+    let dout = ops.moe_permute(dy, &a.routing, true, d);
+    let mut dinputs = Vec::with_capacity(experts.len());
+    let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
+    for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows)
+    {
+        let Some(mlp) = mlp else { continue };
+        let input = ops.rows(all_input, start, n, d);
+        let dout_rows = ops.rows(&dout, start, n, d);
+        dinputs.push(mlp_backward(
+            ops,
+            w,
+            gw,
+            &input,
+            mlp,
+            &dout_rows,
+            n,
+            (d, s.ffn),
+        ));
+    }
+    let mut dx = ops.moe_unpermute(&ops.concat(&dinputs), &a.routing, false, d);
+    let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
+    let dx_router = ops.matmul_backward(x, router, &dz, t, d, s.experts, grouter);
+    ops.add_assign(&mut dx, &dx_router);
+    dx
+}
+
 pub fn forward<O: Ops>(
     ops: &O,
     cfg: &ModelConfig,
     p: &LayerParams<O::Buf>,
     x: &O::Buf,
     layout: &AttentionLayout,
-) -> (O::Buf, LayerActs<O::Buf>) {
+) -> (O::Buf, LayerActs<O>) {
     forward_with(ops, cfg, p, x, &layout.positions, |q, k, v| {
         ops.attention(q, k, v, layout, attn_shape(cfg))
     })
@@ -157,7 +271,7 @@ pub fn forward_with<O: Ops>(
     x: &O::Buf,
     positions: &[u32],
     attend: impl FnOnce(&O::Buf, &O::Buf, &O::Buf) -> (O::Buf, O::Buf),
-) -> (O::Buf, LayerActs<O::Buf>) {
+) -> (O::Buf, LayerActs<O>) {
     let t = positions.len();
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -183,41 +297,12 @@ pub fn forward_with<O: Ops>(
     let ffn_in = ops.rmsnorm(&mid, &p.post_norm, d, eps);
     let (ffn_out, ffn) = match &p.ffn {
         FeedForward::Dense(w) => {
-            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, cfg);
+            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, (d, cfg.intermediate_size));
             (out, FfnActs::Dense(acts))
         }
         FeedForward::Moe { router, experts } => {
-            let e_count = experts.len();
-            let moe = cfg.moe.as_ref().expect("a MoE layer has a MoE config");
-            let logits = ops.download(&ops.matmul(&ffn_in, router, t, d, e_count));
-            let routing = route(&logits, e_count, moe.experts_per_token);
-            let mut out = ops.zeros(t * d);
-            let mut acts = Vec::with_capacity(e_count);
-            for (w, dispatch) in experts.iter().zip(routing.dispatch()) {
-                let n = dispatch.rows.len();
-                let input = ops.gather_rows(&ffn_in, &dispatch.rows, None, d);
-                let (output, mlp) = mlp_forward(ops, w, &input, n, cfg);
-                ops.scatter_add_rows(
-                    &mut out,
-                    &output,
-                    &dispatch.rows,
-                    Some(&dispatch.weights),
-                    d,
-                );
-                acts.push(ExpertActs {
-                    dispatch,
-                    input,
-                    mlp,
-                    output,
-                });
-            }
-            (
-                out,
-                FfnActs::Moe {
-                    routing,
-                    experts: acts,
-                },
-            )
+            let (out, acts) = moe_forward(ops, moe_shape(cfg), router, experts, &ffn_in, t);
+            (out, FfnActs::Moe(acts))
         }
     };
     let mut y = ffn_out;
@@ -244,10 +329,10 @@ pub fn backward<O: Ops>(
     p: &LayerParams<O::Buf>,
     g: &mut LayerParams<O::Buf>,
     x: &O::Buf,
-    acts: &LayerActs<O::Buf>,
+    acts: &LayerActs<O>,
     dy: &O::Buf,
     layout: &AttentionLayout,
-    aux: Option<&AuxGrad>,
+    aux: Option<MoeAux<O::Balance>>,
 ) -> O::Buf {
     let t = layout.len();
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -260,7 +345,7 @@ pub fn backward<O: Ops>(
 
     let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
         (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
-            mlp_backward(ops, w, gw, ffn_in, a, dy, t, cfg)
+            mlp_backward(ops, w, gw, ffn_in, a, dy, t, (d, cfg.intermediate_size))
         }
         (
             FeedForward::Moe { router, experts },
@@ -268,33 +353,20 @@ pub fn backward<O: Ops>(
                 router: grouter,
                 experts: gexperts,
             },
-            FfnActs::Moe {
-                routing,
-                experts: eacts,
-            },
+            FfnActs::Moe(a),
         ) => {
-            let mut dffn_in = ops.zeros(t * d);
-            let mut d_weights = vec![0f64; routing.chosen.len()];
-            for ((w, gw), a) in experts.iter().zip(gexperts.iter_mut()).zip(eacts) {
-                let rows = &a.dispatch.rows;
-                let dy_rows = ops.gather_rows(dy, rows, None, d);
-                for (&slot, dw) in a
-                    .dispatch
-                    .slots
-                    .iter()
-                    .zip(ops.row_dots(&dy_rows, &a.output, d))
-                {
-                    d_weights[slot] = dw;
-                }
-                let dout = ops.gather_rows(dy, rows, Some(&a.dispatch.weights), d);
-                let dx = mlp_backward(ops, w, gw, &a.input, &a.mlp, &dout, rows.len(), cfg);
-                ops.scatter_add_rows(&mut dffn_in, &dx, rows, None, d);
-            }
-            let direct = aux.map(|a| a.balance.prob_grad(a.coef, a.row_weights));
-            let dz = ops.upload(&routing.backward(&d_weights, direct.as_deref()));
-            let dx_router = ops.matmul_backward(ffn_in, router, &dz, t, d, experts.len(), grouter);
-            ops.add_assign(&mut dffn_in, &dx_router);
-            dffn_in
+            let grads = (grouter, gexperts.as_mut_slice());
+            let shape = moe_shape(cfg);
+            moe_backward(
+                ops,
+                shape,
+                (router, experts),
+                grads,
+                (ffn_in, t),
+                a,
+                dy,
+                aux,
+            )
         }
         _ => unreachable!("parameters, gradients and activations share one layer structure"),
     };

@@ -4,17 +4,15 @@
 
 pub mod init;
 pub mod layer;
-pub mod moe;
 pub mod params;
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::Batch;
 use crate::memory_plan::RecomputePolicy;
-use crate::ops::{AttentionLayout, Ops};
+use crate::ops::{AttentionLayout, MoeAux, Ops};
 use anyhow::{Context, Result};
-use layer::{AuxGrad, LayerActs};
-use moe::LoadBalance;
+use layer::LayerActs;
 use params::Params;
 use safetensors::Dtype;
 use std::path::Path;
@@ -37,12 +35,13 @@ pub enum Keep {
     ForBackward(RecomputePolicy),
 }
 
-struct Forward<B> {
+struct Forward<O: Ops> {
     /// The final hidden states before the last norm.
-    hidden: B,
-    layer_inputs: Vec<B>,
-    layer_acts: Vec<LayerActs<B>>,
-    balance: Option<LoadBalance>,
+    hidden: O::Buf,
+    layer_inputs: Vec<O::Buf>,
+    layer_acts: Vec<LayerActs<O>>,
+    /// The load-balancing sums (Mixtral).
+    balance: Option<O::Balance>,
 }
 
 /// The loss of a batch as a function of its statistics table: the loss, its gradient table
@@ -106,7 +105,7 @@ impl<B> Model<B> {
         layout: &AttentionLayout,
         row_weights: &[f64],
         keep: Keep,
-    ) -> Forward<B> {
+    ) -> Forward<O> {
         let mut h = ops.embedding(&self.params.embed, tokens, self.cfg.hidden_size);
         let mut out = Forward {
             hidden: ops.zeros(0),
@@ -116,12 +115,12 @@ impl<B> Model<B> {
                 .cfg
                 .moe
                 .as_ref()
-                .map(|m| LoadBalance::new(m.num_experts)),
+                .map(|m| ops.moe_balance(m.num_experts)),
         };
         for p in &self.params.layers {
             let (next, acts) = layer::forward(ops, &self.cfg, p, &h, layout);
             if let (Some(balance), Some(routing)) = (&mut out.balance, acts.routing()) {
-                balance.add_layer(routing, row_weights);
+                ops.moe_balance_add(balance, routing, row_weights);
             }
             if let Keep::ForBackward(policy) = keep {
                 out.layer_inputs.push(h);
@@ -210,7 +209,7 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, table, _) = self.response_scores(ops, batch, &fwd.hidden);
-        (table, fwd.balance.as_ref().map(LoadBalance::loss))
+        (table, fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b)))
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
@@ -250,7 +249,7 @@ impl<B> Model<B> {
         let (rows, table, lse) = self.response_scores(ops, batch, &fwd.hidden);
         let sl = loss_fn(&table)?;
         drop(table);
-        let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
+        let aux_loss = fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b));
         let loss = sl.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
         let drows = {
@@ -279,8 +278,8 @@ impl<B> Model<B> {
             cfg.rms_norm_eps,
             &mut grads.final_norm,
         );
-        let aux = match (&fwd.balance, opts.aux_coef) {
-            (Some(balance), coef) if coef != 0.0 => Some(AuxGrad {
+        let aux = |coef: f64| match &fwd.balance {
+            Some(balance) if coef != 0.0 => Some(MoeAux {
                 balance,
                 coef: coef * scale,
                 row_weights: &batch.row_weights,
@@ -303,7 +302,7 @@ impl<B> Model<B> {
                 &acts,
                 &dh,
                 &batch.layout,
-                aux.as_ref(),
+                aux(opts.aux_coef),
             );
         }
         ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);

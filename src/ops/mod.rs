@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod moe;
 pub mod optimizer;
 
 /// Which keys each token of a packed stream may attend to (docs/architecture.md §7).
@@ -103,9 +104,23 @@ pub struct AttentionShape {
 /// Per-row scaling for row gathers and scatters (MoE dispatch and combine).
 pub type RowScale<'a> = Option<&'a [f32]>;
 
+/// The load-balancing term of a MoE layer's router backward: `coef · d aux / d p`, with the
+/// sums of the whole pass (`balance`) and the batch's row weights (docs/model.md §4).
+pub struct MoeAux<'a, B> {
+    pub balance: &'a B,
+    pub coef: f64,
+    pub row_weights: &'a [f64],
+}
+
 pub trait Ops {
     /// A tensor on this backend (f32 values as seen from the host).
     type Buf;
+    /// One MoE layer's routing on this backend: the router's probabilities, each token's
+    /// top-k experts and renormalized weights, and the `T·k` (token, slot) rows grouped by
+    /// expert (expert order; token order within an expert).
+    type Routing;
+    /// The load-balancing loss's running sums over a pass's layers and weighted rows.
+    type Balance;
     /// Three f64 per response on this backend: the statistics `(S, A, E)` of
     /// [`Ops::response_scores`] (E is NaN without an EOS), or their gradients.
     type Table;
@@ -213,8 +228,57 @@ pub trait Ops {
         scale: RowScale,
         d: usize,
     );
-    /// `a[i] · b[i]` for each row of width `d`.
-    fn row_dots(&self, a: &Self::Buf, b: &Self::Buf, d: usize) -> Vec<f64>;
+    /// Rows `start..start + len` of `x [_, d]`, a tensor of their own.
+    fn rows(&self, x: &Self::Buf, start: usize, len: usize, d: usize) -> Self::Buf;
+    /// `parts` one after another.
+    fn concat(&self, parts: &[Self::Buf]) -> Self::Buf;
+
+    /// Routes `T` tokens by their router logits `[T, experts]`: softmax, the top `k` by
+    /// decreasing probability (ties: the lower index), weights renormalized over them.
+    fn moe_route(&self, logits: &Self::Buf, experts: usize, k: usize) -> Self::Routing;
+    /// The rows each expert receives: the sizes of its GEMMs, which the host launches.
+    fn moe_expert_rows(&self, routing: &Self::Routing) -> Vec<usize>;
+    /// `x [T, d]`'s rows in expert order, `[T k, d]`; with `weighted`, each scaled by its
+    /// slot's routing weight (the combine's backward).
+    fn moe_permute(
+        &self,
+        x: &Self::Buf,
+        routing: &Self::Routing,
+        weighted: bool,
+        d: usize,
+    ) -> Self::Buf;
+    /// The inverse: `out[t] = Σ_j s_tj · y[row of slot (t, j)]` over `t`'s slots in expert
+    /// order, `s` the routing weight when `weighted` (the combine), else 1 (the dispatch's
+    /// backward).
+    fn moe_unpermute(
+        &self,
+        y: &Self::Buf,
+        routing: &Self::Routing,
+        weighted: bool,
+        d: usize,
+    ) -> Self::Buf;
+    /// `dL/dz [T, E]` into the router logits from the experts' outputs `y` (expert order) and
+    /// the combine's `dout [T, d]` (`dL/dweight` of a slot is `dout[t] · y[row]`), through the
+    /// renormalized top-k softmax, plus the load-balancing term.
+    fn moe_route_backward(
+        &self,
+        routing: &Self::Routing,
+        y: &Self::Buf,
+        dout: &Self::Buf,
+        d: usize,
+        aux: Option<MoeAux<Self::Balance>>,
+    ) -> Self::Buf;
+    /// Empty load-balancing sums over `experts`.
+    fn moe_balance(&self, experts: usize) -> Self::Balance;
+    /// Adds one layer's routing, each row weighted (a prompt row counts K times).
+    fn moe_balance_add(
+        &self,
+        balance: &mut Self::Balance,
+        routing: &Self::Routing,
+        row_weights: &[f64],
+    );
+    /// `aux = E · Σ_e f_e P_e` (a logged scalar).
+    fn moe_balance_loss(&self, balance: &Self::Balance) -> f64;
 
     /// Fused LM head + log-softmax, summarized per response: for each row `i` of `h [P, d]`
     /// the log-probability of `targets[i]` under `softmax(h[i] · headᵀ)`, reduced over each

@@ -6,7 +6,10 @@ mod elementwise;
 pub mod linalg;
 pub mod scoring;
 
-use super::{row_grads, span_table, AttentionLayout, AttentionShape, Ops, ResponseSpan, RowScale};
+use super::moe::{route, LoadBalance, Routing};
+use super::{
+    row_grads, span_table, AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale,
+};
 
 /// Attention over a KV cache, which the ops trait does not model (generation only runs here).
 pub use attention::attention_over;
@@ -14,8 +17,32 @@ pub use attention::attention_over;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
 
+/// A routing with its expert order (`Routing::expert_order`) kept for the row moves.
+#[derive(Clone, Debug)]
+pub struct CpuRouting {
+    pub routing: Routing,
+    /// The slot of each row in expert order.
+    pub order: Vec<usize>,
+}
+
+impl CpuRouting {
+    /// The token of each row in expert order.
+    fn tokens(&self) -> Vec<u32> {
+        let k = self.routing.k;
+        self.order.iter().map(|&slot| (slot / k) as u32).collect()
+    }
+
+    /// The routing weight of each row in expert order, as f32 (what scales the rows).
+    fn weights(&self) -> Vec<f32> {
+        let w = &self.routing.weights;
+        self.order.iter().map(|&slot| w[slot] as f32).collect()
+    }
+}
+
 impl Ops for CpuOps {
     type Buf = Vec<f32>;
+    type Routing = CpuRouting;
+    type Balance = LoadBalance;
     type Table = Vec<f64>;
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
@@ -143,11 +170,65 @@ impl Ops for CpuOps {
         elementwise::scatter_add_rows(dst, src, rows, scale, d)
     }
 
-    fn row_dots(&self, a: &Vec<f32>, b: &Vec<f32>, d: usize) -> Vec<f64> {
-        a.chunks(d)
-            .zip(b.chunks(d))
-            .map(|(x, y)| linalg::dot(x, y))
-            .collect()
+    fn rows(&self, x: &Vec<f32>, start: usize, len: usize, d: usize) -> Vec<f32> {
+        x[start * d..(start + len) * d].to_vec()
+    }
+
+    fn concat(&self, parts: &[Vec<f32>]) -> Vec<f32> {
+        parts.concat()
+    }
+
+    fn moe_route(&self, logits: &Vec<f32>, experts: usize, k: usize) -> CpuRouting {
+        let routing = route(logits, experts, k);
+        let order = routing.expert_order();
+        CpuRouting { routing, order }
+    }
+
+    fn moe_expert_rows(&self, routing: &CpuRouting) -> Vec<usize> {
+        routing.routing.expert_rows()
+    }
+
+    fn moe_permute(&self, x: &Vec<f32>, r: &CpuRouting, weighted: bool, d: usize) -> Vec<f32> {
+        let weights = weighted.then(|| r.weights());
+        elementwise::gather_rows(x, &r.tokens(), weights.as_deref(), d)
+    }
+
+    fn moe_unpermute(&self, y: &Vec<f32>, r: &CpuRouting, weighted: bool, d: usize) -> Vec<f32> {
+        let weights = weighted.then(|| r.weights());
+        let mut out = vec![0f32; r.routing.tokens() * d];
+        // Row by row in expert order: each token's contributions add up in expert order.
+        elementwise::scatter_add_rows(&mut out, y, &r.tokens(), weights.as_deref(), d);
+        out
+    }
+
+    fn moe_route_backward(
+        &self,
+        r: &CpuRouting,
+        y: &Vec<f32>,
+        dout: &Vec<f32>,
+        d: usize,
+        aux: Option<MoeAux<LoadBalance>>,
+    ) -> Vec<f32> {
+        let k = r.routing.k;
+        let mut d_weights = vec![0f64; r.order.len()];
+        for (row, &slot) in r.order.iter().enumerate() {
+            let t = slot / k;
+            d_weights[slot] = linalg::dot(&dout[t * d..(t + 1) * d], &y[row * d..(row + 1) * d]);
+        }
+        let direct = aux.map(|a| a.balance.prob_grad(a.coef, a.row_weights));
+        r.routing.backward(&d_weights, direct.as_deref())
+    }
+
+    fn moe_balance(&self, experts: usize) -> LoadBalance {
+        LoadBalance::new(experts)
+    }
+
+    fn moe_balance_add(&self, balance: &mut LoadBalance, r: &CpuRouting, row_weights: &[f64]) {
+        balance.add_layer(&r.routing, row_weights)
+    }
+
+    fn moe_balance_loss(&self, balance: &LoadBalance) -> f64 {
+        balance.loss()
     }
 
     fn response_scores(

@@ -1,22 +1,27 @@
 //! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
 //! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
 //! backward), accumulation, every projection (GEMM) and the fused LM-head scoring
-//! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE row gathers
-//! and scatters have no kernels yet: they copy their operands to the host, run the CPU
-//! reference and copy the results back (correct, and slow on a GPU).
+//! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE layer's
+//! routing, row permutations, router backward and load-balancing sums run there too
+//! (`super::moe`; its per-expert row counts come to the host, a stated temporary exception).
+//! An unscaled `gather_rows` / `scatter_add_rows` (the prediction rows) is an embedding
+//! lookup / backward; a scaled gather runs the MoE gather kernel; a scaled scatter-add (which
+//! the model no longer uses) copies its operands to the host and runs the CPU reference.
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::device::AsView;
 use super::device::Device;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
+use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
 use super::pool::{Leased, Pool, Tensor};
 use super::scoring::{FusedScoring, Spans};
 use crate::ops::cpu::CpuOps;
-use crate::ops::{AttentionLayout, AttentionShape, Ops, ResponseSpan, RowScale};
+use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale};
 use anyhow::{Context, Result};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -193,6 +198,15 @@ impl<'a> DeviceOps<'a> {
         Ok(device)
     }
 
+    fn moe(&self) -> MoeKernels<'_> {
+        MoeKernels::new(self.device, self.pool.clone())
+    }
+
+    /// The batch's row weights on the device (an upload, as the batch's other index lists).
+    fn row_weights(&self, weights: &[f64]) -> Result<Leased<f64>> {
+        self.pool.upload(self.device, weights)
+    }
+
     /// `spans` over `rows` prediction rows on the device, uploaded unless they are the ones
     /// from before (the forward's, in the backward).
     pub fn spans(&self, spans: &[ResponseSpan], rows: usize) -> Result<Rc<Spans>> {
@@ -223,8 +237,24 @@ impl<'a> DeviceOps<'a> {
     }
 }
 
+/// The routing of a MoE op; absent only after a failure, which is already pending.
+fn routed(routing: &Option<DeviceRouting>) -> Result<&DeviceRouting> {
+    routing
+        .as_ref()
+        .context("no MoE routing: an earlier operation failed")
+}
+
+fn balanced(balance: &Option<DeviceBalance>) -> Result<&DeviceBalance> {
+    balance
+        .as_ref()
+        .context("no load-balancing sums: an earlier operation failed")
+}
+
 impl Ops for DeviceOps<'_> {
     type Buf = Tensor;
+    /// `None` after a failure (the error is pending).
+    type Routing = Option<DeviceRouting>;
+    type Balance = Option<DeviceBalance>;
     type Table = DeviceTable;
 
     /// The first error since the last call, if any operation failed; clears it.
@@ -467,11 +497,23 @@ impl Ops for DeviceOps<'_> {
             return self.embedding(x, rows, d);
         }
         self.attempt(
-            "gather_rows (on the host)",
+            "gather_rows",
             || Self::placeholder(rows.len() * d),
             || {
-                let out = CpuOps.gather_rows(&self.host(x)?, rows, scale, d);
-                self.put(&out)
+                let rows_on_device = self.pool.upload(self.device, rows)?;
+                let scale = match scale {
+                    Some(s) => Some(self.pool.upload(self.device, s)?),
+                    None => None,
+                };
+                let mut out = self.alloc(rows.len() * d)?;
+                self.moe().gather(
+                    x,
+                    rows_on_device.view(),
+                    scale.as_ref().map(AsView::view),
+                    &mut out,
+                    d,
+                )?;
+                Ok(out)
             },
         )
     }
@@ -499,11 +541,159 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn row_dots(&self, a: &Tensor, b: &Tensor, d: usize) -> Vec<f64> {
+    fn rows(&self, x: &Tensor, start: usize, len: usize, d: usize) -> Tensor {
         self.attempt(
-            "row_dots (on the host)",
-            || vec![0.0; a.len() / d.max(1)],
-            || Ok(CpuOps.row_dots(&self.host(a)?, &self.host(b)?, d)),
+            "rows",
+            || Self::placeholder(len * d),
+            || {
+                let mut out = self.alloc(len * d)?;
+                self.device
+                    .copy_buffer(&x.view().slice(start * d, len * d)?, &mut out)?;
+                Ok(out)
+            },
+        )
+    }
+
+    fn concat(&self, parts: &[Tensor]) -> Tensor {
+        let total = parts.iter().map(Tensor::len).sum();
+        self.attempt(
+            "concat",
+            || Self::placeholder(total),
+            || {
+                let out = self.alloc(total)?;
+                let mut at = 0;
+                for part in parts {
+                    self.device
+                        .copy_buffer(part, &mut out.view().slice(at, part.len())?)?;
+                    at += part.len();
+                }
+                Ok(out)
+            },
+        )
+    }
+
+    fn moe_route(&self, logits: &Tensor, experts: usize, k: usize) -> Option<DeviceRouting> {
+        self.attempt(
+            "moe_route",
+            || None,
+            || Ok(Some(self.moe().route(logits, experts, k)?)),
+        )
+    }
+
+    fn moe_expert_rows(&self, routing: &Option<DeviceRouting>) -> Vec<usize> {
+        self.attempt("moe_expert_rows", Vec::new, || {
+            self.moe().expert_rows(routed(routing)?)
+        })
+    }
+
+    fn moe_permute(
+        &self,
+        x: &Tensor,
+        routing: &Option<DeviceRouting>,
+        weighted: bool,
+        d: usize,
+    ) -> Tensor {
+        let rows = routing.as_ref().map_or(0, DeviceRouting::slots);
+        self.attempt(
+            "moe_permute",
+            || Self::placeholder(rows * d),
+            || {
+                let mut out = self.alloc(rows * d)?;
+                self.moe()
+                    .permute(x, routed(routing)?, weighted, &mut out, d)?;
+                Ok(out)
+            },
+        )
+    }
+
+    fn moe_unpermute(
+        &self,
+        y: &Tensor,
+        routing: &Option<DeviceRouting>,
+        weighted: bool,
+        d: usize,
+    ) -> Tensor {
+        let tokens = routing.as_ref().map_or(0, |r| r.tokens);
+        self.attempt(
+            "moe_unpermute",
+            || Self::placeholder(tokens * d),
+            || {
+                let mut out = self.alloc(tokens * d)?;
+                self.moe()
+                    .unpermute(y, routed(routing)?, weighted, &mut out, d)?;
+                Ok(out)
+            },
+        )
+    }
+
+    fn moe_route_backward(
+        &self,
+        routing: &Option<DeviceRouting>,
+        y: &Tensor,
+        dout: &Tensor,
+        d: usize,
+        aux: Option<MoeAux<Option<DeviceBalance>>>,
+    ) -> Tensor {
+        let logits = routing.as_ref().map_or(0, |r| r.tokens * r.experts);
+        self.attempt(
+            "moe_route_backward",
+            || Self::placeholder(logits),
+            || {
+                let r = routed(routing)?;
+                let moe = self.moe();
+                let d_weights = moe.slot_dots(dout, y, r, d)?;
+                let row_weights = match &aux {
+                    Some(a) => Some(self.row_weights(a.row_weights)?),
+                    None => None,
+                };
+                let balance = match &aux {
+                    Some(a) => Some(balanced(a.balance)?),
+                    None => None,
+                };
+                let aux = match (&aux, balance, &row_weights) {
+                    (Some(a), Some(b), Some(w)) => Some((b, a.coef, w)),
+                    _ => None,
+                };
+                let mut dz = self.alloc(logits)?;
+                moe.route_backward(r, &d_weights, aux, &mut dz)?;
+                Ok(dz)
+            },
+        )
+    }
+
+    fn moe_balance(&self, experts: usize) -> Option<DeviceBalance> {
+        self.attempt(
+            "moe_balance",
+            || None,
+            || Ok(Some(self.moe().balance(experts)?)),
+        )
+    }
+
+    fn moe_balance_add(
+        &self,
+        balance: &mut Option<DeviceBalance>,
+        routing: &Option<DeviceRouting>,
+        row_weights: &[f64],
+    ) {
+        self.attempt(
+            "moe_balance_add",
+            || (),
+            || {
+                let balance = balance
+                    .as_mut()
+                    .context("no load-balancing sums: an earlier operation failed")?;
+                let row_weights = self.row_weights(row_weights)?;
+                self.moe()
+                    .balance_add(balance, routed(routing)?, &row_weights)
+            },
+        )
+    }
+
+    fn moe_balance_loss(&self, balance: &Option<DeviceBalance>) -> f64 {
+        self.attempt(
+            "moe_balance_loss",
+            || 0.0,
+            || Ok(self.moe().balance_sums(balanced(balance)?)?.loss()),
         )
     }
 

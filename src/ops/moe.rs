@@ -1,6 +1,7 @@
-//! Mixtral routing on the host: softmax over experts, top-k with renormalized weights, its
-//! backward, and the Switch load-balancing loss (docs/model.md). The router logits are `[T, E]`,
-//! small next to the activations, so this stays plain f64 code on every backend.
+//! Mixtral routing, the CPU reference: softmax over experts, top-k with renormalized weights,
+//! the (token, slot) rows grouped by expert, the backward into the router logits, and the
+//! Switch load-balancing loss (docs/model.md §4), in f64. The device backend runs the same
+//! arithmetic in its kernels (cuda/moe.cu) and is checked against this.
 
 /// The routing decision of one layer.
 #[derive(Clone, Debug)]
@@ -13,15 +14,6 @@ pub struct Routing {
     pub chosen: Vec<usize>,
     /// Their renormalized weights, `[T, k]`.
     pub weights: Vec<f64>,
-}
-
-/// The tokens one expert processes: `rows[i]` with weight `weights[i]`, which is slot
-/// `slots[i]` of `Routing::chosen`.
-#[derive(Clone, Debug, Default)]
-pub struct Dispatch {
-    pub rows: Vec<u32>,
-    pub weights: Vec<f32>,
-    pub slots: Vec<usize>,
 }
 
 pub fn route(logits: &[f32], experts: usize, k: usize) -> Routing {
@@ -63,15 +55,22 @@ impl Routing {
         self.probs.len() / self.experts
     }
 
-    /// The tokens each expert receives, in token order.
-    pub fn dispatch(&self) -> Vec<Dispatch> {
-        let mut out = vec![Dispatch::default(); self.experts];
-        for (slot, (&e, &w)) in self.chosen.iter().zip(&self.weights).enumerate() {
-            out[e].rows.push((slot / self.k) as u32);
-            out[e].weights.push(w as f32);
-            out[e].slots.push(slot);
+    /// The slots (`t * k + j`) grouped by expert, in expert order and, within an expert, in
+    /// token order: the order of the rows the experts process.
+    pub fn expert_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.chosen.len()).collect();
+        // Stable: an expert's slots keep their token order.
+        order.sort_by_key(|&slot| self.chosen[slot]);
+        order
+    }
+
+    /// How many rows each expert receives.
+    pub fn expert_rows(&self) -> Vec<usize> {
+        let mut rows = vec![0; self.experts];
+        for &e in &self.chosen {
+            rows[e] += 1;
         }
-        out
+        rows
     }
 
     /// `dL/dz [T, E]` from `dL/dweight` per slot (`[T, k]`) plus any direct `dL/dp`
@@ -111,11 +110,16 @@ pub struct LoadBalance {
 
 impl LoadBalance {
     pub fn new(experts: usize) -> Self {
+        LoadBalance::from_sums(vec![0.0; experts], vec![0.0; experts], 0.0)
+    }
+
+    /// The sums `Σ w [e chosen]`, `Σ w p_e` per expert and `Σ w`, over layers and rows.
+    pub fn from_sums(chosen_mass: Vec<f64>, prob_mass: Vec<f64>, total_weight: f64) -> Self {
         LoadBalance {
-            experts,
-            chosen_mass: vec![0.0; experts],
-            prob_mass: vec![0.0; experts],
-            total_weight: 0.0,
+            experts: chosen_mass.len(),
+            chosen_mass,
+            prob_mass,
+            total_weight,
         }
     }
 

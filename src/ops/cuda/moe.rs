@@ -1,0 +1,395 @@
+//! Mixture-of-experts dispatch on a device (`cuda/moe.cu`, whose header has the kernels'
+//! contracts): the routing and its (token, slot) rows in expert order, the row moves between
+//! token order and expert order, the router's backward and the load-balancing sums, each a
+//! typed launch that checks its buffers first.
+//!
+//! The per-expert row counts are the one thing that comes back to the host in a layer
+//! ([`MoeKernels::expert_rows`], `E + 1` integers): the host launches one GEMM per expert on
+//! its contiguous slice and needs their sizes. That download is a temporary exception
+//! (docs/architecture.md §12) until a grouped GEMM reads the offsets on the device.
+
+use super::device::{AsView, Device, View};
+use super::emu::{KernelArgs, LaunchConfig};
+use super::kernels::rows_of;
+use super::pool::{Leased, Pool};
+use crate::ops::moe::LoadBalance;
+use anyhow::{ensure, Result};
+
+/// The most experts per token (`MOE_MAX_K` in cuda/moe.cu).
+pub const MAX_K: usize = 4;
+/// The most experts (`moe_count` keeps one counter per expert in shared memory).
+pub const MAX_EXPERTS: usize = 1024;
+/// Slots per block of the counting sort (`moe_count`, `moe_permute_index`).
+const SLOTS_PER_BLOCK: usize = 256;
+/// Threads of the one-block prefix sum (`moe_offsets`'s `run_start[1024]`).
+const SCAN_THREADS: u32 = 1024;
+/// Threads per block of the other kernels.
+const THREADS: u32 = 256;
+/// The most blocks a grid-stride kernel launches.
+const MAX_GRID: usize = 65535;
+
+/// One layer's routing on the device.
+pub struct DeviceRouting {
+    pub experts: usize,
+    pub k: usize,
+    pub tokens: usize,
+    /// `softmax(z)` per token, `[T, E]`, f64.
+    pub probs: Leased<f64>,
+    /// The chosen experts, `[T, k]`, by decreasing probability.
+    pub chosen: Leased<u32>,
+    /// Their renormalized weights, `[T, k]`.
+    pub weights: Leased<f32>,
+    /// Each slot's row in expert order, `[T k]`.
+    pub slot_row: Leased<u32>,
+    /// Each row's token and weight, `[T k]`.
+    pub row_token: Leased<u32>,
+    pub row_weight: Leased<f32>,
+    /// Each expert's first row, and the number of rows: `[E + 1]`.
+    pub expert_offsets: Leased<u32>,
+}
+
+impl DeviceRouting {
+    pub fn slots(&self) -> usize {
+        self.tokens * self.k
+    }
+}
+
+/// The load-balancing sums on the device: `[C_0..C_E-1, P_0..P_E-1, W]` (cuda/moe.cu).
+pub struct DeviceBalance {
+    pub experts: usize,
+    pub sums: Leased<f64>,
+}
+
+/// The MoE kernels on one device, their outputs and scratch from `pool`.
+pub struct MoeKernels<'a> {
+    pub device: &'a Device,
+    pub pool: Pool,
+}
+
+fn grid(blocks: usize) -> u32 {
+    blocks.clamp(1, MAX_GRID) as u32
+}
+
+fn ensure_len(what: &str, len: usize, want: usize) -> Result<()> {
+    ensure!(len == want, "{what}: {len} elements, expected {want}");
+    Ok(())
+}
+
+impl<'a> MoeKernels<'a> {
+    pub fn new(device: &'a Device, pool: Pool) -> Self {
+        MoeKernels { device, pool }
+    }
+
+    fn launch(&self, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<()> {
+        // SAFETY: every caller passes device pointers of live buffers of `self.device` whose
+        // lengths it has checked against what the kernel touches.
+        unsafe { self.device.launch(name, config, args) }
+    }
+
+    fn take<T: bytemuck::Pod>(&self, len: usize) -> Result<Leased<T>> {
+        self.pool.lease(self.device, len)
+    }
+
+    /// Softmax, top-k and renormalization of `logits [T, experts]`, then the counting sort
+    /// of the slots into expert order.
+    pub fn route(
+        &self,
+        logits: &impl AsView<f32>,
+        experts: usize,
+        k: usize,
+    ) -> Result<DeviceRouting> {
+        let logits = logits.view();
+        ensure!(
+            (1..=MAX_EXPERTS).contains(&experts),
+            "moe route: {experts} experts, expected 1 to {MAX_EXPERTS}"
+        );
+        ensure!(
+            (1..=MAX_K.min(experts)).contains(&k),
+            "moe route: top-{k} of {experts} experts, expected 1 to {}",
+            MAX_K.min(experts)
+        );
+        let tokens = rows_of("moe route logits", logits.len(), experts)?;
+        let slots = tokens * k;
+        ensure!(
+            slots <= u32::MAX as usize,
+            "moe route: {slots} slots exceed the 32-bit row indices"
+        );
+        let r = DeviceRouting {
+            experts,
+            k,
+            tokens,
+            probs: self.take(tokens * experts)?,
+            chosen: self.take(slots)?,
+            weights: self.take(slots)?,
+            slot_row: self.take(slots)?,
+            row_token: self.take(slots)?,
+            row_weight: self.take(slots)?,
+            expert_offsets: self.take(experts + 1)?,
+        };
+        let mut args = KernelArgs::new();
+        args.arg(logits.device_ptr())
+            .arg(r.probs.device_ptr())
+            .arg(r.chosen.device_ptr())
+            .arg(r.weights.device_ptr())
+            .arg(tokens as i64)
+            .arg(experts as i32)
+            .arg(k as i32);
+        self.launch(
+            "moe_route_f32",
+            LaunchConfig::new(grid(tokens.div_ceil(THREADS as usize)), THREADS, 0),
+            &args,
+        )?;
+        self.sort(&r)?;
+        Ok(r)
+    }
+
+    /// The slots' rows in expert order: counts per (expert, block), their prefix sums, each
+    /// slot's rank in its block.
+    fn sort(&self, r: &DeviceRouting) -> Result<()> {
+        let slots = r.slots();
+        let blocks = slots.div_ceil(SLOTS_PER_BLOCK).max(1);
+        ensure!(
+            blocks <= i32::MAX as usize,
+            "moe route: {slots} slots need {blocks} blocks"
+        );
+        let block_counts: Leased<u32> = self.take(r.experts * blocks)?;
+        let block_starts: Leased<u32> = self.take(r.experts * blocks)?;
+        let sort_config = |shared: usize| {
+            LaunchConfig::new(blocks as u32, SLOTS_PER_BLOCK as u32, (shared * 4) as u32)
+        };
+        let mut args = KernelArgs::new();
+        args.arg(r.chosen.device_ptr())
+            .arg(block_counts.device_ptr())
+            .arg(slots as i64)
+            .arg(r.experts as i32);
+        self.launch("moe_count", sort_config(r.experts), &args)?;
+        let mut args = KernelArgs::new();
+        args.arg(block_counts.device_ptr())
+            .arg(block_starts.device_ptr())
+            .arg(r.expert_offsets.device_ptr())
+            .arg(r.experts as i32)
+            .arg(blocks as i32);
+        self.launch("moe_offsets", LaunchConfig::new(1, SCAN_THREADS, 0), &args)?;
+        let mut args = KernelArgs::new();
+        args.arg(r.chosen.device_ptr())
+            .arg(r.weights.device_ptr())
+            .arg(block_starts.device_ptr())
+            .arg(r.slot_row.device_ptr())
+            .arg(r.row_token.device_ptr())
+            .arg(r.row_weight.device_ptr())
+            .arg(slots as i64)
+            .arg(r.k as i32);
+        self.launch("moe_permute_index", sort_config(SLOTS_PER_BLOCK), &args)
+    }
+
+    /// The rows each expert receives, downloaded: the temporary exception of the module
+    /// header.
+    pub fn expert_rows(&self, r: &DeviceRouting) -> Result<Vec<usize>> {
+        let offsets = self.device.download(&r.expert_offsets)?;
+        Ok(offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect())
+    }
+
+    /// `out[i] = scale[i] · x[src_row[i]]` (1 without `scale`) for rows of `d`.
+    pub fn gather(
+        &self,
+        x: &impl AsView<f32>,
+        src_row: View<u32>,
+        scale: Option<View<f32>>,
+        out: &mut impl AsView<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let (x, out) = (x.view(), out.view());
+        let src_rows = rows_of("moe gather source", x.len(), d)?;
+        let rows = src_row.len();
+        ensure_len("moe gather output", out.len(), rows * d)?;
+        if let Some(scale) = scale {
+            ensure_len("moe gather scales", scale.len(), rows)?;
+        }
+        ensure!(
+            src_rows <= u32::MAX as usize && d <= i32::MAX as usize,
+            "moe gather: {src_rows} rows of {d} exceed the kernel's indices"
+        );
+        let mut args = KernelArgs::new();
+        args.arg(x.device_ptr())
+            .arg(src_row.device_ptr())
+            .arg(scale.map_or(0, |s| s.device_ptr()))
+            .arg(out.device_ptr())
+            .arg(rows as i64)
+            .arg(d as i32)
+            .arg(src_rows as u32);
+        self.launch(
+            "moe_gather_f32",
+            LaunchConfig::new(grid(rows), THREADS, 0),
+            &args,
+        )
+    }
+
+    /// `x [T, d]`'s rows in expert order, scaled by their weights when `weighted`.
+    pub fn permute(
+        &self,
+        x: &impl AsView<f32>,
+        r: &DeviceRouting,
+        weighted: bool,
+        out: &mut impl AsView<f32>,
+        d: usize,
+    ) -> Result<()> {
+        ensure_len("moe permute input", x.view().len(), r.tokens * d)?;
+        let scale = weighted.then(|| r.row_weight.view());
+        self.gather(x, r.row_token.view(), scale, out, d)
+    }
+
+    /// `out [T, d]`: each token's rows of `y` (expert order), weighted when `weighted`,
+    /// summed in expert order.
+    pub fn unpermute(
+        &self,
+        y: &impl AsView<f32>,
+        r: &DeviceRouting,
+        weighted: bool,
+        out: &mut impl AsView<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let (y, out) = (y.view(), out.view());
+        ensure_len("moe unpermute rows", y.len(), r.slots() * d)?;
+        ensure_len("moe unpermute output", out.len(), r.tokens * d)?;
+        let mut args = KernelArgs::new();
+        args.arg(y.device_ptr())
+            .arg(r.slot_row.device_ptr())
+            .arg(r.chosen.device_ptr())
+            .arg(if weighted { r.weights.device_ptr() } else { 0 })
+            .arg(out.device_ptr())
+            .arg(r.tokens as i64)
+            .arg(r.k as i32)
+            .arg(d as i32);
+        self.launch(
+            "moe_unpermute_f32",
+            LaunchConfig::new(grid(r.tokens), THREADS, 0),
+            &args,
+        )
+    }
+
+    /// `dL/dweight` per slot: `dout[t] · y[row]`, f64.
+    pub fn slot_dots(
+        &self,
+        dout: &impl AsView<f32>,
+        y: &impl AsView<f32>,
+        r: &DeviceRouting,
+        d: usize,
+    ) -> Result<Leased<f64>> {
+        let (dout, y) = (dout.view(), y.view());
+        ensure_len("moe router backward dout", dout.len(), r.tokens * d)?;
+        ensure_len("moe router backward expert outputs", y.len(), r.slots() * d)?;
+        let d_weights = self.take(r.slots())?;
+        let mut args = KernelArgs::new();
+        args.arg(dout.device_ptr())
+            .arg(y.device_ptr())
+            .arg(r.slot_row.device_ptr())
+            .arg(d_weights.device_ptr())
+            .arg(r.slots() as i64)
+            .arg(r.k as i32)
+            .arg(d as i32);
+        self.launch(
+            "moe_slot_dots",
+            LaunchConfig::new(grid(r.slots()), THREADS, 0),
+            &args,
+        )?;
+        Ok(d_weights)
+    }
+
+    /// `dz [T, E]` from `dL/dweight` per slot and, with `aux = (balance, coef, row
+    /// weights)`, the load-balancing term.
+    pub fn route_backward(
+        &self,
+        r: &DeviceRouting,
+        d_weights: &Leased<f64>,
+        aux: Option<(&DeviceBalance, f64, &Leased<f64>)>,
+        dz: &mut impl AsView<f32>,
+    ) -> Result<()> {
+        let dz = dz.view();
+        ensure_len("moe router backward dz", dz.len(), r.tokens * r.experts)?;
+        ensure_len("moe router backward dL/dweight", d_weights.len(), r.slots())?;
+        if let Some((balance, _, row_weights)) = aux {
+            ensure_len("moe balance experts", balance.experts, r.experts)?;
+            ensure_len(
+                "moe router backward row weights",
+                row_weights.len(),
+                r.tokens,
+            )?;
+        }
+        let mut args = KernelArgs::new();
+        args.arg(r.probs.device_ptr())
+            .arg(r.chosen.device_ptr())
+            .arg(d_weights.device_ptr())
+            .arg(aux.map_or(0, |(b, _, _)| b.sums.device_ptr()))
+            .arg(aux.map_or(0, |(_, _, w)| w.device_ptr()))
+            .arg(aux.map_or(0.0, |(_, coef, _)| coef))
+            .arg(dz.device_ptr())
+            .arg(r.tokens as i64)
+            .arg(r.experts as i32)
+            .arg(r.k as i32);
+        self.launch(
+            "moe_route_backward_f32",
+            LaunchConfig::new(grid(r.tokens.div_ceil(THREADS as usize)), THREADS, 0),
+            &args,
+        )
+    }
+
+    /// Zero load-balancing sums over `experts`.
+    pub fn balance(&self, experts: usize) -> Result<DeviceBalance> {
+        let mut sums = self.take::<f64>(2 * experts + 1)?;
+        self.device.zero(&mut sums)?;
+        Ok(DeviceBalance { experts, sums })
+    }
+
+    /// Adds one layer's routing, its rows weighted by `row_weights [T]`.
+    pub fn balance_add(
+        &self,
+        balance: &mut DeviceBalance,
+        r: &DeviceRouting,
+        row_weights: &Leased<f64>,
+    ) -> Result<()> {
+        ensure_len("moe balance experts", balance.experts, r.experts)?;
+        ensure_len("moe balance row weights", row_weights.len(), r.tokens)?;
+        let blocks = r.tokens.div_ceil(THREADS as usize).max(1);
+        ensure!(
+            blocks <= MAX_GRID,
+            "moe balance: {} tokens need {blocks} blocks, at most {MAX_GRID}",
+            r.tokens
+        );
+        let quantities = 2 * r.experts + 1;
+        let partials: Leased<f64> = self.take(blocks * quantities)?;
+        let mut args = KernelArgs::new();
+        args.arg(r.probs.device_ptr())
+            .arg(r.chosen.device_ptr())
+            .arg(row_weights.device_ptr())
+            .arg(partials.device_ptr())
+            .arg(r.tokens as i64)
+            .arg(r.experts as i32)
+            .arg(r.k as i32);
+        self.launch(
+            "moe_balance_partial",
+            LaunchConfig::new(blocks as u32, THREADS, 0),
+            &args,
+        )?;
+        let mut args = KernelArgs::new();
+        args.arg(partials.device_ptr())
+            .arg(balance.sums.device_ptr())
+            .arg(blocks as i32)
+            .arg(quantities as i32);
+        self.launch(
+            "moe_balance_finish",
+            LaunchConfig::new(1, THREADS, 0),
+            &args,
+        )
+    }
+
+    /// The sums on the host, where the loss (a logged scalar) is computed.
+    pub fn balance_sums(&self, balance: &DeviceBalance) -> Result<LoadBalance> {
+        let sums = self.device.download(&balance.sums)?;
+        let e = balance.experts;
+        Ok(LoadBalance::from_sums(
+            sums[..e].to_vec(),
+            sums[e..2 * e].to_vec(),
+            sums[2 * e],
+        ))
+    }
+}
