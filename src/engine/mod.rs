@@ -27,6 +27,7 @@ use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor};
 use crate::ops::optimizer::AdamWConfig;
+use crate::ops::storage::Dtype;
 use crate::step;
 use anyhow::{ensure, Context, Result};
 
@@ -173,7 +174,7 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone());
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32);
         step::accumulate_grads(
             &ops,
             &self.model,

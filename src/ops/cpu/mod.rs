@@ -4,12 +4,14 @@
 mod attention;
 mod elementwise;
 pub mod linalg;
+mod rounded;
 mod scoring;
 
 use super::{AttentionLayout, AttentionShape, Ops, RowScale};
 
 /// Attention over a KV cache, which the ops trait does not model (generation only runs here).
 pub use attention::attention_over;
+pub use rounded::{RoundedCpuOps, Stored};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
@@ -157,7 +159,7 @@ impl Ops for CpuOps {
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Vec<f32>) {
-        scoring::token_logprobs(h, head, targets, d, vocab)
+        scoring::token_logprobs(h, head, targets, d, vocab, &|z| z)
     }
 
     fn token_logprobs_backward(
@@ -171,6 +173,6 @@ impl Ops for CpuOps {
         vocab: usize,
         dhead: &mut Vec<f32>,
     ) -> Vec<f32> {
-        scoring::token_logprobs_backward(h, head, targets, lse, dlogp, d, vocab, dhead)
+        scoring::token_logprobs_backward(h, head, targets, lse, dlogp, d, vocab, dhead, &|z| z)
     }
 }

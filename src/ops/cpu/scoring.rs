@@ -6,9 +6,14 @@ use rayon::prelude::*;
 /// Rows per chunk: bounds the logits held at once to `CHUNK × V`.
 const CHUNK: usize = 256;
 
-fn row_logits(h: &[f32], head: &[f32], d: usize, vocab: usize) -> Vec<f64> {
+/// How the logits and their gradients are stored between the two GEMMs: kept as computed
+/// (the reference), or rounded as a device stores its logits chunk (the bf16-rounding mode,
+/// docs/numerics.md §1).
+pub type Rounding<'a> = &'a (dyn Fn(f64) -> f64 + Sync);
+
+fn row_logits(h: &[f32], head: &[f32], d: usize, vocab: usize, round: Rounding) -> Vec<f64> {
     (0..vocab)
-        .map(|v| dot(h, &head[v * d..(v + 1) * d]))
+        .map(|v| round(dot(h, &head[v * d..(v + 1) * d])))
         .collect()
 }
 
@@ -23,12 +28,13 @@ pub fn token_logprobs(
     targets: &[u32],
     d: usize,
     vocab: usize,
+    round: Rounding,
 ) -> (Vec<f64>, Vec<f32>) {
     let pairs: Vec<(f64, f32)> = targets
         .par_iter()
         .enumerate()
         .map(|(i, &y)| {
-            let z = row_logits(&h[i * d..(i + 1) * d], head, d, vocab);
+            let z = row_logits(&h[i * d..(i + 1) * d], head, d, vocab, round);
             let lse = log_sum_exp(&z);
             (z[y as usize] - lse, lse as f32)
         })
@@ -46,6 +52,7 @@ pub fn token_logprobs_backward(
     d: usize,
     vocab: usize,
     dhead: &mut [f32],
+    round: Rounding,
 ) -> Vec<f32> {
     let rows = targets.len();
     let mut dh = vec![0f32; rows * d];
@@ -55,12 +62,12 @@ pub fn token_logprobs_backward(
         let mut dz = vec![0f32; (end - start) * vocab];
         dz.par_chunks_mut(vocab).enumerate().for_each(|(i, dzr)| {
             let r = start + i;
-            let z = row_logits(&hc[i * d..(i + 1) * d], head, d, vocab);
+            let z = row_logits(&hc[i * d..(i + 1) * d], head, d, vocab, round);
             let g = dlogp[r];
             let l = lse[r] as f64;
             for (v, o) in dzr.iter_mut().enumerate() {
                 let onehot = if v == targets[r] as usize { 1.0 } else { 0.0 };
-                *o = (g * (onehot - (z[v] - l).exp())) as f32;
+                *o = round(g * (onehot - (z[v] - l).exp())) as f32;
             }
         });
         let n = end - start;

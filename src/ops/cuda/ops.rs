@@ -1,23 +1,32 @@
-//! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
-//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
-//! backward), accumulation, every projection (GEMM) and the fused LM-head scoring
-//! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE row gathers
-//! and scatters have no kernels yet: they copy their operands to the host, run the CPU
-//! reference and copy the results back (correct, and slow on a GPU).
+//! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Embedding,
+//! RMSNorm, RoPE, SwiGLU, attention (forward and backward), accumulation, every projection
+//! (GEMM) and the fused LM-head scoring (`super::scoring`) run there, their outputs leased
+//! from the ops' pool. The MoE row gathers and scatters have no kernels yet: they copy their
+//! operands to the host, run the CPU reference and copy the results back (correct, and slow on
+//! a GPU).
+//!
+//! Storage (docs/numerics.md §2): the ops run at one storage type, f32 or bf16. Uploads and
+//! every op's fresh output are stored in it, except the fp32 statistics (RMSNorm's 1/rms,
+//! attention's and the scoring's log-sum-exp, the log-probs) and `zeros`, which makes the
+//! f32 accumulators (weight gradients, the MoE and scoring scatters). An op accumulating into
+//! a tensor keeps that tensor's type; an input of the other type is cast to the ops' type
+//! first ([`Operand`]).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
-use super::device::Device;
+use super::device::{AsView, Device, View};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
-use super::pool::{Leased, Pool, Tensor};
+use super::pool::{Leased, Pool, Stored, Tensor, TensorView};
 use super::scoring::FusedScoring;
 use crate::ops::cpu::CpuOps;
+use crate::ops::storage::Dtype;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use anyhow::Result;
+use half::bf16;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -28,33 +37,67 @@ const KEPT_INDEX_LISTS: usize = 3;
 /// An index list and its copy on the device.
 type IndexList = (Vec<u32>, Rc<Leased<u32>>);
 
+/// An attention layout, the tile rows its lists were made for, and its copy on the device.
+type KeptLayout = (AttentionLayout, usize, Rc<DeviceLayout>);
+
+/// Runs `$self.$method::<E>($args)` with `E` the ops' storage type.
+macro_rules! at_storage {
+    ($self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        match $self.storage {
+            Dtype::F32 => $self.$method::<f32>($($arg),*),
+            Dtype::Bf16 => $self.$method::<bf16>($($arg),*),
+        }
+    };
+}
+
+/// An op's input as the type the op runs at: the tensor's own elements, or a cast copy that
+/// lives as long as the operand.
+struct Operand<E> {
+    view: View<E>,
+    _copy: Option<Tensor>,
+}
+
+impl<E: bytemuck::Pod> AsView<E> for Operand<E> {
+    fn view(&self) -> View<E> {
+        self.view
+    }
+}
+
 pub struct DeviceOps<'a> {
     device: &'a Device,
     kernels: Kernels<'a>,
     /// Where every output comes from: no op allocates device memory once the pool holds a
     /// step's worth.
     pool: Pool,
+    /// What uploads and op outputs are stored in.
+    storage: Dtype,
     error: RefCell<Option<anyhow::Error>>,
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
     index_lists: RefCell<Vec<IndexList>>,
-    /// The attention layout uploaded last, with its device copy: every layer's attention,
-    /// forward and backward, takes the batch's layout.
-    attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
+    /// The attention layout uploaded last: every layer's attention, forward and backward,
+    /// takes the batch's layout.
+    attention_layout: RefCell<Option<KeptLayout>>,
 }
 
 impl<'a> DeviceOps<'a> {
-    /// Ops whose workspace grows as the first passes need it.
+    /// f32 ops whose workspace grows as the first passes need it.
     pub fn new(device: &'a Device) -> Self {
-        DeviceOps::with_pool(device, Pool::default())
+        DeviceOps::with_pool(device, Pool::default(), Dtype::F32)
     }
 
-    /// Ops that take their outputs from `pool`.
-    pub fn with_pool(device: &'a Device, pool: Pool) -> Self {
+    /// Ops storing in `storage` whose workspace grows as the first passes need it.
+    pub fn with_storage(device: &'a Device, storage: Dtype) -> Self {
+        DeviceOps::with_pool(device, Pool::default(), storage)
+    }
+
+    /// Ops storing in `storage` that take their outputs from `pool`.
+    pub fn with_pool(device: &'a Device, pool: Pool, storage: Dtype) -> Self {
         DeviceOps {
             device,
             kernels: Kernels::with_scratch(device, pool.clone()),
             pool,
+            storage,
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
@@ -89,18 +132,43 @@ impl<'a> DeviceOps<'a> {
         &self.pool
     }
 
+    /// What uploads and op outputs are stored in.
+    pub fn storage(&self) -> Dtype {
+        self.storage
+    }
+
     fn placeholder(len: usize) -> Tensor {
         Tensor::owned(Device::host_zeros(len))
     }
 
+    /// The elements as f32 on the host (bf16 widens exactly).
     fn host(&self, buf: &Tensor) -> Result<Vec<f32>> {
-        self.device.download(buf)
+        match buf.storage() {
+            TensorView::F32(v) => self.device.download(&v),
+            TensorView::Bf16(v) => Ok(self
+                .device
+                .download(&v)?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
+        }
     }
 
-    /// `data` in a tensor of the pool.
-    fn put(&self, data: &[f32]) -> Result<Tensor> {
-        let mut t = self.alloc(data.len())?;
-        self.device.copy_to(&mut t, data)?;
+    /// Overwrites `dst` with `data`, rounded to `dst`'s type.
+    fn write(&self, dst: &mut Tensor, data: &[f32]) -> Result<()> {
+        match dst.storage() {
+            TensorView::F32(mut v) => self.device.copy_to(&mut v, data),
+            TensorView::Bf16(mut v) => {
+                let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.device.copy_to(&mut v, &data)
+            }
+        }
+    }
+
+    /// `data` in a tensor of the pool stored as `E`.
+    fn put<E: Stored>(&self, data: &[f32]) -> Result<Tensor> {
+        let mut t = self.alloc::<E>(data.len())?;
+        self.write(&mut t, data)?;
         Ok(t)
     }
 
@@ -118,37 +186,301 @@ impl<'a> DeviceOps<'a> {
         Ok(buffer)
     }
 
-    /// `layout` on the device (with f32 tile lists), uploaded unless it is the one from before.
-    fn attention_layout(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+    /// `layout` on the device with tile lists for `E`'s tiles, uploaded unless it is the one
+    /// from before.
+    fn attention_layout<E: Stored>(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+        let tile = tile_rows::<E>();
         let mut kept = self.attention_layout.borrow_mut();
-        if let Some((host, device)) = kept.as_ref() {
-            if host == layout {
+        if let Some((host, kept_tile, device)) = kept.as_ref() {
+            if host == layout && *kept_tile == tile {
                 return Ok(device.clone());
             }
         }
-        let device = Rc::new(DeviceLayout::new(
-            self.device,
-            &self.pool,
-            layout,
-            tile_rows::<f32>(),
-        )?);
-        *kept = Some((layout.clone(), device.clone()));
+        let device = Rc::new(DeviceLayout::new(self.device, &self.pool, layout, tile)?);
+        *kept = Some((layout.clone(), tile, device.clone()));
         Ok(device)
     }
 
-    /// A tensor of `len` elements whose contents are undefined until an op writes them.
-    fn alloc(&self, len: usize) -> Result<Tensor> {
-        let (view, lease) = self.pool.take(self.device, len)?;
+    /// A tensor of `len` elements of `E` whose contents are undefined until an op writes them.
+    fn alloc<E: Stored>(&self, len: usize) -> Result<Tensor> {
+        let (view, lease) = self.pool.take::<E>(self.device, len)?;
         Ok(Tensor::leased(view, lease))
     }
 
+    /// `t` in a fresh tensor of type `E`.
+    fn copy_as<E: Stored>(&self, t: &Tensor) -> Result<Tensor> {
+        let copy = self.alloc::<E>(t.len())?;
+        match (t.storage(), copy.storage()) {
+            (TensorView::F32(x), TensorView::Bf16(mut out)) => {
+                self.kernels.cast_to_bf16(&x, &mut out)?
+            }
+            (TensorView::Bf16(x), TensorView::F32(mut out)) => {
+                self.kernels.cast_to_f32(&x, &mut out)?
+            }
+            (TensorView::F32(x), TensorView::F32(mut out)) => {
+                self.device.copy_buffer(&x, &mut out)?
+            }
+            (TensorView::Bf16(x), TensorView::Bf16(mut out)) => {
+                self.device.copy_buffer(&x, &mut out)?
+            }
+        }
+        Ok(copy)
+    }
+
+    /// `t` as an input of an op that runs at `E`: cast when it is stored otherwise.
+    fn input<E: Stored>(&self, t: &Tensor) -> Result<Operand<E>> {
+        if let Some(view) = E::unwrap(t.storage()) {
+            return Ok(Operand { view, _copy: None });
+        }
+        let copy = self.copy_as::<E>(t)?;
+        Ok(Operand {
+            view: copy.view_as::<E>("cast operand")?,
+            _copy: Some(copy),
+        })
+    }
+
     /// RMSNorm's output and each row's 1/rms.
-    fn rmsnorm_with_rstd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-        let mut y = self.alloc(x.len())?;
-        let mut rstd = self.alloc(x.len() / w.len().max(1))?;
-        self.kernels
-            .rmsnorm_forward(x, None, w, None, &mut y, &mut rstd, eps as f32)?;
+    fn rmsnorm_at<E: Stored>(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let (x, w) = (self.input::<E>(x)?, self.input::<E>(w)?);
+        let y = self.alloc::<E>(x.view.len())?;
+        let rstd = self.alloc::<f32>(x.view.len() / w.view.len().max(1))?;
+        self.kernels.rmsnorm_forward(
+            &x,
+            None,
+            &w,
+            None,
+            &mut y.view_as::<E>("rmsnorm y")?,
+            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
+            eps as f32,
+        )?;
         Ok((y, rstd))
+    }
+
+    fn rmsnorm_backward_at<E: Stored>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+        dw: &mut Tensor,
+    ) -> Result<Tensor> {
+        // The trait keeps no statistics between the passes: recompute 1/rms.
+        let (_, rstd) = self.rmsnorm_at::<E>(x, w, eps)?;
+        let (xv, wv, dyv) = (self.input::<E>(x)?, self.input::<E>(w)?, self.input::<E>(dy)?);
+        let dx = self.alloc::<E>(x.len())?;
+        self.kernels.rmsnorm_backward(
+            &xv,
+            &wv,
+            &rstd.view_as::<f32>("rmsnorm rstd")?,
+            &dyv,
+            None,
+            &mut dx.view_as::<E>("rmsnorm dx")?,
+            &mut dw.view_as::<f32>("rmsnorm weight gradient")?,
+        )?;
+        Ok(dx)
+    }
+
+    fn embedding_at<E: Stored>(&self, table: &Tensor, ids: &[u32], d: usize) -> Result<Tensor> {
+        let ids = self.indices(ids)?;
+        let table = self.input::<E>(table)?;
+        let out = self.alloc::<E>(ids.len() * d)?;
+        self.kernels.embedding_forward(
+            &table,
+            &*ids,
+            &mut out.view_as::<E>("embedding output")?,
+            d,
+        )?;
+        Ok(out)
+    }
+
+    fn embedding_backward_at<E: Stored>(
+        &self,
+        dtable: &mut Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        let ids = self.indices(ids)?;
+        let dout = self.input::<E>(dout)?;
+        let mut dtable = dtable.view_as::<f32>("embedding gradient")?;
+        self.kernels.embedding_backward(&dout, &*ids, &mut dtable, d)
+    }
+
+    fn matmul_at<E: Stored>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let (x, w) = (self.input::<E>(x)?, self.input::<E>(w)?);
+        let y = self.alloc::<E>(m * n)?;
+        self.device.gemm(
+            &Gemm::projection(m, k, n),
+            &x,
+            &w,
+            &mut y.view_as::<E>("matmul output")?,
+        )?;
+        Ok(y)
+    }
+
+    fn matmul_backward_at<E: Stored>(
+        &self,
+        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        (m, k, n): (usize, usize, usize),
+        dw: &mut Tensor,
+    ) -> Result<Tensor> {
+        let (x, w, dy) = (self.input::<E>(x)?, self.input::<E>(w)?, self.input::<E>(dy)?);
+        self.device.gemm(
+            &Gemm::projection_weight_grad(m, k, n),
+            &dy,
+            &x,
+            &mut dw.view_as::<f32>("matmul weight gradient")?,
+        )?;
+        let dx = self.alloc::<E>(m * k)?;
+        self.device.gemm(
+            &Gemm::projection_input_grad(m, k, n),
+            &dy,
+            &w,
+            &mut dx.view_as::<E>("matmul input gradient")?,
+        )?;
+        Ok(dx)
+    }
+
+    fn attention_at<E: Stored>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> Result<(Tensor, Tensor)> {
+        let device_layout = self.attention_layout::<E>(layout)?;
+        let (q, k, v) = (self.input::<E>(q)?, self.input::<E>(k)?, self.input::<E>(v)?);
+        let out = self.alloc::<E>(q.view.len())?;
+        let lse = self.alloc::<f32>(layout.len() * shape.heads)?;
+        AttentionKernels::with_scratch(self.device, self.pool.clone()).forward(
+            &q,
+            &k,
+            &v,
+            &device_layout,
+            shape,
+            &mut out.view_as::<E>("attention output")?,
+            &mut lse.view_as::<f32>("attention lse")?,
+        )?;
+        Ok((out, lse))
+    }
+
+    fn attention_backward_at<E: Stored>(
+        &self,
+        (q, k, v, out, lse, dout): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let device_layout = self.attention_layout::<E>(layout)?;
+        let (q, k, v) = (self.input::<E>(q)?, self.input::<E>(k)?, self.input::<E>(v)?);
+        let (out, dout) = (self.input::<E>(out)?, self.input::<E>(dout)?);
+        let lse = self.input::<f32>(lse)?;
+        let dq = self.alloc::<E>(q.view.len())?;
+        let dk = self.alloc::<E>(k.view.len())?;
+        let dv = self.alloc::<E>(v.view.len())?;
+        AttentionKernels::with_scratch(self.device, self.pool.clone()).backward(
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &dout,
+            &device_layout,
+            shape,
+            &mut dq.view_as::<E>("attention dq")?,
+            &mut dk.view_as::<E>("attention dk")?,
+            &mut dv.view_as::<E>("attention dv")?,
+        )?;
+        Ok((dq, dk, dv))
+    }
+
+    fn swiglu_at<E: Stored>(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (gate, up) = (self.input::<E>(gate)?, self.input::<E>(up)?);
+        let out = self.alloc::<E>(gate.view.len())?;
+        self.kernels
+            .swiglu_forward(&gate, &up, &mut out.view_as::<E>("swiglu output")?)?;
+        Ok(out)
+    }
+
+    fn swiglu_backward_at<E: Stored>(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (gate, up, dy) = (
+            self.input::<E>(gate)?,
+            self.input::<E>(up)?,
+            self.input::<E>(dy)?,
+        );
+        let dgate = self.alloc::<E>(gate.view.len())?;
+        let dup = self.alloc::<E>(up.view.len())?;
+        self.kernels.swiglu_backward(
+            &gate,
+            &up,
+            &dy,
+            &mut dgate.view_as::<E>("swiglu dgate")?,
+            &mut dup.view_as::<E>("swiglu dup")?,
+        )?;
+        Ok((dgate, dup))
+    }
+
+    fn token_logprobs_at<E: Stored>(
+        &self,
+        (h, head): (&Tensor, &Tensor),
+        targets: &[u32],
+        (d, vocab): (usize, usize),
+    ) -> Result<(Vec<f64>, Tensor)> {
+        let rows = targets.len();
+        let targets = self.indices(targets)?;
+        let (h, head) = (self.input::<E>(h)?, self.input::<E>(head)?);
+        let (lse, logp) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        FusedScoring::new::<E>(&self.kernels, vocab).forward(
+            &h,
+            &head,
+            &*targets,
+            d,
+            &mut lse.view_as::<f32>("scoring lse")?,
+            &mut logp.view_as::<f32>("scoring logp")?,
+        )?;
+        // The trait hands the per-row log-probs to the host's loss: `rows` values.
+        let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
+        Ok((logp, lse))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn token_logprobs_backward_at<E: Stored>(
+        &self,
+        (h, head, lse): (&Tensor, &Tensor, &Tensor),
+        targets: &[u32],
+        dlogp: &[f64],
+        (d, vocab): (usize, usize),
+        dhead: &mut Tensor,
+    ) -> Result<Tensor> {
+        let targets = self.indices(targets)?;
+        let (hv, head, lse) = (
+            self.input::<E>(h)?,
+            self.input::<E>(head)?,
+            self.input::<f32>(lse)?,
+        );
+        // dL/dlogp comes from the host's loss; the loss kernels will make it on the device
+        // (`Kernels::row_coef`).
+        let coef = self.put::<f32>(&dlogp.iter().map(|&g| g as f32).collect::<Vec<_>>())?;
+        let dh = self.alloc::<E>(h.len())?;
+        FusedScoring::new::<E>(&self.kernels, vocab).backward(
+            &hv,
+            &head,
+            &*targets,
+            &lse,
+            &coef.view_as::<f32>("scoring coefficients")?,
+            d,
+            &mut dh.view_as::<E>("scoring dh")?,
+            &mut dhead.view_as::<f32>("LM head gradient")?,
+        )?;
+        Ok(dh)
     }
 }
 
@@ -163,11 +495,12 @@ impl Ops for DeviceOps<'_> {
         }
     }
 
+    /// Stored in the ops' type (bf16 rounds to nearest even).
     fn upload(&self, data: &[f32]) -> Tensor {
         self.attempt(
             "upload",
             || Self::placeholder(data.len()),
-            || self.put(data),
+            || at_storage!(self.put(data)),
         )
     }
 
@@ -175,32 +508,44 @@ impl Ops for DeviceOps<'_> {
         self.attempt("download", || vec![0.0; buf.len()], || self.host(buf))
     }
 
+    /// Always f32: zeros start accumulators (gradients, scatters).
     fn zeros(&self, len: usize) -> Tensor {
         self.attempt(
             "zeros",
             || Self::placeholder(len),
             || {
-                let mut t = self.alloc(len)?;
-                self.device.zero(&mut t)?;
+                let t = self.alloc::<f32>(len)?;
+                self.device.zero(&mut t.view_as::<f32>("zeros")?)?;
                 Ok(t)
             },
         )
     }
 
+    /// In fp32, stored back in `acc`'s type.
     fn add_assign(&self, acc: &mut Tensor, x: &Tensor) {
-        self.attempt("add_assign", || (), || self.kernels.add_assign(acc, x))
+        self.attempt(
+            "add_assign",
+            || (),
+            || {
+                let x = self.input::<f32>(x)?;
+                match acc.storage() {
+                    TensorView::F32(mut a) => self.kernels.add_assign(&mut a, &x),
+                    TensorView::Bf16(mut a) => {
+                        let sum = self.copy_as::<f32>(acc)?;
+                        let mut sum = sum.view_as::<f32>("add_assign sum")?;
+                        self.kernels.add_assign(&mut sum, &x)?;
+                        self.kernels.cast_to_bf16(&sum, &mut a)
+                    }
+                }
+            },
+        )
     }
 
     fn embedding(&self, table: &Tensor, ids: &[u32], d: usize) -> Tensor {
         self.attempt(
             "embedding",
             || Self::placeholder(ids.len() * d),
-            || {
-                let ids = self.indices(ids)?;
-                let mut out = self.alloc(ids.len() * d)?;
-                self.kernels.embedding_forward(table, &*ids, &mut out, d)?;
-                Ok(out)
-            },
+            || at_storage!(self.embedding_at(table, ids, d)),
         )
     }
 
@@ -208,10 +553,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "embedding_backward",
             || (),
-            || {
-                let ids = self.indices(ids)?;
-                self.kernels.embedding_backward(dout, &*ids, dtable, d)
-            },
+            || at_storage!(self.embedding_backward_at(dtable, dout, ids, d)),
         )
     }
 
@@ -219,7 +561,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm",
             || Self::placeholder(x.len()),
-            || Ok(self.rmsnorm_with_rstd(x, w, eps)?.0),
+            || Ok(at_storage!(self.rmsnorm_at(x, w, eps))?.0),
         )
     }
 
@@ -235,14 +577,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm_backward",
             || Self::placeholder(x.len()),
-            || {
-                // The trait keeps no statistics between the passes: recompute 1/rms.
-                let (_, rstd) = self.rmsnorm_with_rstd(x, w, eps)?;
-                let mut dx = self.alloc(x.len())?;
-                self.kernels
-                    .rmsnorm_backward(x, w, &rstd, dy, None, &mut dx, dw)?;
-                Ok(dx)
-            },
+            || at_storage!(self.rmsnorm_backward_at(x, w, dy, eps, dw)),
         )
     }
 
@@ -250,11 +585,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "matmul",
             || Self::placeholder(m * n),
-            || {
-                let mut y = self.alloc(m * n)?;
-                self.device.gemm(&Gemm::projection(m, k, n), x, w, &mut y)?;
-                Ok(y)
-            },
+            || at_storage!(self.matmul_at(x, w, (m, k, n))),
         )
     }
 
@@ -271,17 +602,11 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "matmul_backward",
             || Self::placeholder(m * k),
-            || {
-                self.device
-                    .gemm(&Gemm::projection_weight_grad(m, k, n), dy, x, dw)?;
-                let mut dx = self.alloc(m * k)?;
-                self.device
-                    .gemm(&Gemm::projection_input_grad(m, k, n), dy, w, &mut dx)?;
-                Ok(dx)
-            },
+            || at_storage!(self.matmul_backward_at((x, w, dy), (m, k, n), dw)),
         )
     }
 
+    /// In `x`'s own type.
     fn rope(
         &self,
         x: &mut Tensor,
@@ -296,8 +621,16 @@ impl Ops for DeviceOps<'_> {
             || (),
             || {
                 let positions = self.indices(positions)?;
-                self.kernels
-                    .rope(x, &*positions, heads, head_dim, theta, inverse)
+                match x.storage() {
+                    TensorView::F32(mut v) => {
+                        self.kernels
+                            .rope(&mut v, &*positions, heads, head_dim, theta, inverse)
+                    }
+                    TensorView::Bf16(mut v) => {
+                        self.kernels
+                            .rope(&mut v, &*positions, heads, head_dim, theta, inverse)
+                    }
+                }
             },
         )
     }
@@ -319,14 +652,7 @@ impl Ops for DeviceOps<'_> {
                     Self::placeholder(tokens * shape.heads),
                 )
             },
-            || {
-                let layout = self.attention_layout(layout)?;
-                let mut out = self.alloc(q.len())?;
-                let mut lse = self.alloc(tokens * shape.heads)?;
-                AttentionKernels::with_scratch(self.device, self.pool.clone())
-                    .forward(q, k, v, &layout, shape, &mut out, &mut lse)?;
-                Ok((out, lse))
-            },
+            || at_storage!(self.attention_at((q, k, v), layout, shape)),
         )
     }
 
@@ -351,14 +677,11 @@ impl Ops for DeviceOps<'_> {
                 )
             },
             || {
-                let layout = self.attention_layout(layout)?;
-                let mut dq = self.alloc(q.len())?;
-                let mut dk = self.alloc(k.len())?;
-                let mut dv = self.alloc(v.len())?;
-                AttentionKernels::with_scratch(self.device, self.pool.clone()).backward(
-                    q, k, v, out, lse, dout, &layout, shape, &mut dq, &mut dk, &mut dv,
-                )?;
-                Ok((dq, dk, dv))
+                at_storage!(self.attention_backward_at(
+                    (q, k, v, out, lse, dout),
+                    layout,
+                    shape
+                ))
             },
         )
     }
@@ -367,11 +690,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "swiglu",
             || Self::placeholder(gate.len()),
-            || {
-                let mut out = self.alloc(gate.len())?;
-                self.kernels.swiglu_forward(gate, up, &mut out)?;
-                Ok(out)
-            },
+            || at_storage!(self.swiglu_at(gate, up)),
         )
     }
 
@@ -379,13 +698,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "swiglu_backward",
             || (Self::placeholder(gate.len()), Self::placeholder(up.len())),
-            || {
-                let mut dgate = self.alloc(gate.len())?;
-                let mut dup = self.alloc(up.len())?;
-                self.kernels
-                    .swiglu_backward(gate, up, dy, &mut dgate, &mut dup)?;
-                Ok((dgate, dup))
-            },
+            || at_storage!(self.swiglu_backward_at(gate, up, dy)),
         )
     }
 
@@ -395,11 +708,12 @@ impl Ops for DeviceOps<'_> {
             || Self::placeholder(rows.len() * d),
             || {
                 let out = CpuOps.gather_rows(&self.host(x)?, rows, scale, d);
-                self.put(&out)
+                at_storage!(self.put(&out))
             },
         )
     }
 
+    /// Stored back in `dst`'s type.
     fn scatter_add_rows(
         &self,
         dst: &mut Tensor,
@@ -414,7 +728,7 @@ impl Ops for DeviceOps<'_> {
             || {
                 let mut host_dst = self.host(dst)?;
                 CpuOps.scatter_add_rows(&mut host_dst, &self.host(src)?, rows, scale, d);
-                self.device.copy_to(dst, &host_dst)
+                self.write(dst, &host_dst)
             },
         )
     }
@@ -439,15 +753,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "token_logprobs",
             || (vec![0.0; rows], Self::placeholder(rows)),
-            || {
-                let targets = self.indices(targets)?;
-                let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
-                FusedScoring::new::<f32>(&self.kernels, vocab)
-                    .forward(h, head, &*targets, d, &mut lse, &mut logp)?;
-                // The trait hands the per-row log-probs to the host's loss: `rows` values.
-                let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
-                Ok((logp, lse))
-            },
+            || at_storage!(self.token_logprobs_at((h, head), targets, (d, vocab))),
         )
     }
 
@@ -466,15 +772,13 @@ impl Ops for DeviceOps<'_> {
             "token_logprobs_backward",
             || Self::placeholder(h.len()),
             || {
-                let targets = self.indices(targets)?;
-                // dL/dlogp comes from the host's loss; the loss kernels will make it on the
-                // device (`Kernels::row_coef`).
-                let coef: Vec<f32> = dlogp.iter().map(|&g| g as f32).collect();
-                let coef = self.put(&coef)?;
-                let mut dh = self.alloc(h.len())?;
-                FusedScoring::new::<f32>(&self.kernels, vocab)
-                    .backward(h, head, &*targets, lse, &coef, d, &mut dh, dhead)?;
-                Ok(dh)
+                at_storage!(self.token_logprobs_backward_at(
+                    (h, head, lse),
+                    targets,
+                    dlogp,
+                    (d, vocab),
+                    dhead
+                ))
             },
         )
     }

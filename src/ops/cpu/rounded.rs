@@ -1,0 +1,288 @@
+//! The CPU reference's bf16-rounding mode (docs/numerics.md §1): [`CpuOps`]'s arithmetic,
+//! with every value rounded to the storage type exactly where the device ops
+//! (`ops::cuda::ops::DeviceOps`) store it, so that a bf16 device pass can be compared with
+//! the CPU like for like. The rule is the device's, tensor for tensor: uploads and fresh op
+//! outputs are stored in the storage type except the fp32 statistics (log-sum-exps) and
+//! `zeros` (f32 accumulators); an op that accumulates into a tensor keeps its type; an input
+//! stored otherwise is rounded to the storage type first; the scoring's logits chunk and its
+//! gradient are stored in the storage type.
+
+use super::{scoring, CpuOps};
+use crate::ops::storage::Dtype;
+use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
+use std::borrow::Cow;
+
+/// A CPU tensor with the type it stands for: its values are representable in `dtype`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub values: Vec<f32>,
+    pub dtype: Dtype,
+}
+
+/// [`CpuOps`] rounding to `storage` where the device stores it.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundedCpuOps {
+    pub storage: Dtype,
+}
+
+impl RoundedCpuOps {
+    pub fn new(storage: Dtype) -> Self {
+        RoundedCpuOps { storage }
+    }
+
+    /// A fresh output, stored in the storage type.
+    fn output(&self, mut values: Vec<f32>) -> Stored {
+        self.storage.round_all(&mut values);
+        Stored {
+            values,
+            dtype: self.storage,
+        }
+    }
+
+    /// A statistic or accumulator: f32.
+    fn f32(values: Vec<f32>) -> Stored {
+        Stored {
+            values,
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// `t` as an input of an op running at the storage type.
+    fn input<'t>(&self, t: &'t Stored) -> Cow<'t, Vec<f32>> {
+        if t.dtype == self.storage {
+            Cow::Borrowed(&t.values)
+        } else {
+            let mut values = t.values.clone();
+            self.storage.round_all(&mut values);
+            Cow::Owned(values)
+        }
+    }
+
+    /// The device's logits chunk and its gradient: stored in the storage type.
+    fn logit_rounding(&self) -> impl Fn(f64) -> f64 + Sync {
+        let storage = self.storage;
+        move |z| match storage {
+            Dtype::F32 => z,
+            Dtype::Bf16 => storage.round(z as f32) as f64,
+        }
+    }
+}
+
+/// `t` after an in-place update: rounded back to its own type.
+fn keep_type(t: &mut Stored) {
+    t.dtype.round_all(&mut t.values);
+}
+
+impl Ops for RoundedCpuOps {
+    type Buf = Stored;
+
+    fn upload(&self, data: &[f32]) -> Stored {
+        self.output(data.to_vec())
+    }
+
+    fn download(&self, buf: &Stored) -> Vec<f32> {
+        buf.values.clone()
+    }
+
+    fn zeros(&self, len: usize) -> Stored {
+        Self::f32(vec![0.0; len])
+    }
+
+    fn add_assign(&self, acc: &mut Stored, x: &Stored) {
+        CpuOps.add_assign(&mut acc.values, &x.values);
+        keep_type(acc);
+    }
+
+    fn embedding(&self, table: &Stored, ids: &[u32], d: usize) -> Stored {
+        self.output(CpuOps.embedding(&self.input(table), ids, d))
+    }
+
+    fn embedding_backward(&self, dtable: &mut Stored, dout: &Stored, ids: &[u32], d: usize) {
+        CpuOps.embedding_backward(&mut dtable.values, &self.input(dout), ids, d);
+        keep_type(dtable);
+    }
+
+    fn rmsnorm(&self, x: &Stored, w: &Stored, d: usize, eps: f64) -> Stored {
+        self.output(CpuOps.rmsnorm(&self.input(x), &self.input(w), d, eps))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Stored,
+        w: &Stored,
+        dy: &Stored,
+        d: usize,
+        eps: f64,
+        dw: &mut Stored,
+    ) -> Stored {
+        let dx = CpuOps.rmsnorm_backward(
+            &self.input(x),
+            &self.input(w),
+            &self.input(dy),
+            d,
+            eps,
+            &mut dw.values,
+        );
+        keep_type(dw);
+        self.output(dx)
+    }
+
+    fn matmul(&self, x: &Stored, w: &Stored, m: usize, k: usize, n: usize) -> Stored {
+        self.output(CpuOps.matmul(&self.input(x), &self.input(w), m, k, n))
+    }
+
+    fn matmul_backward(
+        &self,
+        x: &Stored,
+        w: &Stored,
+        dy: &Stored,
+        m: usize,
+        k: usize,
+        n: usize,
+        dw: &mut Stored,
+    ) -> Stored {
+        let dx = CpuOps.matmul_backward(
+            &self.input(x),
+            &self.input(w),
+            &self.input(dy),
+            m,
+            k,
+            n,
+            &mut dw.values,
+        );
+        keep_type(dw);
+        self.output(dx)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Stored,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) {
+        CpuOps.rope(&mut x.values, positions, heads, head_dim, theta, inverse);
+        keep_type(x);
+    }
+
+    fn attention(
+        &self,
+        q: &Stored,
+        k: &Stored,
+        v: &Stored,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Stored, Stored) {
+        let (out, lse) = CpuOps.attention(
+            &self.input(q),
+            &self.input(k),
+            &self.input(v),
+            layout,
+            shape,
+        );
+        (self.output(out), Self::f32(lse))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Stored,
+        k: &Stored,
+        v: &Stored,
+        out: &Stored,
+        lse: &Stored,
+        dout: &Stored,
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> (Stored, Stored, Stored) {
+        let (dq, dk, dv) = CpuOps.attention_backward(
+            &self.input(q),
+            &self.input(k),
+            &self.input(v),
+            &self.input(out),
+            &lse.values,
+            &self.input(dout),
+            layout,
+            shape,
+        );
+        (self.output(dq), self.output(dk), self.output(dv))
+    }
+
+    fn swiglu(&self, gate: &Stored, up: &Stored) -> Stored {
+        self.output(CpuOps.swiglu(&self.input(gate), &self.input(up)))
+    }
+
+    fn swiglu_backward(&self, gate: &Stored, up: &Stored, dy: &Stored) -> (Stored, Stored) {
+        let (dgate, dup) =
+            CpuOps.swiglu_backward(&self.input(gate), &self.input(up), &self.input(dy));
+        (self.output(dgate), self.output(dup))
+    }
+
+    fn gather_rows(&self, x: &Stored, rows: &[u32], scale: RowScale, d: usize) -> Stored {
+        self.output(CpuOps.gather_rows(&x.values, rows, scale, d))
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Stored,
+        src: &Stored,
+        rows: &[u32],
+        scale: RowScale,
+        d: usize,
+    ) {
+        CpuOps.scatter_add_rows(&mut dst.values, &src.values, rows, scale, d);
+        keep_type(dst);
+    }
+
+    fn row_dots(&self, a: &Stored, b: &Stored, d: usize) -> Vec<f64> {
+        CpuOps.row_dots(&a.values, &b.values, d)
+    }
+
+    fn token_logprobs(
+        &self,
+        h: &Stored,
+        head: &Stored,
+        targets: &[u32],
+        d: usize,
+        vocab: usize,
+    ) -> (Vec<f64>, Stored) {
+        let round = self.logit_rounding();
+        let (logp, lse) = scoring::token_logprobs(
+            &self.input(h),
+            &self.input(head),
+            targets,
+            d,
+            vocab,
+            &round,
+        );
+        (logp, Self::f32(lse))
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        h: &Stored,
+        head: &Stored,
+        targets: &[u32],
+        lse: &Stored,
+        dlogp: &[f64],
+        d: usize,
+        vocab: usize,
+        dhead: &mut Stored,
+    ) -> Stored {
+        let round = self.logit_rounding();
+        let dh = scoring::token_logprobs_backward(
+            &self.input(h),
+            &self.input(head),
+            targets,
+            &lse.values,
+            dlogp,
+            d,
+            vocab,
+            &mut dhead.values,
+            &round,
+        );
+        keep_type(dhead);
+        self.output(dh)
+    }
+}
