@@ -99,7 +99,7 @@ impl Ops for CpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Vec<f32>, Vec<f32>) {
-        attention::attention(q, k, v, layout, shape)
+        attention::attention(q, k, v, layout, shape, None)
     }
 
     fn attention_backward(
@@ -113,7 +113,7 @@ impl Ops for CpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        attention::attention_backward(q, k, v, out, lse, dout, layout, shape)
+        attention::attention_backward(q, k, v, out, lse, dout, layout, shape, None)
     }
 
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {

@@ -5,9 +5,12 @@
 //! outputs are stored in the storage type except the fp32 statistics (log-sum-exps) and
 //! `zeros` (f32 accumulators); an op that accumulates into a tensor keeps its type; an input
 //! stored otherwise is rounded to the storage type first; the scoring's logits chunk and its
-//! gradient are stored in the storage type.
+//! gradient are stored in the storage type, and so are the bf16 attention kernel's
+//! probabilities (with its online softmax's running maximum over key tiles).
 
-use super::{scoring, CpuOps};
+use super::attention::{self, ProbabilityRounding};
+use super::scoring::{self, Rounding};
+use super::CpuOps;
 use crate::ops::storage::Dtype;
 use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
 use std::borrow::Cow;
@@ -58,14 +61,23 @@ impl RoundedCpuOps {
         }
     }
 
-    /// The device's logits chunk and its gradient: stored in the storage type.
-    fn logit_rounding(&self) -> impl Fn(f64) -> f64 + Sync {
+    /// A value the device keeps in the storage type inside a fused kernel (the scoring's
+    /// logits chunk and its gradient, attention's probabilities).
+    fn stored_rounding(&self) -> impl Fn(f64) -> f64 + Sync {
         let storage = self.storage;
         move |z| match storage {
             Dtype::F32 => z,
             Dtype::Bf16 => storage.round(z as f32) as f64,
         }
     }
+}
+
+/// The bf16 attention kernel's tiles, and its rounding of the probabilities; none for f32.
+fn probability_rounding(storage: Dtype, round: Rounding) -> Option<ProbabilityRounding> {
+    (storage == Dtype::Bf16).then_some(ProbabilityRounding {
+        tile: crate::ops::cuda::attention::tile_rows::<half::bf16>(),
+        round,
+    })
 }
 
 /// `t` after an in-place update: rounded back to its own type.
@@ -175,12 +187,14 @@ impl Ops for RoundedCpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Stored, Stored) {
-        let (out, lse) = CpuOps.attention(
+        let round = self.stored_rounding();
+        let (out, lse) = attention::attention(
             &self.input(q),
             &self.input(k),
             &self.input(v),
             layout,
             shape,
+            probability_rounding(self.storage, &round),
         );
         (self.output(out), Self::f32(lse))
     }
@@ -196,7 +210,8 @@ impl Ops for RoundedCpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Stored, Stored, Stored) {
-        let (dq, dk, dv) = CpuOps.attention_backward(
+        let round = self.stored_rounding();
+        let (dq, dk, dv) = attention::attention_backward(
             &self.input(q),
             &self.input(k),
             &self.input(v),
@@ -205,6 +220,7 @@ impl Ops for RoundedCpuOps {
             &self.input(dout),
             layout,
             shape,
+            probability_rounding(self.storage, &round),
         );
         (self.output(dq), self.output(dk), self.output(dv))
     }
@@ -247,7 +263,7 @@ impl Ops for RoundedCpuOps {
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Stored) {
-        let round = self.logit_rounding();
+        let round = self.stored_rounding();
         let (logp, lse) = scoring::token_logprobs(
             &self.input(h),
             &self.input(head),
@@ -270,7 +286,7 @@ impl Ops for RoundedCpuOps {
         vocab: usize,
         dhead: &mut Stored,
     ) -> Stored {
-        let round = self.logit_rounding();
+        let round = self.stored_rounding();
         let dh = scoring::token_logprobs_backward(
             &self.input(h),
             &self.input(head),
