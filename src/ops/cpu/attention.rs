@@ -64,7 +64,10 @@ fn attend_head_online<'a>(
     out: &mut [f32],
 ) -> f32 {
     let n = scores.len();
-    let s2: Vec<f64> = scores.iter().map(|s| s * std::f64::consts::LOG2_E).collect();
+    let s2: Vec<f64> = scores
+        .iter()
+        .map(|s| s * std::f64::consts::LOG2_E)
+        .collect();
     let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
     let mut acc = vec![0f64; out.len()];
     let mut start = 0;

@@ -264,14 +264,8 @@ impl Ops for RoundedCpuOps {
         vocab: usize,
     ) -> (Vec<f64>, Stored) {
         let round = self.stored_rounding();
-        let (logp, lse) = scoring::token_logprobs(
-            &self.input(h),
-            &self.input(head),
-            targets,
-            d,
-            vocab,
-            &round,
-        );
+        let (logp, lse) =
+            scoring::token_logprobs(&self.input(h), &self.input(head), targets, d, vocab, &round);
         (logp, Self::f32(lse))
     }
 

@@ -266,7 +266,11 @@ impl<'a> DeviceOps<'a> {
     ) -> Result<Tensor> {
         // The trait keeps no statistics between the passes: recompute 1/rms.
         let (_, rstd) = self.rmsnorm_at::<E>(x, w, eps)?;
-        let (xv, wv, dyv) = (self.input::<E>(x)?, self.input::<E>(w)?, self.input::<E>(dy)?);
+        let (xv, wv, dyv) = (
+            self.input::<E>(x)?,
+            self.input::<E>(w)?,
+            self.input::<E>(dy)?,
+        );
         let dx = self.alloc::<E>(x.len())?;
         self.kernels.rmsnorm_backward(
             &xv,
@@ -303,7 +307,8 @@ impl<'a> DeviceOps<'a> {
         let ids = self.indices(ids)?;
         let dout = self.input::<E>(dout)?;
         let mut dtable = dtable.view_as::<f32>("embedding gradient")?;
-        self.kernels.embedding_backward(&dout, &*ids, &mut dtable, d)
+        self.kernels
+            .embedding_backward(&dout, &*ids, &mut dtable, d)
     }
 
     fn matmul_at<E: Stored>(
@@ -329,7 +334,11 @@ impl<'a> DeviceOps<'a> {
         (m, k, n): (usize, usize, usize),
         dw: &mut Tensor,
     ) -> Result<Tensor> {
-        let (x, w, dy) = (self.input::<E>(x)?, self.input::<E>(w)?, self.input::<E>(dy)?);
+        let (x, w, dy) = (
+            self.input::<E>(x)?,
+            self.input::<E>(w)?,
+            self.input::<E>(dy)?,
+        );
         self.device.gemm(
             &Gemm::projection_weight_grad(m, k, n),
             &dy,
@@ -353,7 +362,11 @@ impl<'a> DeviceOps<'a> {
         shape: AttentionShape,
     ) -> Result<(Tensor, Tensor)> {
         let device_layout = self.attention_layout::<E>(layout)?;
-        let (q, k, v) = (self.input::<E>(q)?, self.input::<E>(k)?, self.input::<E>(v)?);
+        let (q, k, v) = (
+            self.input::<E>(q)?,
+            self.input::<E>(k)?,
+            self.input::<E>(v)?,
+        );
         let out = self.alloc::<E>(q.view.len())?;
         let lse = self.alloc::<f32>(layout.len() * shape.heads)?;
         AttentionKernels::with_scratch(self.device, self.pool.clone()).forward(
@@ -375,7 +388,11 @@ impl<'a> DeviceOps<'a> {
         shape: AttentionShape,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let device_layout = self.attention_layout::<E>(layout)?;
-        let (q, k, v) = (self.input::<E>(q)?, self.input::<E>(k)?, self.input::<E>(v)?);
+        let (q, k, v) = (
+            self.input::<E>(q)?,
+            self.input::<E>(k)?,
+            self.input::<E>(v)?,
+        );
         let (out, dout) = (self.input::<E>(out)?, self.input::<E>(dout)?);
         let lse = self.input::<f32>(lse)?;
         let dq = self.alloc::<E>(q.view.len())?;
@@ -676,13 +693,7 @@ impl Ops for DeviceOps<'_> {
                     Self::placeholder(v.len()),
                 )
             },
-            || {
-                at_storage!(self.attention_backward_at(
-                    (q, k, v, out, lse, dout),
-                    layout,
-                    shape
-                ))
-            },
+            || at_storage!(self.attention_backward_at((q, k, v, out, lse, dout), layout, shape)),
         )
     }
 
