@@ -468,7 +468,6 @@ impl<'a> DeviceOps<'a> {
         Ok((logp, lse))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn token_logprobs_backward_at<E: Stored>(
         &self,
         (h, head, lse): (&Tensor, &Tensor, &Tensor),
