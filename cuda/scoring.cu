@@ -15,11 +15,12 @@
 //                                fp64: S = Σ logp over the span, A = S / len, E = the last
 //                                row's logp when has_eos, else NaN (read has_eos, not E).
 //   scoring_row_coef             reads spans and grads [responses][3] = (dL/dS, dL/dA, dL/dE)
-//                                in fp64; OVERWRITES coef[t] = dL/dlogp_t for every row t of
-//                                a span (docs/losses.md §1: dS + dA / n, plus dE at the last row of
-//                                a response that ends with EOS), computed in fp64 as the CPU
-//                                computes it, rounded once to fp32. Rows of no span are left
-//                                alone.
+//                                in fp64; OVERWRITES coef[t] = scale * dL/dlogp_t for every
+//                                row t of a span (docs/losses.md §1: dS + dA / n, plus dE at
+//                                the last row of a response that ends with EOS; scale is a
+//                                micro-batch's share of its step), computed in fp64 as the
+//                                CPU computes it, rounded once to fp32. Rows of no span are
+//                                left alone.
 //   scoring_backward_{f32,bf16}  reads z [rows, vocab] (the chunk's recomputed logits),
 //                                targets, lse and coef at row0 + r; OVERWRITES z in place with
 //                                dL/dz = coef * (onehot(target) - exp(z - lse)).
@@ -351,7 +352,7 @@ extern "C" __global__ void scoring_response_stats(const float* logp, const int* 
 CONTRALIGN_KERNEL(scoring_response_stats)
 
 extern "C" __global__ void scoring_row_coef(const int* spans, const double* grads, int responses,
-                                            float* coef) {
+                                            double scale, float* coef) {
     for (int i = blockIdx.x; i < responses; i += gridDim.x) {
         const int start = spans[3 * i];
         const int len = spans[3 * i + 1];
@@ -360,7 +361,7 @@ extern "C" __global__ void scoring_row_coef(const int* spans, const double* grad
         for (int j = threadIdx.x; j < len; j += blockDim.x) {
             double c = per_token;
             if (eos && j == len - 1) c += grads[3 * i + 2];
-            coef[start + j] = static_cast<float>(c);
+            coef[start + j] = static_cast<float>(c * scale);
         }
     }
 }

@@ -3,10 +3,11 @@
 
 use crate::data::packing::Batch;
 use crate::data::Group;
-use crate::loss::metrics::batch_metrics;
+use crate::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use crate::loss::{batch_loss, BatchInput, LossSpec};
 use crate::model::params::Params;
-use crate::model::{Model, PassOutput, ResponseStats, StatsGrad, StepOptions, StepOutput};
+use crate::model::{Model, PassOutput, ResponseStats, StatsLoss, StepOptions, StepOutput};
+use crate::ops::cpu::{CpuOps, RoundedCpuOps};
 use crate::ops::Ops;
 use anyhow::{bail, Context, Result};
 
@@ -76,6 +77,76 @@ impl Columns {
     }
 }
 
+/// The loss library where a backend keeps its statistics tables: the CPU runs
+/// [`batch_loss`] and [`batch_metrics`] on the host; a device runs the loss kernels on its
+/// tables and reads back only the loss and the metrics (`crate::engine::loss`).
+pub trait LossOps: Ops {
+    /// The loss of `spec` over `groups`, packed as `batch`, from the policy's `(S, A, E)`
+    /// table `stats`: the loss, its gradient table, and the metrics with their weights.
+    fn batch_loss(
+        &self,
+        spec: &LossSpec,
+        batch: &Batch,
+        groups: &[Group],
+        stats: &Self::Table,
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Result<StatsLoss<Self::Table, MetricTotals>>;
+}
+
+/// The weights of a batch's metrics ([`metric_counts`]).
+pub fn batch_metric_counts(batch: &Batch) -> Vec<f64> {
+    let has_eos: Vec<bool> = batch.responses.iter().map(|r| r.ends_with_eos).collect();
+    metric_counts(&batch.group_offsets, &has_eos)
+}
+
+impl LossOps for CpuOps {
+    fn batch_loss(
+        &self,
+        spec: &LossSpec,
+        batch: &Batch,
+        groups: &[Group],
+        stats: &Vec<f64>,
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+        host_batch_loss(spec, batch, groups, stats, ref_stats)
+    }
+}
+
+impl LossOps for RoundedCpuOps {
+    fn batch_loss(
+        &self,
+        spec: &LossSpec,
+        batch: &Batch,
+        groups: &[Group],
+        stats: &Vec<f64>,
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+        host_batch_loss(spec, batch, groups, stats, ref_stats)
+    }
+}
+
+/// The loss library on a host table of `(S, A, E)`: what the CPU backends' [`LossOps`] run.
+fn host_batch_loss(
+    spec: &LossSpec,
+    batch: &Batch,
+    groups: &[Group],
+    stats: &[f64],
+    ref_stats: Option<&[ResponseStats]>,
+) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+    let stats = ResponseStats::from_table(&batch.responses, stats);
+    let columns = Columns::new(groups, &stats, ref_stats);
+    let out = batch_loss(spec, &columns.input())?;
+    let metrics = batch_metrics(spec, &columns.input(), &stats);
+    let grads = (0..stats.len())
+        .flat_map(|i| [out.d_s[i], out.d_a[i], out.d_e[i]])
+        .collect();
+    Ok(StatsLoss {
+        loss: out.loss,
+        grads,
+        metrics: MetricTotals::new(metrics, &batch_metric_counts(batch)),
+    })
+}
+
 /// The reference model's statistics of every response of `groups`, in order, when the loss
 /// needs them.
 pub fn reference_stats<O: Ops>(
@@ -124,20 +195,20 @@ fn check_ref_stats(
 /// The loss of `spec` over `groups` (mean over groups, plus `aux_coef · aux`) and its
 /// gradient for every parameter of `policy`. `ref_stats` holds the reference model's
 /// statistics of every response, in order, for the losses that need them.
-pub fn loss_and_grads<O: Ops>(
+pub fn loss_and_grads<O: LossOps>(
     ops: &O,
     policy: &Model<O::Buf>,
     ref_stats: Option<&[ResponseStats]>,
     groups: &[Group],
     spec: &LossSpec,
     opts: &StepOptions,
-) -> Result<StepOutput<O::Buf>> {
+) -> Result<StepOutput<O::Buf, MetricTotals>> {
     let mut grads = policy.zeros_like(ops);
     let out = accumulate_grads(ops, policy, ref_stats, groups, spec, opts, 1.0, &mut grads)?;
     Ok(StepOutput {
         loss: out.loss,
         aux_loss: out.aux_loss,
-        stats: out.stats,
+        metrics: out.metrics,
         grads,
     })
 }
@@ -145,7 +216,7 @@ pub fn loss_and_grads<O: Ops>(
 /// As [`loss_and_grads`], adding `scale ·` the gradient into `grads` (a micro-batch's share of
 /// a step).
 #[allow(clippy::too_many_arguments)]
-pub fn accumulate_grads<O: Ops>(
+pub fn accumulate_grads<O: LossOps>(
     ops: &O,
     policy: &Model<O::Buf>,
     ref_stats: Option<&[ResponseStats]>,
@@ -154,24 +225,17 @@ pub fn accumulate_grads<O: Ops>(
     opts: &StepOptions,
     scale: f64,
     grads: &mut Params<O::Buf>,
-) -> Result<PassOutput> {
+) -> Result<PassOutput<MetricTotals>> {
     check_ref_stats(groups, spec, ref_stats)?;
     let batch = pack(policy, groups)?;
     policy
         .accumulate_grads(
             ops,
             &batch,
-            |stats: &[ResponseStats]| {
+            |stats: &O::Table| {
                 // Statistics of a failed device are zeros: report the failure, not their loss.
                 ops.check()?;
-                let columns = Columns::new(groups, stats, ref_stats);
-                let out = batch_loss(spec, &columns.input())?;
-                Ok(StatsGrad {
-                    loss: out.loss,
-                    d_s: out.d_s,
-                    d_a: out.d_a,
-                    d_e: out.d_e,
-                })
+                ops.batch_loss(spec, &batch, groups, stats, ref_stats)
             },
             opts,
             scale,
@@ -179,17 +243,6 @@ pub fn accumulate_grads<O: Ops>(
         )
         .and_then(|out| ops.check().map(|()| out))
         .context("computing the loss")
-}
-
-/// The metrics of docs/losses.md §7 (without `loss`) of `groups` from the policy's statistics
-/// `stats` and the reference's `ref_stats`, both one per response in order.
-pub fn metrics(
-    spec: &LossSpec,
-    groups: &[Group],
-    stats: &[ResponseStats],
-    ref_stats: Option<&[ResponseStats]>,
-) -> Vec<(String, f64)> {
-    batch_metrics(spec, &Columns::new(groups, stats, ref_stats).input(), stats)
 }
 
 /// The loss of a batch (no gradients) and its metrics (docs/losses.md §7).

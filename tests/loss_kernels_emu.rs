@@ -7,9 +7,9 @@
 mod common;
 
 use common::{golden_loss_cases, Golden};
+use contralign::engine::loss::host_batch_loss;
 use contralign::loss::{batch_loss, LossKind, LossSpec};
 use contralign::ops::cuda::device::Device;
-use contralign::ops::cuda::loss::host_batch_loss;
 use contralign::ops::cuda::selftest::loss::{compare_loss, variants, LossBatch};
 use contralign::ops::cuda::selftest::{self, Row};
 
@@ -205,7 +205,8 @@ fn bad_groups_are_the_cpu_errors() {
 /// bit: the kernel reads every third value and nothing else of it.
 #[test]
 fn reference_from_a_stats_table_equals_the_column() {
-    use contralign::ops::cuda::loss::{device_batch_loss, GroupLayout, LossInputs, Reference};
+    use contralign::engine::loss::{device_batch_loss, GroupLayout, LossInputs, Reference};
+    use contralign::ops::cuda::pool::Pool;
     let device = Device::Emu;
     let mut rng = common::rng("reference_from_a_stats_table_equals_the_column");
     let b = LossBatch::random(&mut rng, 13, 9, false, 0.1, 30.0);
@@ -222,7 +223,8 @@ fn reference_from_a_stats_table_equals_the_column() {
         .iter()
         .flat_map(|&s| [s, f64::NAN, f64::NAN])
         .collect();
-    let layout = GroupLayout::new(&device, &b.offsets, &b.sources).unwrap();
+    let pool = Pool::default();
+    let layout = GroupLayout::new(&device, &pool, &b.offsets, &b.sources).unwrap();
     let (stats, spans) = (
         device.upload(&stats).unwrap(),
         device.upload(&spans).unwrap(),
@@ -234,21 +236,21 @@ fn reference_from_a_stats_table_equals_the_column() {
     );
     let run = |s_ref| {
         let inputs = LossInputs {
-            stats: &stats,
-            spans: &spans,
+            stats: stats.view(),
+            spans: spans.view(),
             s_ref: Some(s_ref),
-            rewards: &rewards,
+            rewards: rewards.view(),
         };
-        let out =
-            device_batch_loss(&device, &LossSpec::new(LossKind::Nca), &layout, &inputs).unwrap();
+        let spec = LossSpec::new(LossKind::Nca);
+        let out = device_batch_loss(&device, &pool, &spec, &layout, &inputs).unwrap();
         (
             device.download(&out.grads).unwrap(),
             device.download(&out.summary).unwrap(),
         )
     };
     let (want, got) = (
-        run(Reference::Column(&column)),
-        run(Reference::Stats(&table)),
+        run(Reference::Column(column.view())),
+        run(Reference::Stats(table.view())),
     );
     assert!(want.0.iter().chain(&want.1).all(|x| x.is_finite()));
     assert_eq!(got, want);

@@ -8,7 +8,7 @@ use common::{fixture, random_groups, rel_err, rng};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
 use contralign::model::params::param_specs;
-use contralign::model::{Model, ResponseStats, StatsGrad, StepOptions};
+use contralign::model::{Model, StatsLoss, StepOptions};
 use contralign::ops::cpu::CpuOps;
 use contralign::step;
 use rand::Rng;
@@ -34,18 +34,20 @@ fn unpacked(groups: &[Group]) -> Vec<Group> {
 
 /// A loss linear in every statistic, with fixed random coefficients: its gradient reaches
 /// every response through S, A and E.
-fn linear_loss(coef: &[[f64; 3]]) -> impl Fn(&[ResponseStats]) -> anyhow::Result<StatsGrad> + '_ {
-    move |stats| {
-        let loss = stats
-            .iter()
+fn linear_loss(
+    coef: &[[f64; 3]],
+) -> impl Fn(&Vec<f64>) -> anyhow::Result<StatsLoss<Vec<f64>, ()>> + '_ {
+    move |table| {
+        // E is NaN where a response has no EOS: no term there.
+        let loss = table
+            .chunks_exact(3)
             .zip(coef)
-            .map(|(s, c)| c[0] * s.logp_sum + c[1] * s.logp_mean + c[2] * s.eos_logp.unwrap_or(0.0))
+            .map(|(t, c)| c[0] * t[0] + c[1] * t[1] + if t[2].is_nan() { 0.0 } else { c[2] * t[2] })
             .sum();
-        Ok(StatsGrad {
+        Ok(StatsLoss {
             loss,
-            d_s: coef.iter().map(|c| c[0]).collect(),
-            d_a: coef.iter().map(|c| c[1]).collect(),
-            d_e: coef.iter().map(|c| c[2]).collect(),
+            grads: coef.concat(),
+            metrics: (),
         })
     }
 }

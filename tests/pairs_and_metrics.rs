@@ -2,7 +2,7 @@
 
 use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::Group;
-use contralign::loss::metrics::batch_metrics;
+use contralign::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use contralign::loss::{BatchInput, LossKind, LossSpec};
 use contralign::model::ResponseStats;
 
@@ -56,8 +56,8 @@ fn pair_strategies() {
     );
 }
 
-#[test]
-fn metrics_of_a_hand_computed_batch() {
+/// The hand-computed batch: two groups (3 and 2 responses), reference-based.
+fn hand_batch() -> HandBatch {
     let s = [-2.0, -4.0, -9.0, -3.0, -1.0];
     let s_ref = [-3.0, -3.0, -3.0, -2.0, -2.0];
     let n = [2.0, 4.0, 3.0, 1.0, 2.0];
@@ -80,21 +80,74 @@ fn metrics_of_a_hand_computed_batch() {
             eos_logp: e[i],
         })
         .collect();
-    let input = BatchInput {
-        s: &s,
-        a: &a,
-        e: &e,
-        s_ref: Some(&s_ref),
-        rewards: &rewards,
-        offsets: &offsets,
-        sources: &sources,
-    };
+    HandBatch {
+        s: s.to_vec(),
+        s_ref: s_ref.to_vec(),
+        a,
+        e: e.to_vec(),
+        rewards: rewards.to_vec(),
+        offsets: offsets.to_vec(),
+        sources: sources.to_vec(),
+        stats,
+    }
+}
+
+struct HandBatch {
+    s: Vec<f64>,
+    s_ref: Vec<f64>,
+    a: Vec<f64>,
+    e: Vec<Option<f64>>,
+    rewards: Vec<f64>,
+    offsets: Vec<usize>,
+    sources: Vec<String>,
+    stats: Vec<ResponseStats>,
+}
+
+impl HandBatch {
+    fn input(&self) -> BatchInput<'_> {
+        BatchInput {
+            s: &self.s,
+            a: &self.a,
+            e: &self.e,
+            s_ref: Some(&self.s_ref),
+            rewards: &self.rewards,
+            offsets: &self.offsets,
+            sources: &self.sources,
+        }
+    }
+
+    /// Responses `range` (whole groups) as a batch of their own.
+    fn part(&self, range: std::ops::Range<usize>) -> HandBatch {
+        let first = range.start;
+        HandBatch {
+            s: self.s[range.clone()].to_vec(),
+            s_ref: self.s_ref[range.clone()].to_vec(),
+            a: self.a[range.clone()].to_vec(),
+            e: self.e[range.clone()].to_vec(),
+            rewards: self.rewards[range.clone()].to_vec(),
+            offsets: self
+                .offsets
+                .iter()
+                .filter(|&&o| range.contains(&o) || o == range.end)
+                .map(|o| o - first)
+                .collect(),
+            sources: vec!["part".into(); 1],
+            stats: self.stats[range].to_vec(),
+        }
+    }
+}
+
+#[test]
+fn metrics_of_a_hand_computed_batch() {
+    let batch = hand_batch();
+    let (input, stats) = (batch.input(), &batch.stats);
+
     let spec = LossSpec {
         beta: 0.5,
         ..LossSpec::new(LossKind::Nca)
     };
     let m: std::collections::HashMap<String, f64> =
-        batch_metrics(&spec, &input, &stats).into_iter().collect();
+        batch_metrics(&spec, &input, stats).into_iter().collect();
     // rho = 0.5 (S - S_ref) = [0.5, -0.5, -3, -0.5, 0.5]; group 0 best 1, worst 2; group 1
     // best 1 (reward 4), worst 0.
     let want = [
@@ -124,8 +177,55 @@ fn metrics_of_a_hand_computed_batch() {
         ..LossSpec::new(LossKind::Simpo)
     };
     let m: std::collections::HashMap<String, f64> =
-        batch_metrics(&spec, &input, &stats).into_iter().collect();
+        batch_metrics(&spec, &input, stats).into_iter().collect();
     assert!((m["rewards/chosen"] - (-2.0 - 1.0) / 2.0).abs() < 1e-12);
     assert!((m["logps/chosen"] - (-1.0 - 0.5) / 2.0).abs() < 1e-12);
     assert!((m["logps/rejected"] - (-3.0 - 3.0) / 2.0).abs() < 1e-12);
+}
+
+/// A step's metrics from its micro-batches' (each mean weighted by how many values it
+/// averaged) equal the metrics of all its groups at once, whatever the split: here the
+/// groups of 3 and 2 responses apart, which have different rank and EOS counts.
+#[test]
+fn micro_batch_metrics_combine_into_the_whole_batch() {
+    let whole = hand_batch();
+    let spec = LossSpec {
+        beta: 0.5,
+        ..LossSpec::new(LossKind::Nca)
+    };
+    let totals_of = |b: &HandBatch| {
+        let has_eos: Vec<bool> = b.e.iter().map(Option::is_some).collect();
+        MetricTotals::new(
+            batch_metrics(&spec, &b.input(), &b.stats),
+            &metric_counts(&b.offsets, &has_eos),
+        )
+    };
+    let want = batch_metrics(&spec, &whole.input(), &whole.stats);
+    for split in [[3..5, 0..3], [0..3, 3..5]] {
+        let mut totals = MetricTotals::default();
+        for part in split {
+            let part = whole.part(part);
+            assert_eq!(part.offsets.len(), 2, "one group per part");
+            totals.merge(totals_of(&part));
+        }
+        let got = totals.means();
+        assert_eq!(
+            got.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            want.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "{name}: {g} vs {w}"
+            );
+        }
+    }
+    // One batch alone gives its own means back.
+    let alone = totals_of(&whole).means();
+    for ((name, g), (_, w)) in alone.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+            "{name}: {g} vs {w}"
+        );
+    }
 }

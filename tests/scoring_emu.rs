@@ -10,6 +10,7 @@ mod common;
 use contralign::data::packing::ResponseSpan;
 use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::kernels::Kernels;
+use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::scoring::{FusedScoring, Spans};
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape, Unfused};
 use contralign::ops::cuda::selftest::scoring::{scoring, ScoringCase};
@@ -145,7 +146,9 @@ fn a_target_past_the_vocabulary_traps_and_bad_spans_are_errors() {
         len: 2,
         ends_with_eos: true,
     }];
-    let err = Spans::upload(&device, &spans, rows).err().unwrap();
+    let err = Spans::upload(&device, &Pool::default(), &spans, rows)
+        .err()
+        .unwrap();
     assert!(
         format!("{err:#}").contains("response 0 spans rows 2..4 of a batch of 3"),
         "{err:#}"

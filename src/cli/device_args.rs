@@ -6,6 +6,7 @@ use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::storage::Dtype;
 use contralign::ops::Ops;
+use contralign::step::LossOps;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,7 +38,7 @@ pub struct DeviceArgs {
 /// A command's work, written once for every backend.
 pub trait OnOps {
     type Output;
-    fn run<O: Ops>(self, ops: &O) -> Result<Self::Output>;
+    fn run<O: LossOps>(self, ops: &O) -> Result<Self::Output>;
 }
 
 impl Backend {

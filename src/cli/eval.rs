@@ -2,8 +2,8 @@ use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use anyhow::Result;
 use clap::Args;
-use contralign::ops::Ops;
 use contralign::step;
+use contralign::step::LossOps;
 
 /// Evaluate a loss over a data set and print one JSON object `{"loss": L, "metrics": {...}}`.
 ///
@@ -24,7 +24,7 @@ pub struct EvalArgs {
 
 impl OnOps for &EvalArgs {
     type Output = step::Evaluation;
-    fn run<O: Ops>(self, ops: &O) -> Result<step::Evaluation> {
+    fn run<O: LossOps>(self, ops: &O) -> Result<step::Evaluation> {
         let l = self.inputs.load(ops, || Ok(()))?;
         step::evaluate(
             ops,

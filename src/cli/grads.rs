@@ -6,8 +6,8 @@ use contralign::checkpoint::{named_tensors, save_f32, Tensor};
 use contralign::fsutil::check_writable_file;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
-use contralign::ops::Ops;
 use contralign::step;
+use contralign::step::LossOps;
 use std::path::PathBuf;
 
 /// Compute the gradient of a batch loss for every parameter and write it as safetensors.
@@ -41,7 +41,7 @@ pub struct Gradients {
 
 impl OnOps for &GradsArgs {
     type Output = Gradients;
-    fn run<O: Ops>(self, ops: &O) -> Result<Gradients> {
+    fn run<O: LossOps>(self, ops: &O) -> Result<Gradients> {
         let l = self
             .inputs
             .load(ops, || check_writable_file(&self.out, "--out"))?;

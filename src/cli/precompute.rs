@@ -5,7 +5,7 @@ use clap::Args;
 use contralign::data::Group;
 use contralign::fsutil::check_writable_file;
 use contralign::model::Model;
-use contralign::ops::Ops;
+use contralign::step::LossOps;
 use contralign::train::refcache::RefCache;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -41,7 +41,7 @@ struct Precompute<'a> {
 
 impl OnOps for Precompute<'_> {
     type Output = RefCache;
-    fn run<O: Ops>(self, ops: &O) -> Result<RefCache> {
+    fn run<O: LossOps>(self, ops: &O) -> Result<RefCache> {
         let model = Model::load(ops, &self.args.model)?;
         let bar = ProgressBar::new(self.groups.len() as u64);
         bar.set_style(

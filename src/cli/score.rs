@@ -5,8 +5,8 @@ use clap::Args;
 use contralign::data::packing::Batch;
 use contralign::data::Group;
 use contralign::model::{Model, ResponseStats};
-use contralign::ops::Ops;
 use contralign::step;
+use contralign::step::LossOps;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -35,7 +35,7 @@ struct Scoring<'a> {
 
 impl OnOps for Scoring<'_> {
     type Output = (Batch, Vec<ResponseStats>);
-    fn run<O: Ops>(self, ops: &O) -> Result<(Batch, Vec<ResponseStats>)> {
+    fn run<O: LossOps>(self, ops: &O) -> Result<(Batch, Vec<ResponseStats>)> {
         let model = Model::load(ops, &self.args.model)?;
         let batch = step::pack(&model, self.groups)?;
         let stats = model.score(ops, &batch);

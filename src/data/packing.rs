@@ -4,15 +4,8 @@
 use super::Group;
 use crate::ops::AttentionLayout;
 
-/// Where one response's log-probs live among a batch's predictions.
-#[derive(Clone, Debug)]
-pub struct ResponseSpan {
-    pub group: usize,
-    /// Range into `Batch::prediction_rows` / `Batch::targets`, one per response token.
-    pub first: usize,
-    pub len: usize,
-    pub ends_with_eos: bool,
-}
+/// Where one response's log-probs live among a batch's predictions (the ops trait's type).
+pub use crate::ops::ResponseSpan;
 
 #[derive(Clone, Debug)]
 pub struct Batch {

@@ -11,10 +11,12 @@
 //! to the host for the loss once per micro-batch.
 
 pub mod bench;
+pub mod loss;
 pub mod store;
 
 use crate::config::ModelConfig;
 use crate::data::Group;
+use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
@@ -173,7 +175,7 @@ impl DeviceEngine {
         spec: &LossSpec,
         opts: &StepOptions,
         share: f64,
-    ) -> Result<PassOutput> {
+    ) -> Result<PassOutput<MetricTotals>> {
         let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32);
         step::accumulate_grads(
             &ops,

@@ -104,3 +104,72 @@ pub fn metric_names(ranks: usize) -> Vec<String> {
     names.push("response_len".to_string());
     names
 }
+
+/// How many values each mean of [`batch_metrics`] averages, in its order, for a batch whose
+/// groups are `offsets` (group `g` is responses `offsets[g]..offsets[g + 1]`) and whose
+/// responses end with EOS where `has_eos` says.
+pub fn metric_counts(offsets: &[usize], has_eos: &[bool]) -> Vec<f64> {
+    let sizes: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let ranks = sizes.iter().copied().max().unwrap_or(0);
+    let mut counts = vec![sizes.len() as f64; 6];
+    counts.extend((1..=ranks).map(|rank| sizes.iter().filter(|&&k| k >= rank).count() as f64));
+    counts.push(has_eos.iter().filter(|&&e| e).count() as f64);
+    counts.push(has_eos.len() as f64);
+    counts
+}
+
+/// Metrics of several batches combined: each batch's mean weighted by how many values it
+/// averaged, which gives a step's micro-batches the metrics of all the step's groups at once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricTotals {
+    /// The largest group seen: how many `rewards/rank_j` there are.
+    ranks: usize,
+    /// Name, the sum of the values behind the means, and their count.
+    totals: Vec<(String, f64, f64)>,
+}
+
+impl MetricTotals {
+    /// One batch's metrics: `means` as [`batch_metrics`] names them (the names of
+    /// [`metric_names`]), `counts` as [`metric_counts`] gives them.
+    pub fn new(means: Vec<(String, f64)>, counts: &[f64]) -> Self {
+        let ranks = means
+            .iter()
+            .filter(|(name, _)| name.starts_with("rewards/rank_"))
+            .count();
+        let totals = means
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, &count)| count > 0.0)
+            .map(|((name, mean), &count)| (name, mean * count, count))
+            .collect();
+        MetricTotals { ranks, totals }
+    }
+
+    pub fn merge(&mut self, other: MetricTotals) {
+        self.ranks = self.ranks.max(other.ranks);
+        for (name, sum, count) in other.totals {
+            match self.totals.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, s, c)) => {
+                    *s += sum;
+                    *c += count;
+                }
+                None => self.totals.push((name, sum, count)),
+            }
+        }
+    }
+
+    /// The means, in [`metric_names`]' order; NaN where no batch had a value.
+    pub fn means(&self) -> Vec<(String, f64)> {
+        metric_names(self.ranks)
+            .into_iter()
+            .map(|name| {
+                let mean = self
+                    .totals
+                    .iter()
+                    .find(|(n, _, _)| *n == name)
+                    .map_or(f64::NAN, |(_, sum, count)| sum / count);
+                (name, mean)
+            })
+            .collect()
+    }
+}

@@ -9,7 +9,7 @@ pub mod params;
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
-use crate::data::packing::{Batch, ResponseSpan};
+use crate::data::packing::Batch;
 use crate::ops::{AttentionLayout, Ops};
 use anyhow::{Context, Result};
 use layer::{AuxGrad, LayerActs};
@@ -25,15 +25,7 @@ pub struct Model<B> {
     pub dtype: Dtype,
 }
 
-/// A response's statistics (docs/losses.md §1).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResponseStats {
-    pub logp_sum: f64,
-    pub tokens: usize,
-    pub logp_mean: f64,
-    /// `log π(EOS | …)` at the response's end; `None` when it does not end with EOS.
-    pub eos_logp: Option<f64>,
-}
+pub use crate::ops::ResponseStats;
 
 /// How much of the forward pass to keep for a backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,13 +46,12 @@ struct Forward<B> {
     balance: Option<LoadBalance>,
 }
 
-/// The loss of a batch as a function of its statistics: returns the loss and
-/// `dL/dS, dL/dA, dL/dE` per response.
-pub struct StatsGrad {
+/// The loss of a batch as a function of its statistics table: the loss, its gradient table
+/// `(dL/dS, dL/dA, dL/dE)` per response on the same backend, and what the caller logs.
+pub struct StatsLoss<T, M> {
     pub loss: f64,
-    pub d_s: Vec<f64>,
-    pub d_a: Vec<f64>,
-    pub d_e: Vec<f64>,
+    pub grads: T,
+    pub metrics: M,
 }
 
 pub struct StepOptions {
@@ -70,18 +61,20 @@ pub struct StepOptions {
 }
 
 /// What a forward and backward pass reports besides the gradients.
-pub struct PassOutput {
+pub struct PassOutput<M> {
     /// The objective: the statistics loss plus `aux_coef · aux`.
     pub loss: f64,
     pub aux_loss: Option<f64>,
-    pub stats: Vec<ResponseStats>,
+    /// What the loss function reported besides the loss.
+    pub metrics: M,
 }
 
-pub struct StepOutput<B> {
+pub struct StepOutput<B, M> {
     /// The objective: the statistics loss plus `aux_coef · aux`.
     pub loss: f64,
     pub aux_loss: Option<f64>,
-    pub stats: Vec<ResponseStats>,
+    /// What the loss function reported besides the loss.
+    pub metrics: M,
     pub grads: Params<B>,
 }
 
@@ -157,17 +150,31 @@ impl<B> Model<B> {
         ops.download(&ops.matmul(&normed, self.params.head(), ids.len(), d, v))
     }
 
-    fn token_logprobs<O: Ops<Buf = B>>(
+    /// The final norm of `hidden` at the batch's prediction rows.
+    fn prediction_rows<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch, hidden: &B) -> B {
+        let d = self.cfg.hidden_size;
+        let normed = ops.rmsnorm(hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
+        ops.gather_rows(&normed, &batch.prediction_rows, None, d)
+    }
+
+    /// The `(S, A, E)` table of the batch's responses, with what its backward needs.
+    fn response_scores<O: Ops<Buf = B>>(
         &self,
         ops: &O,
         batch: &Batch,
         hidden: &B,
-    ) -> (B, Vec<f64>, B) {
+    ) -> (B, O::Table, B) {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let normed = ops.rmsnorm(hidden, &self.params.final_norm, d, self.cfg.rms_norm_eps);
-        let rows = ops.gather_rows(&normed, &batch.prediction_rows, None, d);
-        let (logp, lse) = ops.token_logprobs(&rows, self.params.head(), &batch.targets, d, v);
-        (rows, logp, lse)
+        let rows = self.prediction_rows(ops, batch, hidden);
+        let (table, lse) = ops.response_scores(
+            &rows,
+            self.params.head(),
+            &batch.targets,
+            &batch.responses,
+            d,
+            v,
+        );
+        (rows, table, lse)
     }
 
     /// `S, n, A, E` of every response of the batch.
@@ -188,25 +195,26 @@ impl<B> Model<B> {
             &batch.row_weights,
             Keep::Nothing,
         );
-        let (_, logp, _) = self.token_logprobs(ops, batch, &fwd.hidden);
+        let (_, table, _) = self.response_scores(ops, batch, &fwd.hidden);
         let aux = fwd.balance.as_ref().map(LoadBalance::loss);
-        (response_stats(batch, &logp), aux)
+        let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
+        (stats, aux)
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
-    pub fn loss_and_grads<O: Ops<Buf = B>>(
+    pub fn loss_and_grads<O: Ops<Buf = B>, M>(
         &self,
         ops: &O,
         batch: &Batch,
-        loss_fn: impl FnOnce(&[ResponseStats]) -> Result<StatsGrad>,
+        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, M>>,
         opts: &StepOptions,
-    ) -> Result<StepOutput<B>> {
+    ) -> Result<StepOutput<B, M>> {
         let mut grads = self.zeros_like(ops);
         let out = self.accumulate_grads(ops, batch, loss_fn, opts, 1.0, &mut grads)?;
         Ok(StepOutput {
             loss: out.loss,
             aux_loss: out.aux_loss,
-            stats: out.stats,
+            metrics: out.metrics,
             grads,
         })
     }
@@ -214,15 +222,15 @@ impl<B> Model<B> {
     /// As [`Model::loss_and_grads`], adding `scale ·` the gradient into `grads`: a step
     /// accumulates its micro-batches this way, each scaled by its share of the step's groups,
     /// into gradients that live for the whole run.
-    pub fn accumulate_grads<O: Ops<Buf = B>>(
+    pub fn accumulate_grads<O: Ops<Buf = B>, M>(
         &self,
         ops: &O,
         batch: &Batch,
-        loss_fn: impl FnOnce(&[ResponseStats]) -> Result<StatsGrad>,
+        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, M>>,
         opts: &StepOptions,
         scale: f64,
         grads: &mut Params<B>,
-    ) -> Result<PassOutput> {
+    ) -> Result<PassOutput<M>> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let keep = if opts.checkpointing {
@@ -231,24 +239,22 @@ impl<B> Model<B> {
             Keep::Everything
         };
         let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
-        let (rows, logp, lse) = self.token_logprobs(ops, batch, &fwd.hidden);
-        let stats = response_stats(batch, &logp);
-        let sg = loss_fn(&stats)?;
+        let (rows, table, lse) = self.response_scores(ops, batch, &fwd.hidden);
+        let sl = loss_fn(&table)?;
+        drop(table);
         let aux_loss = fwd.balance.as_ref().map(LoadBalance::loss);
-        let loss = sg.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
+        let loss = sl.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
-        let dlogp: Vec<f64> = token_grads(&batch.responses, batch.targets.len(), &sg)
-            .into_iter()
-            .map(|g| g * scale)
-            .collect();
         let drows = {
             let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-            ops.token_logprobs_backward(
+            ops.response_scores_backward(
                 &rows,
                 self.params.head(),
                 &batch.targets,
                 &lse,
-                &dlogp,
+                &batch.responses,
+                &sl.grads,
+                scale,
                 d,
                 v,
                 dhead,
@@ -296,45 +302,7 @@ impl<B> Model<B> {
         Ok(PassOutput {
             loss,
             aux_loss,
-            stats,
+            metrics: sl.metrics,
         })
     }
-}
-
-/// Reduces per-token log-probs into per-response statistics, in f64.
-pub fn response_stats(batch: &Batch, logp: &[f64]) -> Vec<ResponseStats> {
-    span_stats(&batch.responses, logp)
-}
-
-/// The statistics of each span of `logp`.
-pub fn span_stats(responses: &[ResponseSpan], logp: &[f64]) -> Vec<ResponseStats> {
-    responses
-        .iter()
-        .map(|r| {
-            let lp = &logp[r.first..r.first + r.len];
-            let sum: f64 = lp.iter().sum();
-            ResponseStats {
-                logp_sum: sum,
-                tokens: r.len,
-                logp_mean: sum / r.len as f64,
-                eos_logp: r.ends_with_eos.then(|| lp[r.len - 1]),
-            }
-        })
-        .collect()
-}
-
-/// `dL/dlogp_t = dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i` (docs/losses.md §1) for
-/// each of `rows` prediction rows; rows of no response get 0.
-pub fn token_grads(responses: &[ResponseSpan], rows: usize, g: &StatsGrad) -> Vec<f64> {
-    let mut out = vec![0f64; rows];
-    for (i, r) in responses.iter().enumerate() {
-        let per_token = g.d_s[i] + g.d_a[i] / r.len as f64;
-        out[r.first..r.first + r.len]
-            .iter_mut()
-            .for_each(|x| *x = per_token);
-        if r.ends_with_eos {
-            out[r.first + r.len - 1] += g.d_e[i];
-        }
-    }
-    out
 }

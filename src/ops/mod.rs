@@ -72,6 +72,9 @@ pub type RowScale<'a> = Option<&'a [f32]>;
 pub trait Ops {
     /// A tensor on this backend (f32 values as seen from the host).
     type Buf;
+    /// Three f64 per response on this backend: the statistics `(S, A, E)` of
+    /// [`Ops::response_scores`] (E is NaN without an EOS), or their gradients.
+    type Table;
 
     /// The first failure of the backend since the last call (a device can fail; the CPU
     /// cannot). Operations after a failure return zeros, so results are only valid once this
@@ -179,28 +182,106 @@ pub trait Ops {
     /// `a[i] · b[i]` for each row of width `d`.
     fn row_dots(&self, a: &Self::Buf, b: &Self::Buf, d: usize) -> Vec<f64>;
 
-    /// Fused LM head + log-softmax: for each row `i` of `h [P, d]`, the log-probability of
-    /// `targets[i]` under `softmax(h[i] · headᵀ)`, and the row's log-sum-exp. Never holds more
-    /// than one chunk of logits.
-    fn token_logprobs(
+    /// Fused LM head + log-softmax, summarized per response: for each row `i` of `h [P, d]`
+    /// the log-probability of `targets[i]` under `softmax(h[i] · headᵀ)`, reduced over each
+    /// span into a [`Self::Table`] of `(S, A, E)`; and each row's log-sum-exp, for the
+    /// backward. Never holds more than one chunk of logits, and the per-row values stay on
+    /// the backend.
+    fn response_scores(
         &self,
         h: &Self::Buf,
         head: &Self::Buf,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
-    ) -> (Vec<f64>, Self::Buf);
-    /// From `dlogp` per row, returns `dh`; accumulates `dhead`.
+    ) -> (Self::Table, Self::Buf);
+    /// From `grads`, the table of `(dL/dS, dL/dA, dL/dE)` per span, times `scale`: returns
+    /// `dh` and accumulates `dhead`.
     #[allow(clippy::too_many_arguments)]
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Self::Buf,
         head: &Self::Buf,
         targets: &[u32],
         lse: &Self::Buf,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &Self::Table,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Self::Buf,
     ) -> Self::Buf;
+    /// A table's values on the host, three per response.
+    fn table_to_host(&self, table: &Self::Table) -> Vec<f64>;
+}
+
+/// Where one response's log-probs live among a batch's predictions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseSpan {
+    pub group: usize,
+    /// Range into the batch's prediction rows and targets, one per response token.
+    pub first: usize,
+    pub len: usize,
+    pub ends_with_eos: bool,
+}
+
+/// A response's statistics (docs/losses.md §1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResponseStats {
+    pub logp_sum: f64,
+    pub tokens: usize,
+    pub logp_mean: f64,
+    /// `log π(EOS | …)` at the response's end; `None` when it does not end with EOS.
+    pub eos_logp: Option<f64>,
+}
+
+impl ResponseStats {
+    /// The statistics of `spans` from their `(S, A, E)` table ([`Ops::response_scores`]).
+    pub fn from_table(spans: &[ResponseSpan], table: &[f64]) -> Vec<ResponseStats> {
+        spans
+            .iter()
+            .zip(table.chunks_exact(3))
+            .map(|(span, row)| ResponseStats {
+                logp_sum: row[0],
+                tokens: span.len,
+                logp_mean: row[1],
+                eos_logp: span.ends_with_eos.then_some(row[2]),
+            })
+            .collect()
+    }
+}
+
+/// The `(S, A, E)` table of `spans` from per-row log-probs, in f64 (E is NaN without an EOS).
+pub fn span_table(spans: &[ResponseSpan], logp: &[f64]) -> Vec<f64> {
+    let mut table = Vec::with_capacity(3 * spans.len());
+    for r in spans {
+        let lp = &logp[r.first..r.first + r.len];
+        let sum: f64 = lp.iter().sum();
+        let eos = if r.ends_with_eos {
+            lp[r.len - 1]
+        } else {
+            f64::NAN
+        };
+        table.extend([sum, sum / r.len as f64, eos]);
+    }
+    table
+}
+
+/// `scale · dL/dlogp_t = scale · (dL/dS_i + dL/dA_i / n_i + [t is the final EOS] dL/dE_i)`
+/// (docs/losses.md §1) for each of `rows` prediction rows, from the `(dL/dS, dL/dA, dL/dE)`
+/// table `grads`; rows of no response get 0.
+pub fn row_grads(spans: &[ResponseSpan], rows: usize, grads: &[f64], scale: f64) -> Vec<f64> {
+    let mut out = vec![0f64; rows];
+    for (r, g) in spans.iter().zip(grads.chunks_exact(3)) {
+        let per_token = g[0] + g[1] / r.len as f64;
+        out[r.first..r.first + r.len]
+            .iter_mut()
+            .for_each(|x| *x = per_token);
+        if r.ends_with_eos {
+            out[r.first + r.len - 1] += g[2];
+        }
+    }
+    out.iter_mut().for_each(|x| *x *= scale);
+    out
 }

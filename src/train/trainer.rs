@@ -8,6 +8,7 @@ use super::refcache::RefLookup;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
 use crate::engine::DeviceEngine;
+use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::MemoryPlan;
 use crate::model::{Model, ResponseStats, StepOptions};
@@ -357,7 +358,7 @@ impl Trainer {
             None => Some(self.policy.zeros_like(&CpuOps)),
         };
         let (mut loss, mut aux) = (0.0, None::<f64>);
-        let (mut stats, mut ref_stats) = (Vec::new(), Vec::new());
+        let mut metrics = MetricTotals::default();
         let mut first = 0;
         for micro in self.planner.micro_batches(&indices, self.opts.micro_tokens) {
             let groups = &step_groups[first..first + micro.len()];
@@ -390,8 +391,7 @@ impl Trainer {
             if let Some(a) = out.aux_loss {
                 *aux.get_or_insert(0.0) += share * a;
             }
-            stats.extend(out.stats);
-            ref_stats.extend(refs.unwrap_or_default());
+            metrics.merge(out.metrics);
         }
         let lr = self.schedule.lr_at(self.step);
         let (grad_norm, skipped) = match (&mut self.engine, grads) {
@@ -425,8 +425,6 @@ impl Trainer {
             self.bad_steps_in_a_row = 0;
         }
         self.step += 1;
-        let refs = (!ref_stats.is_empty()).then_some(ref_stats.as_slice());
-        let metrics = step::metrics(&self.opts.spec, &step_groups, &stats, refs);
         let tokens = self.planner.tokens(&indices);
         Ok(StepRecord {
             step: self.step,
@@ -437,7 +435,7 @@ impl Trainer {
             groups: step_groups.len(),
             tokens,
             tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
-            metrics,
+            metrics: metrics.means(),
             aux_loss: aux,
             skipped,
         })

@@ -217,7 +217,7 @@ pub fn loss_and_grads_with_reference(
     groups: &[contralign::data::Group],
     spec: &contralign::loss::LossSpec,
     opts: &contralign::model::StepOptions,
-) -> contralign::model::StepOutput<Vec<f32>> {
+) -> contralign::model::StepOutput<Vec<f32>, contralign::loss::metrics::MetricTotals> {
     use contralign::{ops::cpu::CpuOps, step};
     let ref_stats = step::reference_stats(&CpuOps, policy, Some(reference), groups, spec).unwrap();
     step::loss_and_grads(&CpuOps, policy, ref_stats.as_deref(), groups, spec, opts).unwrap()
@@ -285,4 +285,36 @@ pub fn contralign_fails(args: &[&str], message: &str) -> String {
     );
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     stderr
+}
+
+/// Metrics (`name`, value) from two backends, each within `rel` of its size, where a reward
+/// metric's size is at least `beta ·` the larger `logps/*` mean: rewards `β·(S − S_ref)` are
+/// differences of nearly equal log-probs, which carry S's error, not their own.
+pub fn assert_metrics_close(
+    what: &str,
+    got: &[(String, f64)],
+    want: &[(String, f64)],
+    rel: f64,
+    beta: f64,
+) {
+    let value = |name: &str| {
+        want.iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |(_, v)| v.abs())
+    };
+    let logps = value("logps/chosen").max(value("logps/rejected"));
+    assert_eq!(got.len(), want.len(), "{what}: metric names");
+    for ((name, g), (want_name, w)) in got.iter().zip(want) {
+        assert_eq!(name, want_name, "{what}: metric order");
+        let size = if name.starts_with("rewards/") && name != "rewards/accuracies" {
+            w.abs().max(beta * logps)
+        } else {
+            w.abs()
+        };
+        let err = (g - w).abs();
+        assert!(
+            err <= rel * size.max(1e-12) || (g.is_nan() && w.is_nan()),
+            "{what} {name}: got {g}, want {w} (error {err:.3e} > {rel:.0e} of {size:.3e})"
+        );
+    }
 }

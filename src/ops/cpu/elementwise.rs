@@ -54,7 +54,7 @@ pub fn rmsnorm_backward(
             },
         )
         .collect();
-    debug_assert!(rows == 0 || !partial_dw.is_empty());
+    assert!(rows == 0 || !partial_dw.is_empty());
     for j in 0..d {
         let total: f64 = partial_dw.iter().map(|p| p[j]).sum();
         dw[j] = (dw[j] as f64 + total) as f32;

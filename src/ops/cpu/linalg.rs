@@ -32,8 +32,8 @@ pub fn axpy(acc: &mut [f64], s: f64, x: &[f32]) {
 
 /// `y [m, n] = x [m, k] · w [n, k]ᵀ`.
 pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
     let mut y = vec![0f32; m * n];
     y.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         let xi = &x[i * k..(i + 1) * k];

@@ -5,9 +5,9 @@ mod attention;
 mod elementwise;
 pub mod linalg;
 mod rounded;
-mod scoring;
+pub mod scoring;
 
-use super::{AttentionLayout, AttentionShape, Ops, RowScale};
+use super::{row_grads, span_table, AttentionLayout, AttentionShape, Ops, ResponseSpan, RowScale};
 
 /// Attention over a KV cache, which the ops trait does not model (generation only runs here).
 pub use attention::attention_over;
@@ -18,6 +18,7 @@ pub struct CpuOps;
 
 impl Ops for CpuOps {
     type Buf = Vec<f32>;
+    type Table = Vec<f64>;
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -151,28 +152,37 @@ impl Ops for CpuOps {
             .collect()
     }
 
-    fn token_logprobs(
+    fn response_scores(
         &self,
         h: &Vec<f32>,
         head: &Vec<f32>,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Vec<f32>) {
-        scoring::token_logprobs(h, head, targets, d, vocab, &|z| z)
+        let (logp, lse) = scoring::token_logprobs(h, head, targets, d, vocab);
+        (span_table(spans, &logp), lse)
     }
 
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Vec<f32>,
         head: &Vec<f32>,
         targets: &[u32],
         lse: &Vec<f32>,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &Vec<f64>,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Vec<f32>,
     ) -> Vec<f32> {
-        scoring::token_logprobs_backward(h, head, targets, lse, dlogp, d, vocab, dhead, &|z| z)
+        let dlogp = row_grads(spans, targets.len(), grads, scale);
+        scoring::token_logprobs_backward(h, head, targets, lse, &dlogp, d, vocab, dhead)
+    }
+
+    fn table_to_host(&self, table: &Vec<f64>) -> Vec<f64> {
+        table.clone()
     }
 }

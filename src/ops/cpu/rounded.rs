@@ -12,7 +12,9 @@ use super::attention::{self, ProbabilityRounding};
 use super::scoring::{self, Rounding};
 use super::CpuOps;
 use crate::ops::storage::Dtype;
-use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
+use crate::ops::{
+    row_grads, span_table, AttentionLayout, AttentionShape, Ops, ResponseSpan, RowScale,
+};
 use std::borrow::Cow;
 
 /// A CPU tensor with the type it stands for: its values are representable in `dtype`.
@@ -87,6 +89,7 @@ fn keep_type(t: &mut Stored) {
 
 impl Ops for RoundedCpuOps {
     type Buf = Stored;
+    type Table = Vec<f64>;
 
     fn upload(&self, data: &[f32]) -> Stored {
         self.output(data.to_vec())
@@ -247,7 +250,13 @@ impl Ops for RoundedCpuOps {
         scale: RowScale,
         d: usize,
     ) {
-        CpuOps.scatter_add_rows(&mut dst.values, &src.values, rows, scale, d);
+        // Unscaled, the device runs the embedding's backward, which reads `src` at the
+        // storage type; scaled, the host adds the values as they are.
+        let src = match scale {
+            None => self.input(src),
+            Some(_) => Cow::Borrowed(&src.values),
+        };
+        CpuOps.scatter_add_rows(&mut dst.values, &src, rows, scale, d);
         keep_type(dst);
     }
 
@@ -255,38 +264,48 @@ impl Ops for RoundedCpuOps {
         CpuOps.row_dots(&a.values, &b.values, d)
     }
 
-    fn token_logprobs(
+    fn response_scores(
         &self,
         h: &Stored,
         head: &Stored,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
     ) -> (Vec<f64>, Stored) {
         let round = self.stored_rounding();
-        let (logp, lse) =
-            scoring::token_logprobs(&self.input(h), &self.input(head), targets, d, vocab, &round);
-        (logp, Self::f32(lse))
+        let (logp, lse) = scoring::token_logprobs_with(
+            &self.input(h),
+            &self.input(head),
+            targets,
+            d,
+            vocab,
+            &round,
+        );
+        (span_table(spans, &logp), Self::f32(lse))
     }
 
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Stored,
         head: &Stored,
         targets: &[u32],
         lse: &Stored,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &Vec<f64>,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Stored,
     ) -> Stored {
         let round = self.stored_rounding();
-        let dh = scoring::token_logprobs_backward(
+        let dlogp = row_grads(spans, targets.len(), grads, scale);
+        let dh = scoring::token_logprobs_backward_with(
             &self.input(h),
             &self.input(head),
             targets,
             &lse.values,
-            dlogp,
+            &dlogp,
             d,
             vocab,
             &mut dhead.values,
@@ -294,5 +313,9 @@ impl Ops for RoundedCpuOps {
         );
         keep_type(dhead);
         self.output(dh)
+    }
+
+    fn table_to_host(&self, table: &Vec<f64>) -> Vec<f64> {
+        table.clone()
     }
 }

@@ -22,7 +22,19 @@ fn log_sum_exp(z: &[f64]) -> f64 {
     max + z.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
 }
 
+/// Each row's target log-prob and log-sum-exp, the logits as computed (the reference).
 pub fn token_logprobs(
+    h: &[f32],
+    head: &[f32],
+    targets: &[u32],
+    d: usize,
+    vocab: usize,
+) -> (Vec<f64>, Vec<f32>) {
+    token_logprobs_with(h, head, targets, d, vocab, &|z| z)
+}
+
+/// [`token_logprobs`] with the logits stored through `round`.
+pub fn token_logprobs_with(
     h: &[f32],
     head: &[f32],
     targets: &[u32],
@@ -42,8 +54,24 @@ pub fn token_logprobs(
     pairs.into_iter().unzip()
 }
 
+/// `dh` from `dlogp` per row; accumulates `dhead` (the reference).
 #[allow(clippy::too_many_arguments)]
 pub fn token_logprobs_backward(
+    h: &[f32],
+    head: &[f32],
+    targets: &[u32],
+    lse: &[f32],
+    dlogp: &[f64],
+    d: usize,
+    vocab: usize,
+    dhead: &mut [f32],
+) -> Vec<f32> {
+    token_logprobs_backward_with(h, head, targets, lse, dlogp, d, vocab, dhead, &|z| z)
+}
+
+/// [`token_logprobs_backward`] with the logits and their gradient stored through `round`.
+#[allow(clippy::too_many_arguments)]
+pub fn token_logprobs_backward_with(
     h: &[f32],
     head: &[f32],
     targets: &[u32],

@@ -11,7 +11,6 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 mod gpu;
 pub mod kernels;
-pub mod loss;
 pub mod ops;
 pub mod pool;
 pub mod profile;

@@ -21,18 +21,21 @@ use super::device::{AsView, Device, View};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::pool::{Leased, Pool, Stored, Tensor, TensorView};
-use super::scoring::FusedScoring;
+use super::scoring::{FusedScoring, Spans};
 use crate::ops::cpu::CpuOps;
 use crate::ops::storage::Dtype;
-use crate::ops::{AttentionLayout, AttentionShape, Ops, RowScale};
-use anyhow::Result;
+use crate::ops::{AttentionLayout, AttentionShape, Ops, ResponseSpan, RowScale};
+use anyhow::{Context, Result};
 use half::bf16;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions and
-/// targets.
-const KEPT_INDEX_LISTS: usize = 3;
+/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions,
+/// prediction rows and targets.
+const KEPT_INDEX_LISTS: usize = 4;
+
+/// Response spans, the rows they cover, and their copy on the device.
+type KeptSpans = (Vec<ResponseSpan>, usize, Rc<Spans>);
 
 /// An index list and its copy on the device.
 type IndexList = (Vec<u32>, Rc<Leased<u32>>);
@@ -78,6 +81,39 @@ pub struct DeviceOps<'a> {
     /// The attention layout uploaded last: every layer's attention, forward and backward,
     /// takes the batch's layout.
     attention_layout: RefCell<Option<KeptLayout>>,
+    /// The response spans uploaded last, with the rows they cover and their device copy.
+    spans: RefCell<Option<KeptSpans>>,
+}
+
+/// [`Ops::Table`] on a device: three f64 per response in the pool; nothing when the device
+/// failed before it was made.
+pub struct DeviceTable {
+    values: Option<Leased<f64>>,
+    responses: usize,
+}
+
+impl DeviceTable {
+    pub fn new(values: Leased<f64>) -> Self {
+        let responses = values.len() / 3;
+        DeviceTable {
+            values: Some(values),
+            responses,
+        }
+    }
+
+    fn failed(responses: usize) -> Self {
+        DeviceTable {
+            values: None,
+            responses,
+        }
+    }
+
+    /// The values, three per response.
+    pub fn values(&self) -> Result<&Leased<f64>> {
+        self.values
+            .as_ref()
+            .context("a statistics table that a failed device operation never made")
+    }
 }
 
 impl<'a> DeviceOps<'a> {
@@ -101,6 +137,7 @@ impl<'a> DeviceOps<'a> {
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
+            spans: RefCell::new(None),
         }
     }
 
@@ -198,6 +235,20 @@ impl<'a> DeviceOps<'a> {
         }
         let device = Rc::new(DeviceLayout::new(self.device, &self.pool, layout, tile)?);
         *kept = Some((layout.clone(), tile, device.clone()));
+        Ok(device)
+    }
+
+    /// `spans` over `rows` prediction rows on the device, uploaded unless they are the ones
+    /// from before (the forward's, in the backward).
+    pub fn spans(&self, spans: &[ResponseSpan], rows: usize) -> Result<Rc<Spans>> {
+        let mut kept = self.spans.borrow_mut();
+        if let Some((host, host_rows, device)) = kept.as_ref() {
+            if host.as_slice() == spans && *host_rows == rows {
+                return Ok(device.clone());
+            }
+        }
+        let device = Rc::new(Spans::upload(self.device, &self.pool, spans, rows)?);
+        *kept = Some((spans.to_vec(), rows, device.clone()));
         Ok(device)
     }
 
@@ -445,53 +496,62 @@ impl<'a> DeviceOps<'a> {
         Ok((dgate, dup))
     }
 
-    fn token_logprobs_at<E: Stored>(
+    fn response_scores_at<E: Stored>(
         &self,
         (h, head): (&Tensor, &Tensor),
         targets: &[u32],
+        spans: &[ResponseSpan],
         (d, vocab): (usize, usize),
-    ) -> Result<(Vec<f64>, Tensor)> {
+    ) -> Result<(DeviceTable, Tensor)> {
         let rows = targets.len();
-        let targets = self.indices(targets)?;
+        let device_targets = self.indices(targets)?;
         let (h, head) = (self.input::<E>(h)?, self.input::<E>(head)?);
-        let (lse, logp) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        let (lse, logp_rows) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        let mut logp = logp_rows.view_as::<f32>("scoring logp")?;
         FusedScoring::new::<E>(&self.kernels, vocab).forward(
             &h,
             &head,
-            &*targets,
+            &*device_targets,
             d,
             &mut lse.view_as::<f32>("scoring lse")?,
-            &mut logp.view_as::<f32>("scoring logp")?,
+            &mut logp,
         )?;
-        // The trait hands the per-row log-probs to the host's loss: `rows` values.
-        let logp = self.host(&logp)?.into_iter().map(f64::from).collect();
-        Ok((logp, lse))
+        let mut table = self.pool.lease::<f64>(self.device, 3 * spans.len())?;
+        self.kernels
+            .response_stats(&logp, &*self.spans(spans, rows)?, &mut table)?;
+        Ok((DeviceTable::new(table), lse))
     }
 
-    fn token_logprobs_backward_at<E: Stored>(
+    fn response_scores_backward_at<E: Stored>(
         &self,
         (h, head, lse): (&Tensor, &Tensor, &Tensor),
         targets: &[u32],
-        dlogp: &[f64],
+        (spans, grads, scale): (&[ResponseSpan], &DeviceTable, f64),
         (d, vocab): (usize, usize),
         dhead: &mut Tensor,
     ) -> Result<Tensor> {
-        let targets = self.indices(targets)?;
+        let rows = targets.len();
+        let device_targets = self.indices(targets)?;
         let (hv, head, lse) = (
             self.input::<E>(h)?,
             self.input::<E>(head)?,
             self.input::<f32>(lse)?,
         );
-        // dL/dlogp comes from the host's loss; the loss kernels will make it on the device
-        // (`Kernels::row_coef`).
-        let coef = self.put::<f32>(&dlogp.iter().map(|&g| g as f32).collect::<Vec<_>>())?;
+        let coef_rows = self.alloc::<f32>(rows)?;
+        let mut coef = coef_rows.view_as::<f32>("scoring coefficients")?;
+        self.kernels.row_coef(
+            &*self.spans(spans, rows)?,
+            grads.values()?,
+            scale,
+            &mut coef,
+        )?;
         let dh = self.alloc::<E>(h.len())?;
         FusedScoring::new::<E>(&self.kernels, vocab).backward(
             &hv,
             &head,
-            &*targets,
+            &*device_targets,
             &lse,
-            &coef.view_as::<f32>("scoring coefficients")?,
+            &coef,
             d,
             &mut dh.view_as::<E>("scoring dh")?,
             &mut dhead.view_as::<f32>("LM head gradient")?,
@@ -502,6 +562,7 @@ impl<'a> DeviceOps<'a> {
 
 impl Ops for DeviceOps<'_> {
     type Buf = Tensor;
+    type Table = DeviceTable;
 
     /// The first error since the last call, if any operation failed; clears it.
     fn check(&self) -> Result<()> {
@@ -713,6 +774,10 @@ impl Ops for DeviceOps<'_> {
     }
 
     fn gather_rows(&self, x: &Tensor, rows: &[u32], scale: RowScale, d: usize) -> Tensor {
+        if scale.is_none() {
+            // An unscaled gather is an embedding lookup in `x` (the prediction rows).
+            return self.embedding(x, rows, d);
+        }
         self.attempt(
             "gather_rows (on the host)",
             || Self::placeholder(rows.len() * d),
@@ -732,6 +797,10 @@ impl Ops for DeviceOps<'_> {
         scale: RowScale,
         d: usize,
     ) {
+        if scale.is_none() {
+            // An unscaled scatter-add is an embedding's backward into `dst`.
+            return self.embedding_backward(dst, src, rows, d);
+        }
         self.attempt(
             "scatter_add_rows (on the host)",
             || (),
@@ -751,45 +820,56 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn token_logprobs(
+    fn response_scores(
         &self,
         h: &Tensor,
         head: &Tensor,
         targets: &[u32],
+        spans: &[ResponseSpan],
         d: usize,
         vocab: usize,
-    ) -> (Vec<f64>, Tensor) {
+    ) -> (DeviceTable, Tensor) {
         let rows = targets.len();
         self.attempt(
-            "token_logprobs",
-            || (vec![0.0; rows], Self::placeholder(rows)),
-            || at_storage!(self.token_logprobs_at((h, head), targets, (d, vocab))),
+            "response_scores",
+            || (DeviceTable::failed(spans.len()), Self::placeholder(rows)),
+            || at_storage!(self.response_scores_at((h, head), targets, spans, (d, vocab))),
         )
     }
 
-    fn token_logprobs_backward(
+    fn response_scores_backward(
         &self,
         h: &Tensor,
         head: &Tensor,
         targets: &[u32],
         lse: &Tensor,
-        dlogp: &[f64],
+        spans: &[ResponseSpan],
+        grads: &DeviceTable,
+        scale: f64,
         d: usize,
         vocab: usize,
         dhead: &mut Tensor,
     ) -> Tensor {
         self.attempt(
-            "token_logprobs_backward",
+            "response_scores_backward",
             || Self::placeholder(h.len()),
             || {
-                at_storage!(self.token_logprobs_backward_at(
+                at_storage!(self.response_scores_backward_at(
                     (h, head, lse),
                     targets,
-                    dlogp,
+                    (spans, grads, scale),
                     (d, vocab),
                     dhead
                 ))
             },
+        )
+    }
+
+    fn table_to_host(&self, table: &DeviceTable) -> Vec<f64> {
+        self.attempt(
+            "table_to_host",
+            || vec![0.0; 3 * table.responses],
+            || self.device.download(table.values()?),
         )
     }
 }

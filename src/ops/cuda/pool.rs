@@ -178,14 +178,20 @@ impl<T: bytemuck::Pod> AsView<T> for Leased<T> {
 }
 
 impl Pool {
-    /// `data` on the device, in a region of the pool.
-    pub fn upload<T: bytemuck::Pod>(&self, device: &Device, data: &[T]) -> Result<Leased<T>> {
-        let (mut view, lease) = self.take::<T>(device, data.len())?;
-        device.copy_to(&mut view, data)?;
+    /// `len` elements of `T` in a region of the pool, undefined until written.
+    pub fn lease<T: bytemuck::Pod>(&self, device: &Device, len: usize) -> Result<Leased<T>> {
+        let (view, lease) = self.take::<T>(device, len)?;
         Ok(Leased {
             view,
             _lease: lease,
         })
+    }
+
+    /// `data` on the device, in a region of the pool.
+    pub fn upload<T: bytemuck::Pod>(&self, device: &Device, data: &[T]) -> Result<Leased<T>> {
+        let mut leased = self.lease::<T>(device, data.len())?;
+        device.copy_to(&mut leased.view, data)?;
+        Ok(leased)
     }
 }
 

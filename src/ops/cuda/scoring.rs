@@ -10,11 +10,12 @@
 //! over all rows after the chunks (so a response that straddles chunks needs nothing special,
 //! and the sum is in a fixed order: deterministic, no atomics).
 
-use super::device::{AsView, Buffer, Device, Float, View};
+use super::device::{AsView, Device, Float, View};
 use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::{rows_of, same_len, Kernels};
-use crate::data::packing::ResponseSpan;
+use super::pool::{Leased, Pool};
+use crate::ops::ResponseSpan;
 use anyhow::{ensure, Result};
 
 /// The logits one chunk may hold when nothing else says (the memory plan will): 256 MiB, a
@@ -30,15 +31,23 @@ pub fn chunk_rows_for<E>(vocab: usize, budget: usize) -> usize {
 /// A batch's response spans on the device: `(start, len, has_eos)` per response, as
 /// `scoring_response_stats` and `scoring_row_coef` read them.
 pub struct Spans {
-    table: Buffer<i32>,
+    table: Leased<i32>,
     responses: usize,
     rows: usize,
+    /// Whether the spans tile the rows (a packed batch's do): then `row_coef` writes every
+    /// coefficient and nothing needs zeroing first.
+    tiles_rows: bool,
 }
 
 impl Spans {
-    /// Uploads `spans` of a batch of `rows` prediction rows; every span must be non-empty and
-    /// inside the rows.
-    pub fn upload(device: &Device, spans: &[ResponseSpan], rows: usize) -> Result<Spans> {
+    /// Uploads `spans` of a batch of `rows` prediction rows into `pool`; every span must be
+    /// non-empty and inside the rows.
+    pub fn upload(
+        device: &Device,
+        pool: &Pool,
+        spans: &[ResponseSpan],
+        rows: usize,
+    ) -> Result<Spans> {
         ensure!(
             rows <= i32::MAX as usize,
             "scoring: {rows} prediction rows exceed a 32-bit int"
@@ -53,11 +62,23 @@ impl Spans {
             );
             table.extend([s.first as i32, s.len as i32, s.ends_with_eos as i32]);
         }
+        let mut next = 0;
+        let tiles_rows = spans.iter().all(|s| {
+            let follows = s.first == next;
+            next = s.first + s.len;
+            follows
+        }) && next == rows;
         Ok(Spans {
-            table: device.upload(&table)?,
+            table: pool.upload(device, &table)?,
             responses: spans.len(),
             rows,
+            tiles_rows,
         })
+    }
+
+    /// `[responses, 3] = (start, len, has_eos)`, as the loss kernels read it too.
+    pub fn table(&self) -> View<i32> {
+        self.table.view()
     }
 
     pub fn responses(&self) -> usize {
@@ -158,12 +179,13 @@ impl Kernels<'_> {
         self.launch("scoring_response_stats", spans.responses, &args)
     }
 
-    /// `coef[t] = dL/dlogp_t` for every row of a span, from `grads [responses, 3] = (dL/dS,
-    /// dL/dA, dL/dE)`.
+    /// `coef[t] = scale · dL/dlogp_t` for every prediction row, from `grads [responses, 3] =
+    /// (dL/dS, dL/dA, dL/dE)`; rows of no span get 0.
     pub fn row_coef(
         &self,
         spans: &Spans,
         grads: &impl AsView<f64>,
+        scale: f64,
         coef: &mut impl AsView<f32>,
     ) -> Result<()> {
         let (grads, coef) = (grads.view(), coef.view());
@@ -180,10 +202,14 @@ impl Kernels<'_> {
             spans.rows,
             coef.len()
         );
+        if !spans.tiles_rows {
+            self.device.zero(&mut coef.view())?;
+        }
         let mut args = KernelArgs::new();
         args.arg(spans.table.device_ptr())
             .arg(grads.device_ptr())
             .arg(spans.responses as i32)
+            .arg(scale)
             .arg(coef.device_ptr());
         self.launch("scoring_row_coef", spans.responses, &args)
     }

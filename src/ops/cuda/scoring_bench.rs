@@ -8,8 +8,9 @@ use super::device::{Buffer, Device, Float};
 use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
+use super::pool::Pool;
 use super::scoring::{chunk_rows_for, FusedScoring, Spans, DEFAULT_CHUNK_BYTES};
-use crate::data::packing::ResponseSpan;
+use crate::ops::ResponseSpan;
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -95,7 +96,7 @@ impl<'a, E: Float> ScoringBench<'a, E> {
             h: random(device, rows * dim, 1.0, rng)?,
             head: random(device, vocab * dim, 4.0 / (dim as f32).sqrt(), rng)?,
             targets: device.upload(&targets)?,
-            spans: Spans::upload(device, &spans, rows)?,
+            spans: Spans::upload(device, &Pool::default(), &spans, rows)?,
             grads: device.upload(&grads)?,
             lse: device.alloc(rows)?,
             logp: device.alloc(rows)?,
@@ -145,7 +146,7 @@ impl<'a, E: Float> ScoringBench<'a, E> {
     pub fn fused_forward_backward(&mut self) -> Result<()> {
         self.fused_forward()?;
         self.kernels
-            .row_coef(&self.spans, &self.grads, &mut self.coef)?;
+            .row_coef(&self.spans, &self.grads, 1.0, &mut self.coef)?;
         fused(&self.kernels, self.chunk_rows).backward(
             &self.h,
             &self.head,

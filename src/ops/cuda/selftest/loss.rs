@@ -18,12 +18,12 @@
 //! a mean of exp(E): (N + 4) u relative to the value.
 
 use super::{compare, Row};
+use crate::engine::loss::host_batch_loss;
 use crate::loss::metrics::batch_metrics;
 use crate::loss::numeric::{log_sum_exp, sigmoid, soft_labels};
 use crate::loss::{batch_loss, best, refa_terms, BatchInput, GroupInput, LossKind, LossSpec};
 use crate::model::ResponseStats;
 use crate::ops::cuda::device::Device;
-use crate::ops::cuda::loss::host_batch_loss;
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::Rng;

@@ -27,13 +27,11 @@
 //! - the per-row coefficients are the CPU's fp64 arithmetic rounded once: bit for bit.
 
 use super::{compare, download, random, rounded, stored, tree_levels, upload, Row, U};
-use crate::data::packing::ResponseSpan;
-use crate::model::{span_stats, token_grads, StatsGrad};
-use crate::ops::cpu::CpuOps;
+use crate::ops::cpu::scoring as cpu_scoring;
 use crate::ops::cuda::device::Float;
 use crate::ops::cuda::kernels::Kernels;
 use crate::ops::cuda::scoring::{FusedScoring, Spans};
-use crate::ops::Ops;
+use crate::ops::{row_grads, span_table, ResponseSpan, ResponseStats};
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -170,12 +168,14 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     let targets_b = dev.upload(&targets)?;
     let (mut lse_b, mut logp_b) = (dev.alloc::<f32>(rows)?, dev.alloc::<f32>(rows)?);
     scoring.forward(&h_b, &w_b, &targets_b, d, &mut lse_b, &mut logp_b)?;
-    let spans_b = Spans::upload(dev, &case.spans, rows)?;
+    let spans_b = Spans::upload(dev, &k.scratch, &case.spans, rows)?;
     let mut stats_b = dev.alloc::<f64>(3 * case.spans.len())?;
     k.response_stats(&logp_b, &spans_b, &mut stats_b)?;
     let grads_b = dev.upload(&grads.concat())?;
     let mut coef_b = dev.alloc::<f32>(rows)?;
-    k.row_coef(&spans_b, &grads_b, &mut coef_b)?;
+    // A micro-batch's share of its step scales the coefficients.
+    let share = rng.gen_range(0.1..1.0);
+    k.row_coef(&spans_b, &grads_b, share, &mut coef_b)?;
     let mut dh_b = dev.alloc::<E>(rows * d)?;
     let mut dhead_b = dev.upload(&dhead0)?;
     scoring.backward(
@@ -190,17 +190,11 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     )?;
 
     // The reference.
-    let (want_logp, want_lse) = CpuOps.token_logprobs(&h, &w, &targets, d, vocab);
-    let want_stats = span_stats(&case.spans, &want_logp);
-    let sg = StatsGrad {
-        loss: 0.0,
-        d_s: grads.iter().map(|g| g[0]).collect(),
-        d_a: grads.iter().map(|g| g[1]).collect(),
-        d_e: grads.iter().map(|g| g[2]).collect(),
-    };
-    let dlogp = token_grads(&case.spans, rows, &sg);
+    let (want_logp, want_lse) = cpu_scoring::token_logprobs(&h, &w, &targets, d, vocab);
+    let want_stats = ResponseStats::from_table(&case.spans, &span_table(&case.spans, &want_logp));
+    let dlogp = row_grads(&case.spans, rows, &grads.concat(), share);
     let mut want_dhead = dhead0.clone();
-    let want_dh = CpuOps.token_logprobs_backward(
+    let want_dh = cpu_scoring::token_logprobs_backward(
         &h,
         &w,
         &targets,

@@ -6,10 +6,16 @@
 //! response in, `(dL/dS, dL/dA, dL/dE)` per response out, as `scoring_row_coef` reads them.
 //! All in f64, formula for formula the CPU's (the kernel file says why).
 
-use super::device::{Buffer, Device};
-use super::emu::{KernelArgs, LaunchConfig};
-use crate::loss::metrics::metric_names;
+use crate::data::packing::Batch;
+use crate::data::Group;
+use crate::loss::metrics::{metric_names, MetricTotals};
 use crate::loss::{check_group, BatchInput, BatchOutput, LossKind, LossSpec};
+use crate::model::{ResponseStats, StatsLoss};
+use crate::ops::cuda::device::{AsView, Device, View};
+use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
+use crate::ops::cuda::ops::{DeviceOps, DeviceTable};
+use crate::ops::cuda::pool::{Leased, Pool};
+use crate::step::{batch_metric_counts, LossOps};
 use anyhow::{ensure, Context, Result};
 
 /// The hyperparameters of `loss_groups_f64` (`struct LossParams` in cuda/loss.cu, field for
@@ -64,13 +70,18 @@ impl LossParams {
 /// 1]`. Built once per batch from the host's packed layout; the kernels read the device copy.
 pub struct GroupLayout {
     offsets: Vec<usize>,
-    device_offsets: Buffer<i32>,
+    device_offsets: Leased<i32>,
     /// `file:line` of each group, for errors.
     sources: Vec<String>,
 }
 
 impl GroupLayout {
-    pub fn new(device: &Device, offsets: &[usize], sources: &[String]) -> Result<Self> {
+    pub fn new(
+        device: &Device,
+        pool: &Pool,
+        offsets: &[usize],
+        sources: &[String],
+    ) -> Result<Self> {
         ensure!(
             offsets.len() >= 2 && offsets[0] == 0,
             "a batch needs at least one group and offsets starting at 0, found {offsets:?}"
@@ -91,7 +102,7 @@ impl GroupLayout {
             .collect::<Result<Vec<i32>>>()?;
         Ok(GroupLayout {
             offsets: offsets.to_vec(),
-            device_offsets: device.upload(&device_offsets)?,
+            device_offsets: pool.upload(device, &device_offsets)?,
             sources: sources.to_vec(),
         })
     }
@@ -116,14 +127,14 @@ impl GroupLayout {
 
 /// `S^ref` per response on the device.
 #[derive(Clone, Copy)]
-pub enum Reference<'a> {
+pub enum Reference {
     /// One value per response (a reference cache, uploaded).
-    Column(&'a Buffer<f64>),
+    Column(View<f64>),
     /// The reference model's `[responses, 3] = (S, A, E)` statistics table (its S).
-    Stats(&'a Buffer<f64>),
+    Stats(View<f64>),
 }
 
-impl Reference<'_> {
+impl Reference {
     fn buffer_and_stride(self) -> (&'static str, u64, usize, usize) {
         match self {
             Reference::Column(b) => ("S_ref", b.device_ptr(), b.len(), 1),
@@ -133,25 +144,26 @@ impl Reference<'_> {
 }
 
 /// A batch's statistics on the device, in the scoring's tables (cuda/scoring.cu).
-pub struct LossInputs<'a> {
+#[derive(Clone, Copy)]
+pub struct LossInputs {
     /// `[responses, 3] = (S, A, E)`; E is read only where the span has an EOS.
-    pub stats: &'a Buffer<f64>,
+    pub stats: View<f64>,
     /// `[responses, 3] = (start, len, has_eos)`: len is n (for `response_len`).
-    pub spans: &'a Buffer<i32>,
+    pub spans: View<i32>,
     /// Needed by the reference-based losses only.
-    pub s_ref: Option<Reference<'a>>,
-    pub rewards: &'a Buffer<f64>,
+    pub s_ref: Option<Reference>,
+    pub rewards: View<f64>,
 }
 
-/// What the loss kernels leave on the device.
+/// What the loss kernels leave on the device, in regions of the pool.
 pub struct LossOutputs {
     /// Each group's loss (not scaled).
-    pub per_group: Buffer<f64>,
+    pub per_group: Leased<f64>,
     /// `[responses, 3] = (dL/dS, dL/dA, dL/dE)`, already times 1 / groups: what
     /// `scoring_row_coef` reads.
-    pub grads: Buffer<f64>,
+    pub grads: Leased<f64>,
     /// The batch loss, then the values of [`metric_names`]`(max_k)` in order.
-    pub summary: Buffer<f64>,
+    pub summary: Leased<f64>,
 }
 
 /// Threads per block of the per-group kernel (one thread per group).
@@ -163,6 +175,7 @@ const GROUP_METRICS: usize = 6;
 /// the CPU's `batch_loss` checks them (the same errors); nothing is read back.
 pub fn device_batch_loss(
     device: &Device,
+    pool: &Pool,
     spec: &LossSpec,
     layout: &GroupLayout,
     inputs: &LossInputs,
@@ -188,13 +201,13 @@ pub fn device_batch_loss(
     }
     let max_k = layout.max_k();
     let out = LossOutputs {
-        per_group: device.alloc(groups)?,
-        grads: device.alloc(3 * n)?,
-        summary: device.alloc(1 + metric_names(max_k).len())?,
+        per_group: pool.lease(device, groups)?,
+        grads: pool.lease(device, 3 * n)?,
+        summary: pool.lease(device, 1 + metric_names(max_k).len())?,
     };
-    let scratch = device.alloc::<f64>(2 * n)?;
-    let rank_reward = device.alloc::<f64>(n)?;
-    let group_metrics = device.alloc::<f64>(GROUP_METRICS * groups)?;
+    let scratch = pool.lease::<f64>(device, 2 * n)?;
+    let rank_reward = pool.lease::<f64>(device, n)?;
+    let group_metrics = pool.lease::<f64>(device, GROUP_METRICS * groups)?;
     let (ref_ptr, ref_stride) = reference.map_or((0, 1), |(_, ptr, _, stride)| (ptr, stride));
     let mut args = KernelArgs::new();
     args.arg(inputs.stats.device_ptr())
@@ -245,7 +258,8 @@ pub fn host_batch_loss(
     b: &BatchInput,
     tokens: &[usize],
 ) -> Result<(BatchOutput, Vec<(String, f64)>)> {
-    let layout = GroupLayout::new(device, b.offsets, b.sources)?;
+    let pool = Pool::default();
+    let layout = GroupLayout::new(device, &pool, b.offsets, b.sources)?;
     ensure!(
         tokens.len() == b.s.len(),
         "{} token counts for {} responses",
@@ -260,19 +274,19 @@ pub fn host_batch_loss(
         // The loss reads no start.
         spans.extend([0, n, b.e[i].is_some() as i32]);
     }
-    let s_ref = b.s_ref.map(|r| device.upload(r)).transpose()?;
+    let s_ref = b.s_ref.map(|r| pool.upload(device, r)).transpose()?;
     let (stats, spans, rewards) = (
-        device.upload(&stats)?,
-        device.upload(&spans)?,
-        device.upload(b.rewards)?,
+        pool.upload(device, &stats)?,
+        pool.upload(device, &spans)?,
+        pool.upload(device, b.rewards)?,
     );
     let inputs = LossInputs {
-        stats: &stats,
-        spans: &spans,
-        s_ref: s_ref.as_ref().map(Reference::Column),
-        rewards: &rewards,
+        stats: stats.view(),
+        spans: spans.view(),
+        s_ref: s_ref.as_ref().map(|r| Reference::Column(r.view())),
+        rewards: rewards.view(),
     };
-    let out = device_batch_loss(device, spec, &layout, &inputs)?;
+    let out = device_batch_loss(device, &pool, spec, &layout, &inputs)?;
     let summary = device.download(&out.summary)?;
     let grads = device.download(&out.grads)?;
     let column = |c: usize| -> Vec<f64> { grads.iter().skip(c).step_by(3).copied().collect() };
@@ -290,4 +304,51 @@ pub fn host_batch_loss(
         },
         metrics,
     ))
+}
+
+/// The loss where the device's statistics are: the kernels above on the scoring's tables,
+/// with the rewards and the reference's S uploaded; the loss and the metrics come back (the
+/// micro-batch's one download), the gradient table stays for the backward.
+impl LossOps for DeviceOps<'_> {
+    fn batch_loss(
+        &self,
+        spec: &LossSpec,
+        batch: &Batch,
+        groups: &[Group],
+        stats: &DeviceTable,
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Result<StatsLoss<DeviceTable, MetricTotals>> {
+        let (device, pool) = (self.device(), self.pool());
+        let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
+        let layout = GroupLayout::new(device, pool, &batch.group_offsets, &sources)?;
+        let rewards: Vec<f64> = groups
+            .iter()
+            .flat_map(|g| g.rewards.iter().copied())
+            .collect();
+        let rewards = pool.upload(device, &rewards)?;
+        let s_ref = ref_stats
+            .map(|r| {
+                let column: Vec<f64> = r.iter().map(|x| x.logp_sum).collect();
+                pool.upload(device, &column)
+            })
+            .transpose()?;
+        let spans = self.spans(&batch.responses, batch.targets.len())?;
+        let inputs = LossInputs {
+            stats: stats.values()?.view(),
+            spans: spans.table(),
+            s_ref: s_ref.as_ref().map(|r| Reference::Column(r.view())),
+            rewards: rewards.view(),
+        };
+        let out = device_batch_loss(device, pool, spec, &layout, &inputs)?;
+        let summary = device.download(&out.summary)?;
+        let means = metric_names(layout.max_k())
+            .into_iter()
+            .zip(summary[1..].iter().copied())
+            .collect();
+        Ok(StatsLoss {
+            loss: summary[0],
+            grads: DeviceTable::new(out.grads),
+            metrics: MetricTotals::new(means, &batch_metric_counts(batch)),
+        })
+    }
 }
