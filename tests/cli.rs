@@ -556,7 +556,7 @@ fn score_takes_the_precision_flag_on_every_backend() {
             "`{cmd} --help` states no default"
         );
     }
-    let out = contralign(&[
+    let out = common::contralign(&[
         "score",
         "--model",
         &model,

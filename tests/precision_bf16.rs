@@ -15,8 +15,8 @@ use contralign::ops::cpu::{CpuOps, RoundedCpuOps};
 use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::storage::Dtype;
-use contralign::ops::Ops;
 use contralign::step;
+use contralign::step::LossOps;
 use std::sync::OnceLock;
 
 const MODELS: [&str; 2] = ["tiny-mistral", "tiny-mixtral"];
@@ -39,7 +39,7 @@ const CASES: [(&str, LossKind, &str); 3] = [
     ("sft", LossKind::Sft, "reward"),
 ];
 
-fn run<O: Ops>(ops: &O, name: &str) -> Outputs {
+fn run<O: LossOps>(ops: &O, name: &str) -> Outputs {
     let policy = Model::load(ops, &fixture(name)).unwrap();
     let reference = Model::load(ops, &fixture(&format!("{name}-ref"))).unwrap();
     let mut stats = Vec::new();
