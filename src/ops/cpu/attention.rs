@@ -80,10 +80,10 @@ fn attend_head_online<'a>(
         for x in acc.iter_mut() {
             *x *= a;
         }
-        for j in start..end {
-            let p = (rounding.round)((s2[j] - m_new).exp2());
+        for (j, &sj) in s2[start..end].iter().enumerate() {
+            let p = (rounding.round)((sj - m_new).exp2());
             l += p;
-            for (x, &vj) in acc.iter_mut().zip(value(j)) {
+            for (x, &vj) in acc.iter_mut().zip(value(start + j)) {
                 *x += p * vj as f64;
             }
         }

@@ -52,7 +52,9 @@ impl RoundedCpuOps {
         }
     }
 
-    /// `t` as an input of an op running at the storage type.
+    /// `t` as an input of an op running at the storage type (a `Vec`, which [`CpuOps`]'s
+    /// methods take).
+    #[allow(clippy::owned_cow)]
     fn input<'t>(&self, t: &'t Stored) -> Cow<'t, Vec<f32>> {
         if t.dtype == self.storage {
             Cow::Borrowed(&t.values)
