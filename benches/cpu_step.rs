@@ -3,6 +3,7 @@
 
 use contralign::data::pretokenized::read_file;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
 use contralign::step;
@@ -33,16 +34,16 @@ fn cpu_step(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("cpu_step_tiny_mixtral");
     group.throughput(Throughput::Elements(batch.len() as u64));
-    for checkpointing in [true, false] {
+    for recompute in [
+        RecomputePolicy::Full,
+        RecomputePolicy::Selective,
+        RecomputePolicy::None,
+    ] {
         let opts = StepOptions {
-            checkpointing,
+            recompute,
             aux_coef: 0.02,
         };
-        let name = if checkpointing {
-            "checkpointing"
-        } else {
-            "no_checkpointing"
-        };
+        let name = format!("recompute_{}", recompute.name());
         group.bench_function(name, |b| {
             b.iter(|| {
                 let ref_stats =

@@ -22,7 +22,7 @@
 // (σ(-300) ≈ 5e-131). No atomics: the results are the same bit for bit from run to run.
 #include "contralign.cuh"
 
-// Matches `LossParams` in src/ops/cuda/loss.rs field for field.
+// Matches `LossParams` in src/engine/loss.rs field for field.
 struct LossParams {
     int kind;        // LossKind in its declaration order (below)
     int p;           // REFA deviation exponent, 1 or 2

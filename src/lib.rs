@@ -14,6 +14,7 @@ pub mod memory_plan;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod selftest;
 pub mod step;
 pub mod tokenizer;
 pub mod train;

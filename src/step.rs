@@ -89,8 +89,31 @@ pub trait LossOps: Ops {
         batch: &Batch,
         groups: &[Group],
         stats: &Self::Table,
-        ref_stats: Option<&[ResponseStats]>,
+        reference: RefStats<'_, Self::Table>,
     ) -> Result<StatsLoss<Self::Table, MetricTotals>>;
+}
+
+/// The reference model's statistics of a batch's responses, in order: none (a
+/// reference-free loss), on the host (a cache, or a model scored elsewhere), or a table on
+/// the policy's backend (a reference model resident there).
+pub enum RefStats<'a, T> {
+    None,
+    Host(&'a [ResponseStats]),
+    Table(&'a T),
+}
+
+impl<T> Clone for RefStats<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for RefStats<'_, T> {}
+
+impl<'a, T> RefStats<'a, T> {
+    fn from_host(stats: Option<&'a [ResponseStats]>) -> Self {
+        stats.map_or(RefStats::None, RefStats::Host)
+    }
 }
 
 /// The weights of a batch's metrics ([`metric_counts`]).
@@ -106,9 +129,9 @@ impl LossOps for CpuOps {
         batch: &Batch,
         groups: &[Group],
         stats: &Vec<f64>,
-        ref_stats: Option<&[ResponseStats]>,
+        reference: RefStats<'_, Vec<f64>>,
     ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
-        host_batch_loss(spec, batch, groups, stats, ref_stats)
+        host_batch_loss(spec, batch, groups, stats, reference)
     }
 }
 
@@ -119,9 +142,9 @@ impl LossOps for RoundedCpuOps {
         batch: &Batch,
         groups: &[Group],
         stats: &Vec<f64>,
-        ref_stats: Option<&[ResponseStats]>,
+        reference: RefStats<'_, Vec<f64>>,
     ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
-        host_batch_loss(spec, batch, groups, stats, ref_stats)
+        host_batch_loss(spec, batch, groups, stats, reference)
     }
 }
 
@@ -131,10 +154,15 @@ fn host_batch_loss(
     batch: &Batch,
     groups: &[Group],
     stats: &[f64],
-    ref_stats: Option<&[ResponseStats]>,
+    reference: RefStats<'_, Vec<f64>>,
 ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
     let stats = ResponseStats::from_table(&batch.responses, stats);
-    let columns = Columns::new(groups, &stats, ref_stats);
+    let ref_stats = match reference {
+        RefStats::None => None,
+        RefStats::Host(r) => Some(r.to_vec()),
+        RefStats::Table(t) => Some(ResponseStats::from_table(&batch.responses, t)),
+    };
+    let columns = Columns::new(groups, &stats, ref_stats.as_deref());
     let out = batch_loss(spec, &columns.input())?;
     let metrics = batch_metrics(spec, &columns.input(), &stats);
     let grads = (0..stats.len())
@@ -227,6 +255,30 @@ pub fn accumulate_grads<O: LossOps>(
     grads: &mut Params<O::Buf>,
 ) -> Result<PassOutput<MetricTotals>> {
     check_ref_stats(groups, spec, ref_stats)?;
+    let reference = RefStats::from_host(ref_stats);
+    accumulate_grads_with(ops, policy, reference, groups, spec, opts, scale, grads)
+}
+
+/// As [`accumulate_grads`], with the reference's statistics already checked against
+/// `groups` (made from them) or on the backend.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_grads_with<O: LossOps>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: RefStats<'_, O::Table>,
+    groups: &[Group],
+    spec: &LossSpec,
+    opts: &StepOptions,
+    scale: f64,
+    grads: &mut Params<O::Buf>,
+) -> Result<PassOutput<MetricTotals>> {
+    if spec.kind.needs_reference() && matches!(reference, RefStats::None) {
+        bail!(
+            "loss {} compares the policy with a reference model: give --ref-model DIR or \
+             --ref-logps FILE",
+            spec.kind.name()
+        );
+    }
     let batch = pack(policy, groups)?;
     policy
         .accumulate_grads(
@@ -235,7 +287,7 @@ pub fn accumulate_grads<O: LossOps>(
             |stats: &O::Table| {
                 // Statistics of a failed device are zeros: report the failure, not their loss.
                 ops.check()?;
-                ops.batch_loss(spec, &batch, groups, stats, ref_stats)
+                ops.batch_loss(spec, &batch, groups, stats, reference)
             },
             opts,
             scale,

@@ -6,13 +6,11 @@
 
 mod common;
 
-use contralign::ops::cuda::attention::{
-    packed_layout, tile_rows, AttentionKernels, DeviceLayout, TileLists,
-};
+use contralign::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout, TileLists};
 use contralign::ops::cuda::device::{Buffer, Device, Float};
 use contralign::ops::cuda::pool::Pool;
-use contralign::ops::cuda::selftest;
 use contralign::ops::{AttentionLayout, AttentionShape};
+use contralign::selftest;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -43,13 +41,13 @@ fn layouts() -> Vec<AttentionLayout> {
     vec![
         AttentionLayout::causal(97, None),
         AttentionLayout::causal(130, Some(17)),
-        packed_layout(
+        AttentionLayout::packed(
             &[(13, vec![40, 3, 22]), (1, vec![1, 1]), (50, vec![33])],
             None,
         ),
-        packed_layout(&[(37, vec![29, 64]), (5, vec![9, 18, 2])], Some(20)),
+        AttentionLayout::packed(&[(37, vec![29, 64]), (5, vec![9, 18, 2])], Some(20)),
         // One 512-token prompt with 8 responses of 256, at a tenth of the size.
-        packed_layout(&[(51, vec![26; 8])], None),
+        AttentionLayout::packed(&[(51, vec![26; 8])], None),
     ]
 }
 
@@ -76,7 +74,7 @@ fn tile_lists_name_exactly_the_tiles_with_a_visible_key() {
         }
     }
     // Packing pays: the responses behind one prompt skip each other's tiles.
-    let shared_prompt = packed_layout(&[(512, vec![256; 8])], None);
+    let shared_prompt = AttentionLayout::packed(&[(512, vec![256; 8])], None);
     let lists = TileLists::new(&shared_prompt, 32);
     let causal = TileLists::new(&AttentionLayout::causal(shared_prompt.len(), None), 32);
     assert!(
@@ -213,7 +211,7 @@ fn same_bits<E: Float>(a: &[E], b: &[E]) -> bool {
 /// masked it would still carry it (0 · NaN = NaN in P · V). Likewise Q and dO of query tile i
 /// set to NaN reach exactly the dk and dv of the key tiles that tile i sees.
 fn masked_tiles_are_never_read<E: Float>(rng: &mut StdRng) {
-    let layout = packed_layout(&[(37, vec![29, 48]), (5, vec![9, 18, 2])], Some(20));
+    let layout = AttentionLayout::packed(&[(37, vec![29, 48]), (5, vec![9, 18, 2])], Some(20));
     let shape = AttentionShape {
         heads: 4,
         kv_heads: 2,
@@ -289,7 +287,7 @@ fn masked_out_tiles_are_never_read() {
 }
 
 fn backward_is_deterministic<E: Float>(rng: &mut StdRng) {
-    let layout = packed_layout(&[(30, vec![20, 41, 7]), (3, vec![50])], Some(25));
+    let layout = AttentionLayout::packed(&[(30, vec![20, 41, 7]), (3, vec![50])], Some(25));
     let shape = AttentionShape {
         heads: 8,
         kv_heads: 2,
@@ -405,7 +403,7 @@ fn bench_attention_prints_timings_and_tile_counts_as_json() {
     assert_eq!(cases.len(), 2);
     // 70 causal tokens see 70·71/2 keys; the packed group (4 + 2·33) as many as its mask, in
     // fewer of the 5² tiles of 16: the second response skips the first one's middle tile.
-    let packed = packed_layout(&[(4, vec![33, 33])], None);
+    let packed = AttentionLayout::packed(&[(4, vec![33, 33])], None);
     let packed_pairs: usize = (0..packed.len()).map(|t| packed.keys(t).count()).sum();
     for (case, (tokens, pairs, tiles)) in cases
         .iter()
@@ -433,7 +431,7 @@ fn head_dims_that_rows_cannot_load_in_16_bytes_take_the_element_loads() {
     for (head_dim, heads, kv_heads) in [(1, 3, 1), (17, 4, 2), (36, 2, 2)] {
         let case = selftest::AttentionCase {
             name: "odd head dim",
-            layout: packed_layout(&[(19, vec![7, 30]), (4, vec![12])], Some(15)),
+            layout: AttentionLayout::packed(&[(19, vec![7, 30]), (4, vec![12])], Some(15)),
             shape: AttentionShape {
                 heads,
                 kv_heads,

@@ -5,19 +5,22 @@
 mod common;
 
 use common::device_step::check_step_on_device;
+use contralign::memory_plan::RecomputePolicy;
 use contralign::ops::cuda::device::Device;
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::Ops;
 
 #[test]
 fn a_mistral_step_on_the_emulated_device_matches_the_cpu() {
-    check_step_on_device(&Device::Emu, "tiny-mistral", false);
-    check_step_on_device(&Device::Emu, "tiny-mistral", true);
+    check_step_on_device(&Device::Emu, "tiny-mistral", RecomputePolicy::None);
+    check_step_on_device(&Device::Emu, "tiny-mistral", RecomputePolicy::Full);
+    check_step_on_device(&Device::Emu, "tiny-mistral", RecomputePolicy::Selective);
 }
 
 #[test]
 fn a_mixtral_step_on_the_emulated_device_matches_the_cpu() {
-    check_step_on_device(&Device::Emu, "tiny-mixtral", true);
+    check_step_on_device(&Device::Emu, "tiny-mixtral", RecomputePolicy::Full);
+    check_step_on_device(&Device::Emu, "tiny-mixtral", RecomputePolicy::Selective);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use contralign::ops::cuda::device::{Buffer, Device};
 use contralign::ops::cuda::emu::{self, Arch, KernelArgs, LaunchConfig, Probe, Traffic};
 use contralign::ops::cuda::profile::{self, Shapes};
-use contralign::ops::cuda::selftest;
+use contralign::selftest;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

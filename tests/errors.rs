@@ -7,6 +7,7 @@ use contralign::checkpoint::{load_weights, save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::data::pretokenized::read_file;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
@@ -124,7 +125,7 @@ fn loss_on_a_single_response_group_is_an_error() {
         ..LossSpec::new(LossKind::Sft)
     };
     let opts = StepOptions {
-        checkpointing: true,
+        recompute: RecomputePolicy::Full,
         aux_coef: 0.0,
     };
     let groups = read_file(&path).unwrap();
@@ -157,7 +158,7 @@ fn reference_loss_without_reference_is_an_error() {
         ..LossSpec::new(LossKind::Nca)
     };
     let opts = StepOptions {
-        checkpointing: true,
+        recompute: RecomputePolicy::Full,
         aux_coef: 0.0,
     };
     let text = err_text(step::loss_and_grads(

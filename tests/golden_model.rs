@@ -10,6 +10,7 @@ use common::{
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
@@ -101,7 +102,7 @@ const CASES: [Case; 4] = [
     },
 ];
 
-fn check_grads(name: &str, case: &Case, checkpointing: bool) {
+fn check_grads(name: &str, case: &Case, recompute: RecomputePolicy) {
     let policy = load(name);
     let reference = load(&format!("{name}-ref"));
     let golden = Golden::load(&format!("{name}.golden.safetensors"));
@@ -113,7 +114,7 @@ fn check_grads(name: &str, case: &Case, checkpointing: bool) {
         0.0
     };
     let opts = StepOptions {
-        checkpointing,
+        recompute,
         aux_coef,
     };
     let out =
@@ -151,7 +152,7 @@ fn check_grads(name: &str, case: &Case, checkpointing: bool) {
 fn gradients_match_transformers() {
     for name in MODELS {
         for case in &CASES {
-            check_grads(name, case, true);
+            check_grads(name, case, RecomputePolicy::Full);
         }
     }
 }
@@ -164,7 +165,8 @@ fn mixtral_aux_loss_gradients_match_transformers() {
         data: "reward",
         aux: true,
     };
-    check_grads("tiny-mixtral", &case, false);
+    check_grads("tiny-mixtral", &case, RecomputePolicy::None);
+    check_grads("tiny-mixtral", &case, RecomputePolicy::Selective);
 }
 
 #[test]
@@ -197,7 +199,7 @@ fn losses_match_transformers() {
 
             let spec = spec(name, golden_name, kind);
             let opts = StepOptions {
-                checkpointing: true,
+                recompute: RecomputePolicy::Full,
                 aux_coef: 0.0,
             };
             let out = loss_and_grads_with_reference(

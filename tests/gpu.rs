@@ -5,13 +5,14 @@
 mod common;
 
 use common::device_step::check_step_on_device;
+use contralign::memory_plan::RecomputePolicy;
 use contralign::ops::cpu::scoring as cpu_scoring;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::scoring::FusedScoring;
-use contralign::ops::cuda::selftest::scoring::ScoringCase;
-use contralign::ops::cuda::selftest::{self, Row};
+use contralign::selftest::scoring::ScoringCase;
+use contralign::selftest::{self, Row};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -64,8 +65,12 @@ fn selftest_passes_on_the_gpu() {
 #[test]
 fn a_training_step_on_the_gpu_matches_the_cpu() {
     let Some(device) = gpu() else { return };
-    for (name, checkpointing) in [("tiny-mistral", false), ("tiny-mixtral", true)] {
-        check_step_on_device(&device, name, checkpointing);
+    for (name, recompute) in [
+        ("tiny-mistral", RecomputePolicy::None),
+        ("tiny-mistral", RecomputePolicy::Selective),
+        ("tiny-mixtral", RecomputePolicy::Full),
+    ] {
+        check_step_on_device(&device, name, recompute);
     }
 }
 
@@ -208,14 +213,15 @@ fn trap_in_this_process() {
 #[test]
 fn attention_at_mistral_head_shapes_matches_the_cpu_and_repeats_its_bits() {
     use contralign::ops::cuda::attention::DeviceLayout;
-    use contralign::ops::cuda::attention::{packed_layout, tile_rows, AttentionKernels};
+    use contralign::ops::cuda::attention::{tile_rows, AttentionKernels};
+    use contralign::ops::AttentionLayout;
     use contralign::ops::AttentionShape;
     let Some(device) = gpu() else { return };
     let seed = fresh_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let case = selftest::AttentionCase {
         name: "mistral heads",
-        layout: packed_layout(&[(512, vec![128, 200])], Some(128)),
+        layout: AttentionLayout::packed(&[(512, vec![128, 200])], Some(128)),
         shape: AttentionShape {
             heads: 32,
             kv_heads: 8,

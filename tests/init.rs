@@ -222,3 +222,74 @@ fn init_models_score_trl_text_as_trl_ids_and_train_on_text() {
         .all(|m| m["loss"].as_f64().unwrap().is_finite()));
     assert!(run.join("final/tokenizer.json").is_file());
 }
+
+/// `init` checkpoints (Mistral and Mixtral, with the real tokenizer) load in transformers and
+/// score TRL's rows as contralign does (`tools/check_hf_checkpoint.py`, float64), and so does
+/// the `final/` model of a run trained from one on text data.
+#[test]
+#[ignore = "needs Python with torch and transformers: CONTRALIGN_PYTHON=/path/to/python cargo test --release --test init -- --ignored"]
+fn init_models_load_in_transformers() {
+    let python = std::env::var("CONTRALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let tmp = TempDir::new().unwrap();
+    let golden = std::fs::read_to_string(fixture("mistral-tokenizer/trl_golden.jsonl")).unwrap();
+    let (mut text, mut ids) = (String::new(), String::new());
+    for line in golden.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        text += &format!("{}\n", row["row"]);
+        let pre = serde_json::json!({"prompt_ids": row["prompt_ids"],
+            "chosen_ids": row["chosen_ids"], "rejected_ids": row["rejected_ids"]});
+        ids += &format!("{pre}\n");
+    }
+    let (text_file, ids_file) = (tmp.path().join("text.jsonl"), tmp.path().join("ids.jsonl"));
+    std::fs::write(&text_file, text).unwrap();
+    std::fs::write(&ids_file, ids).unwrap();
+    let check = |model: &Path| {
+        let out = contralign_ok(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            ids_file.to_str().unwrap(),
+        ]);
+        let scores = tmp.path().join("scores.jsonl");
+        std::fs::write(&scores, &out.stdout).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_hf_checkpoint.py");
+        let run = std::process::Command::new(&python)
+            .arg(&script)
+            .args([model, &ids_file, &scores])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&run.stdout).into_owned()
+            + &String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{}: {log}", model.display());
+        assert!(log.contains("OK"), "{log}");
+    };
+    for arch in ["mistral", "mixtral"] {
+        let model = tmp.path().join(arch);
+        let mut extra = vec!["--arch", arch];
+        if arch == "mixtral" {
+            extra.extend(["--experts", "4", "--experts-per-token", "2"]);
+        }
+        tiny_with_mistral_tokenizer(&model, &extra);
+        check(&model);
+        let run = tmp.path().join(format!("{arch}-run"));
+        contralign_ok(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            text_file.to_str().unwrap(),
+            "--loss",
+            "simpo",
+            "--steps",
+            "2",
+            "--groups-per-step",
+            "3",
+            "--lr",
+            "1e-3",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        check(&run.join("final"));
+    }
+}

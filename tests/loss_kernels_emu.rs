@@ -2,7 +2,7 @@
 //! float64 autograd goldens: every case of `losses.golden.safetensors`, and every loss and
 //! variant on fresh random batches of awkward groups (K from 2 to 9, one-token responses,
 //! responses without EOS, equal rewards, margins of hundreds). The bounds are derived in
-//! `src/ops/cuda/selftest/loss.rs`.
+//! `src/selftest/loss.rs`.
 
 mod common;
 
@@ -10,8 +10,8 @@ use common::{golden_loss_cases, Golden};
 use contralign::engine::loss::host_batch_loss;
 use contralign::loss::{batch_loss, LossKind, LossSpec};
 use contralign::ops::cuda::device::Device;
-use contralign::ops::cuda::selftest::loss::{compare_loss, variants, LossBatch};
-use contralign::ops::cuda::selftest::{self, Row};
+use contralign::selftest::loss::{compare_loss, variants, LossBatch};
+use contralign::selftest::{self, Row};
 
 fn assert_pass(rows: &[Row], what: &str) {
     assert!(

@@ -13,8 +13,9 @@ use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::scoring::{FusedScoring, Spans};
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape, Unfused};
-use contralign::ops::cuda::selftest::scoring::{scoring, ScoringCase};
-use contralign::ops::cuda::selftest::{self, Row};
+use contralign::ops::storage::Dtype;
+use contralign::selftest::scoring::{scoring, ScoringCase};
+use contralign::selftest::{self, Row};
 use half::bf16;
 use rand::Rng;
 
@@ -259,5 +260,56 @@ fn the_unfused_baseline_computes_what_the_fused_scoring_does() {
     for (a, b) in fused.iter().zip(&unfused) {
         // Both in fp32 from the same logits: a few roundings of log-probs of about ln 333.
         assert!((a - b).abs() <= 1e-5 * (a.abs() + 1.0), "{a} vs {b}");
+    }
+}
+
+/// The engine's scoring holds at most the memory plan's logits chunk: a chunk of 3 rows
+/// leases less of the pool than the default budget's one chunk for all rows, and gives the
+/// same statistics up to the roundings of the chunked GEMMs (the CPU reference's bound,
+/// tests/common/device_step.rs).
+#[test]
+fn the_scoring_holds_at_most_the_chunk_it_is_given() {
+    use contralign::ops::cuda::ops::DeviceOps;
+    use contralign::ops::Ops;
+    let device = Device::Emu;
+    let mut rng = common::rng("the_scoring_holds_at_most_the_chunk_it_is_given");
+    let (rows, d, vocab) = (41, 24, 300);
+    let h: Vec<f32> = (0..rows * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let head: Vec<f32> = (0..vocab * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let targets: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let spans: Vec<ResponseSpan> = [(0, 17, true), (17, 1, false), (18, 23, true)]
+        .iter()
+        .map(|&(first, len, ends_with_eos)| ResponseSpan {
+            group: 0,
+            first,
+            len,
+            ends_with_eos,
+        })
+        .collect();
+    let score = |chunk: Option<usize>| {
+        let pool = Pool::default();
+        let mut ops = DeviceOps::with_pool(&device, pool.clone(), Dtype::F32);
+        if let Some(rows) = chunk {
+            ops = ops.with_scoring_chunk_rows(rows);
+        }
+        let (h, head) = (ops.upload(&h), ops.upload(&head));
+        let before = pool.peak();
+        let (table, _lse) = ops.response_scores(&h, &head, &targets, &spans, d, vocab);
+        let table = ops.table_to_host(&table);
+        ops.check().unwrap();
+        (table, pool.peak() - before)
+    };
+    let (whole, whole_peak) = score(None);
+    let (chunked, chunked_peak) = score(Some(3));
+    // The logits of all rows against those of 3: (rows − 3) · vocab f32 fewer at the peak,
+    // up to the pool's 256-byte alignment of the two chunk leases.
+    assert!(
+        chunked_peak + (rows - 3) * vocab * 4 <= whole_peak + 2 * 256,
+        "extra peak {chunked_peak} with 3-row chunks, {whole_peak} with one chunk of {rows}"
+    );
+    for (i, (g, w)) in chunked.iter().zip(&whole).enumerate() {
+        if !w.is_nan() {
+            common::assert_close(&format!("table[{i}]"), *g, *w, 1e-5);
+        }
     }
 }

@@ -9,6 +9,7 @@ use contralign::checkpoint::read_tensors;
 use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::{Model, ResponseStats};
 use contralign::ops::cpu::CpuOps;
 use contralign::step;
@@ -28,7 +29,7 @@ fn options(spec: LossSpec, steps: u64) -> TrainOptions {
     TrainOptions {
         spec,
         aux_coef: 0.0,
-        checkpointing: true,
+        recompute: RecomputePolicy::Full,
         budget: StepBudget::Groups(1000),
         micro_tokens: 100_000,
         seed: 7,

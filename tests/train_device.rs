@@ -7,6 +7,7 @@ mod common;
 use common::{contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
@@ -20,7 +21,7 @@ fn options(steps: u64, micro_tokens: usize) -> TrainOptions {
     TrainOptions {
         spec: LossSpec::new(LossKind::Nca),
         aux_coef: 0.02,
-        checkpointing: true,
+        recompute: RecomputePolicy::Full,
         budget: StepBudget::Groups(3),
         micro_tokens,
         seed: 11,
@@ -119,8 +120,16 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
     // Groups of one shape, so that every step packs the same sizes.
     let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
     let groups = vec![one; 9];
-    for model in ["tiny-mistral", "tiny-mixtral"] {
-        let mut emu = trainer(model, &groups, options(4, 10_000));
+    for (model, recompute) in [
+        ("tiny-mistral", RecomputePolicy::Full),
+        ("tiny-mistral", RecomputePolicy::Selective),
+        ("tiny-mixtral", RecomputePolicy::Selective),
+    ] {
+        let opts = TrainOptions {
+            recompute,
+            ..options(4, 10_000)
+        };
+        let mut emu = trainer(model, &groups, opts);
         emu.use_device(Device::Emu).unwrap();
         emu.train_step().unwrap();
         let after_first = counters();
@@ -225,7 +234,15 @@ fn resume_on_the_emulated_device_is_exact() {
             args.extend([flag.to_string(), value]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let run = contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        // Without a recompute flag and without a memory limit, a device run recomputes
+        // selectively.
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(
+            stderr.contains("recompute: selective"),
+            !extra.contains(&"cpu"),
+            "{stderr}"
+        );
         out
     };
     let straight = train("straight", &[]);

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use contralign::checkpoint::{named_tensors, save_f32, Tensor};
 use contralign::fsutil::check_writable_file;
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
 use contralign::step;
@@ -46,7 +47,11 @@ impl OnOps for &GradsArgs {
             .inputs
             .load(ops, || check_writable_file(&self.out, "--out"))?;
         let opts = StepOptions {
-            checkpointing: !self.no_checkpointing,
+            recompute: if self.no_checkpointing {
+                RecomputePolicy::None
+            } else {
+                RecomputePolicy::Full
+            },
             aux_coef: l.aux_coef,
         };
         let out = step::loss_and_grads(

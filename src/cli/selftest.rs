@@ -4,7 +4,7 @@ use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::emu::{self, Probe};
 use contralign::ops::cuda::profile::{self, Shapes};
 use contralign::ops::cuda::roofline::Gpu;
-use contralign::ops::cuda::selftest;
+use contralign::selftest;
 use std::process::ExitCode;
 
 /// Run every CUDA kernel (SwiGLU, embedding, RMSNorm with the residual add, RoPE, casts, the

@@ -9,7 +9,7 @@ use clap::Args;
 use contralign::checkpoint::parse_dtype;
 use contralign::config::ModelConfig;
 use contralign::engine::DeviceEngine;
-use contralign::memory_plan::human_bytes;
+use contralign::memory_plan::{human_bytes, RecomputePolicy, ReferenceSource};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
@@ -111,16 +111,31 @@ pub struct TrainArgs {
     /// sharded with an index, as transformers does.
     #[arg(long, value_name = "SIZE", default_value = "5GB")]
     max_shard_size: String,
-    /// Keep every activation instead of recomputing each layer in the backward.
+    /// Keep every activation instead of recomputing each layer in the backward (the same as
+    /// --recompute none).
     #[arg(long)]
     no_checkpointing: bool,
+    /// What the backward recomputes of each layer. none: keep every activation (the most
+    /// memory). full: keep each layer's input and recompute the layer (the least memory,
+    /// about 8N FLOPs per token instead of 6N). selective: keep the GEMM and attention
+    /// outputs, recompute the norms and SwiGLU (about 6N). The gradients are the same bits
+    /// under all three. Default: on a device, selective where the memory plan fits, else
+    /// full; on the CPU, full.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POLICY",
+        conflicts_with = "no_checkpointing"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recompute: Option<RecomputePolicy>,
     /// Where the policy trains. cpu: the reference backend. emu: the device engine in the
     /// CUDA emulator on the host (slow; for checking). cuda: the device engine on a GPU (a
     /// build with --features cuda). On emu and cuda the weights, gradients and AdamW's moments
     /// live on the device as flat f32 buffers (zeroing, the norm and AdamW with the clipping
-    /// folded in are one launch each); attention, MoE dispatch and the LM-head scoring still
-    /// run on the host until their kernels exist, and the reference model (--ref-model) on
-    /// the CPU — use --ref-logps.
+    /// folded in are one launch each); attention, the LM-head scoring and the loss run there
+    /// too, MoE dispatch still on the host; a --ref-model is resident on the device beside the
+    /// policy (--ref-logps saves its memory).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Backend,
     /// The device memory the run may plan for (80GB, 79.5GiB; a bare number is GB). Default:
@@ -157,20 +172,37 @@ pub struct TrainArgs {
 /// The device of `--device`, once the run's memory plan is known to fit in it (`--memory`,
 /// else the GPU's memory): checked from the model's config.json alone, before any weight is
 /// read.
-fn open_planned_device(kind: DeviceKind, args: &TrainArgs, opts: &TrainOptions) -> Result<Device> {
+///
+/// Without a recompute flag, the run recomputes selectively where that plan fits, else in
+/// full (`opts.recompute` says which).
+fn open_planned_device(
+    kind: DeviceKind,
+    args: &TrainArgs,
+    opts: &mut TrainOptions,
+) -> Result<Device> {
     let device = Device::open(kind)?;
     eprintln!("device: {}", device.describe());
     let cfg = ModelConfig::load(&args.inputs.model)?;
-    let plan = DeviceEngine::plan(
-        &cfg,
-        opts.micro_tokens,
-        opts.checkpointing,
-        opts.spec.kind.needs_reference(),
-    )?;
     let memory = match &args.memory {
         Some(text) => Some(parse_memory(text)?),
         None => device.total_memory()?,
     };
+    // --ref-logps is looked up on the host; a --ref-model lives on the device beside the
+    // policy (the trainer's choice, Trainer::device_plan).
+    let reference = match (opts.spec.kind.needs_reference(), &args.ref_logps) {
+        (false, _) => ReferenceSource::None,
+        (true, Some(_)) => ReferenceSource::Cached,
+        (true, None) => ReferenceSource::Resident,
+    };
+    let plan_with = |recompute| DeviceEngine::plan(&cfg, opts.micro_tokens, recompute, reference);
+    if args.recompute.is_none() && !args.no_checkpointing {
+        let selective = plan_with(RecomputePolicy::Selective)?;
+        if memory.is_none_or(|m| selective.total() <= m) {
+            opts.recompute = RecomputePolicy::Selective;
+        }
+    }
+    eprintln!("recompute: {}", opts.recompute.name());
+    let plan = plan_with(opts.recompute)?;
     if let Some(memory) = memory {
         plan.fits(memory).context(
             "the run does not fit on the device (the engine stores every tensor in f32 for now)",
@@ -238,7 +270,11 @@ impl TrainArgs {
         Ok(TrainOptions {
             spec,
             aux_coef: 0.0,
-            checkpointing: !self.no_checkpointing,
+            recompute: match (self.recompute, self.no_checkpointing) {
+                (Some(policy), _) => policy,
+                (None, true) => RecomputePolicy::None,
+                (None, false) => RecomputePolicy::Full,
+            },
             budget,
             micro_tokens: self.micro_tokens,
             seed: self.inputs.loss.seed,
@@ -314,7 +350,7 @@ fn held_out(
 }
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
-    let opts = args.options()?;
+    let mut opts = args.options()?;
     let out = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             bail!(
@@ -339,7 +375,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         );
     }
     let device = match args.device.device_kind() {
-        Some(kind) => Some(open_planned_device(kind, &args, &opts)?),
+        Some(kind) => Some(open_planned_device(kind, &args, &mut opts)?),
         None => None,
     };
     let existed = out.exists();

@@ -37,14 +37,14 @@ impl Batch {
             group_offsets: vec![0],
         };
         for (g, group) in groups.iter().enumerate() {
-            let prompt_start = b.tokens.len() as u32;
+            b.layout
+                .push_group(group.prompt.len(), group.responses.iter().map(Vec::len));
             let k = group.responses.len() as f64;
-            b.push_segment(&group.prompt, 0, (prompt_start, prompt_start), k);
+            b.push_rows(&group.prompt, k);
             let prompt_end = b.tokens.len() as u32;
-            let prompt_len = group.prompt.len() as u32;
             for response in &group.responses {
                 let start = b.tokens.len() as u32;
-                b.push_segment(response, prompt_len, (prompt_start, prompt_end), 1.0);
+                b.push_rows(response, 1.0);
                 let first = b.targets.len();
                 for (j, &y) in response.iter().enumerate() {
                     let row = if j == 0 {
@@ -67,16 +67,11 @@ impl Batch {
         b
     }
 
-    fn push_segment(&mut self, ids: &[u32], first_pos: u32, context: (u32, u32), weight: f64) {
-        let own_start = self.tokens.len() as u32;
-        for (i, &id) in ids.iter().enumerate() {
-            self.tokens.push(id);
-            self.layout.positions.push(first_pos + i as u32);
-            self.layout.context_start.push(context.0);
-            self.layout.context_end.push(context.1);
-            self.layout.own_start.push(own_start);
-            self.row_weights.push(weight);
-        }
+    /// Token ids whose rows each stand for `weight` sequences.
+    fn push_rows(&mut self, ids: &[u32], weight: f64) {
+        self.tokens.extend_from_slice(ids);
+        self.row_weights
+            .extend(std::iter::repeat_n(weight, ids.len()));
     }
 
     pub fn num_groups(&self) -> usize {

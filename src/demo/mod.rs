@@ -11,6 +11,7 @@ use crate::data::load::{load_groups, DataOptions};
 use crate::data::Group;
 use crate::generate::{generate, Sampling};
 use crate::loss::{LossKind, LossSpec};
+use crate::memory_plan::RecomputePolicy;
 use crate::model::Model;
 use crate::ops::cpu::CpuOps;
 use crate::step;
@@ -120,7 +121,7 @@ fn train_phase(
     let train = TrainOptions {
         spec: phase.spec,
         aux_coef: 0.0,
-        checkpointing: false,
+        recompute: RecomputePolicy::None,
         budget: StepBudget::Groups(opts.groups_per_step),
         micro_tokens: usize::MAX,
         seed: opts.seed,

@@ -8,6 +8,7 @@
 use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::{LossKind, LossSpec};
+use crate::memory_plan::RecomputePolicy;
 use crate::model::init::random_params;
 use crate::model::params::Params;
 use crate::model::{Model, ResponseStats};
@@ -178,7 +179,7 @@ pub fn time_step(
     let opts = TrainOptions {
         spec: LossSpec::new(LossKind::Nca),
         aux_coef: cfg.default_aux_coef(),
-        checkpointing: true,
+        recompute: RecomputePolicy::Selective,
         budget: StepBudget::Groups(shape.groups),
         micro_tokens: shape.tokens(),
         seed,

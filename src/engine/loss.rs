@@ -10,12 +10,12 @@ use crate::data::packing::Batch;
 use crate::data::Group;
 use crate::loss::metrics::{metric_names, MetricTotals};
 use crate::loss::{check_group, BatchInput, BatchOutput, LossKind, LossSpec};
-use crate::model::{ResponseStats, StatsLoss};
+use crate::model::StatsLoss;
 use crate::ops::cuda::device::{AsView, Device, View};
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
 use crate::ops::cuda::ops::{DeviceOps, DeviceTable};
 use crate::ops::cuda::pool::{Leased, Pool};
-use crate::step::{batch_metric_counts, LossOps};
+use crate::step::{batch_metric_counts, LossOps, RefStats};
 use anyhow::{ensure, Context, Result};
 
 /// The hyperparameters of `loss_groups_f64` (`struct LossParams` in cuda/loss.cu, field for
@@ -316,7 +316,7 @@ impl LossOps for DeviceOps<'_> {
         batch: &Batch,
         groups: &[Group],
         stats: &DeviceTable,
-        ref_stats: Option<&[ResponseStats]>,
+        reference: RefStats<'_, DeviceTable>,
     ) -> Result<StatsLoss<DeviceTable, MetricTotals>> {
         let (device, pool) = (self.device(), self.pool());
         let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
@@ -326,17 +326,23 @@ impl LossOps for DeviceOps<'_> {
             .flat_map(|g| g.rewards.iter().copied())
             .collect();
         let rewards = pool.upload(device, &rewards)?;
-        let s_ref = ref_stats
-            .map(|r| {
+        let s_ref_column = match reference {
+            RefStats::Host(r) => {
                 let column: Vec<f64> = r.iter().map(|x| x.logp_sum).collect();
-                pool.upload(device, &column)
-            })
-            .transpose()?;
+                Some(pool.upload(device, &column)?)
+            }
+            RefStats::None | RefStats::Table(_) => None,
+        };
+        let s_ref = match (reference, &s_ref_column) {
+            (RefStats::Table(t), _) => Some(Reference::Stats(t.values()?.view())),
+            (_, Some(column)) => Some(Reference::Column(column.view())),
+            _ => None,
+        };
         let spans = self.spans(&batch.responses, batch.targets.len())?;
         let inputs = LossInputs {
             stats: stats.values()?.view(),
             spans: spans.table(),
-            s_ref: s_ref.as_ref().map(|r| Reference::Column(r.view())),
+            s_ref,
             rewards: rewards.view(),
         };
         let out = device_batch_loss(device, pool, spec, &layout, &inputs)?;

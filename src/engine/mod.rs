@@ -22,7 +22,7 @@ use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
     Category, MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy, ReferenceSource,
 };
-use crate::model::params::Params;
+use crate::model::params::{param_specs, Params};
 use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View};
 use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
@@ -30,7 +30,8 @@ use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor};
 use crate::ops::optimizer::AdamWConfig;
 use crate::ops::storage::Dtype;
-use crate::step;
+use crate::ops::Ops;
+use crate::step::{self, RefStats};
 use anyhow::{ensure, Context, Result};
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
@@ -49,10 +50,15 @@ pub struct DeviceEngine {
     model: Model<Tensor>,
     /// Views of `flat.grads`, in the same layout.
     grads: Params<Tensor>,
+    /// A reference model resident on the device (the plan's `reference.weights`), scored
+    /// there each micro-batch; `None` when its statistics come from a cache.
+    reference: Option<Model<Tensor>>,
     layout: ParamLayout,
     flat: Flat,
     norm: GradNormWorkspace,
     pool: Pool,
+    /// The plan's rows of one logits chunk, which the scoring holds at most.
+    logits_chunk_rows: usize,
     /// Owns the memory every view above points into; declared after them so that it is
     /// dropped last.
     arena: Arena,
@@ -61,28 +67,20 @@ pub struct DeviceEngine {
 
 impl DeviceEngine {
     /// The plan the engine allocates: everything f32 (the only precision it has yet), the
-    /// reference's statistics cached or computed off the device.
+    /// reference's statistics cached, or its weights resident beside the policy's.
     pub fn plan(
         cfg: &ModelConfig,
         micro_tokens: usize,
-        checkpointing: bool,
-        reference: bool,
+        recompute: RecomputePolicy,
+        reference: ReferenceSource,
     ) -> Result<MemoryPlan> {
         MemoryPlan::new(
             cfg,
             &PlanOptions {
                 micro_tokens,
                 precision: PrecisionOptions::all_f32(),
-                recompute: if checkpointing {
-                    RecomputePolicy::Full
-                } else {
-                    RecomputePolicy::None
-                },
-                reference: if reference {
-                    ReferenceSource::Cached
-                } else {
-                    ReferenceSource::None
-                },
+                recompute,
+                reference,
                 logits_chunk_rows: None,
             },
         )
@@ -91,7 +89,15 @@ impl DeviceEngine {
     /// The engine on `device` for `policy` (weights uploaded once, moments zero), allocated
     /// as `plan` ([`DeviceEngine::plan`]) says: the parameter stores as its regions of the
     /// same names, the step's activations and workspace as a pool of the size of theirs.
-    pub fn new(device: Device, policy: &Model<Vec<f32>>, plan: &MemoryPlan) -> Result<Self> {
+    ///
+    /// `reference`, when given, goes into the plan's `reference.weights` region (a plan made
+    /// with [`ReferenceSource::Resident`]); it must have the policy's configuration.
+    pub fn new(
+        device: Device,
+        policy: &Model<Vec<f32>>,
+        reference: Option<&Model<Vec<f32>>>,
+        plan: &MemoryPlan,
+    ) -> Result<Self> {
         let layout = ParamLayout::new(&policy.cfg);
         let store = |name: &str| -> Result<u64> {
             let region = plan
@@ -106,7 +112,15 @@ impl DeviceEngine {
             Ok(region.bytes)
         };
         let names = ["weights", "grads", "moments.m", "moments.v"];
-        let arena_bytes = names.iter().map(|n| store(n)).sum::<Result<u64>>()?;
+        let reference_region = "reference.weights";
+        if let Some(r) = reference {
+            ensure!(
+                param_specs(&r.cfg) == param_specs(&policy.cfg),
+                "a reference model resident on the device needs the policy's tensor shapes"
+            );
+        }
+        let resident = names.iter().chain(reference.map(|_| &reference_region));
+        let arena_bytes = resident.map(|n| store(n)).sum::<Result<u64>>()?;
         let mut arena = Arena::new(&device, arena_bytes as usize)?;
         let elements = layout.elements;
         let flat = Flat {
@@ -137,11 +151,27 @@ impl DeviceEngine {
             dtype: policy.dtype,
         };
         let grads = store::params(&layout, &policy.cfg, flat.grads)?;
+        let reference = match reference {
+            Some(r) => {
+                let mut weights = arena.carve(reference_region, elements)?;
+                device
+                    .copy_to(&mut weights, &store::flatten(&layout, &r.params.iter()))
+                    .context("uploading the reference model's weights")?;
+                Some(Model {
+                    cfg: r.cfg.clone(),
+                    params: store::params(&layout, &r.cfg, weights)?,
+                    dtype: r.dtype,
+                })
+            }
+            None => None,
+        };
         let norm = Kernels::new(&device).grad_norm_workspace(&[flat.grads])?;
         let pool = Pool::new(&device, workspace_bytes as usize)?;
         Ok(DeviceEngine {
             model,
             grads,
+            reference,
+            logits_chunk_rows: plan.logits_chunk_rows,
             layout,
             flat,
             norm,
@@ -166,8 +196,15 @@ impl DeviceEngine {
         self.device.zero(&mut grads)
     }
 
+    /// Whether a reference model is resident on the device.
+    pub fn has_reference(&self) -> bool {
+        self.reference.is_some()
+    }
+
     /// One micro-batch's forward and backward, its gradient scaled by `share` (its part of
-    /// the step's groups) and added to the step's.
+    /// the step's groups) and added to the step's. The reference's statistics are
+    /// `ref_stats`, or the resident reference's scores of `groups`, which stay on the
+    /// device.
     pub fn accumulate(
         &mut self,
         ref_stats: Option<&[ResponseStats]>,
@@ -176,11 +213,30 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput<MetricTotals>> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32);
-        step::accumulate_grads(
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32)
+            .with_scoring_chunk_rows(self.logits_chunk_rows);
+        let Some(reference) = self
+            .reference
+            .as_ref()
+            .filter(|_| spec.kind.needs_reference())
+        else {
+            return step::accumulate_grads(
+                &ops,
+                &self.model,
+                ref_stats,
+                groups,
+                spec,
+                opts,
+                share,
+                &mut self.grads,
+            );
+        };
+        let table = reference.score_table(&ops, &step::pack(reference, groups)?);
+        ops.check().context("scoring the reference model")?;
+        step::accumulate_grads_with(
             &ops,
             &self.model,
-            ref_stats,
+            RefStats::Table(&table),
             groups,
             spec,
             opts,

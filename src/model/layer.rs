@@ -7,11 +7,12 @@ use super::params::{Expert, FeedForward, LayerParams};
 use crate::config::ModelConfig;
 use crate::ops::{AttentionLayout, AttentionShape, Ops};
 
-/// What the backward of one SwiGLU MLP needs (its input is held by the caller).
+/// What the backward of one SwiGLU MLP needs (its input is held by the caller); `act` is
+/// `None` when the backward recomputes it from `gate` and `up` (selective recompute).
 pub struct MlpActs<B> {
     gate: B,
     up: B,
-    act: B,
+    act: Option<B>,
 }
 
 pub struct ExpertActs<B> {
@@ -29,20 +30,35 @@ pub enum FfnActs<B> {
     },
 }
 
-/// Everything the backward of a layer reads, from its input `x` on.
+/// Everything the backward of a layer reads, from its input `x` on. Under selective
+/// recompute the norms' outputs and SwiGLU's are dropped (`None`) and recomputed by the
+/// backward from what is kept, the same ops on the same inputs: the same bits.
 pub struct LayerActs<B> {
-    normed: B,
+    normed: Option<B>,
     q: B,
     k: B,
     v: B,
     attn: B,
     lse: B,
     mid: B,
-    ffn_in: B,
+    ffn_in: Option<B>,
     ffn: FfnActs<B>,
 }
 
 impl<B> LayerActs<B> {
+    /// What selective recompute keeps: the GEMM, attention and routing outputs, without the
+    /// norms' and SwiGLU's (docs/architecture.md §12; the MoE experts' gathered inputs are
+    /// kept too until the MoE dispatch runs on the device).
+    pub fn selective(mut self) -> Self {
+        self.normed = None;
+        self.ffn_in = None;
+        match &mut self.ffn {
+            FfnActs::Dense(mlp) => mlp.act = None,
+            FfnActs::Moe { experts, .. } => experts.iter_mut().for_each(|e| e.mlp.act = None),
+        }
+        self
+    }
+
     /// This layer's routing, for the load-balancing loss (`None` for a dense layer).
     pub fn routing(&self) -> Option<&Routing> {
         match &self.ffn {
@@ -57,6 +73,18 @@ pub struct AuxGrad<'a> {
     pub balance: &'a LoadBalance,
     pub coef: f64,
     pub row_weights: &'a [f64],
+}
+
+/// A kept activation, or the one `recompute` makes, held in `slot` for as long as it is used.
+fn kept_or<'a, B>(
+    kept: &'a Option<B>,
+    slot: &'a mut Option<B>,
+    recompute: impl FnOnce() -> B,
+) -> &'a B {
+    match kept {
+        Some(value) => value,
+        None => slot.insert(recompute()),
+    }
 }
 
 pub fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
@@ -79,6 +107,7 @@ fn mlp_forward<O: Ops>(
     let up = ops.matmul(x, &w.up, rows, d, i);
     let act = ops.swiglu(&gate, &up);
     let out = ops.matmul(&act, &w.down, rows, i, d);
+    let act = Some(act);
     (out, MlpActs { gate, up, act })
 }
 
@@ -94,7 +123,11 @@ fn mlp_backward<O: Ops>(
     cfg: &ModelConfig,
 ) -> O::Buf {
     let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let dact = ops.matmul_backward(&acts.act, &w.down, dout, rows, i, d, &mut g.down);
+    let mut recomputed = None;
+    let act = kept_or(&acts.act, &mut recomputed, || {
+        ops.swiglu(&acts.gate, &acts.up)
+    });
+    let dact = ops.matmul_backward(act, &w.down, dout, rows, i, d, &mut g.down);
     let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
     let mut dx = ops.matmul_backward(x, &w.gate, &dgate, rows, d, i, &mut g.gate);
     let dx_up = ops.matmul_backward(x, &w.up, &dup, rows, d, i, &mut g.up);
@@ -190,14 +223,14 @@ pub fn forward_with<O: Ops>(
     let mut y = ffn_out;
     ops.add_assign(&mut y, &mid);
     let acts = LayerActs {
-        normed,
+        normed: Some(normed),
         q,
         k,
         v,
         attn,
         lse,
         mid,
-        ffn_in,
+        ffn_in: Some(ffn_in),
         ffn,
     };
     (y, acts)
@@ -220,10 +253,14 @@ pub fn backward<O: Ops>(
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let eps = cfg.rms_norm_eps;
+    let mut ffn_in_recomputed = None;
+    let ffn_in = kept_or(&acts.ffn_in, &mut ffn_in_recomputed, || {
+        ops.rmsnorm(&acts.mid, &p.post_norm, d, eps)
+    });
 
     let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
         (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
-            mlp_backward(ops, w, gw, &acts.ffn_in, a, dy, t, cfg)
+            mlp_backward(ops, w, gw, ffn_in, a, dy, t, cfg)
         }
         (
             FeedForward::Moe { router, experts },
@@ -255,8 +292,7 @@ pub fn backward<O: Ops>(
             }
             let direct = aux.map(|a| a.balance.prob_grad(a.coef, a.row_weights));
             let dz = ops.upload(&routing.backward(&d_weights, direct.as_deref()));
-            let dx_router =
-                ops.matmul_backward(&acts.ffn_in, router, &dz, t, d, experts.len(), grouter);
+            let dx_router = ops.matmul_backward(ffn_in, router, &dz, t, d, experts.len(), grouter);
             ops.add_assign(&mut dffn_in, &dx_router);
             dffn_in
         }
@@ -293,9 +329,14 @@ pub fn backward<O: Ops>(
         cfg.rope_theta,
         true,
     );
-    let mut dnormed = ops.matmul_backward(&acts.normed, &p.q, &dq, t, d, qw, &mut g.q);
-    let dk_in = ops.matmul_backward(&acts.normed, &p.k, &dk, t, d, kvw, &mut g.k);
-    let dv_in = ops.matmul_backward(&acts.normed, &p.v, &dv, t, d, kvw, &mut g.v);
+    drop(ffn_in_recomputed);
+    let mut normed_recomputed = None;
+    let normed = kept_or(&acts.normed, &mut normed_recomputed, || {
+        ops.rmsnorm(x, &p.input_norm, d, eps)
+    });
+    let mut dnormed = ops.matmul_backward(normed, &p.q, &dq, t, d, qw, &mut g.q);
+    let dk_in = ops.matmul_backward(normed, &p.k, &dk, t, d, kvw, &mut g.k);
+    let dv_in = ops.matmul_backward(normed, &p.v, &dv, t, d, kvw, &mut g.v);
     ops.add_assign(&mut dnormed, &dk_in);
     ops.add_assign(&mut dnormed, &dv_in);
     let mut dx = ops.rmsnorm_backward(x, &p.input_norm, &dnormed, d, eps, &mut g.input_norm);

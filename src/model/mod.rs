@@ -10,6 +10,7 @@ pub mod params;
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::Batch;
+use crate::memory_plan::RecomputePolicy;
 use crate::ops::{AttentionLayout, Ops};
 use anyhow::{Context, Result};
 use layer::{AuxGrad, LayerActs};
@@ -32,10 +33,8 @@ pub use crate::ops::ResponseStats;
 pub enum Keep {
     /// Nothing: scoring only.
     Nothing,
-    /// Each layer's input; the backward recomputes the rest layer by layer.
-    LayerInputs,
-    /// Every activation.
-    Everything,
+    /// Each layer's input and what the recompute policy keeps of its activations.
+    ForBackward(RecomputePolicy),
 }
 
 struct Forward<B> {
@@ -55,7 +54,8 @@ pub struct StatsLoss<T, M> {
 }
 
 pub struct StepOptions {
-    pub checkpointing: bool,
+    /// What the backward recomputes of each layer's forward.
+    pub recompute: RecomputePolicy,
     /// Weight of the load-balancing loss (Mixtral); 0 leaves it out.
     pub aux_coef: f64,
 }
@@ -123,11 +123,13 @@ impl<B> Model<B> {
             if let (Some(balance), Some(routing)) = (&mut out.balance, acts.routing()) {
                 balance.add_layer(routing, row_weights);
             }
-            if keep != Keep::Nothing {
+            if let Keep::ForBackward(policy) = keep {
                 out.layer_inputs.push(h);
-            }
-            if keep == Keep::Everything {
-                out.layer_acts.push(acts);
+                match policy {
+                    RecomputePolicy::None => out.layer_acts.push(acts),
+                    RecomputePolicy::Selective => out.layer_acts.push(acts.selective()),
+                    RecomputePolicy::Full => {}
+                }
             }
             h = next;
         }
@@ -188,6 +190,18 @@ impl<B> Model<B> {
         ops: &O,
         batch: &Batch,
     ) -> (Vec<ResponseStats>, Option<f64>) {
+        let (table, aux) = self.scored(ops, batch);
+        let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
+        (stats, aux)
+    }
+
+    /// The `(S, A, E)` table of the batch's responses, left on the backend (a reference model
+    /// scored where the policy trains).
+    pub fn score_table<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> O::Table {
+        self.scored(ops, batch).0
+    }
+
+    fn scored<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> (O::Table, Option<f64>) {
         let fwd = self.forward(
             ops,
             &batch.tokens,
@@ -196,9 +210,7 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, table, _) = self.response_scores(ops, batch, &fwd.hidden);
-        let aux = fwd.balance.as_ref().map(LoadBalance::loss);
-        let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
-        (stats, aux)
+        (table, fwd.balance.as_ref().map(LoadBalance::loss))
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
@@ -233,11 +245,7 @@ impl<B> Model<B> {
     ) -> Result<PassOutput<M>> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let keep = if opts.checkpointing {
-            Keep::LayerInputs
-        } else {
-            Keep::Everything
-        };
+        let keep = Keep::ForBackward(opts.recompute);
         let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
         let (rows, table, lse) = self.response_scores(ops, batch, &fwd.hidden);
         let sl = loss_fn(&table)?;

@@ -44,6 +44,41 @@ impl AttentionLayout {
         self.positions.is_empty()
     }
 
+    /// Appends a segment of `len` tokens at positions `first_pos..` that sees its own tokens
+    /// up to itself and, before them, the keys `context.0..context.1` (a group's prompt).
+    fn push_segment(&mut self, len: usize, first_pos: u32, context: (u32, u32)) {
+        let own_start = self.len() as u32;
+        for i in 0..len as u32 {
+            self.positions.push(first_pos + i);
+            self.context_start.push(context.0);
+            self.context_end.push(context.1);
+            self.own_start.push(own_start);
+        }
+    }
+
+    /// Appends a packed group: its prompt of `prompt` tokens once, causal, then responses of
+    /// these lengths, each seeing the prompt and itself, at positions after the prompt's.
+    pub fn push_group(&mut self, prompt: usize, responses: impl IntoIterator<Item = usize>) {
+        let prompt_start = self.len() as u32;
+        self.push_segment(prompt, 0, (prompt_start, prompt_start));
+        let prompt_end = self.len() as u32;
+        for response in responses {
+            self.push_segment(response, prompt as u32, (prompt_start, prompt_end));
+        }
+    }
+
+    /// The layout of packed groups of these `(prompt, [response, ...])` lengths.
+    pub fn packed(groups: &[(usize, Vec<usize>)], window: Option<usize>) -> Self {
+        let mut layout = AttentionLayout {
+            window,
+            ..Default::default()
+        };
+        for (prompt, responses) in groups {
+            layout.push_group(*prompt, responses.iter().copied());
+        }
+        layout
+    }
+
     /// The keys token `t` attends to, in increasing order.
     pub fn keys(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
         let ctx = self.context_start[t] as usize..self.context_end[t] as usize;

@@ -10,7 +10,8 @@ use crate::data::Group;
 use crate::engine::DeviceEngine;
 use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
-use crate::memory_plan::MemoryPlan;
+use crate::memory_plan::RecomputePolicy;
+use crate::memory_plan::{MemoryPlan, ReferenceSource};
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::device::Device;
@@ -31,7 +32,8 @@ pub enum Warmup {
 pub struct TrainOptions {
     pub spec: LossSpec,
     pub aux_coef: f64,
-    pub checkpointing: bool,
+    /// What the backward recomputes of each layer's forward.
+    pub recompute: RecomputePolicy,
     pub budget: StepBudget,
     /// The most packed tokens one forward/backward holds; a step beyond it accumulates.
     pub micro_tokens: usize,
@@ -288,15 +290,29 @@ impl Trainer {
         DeviceEngine::plan(
             &self.policy.cfg,
             self.opts.micro_tokens,
-            self.opts.checkpointing,
-            self.opts.spec.kind.needs_reference(),
+            self.opts.recompute,
+            self.reference_source(),
         )
+    }
+
+    /// Where the device engine takes the reference's statistics from: a reference model is
+    /// resident on the device beside the policy, a cache is looked up on the host.
+    fn reference_source(&self) -> ReferenceSource {
+        match &self.reference {
+            _ if !self.opts.spec.kind.needs_reference() => ReferenceSource::None,
+            Reference::Model(_) => ReferenceSource::Resident,
+            Reference::Cache(_) | Reference::None => ReferenceSource::Cached,
+        }
     }
 
     /// Moves the training onto `device`: the weights and moments as they are now (fresh, or
     /// restored), in the device engine from here on, allocated as [`Trainer::device_plan`].
     pub fn use_device(&mut self, device: Device) -> Result<()> {
-        let mut engine = DeviceEngine::new(device, &self.policy, &self.device_plan()?)?;
+        let resident = match (&self.reference, self.reference_source()) {
+            (Reference::Model(m), ReferenceSource::Resident) => Some(m.as_ref()),
+            _ => None,
+        };
+        let mut engine = DeviceEngine::new(device, &self.policy, resident, &self.device_plan()?)?;
         engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
         self.engine = Some(engine);
         Ok(())
@@ -347,7 +363,7 @@ impl Trainer {
         let step_groups: Vec<Group> = indices.iter().map(|&i| self.groups[i].clone()).collect();
         let n = step_groups.len() as f64;
         let step_opts = StepOptions {
-            checkpointing: self.opts.checkpointing,
+            recompute: self.opts.recompute,
             aux_coef: self.opts.aux_coef,
         };
         let mut grads = match &self.engine {
@@ -363,7 +379,11 @@ impl Trainer {
         for micro in self.planner.micro_batches(&indices, self.opts.micro_tokens) {
             let groups = &step_groups[first..first + micro.len()];
             first += micro.len();
-            let refs = self.reference_stats(groups)?;
+            // A reference resident on the device is scored there, by the engine.
+            let refs = match &self.engine {
+                Some(engine) if engine.has_reference() => None,
+                _ => self.reference_stats(groups)?,
+            };
             // The step's loss is the mean over its groups: each micro-batch's mean counts
             // in proportion to its groups, and so does its gradient.
             let share = groups.len() as f64 / n;

@@ -2,6 +2,7 @@
 //! emulator, tests/gpu.rs on a GPU).
 
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::Device;
@@ -17,7 +18,7 @@ pub const GRAD_REL: f64 = 1e-4;
 
 /// A training step (NCA + aux) of fixture `name` on `device` against the CPU reference:
 /// loss, statistics and every parameter gradient, on fresh random groups.
-pub fn check_step_on_device(device: &Device, name: &str, checkpointing: bool) {
+pub fn check_step_on_device(device: &Device, name: &str, recompute: RecomputePolicy) {
     let mut rng = crate::common::rng(name);
     let dir = crate::common::fixture(name);
     let reference_dir = crate::common::fixture(&format!("{name}-ref"));
@@ -31,7 +32,7 @@ pub fn check_step_on_device(device: &Device, name: &str, checkpointing: bool) {
     let groups = crate::common::random_groups(&mut rng, 3, vocab, 9, 4, 7);
     let spec = LossSpec::new(LossKind::Nca);
     let opts = StepOptions {
-        checkpointing,
+        recompute,
         aux_coef: 0.02,
     };
     let ref_stats = step::reference_stats(&CpuOps, &cpu, Some(&reference), &groups, &spec)
@@ -43,7 +44,7 @@ pub fn check_step_on_device(device: &Device, name: &str, checkpointing: bool) {
         step::loss_and_grads(&ops, &on_device, Some(&ref_stats), &groups, &spec, &opts).unwrap();
     ops.check().unwrap();
 
-    let what = format!("{name} checkpointing={checkpointing}");
+    let what = format!("{name} recompute={}", recompute.name());
     crate::common::assert_close(&format!("{what} loss"), got.loss, want.loss, STATS_REL);
     if let (Some(g), Some(w)) = (got.aux_loss, want.aux_loss) {
         crate::common::assert_close(&format!("{what} aux"), g, w, STATS_REL);

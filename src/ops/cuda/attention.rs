@@ -13,8 +13,6 @@
 use super::device::{AsView, Device, Float};
 use super::emu::{self, KernelArgs, LaunchConfig};
 use super::pool::{Leased, Pool};
-use crate::data::packing::Batch;
-use crate::data::Group;
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::{ensure, Result};
 
@@ -33,20 +31,6 @@ pub fn tile_rows<E: Float>() -> usize {
     } else {
         16
     }
-}
-
-/// The layout `data::packing` gives groups of these prompt and response lengths.
-pub fn packed_layout(groups: &[(usize, Vec<usize>)], window: Option<usize>) -> AttentionLayout {
-    let groups: Vec<Group> = groups
-        .iter()
-        .map(|(prompt, responses)| Group {
-            prompt: vec![0; *prompt],
-            responses: responses.iter().map(|&r| vec![0; r]).collect(),
-            rewards: vec![0.0; responses.len()],
-            source: String::new(),
-        })
-        .collect();
-    Batch::pack(&groups, window, |_| false).layout
 }
 
 /// Which key tiles each query tile visits, ascending, and the transpose, as CSR lists.

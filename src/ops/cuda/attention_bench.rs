@@ -5,7 +5,7 @@
 //! 4 · hd FLOPs each for the forward (two products), 10 · hd for the backward (five), the
 //! convention of FlashAttention's papers, so a kernel that computes masked pairs gains nothing.
 
-use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
+use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
 use crate::ops::{AttentionLayout, AttentionShape};
@@ -41,7 +41,10 @@ impl BenchMask {
             } => {
                 let per_group = prompt + responses * response_len;
                 let groups = (tokens / per_group.max(1)).max(1);
-                packed_layout(&vec![(prompt, vec![response_len; responses]); groups], None)
+                AttentionLayout::packed(
+                    &vec![(prompt, vec![response_len; responses]); groups],
+                    None,
+                )
             }
         }
     }

@@ -83,6 +83,8 @@ pub struct DeviceOps<'a> {
     attention_layout: RefCell<Option<KeptLayout>>,
     /// The response spans uploaded last, with the rows they cover and their device copy.
     spans: RefCell<Option<KeptSpans>>,
+    /// Rows of one logits chunk of the scoring; `None`: as many as its default budget holds.
+    scoring_chunk_rows: Option<usize>,
 }
 
 /// [`Ops::Table`] on a device: three f64 per response in the pool; nothing when the device
@@ -138,6 +140,25 @@ impl<'a> DeviceOps<'a> {
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
             spans: RefCell::new(None),
+            scoring_chunk_rows: None,
+        }
+    }
+
+    /// Ops whose LM-head scoring holds at most `rows` rows of logits at once (the memory
+    /// plan's logits chunk) instead of [`super::scoring::DEFAULT_CHUNK_BYTES`].
+    pub fn with_scoring_chunk_rows(mut self, rows: usize) -> Self {
+        self.scoring_chunk_rows = Some(rows.max(1));
+        self
+    }
+
+    /// The fused scoring of logits stored as `E`.
+    fn scoring<E>(&self, vocab: usize) -> FusedScoring<'_> {
+        match self.scoring_chunk_rows {
+            Some(chunk_rows) => FusedScoring {
+                kernels: &self.kernels,
+                chunk_rows,
+            },
+            None => FusedScoring::new::<E>(&self.kernels, vocab),
         }
     }
 
@@ -508,7 +529,7 @@ impl<'a> DeviceOps<'a> {
         let (h, head) = (self.input::<E>(h)?, self.input::<E>(head)?);
         let (lse, logp_rows) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
         let mut logp = logp_rows.view_as::<f32>("scoring logp")?;
-        FusedScoring::new::<E>(&self.kernels, vocab).forward(
+        self.scoring::<E>(vocab).forward(
             &h,
             &head,
             &*device_targets,
@@ -546,7 +567,7 @@ impl<'a> DeviceOps<'a> {
             &mut coef,
         )?;
         let dh = self.alloc::<E>(h.len())?;
-        FusedScoring::new::<E>(&self.kernels, vocab).backward(
+        self.scoring::<E>(vocab).backward(
             &hv,
             &head,
             &*device_targets,

@@ -12,7 +12,7 @@ use super::emu::{self, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::roofline::Gpu;
-use crate::train::optimizer::AdamWConfig;
+use crate::ops::optimizer::AdamWConfig;
 use anyhow::{ensure, Result};
 use half::bf16;
 use rand::rngs::StdRng;

@@ -20,13 +20,13 @@
 
 pub mod loss;
 
-use super::attention::{packed_layout, tile_rows, AttentionKernels, DeviceLayout};
-use super::device::{Buffer, Device, Float};
-use super::emu::{KernelArgs, LaunchConfig};
-use super::gemm::{element, Gemm, Op};
-use super::kernels::{AdamWStep, Kernels};
-use super::pool::Pool;
 use crate::ops::cpu::CpuOps;
+use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use crate::ops::cuda::device::{Buffer, Device, Float};
+use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
+use crate::ops::cuda::gemm::{element, Gemm, Op};
+use crate::ops::cuda::kernels::{AdamWStep, Kernels};
+use crate::ops::cuda::pool::Pool;
 use crate::ops::optimizer::{global_norm, AdamW, AdamWConfig};
 use crate::ops::{AttentionLayout, AttentionShape, Ops};
 use anyhow::Result;
@@ -1111,7 +1111,7 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
         },
         AttentionCase {
             name: "packed",
-            layout: packed_layout(
+            layout: AttentionLayout::packed(
                 &[(21, vec![9, 30, 1]), (3, vec![40, 17]), (33, vec![5])],
                 None,
             ),
@@ -1119,12 +1119,12 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
         },
         AttentionCase {
             name: "window 11 x packed",
-            layout: packed_layout(&[(40, vec![25, 19]), (9, vec![31, 2, 6])], Some(11)),
+            layout: AttentionLayout::packed(&[(40, vec![25, 19]), (9, vec![31, 2, 6])], Some(11)),
             shape: shape(4, 1, 128),
         },
         AttentionCase {
             name: "1000-token stream",
-            layout: packed_layout(&stream, None),
+            layout: AttentionLayout::packed(&stream, None),
             shape: shape(2, 1, 64),
         },
     ]
