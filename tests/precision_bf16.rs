@@ -9,6 +9,7 @@ use common::{fixture, hyperparameters, rel_err, spec_from_json, Golden};
 use contralign::data::pretokenized::read_file;
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::{Model, ResponseStats, StepOptions};
 use contralign::ops::cpu::{CpuOps, RoundedCpuOps};
@@ -57,7 +58,7 @@ fn run<O: LossOps>(ops: &O, name: &str) -> Outputs {
             step::reference_stats(ops, &policy, Some(&reference), &groups, &spec).unwrap();
         let eval = step::evaluate(ops, &policy, ref_stats.as_deref(), &groups, &spec, 0.0).unwrap();
         let opts = StepOptions {
-            checkpointing: true,
+            recompute: RecomputePolicy::Full,
             aux_coef: 0.0,
         };
         let step = step::loss_and_grads(ops, &policy, ref_stats.as_deref(), &groups, &spec, &opts)
