@@ -111,7 +111,7 @@ impl<T> Clone for RefStats<'_, T> {
 impl<T> Copy for RefStats<'_, T> {}
 
 impl<'a, T> RefStats<'a, T> {
-    fn from_host(stats: Option<&'a [ResponseStats]>) -> Self {
+    pub fn from_host(stats: Option<&'a [ResponseStats]>) -> Self {
         stats.map_or(RefStats::None, RefStats::Host)
     }
 }
@@ -232,7 +232,8 @@ pub fn loss_and_grads<O: LossOps>(
     opts: &StepOptions,
 ) -> Result<StepOutput<O::Buf, MetricTotals>> {
     let mut grads = policy.zeros_like(ops);
-    let out = accumulate_grads(ops, policy, ref_stats, groups, spec, opts, 1.0, &mut grads)?;
+    let reference = RefStats::from_host(ref_stats);
+    let out = accumulate_grads(ops, policy, reference, groups, spec, opts, 1.0, &mut grads)?;
     Ok(StepOutput {
         loss: out.loss,
         aux_loss: out.aux_loss,
@@ -242,27 +243,10 @@ pub fn loss_and_grads<O: LossOps>(
 }
 
 /// As [`loss_and_grads`], adding `scale ·` the gradient into `grads` (a micro-batch's share of
-/// a step).
+/// a step), with the reference's statistics on the host or, as a table made from `groups`,
+/// on the backend.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_grads<O: LossOps>(
-    ops: &O,
-    policy: &Model<O::Buf>,
-    ref_stats: Option<&[ResponseStats]>,
-    groups: &[Group],
-    spec: &LossSpec,
-    opts: &StepOptions,
-    scale: f64,
-    grads: &mut Params<O::Buf>,
-) -> Result<PassOutput<MetricTotals>> {
-    check_ref_stats(groups, spec, ref_stats)?;
-    let reference = RefStats::from_host(ref_stats);
-    accumulate_grads_with(ops, policy, reference, groups, spec, opts, scale, grads)
-}
-
-/// As [`accumulate_grads`], with the reference's statistics already checked against
-/// `groups` (made from them) or on the backend.
-#[allow(clippy::too_many_arguments)]
-pub fn accumulate_grads_with<O: LossOps>(
     ops: &O,
     policy: &Model<O::Buf>,
     reference: RefStats<'_, O::Table>,
@@ -272,12 +256,10 @@ pub fn accumulate_grads_with<O: LossOps>(
     scale: f64,
     grads: &mut Params<O::Buf>,
 ) -> Result<PassOutput<MetricTotals>> {
-    if spec.kind.needs_reference() && matches!(reference, RefStats::None) {
-        bail!(
-            "loss {} compares the policy with a reference model: give --ref-model DIR or \
-             --ref-logps FILE",
-            spec.kind.name()
-        );
+    match reference {
+        RefStats::Table(_) => spec.validate()?,
+        RefStats::None => check_ref_stats(groups, spec, None)?,
+        RefStats::Host(r) => check_ref_stats(groups, spec, Some(r))?,
     }
     let batch = pack(policy, groups)?;
     policy

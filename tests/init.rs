@@ -40,6 +40,45 @@ fn tiny_with_mistral_tokenizer(out: &Path, extra: &[&str]) {
     contralign_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
+/// TRL's golden rows (`trl_golden.jsonl`) in `dir` as text data and as the token ids TRL
+/// made of them: (text.jsonl, ids.jsonl, rows).
+fn trl_golden_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, usize) {
+    let golden = std::fs::read_to_string(fixture("mistral-tokenizer/trl_golden.jsonl")).unwrap();
+    let (mut text, mut ids) = (String::new(), String::new());
+    for line in golden.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        text += &format!("{}\n", row["row"]);
+        let pre = serde_json::json!({"prompt_ids": row["prompt_ids"],
+            "chosen_ids": row["chosen_ids"], "rejected_ids": row["rejected_ids"]});
+        ids += &format!("{pre}\n");
+    }
+    let (text_file, ids_file) = (dir.join("text.jsonl"), dir.join("ids.jsonl"));
+    std::fs::write(&text_file, text).unwrap();
+    std::fs::write(&ids_file, ids).unwrap();
+    (text_file, ids_file, golden.lines().count())
+}
+
+/// `train` of `model` on `text` for two SimPO steps into `run`.
+fn train_on_text<'a>(model: &'a Path, text: &'a Path, run: &'a Path) -> [&'a str; 15] {
+    [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--loss",
+        "simpo",
+        "--steps",
+        "2",
+        "--groups-per-step",
+        "3",
+        "--lr",
+        "1e-3",
+        "--out",
+        run.to_str().unwrap(),
+    ]
+}
+
 fn std_and_mean(x: &[f32]) -> (f64, f64) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -163,18 +202,7 @@ fn init_models_score_trl_text_as_trl_ids_and_train_on_text() {
     let tmp = TempDir::new().unwrap();
     let model = tmp.path().join("model");
     tiny_with_mistral_tokenizer(&model, &[]);
-    let golden = std::fs::read_to_string(fixture("mistral-tokenizer/trl_golden.jsonl")).unwrap();
-    let (mut text, mut ids) = (String::new(), String::new());
-    for line in golden.lines() {
-        let row: serde_json::Value = serde_json::from_str(line).unwrap();
-        text += &format!("{}\n", row["row"]);
-        let pre = serde_json::json!({"prompt_ids": row["prompt_ids"],
-            "chosen_ids": row["chosen_ids"], "rejected_ids": row["rejected_ids"]});
-        ids += &format!("{pre}\n");
-    }
-    let (text_file, ids_file) = (tmp.path().join("text.jsonl"), tmp.path().join("ids.jsonl"));
-    std::fs::write(&text_file, text).unwrap();
-    std::fs::write(&ids_file, ids).unwrap();
+    let (text_file, ids_file, rows) = trl_golden_files(tmp.path());
     let score = |data: &Path| -> Vec<serde_json::Value> {
         let out = contralign_ok(&[
             "score",
@@ -190,27 +218,11 @@ fn init_models_score_trl_text_as_trl_ids_and_train_on_text() {
             .collect()
     };
     let (from_text, from_ids) = (score(&text_file), score(&ids_file));
-    assert_eq!(from_text.len(), 2 * golden.lines().count());
+    assert_eq!(from_text.len(), 2 * rows);
     assert_eq!(from_text, from_ids);
 
     let run = tmp.path().join("run");
-    let out = contralign(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        text_file.to_str().unwrap(),
-        "--loss",
-        "simpo",
-        "--steps",
-        "2",
-        "--groups-per-step",
-        "3",
-        "--lr",
-        "1e-3",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let out = contralign(&train_on_text(&model, &text_file, &run));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The row whose prompt ends in a space is reported, once.
@@ -231,18 +243,7 @@ fn init_models_score_trl_text_as_trl_ids_and_train_on_text() {
 fn init_models_load_in_transformers() {
     let python = std::env::var("CONTRALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
     let tmp = TempDir::new().unwrap();
-    let golden = std::fs::read_to_string(fixture("mistral-tokenizer/trl_golden.jsonl")).unwrap();
-    let (mut text, mut ids) = (String::new(), String::new());
-    for line in golden.lines() {
-        let row: serde_json::Value = serde_json::from_str(line).unwrap();
-        text += &format!("{}\n", row["row"]);
-        let pre = serde_json::json!({"prompt_ids": row["prompt_ids"],
-            "chosen_ids": row["chosen_ids"], "rejected_ids": row["rejected_ids"]});
-        ids += &format!("{pre}\n");
-    }
-    let (text_file, ids_file) = (tmp.path().join("text.jsonl"), tmp.path().join("ids.jsonl"));
-    std::fs::write(&text_file, text).unwrap();
-    std::fs::write(&ids_file, ids).unwrap();
+    let (text_file, ids_file, _) = trl_golden_files(tmp.path());
     let check = |model: &Path| {
         let out = contralign_ok(&[
             "score",
@@ -273,23 +274,7 @@ fn init_models_load_in_transformers() {
         tiny_with_mistral_tokenizer(&model, &extra);
         check(&model);
         let run = tmp.path().join(format!("{arch}-run"));
-        contralign_ok(&[
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            text_file.to_str().unwrap(),
-            "--loss",
-            "simpo",
-            "--steps",
-            "2",
-            "--groups-per-step",
-            "3",
-            "--lr",
-            "1e-3",
-            "--out",
-            run.to_str().unwrap(),
-        ]);
+        contralign_ok(&train_on_text(&model, &text_file, &run));
         check(&run.join("final"));
     }
 }

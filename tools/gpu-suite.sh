@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# The GPU checks as prebuilt binaries, for a GPU machine that has no Rust toolchain:
+# The GPU checks and the performance scoreboard as prebuilt binaries, for a GPU machine that
+# has no Rust toolchain, no TRL and no network:
 #
 #   tools/gpu-suite.sh prepare DIR   (here) builds with --features cuda the contralign binary,
 #       the test executables of tests/gpu.rs and tests/kernels_emu.rs and the `kernels` bench,
-#       strips them into DIR (a git-ignored folder, so that the device tool can carry it) and
-#       packs them into DIR/suite.tar.xz when they are too large to carry loose.
-#   tools/gpu-suite.sh run DIR OUT   (on the GPU machine) runs, each with a time limit and its
-#       log in OUT: `contralign selftest --device cuda`, the GPU tests, the emulator tests (a
-#       check that the binaries run there at all), the bench and `contralign bench attention`;
-#       then writes OUT/summary.md (steps, exit statuses, times, the selftest table, the bench
-#       summary, the attention bench's JSON). It carries on
-#       past a failing step and exits non-zero if any failed.
+#       strips them into DIR (a git-ignored folder, so that the device tool can carry it),
+#       packs them into DIR/suite.tar.xz when they are too large to carry loose, downloads
+#       into DIR/wheels the TRL release and the packages it needs that the GPU machine lacks,
+#       and checks that DIR fits the device tool's 64 MiB (naming what to drop if not).
+#   tools/gpu-suite.sh run DIR OUT   (on the GPU machine) correctness: `contralign selftest
+#       --device cuda`, the GPU tests, the emulator tests (a check that the binaries run there
+#       at all) and the kernels bench; OUT/summary.md (steps, exit statuses, times, the
+#       selftest table, the bench summary). It carries on past a failing step and exits
+#       non-zero if any failed.
+#   tools/gpu-suite.sh scoreboard DIR OUT   (on the GPU machine) contralign's bench modes
+#       against their PyTorch/TRL baselines (tools/scoreboard/): OUT/scoreboard.md and
+#       OUT/scoreboard.json (docs/cuda.md, "The scoreboard").
+#   tools/gpu-suite.sh dry-run   (here, by hand) a venv with PyTorch (CPU use), transformers
+#       and TRL from PyPI under target/, then every baseline and every contralign bench mode
+#       that exists at tiny shapes in fp32 (contralign on --device emu), each baseline's loss
+#       checked against contralign's dump of the same data to 1e-4 relative; it fails on a
+#       mismatch. The scoreboard of tiny shapes lands in target/scoreboard-dry-run/.
 #
-# `run` fits the device tool's 600 s per command: its steps' limits add up to 540 s, and it
-# expects about two minutes on an H200 (the bench takes most of it).
+# Budgets: `run` and `scoreboard` together stay inside 480 s by their steps' own limits, so
+# that one device call of both fits the tool's 600 s with room for a second, shorter one:
+#   run         180 s = selftest 30 + test-gpu 80 + test-kernels-emu 30 + bench 40
+#   scoreboard  300 s = trl-venv 10 + env 15 + scoring 20 + 25 + attention 15 + 20
+#                     + dpo 45 + 40 + nca 30 + 25 + mistral-7b 30 + moe 10 + 15
+#                     (contralign's side, then the baseline's, where a row has both; TRL's
+#                     reproduction runs in what is left when TRL itself failed)
+# Each command also keeps a running total: a step whose limit no longer fits what is left of
+# its command's budget is skipped, and its row says so. The Python baselines get their limit
+# less their start-up as --budget-s and time fewer repetitions when it runs out.
+#
+# OUT holds summary.md (run), scoreboard.md and scoreboard.json (scoreboard) and one
+# logs.tar.gz of every step's log and result, which both commands add to: four files at
+# most, inside the device tool's eight.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +43,15 @@ names=(contralign test-gpu test-kernels-emu bench-kernels)
 pack=suite.tar.xz
 # What the device tool carries: 64 MiB in all; past this the binaries travel compressed.
 loose_limit=$((60 << 20))
+carry_limit=$((64 << 20))
+# TRL for the DPO row: 1.13.0 is the first release after transformers 5.17.0 (the GPU
+# machine's), published the next day; it asks for transformers >= 4.56.2. The GPU machine has
+# torch, transformers, accelerate and every dependency of datasets but dill and multiprocess
+# (docs/cuda.md, "The scoreboard"); these versions satisfy datasets 4.8.5's pins.
+wheels=(trl==1.13.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19)
+# Layers of the Mistral-shaped DPO and NCA steps (the 7B's width and heads): what fits their
+# 45 s and 30 s limits with the engine's f32 storage.
+step_layers=${SCOREBOARD_LAYERS:-4}
 
 die() {
     echo "gpu-suite: $*" >&2
@@ -28,10 +59,12 @@ die() {
 }
 
 usage() {
-    cat >&2 <<EOF
-usage: $0 prepare DIR    build the suite into DIR (git-ignored, inside the repository)
-       $0 run DIR OUT    run the suite from DIR on a GPU machine, logs and summary.md in OUT
-EOF
+    cat >&2 <<USAGE
+usage: $0 prepare DIR          build the suite into DIR (git-ignored, inside the repository)
+       $0 run DIR OUT          correctness checks on a GPU machine: logs, summary.md in OUT
+       $0 scoreboard DIR OUT   contralign vs PyTorch/TRL on a GPU machine: scoreboard.md/json
+       $0 dry-run              every baseline and contralign row at tiny shapes on the CPU
+USAGE
     exit 2
 }
 
@@ -47,6 +80,34 @@ if not found:
     sys.exit(f"cargo built no {kind} named {name}")
 print(found[-1])
 ' "$1" "$2"
+}
+
+# The wheels of the GPU machine's Python (3.12, x86-64) for the packages it lacks.
+download_wheels() {
+    local dir=$1
+    rm -rf "$dir" && mkdir -p "$dir" || die "cannot create $dir"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        -d "$dir" "${wheels[@]}" || die "pip download of ${wheels[*]} failed"
+}
+
+# Fails naming what to drop when DIR with the repository's other travelling files is over
+# what the device tool carries.
+check_carry() {
+    local dir=$1 total tree
+    total=$(du -sb "$dir" | cut -f 1)
+    # The rest of the working tree travels too: tracked and untracked-not-ignored files.
+    tree=$(cd "$root" && git ls-files -co --exclude-standard -z | du -cb --files0-from=- |
+        tail -n 1 | cut -f 1)
+    echo "gpu-suite: carry size $total bytes in $dir + $tree bytes of the working tree" \
+        "($(((total + tree) >> 20)) MiB; the device tool takes 64 MiB)"
+    if ((total + tree > carry_limit)); then
+        echo "gpu-suite: over by $(((total + tree - carry_limit) >> 10)) KiB; largest:" >&2
+        du -ab "$dir" | sort -rn | head -n 8 >&2
+        die "drop from $dir what the check does not need: bench-kernels (the run's bench step)," \
+            "test-kernels-emu (runs here too), or the wheels (the DPO row then runs" \
+            "tools/scoreboard/trl_step.py instead of TRL)"
+    fi
 }
 
 prepare() {
@@ -93,11 +154,10 @@ prepare() {
         (cd "$dir" && tar -cJf "$pack" "${names[@]}" && rm -f "${names[@]}") ||
             die "packing $dir/$pack failed"
     fi
+    download_wheels "$dir/wheels"
     echo "gpu-suite: prepared $dir:"
-    ls -l "$dir"
-    total=$(du -cb "$dir"/* | tail -n 1 | cut -f 1)
-    echo "gpu-suite: carry size $total bytes ($((total >> 20)) MiB; the device tool takes 64 MiB)"
-    ((total <= 64 << 20)) || die "$dir is over the 64 MiB the device tool carries"
+    ls -l "$dir" "$dir/wheels"
+    check_carry "$dir"
 }
 
 # Prints the folders that hold libcublas.so*, once each: CUDA toolkits' first, then those of
@@ -123,16 +183,60 @@ now() {
     date +%s.%N
 }
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND with its output in $out/NAME.log and a row in
-# the step table.
+# begin OUT BUDGET_S: the logs folder (unpacking what an earlier command of the same OUT
+# left in logs.tar.gz) and the command's budget.
+begin() {
+    out=$1
+    mkdir -p "$out" || die "cannot create $out"
+    out=$(cd "$out" && pwd)
+    logs=$out/logs
+    mkdir -p "$logs" || die "cannot create $logs"
+    if [[ -f $out/logs.tar.gz ]]; then
+        tar -xzf "$out/logs.tar.gz" -C "$out" || die "unpacking $out/logs.tar.gz failed"
+    fi
+    deadline=$(awk -v a="$(now)" -v b="$2" 'BEGIN { printf "%.1f", a + b }')
+    failed=()
+    rows=()
+    steps_json=()
+}
+
+# Packs the logs into OUT/logs.tar.gz, the one file of them that comes back.
+finish() {
+    tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs" ||
+        echo "gpu-suite: packing $out/logs.tar.gz failed" >&2
+}
+
+# step NAME LIMIT_S [--json FILE | --result FILE] COMMAND...: runs COMMAND with its output in
+# $logs/NAME.log (stdout in FILE with --json; with --result, COMMAND writes FILE) and a row in
+# the step table; skipped when LIMIT_S is more than the command's budget has left. A skipped
+# or failed step leaves in FILE why it has no figures (a failed command's own FILE stays).
 step() {
-    local name=$1 limit=$2 start rc seconds command
+    local name=$1 limit=$2 start rc seconds command json= result=
     shift 2
+    case $1 in
+        --json) json=$2 ;;
+        --result) result=$2 ;;
+    esac
+    [[ $1 == --json || $1 == --result ]] && shift 2
+    local file=${json:-$result}
     command=$(basename "$1")
     (($# > 1)) && command+=" ${*:2}"
+    local left
+    left=$(awk -v d="$deadline" -v n="$(now)" 'BEGIN { printf "%d", d - n }')
+    if ((limit > left)); then
+        echo "== $name: skipped: its ${limit}s limit does not fit the ${left}s left"
+        rows+=("| $name | \`$command\` | skipped (${limit}s limit, ${left}s left) | 0 |")
+        steps_json+=("{\"step\": \"$name\", \"exit\": \"skipped\", \"seconds\": 0, \"limit\": $limit}")
+        [[ -n $file ]] && echo "{\"skipped\": \"its ${limit}s limit did not fit the ${left}s left\"}" >"$file"
+        return 0
+    fi
     echo "== $name: $* (limit ${limit}s)"
     start=$(now)
-    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    if [[ -n $json ]]; then
+        timeout --kill-after=10 "$limit" "$@" >"$json" 2>"$logs/$name.log"
+    else
+        timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
+    fi
     rc=$?
     seconds=$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
     local status=$rc
@@ -140,21 +244,24 @@ step() {
         0) ;;
         124 | 137) status="$rc (timed out after ${limit}s)" ;;
     esac
-    ((rc == 0)) || failed+=("$name")
+    if ((rc != 0)); then
+        failed+=("$name")
+        if [[ -n $json || (-n $result && ! -s $result) ]]; then
+            echo "{\"failed\": \"exit $status, see $name.log in logs.tar.gz\"}" >"$file"
+        fi
+    fi
     echo "== $name: exit $status in ${seconds}s"
-    tail -n 5 "$out/$name.log"
+    tail -n 5 "$logs/$name.log"
     rows+=("| $name | \`$command\` | $status | $seconds |")
+    steps_json+=("{\"step\": \"$name\", \"exit\": \"$status\", \"seconds\": $seconds, \"limit\": $limit}")
+    return $rc
 }
 
-run() {
+# The binaries in a private copy: the carried folder may be read-only or have lost the
+# executable bits. Sets $bin (removed on exit).
+unpack() {
     local dir=$1
-    out=$2
-    mkdir -p "$out" || die "cannot create $out"
     [[ -d $dir ]] || die "no suite in $dir: run \`$0 prepare $dir\` first (and carry it)"
-    out=$(cd "$out" && pwd)
-
-    # A private copy: the carried folder may be read-only or have lost the executable bits.
-    # Global: the exit trap reads it after this function has returned.
     bin=$(mktemp -d) || die "mktemp failed"
     trap 'rm -rf "$bin"' EXIT
     if [[ -f $dir/$pack ]]; then
@@ -169,7 +276,6 @@ run() {
         done
     fi
     chmod +x "$bin"/* || die "chmod failed"
-
     local libs
     libs=$(cublas_dirs | paste -sd: -)
     if [[ -n $libs ]]; then
@@ -185,24 +291,29 @@ run() {
         echo "host: $(uname -n), $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo "GPUs: $gpus"
         echo "libcublas folders: ${libs:-none found (GEMMs will fail to load cuBLAS)}"
-    } | tee "$out/environment.log"
+    } | tee "$logs/environment.log"
+}
 
+run() {
+    begin "$2" 180
+    unpack "$1"
     # The test executables were built elsewhere: point them at this checkout's fixtures.
     export CONTRALIGN_FIXTURES=$root/tests/fixtures
-    failed=()
-    rows=()
     # Where criterion keeps its estimates: thrown away, never in OUT.
     export CRITERION_HOME=$bin/criterion
-    step selftest 60 "$bin/contralign" selftest --device cuda
-    step test-gpu 150 "$bin/test-gpu" --nocapture --test-threads=1
-    step test-kernels-emu 60 "$bin/test-kernels-emu"
-    step bench 230 "$bin/bench-kernels" --bench --noplot
-    step bench-attention 40 "$bin/contralign" bench attention --device cuda --reps 5
+    step selftest 30 "$bin/contralign" selftest --device cuda
+    step test-gpu 80 "$bin/test-gpu" --nocapture --test-threads=1
+    step test-kernels-emu 30 "$bin/test-kernels-emu"
+    # Criterion's part cut to 0.4 s a case (from 1.3 s; each case's own median, which the
+    # bench summary reads, keeps its quarter second): the scoreboard measures the kernels
+    # that matter side by side with their baselines.
+    step bench 40 "$bin/bench-kernels" --bench --noplot --warm-up-time 0.1 \
+        --measurement-time 0.3
 
     {
         echo "# GPU suite"
         echo
-        sed 's/^/    /' "$out/environment.log"
+        sed 's/^/    /' "$logs/environment.log"
         echo
         echo "| step | command | exit | time (s) |"
         echo "|:--|:--|--:|--:|"
@@ -217,31 +328,25 @@ run() {
         echo "## selftest (selftest.log)"
         echo
         echo '```'
-        cat "$out/selftest.log"
+        cat "$logs/selftest.log" 2>/dev/null
         echo '```'
         echo
         echo "## test-gpu (the lines of test-gpu.log that say what ran)"
         echo
         echo '```'
         grep -E '^test |^seed |skipped: |launch failed as it should|panicked|FAIL' \
-            "$out/test-gpu.log"
+            "$logs/test-gpu.log" 2>/dev/null
         echo '```'
         echo
-        if grep -q '^## kernels bench summary' "$out/bench.log"; then
-            sed -n '/^## kernels bench summary/,$p' "$out/bench.log"
+        if grep -q '^## kernels bench summary' "$logs/bench.log" 2>/dev/null; then
+            sed -n '/^## kernels bench summary/,$p' "$logs/bench.log"
         else
             echo "## kernels bench (end of bench.log)"
             echo
             echo '```'
-            tail -n 20 "$out/bench.log"
+            tail -n 20 "$logs/bench.log" 2>/dev/null
             echo '```'
         fi
-        echo
-        echo "## contralign bench attention (bench-attention.log)"
-        echo
-        echo '```'
-        cat "$out/bench-attention.log"
-        echo '```'
         local name
         for name in "${failed[@]}"; do
             [[ $name == selftest ]] && continue
@@ -249,13 +354,216 @@ run() {
             echo "## $name.log, last 30 lines"
             echo
             echo '```'
-            tail -n 30 "$out/$name.log"
+            tail -n 30 "$logs/$name.log"
             echo '```'
         done
     } >"$out/summary.md"
+    finish
     echo
     cat "$out/summary.md"
     ((${#failed[@]} == 0))
+}
+
+# missing RESULT WHAT: a row whose contralign feature is not in this binary.
+missing() {
+    echo "== $(basename "$1" .json): feature missing: $2"
+    echo "{\"missing\": \"$2\"}" >"$1"
+}
+
+# has_mode BIN MODE [FLAG]: whether `contralign bench MODE` exists (and takes FLAG).
+has_mode() {
+    local help
+    help=$("$1" bench "$2" --help 2>/dev/null) || return 1
+    [[ -z ${3:-} ]] || grep -q -- "$3" <<<"$help"
+}
+
+# The scoreboard's rows (shared by `scoreboard` and `dry-run`): contralign bench modes with
+# BIN on DEVICE, baselines with PYTHON (TRL's with TRL_PYTHON); SHAPE is gpu or tiny; results
+# as JSON in RESULTS. Returns non-zero if a step failed.
+rows_of() {
+    local bin=$1 device=$2 python=$3 trl_python=$4 shape=$5 results=$6
+    local tools=$root/tools/scoreboard dump=$results/dumps
+    local -a c_scoring c_attention c_step p_common p_scoring p_attention p_step p_moe
+    if [[ $shape == gpu ]]; then
+        c_scoring=(--dtype bf16 --reps 5)
+        c_attention=(--dtype bf16 --tokens 2560 --reps 5)
+        c_step=(--layers "$step_layers" --groups 2 --prompt 512 --response-len 256 --steps 3)
+        p_common=(--device cuda --dtype bf16)
+        p_scoring=(--reps 5)
+        p_attention=(--tokens 2560 --reps 5)
+        p_step=(--layers "$step_layers" --groups 2 --prompt 512 --response-len 256 --reps 3)
+        p_moe=(--tokens 4096 --reps 5 --budget-s 5)
+    else
+        c_scoring=(--dtype f32 --rows 600 --vocab 96 --dim 32 --reps 1 --dump "$dump/scoring")
+        c_attention=(--dtype f32 --tokens 160 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
+            --responses 4 --response-len 32 --reps 1 --dump "$dump/attention")
+        c_step=(--config "$tools/tiny-mistral.json" --layers 2 --groups 2 --prompt 12
+            --response-len 8 --steps 1 --gemm-size 64)
+        p_common=(--device cpu --dtype fp32)
+        p_scoring=(--rows 600 --vocab 96 --dim 32 --reps 1 --check "$dump/scoring")
+        p_attention=(--tokens 160 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
+            --responses 4 --response-len 32 --reps 1 --check "$dump/attention")
+        p_step=(--config "$tools/tiny-mistral.json" --layers 2 --groups 2 --prompt 12
+            --response-len 8 --reps 1)
+        p_moe=(--config "$tools/tiny-mixtral.json" --tokens 64 --reps 1)
+    fi
+    local c=$bin r=$results bad=0
+    mkdir -p "$dump"
+    # Each baseline's --budget-s: its step's limit less about 15 s of imports and set-up.
+    step env 15 --result "$r/env.json" \
+        "$python" "$tools/env_probe.py" "${p_common[@]:0:2}" --reps 5 --budget-s 5 \
+        $([[ $shape == tiny ]] && echo --gemm-size 256 --copy-bytes 1000000) \
+        --out "$r/env.json" || bad=1
+    step contralign-scoring 20 --json "$r/contralign-scoring.json" \
+        "$c" bench scoring --device "$device" "${c_scoring[@]}" || bad=1
+    step scoring 25 --result "$r/scoring.json" \
+        "$python" "$tools/scoring.py" "${p_common[@]}" "${p_scoring[@]}" \
+        --budget-s 10 --out "$r/scoring.json" || bad=1
+    step contralign-attention 15 --json "$r/contralign-attention.json" \
+        "$c" bench attention --device "$device" "${c_attention[@]}" || bad=1
+    step attention 20 --result "$r/attention.json" \
+        "$python" "$tools/attention.py" "${p_common[@]}" "${p_attention[@]}" \
+        --budget-s 8 --out "$r/attention.json" || bad=1
+    step contralign-dpo 45 --json "$r/contralign-dpo.json" "$c" bench step --device "$device" \
+        --loss dpo --responses 2 "${c_step[@]}" \
+        $([[ $shape == tiny ]] && echo --dump "$dump/dpo") || bad=1
+    local dpo_check=() nca_check=()
+    if [[ $shape == tiny ]]; then
+        dpo_check=(--check "$dump/dpo")
+        nca_check=(--check "$dump/nca")
+    fi
+    if [[ -n $trl_python ]]; then
+        # TRL's own trainer; its reproduction only where TRL did not run.
+        step trl-dpo 40 --result "$r/trl-dpo.json" \
+            "$trl_python" "$tools/trl_dpo.py" "${p_common[@]}" "${p_step[@]}" \
+            "${dpo_check[@]}" --budget-s 20 --out "$r/trl-dpo.json" || bad=1
+    else
+        echo "{\"missing\": \"TRL did not install: see trl-venv.log\"}" >"$r/trl-dpo.json"
+    fi
+    if [[ $shape == tiny ]] || grep -q '"failed"\|"missing"' "$r/trl-dpo.json"; then
+        step trl-step 30 --result "$r/trl-step.json" \
+            "$python" "$tools/trl_step.py" "${p_common[@]}" "${p_step[@]}" \
+            "${dpo_check[@]}" --budget-s 15 --out "$r/trl-step.json" || bad=1
+    fi
+    step contralign-nca 30 --json "$r/contralign-nca.json" "$c" bench step --device "$device" \
+        --loss nca --responses 4 "${c_step[@]}" \
+        $([[ $shape == tiny ]] && echo --dump "$dump/nca") || bad=1
+    step nca 25 --result "$r/nca.json" \
+        "$python" "$tools/nca_step.py" "${p_common[@]}" "${p_step[@]}" --responses 4 \
+        "${nca_check[@]}" --budget-s 10 --out "$r/nca.json" || bad=1
+    if has_mode "$c" step --memory; then
+        step contralign-7b 35 --json "$r/contralign-7b.json" "$c" bench step \
+            --device "$device" --loss dpo --responses 2 --layers 32 --memory 80GB \
+            "${c_step[@]:2}" || bad=1
+    else
+        missing "$r/contralign-7b.json" "bench step --memory (a step planned under a memory limit)"
+    fi
+    if [[ $shape == gpu ]]; then
+        step mistral7b 30 --result "$r/mistral7b.json" \
+            "$python" "$tools/mistral7b.py" "${p_common[@]}" --groups 2 \
+            --prompt 512 --response-len 256 --reps 2 --budget-s 10 --out "$r/mistral7b.json" ||
+            bad=1
+    else
+        # The 32-layer step at tiny width, its first loss checked against the DPO dump.
+        step mistral7b 30 --result "$r/mistral7b.json" \
+            "$python" "$tools/mistral7b.py" "${p_common[@]}" "${p_step[@]:0:2}" \
+            --groups 2 --prompt 12 --response-len 8 --reps 1 "${dpo_check[@]}" \
+            --out "$r/mistral7b.json" || bad=1
+    fi
+    local moe=
+    if ! has_mode "$c" moe; then
+        missing "$r/contralign-moe.json" "bench moe (the MoE layer on the device, issue 14)"
+    elif [[ $shape == gpu ]]; then
+        moe=1
+        step contralign-moe 10 --json "$r/contralign-moe.json" "$c" bench moe \
+            --device "$device" || bad=1
+    else
+        # Its flags for a tiny shape are bench moe's to define; it has no dump to check yet.
+        missing "$r/contralign-moe.json" "bench moe exists, but the dry run knows no tiny shape of it"
+    fi
+    # The baseline runs at every dry run, and on the GPU where contralign's side exists.
+    if [[ $shape == gpu && -z $moe ]]; then
+        echo '{"skipped": "the MoE baseline runs where bench moe exists"}' >"$r/moe.json"
+    else
+        step moe 15 --result "$r/moe.json" \
+            "$python" "$tools/moe.py" "${p_common[@]}" "${p_moe[@]}" \
+            --out "$r/moe.json" || bad=1
+    fi
+    ((bad == 0))
+}
+
+# A venv at $1 over the GPU machine's python3 (torch, transformers, accelerate) with the
+# carried wheels of $2 installed offline (a script for `bash -c`, run as a step).
+# shellcheck disable=SC2016
+trl_venv='python3 -m venv --system-site-packages "$1" &&
+    "$1/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$2"/*.whl &&
+    "$1/bin/python" -c "import trl, datasets; print(\"trl\", trl.__version__)"'
+
+scoreboard() {
+    local dir=$1
+    begin "$2" 300
+    unpack "$dir"
+    local results trl_python=
+    # Global: the exit trap reads it after this function has returned.
+    work=$(mktemp -d) || die "mktemp failed"
+    results=$work/results
+    mkdir -p "$results"
+    trap 'rm -rf "$bin" "$work"' EXIT
+    if [[ ! -d $dir/wheels ]]; then
+        echo "== trl-venv: no wheels in $dir (\`$0 prepare $dir\` downloads them)"
+    elif step trl-venv 10 bash -c "$trl_venv" _ "$work/trl-venv" "$dir/wheels"; then
+        trl_python=$work/trl-venv/bin/python
+    else
+        echo "== trl-venv: TRL did not install (trl-venv.log): the DPO row runs trl_step.py"
+    fi
+    rows_of "$bin/contralign" cuda python3 "$trl_python" gpu "$results"
+    local rc=$?
+    printf '{"steps": [%s]}\n' "$(IFS=,; echo "${steps_json[*]}")" >"$results/steps.json"
+    python3 "$root/tools/scoreboard/report.py" "$results" "$out" \
+        "contralign scoreboard, $(date -u '+%Y-%m-%d %H:%M UTC')" >"$logs/report.log" 2>&1 ||
+        echo "gpu-suite: report.py failed (report.log)" >&2
+    cp -r "$results" "$logs/results"
+    finish
+    cat "$out/scoreboard.md" 2>/dev/null
+    return $rc
+}
+
+dry_run() {
+    local venv=$root/target/scoreboard-venv out_dir=$root/target/scoreboard-dry-run start
+    start=$(now)
+    if [[ ! -x $venv/bin/python ]]; then
+        echo "gpu-suite: making $venv (PyPI's torch brings its CUDA libraries: minutes, 5 GB)"
+        python3 -m venv "$venv" &&
+            "$venv/bin/pip" install -q torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 \
+                "${wheels[@]:0:2}" safetensors ||
+            die "installing the dry run's venv failed"
+    fi
+    (cd "$root" && cargo build --release --bin contralign) || die "cargo build failed"
+    rm -rf "$out_dir"
+    begin "$out_dir" 600
+    local results=$out_dir/results
+    mkdir -p "$results"
+    rows_of "$root/target/release/contralign" emu "$venv/bin/python" "$venv/bin/python" tiny \
+        "$results"
+    local rc=$?
+    printf '{"steps": [%s]}\n' "$(IFS=,; echo "${steps_json[*]}")" >"$results/steps.json"
+    "$venv/bin/python" "$root/tools/scoreboard/report.py" "$results" "$out_dir" \
+        "contralign scoreboard, dry run at tiny shapes on the CPU (times mean nothing)" \
+        >/dev/null || rc=1
+    echo
+    echo "== the dry run's checks (baseline vs contralign on the same data, fp32):"
+    grep -h '^check ' "$logs"/*.log
+    local mismatches
+    mismatches=$(grep -h '^check .*MISMATCH' "$logs"/*.log | wc -l)
+    finish
+    echo "== scoreboard of the dry run: $out_dir/scoreboard.md; logs: $out_dir/logs.tar.gz"
+    echo "== dry run took $(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s"
+    if ((mismatches)); then
+        echo "gpu-suite: DRY RUN FAILED: $mismatches losses differ from contralign's" >&2
+        return 1
+    fi
+    ((rc == 0)) || { echo "gpu-suite: DRY RUN FAILED: steps failed: ${failed[*]}" >&2; return 1; }
+    echo "gpu-suite: dry run passed"
 }
 
 case ${1:-} in
@@ -266,6 +574,14 @@ case ${1:-} in
     run)
         (($# == 3)) || usage
         run "$2" "$3"
+        ;;
+    scoreboard)
+        (($# == 3)) || usage
+        scoreboard "$2" "$3"
+        ;;
+    dry-run)
+        (($# == 1)) || usage
+        dry_run
         ;;
     *) usage ;;
 esac

@@ -1,15 +1,19 @@
 //! `contralign bench`: speed measurements that print JSON, one sub-command per workload.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
-use contralign::engine::bench::{time_step, StepShape};
-use contralign::ops::cuda::attention_bench::{time_attention, BenchMask};
+use contralign::engine::bench::{time_step, StepRun, StepShape};
+use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
+use contralign::ops::cuda::attention_bench::{
+    time_attention, BenchMask, BenchProblem, DumpedTensor,
+};
 use contralign::ops::cuda::device::{Device, DeviceKind};
-use contralign::ops::cuda::scoring_bench::{self, ScoringShape};
+use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringDump, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Measure a workload on a device and print the figures as one JSON object.
 #[derive(Args, Debug)]
@@ -31,6 +35,13 @@ enum Dtype {
     F32,
 }
 
+/// The losses `bench step` runs: the scoreboard's DPO and NCA rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StepLoss {
+    Dpo,
+    Nca,
+}
+
 /// Time a whole training step of the device engine and print JSON: tokens/s, achieved
 /// TFLOP/s, model-FLOPs utilization against the H100's 989 TFLOP/s and against a bf16 GEMM
 /// rate measured on the same device in the same run, and the engine's device memory.
@@ -38,9 +49,10 @@ enum Dtype {
 /// The model is --config (a config.json or model directory; its weights are not read) with
 /// --layers of its layers, random weights made in memory; the data are --groups groups of a
 /// --prompt-token prompt and --responses responses of --response-len tokens, in one
-/// micro-batch; the loss NCA with a cached (made-up) reference. Default: Mistral-7B's width
+/// micro-batch; the loss --loss with a cached (made-up) reference. Default: Mistral-7B's width
 /// and heads with 2 layers. On --device emu the times are the emulator's: they check the
-/// command, they measure nothing about a GPU.
+/// command, they measure nothing about a GPU. --dump DIR also writes the model, the groups,
+/// the reference and the first step's loss for the scoreboard's PyTorch side.
 #[derive(Args, Debug)]
 struct StepArgs {
     #[arg(long, value_enum, default_value = "cuda")]
@@ -71,6 +83,13 @@ struct StepArgs {
     gemm_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The loss (dpo needs --responses 2).
+    #[arg(long, value_enum, default_value = "nca")]
+    loss: StepLoss,
+    /// A folder for the first step's inputs and loss (then every step trains on the same
+    /// --groups groups).
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
 }
 
 fn step(a: StepArgs) -> Result<()> {
@@ -85,7 +104,17 @@ fn step(a: StepArgs) -> Result<()> {
         response_len: a.response_len,
         groups: a.groups,
     };
-    let timing = time_step(device, &cfg, shape, a.steps, a.gemm_size, a.seed)?;
+    let run = StepRun {
+        steps: a.steps,
+        gemm_size: a.gemm_size,
+        seed: a.seed,
+        loss: match a.loss {
+            StepLoss::Dpo => LossKind::Dpo,
+            StepLoss::Nca => LossKind::Nca,
+        },
+        dump: a.dump.as_deref(),
+    };
+    let timing = time_step(device, &cfg, shape, run)?;
     println!("{}", serde_json::to_string_pretty(&timing)?);
     Ok(())
 }
@@ -94,27 +123,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         Workload::Attention(a) => attention(a),
         Workload::Step(a) => step(a),
-        Workload::Scoring(a) => {
-            ensure!(
-                a.rows > 0 && a.vocab > 0 && a.dim > 0,
-                "--rows, --vocab and --dim must be positive"
-            );
-            ensure!(a.chunk_rows != Some(0), "--chunk-rows must be positive");
-            let device = Device::open(a.device)?;
-            let shape = ScoringShape {
-                rows: a.rows,
-                vocab: a.vocab,
-                dim: a.dim,
-                chunk_rows: a.chunk_rows,
-            };
-            let report = match a.dtype {
-                Dtype::Bf16 => scoring_bench::report::<bf16>(&device, shape, a.reps)?,
-                Dtype::F32 => scoring_bench::report::<f32>(&device, shape, a.reps)?,
-            };
-            println!("{report}");
-            Ok(())
-        }
+        Workload::Scoring(a) => scoring(a),
     }
+}
+
+fn scoring(a: ScoringArgs) -> Result<()> {
+    ensure!(
+        a.rows > 0 && a.vocab > 0 && a.dim > 0,
+        "--rows, --vocab and --dim must be positive"
+    );
+    ensure!(a.chunk_rows != Some(0), "--chunk-rows must be positive");
+    let device = Device::open(a.device)?;
+    let shape = ScoringShape {
+        rows: a.rows,
+        vocab: a.vocab,
+        dim: a.dim,
+        chunk_rows: a.chunk_rows,
+    };
+    let dumped = match (&a.dump, a.dtype) {
+        (None, _) => None,
+        (Some(dir), Dtype::Bf16) => Some(write_scoring_dump(
+            scoring_bench::dump(&mut ScoringBench::<bf16>::new(&device, shape, 0)?)?,
+            &shape,
+            dir,
+        )?),
+        (Some(dir), Dtype::F32) => Some(write_scoring_dump(
+            scoring_bench::dump(&mut ScoringBench::<f32>::new(&device, shape, 0)?)?,
+            &shape,
+            dir,
+        )?),
+    };
+    let mut report = match a.dtype {
+        Dtype::Bf16 => scoring_bench::report::<bf16>(&device, shape, a.reps)?,
+        Dtype::F32 => scoring_bench::report::<f32>(&device, shape, a.reps)?,
+    };
+    if let Some(d) = dumped {
+        report["dumped"] = d;
+    }
+    println!("{report}");
+    Ok(())
 }
 
 /// Time the fused LM-head scoring on random inputs and print the figures as JSON.
@@ -149,6 +196,10 @@ struct ScoringArgs {
     /// Where it runs.
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
+    /// A folder for the batch's inputs, the responses' sums and their DPO loss (the same
+    /// inputs as the timed cases: seed 0).
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -157,6 +208,15 @@ enum MaskKind {
     Causal,
     /// Groups of one prompt and its responses (--prompt, --responses, --response-len).
     Packed,
+}
+
+impl MaskKind {
+    fn name(self) -> &'static str {
+        match self {
+            MaskKind::Causal => "causal",
+            MaskKind::Packed => "packed",
+        }
+    }
 }
 
 /// Time attention forward and backward (cuda/attention.cu) on random inputs made in memory,
@@ -199,6 +259,10 @@ pub struct AttentionBenchArgs {
     /// Timed runs per case (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// A folder for each case's inputs, outputs, gradients and loss Σ out·dout
+    /// (`attention-MASK-TOKENS.{safetensors,json}`).
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
 }
 
 fn attention(a: AttentionBenchArgs) -> Result<()> {
@@ -212,6 +276,7 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
         head_dim: a.head_dim,
     };
     let mut cases = Vec::new();
+    let mut dumps = Vec::new();
     for &tokens in &a.tokens {
         for &kind in &a.mask {
             let mask = match kind {
@@ -222,6 +287,19 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
                     response_len: a.response_len,
                 },
             };
+            if let Some(dir) = &a.dump {
+                let name = format!("attention-{}-{tokens}", kind.name());
+                let tensors = match a.dtype {
+                    Dtype::Bf16 => {
+                        BenchProblem::<bf16>::new(&device, mask, tokens, shape)?.dump(&device)?
+                    }
+                    Dtype::F32 => {
+                        BenchProblem::<f32>::new(&device, mask, tokens, shape)?.dump(&device)?
+                    }
+                };
+                let loss = write_attention_dump(&tensors, mask, shape, dir, &name)?;
+                dumps.push(serde_json::json!({"name": name, "loss": loss}));
+            }
             cases.push(match a.dtype {
                 Dtype::Bf16 => time_attention::<bf16>(&device, mask, tokens, shape, a.reps)?,
                 Dtype::F32 => time_attention::<f32>(&device, mask, tokens, shape, a.reps)?,
@@ -232,7 +310,116 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
         "bench": "attention",
         "device": device.describe(),
         "cases": cases,
+        "dumps": dumps,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--dump: cannot create {}", dir.display()))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, value.to_string())
+        .with_context(|| format!("--dump: cannot write {}", path.display()))
+}
+
+/// `dir/scoring.safetensors` (h, head) and `dir/scoring.json` (the targets, the spans, each
+/// response's S and the DPO loss of consecutive responses as (chosen, rejected) pairs with a
+/// zero reference: the loss TRL's sigmoid DPO computes from the same sums). Returns the
+/// folder and the loss for the report.
+fn write_scoring_dump(
+    d: ScoringDump,
+    shape: &ScoringShape,
+    dir: &Path,
+) -> Result<serde_json::Value> {
+    let pairs = d.s.len() / 2;
+    ensure!(
+        pairs >= 1,
+        "--dump needs at least 2 responses: --rows {} holds {}",
+        shape.rows,
+        d.s.len()
+    );
+    let s = &d.s[..2 * pairs];
+    let spec = LossSpec::new(LossKind::Dpo);
+    let zeros = vec![0.0; s.len()];
+    let offsets: Vec<usize> = (0..=pairs).map(|g| 2 * g).collect();
+    let sources: Vec<String> = (0..pairs).map(|g| format!("scoring pair {g}")).collect();
+    let loss = batch_loss(
+        &spec,
+        &BatchInput {
+            s,
+            a: &zeros,
+            e: &vec![None; s.len()],
+            s_ref: Some(&zeros),
+            rewards: &[1.0, 0.0].repeat(pairs),
+            offsets: &offsets,
+            sources: &sources,
+        },
+    )?
+    .loss;
+    create_dir(dir)?;
+    save_f32(
+        &dir.join("scoring.safetensors"),
+        &[
+            Tensor {
+                name: "h".into(),
+                shape: vec![shape.rows, shape.dim],
+                data: &d.h,
+            },
+            Tensor {
+                name: "head".into(),
+                shape: vec![shape.vocab, shape.dim],
+                data: &d.head,
+            },
+        ],
+    )?;
+    let record = serde_json::json!({
+        "targets": d.targets,
+        "spans": &d.spans[..2 * pairs],
+        "s": s,
+        "beta": spec.beta,
+        "loss": loss,
+    });
+    write_json(&dir.join("scoring.json"), &record)?;
+    Ok(serde_json::json!({"dump": dir, "loss": loss}))
+}
+
+/// `dir/NAME.safetensors` (the case's tensors) and `dir/NAME.json` (the mask, the stream
+/// length, the shape and the loss `Σ out · dout` whose gradients dq, dk, dv are); returns the
+/// loss.
+fn write_attention_dump(
+    tensors: &[DumpedTensor],
+    mask: BenchMask,
+    shape: AttentionShape,
+    dir: &Path,
+    name: &str,
+) -> Result<f64> {
+    let find = |n: &str| &tensors.iter().find(|t| t.name == n).expect("dumped").data;
+    let loss: f64 = find("out")
+        .iter()
+        .zip(find("dout"))
+        .map(|(&o, &g)| o as f64 * g as f64)
+        .sum();
+    create_dir(dir)?;
+    let named: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.to_string(),
+            shape: t.shape.clone(),
+            data: &t.data,
+        })
+        .collect();
+    save_f32(&dir.join(format!("{name}.safetensors")), &named)?;
+    let record = serde_json::json!({
+        "mask": mask,
+        "tokens": tensors[0].shape[0],
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "loss": loss,
+    });
+    write_json(&dir.join(format!("{name}.json")), &record)?;
+    Ok(loss)
 }

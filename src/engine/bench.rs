@@ -3,8 +3,11 @@
 //! cached reference (random statistics), the engine's precision, and the figures the
 //! scoreboard reads: tokens/s, achieved TFLOP/s, model-FLOPs utilization against the H100's
 //! dense bf16 peak and against a GEMM rate measured on the same device in the same run, and
-//! the engine's device memory.
+//! the engine's device memory. With a dump folder it also writes what the scoreboard's PyTorch
+//! side needs to compute the same first step (docs/cuda.md, "The scoreboard"): the model as a
+//! Hugging Face directory of f32 weights, the groups, the cached reference and the loss.
 
+use crate::checkpoint::{named_tensors, write_model_dir};
 use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::{LossKind, LossSpec};
@@ -19,11 +22,12 @@ use crate::train::plan::{Length, StepBudget};
 use crate::train::refcache::RefLookup;
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 /// The H100 SXM's dense bf16 peak, the figure MFU is quoted against.
@@ -45,6 +49,17 @@ impl StepShape {
     }
 }
 
+/// How a benchmarked step runs: `steps` timed steps of `loss`, a bf16 GEMM of `gemm_size`,
+/// the random draws of `seed`, and where the first step's inputs and loss are dumped.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRun<'a> {
+    pub steps: usize,
+    pub gemm_size: usize,
+    pub seed: u64,
+    pub loss: LossKind,
+    pub dump: Option<&'a Path>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct StepTiming {
     pub device: String,
@@ -57,6 +72,8 @@ pub struct StepTiming {
     pub timed_steps: usize,
     /// The median over the timed steps (after one untimed step).
     pub seconds_per_step: f64,
+    /// The loss of the untimed first step, on the initial weights.
+    pub first_step_loss: f64,
     pub tokens_per_s: f64,
     /// Model FLOPs of a step: 6 per active parameter per token (forward and backward, no
     /// recompute counted) plus attention's 12·head_dim·heads per visible (query, key) pair
@@ -107,7 +124,10 @@ fn random_group(rng: &mut StdRng, cfg: &ModelConfig, shape: &StepShape, index: u
     Group {
         prompt,
         responses,
-        rewards: (0..shape.responses).map(|i| i as f64).collect(),
+        // Response 0 the best, as DPO's chosen response comes first (docs/losses.md §2).
+        rewards: (0..shape.responses)
+            .map(|i| (shape.responses - 1 - i) as f64)
+            .collect(),
         source: format!("bench group {index}"),
     }
 }
@@ -135,31 +155,83 @@ fn median(x: &mut [f64]) -> f64 {
     x[x.len() / 2]
 }
 
-/// Times `steps` NCA steps (after one untimed step) of a model of `cfg` with random weights on
-/// `device`, and a bf16 GEMM of `gemm_size`.
+/// What the PyTorch side reads to compute the first step (tools/scoreboard/trl_step.py).
+#[derive(Serialize)]
+struct StepDump<'a> {
+    loss: &'static str,
+    beta: f64,
+    alpha: f64,
+    groups: Vec<DumpedGroup<'a>>,
+    first_step_loss: f64,
+}
+
+#[derive(Serialize)]
+struct DumpedGroup<'a> {
+    prompt: &'a [u32],
+    responses: &'a [Vec<u32>],
+    rewards: &'a [f64],
+    ref_logp_sum: Vec<f64>,
+}
+
+fn write_dump(dir: &Path, cfg: &ModelConfig, tensors: &[Vec<f32>], dump: StepDump) -> Result<()> {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model)
+        .with_context(|| format!("--dump: cannot create {}", model.display()))?;
+    let specs = crate::model::params::param_specs(cfg);
+    let named = named_tensors(&specs, "", tensors);
+    write_model_dir(
+        &model,
+        &cfg.raw,
+        &named,
+        safetensors::Dtype::F32,
+        usize::MAX,
+        None,
+    )?;
+    let path = dir.join("step.json");
+    std::fs::write(&path, serde_json::to_string(&dump)?)
+        .with_context(|| format!("--dump: cannot write {}", path.display()))
+}
+
+/// Times `run.steps` steps of `run.loss` (after one untimed step) of a model of `cfg` with
+/// random weights on `device`, and a bf16 GEMM of `run.gemm_size`. With `run.dump`, the step
+/// trains on `shape.groups` groups only (every step the same ones, so that the first step's
+/// loss is theirs) and the dump folder gets the model, the groups and that loss.
 pub fn time_step(
     device: Device,
     cfg: &ModelConfig,
     shape: StepShape,
-    steps: usize,
-    gemm_size: usize,
-    seed: u64,
+    run: StepRun,
 ) -> Result<StepTiming> {
+    let StepRun {
+        steps,
+        gemm_size,
+        seed,
+        loss,
+        dump,
+    } = run;
     ensure!(
         steps >= 1 && shape.groups >= 1 && shape.responses >= 2 && shape.response_len >= 1,
         "bench step needs at least 1 timed step, 1 group and 2 responses of 1 token"
     );
+    ensure!(
+        loss != LossKind::Dpo || shape.responses == 2,
+        "bench step: --loss dpo needs --responses 2, found {}",
+        shape.responses
+    );
     let described = device.describe();
     let gemm = gemm_tflops(&device, gemm_size, 5)?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = random_params(cfg, &mut rng)?.into_iter();
+    let initial = random_params(cfg, &mut rng)?;
+    let kept = dump.map(|_| initial.clone());
+    let mut tensors = initial.into_iter();
     let params = Params::build(cfg, |_, _| Ok(tensors.next().expect("one per tensor")))?;
     let policy = Model {
         cfg: cfg.clone(),
         params,
         dtype: safetensors::Dtype::BF16,
     };
-    let groups: Vec<Group> = (0..shape.groups * (steps + 1))
+    let pool = if dump.is_some() { 1 } else { steps + 1 };
+    let groups: Vec<Group> = (0..shape.groups * pool)
         .map(|i| random_group(&mut rng, cfg, &shape, i))
         .collect();
     let stats: Vec<ResponseStats> = groups
@@ -176,8 +248,9 @@ pub fn time_step(
         })
         .collect();
     let reference = Reference::Cache(RefLookup::from_stats(&groups, &stats));
+    let spec = LossSpec::new(loss);
     let opts = TrainOptions {
-        spec: LossSpec::new(LossKind::Nca),
+        spec: spec.clone(),
         aux_coef: cfg.default_aux_coef(),
         recompute: RecomputePolicy::Selective,
         budget: StepBudget::Groups(shape.groups),
@@ -193,7 +266,31 @@ pub fn time_step(
     };
     let mut trainer = Trainer::new(opts, policy, reference, groups.clone())?;
     trainer.use_device(device)?;
-    trainer.train_step()?;
+    let first_step_loss = trainer.train_step()?.loss;
+    if let (Some(dir), Some(tensors)) = (dump, &kept) {
+        let mut refs = stats.iter();
+        let dumped = groups
+            .iter()
+            .map(|g| DumpedGroup {
+                prompt: &g.prompt,
+                responses: &g.responses,
+                rewards: &g.rewards,
+                ref_logp_sum: refs
+                    .by_ref()
+                    .take(g.responses.len())
+                    .map(|s| s.logp_sum)
+                    .collect(),
+            })
+            .collect();
+        let record = StepDump {
+            loss: loss.name(),
+            beta: spec.beta,
+            alpha: spec.alpha,
+            groups: dumped,
+            first_step_loss,
+        };
+        write_dump(dir, cfg, tensors, record)?;
+    }
     let mut times = Vec::new();
     for _ in 0..steps {
         let start = Instant::now();
@@ -216,11 +313,12 @@ pub fn time_step(
             .map(|(_, s)| s.iter().product::<usize>())
             .sum(),
         precision: "f32",
-        loss: "nca",
+        loss: loss.name(),
         shape,
         tokens_per_step: tokens,
         timed_steps: steps,
         seconds_per_step: seconds,
+        first_step_loss,
         tokens_per_s: tokens as f64 / seconds,
         model_tflop_per_step: flops / 1e12,
         achieved_tflops: achieved,

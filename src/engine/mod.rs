@@ -215,28 +215,26 @@ impl DeviceEngine {
     ) -> Result<PassOutput<MetricTotals>> {
         let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32)
             .with_scoring_chunk_rows(self.logits_chunk_rows);
-        let Some(reference) = self
+        let resident = self
             .reference
             .as_ref()
-            .filter(|_| spec.kind.needs_reference())
-        else {
-            return step::accumulate_grads(
-                &ops,
-                &self.model,
-                ref_stats,
-                groups,
-                spec,
-                opts,
-                share,
-                &mut self.grads,
-            );
+            .filter(|_| spec.kind.needs_reference());
+        let table = match resident {
+            Some(r) => {
+                let table = r.score_table(&ops, &step::pack(r, groups)?);
+                ops.check().context("scoring the reference model")?;
+                Some(table)
+            }
+            None => None,
         };
-        let table = reference.score_table(&ops, &step::pack(reference, groups)?);
-        ops.check().context("scoring the reference model")?;
-        step::accumulate_grads_with(
+        let reference = match &table {
+            Some(table) => RefStats::Table(table),
+            None => RefStats::from_host(ref_stats),
+        };
+        step::accumulate_grads(
             &ops,
             &self.model,
-            RefStats::Table(&table),
+            reference,
             groups,
             spec,
             opts,

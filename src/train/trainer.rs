@@ -15,7 +15,7 @@ use crate::memory_plan::{MemoryPlan, ReferenceSource};
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::device::Device;
-use crate::step;
+use crate::step::{self, RefStats};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -398,7 +398,7 @@ impl Trainer {
                 (None, Some(grads)) => step::accumulate_grads(
                     &CpuOps,
                     &self.policy,
-                    refs.as_deref(),
+                    RefStats::from_host(refs.as_deref()),
                     groups,
                     &self.opts.spec,
                     &step_opts,

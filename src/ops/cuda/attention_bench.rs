@@ -4,10 +4,13 @@
 //! Work is counted over the (query, key) pairs the mask lets through, per query head:
 //! 4 · hd FLOPs each for the forward (two products), 10 · hd for the backward (five), the
 //! convention of FlashAttention's papers, so a kernel that computes masked pairs gains nothing.
+//! `BenchProblem::dump` returns a case's inputs and outputs for the scoreboard's PyTorch side
+//! (docs/cuda.md, "The scoreboard").
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
+use super::scoring_bench::to_f32;
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
@@ -97,6 +100,13 @@ fn median_seconds(
     Ok(times[times.len() / 2])
 }
 
+/// One named f32 tensor of a dumped case.
+pub struct DumpedTensor {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
 /// One case's inputs and outputs on the device, for timing the kernels on them.
 pub struct BenchProblem<E> {
     pub mask: BenchMask,
@@ -172,6 +182,40 @@ impl<E: Float> BenchProblem<E> {
             &mut self.dk,
             &mut self.dv,
         )
+    }
+
+    /// Runs the forward and the backward and returns, as f32 `[T, heads or kv_heads, hd]`,
+    /// q, k, v, the output gradient `dout`, the output and dq, dk, dv: the gradients of the
+    /// loss `Σ out · dout` (for the scoreboard's PyTorch side, `bench attention --dump`).
+    pub fn dump(&mut self, device: &Device) -> Result<Vec<DumpedTensor>> {
+        let kernels = AttentionKernels::new(device);
+        self.forward(&kernels)?;
+        self.backward(&kernels)?;
+        let t = self.layout.tokens();
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        [
+            ("q", heads, &self.q),
+            ("k", kv_heads, &self.k),
+            ("v", kv_heads, &self.v),
+            ("dout", heads, &self.dout),
+            ("out", heads, &self.out),
+            ("dq", heads, &self.dq),
+            ("dk", kv_heads, &self.dk),
+            ("dv", kv_heads, &self.dv),
+        ]
+        .into_iter()
+        .map(|(name, h, b)| {
+            Ok(DumpedTensor {
+                name,
+                shape: vec![t, h, head_dim],
+                data: to_f32(device, b)?,
+            })
+        })
+        .collect()
     }
 
     /// FLOPs of the forward and of the backward over the visible pairs.

@@ -2,7 +2,9 @@
 //! criterion bench: random inputs made on the device, the fused op, the same GEMMs alone (the
 //! floor no fusion removes), the logits passes alone (for their bandwidth), and an unfused
 //! baseline written the ordinary way — fp32 logits of the whole batch, a log-softmax into a
-//! second `[rows, vocab]` fp32 tensor, a gather, the per-response reduction.
+//! second `[rows, vocab]` fp32 tensor, a gather, the per-response reduction. `dump` returns a
+//! batch's inputs and the fused forward's sums for the scoreboard's PyTorch side
+//! (docs/cuda.md, "The scoreboard").
 
 use super::device::{Buffer, Device, Float};
 use super::emu::KernelArgs;
@@ -37,6 +39,8 @@ pub struct ScoringBench<'a, E> {
     h: Buffer<E>,
     head: Buffer<E>,
     targets: Buffer<u32>,
+    host_targets: Vec<u32>,
+    host_spans: Vec<ResponseSpan>,
     spans: Spans,
     grads: Buffer<f64>,
     lse: Buffer<f32>,
@@ -102,6 +106,8 @@ impl<'a, E: Float> ScoringBench<'a, E> {
             logp: device.alloc(rows)?,
             coef: device.alloc(rows)?,
             stats: device.alloc(3 * spans.len())?,
+            host_targets: targets,
+            host_spans: spans,
             dh: device.alloc(rows * dim)?,
             dhead: device.alloc(vocab * dim)?,
         })
@@ -304,6 +310,40 @@ impl Unfused {
         )?;
         k.response_stats(&bench.logp, &bench.spans, &mut bench.stats)
     }
+}
+
+/// A device buffer's values as f32, for dumps.
+pub fn to_f32<E: Float>(device: &Device, buffer: &Buffer<E>) -> Result<Vec<f32>> {
+    Ok(device
+        .download(buffer)?
+        .into_iter()
+        .map(E::to_f32)
+        .collect())
+}
+
+/// A batch's inputs and contralign's per-response sums, for the scoreboard's PyTorch side
+/// (`contralign bench scoring --dump`): h `[rows, dim]` and the head `[vocab, dim]` as f32,
+/// the targets, the response spans `(first, len)` and each response's S.
+pub struct ScoringDump {
+    pub h: Vec<f32>,
+    pub head: Vec<f32>,
+    pub targets: Vec<u32>,
+    pub spans: Vec<[usize; 2]>,
+    pub s: Vec<f64>,
+}
+
+/// Runs the fused forward and returns what it read and the sums it made.
+pub fn dump<E: Float>(bench: &mut ScoringBench<E>) -> Result<ScoringDump> {
+    bench.fused_forward()?;
+    let device = bench.device();
+    let stats = device.download(&bench.stats)?;
+    Ok(ScoringDump {
+        h: to_f32(device, &bench.h)?,
+        head: to_f32(device, &bench.head)?,
+        targets: bench.host_targets.clone(),
+        spans: bench.host_spans.iter().map(|r| [r.first, r.len]).collect(),
+        s: stats.chunks(3).map(|r| r[0]).collect(),
+    })
 }
 
 /// The per-row log-probs of the last pass, for checks.

@@ -1,0 +1,174 @@
+//! `contralign bench ... --dump DIR`: what the scoreboard's PyTorch side reads
+//! (docs/cuda.md, "The scoreboard") holds contralign's inputs and results, checked here
+//! against f64 recomputations on the CPU (the fp32 comparison with PyTorch itself is the
+//! dry run's, `tools/gpu-suite.sh dry-run`, which CI cannot run).
+
+mod common;
+
+use contralign::checkpoint::{load_weights, read_tensors};
+use contralign::config::ModelConfig;
+use contralign::model::init::random_params;
+use contralign::model::params::param_specs;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tempfile::TempDir;
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// log σ(x) = −softplus(−x), stable for both signs (docs/losses.md §1).
+fn log_sigmoid(x: f64) -> f64 {
+    -((-x).max(0.0) + (-x.abs()).exp().ln_1p())
+}
+
+#[test]
+fn scoring_dump_holds_the_sums_and_dpo_loss_of_its_inputs() {
+    let dir = TempDir::new().unwrap();
+    let (rows, vocab, dim) = (700usize, 97usize, 24usize);
+    let out = common::contralign_ok(&[
+        "bench",
+        "scoring",
+        "--device",
+        "emu",
+        "--dtype",
+        "f32",
+        "--rows",
+        &rows.to_string(),
+        "--vocab",
+        &vocab.to_string(),
+        "--dim",
+        &dim.to_string(),
+        "--reps",
+        "1",
+        "--dump",
+        dir.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tensors = read_tensors(&dir.path().join("scoring.safetensors")).unwrap();
+    let meta = json(&dir.path().join("scoring.json"));
+    let (h_shape, h) = &tensors["h"];
+    let (head_shape, head) = &tensors["head"];
+    assert_eq!(
+        (h_shape.as_slice(), head_shape.as_slice()),
+        (&[rows, dim][..], &[vocab, dim][..])
+    );
+    let targets: Vec<usize> = meta["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as usize)
+        .collect();
+    // Per-row log-probabilities in f64 from the dumped f32 inputs.
+    let logp: Vec<f64> = (0..rows)
+        .map(|r| {
+            let z: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..dim)
+                        .map(|k| h[r * dim + k] as f64 * head[v * dim + k] as f64)
+                        .sum()
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            z[targets[r]] - lse
+        })
+        .collect();
+    let spans = meta["spans"].as_array().unwrap();
+    let s: Vec<f64> = meta["s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    // 700 rows of 256: two whole responses and one of 188, so one (chosen, rejected) pair.
+    assert_eq!((spans.len(), s.len()), (2, 2));
+    for (span, &got) in spans.iter().zip(&s) {
+        let (first, len) = (
+            span[0].as_u64().unwrap() as usize,
+            span[1].as_u64().unwrap() as usize,
+        );
+        let want: f64 = logp[first..first + len].iter().sum();
+        // Each fp32 row's logp is off by at most ~(dim + vocab) 2^-24 |z|max ≈ 121 · 6e-8 · 5 ≈
+        // 4e-5 of |logp| ≈ 4.6, and 256 rows sum those: 1e-5 relative of the sum is the bound.
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "S: {got} vs {want}"
+        );
+    }
+    // The dumped loss is DPO's of those sums with a zero reference: -log σ(β (S_0 - S_1)).
+    let beta = meta["beta"].as_f64().unwrap();
+    let loss = -log_sigmoid(beta * (s[0] - s[1]));
+    let dumped = meta["loss"].as_f64().unwrap();
+    assert!(
+        (loss - dumped).abs() <= 1e-12 * loss.abs(),
+        "{loss} vs {dumped}"
+    );
+    assert_eq!(report["dumped"]["loss"].as_f64(), Some(dumped));
+}
+
+#[test]
+fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
+    let dir = TempDir::new().unwrap();
+    let config = format!(
+        "{}/tools/scoreboard/tiny-mistral.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (groups, responses, prompt, response_len) = (3usize, 4usize, 7usize, 5usize);
+    let out = common::contralign_ok(&[
+        "bench",
+        "step",
+        "--device",
+        "emu",
+        "--config",
+        &config,
+        "--layers",
+        "1",
+        "--groups",
+        &groups.to_string(),
+        "--responses",
+        &responses.to_string(),
+        "--prompt",
+        &prompt.to_string(),
+        "--response-len",
+        &response_len.to_string(),
+        "--steps",
+        "1",
+        "--gemm-size",
+        "32",
+        "--seed",
+        "5",
+        "--dump",
+        dir.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The model directory holds exactly the weights the bench drew from its seed.
+    let model = dir.path().join("model");
+    let cfg = ModelConfig::load(&model).unwrap();
+    assert_eq!(cfg.num_layers, 1);
+    let (weights, _) = load_weights(&model, &cfg).unwrap();
+    let drawn = random_params(&cfg, &mut StdRng::seed_from_u64(5)).unwrap();
+    for ((name, _), want) in param_specs(&cfg).iter().zip(&drawn) {
+        assert_eq!(&weights[name], want, "{name}");
+    }
+    let meta = json(&dir.path().join("step.json"));
+    assert_eq!(meta["loss"], "nca");
+    let dumped = meta["groups"].as_array().unwrap();
+    assert_eq!(dumped.len(), groups);
+    for g in dumped {
+        assert_eq!(g["prompt"].as_array().unwrap().len(), prompt);
+        let rs = g["responses"].as_array().unwrap();
+        assert_eq!(rs.len(), responses);
+        assert!(rs
+            .iter()
+            .all(|r| r.as_array().unwrap().len() == response_len));
+        // The made-up cached reference: S_ref = -n · U(1, 3) per response.
+        for s in g["ref_logp_sum"].as_array().unwrap() {
+            let per_token = -s.as_f64().unwrap() / response_len as f64;
+            assert!((1.0..3.0).contains(&per_token), "{per_token}");
+        }
+    }
+    let first = meta["first_step_loss"].as_f64().unwrap();
+    assert_eq!(report["first_step_loss"].as_f64(), Some(first));
+    assert!(first.is_finite() && first > 0.0);
+}

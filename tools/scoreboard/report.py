@@ -1,0 +1,199 @@
+"""Builds scoreboard.md and scoreboard.json from the JSON results the GPU suite's scoreboard
+(or dry-run) steps left in one folder: NAME.json from each contralign bench and baseline,
+or {"missing": why} / {"skipped": why} / {"failed": why} where a step gave none.
+
+Ratios are the baseline's time over contralign's (above 1: contralign is faster) and
+contralign's tokens/s over the baseline's.
+
+usage: report.py RESULTS_DIR OUT_DIR TITLE
+"""
+
+import json
+import os
+import sys
+
+H100_PEAK_TFLOPS = 989.0  # as src/engine/bench.rs
+
+
+def load(dir, name):
+    path = os.path.join(dir, f"{name}.json")
+    if not os.path.exists(path):
+        return {"missing": f"no result ({name}.json)"}
+    try:
+        return json.load(open(path))
+    except json.JSONDecodeError as e:
+        return {"failed": f"{name}.json is not JSON: {e}"}
+
+
+def absent(r):
+    """Why a result has no figures, or None."""
+    for key in ("missing", "skipped", "failed", "out_of_memory"):
+        if key in r:
+            return f"{key.replace('_', ' ')}: {r[key]}"
+    return None
+
+
+def gib(b):
+    return "—" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "—"
+    return f"{x:.3g}{unit}"
+
+
+def row(name, what, ours, theirs, r, note=""):
+    return {"row": name, "measure": what, "contralign": ours, "baseline": theirs,
+            "ratio": r, "note": note}
+
+
+def scoring_rows(c, b):
+    why_c, why_b = absent(c), absent(b)
+    note = "; ".join(w for w in (why_c and f"contralign {why_c}",
+                                 why_b and f"baseline {why_b}") if w)
+    cf = None if why_c else c
+    bf = None if why_b else b
+    get = lambda d, k: None if d is None else d.get(k)  # noqa: E731
+    out = []
+    for what, ck, bk in (("forward (ms)", "fused_forward_s", "forward_s"),
+                         ("forward + backward (ms)", "fused_forward_backward_s",
+                          "forward_backward_s")):
+        ours, theirs = get(cf, ck), get(bf, bk)
+        out.append(row("scoring + loss", what, ours and ours * 1e3, theirs and theirs * 1e3,
+                       ratio(theirs, ours), note))
+    out.append(row("scoring + loss", "extra memory (GiB)",
+                   get(cf, "fused_extra_bytes") and cf["fused_extra_bytes"] / 2**30,
+                   get(bf, "extra_bytes") and bf["extra_bytes"] / 2**30,
+                   ratio(get(bf, "extra_bytes"), get(cf, "fused_extra_bytes")), note))
+    return out
+
+
+def attention_rows(c, b):
+    why_c, why_b = absent(c), absent(b)
+    out = []
+    for mask in ("causal", "packed"):
+        cc = None if why_c else next((x for x in c["cases"] if
+                                      (x["mask"] == "causal") == (mask == "causal")), None)
+        bc = None if why_b else next((x for x in b["cases"] if x["mask"] == mask), None)
+        note = "; ".join(w for w in (why_c and f"contralign {why_c}",
+                                     why_b and f"baseline {why_b}") if w)
+        if mask == "packed" and bc:
+            note = (note + "; " if note else "") + \
+                f"SDPA as {bc['sequences']} sequences of {bc['sequence_len']}"
+        for what in ("forward", "backward"):
+            k = f"{what}_ms"
+            ours, theirs = cc and cc[k], bc and bc[k]
+            out.append(row(f"attention, {mask}", f"{what} (ms)", ours, theirs,
+                           ratio(theirs, ours), note))
+    return out
+
+
+def step_rows(name, c, b, gemm_tflops):
+    why_c, why_b = absent(c), absent(b)
+    note = "; ".join(w for w in (why_c and f"contralign {why_c}",
+                                 why_b and f"baseline {why_b}") if w)
+    if not why_b:
+        note = (note + "; " if note else "") + f"baseline: {b['baseline']}, " \
+            f"{b['layers']} layers, {b['stream_tokens']} tokens/step"
+    if not why_c:
+        note = (note + "; " if note else "") + f"contralign: {c['precision']} engine, " \
+            f"{c['layers']} layers, {c['tokens_per_step']} tokens/step"
+    ours = None if why_c else c["tokens_per_s"]
+    theirs = None if why_b else b["tokens_per_s"]
+    out = [row(name, "tokens/s", ours, theirs, ratio(ours, theirs), note),
+           row(name, "peak memory (GiB)",
+               None if why_c else c["device_bytes"] / 2**30,
+               None if why_b or b.get("peak_bytes") is None else b["peak_bytes"] / 2**30,
+               None, note)]
+    for label, peak in (("MFU vs 989 TFLOP/s", H100_PEAK_TFLOPS),
+                        ("MFU vs measured GEMM", gemm_tflops)):
+        mfu = lambda r: None if absent(r) or not peak else \
+            r.get("model_tflop_per_step") / r["seconds_per_step"] / peak  # noqa: E731
+        out.append(row(name, label, mfu(c), mfu(b), None, note))
+    return out
+
+
+def moe_rows(c, b):
+    """contralign's side is read by the baseline's keys where `bench moe` prints them;
+    otherwise its JSON goes into the note."""
+    why_c, why_b = absent(c), absent(b)
+    note = "; ".join(w for w in (why_c and f"contralign {why_c}",
+                                 why_b and f"baseline {why_b}") if w)
+    if not why_b:
+        note = (note + "; " if note else "") + f"baseline: {b['baseline']}, {b['tokens']} tokens"
+    if not why_c and "forward_ms" not in c:
+        note += f"; contralign printed {json.dumps(c)[:300]}"
+    out = []
+    for what in ("forward_ms", "forward_backward_ms"):
+        ours = None if why_c else c.get(what)
+        theirs = None if why_b else b[what]
+        out.append(row("MoE layer (Mixtral-8x7B)", what.replace("_ms", " (ms)").replace(
+            "_", " + "), ours, theirs, ratio(theirs, ours), note))
+    return out
+
+
+def markdown(title, env, rows, steps):
+    lines = [f"# {title}", ""]
+    if absent(env):
+        lines.append(f"Environment: {absent(env)}")
+    else:
+        lines += [f"GPU: {env['gpu']}; driver {env['driver']}; CUDA {env['cuda']}; "
+                  f"PyTorch {env['torch']}; transformers {env['transformers']}.",
+                  f"Measured: copy {env['copy_gb_s']:.0f} GB/s (bytes read + written), "
+                  f"bf16 GEMM {env['gemm_tflops']:.0f} TFLOP/s at {env['gemm_size']}³."]
+    lines += ["", "Ratio: the baseline's time over contralign's, or contralign's tokens/s "
+              "over the baseline's (above 1: contralign ahead).", "",
+              "| row | measure | contralign | baseline | ratio | note |",
+              "|:--|:--|--:|--:|--:|:--|"]
+    said = None
+    for r in rows:
+        # A row's note once, on its first measure.
+        note = "" if (r["row"], r["note"]) == said else r["note"]
+        said = (r["row"], r["note"])
+        lines.append(f"| {r['row']} | {r['measure']} | {fmt(r['contralign'])} | "
+                     f"{fmt(r['baseline'])} | {fmt(r['ratio'], '×')} | {note} |")
+    if steps:
+        lines += ["", "| step | exit | time (s) | limit (s) |", "|:--|:--|--:|--:|"]
+        lines += [f"| {s['step']} | {s['exit']} | {s['seconds']} | {s['limit']} |"
+                  for s in steps]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__.strip().splitlines()[-1])
+    results, out, title = sys.argv[1:]
+    env = load(results, "env")
+    gemm = None if absent(env) else env["gemm_tflops"]
+    rows = scoring_rows(load(results, "contralign-scoring"), load(results, "scoring"))
+    rows += attention_rows(load(results, "contralign-attention"), load(results, "attention"))
+    dpo = load(results, "trl-dpo")
+    if absent(dpo):
+        fallback = load(results, "trl-step")
+        if not absent(fallback):
+            fallback["baseline"] += f" (TRL itself: {absent(dpo)})"
+            dpo = fallback
+    rows += step_rows("DPO step", load(results, "contralign-dpo"), dpo, gemm)
+    rows += step_rows("NCA step, K = 4", load(results, "contralign-nca"),
+                      load(results, "nca"), gemm)
+    rows += step_rows("Mistral-7B, 32 layers, 80 GB", load(results, "contralign-7b"),
+                      load(results, "mistral7b"), gemm)
+    rows += moe_rows(load(results, "contralign-moe"), load(results, "moe"))
+    steps = load(results, "steps")
+    steps = [] if absent(steps) else steps["steps"]
+    board = {"title": title, "environment": env, "rows": rows, "steps": steps}
+    with open(os.path.join(out, "scoreboard.json"), "w") as f:
+        json.dump(board, f, indent=2)
+    text = markdown(title, env, rows, steps)
+    with open(os.path.join(out, "scoreboard.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
