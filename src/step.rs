@@ -7,7 +7,7 @@ use crate::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use crate::loss::{batch_loss, BatchInput, LossSpec};
 use crate::model::params::Params;
 use crate::model::{Model, PassOutput, ResponseStats, StatsLoss, StepOptions, StepOutput};
-use crate::ops::cpu::CpuOps;
+use crate::ops::cpu::{CpuOps, RoundedCpuOps};
 use crate::ops::Ops;
 use anyhow::{bail, Context, Result};
 
@@ -131,24 +131,48 @@ impl LossOps for CpuOps {
         stats: &Vec<f64>,
         reference: RefStats<'_, Vec<f64>>,
     ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
-        let stats = ResponseStats::from_table(&batch.responses, stats);
-        let ref_stats = match reference {
-            RefStats::None => None,
-            RefStats::Host(r) => Some(r.to_vec()),
-            RefStats::Table(t) => Some(ResponseStats::from_table(&batch.responses, t)),
-        };
-        let columns = Columns::new(groups, &stats, ref_stats.as_deref());
-        let out = batch_loss(spec, &columns.input())?;
-        let metrics = batch_metrics(spec, &columns.input(), &stats);
-        let grads = (0..stats.len())
-            .flat_map(|i| [out.d_s[i], out.d_a[i], out.d_e[i]])
-            .collect();
-        Ok(StatsLoss {
-            loss: out.loss,
-            grads,
-            metrics: MetricTotals::new(metrics, &batch_metric_counts(batch)),
-        })
+        host_batch_loss(spec, batch, groups, stats, reference)
     }
+}
+
+impl LossOps for RoundedCpuOps {
+    fn batch_loss(
+        &self,
+        spec: &LossSpec,
+        batch: &Batch,
+        groups: &[Group],
+        stats: &Vec<f64>,
+        reference: RefStats<'_, Vec<f64>>,
+    ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+        host_batch_loss(spec, batch, groups, stats, reference)
+    }
+}
+
+/// The loss library on a host table of `(S, A, E)`: what the CPU backends' [`LossOps`] run.
+fn host_batch_loss(
+    spec: &LossSpec,
+    batch: &Batch,
+    groups: &[Group],
+    stats: &[f64],
+    reference: RefStats<'_, Vec<f64>>,
+) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+    let stats = ResponseStats::from_table(&batch.responses, stats);
+    let ref_stats = match reference {
+        RefStats::None => None,
+        RefStats::Host(r) => Some(r.to_vec()),
+        RefStats::Table(t) => Some(ResponseStats::from_table(&batch.responses, t)),
+    };
+    let columns = Columns::new(groups, &stats, ref_stats.as_deref());
+    let out = batch_loss(spec, &columns.input())?;
+    let metrics = batch_metrics(spec, &columns.input(), &stats);
+    let grads = (0..stats.len())
+        .flat_map(|i| [out.d_s[i], out.d_a[i], out.d_e[i]])
+        .collect();
+    Ok(StatsLoss {
+        loss: out.loss,
+        grads,
+        metrics: MetricTotals::new(metrics, &batch_metric_counts(batch)),
+    })
 }
 
 /// The reference model's statistics of every response of `groups`, in order, when the loss

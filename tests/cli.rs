@@ -501,3 +501,75 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         expected,
     );
 }
+
+/// `score` through the CLI at bf16: the emulator and the CPU's bf16-rounding mode agree within
+/// the like-for-like bound of docs/numerics.md §6 (`6 √36 · 1.24e-4 = 4.5e-3` relative), and
+/// `--precision` says its default and refuses a name it does not know.
+#[test]
+fn score_takes_the_precision_flag_on_every_backend() {
+    let model = fx("tiny-mistral");
+    let data = fx("tiny-mistral.reward.jsonl");
+    let logp_sums = |device: &str, precision: &str| -> Vec<f64> {
+        let out = contralign_ok(&[
+            "score",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--device",
+            device,
+            "--precision",
+            precision,
+        ]);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["logp_sum"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let emu = logp_sums("emu", "bf16");
+    let cpu = logp_sums("cpu", "bf16");
+    let f32 = logp_sums("cpu", "f32");
+    assert_eq!(emu.len(), cpu.len());
+    for (i, ((e, c), f)) in emu.iter().zip(&cpu).zip(&f32).enumerate() {
+        let err = (e - c).abs() / c.abs();
+        assert!(
+            err <= 4.5e-3,
+            "response {i}: emu {e} vs cpu {c} at bf16: {err:.2e}"
+        );
+        // bf16 is not f32: every logp_sum moves.
+        assert_ne!(c, f, "response {i}: bf16 equals f32");
+    }
+
+    for cmd in ["score", "eval", "grads", "precompute-ref"] {
+        let help = String::from_utf8(contralign_ok(&[cmd, "--help"]).stdout).unwrap();
+        assert!(
+            help.contains("--precision"),
+            "`{cmd} --help` lacks --precision"
+        );
+        assert!(
+            help.contains("f32 (the default"),
+            "`{cmd} --help` states no default"
+        );
+    }
+    let out = common::contralign(&[
+        "score",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--precision",
+        "f16",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'f16' for '--precision"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}

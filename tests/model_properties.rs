@@ -207,15 +207,20 @@ fn gradients_agree_with_finite_differences() {
                 .chain(std::iter::once(&order[rng.gen_range(0..order.len())]))
             {
                 let orig = policy.params.iter_mut()[t][j];
-                let (plus, minus) = (orig + 1e-3, orig - 1e-3);
-                policy.params.iter_mut()[t][j] = plus;
-                let up = objective(&policy).loss;
-                policy.params.iter_mut()[t][j] = minus;
-                let down = objective(&policy).loss;
-                policy.params.iter_mut()[t][j] = orig;
-                let (h_up, h_down) = ((plus - orig) as f64, (orig - minus) as f64);
-                let (forward, backward) = ((up - base.loss) / h_up, (base.loss - down) / h_down);
-                let numeric = (up - down) / (h_up + h_down);
+                // The one-sided and central differences with step h.
+                let mut slopes = |h: f32| {
+                    let (plus, minus) = (orig + h, orig - h);
+                    policy.params.iter_mut()[t][j] = plus;
+                    let up = objective(&policy).loss;
+                    policy.params.iter_mut()[t][j] = minus;
+                    let down = objective(&policy).loss;
+                    policy.params.iter_mut()[t][j] = orig;
+                    let (h_up, h_down) = ((plus - orig) as f64, (orig - minus) as f64);
+                    let (forward, backward) =
+                        ((up - base.loss) / h_up, (base.loss - down) / h_down);
+                    (forward, backward, (up - down) / (h_up + h_down))
+                };
+                let (forward, backward, numeric) = slopes(1e-3);
                 // A top-k routing decision that flips inside [-h, h] makes the objective jump;
                 // the two one-sided slopes then disagree and the point says nothing.
                 if (forward - backward).abs() > 0.1 * numeric.abs() + 1e-2 * max + 1e-3 {
@@ -223,9 +228,19 @@ fn gradients_agree_with_finite_differences() {
                     continue;
                 }
                 let exact = g[j] as f64;
+                let bound = 2e-2 * exact.abs() + 2e-3 * max + 1e-5;
+                // A small jump can hide from that test; a quarter of the step then moves the
+                // estimate by the jump, where a smooth objective's stays within the bound.
+                if (numeric - exact).abs() > bound {
+                    let (_, _, finer) = slopes(2.5e-4);
+                    if (finer - numeric).abs() > bound {
+                        at_routing_boundary += 1;
+                        continue;
+                    }
+                }
                 let err = (numeric - exact).abs();
                 assert!(
-                    err <= 2e-2 * exact.abs() + 2e-3 * max + 1e-5,
+                    err <= bound,
                     "{name} {pname}[{j}]: analytic {exact:.6e}, finite difference {numeric:.6e}"
                 );
                 checked += 1;

@@ -13,6 +13,7 @@ use contralign::ops::cuda::kernels::Kernels;
 use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::scoring::{FusedScoring, Spans};
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringShape, Unfused};
+use contralign::ops::storage::Dtype;
 use contralign::selftest::scoring::{scoring, ScoringCase};
 use contralign::selftest::{self, Row};
 use half::bf16;
@@ -287,7 +288,7 @@ fn the_scoring_holds_at_most_the_chunk_it_is_given() {
         .collect();
     let score = |chunk: Option<usize>| {
         let pool = Pool::default();
-        let mut ops = DeviceOps::with_pool(&device, pool.clone());
+        let mut ops = DeviceOps::with_pool(&device, pool.clone(), Dtype::F32);
         if let Some(rows) = chunk {
             ops = ops.with_scoring_chunk_rows(rows);
         }

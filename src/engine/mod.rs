@@ -29,6 +29,7 @@ use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor};
 use crate::ops::optimizer::AdamWConfig;
+use crate::ops::storage::Dtype;
 use crate::ops::Ops;
 use crate::step::{self, RefStats};
 use anyhow::{ensure, Context, Result};
@@ -212,7 +213,7 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput<MetricTotals>> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone())
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32)
             .with_scoring_chunk_rows(self.logits_chunk_rows);
         let resident = self
             .reference

@@ -29,6 +29,15 @@ impl StorageDtype {
     }
 }
 
+impl From<StorageDtype> for crate::ops::storage::Dtype {
+    fn from(dtype: StorageDtype) -> Self {
+        match dtype {
+            StorageDtype::Bf16 => crate::ops::storage::Dtype::Bf16,
+            StorageDtype::F32 => crate::ops::storage::Dtype::F32,
+        }
+    }
+}
+
 /// Whether bf16 weights have an fp32 master copy that AdamW updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

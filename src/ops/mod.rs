@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod moe;
 pub mod optimizer;
+pub mod storage;
 
 /// Which keys each token of a packed stream may attend to (docs/architecture.md §7).
 ///

@@ -1,8 +1,20 @@
 //! Grouped-query attention over a packed token stream, in f64 arithmetic on f32 storage.
 
 use super::linalg::dot;
+use super::scoring::Rounding;
 use crate::ops::{AttentionLayout, AttentionShape};
 use rayon::prelude::*;
+
+/// How a device's bf16 attention kernel stores its probabilities before the products with
+/// V, K and Q (`cuda/attention.cu`; docs/numerics.md §2), for the CPU's bf16-rounding mode:
+/// the forward rounds `exp2(s − m)` with `m` the running maximum over the key tiles of
+/// `tile` tokens visited so far (the online softmax), the backward rounds `P` and `P (dP −
+/// delta)`. `None`: the reference, nothing rounded.
+#[derive(Clone, Copy)]
+pub struct ProbabilityRounding<'a> {
+    pub tile: usize,
+    pub round: Rounding<'a>,
+}
 
 fn head(x: &[f32], t: usize, h: usize, heads: usize, hd: usize) -> &[f32] {
     let base = (t * heads + h) * hd;
@@ -12,6 +24,7 @@ fn head(x: &[f32], t: usize, h: usize, heads: usize, hd: usize) -> &[f32] {
 /// Softmax attention of one query head over keys `0..n` (`key(i)` and `value(i)` their
 /// heads), scale `scale`: writes the output head and returns the log-sum-exp. The packed and
 /// the cached attention share it, so that both compute the same sums in the same order.
+#[allow(clippy::too_many_arguments)]
 fn attend_head<'a>(
     qh: &[f32],
     n: usize,
@@ -19,8 +32,12 @@ fn attend_head<'a>(
     value: impl Fn(usize) -> &'a [f32],
     scale: f64,
     out: &mut [f32],
+    tiles: Option<(&dyn Fn(usize) -> usize, ProbabilityRounding)>,
 ) -> f32 {
     let scores: Vec<f64> = (0..n).map(|i| scale * dot(qh, key(i))).collect();
+    if let Some((tile_of, rounding)) = tiles {
+        return attend_head_online(&scores, tile_of, rounding, value, out);
+    }
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let mut acc = vec![0f64; out.len()];
     let mut sum = 0f64;
@@ -37,12 +54,59 @@ fn attend_head<'a>(
     (max + sum.ln()) as f32
 }
 
+/// [`attend_head`] as the device's online softmax with stored probabilities: keys `0..n` in
+/// increasing order, grouped by key tile (`tile_of`), in base 2 as the kernel works.
+fn attend_head_online<'a>(
+    scores: &[f64],
+    tile_of: &dyn Fn(usize) -> usize,
+    rounding: ProbabilityRounding,
+    value: impl Fn(usize) -> &'a [f32],
+    out: &mut [f32],
+) -> f32 {
+    let n = scores.len();
+    let s2: Vec<f64> = scores
+        .iter()
+        .map(|s| s * std::f64::consts::LOG2_E)
+        .collect();
+    let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
+    let mut acc = vec![0f64; out.len()];
+    let mut start = 0;
+    while start < n {
+        let tile = tile_of(start);
+        let end = (start..n).find(|&j| tile_of(j) != tile).unwrap_or(n);
+        let m_new = s2[start..end].iter().cloned().fold(m, f64::max);
+        let a = (m - m_new).exp2();
+        l *= a;
+        for x in acc.iter_mut() {
+            *x *= a;
+        }
+        for (j, &sj) in s2[start..end].iter().enumerate() {
+            let p = (rounding.round)((sj - m_new).exp2());
+            l += p;
+            for (x, &vj) in acc.iter_mut().zip(value(start + j)) {
+                *x += p * vj as f64;
+            }
+        }
+        m = m_new;
+        start = end;
+    }
+    for (o, x) in out.iter_mut().zip(&acc) {
+        *o = if l > 0.0 { (x / l) as f32 } else { 0.0 };
+    }
+    if l > 0.0 {
+        ((m + l.log2()) * std::f64::consts::LN_2) as f32
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
 pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     layout: &AttentionLayout,
     s: AttentionShape,
+    rounding: Option<ProbabilityRounding>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (hq, hkv, hd) = (s.heads, s.kv_heads, s.head_dim);
     let group = hq / hkv;
@@ -55,6 +119,7 @@ pub fn attention(
         .enumerate()
         .for_each(|(t, (out_t, lse_t))| {
             let keys: Vec<usize> = layout.keys(t).collect();
+            let tile_of = |i: usize| keys[i] / rounding.map_or(1, |r| r.tile);
             for h in 0..hq {
                 let kvh = h / group;
                 lse_t[h] = attend_head(
@@ -64,6 +129,7 @@ pub fn attention(
                     |i| head(v, keys[i], kvh, hkv, hd),
                     scale,
                     &mut out_t[h * hd..(h + 1) * hd],
+                    rounding.map(|r| (&tile_of as &dyn Fn(usize) -> usize, r)),
                 );
             }
         });
@@ -98,6 +164,7 @@ pub fn attention_over(
                     |i| head(v, i, kvh, hkv, hd),
                     scale,
                     &mut out_r[h * hd..(h + 1) * hd],
+                    None,
                 );
             }
         });
@@ -114,7 +181,9 @@ pub fn attention_backward(
     dout: &[f32],
     layout: &AttentionLayout,
     s: AttentionShape,
+    rounding: Option<ProbabilityRounding>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let round = |x: f64| rounding.map_or(x, |r| (r.round)(x));
     let (hq, hkv, hd) = (s.heads, s.kv_heads, s.head_dim);
     let group = hq / hkv;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -135,8 +204,8 @@ pub fn attention_backward(
                 for key in layout.keys(t) {
                     let kh = head(k, key, kvh, hkv, hd);
                     let vh = head(v, key, kvh, hkv, hd);
-                    let p = (scale * dot(qh, kh) - l).exp();
-                    let ds = p * (dot(doh, vh) - delta) * scale;
+                    let p = round((scale * dot(qh, kh) - l).exp());
+                    let ds = round(p * (dot(doh, vh) - delta)) * scale;
                     for j in 0..hd {
                         dq[t * hd + j] += ds * kh[j] as f64;
                         dk[key * hd + j] += ds * qh[j] as f64;

@@ -4,6 +4,7 @@
 mod attention;
 mod elementwise;
 pub mod linalg;
+mod rounded;
 pub mod scoring;
 
 use super::moe::{route, LoadBalance, Routing};
@@ -13,6 +14,7 @@ use super::{
 
 /// Attention over a KV cache, which the ops trait does not model (generation only runs here).
 pub use attention::attention_over;
+pub use rounded::{RoundedCpuOps, Stored};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
@@ -125,7 +127,7 @@ impl Ops for CpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Vec<f32>, Vec<f32>) {
-        attention::attention(q, k, v, layout, shape)
+        attention::attention(q, k, v, layout, shape, None)
     }
 
     fn attention_backward(
@@ -139,7 +141,7 @@ impl Ops for CpuOps {
         layout: &AttentionLayout,
         shape: AttentionShape,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        attention::attention_backward(q, k, v, out, lse, dout, layout, shape)
+        attention::attention_backward(q, k, v, out, lse, dout, layout, shape, None)
     }
 
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {

@@ -1,28 +1,36 @@
-//! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Tensors
-//! live on the device as f32; embedding, RMSNorm, RoPE, SwiGLU, attention (forward and
-//! backward), accumulation, every projection (GEMM) and the fused LM-head scoring
-//! (`super::scoring`) run there, their outputs leased from the ops' pool. The MoE layer's
-//! routing, row permutations, router backward and load-balancing sums run there too
-//! (`super::moe`; its per-expert row counts come to the host, a stated temporary exception).
-//! An unscaled `gather_rows` / `scatter_add_rows` (the prediction rows) is an embedding
-//! lookup / backward; a scaled gather runs the MoE gather kernel; a scaled scatter-add (which
-//! the model no longer uses) copies its operands to the host and runs the CPU reference.
+//! The model's ops trait ([`Ops`]) on a [`Device`]: what `--device emu|cuda` runs. Embedding,
+//! RMSNorm, RoPE, SwiGLU, attention (forward and backward), accumulation, every projection
+//! (GEMM) and the fused LM-head scoring (`super::scoring`) run there, their outputs leased
+//! from the ops' pool. The MoE layer's routing, row permutations, router backward and
+//! load-balancing sums run there too (`super::moe`, f32 kernels; its per-expert row counts
+//! come to the host, a stated temporary exception). An unscaled `gather_rows` /
+//! `scatter_add_rows` (the prediction rows) is an embedding lookup / backward; a scaled
+//! gather runs the MoE gather kernel; a scaled scatter-add (which the model no longer uses)
+//! copies its operands to the host and runs the CPU reference.
+//!
+//! Storage (docs/numerics.md §2): the ops run at one storage type, f32 or bf16. Uploads and
+//! every op's fresh output are stored in it, except the fp32 statistics (RMSNorm's 1/rms,
+//! attention's and the scoring's log-sum-exp, the log-probs), `zeros`, which makes the f32
+//! accumulators (weight gradients, the MoE and scoring scatters), and the MoE kernels'
+//! outputs, which are f32. An op accumulating into a tensor keeps that tensor's type; an
+//! input of the other type is cast to the ops' type first ([`Operand`]).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
-use super::device::AsView;
-use super::device::Device;
+use super::device::{AsView, Device, View};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
-use super::pool::{Leased, Pool, Tensor};
+use super::pool::{Leased, Pool, Stored, Tensor, TensorView};
 use super::scoring::{FusedScoring, Spans};
 use crate::ops::cpu::CpuOps;
+use crate::ops::storage::Dtype;
 use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale};
 use anyhow::{Context, Result};
+use half::bf16;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -36,19 +44,47 @@ type KeptSpans = (Vec<ResponseSpan>, usize, Rc<Spans>);
 /// An index list and its copy on the device.
 type IndexList = (Vec<u32>, Rc<Leased<u32>>);
 
+/// An attention layout, the tile rows its lists were made for, and its copy on the device.
+type KeptLayout = (AttentionLayout, usize, Rc<DeviceLayout>);
+
+/// Runs `$self.$method::<E>($args)` with `E` the ops' storage type.
+macro_rules! at_storage {
+    ($self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        match $self.storage {
+            Dtype::F32 => $self.$method::<f32>($($arg),*),
+            Dtype::Bf16 => $self.$method::<bf16>($($arg),*),
+        }
+    };
+}
+
+/// An op's input as the type the op runs at: the tensor's own elements, or a cast copy that
+/// lives as long as the operand.
+struct Operand<E> {
+    view: View<E>,
+    _copy: Option<Tensor>,
+}
+
+impl<E: bytemuck::Pod> AsView<E> for Operand<E> {
+    fn view(&self) -> View<E> {
+        self.view
+    }
+}
+
 pub struct DeviceOps<'a> {
     device: &'a Device,
     kernels: Kernels<'a>,
     /// Where every output comes from: no op allocates device memory once the pool holds a
     /// step's worth.
     pool: Pool,
+    /// What uploads and op outputs are stored in.
+    storage: Dtype,
     error: RefCell<Option<anyhow::Error>>,
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
     index_lists: RefCell<Vec<IndexList>>,
-    /// The attention layout uploaded last, with its device copy: every layer's attention,
-    /// forward and backward, takes the batch's layout.
-    attention_layout: RefCell<Option<(AttentionLayout, Rc<DeviceLayout>)>>,
+    /// The attention layout uploaded last: every layer's attention, forward and backward,
+    /// takes the batch's layout.
+    attention_layout: RefCell<Option<KeptLayout>>,
     /// The response spans uploaded last, with the rows they cover and their device copy.
     spans: RefCell<Option<KeptSpans>>,
     /// Rows of one logits chunk of the scoring; `None`: as many as its default budget holds.
@@ -87,17 +123,23 @@ impl DeviceTable {
 }
 
 impl<'a> DeviceOps<'a> {
-    /// Ops whose workspace grows as the first passes need it.
+    /// f32 ops whose workspace grows as the first passes need it.
     pub fn new(device: &'a Device) -> Self {
-        DeviceOps::with_pool(device, Pool::default())
+        DeviceOps::with_pool(device, Pool::default(), Dtype::F32)
     }
 
-    /// Ops that take their outputs from `pool`.
-    pub fn with_pool(device: &'a Device, pool: Pool) -> Self {
+    /// Ops storing in `storage` whose workspace grows as the first passes need it.
+    pub fn with_storage(device: &'a Device, storage: Dtype) -> Self {
+        DeviceOps::with_pool(device, Pool::default(), storage)
+    }
+
+    /// Ops storing in `storage` that take their outputs from `pool`.
+    pub fn with_pool(device: &'a Device, pool: Pool, storage: Dtype) -> Self {
         DeviceOps {
             device,
             kernels: Kernels::with_scratch(device, pool.clone()),
             pool,
+            storage,
             error: RefCell::new(None),
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
@@ -113,13 +155,14 @@ impl<'a> DeviceOps<'a> {
         self
     }
 
-    fn scoring(&self, vocab: usize) -> FusedScoring<'_> {
+    /// The fused scoring of logits stored as `E`.
+    fn scoring<E>(&self, vocab: usize) -> FusedScoring<'_> {
         match self.scoring_chunk_rows {
             Some(chunk_rows) => FusedScoring {
                 kernels: &self.kernels,
                 chunk_rows,
             },
-            None => FusedScoring::new::<f32>(&self.kernels, vocab),
+            None => FusedScoring::new::<E>(&self.kernels, vocab),
         }
     }
 
@@ -151,18 +194,43 @@ impl<'a> DeviceOps<'a> {
         &self.pool
     }
 
+    /// What uploads and op outputs are stored in.
+    pub fn storage(&self) -> Dtype {
+        self.storage
+    }
+
     fn placeholder(len: usize) -> Tensor {
         Tensor::owned(Device::host_zeros(len))
     }
 
+    /// The elements as f32 on the host (bf16 widens exactly).
     fn host(&self, buf: &Tensor) -> Result<Vec<f32>> {
-        self.device.download(buf)
+        match buf.storage() {
+            TensorView::F32(v) => self.device.download(&v),
+            TensorView::Bf16(v) => Ok(self
+                .device
+                .download(&v)?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
+        }
     }
 
-    /// `data` in a tensor of the pool.
-    fn put(&self, data: &[f32]) -> Result<Tensor> {
-        let mut t = self.alloc(data.len())?;
-        self.device.copy_to(&mut t, data)?;
+    /// Overwrites `dst` with `data`, rounded to `dst`'s type.
+    fn write(&self, dst: &mut Tensor, data: &[f32]) -> Result<()> {
+        match dst.storage() {
+            TensorView::F32(mut v) => self.device.copy_to(&mut v, data),
+            TensorView::Bf16(mut v) => {
+                let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.device.copy_to(&mut v, &data)
+            }
+        }
+    }
+
+    /// `data` in a tensor of the pool stored as `E`.
+    fn put<E: Stored>(&self, data: &[f32]) -> Result<Tensor> {
+        let mut t = self.alloc::<E>(data.len())?;
+        self.write(&mut t, data)?;
         Ok(t)
     }
 
@@ -180,21 +248,18 @@ impl<'a> DeviceOps<'a> {
         Ok(buffer)
     }
 
-    /// `layout` on the device (with f32 tile lists), uploaded unless it is the one from before.
-    fn attention_layout(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+    /// `layout` on the device with tile lists for `E`'s tiles, uploaded unless it is the one
+    /// from before.
+    fn attention_layout<E: Stored>(&self, layout: &AttentionLayout) -> Result<Rc<DeviceLayout>> {
+        let tile = tile_rows::<E>();
         let mut kept = self.attention_layout.borrow_mut();
-        if let Some((host, device)) = kept.as_ref() {
-            if host == layout {
+        if let Some((host, kept_tile, device)) = kept.as_ref() {
+            if host == layout && *kept_tile == tile {
                 return Ok(device.clone());
             }
         }
-        let device = Rc::new(DeviceLayout::new(
-            self.device,
-            &self.pool,
-            layout,
-            tile_rows::<f32>(),
-        )?);
-        *kept = Some((layout.clone(), device.clone()));
+        let device = Rc::new(DeviceLayout::new(self.device, &self.pool, layout, tile)?);
+        *kept = Some((layout.clone(), tile, device.clone()));
         Ok(device)
     }
 
@@ -221,19 +286,334 @@ impl<'a> DeviceOps<'a> {
         Ok(device)
     }
 
-    /// A tensor of `len` elements whose contents are undefined until an op writes them.
-    fn alloc(&self, len: usize) -> Result<Tensor> {
-        let (view, lease) = self.pool.take(self.device, len)?;
+    /// A tensor of `len` elements of `E` whose contents are undefined until an op writes them.
+    fn alloc<E: Stored>(&self, len: usize) -> Result<Tensor> {
+        let (view, lease) = self.pool.take::<E>(self.device, len)?;
         Ok(Tensor::leased(view, lease))
     }
 
+    /// `t` in a fresh tensor of type `E`.
+    fn copy_as<E: Stored>(&self, t: &Tensor) -> Result<Tensor> {
+        let copy = self.alloc::<E>(t.len())?;
+        match (t.storage(), copy.storage()) {
+            (TensorView::F32(x), TensorView::Bf16(mut out)) => {
+                self.kernels.cast_to_bf16(&x, &mut out)?
+            }
+            (TensorView::Bf16(x), TensorView::F32(mut out)) => {
+                self.kernels.cast_to_f32(&x, &mut out)?
+            }
+            (TensorView::F32(x), TensorView::F32(mut out)) => {
+                self.device.copy_buffer(&x, &mut out)?
+            }
+            (TensorView::Bf16(x), TensorView::Bf16(mut out)) => {
+                self.device.copy_buffer(&x, &mut out)?
+            }
+        }
+        Ok(copy)
+    }
+
+    /// `t` as an input of an op that runs at `E`: cast when it is stored otherwise.
+    fn input<E: Stored>(&self, t: &Tensor) -> Result<Operand<E>> {
+        if let Some(view) = E::unwrap(t.storage()) {
+            return Ok(Operand { view, _copy: None });
+        }
+        let copy = self.copy_as::<E>(t)?;
+        Ok(Operand {
+            view: copy.view_as::<E>("cast operand")?,
+            _copy: Some(copy),
+        })
+    }
+
+    /// Elements `start..start + len` of `x` (stored as `E`) in a tensor of their own.
+    fn rows_at<E: Stored>(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let out = self.alloc::<E>(len)?;
+        let source = x.view_as::<E>("rows")?.slice(start, len)?;
+        self.device
+            .copy_buffer(&source, &mut out.view_as::<E>("rows out")?)?;
+        Ok(out)
+    }
+
+    /// `parts` one after the other as `E`.
+    fn concat_at<E: Stored>(&self, parts: &[Tensor], total: usize) -> Result<Tensor> {
+        let out = self.alloc::<E>(total)?;
+        let whole = out.view_as::<E>("concat out")?;
+        let mut at = 0;
+        for part in parts {
+            let part = self.input::<E>(part)?;
+            self.device
+                .copy_buffer(&part, &mut whole.slice(at, part.view.len())?)?;
+            at += part.view.len();
+        }
+        Ok(out)
+    }
+
     /// RMSNorm's output and each row's 1/rms.
-    fn rmsnorm_with_rstd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-        let mut y = self.alloc(x.len())?;
-        let mut rstd = self.alloc(x.len() / w.len().max(1))?;
-        self.kernels
-            .rmsnorm_forward(x, None, w, None, &mut y, &mut rstd, eps as f32)?;
+    fn rmsnorm_at<E: Stored>(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let (x, w) = (self.input::<E>(x)?, self.input::<E>(w)?);
+        let y = self.alloc::<E>(x.view.len())?;
+        let rstd = self.alloc::<f32>(x.view.len() / w.view.len().max(1))?;
+        self.kernels.rmsnorm_forward(
+            &x,
+            None,
+            &w,
+            None,
+            &mut y.view_as::<E>("rmsnorm y")?,
+            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
+            eps as f32,
+        )?;
         Ok((y, rstd))
+    }
+
+    fn rmsnorm_backward_at<E: Stored>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+        dw: &mut Tensor,
+    ) -> Result<Tensor> {
+        // The trait keeps no statistics between the passes: recompute 1/rms.
+        let (_, rstd) = self.rmsnorm_at::<E>(x, w, eps)?;
+        let (xv, wv, dyv) = (
+            self.input::<E>(x)?,
+            self.input::<E>(w)?,
+            self.input::<E>(dy)?,
+        );
+        let dx = self.alloc::<E>(x.len())?;
+        self.kernels.rmsnorm_backward(
+            &xv,
+            &wv,
+            &rstd.view_as::<f32>("rmsnorm rstd")?,
+            &dyv,
+            None,
+            &mut dx.view_as::<E>("rmsnorm dx")?,
+            &mut dw.view_as::<f32>("rmsnorm weight gradient")?,
+        )?;
+        Ok(dx)
+    }
+
+    fn embedding_at<E: Stored>(&self, table: &Tensor, ids: &[u32], d: usize) -> Result<Tensor> {
+        let ids = self.indices(ids)?;
+        let table = self.input::<E>(table)?;
+        let out = self.alloc::<E>(ids.len() * d)?;
+        self.kernels.embedding_forward(
+            &table,
+            &*ids,
+            &mut out.view_as::<E>("embedding output")?,
+            d,
+        )?;
+        Ok(out)
+    }
+
+    fn embedding_backward_at<E: Stored>(
+        &self,
+        dtable: &mut Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        let ids = self.indices(ids)?;
+        let dout = self.input::<E>(dout)?;
+        let mut dtable = dtable.view_as::<f32>("embedding gradient")?;
+        self.kernels
+            .embedding_backward(&dout, &*ids, &mut dtable, d)
+    }
+
+    fn matmul_at<E: Stored>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let (x, w) = (self.input::<E>(x)?, self.input::<E>(w)?);
+        let y = self.alloc::<E>(m * n)?;
+        self.device.gemm(
+            &Gemm::projection(m, k, n),
+            &x,
+            &w,
+            &mut y.view_as::<E>("matmul output")?,
+        )?;
+        Ok(y)
+    }
+
+    fn matmul_backward_at<E: Stored>(
+        &self,
+        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        (m, k, n): (usize, usize, usize),
+        dw: &mut Tensor,
+    ) -> Result<Tensor> {
+        let (x, w, dy) = (
+            self.input::<E>(x)?,
+            self.input::<E>(w)?,
+            self.input::<E>(dy)?,
+        );
+        self.device.gemm(
+            &Gemm::projection_weight_grad(m, k, n),
+            &dy,
+            &x,
+            &mut dw.view_as::<f32>("matmul weight gradient")?,
+        )?;
+        let dx = self.alloc::<E>(m * k)?;
+        self.device.gemm(
+            &Gemm::projection_input_grad(m, k, n),
+            &dy,
+            &w,
+            &mut dx.view_as::<E>("matmul input gradient")?,
+        )?;
+        Ok(dx)
+    }
+
+    fn attention_at<E: Stored>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> Result<(Tensor, Tensor)> {
+        let device_layout = self.attention_layout::<E>(layout)?;
+        let (q, k, v) = (
+            self.input::<E>(q)?,
+            self.input::<E>(k)?,
+            self.input::<E>(v)?,
+        );
+        let out = self.alloc::<E>(q.view.len())?;
+        let lse = self.alloc::<f32>(layout.len() * shape.heads)?;
+        AttentionKernels::with_scratch(self.device, self.pool.clone()).forward(
+            &q,
+            &k,
+            &v,
+            &device_layout,
+            shape,
+            &mut out.view_as::<E>("attention output")?,
+            &mut lse.view_as::<f32>("attention lse")?,
+        )?;
+        Ok((out, lse))
+    }
+
+    fn attention_backward_at<E: Stored>(
+        &self,
+        (q, k, v, out, lse, dout): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+        layout: &AttentionLayout,
+        shape: AttentionShape,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let device_layout = self.attention_layout::<E>(layout)?;
+        let (q, k, v) = (
+            self.input::<E>(q)?,
+            self.input::<E>(k)?,
+            self.input::<E>(v)?,
+        );
+        let (out, dout) = (self.input::<E>(out)?, self.input::<E>(dout)?);
+        let lse = self.input::<f32>(lse)?;
+        let dq = self.alloc::<E>(q.view.len())?;
+        let dk = self.alloc::<E>(k.view.len())?;
+        let dv = self.alloc::<E>(v.view.len())?;
+        AttentionKernels::with_scratch(self.device, self.pool.clone()).backward(
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &dout,
+            &device_layout,
+            shape,
+            &mut dq.view_as::<E>("attention dq")?,
+            &mut dk.view_as::<E>("attention dk")?,
+            &mut dv.view_as::<E>("attention dv")?,
+        )?;
+        Ok((dq, dk, dv))
+    }
+
+    fn swiglu_at<E: Stored>(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (gate, up) = (self.input::<E>(gate)?, self.input::<E>(up)?);
+        let out = self.alloc::<E>(gate.view.len())?;
+        self.kernels
+            .swiglu_forward(&gate, &up, &mut out.view_as::<E>("swiglu output")?)?;
+        Ok(out)
+    }
+
+    fn swiglu_backward_at<E: Stored>(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (gate, up, dy) = (
+            self.input::<E>(gate)?,
+            self.input::<E>(up)?,
+            self.input::<E>(dy)?,
+        );
+        let dgate = self.alloc::<E>(gate.view.len())?;
+        let dup = self.alloc::<E>(up.view.len())?;
+        self.kernels.swiglu_backward(
+            &gate,
+            &up,
+            &dy,
+            &mut dgate.view_as::<E>("swiglu dgate")?,
+            &mut dup.view_as::<E>("swiglu dup")?,
+        )?;
+        Ok((dgate, dup))
+    }
+
+    fn response_scores_at<E: Stored>(
+        &self,
+        (h, head): (&Tensor, &Tensor),
+        targets: &[u32],
+        spans: &[ResponseSpan],
+        (d, vocab): (usize, usize),
+    ) -> Result<(DeviceTable, Tensor)> {
+        let rows = targets.len();
+        let device_targets = self.indices(targets)?;
+        let (h, head) = (self.input::<E>(h)?, self.input::<E>(head)?);
+        let (lse, logp_rows) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        let mut logp = logp_rows.view_as::<f32>("scoring logp")?;
+        self.scoring::<E>(vocab).forward(
+            &h,
+            &head,
+            &*device_targets,
+            d,
+            &mut lse.view_as::<f32>("scoring lse")?,
+            &mut logp,
+        )?;
+        let mut table = self.pool.lease::<f64>(self.device, 3 * spans.len())?;
+        self.kernels
+            .response_stats(&logp, &*self.spans(spans, rows)?, &mut table)?;
+        Ok((DeviceTable::new(table), lse))
+    }
+
+    fn response_scores_backward_at<E: Stored>(
+        &self,
+        (h, head, lse): (&Tensor, &Tensor, &Tensor),
+        targets: &[u32],
+        (spans, grads, scale): (&[ResponseSpan], &DeviceTable, f64),
+        (d, vocab): (usize, usize),
+        dhead: &mut Tensor,
+    ) -> Result<Tensor> {
+        let rows = targets.len();
+        let device_targets = self.indices(targets)?;
+        let (hv, head, lse) = (
+            self.input::<E>(h)?,
+            self.input::<E>(head)?,
+            self.input::<f32>(lse)?,
+        );
+        let coef_rows = self.alloc::<f32>(rows)?;
+        let mut coef = coef_rows.view_as::<f32>("scoring coefficients")?;
+        self.kernels.row_coef(
+            &*self.spans(spans, rows)?,
+            grads.values()?,
+            scale,
+            &mut coef,
+        )?;
+        let dh = self.alloc::<E>(h.len())?;
+        self.scoring::<E>(vocab).backward(
+            &hv,
+            &head,
+            &*device_targets,
+            &lse,
+            &coef,
+            d,
+            &mut dh.view_as::<E>("scoring dh")?,
+            &mut dhead.view_as::<f32>("LM head gradient")?,
+        )?;
+        Ok(dh)
     }
 }
 
@@ -265,11 +645,12 @@ impl Ops for DeviceOps<'_> {
         }
     }
 
+    /// Stored in the ops' type (bf16 rounds to nearest even).
     fn upload(&self, data: &[f32]) -> Tensor {
         self.attempt(
             "upload",
             || Self::placeholder(data.len()),
-            || self.put(data),
+            || at_storage!(self.put(data)),
         )
     }
 
@@ -277,32 +658,44 @@ impl Ops for DeviceOps<'_> {
         self.attempt("download", || vec![0.0; buf.len()], || self.host(buf))
     }
 
+    /// Always f32: zeros start accumulators (gradients, scatters).
     fn zeros(&self, len: usize) -> Tensor {
         self.attempt(
             "zeros",
             || Self::placeholder(len),
             || {
-                let mut t = self.alloc(len)?;
-                self.device.zero(&mut t)?;
+                let t = self.alloc::<f32>(len)?;
+                self.device.zero(&mut t.view_as::<f32>("zeros")?)?;
                 Ok(t)
             },
         )
     }
 
+    /// In fp32, stored back in `acc`'s type.
     fn add_assign(&self, acc: &mut Tensor, x: &Tensor) {
-        self.attempt("add_assign", || (), || self.kernels.add_assign(acc, x))
+        self.attempt(
+            "add_assign",
+            || (),
+            || {
+                let x = self.input::<f32>(x)?;
+                match acc.storage() {
+                    TensorView::F32(mut a) => self.kernels.add_assign(&mut a, &x),
+                    TensorView::Bf16(mut a) => {
+                        let sum = self.copy_as::<f32>(acc)?;
+                        let mut sum = sum.view_as::<f32>("add_assign sum")?;
+                        self.kernels.add_assign(&mut sum, &x)?;
+                        self.kernels.cast_to_bf16(&sum, &mut a)
+                    }
+                }
+            },
+        )
     }
 
     fn embedding(&self, table: &Tensor, ids: &[u32], d: usize) -> Tensor {
         self.attempt(
             "embedding",
             || Self::placeholder(ids.len() * d),
-            || {
-                let ids = self.indices(ids)?;
-                let mut out = self.alloc(ids.len() * d)?;
-                self.kernels.embedding_forward(table, &*ids, &mut out, d)?;
-                Ok(out)
-            },
+            || at_storage!(self.embedding_at(table, ids, d)),
         )
     }
 
@@ -310,10 +703,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "embedding_backward",
             || (),
-            || {
-                let ids = self.indices(ids)?;
-                self.kernels.embedding_backward(dout, &*ids, dtable, d)
-            },
+            || at_storage!(self.embedding_backward_at(dtable, dout, ids, d)),
         )
     }
 
@@ -321,7 +711,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm",
             || Self::placeholder(x.len()),
-            || Ok(self.rmsnorm_with_rstd(x, w, eps)?.0),
+            || Ok(at_storage!(self.rmsnorm_at(x, w, eps))?.0),
         )
     }
 
@@ -337,14 +727,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm_backward",
             || Self::placeholder(x.len()),
-            || {
-                // The trait keeps no statistics between the passes: recompute 1/rms.
-                let (_, rstd) = self.rmsnorm_with_rstd(x, w, eps)?;
-                let mut dx = self.alloc(x.len())?;
-                self.kernels
-                    .rmsnorm_backward(x, w, &rstd, dy, None, &mut dx, dw)?;
-                Ok(dx)
-            },
+            || at_storage!(self.rmsnorm_backward_at(x, w, dy, eps, dw)),
         )
     }
 
@@ -352,11 +735,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "matmul",
             || Self::placeholder(m * n),
-            || {
-                let mut y = self.alloc(m * n)?;
-                self.device.gemm(&Gemm::projection(m, k, n), x, w, &mut y)?;
-                Ok(y)
-            },
+            || at_storage!(self.matmul_at(x, w, (m, k, n))),
         )
     }
 
@@ -373,17 +752,11 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "matmul_backward",
             || Self::placeholder(m * k),
-            || {
-                self.device
-                    .gemm(&Gemm::projection_weight_grad(m, k, n), dy, x, dw)?;
-                let mut dx = self.alloc(m * k)?;
-                self.device
-                    .gemm(&Gemm::projection_input_grad(m, k, n), dy, w, &mut dx)?;
-                Ok(dx)
-            },
+            || at_storage!(self.matmul_backward_at((x, w, dy), (m, k, n), dw)),
         )
     }
 
+    /// In `x`'s own type.
     fn rope(
         &self,
         x: &mut Tensor,
@@ -398,8 +771,16 @@ impl Ops for DeviceOps<'_> {
             || (),
             || {
                 let positions = self.indices(positions)?;
-                self.kernels
-                    .rope(x, &*positions, heads, head_dim, theta, inverse)
+                match x.storage() {
+                    TensorView::F32(mut v) => {
+                        self.kernels
+                            .rope(&mut v, &*positions, heads, head_dim, theta, inverse)
+                    }
+                    TensorView::Bf16(mut v) => {
+                        self.kernels
+                            .rope(&mut v, &*positions, heads, head_dim, theta, inverse)
+                    }
+                }
             },
         )
     }
@@ -421,14 +802,7 @@ impl Ops for DeviceOps<'_> {
                     Self::placeholder(tokens * shape.heads),
                 )
             },
-            || {
-                let layout = self.attention_layout(layout)?;
-                let mut out = self.alloc(q.len())?;
-                let mut lse = self.alloc(tokens * shape.heads)?;
-                AttentionKernels::with_scratch(self.device, self.pool.clone())
-                    .forward(q, k, v, &layout, shape, &mut out, &mut lse)?;
-                Ok((out, lse))
-            },
+            || at_storage!(self.attention_at((q, k, v), layout, shape)),
         )
     }
 
@@ -452,16 +826,7 @@ impl Ops for DeviceOps<'_> {
                     Self::placeholder(v.len()),
                 )
             },
-            || {
-                let layout = self.attention_layout(layout)?;
-                let mut dq = self.alloc(q.len())?;
-                let mut dk = self.alloc(k.len())?;
-                let mut dv = self.alloc(v.len())?;
-                AttentionKernels::with_scratch(self.device, self.pool.clone()).backward(
-                    q, k, v, out, lse, dout, &layout, shape, &mut dq, &mut dk, &mut dv,
-                )?;
-                Ok((dq, dk, dv))
-            },
+            || at_storage!(self.attention_backward_at((q, k, v, out, lse, dout), layout, shape)),
         )
     }
 
@@ -469,11 +834,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "swiglu",
             || Self::placeholder(gate.len()),
-            || {
-                let mut out = self.alloc(gate.len())?;
-                self.kernels.swiglu_forward(gate, up, &mut out)?;
-                Ok(out)
-            },
+            || at_storage!(self.swiglu_at(gate, up)),
         )
     }
 
@@ -481,13 +842,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "swiglu_backward",
             || (Self::placeholder(gate.len()), Self::placeholder(up.len())),
-            || {
-                let mut dgate = self.alloc(gate.len())?;
-                let mut dup = self.alloc(up.len())?;
-                self.kernels
-                    .swiglu_backward(gate, up, dy, &mut dgate, &mut dup)?;
-                Ok((dgate, dup))
-            },
+            || at_storage!(self.swiglu_backward_at(gate, up, dy)),
         )
     }
 
@@ -500,17 +855,18 @@ impl Ops for DeviceOps<'_> {
             "gather_rows",
             || Self::placeholder(rows.len() * d),
             || {
+                let x = self.input::<f32>(x)?;
                 let rows_on_device = self.pool.upload(self.device, rows)?;
                 let scale = match scale {
                     Some(s) => Some(self.pool.upload(self.device, s)?),
                     None => None,
                 };
-                let mut out = self.alloc(rows.len() * d)?;
+                let out = self.alloc::<f32>(rows.len() * d)?;
                 self.moe().gather(
-                    x,
+                    &x,
                     rows_on_device.view(),
                     scale.as_ref().map(AsView::view),
-                    &mut out,
+                    &mut out.view_as::<f32>("gather_rows out")?,
                     d,
                 )?;
                 Ok(out)
@@ -518,6 +874,7 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
+    /// Stored back in `dst`'s type.
     fn scatter_add_rows(
         &self,
         dst: &mut Tensor,
@@ -536,38 +893,32 @@ impl Ops for DeviceOps<'_> {
             || {
                 let mut host_dst = self.host(dst)?;
                 CpuOps.scatter_add_rows(&mut host_dst, &self.host(src)?, rows, scale, d);
-                self.device.copy_to(dst, &host_dst)
+                self.write(dst, &host_dst)
             },
         )
     }
 
+    /// In `x`'s own type.
     fn rows(&self, x: &Tensor, start: usize, len: usize, d: usize) -> Tensor {
         self.attempt(
             "rows",
             || Self::placeholder(len * d),
-            || {
-                let mut out = self.alloc(len * d)?;
-                self.device
-                    .copy_buffer(&x.view().slice(start * d, len * d)?, &mut out)?;
-                Ok(out)
+            || match x.dtype() {
+                Dtype::F32 => self.rows_at::<f32>(x, start * d, len * d),
+                Dtype::Bf16 => self.rows_at::<bf16>(x, start * d, len * d),
             },
         )
     }
 
+    /// In the first part's type, the others cast to it.
     fn concat(&self, parts: &[Tensor]) -> Tensor {
         let total = parts.iter().map(Tensor::len).sum();
         self.attempt(
             "concat",
             || Self::placeholder(total),
-            || {
-                let out = self.alloc(total)?;
-                let mut at = 0;
-                for part in parts {
-                    self.device
-                        .copy_buffer(part, &mut out.view().slice(at, part.len())?)?;
-                    at += part.len();
-                }
-                Ok(out)
+            || match parts.first().map_or(self.storage, Tensor::dtype) {
+                Dtype::F32 => self.concat_at::<f32>(parts, total),
+                Dtype::Bf16 => self.concat_at::<bf16>(parts, total),
             },
         )
     }
@@ -576,7 +927,10 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "moe_route",
             || None,
-            || Ok(Some(self.moe().route(logits, experts, k)?)),
+            || {
+                let logits = self.input::<f32>(logits)?;
+                Ok(Some(self.moe().route(&logits, experts, k)?))
+            },
         )
     }
 
@@ -598,9 +952,11 @@ impl Ops for DeviceOps<'_> {
             "moe_permute",
             || Self::placeholder(rows * d),
             || {
-                let mut out = self.alloc(rows * d)?;
+                let x = self.input::<f32>(x)?;
+                let out = self.alloc::<f32>(rows * d)?;
+                let mut view = out.view_as::<f32>("moe_permute out")?;
                 self.moe()
-                    .permute(x, routed(routing)?, weighted, &mut out, d)?;
+                    .permute(&x, routed(routing)?, weighted, &mut view, d)?;
                 Ok(out)
             },
         )
@@ -618,9 +974,11 @@ impl Ops for DeviceOps<'_> {
             "moe_unpermute",
             || Self::placeholder(tokens * d),
             || {
-                let mut out = self.alloc(tokens * d)?;
+                let y = self.input::<f32>(y)?;
+                let out = self.alloc::<f32>(tokens * d)?;
+                let mut view = out.view_as::<f32>("moe_unpermute out")?;
                 self.moe()
-                    .unpermute(y, routed(routing)?, weighted, &mut out, d)?;
+                    .unpermute(&y, routed(routing)?, weighted, &mut view, d)?;
                 Ok(out)
             },
         )
@@ -641,7 +999,8 @@ impl Ops for DeviceOps<'_> {
             || {
                 let r = routed(routing)?;
                 let moe = self.moe();
-                let d_weights = moe.slot_dots(dout, y, r, d)?;
+                let (dout, y) = (self.input::<f32>(dout)?, self.input::<f32>(y)?);
+                let d_weights = moe.slot_dots(&dout, &y, r, d)?;
                 let row_weights = match &aux {
                     Some(a) => Some(self.row_weights(a.row_weights)?),
                     None => None,
@@ -654,8 +1013,9 @@ impl Ops for DeviceOps<'_> {
                     (Some(a), Some(b), Some(w)) => Some((b, a.coef, w)),
                     _ => None,
                 };
-                let mut dz = self.alloc(logits)?;
-                moe.route_backward(r, &d_weights, aux, &mut dz)?;
+                let dz = self.alloc::<f32>(logits)?;
+                let mut view = dz.view_as::<f32>("moe_route_backward dz")?;
+                moe.route_backward(r, &d_weights, aux, &mut view)?;
                 Ok(dz)
             },
         )
@@ -710,16 +1070,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "response_scores",
             || (DeviceTable::failed(spans.len()), Self::placeholder(rows)),
-            || {
-                let device_targets = self.indices(targets)?;
-                let (mut lse, mut logp) = (self.alloc(rows)?, self.alloc(rows)?);
-                self.scoring(vocab)
-                    .forward(h, head, &*device_targets, d, &mut lse, &mut logp)?;
-                let mut table = self.pool.lease::<f64>(self.device, 3 * spans.len())?;
-                self.kernels
-                    .response_stats(&logp, &*self.spans(spans, rows)?, &mut table)?;
-                Ok((DeviceTable::new(table), lse))
-            },
+            || at_storage!(self.response_scores_at((h, head), targets, spans, (d, vocab))),
         )
     }
 
@@ -736,31 +1087,17 @@ impl Ops for DeviceOps<'_> {
         vocab: usize,
         dhead: &mut Tensor,
     ) -> Tensor {
-        let rows = targets.len();
         self.attempt(
             "response_scores_backward",
             || Self::placeholder(h.len()),
             || {
-                let device_targets = self.indices(targets)?;
-                let mut coef = self.alloc(rows)?;
-                self.kernels.row_coef(
-                    &*self.spans(spans, rows)?,
-                    grads.values()?,
-                    scale,
-                    &mut coef,
-                )?;
-                let mut dh = self.alloc(h.len())?;
-                self.scoring(vocab).backward(
-                    h,
-                    head,
-                    &*device_targets,
-                    lse,
-                    &coef,
-                    d,
-                    &mut dh,
-                    dhead,
-                )?;
-                Ok(dh)
+                at_storage!(self.response_scores_backward_at(
+                    (h, head, lse),
+                    targets,
+                    (spans, grads, scale),
+                    (d, vocab),
+                    dhead
+                ))
             },
         )
     }

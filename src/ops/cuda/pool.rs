@@ -6,8 +6,10 @@
 //! nothing beyond it. A lease that fits nowhere adds a segment (at least double the last), so
 //! an undersized plan costs an allocation, never a failure.
 
-use super::device::{AsView, Buffer, Device, View, ALIGNMENT};
-use anyhow::Result;
+use super::device::{AsView, Buffer, Device, Float, View, ALIGNMENT};
+use crate::ops::storage::Dtype;
+use anyhow::{Context, Result};
+use half::bf16;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -206,16 +208,57 @@ enum Backing {
     },
 }
 
-/// An f32 tensor of the device model: a view and what keeps it alive.
+/// A tensor's elements on the device, in the type they are stored in.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorView {
+    F32(View<f32>),
+    Bf16(View<bf16>),
+}
+
+/// The storage types a [`Tensor`] can hold: a view of `Self` in and out of a [`TensorView`].
+pub trait Stored: Float {
+    const STORED: Dtype;
+    fn wrap(view: View<Self>) -> TensorView;
+    fn unwrap(view: TensorView) -> Option<View<Self>>;
+}
+
+impl Stored for f32 {
+    const STORED: Dtype = Dtype::F32;
+    fn wrap(view: View<f32>) -> TensorView {
+        TensorView::F32(view)
+    }
+    fn unwrap(view: TensorView) -> Option<View<f32>> {
+        match view {
+            TensorView::F32(v) => Some(v),
+            TensorView::Bf16(_) => None,
+        }
+    }
+}
+
+impl Stored for bf16 {
+    const STORED: Dtype = Dtype::Bf16;
+    fn wrap(view: View<bf16>) -> TensorView {
+        TensorView::Bf16(view)
+    }
+    fn unwrap(view: TensorView) -> Option<View<bf16>> {
+        match view {
+            TensorView::Bf16(v) => Some(v),
+            TensorView::F32(_) => None,
+        }
+    }
+}
+
+/// A tensor of the device model, f32 or bf16 (docs/numerics.md §2): a view and what keeps
+/// it alive.
 pub struct Tensor {
-    view: View<f32>,
+    view: TensorView,
     _backing: Backing,
 }
 
 impl Tensor {
-    pub fn leased(view: View<f32>, lease: Lease) -> Tensor {
+    pub fn leased<E: Stored>(view: View<E>, lease: Lease) -> Tensor {
         Tensor {
-            view,
+            view: E::wrap(view),
             _backing: Backing::Leased { _lease: lease },
         }
     }
@@ -223,29 +266,48 @@ impl Tensor {
     /// A tensor over memory that outlives it.
     pub fn borrowed(view: View<f32>) -> Tensor {
         Tensor {
-            view,
+            view: TensorView::F32(view),
             _backing: Backing::Borrowed,
         }
     }
 
     pub fn owned(buffer: Buffer<f32>) -> Tensor {
         Tensor {
-            view: buffer.view(),
+            view: TensorView::F32(buffer.view()),
             _backing: Backing::Owned { _buffer: buffer },
         }
     }
 
+    pub fn dtype(&self) -> Dtype {
+        match self.view {
+            TensorView::F32(_) => Dtype::F32,
+            TensorView::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    pub fn storage(&self) -> TensorView {
+        self.view
+    }
+
+    /// The elements as `E`, or an error naming `what` when they are stored otherwise.
+    pub fn view_as<E: Stored>(&self, what: &str) -> Result<View<E>> {
+        E::unwrap(self.view).with_context(|| {
+            format!(
+                "{what}: a {} tensor where {} was expected",
+                self.dtype().name(),
+                E::STORED.name()
+            )
+        })
+    }
+
     pub fn len(&self) -> usize {
-        self.view.len()
+        match self.view {
+            TensorView::F32(v) => v.len(),
+            TensorView::Bf16(v) => v.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.view.is_empty()
-    }
-}
-
-impl AsView<f32> for Tensor {
-    fn view(&self) -> View<f32> {
-        self.view
+        self.len() == 0
     }
 }
