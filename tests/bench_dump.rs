@@ -172,3 +172,49 @@ fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
     assert_eq!(report["first_step_loss"].as_f64(), Some(first));
     assert!(first.is_finite() && first > 0.0);
 }
+
+/// `bench step --memory` plans the step as `train --memory` does: a plan over the limit
+/// prints why, with the plan's bytes (those `contralign plan` prints), and runs nothing; one
+/// under it runs the step.
+#[test]
+fn step_under_a_memory_limit_is_planned_first() {
+    let config = format!(
+        "{}/tools/scoreboard/tiny-mistral.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bench = |memory: &str| -> serde_json::Value {
+        let out = common::contralign_ok(&[
+            "bench",
+            "step",
+            "--device",
+            "emu",
+            "--config",
+            &config,
+            "--layers",
+            "1",
+            "--groups",
+            "1",
+            "--responses",
+            "2",
+            "--prompt",
+            "5",
+            "--response-len",
+            "3",
+            "--steps",
+            "1",
+            "--gemm-size",
+            "16",
+            "--memory",
+            memory,
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let refused = bench("100KB");
+    let why = refused["out_of_memory"].as_str().unwrap();
+    assert!(why.contains("--memory is"), "{why}");
+    assert!(refused["plan_bytes"].as_u64().unwrap() > 100_000);
+    assert!(refused.get("tokens_per_s").is_none());
+    let planned = bench("1GB");
+    assert!(planned.get("out_of_memory").is_none(), "{planned}");
+    assert!(planned["tokens_per_s"].as_f64().unwrap() > 0.0);
+}

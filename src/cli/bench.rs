@@ -1,12 +1,15 @@
 //! `contralign bench`: speed measurements that print JSON, one sub-command per workload.
 
+use super::plan::parse_memory;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::engine::bench::{time_step, StepRun, StepShape};
 use contralign::engine::moe_bench::time_moe;
+use contralign::engine::DeviceEngine;
 use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
+use contralign::memory_plan::{RecomputePolicy, ReferenceSource};
 use contralign::model::layer::MoeShape;
 use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
@@ -93,6 +96,11 @@ struct StepArgs {
     /// --groups groups).
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
+    /// Plan the step for this much device memory (80GB, 79.5GiB; a bare number is GB), as
+    /// `train --memory` does: a plan that does not fit prints `{"out_of_memory": why}` and
+    /// runs nothing.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
 }
 
 fn step(a: StepArgs) -> Result<()> {
@@ -100,13 +108,35 @@ fn step(a: StepArgs) -> Result<()> {
     let mut cfg = ModelConfig::load_dir_or_file(&a.config)?;
     cfg.num_layers = a.layers;
     cfg.raw["num_hidden_layers"] = a.layers.into();
-    let device = Device::open(a.device)?;
     let shape = StepShape {
         prompt: a.prompt,
         responses: a.responses,
         response_len: a.response_len,
         groups: a.groups,
     };
+    if let Some(text) = &a.memory {
+        let memory = parse_memory(text)?;
+        // The bench's step: the engine's precision, selective recompute, a cached reference.
+        let plan = DeviceEngine::plan(
+            &cfg,
+            shape.tokens(),
+            RecomputePolicy::Selective,
+            ReferenceSource::Cached,
+        )?;
+        if let Err(why) = plan.fits(memory) {
+            let report = serde_json::json!({
+                "bench": "step",
+                "layers": cfg.num_layers,
+                "plan_bytes": plan.total(),
+                "memory": memory,
+                "out_of_memory": format!("{why:#}"),
+                "note": "the device engine stores every tensor in f32 until its bf16 stores land",
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+    }
+    let device = Device::open(a.device)?;
     let run = StepRun {
         steps: a.steps,
         gemm_size: a.gemm_size,
