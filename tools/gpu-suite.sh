@@ -383,11 +383,13 @@ has_mode() {
 rows_of() {
     local bin=$1 device=$2 python=$3 trl_python=$4 shape=$5 results=$6
     local tools=$root/tools/scoreboard dump=$results/dumps
-    local -a c_scoring c_attention c_step p_common p_scoring p_attention p_step p_moe
+    local -a c_scoring c_attention c_step c_7b p_common p_scoring p_attention p_step p_moe
     if [[ $shape == gpu ]]; then
         c_scoring=(--dtype bf16 --reps 5)
         c_attention=(--dtype bf16 --tokens 2560 --reps 5)
         c_step=(--layers "$step_layers" --groups 2 --prompt 512 --response-len 256 --steps 3)
+        # Mistral-7B's own config (bench step's default) with all its layers.
+        c_7b=(--layers 32 --groups 2 --prompt 512 --response-len 256 --steps 3)
         p_common=(--device cuda --dtype bf16)
         p_scoring=(--reps 5)
         p_attention=(--tokens 2560 --reps 5)
@@ -398,6 +400,9 @@ rows_of() {
         c_attention=(--dtype f32 --tokens 160 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
             --responses 4 --response-len 32 --reps 1 --dump "$dump/attention")
         c_step=(--config "$tools/tiny-mistral.json" --layers 2 --groups 2 --prompt 12
+            --response-len 8 --steps 1 --gemm-size 64)
+        # The baseline's 32-layer step at tiny width.
+        c_7b=(--config "$tools/tiny-mistral.json" --layers 32 --groups 2 --prompt 12
             --response-len 8 --steps 1 --gemm-size 64)
         p_common=(--device cpu --dtype fp32)
         p_scoring=(--rows 600 --vocab 96 --dim 32 --reps 1 --check "$dump/scoring")
@@ -453,8 +458,7 @@ rows_of() {
         "${nca_check[@]}" --budget-s 10 --out "$r/nca.json" || bad=1
     if has_mode "$c" step --memory; then
         step contralign-7b 35 --json "$r/contralign-7b.json" "$c" bench step \
-            --device "$device" --loss dpo --responses 2 --layers 32 --memory 80GB \
-            "${c_step[@]:2}" || bad=1
+            --device "$device" --loss dpo --responses 2 --memory 80GB "${c_7b[@]}" || bad=1
     else
         missing "$r/contralign-7b.json" "bench step --memory (a step planned under a memory limit)"
     fi
