@@ -1,8 +1,9 @@
-// AdamW in one fused pass per tensor: fp32 gradients, fp32 moments, and parameters in f32 or
-// bf16. The update is PyTorch's (decoupled weight decay, bias correction) and the arithmetic is
-// the CPU reference's (src/train/optimizer.rs) operation for operation in double, without
-// contraction into fma, so an f32 tensor gets exactly the CPU's result. The per-step constants
-// come from the host (`AdamWStep`, computed by the same Rust code as the CPU's).
+// AdamW in one fused pass over a flat store: parameters in f32 or bf16, gradients and both
+// moments f32 or bf16 (bf16 only beside bf16 parameters). The update is PyTorch's (decoupled
+// weight decay, bias correction) and the arithmetic is the CPU reference's
+// (src/ops/optimizer.rs, `update_flat`) operation for operation in double, without
+// contraction into fma, so the CPU computes the same bits. The per-step constants come from
+// the host (`AdamWStep`, computed by the same Rust code as the CPU's).
 //
 // `clip`, when not null, is grad_norm_finish's `[norm, coef]` (cuda/grad_norm.cu), read on the
 // device so that the host never waits for the norm: a non-finite norm skips the update (the
@@ -15,8 +16,13 @@
 //     the bf16 copy is the master rounded to nearest;
 //   - without: the updated value (rounded to fp32) is rounded to bf16 stochastically, up with
 //     probability equal to its distance from the lower neighbour over the gap, so that updates
-//     smaller than a bf16 ulp still move the weights on average. The random bits are a hash of
-//     (seed, step, index): a run is deterministic per seed.
+//     smaller than a bf16 ulp still move the weights on average.
+// bf16 moments are computed in fp32 as f32 moments are, used unrounded in this step's update,
+// and stored rounded stochastically. The random bits of element i of a store are
+// mix64(stream ^ i), stream = mix64(mix64(mix64(seed) ^ step) ^ store) with store 0 for the
+// weights, 1 for m and 2 for v (docs/numerics.md §7): i is the element's index in the flat
+// store, which names its tensor and its place in it, so a run is deterministic per seed and
+// the CPU's bf16-rounding mode draws the same bits.
 #include "contralign.cuh"
 
 // Matches `AdamWStep` in src/ops/cuda/kernels.rs field for field.
@@ -35,18 +41,23 @@ struct AdamWStep {
 
 namespace {
 
-// Updates m[i] and v[i] and returns the new value of parameter p.
-__device__ __forceinline__ double adamw_update(const AdamWStep& s, double p, float g, float* m,
-                                               float* v, long long i) {
+// The new moments of one element, and the parameter's new value from `p`.
+struct Updated {
+    float m;
+    float v;
+    double p;
+};
+
+__device__ __forceinline__ Updated adamw_update(const AdamWStep& s, double p, float g, float m,
+                                                float v) {
     const double gd = g;
-    const float mi = static_cast<float>(
-        __dadd_rn(__dmul_rn(s.beta1, m[i]), __dmul_rn(s.one_minus_beta1, gd)));
-    const float vi = static_cast<float>(
-        __dadd_rn(__dmul_rn(s.beta2, v[i]), __dmul_rn(__dmul_rn(s.one_minus_beta2, gd), gd)));
-    m[i] = mi;
-    v[i] = vi;
-    const double denom = __dadd_rn(__ddiv_rn(__dsqrt_rn(vi), s.bias2_sqrt), s.eps);
-    return __dsub_rn(__dmul_rn(p, s.decay), __ddiv_rn(__dmul_rn(s.step_size, mi), denom));
+    Updated u;
+    u.m = static_cast<float>(__dadd_rn(__dmul_rn(s.beta1, m), __dmul_rn(s.one_minus_beta1, gd)));
+    u.v = static_cast<float>(
+        __dadd_rn(__dmul_rn(s.beta2, v), __dmul_rn(__dmul_rn(s.one_minus_beta2, gd), gd)));
+    const double denom = __dadd_rn(__ddiv_rn(__dsqrt_rn(u.v), s.bias2_sqrt), s.eps);
+    u.p = __dsub_rn(__dmul_rn(p, s.decay), __ddiv_rn(__dmul_rn(s.step_size, u.m), denom));
+    return u;
 }
 
 // splitmix64's finalizer: a bijection of 64-bit words that mixes every input bit into every
@@ -58,6 +69,12 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
+// The random stream of one store (0 weights, 1 m, 2 v) in this step.
+__device__ __forceinline__ unsigned long long store_stream(const AdamWStep& s,
+                                                           unsigned long long store) {
+    return mix64(mix64(mix64(s.seed) ^ s.step) ^ store);
+}
+
 // x rounded to one of its two bf16 neighbours, up with probability (x - lower) / (upper -
 // lower): adding 16 uniform bits below bf16's last bit carries into it with that probability.
 // Infinities and NaN are rounded as usual.
@@ -66,6 +83,15 @@ __device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned long 
     if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(x);
     const unsigned rounded = bits + static_cast<unsigned>(random >> 48);
     return __ushort_as_bfloat16(static_cast<unsigned short>(rounded >> 16));
+}
+
+// A moment as its store keeps it: f32 as computed, bf16 rounded stochastically.
+__device__ __forceinline__ void store_moment(float* slot, float x, unsigned long long, long long) {
+    *slot = x;
+}
+__device__ __forceinline__ void store_moment(__nv_bfloat16* slot, float x,
+                                             unsigned long long stream, long long i) {
+    *slot = bf16_stochastic(x, mix64(stream ^ static_cast<unsigned long long>(i)));
 }
 
 // Whether the step goes ahead, and the gradient's factor.
@@ -81,6 +107,36 @@ __device__ __forceinline__ float clipped(float g, double coef) {
     return coef == 1.0 ? g : static_cast<float>(__dmul_rn(static_cast<double>(g), coef));
 }
 
+template <class G, class M>
+__device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ param,
+                                                float* __restrict__ master,
+                                                const G* __restrict__ grad, M* __restrict__ m,
+                                                M* __restrict__ v, long long n,
+                                                const float* __restrict__ clip,
+                                                const AdamWStep& s) {
+    double coef;
+    if (!clip_factor(clip, &coef)) return;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    const unsigned long long weights = store_stream(s, 0);
+    const unsigned long long m_stream = store_stream(s, 1);
+    const unsigned long long v_stream = store_stream(s, 2);
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+        const double old = master != nullptr ? master[i] : __bfloat162float(param[i]);
+        const Updated u =
+            adamw_update(s, old, clipped(to_f32(grad[i]), coef), to_f32(m[i]), to_f32(v[i]));
+        store_moment(&m[i], u.m, m_stream, i);
+        store_moment(&v[i], u.v, v_stream, i);
+        const float p = static_cast<float>(u.p);
+        if (master != nullptr) {
+            master[i] = p;
+            param[i] = __float2bfloat16_rn(p);
+        } else {
+            param[i] = bf16_stochastic(p, mix64(weights ^ static_cast<unsigned long long>(i)));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad,
@@ -91,33 +147,27 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += stride) {
-        param[i] = static_cast<float>(adamw_update(s, param[i], clipped(grad[i], coef), m, v, i));
+        const Updated u = adamw_update(s, param[i], clipped(grad[i], coef), m[i], v[i]);
+        m[i] = u.m;
+        v[i] = u.v;
+        param[i] = static_cast<float>(u.p);
     }
 }
 CONTRALIGN_KERNEL(adamw_f32)
 
-extern "C" __global__ void adamw_bf16(__nv_bfloat16* __restrict__ param,
-                                      float* __restrict__ master,
-                                      const float* __restrict__ grad, float* __restrict__ m,
-                                      float* __restrict__ v, long long n,
-                                      const float* __restrict__ clip, AdamWStep s) {
-    double coef;
-    if (!clip_factor(clip, &coef)) return;
-    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-    const unsigned long long stream = mix64(mix64(s.seed) ^ s.step);
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += stride) {
-        if (master != nullptr) {
-            const float p =
-                static_cast<float>(adamw_update(s, master[i], clipped(grad[i], coef), m, v, i));
-            master[i] = p;
-            param[i] = __float2bfloat16_rn(p);
-        } else {
-            const double old = __bfloat162float(param[i]);
-            const float p =
-                static_cast<float>(adamw_update(s, old, clipped(grad[i], coef), m, v, i));
-            param[i] = bf16_stochastic(p, mix64(stream ^ static_cast<unsigned long long>(i)));
-        }
+// One bf16-weight kernel per gradient type G and moment type M (suffix g<G>_m<M>).
+#define CONTRALIGN_ADAMW_BF16(suffix, G, M)                                                     \
+    extern "C" __global__ void adamw_bf16_##suffix(__nv_bfloat16* param, float* master,         \
+                                                   const G* grad, M* m, M* v, long long n,      \
+                                                   const float* clip, AdamWStep s) {            \
+        adamw_bf16_body(param, master, grad, m, v, n, clip, s);                                 \
     }
-}
-CONTRALIGN_KERNEL(adamw_bf16)
+
+CONTRALIGN_ADAMW_BF16(gf32_mf32, float, float)
+CONTRALIGN_ADAMW_BF16(gf32_mbf16, float, __nv_bfloat16)
+CONTRALIGN_ADAMW_BF16(gbf16_mf32, __nv_bfloat16, float)
+CONTRALIGN_ADAMW_BF16(gbf16_mbf16, __nv_bfloat16, __nv_bfloat16)
+CONTRALIGN_KERNEL(adamw_bf16_gf32_mf32)
+CONTRALIGN_KERNEL(adamw_bf16_gf32_mbf16)
+CONTRALIGN_KERNEL(adamw_bf16_gbf16_mf32)
+CONTRALIGN_KERNEL(adamw_bf16_gbf16_mbf16)

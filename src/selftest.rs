@@ -18,6 +18,7 @@
 //! - Ops that only move or convert values (embedding, casts) and AdamW on f32 (the CPU's
 //!   arithmetic operation for operation) must match bit for bit: bound 0.
 
+pub mod adamw_stores;
 pub mod loss;
 pub mod moe;
 
@@ -1005,6 +1006,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(adamw_exact(&k, rng, 5003)?);
     rows.extend(adamw_clipped(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
+    rows.extend(adamw_stores::rows(&k, rng, 3001)?);
     rows.extend(add_assign(&k, rng, 4099)?);
     rows.extend(fp_contraction(device, rng, 4099)?);
     rows.extend(gemms(device, rng)?);

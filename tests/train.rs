@@ -9,7 +9,7 @@ use contralign::checkpoint::read_tensors;
 use contralign::data::pairs::{to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
-use contralign::memory_plan::RecomputePolicy;
+use contralign::memory_plan::{PrecisionOptions, RecomputePolicy};
 use contralign::model::{Model, ResponseStats};
 use contralign::ops::cpu::CpuOps;
 use contralign::step;
@@ -43,6 +43,7 @@ fn options(spec: LossSpec, steps: u64) -> TrainOptions {
         warmup: Warmup::Steps(0),
         max_grad_norm: 0.0,
         max_bad_steps: 3,
+        precision: PrecisionOptions::all_f32(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `contralign bench`: speed measurements that print JSON, one sub-command per workload.
 
 use super::plan::parse_memory;
+use super::precision_args::PrecisionArgs;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
@@ -9,7 +10,7 @@ use contralign::engine::bench::{time_step, StepRun, StepShape};
 use contralign::engine::moe_bench::time_moe;
 use contralign::engine::DeviceEngine;
 use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
-use contralign::memory_plan::{RecomputePolicy, ReferenceSource};
+use contralign::memory_plan::{RecomputePolicy, ReferenceSource, StorageDtype};
 use contralign::model::layer::MoeShape;
 use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
@@ -101,9 +102,12 @@ struct StepArgs {
     /// runs nothing.
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
+    #[command(flatten)]
+    precision: PrecisionArgs,
 }
 
 fn step(a: StepArgs) -> Result<()> {
+    let precision = a.precision.options(StorageDtype::Bf16)?;
     ensure!(a.layers >= 1, "--layers must be at least 1");
     let mut cfg = ModelConfig::load_dir_or_file(&a.config)?;
     cfg.num_layers = a.layers;
@@ -122,6 +126,7 @@ fn step(a: StepArgs) -> Result<()> {
             shape.tokens(),
             RecomputePolicy::Selective,
             ReferenceSource::Cached,
+            precision,
         )?;
         if let Err(why) = plan.fits(memory) {
             let report = serde_json::json!({
@@ -130,7 +135,7 @@ fn step(a: StepArgs) -> Result<()> {
                 "plan_bytes": plan.total(),
                 "memory": memory,
                 "out_of_memory": format!("{why:#}"),
-                "note": "the device engine stores every tensor in f32 until its bf16 stores land",
+                "precision": precision.describe(),
             });
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
@@ -146,6 +151,7 @@ fn step(a: StepArgs) -> Result<()> {
             StepLoss::Nca => LossKind::Nca,
         },
         dump: a.dump.as_deref(),
+        precision,
     };
     let timing = time_step(device, &cfg, shape, run)?;
     println!("{}", serde_json::to_string_pretty(&timing)?);

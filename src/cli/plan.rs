@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use contralign::config::ModelConfig;
 use contralign::memory_plan::{
-    human_bytes, MemoryPlan, PlanOptions, RecomputePolicy, ReferenceSource,
+    human_bytes, MemoryPlan, PlanOptions, RecomputePolicy, ReferenceSource, StorageDtype,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -26,6 +26,15 @@ pub struct PlanArgs {
     micro_tokens: usize,
     #[command(flatten)]
     precision: PrecisionArgs,
+    /// What the backward recomputes of each layer. Default: selective where it fits in
+    /// memory (about 6N FLOPs per token), else full (8N).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POLICY",
+        help_heading = "Precision and memory"
+    )]
+    recompute: Option<RecomputePolicy>,
     /// Where the reference statistics come from: cached (train --ref-logps), resident
     /// (train --ref-model: its weights on the device) or none (reference-free losses).
     #[arg(long, value_enum, default_value = "cached")]
@@ -82,7 +91,7 @@ fn model_line(cfg: &ModelConfig) -> String {
 fn table(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> String {
     let o = &plan.options;
     let total = plan.total();
-    let recompute = match (args.precision.recompute, o.recompute) {
+    let recompute = match (args.recompute, o.recompute) {
         (Some(_), _) => "",
         (None, RecomputePolicy::Selective) => " (the default where it fits)",
         (None, _) => " (the default: selective does not fit)",
@@ -130,7 +139,7 @@ fn json(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> serde_json::Value {
         "model": args.model,
         "parameters": plan.parameters(),
         "options": plan.options,
-        "recompute_default": args.precision.recompute.is_none(),
+        "recompute_default": args.recompute.is_none(),
         "logits_chunk_rows": plan.logits_chunk_rows,
         "categories": plan
             .categories()
@@ -150,15 +159,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let cfg = ModelConfig::load_dir_or_file(&args.model)?;
     let options = PlanOptions {
         micro_tokens: args.micro_tokens,
-        precision: args.precision.options()?,
-        recompute: args
-            .precision
-            .recompute
-            .unwrap_or(RecomputePolicy::Selective),
+        precision: args.precision.options(StorageDtype::Bf16)?,
+        recompute: args.recompute.unwrap_or(RecomputePolicy::Selective),
         reference: args.reference,
         logits_chunk_rows: args.logits_chunk_rows,
     };
-    let plan = match args.precision.recompute {
+    let plan = match args.recompute {
         Some(_) => MemoryPlan::new(&cfg, &options)?,
         None => MemoryPlan::with_default_recompute(&cfg, &options, memory)?,
     };

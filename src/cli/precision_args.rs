@@ -1,8 +1,8 @@
-//! The precision and recompute flags of a training step, shared by `plan` and `train`.
+//! The precision flags of a training step, shared by `plan`, `train` and `bench step`.
 
 use anyhow::Result;
 use clap::Args;
-use contralign::memory_plan::{MasterWeights, PrecisionOptions, RecomputePolicy, StorageDtype};
+use contralign::memory_plan::{MasterWeights, PrecisionOptions, StorageDtype};
 use serde::Serialize;
 
 /// Precision and memory. The defaults (bf16 weights, gradients and moments, no master
@@ -13,11 +13,14 @@ use serde::Serialize;
 #[serde(rename_all = "kebab-case")]
 #[command(next_help_heading = "Precision and memory")]
 pub struct PrecisionArgs {
-    /// Storage of weights and activations. bf16: fp32 accumulation and fp32 statistics
-    /// (norms, softmax, losses). f32: every stored tensor f32 and no master copy (the device
-    /// path checked against the CPU reference exactly).
-    #[arg(long, value_enum, value_name = "DTYPE", default_value = "bf16")]
-    pub precision: StorageDtype,
+    /// Storage of weights and activations. bf16 (the default; `train --device cpu`: f32):
+    /// fp32 accumulation and fp32 statistics (norms, softmax, losses); on the CPU, the
+    /// reference's bf16-rounding mode, which rounds exactly where a device stores bf16. f32:
+    /// every stored tensor f32 and no master copy (the device path checked against the CPU
+    /// reference exactly).
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<StorageDtype>,
     /// fp32 master weights for bf16 weights. Default none: AdamW updates the bf16 weights
     /// with stochastic rounding, as llm.c does (f32 costs 4 more bytes per parameter, 29 GB
     /// for 7B).
@@ -33,15 +36,16 @@ pub struct PrecisionArgs {
     #[arg(long, value_enum, value_name = "DTYPE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grads: Option<StorageDtype>,
-    /// What the backward recomputes of each layer. Default: selective where it fits in
-    /// memory (about 6N FLOPs per token), else full (8N).
-    #[arg(long, value_enum, value_name = "POLICY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recompute: Option<RecomputePolicy>,
 }
 
 impl PrecisionArgs {
-    pub fn options(&self) -> Result<PrecisionOptions> {
-        PrecisionOptions::resolve(self.precision, self.master, self.moments, self.grads)
+    /// The options, `--precision` defaulting to `default`.
+    pub fn options(&self, default: StorageDtype) -> Result<PrecisionOptions> {
+        PrecisionOptions::resolve(
+            self.precision.unwrap_or(default),
+            self.master,
+            self.moments,
+            self.grads,
+        )
     }
 }

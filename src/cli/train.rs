@@ -3,13 +3,14 @@ use crate::cli::data_args::DataArgs;
 use crate::cli::device_args::Backend;
 use crate::cli::loss_args::InputArgs;
 use crate::cli::plan::parse_memory;
+use crate::cli::precision_args::PrecisionArgs;
 use crate::cli::size_arg::parse_size;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::parse_dtype;
 use contralign::config::ModelConfig;
 use contralign::engine::DeviceEngine;
-use contralign::memory_plan::{human_bytes, RecomputePolicy, ReferenceSource};
+use contralign::memory_plan::{human_bytes, RecomputePolicy, ReferenceSource, StorageDtype};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
@@ -132,16 +133,19 @@ pub struct TrainArgs {
     /// Where the policy trains. cpu: the reference backend. emu: the device engine in the
     /// CUDA emulator on the host (slow; for checking). cuda: the device engine on a GPU (a
     /// build with --features cuda). On emu and cuda the weights, gradients and AdamW's moments
-    /// live on the device as flat f32 buffers (zeroing, the norm and AdamW with the clipping
-    /// folded in are one launch each); attention, the LM-head scoring and the loss run there
-    /// too, MoE dispatch still on the host; a --ref-model is resident on the device beside the
-    /// policy (--ref-logps saves its memory).
+    /// live on the device as flat buffers in the types of the precision flags (zeroing, the
+    /// norm and AdamW with the clipping folded in are one launch each); attention, the
+    /// LM-head scoring, MoE dispatch and the loss run there too; a --ref-model is resident on
+    /// the device beside the policy (--ref-logps saves its memory).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Backend,
+    #[command(flatten)]
+    #[serde(flatten)]
+    precision: PrecisionArgs,
     /// The device memory the run may plan for (80GB, 79.5GiB; a bare number is GB). Default:
-    /// the GPU's memory on cuda, no limit on emu. The run's memory plan (`contralign plan`,
-    /// here with every stored tensor f32, the engine's only precision yet) must fit, or the
-    /// run stops before loading any weight, naming the flag to change.
+    /// the GPU's memory on cuda, no limit on emu. The run's memory plan (`contralign plan`
+    /// with the same flags) must fit, or the run stops before loading any weight, naming the
+    /// flag to change.
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
     /// Stop (after saving a checkpoint) when this many steps in a row have a non-finite
@@ -194,7 +198,15 @@ fn open_planned_device(
         (true, Some(_)) => ReferenceSource::Cached,
         (true, None) => ReferenceSource::Resident,
     };
-    let plan_with = |recompute| DeviceEngine::plan(&cfg, opts.micro_tokens, recompute, reference);
+    let plan_with = |recompute| {
+        DeviceEngine::plan(
+            &cfg,
+            opts.micro_tokens,
+            recompute,
+            reference,
+            opts.precision,
+        )
+    };
     if args.recompute.is_none() && !args.no_checkpointing {
         let selective = plan_with(RecomputePolicy::Selective)?;
         if memory.is_none_or(|m| selective.total() <= m) {
@@ -204,9 +216,12 @@ fn open_planned_device(
     eprintln!("recompute: {}", opts.recompute.name());
     let plan = plan_with(opts.recompute)?;
     if let Some(memory) = memory {
-        plan.fits(memory).context(
-            "the run does not fit on the device (the engine stores every tensor in f32 for now)",
-        )?;
+        plan.fits(memory).with_context(|| {
+            format!(
+                "the run ({}) does not fit on the device",
+                opts.precision.describe()
+            )
+        })?;
         eprintln!(
             "memory plan: {} of {}",
             human_bytes(plan.total()),
@@ -267,8 +282,14 @@ impl TrainArgs {
             (_, Some(r)) => Warmup::Ratio(r),
             (s, None) => Warmup::Steps(s.unwrap_or(0)),
         };
+        // The CPU is the reference: f32 unless asked for its bf16-rounding mode.
+        let default_precision = match self.device {
+            Backend::Cpu => StorageDtype::F32,
+            Backend::Emu | Backend::Cuda => StorageDtype::Bf16,
+        };
         Ok(TrainOptions {
             spec,
+            precision: self.precision.options(default_precision)?,
             aux_coef: 0.0,
             recompute: match (self.recompute, self.no_checkpointing) {
                 (Some(policy), _) => policy,

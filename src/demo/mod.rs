@@ -119,6 +119,7 @@ fn train_phase(
 ) -> Result<(PathBuf, f64)> {
     let policy = Model::load(&CpuOps, phase.init)?;
     let train = TrainOptions {
+        precision: crate::memory_plan::PrecisionOptions::all_f32(),
         spec: phase.spec,
         aux_coef: 0.0,
         recompute: RecomputePolicy::None,

@@ -11,7 +11,7 @@ use crate::checkpoint::{named_tensors, write_model_dir};
 use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::{LossKind, LossSpec};
-use crate::memory_plan::RecomputePolicy;
+use crate::memory_plan::{PrecisionOptions, RecomputePolicy};
 use crate::model::init::random_params;
 use crate::model::params::Params;
 use crate::model::{Model, ResponseStats};
@@ -58,6 +58,8 @@ pub struct StepRun<'a> {
     pub seed: u64,
     pub loss: LossKind,
     pub dump: Option<&'a Path>,
+    /// The engine's stores.
+    pub precision: PrecisionOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,7 +67,7 @@ pub struct StepTiming {
     pub device: String,
     pub layers: usize,
     pub parameters: usize,
-    pub precision: &'static str,
+    pub precision: String,
     pub loss: &'static str,
     pub shape: StepShape,
     pub tokens_per_step: usize,
@@ -208,6 +210,7 @@ pub fn time_step(
         seed,
         loss,
         dump,
+        precision,
     } = run;
     ensure!(
         steps >= 1 && shape.groups >= 1 && shape.responses >= 2 && shape.response_len >= 1,
@@ -253,6 +256,7 @@ pub fn time_step(
         spec: spec.clone(),
         aux_coef: cfg.default_aux_coef(),
         recompute: RecomputePolicy::Selective,
+        precision,
         budget: StepBudget::Groups(shape.groups),
         micro_tokens: shape.tokens(),
         seed,
@@ -312,7 +316,7 @@ pub fn time_step(
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum(),
-        precision: "f32",
+        precision: precision.describe(),
         loss: loss.name(),
         shape,
         tokens_per_step: tokens,
@@ -327,7 +331,7 @@ pub fn time_step(
         gemm_tflops: gemm,
         mfu_vs_measured_gemm: achieved / gemm,
         device_bytes: trainer.device_bytes().unwrap_or(0),
-        note: "the engine stores f32 and runs attention's f32 kernels; MoE dispatch and \
-               scoring still round-trip through the host",
+        note: "MoE dispatch runs f32 kernels and downloads its per-expert row counts per \
+               layer; the grouped expert GEMM is not in yet",
     })
 }

@@ -5,9 +5,11 @@
 //! micro-batches into them, takes the global norm and runs AdamW with the clipping folded in,
 //! one launch each, without any device allocation after the first step.
 //!
-//! Today it stores everything in f32 (`--precision f32`, the path that is checked against the
-//! CPU exactly); a step downloads its logged scalars, and each MoE layer its per-expert row
-//! counts (a temporary exception, docs/architecture.md §12).
+//! Each store is f32 or bf16 as the plan's precision says (docs/numerics.md §7): bf16 weights
+//! with or without an fp32 master copy, gradients and moments f32 or bf16; `--precision f32`
+//! stores everything f32, the path checked against the CPU exactly. A step downloads its
+//! logged scalars, and each MoE layer its per-expert row counts (a temporary exception,
+//! docs/architecture.md §12).
 
 pub mod bench;
 pub mod loss;
@@ -27,22 +29,35 @@ use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View};
 use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
-use crate::ops::cuda::pool::{Pool, Tensor};
+use crate::ops::cuda::pool::{Pool, Tensor, TensorView};
 use crate::ops::optimizer::AdamWConfig;
 use crate::ops::storage::Dtype;
 use crate::ops::Ops;
 use crate::step::{self, RefStats};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// The flat buffers of the arena.
+/// The flat buffers of the arena, each in the type the plan gives it.
 struct Flat {
-    weights: View<f32>,
-    grads: View<f32>,
-    exp_avg: View<f32>,
-    exp_avg_sq: View<f32>,
+    weights: TensorView,
+    /// The fp32 master copy of bf16 weights (`--master f32`).
+    master: Option<View<f32>>,
+    grads: TensorView,
+    exp_avg: TensorView,
+    exp_avg_sq: TensorView,
+}
+
+/// One AdamW update of the engine's weights.
+#[derive(Clone, Copy, Debug)]
+pub struct Update<'a> {
+    pub config: &'a AdamWConfig,
+    /// The optimizer step (1 for the first update).
+    pub step: u64,
+    pub lr: f64,
+    /// The stochastic roundings' seed (the run's).
+    pub seed: u64,
 }
 
 pub struct DeviceEngine {
@@ -59,6 +74,8 @@ pub struct DeviceEngine {
     pool: Pool,
     /// The plan's rows of one logits chunk, which the scoring holds at most.
     logits_chunk_rows: usize,
+    /// What the weights and the step's activations are stored in.
+    storage: Dtype,
     /// Owns the memory every view above points into; declared after them so that it is
     /// dropped last.
     arena: Arena,
@@ -66,19 +83,20 @@ pub struct DeviceEngine {
 }
 
 impl DeviceEngine {
-    /// The plan the engine allocates: everything f32 (the only precision it has yet), the
-    /// reference's statistics cached, or its weights resident beside the policy's.
+    /// The plan the engine allocates: the stores in `precision`, the reference's statistics
+    /// cached, or its weights resident beside the policy's.
     pub fn plan(
         cfg: &ModelConfig,
         micro_tokens: usize,
         recompute: RecomputePolicy,
         reference: ReferenceSource,
+        precision: PrecisionOptions,
     ) -> Result<MemoryPlan> {
         MemoryPlan::new(
             cfg,
             &PlanOptions {
                 micro_tokens,
-                precision: PrecisionOptions::all_f32(),
+                precision,
                 recompute,
                 reference,
                 logits_chunk_rows: None,
@@ -99,35 +117,57 @@ impl DeviceEngine {
         plan: &MemoryPlan,
     ) -> Result<Self> {
         let layout = ParamLayout::new(&policy.cfg);
-        let store = |name: &str| -> Result<u64> {
-            let region = plan
-                .region(name)
-                .with_context(|| format!("the memory plan has no region {name}"))?;
-            ensure!(
-                region.bytes == (layout.elements * size_of::<f32>()) as u64,
-                "the plan's {name} holds {} bytes, the f32 store needs {}",
-                region.bytes,
-                layout.elements * size_of::<f32>()
-            );
-            Ok(region.bytes)
-        };
-        let names = ["weights", "grads", "moments.m", "moments.v"];
-        let reference_region = "reference.weights";
+        let precision = plan.options.precision;
+        let storage = Dtype::from(precision.precision);
+        let master = precision.master_bytes() > 0;
+        let stores = [
+            ("weights", storage),
+            ("grads", precision.grads.into()),
+            ("moments.m", precision.moments.into()),
+            ("moments.v", precision.moments.into()),
+        ];
+        let reference_region = ("reference.weights", storage);
         if let Some(r) = reference {
             ensure!(
                 param_specs(&r.cfg) == param_specs(&policy.cfg),
                 "a reference model resident on the device needs the policy's tensor shapes"
             );
         }
-        let resident = names.iter().chain(reference.map(|_| &reference_region));
-        let arena_bytes = resident.map(|n| store(n)).sum::<Result<u64>>()?;
-        let mut arena = Arena::new(&device, arena_bytes as usize)?;
+        let resident: Vec<(&str, Dtype)> = stores
+            .into_iter()
+            .chain(master.then_some(("master", Dtype::F32)))
+            .chain(reference.map(|_| reference_region))
+            .collect();
+        let mut arena_bytes = 0;
+        for &(name, dtype) in &resident {
+            let region = plan
+                .region(name)
+                .with_context(|| format!("the memory plan has no region {name}"))?;
+            let bytes = layout.elements * dtype_bytes(dtype);
+            ensure!(
+                region.bytes == bytes as u64,
+                "the plan's {name} holds {} bytes, the {} store needs {bytes}",
+                region.bytes,
+                dtype.name()
+            );
+            arena_bytes += bytes;
+        }
+        let mut arena = Arena::new(&device, arena_bytes)?;
         let elements = layout.elements;
+        let mut carve =
+            |(name, dtype): (&str, Dtype)| store::carve(&mut arena, name, elements, dtype);
+        let (weights, grads) = (carve(stores[0])?, carve(stores[1])?);
+        let (exp_avg, exp_avg_sq) = (carve(stores[2])?, carve(stores[3])?);
+        let master = match master {
+            true => Some(arena.carve::<f32>("master", elements)?),
+            false => None,
+        };
         let flat = Flat {
-            weights: arena.carve(names[0], elements)?,
-            grads: arena.carve(names[1], elements)?,
-            exp_avg: arena.carve(names[2], elements)?,
-            exp_avg_sq: arena.carve(names[3], elements)?,
+            weights,
+            master,
+            grads,
+            exp_avg,
+            exp_avg_sq,
         };
         let workspace_bytes: u64 = [
             Category::KeptActivations,
@@ -138,13 +178,13 @@ impl DeviceEngine {
         .iter()
         .map(|&c| plan.category_bytes(c))
         .sum();
-        let mut weights = flat.weights;
-        device
-            .copy_to(
-                &mut weights,
-                &store::flatten(&layout, &policy.params.iter()),
-            )
+        let host_weights = store::flatten(&layout, &policy.params.iter());
+        flat.weights
+            .upload(&device, &host_weights)
             .context("uploading the policy's weights")?;
+        if let Some(mut master) = flat.master {
+            device.copy_to(&mut master, &host_weights)?;
+        }
         let model = Model {
             cfg: policy.cfg.clone(),
             params: store::params(&layout, &policy.cfg, flat.weights)?,
@@ -153,9 +193,9 @@ impl DeviceEngine {
         let grads = store::params(&layout, &policy.cfg, flat.grads)?;
         let reference = match reference {
             Some(r) => {
-                let mut weights = arena.carve(reference_region, elements)?;
-                device
-                    .copy_to(&mut weights, &store::flatten(&layout, &r.params.iter()))
+                let weights = store::carve(&mut arena, reference_region.0, elements, storage)?;
+                weights
+                    .upload(&device, &store::flatten(&layout, &r.params.iter()))
                     .context("uploading the reference model's weights")?;
                 Some(Model {
                     cfg: r.cfg.clone(),
@@ -165,13 +205,18 @@ impl DeviceEngine {
             }
             None => None,
         };
-        let norm = Kernels::new(&device).grad_norm_workspace(&[flat.grads])?;
+        let kernels = Kernels::new(&device);
+        let norm = match flat.grads {
+            TensorView::F32(g) => kernels.grad_norm_workspace(&[g])?,
+            TensorView::Bf16(g) => kernels.grad_norm_workspace(&[g])?,
+        };
         let pool = Pool::new(&device, workspace_bytes as usize)?;
         Ok(DeviceEngine {
             model,
             grads,
             reference,
             logits_chunk_rows: plan.logits_chunk_rows,
+            storage,
             layout,
             flat,
             norm,
@@ -192,8 +237,10 @@ impl DeviceEngine {
 
     /// Sets every gradient to zero: the start of a step.
     pub fn zero_grads(&self) -> Result<()> {
-        let mut grads = self.flat.grads;
-        self.device.zero(&mut grads)
+        match self.flat.grads {
+            TensorView::F32(mut g) => self.device.zero(&mut g),
+            TensorView::Bf16(mut g) => self.device.zero(&mut g),
+        }
     }
 
     /// Whether a reference model is resident on the device.
@@ -213,7 +260,7 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput<MetricTotals>> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), Dtype::F32)
+        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), self.storage)
             .with_scoring_chunk_rows(self.logits_chunk_rows);
         let resident = self
             .reference
@@ -243,57 +290,84 @@ impl DeviceEngine {
         )
     }
 
-    /// The gradients' global norm, and unless `update` is `None`, AdamW step
-    /// `update.step` with the clipping to `max_grad_norm` (0: none) folded in; a non-finite
-    /// norm skips the update on the device. Returns the norm (the step's one download).
-    pub fn finish_step(
-        &mut self,
-        update: Option<(&AdamWConfig, u64, f64)>,
-        max_grad_norm: f64,
-    ) -> Result<f64> {
+    /// The gradients' global norm, and unless `update` is `None`, that AdamW step with the
+    /// clipping to `max_grad_norm` (0: none) folded in; a non-finite norm skips the update on
+    /// the device. Returns the norm (the step's one download).
+    pub fn finish_step(&mut self, update: Option<Update>, max_grad_norm: f64) -> Result<f64> {
         let kernels = Kernels::new(&self.device);
         let norm_and_coef = kernels.grad_norm(&self.norm, max_grad_norm as f32)?;
-        if let Some((config, step, lr)) = update {
-            let (mut weights, mut m, mut v) =
-                (self.flat.weights, self.flat.exp_avg, self.flat.exp_avg_sq);
-            kernels.adamw_f32(
-                &mut weights,
-                &self.flat.grads,
-                &mut m,
-                &mut v,
-                Some(norm_and_coef),
-                &AdamWStep::new(config, step, lr, 0),
-            )?;
+        if let Some(u) = update {
+            let step = AdamWStep::new(u.config, u.step, u.lr, u.seed);
+            adamw(&kernels, &self.flat, Some(norm_and_coef), &step)?;
         }
         let norm = self.device.download(&norm_and_coef.slice(0, 1)?)?[0];
         Ok(norm as f64)
     }
 
-    /// The weights, in checkpoint order.
+    /// The weights, in checkpoint order: the fp32 master copy when there is one.
     pub fn weights(&self) -> Result<Vec<Vec<f32>>> {
-        Ok(store::split(
-            &self.layout,
-            &self.device.download(&self.flat.weights)?,
-        ))
+        let flat = match self.flat.master {
+            Some(master) => self.device.download(&master)?,
+            None => self.flat.weights.download(&self.device)?,
+        };
+        Ok(store::split(&self.layout, &flat))
     }
 
     /// AdamW's first and second moments, in checkpoint order.
     pub fn moments(&self) -> Result<Moments> {
         let layout = &self.layout;
         Ok((
-            store::split(layout, &self.device.download(&self.flat.exp_avg)?),
-            store::split(layout, &self.device.download(&self.flat.exp_avg_sq)?),
+            store::split(layout, &self.flat.exp_avg.download(&self.device)?),
+            store::split(layout, &self.flat.exp_avg_sq.download(&self.device)?),
         ))
     }
 
-    /// Replaces the moments (a resume).
+    /// Replaces the moments (a resume), rounded to their store's type.
     pub fn set_moments(&mut self, exp_avg: &[Vec<f32>], exp_avg_sq: &[Vec<f32>]) -> Result<()> {
-        let (mut m, mut v) = (self.flat.exp_avg, self.flat.exp_avg_sq);
         let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();
         let v_host: Vec<&Vec<f32>> = exp_avg_sq.iter().collect();
-        self.device
-            .copy_to(&mut m, &store::flatten(&self.layout, &m_host))?;
-        self.device
-            .copy_to(&mut v, &store::flatten(&self.layout, &v_host))
+        self.flat
+            .exp_avg
+            .upload(&self.device, &store::flatten(&self.layout, &m_host))?;
+        self.flat
+            .exp_avg_sq
+            .upload(&self.device, &store::flatten(&self.layout, &v_host))
+    }
+}
+
+fn dtype_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
+    }
+}
+
+/// The AdamW launch for the stores' types.
+fn adamw(k: &Kernels, flat: &Flat, clip: Option<View<f32>>, step: &AdamWStep) -> Result<()> {
+    use TensorView::{Bf16, F32};
+    let (g, m, v) = (flat.grads, flat.exp_avg, flat.exp_avg_sq);
+    match flat.weights {
+        F32(mut w) => match (g, m, v) {
+            (F32(g), F32(mut m), F32(mut v)) => k.adamw_f32(&mut w, &g, &mut m, &mut v, clip, step),
+            _ => bail!("f32 weights take f32 gradients and moments"),
+        },
+        Bf16(mut w) => {
+            let master = flat.master;
+            match (g, m, v) {
+                (F32(g), F32(mut m), F32(mut v)) => {
+                    k.adamw_bf16(&mut w, master, &g, &mut m, &mut v, clip, step)
+                }
+                (F32(g), Bf16(mut m), Bf16(mut v)) => {
+                    k.adamw_bf16(&mut w, master, &g, &mut m, &mut v, clip, step)
+                }
+                (Bf16(g), F32(mut m), F32(mut v)) => {
+                    k.adamw_bf16(&mut w, master, &g, &mut m, &mut v, clip, step)
+                }
+                (Bf16(g), Bf16(mut m), Bf16(mut v)) => {
+                    k.adamw_bf16(&mut w, master, &g, &mut m, &mut v, clip, step)
+                }
+                _ => bail!("the two moments take one type"),
+            }
+        }
     }
 }

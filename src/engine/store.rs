@@ -1,19 +1,28 @@
 //! The flat parameter store on a device: the tensors of a [`ParamLayout`] (every tensor of the
 //! model as one span of a single flat buffer, under its checkpoint name) as views, and the
 //! moves between host tensors in checkpoint order and the flat buffers. Weights, gradients and
-//! both AdamW moments are each one such buffer, so zeroing, the global norm, clipping and AdamW
-//! are one launch over the whole model (llm.c's layout), while checkpoints still see Hugging
-//! Face names and shapes.
+//! both AdamW moments are each one such buffer, f32 or bf16 (docs/numerics.md §7), so zeroing,
+//! the global norm, clipping and AdamW are one launch over the whole model (llm.c's layout),
+//! while checkpoints still see Hugging Face names and shapes.
 
 use crate::config::ModelConfig;
 use crate::memory_plan::layout::ParamLayout;
 use crate::model::params::Params;
-use crate::ops::cuda::device::View;
-use crate::ops::cuda::pool::Tensor;
+use crate::ops::cuda::device::Arena;
+use crate::ops::cuda::pool::{Tensor, TensorView};
+use crate::ops::storage::Dtype;
 use anyhow::Result;
 
+/// A flat store of `elements` of `dtype`, the next region of `arena`, under `name`.
+pub fn carve(arena: &mut Arena, name: &str, elements: usize, dtype: Dtype) -> Result<TensorView> {
+    Ok(match dtype {
+        Dtype::F32 => TensorView::F32(arena.carve(name, elements)?),
+        Dtype::Bf16 => TensorView::Bf16(arena.carve(name, elements)?),
+    })
+}
+
 /// The model's tensors as views into `flat` (laid out as `layout`).
-pub fn params(layout: &ParamLayout, cfg: &ModelConfig, flat: View<f32>) -> Result<Params<Tensor>> {
+pub fn params(layout: &ParamLayout, cfg: &ModelConfig, flat: TensorView) -> Result<Params<Tensor>> {
     let mut spans = layout.spans.iter();
     Params::build(cfg, |_, _| {
         let span = spans.next().expect("one span per tensor");

@@ -11,7 +11,8 @@
 //! - gradients: `P ·` 2 or 4 (`--grads`);
 //! - moments: `moments.m` and `moments.v`, `P ·` 2 or 4 each (`--moments`);
 //! - reference weights: `P · a` for a resident reference model, else nothing;
-//! - kept activations and the recompute workspace: [`activations`];
+//! - kept activations and the recompute workspace: [`activations`], and with bf16 gradients
+//!   `grads.accumulator` `[V, d]` f32 (the f32 copy a non-GEMM accumulation adds into);
 //! - logits chunk: `logits.chunk` `[C, V]` f32 (the chunk's logits, then `dL/dlogits` in
 //!   place), `logits.rows`, `logits.d_rows` `[C, d]` (the chunk's head inputs and their
 //!   gradient), and per target token `scoring.token_logp`, `scoring.token_lse`,
@@ -304,6 +305,17 @@ impl MemoryPlan {
         }
 
         activations::add(&mut r, cfg, t, a, options.recompute)?;
+        if p.grads == StorageDtype::Bf16 {
+            // Into bf16 gradients, the accumulations that are not one GEMM (the embedding's
+            // scatter, the LM head's chunks, the norms) add in an f32 copy of the tensor,
+            // rounded back once (docs/numerics.md §7): at most a [V, d] table.
+            r.tensor(
+                "grads.accumulator".into(),
+                Category::RecomputeWorkspace,
+                &[cfg.vocab_size, cfg.hidden_size],
+                4,
+            )?;
+        }
 
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let logits = Category::LogitsChunk;

@@ -1,6 +1,7 @@
 //! AdamW as PyTorch defines it (decoupled weight decay, bias correction) and global-norm
 //! gradient clipping as `torch.nn.utils.clip_grad_norm_` does it.
 
+use crate::ops::storage::{bf16_stochastic, rounding_bits, Dtype, Store};
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
@@ -85,23 +86,103 @@ impl AdamW {
     /// `p ← p(1 − lr·wd) − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + eps)`.
     pub fn update(&mut self, params: &mut [&mut Vec<f32>], grads: &[&Vec<f32>], lr: f64) {
         self.step += 1;
-        let (b1, b2) = self.config.betas;
+        let step = FlatStep::new(&self.config, self.step, lr, 0);
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let mut stores = FlatStores {
+                weights: (p, Dtype::F32),
+                master: None,
+                grads: (g, Dtype::F32),
+                moments: (&mut self.exp_avg[i], &mut self.exp_avg_sq[i], Dtype::F32),
+                first: 0,
+            };
+            stores.update(&step, 1.0);
+        }
+    }
+}
+
+/// One AdamW step's constants and the stochastic rounding's seed, as the device kernels take
+/// them (`cuda/adamw.cu`).
+#[derive(Clone, Copy, Debug)]
+pub struct FlatStep {
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub constants: StepConstants,
+    pub seed: u64,
+    pub step: u64,
+}
+
+impl FlatStep {
+    pub fn new(config: &AdamWConfig, step: u64, lr: f64, seed: u64) -> Self {
+        FlatStep {
+            betas: config.betas,
+            eps: config.eps,
+            constants: config.step_constants(step, lr),
+            seed,
+            step,
+        }
+    }
+}
+
+/// One stretch of a flat parameter store on the host, each part with the type it stands for
+/// (its values are representable in it): what the device's AdamW kernels update, element for
+/// element, in the CPU's bf16-rounding mode (docs/numerics.md §7).
+pub struct FlatStores<'a> {
+    pub weights: (&'a mut [f32], Dtype),
+    /// The fp32 master copy of bf16 weights.
+    pub master: Option<&'a mut [f32]>,
+    pub grads: (&'a [f32], Dtype),
+    /// `m`, `v` and their type.
+    pub moments: (&'a mut [f32], &'a mut [f32], Dtype),
+    /// The flat index of the stretch's first element (the stochastic rounding hashes it).
+    pub first: u64,
+}
+
+impl FlatStores<'_> {
+    /// The kernel's update, operation for operation in double: each gradient times `coef`
+    /// (clipping) rounded to f32, the moments in f32 (bf16 moments stored stochastically
+    /// rounded, the unrounded ones used), and the weight through the master copy (rounded to
+    /// nearest) or rounded stochastically when bf16 has none.
+    pub fn update(&mut self, step: &FlatStep, coef: f64) {
+        let (b1, b2) = step.betas;
         let StepConstants {
             step_size,
             bias2_sqrt,
             decay,
-        } = self.config.step_constants(self.step, lr);
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
-            for j in 0..p.len() {
-                let gj = g[j] as f64;
-                let mj = b1 * m[j] as f64 + (1.0 - b1) * gj;
-                let vj = b2 * v[j] as f64 + (1.0 - b2) * gj * gj;
-                m[j] = mj as f32;
-                v[j] = vj as f32;
-                let denom = (v[j] as f64).sqrt() / bias2_sqrt + self.config.eps;
-                p[j] = (p[j] as f64 * decay - step_size * m[j] as f64 / denom) as f32;
-            }
+        } = step.constants;
+        let (grads, _) = self.grads;
+        let (weights, weight_type) = (&mut *self.weights.0, self.weights.1);
+        let (m, v, moment_type) = (&mut *self.moments.0, &mut *self.moments.1, self.moments.2);
+        let draw =
+            |store, j: usize| rounding_bits(step.seed, step.step, store, self.first + j as u64);
+        for j in 0..weights.len() {
+            let g = if coef == 1.0 {
+                grads[j]
+            } else {
+                (grads[j] as f64 * coef) as f32
+            } as f64;
+            let mj = (b1 * m[j] as f64 + (1.0 - b1) * g) as f32;
+            let vj = (b2 * v[j] as f64 + (1.0 - b2) * g * g) as f32;
+            let denom = (vj as f64).sqrt() / bias2_sqrt + step.eps;
+            let old = match &self.master {
+                Some(master) => master[j] as f64,
+                None => weights[j] as f64,
+            };
+            let p = (old * decay - step_size * mj as f64 / denom) as f32;
+            (m[j], v[j]) = match moment_type {
+                Dtype::F32 => (mj, vj),
+                Dtype::Bf16 => (
+                    bf16_stochastic(mj, draw(Store::ExpAvg, j)),
+                    bf16_stochastic(vj, draw(Store::ExpAvgSq, j)),
+                ),
+            };
+            weights[j] = match (&mut self.master, weight_type) {
+                (Some(master), _) => {
+                    master[j] = p;
+                    weight_type.round(p)
+                }
+                (None, Dtype::F32) => p,
+                (None, Dtype::Bf16) => bf16_stochastic(p, draw(Store::Weights, j)),
+            };
         }
     }
 }

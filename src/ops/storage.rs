@@ -34,3 +34,38 @@ impl Dtype {
         }
     }
 }
+
+/// splitmix64's finalizer, as `cuda/adamw.cu`'s `mix64`.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Which flat store a stochastic rounding draws for: each has its own random stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Weights = 0,
+    ExpAvg = 1,
+    ExpAvgSq = 2,
+}
+
+/// The random bits of element `index` of `store` in AdamW step `step` of a run seeded `seed`
+/// (docs/numerics.md §7): the device's hash, bit for bit.
+pub fn rounding_bits(seed: u64, step: u64, store: Store, index: u64) -> u64 {
+    let stream = mix64(mix64(mix64(seed) ^ step) ^ store as u64);
+    mix64(stream ^ index)
+}
+
+/// `x` rounded to one of its bf16 neighbours, up with probability equal to its distance from
+/// the lower one over their gap, `random` giving the draw (its top 16 bits): `cuda/adamw.cu`'s
+/// `bf16_stochastic`. Infinities and NaN round to nearest.
+pub fn bf16_stochastic(x: f32, random: u64) -> f32 {
+    let bits = x.to_bits();
+    if bits & 0x7f80_0000 == 0x7f80_0000 {
+        return Dtype::Bf16.round(x);
+    }
+    let rounded = bits.wrapping_add((random >> 48) as u32);
+    f32::from_bits(rounded & 0xffff_0000)
+}

@@ -4,6 +4,7 @@
 pub mod held_out;
 pub mod plan;
 pub mod refcache;
+pub mod rounded;
 pub mod run_dir;
 pub mod schedule;
 pub mod session;

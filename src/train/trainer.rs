@@ -2,18 +2,19 @@
 //! gradients accumulate into the gradient of the mean loss over the step's groups, then
 //! clipping and AdamW. A step whose loss or gradient is not finite is skipped.
 
-use super::optimizer::{clip_global_norm, AdamW, AdamWConfig};
+use super::optimizer::{clip_global_norm, AdamW, AdamWConfig, FlatStep};
 use super::plan::{Cursor, Length, Planner, Position, StepBudget};
 use super::refcache::RefLookup;
+use super::rounded::RoundedStores;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
-use crate::engine::DeviceEngine;
+use crate::engine::{DeviceEngine, Update};
 use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
-use crate::memory_plan::RecomputePolicy;
-use crate::memory_plan::{MemoryPlan, ReferenceSource};
+use crate::memory_plan::{MemoryPlan, PrecisionOptions, RecomputePolicy, ReferenceSource};
+use crate::model::params::Params;
 use crate::model::{Model, ResponseStats, StepOptions};
-use crate::ops::cpu::CpuOps;
+use crate::ops::cpu::{CpuOps, Stored};
 use crate::ops::cuda::device::Device;
 use crate::step::{self, RefStats};
 use anyhow::{bail, Result};
@@ -34,6 +35,9 @@ pub struct TrainOptions {
     pub aux_coef: f64,
     /// What the backward recomputes of each layer's forward.
     pub recompute: RecomputePolicy,
+    /// What weights, gradients, moments and activations are stored in (docs/numerics.md §7);
+    /// on the CPU, bf16 is the reference's bf16-rounding mode.
+    pub precision: PrecisionOptions,
     pub budget: StepBudget,
     /// The most packed tokens one forward/backward holds; a step beyond it accumulates.
     pub micro_tokens: usize,
@@ -147,13 +151,21 @@ pub struct Trainer {
     /// Where the policy trains when not on the CPU; `policy` and `optimizer` then hold the
     /// state as of the last [`Trainer::sync_to_host`].
     engine: Option<DeviceEngine>,
+    /// On the CPU with bf16 stores: the bf16-rounding mode's stores.
+    rounded: Option<RoundedStores>,
+}
+
+/// A step's gradients on the CPU: f32, or in the bf16-rounding mode's stores.
+enum HostGrads {
+    Exact(Params<Vec<f32>>),
+    Rounded(Params<Stored>),
 }
 
 impl Trainer {
     /// A fresh run. `groups` are the groups the loss sees (pairs already cut).
     pub fn new(
         opts: TrainOptions,
-        policy: Model<Vec<f32>>,
+        mut policy: Model<Vec<f32>>,
         reference: Reference,
         groups: Vec<Group>,
     ) -> Result<Self> {
@@ -205,6 +217,8 @@ impl Trainer {
         let optimizer = AdamW::new(opts.adamw.clone(), &sizes);
         let cursor = Cursor::new(&planner, Position::default());
         let data_hash = super::refcache::data_hash(&groups);
+        let rounded = (opts.precision != PrecisionOptions::all_f32())
+            .then(|| RoundedStores::new(opts.precision, &mut policy));
         Ok(Trainer {
             opts,
             policy,
@@ -218,6 +232,7 @@ impl Trainer {
             bad_steps_in_a_row: 0,
             data_hash,
             engine: None,
+            rounded,
         })
     }
 
@@ -292,6 +307,7 @@ impl Trainer {
             self.opts.micro_tokens,
             self.opts.recompute,
             self.reference_source(),
+            self.opts.precision,
         )
     }
 
@@ -315,6 +331,7 @@ impl Trainer {
         let mut engine = DeviceEngine::new(device, &self.policy, resident, &self.device_plan()?)?;
         engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
         self.engine = Some(engine);
+        self.rounded = None;
         Ok(())
     }
 
@@ -349,9 +366,19 @@ impl Trainer {
         }
         match &self.reference {
             Reference::None => bail!("no reference statistics"),
-            Reference::Model(m) => {
-                step::reference_stats(&CpuOps, &self.policy, Some(m), groups, &self.opts.spec)
-            }
+            // The bf16-rounding mode scores the reference as the engine does: in bf16.
+            Reference::Model(m) => match &self.rounded {
+                Some(stores) => step::reference_stats(
+                    &stores.ops(),
+                    &stores.model(&self.policy),
+                    Some(&stores.model(m)),
+                    groups,
+                    &self.opts.spec,
+                ),
+                None => {
+                    step::reference_stats(&CpuOps, &self.policy, Some(m), groups, &self.opts.spec)
+                }
+            },
             Reference::Cache(lookup) => Ok(Some(lookup.stats(groups)?)),
         }
     }
@@ -366,13 +393,15 @@ impl Trainer {
             recompute: self.opts.recompute,
             aux_coef: self.opts.aux_coef,
         };
-        let mut grads = match &self.engine {
-            Some(engine) => {
+        let mut grads = match (&self.engine, &self.rounded) {
+            (Some(engine), _) => {
                 engine.zero_grads()?;
                 None
             }
-            None => Some(self.policy.zeros_like(&CpuOps)),
+            (None, Some(stores)) => Some(HostGrads::Rounded(stores.zero_grads(&self.policy))),
+            (None, None) => Some(HostGrads::Exact(self.policy.zeros_like(&CpuOps))),
         };
+        let rounded_policy = self.rounded.as_ref().map(|s| s.model(&self.policy));
         let (mut loss, mut aux) = (0.0, None::<f64>);
         let mut metrics = MetricTotals::default();
         let mut first = 0;
@@ -387,20 +416,27 @@ impl Trainer {
             // The step's loss is the mean over its groups: each micro-batch's mean counts
             // in proportion to its groups, and so does its gradient.
             let share = groups.len() as f64 / n;
+            let (spec, reference) = (&self.opts.spec, RefStats::from_host(refs.as_deref()));
             let out = match (&mut self.engine, &mut grads) {
-                (Some(engine), _) => engine.accumulate(
-                    refs.as_deref(),
-                    groups,
-                    &self.opts.spec,
-                    &step_opts,
-                    share,
-                )?,
-                (None, Some(grads)) => step::accumulate_grads(
+                (Some(engine), _) => {
+                    engine.accumulate(refs.as_deref(), groups, spec, &step_opts, share)?
+                }
+                (None, Some(HostGrads::Exact(grads))) => step::accumulate_grads(
                     &CpuOps,
                     &self.policy,
-                    RefStats::from_host(refs.as_deref()),
+                    reference,
                     groups,
-                    &self.opts.spec,
+                    spec,
+                    &step_opts,
+                    share,
+                    grads,
+                )?,
+                (None, Some(HostGrads::Rounded(grads))) => step::accumulate_grads(
+                    &self.rounded.as_ref().expect("rounded stores").ops(),
+                    rounded_policy.as_ref().expect("made with the stores"),
+                    reference,
+                    groups,
+                    spec,
                     &step_opts,
                     share,
                     grads,
@@ -414,26 +450,41 @@ impl Trainer {
             metrics.merge(out.metrics);
         }
         let lr = self.schedule.lr_at(self.step);
+        // The update runs unless the loss or the gradient is not finite (the engine checks
+        // the gradient's norm on the device).
+        let update = Update {
+            config: &self.opts.adamw,
+            step: self.optimizer.step + 1,
+            lr,
+            seed: self.opts.seed,
+        };
         let (grad_norm, skipped) = match (&mut self.engine, grads) {
             (Some(engine), _) => {
-                // The update runs unless the loss is already known to be non-finite; a
-                // non-finite gradient norm makes the device skip it.
-                let update =
-                    loss.is_finite()
-                        .then_some((&self.opts.adamw, self.optimizer.step + 1, lr));
-                let norm = engine.finish_step(update, self.opts.max_grad_norm)?;
+                let norm = engine
+                    .finish_step(loss.is_finite().then_some(update), self.opts.max_grad_norm)?;
                 let skipped = skip_reason(loss, norm);
                 if skipped.is_none() {
                     self.optimizer.step += 1;
                 }
                 (norm, skipped)
             }
-            (None, Some(mut grads)) => {
+            (None, Some(HostGrads::Exact(mut grads))) => {
                 let norm = clip_global_norm(&mut grads.iter_mut(), self.opts.max_grad_norm);
                 let skipped = skip_reason(loss, norm);
                 if skipped.is_none() {
                     self.optimizer
                         .update(&mut self.policy.params.iter_mut(), &grads.iter(), lr);
+                }
+                (norm, skipped)
+            }
+            (None, Some(HostGrads::Rounded(grads))) => {
+                let (norm, coef) = RoundedStores::norm_and_coef(&grads, self.opts.max_grad_norm);
+                let skipped = skip_reason(loss, norm);
+                if skipped.is_none() {
+                    let step = FlatStep::new(update.config, update.step, lr, update.seed);
+                    let stores = self.rounded.as_ref().expect("rounded stores");
+                    stores.update(&mut self.policy, &mut self.optimizer, &grads, &step, coef);
+                    self.optimizer.step += 1;
                 }
                 (norm, skipped)
             }

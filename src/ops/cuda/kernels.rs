@@ -27,6 +27,8 @@ const NORM_PARTS: u32 = 1024;
 /// The device state of the gradient norm over a fixed set of gradient buffers
 /// ([`Kernels::grad_norm_workspace`]).
 pub struct GradNormWorkspace {
+    /// The gradients' element type, as the kernels' names spell it.
+    dtype: &'static str,
     pointers: Buffer<u64>,
     lens: Buffer<i64>,
     longest: usize,
@@ -47,7 +49,8 @@ pub struct AdamWStep {
     pub step_size: f64,
     pub bias2_sqrt: f64,
     pub decay: f64,
-    /// The stochastic rounding's random stream; give every tensor its own.
+    /// The run's seed of the stochastic roundings (docs/numerics.md §4): with the step, the
+    /// store and the element's flat index it makes every draw its own.
     pub seed: u64,
     /// The step (1 for the first update).
     pub step: u64,
@@ -396,7 +399,7 @@ impl<'a> Kernels<'a> {
     /// What [`Kernels::grad_norm`] and [`Kernels::clip`] need for `grads`, made once: the
     /// buffers' addresses and lengths on the device, the partial sums and the result, so
     /// that a step's norm allocates and uploads nothing.
-    pub fn grad_norm_workspace(&self, grads: &[View<f32>]) -> Result<GradNormWorkspace> {
+    pub fn grad_norm_workspace<E: Float>(&self, grads: &[View<E>]) -> Result<GradNormWorkspace> {
         let pointers: Vec<u64> = grads.iter().map(|b| b.device_ptr()).collect();
         let lens: Vec<i64> = grads.iter().map(|b| b.len() as i64).collect();
         let longest = grads.iter().map(|g| g.len()).max().unwrap_or(0);
@@ -404,6 +407,7 @@ impl<'a> Kernels<'a> {
             .element_blocks(longest)
             .clamp(1, NORM_PARTS.min(self.max_grid) as usize);
         Ok(GradNormWorkspace {
+            dtype: E::DTYPE,
             pointers: self.device.upload(&pointers)?,
             lens: self.device.upload(&lens)?,
             longest,
@@ -422,7 +426,7 @@ impl<'a> Kernels<'a> {
             .arg(ws.lens.device_ptr())
             .arg(ws.pointers.len() as i32)
             .arg(ws.partials.device_ptr());
-        self.launch("grad_norm_partial", parts, &args)?;
+        self.launch(&format!("grad_norm_partial_{}", ws.dtype), parts, &args)?;
         let mut args = KernelArgs::new();
         args.arg(ws.partials.device_ptr())
             .arg(parts as i32)
@@ -440,7 +444,8 @@ impl<'a> Kernels<'a> {
             .arg(ws.lens.device_ptr())
             .arg(ws.pointers.len() as i32)
             .arg(ws.norm_and_coef.device_ptr());
-        self.launch("grad_clip_scale", self.element_blocks(ws.longest), &args)
+        let kernel = format!("grad_clip_scale_{}", ws.dtype);
+        self.launch(&kernel, self.element_blocks(ws.longest), &args)
     }
 
     /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`. With `clip` (the
@@ -471,22 +476,25 @@ impl<'a> Kernels<'a> {
     }
 
     /// One AdamW step of a bf16 tensor: through its fp32 `master` copy when given (the bf16
-    /// copy rounded to nearest from it), otherwise with stochastic rounding; `clip` as for
-    /// [`Kernels::adamw_f32`].
+    /// copy rounded to nearest from it), otherwise with stochastic rounding; gradients `G`
+    /// and moments `M` each f32 or bf16 (bf16 moments rounded stochastically); `clip` as for
+    /// [`Kernels::adamw_f32`]. The random bits hash (`step.seed`, `step.step`, store, index):
+    /// give every flat store, or every tensor launched alone, its own seed.
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_bf16(
+    pub fn adamw_bf16<G: Float, M: Float>(
         &self,
         param: &mut impl AsView<bf16>,
         master: Option<View<f32>>,
-        grad: &impl AsView<f32>,
-        m: &mut impl AsView<f32>,
-        v: &mut impl AsView<f32>,
+        grad: &impl AsView<G>,
+        m: &mut impl AsView<M>,
+        v: &mut impl AsView<M>,
         clip: Option<View<f32>>,
         step: &AdamWStep,
     ) -> Result<()> {
         let (param, grad, m, v) = (param.view(), grad.view(), m.view(), v.view());
-        for b in [grad, m, v] {
-            same_len("adamw", param, b)?;
+        same_len("adamw grad", param, grad)?;
+        for b in [m, v] {
+            same_len("adamw moment", param, b)?;
         }
         if let Some(b) = master {
             same_len("adamw master", param, b)?;
@@ -500,6 +508,7 @@ impl<'a> Kernels<'a> {
             .arg(param.len() as i64)
             .arg(ptr_or_null(clip))
             .arg(*step);
-        self.launch("adamw_bf16", self.element_blocks(param.len()), &args)
+        let kernel = format!("adamw_bf16_g{}_m{}", G::DTYPE, M::DTYPE);
+        self.launch(&kernel, self.element_blocks(param.len()), &args)
     }
 }

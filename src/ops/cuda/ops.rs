@@ -205,26 +205,12 @@ impl<'a> DeviceOps<'a> {
 
     /// The elements as f32 on the host (bf16 widens exactly).
     fn host(&self, buf: &Tensor) -> Result<Vec<f32>> {
-        match buf.storage() {
-            TensorView::F32(v) => self.device.download(&v),
-            TensorView::Bf16(v) => Ok(self
-                .device
-                .download(&v)?
-                .into_iter()
-                .map(f32::from)
-                .collect()),
-        }
+        buf.storage().download(self.device)
     }
 
     /// Overwrites `dst` with `data`, rounded to `dst`'s type.
     fn write(&self, dst: &mut Tensor, data: &[f32]) -> Result<()> {
-        match dst.storage() {
-            TensorView::F32(mut v) => self.device.copy_to(&mut v, data),
-            TensorView::Bf16(mut v) => {
-                let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                self.device.copy_to(&mut v, &data)
-            }
-        }
+        dst.storage().upload(self.device, data)
     }
 
     /// `data` in a tensor of the pool stored as `E`.
@@ -324,6 +310,25 @@ impl<'a> DeviceOps<'a> {
         })
     }
 
+    /// Runs `accumulate` on `acc`'s elements as f32: in place when `acc` is f32; when it is
+    /// bf16 (a bf16 gradient store), on an f32 copy rounded back to nearest once at the end,
+    /// as the CPU's bf16-rounding mode rounds after each accumulating op.
+    fn accumulate_f32(
+        &self,
+        acc: &mut Tensor,
+        accumulate: impl FnOnce(&mut View<f32>) -> Result<()>,
+    ) -> Result<()> {
+        match acc.storage() {
+            TensorView::F32(mut a) => accumulate(&mut a),
+            TensorView::Bf16(mut a) => {
+                let sum = self.copy_as::<f32>(acc)?;
+                let mut sum = sum.view_as::<f32>("f32 accumulator")?;
+                accumulate(&mut sum)?;
+                self.kernels.cast_to_bf16(&sum, &mut a)
+            }
+        }
+    }
+
     /// Elements `start..start + len` of `x` (stored as `E`) in a tensor of their own.
     fn rows_at<E: Stored>(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let out = self.alloc::<E>(len)?;
@@ -380,15 +385,12 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(dy)?,
         );
         let dx = self.alloc::<E>(x.len())?;
-        self.kernels.rmsnorm_backward(
-            &xv,
-            &wv,
-            &rstd.view_as::<f32>("rmsnorm rstd")?,
-            &dyv,
-            None,
-            &mut dx.view_as::<E>("rmsnorm dx")?,
-            &mut dw.view_as::<f32>("rmsnorm weight gradient")?,
-        )?;
+        let rstd = rstd.view_as::<f32>("rmsnorm rstd")?;
+        let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
+        self.accumulate_f32(dw, |dw| {
+            self.kernels
+                .rmsnorm_backward(&xv, &wv, &rstd, &dyv, None, &mut dxv, dw)
+        })?;
         Ok(dx)
     }
 
@@ -414,9 +416,9 @@ impl<'a> DeviceOps<'a> {
     ) -> Result<()> {
         let ids = self.indices(ids)?;
         let dout = self.input::<E>(dout)?;
-        let mut dtable = dtable.view_as::<f32>("embedding gradient")?;
-        self.kernels
-            .embedding_backward(&dout, &*ids, &mut dtable, d)
+        self.accumulate_f32(dtable, |dtable| {
+            self.kernels.embedding_backward(&dout, &*ids, dtable, d)
+        })
     }
 
     fn matmul_at<E: Stored>(
@@ -447,12 +449,15 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(w)?,
             self.input::<E>(dy)?,
         );
-        self.device.gemm(
-            &Gemm::projection_weight_grad(m, k, n),
-            &dy,
-            &x,
-            &mut dw.view_as::<f32>("matmul weight gradient")?,
-        )?;
+        let weight_grad = Gemm::projection_weight_grad(m, k, n);
+        match dw.storage() {
+            // bf16 inputs accumulate into a bf16 gradient in the GEMM itself (fp32 compute,
+            // one rounding of `dw + dyᵀx`), which needs no f32 copy.
+            TensorView::Bf16(mut dw) if E::STORED == Dtype::Bf16 => {
+                self.device.gemm(&weight_grad, &dy, &x, &mut dw)?
+            }
+            _ => self.accumulate_f32(dw, |dw| self.device.gemm(&weight_grad, &dy, &x, dw))?,
+        }
         let dx = self.alloc::<E>(m * k)?;
         self.device.gemm(
             &Gemm::projection_input_grad(m, k, n),
@@ -603,16 +608,19 @@ impl<'a> DeviceOps<'a> {
             &mut coef,
         )?;
         let dh = self.alloc::<E>(h.len())?;
-        self.scoring::<E>(vocab).backward(
-            &hv,
-            &head,
-            &*device_targets,
-            &lse,
-            &coef,
-            d,
-            &mut dh.view_as::<E>("scoring dh")?,
-            &mut dhead.view_as::<f32>("LM head gradient")?,
-        )?;
+        let mut dhv = dh.view_as::<E>("scoring dh")?;
+        self.accumulate_f32(dhead, |dhead| {
+            self.scoring::<E>(vocab).backward(
+                &hv,
+                &head,
+                &*device_targets,
+                &lse,
+                &coef,
+                d,
+                &mut dhv,
+                dhead,
+            )
+        })?;
         Ok(dh)
     }
 }
@@ -678,15 +686,7 @@ impl Ops for DeviceOps<'_> {
             || (),
             || {
                 let x = self.input::<f32>(x)?;
-                match acc.storage() {
-                    TensorView::F32(mut a) => self.kernels.add_assign(&mut a, &x),
-                    TensorView::Bf16(mut a) => {
-                        let sum = self.copy_as::<f32>(acc)?;
-                        let mut sum = sum.view_as::<f32>("add_assign sum")?;
-                        self.kernels.add_assign(&mut sum, &x)?;
-                        self.kernels.cast_to_bf16(&sum, &mut a)
-                    }
-                }
+                self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
             },
         )
     }

@@ -215,6 +215,53 @@ pub enum TensorView {
     Bf16(View<bf16>),
 }
 
+impl TensorView {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            TensorView::F32(_) => Dtype::F32,
+            TensorView::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            TensorView::F32(v) => v.len(),
+            TensorView::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `offset..offset + len`, in the same type.
+    pub fn slice(&self, offset: usize, len: usize) -> Result<TensorView> {
+        Ok(match self {
+            TensorView::F32(v) => TensorView::F32(v.slice(offset, len)?),
+            TensorView::Bf16(v) => TensorView::Bf16(v.slice(offset, len)?),
+        })
+    }
+
+    /// The elements as f32 on the host (bf16 widens exactly).
+    pub fn download(&self, device: &Device) -> Result<Vec<f32>> {
+        match self {
+            TensorView::F32(v) => device.download(v),
+            TensorView::Bf16(v) => Ok(device.download(v)?.into_iter().map(f32::from).collect()),
+        }
+    }
+
+    /// Overwrites the elements with `data`, rounded to nearest in their type.
+    pub fn upload(&self, device: &Device, data: &[f32]) -> Result<()> {
+        match *self {
+            TensorView::F32(mut v) => device.copy_to(&mut v, data),
+            TensorView::Bf16(mut v) => {
+                let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                device.copy_to(&mut v, &data)
+            }
+        }
+    }
+}
+
 /// The storage types a [`Tensor`] can hold: a view of `Self` in and out of a [`TensorView`].
 pub trait Stored: Float {
     const STORED: Dtype;
@@ -264,9 +311,9 @@ impl Tensor {
     }
 
     /// A tensor over memory that outlives it.
-    pub fn borrowed(view: View<f32>) -> Tensor {
+    pub fn borrowed(view: TensorView) -> Tensor {
         Tensor {
-            view: TensorView::F32(view),
+            view,
             _backing: Backing::Borrowed,
         }
     }
@@ -279,10 +326,7 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> Dtype {
-        match self.view {
-            TensorView::F32(_) => Dtype::F32,
-            TensorView::Bf16(_) => Dtype::Bf16,
-        }
+        self.view.dtype()
     }
 
     pub fn storage(&self) -> TensorView {
@@ -301,10 +345,7 @@ impl Tensor {
     }
 
     pub fn len(&self) -> usize {
-        match self.view {
-            TensorView::F32(v) => v.len(),
-            TensorView::Bf16(v) => v.len(),
-        }
+        self.view.len()
     }
 
     pub fn is_empty(&self) -> bool {
