@@ -288,3 +288,33 @@ fn attention_at_mistral_head_shapes_matches_the_cpu_and_repeats_its_bits() {
         "the backward's bits differ between runs"
     );
 }
+
+/// An upload returns once its data is staged in pinned memory and the copy runs later on the
+/// stream: the host may change or drop its data at once, and an upload longer than both
+/// staging halves (8 MiB each, reused as their copies finish) arrives whole.
+#[test]
+#[ignore = "needs a GPU: tools/gpu-suite.sh runs it with --ignored"]
+fn uploads_are_staged_so_the_host_may_reuse_its_data_at_once() {
+    let device = gpu();
+    let seed = fresh_seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    // 20 MB: two and a half halves, so the first half is reused while the second copies.
+    let n = 5_000_003;
+    let given: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let mut host = given.clone();
+    let first = device.upload(&host).unwrap();
+    host.iter_mut().for_each(|x| *x = -*x);
+    let second = device.upload(&host).unwrap();
+    drop(host);
+    let small = device.upload(&[7.0f32, 8.0, 9.0]).unwrap();
+    assert!(
+        device.download(&first).unwrap() == given,
+        "seed {seed}: the first upload"
+    );
+    let negated: Vec<f32> = given.iter().map(|x| -x).collect();
+    assert!(
+        device.download(&second).unwrap() == negated,
+        "seed {seed}: the second upload"
+    );
+    assert_eq!(device.download(&small).unwrap(), [7.0, 8.0, 9.0]);
+}

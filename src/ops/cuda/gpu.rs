@@ -2,10 +2,13 @@
 //! raw bindings, with libcuda loaded at run time, so that building needs no CUDA libraries and
 //! a machine without a driver gets an error instead of a failed start.
 //!
-//! One device, its primary context, the legacy default stream (allocations, launches, copies
-//! and frees run in the order they are issued, so a temporary buffer may be dropped right
-//! after the launch that uses it), every module of [`super::ptx`] loaded when the device
-//! opens.
+//! One device, its primary context and one non-blocking stream that everything runs on
+//! (allocations, launches, copies, GEMMs and frees in the order they are issued, so a
+//! temporary buffer may be dropped right after the launch that uses it; no implicit
+//! synchronization with the legacy default stream or anything else in the process), every
+//! module of [`super::ptx`] loaded when the device opens. Uploads are asynchronous: the host
+//! data is copied into one of two pinned staging halves and the DMA from it is queued on the
+//! stream, so the host goes on while it runs; a half is reused once its last copy is done.
 
 use super::emu::{KernelArgs, LaunchConfig};
 use super::gemm::{Gemm, Op};
@@ -15,7 +18,7 @@ use cudarc::cublas;
 use cudarc::driver::{result, sys, DriverError};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 fn driver_error(e: DriverError) -> anyhow::Error {
     use sys::cudaError_enum as E;
@@ -55,10 +58,12 @@ fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-/// What every buffer keeps alive: the context, current on whichever thread frees memory.
+/// What every buffer keeps alive: the context, current on whichever thread frees memory, and
+/// the stream its work is ordered on.
 struct PrimaryContext {
     device: sys::CUdevice,
     context: sys::CUcontext,
+    stream: sys::CUstream,
 }
 
 impl PrimaryContext {
@@ -70,6 +75,11 @@ impl PrimaryContext {
 
 impl Drop for PrimaryContext {
     fn drop(&mut self) {
+        if self.bind().is_ok() {
+            // SAFETY: created in Gpu::open, destroyed once, after every buffer freed on it
+            // (they hold this context); queued work still completes.
+            let _ = unsafe { result::stream::destroy(self.stream) };
+        }
         // SAFETY: retained in Gpu::open from this device; released once.
         let _ = unsafe { result::primary_ctx::release(self.device) };
     }
@@ -100,12 +110,12 @@ impl Drop for Allocation {
             // SAFETY: allocated by malloc_async in this context and freed once, in stream
             // order: after every launch queued before the drop, which may still use it. A
             // failure here (a context broken by a failed kernel) leaves nothing to recover.
-            let _ = unsafe { result::free_async(self.ptr, result::stream::null()) };
+            let _ = unsafe { result::free_async(self.ptr, self.context.stream) };
         }
     }
 }
 
-/// A cuBLAS handle on the legacy default stream, the one every launch and copy uses.
+/// A cuBLAS handle on the context's stream, the one every launch and copy uses.
 struct Blas {
     handle: cublas::sys::cublasHandle_t,
     context: Arc<PrimaryContext>,
@@ -123,7 +133,11 @@ impl Blas {
         context.bind()?;
         let handle = cublas::result::create_handle()
             .map_err(|e| anyhow!("cuBLAS: creating a handle: {e:?}"))?;
-        Ok(Blas { handle, context })
+        let blas = Blas { handle, context };
+        // SAFETY: a live handle and the context's live stream (the same handle type).
+        unsafe { cublas::result::set_stream(blas.handle, blas.context.stream as _) }
+            .map_err(|e| anyhow!("cuBLAS: setting the stream: {e:?}"))?;
+        Ok(blas)
     }
 }
 
@@ -157,6 +171,77 @@ fn blas_op(op: Op) -> cublas::sys::cublasOperation_t {
     }
 }
 
+/// Bytes of each pinned staging half: large enough that a copy's fixed cost is small against
+/// its transfer, small enough to pin without notice.
+const STAGING_HALF_BYTES: usize = 8 << 20;
+
+/// Pinned host memory that uploads go through, in two halves: the host fills one while the
+/// copy from the other runs. Each half's event marks the end of the last copy that read it.
+struct Staging {
+    halves: [(*mut u8, sys::CUevent); 2],
+    next: usize,
+    context: Arc<PrimaryContext>,
+}
+
+impl Staging {
+    fn new(context: Arc<PrimaryContext>) -> Result<Staging> {
+        context.bind()?;
+        let half = || -> Result<(*mut u8, sys::CUevent)> {
+            // SAFETY: the context is current; freed once in Drop.
+            let ptr = unsafe { result::malloc_host(STAGING_HALF_BYTES, 0) }
+                .map_err(driver_error)
+                .context("pinning the upload staging memory")?;
+            let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(driver_error)?;
+            Ok((ptr.cast(), event))
+        };
+        Ok(Staging {
+            halves: [half()?, half()?],
+            next: 0,
+            context,
+        })
+    }
+
+    /// Queues the copy of `src` to `dst` on the stream and returns once `src` is staged.
+    fn upload(&mut self, dst: u64, src: &[u8]) -> Result<()> {
+        for (i, chunk) in src.chunks(STAGING_HALF_BYTES).enumerate() {
+            let (ptr, event) = self.halves[self.next];
+            self.next ^= 1;
+            // SAFETY: `ptr` holds STAGING_HALF_BYTES pinned bytes, no copy still reads them
+            // once `event` (recorded after the last one, or never) has completed, and the
+            // device layer checked that `dst` holds `src.len()` bytes.
+            unsafe {
+                result::event::synchronize(event).map_err(driver_error)?;
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), ptr, chunk.len());
+                let staged = std::slice::from_raw_parts(ptr, chunk.len());
+                let at = dst + (i * STAGING_HALF_BYTES) as u64;
+                result::memcpy_htod_async(at, staged, self.context.stream).map_err(driver_error)?;
+                result::event::record(event, self.context.stream).map_err(driver_error)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.context.bind().is_ok() {
+            for (ptr, event) in self.halves {
+                // SAFETY: made in Staging::new, freed once, after the copies that read them.
+                unsafe {
+                    let _ = result::event::synchronize(event);
+                    let _ = result::event::destroy(event);
+                    let _ = result::free_host(ptr.cast());
+                }
+            }
+        }
+    }
+}
+
+// SAFETY: the pinned memory and events are used only behind the Gpu's mutex, with the
+// context bound.
+unsafe impl Send for Staging {}
+
 /// An open GPU with the kernels loaded.
 pub struct Gpu {
     context: Arc<PrimaryContext>,
@@ -165,6 +250,7 @@ pub struct Gpu {
     functions: HashMap<&'static str, sys::CUfunction>,
     /// Created at the first GEMM, so that the kernels run where cuBLAS is missing.
     blas: OnceLock<Result<Blas, String>>,
+    staging: Mutex<Staging>,
 }
 
 impl Gpu {
@@ -184,8 +270,22 @@ impl Gpu {
         let name = result::device::get_name(device).map_err(driver_error)?;
         // SAFETY: `device` comes from device::get.
         let context = unsafe { result::primary_ctx::retain(device) }.map_err(driver_error)?;
-        let context = Arc::new(PrimaryContext { device, context });
-        context.bind()?;
+        // SAFETY: the context was just retained.
+        unsafe { result::ctx::set_current(context) }.map_err(driver_error)?;
+        let stream = match result::stream::create(result::stream::StreamKind::NonBlocking) {
+            Ok(stream) => stream,
+            Err(e) => {
+                // SAFETY: retained above; released once.
+                let _ = unsafe { result::primary_ctx::release(device) };
+                return Err(driver_error(e)).context("creating the GPU's stream");
+            }
+        };
+        let context = Arc::new(PrimaryContext {
+            device,
+            context,
+            stream,
+        });
+        let staging = Mutex::new(Staging::new(context.clone())?);
         let attribute = |a| {
             // SAFETY: a valid device and attribute.
             unsafe { result::device::get_attribute(device, a) }.map_err(driver_error)
@@ -219,6 +319,7 @@ impl Gpu {
             capability,
             functions,
             blas: OnceLock::new(),
+            staging,
         })
     }
 
@@ -245,7 +346,7 @@ impl Gpu {
             // SAFETY: the context is current; the memory is zeroed, in stream order, before
             // anything else on the stream can read it.
             unsafe {
-                let stream = result::stream::null();
+                let stream = self.context.stream;
                 let ptr = result::malloc_async(stream, bytes).map_err(|e| {
                     if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
                         let (free, total) = result::mem_get_info().unwrap_or((0, 0));
@@ -270,15 +371,17 @@ impl Gpu {
         })
     }
 
-    /// Copies `src` to the device address `dst`, which holds at least `src.len()` bytes.
+    /// Copies `src` to the device address `dst`, which holds at least `src.len()` bytes, in
+    /// stream order; returns once `src` is staged, before the copy has run.
     pub fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
         self.context.bind()?;
-        // SAFETY: the device layer checked that `dst` holds `src.len()` bytes; the copy is
-        // synchronous.
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver_error)
+        self.staging
+            .lock()
+            .map_err(|_| anyhow!("the GPU's upload staging was poisoned by a panic"))?
+            .upload(dst, src)
     }
 
     /// Copies `dst.len()` bytes from the device address `src`, after every earlier launch.
@@ -287,11 +390,14 @@ impl Gpu {
             return self.synchronize();
         }
         self.context.bind()?;
-        // SAFETY: the device layer checked that `src` holds `dst.len()` bytes; the copy waits
-        // for earlier launches.
-        unsafe { result::memcpy_dtoh_sync(dst, src) }
-            .map_err(driver_error)
-            .context("copying from the GPU (or a kernel before it failed)")
+        // SAFETY: the device layer checked that `src` holds `dst.len()` bytes; the copy runs
+        // after earlier work on the stream, and `dst` is not touched until the stream is done.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src, self.context.stream)
+                .and_then(|()| result::stream::synchronize(self.context.stream))
+        }
+        .map_err(driver_error)
+        .context("copying from the GPU (or a kernel before it failed)")
     }
 
     /// Zeroes `bytes` at the device address `dst`, in stream order.
@@ -301,8 +407,7 @@ impl Gpu {
         }
         self.context.bind()?;
         // SAFETY: the device layer checked that `dst` holds `bytes` bytes.
-        unsafe { result::memset_d8_async(dst, 0, bytes, result::stream::null()) }
-            .map_err(driver_error)
+        unsafe { result::memset_d8_async(dst, 0, bytes, self.context.stream) }.map_err(driver_error)
     }
 
     /// # Safety
@@ -338,7 +443,7 @@ impl Gpu {
             (g.x, g.y, g.z),
             (b.x, b.y, b.z),
             config.shared_bytes,
-            result::stream::null(),
+            self.context.stream,
             &mut params,
         )
         .map_err(driver_error)
@@ -373,7 +478,7 @@ impl Gpu {
         }
         self.context.bind()?;
         // SAFETY: the callers pass two live allocations of at least `bytes` bytes.
-        unsafe { result::memcpy_dtod_async(dst, src, bytes, result::stream::null()) }
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.context.stream) }
             .map_err(driver_error)
     }
 
