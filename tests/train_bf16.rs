@@ -15,26 +15,34 @@
 //!   Adam's `|m̂/(√v̂ + ε)|` (Kingma & Ba, §2.1): per step, the two updates differ by at most
 //!   both their sizes, and each rounding to bf16 (to nearest, or to a neighbour when
 //!   stochastic) adds at most one ulp.
-//! - that the stochastic roundings are the device's: after the first step, from the same
-//!   weights, at least 99% of each bf16 store (the weights without a master copy, bf16
-//!   moments) is bit-identical, and each f32 store is within `10⁻⁴` of the CPU's in norm. A
-//!   different hash would round about half of them the other way. Later steps are not
-//!   compared bit for bit: once one weight crosses a boundary, the activations of the next
-//!   forward move by about `10⁻³`, and a stochastic rounding then flips with probability
-//!   about that times 2⁸, so identity decays step by step although both engines are right.
+//!
+//! Bit for bit they are not compared: once one stored value crosses a boundary, the next
+//! values move by about its ulp, a stochastic rounding then flips with probability about
+//! that over the gap, and identity decays (measured after one step: 81–100% of the bf16
+//! moments identical, depending on the seed). What must be exact is checked where it can
+//! be: one AdamW step of the engine from given stores against the CPU's, every store bit
+//! for bit (the last test), and each kernel against `FlatStores` (selftest).
 
 mod common;
 
 use common::{fixture, random_groups, rng};
+use contralign::engine::{DeviceEngine, Update};
 use contralign::loss::{LossKind, LossSpec};
-use contralign::memory_plan::{MasterWeights, PrecisionOptions, RecomputePolicy, StorageDtype};
+use contralign::memory_plan::{
+    MasterWeights, PrecisionOptions, RecomputePolicy, ReferenceSource, StorageDtype,
+};
+use contralign::model::params::Params;
 use contralign::model::Model;
-use contralign::ops::cpu::CpuOps;
+use contralign::ops::cpu::{CpuOps, Stored};
 use contralign::ops::cuda::device::Device;
-use contralign::train::optimizer::AdamWConfig;
+use contralign::ops::storage::Dtype;
+use contralign::train::optimizer::{AdamW, AdamWConfig, FlatStep};
 use contralign::train::plan::{Length, StepBudget};
+use contralign::train::rounded::RoundedStores;
 use contralign::train::schedule::ScheduleKind;
 use contralign::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
+use rand::rngs::StdRng;
+use rand::Rng;
 
 const STEPS: u64 = 3;
 const LR: f64 = 2e-3;
@@ -62,15 +70,26 @@ fn options(precision: PrecisionOptions) -> TrainOptions {
     }
 }
 
+/// The fixture `model` and its reference; a Mixtral routes every token to every expert, so
+/// that the routing is continuous: with top-2 of 4, a near-tie between two experts' router
+/// probabilities, which the two engines' roundings upstream can break differently, sends a
+/// token to another expert and moves its loss and gradients by O(1), a discrete change no
+/// rounding bound covers (measured: 3.6% on the gradient norm, 8% of the moments after one
+/// step, in some seeds). Top-k selection with ties is checked by selftest's `moe_*` rows.
 fn trainer(model: &str, groups: &[contralign::data::Group], opts: TrainOptions) -> Trainer {
-    let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
+    let load = |name: &str| {
+        let mut m = Model::load(&CpuOps, &fixture(name)).unwrap();
+        if let Some(moe) = m.cfg.moe.as_mut() {
+            moe.experts_per_token = moe.num_experts;
+        }
+        m
+    };
     let reference = Reference::Model(Box::new(load(&format!("{model}-ref"))));
     Trainer::new(opts, load(model), reference, groups.to_vec()).unwrap()
 }
 
-/// The steps after the first.
 fn run(trainer: &mut Trainer) -> Vec<StepRecord> {
-    (1..STEPS).map(|_| trainer.train_step().unwrap()).collect()
+    (0..STEPS).map(|_| trainer.train_step().unwrap()).collect()
 }
 
 /// The bf16 ulp of `x` (its spacing at `|x|`).
@@ -107,79 +126,12 @@ fn identical(a: &[f32], b: &[f32]) -> f64 {
     same as f64 / a.len().max(1) as f64
 }
 
-/// The relative difference of `a` from `b` in norm.
-fn norm_difference(a: &[f32], b: &[f32]) -> f64 {
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
-}
-
-/// Every store after one step: bf16 ones bit for bit, f32 ones in norm.
-fn check_stores(what: &str, precision: PrecisionOptions, cpu: &Trainer, emu: &Trainer) {
-    let flat =
-        |stores: Vec<&Vec<f32>>| -> Vec<f32> { stores.into_iter().flatten().copied().collect() };
-    let weights = match precision.master {
-        MasterWeights::None => precision.precision,
-        MasterWeights::F32 => StorageDtype::F32,
-    };
-    let stores = [
-        (
-            "weights",
-            weights,
-            flat(emu.policy.params.iter()),
-            flat(cpu.policy.params.iter()),
-        ),
-        (
-            "m",
-            precision.moments,
-            flat(emu.optimizer.exp_avg.iter().collect()),
-            flat(cpu.optimizer.exp_avg.iter().collect()),
-        ),
-        (
-            "v",
-            precision.moments,
-            flat(emu.optimizer.exp_avg_sq.iter().collect()),
-            flat(cpu.optimizer.exp_avg_sq.iter().collect()),
-        ),
-    ];
-    for (name, dtype, got, want) in stores {
-        match dtype {
-            StorageDtype::Bf16 => {
-                let share = identical(&got, &want);
-                assert!(
-                    share >= 0.99,
-                    "{what}: {:.1}% of the {name} are identical after one step",
-                    100.0 * share
-                );
-            }
-            StorageDtype::F32 => {
-                let diff = norm_difference(&got, &want);
-                assert!(
-                    diff <= 1e-4,
-                    "{what}: the {name} differ by {diff:.1e} in norm after one step"
-                );
-            }
-        }
-    }
-}
-
 fn check(model: &str, precision: PrecisionOptions, groups: &[contralign::data::Group]) {
     let what = format!("{model} {}", precision.describe());
     let mut cpu = trainer(model, groups, options(precision));
     let mut emu = trainer(model, groups, options(precision));
     emu.use_device(Device::Emu).unwrap();
-    let (mut want, mut got) = (
-        vec![cpu.train_step().unwrap()],
-        vec![emu.train_step().unwrap()],
-    );
-    emu.sync_to_host().unwrap();
-    check_stores(&what, precision, &cpu, &emu);
-    want.extend(run(&mut cpu));
-    got.extend(run(&mut emu));
+    let (want, got) = (run(&mut cpu), run(&mut emu));
     assert!(
         want.iter().any(|r| r.grad_norm > 0.05),
         "{what}: no step was clipped"
@@ -228,4 +180,99 @@ fn bf16_training_on_the_emulated_device_equals_the_cpu_rounding_mode() {
         check("tiny-mistral", precision, &groups);
     }
     check("tiny-mixtral", PrecisionOptions::default(), &groups);
+}
+
+/// One AdamW step of the engine's stores from the same weights, gradients and moments as the
+/// CPU's bf16-rounding mode: every store bit for bit, for every option. The trainers above
+/// drift apart by rounding-boundary crossings; this ties what the trainer feeds the kernel
+/// (each tensor's flat offset, the step, the run's seed, each store's stream) to what the
+/// CPU draws. No clipping: the two norms differ in their last bits.
+#[test]
+fn an_adamw_step_on_the_engine_equals_the_cpu_rounding_mode_bit_for_bit() {
+    let mut rng = rng("an_adamw_step_on_the_engine_equals_the_cpu_rounding_mode_bit_for_bit");
+    let load = || Model::load(&CpuOps, &fixture("tiny-mistral")).unwrap();
+    let policy = load();
+    let sizes: Vec<usize> = policy.params.iter().iter().map(|t| t.len()).collect();
+    let random = |rng: &mut StdRng, scale: f32| -> Vec<Vec<f32>> {
+        let mut tensor = |n: usize| (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+        sizes.iter().map(|&n| tensor(n)).collect()
+    };
+    let rounded = |mut tensors: Vec<Vec<f32>>, dtype: StorageDtype| {
+        tensors
+            .iter_mut()
+            .for_each(|t| Dtype::from(dtype).round_all(t));
+        tensors
+    };
+    let config = AdamWConfig {
+        weight_decay: 0.05,
+        ..AdamWConfig::default()
+    };
+    for precision in bf16_options() {
+        let what = precision.describe();
+        let grads = rounded(random(&mut rng, 1e-2), precision.grads);
+        let m = rounded(random(&mut rng, 1e-3), precision.moments);
+        let v = rounded(
+            random(&mut rng, 1e-5)
+                .into_iter()
+                .map(|t| t.iter().map(|x| x.abs()).collect())
+                .collect(),
+            precision.moments,
+        );
+        let (step, lr, seed) = (3, 2e-3, rng.gen());
+
+        let plan = DeviceEngine::plan(
+            &policy.cfg,
+            64,
+            RecomputePolicy::Full,
+            ReferenceSource::Cached,
+            precision,
+        )
+        .unwrap();
+        let mut engine = DeviceEngine::new(Device::Emu, &policy, None, &plan).unwrap();
+        engine.set_grads(&grads).unwrap();
+        engine.set_moments(&m, &v).unwrap();
+        let update = Update {
+            config: &config,
+            step,
+            lr,
+            seed,
+        };
+        engine.finish_step(Some(update), 0.0).unwrap();
+
+        let mut cpu = load();
+        let stores = RoundedStores::new(precision, &mut cpu);
+        let mut optimizer = AdamW::new(config.clone(), &sizes);
+        (optimizer.exp_avg, optimizer.exp_avg_sq) = (m, v);
+        let mut tensors = grads.into_iter();
+        let cpu_grads = Params::build(&cpu.cfg, |_, _| {
+            Ok(Stored {
+                values: tensors.next().expect("one gradient per tensor"),
+                dtype: precision.grads.into(),
+            })
+        })
+        .unwrap();
+        let flat_step = FlatStep::new(&config, step, lr, seed);
+        stores.update(&mut cpu, &mut optimizer, &cpu_grads, &flat_step, 1.0);
+
+        let (m, v) = engine.moments().unwrap();
+        let names = contralign::model::params::param_specs(&cpu.cfg);
+        for (store, got, want) in [
+            (
+                "weights",
+                engine.weights().unwrap(),
+                cpu.params.iter().into_iter().cloned().collect(),
+            ),
+            ("m", m, optimizer.exp_avg.clone()),
+            ("v", v, optimizer.exp_avg_sq.clone()),
+        ] {
+            for ((g, w), (name, _)) in got.iter().zip(&want).zip(&names) {
+                let same = identical(g, w);
+                assert!(
+                    same == 1.0,
+                    "{what}: {store} of {name}: {:.2}% identical",
+                    100.0 * same
+                );
+            }
+        }
+    }
 }

@@ -277,7 +277,9 @@ fn resume_on_the_emulated_device_is_exact() {
     let weights = |dir: &std::path::Path| std::fs::read(dir.join("final/model.safetensors"));
     assert!(weights(&resumed).unwrap() == weights(&straight).unwrap());
     // The device run (bf16 stores, the device's default) trains as the CPU's bf16-rounding
-    // mode does, within tests/train_bf16.rs's bound on the loss.
+    // mode does, within tests/train_bf16.rs's bound on the loss. That bound assumes the two
+    // route every token alike, which a top-2 near-tie could break (tests/train_bf16.rs); this
+    // fixed data has none.
     let cpu = train("cpu", &["--device", "cpu", "--precision", "bf16"]);
     let (d, c) = (
         metrics_without_timing(&straight),

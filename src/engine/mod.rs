@@ -322,6 +322,15 @@ impl DeviceEngine {
         ))
     }
 
+    /// Replaces the gradients, rounded to their store's type: a step's update from given
+    /// gradients (tests/train_bf16.rs compares it with the CPU's bit for bit).
+    pub fn set_grads(&mut self, grads: &[Vec<f32>]) -> Result<()> {
+        let host: Vec<&Vec<f32>> = grads.iter().collect();
+        self.flat
+            .grads
+            .upload(&self.device, &store::flatten(&self.layout, &host))
+    }
+
     /// Replaces the moments (a resume), rounded to their store's type.
     pub fn set_moments(&mut self, exp_avg: &[Vec<f32>], exp_avg_sq: &[Vec<f32>]) -> Result<()> {
         let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();
