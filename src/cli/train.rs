@@ -10,7 +10,9 @@ use clap::Args;
 use contralign::checkpoint::parse_dtype;
 use contralign::config::ModelConfig;
 use contralign::engine::DeviceEngine;
-use contralign::memory_plan::{human_bytes, RecomputePolicy, ReferenceSource, StorageDtype};
+use contralign::memory_plan::{
+    human_bytes, PrecisionOptions, RecomputePolicy, ReferenceSource, StorageDtype,
+};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
@@ -186,6 +188,7 @@ fn open_planned_device(
 ) -> Result<Device> {
     let device = Device::open(kind)?;
     eprintln!("device: {}", device.describe());
+    eprintln!("precision: {}", opts.precision.describe());
     let cfg = ModelConfig::load(&args.inputs.model)?;
     let memory = match &args.memory {
         Some(text) => Some(parse_memory(text)?),
@@ -397,7 +400,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let device = match args.device.device_kind() {
         Some(kind) => Some(open_planned_device(kind, &args, &mut opts)?),
-        None => None,
+        None => {
+            if opts.precision != PrecisionOptions::all_f32() {
+                eprintln!(
+                    "precision: {} (the CPU's bf16-rounding mode)",
+                    opts.precision.describe()
+                );
+            }
+            None
+        }
     };
     let existed = out.exists();
     let run = RunDir::create(&out)?;
