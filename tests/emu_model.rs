@@ -323,6 +323,8 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
             "attention forward bf16",
             "attention backward bf16",
             "moe route (softmax, top-k, counting sort)",
+            "moe router backward (with the aux loss)",
+            "moe load-balancing sums",
         ],
         "{table}"
     );

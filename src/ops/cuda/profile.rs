@@ -14,7 +14,7 @@ use super::emu::{self, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::moe::{DeviceRouting, MoeKernels};
-use super::pool::Pool;
+use super::pool::{Leased, Pool};
 use super::roofline::Gpu;
 use crate::ops::optimizer::AdamWConfig;
 use crate::ops::AttentionShape;
@@ -188,12 +188,7 @@ fn attention_case<E: Float>(backward: bool) -> Case {
             if !backward {
                 return problem.forward(&kernels);
             }
-            // The backward's inputs, uncounted.
-            let uncounted = Probe {
-                count: false,
-                racecheck: false,
-            };
-            emu::probed(uncounted, || problem.forward(&kernels)).0?;
+            uncounted(|| problem.forward(&kernels))?;
             problem.backward(&kernels)
         },
     )
@@ -420,11 +415,48 @@ fn rope_case<E: Float>(direction: &str, inverse: bool) -> Case {
 /// Random router logits of `s`'s tokens, routed (uncounted).
 fn routing<'a>(moe: &MoeKernels<'a>, s: &Shapes, rng: &mut StdRng) -> Result<DeviceRouting> {
     let logits = random::<f32>(moe.device, rng, s.tokens * s.experts, 4.0)?;
-    let uncounted = Probe {
+    uncounted(|| moe.route(&logits, s.experts, s.top_k))
+}
+
+/// `f`'s launches left out of the count: a case's inputs made by other kernels.
+fn uncounted<R>(f: impl FnOnce() -> R) -> R {
+    let probe = Probe {
         count: false,
         racecheck: false,
     };
-    emu::probed(uncounted, || moe.route(&logits, s.experts, s.top_k)).0
+    emu::probed(probe, f).0
+}
+
+/// A lease of `data` from `moe`'s pool.
+fn leased<T: bytemuck::Pod>(moe: &MoeKernels, data: &[T]) -> Result<Leased<T>> {
+    moe.pool.upload(moe.device, data)
+}
+
+/// Why the routing's kernels are exempt from the traffic targets.
+const PER_TOKEN_ROUTING: &str =
+    "one thread per token walks its row of E experts: strided, but T·E bytes against the row \
+     moves' T·k·d";
+
+/// A per-token routing kernel on a fresh routing, its ideal bytes a function of the tokens,
+/// experts and slots; exempt from the targets ([`PER_TOKEN_ROUTING`]).
+fn routing_case(
+    op: &str,
+    ideal: impl Fn(u64, u64, u64) -> u64 + 'static,
+    run: impl Fn(&MoeKernels, &DeviceRouting, &Shapes, &mut StdRng) -> Result<()> + 'static,
+) -> Case {
+    case(
+        op.into(),
+        move |s| {
+            let slots = (s.tokens * s.top_k) as u64;
+            (ideal(s.tokens as u64, s.experts as u64, slots), 0)
+        },
+        move |k, s, rng| {
+            let moe = MoeKernels::new(k.device, Pool::default());
+            let r = routing(&moe, s, rng)?;
+            run(&moe, &r, s, rng)
+        },
+    )
+    .excepted(PER_TOKEN_ROUTING)
 }
 
 /// A MoE row move on a fresh routing: `T` rows of `d` on one side and `T k` on the other
@@ -466,10 +498,7 @@ fn moe_cases() -> Vec<Case> {
                 moe.route(&logits, s.experts, s.top_k).map(drop)
             },
         )
-        .excepted(
-            "one thread per token walks its row of E logits: strided, but T·E bytes against the \
-             row moves' T·k·d",
-        ),
+        .excepted(PER_TOKEN_ROUTING),
         // Every token's row read once, its weighted copies written; per slot its token and
         // weight read.
         routed_case("moe permute f32", 8, |moe, r, s, rng| {
@@ -491,6 +520,34 @@ fn moe_cases() -> Vec<Case> {
             let y = random::<f32>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
             moe.slot_dots(&dout, &y, r, s.d).map(drop)
         }),
+        // The probabilities (f64), the choices, each slot's dL/dweight, each row's weight and
+        // the balance's expert counts and total read, dz written.
+        routing_case(
+            "moe router backward (with the aux loss)",
+            |t, e, slots| 12 * t * e + 12 * slots + 8 * t + 8 * (e + 1),
+            |moe, r, s, rng| {
+                let d_weights: Vec<f64> =
+                    (0..r.slots()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let d_weights = leased(moe, &d_weights)?;
+                let row_weights = leased(moe, &vec![1.0f64; s.tokens])?;
+                let mut balance = moe.balance(s.experts)?;
+                uncounted(|| moe.balance_add(&mut balance, r, &row_weights))?;
+                let mut dz = moe.device.alloc::<f32>(s.tokens * s.experts)?;
+                let aux = Some((&balance, 0.01, &row_weights));
+                moe.route_backward(r, &d_weights, aux, &mut dz)
+            },
+        ),
+        // The probabilities, the choices and each row's weight read, the sums written (the
+        // per-block partials are extra).
+        routing_case(
+            "moe load-balancing sums",
+            |t, e, slots| 8 * t * e + 4 * slots + 8 * t + 8 * (2 * e + 1),
+            |moe, r, s, _| {
+                let row_weights = leased(moe, &vec![1.0f64; s.tokens])?;
+                let mut balance = moe.balance(s.experts)?;
+                moe.balance_add(&mut balance, r, &row_weights)
+            },
+        ),
     ]
 }
 
