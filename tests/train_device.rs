@@ -72,14 +72,8 @@ fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
         let mut emu = trainer(model, &groups, opts);
         emu.use_device(Device::Emu).unwrap();
         let (want, got) = (run(&mut cpu), run(&mut emu));
-        assert!(
-            want.iter().any(|r| r.grad_norm > 0.05),
-            "{model}: no step was clipped"
-        );
+        common::assert_steps_close(model, &got, &want, 0.05, REL);
         for (g, w) in got.iter().zip(&want) {
-            assert!(w.skipped.is_none() && g.skipped.is_none());
-            common::assert_close(&format!("{model} loss"), g.loss, w.loss, REL);
-            common::assert_close(&format!("{model} grad_norm"), g.grad_norm, w.grad_norm, REL);
             // The device's metrics come from the loss kernels, combined over micro-batches.
             let beta = LossSpec::new(LossKind::Nca).beta;
             common::assert_metrics_close(model, &g.metrics, &w.metrics, REL, beta);

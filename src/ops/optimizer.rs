@@ -91,7 +91,7 @@ impl AdamW {
             let mut stores = FlatStores {
                 weights: (p, Dtype::F32),
                 master: None,
-                grads: (g, Dtype::F32),
+                grads: g,
                 moments: (&mut self.exp_avg[i], &mut self.exp_avg_sq[i], Dtype::F32),
                 first: 0,
             };
@@ -130,7 +130,8 @@ pub struct FlatStores<'a> {
     pub weights: (&'a mut [f32], Dtype),
     /// The fp32 master copy of bf16 weights.
     pub master: Option<&'a mut [f32]>,
-    pub grads: (&'a [f32], Dtype),
+    /// Values of the gradient store's type, widened exactly.
+    pub grads: &'a [f32],
     /// `m`, `v` and their type.
     pub moments: (&'a mut [f32], &'a mut [f32], Dtype),
     /// The flat index of the stretch's first element (the stochastic rounding hashes it).
@@ -149,7 +150,7 @@ impl FlatStores<'_> {
             bias2_sqrt,
             decay,
         } = step.constants;
-        let (grads, _) = self.grads;
+        let grads = self.grads;
         let (weights, weight_type) = (&mut *self.weights.0, self.weights.1);
         let (m, v, moment_type) = (&mut *self.moments.0, &mut *self.moments.1, self.moments.2);
         let draw =

@@ -48,7 +48,7 @@ impl State {
     }
 
     /// The CPU's update, in two stretches split at `split`.
-    fn cpu(&mut self, step: &FlatStep, coef: f64, grads: Dtype, moments: Dtype, split: usize) {
+    fn cpu(&mut self, step: &FlatStep, coef: f64, moments: Dtype, split: usize) {
         let State {
             weights,
             master,
@@ -74,7 +74,7 @@ impl State {
             FlatStores {
                 weights: (w, Dtype::Bf16),
                 master: ma,
-                grads: (g, grads),
+                grads: g,
                 moments: (m, v, moments),
                 first,
             }
@@ -141,7 +141,7 @@ pub fn rows(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
                 };
                 let split = (n / 3) | 1;
                 let cpu_step = FlatStep::new(&config, step, lr, seed);
-                state.cpu(&cpu_step, coef as f64, grads, moments, split);
+                state.cpu(&cpu_step, coef as f64, moments, split);
                 let mut want = state.weights.clone();
                 want.extend(state.master.iter().flatten());
                 want.extend(&state.m);

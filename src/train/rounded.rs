@@ -113,7 +113,7 @@ impl RoundedStores {
             FlatStores {
                 weights: (stored, storage),
                 master,
-                grads: (&grads[i].values, grads[i].dtype),
+                grads: &grads[i].values,
                 moments: (
                     &mut optimizer.exp_avg[i],
                     &mut optimizer.exp_avg_sq[i],

@@ -318,3 +318,26 @@ pub fn assert_metrics_close(
         );
     }
 }
+
+/// A device trainer's steps against the CPU trainer's: some step clipped at `max_grad_norm`,
+/// none skipped, each loss and gradient norm within `rel` relative.
+pub fn assert_steps_close(
+    what: &str,
+    got: &[contralign::train::trainer::StepRecord],
+    want: &[contralign::train::trainer::StepRecord],
+    max_grad_norm: f64,
+    rel: f64,
+) {
+    assert!(
+        want.iter().any(|r| r.grad_norm > max_grad_norm),
+        "{what}: no step was clipped"
+    );
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            g.skipped.is_none() && w.skipped.is_none(),
+            "{what}: a step was skipped"
+        );
+        assert_close(&format!("{what} loss"), g.loss, w.loss, rel);
+        assert_close(&format!("{what} grad_norm"), g.grad_norm, w.grad_norm, rel);
+    }
+}
