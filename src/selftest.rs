@@ -488,17 +488,21 @@ pub fn casts(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
     ])
 }
 
-/// The global norm of buffers of the given lengths, then clipping to a third of it.
-pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Row>> {
+/// The global norm of buffers of the given lengths stored as `E`, then clipping to a third of
+/// it.
+pub fn grad_norm<E: Float>(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Row>> {
     let dev = k.device;
     let grads: Vec<Vec<f32>> = lens
         .iter()
         .map(|&n| {
             let scale = 10f32.powi(rng.gen_range(-3..3));
-            random(rng, n, scale)
+            rounded::<E>(&random(rng, n, scale))
         })
         .collect();
-    let bufs: Vec<Buffer<f32>> = grads.iter().map(|g| dev.upload(g)).collect::<Result<_>>()?;
+    let bufs: Vec<Buffer<E>> = grads
+        .iter()
+        .map(|g| upload::<E>(dev, g))
+        .collect::<Result<_>>()?;
     let want_norm = global_norm(&grads.iter().collect::<Vec<_>>());
     let max_norm = (want_norm / 3.0) as f32;
     let ws = k.grad_norm_workspace(&bufs.iter().map(Buffer::view).collect::<Vec<_>>())?;
@@ -507,6 +511,7 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
 
     // Each thread's squares over every buffer (ceil(len / threads) each), the block's tree;
     // then one block adds the partials (ceil(parts / block) each, a tree); sqrt halves it.
+    // A bf16 gradient is exact in fp32, so its norm has the fp32 bound.
     let block = k.block as usize;
     let longest = lens.iter().copied().max().unwrap_or(0);
     let parts = longest
@@ -516,13 +521,13 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
     let k_sum = (per_thread + parts.div_ceil(block) + 1) as f64 + 2.0 * tree_levels(block);
     let norm_bound = k_sum / 2.0 * U + 2.0 * U;
     // coef = max_norm / (norm + 1e-6): the norm's error and two roundings; one more for the
-    // product.
+    // product, and the product's rounding to its store.
     let coef_want = max_norm as f64 / (want_norm + 1e-6);
-    let clip_bound = norm_bound + 4.0 * U;
+    let clip_bound = stored::<E>(norm_bound + 4.0 * U);
     let mut clipped_got = Vec::new();
     let mut clipped_want = Vec::new();
     for (buf, g) in bufs.iter().zip(&grads) {
-        clipped_got.extend(dev.download(buf)?);
+        clipped_got.extend(download(dev, buf)?);
         clipped_want.extend(g.iter().map(|&v| (v as f64 * coef_want) as f32));
     }
     let shape = format!(
@@ -532,7 +537,7 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
     );
     Ok(vec![
         compare(
-            "grad_norm".into(),
+            name::<E>("grad_norm"),
             shape.clone(),
             &got[..1],
             &[want_norm as f32],
@@ -540,7 +545,7 @@ pub fn grad_norm(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Result<Vec<Ro
             norm_bound,
         ),
         compare(
-            "grad_clip".into(),
+            name::<E>("grad_clip"),
             shape,
             &clipped_got,
             &clipped_want,
@@ -1002,7 +1007,8 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(rope::<f32>(&k, rng, 29, 5, 66)?);
     rows.extend(rope::<bf16>(&k, rng, 29, 5, 66)?);
     rows.extend(casts(&k, rng, 3001)?);
-    rows.extend(grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
+    rows.extend(grad_norm::<f32>(&k, rng, &[1, 4099, 31, 70001])?);
+    rows.extend(grad_norm::<bf16>(&k, rng, &[1, 4099, 31, 70001])?);
     rows.extend(adamw_exact(&k, rng, 5003)?);
     rows.extend(adamw_clipped(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);

@@ -100,7 +100,8 @@ fn kernels_pass_with_every_launch_shape() {
             rows.extend(selftest::rmsnorm::<bf16>(&k, rng, 37, 1001)?);
             rows.extend(selftest::rope::<bf16>(&k, rng, 29, 5, 66)?);
             rows.extend(selftest::casts(&k, rng, 3001)?);
-            rows.extend(selftest::grad_norm(&k, rng, &[1, 4099, 31, 70001])?);
+            rows.extend(selftest::grad_norm::<f32>(&k, rng, &[1, 4099, 31, 70001])?);
+            rows.extend(selftest::grad_norm::<bf16>(&k, rng, &[1, 4099, 31, 70001])?);
             rows.extend(selftest::adamw_exact(&k, rng, 5003)?);
             let case = ScoringCase::random(rng, 3, 9, 12, (4099, 33, 7));
             rows.extend(selftest::scoring::scoring::<f32>(&k, rng, &case)?);
