@@ -326,7 +326,14 @@ fn grad_norm_and_clipping_match_the_cpu_reference() {
     for lens in cases {
         for launch in LAYER_SHAPES {
             let k = kernels(&device, launch);
-            assert_pass(selftest::grad_norm(&k, &mut rng, lens).unwrap(), launch);
+            assert_pass(
+                selftest::grad_norm::<f32>(&k, &mut rng, lens).unwrap(),
+                launch,
+            );
+            assert_pass(
+                selftest::grad_norm::<bf16>(&k, &mut rng, lens).unwrap(),
+                launch,
+            );
         }
     }
 }
