@@ -854,17 +854,20 @@ pub fn adamw_stochastic(
     ])
 }
 
-/// `acc += x` on `n` elements: one f32 addition each, as the CPU does it (bound 0).
-pub fn add_assign(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
-    let acc = random(rng, n, 4.0);
-    let x = random(rng, n, 4.0);
-    let mut want = acc.clone();
-    CpuOps.add_assign(&mut want, &x);
-    let mut acc_buffer = k.device.upload(&acc)?;
-    k.add_assign(&mut acc_buffer, &k.device.upload(&x)?)?;
-    let got = k.device.download(&acc_buffer)?;
+/// `acc += x` on `n` elements stored as `E`: one f32 addition each, as the CPU does it, rounded
+/// once into the store (bound 0).
+pub fn add_assign<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
+    let acc = rounded::<E>(&random(rng, n, 4.0));
+    let x = rounded::<E>(&random(rng, n, 4.0));
+    let mut sum = acc.clone();
+    CpuOps.add_assign(&mut sum, &x);
+    // The fp32 sum, rounded to nearest once into the store: exact.
+    let want = rounded::<E>(&sum);
+    let mut acc_buffer = upload::<E>(k.device, &acc)?;
+    k.add_assign(&mut acc_buffer, &upload::<E>(k.device, &x)?)?;
+    let got = download(k.device, &acc_buffer)?;
     Ok(vec![compare(
-        "add_assign f32".to_string(),
+        name::<E>("add_assign"),
         n.to_string(),
         &got,
         &want,
@@ -1013,7 +1016,8 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(adamw_clipped(&k, rng, 5003)?);
     rows.extend(adamw_stochastic(&k, rng, 8, 4099)?);
     rows.extend(adamw_stores::rows(&k, rng, 3001)?);
-    rows.extend(add_assign(&k, rng, 4099)?);
+    rows.extend(add_assign::<f32>(&k, rng, 4099)?);
+    rows.extend(add_assign::<bf16>(&k, rng, 4099)?);
     rows.extend(fp_contraction(device, rng, 4099)?);
     rows.extend(gemms(device, rng)?);
     rows.extend(loss::rows(device, rng, 37)?);

@@ -181,14 +181,15 @@ impl<'a> Kernels<'a> {
     }
 
     /// `acc += x`.
-    pub fn add_assign(&self, acc: &mut impl AsView<f32>, x: &impl AsView<f32>) -> Result<()> {
+    pub fn add_assign<E: Float>(&self, acc: &mut impl AsView<E>, x: &impl AsView<E>) -> Result<()> {
         let (acc, x) = (acc.view(), x.view());
         same_len("add_assign", acc, x)?;
         let mut args = KernelArgs::new();
         args.arg(acc.device_ptr())
             .arg(x.device_ptr())
             .arg(acc.len() as i64);
-        self.launch("add_assign_f32", self.element_blocks(acc.len()), &args)
+        let kernel = format!("add_assign_{}", E::DTYPE);
+        self.launch(&kernel, self.element_blocks(acc.len()), &args)
     }
 
     /// `out[t] = table[ids[t]]`, rows of `d`; an id `>= vocab` fails the launch.

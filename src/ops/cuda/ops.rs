@@ -679,14 +679,19 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    /// In fp32, stored back in `acc`'s type.
+    /// In fp32, stored back in `acc`'s type: one pass when both are bf16.
     fn add_assign(&self, acc: &mut Tensor, x: &Tensor) {
         self.attempt(
             "add_assign",
             || (),
-            || {
-                let x = self.input::<f32>(x)?;
-                self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
+            || match (acc.storage(), x.storage()) {
+                (TensorView::Bf16(mut a), TensorView::Bf16(x)) => {
+                    self.kernels.add_assign(&mut a, &x)
+                }
+                _ => {
+                    let x = self.input::<f32>(x)?;
+                    self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
+                }
             },
         )
     }

@@ -582,6 +582,15 @@ fn other_cases() -> Vec<Case> {
             },
         ),
         case(
+            "add_assign bf16".into(),
+            |s| (6 * s.params as u64, 0),
+            |k, s, rng| {
+                let mut acc = random::<bf16>(k.device, rng, s.params, 1.0)?;
+                let x = random::<bf16>(k.device, rng, s.params, 1.0)?;
+                k.add_assign(&mut acc, &x)
+            },
+        ),
+        case(
             "grad_norm norm f32".into(),
             |s| (4 * s.params as u64, 0),
             |k, s, rng| {
