@@ -595,17 +595,18 @@ fn main() -> ExitCode {
         .without_plots()
         .configure_from_args();
     // The model's counted/ideal ratios: the emulator's probe at small shapes (a few seconds).
-    let counted_over_ideal = match profile::profile(&Device::Emu, &Shapes::small(16, 1 << 16), 1) {
-        Ok(rows) => rows
-            .iter()
-            .filter(|r| r.counted)
-            .map(|r| (r.op.clone(), r.bytes_over_ideal()))
-            .collect(),
-        Err(e) => {
-            println!("kernels bench: the emulator's profile failed, no model column: {e:#}");
-            Default::default()
-        }
-    };
+    let counted_over_ideal =
+        match profile::profile(&Device::Emu, &Shapes::small(16, 1 << 16), 1, Vec::new()) {
+            Ok(rows) => rows
+                .iter()
+                .filter(|r| r.counted)
+                .map(|r| (r.op.clone(), r.bytes_over_ideal()))
+                .collect(),
+            Err(e) => {
+                println!("kernels bench: the emulator's profile failed, no model column: {e:#}");
+                Default::default()
+            }
+        };
     let mut b = Bench {
         device: &device,
         counted_over_ideal,

@@ -5,6 +5,7 @@
 //! than the architecture allows fail, the selftest runs clean under racecheck, and every
 //! memory-bound kernel meets the traffic targets of the profile.
 
+use contralign::engine::loss;
 use contralign::ops::cuda::device::{Buffer, Device};
 use contralign::ops::cuda::emu::{self, Arch, KernelArgs, LaunchConfig, Probe, Traffic};
 use contralign::ops::cuda::profile::{self, Shapes};
@@ -297,7 +298,7 @@ fn the_selftest_runs_clean_under_racecheck() {
 fn every_memory_bound_kernel_meets_the_traffic_targets() {
     let device = Device::Emu;
     let shapes = Shapes::small(16, 1 << 16);
-    let rows = profile::profile(&device, &shapes, 5).unwrap();
+    let rows = profile::profile(&device, &shapes, 5, vec![loss::profile_case()]).unwrap();
     let table = profile::table(&rows, &shapes, &[]);
     for r in &rows {
         assert!(r.launches >= 1, "{}: no launch recorded\n{table}", r.op);
@@ -325,6 +326,7 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
             "moe route (softmax, top-k, counting sort)",
             "moe router backward (with the aux loss)",
             "moe load-balancing sums",
+            "loss nca (per group, then the batch)",
         ],
         "{table}"
     );

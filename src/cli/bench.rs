@@ -6,8 +6,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
-use contralign::engine::bench::{time_step, StepRun, StepShape};
+use contralign::engine::bench::{check_step_shape, time_step, BenchSetup, StepRun, StepShape};
 use contralign::engine::moe_bench::time_moe;
+use contralign::engine::step_model::{self, Divisors};
 use contralign::engine::DeviceEngine;
 use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
 use contralign::memory_plan::{RecomputePolicy, ReferenceSource, StorageDtype};
@@ -16,6 +17,7 @@ use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
 };
 use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::roofline::Gpu;
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringDump, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
@@ -34,6 +36,7 @@ enum Workload {
     Moe(MoeBenchArgs),
     Scoring(ScoringArgs),
     Step(StepArgs),
+    StepModel(StepModelArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,25 +77,14 @@ struct StepArgs {
     /// Layers of the model (the config's own count when not given).
     #[arg(long, default_value_t = 2)]
     layers: usize,
-    #[arg(long, default_value_t = 512)]
-    prompt: usize,
-    #[arg(long, default_value_t = 4)]
-    responses: usize,
-    #[arg(long, default_value_t = 256)]
-    response_len: usize,
-    #[arg(long, default_value_t = 2)]
-    groups: usize,
+    #[command(flatten)]
+    data: StepDataArgs,
     /// Timed steps (the median is reported), after one untimed step.
     #[arg(long, default_value_t = 3)]
     steps: usize,
     /// The side of the square bf16 GEMM whose rate MFU is also read against.
     #[arg(long, default_value_t = 8192)]
     gemm_size: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// The loss (dpo needs --responses 2).
-    #[arg(long, value_enum, default_value = "nca")]
-    loss: StepLoss,
     /// A folder for the first step's inputs and loss (then every step trains on the same
     /// --groups groups).
     #[arg(long, value_name = "DIR")]
@@ -106,18 +98,111 @@ struct StepArgs {
     precision: PrecisionArgs,
 }
 
+/// The data of a benchmarked step: groups of one prompt and its responses, and the loss.
+#[derive(Args, Debug)]
+struct StepDataArgs {
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    #[arg(long, default_value_t = 4)]
+    responses: usize,
+    #[arg(long, default_value_t = 256)]
+    response_len: usize,
+    #[arg(long, default_value_t = 2)]
+    groups: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The loss (dpo needs --responses 2).
+    #[arg(long, value_enum, default_value = "nca")]
+    loss: StepLoss,
+}
+
+impl StepDataArgs {
+    fn shape(&self) -> StepShape {
+        StepShape {
+            prompt: self.prompt,
+            responses: self.responses,
+            response_len: self.response_len,
+            groups: self.groups,
+        }
+    }
+
+    fn loss(&self) -> LossKind {
+        match self.loss {
+            StepLoss::Dpo => LossKind::Dpo,
+            StepLoss::Nca => LossKind::Nca,
+        }
+    }
+}
+
+/// Model a whole training step on an A100 and an H100 and print it as a Markdown table: every
+/// kernel's launches, bytes, FLOPs and roofline time, with the step's time, tokens/s and MFU.
+///
+/// The emulator counts six steps of the model at small shapes (--width-divisor divides the
+/// heads, KV heads, hidden size, MLP width and vocabulary; --length-divisor the prompt and
+/// response lengths; one and two layers, and each doubling) and extrapolates each launch by
+/// shape to the target: --config with its own layers, or --layers. A model, not a
+/// measurement: `bench step` on a GPU measures. Dense configs only. About 3 CPU-minutes per
+/// census at the defaults (the six run in parallel threads).
+#[derive(Args, Debug)]
+struct StepModelArgs {
+    /// A config.json, or a model directory holding one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "examples/configs/mistral-7b-v0.1.json"
+    )]
+    config: PathBuf,
+    /// Layers of the target (the config's own count when not given).
+    #[arg(long)]
+    layers: Option<usize>,
+    #[command(flatten)]
+    data: StepDataArgs,
+    #[arg(long, default_value_t = 8)]
+    width_divisor: usize,
+    #[arg(long, default_value_t = 8)]
+    length_divisor: usize,
+    #[command(flatten)]
+    precision: PrecisionArgs,
+}
+
+fn step_model(a: StepModelArgs) -> Result<()> {
+    let precision = a.precision.options(StorageDtype::Bf16)?;
+    let mut target = ModelConfig::load_dir_or_file(&a.config)?;
+    if let Some(layers) = a.layers {
+        ensure!(layers >= 1, "--layers must be at least 1");
+        target.num_layers = layers;
+        target.raw["num_hidden_layers"] = layers.into();
+    }
+    let shape = a.data.shape();
+    check_step_shape(&shape, a.data.loss())?;
+    let divisors = Divisors {
+        width: a.width_divisor,
+        length: a.length_divisor,
+    };
+    let setup = BenchSetup {
+        shape,
+        spec: LossSpec::new(a.data.loss()),
+        precision,
+        seed: a.data.seed,
+        steps: 2,
+    };
+    let gpus = [Gpu::a100(), Gpu::h100()];
+    let censuses = step_model::count_steps(&target, &setup, divisors)?;
+    let rows = step_model::extrapolate(&censuses, divisors, target.num_layers, &gpus)?;
+    print!(
+        "{}",
+        step_model::report(&target, &shape, divisors, &rows, &gpus)
+    );
+    Ok(())
+}
+
 fn step(a: StepArgs) -> Result<()> {
     let precision = a.precision.options(StorageDtype::Bf16)?;
     ensure!(a.layers >= 1, "--layers must be at least 1");
     let mut cfg = ModelConfig::load_dir_or_file(&a.config)?;
     cfg.num_layers = a.layers;
     cfg.raw["num_hidden_layers"] = a.layers.into();
-    let shape = StepShape {
-        prompt: a.prompt,
-        responses: a.responses,
-        response_len: a.response_len,
-        groups: a.groups,
-    };
+    let shape = a.data.shape();
     if let Some(text) = &a.memory {
         let memory = parse_memory(text)?;
         // The bench's step: the engine's precision, selective recompute, a cached reference.
@@ -145,11 +230,8 @@ fn step(a: StepArgs) -> Result<()> {
     let run = StepRun {
         steps: a.steps,
         gemm_size: a.gemm_size,
-        seed: a.seed,
-        loss: match a.loss {
-            StepLoss::Dpo => LossKind::Dpo,
-            StepLoss::Nca => LossKind::Nca,
-        },
+        seed: a.data.seed,
+        loss: a.data.loss(),
         dump: a.dump.as_deref(),
         precision,
     };
@@ -163,6 +245,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Workload::Attention(a) => attention(a),
         Workload::Moe(a) => moe(a),
         Workload::Step(a) => step(a),
+        Workload::StepModel(a) => step_model(a),
         Workload::Scoring(a) => scoring(a),
     }
 }

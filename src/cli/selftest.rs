@@ -1,5 +1,6 @@
 use anyhow::Result;
 use clap::Args;
+use contralign::engine::loss;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::emu::{self, Probe};
 use contralign::ops::cuda::profile::{self, Shapes};
@@ -49,7 +50,7 @@ pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     println!("device: {} ({kind}), seed {seed}", device.describe());
     if args.profile {
         let shapes = Shapes::small(args.profile_tokens, 1 << 20);
-        let rows = profile::profile(&device, &shapes, seed)?;
+        let rows = profile::profile(&device, &shapes, seed, vec![loss::profile_case()])?;
         print!(
             "{}",
             profile::table(&rows, &shapes, &[Gpu::a100(), Gpu::h100()])

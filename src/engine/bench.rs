@@ -109,6 +109,30 @@ fn active_parameters(cfg: &ModelConfig) -> f64 {
         .sum()
 }
 
+/// Checks that `loss` can train on groups of `shape`: at least 1 group of 2 responses of 1
+/// token, and 2 responses for DPO.
+pub fn check_step_shape(shape: &StepShape, loss: LossKind) -> Result<()> {
+    ensure!(
+        shape.groups >= 1 && shape.responses >= 2 && shape.response_len >= 1,
+        "a benchmarked step needs at least 1 group and 2 responses of 1 token"
+    );
+    ensure!(
+        loss != LossKind::Dpo || shape.responses == 2,
+        "--loss dpo needs --responses 2, found {}",
+        shape.responses
+    );
+    Ok(())
+}
+
+/// Model FLOPs of a training step of `tokens` tokens whose attention computes `pairs`
+/// (query, key) pairs per layer: 6 per active parameter per token (forward and backward, no
+/// recompute counted) plus attention's 12·head_dim·heads per pair per layer.
+pub fn model_flops(cfg: &ModelConfig, tokens: usize, pairs: usize) -> f64 {
+    let attention =
+        12.0 * (cfg.head_dim * cfg.num_heads) as f64 * pairs as f64 * cfg.num_layers as f64;
+    6.0 * active_parameters(cfg) * tokens as f64 + attention
+}
+
 fn random_group(rng: &mut StdRng, cfg: &ModelConfig, shape: &StepShape, index: usize) -> Group {
     let vocab = cfg.vocab_size as u32;
     let eos = cfg.eos_token_ids.first().copied().unwrap_or(0);
@@ -131,6 +155,86 @@ fn random_group(rng: &mut StdRng, cfg: &ModelConfig, shape: &StepShape, index: u
             .map(|i| (shape.responses - 1 - i) as f64)
             .collect(),
         source: format!("bench group {index}"),
+    }
+}
+
+/// The bench's data: `groups` and the cached reference's statistics of their responses.
+pub struct BenchData {
+    pub groups: Vec<Group>,
+    pub stats: Vec<ResponseStats>,
+}
+
+impl BenchData {
+    /// Random groups of `shape`, `shape.groups` for each of `steps` steps, and made-up
+    /// reference statistics.
+    pub fn random(rng: &mut StdRng, cfg: &ModelConfig, shape: &StepShape, steps: usize) -> Self {
+        let groups: Vec<Group> = (0..shape.groups * steps)
+            .map(|i| random_group(rng, cfg, shape, i))
+            .collect();
+        let stats = groups
+            .iter()
+            .flat_map(|g| g.responses.iter())
+            .map(|r| {
+                let logp_sum = -(r.len() as f64) * rng.gen_range(1.0..3.0);
+                ResponseStats {
+                    logp_sum,
+                    tokens: r.len(),
+                    logp_mean: logp_sum / r.len() as f64,
+                    eos_logp: Some(-rng.gen_range(0.1..2.0)),
+                }
+            })
+            .collect();
+        BenchData { groups, stats }
+    }
+}
+
+/// How the bench's trainer steps: `shape.groups` groups per step with `spec`, the engine's
+/// `precision`, selective recompute, a constant tiny learning rate, for `steps` steps.
+pub struct BenchSetup {
+    pub shape: StepShape,
+    pub spec: LossSpec,
+    pub precision: PrecisionOptions,
+    pub seed: u64,
+    pub steps: usize,
+}
+
+impl BenchSetup {
+    /// A trainer of a model of `cfg` with weights `initial` on `device`, over `data` with its
+    /// cached reference.
+    pub fn trainer(
+        &self,
+        device: Device,
+        cfg: &ModelConfig,
+        initial: Vec<Vec<f32>>,
+        data: &BenchData,
+    ) -> Result<Trainer> {
+        let mut tensors = initial.into_iter();
+        let params = Params::build(cfg, |_, _| Ok(tensors.next().expect("one per tensor")))?;
+        let policy = Model {
+            cfg: cfg.clone(),
+            params,
+            dtype: safetensors::Dtype::BF16,
+        };
+        let reference = Reference::Cache(RefLookup::from_stats(&data.groups, &data.stats));
+        let opts = TrainOptions {
+            spec: self.spec.clone(),
+            aux_coef: cfg.default_aux_coef(),
+            recompute: RecomputePolicy::Selective,
+            precision: self.precision,
+            budget: StepBudget::Groups(self.shape.groups),
+            micro_tokens: self.shape.tokens(),
+            seed: self.seed,
+            length: Length::Steps(self.steps as u64),
+            adamw: AdamWConfig::default(),
+            schedule: ScheduleKind::Constant,
+            lr: 1e-6,
+            warmup: Warmup::Steps(0),
+            max_grad_norm: 1.0,
+            max_bad_steps: u32::MAX,
+        };
+        let mut trainer = Trainer::new(opts, policy, reference, data.groups.clone())?;
+        trainer.use_device(device)?;
+        Ok(trainer)
     }
 }
 
@@ -212,64 +316,25 @@ pub fn time_step(
         dump,
         precision,
     } = run;
-    ensure!(
-        steps >= 1 && shape.groups >= 1 && shape.responses >= 2 && shape.response_len >= 1,
-        "bench step needs at least 1 timed step, 1 group and 2 responses of 1 token"
-    );
-    ensure!(
-        loss != LossKind::Dpo || shape.responses == 2,
-        "bench step: --loss dpo needs --responses 2, found {}",
-        shape.responses
-    );
+    ensure!(steps >= 1, "bench step needs at least 1 timed step");
+    check_step_shape(&shape, loss)?;
     let described = device.describe();
     let gemm = gemm_tflops(&device, gemm_size, 5)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let initial = random_params(cfg, &mut rng)?;
     let kept = dump.map(|_| initial.clone());
-    let mut tensors = initial.into_iter();
-    let params = Params::build(cfg, |_, _| Ok(tensors.next().expect("one per tensor")))?;
-    let policy = Model {
-        cfg: cfg.clone(),
-        params,
-        dtype: safetensors::Dtype::BF16,
-    };
-    let pool = if dump.is_some() { 1 } else { steps + 1 };
-    let groups: Vec<Group> = (0..shape.groups * pool)
-        .map(|i| random_group(&mut rng, cfg, &shape, i))
-        .collect();
-    let stats: Vec<ResponseStats> = groups
-        .iter()
-        .flat_map(|g| g.responses.iter())
-        .map(|r| {
-            let logp_sum = -(r.len() as f64) * rng.gen_range(1.0..3.0);
-            ResponseStats {
-                logp_sum,
-                tokens: r.len(),
-                logp_mean: logp_sum / r.len() as f64,
-                eos_logp: Some(-rng.gen_range(0.1..2.0)),
-            }
-        })
-        .collect();
-    let reference = Reference::Cache(RefLookup::from_stats(&groups, &stats));
+    let steps_drawn = if dump.is_some() { 1 } else { steps + 1 };
+    let data = BenchData::random(&mut rng, cfg, &shape, steps_drawn);
     let spec = LossSpec::new(loss);
-    let opts = TrainOptions {
+    let setup = BenchSetup {
+        shape,
         spec: spec.clone(),
-        aux_coef: cfg.default_aux_coef(),
-        recompute: RecomputePolicy::Selective,
         precision,
-        budget: StepBudget::Groups(shape.groups),
-        micro_tokens: shape.tokens(),
         seed,
-        length: Length::Steps(steps as u64 + 1),
-        adamw: AdamWConfig::default(),
-        schedule: ScheduleKind::Constant,
-        lr: 1e-6,
-        warmup: Warmup::Steps(0),
-        max_grad_norm: 1.0,
-        max_bad_steps: u32::MAX,
+        steps: steps + 1,
     };
-    let mut trainer = Trainer::new(opts, policy, reference, groups.clone())?;
-    trainer.use_device(device)?;
+    let mut trainer = setup.trainer(device, cfg, initial, &data)?;
+    let BenchData { groups, stats } = data;
     let first_step_loss = trainer.train_step()?.loss;
     if let (Some(dir), Some(tensors)) = (dump, &kept) {
         let mut refs = stats.iter();
@@ -305,9 +370,7 @@ pub fn time_step(
     let layout = crate::step::pack(&trainer.policy, &groups[..shape.groups])?.layout;
     let pairs: usize = (0..layout.len()).map(|t| layout.keys(t).count()).sum();
     let tokens = shape.tokens();
-    let attention =
-        12.0 * (cfg.head_dim * cfg.num_heads) as f64 * pairs as f64 * cfg.num_layers as f64;
-    let flops = 6.0 * active_parameters(cfg) * tokens as f64 + attention;
+    let flops = model_flops(cfg, tokens, pairs);
     let achieved = flops / seconds / 1e12;
     Ok(StepTiming {
         device: described,

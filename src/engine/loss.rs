@@ -358,3 +358,60 @@ impl LossOps for DeviceOps<'_> {
         })
     }
 }
+
+/// Responses per group in the profile's loss case: the bench step's default K.
+const PROFILE_K: usize = 4;
+/// Tokens per group there: the bench step's default prompt of 512 and 4 responses of 256.
+const PROFILE_GROUP_TOKENS: usize = 512 + PROFILE_K * 256;
+
+/// The NCA loss kernels as a row of `selftest --profile` (the table lives in `ops`, which
+/// cannot call up here): one group of 4 responses per 1536 tokens of the shapes (at least
+/// one), random statistics. Ideal: each response's statistics, span, reference, reward read
+/// and its three gradients written once, the offsets read, each group's loss and the summary
+/// written.
+pub fn profile_case() -> crate::ops::cuda::profile::Case {
+    use crate::ops::cuda::profile::{case, Shapes};
+    use rand::Rng;
+    let groups = |s: &Shapes| s.tokens.div_ceil(PROFILE_GROUP_TOKENS);
+    case(
+        "loss nca (per group, then the batch)".into(),
+        move |s| {
+            let (g, n) = (groups(s) as u64, (groups(s) * PROFILE_K) as u64);
+            let summary = 1 + metric_names(PROFILE_K).len() as u64;
+            (
+                (24 + 12 + 8 + 8 + 24) * n + 4 * (g + 1) + 8 * g + 8 * summary,
+                0,
+            )
+        },
+        move |k, s, rng| {
+            let g = groups(s);
+            let n = g * PROFILE_K;
+            let tokens: Vec<usize> = (0..n).map(|_| rng.gen_range(16..512)).collect();
+            let s_sum: Vec<f64> = tokens
+                .iter()
+                .map(|&t| -(t as f64) * rng.gen_range(1.0..3.0))
+                .collect();
+            let a: Vec<f64> = s_sum
+                .iter()
+                .zip(&tokens)
+                .map(|(s, &t)| s / t as f64)
+                .collect();
+            let e: Vec<Option<f64>> = (0..n).map(|_| Some(-rng.gen_range(0.1..2.0))).collect();
+            let s_ref: Vec<f64> = s_sum.iter().map(|s| s + rng.gen_range(-1.0..1.0)).collect();
+            let rewards: Vec<f64> = (0..n).map(|_| rng.gen_range(0.0..10.0)).collect();
+            let offsets: Vec<usize> = (0..=g).map(|i| i * PROFILE_K).collect();
+            let sources: Vec<String> = (0..g).map(|i| format!("profile group {i}")).collect();
+            let input = BatchInput {
+                s: &s_sum,
+                a: &a,
+                e: &e,
+                s_ref: Some(&s_ref),
+                rewards: &rewards,
+                offsets: &offsets,
+                sources: &sources,
+            };
+            host_batch_loss(k.device, &LossSpec::new(LossKind::Nca), &input, &tokens).map(drop)
+        },
+    )
+    .excepted("a few numbers per response, one thread per group: under 0.1 µs modeled at 7B")
+}

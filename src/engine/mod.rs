@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod loss;
 pub mod moe_bench;
+pub mod step_model;
 pub mod store;
 
 use crate::config::ModelConfig;

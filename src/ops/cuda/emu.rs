@@ -231,6 +231,35 @@ pub struct LaunchRecord {
     /// instrumented: their bytes are the minimum (each operand read once, the output written
     /// once), as cuBLAS comes close to.
     pub counted: bool,
+    /// A GEMM's shape, from which its bytes and FLOPs follow.
+    pub gemm: Option<GemmShape>,
+}
+
+/// What a GEMM's minimal traffic and FLOPs follow from: `C [m, n] (+)= A [m, k] · B [k, n]`
+/// with operands of `input_bytes` per element and an output of `output_bytes`, C read when
+/// `reads_c`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub input_bytes: usize,
+    pub output_bytes: usize,
+    pub reads_c: bool,
+}
+
+impl GemmShape {
+    /// Each operand read once, the output written once (and read once when accumulated into).
+    pub fn min_bytes(&self) -> (usize, usize) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let read = (m * k + k * n) * self.input_bytes
+            + usize::from(self.reads_c) * m * n * self.output_bytes;
+        (read, m * n * self.output_bytes)
+    }
+
+    pub fn flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k) as u64
+    }
 }
 
 /// Settings of this OS thread's launches: `None` until first asked (then the environment's).
@@ -311,18 +340,26 @@ pub(crate) fn record_gemm(g: &Gemm, input_bytes: usize, output_bytes: usize) {
     if !SETTINGS.with(|s| s.probe.get().count) {
         return;
     }
-    let reads_c = usize::from(g.beta != 0.0);
-    let read = (g.m * g.k + g.k * g.n) * input_bytes + reads_c * g.m * g.n * output_bytes;
+    let shape = GemmShape {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        input_bytes,
+        output_bytes,
+        reads_c: g.beta != 0.0,
+    };
+    let (read, write) = shape.min_bytes();
     record(LaunchRecord {
         kernel: "gemm".into(),
         config: None,
         traffic: Traffic {
             read_sectors: read.div_ceil(32) as u64,
-            write_sectors: (g.m * g.n * output_bytes).div_ceil(32) as u64,
-            flops: 2 * (g.m * g.n * g.k) as u64,
+            write_sectors: write.div_ceil(32) as u64,
+            flops: shape.flops(),
             ..Traffic::default()
         },
         counted: false,
+        gemm: Some(shape),
     });
 }
 
@@ -488,6 +525,7 @@ pub unsafe fn launch_seeded(
             config: Some(config),
             traffic,
             counted: true,
+            gemm: None,
         });
     }
     Ok(())

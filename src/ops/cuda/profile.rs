@@ -15,7 +15,7 @@ use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::moe::{DeviceRouting, MoeKernels};
 use super::pool::{Leased, Pool};
-use super::roofline::Gpu;
+use super::roofline::{table_header, Gpu};
 use crate::ops::optimizer::AdamWConfig;
 use crate::ops::AttentionShape;
 use anyhow::{ensure, Result};
@@ -116,19 +116,20 @@ impl OpProfile {
 }
 
 /// An op's ideal (bytes, FLOPs) at given shapes.
-type Ideal = Box<dyn Fn(&Shapes) -> (u64, u64)>;
+pub type Ideal = Box<dyn Fn(&Shapes) -> (u64, u64)>;
 /// Runs an op once at given shapes, on fresh random inputs.
-type Run = Box<dyn Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()>>;
+pub type Run = Box<dyn Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()>>;
 
-/// One op of the table: its name, how to run it once and its ideal (bytes, FLOPs).
-struct Case {
+/// One op of the table: its name, how to run it once and its ideal (bytes, FLOPs). Layers
+/// above `ops` add their own ([`profile`]'s `extra`).
+pub struct Case {
     op: String,
     ideal: Ideal,
     run: Run,
     exception: Option<&'static str>,
 }
 
-fn case(
+pub fn case(
     op: String,
     ideal: impl Fn(&Shapes) -> (u64, u64) + 'static,
     run: impl Fn(&Kernels, &Shapes, &mut StdRng) -> Result<()> + 'static,
@@ -142,7 +143,8 @@ fn case(
 }
 
 impl Case {
-    fn excepted(mut self, why: &'static str) -> Case {
+    /// The op with the reason it is exempt from the traffic targets.
+    pub fn excepted(mut self, why: &'static str) -> Case {
         self.exception = Some(why);
         self
     }
@@ -658,8 +660,14 @@ fn adamw_step() -> AdamWStep {
     AdamWStep::new(&config, 3, 1e-4, 7)
 }
 
-/// Every op once at `shapes`, on the emulator, with the probe counting.
-pub fn profile(device: &Device, shapes: &Shapes, seed: u64) -> Result<Vec<OpProfile>> {
+/// Every op of `ops` once at `shapes`, then those of `extra`, on the emulator, with the probe
+/// counting.
+pub fn profile(
+    device: &Device,
+    shapes: &Shapes,
+    seed: u64,
+    extra: Vec<Case>,
+) -> Result<Vec<OpProfile>> {
     ensure!(
         matches!(device, Device::Emu),
         "the profile counts memory traffic in the emulator: use --device emu"
@@ -671,6 +679,7 @@ pub fn profile(device: &Device, shapes: &Shapes, seed: u64) -> Result<Vec<OpProf
     cases.extend(element_cases::<bf16>());
     cases.extend(moe_cases());
     cases.extend(other_cases());
+    cases.extend(extra);
     let mut out = Vec::new();
     for c in &cases {
         let (result, records) = emu::probed(
@@ -717,15 +726,20 @@ pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
         shapes.params,
         Shapes::mistral_7b().tokens
     );
-    out.push_str("| op | launches | ideal bytes | counted bytes | counted/ideal | coalescing | accesses by width (1/2/4/8/16 B) |");
-    for gpu in gpus {
-        out.push_str(&format!(" {} µs (7B) |", gpu.name));
-    }
-    out.push_str(" note |\n|:--|--:|--:|--:|--:|--:|:--|");
-    for _ in gpus {
-        out.push_str("--:|");
-    }
-    out.push_str(":--|\n");
+    out.push_str(&table_header(
+        &[
+            ("op", ":--"),
+            ("launches", "--:"),
+            ("ideal bytes", "--:"),
+            ("counted bytes", "--:"),
+            ("counted/ideal", "--:"),
+            ("coalescing", "--:"),
+            ("accesses by width (1/2/4/8/16 B)", ":--"),
+        ],
+        gpus,
+        "µs (7B)",
+        ("note", ":--"),
+    ));
     for r in rows {
         let widths = r.traffic.accesses_by_width;
         let (counted, ratio, coalescing, widths) = if r.counted {

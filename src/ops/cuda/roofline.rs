@@ -48,6 +48,28 @@ impl Gpu {
     }
 }
 
+/// A Markdown table's header: `columns` (each a title and its alignment, `:--` or `--:`), a
+/// column of modeled time per GPU titled `{gpu} {time}`, then `last`.
+pub fn table_header(
+    columns: &[(&str, &str)],
+    gpus: &[Gpu],
+    time: &str,
+    last: (&str, &str),
+) -> String {
+    let titles = columns
+        .iter()
+        .map(|c| c.0.to_string())
+        .chain(gpus.iter().map(|g| format!("{} {time}", g.name)))
+        .chain([last.0.to_string()]);
+    let aligns = columns
+        .iter()
+        .map(|c| c.1)
+        .chain(gpus.iter().map(|_| "--:"))
+        .chain([last.1]);
+    let row = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+    row(titles.collect()) + &row(aligns.map(str::to_string).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
