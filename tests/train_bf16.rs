@@ -6,9 +6,11 @@
 //!
 //! Bounds, per quantity, for `S` steps of learning rate at most `lr`:
 //!
-//! - loss and gradient norm per step: relative `8·2⁻⁸`. A boundary crossing changes one
-//!   stored value by one bf16 ulp (`2⁻⁸` relative at most, half an ulp each way from the exact
-//!   value); the loss and the norm are means over many such values, of which a few in 10⁴
+//! - loss per step: relative `8·2⁻⁸`; gradient norm per step: `8·2⁻⁸` of the run's largest
+//!   (a step whose gradient terms cancel has a tiny norm, which rounding moves by an amount of
+//!   the size of its terms, not of its norm: `common::assert_steps_close`). A boundary
+//!   crossing changes one stored value by one bf16 ulp (`2⁻⁸` relative at most, half an ulp
+//!   each way from the exact value); the loss and the norm are means over many such values, of which a few in 10⁴
 //!   cross, so the mean moves by far less than one ulp; 8 ulps leaves room for the weights'
 //!   differences of earlier steps.
 //! - each weight: `|w_emu − w_cpu| ≤ S·(2κ·lr + ulp(w))`, `κ = (1 − β1)/√(1 − β2)` bounding
