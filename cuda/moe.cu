@@ -141,31 +141,34 @@ extern "C" __global__ void moe_permute_index(const unsigned* __restrict__ chosen
 }
 CONTRALIGN_KERNEL(moe_permute_index)
 
+// The row moves and the slot dots are templates over the storage type T (f32 or bf16): each
+// value is loaded into fp32, computed there and rounded to T once when stored.
+
 // `out[i] = s_i · x[src_row[i]]` for rows of `d`, `s_i = scale[i]` or 1 without `scale`
-// (the CPU's `s * v` in f32, bit for bit). One block per row (grid-stride), 16-byte packs
-// where the rows allow them.
-extern "C" __global__ void moe_gather_f32(const float* __restrict__ x,
-                                          const unsigned* __restrict__ src_row,
-                                          const float* __restrict__ scale,
-                                          float* __restrict__ out, long long rows, int d,
-                                          unsigned src_rows) {
-    const bool packed = d % 4 == 0 && aligned128(x) && aligned128(out);
+// (the CPU's `s * v` in f32, bit for bit, then rounded to T). One block per row
+// (grid-stride), 16-byte packs where the rows allow them.
+template <class T>
+__device__ void moe_gather(const T* __restrict__ x, const unsigned* __restrict__ src_row,
+                           const float* __restrict__ scale, T* __restrict__ out,
+                           long long rows, int d, unsigned src_rows) {
+    constexpr int per = Pack128<T>::size;
+    const bool packed = d % per == 0 && aligned128(x) && aligned128(out);
     for (long long i = blockIdx.x; i < rows; i += gridDim.x) {
         const unsigned r = src_row[i];
         if (r >= src_rows) __trap();
         const float s = scale ? scale[i] : 1.0f;
-        const float* src = x + static_cast<long long>(r) * d;
-        float* dst = out + i * d;
-        const int packs = packed ? d / 4 : 0;
+        const T* src = x + static_cast<long long>(r) * d;
+        T* dst = out + i * d;
+        const int packs = packed ? d / per : 0;
         for (int p = threadIdx.x; p < packs; p += blockDim.x) {
-            Pack128<float> v = load128(src + 4 * p);
-            for (int c = 0; c < 4; ++c) v[c] = s * v[c];
-            store128(dst + 4 * p, v);
+            Pack128<T> v = load128(src + per * p);
+            for (int c = 0; c < per; ++c) v[c] = from_f32<T>(s * to_f32(v[c]));
+            store128(dst + per * p, v);
         }
-        for (int c = packs * 4 + threadIdx.x; c < d; c += blockDim.x) dst[c] = s * src[c];
+        for (int c = packs * per + threadIdx.x; c < d; c += blockDim.x)
+            dst[c] = from_f32<T>(s * to_f32(src[c]));
     }
 }
-CONTRALIGN_KERNEL(moe_gather_f32)
 
 // The token's slots ordered by expert (insertion sort of at most MOE_MAX_K).
 __device__ __forceinline__ void slots_by_expert(const unsigned* chosen, long long t, int k,
@@ -181,64 +184,92 @@ __device__ __forceinline__ void slots_by_expert(const unsigned* chosen, long lon
 }
 
 // `out[t] = Σ_j s_tj · y[slot_row[t k + j]]` over t's slots in expert order, starting from 0:
-// the CPU's row-by-row scatter-add in expert order, addition for addition. `s` is the slot's
-// weight (`weights`, per slot) or 1. One block per token (grid-stride).
-extern "C" __global__ void moe_unpermute_f32(const float* __restrict__ y,
-                                             const unsigned* __restrict__ slot_row,
-                                             const unsigned* __restrict__ chosen,
-                                             const float* __restrict__ weights,
-                                             float* __restrict__ out, long long tokens, int k,
-                                             int d) {
-    const bool packed = d % 4 == 0 && aligned128(y) && aligned128(out);
+// the CPU's row-by-row scatter-add in expert order, addition for addition, in fp32, rounded
+// to T once. `s` is the slot's weight (`weights`, per slot) or 1. One block per token
+// (grid-stride).
+template <class T>
+__device__ void moe_unpermute(const T* __restrict__ y, const unsigned* __restrict__ slot_row,
+                              const unsigned* __restrict__ chosen,
+                              const float* __restrict__ weights, T* __restrict__ out,
+                              long long tokens, int k, int d) {
+    constexpr int per = Pack128<T>::size;
+    const bool packed = d % per == 0 && aligned128(y) && aligned128(out);
     for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
         int order[MOE_MAX_K];
         slots_by_expert(chosen, t, k, order);
-        const float* src[MOE_MAX_K];
+        const T* src[MOE_MAX_K];
         float s[MOE_MAX_K];
         for (int j = 0; j < k; ++j) {
             const long long slot = t * k + order[j];
             src[j] = y + static_cast<long long>(slot_row[slot]) * d;
             s[j] = weights ? weights[slot] : 1.0f;
         }
-        float* dst = out + t * d;
-        const int packs = packed ? d / 4 : 0;
+        T* dst = out + t * d;
+        const int packs = packed ? d / per : 0;
         for (int p = threadIdx.x; p < packs; p += blockDim.x) {
-            Pack128<float> acc;
-            for (int c = 0; c < 4; ++c) acc[c] = 0.0f;
+            float acc[per];
+            for (int c = 0; c < per; ++c) acc[c] = 0.0f;
             for (int j = 0; j < k; ++j) {
-                const Pack128<float> v = load128(src[j] + 4 * p);
-                for (int c = 0; c < 4; ++c) acc[c] += s[j] * v[c];
+                const Pack128<T> v = load128(src[j] + per * p);
+                for (int c = 0; c < per; ++c) acc[c] += s[j] * to_f32(v[c]);
             }
-            store128(dst + 4 * p, acc);
+            Pack128<T> result;
+            for (int c = 0; c < per; ++c) result[c] = from_f32<T>(acc[c]);
+            store128(dst + per * p, result);
         }
-        for (int c = packs * 4 + threadIdx.x; c < d; c += blockDim.x) {
+        for (int c = packs * per + threadIdx.x; c < d; c += blockDim.x) {
             float acc = 0.0f;
-            for (int j = 0; j < k; ++j) acc += s[j] * src[j][c];
-            dst[c] = acc;
+            for (int j = 0; j < k; ++j) acc += s[j] * to_f32(src[j][c]);
+            dst[c] = from_f32<T>(acc);
         }
     }
 }
-CONTRALIGN_KERNEL(moe_unpermute_f32)
 
 // `dL/dweight` of each slot: `dout[t] · y[slot_row[slot]]`, products and sums in f64 (each
 // thread its columns, then the block's fixed tree). One block per slot (grid-stride).
-extern "C" __global__ void moe_slot_dots(const float* __restrict__ dout,
-                                         const float* __restrict__ y,
-                                         const unsigned* __restrict__ slot_row,
-                                         double* __restrict__ d_weights, long long slots, int k,
-                                         int d) {
+template <class T>
+__device__ void moe_slot_dots(const T* __restrict__ dout, const T* __restrict__ y,
+                              const unsigned* __restrict__ slot_row,
+                              double* __restrict__ d_weights, long long slots, int k, int d) {
     __shared__ double scratch[33];
     for (long long slot = blockIdx.x; slot < slots; slot += gridDim.x) {
-        const float* a = dout + (slot / k) * d;
-        const float* b = y + static_cast<long long>(slot_row[slot]) * d;
+        const T* a = dout + (slot / k) * d;
+        const T* b = y + static_cast<long long>(slot_row[slot]) * d;
         double acc = 0.0;
         for (int c = threadIdx.x; c < d; c += blockDim.x)
-            acc += static_cast<double>(a[c]) * static_cast<double>(b[c]);
+            acc += static_cast<double>(to_f32(a[c])) * static_cast<double>(to_f32(b[c]));
         acc = block_sum(acc, scratch);
         if (threadIdx.x == 0) d_weights[slot] = acc;
     }
 }
-CONTRALIGN_KERNEL(moe_slot_dots)
+
+#define CONTRALIGN_MOE_ROW_KERNELS(suffix, T)                                                   \
+    extern "C" __global__ void moe_gather_##suffix(const T* x, const unsigned* src_row,         \
+                                                   const float* scale, T* out, long long rows,  \
+                                                   int d, unsigned src_rows) {              \
+        moe_gather<T>(x, src_row, scale, out, rows, d, src_rows);                               \
+    }                                                                                          \
+    extern "C" __global__ void moe_unpermute_##suffix(const T* y, const unsigned* slot_row,     \
+                                                      const unsigned* chosen,                  \
+                                                      const float* weights, T* out,            \
+                                                      long long tokens, int k, int d) {        \
+        moe_unpermute<T>(y, slot_row, chosen, weights, out, tokens, k, d);                      \
+    }                                                                                          \
+    extern "C" __global__ void moe_slot_dots_##suffix(const T* dout, const T* y,                \
+                                                      const unsigned* slot_row,                \
+                                                      double* d_weights, long long slots,      \
+                                                      int k, int d) {                          \
+        moe_slot_dots<T>(dout, y, slot_row, d_weights, slots, k, d);                            \
+    }
+
+CONTRALIGN_MOE_ROW_KERNELS(f32, float)
+CONTRALIGN_KERNEL(moe_gather_f32)
+CONTRALIGN_KERNEL(moe_unpermute_f32)
+CONTRALIGN_KERNEL(moe_slot_dots_f32)
+CONTRALIGN_MOE_ROW_KERNELS(bf16, __nv_bfloat16)
+CONTRALIGN_KERNEL(moe_gather_bf16)
+CONTRALIGN_KERNEL(moe_unpermute_bf16)
+CONTRALIGN_KERNEL(moe_slot_dots_bf16)
 
 // `dL/dz [T, E]` through the renormalized top-k softmax, the reference's f64 arithmetic in its
 // order: `dp_e = direct_e + Σ_{j: chosen_j = e} (g_j − Σ_i g_i w_i) / Σ_i p_chosen_i`, then

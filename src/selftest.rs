@@ -21,6 +21,7 @@
 pub mod adamw_stores;
 pub mod loss;
 pub mod moe;
+pub mod moe_gemm;
 
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
@@ -1023,6 +1024,7 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     rows.extend(loss::rows(device, rng, 37)?);
     rows.extend(attention_rows(device, rng)?);
     rows.extend(moe::rows(device, rng)?);
+    rows.extend(moe_gemm::rows(device, rng)?);
     // Chunks of 13 rows cut through responses; a vocabulary of no multiple of 8 leaves every
     // row but the first unaligned for 16-byte loads.
     let case = scoring::ScoringCase::random(rng, 4, 9, 11, (1001, 67, 13));

@@ -3,10 +3,12 @@
 //! seeds, and the whole MoE feed-forward (`model::layer::moe_forward` / `moe_backward`,
 //! load-balancing term included) forward and backward on random inputs of awkward sizes.
 
+use contralign::engine::moe_bench::expert_views;
 use contralign::model::layer::{moe_backward, moe_forward, MoeShape};
 use contralign::model::params::Expert;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
+use contralign::ops::cuda::emu::{self, Probe};
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::{MoeAux, Ops};
 use contralign::selftest::{self, moe};
@@ -41,6 +43,15 @@ struct LayerResult {
     aux: f64,
 }
 
+/// The load-balancing coefficient of these tests.
+const AUX_COEF: f64 = 0.05;
+
+/// Row weights where prompt-like rows count three times, as packing weighs a prompt shared
+/// by K responses.
+fn prompt_weighted_rows(t: usize) -> Vec<f64> {
+    (0..t).map(|i| if i < t / 3 { 3.0 } else { 1.0 }).collect()
+}
+
 fn run_layer<O: Ops>(
     ops: &O,
     s: MoeShape,
@@ -71,8 +82,7 @@ fn run_layer<O: Ops>(
         .collect();
     let x_buf = ops.upload(x);
     let (out, acts) = moe_forward(ops, s, &router, &experts, &x_buf, t);
-    // Prompt-like rows count three times, as packing weighs a prompt shared by K responses.
-    let row_weights: Vec<f64> = (0..t).map(|i| if i < t / 3 { 3.0 } else { 1.0 }).collect();
+    let row_weights = prompt_weighted_rows(t);
     let mut balance = ops.moe_balance(s.experts);
     ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
     let aux = ops.moe_balance_loss(&balance);
@@ -86,7 +96,7 @@ fn run_layer<O: Ops>(
         &ops.upload(dy),
         Some(MoeAux {
             balance: &balance,
-            coef: 0.05,
+            coef: AUX_COEF,
             row_weights: &row_weights,
         }),
     );
@@ -103,6 +113,15 @@ fn run_layer<O: Ops>(
     ops.check().unwrap();
     result
 }
+
+/// How far the device's layer may be from the CPU's, relative to each tensor's magnitude.
+/// The MoE kernels are the CPU's f32 arithmetic (bit for bit, selftest) and the routing's f64
+/// arithmetic (to a few ulps of f64); the router's GEMM accumulates in f64 as the CPU's does,
+/// and the grouped expert GEMMs in f32, which over K ≤ 80 terms of mixed signs errs by a few
+/// u (u = 2^-24) of the terms' magnitude. A gradient passes through at most 8 roundings of
+/// that kind (router, 3 GEMMs, SwiGLU, the weighted moves, dz), each amplified by less than
+/// 16 at these magnitudes: 8 · 16 u = 2^-17 of the tensor's magnitude.
+const BOUND: f64 = 1.0 / 131072.0;
 
 /// `max |got - want| / max |want|` (the error relative to the tensor's magnitude).
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -128,15 +147,8 @@ fn the_moe_layer_on_the_device_matches_the_cpu_forward_and_backward() {
         (19, 17, 11, 4, 1),
         (131, 24, 9, 8, 3),
         (23, 13, 7, 6, 4),
+        (97, 72, 66, 3, 2),
     ];
-    // The emulator's GEMMs and the CPU's accumulate in f64 and round once, the MoE kernels
-    // are the CPU's f32 arithmetic (bit for bit, selftest) and the routing's f64 arithmetic
-    // (to a few ulps of f64): the results differ only where an f32 rounding lands the other
-    // way after a different order of f64 additions, an ulp (u = 2^-24) per rounding. A
-    // gradient passes through at most 8 such roundings (router, 3 GEMMs, SwiGLU, the weighted
-    // moves, dz), each amplified by less than 16 at these magnitudes: 8 · 16 u = 2^-17 of the
-    // tensor's magnitude.
-    let bound = 2f64.powi(-17);
     let device = Device::Emu;
     for (i, &(t, d, ffn, experts, k)) in shapes.iter().enumerate() {
         let rng = &mut StdRng::seed_from_u64(40 + i as u64);
@@ -152,11 +164,11 @@ fn the_moe_layer_on_the_device_matches_the_cpu_forward_and_backward() {
         let want = run_layer(&CpuOps, s, &weights, &x, &dy);
         let got = run_layer(&DeviceOps::new(&device), s, &weights, &x, &dy);
         let what = format!("T={t} d={d} ffn={ffn} E={experts} k={k}");
-        assert!(rel_err(&got.out, &want.out) <= bound, "{what}: output");
-        assert!(rel_err(&got.dx, &want.dx) <= bound, "{what}: dx");
+        assert!(rel_err(&got.out, &want.out) <= BOUND, "{what}: output");
+        assert!(rel_err(&got.dx, &want.dx) <= BOUND, "{what}: dx");
         for (j, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
             let err = rel_err(g, w);
-            assert!(err <= bound, "{what}: gradient {j} off by {err:e}");
+            assert!(err <= BOUND, "{what}: gradient {j} off by {err:e}");
         }
         // Sums of positive f64 terms in another order: a few ulps of f64.
         let aux_err = (got.aux - want.aux).abs() / want.aux;
@@ -171,46 +183,109 @@ fn the_moe_layer_on_the_device_matches_the_cpu_forward_and_backward() {
 }
 
 #[test]
-fn the_moe_layer_downloads_only_its_expert_row_counts() {
-    let (t, d, ffn, experts, k) = (29, 20, 12, 4, 2);
+fn the_moe_layer_downloads_nothing_and_runs_in_place_on_stacked_experts() {
+    // Two row tiles per expert, two column tiles and three K steps of the grouped GEMMs.
+    let (t, d, ffn, experts, k) = (150, 80, 70, 3, 2);
     let s = MoeShape { d, ffn, experts, k };
     let device = Device::Emu;
     let ops = DeviceOps::new(&device);
     let rng = &mut StdRng::seed_from_u64(9);
     let up = |n: usize, rng: &mut StdRng| ops.upload(&random(rng, n, 0.5));
     let router = up(experts * d, rng);
-    let expert = |rng: &mut StdRng| Expert {
-        gate: up(ffn * d, rng),
-        up: up(ffn * d, rng),
-        down: up(d * ffn, rng),
-    };
-    let weights: Vec<_> = (0..experts).map(|_| expert(rng)).collect();
-    let mut grads: Vec<_> = (0..experts).map(|_| expert(rng)).collect();
+    // The flat stores are allocated before the step: views of tensors that outlive it.
+    let (weights_flat, grads_flat) = (
+        up(experts * 3 * ffn * d, rng),
+        up(experts * 3 * ffn * d, rng),
+    );
+    let weights = expert_views(&weights_flat, experts, ffn * d).unwrap();
+    let mut grads = expert_views(&grads_flat, experts, ffn * d).unwrap();
     let mut grouter = ops.zeros(experts * d);
     let (x, dy) = (up(t * d, rng), up(t * d, rng));
-    let row_weights = vec![2.0; t];
+    let row_weights = prompt_weighted_rows(t);
+    let mut host_weights = vec![ops.download(&router)];
+    for w in &weights {
+        host_weights.extend([&w.gate, &w.up, &w.down].map(|b| ops.download(b)));
+    }
+    let host_grads: Vec<Vec<f32>> = grads
+        .iter()
+        .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| ops.download(b)))
+        .collect();
 
     let before = counters();
-    let (_, acts) = moe_forward(&ops, s, &router, &weights, &x, t);
-    let mut balance = ops.moe_balance(experts);
-    ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
-    let aux = MoeAux {
-        balance: &balance,
-        coef: 0.1,
-        row_weights: &row_weights,
+    // Counted (which records the library GEMMs too) and race-checked.
+    let probe = Probe {
+        count: true,
+        racecheck: true,
     };
-    moe_backward(
-        &ops,
-        s,
-        (&router, &weights),
-        (&mut grouter, &mut grads),
-        (&x, t),
-        &acts,
-        &dy,
-        Some(aux),
-    );
+    let ((out, dx), records) = emu::probed(probe, || {
+        let (out, acts) = moe_forward(&ops, s, &router, &weights, &x, t);
+        let mut balance = ops.moe_balance(experts);
+        ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
+        let aux = MoeAux {
+            balance: &balance,
+            coef: AUX_COEF,
+            row_weights: &row_weights,
+        };
+        let dx = moe_backward(
+            &ops,
+            s,
+            (&router, &weights),
+            (&mut grouter, &mut grads),
+            (&x, t),
+            &acts,
+            &dy,
+            Some(aux),
+        );
+        (out, dx)
+    });
     let after = counters();
     ops.check().unwrap();
-    // The one download: the E + 1 expert offsets of the layer (the stated temporary exception).
-    assert_eq!(after.downloads - before.downloads, 1);
+    // The per-expert row counts stay on the device: the grouped GEMMs read them there.
+    assert_eq!(after.downloads - before.downloads, 0);
+    assert_eq!(
+        ops.expert_copies(),
+        0,
+        "stacked experts are used where they lie"
+    );
+    let launches = |prefix: &str| {
+        records
+            .iter()
+            .filter(|r| r.kernel.starts_with(prefix))
+            .count()
+    };
+    // Three projections forward; each one's input and weight gradients backward.
+    assert_eq!(launches("moe_gemm_forward"), 3);
+    assert_eq!(launches("moe_gemm_input"), 3);
+    assert_eq!(launches("moe_gemm_weight"), 3);
+    // The router's projection, forward and backward, is the only library GEMM.
+    assert_eq!(launches("gemm"), 3);
+
+    // The same numbers as the CPU, gradients accumulated onto the stores' earlier values.
+    let want = run_layer(
+        &CpuOps,
+        s,
+        &host_weights,
+        &ops.download(&x),
+        &ops.download(&dy),
+    );
+    assert!(rel_err(&ops.download(&out), &want.out) <= BOUND, "output");
+    assert!(rel_err(&ops.download(&dx), &want.dx) <= BOUND, "dx");
+    assert!(
+        rel_err(&ops.download(&grouter), &want.grads[0]) <= BOUND,
+        "router gradient"
+    );
+    let got: Vec<Vec<f32>> = grads
+        .iter()
+        .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| ops.download(b)))
+        .collect();
+    for (j, ((g, before), w)) in got
+        .iter()
+        .zip(&host_grads)
+        .zip(&want.grads[1..])
+        .enumerate()
+    {
+        let added: Vec<f32> = g.iter().zip(before).map(|(g, b)| g - b).collect();
+        let err = rel_err(&added, w);
+        assert!(err <= BOUND, "expert gradient {j} off by {err:e}");
+    }
 }

@@ -548,7 +548,8 @@ fn write_attention_dump(
 }
 
 /// Time the mixture-of-experts feed-forward (the model's MoE layer on the device: routing,
-/// counting sort and row moves of cuda/moe.cu, one GEMM per expert) forward and backward on
+/// counting sort and row moves of cuda/moe.cu, the grouped expert GEMMs of cuda/moe_gemm.cu)
+/// forward and backward on
 /// random inputs made in memory, and print JSON: the time and achieved TFLOP/s of each (the
 /// GEMMs' FLOPs: 2·T·d·E + 6·T·k·d·F forward, twice that backward) and the dispatch's time
 /// alone. The defaults are Mixtral-8x7B's shapes in f32 (the model's tensors today). On

@@ -8,8 +8,7 @@
 //! Each store is f32 or bf16 as the plan's precision says (docs/numerics.md §7): bf16 weights
 //! with or without an fp32 master copy, gradients and moments f32 or bf16; `--precision f32`
 //! stores everything f32, the path checked against the CPU exactly. A step downloads its
-//! logged scalars, and each MoE layer its per-expert row counts (a temporary exception,
-//! docs/architecture.md §12).
+//! logged scalars and nothing else (docs/architecture.md §12).
 
 pub mod bench;
 pub mod loss;

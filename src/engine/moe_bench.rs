@@ -1,6 +1,8 @@
 //! Timing of the MoE feed-forward on a device (`contralign bench moe`): the layer as the model
 //! runs it (`model::layer::moe_forward` / `moe_backward` through [`DeviceOps`], f32 tensors,
-//! the MoE kernels of cuda/moe.cu and one GEMM per expert) on random inputs made in memory.
+//! the MoE kernels of cuda/moe.cu and the grouped expert GEMMs of cuda/moe_gemm.cu) on random
+//! inputs made in memory. The experts' weights and gradients each lie in one buffer at one
+//! stride, as the engine's flat store lays them out, so the GEMMs run on them in place.
 //!
 //! Work is counted as the GEMMs' FLOPs: forward `2 T d E` for the router and `6 T k d F` for
 //! the experts' three projections over the `T k` routed rows; backward twice that (input and
@@ -65,6 +67,22 @@ fn random(ops: &DeviceOps, rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Tensor
     ops.upload(&host)
 }
 
+/// `experts` experts' gate, up and down (`len` elements each, expert after expert) as views
+/// of `flat`, as the engine's flat store lays them out: views that `flat` must outlive.
+pub fn expert_views(flat: &Tensor, experts: usize, len: usize) -> Result<Vec<Expert<Tensor>>> {
+    let view =
+        |i: usize| -> Result<Tensor> { Ok(Tensor::borrowed(flat.storage().slice(i * len, len)?)) };
+    (0..experts)
+        .map(|e| {
+            Ok(Expert {
+                gate: view(3 * e)?,
+                up: view(3 * e + 1)?,
+                down: view(3 * e + 2)?,
+            })
+        })
+        .collect()
+}
+
 /// Times the MoE layer's forward and backward on `tokens` random rows.
 pub fn time_moe(
     device: &Device,
@@ -89,20 +107,18 @@ pub fn time_moe(
     // Weights of the magnitude of a trained layer's (1/sqrt of the fan-in).
     let (wd, wf) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
     let router = random(&ops, rng, s.experts * d, wd);
-    let mut experts = Vec::with_capacity(s.experts);
-    let mut grads = Vec::with_capacity(s.experts);
+    // Each expert's gate, up and down, expert after expert (the flat store's order).
+    let expert_len = 3 * f * d;
+    let mut host = Vec::with_capacity(s.experts * expert_len);
     for _ in 0..s.experts {
-        experts.push(Expert {
-            gate: random(&ops, rng, f * d, wd),
-            up: random(&ops, rng, f * d, wd),
-            down: random(&ops, rng, d * f, wf),
-        });
-        grads.push(Expert {
-            gate: ops.zeros(f * d),
-            up: ops.zeros(f * d),
-            down: ops.zeros(d * f),
-        });
+        for scale in [wd, wd, wf] {
+            host.extend((0..f * d).map(|_| rng.gen_range(-scale..scale)));
+        }
     }
+    let weights = ops.upload(&host);
+    let grads_flat = ops.zeros(s.experts * expert_len);
+    let experts = expert_views(&weights, s.experts, f * d)?;
+    let mut grads = expert_views(&grads_flat, s.experts, f * d)?;
     let mut grouter = ops.zeros(s.experts * d);
     let x = random(&ops, rng, tokens * d, 1.0);
     let dy = random(&ops, rng, tokens * d, 1.0);
@@ -112,7 +128,6 @@ pub fn time_moe(
     let dispatch = median_seconds(&ops, reps, || {
         let logits = ops.matmul(&x, &router, tokens, d, s.experts);
         let routing = ops.moe_route(&logits, s.experts, s.k);
-        ops.moe_expert_rows(&routing);
         let rows = ops.moe_permute(&x, &routing, false, d);
         ops.moe_unpermute(&rows, &routing, true, d);
         Ok(())

@@ -16,13 +16,12 @@ pub struct MlpActs<B> {
 
 /// What the backward of a MoE feed-forward reads (docs/architecture.md §6): the routing,
 /// the input rows in expert order (`None` under selective recompute: the backward permutes
-/// the layer's input again, the same bits), each expert's MLP activations (`None` for an
-/// expert that received no row) and the experts' outputs in expert order.
+/// the layer's input again, the same bits), the experts' MLP activations over those rows and
+/// their outputs in expert order.
 pub struct MoeActs<O: Ops + ?Sized> {
     routing: O::Routing,
-    rows_per_expert: Vec<usize>,
     input: Option<O::Buf>,
-    mlp: Vec<Option<MlpActs<O::Buf>>>,
+    mlp: MlpActs<O::Buf>,
     output: O::Buf,
 }
 
@@ -62,7 +61,7 @@ impl<O: Ops + ?Sized> LayerActs<O> {
             FfnActs::Dense(mlp) => mlp.act = None,
             FfnActs::Moe(m) => {
                 m.input = None;
-                m.mlp.iter_mut().flatten().for_each(|mlp| mlp.act = None);
+                m.mlp.act = None;
             }
         }
         self
@@ -75,16 +74,6 @@ impl<O: Ops + ?Sized> LayerActs<O> {
             FfnActs::Dense(_) => None,
         }
     }
-}
-
-/// The first row of each expert in expert order, and the rows' end.
-fn expert_starts(rows_per_expert: &[usize]) -> Vec<usize> {
-    let mut starts = Vec::with_capacity(rows_per_expert.len() + 1);
-    starts.push(0);
-    for &n in rows_per_expert {
-        starts.push(starts.last().copied().unwrap_or(0) + n);
-    }
-    starts
 }
 
 /// A kept activation, or the one `recompute` makes, held in `slot` for as long as it is used.
@@ -107,17 +96,50 @@ pub fn attn_shape(cfg: &ModelConfig) -> AttentionShape {
     }
 }
 
+/// Whose rows an MLP runs on: `Dense(m)`, `m` rows through one weight each; `Experts`, the
+/// rows in a routing's expert order, each expert's through its own.
+enum Rows<'a, O: Ops> {
+    Dense(usize),
+    Experts(&'a O::Routing),
+}
+
+impl<O: Ops> Rows<'_, O> {
+    /// `x [rows, k] · wᵀ` ([`Ops::matmul`] or [`Ops::moe_expert_matmul`]).
+    fn project(&self, ops: &O, x: &O::Buf, w: &[&O::Buf], (k, n): (usize, usize)) -> O::Buf {
+        match self {
+            Rows::Dense(m) => ops.matmul(x, w[0], *m, k, n),
+            Rows::Experts(r) => ops.moe_expert_matmul(x, w, r, k, n),
+        }
+    }
+
+    /// The backward of [`Rows::project`]: returns `dx`, accumulates `dw`.
+    fn project_backward(
+        &self,
+        ops: &O,
+        (x, w, dy): (&O::Buf, &[&O::Buf], &O::Buf),
+        (k, n): (usize, usize),
+        dw: &mut [&mut O::Buf],
+    ) -> O::Buf {
+        match self {
+            Rows::Dense(m) => ops.matmul_backward(x, w[0], dy, *m, k, n, dw[0]),
+            Rows::Experts(r) => ops.moe_expert_matmul_backward(x, w, dy, r, k, n, dw),
+        }
+    }
+}
+
+/// The SwiGLU MLPs `w` (one, or one per expert) on `rows` of `x`.
 fn mlp_forward<O: Ops>(
     ops: &O,
-    w: &Expert<O::Buf>,
+    w: &[Expert<O::Buf>],
     x: &O::Buf,
-    rows: usize,
+    rows: Rows<O>,
     (d, i): (usize, usize),
 ) -> (O::Buf, MlpActs<O::Buf>) {
-    let gate = ops.matmul(x, &w.gate, rows, d, i);
-    let up = ops.matmul(x, &w.up, rows, d, i);
+    let pick = |f: fn(&Expert<O::Buf>) -> &O::Buf| w.iter().map(f).collect::<Vec<_>>();
+    let gate = rows.project(ops, x, &pick(|e| &e.gate), (d, i));
+    let up = rows.project(ops, x, &pick(|e| &e.up), (d, i));
     let act = ops.swiglu(&gate, &up);
-    let out = ops.matmul(&act, &w.down, rows, i, d);
+    let out = rows.project(ops, &act, &pick(|e| &e.down), (i, d));
     let act = Some(act);
     (out, MlpActs { gate, up, act })
 }
@@ -125,22 +147,26 @@ fn mlp_forward<O: Ops>(
 #[allow(clippy::too_many_arguments)]
 fn mlp_backward<O: Ops>(
     ops: &O,
-    w: &Expert<O::Buf>,
-    g: &mut Expert<O::Buf>,
+    w: &[Expert<O::Buf>],
+    g: &mut [Expert<O::Buf>],
     x: &O::Buf,
     acts: &MlpActs<O::Buf>,
     dout: &O::Buf,
-    rows: usize,
+    rows: Rows<O>,
     (d, i): (usize, usize),
 ) -> O::Buf {
     let mut recomputed = None;
     let act = kept_or(&acts.act, &mut recomputed, || {
         ops.swiglu(&acts.gate, &acts.up)
     });
-    let dact = ops.matmul_backward(act, &w.down, dout, rows, i, d, &mut g.down);
+    let pick = |f: fn(&Expert<O::Buf>) -> &O::Buf| w.iter().map(f).collect::<Vec<_>>();
+    let mut down: Vec<_> = g.iter_mut().map(|e| &mut e.down).collect();
+    let dact = rows.project_backward(ops, (act, &pick(|e| &e.down), dout), (i, d), &mut down);
     let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
-    let mut dx = ops.matmul_backward(x, &w.gate, &dgate, rows, d, i, &mut g.gate);
-    let dx_up = ops.matmul_backward(x, &w.up, &dup, rows, d, i, &mut g.up);
+    let mut gate: Vec<_> = g.iter_mut().map(|e| &mut e.gate).collect();
+    let mut dx = rows.project_backward(ops, (x, &pick(|e| &e.gate), &dgate), (d, i), &mut gate);
+    let mut up: Vec<_> = g.iter_mut().map(|e| &mut e.up).collect();
+    let dx_up = rows.project_backward(ops, (x, &pick(|e| &e.up), &dup), (d, i), &mut up);
     ops.add_assign(&mut dx, &dx_up);
     dx
 }
@@ -165,7 +191,7 @@ fn moe_shape(cfg: &ModelConfig) -> MoeShape {
 }
 
 /// The MoE feed-forward of `t` rows `x [t, d]`: the router, the rows permuted into expert order,
-/// one SwiGLU MLP per expert on its contiguous rows, the weighted un-permute.
+/// each expert's SwiGLU MLP on its contiguous rows, the weighted un-permute.
 pub fn moe_forward<O: Ops>(
     ops: &O,
     s: MoeShape,
@@ -176,27 +202,11 @@ pub fn moe_forward<O: Ops>(
 ) -> (O::Buf, MoeActs<O>) {
     let logits = ops.matmul(x, router, t, s.d, s.experts);
     let routing = ops.moe_route(&logits, s.experts, s.k);
-    let rows_per_expert = ops.moe_expert_rows(&routing);
-    let starts = expert_starts(&rows_per_expert);
     let input = ops.moe_permute(x, &routing, false, s.d);
-    let mut outputs = Vec::with_capacity(experts.len());
-    let mut mlp = Vec::with_capacity(experts.len());
-    // A failed device reports no rows, and then no expert runs (its error is pending).
-    for ((w, &n), &start) in experts.iter().zip(&rows_per_expert).zip(&starts) {
-        if n == 0 {
-            mlp.push(None);
-            continue;
-        }
-        let rows = ops.rows(&input, start, n, s.d);
-        let (output, acts) = mlp_forward(ops, w, &rows, n, (s.d, s.ffn));
-        outputs.push(output);
-        mlp.push(Some(acts));
-    }
-    let output = ops.concat(&outputs);
+    let (output, mlp) = mlp_forward(ops, experts, &input, Rows::Experts(&routing), (s.d, s.ffn));
     let out = ops.moe_unpermute(&output, &routing, true, s.d);
     let acts = MoeActs {
         routing,
-        rows_per_expert,
         input: Some(input),
         mlp,
         output,
@@ -218,31 +228,23 @@ pub fn moe_backward<O: Ops>(
     aux: Option<MoeAux<O::Balance>>,
 ) -> O::Buf {
     let d = s.d;
-    let starts = expert_starts(&a.rows_per_expert);
     let mut input_recomputed = None;
-    let all_input = kept_or(&a.input, &mut input_recomputed, || {
+    let input = kept_or(&a.input, &mut input_recomputed, || {
         ops.moe_permute(x, &a.routing, false, d)
     });
     let dout = ops.moe_permute(dy, &a.routing, true, d);
-    let mut dinputs = Vec::with_capacity(experts.len());
-    let experts_rows = a.rows_per_expert.iter().zip(&starts).zip(&a.mlp);
-    for ((w, gw), ((&n, &start), mlp)) in experts.iter().zip(gexperts.iter_mut()).zip(experts_rows)
-    {
-        let Some(mlp) = mlp else { continue };
-        let input = ops.rows(all_input, start, n, d);
-        let dout_rows = ops.rows(&dout, start, n, d);
-        dinputs.push(mlp_backward(
-            ops,
-            w,
-            gw,
-            &input,
-            mlp,
-            &dout_rows,
-            n,
-            (d, s.ffn),
-        ));
-    }
-    let mut dx = ops.moe_unpermute(&ops.concat(&dinputs), &a.routing, false, d);
+    let rows = Rows::Experts(&a.routing);
+    let dinput = mlp_backward(
+        ops,
+        experts,
+        gexperts,
+        input,
+        &a.mlp,
+        &dout,
+        rows,
+        (d, s.ffn),
+    );
+    let mut dx = ops.moe_unpermute(&dinput, &a.routing, false, d);
     let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
     let dx_router = ops.matmul_backward(x, router, &dz, t, d, s.experts, grouter);
     ops.add_assign(&mut dx, &dx_router);
@@ -297,7 +299,14 @@ pub fn forward_with<O: Ops>(
     let ffn_in = ops.rmsnorm(&mid, &p.post_norm, d, eps);
     let (ffn_out, ffn) = match &p.ffn {
         FeedForward::Dense(w) => {
-            let (out, acts) = mlp_forward(ops, w, &ffn_in, t, (d, cfg.intermediate_size));
+            let dense = std::slice::from_ref(w);
+            let (out, acts) = mlp_forward(
+                ops,
+                dense,
+                &ffn_in,
+                Rows::Dense(t),
+                (d, cfg.intermediate_size),
+            );
             (out, FfnActs::Dense(acts))
         }
         FeedForward::Moe { router, experts } => {
@@ -345,7 +354,17 @@ pub fn backward<O: Ops>(
 
     let dffn_in = match (&p.ffn, &mut g.ffn, &acts.ffn) {
         (FeedForward::Dense(w), FeedForward::Dense(gw), FfnActs::Dense(a)) => {
-            mlp_backward(ops, w, gw, ffn_in, a, dy, t, (d, cfg.intermediate_size))
+            let (w, gw) = (std::slice::from_ref(w), std::slice::from_mut(gw));
+            mlp_backward(
+                ops,
+                w,
+                gw,
+                ffn_in,
+                a,
+                dy,
+                Rows::Dense(t),
+                (d, cfg.intermediate_size),
+            )
         }
         (
             FeedForward::Moe { router, experts },

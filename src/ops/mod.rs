@@ -237,8 +237,30 @@ pub trait Ops {
     /// Routes `T` tokens by their router logits `[T, experts]`: softmax, the top `k` by
     /// decreasing probability (ties: the lower index), weights renormalized over them.
     fn moe_route(&self, logits: &Self::Buf, experts: usize, k: usize) -> Self::Routing;
-    /// The rows each expert receives: the sizes of its GEMMs, which the host launches.
-    fn moe_expert_rows(&self, routing: &Self::Routing) -> Vec<usize>;
+    /// The experts' projection of the `T·k` rows in expert order: `y [T k, n]`, each
+    /// expert's rows of `x [T k, k_in]` times its own `w[e] [n, k_in]`ᵀ. How many rows each
+    /// expert has stays with the backend (a device reads it there).
+    fn moe_expert_matmul(
+        &self,
+        x: &Self::Buf,
+        w: &[&Self::Buf],
+        routing: &Self::Routing,
+        k_in: usize,
+        n: usize,
+    ) -> Self::Buf;
+    /// Returns `dx = dy · w[e]` on each expert's rows; accumulates `dw[e] += dy_eᵀ · x_e`
+    /// (an expert without rows keeps its gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_expert_matmul_backward(
+        &self,
+        x: &Self::Buf,
+        w: &[&Self::Buf],
+        dy: &Self::Buf,
+        routing: &Self::Routing,
+        k_in: usize,
+        n: usize,
+        dw: &mut [&mut Self::Buf],
+    ) -> Self::Buf;
     /// `x [T, d]`'s rows in expert order, `[T k, d]`; with `weighted`, each scaled by its
     /// slot's routing weight (the combine's backward).
     fn moe_permute(

@@ -29,6 +29,7 @@ use crate::ops::cuda::pool::Pool;
 use crate::ops::moe::{LoadBalance, Routing};
 use crate::ops::{MoeAux, Ops};
 use anyhow::Result;
+use half::bf16;
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -186,8 +187,9 @@ pub fn moe(device: &Device, rng: &mut StdRng, c: &MoeCase) -> Result<Vec<Row>> {
         c,
         &as_f64(&counts.iter().map(|&n| n as u32).collect::<Vec<_>>()),
         &as_f64(
-            &CpuOps
-                .moe_expert_rows(&want)
+            &want
+                .routing
+                .expert_rows()
                 .iter()
                 .map(|&n| n as u32)
                 .collect::<Vec<_>>(),
@@ -226,6 +228,7 @@ pub fn moe(device: &Device, rng: &mut StdRng, c: &MoeCase) -> Result<Vec<Row>> {
             &as_f64(&device.download(&back)?),
             &as_f64(&want_back),
         ));
+        rows.extend(bf16_moves(&moe, &r, &got, weighted, (&x, &y), (c, d))?);
     }
 
     // The load-balancing sums over two layers (the second routes the same logits).
@@ -272,6 +275,45 @@ pub fn moe(device: &Device, rng: &mut StdRng, c: &MoeCase) -> Result<Vec<Row>> {
         ));
     }
     Ok(rows)
+}
+
+/// The bf16 row moves on bf16 copies of `x` and `y`: the f32 kernels' arithmetic rounded once
+/// to bf16, so the CPU's f32 result rounded to bf16, bit for bit.
+fn bf16_moves(
+    moe: &MoeKernels,
+    r: &DeviceRouting,
+    routing: &CpuRouting,
+    weighted: bool,
+    (x, y): (&[f32], &[f32]),
+    (c, d): (&MoeCase, usize),
+) -> Result<Vec<Row>> {
+    let device = moe.device;
+    let to_bf16 = |v: &[f32]| v.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<_>>();
+    let widen = |v: Vec<bf16>| v.into_iter().map(|a| a.to_f64()).collect::<Vec<f64>>();
+    let rounded = |v: Vec<f32>| v.into_iter().map(|a| bf16::from_f32(a).to_f64()).collect();
+    let (xb, yb) = (to_bf16(x), to_bf16(y));
+    let widened = |v: &[bf16]| v.iter().map(|a| a.to_f32()).collect::<Vec<f32>>();
+    let mut out = device.alloc::<bf16>(r.slots() * d)?;
+    moe.permute(&device.upload(&xb)?, r, weighted, &mut out, d)?;
+    let want_out: Vec<f64> = rounded(CpuOps.moe_permute(&widened(&xb), routing, weighted, d));
+    let mut back = device.alloc::<bf16>(r.tokens * d)?;
+    moe.unpermute(&device.upload(&yb)?, r, weighted, &mut back, d)?;
+    let want_back: Vec<f64> = rounded(CpuOps.moe_unpermute(&widened(&yb), routing, weighted, d));
+    let tag = if weighted { " weighted" } else { "" };
+    Ok(vec![
+        exact(
+            &format!("moe_gather{tag} bf16"),
+            c,
+            &widen(device.download(&out)?),
+            &want_out,
+        ),
+        exact(
+            &format!("moe_unpermute{tag} bf16"),
+            c,
+            &widen(device.download(&back)?),
+            &want_back,
+        ),
+    ])
 }
 
 /// `S_te = p_e (|dp|_e + Σ_e' p_e' |dp|_e')` of the module header, per logit.

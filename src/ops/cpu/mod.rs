@@ -41,6 +41,46 @@ impl CpuRouting {
     }
 }
 
+/// [`Ops::moe_expert_matmul`] as the CPU runs it, on any ops whose routing it can count:
+/// one projection per expert on its contiguous rows (`rows[e]` of them), one after another.
+pub fn expert_matmul<O: Ops>(
+    ops: &O,
+    rows: &[usize],
+    x: &O::Buf,
+    w: &[&O::Buf],
+    (k_in, n): (usize, usize),
+) -> O::Buf {
+    let mut outputs = Vec::with_capacity(w.len());
+    let mut start = 0;
+    for (&w, &m) in w.iter().zip(rows) {
+        if m > 0 {
+            outputs.push(ops.matmul(&ops.rows(x, start, m, k_in), w, m, k_in, n));
+        }
+        start += m;
+    }
+    ops.concat(&outputs)
+}
+
+/// [`Ops::moe_expert_matmul_backward`] as the CPU runs it (see [`expert_matmul`]).
+pub fn expert_matmul_backward<O: Ops>(
+    ops: &O,
+    rows: &[usize],
+    (x, w, dy): (&O::Buf, &[&O::Buf], &O::Buf),
+    (k_in, n): (usize, usize),
+    dw: &mut [&mut O::Buf],
+) -> O::Buf {
+    let mut dxs = Vec::with_capacity(w.len());
+    let mut start = 0;
+    for ((&w, dw), &m) in w.iter().zip(dw.iter_mut()).zip(rows) {
+        if m > 0 {
+            let (x, dy) = (ops.rows(x, start, m, k_in), ops.rows(dy, start, m, n));
+            dxs.push(ops.matmul_backward(&x, w, &dy, m, k_in, n, dw));
+        }
+        start += m;
+    }
+    ops.concat(&dxs)
+}
+
 impl Ops for CpuOps {
     type Buf = Vec<f32>;
     type Routing = CpuRouting;
@@ -186,8 +226,29 @@ impl Ops for CpuOps {
         CpuRouting { routing, order }
     }
 
-    fn moe_expert_rows(&self, routing: &CpuRouting) -> Vec<usize> {
-        routing.routing.expert_rows()
+    fn moe_expert_matmul(
+        &self,
+        x: &Vec<f32>,
+        w: &[&Vec<f32>],
+        routing: &CpuRouting,
+        k_in: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        expert_matmul(self, &routing.routing.expert_rows(), x, w, (k_in, n))
+    }
+
+    fn moe_expert_matmul_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &[&Vec<f32>],
+        dy: &Vec<f32>,
+        routing: &CpuRouting,
+        k_in: usize,
+        n: usize,
+        dw: &mut [&mut Vec<f32>],
+    ) -> Vec<f32> {
+        let rows = routing.routing.expert_rows();
+        expert_matmul_backward(self, &rows, (x, w, dy), (k_in, n), dw)
     }
 
     fn moe_permute(&self, x: &Vec<f32>, r: &CpuRouting, weighted: bool, d: usize) -> Vec<f32> {

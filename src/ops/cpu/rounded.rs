@@ -10,7 +10,7 @@
 
 use super::attention::{self, ProbabilityRounding};
 use super::scoring::{self, Rounding};
-use super::{CpuOps, CpuRouting};
+use super::{expert_matmul, expert_matmul_backward, CpuOps, CpuRouting};
 use crate::ops::moe::LoadBalance;
 use crate::ops::storage::Dtype;
 use crate::ops::{
@@ -288,22 +288,43 @@ impl Ops for RoundedCpuOps {
         Stored { values, dtype }
     }
 
-    // The MoE kernels are f32 (docs/numerics.md §2): they read their inputs as stored and
-    // write f32.
+    // The routing reads the logits as stored; the row moves, the experts' GEMMs and the slot
+    // dots run at the storage type, the router's logit gradient is f32 (docs/numerics.md §2).
     fn moe_route(&self, logits: &Stored, experts: usize, k: usize) -> CpuRouting {
         CpuOps.moe_route(&logits.values, experts, k)
     }
 
-    fn moe_expert_rows(&self, routing: &CpuRouting) -> Vec<usize> {
-        CpuOps.moe_expert_rows(routing)
+    fn moe_expert_matmul(
+        &self,
+        x: &Stored,
+        w: &[&Stored],
+        routing: &CpuRouting,
+        k_in: usize,
+        n: usize,
+    ) -> Stored {
+        expert_matmul(self, &routing.routing.expert_rows(), x, w, (k_in, n))
+    }
+
+    fn moe_expert_matmul_backward(
+        &self,
+        x: &Stored,
+        w: &[&Stored],
+        dy: &Stored,
+        routing: &CpuRouting,
+        k_in: usize,
+        n: usize,
+        dw: &mut [&mut Stored],
+    ) -> Stored {
+        let rows = routing.routing.expert_rows();
+        expert_matmul_backward(self, &rows, (x, w, dy), (k_in, n), dw)
     }
 
     fn moe_permute(&self, x: &Stored, routing: &CpuRouting, weighted: bool, d: usize) -> Stored {
-        Self::f32(CpuOps.moe_permute(&x.values, routing, weighted, d))
+        self.output(CpuOps.moe_permute(&self.input(x), routing, weighted, d))
     }
 
     fn moe_unpermute(&self, y: &Stored, routing: &CpuRouting, weighted: bool, d: usize) -> Stored {
-        Self::f32(CpuOps.moe_unpermute(&y.values, routing, weighted, d))
+        self.output(CpuOps.moe_unpermute(&self.input(y), routing, weighted, d))
     }
 
     fn moe_route_backward(
@@ -314,7 +335,8 @@ impl Ops for RoundedCpuOps {
         d: usize,
         aux: Option<MoeAux<LoadBalance>>,
     ) -> Stored {
-        Self::f32(CpuOps.moe_route_backward(routing, &y.values, &dout.values, d, aux))
+        let (y, dout) = (self.input(y), self.input(dout));
+        Self::f32(CpuOps.moe_route_backward(routing, &y, &dout, d, aux))
     }
 
     fn moe_balance(&self, experts: usize) -> LoadBalance {

@@ -3,17 +3,17 @@
 //! token order and expert order, the router's backward and the load-balancing sums, each a
 //! typed launch that checks its buffers first.
 //!
-//! The per-expert row counts are the one thing that comes back to the host in a layer
-//! ([`MoeKernels::expert_rows`], `E + 1` integers): the host launches one GEMM per expert on
-//! its contiguous slice and needs their sizes. That download is a temporary exception
-//! (docs/architecture.md §12) until a grouped GEMM reads the offsets on the device.
+//! The experts' projections run as grouped GEMMs (`cuda/moe_gemm.cu`) that read each expert's
+//! rows from the offsets on the device: the host launches them sized to the rows of the whole
+//! layer and never learns the per-expert counts. [`MoeKernels::expert_rows`] downloads them
+//! for the selftest only.
 
-use super::device::{AsView, Device, View};
+use super::device::{AsView, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
 use super::kernels::rows_of;
 use super::pool::{Leased, Pool};
 use crate::ops::moe::LoadBalance;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 /// The most experts per token (`MOE_MAX_K` in cuda/moe.cu).
 pub const MAX_K: usize = 4;
@@ -27,6 +27,60 @@ const SCAN_THREADS: u32 = 1024;
 const THREADS: u32 = 256;
 /// The most blocks a grid-stride kernel launches.
 const MAX_GRID: usize = 65535;
+/// Output rows and columns of a block of the grouped GEMMs (`kTile` in cuda/moe_gemm.cu).
+const GEMM_TILE: usize = 64;
+/// Threads of a block of the grouped GEMMs.
+const GEMM_THREADS: u32 = 128;
+
+/// One tensor per expert, each of `len` elements, expert `e`'s at `e · stride` elements
+/// after expert 0's: how the grouped GEMMs find the experts' weights and gradients (the flat
+/// parameter store lays the experts out at one stride).
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertStack<E> {
+    first: View<E>,
+    stride: usize,
+    experts: usize,
+}
+
+impl<E: bytemuck::Pod> ExpertStack<E> {
+    /// The stack of `views`, which must have one length and lie at one stride, apart.
+    pub fn new(what: &str, views: &[View<E>]) -> Result<Self> {
+        let first = *views
+            .first()
+            .with_context(|| format!("{what}: no experts"))?;
+        let len = first.len();
+        let bytes = |v: &View<E>| v.device_ptr().wrapping_sub(first.device_ptr());
+        let step = views.get(1).map_or((len * size_of::<E>()) as u64, bytes);
+        ensure!(
+            step.is_multiple_of(size_of::<E>() as u64) && step >= (len * size_of::<E>()) as u64,
+            "{what}: expert 1 lies {step} bytes after expert 0, which holds {len} elements"
+        );
+        for (e, v) in views.iter().enumerate() {
+            ensure!(
+                v.len() == len && step.checked_mul(e as u64) == Some(bytes(v)),
+                "{what}: expert {e} ({} elements, {} bytes after expert 0) is not at the \
+                 stride of {step} bytes with {len} elements",
+                v.len(),
+                bytes(v)
+            );
+        }
+        Ok(ExpertStack {
+            first,
+            stride: step as usize / size_of::<E>(),
+            experts: views.len(),
+        })
+    }
+
+    fn check(&self, what: &str, experts: usize, len: usize) -> Result<()> {
+        ensure!(
+            self.experts == experts && self.first.len() == len,
+            "{what}: {} experts of {} elements, expected {experts} of {len}",
+            self.experts,
+            self.first.len()
+        );
+        Ok(())
+    }
+}
 
 /// One layer's routing on the device.
 pub struct DeviceRouting {
@@ -189,13 +243,119 @@ impl<'a> MoeKernels<'a> {
         Ok(offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect())
     }
 
-    /// `out[i] = scale[i] · x[src_row[i]]` (1 without `scale`) for rows of `d`.
-    pub fn gather(
+    /// `y [R, n]`: each expert's rows of `x [R, k]` (expert order) times its `w_e [n, k]`ᵀ.
+    pub fn expert_forward<E: Float>(
         &self,
-        x: &impl AsView<f32>,
+        x: View<E>,
+        w: ExpertStack<E>,
+        r: &DeviceRouting,
+        (k, n): (usize, usize),
+        y: View<E>,
+    ) -> Result<()> {
+        w.check("moe expert forward weights", r.experts, n * k)?;
+        ensure_len("moe expert forward input", x.len(), r.slots() * k)?;
+        ensure_len("moe expert forward output", y.len(), r.slots() * n)?;
+        self.rows_gemm("moe_gemm_forward", (x, w, y), r, (k, n))
+    }
+
+    /// `dx [R, k]`: each expert's rows of `dy [R, n]` times its `w_e [n, k]`.
+    pub fn expert_input_grad<E: Float>(
+        &self,
+        dy: View<E>,
+        w: ExpertStack<E>,
+        r: &DeviceRouting,
+        (k, n): (usize, usize),
+        dx: View<E>,
+    ) -> Result<()> {
+        w.check("moe expert input-gradient weights", r.experts, n * k)?;
+        ensure_len("moe expert input-gradient dy", dy.len(), r.slots() * n)?;
+        ensure_len("moe expert input-gradient output", dx.len(), r.slots() * k)?;
+        self.rows_gemm("moe_gemm_input", (dy, w, dx), r, (n, k))
+    }
+
+    /// `c [R, cols] = a [R, inner] · op(w_e)` per expert: one block per 64 rows of an expert
+    /// (at most `R / 64 + E` of them) and 64 columns.
+    fn rows_gemm<E: Float>(
+        &self,
+        kernel: &str,
+        (a, w, c): (View<E>, ExpertStack<E>, View<E>),
+        r: &DeviceRouting,
+        (inner, cols): (usize, usize),
+    ) -> Result<()> {
+        let row_tiles = r.slots().div_ceil(GEMM_TILE) + r.experts;
+        let col_tiles = cols.div_ceil(GEMM_TILE);
+        ensure!(
+            r.slots() <= i32::MAX as usize
+                && inner <= i32::MAX as usize
+                && row_tiles <= i32::MAX as usize
+                && col_tiles <= MAX_GRID,
+            "{kernel}: {} rows of {inner} by {cols} exceed the kernel's grid",
+            r.slots()
+        );
+        if r.slots() == 0 || cols == 0 {
+            return Ok(());
+        }
+        let mut args = KernelArgs::new();
+        args.arg(a.device_ptr())
+            .arg(w.first.device_ptr())
+            .arg(w.stride as i64)
+            .arg(c.device_ptr())
+            .arg(r.expert_offsets.device_ptr())
+            .arg(r.experts as i32)
+            .arg(inner as i32)
+            .arg(cols as i32);
+        let config = LaunchConfig::new((row_tiles as u32, col_tiles as u32), GEMM_THREADS, 0);
+        self.launch(&format!("{kernel}_{}", E::DTYPE), config, &args)
+    }
+
+    /// `dw_e [n, k] += dy_eᵀ · x_e` over each expert's rows of `dy [R, n]` and `x [R, k]`;
+    /// an expert without rows keeps its gradient.
+    pub fn expert_weight_grad<E: Float, G: Float>(
+        &self,
+        dy: View<E>,
+        x: View<E>,
+        r: &DeviceRouting,
+        (k, n): (usize, usize),
+        dw: ExpertStack<G>,
+    ) -> Result<()> {
+        dw.check("moe expert weight gradients", r.experts, n * k)?;
+        ensure_len("moe expert weight-gradient dy", dy.len(), r.slots() * n)?;
+        ensure_len("moe expert weight-gradient input", x.len(), r.slots() * k)?;
+        let (col_tiles, row_tiles) = (k.div_ceil(GEMM_TILE), n.div_ceil(GEMM_TILE));
+        ensure!(
+            r.slots() <= i32::MAX as usize
+                && n <= i32::MAX as usize
+                && col_tiles <= i32::MAX as usize
+                && row_tiles <= MAX_GRID,
+            "moe expert weight gradient: {} rows of {n} by {k} exceed the kernel's grid",
+            r.slots()
+        );
+        if r.slots() == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        let mut args = KernelArgs::new();
+        args.arg(dy.device_ptr())
+            .arg(x.device_ptr())
+            .arg(dw.first.device_ptr())
+            .arg(dw.stride as i64)
+            .arg(r.expert_offsets.device_ptr())
+            .arg(n as i32)
+            .arg(k as i32);
+        let grid = (col_tiles as u32, row_tiles as u32, r.experts as u32);
+        self.launch(
+            &format!("moe_gemm_weight_{}_{}", E::DTYPE, G::DTYPE),
+            LaunchConfig::new(grid, GEMM_THREADS, 0),
+            &args,
+        )
+    }
+
+    /// `out[i] = scale[i] · x[src_row[i]]` (1 without `scale`) for rows of `d`.
+    pub fn gather<E: Float>(
+        &self,
+        x: &impl AsView<E>,
         src_row: View<u32>,
         scale: Option<View<f32>>,
-        out: &mut impl AsView<f32>,
+        out: &mut impl AsView<E>,
         d: usize,
     ) -> Result<()> {
         let (x, out) = (x.view(), out.view());
@@ -218,19 +378,19 @@ impl<'a> MoeKernels<'a> {
             .arg(d as i32)
             .arg(src_rows as u32);
         self.launch(
-            "moe_gather_f32",
+            &format!("moe_gather_{}", E::DTYPE),
             LaunchConfig::new(grid(rows), THREADS, 0),
             &args,
         )
     }
 
     /// `x [T, d]`'s rows in expert order, scaled by their weights when `weighted`.
-    pub fn permute(
+    pub fn permute<E: Float>(
         &self,
-        x: &impl AsView<f32>,
+        x: &impl AsView<E>,
         r: &DeviceRouting,
         weighted: bool,
-        out: &mut impl AsView<f32>,
+        out: &mut impl AsView<E>,
         d: usize,
     ) -> Result<()> {
         ensure_len("moe permute input", x.view().len(), r.tokens * d)?;
@@ -240,12 +400,12 @@ impl<'a> MoeKernels<'a> {
 
     /// `out [T, d]`: each token's rows of `y` (expert order), weighted when `weighted`,
     /// summed in expert order.
-    pub fn unpermute(
+    pub fn unpermute<E: Float>(
         &self,
-        y: &impl AsView<f32>,
+        y: &impl AsView<E>,
         r: &DeviceRouting,
         weighted: bool,
-        out: &mut impl AsView<f32>,
+        out: &mut impl AsView<E>,
         d: usize,
     ) -> Result<()> {
         let (y, out) = (y.view(), out.view());
@@ -261,17 +421,17 @@ impl<'a> MoeKernels<'a> {
             .arg(r.k as i32)
             .arg(d as i32);
         self.launch(
-            "moe_unpermute_f32",
+            &format!("moe_unpermute_{}", E::DTYPE),
             LaunchConfig::new(grid(r.tokens), THREADS, 0),
             &args,
         )
     }
 
     /// `dL/dweight` per slot: `dout[t] · y[row]`, f64.
-    pub fn slot_dots(
+    pub fn slot_dots<E: Float>(
         &self,
-        dout: &impl AsView<f32>,
-        y: &impl AsView<f32>,
+        dout: &impl AsView<E>,
+        y: &impl AsView<E>,
         r: &DeviceRouting,
         d: usize,
     ) -> Result<Leased<f64>> {
@@ -288,7 +448,7 @@ impl<'a> MoeKernels<'a> {
             .arg(r.k as i32)
             .arg(d as i32);
         self.launch(
-            "moe_slot_dots",
+            &format!("moe_slot_dots_{}", E::DTYPE),
             LaunchConfig::new(grid(r.slots()), THREADS, 0),
             &args,
         )?;

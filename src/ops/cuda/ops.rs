@@ -2,8 +2,8 @@
 //! RMSNorm, RoPE, SwiGLU, attention (forward and backward), accumulation, every projection
 //! (GEMM) and the fused LM-head scoring (`super::scoring`) run there, their outputs leased
 //! from the ops' pool. The MoE layer's routing, row permutations, router backward and
-//! load-balancing sums run there too (`super::moe`, f32 kernels; its per-expert row counts
-//! come to the host, a stated temporary exception). An unscaled `gather_rows` /
+//! load-balancing sums run there too (`super::moe`, f32 kernels), and the experts' projections
+//! as grouped GEMMs that read the per-expert row counts on the device (`expert`). An unscaled `gather_rows` /
 //! `scatter_add_rows` (the prediction rows) is an embedding lookup / backward; a scaled
 //! gather runs the MoE gather kernel; a scaled scatter-add (which the model no longer uses)
 //! copies its operands to the host and runs the CPU reference.
@@ -11,8 +11,8 @@
 //! Storage (docs/numerics.md §2): the ops run at one storage type, f32 or bf16. Uploads and
 //! every op's fresh output are stored in it, except the fp32 statistics (RMSNorm's 1/rms,
 //! attention's and the scoring's log-sum-exp, the log-probs), `zeros`, which makes the f32
-//! accumulators (weight gradients, the MoE and scoring scatters), and the MoE kernels'
-//! outputs, which are f32. An op accumulating into a tensor keeps that tensor's type; an
+//! accumulators (weight gradients, the scoring's scatter), and the router's logit gradient,
+//! which is f32. An op accumulating into a tensor keeps that tensor's type; an
 //! input of the other type is cast to the ops' type first ([`Operand`]).
 //!
 //! The trait's operations cannot fail, but a device can. The first error is kept, every
@@ -26,12 +26,14 @@ use super::kernels::Kernels;
 use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
 use super::pool::{Leased, Pool, Stored, Tensor, TensorView};
 use super::scoring::{FusedScoring, Spans};
+mod expert;
+
 use crate::ops::cpu::CpuOps;
 use crate::ops::storage::Dtype;
 use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale};
 use anyhow::{Context, Result};
 use half::bf16;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions,
@@ -79,6 +81,10 @@ pub struct DeviceOps<'a> {
     /// What uploads and op outputs are stored in.
     storage: Dtype,
     error: RefCell<Option<anyhow::Error>>,
+    /// How many expert tensors were copied into a stack for the grouped GEMMs because they
+    /// did not lie at one stride (`expert`): none in the engine, whose flat store lays
+    /// them out so.
+    expert_copies: Cell<u64>,
     /// The index lists uploaded last, with their device copies: the model passes the same
     /// positions to RoPE in every layer, forward, backward and recomputation.
     index_lists: RefCell<Vec<IndexList>>,
@@ -141,6 +147,7 @@ impl<'a> DeviceOps<'a> {
             pool,
             storage,
             error: RefCell::new(None),
+            expert_copies: Cell::new(0),
             index_lists: RefCell::new(Vec::new()),
             attention_layout: RefCell::new(None),
             spans: RefCell::new(None),
@@ -184,6 +191,11 @@ impl<'a> DeviceOps<'a> {
                 on_error()
             }
         }
+    }
+
+    /// Expert tensors copied into a stack so far (see [`Ops::moe_expert_matmul`]).
+    pub fn expert_copies(&self) -> u64 {
+        self.expert_copies.get()
     }
 
     pub fn device(&self) -> &'a Device {
@@ -278,23 +290,26 @@ impl<'a> DeviceOps<'a> {
         Ok(Tensor::leased(view, lease))
     }
 
+    /// Copies `src` into `dst`, cast to `dst`'s type (rounded to nearest into bf16).
+    fn convert(&self, src: TensorView, dst: TensorView) -> Result<()> {
+        match (src, dst) {
+            (TensorView::F32(x), TensorView::Bf16(mut out)) => {
+                self.kernels.cast_to_bf16(&x, &mut out)
+            }
+            (TensorView::Bf16(x), TensorView::F32(mut out)) => {
+                self.kernels.cast_to_f32(&x, &mut out)
+            }
+            (TensorView::F32(x), TensorView::F32(mut out)) => self.device.copy_buffer(&x, &mut out),
+            (TensorView::Bf16(x), TensorView::Bf16(mut out)) => {
+                self.device.copy_buffer(&x, &mut out)
+            }
+        }
+    }
+
     /// `t` in a fresh tensor of type `E`.
     fn copy_as<E: Stored>(&self, t: &Tensor) -> Result<Tensor> {
         let copy = self.alloc::<E>(t.len())?;
-        match (t.storage(), copy.storage()) {
-            (TensorView::F32(x), TensorView::Bf16(mut out)) => {
-                self.kernels.cast_to_bf16(&x, &mut out)?
-            }
-            (TensorView::Bf16(x), TensorView::F32(mut out)) => {
-                self.kernels.cast_to_f32(&x, &mut out)?
-            }
-            (TensorView::F32(x), TensorView::F32(mut out)) => {
-                self.device.copy_buffer(&x, &mut out)?
-            }
-            (TensorView::Bf16(x), TensorView::Bf16(mut out)) => {
-                self.device.copy_buffer(&x, &mut out)?
-            }
-        }
+        self.convert(t.storage(), copy.storage())?;
         Ok(copy)
     }
 
@@ -939,10 +954,41 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
-    fn moe_expert_rows(&self, routing: &Option<DeviceRouting>) -> Vec<usize> {
-        self.attempt("moe_expert_rows", Vec::new, || {
-            self.moe().expert_rows(routed(routing)?)
-        })
+    fn moe_expert_matmul(
+        &self,
+        x: &Tensor,
+        w: &[&Tensor],
+        routing: &Option<DeviceRouting>,
+        k_in: usize,
+        n: usize,
+    ) -> Tensor {
+        let rows = routing.as_ref().map_or(0, DeviceRouting::slots);
+        self.attempt(
+            "moe_expert_matmul",
+            || Self::placeholder(rows * n),
+            || at_storage!(self.expert_matmul_at((x, w), routed(routing)?, (k_in, n))),
+        )
+    }
+
+    fn moe_expert_matmul_backward(
+        &self,
+        x: &Tensor,
+        w: &[&Tensor],
+        dy: &Tensor,
+        routing: &Option<DeviceRouting>,
+        k_in: usize,
+        n: usize,
+        dw: &mut [&mut Tensor],
+    ) -> Tensor {
+        let rows = routing.as_ref().map_or(0, DeviceRouting::slots);
+        self.attempt(
+            "moe_expert_matmul_backward",
+            || Self::placeholder(rows * k_in),
+            || {
+                let r = routed(routing)?;
+                at_storage!(self.expert_matmul_backward_at((x, w, dy), r, (k_in, n), dw))
+            },
+        )
     }
 
     fn moe_permute(
@@ -956,14 +1002,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "moe_permute",
             || Self::placeholder(rows * d),
-            || {
-                let x = self.input::<f32>(x)?;
-                let out = self.alloc::<f32>(rows * d)?;
-                let mut view = out.view_as::<f32>("moe_permute out")?;
-                self.moe()
-                    .permute(&x, routed(routing)?, weighted, &mut view, d)?;
-                Ok(out)
-            },
+            || at_storage!(self.permute_at(x, routed(routing)?, weighted, d)),
         )
     }
 
@@ -978,14 +1017,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "moe_unpermute",
             || Self::placeholder(tokens * d),
-            || {
-                let y = self.input::<f32>(y)?;
-                let out = self.alloc::<f32>(tokens * d)?;
-                let mut view = out.view_as::<f32>("moe_unpermute out")?;
-                self.moe()
-                    .unpermute(&y, routed(routing)?, weighted, &mut view, d)?;
-                Ok(out)
-            },
+            || at_storage!(self.unpermute_at(y, routed(routing)?, weighted, d)),
         )
     }
 
@@ -1004,8 +1036,7 @@ impl Ops for DeviceOps<'_> {
             || {
                 let r = routed(routing)?;
                 let moe = self.moe();
-                let (dout, y) = (self.input::<f32>(dout)?, self.input::<f32>(y)?);
-                let d_weights = moe.slot_dots(&dout, &y, r, d)?;
+                let d_weights = at_storage!(self.slot_dots_at(dout, y, r, d))?;
                 let row_weights = match &aux {
                     Some(a) => Some(self.row_weights(a.row_weights)?),
                     None => None,

@@ -9,11 +9,11 @@
 
 use super::attention::AttentionKernels;
 use super::attention_bench::{BenchMask, BenchProblem};
-use super::device::{Buffer, Device, Float};
+use super::device::{Buffer, Device, Float, View};
 use super::emu::{self, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
-use super::moe::{DeviceRouting, MoeKernels};
+use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use super::pool::{Leased, Pool};
 use super::roofline::{table_header, Gpu};
 use crate::ops::optimizer::AdamWConfig;
@@ -39,6 +39,10 @@ pub struct Shapes {
     pub top_k: usize,
     /// Elements of the optimizer, cast, accumulation and gradient-norm cases.
     pub params: usize,
+    /// The experts' grouped GEMM cases run at `d` and `ffn` divided by this: the emulator
+    /// runs every thread of a tiled GEMM, and a tile's traffic and coalescing do not depend
+    /// on how many tiles there are, so the counted/ideal ratio carries over to full widths.
+    pub expert_width_divisor: usize,
 }
 
 impl Shapes {
@@ -56,6 +60,7 @@ impl Shapes {
             experts: 8,
             top_k: 2,
             params: 50 << 20,
+            expert_width_divisor: 1,
         }
     }
 
@@ -66,6 +71,7 @@ impl Shapes {
             tokens,
             vocab: 1024,
             params,
+            expert_width_divisor: 32,
             ..Shapes::mistral_7b()
         }
     }
@@ -462,17 +468,17 @@ fn routing_case(
 }
 
 /// A MoE row move on a fresh routing: `T` rows of `d` on one side and `T k` on the other
-/// (f32), and `index_bytes` of routing per slot.
+/// (`e` bytes an element), and `index_bytes` of routing per slot.
 fn routed_case(
     op: &str,
-    index_bytes: u64,
+    (e, index_bytes): (u64, u64),
     run: impl Fn(&MoeKernels, &DeviceRouting, &Shapes, &mut StdRng) -> Result<()> + 'static,
 ) -> Case {
     case(
         op.into(),
         move |s| {
             let (rows, slots) = ((s.tokens * s.d) as u64, (s.tokens * s.top_k) as u64);
-            (4 * rows + 4 * slots * s.d as u64 + index_bytes * slots, 0)
+            (e * rows + e * slots * s.d as u64 + index_bytes * slots, 0)
         },
         move |k, s, rng| {
             let moe = MoeKernels::new(k.device, Pool::default());
@@ -482,7 +488,97 @@ fn routed_case(
     )
 }
 
-/// The MoE row moves at Mixtral's routing (f32 rows of `d`; `T k` slots).
+/// Which of the experts' grouped GEMMs a profile case runs.
+#[derive(Clone, Copy)]
+enum ExpertGemm {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+/// One of the experts' grouped GEMMs (bf16 in, `G` out) at Mixtral's routing over the
+/// `T k` rows, from `d` to `ffn` (the gate and up projections) at the widths of
+/// [`Shapes::expert_width_divisor`]: each operand read once and the output written once
+/// (read too when accumulated into), the expert offsets read by every block.
+fn expert_gemm_case<G: Float>(op: ExpertGemm) -> Case {
+    let widths = |s: &Shapes| (s.d / s.expert_width_divisor, s.ffn / s.expert_width_divisor);
+    let name = match op {
+        ExpertGemm::Forward => "forward bf16".to_string(),
+        ExpertGemm::InputGrad => "input grad bf16".to_string(),
+        ExpertGemm::WeightGrad => format!("weight grad bf16 -> {}", G::DTYPE),
+    };
+    case(
+        format!("moe expert gemm {name}"),
+        move |s| {
+            let (rows, e) = ((s.tokens * s.top_k) as u64, s.experts as u64);
+            let (d, f) = widths(s);
+            let (d, f) = (d as u64, f as u64);
+            let g = size::<G>();
+            let bytes = match op {
+                ExpertGemm::Forward => 2 * rows * d + 2 * e * f * d + 2 * rows * f,
+                ExpertGemm::InputGrad => 2 * rows * f + 2 * e * f * d + 2 * rows * d,
+                ExpertGemm::WeightGrad => 2 * rows * f + 2 * rows * d + 2 * g * e * f * d,
+            };
+            (bytes + 4 * (e + 1), 2 * rows * d * f)
+        },
+        move |k, s, rng| {
+            let moe = MoeKernels::new(k.device, Pool::default());
+            let r = routing(&moe, s, rng)?;
+            let (d, f) = widths(s);
+            let rows = r.slots();
+            let weights = random::<bf16>(k.device, rng, s.experts * f * d, 0.1)?;
+            let stack = |w: View<bf16>| -> Result<ExpertStack<bf16>> {
+                let views = (0..s.experts)
+                    .map(|e| w.slice(e * f * d, f * d))
+                    .collect::<Result<Vec<_>>>()?;
+                ExpertStack::new("expert weights", &views)
+            };
+            let w = stack(weights.view())?;
+            match op {
+                ExpertGemm::Forward => {
+                    let x = random::<bf16>(k.device, rng, rows * d, 1.0)?;
+                    let y = k.device.alloc::<bf16>(rows * f)?;
+                    moe.expert_forward(x.view(), w, &r, (d, f), y.view())
+                }
+                ExpertGemm::InputGrad => {
+                    let dy = random::<bf16>(k.device, rng, rows * f, 1.0)?;
+                    let dx = k.device.alloc::<bf16>(rows * d)?;
+                    moe.expert_input_grad(dy.view(), w, &r, (d, f), dx.view())
+                }
+                ExpertGemm::WeightGrad => {
+                    let dy = random::<bf16>(k.device, rng, rows * f, 1.0)?;
+                    let x = random::<bf16>(k.device, rng, rows * d, 1.0)?;
+                    let grads = random::<G>(k.device, rng, s.experts * f * d, 0.1)?;
+                    let views = (0..s.experts)
+                        .map(|e| grads.view().slice(e * f * d, f * d))
+                        .collect::<Result<Vec<_>>>()?;
+                    let dw = ExpertStack::new("expert gradients", &views)?;
+                    moe.expert_weight_grad(dy.view(), x.view(), &r, (d, f), dw)
+                }
+            }
+        },
+    )
+}
+
+fn permute_case<E: Float>() -> Case {
+    let op = format!("moe permute {}", E::DTYPE);
+    routed_case(&op, (size::<E>(), 8), |moe, r, s, rng| {
+        let x = random::<E>(moe.device, rng, s.tokens * s.d, 1.0)?;
+        let mut out = moe.device.alloc::<E>(s.tokens * s.top_k * s.d)?;
+        moe.permute(&x, r, true, &mut out, s.d)
+    })
+}
+
+fn unpermute_case<E: Float>() -> Case {
+    let op = format!("moe unpermute {}", E::DTYPE);
+    routed_case(&op, (size::<E>(), 12), |moe, r, s, rng| {
+        let y = random::<E>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
+        let mut out = moe.device.alloc::<E>(s.tokens * s.d)?;
+        moe.unpermute(&y, r, true, &mut out, s.d)
+    })
+}
+
+/// The MoE row moves at Mixtral's routing (rows of `d`; `T k` slots).
 fn moe_cases() -> Vec<Case> {
     let slots = |s: &Shapes| (s.tokens * s.top_k) as u64;
     vec![
@@ -503,25 +599,23 @@ fn moe_cases() -> Vec<Case> {
         .excepted(PER_TOKEN_ROUTING),
         // Every token's row read once, its weighted copies written; per slot its token and
         // weight read.
-        routed_case("moe permute f32", 8, |moe, r, s, rng| {
-            let x = random::<f32>(moe.device, rng, s.tokens * s.d, 1.0)?;
-            let mut out = moe.device.alloc::<f32>(s.tokens * s.top_k * s.d)?;
-            moe.permute(&x, r, true, &mut out, s.d)
-        }),
+        permute_case::<f32>(),
+        permute_case::<bf16>(),
         // The expert rows read, each token's weighted sum written; per slot its row, expert
         // and weight read.
-        routed_case("moe unpermute f32", 12, |moe, r, s, rng| {
-            let y = random::<f32>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
-            let mut out = moe.device.alloc::<f32>(s.tokens * s.d)?;
-            moe.unpermute(&y, r, true, &mut out, s.d)
-        }),
+        unpermute_case::<f32>(),
+        unpermute_case::<bf16>(),
         // The output gradient and the expert rows read, a dot (f64) per slot written; per
         // slot its row read.
-        routed_case("moe slot dots (router backward)", 12, |moe, r, s, rng| {
-            let dout = random::<f32>(moe.device, rng, s.tokens * s.d, 1.0)?;
-            let y = random::<f32>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
-            moe.slot_dots(&dout, &y, r, s.d).map(drop)
-        }),
+        routed_case(
+            "moe slot dots (router backward)",
+            (4, 12),
+            |moe, r, s, rng| {
+                let dout = random::<f32>(moe.device, rng, s.tokens * s.d, 1.0)?;
+                let y = random::<f32>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
+                moe.slot_dots(&dout, &y, r, s.d).map(drop)
+            },
+        ),
         // The probabilities (f64), the choices, each slot's dL/dweight, each row's weight and
         // the balance's expert counts and total read, dz written.
         routing_case(
@@ -678,6 +772,10 @@ pub fn profile(
     let mut cases = element_cases::<f32>();
     cases.extend(element_cases::<bf16>());
     cases.extend(moe_cases());
+    cases.push(expert_gemm_case::<bf16>(ExpertGemm::Forward));
+    cases.push(expert_gemm_case::<bf16>(ExpertGemm::InputGrad));
+    cases.push(expert_gemm_case::<f32>(ExpertGemm::WeightGrad));
+    cases.push(expert_gemm_case::<bf16>(ExpertGemm::WeightGrad));
     cases.extend(other_cases());
     cases.extend(extra);
     let mut out = Vec::new();
