@@ -552,7 +552,7 @@ fn write_attention_dump(
 /// forward and backward on
 /// random inputs made in memory, and print JSON: the time and achieved TFLOP/s of each (the
 /// GEMMs' FLOPs: 2·T·d·E + 6·T·k·d·F forward, twice that backward) and the dispatch's time
-/// alone. The defaults are Mixtral-8x7B's shapes in f32 (the model's tensors today). On
+/// alone. The defaults are Mixtral-8x7B's shapes in bf16 (`--dtype`). On
 /// --device emu use tiny shapes: the times are the emulator's, they check the command.
 #[derive(Args, Debug)]
 pub struct MoeBenchArgs {
@@ -572,6 +572,10 @@ pub struct MoeBenchArgs {
     /// Experts per token (1 to 4).
     #[arg(long, default_value_t = 2)]
     top_k: usize,
+    /// Storage of the weights and activations (the engine's default is bf16; f32 is the path
+    /// checked against the CPU exactly).
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: Dtype,
     /// Timed runs (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -587,7 +591,11 @@ fn moe(a: MoeBenchArgs) -> Result<()> {
         experts: a.experts,
         k: a.top_k,
     };
-    let timing = time_moe(&device, shape, a.tokens, a.reps, a.seed)?;
+    let storage = match a.dtype {
+        Dtype::Bf16 => contralign::ops::storage::Dtype::Bf16,
+        Dtype::F32 => contralign::ops::storage::Dtype::F32,
+    };
+    let timing = time_moe(&device, (shape, storage), a.tokens, a.reps, a.seed)?;
     let report = serde_json::json!({
         "bench": "moe",
         "device": device.describe(),

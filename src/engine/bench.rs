@@ -174,17 +174,21 @@ impl BenchData {
         let stats = groups
             .iter()
             .flat_map(|g| g.responses.iter())
-            .map(|r| {
-                let logp_sum = -(r.len() as f64) * rng.gen_range(1.0..3.0);
-                ResponseStats {
-                    logp_sum,
-                    tokens: r.len(),
-                    logp_mean: logp_sum / r.len() as f64,
-                    eos_logp: Some(-rng.gen_range(0.1..2.0)),
-                }
-            })
+            .map(|r| random_stats(rng, r.len()))
             .collect();
         BenchData { groups, stats }
+    }
+}
+
+/// Made-up statistics of a response of `tokens` tokens, of a trained model's magnitudes: a
+/// log-probability of −1 to −3 per token, and an EOS log-probability of −0.1 to −2.
+pub fn random_stats(rng: &mut StdRng, tokens: usize) -> ResponseStats {
+    let logp_sum = -(tokens as f64) * rng.gen_range(1.0..3.0);
+    ResponseStats {
+        logp_sum,
+        tokens,
+        logp_mean: logp_sum / tokens as f64,
+        eos_logp: Some(-rng.gen_range(0.1..2.0)),
     }
 }
 

@@ -6,6 +6,7 @@
 //! response in, `(dL/dS, dL/dA, dL/dE)` per response out, as `scoring_row_coef` reads them.
 //! All in f64, formula for formula the CPU's (the kernel file says why).
 
+use super::bench::random_stats;
 use crate::data::packing::Batch;
 use crate::data::Group;
 use crate::loss::metrics::{metric_names, MetricTotals};
@@ -387,16 +388,10 @@ pub fn profile_case() -> crate::ops::cuda::profile::Case {
             let g = groups(s);
             let n = g * PROFILE_K;
             let tokens: Vec<usize> = (0..n).map(|_| rng.gen_range(16..512)).collect();
-            let s_sum: Vec<f64> = tokens
-                .iter()
-                .map(|&t| -(t as f64) * rng.gen_range(1.0..3.0))
-                .collect();
-            let a: Vec<f64> = s_sum
-                .iter()
-                .zip(&tokens)
-                .map(|(s, &t)| s / t as f64)
-                .collect();
-            let e: Vec<Option<f64>> = (0..n).map(|_| Some(-rng.gen_range(0.1..2.0))).collect();
+            let stats: Vec<_> = tokens.iter().map(|&t| random_stats(rng, t)).collect();
+            let s_sum: Vec<f64> = stats.iter().map(|r| r.logp_sum).collect();
+            let a: Vec<f64> = stats.iter().map(|r| r.logp_mean).collect();
+            let e: Vec<Option<f64>> = stats.iter().map(|r| r.eos_logp).collect();
             let s_ref: Vec<f64> = s_sum.iter().map(|s| s + rng.gen_range(-1.0..1.0)).collect();
             let rewards: Vec<f64> = (0..n).map(|_| rng.gen_range(0.0..10.0)).collect();
             let offsets: Vec<usize> = (0..=g).map(|i| i * PROFILE_K).collect();

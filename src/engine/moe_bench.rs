@@ -1,7 +1,7 @@
 //! Timing of the MoE feed-forward on a device (`contralign bench moe`): the layer as the model
-//! runs it (`model::layer::moe_forward` / `moe_backward` through [`DeviceOps`], f32 tensors,
-//! the MoE kernels of cuda/moe.cu and the grouped expert GEMMs of cuda/moe_gemm.cu) on random
-//! inputs made in memory. The experts' weights and gradients each lie in one buffer at one
+//! runs it (`model::layer::moe_forward` / `moe_backward` through [`DeviceOps`], f32 or bf16
+//! tensors, the MoE kernels of cuda/moe.cu and the grouped expert GEMMs of cuda/moe_gemm.cu)
+//! on random inputs made in memory. The experts' weights and gradients each lie in one buffer at one
 //! stride, as the engine's flat store lays them out, so the GEMMs run on them in place.
 //!
 //! Work is counted as the GEMMs' FLOPs: forward `2 T d E` for the router and `6 T k d F` for
@@ -14,6 +14,7 @@ use crate::model::params::Expert;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::Tensor;
+use crate::ops::storage::Dtype;
 use crate::ops::{MoeAux, Ops};
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
@@ -83,10 +84,11 @@ pub fn expert_views(flat: &Tensor, experts: usize, len: usize) -> Result<Vec<Exp
         .collect()
 }
 
-/// Times the MoE layer's forward and backward on `tokens` random rows.
+/// Times the MoE layer's forward and backward on `tokens` random rows, its tensors stored as
+/// `storage`.
 pub fn time_moe(
     device: &Device,
-    s: MoeShape,
+    (s, storage): (MoeShape, Dtype),
     tokens: usize,
     reps: usize,
     seed: u64,
@@ -101,7 +103,7 @@ pub fn time_moe(
         s.k,
         s.experts
     );
-    let ops = DeviceOps::new(device);
+    let ops = DeviceOps::with_storage(device, storage);
     let rng = &mut ChaCha8Rng::seed_from_u64(seed);
     let (d, f) = (s.d, s.ffn);
     // Weights of the magnitude of a trained layer's (1/sqrt of the fan-in).
@@ -160,7 +162,7 @@ pub fn time_moe(
     let (t, e, k) = (tokens as f64, s.experts as f64, s.k as f64);
     let forward_flops = 2.0 * t * d as f64 * e + 6.0 * t * k * d as f64 * f as f64;
     Ok(MoeTiming {
-        dtype: "f32",
+        dtype: storage.name(),
         tokens,
         d,
         ffn: f,

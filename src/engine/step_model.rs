@@ -98,13 +98,12 @@ impl KernelTotals {
     fn affine(one: &KernelTotals, two: &KernelTotals, layers: usize) -> KernelTotals {
         let extra = layers as f64 - 1.0;
         let mix = |a: f64, b: f64| a + extra * (b - a);
-        let n = one.seconds.len().max(two.seconds.len());
-        let at = |t: &KernelTotals, i: usize| t.seconds.get(i).copied().unwrap_or(0.0);
+        let seconds = one.seconds.iter().zip(&two.seconds);
         KernelTotals {
             launches: mix(one.launches, two.launches),
             bytes: mix(one.bytes, two.bytes),
             flops: mix(one.flops, two.flops),
-            seconds: (0..n).map(|i| mix(at(one, i), at(two, i))).collect(),
+            seconds: seconds.map(|(&a, &b)| mix(a, b)).collect(),
         }
     }
 }
@@ -224,7 +223,11 @@ pub fn extrapolate(
     }
     let names: std::collections::BTreeSet<&String> =
         at_target.iter().flat_map(|t| t.keys()).collect();
-    let empty = KernelTotals::default();
+    // A kernel that one layer count does not launch: none of it there.
+    let empty = KernelTotals {
+        seconds: vec![0.0; gpus.len()],
+        ..KernelTotals::default()
+    };
     Ok(names
         .into_iter()
         .map(|name| {
@@ -308,18 +311,24 @@ pub fn count_steps(
         jobs.push((cfg, setup));
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A work queue, the costliest runs first (the widths doubled cost most, then the lengths,
+    // then a second layer), so that no thread waits on a long run started last.
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse((runs[i].0 .0 * 4 + runs[i].0 .1 * 2) * runs[i].1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
-    let mut results: Vec<Option<Result<Vec<Launch>>>> = (0..jobs.len()).map(|_| None).collect();
-    for (chunk, out) in jobs.chunks(threads).zip(results.chunks_mut(threads)) {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|(cfg, setup)| scope.spawn(move || census(cfg, setup)))
-                .collect();
-            for ((h, slot), (cfg, setup)) in handles.into_iter().zip(out.iter_mut()).zip(chunk) {
-                let counted = h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a census thread panicked")));
+    let results: Vec<std::sync::Mutex<Option<Result<Vec<Launch>>>>> = (0..jobs.len())
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(jobs.len()) {
+            scope.spawn(|| loop {
+                let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = order.get(taken) else { break };
+                let (cfg, setup) = &jobs[i];
+                let counted =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| census(cfg, setup)))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a census panicked")));
                 eprintln!(
                     "step model: counted {} layer(s), d {}, {} tokens in {:.0} s",
                     cfg.num_layers,
@@ -327,11 +336,15 @@ pub fn count_steps(
                     setup.shape.tokens(),
                     start.elapsed().as_secs_f64()
                 );
-                *slot = Some(counted);
-            }
-        });
-    }
-    let mut counted = results.into_iter().map(|r| r.expect("every job ran"));
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(counted);
+            });
+        }
+    });
+    let mut counted = results.into_iter().map(|r| {
+        r.into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .expect("every job ran")
+    });
     let mut next_pair = || -> Result<[Vec<Launch>; 2]> {
         let one = counted.next().expect("six runs")?;
         let two = counted.next().expect("six runs")?;

@@ -119,21 +119,28 @@ def step_rows(name, c, b, gemm_tflops):
 
 
 def moe_rows(c, b):
-    """contralign's side is read by the baseline's keys where `bench moe` prints them;
-    otherwise its JSON goes into the note."""
+    """contralign's side is `bench moe`'s "case": its forward, and its forward plus its
+    backward (timed apart there) against the baseline's forward + backward."""
     why_c, why_b = absent(c), absent(b)
     note = "; ".join(w for w in (why_c and f"contralign {why_c}",
                                  why_b and f"baseline {why_b}") if w)
     if not why_b:
         note = (note + "; " if note else "") + f"baseline: {b['baseline']}, {b['tokens']} tokens"
-    if not why_c and "forward_ms" not in c:
+    case = None if why_c else c.get("case")
+    if not why_c and not (case and "forward_ms" in case and "backward_ms" in case):
         note += f"; contralign printed {json.dumps(c)[:300]}"
+        case = None
+    elif case:
+        note += f"; contralign {case.get('dtype')}, {case.get('tokens')} tokens"
+    ours = {} if not case else {
+        "forward_ms": case["forward_ms"],
+        "forward_backward_ms": case["forward_ms"] + case["backward_ms"],
+    }
     out = []
     for what in ("forward_ms", "forward_backward_ms"):
-        ours = None if why_c else c.get(what)
         theirs = None if why_b else b[what]
         out.append(row("MoE layer (Mixtral-8x7B)", what.replace("_ms", " (ms)").replace(
-            "_", " + "), ours, theirs, ratio(theirs, ours), note))
+            "_", " + "), ours.get(what), theirs, ratio(theirs, ours.get(what)), note))
     return out
 
 
