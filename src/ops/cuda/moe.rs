@@ -252,9 +252,6 @@ impl<'a> MoeKernels<'a> {
         (k, n): (usize, usize),
         y: View<E>,
     ) -> Result<()> {
-        w.check("moe expert forward weights", r.experts, n * k)?;
-        ensure_len("moe expert forward input", x.len(), r.slots() * k)?;
-        ensure_len("moe expert forward output", y.len(), r.slots() * n)?;
         self.rows_gemm("moe_gemm_forward", (x, w, y), r, (k, n))
     }
 
@@ -267,9 +264,6 @@ impl<'a> MoeKernels<'a> {
         (k, n): (usize, usize),
         dx: View<E>,
     ) -> Result<()> {
-        w.check("moe expert input-gradient weights", r.experts, n * k)?;
-        ensure_len("moe expert input-gradient dy", dy.len(), r.slots() * n)?;
-        ensure_len("moe expert input-gradient output", dx.len(), r.slots() * k)?;
         self.rows_gemm("moe_gemm_input", (dy, w, dx), r, (n, k))
     }
 
@@ -282,6 +276,9 @@ impl<'a> MoeKernels<'a> {
         r: &DeviceRouting,
         (inner, cols): (usize, usize),
     ) -> Result<()> {
+        w.check(&format!("{kernel} weights"), r.experts, inner * cols)?;
+        ensure_len(&format!("{kernel} input"), a.len(), r.slots() * inner)?;
+        ensure_len(&format!("{kernel} output"), c.len(), r.slots() * cols)?;
         let row_tiles = r.slots().div_ceil(GEMM_TILE) + r.experts;
         let col_tiles = cols.div_ceil(GEMM_TILE);
         ensure!(

@@ -27,19 +27,26 @@ struct Stack<E> {
     copy: Option<Tensor>,
 }
 
+/// `tensors` where they lie, when every one is stored as `E` and they lie at one stride.
+fn in_place<E: Stored>(what: &str, tensors: &[&Tensor]) -> Option<(ExpertStack<E>, Vec<View<E>>)> {
+    let views: Vec<View<E>> = tensors
+        .iter()
+        .map(|t| E::unwrap(t.storage()))
+        .collect::<Option<_>>()?;
+    let stack = ExpertStack::new(what, &views).ok()?;
+    Some((stack, views))
+}
+
 impl DeviceOps<'_> {
     /// `tensors` as `E`: themselves when they are stored as `E` at one stride, else a
     /// contiguous copy cast to `E`.
     fn expert_stack<E: Stored>(&self, what: &str, tensors: &[&Tensor]) -> Result<Stack<E>> {
-        let own: Option<Vec<View<E>>> = tensors.iter().map(|t| E::unwrap(t.storage())).collect();
-        if let Some(views) = own {
-            if let Ok(stack) = ExpertStack::new(what, &views) {
-                return Ok(Stack {
-                    stack,
-                    views,
-                    copy: None,
-                });
-            }
+        if let Some((stack, views)) = in_place::<E>(what, tensors) {
+            return Ok(Stack {
+                stack,
+                views,
+                copy: None,
+            });
         }
         let len = tensors.first().map_or(0, |t| t.len());
         for (e, t) in tensors.iter().enumerate() {
@@ -151,22 +158,15 @@ impl DeviceOps<'_> {
     ) -> Result<()> {
         let what = "moe expert weight gradients";
         let moe = self.moe();
-        let in_place = |dtype| dw.iter().all(|t| t.dtype() == dtype);
-        if in_place(Dtype::F32) {
-            let views: Option<Vec<View<f32>>> =
-                dw.iter().map(|t| f32::unwrap(t.storage())).collect();
-            if let Some(Ok(stack)) = views.map(|v| ExpertStack::new(what, &v)) {
-                return moe.expert_weight_grad(dy, x, r, (k, n), stack);
-            }
-        }
-        if E::STORED == Dtype::Bf16 && in_place(Dtype::Bf16) {
-            let views: Option<Vec<View<bf16>>> =
-                dw.iter().map(|t| bf16::unwrap(t.storage())).collect();
-            if let Some(Ok(stack)) = views.map(|v| ExpertStack::new(what, &v)) {
-                return moe.expert_weight_grad(dy, x, r, (k, n), stack);
-            }
-        }
         let tensors: Vec<&Tensor> = dw.iter().map(|t| &**t).collect();
+        if let Some((stack, _)) = in_place::<f32>(what, &tensors) {
+            return moe.expert_weight_grad(dy, x, r, (k, n), stack);
+        }
+        if E::STORED == Dtype::Bf16 {
+            if let Some((stack, _)) = in_place::<bf16>(what, &tensors) {
+                return moe.expert_weight_grad(dy, x, r, (k, n), stack);
+            }
+        }
         let sums = self.expert_stack::<f32>(what, &tensors)?;
         moe.expert_weight_grad(dy, x, r, (k, n), sums.stack)?;
         if sums.copy.is_some() {
