@@ -81,6 +81,19 @@ impl Columns {
 /// [`batch_loss`] and [`batch_metrics`] on the host; a device runs the loss kernels on its
 /// tables and reads back only the loss and the metrics (`crate::engine::loss`).
 pub trait LossOps: Ops {
+    /// Stages `batch` for `policy`'s pass ([`Ops::stage`]), with the loss's own host inputs
+    /// (the reference's statistics when they come from the host).
+    fn stage_batch(
+        &self,
+        policy: &Model<Self::Buf>,
+        batch: &Batch,
+        _groups: &[Group],
+        _reference: RefStats<'_, Self::Table>,
+    ) -> Result<()> {
+        policy.stage(self, batch, &[]);
+        Ok(())
+    }
+
     /// The loss of `spec` over `groups`, packed as `batch`, from the policy's `(S, A, E)`
     /// table `stats`: the loss, its gradient table, and the metrics with their weights.
     fn batch_loss(
@@ -262,6 +275,7 @@ pub fn accumulate_grads<O: LossOps>(
         RefStats::Host(r) => check_ref_stats(groups, spec, Some(r))?,
     }
     let batch = pack(policy, groups)?;
+    ops.stage_batch(policy, &batch, groups, reference)?;
     policy
         .accumulate_grads(
             ops,

@@ -5,10 +5,18 @@
 mod common;
 
 use common::device_step::check_step_on_device;
+use common::rng;
 use contralign::memory_plan::RecomputePolicy;
-use contralign::ops::cuda::device::Device;
+use contralign::ops::cuda::device::{counters, AsView, Device, ALIGNMENT};
+use contralign::ops::cuda::lists::{KeptLists, StagedLists};
 use contralign::ops::cuda::ops::DeviceOps;
+use contralign::ops::cuda::pool::{Leased, Pool};
 use contralign::ops::Ops;
+use rand::Rng;
+
+fn download<T: bytemuck::Pod>(list: &Leased<T>) -> Vec<T> {
+    Device::Emu.download(&list.view()).unwrap()
+}
 
 #[test]
 fn a_mistral_step_on_the_emulated_device_matches_the_cpu() {
@@ -37,4 +45,65 @@ fn a_failing_device_op_is_reported_once_and_stops_the_work_after_it() {
     let rows = ops.embedding(&table, &[1, 3], 3);
     assert_eq!(ops.download(&rows), vec![1.0; 6]);
     ops.check().unwrap();
+}
+
+/// Lists of awkward lengths and three types go up in one copy, each aligned, and come
+/// back as they were; staging them again, or asking for one of them, moves nothing; a
+/// batch with a new list uploads only that one and forgets the lists it does not name.
+#[test]
+fn staged_lists_go_up_once_and_are_found_by_their_contents() {
+    let mut rng = rng("staged_lists_go_up_once_and_are_found_by_their_contents");
+    let (device, pool, kept) = (Device::Emu, Pool::default(), KeptLists::default());
+    let ids: Vec<u32> = (0..rng.gen_range(1..300)).map(|_| rng.gen()).collect();
+    let offsets: Vec<i32> = (0..rng.gen_range(2..40)).map(|_| rng.gen()).collect();
+    let weights: Vec<f64> = (0..rng.gen_range(1..77)).map(|_| rng.gen()).collect();
+    let stage = |lists: [&dyn Fn(&mut StagedLists); 3]| {
+        let mut staged = StagedLists::default();
+        for push in lists {
+            push(&mut staged);
+        }
+        kept.stage(&device, &pool, staged).unwrap();
+    };
+    let before = counters();
+    stage([&|s| s.push(&ids), &|s| s.push(&offsets), &|s| {
+        s.push(&weights)
+    }]);
+    assert_eq!(counters().uploads - before.uploads, 1);
+    let got_ids = kept.get(&device, &pool, &ids).unwrap();
+    let got_offsets = kept.get(&device, &pool, &offsets).unwrap();
+    let got_weights = kept.get(&device, &pool, &weights).unwrap();
+    assert_eq!(counters().uploads - before.uploads, 1);
+    assert_eq!(download(&got_ids), ids);
+    assert_eq!(download(&got_offsets), offsets);
+    assert_eq!(download(&got_weights), weights);
+    for ptr in [
+        got_ids.device_ptr(),
+        got_offsets.device_ptr(),
+        got_weights.device_ptr(),
+    ] {
+        assert_eq!(ptr % ALIGNMENT as u64, 0);
+    }
+    // The same bytes as another type are another list.
+    let as_f32: Vec<f32> = bytemuck::cast_slice(&ids).to_vec();
+    kept.get(&device, &pool, &as_f32).unwrap();
+    assert_eq!(counters().uploads - before.uploads, 2);
+    stage([&|s| s.push(&ids), &|s| s.push(&offsets), &|s| {
+        s.push(&weights)
+    }]);
+    assert_eq!(counters().uploads - before.uploads, 2);
+    let mut other = offsets.clone();
+    other[0] = other[0].wrapping_add(1);
+    stage([&|s| s.push(&ids), &|s| s.push(&other), &|s| s.push(&ids)]);
+    assert_eq!(counters().uploads - before.uploads, 3);
+    assert_eq!(download(&kept.get(&device, &pool, &other).unwrap()), other);
+    assert_eq!(download(&kept.get(&device, &pool, &ids).unwrap()), ids);
+    assert_eq!(counters().uploads - before.uploads, 3);
+    kept.get(&device, &pool, &weights).unwrap();
+    assert_eq!(
+        counters().uploads - before.uploads,
+        4,
+        "forgotten with its batch"
+    );
+    // The first batch's copies live as long as someone holds them.
+    assert_eq!(download(&got_weights), weights);
 }

@@ -157,43 +157,58 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
     }
 }
 
-/// A step copies to the host only what it logs: per micro-batch the loss kernels' summary
-/// (the loss and the metrics: 1 + 6 + K + 2 f64 for groups of K responses), per step the
-/// gradient norm (one f32). Mistral only: Mixtral's MoE row moves still run on the host.
+/// A step copies to the device one list upload per micro-batch (the batch's host data with
+/// the loss's inputs, staged together) and to the host only what it logs: per micro-batch
+/// the loss kernels' summary (the loss and the metrics: 1 + 6 + K + 2 f64 for groups of K
+/// responses) and, for Mixtral, the load-balancing sums (2E + 1 f64); per step the gradient
+/// norm (one f32).
 #[test]
-fn a_step_downloads_only_the_scalars_it_logs() {
-    let mut rng = rng("a_step_downloads_only_the_scalars_it_logs");
+fn a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs() {
+    let mut rng = rng("a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs");
     let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
     let k = one.responses.len();
     let group_tokens = one.prompt.len() + one.responses.iter().map(Vec::len).sum::<usize>();
     let groups = vec![one; 9];
     // One micro-batch per step, then one per group (the step's 3 groups).
     let (f32, bf16) = (PrecisionOptions::all_f32(), PrecisionOptions::default());
-    for (micro_tokens, micro_batches, precision) in [
-        (10_000, 1, f32),
-        (group_tokens, 3, f32),
-        (group_tokens, 3, bf16),
-    ] {
-        let opts = TrainOptions {
-            precision,
-            ..options(4, micro_tokens)
-        };
-        let mut emu = trainer("tiny-mistral", &groups, opts);
-        emu.use_device(Device::Emu).unwrap();
-        emu.train_step().unwrap();
-        let before = counters();
-        emu.train_step().unwrap();
-        let after = counters();
-        let summary_bytes = 8 * (1 + 6 + k + 2) as u64;
-        assert_eq!(
-            (
-                after.downloads - before.downloads,
-                after.downloaded_bytes - before.downloaded_bytes
-            ),
-            (micro_batches + 1, micro_batches * summary_bytes + 4),
-            "downloads of a step of {micro_batches} micro-batches, {}",
-            precision.describe()
-        );
+    for (model, aux_sums) in [("tiny-mistral", 0), ("tiny-mixtral", 2 * 4 + 1)] {
+        for (micro_tokens, micro_batches, precision) in [
+            (10_000, 1, f32),
+            (group_tokens, 3, f32),
+            (group_tokens, 3, bf16),
+        ] {
+            let opts = TrainOptions {
+                precision,
+                ..options(4, micro_tokens)
+            };
+            let mut emu = trainer(model, &groups, opts);
+            emu.use_device(Device::Emu).unwrap();
+            emu.train_step().unwrap();
+            let before = counters();
+            emu.train_step().unwrap();
+            let after = counters();
+            let logged_bytes = 8 * (1 + 6 + k + 2 + aux_sums) as u64;
+            let what = format!(
+                "{model}, a step of {micro_batches} micro-batches, {}",
+                precision.describe()
+            );
+            assert_eq!(
+                after.uploads - before.uploads,
+                micro_batches,
+                "uploads of {what}"
+            );
+            assert_eq!(
+                (
+                    after.downloads - before.downloads,
+                    after.downloaded_bytes - before.downloaded_bytes
+                ),
+                (
+                    micro_batches * (1 + (aux_sums > 0) as u64) + 1,
+                    micro_batches * logged_bytes + 4
+                ),
+                "downloads of {what}"
+            );
+        }
     }
 }
 

@@ -11,13 +11,16 @@ use crate::data::packing::Batch;
 use crate::data::Group;
 use crate::loss::metrics::{metric_names, MetricTotals};
 use crate::loss::{check_group, BatchInput, BatchOutput, LossKind, LossSpec};
-use crate::model::StatsLoss;
+use crate::model::{Model, StatsLoss};
 use crate::ops::cuda::device::{AsView, Device, View};
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
+use crate::ops::cuda::lists::{ListSource, Uploads};
 use crate::ops::cuda::ops::{DeviceOps, DeviceTable};
-use crate::ops::cuda::pool::{Leased, Pool};
+use crate::ops::cuda::pool::{Leased, Pool, Tensor};
+use crate::ops::ExtraList;
 use crate::step::{batch_metric_counts, LossOps, RefStats};
 use anyhow::{ensure, Context, Result};
+use std::rc::Rc;
 
 /// The hyperparameters of `loss_groups_f64` (`struct LossParams` in cuda/loss.cu, field for
 /// field).
@@ -71,41 +74,56 @@ impl LossParams {
 /// 1]`. Built once per batch from the host's packed layout; the kernels read the device copy.
 pub struct GroupLayout {
     offsets: Vec<usize>,
-    device_offsets: Leased<i32>,
+    device_offsets: Rc<Leased<i32>>,
     /// `file:line` of each group, for errors.
     sources: Vec<String>,
 }
 
 impl GroupLayout {
+    /// `offsets` uploaded into a region of `pool` ([`GroupLayout::from_source`]).
     pub fn new(
         device: &Device,
         pool: &Pool,
         offsets: &[usize],
         sources: &[String],
     ) -> Result<Self> {
-        ensure!(
-            offsets.len() >= 2 && offsets[0] == 0,
-            "a batch needs at least one group and offsets starting at 0, found {offsets:?}"
-        );
+        GroupLayout::from_source(offsets, sources, &Uploads { device, pool })
+    }
+
+    /// The groups of `offsets`, their device copy from `source`; `sources` names each group.
+    pub fn from_source(
+        offsets: &[usize],
+        sources: &[String],
+        source: &impl ListSource,
+    ) -> Result<Self> {
+        let device_offsets = GroupLayout::host_offsets(offsets)?;
         ensure!(
             sources.len() == offsets.len() - 1,
             "{} sources for {} groups",
             sources.len(),
             offsets.len() - 1
         );
+        Ok(GroupLayout {
+            offsets: offsets.to_vec(),
+            device_offsets: source.list(&device_offsets)?,
+            sources: sources.to_vec(),
+        })
+    }
+
+    /// `offsets` checked and as the kernels read them.
+    fn host_offsets(offsets: &[usize]) -> Result<Vec<i32>> {
+        ensure!(
+            offsets.len() >= 2 && offsets[0] == 0,
+            "a batch needs at least one group and offsets starting at 0, found {offsets:?}"
+        );
         ensure!(
             offsets.windows(2).all(|w| w[0] <= w[1]),
             "group offsets must not decrease, found {offsets:?}"
         );
-        let device_offsets = offsets
+        offsets
             .iter()
             .map(|&o| i32::try_from(o).context("more responses than a kernel indexes"))
-            .collect::<Result<Vec<i32>>>()?;
-        Ok(GroupLayout {
-            offsets: offsets.to_vec(),
-            device_offsets: pool.upload(device, &device_offsets)?,
-            sources: sources.to_vec(),
-        })
+            .collect()
     }
 
     pub fn groups(&self) -> usize {
@@ -307,10 +325,52 @@ pub fn host_batch_loss(
     ))
 }
 
+/// The loss's own host inputs of a batch: its group offsets, the rewards, and the
+/// reference's S when it comes from the host.
+struct LossLists {
+    offsets: Vec<i32>,
+    rewards: Vec<f64>,
+    s_ref: Option<Vec<f64>>,
+}
+
+impl LossLists {
+    fn new(batch: &Batch, groups: &[Group], reference: RefStats<'_, DeviceTable>) -> Result<Self> {
+        Ok(LossLists {
+            offsets: GroupLayout::host_offsets(&batch.group_offsets)?,
+            rewards: groups
+                .iter()
+                .flat_map(|g| g.rewards.iter().copied())
+                .collect(),
+            s_ref: match reference {
+                RefStats::Host(r) => Some(r.iter().map(|x| x.logp_sum).collect()),
+                RefStats::None | RefStats::Table(_) => None,
+            },
+        })
+    }
+
+    fn extra(&self) -> Vec<ExtraList<'_>> {
+        let mut extra = vec![ExtraList::I32(&self.offsets), ExtraList::F64(&self.rewards)];
+        extra.extend(self.s_ref.as_deref().map(ExtraList::F64));
+        extra
+    }
+}
+
 /// The loss where the device's statistics are: the kernels above on the scoring's tables,
-/// with the rewards and the reference's S uploaded; the loss and the metrics come back (the
-/// micro-batch's one download), the gradient table stays for the backward.
+/// with the rewards and the reference's S staged with the batch; the loss and the metrics
+/// come back (the micro-batch's one download), the gradient table stays for the backward.
 impl LossOps for DeviceOps<'_> {
+    fn stage_batch(
+        &self,
+        policy: &Model<Tensor>,
+        batch: &Batch,
+        groups: &[Group],
+        reference: RefStats<'_, DeviceTable>,
+    ) -> Result<()> {
+        let lists = LossLists::new(batch, groups, reference)?;
+        policy.stage(self, batch, &lists.extra());
+        Ok(())
+    }
+
     fn batch_loss(
         &self,
         spec: &LossSpec,
@@ -321,19 +381,10 @@ impl LossOps for DeviceOps<'_> {
     ) -> Result<StatsLoss<DeviceTable, MetricTotals>> {
         let (device, pool) = (self.device(), self.pool());
         let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
-        let layout = GroupLayout::new(device, pool, &batch.group_offsets, &sources)?;
-        let rewards: Vec<f64> = groups
-            .iter()
-            .flat_map(|g| g.rewards.iter().copied())
-            .collect();
-        let rewards = pool.upload(device, &rewards)?;
-        let s_ref_column = match reference {
-            RefStats::Host(r) => {
-                let column: Vec<f64> = r.iter().map(|x| x.logp_sum).collect();
-                Some(pool.upload(device, &column)?)
-            }
-            RefStats::None | RefStats::Table(_) => None,
-        };
+        let layout = GroupLayout::from_source(&batch.group_offsets, &sources, self)?;
+        let lists = LossLists::new(batch, groups, reference)?;
+        let rewards = self.list(&lists.rewards)?;
+        let s_ref_column = lists.s_ref.as_deref().map(|c| self.list(c)).transpose()?;
         let s_ref = match (reference, &s_ref_column) {
             (RefStats::Table(t), _) => Some(Reference::Stats(t.values()?.view())),
             (_, Some(column)) => Some(Reference::Column(column.view())),

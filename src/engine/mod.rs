@@ -33,7 +33,7 @@ use crate::ops::cuda::pool::{Pool, Tensor, TensorView};
 use crate::ops::optimizer::AdamWConfig;
 use crate::ops::storage::Dtype;
 use crate::ops::Ops;
-use crate::step::{self, RefStats};
+use crate::step::{self, LossOps, RefStats};
 use anyhow::{bail, ensure, Context, Result};
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
@@ -268,6 +268,9 @@ impl DeviceEngine {
             .filter(|_| spec.kind.needs_reference());
         let table = match resident {
             Some(r) => {
+                // The policy's lists with the loss's, before the reference's pass reads them.
+                let batch = step::pack(&self.model, groups)?;
+                ops.stage_batch(&self.model, &batch, groups, RefStats::None)?;
                 let table = r.score_table(&ops, &step::pack(r, groups)?);
                 ops.check().context("scoring the reference model")?;
                 Some(table)

@@ -10,7 +10,7 @@ use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::Batch;
 use crate::memory_plan::RecomputePolicy;
-use crate::ops::{AttentionLayout, MoeAux, Ops};
+use crate::ops::{AttentionLayout, BatchLists, ExtraList, MoeAux, Ops};
 use anyhow::{Context, Result};
 use layer::LayerActs;
 use params::Params;
@@ -96,6 +96,21 @@ impl<B> Model<B> {
     pub fn zeros_like<O: Ops<Buf = B>>(&self, ops: &O) -> Params<B> {
         Params::build(&self.cfg, |_, shape| Ok(ops.zeros(shape.iter().product())))
             .expect("building zero buffers cannot fail")
+    }
+
+    /// Stages `batch`'s host lists on the backend ([`Ops::stage`]), with `extra` for the
+    /// loss.
+    pub fn stage<O: Ops<Buf = B> + ?Sized>(&self, ops: &O, batch: &Batch, extra: &[ExtraList]) {
+        let moe = self.cfg.moe.is_some();
+        ops.stage(&BatchLists {
+            tokens: &batch.tokens,
+            layout: &batch.layout,
+            prediction_rows: &batch.prediction_rows,
+            targets: &batch.targets,
+            responses: &batch.responses,
+            row_weights: if moe { &batch.row_weights } else { &[] },
+            extra,
+        });
     }
 
     fn forward<O: Ops<Buf = B>>(
@@ -189,7 +204,7 @@ impl<B> Model<B> {
         ops: &O,
         batch: &Batch,
     ) -> (Vec<ResponseStats>, Option<f64>) {
-        let (table, aux) = self.scored(ops, batch);
+        let (table, aux) = self.scored(ops, batch, true);
         let stats = ResponseStats::from_table(&batch.responses, &ops.table_to_host(&table));
         (stats, aux)
     }
@@ -197,10 +212,17 @@ impl<B> Model<B> {
     /// The `(S, A, E)` table of the batch's responses, left on the backend (a reference model
     /// scored where the policy trains).
     pub fn score_table<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> O::Table {
-        self.scored(ops, batch).0
+        self.scored(ops, batch, false).0
     }
 
-    fn scored<O: Ops<Buf = B>>(&self, ops: &O, batch: &Batch) -> (O::Table, Option<f64>) {
+    /// The table and, `with_aux`, the load-balancing loss (a download on a device).
+    fn scored<O: Ops<Buf = B>>(
+        &self,
+        ops: &O,
+        batch: &Batch,
+        with_aux: bool,
+    ) -> (O::Table, Option<f64>) {
+        self.stage(ops, batch, &[]);
         let fwd = self.forward(
             ops,
             &batch.tokens,
@@ -209,7 +231,8 @@ impl<B> Model<B> {
             Keep::Nothing,
         );
         let (_, table, _) = self.response_scores(ops, batch, &fwd.hidden);
-        (table, fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b)))
+        let aux = fwd.balance.as_ref().filter(|_| with_aux);
+        (table, aux.map(|b| ops.moe_balance_loss(b)))
     }
 
     /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
@@ -245,6 +268,7 @@ impl<B> Model<B> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let keep = Keep::ForBackward(opts.recompute);
+        self.stage(ops, batch, &[]);
         let mut fwd = self.forward(ops, &batch.tokens, &batch.layout, &batch.row_weights, keep);
         let (rows, table, lse) = self.response_scores(ops, batch, &fwd.hidden);
         let sl = loss_fn(&table)?;

@@ -113,6 +113,26 @@ pub struct MoeAux<'a, B> {
     pub row_weights: &'a [f64],
 }
 
+/// A batch's host lists, which a backend may make resident ahead of the pass that reads
+/// them ([`Ops::stage`]).
+pub struct BatchLists<'a> {
+    pub tokens: &'a [u32],
+    pub layout: &'a AttentionLayout,
+    pub prediction_rows: &'a [u32],
+    pub targets: &'a [u32],
+    pub responses: &'a [ResponseSpan],
+    /// The load-balancing loss's row weights (a MoE model's), or none.
+    pub row_weights: &'a [f64],
+    /// Lists the caller hands to the backend later in the pass (the loss's inputs).
+    pub extra: &'a [ExtraList<'a>],
+}
+
+/// A list of [`BatchLists::extra`].
+pub enum ExtraList<'a> {
+    I32(&'a [i32]),
+    F64(&'a [f64]),
+}
+
 pub trait Ops {
     /// A tensor on this backend (f32 values as seen from the host).
     type Buf;
@@ -132,6 +152,11 @@ pub trait Ops {
     fn check(&self) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// Makes a batch's host lists resident ahead of its pass, where the backend keeps them
+    /// apart from the host (a device: in one copy); the ops given them later find them there.
+    /// The CPU has nothing to do.
+    fn stage(&self, _lists: &BatchLists) {}
 
     fn upload(&self, data: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;

@@ -12,9 +12,11 @@
 
 use super::device::{AsView, Device, Float};
 use super::emu::{self, KernelArgs, LaunchConfig};
+use super::lists::{ListSource, StagedLists, Uploads};
 use super::pool::{Leased, Pool};
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::{ensure, Result};
+use std::rc::Rc;
 
 /// The largest head dimension the kernels take (their shared memory is sized for it).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -94,6 +96,16 @@ impl TileLists {
     /// (query tile, key tile) pairs visited, of `tiles²`.
     pub fn visited(&self) -> usize {
         self.q_tiles.len()
+    }
+
+    /// The four lists, in the order above.
+    fn all(&self) -> [&Vec<i32>; 4] {
+        [
+            &self.q_offsets,
+            &self.q_tiles,
+            &self.k_offsets,
+            &self.k_tiles,
+        ]
     }
 }
 
@@ -175,14 +187,14 @@ pub struct DeviceLayout {
     tokens: usize,
     window: i32,
     lists: TileLists,
-    positions: Leased<i32>,
-    context_start: Leased<i32>,
-    context_end: Leased<i32>,
-    own_start: Leased<i32>,
-    q_offsets: Leased<i32>,
-    q_tiles: Leased<i32>,
-    k_offsets: Leased<i32>,
-    k_tiles: Leased<i32>,
+    positions: Rc<Leased<i32>>,
+    context_start: Rc<Leased<i32>>,
+    context_end: Rc<Leased<i32>>,
+    own_start: Rc<Leased<i32>>,
+    q_offsets: Rc<Leased<i32>>,
+    q_tiles: Rc<Leased<i32>>,
+    k_offsets: Rc<Leased<i32>>,
+    k_tiles: Rc<Leased<i32>>,
 }
 
 /// `x` as i32 values for the kernels; `what` names the field in an error.
@@ -229,6 +241,45 @@ fn check_layout(layout: &AttentionLayout) -> Result<()> {
     Ok(())
 }
 
+/// A layout as the kernels read it, on the host: checked, its per-token ranges as i32, and
+/// its tile lists for tiles of some number of rows.
+pub struct HostLayout {
+    window: i32,
+    /// `positions`, `context_start`, `context_end` and `own_start`.
+    ranges: [Vec<i32>; 4],
+    lists: TileLists,
+}
+
+impl HostLayout {
+    /// Checks `layout` and derives its tile lists for tiles of `tile` rows.
+    pub fn new(layout: &AttentionLayout, tile: usize) -> Result<Self> {
+        check_layout(layout)?;
+        let window = match layout.window {
+            None => 0,
+            Some(0) => anyhow::bail!("attention layout: a sliding window of 0 hides every key"),
+            // A window past every position is none.
+            Some(w) => i32::try_from(w).unwrap_or(0),
+        };
+        Ok(HostLayout {
+            window,
+            ranges: [
+                to_i32("positions", &layout.positions)?,
+                to_i32("context_start", &layout.context_start)?,
+                to_i32("context_end", &layout.context_end)?,
+                to_i32("own_start", &layout.own_start)?,
+            ],
+            lists: TileLists::new(layout, tile),
+        })
+    }
+
+    /// Every list the kernels read, for a batch's staging.
+    pub fn stage(&self, staged: &mut StagedLists) {
+        for list in self.ranges.iter().chain(self.lists.all()) {
+            staged.push(list);
+        }
+    }
+}
+
 impl DeviceLayout {
     /// Checks `layout`, derives its tile lists for tiles of `tile` rows and uploads both into
     /// regions of `pool`.
@@ -238,26 +289,24 @@ impl DeviceLayout {
         layout: &AttentionLayout,
         tile: usize,
     ) -> Result<Self> {
-        check_layout(layout)?;
-        let window = match layout.window {
-            None => 0,
-            Some(0) => anyhow::bail!("attention layout: a sliding window of 0 hides every key"),
-            // A window past every position is none.
-            Some(w) => i32::try_from(w).unwrap_or(0),
-        };
-        let lists = TileLists::new(layout, tile);
-        let up = |x: &[i32]| pool.upload(device, x);
+        DeviceLayout::from_host(HostLayout::new(layout, tile)?, &Uploads { device, pool })
+    }
+
+    /// `host`'s lists on the device, from `source`.
+    pub fn from_host(host: HostLayout, source: &impl ListSource) -> Result<Self> {
+        let [positions, context_start, context_end, own_start] = &host.ranges;
+        let lists = host.lists;
         Ok(DeviceLayout {
-            tokens: layout.len(),
-            window,
-            positions: up(&to_i32("positions", &layout.positions)?)?,
-            context_start: up(&to_i32("context_start", &layout.context_start)?)?,
-            context_end: up(&to_i32("context_end", &layout.context_end)?)?,
-            own_start: up(&to_i32("own_start", &layout.own_start)?)?,
-            q_offsets: up(&lists.q_offsets)?,
-            q_tiles: up(&lists.q_tiles)?,
-            k_offsets: up(&lists.k_offsets)?,
-            k_tiles: up(&lists.k_tiles)?,
+            tokens: positions.len(),
+            window: host.window,
+            positions: source.list(positions)?,
+            context_start: source.list(context_start)?,
+            context_end: source.list(context_end)?,
+            own_start: source.list(own_start)?,
+            q_offsets: source.list(&lists.q_offsets)?,
+            q_tiles: source.list(&lists.q_tiles)?,
+            k_offsets: source.list(&lists.k_offsets)?,
+            k_tiles: source.list(&lists.k_tiles)?,
             lists,
         })
     }

@@ -212,6 +212,12 @@ impl<T: bytemuck::Pod> AsView<T> for View<T> {
     }
 }
 
+impl<T: bytemuck::Pod, A: AsView<T>> AsView<T> for std::rc::Rc<A> {
+    fn view(&self) -> View<T> {
+        (**self).view()
+    }
+}
+
 impl<T: bytemuck::Pod> AsView<T> for Buffer<T> {
     fn view(&self) -> View<T> {
         Buffer::view(self)
@@ -320,6 +326,13 @@ impl Arena {
 impl Buffer<u8> {
     /// `len` elements of `T` from byte `offset` (a multiple of `T`'s alignment) on.
     pub fn region<T: bytemuck::Pod>(&self, offset: usize, len: usize) -> Result<View<T>> {
+        self.view().region(offset, len)
+    }
+}
+
+impl View<u8> {
+    /// `len` elements of `T` from byte `offset` (a multiple of `T`'s alignment) on.
+    pub fn region<T: bytemuck::Pod>(&self, offset: usize, len: usize) -> Result<View<T>> {
         let bytes = len
             .checked_mul(size_of::<T>())
             .ok_or_else(|| anyhow!("a region of {len} elements is too large"))?;
@@ -329,11 +342,10 @@ impl Buffer<u8> {
             "a region of {bytes} bytes at {offset} of a buffer of {} bytes",
             self.len
         );
-        let whole = self.view();
         Ok(View {
-            ptr: whole.ptr + offset as u64,
+            ptr: self.ptr + offset as u64,
             len,
-            on_host: whole.on_host,
+            on_host: self.on_host,
             _element: PhantomData,
         })
     }

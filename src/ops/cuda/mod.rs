@@ -11,6 +11,7 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 mod gpu;
 pub mod kernels;
+pub mod lists;
 pub mod moe;
 pub mod ops;
 pub mod pool;

@@ -19,10 +19,11 @@
 //! operation after it does no work and returns zeros of the right shape, and the caller asks
 //! [`DeviceOps::check`] after each pass, as CUDA's own sticky errors work.
 
-use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
+use super::attention::{tile_rows, AttentionKernels, DeviceLayout, HostLayout};
 use super::device::{AsView, Device, View};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
+use super::lists::{KeptLists, ListSource, StagedLists};
 use super::moe::{DeviceBalance, DeviceRouting, MoeKernels};
 use super::pool::{Leased, Pool, Stored, Tensor, TensorView};
 use super::scoring::{FusedScoring, Spans};
@@ -30,21 +31,16 @@ mod expert;
 
 use crate::ops::cpu::CpuOps;
 use crate::ops::storage::Dtype;
-use crate::ops::{AttentionLayout, AttentionShape, MoeAux, Ops, ResponseSpan, RowScale};
+use crate::ops::{
+    AttentionLayout, AttentionShape, BatchLists, ExtraList, MoeAux, Ops, ResponseSpan, RowScale,
+};
 use anyhow::{Context, Result};
 use half::bf16;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-/// How many index lists [`DeviceOps`] keeps on the device: a batch's token ids, positions,
-/// prediction rows and targets.
-const KEPT_INDEX_LISTS: usize = 4;
-
 /// Response spans, the rows they cover, and their copy on the device.
 type KeptSpans = (Vec<ResponseSpan>, usize, Rc<Spans>);
-
-/// An index list and its copy on the device.
-type IndexList = (Vec<u32>, Rc<Leased<u32>>);
 
 /// An attention layout, the tile rows its lists were made for, and its copy on the device.
 type KeptLayout = (AttentionLayout, usize, Rc<DeviceLayout>);
@@ -85,9 +81,9 @@ pub struct DeviceOps<'a> {
     /// did not lie at one stride (`expert`): none in the engine, whose flat store lays
     /// them out so.
     expert_copies: Cell<u64>,
-    /// The index lists uploaded last, with their device copies: the model passes the same
-    /// positions to RoPE in every layer, forward, backward and recomputation.
-    index_lists: RefCell<Vec<IndexList>>,
+    /// The batch's host lists on the device, staged together or uploaded as asked for
+    /// (`super::lists`).
+    kept: KeptLists,
     /// The attention layout uploaded last: every layer's attention, forward and backward,
     /// takes the batch's layout.
     attention_layout: RefCell<Option<KeptLayout>>,
@@ -128,6 +124,12 @@ impl DeviceTable {
     }
 }
 
+impl ListSource for DeviceOps<'_> {
+    fn list<T: bytemuck::Pod + 'static>(&self, values: &[T]) -> Result<Rc<Leased<T>>> {
+        self.kept.get(self.device, &self.pool, values)
+    }
+}
+
 impl<'a> DeviceOps<'a> {
     /// f32 ops whose workspace grows as the first passes need it.
     pub fn new(device: &'a Device) -> Self {
@@ -148,7 +150,7 @@ impl<'a> DeviceOps<'a> {
             storage,
             error: RefCell::new(None),
             expert_copies: Cell::new(0),
-            index_lists: RefCell::new(Vec::new()),
+            kept: KeptLists::default(),
             attention_layout: RefCell::new(None),
             spans: RefCell::new(None),
             scoring_chunk_rows: None,
@@ -234,16 +236,28 @@ impl<'a> DeviceOps<'a> {
 
     /// `values` on the device, uploaded unless they are one of the lists kept from before.
     fn indices(&self, values: &[u32]) -> Result<Rc<Leased<u32>>> {
-        let mut kept = self.index_lists.borrow_mut();
-        if let Some((_, buffer)) = kept.iter().find(|(list, _)| list == values) {
-            return Ok(buffer.clone());
+        self.list(values)
+    }
+
+    /// Stages `lists` ([`Ops::stage`]): every list the pass's ops will ask for, the attention
+    /// layout's with the tile lists of the ops' storage type.
+    fn stage_lists<E: Stored>(&self, b: &BatchLists) -> Result<()> {
+        let mut staged = StagedLists::default();
+        for list in [b.tokens, &b.layout.positions, b.prediction_rows, b.targets] {
+            staged.push(list);
         }
-        let buffer = Rc::new(self.pool.upload(self.device, values)?);
-        if kept.len() == KEPT_INDEX_LISTS {
-            kept.remove(0);
+        HostLayout::new(b.layout, tile_rows::<E>())?.stage(&mut staged);
+        staged.push(&Spans::host_table(b.responses, b.targets.len())?);
+        if !b.row_weights.is_empty() {
+            staged.push(b.row_weights);
         }
-        kept.push((values.to_vec(), buffer.clone()));
-        Ok(buffer)
+        for extra in b.extra {
+            match extra {
+                ExtraList::I32(x) => staged.push(x),
+                ExtraList::F64(x) => staged.push(x),
+            }
+        }
+        self.kept.stage(self.device, &self.pool, staged)
     }
 
     /// `layout` on the device with tile lists for `E`'s tiles, uploaded unless it is the one
@@ -256,7 +270,10 @@ impl<'a> DeviceOps<'a> {
                 return Ok(device.clone());
             }
         }
-        let device = Rc::new(DeviceLayout::new(self.device, &self.pool, layout, tile)?);
+        let device = Rc::new(DeviceLayout::from_host(
+            HostLayout::new(layout, tile)?,
+            self,
+        )?);
         *kept = Some((layout.clone(), tile, device.clone()));
         Ok(device)
     }
@@ -265,9 +282,9 @@ impl<'a> DeviceOps<'a> {
         MoeKernels::new(self.device, self.pool.clone())
     }
 
-    /// The batch's row weights on the device (an upload, as the batch's other index lists).
-    fn row_weights(&self, weights: &[f64]) -> Result<Leased<f64>> {
-        self.pool.upload(self.device, weights)
+    /// The batch's row weights on the device (a list, as the batch's index lists).
+    fn row_weights(&self, weights: &[f64]) -> Result<Rc<Leased<f64>>> {
+        self.list(weights)
     }
 
     /// `spans` over `rows` prediction rows on the device, uploaded unless they are the ones
@@ -279,7 +296,7 @@ impl<'a> DeviceOps<'a> {
                 return Ok(device.clone());
             }
         }
-        let device = Rc::new(Spans::upload(self.device, &self.pool, spans, rows)?);
+        let device = Rc::new(Spans::new(spans, rows, self)?);
         *kept = Some((spans.to_vec(), rows, device.clone()));
         Ok(device)
     }
@@ -668,6 +685,14 @@ impl Ops for DeviceOps<'_> {
         }
     }
 
+    fn stage(&self, lists: &BatchLists) {
+        self.attempt(
+            "staging a batch",
+            || (),
+            || at_storage!(self.stage_lists(lists)),
+        )
+    }
+
     /// Stored in the ops' type (bf16 rounds to nearest even).
     fn upload(&self, data: &[f32]) -> Tensor {
         self.attempt(
@@ -876,9 +901,9 @@ impl Ops for DeviceOps<'_> {
             || Self::placeholder(rows.len() * d),
             || {
                 let x = self.input::<f32>(x)?;
-                let rows_on_device = self.pool.upload(self.device, rows)?;
+                let rows_on_device = self.indices(rows)?;
                 let scale = match scale {
-                    Some(s) => Some(self.pool.upload(self.device, s)?),
+                    Some(s) => Some(self.list(s)?),
                     None => None,
                 };
                 let out = self.alloc::<f32>(rows.len() * d)?;
@@ -1046,7 +1071,7 @@ impl Ops for DeviceOps<'_> {
                     None => None,
                 };
                 let aux = match (&aux, balance, &row_weights) {
-                    (Some(a), Some(b), Some(w)) => Some((b, a.coef, w)),
+                    (Some(a), Some(b), Some(w)) => Some((b, a.coef, &**w)),
                     _ => None,
                 };
                 let dz = self.alloc::<f32>(logits)?;

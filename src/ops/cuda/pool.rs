@@ -152,9 +152,20 @@ impl Pool {
 }
 
 /// A view of a [`Pool`] with its lease: index lists and other batch data on the device.
+/// Several may share one lease (the lists of a batch, uploaded together).
 pub struct Leased<T> {
     view: View<T>,
-    _lease: Lease,
+    lease: Rc<Lease>,
+}
+
+impl Leased<u8> {
+    /// `len` elements of `T` from byte `offset` on, sharing this lease.
+    pub fn part<T: bytemuck::Pod>(&self, offset: usize, len: usize) -> Result<Leased<T>> {
+        Ok(Leased {
+            view: self.view.region(offset, len)?,
+            lease: self.lease.clone(),
+        })
+    }
 }
 
 impl<T: bytemuck::Pod> Leased<T> {
@@ -183,7 +194,7 @@ impl Pool {
         let (view, lease) = self.take::<T>(device, len)?;
         Ok(Leased {
             view,
-            _lease: lease,
+            lease: Rc::new(lease),
         })
     }
 

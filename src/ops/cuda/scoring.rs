@@ -14,9 +14,11 @@ use super::device::{AsView, Device, Float, View};
 use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::{rows_of, same_len, Kernels};
+use super::lists::{ListSource, Uploads};
 use super::pool::{Leased, Pool};
 use crate::ops::ResponseSpan;
 use anyhow::{ensure, Result};
+use std::rc::Rc;
 
 /// The logits one chunk may hold when nothing else says (the memory plan will): 256 MiB, a
 /// chunk of 4096 rows of a 32,000-token vocabulary in bf16, large enough for the GEMMs to run
@@ -31,7 +33,7 @@ pub fn chunk_rows_for<E>(vocab: usize, budget: usize) -> usize {
 /// A batch's response spans on the device: `(start, len, has_eos)` per response, as
 /// `scoring_response_stats` and `scoring_row_coef` read them.
 pub struct Spans {
-    table: Leased<i32>,
+    table: Rc<Leased<i32>>,
     responses: usize,
     rows: usize,
     /// Whether the spans tile the rows (a packed batch's do): then `row_coef` writes every
@@ -40,14 +42,9 @@ pub struct Spans {
 }
 
 impl Spans {
-    /// Uploads `spans` of a batch of `rows` prediction rows into `pool`; every span must be
-    /// non-empty and inside the rows.
-    pub fn upload(
-        device: &Device,
-        pool: &Pool,
-        spans: &[ResponseSpan],
-        rows: usize,
-    ) -> Result<Spans> {
+    /// The `(start, len, has_eos)` table of `spans` of a batch of `rows` prediction rows, as
+    /// the kernels read it; every span must be non-empty and inside the rows.
+    pub fn host_table(spans: &[ResponseSpan], rows: usize) -> Result<Vec<i32>> {
         ensure!(
             rows <= i32::MAX as usize,
             "scoring: {rows} prediction rows exceed a 32-bit int"
@@ -62,6 +59,22 @@ impl Spans {
             );
             table.extend([s.first as i32, s.len as i32, s.ends_with_eos as i32]);
         }
+        Ok(table)
+    }
+
+    /// Uploads `spans` of a batch of `rows` prediction rows into `pool` ([`Spans::new`]).
+    pub fn upload(
+        device: &Device,
+        pool: &Pool,
+        spans: &[ResponseSpan],
+        rows: usize,
+    ) -> Result<Spans> {
+        Spans::new(spans, rows, &Uploads { device, pool })
+    }
+
+    /// `spans` of a batch of `rows` prediction rows on the device, their table from `source`.
+    pub fn new(spans: &[ResponseSpan], rows: usize, source: &impl ListSource) -> Result<Spans> {
+        let table = Spans::host_table(spans, rows)?;
         let mut next = 0;
         let tiles_rows = spans.iter().all(|s| {
             let follows = s.first == next;
@@ -69,7 +82,7 @@ impl Spans {
             follows
         }) && next == rows;
         Ok(Spans {
-            table: pool.upload(device, &table)?,
+            table: source.list(&table)?,
             responses: spans.len(),
             rows,
             tiles_rows,
