@@ -20,8 +20,11 @@
 
 use anyhow::{Context, Result};
 use contralign::ops::cuda::device::{Buffer, Device, DeviceKind, Float};
+use contralign::ops::cuda::embedding::IdRows;
 use contralign::ops::cuda::gemm::Gemm;
 use contralign::ops::cuda::kernels::{AdamWStep, Kernels};
+use contralign::ops::cuda::lists::Uploads;
+use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::profile::{self, Shapes};
 use contralign::ops::cuda::roofline::Gpu;
 use contralign::ops::cuda::scoring_bench::{ScoringBench, ScoringShape, Unfused};
@@ -284,6 +287,13 @@ fn embedding<E: Float>(b: &mut Bench) -> Result<()> {
     let ids: Vec<u32> = (0..TOKENS)
         .map(|_| rng.gen_range(0..VOCAB as u32))
         .collect();
+    let id_rows = IdRows::new(&ids);
+    let distinct = id_rows.unique.len() as u64;
+    let pool = Pool::default();
+    let by_id = id_rows.on_device(&Uploads {
+        device,
+        pool: &pool,
+    })?;
     let ids = device.upload(&ids)?;
     let dout = random::<E>(device, TOKENS * D, 1.0, 6)?;
     let mut out = device.alloc::<E>(TOKENS * D)?;
@@ -297,13 +307,16 @@ fn embedding<E: Float>(b: &mut Bench) -> Result<()> {
         Work::Bytes(ids_bytes + 2 * rows * size::<E>()),
         || k.embedding_forward(&table, &ids, &mut out, D),
     )?;
-    // Each token's gradient row read, its f32 table row read and written.
+    // The ids grouped by value, each token's gradient row read, each distinct id's f32
+    // table row read and written once.
     b.case(
         "embedding",
         &format!("backward {}", E::DTYPE),
         &shape,
-        Work::Bytes(ids_bytes + rows * (size::<E>() + 8)),
-        || k.embedding_backward(&dout, &ids, &mut dtable, D),
+        Work::Bytes(
+            ids_bytes + 4 * (2 * distinct + 1) + rows * size::<E>() + distinct * D as u64 * 8,
+        ),
+        || k.embedding_backward(&dout, &by_id, &mut dtable, D),
     )
 }
 

@@ -1,10 +1,14 @@
 // Token embedding: the forward gathers rows of the table, the backward adds each token's
-// gradient row into the table gradient (fp32).
+// gradient row into the table gradient (fp32 arithmetic, stored as the gradient's type).
 //
-// The backward gives each thread whole columns and walks the tokens in order, so repeated ids
-// accumulate in the same order as the CPU reference's sequential scatter (bit for bit on f32)
-// and no atomics are needed. Its parallelism is the width d (a few thousand threads for a
-// Mistral), which is enough for an op that runs once per step.
+// The backward takes the ids grouped by value (host-made, staged with the batch): `order`
+// holds the token indices sorted by id, stably, and group `g` is id `unique[g]`'s tokens
+// `order[starts[g]..starts[g + 1]]`. A block owns one id's row and 128 of its columns; each
+// thread reads its table element once, adds that id's gradient rows in token order, and
+// writes it once, rounded to the table's type. Repeated ids thus add in the CPU reference's
+// order (bit for bit on f32), no atomics are needed, every table row is touched once, and
+// the parallelism is (distinct ids) x d instead of d. Into a bf16 table the one rounding per
+// op is the CPU's bf16 mode's.
 #include "contralign.cuh"
 
 namespace {
@@ -24,18 +28,21 @@ __device__ void embedding_forward(const T* __restrict__ table, const unsigned* _
     }
 }
 
-template <class T>
-__device__ void embedding_backward(const T* __restrict__ dout, const unsigned* __restrict__ ids,
-                                   float* __restrict__ dtable, long long tokens, int d,
-                                   unsigned vocab) {
-    const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
-        for (long long t = 0; t < tokens; ++t) {
-            const unsigned id = ids[t];
-            if (id >= vocab) __trap();
-            dtable[static_cast<long long>(id) * d + j] += to_f32(dout[t * d + j]);
-        }
+template <class T, class G>
+__device__ void embedding_backward(const T* __restrict__ dout, const unsigned* __restrict__ order,
+                                   const unsigned* __restrict__ unique,
+                                   const unsigned* __restrict__ starts, G* __restrict__ dtable,
+                                   int d, unsigned vocab) {
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    const unsigned id = unique[blockIdx.x];
+    if (id >= vocab) __trap();
+    G* cell = dtable + static_cast<long long>(id) * d + j;
+    float acc = to_f32(*cell);
+    for (unsigned i = starts[blockIdx.x]; i < starts[blockIdx.x + 1]; ++i) {
+        acc += to_f32(dout[static_cast<long long>(order[i]) * d + j]);
     }
+    *cell = from_f32<G>(acc);
 }
 
 }  // namespace
@@ -54,16 +61,18 @@ extern "C" __global__ void embedding_forward_bf16(const __nv_bfloat16* table,
 }
 CONTRALIGN_KERNEL(embedding_forward_bf16)
 
-extern "C" __global__ void embedding_backward_f32(const float* dout, const unsigned* ids,
-                                                  float* dtable, long long tokens, int d,
-                                                  unsigned vocab) {
-    embedding_backward(dout, ids, dtable, tokens, d, vocab);
-}
-CONTRALIGN_KERNEL(embedding_backward_f32)
+#define CONTRALIGN_EMBEDDING_BACKWARD(suffix, T, G)                                          \
+    extern "C" __global__ void embedding_backward_##suffix(                                   \
+        const T* dout, const unsigned* order, const unsigned* unique, const unsigned* starts, \
+        G* dtable, int d, unsigned vocab) {                                                   \
+        embedding_backward(dout, order, unique, starts, dtable, d, vocab);                    \
+    }
 
-extern "C" __global__ void embedding_backward_bf16(const __nv_bfloat16* dout, const unsigned* ids,
-                                                   float* dtable, long long tokens, int d,
-                                                   unsigned vocab) {
-    embedding_backward(dout, ids, dtable, tokens, d, vocab);
-}
-CONTRALIGN_KERNEL(embedding_backward_bf16)
+CONTRALIGN_EMBEDDING_BACKWARD(f32_f32, float, float)
+CONTRALIGN_KERNEL(embedding_backward_f32_f32)
+CONTRALIGN_EMBEDDING_BACKWARD(f32_bf16, float, __nv_bfloat16)
+CONTRALIGN_KERNEL(embedding_backward_f32_bf16)
+CONTRALIGN_EMBEDDING_BACKWARD(bf16_f32, __nv_bfloat16, float)
+CONTRALIGN_KERNEL(embedding_backward_bf16_f32)
+CONTRALIGN_EMBEDDING_BACKWARD(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+CONTRALIGN_KERNEL(embedding_backward_bf16_bf16)

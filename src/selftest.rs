@@ -26,9 +26,11 @@ pub mod moe_gemm;
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use crate::ops::cuda::device::{Buffer, Device, Float};
+use crate::ops::cuda::embedding::IdRows;
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
 use crate::ops::cuda::gemm::{element, Gemm, Op};
 use crate::ops::cuda::kernels::{AdamWStep, Kernels};
+use crate::ops::cuda::lists::Uploads;
 use crate::ops::cuda::pool::Pool;
 use crate::ops::optimizer::{global_norm, AdamW, AdamWConfig};
 use crate::ops::{AttentionLayout, AttentionShape, Ops};
@@ -222,11 +224,24 @@ pub fn embedding<E: Float>(
     let ids_buf = dev.upload(&ids)?;
     let mut out = dev.alloc::<E>(tokens * d)?;
     k.embedding_forward(&upload::<E>(dev, &table)?, &ids_buf, &mut out, d)?;
+    let pool = Pool::default();
+    let rows = IdRows::new(&ids).on_device(&Uploads {
+        device: dev,
+        pool: &pool,
+    })?;
+    let dout_buf = upload::<E>(dev, &dout)?;
     let mut dtable = dev.upload(&dtable0)?;
-    k.embedding_backward(&upload::<E>(dev, &dout)?, &ids_buf, &mut dtable, d)?;
+    k.embedding_backward(&dout_buf, &rows, &mut dtable, d)?;
+    // Into a bf16 table: the f32 sum in token order, rounded once.
+    let dtable0_bf16 = rounded::<bf16>(&dtable0);
+    let mut dtable_bf16 = upload::<bf16>(dev, &dtable0_bf16)?;
+    k.embedding_backward(&dout_buf, &rows, &mut dtable_bf16, d)?;
     let want = CpuOps.embedding(&table, &ids, d);
     let mut want_dtable = dtable0;
     CpuOps.embedding_backward(&mut want_dtable, &dout, &ids, d);
+    let mut want_bf16 = dtable0_bf16;
+    CpuOps.embedding_backward(&mut want_bf16, &dout, &ids, d);
+    let want_bf16 = rounded::<bf16>(&want_bf16);
     let shape = format!("{tokens} ids of {vocab}x{d}");
     Ok(vec![
         compare(
@@ -239,10 +254,18 @@ pub fn embedding<E: Float>(
         ),
         compare(
             name::<E>("embedding_backward"),
-            shape,
+            shape.clone(),
             &dev.download(&dtable)?,
             &want_dtable,
             &magnitudes(&want_dtable),
+            0.0,
+        ),
+        compare(
+            format!("{} into bf16", name::<E>("embedding_backward")),
+            shape,
+            &download(dev, &dtable_bf16)?,
+            &want_bf16,
+            &magnitudes(&want_bf16),
             0.0,
         ),
     ])

@@ -220,34 +220,6 @@ impl<'a> Kernels<'a> {
         self.launch(&name, self.element_blocks(out.len()), &args)
     }
 
-    /// `dtable[ids[t]] += dout[t]`, in token order.
-    pub fn embedding_backward<E: Float>(
-        &self,
-        dout: &impl AsView<E>,
-        ids: &impl AsView<u32>,
-        dtable: &mut impl AsView<f32>,
-        d: usize,
-    ) -> Result<()> {
-        let (dout, ids, dtable) = (dout.view(), ids.view(), dtable.view());
-        let vocab = rows_of("embedding table gradient", dtable.len(), d)?;
-        ensure!(
-            dout.len() == ids.len() * d,
-            "embedding_backward: {} ids need {} gradient elements, got {}",
-            ids.len(),
-            ids.len() * d,
-            dout.len()
-        );
-        let mut args = KernelArgs::new();
-        args.arg(dout.device_ptr())
-            .arg(ids.device_ptr())
-            .arg(dtable.device_ptr())
-            .arg(ids.len() as i64)
-            .arg(d as i32)
-            .arg(vocab as u32);
-        let name = format!("embedding_backward_{}", E::DTYPE);
-        self.launch(&name, self.element_blocks(d), &args)
-    }
-
     /// `h = x + residual` (stored in `h_out` when given), `y = w * h / rms(h)`, `rstd` per
     /// row.
     #[allow(clippy::too_many_arguments)]

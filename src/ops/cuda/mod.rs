@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod attention_bench;
 pub mod device;
+pub mod embedding;
 pub mod emu;
 pub mod gemm;
 #[cfg(feature = "cuda")]

@@ -21,6 +21,7 @@
 
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout, HostLayout};
 use super::device::{AsView, Device, View};
+use super::embedding::IdRows;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::lists::{KeptLists, ListSource, StagedLists};
@@ -246,6 +247,10 @@ impl<'a> DeviceOps<'a> {
         for list in [b.tokens, &b.layout.positions, b.prediction_rows, b.targets] {
             staged.push(list);
         }
+        // The backward's scatters into the embedding and the prediction rows.
+        for ids in [b.tokens, b.prediction_rows] {
+            IdRows::new(ids).stage(&mut staged);
+        }
         HostLayout::new(b.layout, tile_rows::<E>())?.stage(&mut staged);
         staged.push(&Spans::host_table(b.responses, b.targets.len())?);
         if !b.row_weights.is_empty() {
@@ -446,11 +451,12 @@ impl<'a> DeviceOps<'a> {
         ids: &[u32],
         d: usize,
     ) -> Result<()> {
-        let ids = self.indices(ids)?;
+        let rows = IdRows::new(ids).on_device(self)?;
         let dout = self.input::<E>(dout)?;
-        self.accumulate_f32(dtable, |dtable| {
-            self.kernels.embedding_backward(&dout, &*ids, dtable, d)
-        })
+        match dtable.storage() {
+            TensorView::F32(mut t) => self.kernels.embedding_backward(&dout, &rows, &mut t, d),
+            TensorView::Bf16(mut t) => self.kernels.embedding_backward(&dout, &rows, &mut t, d),
+        }
     }
 
     fn matmul_at<E: Stored>(

@@ -10,9 +10,11 @@
 use super::attention::AttentionKernels;
 use super::attention_bench::{BenchMask, BenchProblem};
 use super::device::{Buffer, Device, Float, View};
+use super::embedding::IdRows;
 use super::emu::{self, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
+use super::lists::Uploads;
 use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use super::pool::{Leased, Pool};
 use super::roofline::{table_header, Gpu};
@@ -246,15 +248,19 @@ fn size<E>() -> u64 {
 
 /// Distinct ids, so that every row read or written is a row the op must move.
 fn ids(device: &Device, rng: &mut StdRng, s: &Shapes) -> Result<Buffer<u32>> {
+    device.upload(&host_ids(rng, s)?)
+}
+
+/// `s.tokens` distinct ids of the vocabulary, on the host.
+fn host_ids(rng: &mut StdRng, s: &Shapes) -> Result<Vec<u32>> {
     ensure!(
         s.tokens <= s.vocab,
         "the profile wants distinct ids: tokens <= vocab"
     );
-    let ids: Vec<u32> = sample(rng, s.vocab, s.tokens)
+    Ok(sample(rng, s.vocab, s.tokens)
         .into_iter()
         .map(|i| i as u32)
-        .collect();
-    device.upload(&ids)
+        .collect())
 }
 
 /// A target token per row.
@@ -307,15 +313,20 @@ fn element_cases<E: Float>() -> Vec<Case> {
                 k.embedding_forward(&table, &ids, &mut out, s.d)
             },
         ),
-        // The ids, each token's gradient row read, its f32 table row read and written.
+        // The ids, each token's gradient row read, its f32 table row read and written (the
+        // ids grouped by value read as well: 12 bytes a distinct token where the op needs 4).
         case(
             format!("embedding backward {dt}"),
             move |s| (4 * s.tokens as u64 + (s.tokens * s.d) as u64 * (e + 8), 0),
             |k, s, rng| {
                 let dout = random::<E>(k.device, rng, s.tokens * s.d, 1.0)?;
-                let ids = ids(k.device, rng, s)?;
+                let pool = Pool::default();
+                let rows = IdRows::new(&host_ids(rng, s)?).on_device(&Uploads {
+                    device: k.device,
+                    pool: &pool,
+                })?;
                 let mut dtable = random::<f32>(k.device, rng, s.vocab * s.d, 1.0)?;
-                k.embedding_backward(&dout, &ids, &mut dtable, s.d)
+                k.embedding_backward(&dout, &rows, &mut dtable, s.d)
             },
         ),
         // x and the residual read, h and y written; w once, rstd written.
