@@ -41,7 +41,12 @@ spills=()
 for arch in sm_80 sm_90; do
   for ptx in "${files[@]}"; do
     echo "-- ptxas -arch=$arch $(basename "$ptx")"
-    log=$("$ptxas" -arch="$arch" -v -o /dev/null "$ptx" 2>&1)
+    # `log=$(...)` under `set -e` would exit on a ptxas error before its text is printed.
+    if ! log=$("$ptxas" -arch="$arch" -v -o /dev/null "$ptx" 2>&1); then
+      echo "$log" >&2
+      echo "ptxas -arch=$arch failed on $(basename "$ptx")" >&2
+      exit 1
+    fi
     grep -E "Compiling entry|Used [0-9]+ registers|spill|error" <<<"$log" | sed 's/^ptxas info    : //'
     # The function of each "N bytes spill stores, M bytes spill loads" line is named by the
     # "Function properties for NAME" line before it.
