@@ -7,10 +7,8 @@ mod common;
 
 use contralign::checkpoint::{load_weights, read_tensors};
 use contralign::config::ModelConfig;
-use contralign::model::init::random_params;
+use contralign::model::init::random_params_parallel;
 use contralign::model::params::param_specs;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tempfile::TempDir;
 
 fn json(path: &std::path::Path) -> serde_json::Value {
@@ -147,7 +145,7 @@ fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
     let cfg = ModelConfig::load(&model).unwrap();
     assert_eq!(cfg.num_layers, 1);
     let (weights, _) = load_weights(&model, &cfg).unwrap();
-    let drawn = random_params(&cfg, &mut StdRng::seed_from_u64(5)).unwrap();
+    let drawn = random_params_parallel(&cfg, 5).unwrap();
     for ((name, _), want) in param_specs(&cfg).iter().zip(&drawn) {
         assert_eq!(&weights[name], want, "{name}");
     }

@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::data::Group;
 use crate::loss::{LossKind, LossSpec};
 use crate::memory_plan::{PrecisionOptions, RecomputePolicy};
-use crate::model::init::random_params;
+use crate::model::init::random_params_parallel;
 use crate::model::params::Params;
 use crate::model::{Model, ResponseStats};
 use crate::ops::cuda::device::Device;
@@ -323,9 +323,10 @@ pub fn time_step(
     ensure!(steps >= 1, "bench step needs at least 1 timed step");
     check_step_shape(&shape, loss)?;
     let described = device.describe();
+    let emulated = matches!(device, Device::Emu);
     let gemm = gemm_tflops(&device, gemm_size, 5)?;
+    let initial = random_params_parallel(cfg, seed)?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let initial = random_params(cfg, &mut rng)?;
     let kept = dump.map(|_| initial.clone());
     let steps_drawn = if dump.is_some() { 1 } else { steps + 1 };
     let data = BenchData::random(&mut rng, cfg, &shape, steps_drawn);
@@ -398,7 +399,11 @@ pub fn time_step(
         gemm_tflops: gemm,
         mfu_vs_measured_gemm: achieved / gemm,
         device_bytes: trainer.device_bytes().unwrap_or(0),
-        note: "MoE dispatch runs f32 kernels and downloads its per-expert row counts per \
-               layer; the grouped expert GEMM is not in yet",
+        note: if emulated {
+            "the emulator's times: they check the command, they measure nothing about a GPU"
+        } else {
+            "wall time of whole steps: the batch's upload, forward, backward, AdamW and the \
+             loss read back"
+        },
     })
 }

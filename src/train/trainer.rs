@@ -329,7 +329,11 @@ impl Trainer {
             _ => None,
         };
         let mut engine = DeviceEngine::new(device, &self.policy, resident, &self.device_plan()?)?;
-        engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
+        // A fresh optimizer's moments are the engine's zeros already: uploading them would
+        // read (and fault in) two host copies of the parameters' size (58 GB for 7B).
+        if self.optimizer.step > 0 {
+            engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
+        }
         self.engine = Some(engine);
         self.rounded = None;
         Ok(())
