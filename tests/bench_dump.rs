@@ -216,3 +216,93 @@ fn step_under_a_memory_limit_is_planned_first() {
     assert!(planned.get("out_of_memory").is_none(), "{planned}");
     assert!(planned["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `bench moe --dump` holds the layer's inputs and its output: the output recomputed in f64
+/// from the dumped router and experts (softmax, top-k renormalized, SwiGLU experts, as
+/// Mixtral), and the loss Σ out·dy of the dumped tensors.
+#[test]
+fn moe_dump_holds_the_inputs_and_output_of_the_layer() {
+    let dir = TempDir::new().unwrap();
+    let (t, d, f, e, k) = (24usize, 16usize, 12usize, 4usize, 2usize);
+    let out = common::contralign_ok(&[
+        "bench",
+        "moe",
+        "--device",
+        "emu",
+        "--dtype",
+        "f32",
+        "--tokens",
+        &t.to_string(),
+        "--dim",
+        &d.to_string(),
+        "--ffn",
+        &f.to_string(),
+        "--experts",
+        &e.to_string(),
+        "--top-k",
+        &k.to_string(),
+        "--reps",
+        "1",
+        "--dump",
+        dir.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tensors = read_tensors(&dir.path().join("moe.safetensors")).unwrap();
+    let get = |name: &str, shape: &[usize]| -> Vec<f64> {
+        let (s, data) = &tensors[name];
+        assert_eq!(s.as_slice(), shape, "{name}");
+        data.iter().map(|&x| x as f64).collect()
+    };
+    let (router, gate, up, down) = (
+        get("router", &[e, d]),
+        get("gate", &[e, f, d]),
+        get("up", &[e, f, d]),
+        get("down", &[e, d, f]),
+    );
+    let (x, dy, dumped) = (get("x", &[t, d]), get("dy", &[t, d]), get("out", &[t, d]));
+    get("dx", &[t, d]);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+    for r in 0..t {
+        let xr = &x[r * d..(r + 1) * d];
+        let logits: Vec<f64> = (0..e)
+            .map(|j| dot(&router[j * d..(j + 1) * d], xr))
+            .collect();
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        // Softmax then renormalized over the top k: the top k's own softmax.
+        let top = &order[..k];
+        let z: f64 = top
+            .iter()
+            .map(|&j| (logits[j] - logits[top[0]]).exp())
+            .sum();
+        let mut want = vec![0.0; d];
+        for &j in top {
+            let weight = (logits[j] - logits[top[0]]).exp() / z;
+            let h: Vec<f64> = (0..f)
+                .map(|i| {
+                    let g = dot(&gate[(j * f + i) * d..(j * f + i + 1) * d], xr);
+                    let u = dot(&up[(j * f + i) * d..(j * f + i + 1) * d], xr);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            for (c, w) in want.iter_mut().enumerate() {
+                *w += weight * dot(&down[(j * d + c) * f..(j * d + c + 1) * f], &h);
+            }
+        }
+        for (c, &w) in want.iter().enumerate() {
+            let got = dumped[r * d + c];
+            assert!(
+                (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "out[{r}, {c}]: {got} vs {w}"
+            );
+        }
+    }
+    let meta = json(&dir.path().join("moe.json"));
+    let loss = meta["loss"].as_f64().unwrap();
+    assert!((dot(&dumped, &dy) - loss).abs() <= 1e-12 * loss.abs().max(1.0));
+    assert_eq!(report["dumped"]["loss"].as_f64(), Some(loss));
+    assert_eq!(
+        (meta["experts"].as_u64(), meta["top_k"].as_u64()),
+        (Some(4), Some(2))
+    );
+}

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
 use contralign::config::ModelConfig;
 use contralign::engine::bench::{check_step_shape, time_step, BenchSetup, StepRun, StepShape};
-use contralign::engine::moe_bench::time_moe;
+use contralign::engine::moe_bench::{dump_moe, time_moe};
 use contralign::engine::step_model::{self, Divisors};
 use contralign::engine::DeviceEngine;
 use contralign::loss::{batch_loss, BatchInput, LossKind, LossSpec};
@@ -74,7 +74,7 @@ struct StepArgs {
         default_value = "examples/configs/mistral-7b-v0.1.json"
     )]
     config: PathBuf,
-    /// Layers of the model (the config's own count when not given).
+    /// Layers of the model, in place of the config's own count (Mistral-7B's is 32).
     #[arg(long, default_value_t = 2)]
     layers: usize,
     #[command(flatten)]
@@ -554,6 +554,8 @@ fn write_attention_dump(
 /// GEMMs' FLOPs: 2·T·d·E + 6·T·k·d·F forward, twice that backward) and the dispatch's time
 /// alone. The defaults are Mixtral-8x7B's shapes in bf16 (`--dtype`). On
 /// --device emu use tiny shapes: the times are the emulator's, they check the command.
+/// --dump DIR also writes the inputs, output and input gradient for the scoreboard's
+/// PyTorch side.
 #[derive(Args, Debug)]
 pub struct MoeBenchArgs {
     #[arg(long, value_enum, default_value = "cuda")]
@@ -581,6 +583,10 @@ pub struct MoeBenchArgs {
     reps: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A folder for the layer's inputs (as stored), its output and input gradient and the
+    /// loss Σ out·dy (`moe.safetensors`, `moe.json`: the same inputs as the timed runs).
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
 }
 
 fn moe(a: MoeBenchArgs) -> Result<()> {
@@ -595,12 +601,22 @@ fn moe(a: MoeBenchArgs) -> Result<()> {
         Dtype::Bf16 => contralign::ops::storage::Dtype::Bf16,
         Dtype::F32 => contralign::ops::storage::Dtype::F32,
     };
+    let dumped = match &a.dump {
+        Some(dir) => {
+            let loss = dump_moe(&device, (shape, storage), a.tokens, a.seed, dir)?;
+            Some(serde_json::json!({"dump": dir, "loss": loss}))
+        }
+        None => None,
+    };
     let timing = time_moe(&device, (shape, storage), a.tokens, a.reps, a.seed)?;
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "bench": "moe",
         "device": device.describe(),
         "case": timing,
     });
+    if let Some(d) = dumped {
+        report["dumped"] = d;
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -7,8 +7,10 @@
 //! Work is counted as the GEMMs' FLOPs: forward `2 T d E` for the router and `6 T k d F` for
 //! the experts' three projections over the `T k` routed rows; backward twice that (input and
 //! weight gradients). The dispatch alone (routing, counting sort, the row moves) is timed too:
-//! it is the part the MoE kernels own.
+//! it is the part the MoE kernels own. With a dump folder ([`dump_moe`]) it also writes the
+//! inputs, the output and the input gradient for the scoreboard's PyTorch side to recompute.
 
+use crate::checkpoint::{save_f32, Tensor as SavedTensor};
 use crate::model::layer::{moe_backward, moe_forward, MoeShape};
 use crate::model::params::Expert;
 use crate::ops::cuda::device::Device;
@@ -16,10 +18,11 @@ use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::Tensor;
 use crate::ops::storage::Dtype;
 use crate::ops::{MoeAux, Ops};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,6 +87,66 @@ pub fn expert_views(flat: &Tensor, experts: usize, len: usize) -> Result<Vec<Exp
         .collect()
 }
 
+/// The layer's random inputs of one seed on the device: the router, the experts' weights in
+/// one flat buffer, zeroed gradients, the input rows `x` and the output's gradient `dy`.
+struct MoeProblem<'a> {
+    ops: DeviceOps<'a>,
+    router: Tensor,
+    weights: Tensor,
+    grads_flat: Tensor,
+    grouter: Tensor,
+    x: Tensor,
+    dy: Tensor,
+}
+
+impl<'a> MoeProblem<'a> {
+    fn new(
+        device: &'a Device,
+        (s, storage): (MoeShape, Dtype),
+        tokens: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        ensure!(
+            tokens > 0 && s.d > 0 && s.ffn > 0,
+            "bench moe: --tokens, --dim and --ffn must be positive"
+        );
+        ensure!(
+            (1..=s.experts).contains(&s.k),
+            "bench moe: --top-k {} of --experts {}",
+            s.k,
+            s.experts
+        );
+        let ops = DeviceOps::with_storage(device, storage);
+        let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+        let (d, f) = (s.d, s.ffn);
+        // Weights of the magnitude of a trained layer's (1/sqrt of the fan-in).
+        let (wd, wf) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
+        let router = random(&ops, rng, s.experts * d, wd);
+        // Each expert's gate, up and down, expert after expert (the flat store's order).
+        let mut host = Vec::with_capacity(s.experts * 3 * f * d);
+        for _ in 0..s.experts {
+            for scale in [wd, wd, wf] {
+                host.extend((0..f * d).map(|_| rng.gen_range(-scale..scale)));
+            }
+        }
+        let weights = ops.upload(&host);
+        let grads_flat = ops.zeros(host.len());
+        let grouter = ops.zeros(s.experts * d);
+        let x = random(&ops, rng, tokens * d, 1.0);
+        let dy = random(&ops, rng, tokens * d, 1.0);
+        ops.check()?;
+        Ok(MoeProblem {
+            ops,
+            router,
+            weights,
+            grads_flat,
+            grouter,
+            x,
+            dy,
+        })
+    }
+}
+
 /// Times the MoE layer's forward and backward on `tokens` random rows, its tensors stored as
 /// `storage`.
 pub fn time_moe(
@@ -93,68 +156,40 @@ pub fn time_moe(
     reps: usize,
     seed: u64,
 ) -> Result<MoeTiming> {
-    ensure!(
-        tokens > 0 && s.d > 0 && s.ffn > 0,
-        "bench moe: --tokens, --dim and --ffn must be positive"
-    );
-    ensure!(
-        (1..=s.experts).contains(&s.k),
-        "bench moe: --top-k {} of --experts {}",
-        s.k,
-        s.experts
-    );
-    let ops = DeviceOps::with_storage(device, storage);
-    let rng = &mut ChaCha8Rng::seed_from_u64(seed);
-    let (d, f) = (s.d, s.ffn);
-    // Weights of the magnitude of a trained layer's (1/sqrt of the fan-in).
-    let (wd, wf) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
-    let router = random(&ops, rng, s.experts * d, wd);
-    // Each expert's gate, up and down, expert after expert (the flat store's order).
-    let expert_len = 3 * f * d;
-    let mut host = Vec::with_capacity(s.experts * expert_len);
-    for _ in 0..s.experts {
-        for scale in [wd, wd, wf] {
-            host.extend((0..f * d).map(|_| rng.gen_range(-scale..scale)));
-        }
-    }
-    let weights = ops.upload(&host);
-    let grads_flat = ops.zeros(s.experts * expert_len);
-    let experts = expert_views(&weights, s.experts, f * d)?;
-    let mut grads = expert_views(&grads_flat, s.experts, f * d)?;
-    let mut grouter = ops.zeros(s.experts * d);
-    let x = random(&ops, rng, tokens * d, 1.0);
-    let dy = random(&ops, rng, tokens * d, 1.0);
+    let p = &mut MoeProblem::new(device, (s, storage), tokens, seed)?;
+    let (ops, d, f) = (&p.ops, s.d, s.ffn);
+    let experts = expert_views(&p.weights, s.experts, f * d)?;
+    let mut grads = expert_views(&p.grads_flat, s.experts, f * d)?;
     let row_weights = vec![1.0; tokens];
-    ops.check()?;
 
-    let dispatch = median_seconds(&ops, reps, || {
-        let logits = ops.matmul(&x, &router, tokens, d, s.experts);
+    let dispatch = median_seconds(ops, reps, || {
+        let logits = ops.matmul(&p.x, &p.router, tokens, d, s.experts);
         let routing = ops.moe_route(&logits, s.experts, s.k);
-        let rows = ops.moe_permute(&x, &routing, false, d);
+        let rows = ops.moe_permute(&p.x, &routing, false, d);
         ops.moe_unpermute(&rows, &routing, true, d);
         Ok(())
     })?;
-    let forward = median_seconds(&ops, reps, || {
-        moe_forward(&ops, s, &router, &experts, &x, tokens);
+    let forward = median_seconds(ops, reps, || {
+        moe_forward(ops, s, &p.router, &experts, &p.x, tokens);
         Ok(())
     })?;
-    let (_, acts) = moe_forward(&ops, s, &router, &experts, &x, tokens);
+    let (_, acts) = moe_forward(ops, s, &p.router, &experts, &p.x, tokens);
     let mut balance = ops.moe_balance(s.experts);
     ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
-    let backward = median_seconds(&ops, reps, || {
+    let backward = median_seconds(ops, reps, || {
         let aux = MoeAux {
             balance: &balance,
             coef: 0.02,
             row_weights: &row_weights,
         };
         moe_backward(
-            &ops,
+            ops,
             s,
-            (&router, &experts),
-            (&mut grouter, &mut grads),
-            (&x, tokens),
+            (&p.router, &experts),
+            (&mut p.grouter, &mut grads),
+            (&p.x, tokens),
             &acts,
-            &dy,
+            &p.dy,
             Some(aux),
         );
         Ok(())
@@ -175,4 +210,86 @@ pub fn time_moe(
         backward_tflops: 2.0 * forward_flops / backward / 1e12,
         emulator_time: matches!(device, Device::Emu),
     })
+}
+
+/// Writes what the scoreboard's MoE baseline (tools/scoreboard/moe.py --check) recomputes:
+/// `dir/moe.safetensors` holds the inputs of [`time_moe`]'s seed as the device stores them
+/// (`router` [E, d]; `gate`, `up` [E, F, d] and `down` [E, d, F], each expert's projections
+/// stacked; `x` and `dy` [T, d]) and the layer's `out` and input gradient `dx` [T, d] (the
+/// backward of `dy` alone: no load-balancing term, which the baseline's block leaves to the
+/// model's loss); `dir/moe.json` the shape and the loss `Σ out · dy` whose gradient `dx` is.
+/// Returns that loss.
+pub fn dump_moe(
+    device: &Device,
+    (s, storage): (MoeShape, Dtype),
+    tokens: usize,
+    seed: u64,
+    dir: &Path,
+) -> Result<f64> {
+    let p = &mut MoeProblem::new(device, (s, storage), tokens, seed)?;
+    let (ops, d, f) = (&p.ops, s.d, s.ffn);
+    let experts = expert_views(&p.weights, s.experts, f * d)?;
+    let mut grads = expert_views(&p.grads_flat, s.experts, f * d)?;
+    let (out, acts) = moe_forward(ops, s, &p.router, &experts, &p.x, tokens);
+    let dx = moe_backward(
+        ops,
+        s,
+        (&p.router, &experts),
+        (&mut p.grouter, &mut grads),
+        (&p.x, tokens),
+        &acts,
+        &p.dy,
+        None,
+    );
+    ops.check()?;
+    let weights = ops.download(&p.weights);
+    // The flat store holds gate, up, down expert after expert: gather each projection.
+    let stacked = |which: usize| -> Vec<f32> {
+        weights
+            .chunks(3 * f * d)
+            .flat_map(|e| &e[which * f * d..(which + 1) * f * d])
+            .copied()
+            .collect()
+    };
+    let (out, dy) = (ops.download(&out), ops.download(&p.dy));
+    let loss: f64 = out
+        .iter()
+        .zip(&dy)
+        .map(|(&o, &g)| o as f64 * g as f64)
+        .sum();
+    let (e, rows) = (s.experts, tokens);
+    let tensors = [
+        ("router", vec![e, d], ops.download(&p.router)),
+        ("gate", vec![e, f, d], stacked(0)),
+        ("up", vec![e, f, d], stacked(1)),
+        ("down", vec![e, d, f], stacked(2)),
+        ("x", vec![rows, d], ops.download(&p.x)),
+        ("dy", vec![rows, d], dy),
+        ("out", vec![rows, d], out),
+        ("dx", vec![rows, d], ops.download(&dx)),
+    ];
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--dump: cannot create {}", dir.display()))?;
+    let named: Vec<SavedTensor> = tensors
+        .iter()
+        .map(|(name, shape, data)| SavedTensor {
+            name: name.to_string(),
+            shape: shape.clone(),
+            data,
+        })
+        .collect();
+    save_f32(&dir.join("moe.safetensors"), &named)?;
+    let record = serde_json::json!({
+        "tokens": tokens,
+        "dim": d,
+        "ffn": f,
+        "experts": e,
+        "top_k": s.k,
+        "dtype": storage.name(),
+        "loss": loss,
+    });
+    let path = dir.join("moe.json");
+    std::fs::write(&path, record.to_string())
+        .with_context(|| format!("--dump: cannot write {}", path.display()))?;
+    Ok(loss)
 }

@@ -1,6 +1,11 @@
 """The MoE layer's baseline: transformers 5.17's MixtralSparseMoeBlock (the router's top-2
 and its loop over experts, transformers/models/mixtral/modeling_mixtral.py) at Mixtral-8x7B's
 shapes, forward and backward on random tokens, random weights.
+
+With --check DIR (a `contralign bench moe --dump DIR`) the block is loaded with contralign's
+router and experts (gate and up concatenated into gate_up_proj, as transformers stores them)
+and run in fp32 on its x and dy: the output, the input gradient and the loss sum(out * dy)
+are compared with contralign's.
 """
 
 import json
@@ -8,10 +13,49 @@ import os
 
 import torch
 
-from common import dtype_of, emit, parser, timed
+from common import bounded, compare, dtype_of, emit, parser, timed
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 MIXTRAL = os.path.join(ROOT, "examples", "configs", "mixtral-8x7b-v0.1.json")
+
+
+def config_of(path, **dims):
+    from transformers import AutoConfig
+    cfg = {k: v for k, v in json.load(open(path)).items()
+           if k not in ("architectures", "transformers_version")}
+    cfg = AutoConfig.for_model(**{**cfg, **dims})
+    # The loop over experts that the docstring names (transformers' "eager" experts), said
+    # outright: a standalone block has no implementation set and warns.
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def relative(ours, theirs):
+    """The largest difference over the largest magnitude of contralign's tensor."""
+    return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)).item()
+
+
+def check(dir, config, device):
+    from safetensors.torch import load_file
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    t = load_file(os.path.join(dir, "moe.safetensors"), device=device)
+    meta = json.load(open(os.path.join(dir, "moe.json")))
+    cfg = config_of(config, hidden_size=meta["dim"], intermediate_size=meta["ffn"],
+                    num_local_experts=meta["experts"], num_experts_per_tok=meta["top_k"])
+    with torch.device(device):
+        block = MixtralSparseMoeBlock(cfg).float()
+    with torch.no_grad():
+        block.gate.weight.copy_(t["router"])
+        block.experts.gate_up_proj.copy_(torch.cat([t["gate"], t["up"]], dim=1))
+        block.experts.down_proj.copy_(t["down"])
+    x = t["x"][None].clone().requires_grad_()
+    out = block(x)
+    out = (out[0] if isinstance(out, tuple) else out)[0]
+    (out * t["dy"]).sum().backward()
+    loss = (out.detach().double() * t["dy"].double()).sum().item()
+    return {"loss": compare("moe loss sum(out * dy)", loss, meta["loss"]),
+            "out": bounded("moe output, largest", relative(out.detach(), t["out"])),
+            "dx": bounded("moe input gradient, largest", relative(x.grad[0], t["dx"]))}
 
 
 def main():
@@ -19,10 +63,9 @@ def main():
     p.add_argument("--config", default=MIXTRAL)
     p.add_argument("--tokens", type=int, default=4096)
     a = p.parse_args()
-    from transformers import AutoConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    cfg = AutoConfig.for_model(**{k: v for k, v in json.load(open(a.config)).items()
-                                  if k not in ("architectures", "transformers_version")})
+    checked = check(a.check, a.config, a.device) if a.check else None
+    cfg = config_of(a.config)
     torch.manual_seed(0)
     dtype = dtype_of(a.dtype)
     with torch.device(a.device):
@@ -44,9 +87,12 @@ def main():
 
     fwd, n = timed(forward, a.device, a.reps, a.budget_s / 2)
     both, m = timed(forward_backward, a.device, a.reps, a.budget_s / 2)
-    emit({"row": "moe", "baseline": "transformers MixtralSparseMoeBlock", "tokens": a.tokens,
-          "dtype": a.dtype, "forward_ms": fwd * 1e3, "forward_backward_ms": both * 1e3,
-          "reps": [n, m]}, a.out)
+    result = {"row": "moe", "baseline": "transformers MixtralSparseMoeBlock",
+              "tokens": a.tokens, "dtype": a.dtype, "forward_ms": fwd * 1e3,
+              "forward_backward_ms": both * 1e3, "reps": [n, m]}
+    if checked:
+        result["check"] = checked
+    emit(result, a.out)
 
 
 if __name__ == "__main__":
