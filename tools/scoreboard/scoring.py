@@ -81,12 +81,16 @@ def main():
     fwd, n_fwd = timed(forward, a.device, a.reps, a.budget_s / 2)
     both, n_both = timed(forward_backward, a.device, a.reps, a.budget_s / 2)
     peak = peak_bytes(a.device)
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (h, head))
     result.update({
         "rows": a.rows, "vocab": a.vocab, "dim": a.dim, "dtype": a.dtype,
         "forward_s": fwd, "forward_backward_s": both, "reps": [n_fwd, n_both],
-        # Beyond the inputs: logits, the fp32 log-softmax, autograd's saved tensors and the
-        # gradients of h and the head (contralign's fused_extra_bytes leaves its dh, dW out).
-        "extra_bytes": None if peak is None else peak - floor,
+        # Beyond the inputs and the outputs, as contralign's fused_extra_bytes counts (its
+        # planned buffers, dh and dW not among them): the measured peak less the floor (h,
+        # head) and less h.grad and head.grad, which the backward leaves allocated. What
+        # remains: logits, the fp32 log-softmax, autograd's saved tensors and temporaries.
+        "extra_bytes": None if peak is None else peak - floor - grad_bytes,
+        "peak_bytes_with_grads": None if peak is None else peak - floor,
     })
     emit(result, a.out)
 
