@@ -1162,6 +1162,11 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
             shape: shape(4, 1, 128),
         },
         AttentionCase {
+            name: "window 40, GQA 3",
+            layout: AttentionLayout::causal(70, Some(40)),
+            shape: shape(6, 2, 96),
+        },
+        AttentionCase {
             name: "1000-token stream",
             layout: AttentionLayout::packed(&stream, None),
             shape: shape(2, 1, 64),

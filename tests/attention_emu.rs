@@ -1,19 +1,23 @@
 //! The attention kernels (cuda/attention.cu) in the emulator: forward and backward against the
-//! CPU reference for every mask kind, head dims 24/64/80/128 and grouped-query ratios 1/4/8
+//! CPU reference for every mask kind, head dims 24/64/80/96/128 and grouped-query ratios
+//! 1/3/4/8
 //! (`selftest::attention_rows`); the tile lists against a brute-force derivation from the
-//! layout; masked-out tiles never read, shown from outside the kernel by poisoning them; and
+//! layout; masked-out tiles never loaded, counted by the emulator's probe, and never read,
+//! shown from outside the kernel by poisoning them; and
 //! the backward's bits under different block orders and thread schedules.
 
 mod common;
 
 use contralign::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout, TileLists};
 use contralign::ops::cuda::device::{Buffer, Device, Float};
+use contralign::ops::cuda::emu;
 use contralign::ops::cuda::pool::Pool;
 use contralign::ops::{AttentionLayout, AttentionShape};
 use contralign::selftest;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::collections::BTreeMap;
 
 #[test]
 fn attention_matches_the_cpu_reference_for_every_mask_and_shape() {
@@ -21,7 +25,7 @@ fn attention_matches_the_cpu_reference_for_every_mask_and_shape() {
     let rows = selftest::attention_rows(&Device::Emu, &mut rng).unwrap();
     assert!(rows.iter().all(|r| r.pass), "{}", selftest::table(&rows));
     // Every case gives out, lse, dq, dk, dv in f32 and bf16.
-    assert_eq!(rows.len(), 5 * 2 * 5);
+    assert_eq!(rows.len(), 6 * 2 * 5);
 }
 
 /// (query tile, key tile) pairs with at least one key that a row of the query tile sees,
@@ -284,6 +288,106 @@ fn masked_out_tiles_are_never_read() {
     let mut rng = common::rng("masked_out_tiles_are_never_read");
     masked_tiles_are_never_read::<f32>(&mut rng);
     masked_tiles_are_never_read::<bf16>(&mut rng);
+}
+
+/// The bytes of K and V that the forward and the backward's launches load, counted by the
+/// emulator's probe around the kernels (`emu::watching`), by kernel name.
+fn kv_bytes_loaded<E: Float>(p: &Problem<E>) -> BTreeMap<String, u64> {
+    let up = |x: &[E]| Device::Emu.upload(x).unwrap();
+    let (q, k, v, dout) = (up(&p.q), up(&p.k), up(&p.v), up(&p.dout));
+    let bytes = std::mem::size_of_val(p.k.as_slice());
+    let watched = [(k.device_ptr(), bytes), (v.device_ptr(), bytes)];
+    let probe = emu::Probe {
+        count: true,
+        racecheck: false,
+    };
+    let ((), records) = emu::probed(probe, || {
+        emu::watching(&watched, || {
+            let kernels = AttentionKernels::new(&Device::Emu);
+            let mut out = Device::Emu.alloc::<E>(p.q.len()).unwrap();
+            let mut lse = Device::Emu
+                .alloc::<f32>(p.layout.tokens() * p.shape.heads)
+                .unwrap();
+            kernels
+                .forward(&q, &k, &v, &p.layout, p.shape, &mut out, &mut lse)
+                .unwrap();
+            let mut grads =
+                [p.q.len(), p.k.len(), p.v.len()].map(|n| Device::Emu.alloc::<E>(n).unwrap());
+            let [dq, dk, dv] = &mut grads;
+            kernels
+                .backward(
+                    &q, &k, &v, &out, &lse, &dout, &p.layout, p.shape, dq, dk, dv,
+                )
+                .unwrap();
+        })
+    });
+    let mut by_kernel = BTreeMap::new();
+    for r in records {
+        *by_kernel.entry(r.kernel).or_default() += r.traffic.watched_read_bytes;
+    }
+    by_kernel
+}
+
+/// Counted outside the kernels: the forward and the backward's dq launch load K and V of
+/// exactly the (query tile, key tile) pairs in which a query sees a key (per query head),
+/// the dk/dv launch each key tile once (per KV head); so the shared-prompt layout loads less
+/// than the causal one of the same length, by the tiles its responses hide from each other.
+fn masked_tiles_are_never_loaded<E: Float>(rng: &mut StdRng) {
+    let shape = AttentionShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 24,
+    };
+    let tile = tile_rows::<E>();
+    let shared_prompt = AttentionLayout::packed(&[(51, vec![26; 8])], None);
+    let causal = AttentionLayout::causal(shared_prompt.len(), None);
+    let windowed = AttentionLayout::packed(&[(37, vec![29, 48]), (5, vec![9, 18, 2])], Some(20));
+    let mut loaded = Vec::new();
+    for layout in [&shared_prompt, &causal, &windowed] {
+        let t = layout.len();
+        let row_bytes = (shape.head_dim * std::mem::size_of::<E>()) as u64;
+        let tile_bytes = |kt: usize| 2 * ((t - kt * tile).min(tile) as u64) * row_bytes;
+        let pairs: u64 = needed_pairs(layout, tile)
+            .iter()
+            .flat_map(|row| row.iter().enumerate().filter(|(_, &n)| n))
+            .map(|(kt, _)| tile_bytes(kt))
+            .sum();
+        let p = Problem::<E>::new(rng, layout, shape);
+        let got = kv_bytes_loaded(&p);
+        let kernel = |name: &str| got[&format!("attention_{name}_{}", E::DTYPE)];
+        let heads = shape.heads as u64;
+        assert_eq!(
+            kernel("forward"),
+            heads * pairs,
+            "{} forward, {t} tokens",
+            E::DTYPE
+        );
+        assert_eq!(
+            kernel("backward_dq"),
+            heads * pairs,
+            "{} backward dq",
+            E::DTYPE
+        );
+        let once = 2 * t as u64 * row_bytes * shape.kv_heads as u64;
+        assert_eq!(kernel("backward_dkdv"), once, "{} backward dk/dv", E::DTYPE);
+        assert_eq!(kernel("backward_delta"), 0, "{} backward delta", E::DTYPE);
+        loaded.push(kernel("forward"));
+    }
+    // At a tenth of the 512 + 8 × 256 shape: 0.60 of the causal layout's bytes.
+    assert!(
+        loaded[0] * 10 < loaded[1] * 7,
+        "{}: the shared prompt's forward loads {} bytes of K/V, the causal one {}",
+        E::DTYPE,
+        loaded[0],
+        loaded[1]
+    );
+}
+
+#[test]
+fn masked_out_tiles_are_never_loaded_counted_by_the_emulator() {
+    let mut rng = common::rng("masked_out_tiles_are_never_loaded");
+    masked_tiles_are_never_loaded::<f32>(&mut rng);
+    masked_tiles_are_never_loaded::<bf16>(&mut rng);
 }
 
 fn backward_is_deterministic<E: Float>(rng: &mut StdRng) {

@@ -11,6 +11,8 @@ use contralign::memory_plan::{PrecisionOptions, RecomputePolicy};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
+use contralign::step;
+use contralign::train::held_out::HeldOut;
 use contralign::train::optimizer::{AdamW, AdamWConfig};
 use contralign::train::plan::{Length, StepBudget};
 use contralign::train::schedule::ScheduleKind;
@@ -95,9 +97,36 @@ fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
             let beta = LossSpec::new(LossKind::Nca).beta;
             common::assert_metrics_close(model, &g.metrics, &w.metrics, REL, beta);
         }
-        emu.sync_to_host().unwrap();
-        assert_eq!(emu.optimizer.step, cpu.optimizer.step);
+        // Before a checkpoint brings them back, `policy` holds the initial weights: a
+        // held-out evaluation between checkpoints reads the device's current ones.
         let start = Model::load(&CpuOps, &fixture(model)).unwrap();
+        let tensors = |m: &Model<Vec<f32>>| -> Vec<Vec<f32>> {
+            m.params.iter().into_iter().cloned().collect()
+        };
+        let current = tensors(&emu.device_policy().unwrap().unwrap());
+        assert_eq!(tensors(&emu.policy), tensors(&start));
+        assert_ne!(current, tensors(&start));
+        let ref_model = Model::load(&CpuOps, &fixture(&format!("{model}-ref"))).unwrap();
+        let spec = LossSpec::new(LossKind::Nca);
+        let ref_stats =
+            step::reference_stats(&CpuOps, &start, Some(&ref_model), &groups, &spec).unwrap();
+        let held_out = HeldOut::new(groups.clone(), ref_stats, 1);
+        let (eval_emu, eval_cpu) = (
+            held_out.row(&emu, got.last().unwrap()).unwrap(),
+            held_out.row(&cpu, want.last().unwrap()).unwrap(),
+        );
+        let loss = |row: &serde_json::Value| row["eval_loss"].as_f64().unwrap();
+        let rel = (loss(&eval_emu) - loss(&eval_cpu)).abs() / loss(&eval_cpu).abs();
+        // Both evaluate on the CPU, from weights whose updates agree to UPDATE_REL.
+        assert!(
+            rel <= UPDATE_REL,
+            "{model}: held-out loss {} on emu, {} on the CPU",
+            loss(&eval_emu),
+            loss(&eval_cpu)
+        );
+        emu.sync_to_host().unwrap();
+        assert_eq!(tensors(&emu.policy), current);
+        assert_eq!(emu.optimizer.step, cpu.optimizer.step);
         let names = contralign::model::params::param_specs(&start.cfg);
         let tensors = emu.policy.params.iter();
         let moments = emu.optimizer.exp_avg.iter().zip(&cpu.optimizer.exp_avg);

@@ -34,9 +34,11 @@ struct Range {
     std::uintptr_t end;
 };
 
-// Every registered device buffer, sorted by start; launches take a copy.
+// Every registered device buffer, sorted by start, and the watched ranges; launches take a
+// copy.
 std::mutex g_registry_mutex;
 std::vector<Range> g_registry;
+std::vector<Range> g_watched;
 
 // One access as racecheck remembers it. `block` is the block's linear index plus one (0: no
 // access).
@@ -98,6 +100,7 @@ using Pieces = std::vector<std::pair<std::uintptr_t, std::uint32_t>>;
 struct Probe {
     std::uint32_t flags = 0;
     std::vector<Range> globals;
+    std::vector<Range> watched;
     std::size_t last_hit = 0;
     std::uintptr_t static_start = 0, static_end = 0, dynamic_start = 0, dynamic_end = 0;
     unsigned thread = 0;
@@ -127,6 +130,12 @@ struct Probe {
     }
 
     void count(std::uintptr_t a, std::uint32_t size, Kind kind, std::uintptr_t pc) {
+        if (kind == Kind::Read) {
+            for (const Range& w : watched) {
+                const std::uintptr_t lo = std::max(a, w.start), hi = std::min(a + size, w.end);
+                if (lo < hi) traffic.watched_read_bytes += hi - lo;
+            }
+        }
         for (std::uint64_t s = a >> 5; s <= (a + size - 1) >> 5; ++s) {
             auto [it, inserted] = sectors.try_emplace(s, kind == Kind::Read ? 1 : 0);
             if (kind == Kind::Write) it->second |= 2;
@@ -351,6 +360,7 @@ void begin_launch(std::uint32_t flags, const unsigned char* static_shared,
     {
         std::lock_guard<std::mutex> lock(g_registry_mutex);
         p.globals = g_registry;
+        p.watched = g_watched;
     }
     p.static_start = reinterpret_cast<std::uintptr_t>(static_shared);
     p.static_end = p.static_start + static_bytes;
@@ -447,6 +457,17 @@ void contralign_emu_unregister_global(const void* start) {
     auto& r = contralign_emu::probe::g_registry;
     r.erase(std::remove_if(r.begin(), r.end(), [a](const auto& x) { return x.start == a; }),
             r.end());
+}
+
+void contralign_emu_watch(const void* const* starts, const std::size_t* bytes, std::size_t count) {
+    using contralign_emu::probe::Range;
+    std::lock_guard<std::mutex> lock(contralign_emu::probe::g_registry_mutex);
+    auto& w = contralign_emu::probe::g_watched;
+    w.clear();
+    for (std::size_t i = 0; i < count; ++i) {
+        const auto a = reinterpret_cast<std::uintptr_t>(starts[i]);
+        w.push_back(Range{a, a + bytes[i]});
+    }
 }
 
 // ThreadSanitizer's compiler ABI (what -fsanitize=thread emits calls to).

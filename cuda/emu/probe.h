@@ -43,11 +43,17 @@ struct contralign_emu_traffic {
     std::uint64_t accesses_by_width[6];
     // Floating-point operations of WMMA mma_sync calls (2 M N K per warp).
     std::uint64_t flops;
+    // Bytes read inside the watched ranges (contralign_emu_watch), every access counted:
+    // what a kernel loads from one buffer, re-reads included.
+    std::uint64_t watched_read_bytes;
 };
 
 // Device buffers: the probe counts and checks only accesses inside a registered range.
 void contralign_emu_register_global(const void* start, std::size_t bytes);
 void contralign_emu_unregister_global(const void* start);
+// The ranges whose reads the probe counts into watched_read_bytes, replacing the earlier
+// ones (`count` 0 clears them); taken by each counting launch as it begins.
+void contralign_emu_watch(const void* const* starts, const std::size_t* bytes, std::size_t count);
 }
 
 namespace contralign_emu {

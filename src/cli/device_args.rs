@@ -22,8 +22,8 @@ pub enum Backend {
 #[derive(Args, Debug)]
 pub struct DeviceArgs {
     /// Where the model runs. On emu and cuda, embedding, RMSNorm, RoPE, SwiGLU, attention,
-    /// the projections and the LM-head scoring run as device kernels and GEMMs; MoE dispatch
-    /// still runs on the host until its kernels exist.
+    /// the projections, the LM-head scoring and the MoE dispatch (routing, row moves, the
+    /// experts' grouped GEMMs) run as device kernels and GEMMs.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Backend,
     /// Storage of weights and activations (docs/numerics.md §2). f32 (the default, what

@@ -36,11 +36,13 @@ impl HeldOut {
         trainer.done() || (self.every > 0 && trainer.step.is_multiple_of(self.every))
     }
 
-    /// The metrics.jsonl row of the held-out evaluation after `record`'s step.
+    /// The metrics.jsonl row of the held-out evaluation after `record`'s step, under the
+    /// weights that step left (brought back from a device, where the run trains there).
     pub fn row(&self, trainer: &Trainer, record: &StepRecord) -> Result<Value> {
+        let fetched = trainer.device_policy()?;
         let eval = step::evaluate(
             &CpuOps,
-            &trainer.policy,
+            fetched.as_ref().unwrap_or(&trainer.policy),
             self.ref_stats.as_deref(),
             &self.groups,
             &trainer.opts.spec,

@@ -17,7 +17,7 @@ use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::{CpuOps, Stored};
 use crate::ops::cuda::device::Device;
 use crate::step::{self, RefStats};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -342,6 +342,25 @@ impl Trainer {
     /// Bytes of device memory the engine holds, when the run is on a device.
     pub fn device_bytes(&self) -> Option<usize> {
         self.engine.as_ref().map(DeviceEngine::device_bytes)
+    }
+
+    /// On a device, the policy as the last step left it, brought back (`policy` there holds
+    /// the last checkpoint's weights); `None` on the CPU, where `policy` is current.
+    pub fn device_policy(&self) -> Result<Option<Model<Vec<f32>>>> {
+        let Some(engine) = &self.engine else {
+            return Ok(None);
+        };
+        let mut weights = engine.weights()?.into_iter();
+        let params = Params::build(&self.policy.cfg, |name, _| {
+            weights
+                .next()
+                .with_context(|| format!("the device engine holds no tensor for {name}"))
+        })?;
+        Ok(Some(Model {
+            cfg: self.policy.cfg.clone(),
+            params,
+            dtype: self.policy.dtype,
+        }))
     }
 
     /// Brings the device's weights and moments into `policy` and `optimizer` (before a

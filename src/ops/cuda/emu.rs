@@ -188,6 +188,9 @@ pub struct Traffic {
     pub accesses_by_width: [u64; 6],
     /// FLOPs of WMMA `mma_sync` calls.
     pub flops: u64,
+    /// Bytes read inside the ranges of a [`watching`] run, every access counted (re-reads
+    /// included).
+    pub watched_read_bytes: u64,
 }
 
 impl Traffic {
@@ -217,6 +220,7 @@ impl Traffic {
             *a += b;
         }
         self.flops += other.flops;
+        self.watched_read_bytes += other.watched_read_bytes;
     }
 }
 
@@ -319,6 +323,21 @@ pub fn probed<R>(probe: Probe, f: impl FnOnce() -> R) -> (R, Vec<LaunchRecord>) 
     });
     let result = f();
     (result, SETTINGS.with(|s| s.records.take()))
+}
+
+/// Runs `f` with the reads of `ranges` (device addresses and byte lengths) counted into each
+/// counting launch's [`Traffic::watched_read_bytes`]: how often a kernel loads one buffer,
+/// seen from outside the kernel. The ranges are process-wide while `f` runs.
+pub fn watching<R>(ranges: &[(u64, usize)], f: impl FnOnce() -> R) -> R {
+    let set = |ranges: &[(u64, usize)]| {
+        let starts: Vec<*const c_void> = ranges.iter().map(|r| r.0 as *const c_void).collect();
+        let bytes: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+        // SAFETY: the probe copies the addresses and lengths; it dereferences nothing.
+        unsafe { contralign_emu_watch(starts.as_ptr(), bytes.as_ptr(), ranges.len()) };
+    };
+    set(ranges);
+    let _restore = Restore(move || set(&[]));
+    f()
 }
 
 /// Runs its closure when dropped (also when unwinding): puts a thread's settings back.
@@ -442,6 +461,7 @@ extern "C" {
     /// `cuda/emu/probe.cpp`: the device buffers the probe watches.
     fn contralign_emu_register_global(start: *const c_void, bytes: usize);
     fn contralign_emu_unregister_global(start: *const c_void);
+    fn contralign_emu_watch(starts: *const *const c_void, bytes: *const usize, count: usize);
 }
 
 include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));

@@ -2,8 +2,9 @@
 //! RMSNorm, RoPE, SwiGLU, attention (forward and backward), accumulation, every projection
 //! (GEMM) and the fused LM-head scoring (`super::scoring`) run there, their outputs leased
 //! from the ops' pool. The MoE layer's routing, row permutations, router backward and
-//! load-balancing sums run there too (`super::moe`, f32 kernels), and the experts' projections
-//! as grouped GEMMs that read the per-expert row counts on the device (`expert`). An unscaled `gather_rows` /
+//! load-balancing sums run there too (`super::moe`: the row moves and slot dots at the storage
+//! type, the routing f32), and the experts' projections as grouped GEMMs that read the
+//! per-expert row counts on the device (`expert`; WMMA for bf16). An unscaled `gather_rows` /
 //! `scatter_add_rows` (the prediction rows) is an embedding lookup / backward; a scaled
 //! gather runs the MoE gather kernel; a scaled scatter-add (which the model no longer uses)
 //! copies its operands to the host and runs the CPU reference.
