@@ -155,24 +155,36 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
     let mut rng = rng("steps_after_the_first_allocate_nothing_on_the_device");
     // Groups of one shape, so that every step packs the same sizes.
     let one = random_groups(&mut rng, 1, 256, 8, 3, 6).remove(0);
+    // Micro-batches of exactly one group, so that the plan (made for `micro_tokens`) is as
+    // tight as the steps' needs; and of the whole step, with room to spare.
+    let tight = one.prompt.len() + one.responses.iter().map(Vec::len).sum::<usize>();
     let groups = vec![one; 9];
     let (f32, bf16) = (PrecisionOptions::all_f32(), PrecisionOptions::default());
-    for (model, recompute, precision) in [
-        ("tiny-mistral", RecomputePolicy::Full, f32),
-        ("tiny-mistral", RecomputePolicy::Selective, f32),
-        ("tiny-mistral", RecomputePolicy::Selective, bf16),
-        ("tiny-mixtral", RecomputePolicy::Selective, f32),
-        ("tiny-mixtral", RecomputePolicy::Selective, bf16),
+    for (model, recompute, precision, micro_tokens) in [
+        ("tiny-mistral", RecomputePolicy::Full, f32, 10_000),
+        ("tiny-mistral", RecomputePolicy::Selective, f32, 10_000),
+        ("tiny-mistral", RecomputePolicy::Selective, bf16, tight),
+        ("tiny-mistral", RecomputePolicy::None, bf16, tight),
+        ("tiny-mixtral", RecomputePolicy::Selective, f32, 10_000),
+        ("tiny-mixtral", RecomputePolicy::Selective, bf16, tight),
     ] {
         let opts = TrainOptions {
             recompute,
             precision,
-            ..options(4, 10_000)
+            ..options(4, micro_tokens)
         };
         let mut emu = trainer(model, &groups, opts);
         emu.use_device(Device::Emu).unwrap();
+        let after_setup = counters();
         emu.train_step().unwrap();
         let after_first = counters();
+        assert_eq!(
+            after_first.allocations,
+            after_setup.allocations,
+            "{model} {} {recompute:?}: the first step allocated {} bytes beyond the plan",
+            precision.describe(),
+            after_first.allocated_bytes - after_setup.allocated_bytes
+        );
         let records: Vec<StepRecord> = (0..3).map(|_| emu.train_step().unwrap()).collect();
         let now = counters();
         assert_eq!(
