@@ -45,9 +45,7 @@ use serde::Serialize;
 /// Every region starts and ends on this many bytes, as a cudaMalloc'd buffer would.
 pub const REGION_ALIGN: u64 = 256;
 
-/// cuBLAS's workspace: NVIDIA recommends 32 MiB on Hopper (4 MiB before it) for
-/// `cublasSetWorkspace`; one size for every architecture.
-pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+pub use crate::ops::cuda::gemm::CUBLAS_WORKSPACE_BYTES;
 
 /// The default logits chunk is the most rows (a multiple of 128) whose fp32 logits fit in
 /// this.

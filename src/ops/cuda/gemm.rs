@@ -13,6 +13,11 @@ use super::device::Float;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+/// cuBLAS's workspace, handed to it once (`cublasSetWorkspace`) so that GEMMs allocate
+/// nothing: NVIDIA recommends 32 MiB on Hopper (4 MiB before it); one size for every
+/// architecture. The memory plan counts it.
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {

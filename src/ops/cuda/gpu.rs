@@ -11,7 +11,7 @@
 //! stream, so the host goes on while it runs; a half is reused once its last copy is done.
 
 use super::emu::{KernelArgs, LaunchConfig};
-use super::gemm::{Gemm, Op};
+use super::gemm::{Gemm, Op, CUBLAS_WORKSPACE_BYTES};
 use super::ptx;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas;
@@ -115,14 +115,16 @@ impl Drop for Allocation {
     }
 }
 
-/// A cuBLAS handle on the context's stream, the one every launch and copy uses.
+/// A cuBLAS handle on the context's stream, the one every launch and copy uses, with its
+/// workspace (dropped after the handle is destroyed).
 struct Blas {
     handle: cublas::sys::cublasHandle_t,
     context: Arc<PrimaryContext>,
+    workspace: Allocation,
 }
 
 impl Blas {
-    fn create(context: Arc<PrimaryContext>) -> Result<Blas> {
+    fn create(context: Arc<PrimaryContext>, workspace: Allocation) -> Result<Blas> {
         // SAFETY: only tries to load the library.
         if !unsafe { cublas::sys::is_culib_present() } {
             bail!(
@@ -133,10 +135,29 @@ impl Blas {
         context.bind()?;
         let handle = cublas::result::create_handle()
             .map_err(|e| anyhow!("cuBLAS: creating a handle: {e:?}"))?;
-        let blas = Blas { handle, context };
+        let blas = Blas {
+            handle,
+            context,
+            workspace,
+        };
         // SAFETY: a live handle and the context's live stream (the same handle type).
         unsafe { cublas::result::set_stream(blas.handle, blas.context.stream as _) }
             .map_err(|e| anyhow!("cuBLAS: setting the stream: {e:?}"))?;
+        // Without a workspace of its own, cuBLAS allocates one per handle and stream behind
+        // the memory plan's back. SAFETY: a live handle; the workspace lives as long as it.
+        let status = unsafe {
+            cublas::sys::cublasSetWorkspace_v2(
+                blas.handle,
+                blas.workspace.ptr as *mut c_void,
+                blas.workspace.bytes,
+            )
+        };
+        if status != cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!(
+                "cuBLAS: setting its {} MiB workspace: {status:?}",
+                blas.workspace.bytes >> 20
+            );
+        }
         Ok(blas)
     }
 }
@@ -502,7 +523,11 @@ impl Gpu {
         }
         let blas = self
             .blas
-            .get_or_init(|| Blas::create(self.context.clone()).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| {
+                self.alloc_zeroed(CUBLAS_WORKSPACE_BYTES as usize)
+                    .and_then(|workspace| Blas::create(self.context.clone(), workspace))
+                    .map_err(|e| format!("{e:#}"))
+            })
             .as_ref()
             .map_err(|e| anyhow!("{e}"))?;
         self.context.bind()?;
