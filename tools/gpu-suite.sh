@@ -208,7 +208,7 @@ begin() {
     mkdir -p "$out" || die "cannot create $out"
     out=$(cd "$out" && pwd)
     if [[ -f $out/logs.tar.gz ]]; then
-        timeout 5 tar -xzf "$out/logs.tar.gz" -C "$out" ||
+        timeout 2 tar -xzf "$out/logs.tar.gz" -C "$out" ||
             echo "gpu-suite: unpacking $out/logs.tar.gz failed: its logs are lost" >&2
     fi
     logs=$out/logs
@@ -281,15 +281,16 @@ step() {
 }
 
 # The binaries in a private copy: the carried folder may be read-only or have lost the
-# executable bits. Sets $bin (removed on exit). Within the 10 s the budgets give it.
+# executable bits. Sets $bin (removed on exit). Within the 10 s the budgets give it, with
+# begin's unpacking of an earlier logs.tar.gz (2 s at most).
 unpack() {
     local dir=$1
     [[ -d $dir ]] || die "no suite in $dir: run \`$0 prepare $dir\` first (and carry it)"
     bin=$(mktemp -d) || die "mktemp failed"
     trap 'rm -rf "$bin"' EXIT
     if [[ -f $dir/$pack ]]; then
-        timeout 7 tar -xJf "$dir/$pack" -C "$bin" 2>/dev/null ||
-            timeout 7 python3 -m tarfile -e "$dir/$pack" "$bin" ||
+        timeout 3 tar -xJf "$dir/$pack" -C "$bin" 2>/dev/null ||
+            timeout 3 python3 -m tarfile -e "$dir/$pack" "$bin" ||
             die "unpacking $dir/$pack failed"
     else
         local name
