@@ -915,11 +915,11 @@ pub fn fp_contraction(device: &Device, rng: &mut StdRng, n: usize) -> Result<Vec
     let (ab, bb, cb) = (device.upload(&a)?, device.upload(&b)?, device.upload(&c)?);
     let (plain, fused) = (device.alloc::<f32>(n)?, device.alloc::<f32>(n)?);
     let mut args = KernelArgs::new();
-    args.arg(ab.device_ptr())
-        .arg(bb.device_ptr())
-        .arg(cb.device_ptr())
-        .arg(plain.device_ptr())
-        .arg(fused.device_ptr())
+    args.buffer(&ab)
+        .buffer(&bb)
+        .buffer(&cb)
+        .buffer(&plain)
+        .buffer(&fused)
         .arg(n as i64);
     let config = LaunchConfig::new(n.div_ceil(256) as u32, 256, 0);
     // SAFETY: five live buffers of n elements, as the kernel takes them.

@@ -319,3 +319,31 @@ fn uploads_are_staged_so_the_host_may_reuse_its_data_at_once() {
     );
     assert_eq!(device.download(&small).unwrap(), [7.0, 8.0, 9.0]);
 }
+
+/// A host buffer (here the emulator's) given to a GPU kernel or GEMM is refused before the
+/// GPU sees its address, naming the kernel and the argument.
+#[test]
+#[ignore = "needs a GPU: tools/gpu-suite.sh runs it with --ignored"]
+fn host_buffers_never_reach_a_gpu_kernel_or_gemm() {
+    use contralign::ops::cuda::emu::{KernelArgs, LaunchConfig};
+    use contralign::ops::cuda::gemm::Gemm;
+    let device = gpu();
+    let host = Device::Emu.upload(&[1.0f32; 64]).unwrap();
+    let out = device.alloc::<bf16>(64).unwrap();
+    let mut args = KernelArgs::new();
+    args.buffer(&host).buffer(&out).arg(64i64);
+    // SAFETY: refused before the launch; nothing runs.
+    let err = unsafe { device.launch("cast_f32_to_bf16", LaunchConfig::new(1, 64, 0), &args) }
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("cast_f32_to_bf16") && text.contains("argument 0 is a host buffer"),
+        "{text}"
+    );
+    let on_gpu = device.upload(&[1.0f32; 64]).unwrap();
+    let g = Gemm::projection(8, 8, 8);
+    let mut c = device.alloc::<f32>(64).unwrap();
+    let err = device.gemm(&g, &on_gpu, &host, &mut c).unwrap_err();
+    assert!(format!("{err:#}").contains("host buffer"), "{err:#}");
+    device.synchronize().unwrap();
+}

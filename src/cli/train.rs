@@ -366,7 +366,8 @@ fn held_out(
         Reference::Model(model) => Some(model.as_ref()),
         Reference::None => None,
         Reference::Cache(_) => bail!(
-            "--eval-data with --ref-logps: the reference statistics cover the training data              only; give --ref-model DIR for the held-out groups"
+            "--eval-data with --ref-logps: the reference statistics cover the training data \
+             only; give --ref-model DIR for the held-out groups"
         ),
     };
     let ref_stats = step::reference_stats(&CpuOps, policy, reference, &groups, &spec)?;

@@ -229,20 +229,20 @@ pub fn device_batch_loss(
     let group_metrics = pool.lease::<f64>(device, GROUP_METRICS * groups)?;
     let (ref_ptr, ref_stride) = reference.map_or((0, 1), |(_, ptr, _, stride)| (ptr, stride));
     let mut args = KernelArgs::new();
-    args.arg(inputs.stats.device_ptr())
-        .arg(inputs.spans.device_ptr())
+    args.buffer(&inputs.stats)
+        .buffer(&inputs.spans)
         .arg(ref_ptr)
         .arg(ref_stride as i32)
-        .arg(inputs.rewards.device_ptr())
-        .arg(layout.device_offsets.device_ptr())
+        .buffer(&inputs.rewards)
+        .buffer(&layout.device_offsets)
         .arg(groups as i32)
         .arg(n as i32)
         .arg(LossParams::new(spec))
-        .arg(scratch.device_ptr())
-        .arg(out.per_group.device_ptr())
-        .arg(out.grads.device_ptr())
-        .arg(rank_reward.device_ptr())
-        .arg(group_metrics.device_ptr());
+        .buffer(&scratch)
+        .buffer(&out.per_group)
+        .buffer(&out.grads)
+        .buffer(&rank_reward)
+        .buffer(&group_metrics);
     let grid = (groups as u32).div_ceil(GROUP_BLOCK);
     // SAFETY: live buffers of `device` of the lengths checked above: 3 values per response in
     // the tables and gradients, groups + 1 offsets, 2n scratch, 6 metric values per group.
@@ -254,16 +254,16 @@ pub fn device_batch_loss(
         )?
     };
     let mut args = KernelArgs::new();
-    args.arg(out.per_group.device_ptr())
-        .arg(group_metrics.device_ptr())
-        .arg(rank_reward.device_ptr())
-        .arg(layout.device_offsets.device_ptr())
-        .arg(inputs.stats.device_ptr())
-        .arg(inputs.spans.device_ptr())
+    args.buffer(&out.per_group)
+        .buffer(&group_metrics)
+        .buffer(&rank_reward)
+        .buffer(&layout.device_offsets)
+        .buffer(&inputs.stats)
+        .buffer(&inputs.spans)
         .arg(groups as i32)
         .arg(n as i32)
         .arg(max_k as i32)
-        .arg(out.summary.device_ptr());
+        .buffer(&out.summary);
     // SAFETY: as above; summary holds 1 + 6 + max_k + 2 values.
     unsafe { device.launch("loss_finish_f64", LaunchConfig::new(1, 32, 0), &args)? };
     Ok(out)

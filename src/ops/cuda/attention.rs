@@ -496,11 +496,11 @@ impl<'a> AttentionKernels<'a> {
         let tiles = layout.tokens.div_ceil(tile_rows::<E>()) as u32;
         let shared = Self::shared(forward_shared_bytes::<E>(shape.head_dim))?;
         let mut args = KernelArgs::new();
-        args.arg(q.device_ptr())
-            .arg(k.device_ptr())
-            .arg(v.device_ptr())
-            .arg(out.device_ptr())
-            .arg(lse.device_ptr())
+        args.buffer(&q)
+            .buffer(&k)
+            .buffer(&v)
+            .buffer(&out)
+            .buffer(&lse)
             .arg(layout.args())
             .arg(dims);
         self.launch(
@@ -556,9 +556,9 @@ impl<'a> AttentionKernels<'a> {
         }
         let (delta, _lease) = self.scratch.take::<f32>(self.device, rows)?;
         let mut args = KernelArgs::new();
-        args.arg(out.device_ptr())
-            .arg(dout.device_ptr())
-            .arg(delta.device_ptr())
+        args.buffer(&out)
+            .buffer(&dout)
+            .buffer(&delta)
             .arg(rows as i64)
             .arg(shape.head_dim as i32);
         let warps_per_block = (THREADS / 32) as usize;
@@ -572,14 +572,14 @@ impl<'a> AttentionKernels<'a> {
         let tiles = layout.tokens.div_ceil(tile_rows::<E>()) as u32;
         let shared = Self::shared(backward_shared_bytes::<E>(shape.head_dim))?;
         let mut args = KernelArgs::new();
-        args.arg(q.device_ptr())
-            .arg(k.device_ptr())
-            .arg(v.device_ptr())
-            .arg(lse.device_ptr())
-            .arg(delta.device_ptr())
-            .arg(dout.device_ptr())
-            .arg(dk.device_ptr())
-            .arg(dv.device_ptr())
+        args.buffer(&q)
+            .buffer(&k)
+            .buffer(&v)
+            .buffer(&lse)
+            .buffer(&delta)
+            .buffer(&dout)
+            .buffer(&dk)
+            .buffer(&dv)
             .arg(layout.args())
             .arg(dims);
         self.launch(
@@ -588,13 +588,13 @@ impl<'a> AttentionKernels<'a> {
             &args,
         )?;
         let mut args = KernelArgs::new();
-        args.arg(q.device_ptr())
-            .arg(k.device_ptr())
-            .arg(v.device_ptr())
-            .arg(lse.device_ptr())
-            .arg(delta.device_ptr())
-            .arg(dout.device_ptr())
-            .arg(dq.device_ptr())
+        args.buffer(&q)
+            .buffer(&k)
+            .buffer(&v)
+            .buffer(&lse)
+            .buffer(&delta)
+            .buffer(&dout)
+            .buffer(&dq)
             .arg(layout.args())
             .arg(dims);
         self.launch(

@@ -183,6 +183,11 @@ impl<T: bytemuck::Pod> View<T> {
         })
     }
 
+    /// Whether the elements are in host memory (the emulator's, or a host placeholder).
+    pub fn is_on_host(&self) -> bool {
+        self.on_host
+    }
+
     /// The elements, where they are in host memory.
     fn host(&self) -> Option<&[T]> {
         // SAFETY: a host view points at `len` live, aligned elements of an allocation that its
@@ -519,6 +524,7 @@ impl Device {
     /// As for a CUDA launch: every pointer argument must be the [`Buffer::device_ptr`] of a
     /// live buffer of this device, large enough for what the kernel reads and writes there.
     pub unsafe fn launch(&self, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<()> {
+        args.check_homes(name, matches!(self, Device::Emu))?;
         match self {
             Device::Emu => emu::launch(name, config, args),
             #[cfg(feature = "cuda")]
@@ -581,8 +587,23 @@ impl Device {
                 )
             }
             #[cfg(feature = "cuda")]
-            // SAFETY: three live views of this device whose lengths `check` accepted.
-            Device::Gpu(gpu) => unsafe { gpu.gemm(g, E::DTYPE, a.ptr, b.ptr, C::DTYPE, c.ptr) },
+            Device::Gpu(gpu) => {
+                // SAFETY: three live views of this device whose lengths `check` accepted.
+                unsafe { gpu.gemm(g, E::DTYPE, a.ptr, b.ptr, C::DTYPE, c.ptr) }?;
+                if sync_every_launch() {
+                    gpu.synchronize().with_context(|| {
+                        format!(
+                            "gemm {}x{}x{} {} -> {} ({SYNC_LAUNCHES}=1)",
+                            g.m,
+                            g.n,
+                            g.k,
+                            E::DTYPE,
+                            C::DTYPE
+                        )
+                    })?;
+                }
+                Ok(())
+            }
         }
     }
 

@@ -100,11 +100,11 @@ impl Kernels<'_> {
             return Ok(());
         }
         let mut args = KernelArgs::new();
-        args.arg(dout.device_ptr())
-            .arg(rows.order.device_ptr())
-            .arg(rows.unique.device_ptr())
-            .arg(rows.starts.device_ptr())
-            .arg(dtable.device_ptr())
+        args.buffer(&dout)
+            .buffer(&rows.order)
+            .buffer(&rows.unique)
+            .buffer(&rows.starts)
+            .buffer(&dtable)
             .arg(d as i32)
             .arg(vocab as u32);
         let grid = (groups as u32, (d as u32).div_ceil(COLUMNS_PER_BLOCK));

@@ -12,6 +12,7 @@
 //! memory probe (`cuda/emu/probe.cpp`): each launch's global-memory traffic counted
 //! ([`Traffic`]), and racecheck.
 
+use super::device::AsView;
 use super::gemm::Gemm;
 use anyhow::{bail, ensure, Result};
 use std::cell::{Cell, RefCell};
@@ -77,6 +78,9 @@ pub struct KernelArgs {
     /// stay put while more arguments are added.
     values: Vec<Box<[MaybeUninit<u128>]>>,
     sizes: Vec<usize>,
+    /// Of each argument given as a buffer ([`KernelArgs::buffer`]): its index and whether
+    /// its memory is on the host, which a launch checks against its device.
+    homes: Vec<(usize, bool)>,
 }
 
 impl KernelArgs {
@@ -98,6 +102,29 @@ impl KernelArgs {
         self.values.push(slot.into_boxed_slice());
         self.sizes.push(size_of::<T>());
         self
+    }
+
+    /// Appends the device address of `buffer` (a buffer, a view or a lease), remembering
+    /// where its memory is: a launch refuses a host buffer on a GPU and a GPU buffer on the
+    /// emulator before the kernel can touch it.
+    pub fn buffer<T: bytemuck::Pod>(&mut self, buffer: &impl AsView<T>) -> &mut Self {
+        let view = buffer.view();
+        self.homes.push((self.values.len(), view.is_on_host()));
+        self.arg(view.device_ptr())
+    }
+
+    /// That every argument given as a buffer lives where `on_host` says the launch runs.
+    pub(crate) fn check_homes(&self, kernel: &str, on_host: bool) -> Result<()> {
+        let place = |host: bool| if host { "host" } else { "GPU" };
+        for &(index, home) in &self.homes {
+            ensure!(
+                home == on_host,
+                "kernel `{kernel}`: argument {index} is a {} buffer, given to a launch on the {}",
+                place(home),
+                if on_host { "emulator" } else { "GPU" }
+            );
+        }
+        Ok(())
     }
 
     /// `kernelParams` for cuLaunchKernel (and the emulator's entry points): a pointer to each

@@ -44,7 +44,8 @@ fn driver_error(e: DriverError) -> anyhow::Error {
     );
     if lost {
         anyhow!(
-            "CUDA driver: {name}: {text}; the GPU context is lost and nothing more can run in              this process (rerun with CONTRALIGN_SYNC_LAUNCHES=1 to name the failing kernel)"
+            "CUDA driver: {name}: {text}; the GPU context is lost and nothing more can run in \
+             this process (rerun with CONTRALIGN_SYNC_LAUNCHES=1 to name the failing kernel)"
         )
     } else {
         anyhow!("CUDA driver: {name}: {text}")
@@ -372,7 +373,9 @@ impl Gpu {
                     if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
                         let (free, total) = result::mem_get_info().unwrap_or((0, 0));
                         anyhow!(
-                            "out of GPU memory: {bytes} bytes ({:.2} GiB) asked for, {:.2} GiB                              free of {:.2} GiB; `contralign plan` shows what a configuration                              needs",
+                            "out of GPU memory: {bytes} bytes ({:.2} GiB) asked for, {:.2} GiB \
+                             free of {:.2} GiB; `contralign plan` shows what a configuration \
+                             needs",
                             gib(bytes),
                             gib(free),
                             gib(total)

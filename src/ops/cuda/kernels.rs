@@ -143,9 +143,9 @@ impl<'a> Kernels<'a> {
         same_len("swiglu", gate, up)?;
         same_len("swiglu", gate, out)?;
         let mut args = KernelArgs::new();
-        args.arg(gate.device_ptr())
-            .arg(up.device_ptr())
-            .arg(out.device_ptr())
+        args.buffer(&gate)
+            .buffer(&up)
+            .buffer(&out)
             .arg(gate.len() as i64);
         let name = format!("swiglu_forward_{}", E::DTYPE);
         self.launch(&name, self.element_blocks(gate.len()), &args)
@@ -170,11 +170,11 @@ impl<'a> Kernels<'a> {
             same_len("swiglu_backward", gate, b)?;
         }
         let mut args = KernelArgs::new();
-        args.arg(gate.device_ptr())
-            .arg(up.device_ptr())
-            .arg(dout.device_ptr())
-            .arg(dgate.device_ptr())
-            .arg(dup.device_ptr())
+        args.buffer(&gate)
+            .buffer(&up)
+            .buffer(&dout)
+            .buffer(&dgate)
+            .buffer(&dup)
             .arg(gate.len() as i64);
         let name = format!("swiglu_backward_{}", E::DTYPE);
         self.launch(&name, self.element_blocks(gate.len()), &args)
@@ -185,9 +185,7 @@ impl<'a> Kernels<'a> {
         let (acc, x) = (acc.view(), x.view());
         same_len("add_assign", acc, x)?;
         let mut args = KernelArgs::new();
-        args.arg(acc.device_ptr())
-            .arg(x.device_ptr())
-            .arg(acc.len() as i64);
+        args.buffer(&acc).buffer(&x).arg(acc.len() as i64);
         let kernel = format!("add_assign_{}", E::DTYPE);
         self.launch(&kernel, self.element_blocks(acc.len()), &args)
     }
@@ -210,9 +208,9 @@ impl<'a> Kernels<'a> {
             out.len()
         );
         let mut args = KernelArgs::new();
-        args.arg(table.device_ptr())
-            .arg(ids.device_ptr())
-            .arg(out.device_ptr())
+        args.buffer(&table)
+            .buffer(&ids)
+            .buffer(&out)
             .arg(ids.len() as i64)
             .arg(d as i32)
             .arg(vocab as u32);
@@ -245,12 +243,12 @@ impl<'a> Kernels<'a> {
         same_len("rmsnorm y", x, y)?;
         ensure!(rstd.len() == rows, "rmsnorm: rstd needs {rows} elements");
         let mut args = KernelArgs::new();
-        args.arg(x.device_ptr())
+        args.buffer(&x)
             .arg(ptr_or_null(residual))
-            .arg(w.device_ptr())
+            .buffer(&w)
             .arg(ptr_or_null(h_out))
-            .arg(y.device_ptr())
-            .arg(rstd.device_ptr())
+            .buffer(&y)
+            .buffer(&rstd)
             .arg(rows as i32)
             .arg(d as i32)
             .arg(eps);
@@ -293,21 +291,21 @@ impl<'a> Kernels<'a> {
         let parts = self.rmsnorm_dw_parts(rows);
         let (partial, _lease) = self.scratch.take::<f32>(self.device, parts * d)?;
         let mut args = KernelArgs::new();
-        args.arg(h.device_ptr())
-            .arg(w.device_ptr())
-            .arg(rstd.device_ptr())
-            .arg(dy.device_ptr())
+        args.buffer(&h)
+            .buffer(&w)
+            .buffer(&rstd)
+            .buffer(&dy)
             .arg(ptr_or_null(dh_in))
-            .arg(dh.device_ptr())
-            .arg(partial.device_ptr())
+            .buffer(&dh)
+            .buffer(&partial)
             .arg(rows as i32)
             .arg(d as i32);
         self.launch(&format!("rmsnorm_backward_{}", E::DTYPE), parts, &args)?;
         let mut args = KernelArgs::new();
-        args.arg(partial.device_ptr())
+        args.buffer(&partial)
             .arg(parts as i32)
             .arg(d as i32)
-            .arg(dw.device_ptr());
+            .buffer(&dw);
         self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
     }
 
@@ -338,8 +336,8 @@ impl<'a> Kernels<'a> {
             x.len()
         );
         let mut args = KernelArgs::new();
-        args.arg(x.device_ptr())
-            .arg(positions.device_ptr())
+        args.buffer(&x)
+            .buffer(&positions)
             .arg(tokens as i32)
             .arg(heads as i32)
             .arg(head_dim as i32)
@@ -353,9 +351,7 @@ impl<'a> Kernels<'a> {
         let (x, out) = (x.view(), out.view());
         same_len("cast_to_bf16", x, out)?;
         let mut args = KernelArgs::new();
-        args.arg(x.device_ptr())
-            .arg(out.device_ptr())
-            .arg(x.len() as i64);
+        args.buffer(&x).buffer(&out).arg(x.len() as i64);
         self.launch("cast_f32_to_bf16", self.element_blocks(x.len()), &args)
     }
 
@@ -363,9 +359,7 @@ impl<'a> Kernels<'a> {
         let (x, out) = (x.view(), out.view());
         same_len("cast_to_f32", x, out)?;
         let mut args = KernelArgs::new();
-        args.arg(x.device_ptr())
-            .arg(out.device_ptr())
-            .arg(x.len() as i64);
+        args.buffer(&x).buffer(&out).arg(x.len() as i64);
         self.launch("cast_bf16_to_f32", self.element_blocks(x.len()), &args)
     }
 
@@ -395,16 +389,16 @@ impl<'a> Kernels<'a> {
     pub fn grad_norm(&self, ws: &GradNormWorkspace, max_norm: f32) -> Result<View<f32>> {
         let parts = ws.partials.len();
         let mut args = KernelArgs::new();
-        args.arg(ws.pointers.device_ptr())
-            .arg(ws.lens.device_ptr())
+        args.buffer(&ws.pointers)
+            .buffer(&ws.lens)
             .arg(ws.pointers.len() as i32)
-            .arg(ws.partials.device_ptr());
+            .buffer(&ws.partials);
         self.launch(&format!("grad_norm_partial_{}", ws.dtype), parts, &args)?;
         let mut args = KernelArgs::new();
-        args.arg(ws.partials.device_ptr())
+        args.buffer(&ws.partials)
             .arg(parts as i32)
             .arg(max_norm)
-            .arg(ws.norm_and_coef.device_ptr());
+            .buffer(&ws.norm_and_coef);
         self.launch("grad_norm_finish", 1, &args)?;
         Ok(ws.norm_and_coef.view())
     }
@@ -413,10 +407,10 @@ impl<'a> Kernels<'a> {
     /// there, when it is below 1.
     pub fn clip(&self, ws: &GradNormWorkspace) -> Result<()> {
         let mut args = KernelArgs::new();
-        args.arg(ws.pointers.device_ptr())
-            .arg(ws.lens.device_ptr())
+        args.buffer(&ws.pointers)
+            .buffer(&ws.lens)
             .arg(ws.pointers.len() as i32)
-            .arg(ws.norm_and_coef.device_ptr());
+            .buffer(&ws.norm_and_coef);
         let kernel = format!("grad_clip_scale_{}", ws.dtype);
         self.launch(&kernel, self.element_blocks(ws.longest), &args)
     }
@@ -438,10 +432,10 @@ impl<'a> Kernels<'a> {
             same_len("adamw", param, b)?;
         }
         let mut args = KernelArgs::new();
-        args.arg(param.device_ptr())
-            .arg(grad.device_ptr())
-            .arg(m.device_ptr())
-            .arg(v.device_ptr())
+        args.buffer(&param)
+            .buffer(&grad)
+            .buffer(&m)
+            .buffer(&v)
             .arg(param.len() as i64)
             .arg(ptr_or_null(clip))
             .arg(*step);
@@ -473,11 +467,11 @@ impl<'a> Kernels<'a> {
             same_len("adamw master", param, b)?;
         }
         let mut args = KernelArgs::new();
-        args.arg(param.device_ptr())
+        args.buffer(&param)
             .arg(ptr_or_null(master))
-            .arg(grad.device_ptr())
-            .arg(m.device_ptr())
-            .arg(v.device_ptr())
+            .buffer(&grad)
+            .buffer(&m)
+            .buffer(&v)
             .arg(param.len() as i64)
             .arg(ptr_or_null(clip))
             .arg(*step);

@@ -181,10 +181,10 @@ impl<'a> MoeKernels<'a> {
             expert_offsets: self.take(experts + 1)?,
         };
         let mut args = KernelArgs::new();
-        args.arg(logits.device_ptr())
-            .arg(r.probs.device_ptr())
-            .arg(r.chosen.device_ptr())
-            .arg(r.weights.device_ptr())
+        args.buffer(&logits)
+            .buffer(&r.probs)
+            .buffer(&r.chosen)
+            .buffer(&r.weights)
             .arg(tokens as i64)
             .arg(experts as i32)
             .arg(k as i32);
@@ -212,25 +212,25 @@ impl<'a> MoeKernels<'a> {
             LaunchConfig::new(blocks as u32, SLOTS_PER_BLOCK as u32, (shared * 4) as u32)
         };
         let mut args = KernelArgs::new();
-        args.arg(r.chosen.device_ptr())
-            .arg(block_counts.device_ptr())
+        args.buffer(&r.chosen)
+            .buffer(&block_counts)
             .arg(slots as i64)
             .arg(r.experts as i32);
         self.launch("moe_count", sort_config(r.experts), &args)?;
         let mut args = KernelArgs::new();
-        args.arg(block_counts.device_ptr())
-            .arg(block_starts.device_ptr())
-            .arg(r.expert_offsets.device_ptr())
+        args.buffer(&block_counts)
+            .buffer(&block_starts)
+            .buffer(&r.expert_offsets)
             .arg(r.experts as i32)
             .arg(blocks as i32);
         self.launch("moe_offsets", LaunchConfig::new(1, SCAN_THREADS, 0), &args)?;
         let mut args = KernelArgs::new();
-        args.arg(r.chosen.device_ptr())
-            .arg(r.weights.device_ptr())
-            .arg(block_starts.device_ptr())
-            .arg(r.slot_row.device_ptr())
-            .arg(r.row_token.device_ptr())
-            .arg(r.row_weight.device_ptr())
+        args.buffer(&r.chosen)
+            .buffer(&r.weights)
+            .buffer(&block_starts)
+            .buffer(&r.slot_row)
+            .buffer(&r.row_token)
+            .buffer(&r.row_weight)
             .arg(slots as i64)
             .arg(r.k as i32);
         self.launch("moe_permute_index", sort_config(SLOTS_PER_BLOCK), &args)
@@ -293,11 +293,11 @@ impl<'a> MoeKernels<'a> {
             return Ok(());
         }
         let mut args = KernelArgs::new();
-        args.arg(a.device_ptr())
-            .arg(w.first.device_ptr())
+        args.buffer(&a)
+            .buffer(&w.first)
             .arg(w.stride as i64)
-            .arg(c.device_ptr())
-            .arg(r.expert_offsets.device_ptr())
+            .buffer(&c)
+            .buffer(&r.expert_offsets)
             .arg(r.experts as i32)
             .arg(inner as i32)
             .arg(cols as i32);
@@ -331,11 +331,11 @@ impl<'a> MoeKernels<'a> {
             return Ok(());
         }
         let mut args = KernelArgs::new();
-        args.arg(dy.device_ptr())
-            .arg(x.device_ptr())
-            .arg(dw.first.device_ptr())
+        args.buffer(&dy)
+            .buffer(&x)
+            .buffer(&dw.first)
             .arg(dw.stride as i64)
-            .arg(r.expert_offsets.device_ptr())
+            .buffer(&r.expert_offsets)
             .arg(n as i32)
             .arg(k as i32);
         let grid = (col_tiles as u32, row_tiles as u32, r.experts as u32);
@@ -367,10 +367,10 @@ impl<'a> MoeKernels<'a> {
             "moe gather: {src_rows} rows of {d} exceed the kernel's indices"
         );
         let mut args = KernelArgs::new();
-        args.arg(x.device_ptr())
-            .arg(src_row.device_ptr())
+        args.buffer(&x)
+            .buffer(&src_row)
             .arg(scale.map_or(0, |s| s.device_ptr()))
-            .arg(out.device_ptr())
+            .buffer(&out)
             .arg(rows as i64)
             .arg(d as i32)
             .arg(src_rows as u32);
@@ -409,11 +409,11 @@ impl<'a> MoeKernels<'a> {
         ensure_len("moe unpermute rows", y.len(), r.slots() * d)?;
         ensure_len("moe unpermute output", out.len(), r.tokens * d)?;
         let mut args = KernelArgs::new();
-        args.arg(y.device_ptr())
-            .arg(r.slot_row.device_ptr())
-            .arg(r.chosen.device_ptr())
+        args.buffer(&y)
+            .buffer(&r.slot_row)
+            .buffer(&r.chosen)
             .arg(if weighted { r.weights.device_ptr() } else { 0 })
-            .arg(out.device_ptr())
+            .buffer(&out)
             .arg(r.tokens as i64)
             .arg(r.k as i32)
             .arg(d as i32);
@@ -437,10 +437,10 @@ impl<'a> MoeKernels<'a> {
         ensure_len("moe router backward expert outputs", y.len(), r.slots() * d)?;
         let d_weights = self.take(r.slots())?;
         let mut args = KernelArgs::new();
-        args.arg(dout.device_ptr())
-            .arg(y.device_ptr())
-            .arg(r.slot_row.device_ptr())
-            .arg(d_weights.device_ptr())
+        args.buffer(&dout)
+            .buffer(&y)
+            .buffer(&r.slot_row)
+            .buffer(&d_weights)
             .arg(r.slots() as i64)
             .arg(r.k as i32)
             .arg(d as i32);
@@ -473,13 +473,13 @@ impl<'a> MoeKernels<'a> {
             )?;
         }
         let mut args = KernelArgs::new();
-        args.arg(r.probs.device_ptr())
-            .arg(r.chosen.device_ptr())
-            .arg(d_weights.device_ptr())
+        args.buffer(&r.probs)
+            .buffer(&r.chosen)
+            .buffer(d_weights)
             .arg(aux.map_or(0, |(b, _, _)| b.sums.device_ptr()))
             .arg(aux.map_or(0, |(_, _, w)| w.device_ptr()))
             .arg(aux.map_or(0.0, |(_, coef, _)| coef))
-            .arg(dz.device_ptr())
+            .buffer(&dz)
             .arg(r.tokens as i64)
             .arg(r.experts as i32)
             .arg(r.k as i32);
@@ -515,10 +515,10 @@ impl<'a> MoeKernels<'a> {
         let quantities = 2 * r.experts + 1;
         let partials: Leased<f64> = self.take(blocks * quantities)?;
         let mut args = KernelArgs::new();
-        args.arg(r.probs.device_ptr())
-            .arg(r.chosen.device_ptr())
-            .arg(row_weights.device_ptr())
-            .arg(partials.device_ptr())
+        args.buffer(&r.probs)
+            .buffer(&r.chosen)
+            .buffer(row_weights)
+            .buffer(&partials)
             .arg(r.tokens as i64)
             .arg(r.experts as i32)
             .arg(r.k as i32);
@@ -528,8 +528,8 @@ impl<'a> MoeKernels<'a> {
             &args,
         )?;
         let mut args = KernelArgs::new();
-        args.arg(partials.device_ptr())
-            .arg(balance.sums.device_ptr())
+        args.buffer(&partials)
+            .buffer(&balance.sums)
             .arg(blocks as i32)
             .arg(quantities as i32);
         self.launch(

@@ -118,13 +118,13 @@ impl Kernels<'_> {
         same_len("scoring_rows lse", targets, lse)?;
         same_len("scoring_rows logp", targets, logp)?;
         let mut args = KernelArgs::new();
-        args.arg(z.device_ptr())
+        args.buffer(&z)
             .arg(rows as i32)
             .arg(vocab as i32)
-            .arg(targets.device_ptr())
+            .buffer(&targets)
             .arg(row0 as i64)
-            .arg(lse.device_ptr())
-            .arg(logp.device_ptr());
+            .buffer(&lse)
+            .buffer(&logp);
         self.launch(&format!("scoring_rows_{}", E::DTYPE), rows, &args)
     }
 
@@ -153,12 +153,12 @@ impl Kernels<'_> {
         same_len("scoring_backward lse", targets, lse)?;
         same_len("scoring_backward coef", targets, coef)?;
         let mut args = KernelArgs::new();
-        args.arg(z.device_ptr())
+        args.buffer(&z)
             .arg(rows as i32)
             .arg(vocab as i32)
-            .arg(targets.device_ptr())
-            .arg(lse.device_ptr())
-            .arg(coef.device_ptr())
+            .buffer(&targets)
+            .buffer(&lse)
+            .buffer(&coef)
             .arg(row0 as i64);
         self.launch(&format!("scoring_backward_{}", E::DTYPE), rows, &args)
     }
@@ -185,10 +185,10 @@ impl Kernels<'_> {
             stats.len()
         );
         let mut args = KernelArgs::new();
-        args.arg(logp.device_ptr())
-            .arg(spans.table.device_ptr())
+        args.buffer(&logp)
+            .buffer(&spans.table)
             .arg(spans.responses as i32)
-            .arg(stats.device_ptr());
+            .buffer(&stats);
         self.launch("scoring_response_stats", spans.responses, &args)
     }
 
@@ -219,11 +219,11 @@ impl Kernels<'_> {
             self.device.zero(&mut coef.view())?;
         }
         let mut args = KernelArgs::new();
-        args.arg(spans.table.device_ptr())
-            .arg(grads.device_ptr())
+        args.buffer(&spans.table)
+            .buffer(&grads)
             .arg(spans.responses as i32)
             .arg(scale)
-            .arg(coef.device_ptr());
+            .buffer(&coef);
         self.launch("scoring_row_coef", spans.responses, &args)
     }
 }
