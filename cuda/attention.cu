@@ -111,11 +111,16 @@ __device__ void load_tile(T* tile, int ld, const T* x, long long stride, int row
         const int vecs = dp / per_vec;
         for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
             const int r = i / vecs, c = (i % vecs) * per_vec;
-            uint4 value = make_uint4(0, 0, 0, 0);
+            // load128/store128 rather than raw uint4 accesses, which the emulator's host
+            // compiler splits into narrower ones whose alignment checks a misaligned 16-byte
+            // access would pass.
+            Pack128<T> value;
             if (row0 + r < tokens && c < head_dim) {
-                value = *reinterpret_cast<const uint4*>(x + (row0 + r) * stride + c);
+                value = load128(x + (row0 + r) * stride + c);
+            } else {
+                for (int e = 0; e < per_vec; ++e) value[e] = from_f32<T>(0.0f);
             }
-            *reinterpret_cast<uint4*>(tile + r * ld + c) = value;
+            store128(tile + r * ld + c, value);
         }
     } else {
         for (int i = threadIdx.x; i < rows * dp; i += blockDim.x) {

@@ -135,43 +135,20 @@ __device__ double block_sum_f64(double v, double* scratch) {
     return total;
 }
 
-// 16 bytes of storage: 4 floats or 8 bf16.
+// 16 bytes of storage (4 floats or 8 bf16) through load128/store128, which check the
+// alignment in the emulator: a raw float4 or uint4 access there is split by the host compiler
+// into narrower ones, whose own alignment checks would let a misaligned 16-byte access pass.
 template <class T>
-struct Vec16;
-template <>
-struct Vec16<float> {
-    static constexpr int N = 4;
-    __device__ static void load(const float* p, float* out) {
-        const float4 v = *reinterpret_cast<const float4*>(p);
-        out[0] = v.x;
-        out[1] = v.y;
-        out[2] = v.z;
-        out[3] = v.w;
+struct Vec16 {
+    static constexpr int N = Pack128<T>::size;
+    __device__ static void load(const T* p, float* out) {
+        const Pack128<T> v = load128(p);
+        for (int i = 0; i < N; ++i) out[i] = to_f32(v[i]);
     }
-    __device__ static void store(float* p, const float* in) {
-        *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
-    }
-};
-template <>
-struct Vec16<__nv_bfloat16> {
-    static constexpr int N = 8;
-    // A bf16 is the high half of the float with the same bits: widening is a shift.
-    __device__ static void load(const __nv_bfloat16* p, float* out) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
-        const unsigned words[4] = {v.x, v.y, v.z, v.w};
-        for (int i = 0; i < 4; ++i) {
-            out[2 * i] = __uint_as_float(words[i] << 16);
-            out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-        }
-    }
-    __device__ static void store(__nv_bfloat16* p, const float* in) {
-        unsigned words[4];
-        for (int i = 0; i < 4; ++i) {
-            const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i]));
-            const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i + 1]));
-            words[i] = lo | (hi << 16);
-        }
-        *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+    __device__ static void store(T* p, const float* in) {
+        Pack128<T> v;
+        for (int i = 0; i < N; ++i) v[i] = from_f32<T>(in[i]);
+        store128(p, v);
     }
 };
 
