@@ -155,16 +155,15 @@ impl Bench<'_> {
                 "a single run (test mode: not a measurement)"
             }
         ));
-        // The bf16 peak of the GPU the model assumes: an A100's, or an H100's (an H200's too).
-        let peak = if self.device.describe().contains("A100") {
-            Gpu::a100().bf16_flops
-        } else {
-            Gpu::h100().bf16_flops
-        };
+        // The roofline model on the copy bandwidth measured here and the published bf16 peak
+        // of the GPU.
+        let published = Gpu::published_for(&self.device.describe());
+        let gpu = Gpu::measured("measured copy", copy, published.bf16_flops);
         out.push_str(&format!(
-            "model: the roofline estimate, bytes (times the emulator's counted/ideal ratio) over \
-             the copy bandwidth, FLOPs over {:.0} TFLOP/s.\n\n",
-            peak / 1e12
+            "model: the roofline estimate on {}, bytes (times the emulator's counted/ideal \
+             ratio) over the copy bandwidth, FLOPs over {}'s published bf16 peak.\n\n",
+            gpu.describe(),
+            published.name
         ));
         out.push_str(
             "| kernel | shape | time (µs) | GB/s | of copy | TFLOP/s | model (µs) | time / model |\n",
@@ -175,8 +174,8 @@ impl Bench<'_> {
                 Work::Bytes(b) => self
                     .counted_over_ideal
                     .get(&l.kernel)
-                    .map(|ratio| b as f64 * ratio / copy),
-                Work::Flops(f) => Some(f as f64 / peak),
+                    .map(|ratio| gpu.seconds(b as f64 * ratio, 0.0)),
+                Work::Flops(f) => Some(gpu.seconds(0.0, f as f64)),
             };
             let (model, versus) = match model {
                 Some(m) => (format!("{:.1}", m * 1e6), format!("{:.2}", l.seconds / m)),
@@ -300,22 +299,22 @@ fn embedding<E: Float>(b: &mut Bench) -> Result<()> {
     let mut dtable = device.alloc::<f32>(VOCAB * D)?;
     let rows = (TOKENS * D) as u64;
     let ids_bytes = TOKENS as u64 * 4;
+    // The profile's ideal bytes: the ids read, each distinct id's table row read once, each
+    // token's output row written.
     b.case(
         "embedding",
         &format!("forward {}", E::DTYPE),
         &shape,
-        Work::Bytes(ids_bytes + 2 * rows * size::<E>()),
+        Work::Bytes(ids_bytes + (rows + distinct * D as u64) * size::<E>()),
         || k.embedding_forward(&table, &ids, &mut out, D),
     )?;
-    // The ids grouped by value, each token's gradient row read, each distinct id's f32
-    // table row read and written once.
+    // The ids and each token's gradient row read, each distinct id's f32 table row read and
+    // written once (the kernel reads the ids grouped by value instead: the profile's ratio).
     b.case(
         "embedding",
-        &format!("backward {}", E::DTYPE),
+        &format!("backward {} -> f32", E::DTYPE),
         &shape,
-        Work::Bytes(
-            ids_bytes + 4 * (2 * distinct + 1) + rows * size::<E>() + distinct * D as u64 * 8,
-        ),
+        Work::Bytes(ids_bytes + rows * size::<E>() + distinct * D as u64 * 8),
         || k.embedding_backward(&dout, &by_id, &mut dtable, D),
     )
 }

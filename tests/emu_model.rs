@@ -5,13 +5,20 @@
 //! than the architecture allows fail, the selftest runs clean under racecheck, and every
 //! memory-bound kernel meets the traffic targets of the profile.
 
+mod common;
+
 use contralign::engine::loss;
+use contralign::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use contralign::ops::cuda::device::{Buffer, Device};
 use contralign::ops::cuda::emu::{self, Arch, KernelArgs, LaunchConfig, Probe, Traffic};
+use contralign::ops::cuda::pool::Pool;
 use contralign::ops::cuda::profile::{self, Shapes};
+use contralign::ops::{AttentionLayout, AttentionShape};
 use contralign::selftest;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeSet;
+use std::path::Path;
 
 const COUNT: Probe = Probe {
     count: true,
@@ -120,6 +127,51 @@ fn sixteen_byte_loads_are_counted_whole_and_must_be_aligned() {
         let message = result.expect_err("a misaligned 16-byte load must fail");
         assert!(message.contains("misaligned 16-byte access"), "{message}");
     }
+}
+
+/// Attention loads its tiles 16 bytes at a time where the rows allow (`load128`): a q two floats
+/// past a 16-byte boundary (8-byte aligned) faults on a GPU, and fails here too. A raw `uint4`
+/// load there, which the host compiler split into four 4-byte accesses (the emulator build's
+/// assembly), passed their alignment checks.
+#[test]
+fn a_misaligned_sixteen_byte_load_in_attention_fails() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(6);
+    let shape = AttentionShape {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 16,
+    };
+    let tokens = 20;
+    let layout = DeviceLayout::new(
+        &device,
+        &Pool::default(),
+        &AttentionLayout::causal(tokens, None),
+        tile_rows::<f32>(),
+    )
+    .unwrap();
+    let kernels = AttentionKernels::new(&device);
+    let q = random(&device, rng, tokens * 32 + 2);
+    let (k, v) = (
+        random(&device, rng, tokens * 16),
+        random(&device, rng, tokens * 16),
+    );
+    let (mut out, mut lse) = (
+        device.alloc::<f32>(tokens * 32).unwrap(),
+        device.alloc::<f32>(tokens * 2).unwrap(),
+    );
+    let mut forward = |offset: usize| {
+        let q = q.view().slice(offset, tokens * 32).unwrap();
+        kernels
+            .forward(&q, &k, &v, &layout, shape, &mut out, &mut lse)
+            .map_err(|e| format!("{e:#}"))
+    };
+    forward(0).unwrap();
+    let message = forward(2).expect_err("a misaligned 16-byte load must fail");
+    assert!(
+        message.contains("load128: misaligned 16-byte access"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -323,6 +375,8 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
             "attention backward f32",
             "attention forward bf16",
             "attention backward bf16",
+            "scoring response stats (S, A, E)",
+            "scoring row coefficients",
             "moe route (softmax, top-k, counting sort)",
             "moe router backward (with the aux loss)",
             "moe load-balancing sums",
@@ -330,4 +384,154 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
         ],
         "{table}"
     );
+    // Every kernel of cuda/*.cu has a row: those its launches ran cover the CONTRALIGN_KERNEL
+    // lines of every file but the emulator's own checks.
+    let profiled: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.kernels.iter().map(String::as_str))
+        .collect();
+    let kernels = project_kernels();
+    let emulated: BTreeSet<&str> = emu::kernel_names().collect();
+    for kernel in &kernels {
+        assert!(emulated.contains(kernel.as_str()), "{kernel} not emulated");
+    }
+    let missing: Vec<&String> = kernels
+        .iter()
+        .filter(|k| !profiled.contains(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "kernels without a profile row: {missing:?}"
+    );
+}
+
+/// The kernels the `CONTRALIGN_KERNEL(name)` lines of cuda/*.cu define, but for the emulator's
+/// own checks (cuda/emu_*.cu).
+fn project_kernels() -> Vec<String> {
+    let cuda = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let mut kernels = Vec::new();
+    for entry in std::fs::read_dir(&cuda).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".cu") || name.starts_with("emu_") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        kernels.extend(text.lines().filter_map(|line| {
+            let rest = line.trim().strip_prefix("CONTRALIGN_KERNEL(")?;
+            Some(rest.strip_suffix(')')?.to_string())
+        }));
+    }
+    assert!(kernels.len() > 50, "{kernels:?}");
+    kernels.sort();
+    kernels
+}
+
+/// Calibration: `bench attention`, `bench moe` and `bench scoring` print the roofline model's
+/// time beside each measured one (here on the emulator, priced as an H100): max(bytes /
+/// bandwidth, FLOPs / peak) of the part's ideal bytes and FLOPs.
+#[test]
+fn the_benches_print_the_model_beside_their_times() {
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = common::contralign_ok(args);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let check = |what: &str, model: &serde_json::Value| {
+        let number = |key: &str| model[key].as_f64().unwrap_or(f64::NAN);
+        assert_eq!(model["gpu"]["name"], "H100", "{what}: {model}");
+        let want = (number("bytes") / 3350e9).max(number("flops") / 989e12) * 1e3;
+        assert!(
+            number("bytes") > 0.0 && (number("ms") - want).abs() <= 1e-12 * want,
+            "{what}: {model}"
+        );
+    };
+    let attention = run(&[
+        "bench",
+        "attention",
+        "--device",
+        "emu",
+        "--dtype",
+        "f32",
+        "--tokens",
+        "48",
+        "--mask",
+        "causal",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--reps",
+        "1",
+    ]);
+    let case = &attention["cases"][0];
+    check("attention forward", &case["forward_model"]);
+    check("attention backward", &case["backward_model"]);
+    // 48 tokens, 2 heads of 16: 1176 causal pairs per head at 4 FLOPs per pair and dimension.
+    assert_eq!(case["forward_model"]["flops"], 4.0 * 1176.0 * 2.0 * 16.0);
+
+    let moe = run(&[
+        "bench",
+        "moe",
+        "--device",
+        "emu",
+        "--dtype",
+        "f32",
+        "--tokens",
+        "16",
+        "--dim",
+        "32",
+        "--ffn",
+        "48",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--reps",
+        "1",
+    ]);
+    for part in ["dispatch", "forward", "backward"] {
+        check(part, &moe["case"][format!("{part}_model")]);
+    }
+
+    let scoring = run(&[
+        "bench", "scoring", "--device", "emu", "--dtype", "f32", "--rows", "64", "--vocab", "97",
+        "--dim", "16", "--reps", "1",
+    ]);
+    for part in [
+        "fused_forward",
+        "fused_forward_backward",
+        "rows_pass",
+        "backward_pass",
+    ] {
+        check(part, &scoring["model"][part]);
+    }
+}
+
+/// `--bandwidth` and `--tflops` price the profile's model; a figure that is not positive, or
+/// one without `--profile`, is refused before anything runs.
+#[test]
+fn measured_figures_are_checked_before_the_profile_runs() {
+    for (args, want) in [
+        (
+            &["--profile", "--bandwidth", "0"][..],
+            "a measured bandwidth must be positive",
+        ),
+        (
+            &["--profile", "--tflops=-3"][..],
+            "a measured bf16 peak must be positive",
+        ),
+        (
+            &["--bandwidth", "2000"][..],
+            "--bandwidth and --tflops price the model of --profile",
+        ),
+    ] {
+        let out = common::contralign(&[&["selftest", "--device", "emu"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(want),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 use super::plan::parse_memory;
 use super::precision_args::PrecisionArgs;
+use super::roofline_args::RooflineArgs;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
@@ -17,7 +18,6 @@ use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
 };
 use contralign::ops::cuda::device::{Device, DeviceKind};
-use contralign::ops::cuda::roofline::Gpu;
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringDump, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
@@ -163,6 +163,8 @@ struct StepModelArgs {
     length_divisor: usize,
     #[command(flatten)]
     precision: PrecisionArgs,
+    #[command(flatten)]
+    roofline: RooflineArgs,
 }
 
 fn step_model(a: StepModelArgs) -> Result<()> {
@@ -186,7 +188,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
         seed: a.data.seed,
         steps: 2,
     };
-    let gpus = [Gpu::a100(), Gpu::h100()];
+    let gpus = a.roofline.gpus()?;
     let censuses = step_model::count_steps(&target, &setup, divisors)?;
     let rows = step_model::extrapolate(&censuses, divisors, target.num_layers, &gpus)?;
     print!(

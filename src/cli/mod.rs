@@ -15,6 +15,7 @@ mod plan;
 mod plot;
 mod precision_args;
 mod precompute;
+mod roofline_args;
 mod score;
 mod selftest;
 mod size_arg;

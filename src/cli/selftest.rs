@@ -1,10 +1,10 @@
+use super::roofline_args::RooflineArgs;
 use anyhow::Result;
 use clap::Args;
 use contralign::engine::loss;
 use contralign::ops::cuda::device::{Device, DeviceKind};
 use contralign::ops::cuda::emu::{self, Probe};
 use contralign::ops::cuda::profile::{self, Shapes};
-use contralign::ops::cuda::roofline::Gpu;
 use contralign::selftest;
 use std::process::ExitCode;
 
@@ -31,13 +31,17 @@ pub struct SelftestArgs {
 
     /// With --device emu: instead of the checks, count every kernel's memory traffic at
     /// Mistral-7B's widths and print the table: ideal and counted bytes, coalescing, access
-    /// widths and the roofline model's A100/H100 times at Mistral-7B's shapes.
+    /// widths and the roofline model's A100/H100 times at Mistral-7B's shapes (the H100's with
+    /// measured figures: --bandwidth, --tflops).
     #[arg(long)]
     profile: bool,
 
     /// Tokens of the profile (its batch; the widths are Mistral-7B's).
     #[arg(long, default_value_t = 64, requires = "profile")]
     profile_tokens: usize,
+
+    #[command(flatten)]
+    roofline: RooflineArgs,
 }
 
 pub fn run(args: SelftestArgs) -> Result<ExitCode> {
@@ -45,16 +49,18 @@ pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     if (args.profile || args.racecheck) && kind != DeviceKind::Emu {
         anyhow::bail!("--profile and --racecheck are modes of the emulator: use --device emu");
     }
+    if args.roofline.given() && !args.profile {
+        anyhow::bail!("--bandwidth and --tflops price the model of --profile");
+    }
+    // Before the profile's minute of counting: a bad figure fails at once.
+    let gpus = args.roofline.gpus()?;
     let device = Device::open(kind)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     println!("device: {} ({kind}), seed {seed}", device.describe());
     if args.profile {
         let shapes = Shapes::small(args.profile_tokens, 1 << 20);
         let rows = profile::profile(&device, &shapes, seed, vec![loss::profile_case()])?;
-        print!(
-            "{}",
-            profile::table(&rows, &shapes, &[Gpu::a100(), Gpu::h100()])
-        );
+        print!("{}", profile::table(&rows, &shapes, &gpus));
         return Ok(ExitCode::SUCCESS);
     }
     let probe = Probe {

@@ -16,6 +16,7 @@ use crate::model::params::Expert;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::Tensor;
+use crate::ops::cuda::roofline::{Gpu, Modeled};
 use crate::ops::storage::Dtype;
 use crate::ops::{MoeAux, Ops};
 use anyhow::{ensure, Context, Result};
@@ -41,6 +42,13 @@ pub struct MoeTiming {
     pub backward_tflops: f64,
     /// The times are the emulator's: they check the command, not a GPU.
     pub emulator_time: bool,
+    /// The roofline model beside the measured times (issue 15's calibration): each input
+    /// read once and each output written once (the routed rows and activations free, but the
+    /// dispatch's permuted rows, which it exists to move), the FLOPs above, on the published
+    /// figures of the GPU.
+    pub dispatch_model: Modeled,
+    pub forward_model: Modeled,
+    pub backward_model: Modeled,
 }
 
 /// The median of `reps` synchronized runs of `run` after one warm-up.
@@ -196,6 +204,13 @@ pub fn time_moe(
     })?;
     let (t, e, k) = (tokens as f64, s.experts as f64, s.k as f64);
     let forward_flops = 2.0 * t * d as f64 * e + 6.0 * t * k * d as f64 * f as f64;
+    let gpu = Gpu::published_for(&device.describe());
+    let size = match storage {
+        Dtype::F32 => 4.0,
+        Dtype::Bf16 => 2.0,
+    };
+    let (rows, router, weights) = (t * d as f64, e * d as f64, 3.0 * e * (f * d) as f64);
+    let model = |elements: f64, flops: f64| Modeled::new(&gpu, size * elements, flops);
     Ok(MoeTiming {
         dtype: storage.name(),
         tokens,
@@ -209,6 +224,12 @@ pub fn time_moe(
         backward_ms: backward * 1e3,
         backward_tflops: 2.0 * forward_flops / backward / 1e12,
         emulator_time: matches!(device, Device::Emu),
+        // x and the router read, T k rows written and read back, T rows written.
+        dispatch_model: model(2.0 * rows + router + 2.0 * k * rows, 2.0 * t * d as f64 * e),
+        // x, the router and the experts read, the output written.
+        forward_model: model(2.0 * rows + router + weights, forward_flops),
+        // x, dy, the router and the experts read, dx written, the gradients read and written.
+        backward_model: model(3.0 * rows + 3.0 * (router + weights), 2.0 * forward_flops),
     })
 }
 

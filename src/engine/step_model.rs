@@ -455,7 +455,7 @@ pub fn report(
         out.push_str(&format!(
             "- {}: {:.1} ms a step, {:.0} tokens/s, {:.1} model TFLOP/s ({:.1}% of the {:.0} \
              TFLOP/s bf16 peak).\n",
-            gpu.name,
+            gpu.describe(),
             s * 1e3,
             tokens as f64 / s,
             model_flops / s / 1e12,

@@ -10,6 +10,7 @@
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
+use super::roofline::{Gpu, Modeled};
 use super::scoring_bench::to_f32;
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::Result;
@@ -71,6 +72,10 @@ pub struct AttentionTiming {
     pub forward_tflops: f64,
     pub backward_ms: f64,
     pub backward_tflops: f64,
+    /// The roofline model's forward and backward beside the measured times: [`ideal`]'s bytes
+    /// and FLOPs on the published figures of the GPU.
+    pub forward_model: Modeled,
+    pub backward_model: Modeled,
 }
 
 fn random<E: Float>(device: &Device, rng: &mut ChaCha8Rng, n: usize) -> Result<Buffer<E>> {
@@ -220,10 +225,33 @@ impl<E: Float> BenchProblem<E> {
 
     /// FLOPs of the forward and of the backward over the visible pairs.
     pub fn flops(&self) -> (f64, f64) {
-        let per_pair =
-            (self.visible_pairs * (self.shape.heads * self.shape.head_dim) as u64) as f64;
-        (4.0 * per_pair, 10.0 * per_pair)
+        let [(_, forward), (_, backward)] =
+            ideal::<E>(self.layout.tokens(), self.visible_pairs, self.shape);
+        (forward as f64, backward as f64)
     }
+}
+
+/// Attention's (ideal bytes, FLOPs) over `tokens` with `pairs` visible (query, key) pairs per
+/// head, forward then backward: the forward reads q, k, v and writes the output and the
+/// log-sum-exp once; the backward reads q, k, v, the output, its gradient and the log-sum-exp
+/// and writes dq, dk, dv once. The FLOPs are the module's convention.
+pub fn ideal<E>(tokens: usize, pairs: u64, shape: AttentionShape) -> [(u64, u64); 2] {
+    let (t, e) = (tokens as u64, size_of::<E>() as u64);
+    let (h, kv, hd) = (
+        shape.heads as u64,
+        shape.kv_heads as u64,
+        shape.head_dim as u64,
+    );
+    [
+        (
+            (2 * h + 2 * kv) * t * hd * e + 4 * t * h,
+            4 * pairs * h * hd,
+        ),
+        (
+            (4 * h + 4 * kv) * t * hd * e + 4 * t * h,
+            10 * pairs * h * hd,
+        ),
+    ]
 }
 
 /// Times the forward and the backward of one case with storage `E`.
@@ -241,6 +269,9 @@ pub fn time_attention<E: Float>(
     let backward = median_seconds(device, reps, || p.backward(&kernels))?;
     let (forward_flops, backward_flops) = p.flops();
     let t = p.layout.tokens();
+    let gpu = Gpu::published_for(&device.describe());
+    let [forward_ideal, backward_ideal] = ideal::<E>(t, p.visible_pairs, shape);
+    let model = |(bytes, flops): (u64, u64)| Modeled::new(&gpu, bytes as f64, flops as f64);
     Ok(AttentionTiming {
         dtype: E::DTYPE,
         mask,
@@ -255,5 +286,7 @@ pub fn time_attention<E: Float>(
         forward_tflops: forward_flops / forward / 1e12,
         backward_ms: backward * 1e3,
         backward_tflops: backward_flops / backward / 1e12,
+        forward_model: model(forward_ideal),
+        backward_model: model(backward_ideal),
     })
 }

@@ -8,7 +8,7 @@
 //! stays the same. It is a model, not a measurement.
 
 use super::attention::AttentionKernels;
-use super::attention_bench::{BenchMask, BenchProblem};
+use super::attention_bench::{self, BenchMask, BenchProblem};
 use super::device::{Buffer, Device, Float, View};
 use super::embedding::IdRows;
 use super::emu::{self, Probe, Traffic};
@@ -18,12 +18,15 @@ use super::lists::Uploads;
 use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use super::pool::{Leased, Pool};
 use super::roofline::{table_header, Gpu};
+use super::scoring::Spans;
+use super::scoring_bench::{ScoringShape, Unfused};
 use crate::ops::optimizer::AdamWConfig;
-use crate::ops::AttentionShape;
+use crate::ops::{AttentionShape, ResponseSpan};
 use anyhow::{ensure, Result};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// The sizes the ops run at: a transformer's widths and a batch of tokens.
@@ -85,6 +88,8 @@ pub struct OpProfile {
     /// As `benches/kernels.rs` names the case: family and variant.
     pub op: String,
     pub launches: usize,
+    /// The kernels its launches ran, sorted and distinct (`gemm` for the device's GEMM).
+    pub kernels: Vec<String>,
     /// What the op must read and write at least, at the profiled shapes and at Mistral-7B's.
     pub ideal_bytes: u64,
     pub ideal_bytes_7b: u64,
@@ -164,35 +169,15 @@ impl Case {
 /// `bench attention`'s, over the pairs the mask lets through. The K/V tiles are re-read for
 /// every query tile, so the counted bytes exceed the ideal ones: compute-bound by design.
 fn attention_case<E: Float>(backward: bool) -> Case {
-    let e = size::<E>();
     let direction = if backward { "backward" } else { "forward" };
     case(
         format!("attention {direction} {}", E::DTYPE),
         move |s| {
-            let (t, h, kv, hd) = (
-                s.tokens as u64,
-                s.heads as u64,
-                s.kv_heads as u64,
-                s.head_dim as u64,
-            );
-            let pairs = t * (t + 1) / 2;
-            match backward {
-                false => (
-                    (2 * h + 2 * kv) * t * hd * e + 4 * t * h,
-                    4 * pairs * h * hd,
-                ),
-                true => (
-                    (4 * h + 4 * kv) * t * hd * e + 4 * t * h,
-                    10 * pairs * h * hd,
-                ),
-            }
+            let pairs = (s.tokens * (s.tokens + 1) / 2) as u64;
+            attention_bench::ideal::<E>(s.tokens, pairs, attention_shape(s))[usize::from(backward)]
         },
         move |k, s, _| {
-            let shape = AttentionShape {
-                heads: s.heads,
-                kv_heads: s.kv_heads,
-                head_dim: s.head_dim,
-            };
+            let shape = attention_shape(s);
             let mut problem = BenchProblem::<E>::new(k.device, BenchMask::Causal, s.tokens, shape)?;
             let kernels = AttentionKernels::new(k.device);
             if !backward {
@@ -203,6 +188,14 @@ fn attention_case<E: Float>(backward: bool) -> Case {
         },
     )
     .excepted("compute-bound: the time is its FLOPs at the bf16 peak; K/V re-read per query tile")
+}
+
+fn attention_shape(s: &Shapes) -> AttentionShape {
+    AttentionShape {
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+    }
 }
 
 /// AdamW on bf16 weights with `G` gradients and `M` moments, with or without an f32 master
@@ -246,21 +239,28 @@ fn size<E>() -> u64 {
     size_of::<E>() as u64
 }
 
-/// Distinct ids, so that every row read or written is a row the op must move.
-fn ids(device: &Device, rng: &mut StdRng, s: &Shapes) -> Result<Buffer<u32>> {
-    device.upload(&host_ids(rng, s)?)
+/// The distinct ids among `s.tokens` ids drawn uniformly from the vocabulary, in expectation:
+/// `V (1 - (1 - 1/V)^T)`, rounded (7229 of Mistral-7B's 8192 tokens and 32000 ids). An
+/// embedding moves a table row per distinct id, so its ideal bytes count these.
+fn distinct_ids(s: &Shapes) -> usize {
+    let (t, v) = (s.tokens as f64, s.vocab as f64);
+    (v * (1.0 - (1.0 - 1.0 / v).powf(t))).round() as usize
 }
 
-/// `s.tokens` distinct ids of the vocabulary, on the host.
+/// `s.tokens` ids of which exactly [`distinct_ids`] are distinct, in random order, on the
+/// host: as many table rows as uniform draws touch on average, so that the counted bytes and
+/// the ideal ones count the same rows.
 fn host_ids(rng: &mut StdRng, s: &Shapes) -> Result<Vec<u32>> {
-    ensure!(
-        s.tokens <= s.vocab,
-        "the profile wants distinct ids: tokens <= vocab"
-    );
-    Ok(sample(rng, s.vocab, s.tokens)
+    ensure!(s.vocab > 0, "the profile's ids need a vocabulary");
+    let distinct = distinct_ids(s);
+    let unique: Vec<u32> = sample(rng, s.vocab, distinct)
         .into_iter()
         .map(|i| i as u32)
-        .collect())
+        .collect();
+    let mut ids = unique.clone();
+    ids.extend((distinct..s.tokens).map(|_| unique[rng.gen_range(0..distinct)]));
+    ids.shuffle(rng);
+    Ok(ids)
 }
 
 /// A target token per row.
@@ -302,33 +302,23 @@ fn element_cases<E: Float>() -> Vec<Case> {
                 k.swiglu_backward(&g, &u, &dy, &mut dg, &mut du)
             },
         ),
-        // The ids, each token's table row read and its output row written.
+        // The ids read, each distinct id's table row read once, each token's output row
+        // written.
         case(
             format!("embedding forward {dt}"),
-            move |s| (4 * s.tokens as u64 + 2 * (s.tokens * s.d) as u64 * e, 0),
+            move |s| {
+                let rows = (s.tokens + distinct_ids(s)) as u64;
+                (4 * s.tokens as u64 + rows * s.d as u64 * e, 0)
+            },
             |k, s, rng| {
                 let table = random::<E>(k.device, rng, s.vocab * s.d, 1.0)?;
-                let ids = ids(k.device, rng, s)?;
+                let ids = k.device.upload(&host_ids(rng, s)?)?;
                 let mut out = k.device.alloc::<E>(s.tokens * s.d)?;
                 k.embedding_forward(&table, &ids, &mut out, s.d)
             },
         ),
-        // The ids, each token's gradient row read, its f32 table row read and written (the
-        // ids grouped by value read as well: 12 bytes a distinct token where the op needs 4).
-        case(
-            format!("embedding backward {dt}"),
-            move |s| (4 * s.tokens as u64 + (s.tokens * s.d) as u64 * (e + 8), 0),
-            |k, s, rng| {
-                let dout = random::<E>(k.device, rng, s.tokens * s.d, 1.0)?;
-                let pool = Pool::default();
-                let rows = IdRows::new(&host_ids(rng, s)?).on_device(&Uploads {
-                    device: k.device,
-                    pool: &pool,
-                })?;
-                let mut dtable = random::<f32>(k.device, rng, s.vocab * s.d, 1.0)?;
-                k.embedding_backward(&dout, &rows, &mut dtable, s.d)
-            },
-        ),
+        embedding_backward_case::<E, f32>(),
+        embedding_backward_case::<E, bf16>(),
         // x and the residual read, h and y written; w once, rstd written.
         case(
             format!("rmsnorm forward {dt}"),
@@ -413,6 +403,31 @@ fn element_cases<E: Float>() -> Vec<Case> {
     ]
 }
 
+/// The embedding backward from `E` gradient rows into a `G` table: ideally the ids read, each
+/// token's gradient row read, each distinct id's table row read and written once. The kernel
+/// reads the ids grouped by value instead (`order`, `unique`, `starts`: 4 bytes a token and 8 a
+/// distinct id, where the op needs the 4 bytes a token of the ids).
+fn embedding_backward_case<E: Float, G: Float>() -> Case {
+    let (e, g) = (size::<E>(), size::<G>());
+    case(
+        format!("embedding backward {} -> {}", E::DTYPE, G::DTYPE),
+        move |s| {
+            let (t, d) = (s.tokens as u64, s.d as u64);
+            (4 * t + t * d * e + distinct_ids(s) as u64 * d * 2 * g, 0)
+        },
+        |k, s, rng| {
+            let dout = random::<E>(k.device, rng, s.tokens * s.d, 1.0)?;
+            let pool = Pool::default();
+            let rows = IdRows::new(&host_ids(rng, s)?).on_device(&Uploads {
+                device: k.device,
+                pool: &pool,
+            })?;
+            let mut dtable = random::<G>(k.device, rng, s.vocab * s.d, 1.0)?;
+            k.embedding_backward(&dout, &rows, &mut dtable, s.d)
+        },
+    )
+}
+
 /// q rotated in place (read and written), and the positions.
 fn rope_case<E: Float>(direction: &str, inverse: bool) -> Case {
     let e = size::<E>();
@@ -431,9 +446,18 @@ fn rope_case<E: Float>(direction: &str, inverse: bool) -> Case {
     )
 }
 
-/// Random router logits of `s`'s tokens, routed (uncounted).
+/// Router logits of `s`'s tokens, routed (uncounted): random, with token `t`'s expert
+/// `t mod E` raised by 8 so that every expert gets rows even at 16 tokens (as a router trained
+/// with the load-balancing loss spreads them), and the grouped GEMMs move every expert's
+/// weights, as their ideal bytes count.
 fn routing<'a>(moe: &MoeKernels<'a>, s: &Shapes, rng: &mut StdRng) -> Result<DeviceRouting> {
-    let logits = random::<f32>(moe.device, rng, s.tokens * s.experts, 4.0)?;
+    let logits: Vec<f32> = (0..s.tokens * s.experts)
+        .map(|i| {
+            let (t, e) = (i / s.experts, i % s.experts);
+            rng.gen_range(-4.0..4.0) + if t % s.experts == e { 8.0 } else { 0.0 }
+        })
+        .collect();
+    let logits = moe.device.upload(&logits)?;
     uncounted(|| moe.route(&logits, s.experts, s.top_k))
 }
 
@@ -507,16 +531,17 @@ enum ExpertGemm {
     WeightGrad,
 }
 
-/// One of the experts' grouped GEMMs (bf16 in, `G` out) at Mixtral's routing over the
-/// `T k` rows, from `d` to `ffn` (the gate and up projections) at the widths of
-/// [`Shapes::expert_width_divisor`]: each operand read once and the output written once
+/// One of the experts' grouped GEMMs (`T` in, `G` out for the weight gradient) at Mixtral's
+/// routing over the `T k` rows, from `d` to `ffn` (the gate and up projections) at the widths
+/// of [`Shapes::expert_width_divisor`]: each operand read once and the output written once
 /// (read too when accumulated into), the expert offsets read by every block.
-fn expert_gemm_case<G: Float>(op: ExpertGemm) -> Case {
+fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
     let widths = |s: &Shapes| (s.d / s.expert_width_divisor, s.ffn / s.expert_width_divisor);
+    let dt = T::DTYPE;
     let name = match op {
-        ExpertGemm::Forward => "forward bf16".to_string(),
-        ExpertGemm::InputGrad => "input grad bf16".to_string(),
-        ExpertGemm::WeightGrad => format!("weight grad bf16 -> {}", G::DTYPE),
+        ExpertGemm::Forward => format!("forward {dt}"),
+        ExpertGemm::InputGrad => format!("input grad {dt}"),
+        ExpertGemm::WeightGrad => format!("weight grad {dt} -> {}", G::DTYPE),
     };
     case(
         format!("moe expert gemm {name}"),
@@ -524,11 +549,10 @@ fn expert_gemm_case<G: Float>(op: ExpertGemm) -> Case {
             let (rows, e) = ((s.tokens * s.top_k) as u64, s.experts as u64);
             let (d, f) = widths(s);
             let (d, f) = (d as u64, f as u64);
-            let g = size::<G>();
+            let (t, g) = (size::<T>(), size::<G>());
             let bytes = match op {
-                ExpertGemm::Forward => 2 * rows * d + 2 * e * f * d + 2 * rows * f,
-                ExpertGemm::InputGrad => 2 * rows * f + 2 * e * f * d + 2 * rows * d,
-                ExpertGemm::WeightGrad => 2 * rows * f + 2 * rows * d + 2 * g * e * f * d,
+                ExpertGemm::Forward | ExpertGemm::InputGrad => t * (rows * (d + f) + e * f * d),
+                ExpertGemm::WeightGrad => t * rows * (f + d) + 2 * g * e * f * d,
             };
             (bytes + 4 * (e + 1), 2 * rows * d * f)
         },
@@ -537,8 +561,8 @@ fn expert_gemm_case<G: Float>(op: ExpertGemm) -> Case {
             let r = routing(&moe, s, rng)?;
             let (d, f) = widths(s);
             let rows = r.slots();
-            let weights = random::<bf16>(k.device, rng, s.experts * f * d, 0.1)?;
-            let stack = |w: View<bf16>| -> Result<ExpertStack<bf16>> {
+            let weights = random::<T>(k.device, rng, s.experts * f * d, 0.1)?;
+            let stack = |w: View<T>| -> Result<ExpertStack<T>> {
                 let views = (0..s.experts)
                     .map(|e| w.slice(e * f * d, f * d))
                     .collect::<Result<Vec<_>>>()?;
@@ -547,18 +571,18 @@ fn expert_gemm_case<G: Float>(op: ExpertGemm) -> Case {
             let w = stack(weights.view())?;
             match op {
                 ExpertGemm::Forward => {
-                    let x = random::<bf16>(k.device, rng, rows * d, 1.0)?;
-                    let y = k.device.alloc::<bf16>(rows * f)?;
+                    let x = random::<T>(k.device, rng, rows * d, 1.0)?;
+                    let y = k.device.alloc::<T>(rows * f)?;
                     moe.expert_forward(x.view(), w, &r, (d, f), y.view())
                 }
                 ExpertGemm::InputGrad => {
-                    let dy = random::<bf16>(k.device, rng, rows * f, 1.0)?;
-                    let dx = k.device.alloc::<bf16>(rows * d)?;
+                    let dy = random::<T>(k.device, rng, rows * f, 1.0)?;
+                    let dx = k.device.alloc::<T>(rows * d)?;
                     moe.expert_input_grad(dy.view(), w, &r, (d, f), dx.view())
                 }
                 ExpertGemm::WeightGrad => {
-                    let dy = random::<bf16>(k.device, rng, rows * f, 1.0)?;
-                    let x = random::<bf16>(k.device, rng, rows * d, 1.0)?;
+                    let dy = random::<T>(k.device, rng, rows * f, 1.0)?;
+                    let x = random::<T>(k.device, rng, rows * d, 1.0)?;
                     let grads = random::<G>(k.device, rng, s.experts * f * d, 0.1)?;
                     let views = (0..s.experts)
                         .map(|e| grads.view().slice(e * f * d, f * d))
@@ -589,6 +613,17 @@ fn unpermute_case<E: Float>() -> Case {
     })
 }
 
+/// The router backward's dot of each slot's expert output with its token's output gradient:
+/// both read, a dot (f64) per slot written; per slot its row read.
+fn slot_dots_case<E: Float>() -> Case {
+    let op = format!("moe slot dots {} (router backward)", E::DTYPE);
+    routed_case(&op, (size::<E>(), 12), |moe, r, s, rng| {
+        let dout = random::<E>(moe.device, rng, s.tokens * s.d, 1.0)?;
+        let y = random::<E>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
+        moe.slot_dots(&dout, &y, r, s.d).map(drop)
+    })
+}
+
 /// The MoE row moves at Mixtral's routing (rows of `d`; `T k` slots).
 fn moe_cases() -> Vec<Case> {
     let slots = |s: &Shapes| (s.tokens * s.top_k) as u64;
@@ -616,17 +651,8 @@ fn moe_cases() -> Vec<Case> {
         // and weight read.
         unpermute_case::<f32>(),
         unpermute_case::<bf16>(),
-        // The output gradient and the expert rows read, a dot (f64) per slot written; per
-        // slot its row read.
-        routed_case(
-            "moe slot dots (router backward)",
-            (4, 12),
-            |moe, r, s, rng| {
-                let dout = random::<f32>(moe.device, rng, s.tokens * s.d, 1.0)?;
-                let y = random::<f32>(moe.device, rng, s.tokens * s.top_k * s.d, 1.0)?;
-                moe.slot_dots(&dout, &y, r, s.d).map(drop)
-            },
-        ),
+        slot_dots_case::<f32>(),
+        slot_dots_case::<bf16>(),
         // The probabilities (f64), the choices, each slot's dL/dweight, each row's weight and
         // the balance's expert counts and total read, dz written.
         routing_case(
@@ -653,6 +679,89 @@ fn moe_cases() -> Vec<Case> {
                 let row_weights = leased(moe, &vec![1.0f64; s.tokens])?;
                 let mut balance = moe.balance(s.experts)?;
                 moe.balance_add(&mut balance, r, &row_weights)
+            },
+        ),
+    ]
+}
+
+/// Rows per response in the scoring's per-response cases: the bench step's default response
+/// length.
+const RESPONSE_ROWS: usize = 256;
+
+/// The responses of the scoring's per-response cases: spans of [`RESPONSE_ROWS`] rows (the
+/// last one shorter) that tile the tokens, every other one ending with an EOS.
+fn response_spans(s: &Shapes) -> Vec<ResponseSpan> {
+    (0..s.tokens)
+        .step_by(RESPONSE_ROWS)
+        .enumerate()
+        .map(|(i, first)| ResponseSpan {
+            group: 0,
+            first,
+            len: RESPONSE_ROWS.min(s.tokens - first),
+            ends_with_eos: i % 2 == 0,
+        })
+        .collect()
+}
+
+/// A per-response scoring kernel, exempt from the traffic targets: at a response of 16 rows
+/// (the test's profile) its 100 bytes round up to 128 in whole sectors; from 64 rows it meets
+/// them.
+fn per_response(c: Case) -> Case {
+    c.excepted(
+        "a few bytes per response: whole sectors round them up at 16 tokens (1.28), not from \
+         64; under 0.1 µs modeled at 7B",
+    )
+}
+
+/// The scoring's per-response kernels around the loss, and the bench's unfused baseline.
+fn scoring_cases() -> Vec<Case> {
+    let responses = |s: &Shapes| s.tokens.div_ceil(RESPONSE_ROWS) as u64;
+    vec![
+        // Each row's log-prob and each response's span read once, its (S, A, E) (f64)
+        // written.
+        per_response(case(
+            "scoring response stats (S, A, E)".into(),
+            move |s| (4 * s.tokens as u64 + (12 + 24) * responses(s), 0),
+            |k, s, rng| {
+                let logp = random::<f32>(k.device, rng, s.tokens, 8.0)?;
+                let pool = Pool::default();
+                let spans = Spans::upload(k.device, &pool, &response_spans(s), s.tokens)?;
+                let mut stats = k.device.alloc::<f64>(3 * spans.responses())?;
+                k.response_stats(&logp, &spans, &mut stats)
+            },
+        )),
+        // Each response's span and (dL/dS, dL/dA, dL/dE) (f64) read once, each row's
+        // coefficient written.
+        per_response(case(
+            "scoring row coefficients".into(),
+            move |s| (4 * s.tokens as u64 + (12 + 24) * responses(s), 0),
+            |k, s, rng| {
+                let pool = Pool::default();
+                let spans = Spans::upload(k.device, &pool, &response_spans(s), s.tokens)?;
+                let grads: Vec<f64> = (0..3 * spans.responses())
+                    .map(|_| rng.gen_range(-1.0..1.0))
+                    .collect();
+                let grads = k.device.upload(&grads)?;
+                let mut coef = k.device.alloc::<f32>(s.tokens)?;
+                k.row_coef(&spans, &grads, 0.5, &mut coef)
+            },
+        )),
+        // `bench scoring`'s unfused baseline after its GEMM: the fp32 logits read and their
+        // log-probs written once, each row's target read and its log-prob written.
+        case(
+            "scoring unfused baseline f32 (log-softmax, gather; bench only)".into(),
+            |s| (8 * (s.tokens * s.vocab) as u64 + 8 * s.tokens as u64, 0),
+            |k, s, rng| {
+                let shape = ScoringShape {
+                    rows: s.tokens,
+                    vocab: s.vocab,
+                    dim: s.d,
+                    chunk_rows: None,
+                };
+                let mut unfused = Unfused::new(k.device, &shape)?;
+                let targets = targets(k.device, rng, s)?;
+                let mut logp = k.device.alloc::<f32>(s.tokens)?;
+                unfused.log_softmax_gather(k, (s.tokens, s.vocab), &targets, &mut logp)
             },
         ),
     ]
@@ -697,26 +806,10 @@ fn other_cases() -> Vec<Case> {
                 k.add_assign(&mut acc, &x)
             },
         ),
-        case(
-            "grad_norm norm f32".into(),
-            |s| (4 * s.params as u64, 0),
-            |k, s, rng| {
-                let g = random::<f32>(k.device, rng, s.params, 1.0)?;
-                let ws = emu::probed(Probe::default(), || k.grad_norm_workspace(&[g.view()])).0?;
-                k.grad_norm(&ws, 1e-3).map(drop)
-            },
-        ),
-        // The gradient read and written; the norm computed outside the count.
-        case(
-            "grad_norm clip f32".into(),
-            |s| (8 * s.params as u64, 0),
-            |k, s, rng| {
-                let g = random::<f32>(k.device, rng, s.params, 1.0)?;
-                let ws = emu::probed(Probe::default(), || k.grad_norm_workspace(&[g.view()])).0?;
-                emu::probed(Probe::default(), || k.grad_norm(&ws, 1e-3)).0?;
-                k.clip(&ws)
-            },
-        ),
+        grad_norm_case::<f32>(false),
+        grad_norm_case::<f32>(true),
+        grad_norm_case::<bf16>(false),
+        grad_norm_case::<bf16>(true),
         case(
             "adamw f32".into(),
             |s| (28 * s.params as u64, 0),
@@ -734,6 +827,8 @@ fn other_cases() -> Vec<Case> {
         ),
         adamw_bf16_case::<f32, f32>("adamw bf16 with f32 master", true),
         adamw_bf16_case::<f32, f32>("adamw bf16 stochastic rounding", false),
+        adamw_bf16_case::<f32, bf16>("adamw bf16, f32 gradients and bf16 moments", false),
+        adamw_bf16_case::<bf16, f32>("adamw bf16, bf16 gradients and f32 moments", false),
         adamw_bf16_case::<bf16, bf16>("adamw bf16, bf16 gradients and moments", false),
         // Not counted: the emulator's GEMM is host code. Its bytes are the ideal ones.
         case(
@@ -754,6 +849,26 @@ fn other_cases() -> Vec<Case> {
             },
         ),
     ]
+}
+
+/// The gradient norm of `E` gradients (each read once), or with `clip` their scaling by the
+/// clip factor (each read and written once; the norm computed outside the count).
+fn grad_norm_case<E: Float>(clip: bool) -> Case {
+    let e = size::<E>();
+    let what = if clip { "clip" } else { "norm" };
+    case(
+        format!("grad_norm {what} {}", E::DTYPE),
+        move |s| (if clip { 2 } else { 1 } * e * s.params as u64, 0),
+        move |k, s, rng| {
+            let g = random::<E>(k.device, rng, s.params, 1.0)?;
+            let ws = uncounted(|| k.grad_norm_workspace(&[g.view()]))?;
+            if !clip {
+                return k.grad_norm(&ws, 1e-3).map(drop);
+            }
+            uncounted(|| k.grad_norm(&ws, 1e-3))?;
+            k.clip(&ws)
+        },
+    )
 }
 
 fn adamw_step() -> AdamWStep {
@@ -782,11 +897,15 @@ pub fn profile(
     let big = Shapes::mistral_7b();
     let mut cases = element_cases::<f32>();
     cases.extend(element_cases::<bf16>());
+    cases.extend(scoring_cases());
     cases.extend(moe_cases());
-    cases.push(expert_gemm_case::<bf16>(ExpertGemm::Forward));
-    cases.push(expert_gemm_case::<bf16>(ExpertGemm::InputGrad));
-    cases.push(expert_gemm_case::<f32>(ExpertGemm::WeightGrad));
-    cases.push(expert_gemm_case::<bf16>(ExpertGemm::WeightGrad));
+    cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::Forward));
+    cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::InputGrad));
+    cases.push(expert_gemm_case::<bf16, f32>(ExpertGemm::WeightGrad));
+    cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::WeightGrad));
+    cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::Forward));
+    cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::InputGrad));
+    cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::WeightGrad));
     cases.extend(other_cases());
     cases.extend(extra);
     let mut out = Vec::new();
@@ -803,11 +922,15 @@ pub fn profile(
         for r in &records {
             traffic.add(&r.traffic);
         }
+        let mut kernels: Vec<String> = records.iter().map(|r| r.kernel.clone()).collect();
+        kernels.sort_unstable();
+        kernels.dedup();
         let (ideal_bytes, flops) = (c.ideal)(shapes);
         let (ideal_bytes_7b, flops_7b) = (c.ideal)(&big);
         out.push(OpProfile {
             op: c.op.clone(),
             launches: records.len(),
+            kernels,
             ideal_bytes,
             ideal_bytes_7b,
             flops,
@@ -822,18 +945,20 @@ pub fn profile(
 
 /// The profile as a Markdown table, with the modeled times at Mistral-7B's shapes on `gpus`.
 pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
+    let figures: Vec<String> = gpus.iter().map(Gpu::describe).collect();
     let mut out = format!(
         "Counted by the emulator's probe at {} tokens (d {}, ffn {}, {} heads of {}, {} \
          optimizer elements); times are the roofline model at Mistral-7B's shapes ({} tokens, \
-         50M optimizer elements), extrapolated with each op's counted/ideal ratio. A model, not \
-         a measurement.\n\n",
+         50M optimizer elements), extrapolated with each op's counted/ideal ratio, on {}. A \
+         model, not a measurement.\n\n",
         shapes.tokens,
         shapes.d,
         shapes.ffn,
         shapes.heads,
         shapes.head_dim,
         shapes.params,
-        Shapes::mistral_7b().tokens
+        Shapes::mistral_7b().tokens,
+        figures.join(" and ")
     );
     out.push_str(&table_header(
         &[

@@ -1,11 +1,15 @@
 //! A roofline model of a launch on a GPU: modeled time = max(bytes / bandwidth, FLOPs / peak).
 //! The figures are the published ones (DRAM bandwidth, dense bf16 tensor-core peak) unless a
-//! measurement replaces them ([`Gpu::measured`], as the GPU suite's bench does with its copy
-//! bandwidth). A model, not a measurement: it ignores latency, occupancy, caches beyond the
-//! compulsory traffic, and launch overhead.
+//! measurement replaces them ([`Gpu::measured`]: the GPU suite's kernel bench with its copy
+//! bandwidth, `selftest --profile` and `bench step-model` with `--bandwidth` and `--tflops`).
+//! A model, not a measurement: it ignores latency, occupancy, caches beyond the compulsory
+//! traffic, and launch overhead.
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
 
 /// The two figures of a GPU that the model uses.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Gpu {
     pub name: String,
     /// DRAM bandwidth, bytes per second.
@@ -33,6 +37,27 @@ impl Gpu {
         }
     }
 
+    /// H200 SXM 141 GB: 4800 GB/s HBM3e, 989 TFLOP/s dense bf16 (NVIDIA's H200 datasheet).
+    pub fn h200() -> Gpu {
+        Gpu {
+            name: "H200".into(),
+            bandwidth: 4800e9,
+            bf16_flops: 989e12,
+        }
+    }
+
+    /// The published figures of the GPU a device description names: an A100's, an H200's, or
+    /// else an H100's (the emulator's too, so that its bench runs print the field).
+    pub fn published_for(description: &str) -> Gpu {
+        if description.contains("A100") {
+            Gpu::a100()
+        } else if description.contains("H200") {
+            Gpu::h200()
+        } else {
+            Gpu::h100()
+        }
+    }
+
     /// A GPU with measured figures (a copy's bandwidth, a GEMM's FLOP/s).
     pub fn measured(name: &str, bandwidth: f64, bf16_flops: f64) -> Gpu {
         Gpu {
@@ -42,9 +67,66 @@ impl Gpu {
         }
     }
 
+    /// The GPUs a modeled table prices with: the published A100 and H100, the H100's figures
+    /// replaced by measured ones where given (bytes per second, FLOP per second), then named
+    /// `measured`.
+    pub fn priced(bandwidth: Option<f64>, bf16_flops: Option<f64>) -> Result<Vec<Gpu>> {
+        for (what, value) in [("bandwidth", bandwidth), ("bf16 peak", bf16_flops)] {
+            if let Some(v) = value {
+                ensure!(
+                    v.is_finite() && v > 0.0,
+                    "a measured {what} must be positive, got {v}"
+                );
+            }
+        }
+        let h100 = Gpu::h100();
+        let last = match (bandwidth, bf16_flops) {
+            (None, None) => h100,
+            _ => Gpu::measured(
+                "measured",
+                bandwidth.unwrap_or(h100.bandwidth),
+                bf16_flops.unwrap_or(h100.bf16_flops),
+            ),
+        };
+        Ok(vec![Gpu::a100(), last])
+    }
+
+    /// `NAME (B GB/s, P TFLOP/s)`, for a table's caption.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:.0} GB/s, {:.0} TFLOP/s)",
+            self.name,
+            self.bandwidth / 1e9,
+            self.bf16_flops / 1e12
+        )
+    }
+
     /// The modeled seconds of moving `bytes` and computing `flops`.
     pub fn seconds(&self, bytes: f64, flops: f64) -> f64 {
         (bytes / self.bandwidth).max(flops / self.bf16_flops)
+    }
+}
+
+/// The roofline model's time of one timed part of a bench (`bench attention`, `moe`,
+/// `scoring`), for its JSON beside the measured time: the part's ideal bytes (each input read
+/// once, each output written once) and analytic FLOPs on the published figures of the GPU it
+/// ran on ([`Gpu::published_for`]), so that the model can be checked against a GPU.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Modeled {
+    pub gpu: Gpu,
+    pub bytes: f64,
+    pub flops: f64,
+    pub ms: f64,
+}
+
+impl Modeled {
+    pub fn new(gpu: &Gpu, bytes: f64, flops: f64) -> Modeled {
+        Modeled {
+            gpu: gpu.clone(),
+            bytes,
+            flops,
+            ms: gpu.seconds(bytes, flops) * 1e3,
+        }
     }
 }
 
@@ -79,5 +161,27 @@ mod tests {
         let gpu = Gpu::measured("test", 1e12, 100e12);
         assert_eq!(gpu.seconds(2e12, 1e12), 2.0);
         assert_eq!(gpu.seconds(1e9, 300e12), 3.0);
+        assert_eq!(Modeled::new(&gpu, 2e12, 1e12).ms, 2000.0);
+    }
+
+    #[test]
+    fn measured_figures_replace_the_h100s() {
+        assert_eq!(Gpu::priced(None, None).unwrap(), [Gpu::a100(), Gpu::h100()]);
+        let gpus = Gpu::priced(Some(2900e9), None).unwrap();
+        assert_eq!(gpus[1], Gpu::measured("measured", 2900e9, 989e12));
+        assert_eq!(gpus[1].describe(), "measured (2900 GB/s, 989 TFLOP/s)");
+        let gpus = Gpu::priced(None, Some(700e12)).unwrap();
+        assert_eq!(gpus[1].bandwidth, 3350e9);
+        let error = Gpu::priced(Some(0.0), None).unwrap_err().to_string();
+        assert!(error.contains("bandwidth must be positive"), "{error}");
+        assert!(Gpu::priced(None, Some(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn a_device_is_priced_as_the_gpu_it_names() {
+        assert_eq!(Gpu::published_for("NVIDIA A100-SXM4-80GB"), Gpu::a100());
+        assert_eq!(Gpu::published_for("NVIDIA H200"), Gpu::h200());
+        assert_eq!(Gpu::published_for("NVIDIA H100 80GB HBM3"), Gpu::h100());
+        assert_eq!(Gpu::published_for("CUDA emulator"), Gpu::h100());
     }
 }

@@ -6,14 +6,15 @@
 //! batch's inputs and the fused forward's sums for the scoreboard's PyTorch side
 //! (docs/cuda.md, "The scoreboard").
 
-use super::device::{Buffer, Device, Float};
+use super::device::{AsView, Buffer, Device, Float};
 use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::pool::Pool;
+use super::roofline::{Gpu, Modeled};
 use super::scoring::{chunk_rows_for, FusedScoring, Spans, DEFAULT_CHUNK_BYTES};
 use crate::ops::ResponseSpan;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -291,24 +292,43 @@ impl Unfused {
             &bench.head,
             &mut self.logits,
         )?;
+        self.log_softmax_gather(k, (rows, vocab), &bench.targets, &mut bench.logp)?;
+        k.response_stats(&bench.logp, &bench.spans, &mut bench.stats)
+    }
+
+    /// The baseline's two kernels on the logits in place (`rows` of `vocab`): log-softmax into
+    /// fp32 log-probs, then each row's target's log-prob gathered into `logp`. Apart from the
+    /// GEMM, so that the profile counts them alone.
+    pub fn log_softmax_gather(
+        &mut self,
+        k: &Kernels,
+        (rows, vocab): (usize, usize),
+        targets: &impl AsView<u32>,
+        logp: &mut impl AsView<f32>,
+    ) -> Result<()> {
+        let (targets, logp) = (targets.view(), logp.view());
+        ensure!(
+            rows * vocab <= self.logits.len() && targets.len() == rows && logp.len() == rows,
+            "unfused scoring: {rows} rows of {vocab} need as many targets and log-probs \
+             and logits for them"
+        );
         let mut args = KernelArgs::new();
-        args.arg(self.logits.device_ptr())
-            .arg(self.logprobs.device_ptr())
+        args.buffer(&self.logits)
+            .buffer(&self.logprobs)
             .arg(rows as i32)
             .arg(vocab as i32);
         k.launch("scoring_unfused_log_softmax", rows, &args)?;
         let mut args = KernelArgs::new();
-        args.arg(self.logprobs.device_ptr())
+        args.buffer(&self.logprobs)
             .arg(rows as i32)
             .arg(vocab as i32)
-            .arg(bench.targets.device_ptr())
-            .arg(bench.logp.device_ptr());
+            .buffer(&targets)
+            .buffer(&logp);
         k.launch(
             "scoring_unfused_gather",
             rows.div_ceil(k.block as usize),
             &args,
-        )?;
-        k.response_stats(&bench.logp, &bench.spans, &mut bench.stats)
+        )
     }
 }
 
@@ -399,6 +419,28 @@ pub fn report<E: Float>(
     let (fwd_bytes, bwd_bytes) = bench.pass_bytes();
     let (fwd_flops, both_flops) = bench.gemm_flops();
     let gb = |bytes: u64, s: f64| bytes as f64 / s / 1e9;
+    // The roofline model beside the measured times, on the GPU's published figures: the fused
+    // scoring reads h and the head once and writes each row's lse and log-prob (its targets
+    // read); with the backward, dh written and the f32 dhead read and written once as well.
+    // The logits passes read (and the backward writes) the logits once.
+    let gpu = Gpu::published_for(&device.describe());
+    let (r, v, d, e) = (
+        shape.rows as f64,
+        shape.vocab as f64,
+        shape.dim as f64,
+        size_of::<E>() as f64,
+    );
+    let forward_bytes = e * (r + v) * d + 12.0 * r;
+    let model = serde_json::json!({
+        "fused_forward": Modeled::new(&gpu, forward_bytes, fwd_flops as f64),
+        "fused_forward_backward": Modeled::new(
+            &gpu,
+            forward_bytes + e * r * d + 8.0 * v * d,
+            both_flops as f64,
+        ),
+        "rows_pass": Modeled::new(&gpu, fwd_bytes as f64, 0.0),
+        "backward_pass": Modeled::new(&gpu, bwd_bytes as f64, 0.0),
+    });
     Ok(serde_json::json!({
         "device": device.describe(),
         "emulator_time": matches!(device, Device::Emu),
@@ -427,5 +469,6 @@ pub fn report<E: Float>(
         "backward_pass_s": backward_pass,
         "backward_pass_gb_s": gb(bwd_bytes, backward_pass),
         "backward_pass_of_copy": bwd_bytes as f64 / backward_pass / copy_rate,
+        "model": model,
     }))
 }
