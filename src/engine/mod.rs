@@ -178,12 +178,12 @@ impl DeviceEngine {
         .iter()
         .map(|&c| plan.category_bytes(c))
         .sum();
-        let host_weights = store::flatten(&layout, &policy.params.iter());
-        flat.weights
-            .upload(&device, &host_weights)
+        let host_weights = policy.params.iter();
+        store::upload(&device, &layout, flat.weights, &host_weights)
             .context("uploading the policy's weights")?;
-        if let Some(mut master) = flat.master {
-            device.copy_to(&mut master, &host_weights)?;
+        if let Some(master) = flat.master {
+            store::upload(&device, &layout, TensorView::F32(master), &host_weights)
+                .context("uploading the policy's fp32 master weights")?;
         }
         let model = Model {
             cfg: policy.cfg.clone(),
@@ -194,8 +194,7 @@ impl DeviceEngine {
         let reference = match reference {
             Some(r) => {
                 let weights = store::carve(&mut arena, reference_region.0, elements, storage)?;
-                weights
-                    .upload(&device, &store::flatten(&layout, &r.params.iter()))
+                store::upload(&device, &layout, weights, &r.params.iter())
                     .context("uploading the reference model's weights")?;
                 Some(Model {
                     cfg: r.cfg.clone(),
@@ -329,21 +328,15 @@ impl DeviceEngine {
     /// gradients (tests/train_bf16.rs compares it with the CPU's bit for bit).
     pub fn set_grads(&mut self, grads: &[Vec<f32>]) -> Result<()> {
         let host: Vec<&Vec<f32>> = grads.iter().collect();
-        self.flat
-            .grads
-            .upload(&self.device, &store::flatten(&self.layout, &host))
+        store::upload(&self.device, &self.layout, self.flat.grads, &host)
     }
 
     /// Replaces the moments (a resume), rounded to their store's type.
     pub fn set_moments(&mut self, exp_avg: &[Vec<f32>], exp_avg_sq: &[Vec<f32>]) -> Result<()> {
         let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();
         let v_host: Vec<&Vec<f32>> = exp_avg_sq.iter().collect();
-        self.flat
-            .exp_avg
-            .upload(&self.device, &store::flatten(&self.layout, &m_host))?;
-        self.flat
-            .exp_avg_sq
-            .upload(&self.device, &store::flatten(&self.layout, &v_host))
+        store::upload(&self.device, &self.layout, self.flat.exp_avg, &m_host)?;
+        store::upload(&self.device, &self.layout, self.flat.exp_avg_sq, &v_host)
     }
 }
 

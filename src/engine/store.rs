@@ -8,10 +8,10 @@
 use crate::config::ModelConfig;
 use crate::memory_plan::layout::ParamLayout;
 use crate::model::params::Params;
-use crate::ops::cuda::device::Arena;
+use crate::ops::cuda::device::{Arena, Device};
 use crate::ops::cuda::pool::{Tensor, TensorView};
 use crate::ops::storage::Dtype;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 /// A flat store of `elements` of `dtype`, the next region of `arena`, under `name`.
 pub fn carve(arena: &mut Arena, name: &str, elements: usize, dtype: Dtype) -> Result<TensorView> {
@@ -30,13 +30,31 @@ pub fn params(layout: &ParamLayout, cfg: &ModelConfig, flat: TensorView) -> Resu
     })
 }
 
-/// Host tensors (in checkpoint order) as one flat vector, the padding zero.
-pub fn flatten(layout: &ParamLayout, tensors: &[&Vec<f32>]) -> Vec<f32> {
-    let mut flat = vec![0.0; layout.elements];
+/// Host tensors (in checkpoint order) into the flat store `flat`, tensor by tensor and
+/// rounded to its type: no flat host copy of the model (29 GB in f32 for a 7B), and the
+/// padding between spans left as it is (zero in a fresh arena).
+pub fn upload(
+    device: &Device,
+    layout: &ParamLayout,
+    flat: TensorView,
+    tensors: &[&Vec<f32>],
+) -> Result<()> {
+    ensure!(
+        tensors.len() == layout.spans.len(),
+        "{} tensors for a store of {}",
+        tensors.len(),
+        layout.spans.len()
+    );
     for (span, t) in layout.spans.iter().zip(tensors) {
-        flat[span.offset..span.offset + span.len].copy_from_slice(t);
+        ensure!(
+            t.len() == span.len,
+            "a tensor of {} elements for a span of {}",
+            t.len(),
+            span.len
+        );
+        flat.slice(span.offset, span.len)?.upload(device, t)?;
     }
-    flat
+    Ok(())
 }
 
 /// A flat vector cut back into its tensors, in checkpoint order.

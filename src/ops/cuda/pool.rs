@@ -7,9 +7,10 @@
 //! an undersized plan costs an allocation, never a failure.
 
 use super::device::{AsView, Buffer, Device, Float, View, ALIGNMENT};
-use crate::ops::storage::Dtype;
+use crate::ops::storage::{Dtype, PARALLEL_CHUNK};
 use anyhow::{Context, Result};
 use half::bf16;
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -266,7 +267,10 @@ impl TensorView {
         match *self {
             TensorView::F32(mut v) => device.copy_to(&mut v, data),
             TensorView::Bf16(mut v) => {
-                let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                let data: Vec<bf16> = data
+                    .par_chunks(PARALLEL_CHUNK)
+                    .flat_map_iter(|chunk| chunk.iter().map(|&x| bf16::from_f32(x)))
+                    .collect();
                 device.copy_to(&mut v, &data)
             }
         }
