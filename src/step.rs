@@ -2,7 +2,7 @@
 //! statistics, the per-group loss and the model's backward.
 
 use crate::data::packing::Batch;
-use crate::data::Group;
+use crate::data::{token_chunks, Group};
 use crate::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use crate::loss::{batch_loss, BatchInput, LossSpec};
 use crate::model::params::Params;
@@ -188,6 +188,25 @@ fn host_batch_loss(
     })
 }
 
+/// Every response's statistics under `model`, in order, scored in passes of at most
+/// `max_tokens` packed tokens ([`token_chunks`]); `progress` gets the groups done after each.
+pub fn score_groups<O: Ops>(
+    ops: &O,
+    model: &Model<O::Buf>,
+    groups: &[Group],
+    max_tokens: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<ResponseStats>> {
+    let mut stats = Vec::with_capacity(groups.iter().map(|g| g.responses.len()).sum());
+    for range in token_chunks(groups, max_tokens) {
+        let done = range.end;
+        stats.extend(model.score(ops, &pack(model, &groups[range])?));
+        ops.check()?;
+        progress(done);
+    }
+    Ok(stats)
+}
+
 /// The reference model's statistics of every response of `groups`, in order, when the loss
 /// needs them.
 pub fn reference_stats<O: Ops>(
@@ -197,6 +216,18 @@ pub fn reference_stats<O: Ops>(
     groups: &[Group],
     spec: &LossSpec,
 ) -> Result<Option<Vec<ResponseStats>>> {
+    reference_stats_in_passes(ops, policy, reference, groups, spec, usize::MAX)
+}
+
+/// [`reference_stats`] in passes of at most `max_tokens` packed tokens.
+pub fn reference_stats_in_passes<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: Option<&Model<O::Buf>>,
+    groups: &[Group],
+    spec: &LossSpec,
+    max_tokens: usize,
+) -> Result<Option<Vec<ResponseStats>>> {
     match (spec.kind.needs_reference(), reference) {
         (true, None) => bail!(
             "loss {} compares the policy with a reference model: give --ref-model DIR",
@@ -204,12 +235,21 @@ pub fn reference_stats<O: Ops>(
         ),
         (true, Some(r)) => {
             check_reference(policy, r)?;
-            let stats = r.score(ops, &pack(r, groups)?);
-            ops.check()?;
-            Ok(Some(stats))
+            Ok(Some(score_groups(ops, r, groups, max_tokens, |_| {})?))
         }
         (false, _) => Ok(None),
     }
+}
+
+/// The reference statistics of the groups of `range`, when there are any.
+fn ref_slice<'a>(
+    ref_stats: Option<&'a [ResponseStats]>,
+    groups: &[Group],
+    range: &std::ops::Range<usize>,
+) -> Option<&'a [ResponseStats]> {
+    let responses = |gs: &[Group]| gs.iter().map(|g| g.responses.len()).sum::<usize>();
+    let start = responses(&groups[..range.start]);
+    ref_stats.map(|r| &r[start..start + responses(&groups[range.clone()])])
 }
 
 /// Checks that reference statistics are there when the loss needs them, one per response.
@@ -244,15 +284,69 @@ pub fn loss_and_grads<O: LossOps>(
     spec: &LossSpec,
     opts: &StepOptions,
 ) -> Result<StepOutput<O::Buf, MetricTotals>> {
+    loss_and_grads_in_passes(
+        ops,
+        policy,
+        ref_stats,
+        groups,
+        spec,
+        opts,
+        usize::MAX,
+        |_| {},
+    )
+}
+
+/// [`loss_and_grads`] in passes of at most `max_tokens` packed tokens, each adding its share
+/// of the groups to the loss and the gradients, as a training step's micro-batches do (the
+/// Mixtral aux loss, which is not a mean over groups, combines the same way).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grads_in_passes<O: LossOps>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    ref_stats: Option<&[ResponseStats]>,
+    groups: &[Group],
+    spec: &LossSpec,
+    opts: &StepOptions,
+    max_tokens: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<StepOutput<O::Buf, MetricTotals>> {
+    check_ref_stats(groups, spec, ref_stats)?;
     let mut grads = policy.zeros_like(ops);
-    let reference = RefStats::from_host(ref_stats);
-    let out = accumulate_grads(ops, policy, reference, groups, spec, opts, 1.0, &mut grads)?;
+    let mut total = Combined::default();
+    for range in token_chunks(groups, max_tokens) {
+        let chunk = &groups[range.clone()];
+        let share = chunk.len() as f64 / groups.len() as f64;
+        let reference = RefStats::from_host(ref_slice(ref_stats, groups, &range));
+        let out = accumulate_grads(ops, policy, reference, chunk, spec, opts, share, &mut grads)?;
+        total.add(share, out);
+        progress(range.end);
+    }
     Ok(StepOutput {
-        loss: out.loss,
-        aux_loss: out.aux_loss,
-        metrics: out.metrics,
+        loss: total.loss,
+        aux_loss: total.aux_loss,
+        metrics: total.metrics,
         grads,
     })
+}
+
+/// Passes over parts of the groups combined (a step's micro-batches, the passes of `eval`
+/// and `grads`): the loss and the aux loss weighted by each pass's share of the groups, the
+/// metrics by their counts.
+#[derive(Default)]
+pub struct Combined {
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub metrics: MetricTotals,
+}
+
+impl Combined {
+    pub fn add(&mut self, share: f64, out: PassOutput<MetricTotals>) {
+        self.loss += share * out.loss;
+        if let Some(a) = out.aux_loss {
+            *self.aux_loss.get_or_insert(0.0) += share * a;
+        }
+        self.metrics.merge(out.metrics);
+    }
 }
 
 /// As [`loss_and_grads`], adding `scale ·` the gradient into `grads` (a micro-batch's share of
@@ -310,21 +404,58 @@ pub fn evaluate<O: Ops>(
     spec: &LossSpec,
     aux_coef: f64,
 ) -> Result<Evaluation> {
+    evaluate_in_passes(
+        ops,
+        policy,
+        ref_stats,
+        groups,
+        spec,
+        aux_coef,
+        usize::MAX,
+        |_| {},
+    )
+}
+
+/// [`evaluate`] in passes of at most `max_tokens` packed tokens, combined as
+/// [`loss_and_grads_in_passes`] combines them.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_in_passes<O: Ops>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    ref_stats: Option<&[ResponseStats]>,
+    groups: &[Group],
+    spec: &LossSpec,
+    aux_coef: f64,
+    max_tokens: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Evaluation> {
     check_ref_stats(groups, spec, ref_stats)?;
-    let batch = pack(policy, groups)?;
-    let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
-    ops.check()?;
-    let columns = Columns::new(groups, &stats, ref_stats);
-    let out = batch_loss(spec, &columns.input())?;
-    let loss = out.loss + aux_coef * aux_loss.unwrap_or(0.0);
-    let mut metrics = batch_metrics(spec, &columns.input(), &stats);
+    let mut total = Combined::default();
+    for range in token_chunks(groups, max_tokens) {
+        let chunk = &groups[range.clone()];
+        let batch = pack(policy, chunk)?;
+        let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
+        ops.check()?;
+        let columns = Columns::new(chunk, &stats, ref_slice(ref_stats, groups, &range));
+        let out = batch_loss(spec, &columns.input())?;
+        let metrics = batch_metrics(spec, &columns.input(), &stats);
+        let pass = PassOutput {
+            loss: out.loss,
+            aux_loss,
+            metrics: MetricTotals::new(metrics, &batch_metric_counts(&batch)),
+        };
+        total.add(chunk.len() as f64 / groups.len() as f64, pass);
+        progress(range.end);
+    }
+    let loss = total.loss + aux_coef * total.aux_loss.unwrap_or(0.0);
+    let mut metrics = total.metrics.means();
     metrics.insert(0, ("loss".to_string(), loss));
-    if let Some(aux) = aux_loss {
+    if let Some(aux) = total.aux_loss {
         metrics.push(("aux_loss".to_string(), aux));
     }
     Ok(Evaluation {
         loss,
-        aux_loss,
+        aux_loss: total.aux_loss,
         metrics,
     })
 }

@@ -1,5 +1,6 @@
 use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
+use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
 use contralign::step;
@@ -19,21 +20,29 @@ pub struct EvalArgs {
     #[command(flatten)]
     inputs: InputArgs,
     #[command(flatten)]
+    passes: PassArgs,
+    #[command(flatten)]
     device: DeviceArgs,
 }
 
 impl OnOps for &EvalArgs {
     type Output = step::Evaluation;
     fn run<O: LossOps>(self, ops: &O) -> Result<step::Evaluation> {
-        let l = self.inputs.load(ops, || Ok(()))?;
-        step::evaluate(
+        let max_tokens = self.passes.max_tokens();
+        let l = self.inputs.load(ops, max_tokens, || Ok(()))?;
+        let bar = groups_bar(l.groups.len());
+        let eval = step::evaluate_in_passes(
             ops,
             &l.policy,
             l.ref_stats.as_deref(),
             &l.groups,
             &l.spec,
             l.aux_coef,
-        )
+            max_tokens,
+            |done| bar.set_position(done as u64),
+        );
+        bar.finish_and_clear();
+        eval
     }
 }
 

@@ -1,5 +1,6 @@
 use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
+use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
 use contralign::checkpoint::{named_tensors, save_f32, Tensor};
@@ -29,6 +30,8 @@ pub struct GradsArgs {
     #[arg(long, value_name = "FILE.safetensors")]
     out: PathBuf,
     #[command(flatten)]
+    passes: PassArgs,
+    #[command(flatten)]
     device: DeviceArgs,
 }
 
@@ -43,9 +46,9 @@ pub struct Gradients {
 impl OnOps for &GradsArgs {
     type Output = Gradients;
     fn run<O: LossOps>(self, ops: &O) -> Result<Gradients> {
-        let l = self
-            .inputs
-            .load(ops, || check_writable_file(&self.out, "--out"))?;
+        let l = self.inputs.load(ops, self.passes.max_tokens(), || {
+            check_writable_file(&self.out, "--out")
+        })?;
         let opts = StepOptions {
             recompute: if self.no_checkpointing {
                 RecomputePolicy::None
@@ -54,14 +57,19 @@ impl OnOps for &GradsArgs {
             },
             aux_coef: l.aux_coef,
         };
-        let out = step::loss_and_grads(
+        let bar = groups_bar(l.groups.len());
+        let out = step::loss_and_grads_in_passes(
             ops,
             &l.policy,
             l.ref_stats.as_deref(),
             &l.groups,
             &l.spec,
             &opts,
-        )?;
+            self.passes.max_tokens(),
+            |done| bar.set_position(done as u64),
+        );
+        bar.finish_and_clear();
+        let out = out?;
         let grads = out
             .grads
             .iter()

@@ -154,10 +154,12 @@ pub struct Loaded<B> {
 
 impl InputArgs {
     /// Checks the flags and the data first (and runs `precheck`, e.g. that the output can be
-    /// written), then loads the models: bad requests fail before any heavy work.
+    /// written), then loads the models: bad requests fail before any heavy work. The
+    /// reference is scored in passes of at most `max_tokens` packed tokens.
     pub fn load<O: Ops>(
         &self,
         ops: &O,
+        max_tokens: usize,
         precheck: impl FnOnce() -> Result<()>,
     ) -> Result<Loaded<O::Buf>> {
         let spec = self.loss.spec()?;
@@ -174,7 +176,14 @@ impl InputArgs {
             Some(dir) if spec.kind.needs_reference() => Some(Model::load(ops, dir)?),
             _ => None,
         };
-        let ref_stats = step::reference_stats(ops, &policy, reference.as_ref(), &groups, &spec)?;
+        let ref_stats = step::reference_stats_in_passes(
+            ops,
+            &policy,
+            reference.as_ref(),
+            &groups,
+            &spec,
+            max_tokens,
+        )?;
         let aux_coef = self.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
         Ok(Loaded {
             spec,

@@ -11,6 +11,7 @@ mod grads;
 mod init;
 mod loss_args;
 mod model_arg;
+mod passes;
 mod plan;
 mod plot;
 mod precision_args;

@@ -1,5 +1,6 @@
 use crate::cli::data_args::DataArgs;
 use crate::cli::device_args::{DeviceArgs, OnOps};
+use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
 use contralign::data::Group;
@@ -7,7 +8,6 @@ use contralign::fsutil::check_writable_file;
 use contralign::model::Model;
 use contralign::step::LossOps;
 use contralign::train::refcache::RefCache;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// Score every response of a data set under the frozen reference model once and write a
@@ -27,9 +27,8 @@ pub struct PrecomputeArgs {
     /// The cache file to write (JSON, atomically).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// Most packed tokens scored at once.
-    #[arg(long, value_name = "N", default_value_t = 8192)]
-    micro_tokens: usize,
+    #[command(flatten)]
+    passes: PassArgs,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -43,21 +42,14 @@ impl OnOps for Precompute<'_> {
     type Output = RefCache;
     fn run<O: LossOps>(self, ops: &O) -> Result<RefCache> {
         let model = Model::load(ops, &self.args.model)?;
-        let bar = ProgressBar::new(self.groups.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "groups {pos}/{len} [{bar:30}] {elapsed_precise} ETA {eta_precise}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
+        let bar = groups_bar(self.groups.len());
         let cache = RefCache::compute(
             ops,
             &model,
             &self.args.model,
             self.groups,
             &self.args.data.data,
-            self.args.micro_tokens.max(1),
+            self.args.passes.max_tokens(),
             |done| bar.set_position(done as u64),
         )?;
         bar.finish_and_clear();

@@ -1,8 +1,8 @@
 use crate::cli::data_args::DataArgs;
 use crate::cli::device_args::{DeviceArgs, OnOps};
+use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
-use contralign::data::packing::Batch;
 use contralign::data::Group;
 use contralign::model::{Model, ResponseStats};
 use contralign::step;
@@ -25,6 +25,8 @@ pub struct ScoreArgs {
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
+    passes: PassArgs,
+    #[command(flatten)]
     device: DeviceArgs,
 }
 
@@ -34,26 +36,36 @@ struct Scoring<'a> {
 }
 
 impl OnOps for Scoring<'_> {
-    type Output = (Batch, Vec<ResponseStats>);
-    fn run<O: LossOps>(self, ops: &O) -> Result<(Batch, Vec<ResponseStats>)> {
+    type Output = Vec<ResponseStats>;
+    fn run<O: LossOps>(self, ops: &O) -> Result<Vec<ResponseStats>> {
         let model = Model::load(ops, &self.args.model)?;
-        let batch = step::pack(&model, self.groups)?;
-        let stats = model.score(ops, &batch);
-        Ok((batch, stats))
+        let bar = groups_bar(self.groups.len());
+        let stats = step::score_groups(
+            ops,
+            &model,
+            self.groups,
+            self.args.passes.max_tokens(),
+            |done| bar.set_position(done as u64),
+        );
+        bar.finish_and_clear();
+        stats
     }
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
     let groups = args.data.load(&args.model)?;
-    let (batch, stats) = args.device.run(Scoring {
+    let stats = args.device.run(Scoring {
         args: &args,
         groups: &groups,
     })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (i, (span, s)) in batch.responses.iter().zip(&stats).enumerate() {
-        let response = i - batch.group_offsets[span.group];
+    let indices = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, group)| (0..group.responses.len()).map(move |r| (g, r)));
+    for ((group, response), s) in indices.zip(&stats) {
         let line = serde_json::json!({
-            "group": span.group,
+            "group": group,
             "response": response,
             "logp_sum": s.logp_sum,
             "tokens": s.tokens,

@@ -370,7 +370,14 @@ fn held_out(
              only; give --ref-model DIR for the held-out groups"
         ),
     };
-    let ref_stats = step::reference_stats(&CpuOps, policy, reference, &groups, &spec)?;
+    let ref_stats = step::reference_stats_in_passes(
+        &CpuOps,
+        policy,
+        reference,
+        &groups,
+        &spec,
+        args.micro_tokens.max(1),
+    )?;
     Ok(HeldOut::new(groups, ref_stats, args.eval_every))
 }
 

@@ -21,6 +21,26 @@ pub struct Group {
     pub source: String,
 }
 
+/// `groups` cut into consecutive runs of at most `max_tokens` packed tokens (a larger group
+/// alone): the passes of `score`, `eval`, `grads` and `precompute-ref`, so that the memory of
+/// one pass is bounded whatever the data set's size.
+pub fn token_chunks(groups: &[Group], max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, g) in groups.iter().enumerate() {
+        let len = g.packed_len();
+        if i > start && tokens + len > max_tokens {
+            chunks.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += len;
+    }
+    if start < groups.len() {
+        chunks.push(start..groups.len());
+    }
+    chunks
+}
+
 impl Group {
     /// Tokens the group takes in a packed batch: the prompt once, then every response.
     pub fn packed_len(&self) -> usize {

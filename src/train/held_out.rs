@@ -1,7 +1,7 @@
 //! Evaluation while training, as TRL's `eval_dataset` and `eval_steps` give it: held-out
-//! groups scored under the current policy (no gradient, the packing `eval` uses) every N
-//! steps and at the end, logged to metrics.jsonl with `eval`'s metrics under TRL's `eval_`
-//! names (`eval_loss`, `eval_rewards/accuracies`, ...).
+//! groups scored under the current policy (no gradient, the packing `eval` uses, in passes of
+//! the run's micro-batch tokens) every N steps and at the end, logged to metrics.jsonl with
+//! `eval`'s metrics under TRL's `eval_` names (`eval_loss`, `eval_rewards/accuracies`, ...).
 
 use super::trainer::{StepRecord, Trainer};
 use crate::data::Group;
@@ -40,13 +40,15 @@ impl HeldOut {
     /// weights that step left (brought back from a device, where the run trains there).
     pub fn row(&self, trainer: &Trainer, record: &StepRecord) -> Result<Value> {
         let fetched = trainer.device_policy()?;
-        let eval = step::evaluate(
+        let eval = step::evaluate_in_passes(
             &CpuOps,
             fetched.as_ref().unwrap_or(&trainer.policy),
             self.ref_stats.as_deref(),
             &self.groups,
             &trainer.opts.spec,
             trainer.opts.aux_coef,
+            trainer.opts.micro_tokens,
+            |_| {},
         )?;
         let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
         let mut row = Map::new();

@@ -6,7 +6,7 @@
 use crate::data::Group;
 use crate::model::{Model, ResponseStats};
 use crate::ops::Ops;
-use crate::step::pack;
+use crate::step::score_groups;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -90,36 +90,19 @@ impl RefCache {
         groups: &[Group],
         data_file: &Path,
         max_tokens: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Self> {
-        let mut out = Vec::with_capacity(groups.len());
-        let mut start = 0;
-        while start < groups.len() {
-            let mut end = start;
-            let mut tokens = 0;
-            while end < groups.len() {
-                let len = groups[end].packed_len();
-                if end > start && tokens + len > max_tokens {
-                    break;
-                }
-                tokens += len;
-                end += 1;
-            }
-            let chunk = &groups[start..end];
-            let stats = model.score(ops, &pack(model, chunk)?);
-            ops.check()?;
-            let mut it = stats.into_iter();
-            for g in chunk {
-                out.push(
-                    it.by_ref()
-                        .take(g.responses.len())
-                        .map(|s| (s.logp_sum, s.tokens, s.eos_logp))
-                        .collect(),
-                );
-            }
-            start = end;
-            progress(start);
-        }
+        let stats = score_groups(ops, model, groups, max_tokens, progress)?;
+        let mut it = stats.into_iter();
+        let out = groups
+            .iter()
+            .map(|g| {
+                it.by_ref()
+                    .take(g.responses.len())
+                    .map(|s| (s.logp_sum, s.tokens, s.eos_logp))
+                    .collect()
+            })
+            .collect();
         Ok(RefCache {
             format: FORMAT.to_string(),
             model_dir: model_dir.display().to_string(),

@@ -9,14 +9,13 @@ use super::rounded::RoundedStores;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
 use crate::engine::{DeviceEngine, Update};
-use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::{MemoryPlan, PrecisionOptions, RecomputePolicy, ReferenceSource};
 use crate::model::params::Params;
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::{CpuOps, Stored};
 use crate::ops::cuda::device::Device;
-use crate::step::{self, RefStats};
+use crate::step::{self, Combined, RefStats};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -425,8 +424,7 @@ impl Trainer {
             (None, None) => Some(HostGrads::Exact(self.policy.zeros_like(&CpuOps))),
         };
         let rounded_policy = self.rounded.as_ref().map(|s| s.model(&self.policy));
-        let (mut loss, mut aux) = (0.0, None::<f64>);
-        let mut metrics = MetricTotals::default();
+        let mut total = Combined::default();
         let mut first = 0;
         for micro in self.planner.micro_batches(&indices, self.opts.micro_tokens) {
             let groups = &step_groups[first..first + micro.len()];
@@ -466,12 +464,13 @@ impl Trainer {
                 )?,
                 (None, None) => unreachable!("CPU gradients exist without an engine"),
             };
-            loss += share * out.loss;
-            if let Some(a) = out.aux_loss {
-                *aux.get_or_insert(0.0) += share * a;
-            }
-            metrics.merge(out.metrics);
+            total.add(share, out);
         }
+        let Combined {
+            loss,
+            aux_loss: aux,
+            metrics,
+        } = total;
         let lr = self.schedule.lr_at(self.step);
         // The update runs unless the loss or the gradient is not finite (the engine checks
         // the gradient's norm on the device).

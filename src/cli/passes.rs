@@ -1,0 +1,37 @@
+//! How `score`, `eval`, `grads` and `precompute-ref` bound their memory: the data set in
+//! passes of at most `--micro-tokens` packed tokens, with a progress bar on stderr.
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Args, Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PassArgs {
+    /// Most packed tokens in one pass (a group longer than that runs alone): the memory of a
+    /// pass's activations is bounded by it, whatever the data set's size. Statistics do not
+    /// depend on it; losses and metrics combine over passes as a training step's
+    /// micro-batches do (per group, and the Mixtral aux loss per pass).
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    pub micro_tokens: usize,
+}
+
+impl PassArgs {
+    /// At least one token: 0 would make every group a pass of its own anyway.
+    pub fn max_tokens(&self) -> usize {
+        self.micro_tokens.max(1)
+    }
+}
+
+/// A bar over `groups` groups, drawn on stderr (hidden when it is not a terminal).
+pub fn groups_bar(groups: usize) -> ProgressBar {
+    let bar = ProgressBar::new(groups as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "groups {pos}/{len} [{bar:30}] {elapsed_precise} ETA {eta_precise}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
