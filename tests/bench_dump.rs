@@ -169,6 +169,9 @@ fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
     let first = meta["first_step_loss"].as_f64().unwrap();
     assert_eq!(report["first_step_loss"].as_f64(), Some(first));
     assert!(first.is_finite() && first > 0.0);
+    // The engine's planned memory; the driver's figure exists only on a GPU.
+    assert!(report["device_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["device_used_bytes"].is_null(), "{report}");
 }
 
 /// `bench step --memory` plans the step as `train --memory` does: a plan over the limit

@@ -89,6 +89,11 @@ pub struct StepTiming {
     pub mfu_vs_measured_gemm: f64,
     /// The engine's arena and workspace pool.
     pub device_bytes: usize,
+    /// Measured on a GPU: its memory in use after the timed steps less before the engine was
+    /// made (the driver's total − free: the arena, the pool, cuBLAS's workspace and what the
+    /// driver keeps for them). The steps allocate nothing, so this is their peak. `None` on
+    /// the emulator.
+    pub device_used_bytes: Option<u64>,
     pub note: &'static str,
 }
 
@@ -338,6 +343,7 @@ pub fn time_step(
         seed,
         steps: steps + 1,
     };
+    let used_before = device.used_memory()?;
     let mut trainer = setup.trainer(device, cfg, initial, &data)?;
     let BenchData { groups, stats } = data;
     let first_step_loss = trainer.train_step()?.loss;
@@ -372,6 +378,13 @@ pub fn time_step(
         times.push(start.elapsed().as_secs_f64());
     }
     let seconds = median(&mut times);
+    let used_after = match trainer.device() {
+        Some(d) => d.used_memory()?,
+        None => None,
+    };
+    let device_used_bytes = used_before
+        .zip(used_after)
+        .map(|(before, after)| after.saturating_sub(before));
     let layout = crate::step::pack(&trainer.policy, &groups[..shape.groups])?.layout;
     let pairs: usize = (0..layout.len()).map(|t| layout.keys(t).count()).sum();
     let tokens = shape.tokens();
@@ -399,6 +412,7 @@ pub fn time_step(
         gemm_tflops: gemm,
         mfu_vs_measured_gemm: achieved / gemm,
         device_bytes: trainer.device_bytes().unwrap_or(0),
+        device_used_bytes,
         note: if emulated {
             "the emulator's times: they check the command, they measure nothing about a GPU"
         } else {

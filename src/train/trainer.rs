@@ -338,6 +338,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// The device the run trains on, if not the CPU.
+    pub fn device(&self) -> Option<&Device> {
+        self.engine.as_ref().map(DeviceEngine::device)
+    }
+
     /// Bytes of device memory the engine holds, when the run is on a device.
     pub fn device_bytes(&self) -> Option<usize> {
         self.engine.as_ref().map(DeviceEngine::device_bytes)

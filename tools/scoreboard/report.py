@@ -111,7 +111,7 @@ def step_rows(name, c, b, gemm_tflops):
     theirs = None if why_b else b["tokens_per_s"]
     out = [row(name, "tokens/s", ours, theirs, ratio(ours, theirs), note),
            row(name, "peak memory (GiB)",
-               None if why_c else c["device_bytes"] / 2**30,
+               None if why_c else (c.get("device_used_bytes") or c["device_bytes"]) / 2**30,
                None if why_b or b.get("peak_bytes") is None else b["peak_bytes"] / 2**30,
                None, note)]
     for label, peak in (("MFU vs 989 TFLOP/s", H100_PEAK_TFLOPS),

@@ -389,6 +389,16 @@ impl Device {
         }
     }
 
+    /// Bytes of the device's memory in use (the driver's total − free); `None` for the
+    /// emulator.
+    pub fn used_memory(&self) -> Result<Option<u64>> {
+        match self {
+            Device::Emu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => gpu.used_memory().map(Some),
+        }
+    }
+
     /// A one-line description: "emulator" or the GPU's name.
     pub fn describe(&self) -> String {
         match self {

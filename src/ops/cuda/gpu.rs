@@ -352,6 +352,13 @@ impl Gpu {
         Ok(total as u64)
     }
 
+    /// Bytes of the device's memory in use, by this process and any other (total − free).
+    pub fn used_memory(&self) -> Result<u64> {
+        self.context.bind()?;
+        let (free, total) = result::mem_get_info().map_err(driver_error)?;
+        Ok((total - free) as u64)
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} (sm_{}{})",
