@@ -7,7 +7,7 @@ mod common;
 use common::{contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
-use contralign::memory_plan::{PrecisionOptions, RecomputePolicy};
+use contralign::memory_plan::{Category, PrecisionOptions, RecomputePolicy};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
@@ -174,8 +174,20 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
             ..options(4, micro_tokens)
         };
         let mut emu = trainer(model, &groups, opts);
+        let plan = emu.device_plan().unwrap();
+        let before = counters();
         emu.use_device(Device::Emu).unwrap();
         let after_setup = counters();
+        // The engine allocates its plan as one arena (every region but cuBLAS's workspace,
+        // which the GPU's handle holds), and besides it only the gradient norm's few
+        // bytes of pointers and partial sums.
+        let planned = plan.total() - plan.category_bytes(Category::CublasWorkspace);
+        let arena = emu.device_bytes().unwrap() as u64;
+        let made = after_setup.allocated_bytes - before.allocated_bytes;
+        assert!(
+            arena >= planned && arena - planned < 4096 && made >= arena && made - arena < 4096,
+            "{model}: planned {planned} bytes, arena {arena}, allocated {made}"
+        );
         emu.train_step().unwrap();
         let after_first = counters();
         assert_eq!(

@@ -26,7 +26,7 @@ use crate::memory_plan::{
 };
 use crate::model::params::{param_specs, Params};
 use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
-use crate::ops::cuda::device::{Arena, Device, View};
+use crate::ops::cuda::device::{Arena, Device, View, ALIGNMENT};
 use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor, TensorView};
@@ -150,9 +150,20 @@ impl DeviceEngine {
                 region.bytes,
                 dtype.name()
             );
-            arena_bytes += bytes;
+            arena_bytes += bytes.next_multiple_of(ALIGNMENT);
         }
-        let mut arena = Arena::new(&device, arena_bytes)?;
+        let workspace_bytes: u64 = [
+            Category::KeptActivations,
+            Category::RecomputeWorkspace,
+            Category::LogitsChunk,
+            Category::BatchData,
+        ]
+        .iter()
+        .map(|&c| plan.category_bytes(c))
+        .sum();
+        let workspace_bytes = (workspace_bytes as usize).next_multiple_of(ALIGNMENT);
+        // One allocation: the parameter stores, then the step's workspace.
+        let mut arena = Arena::new(&device, arena_bytes + workspace_bytes)?;
         let elements = layout.elements;
         let mut carve =
             |(name, dtype): (&str, Dtype)| store::carve(&mut arena, name, elements, dtype);
@@ -169,15 +180,6 @@ impl DeviceEngine {
             exp_avg,
             exp_avg_sq,
         };
-        let workspace_bytes: u64 = [
-            Category::KeptActivations,
-            Category::RecomputeWorkspace,
-            Category::LogitsChunk,
-            Category::BatchData,
-        ]
-        .iter()
-        .map(|&c| plan.category_bytes(c))
-        .sum();
         let host_weights = policy.params.iter();
         store::upload(&device, &layout, flat.weights, &host_weights)
             .context("uploading the policy's weights")?;
@@ -209,7 +211,7 @@ impl DeviceEngine {
             TensorView::F32(g) => kernels.grad_norm_workspace(&[g])?,
             TensorView::Bf16(g) => kernels.grad_norm_workspace(&[g])?,
         };
-        let pool = Pool::new(&device, workspace_bytes as usize)?;
+        let pool = Pool::in_region(arena.carve::<u8>("workspace", workspace_bytes)?)?;
         Ok(DeviceEngine {
             model,
             grads,
@@ -229,9 +231,10 @@ impl DeviceEngine {
         &self.device
     }
 
-    /// Bytes of device memory the engine holds: the arena and the workspace pool.
+    /// Bytes of device memory the engine holds: its arena (the parameter stores and the
+    /// step's workspace) and what the workspace pool had to add beyond it.
     pub fn device_bytes(&self) -> usize {
-        self.arena.capacity() + self.pool.capacity()
+        self.arena.capacity() + self.pool.allocated()
     }
 
     /// Sets every gradient to zero: the start of a step.

@@ -2,9 +2,9 @@
 //! allocated once, whose aligned regions are leased out and come back when their [`Tensor`]
 //! is dropped (first fit, neighbours merged). A training step's shapes repeat, so after the
 //! first step the leases fit into what is already there and the device allocates nothing; the
-//! engine sizes the first segment from its memory plan so that even the first step allocates
-//! nothing beyond it. A lease that fits nowhere adds a segment (at least double the last), so
-//! an undersized plan costs an allocation, never a failure.
+//! engine carves the first segment out of its arena, sized by its memory plan, so that even
+//! the first step allocates nothing beyond it. A lease that fits nowhere adds a segment (at
+//! least double the last), so an undersized plan costs an allocation, never a failure.
 
 use super::device::{AsView, Buffer, Device, Float, View, ALIGNMENT};
 use crate::ops::storage::{Dtype, PARALLEL_CHUNK};
@@ -15,7 +15,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 struct Segment {
-    memory: Buffer<u8>,
+    memory: View<u8>,
+    /// The allocation behind `memory` when the pool made it; `None` for a region of memory
+    /// that its carver keeps alive ([`Pool::in_region`]).
+    owned: Option<Buffer<u8>>,
     /// Free `(offset, bytes)` ranges, sorted by offset, never adjacent.
     free: Vec<(usize, usize)>,
 }
@@ -76,20 +79,29 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    /// A pool whose first segment holds `bytes` (none when 0: the first lease makes one).
-    pub fn new(device: &Device, bytes: usize) -> Result<Pool> {
+    /// A pool whose first segment is `region` (an [`super::device::Arena`]'s, which must
+    /// outlive the pool and every view leased from it), its length rounded down to whole
+    /// [`ALIGNMENT`]s.
+    pub fn in_region(region: View<u8>) -> Result<Pool> {
+        let bytes = region.len() / ALIGNMENT * ALIGNMENT;
+        let memory = region.region::<u8>(0, bytes)?;
         let pool = Pool::default();
         if bytes > 0 {
-            pool.add_segment(device, bytes)?;
+            pool.state.borrow_mut().segments.push(Segment {
+                memory,
+                owned: None,
+                free: vec![(0, bytes)],
+            });
         }
         Ok(pool)
     }
 
     fn add_segment(&self, device: &Device, bytes: usize) -> Result<()> {
         let bytes = bytes.next_multiple_of(ALIGNMENT);
-        let memory = device.alloc::<u8>(bytes)?;
+        let owned = device.alloc::<u8>(bytes)?;
         self.state.borrow_mut().segments.push(Segment {
-            memory,
+            memory: owned.view(),
+            owned: Some(owned),
             free: vec![(0, bytes)],
         });
         Ok(())
@@ -136,12 +148,13 @@ impl Pool {
             .find_map(|(i, s)| s.take(bytes).map(|offset| (i, offset)))
     }
 
-    /// Bytes of device memory the pool holds.
-    pub fn capacity(&self) -> usize {
+    /// Bytes of device memory the pool allocated itself (beyond the region it was made in).
+    pub fn allocated(&self) -> usize {
         self.state
             .borrow()
             .segments
             .iter()
+            .filter(|s| s.owned.is_some())
             .map(|s| s.memory.len())
             .sum()
     }
