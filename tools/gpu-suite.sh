@@ -31,11 +31,14 @@
 #   run         150 s = unpack 10 + selftest 25 + test-gpu 70 + test-kernels-emu 20
 #                     + bench 20 + summary and logs.tar.gz 5
 #   scoreboard  330 s = unpack 10 + trl-venv 10 + env 10 + scoring 15 + 20
-#                     + attention 10 + 15 + dpo 30 + trl-dpo 35 + trl-step 25
+#                     + attention 8 + 7 + 15 + dpo 30 + trl-dpo 35 + trl-step 25
 #                     + nca 25 + 20 + contralign-7b 35 + mistral7b 30 + moe 10 + 15
-#                     + report 10 + logs.tar.gz 5
+#                     + report 5 + logs.tar.gz 5
 #                     (contralign's side, then the baseline's, where a row has both; on the
-#                     GPU trl-step, TRL's step reproduced, runs only where TRL itself failed)
+#                     GPU trl-step, TRL's step reproduced, runs only where TRL itself failed;
+#                     attention is two contralign runs, causal at 2048 and 8192 tokens and
+#                     packed at one 2560-token group, then one baseline process timing all
+#                     three: limits that are mostly process start-up and CUDA init)
 # Each command keeps a running total: a step whose limit no longer fits what is left of its
 # command's budget (less what its report and packing keep) is skipped, and its row says so.
 # The Python baselines get their limit less their start-up as --budget-s and time fewer
@@ -408,15 +411,20 @@ rows_of() {
     local bin=$1 device=$2 python=$3 trl_python=$4 shape=$5 results=$6
     local tools=$root/tools/scoreboard dump=$results/dumps
     local -a c_scoring c_attention c_step c_7b c_moe p_common p_scoring p_attention p_step p_moe
+    local attention_causal attention_packed
     if [[ $shape == gpu ]]; then
         c_scoring=(--dtype bf16 --reps 5)
-        c_attention=(--dtype bf16 --tokens 2560 --reps 5)
+        # Mistral-7B's attention (bench attention's default 32 heads, 8 KV heads, head dim
+        # 128): plain causal at 2K and 8K, and one packed group (512 + 8 x 256).
+        c_attention=(--dtype bf16 --reps 5)
+        attention_causal=2048,8192
+        attention_packed=2560
         c_step=(--layers "$step_layers" --groups 2 --prompt 512 --response-len 256 --steps 3)
         # Mistral-7B's own config (bench step's default) with all its layers.
         c_7b=(--layers 32 --groups 2 --prompt 512 --response-len 256 --steps 3)
         p_common=(--device cuda --dtype bf16)
         p_scoring=(--reps 5)
-        p_attention=(--tokens 2560 --reps 5)
+        p_attention=(--reps 5)
         p_step=(--layers "$step_layers" --groups 2 --prompt 512 --response-len 256 --reps 3)
         c_moe=()
         p_moe=(--tokens 4096 --reps 5 --budget-s 5)
@@ -424,8 +432,11 @@ rows_of() {
         # fp32 on both sides (bench step and bench moe default to bf16 stores), so that the
         # checks' 1e-4 compares the same computation.
         c_scoring=(--dtype f32 --rows 600 --vocab 96 --dim 32 --reps 1 --dump "$dump/scoring")
-        c_attention=(--dtype f32 --tokens 160 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
+        # The GPU's three cases at a sixteenth: causal 128 and 512, one packed group of 160.
+        c_attention=(--dtype f32 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
             --responses 4 --response-len 32 --reps 1 --dump "$dump/attention")
+        attention_causal=128,512
+        attention_packed=160
         c_step=(--config "$tools/tiny-mistral.json" --layers 2 --groups 2 --prompt 12
             --response-len 8 --steps 1 --gemm-size 64 --precision f32)
         # The baseline's 32-layer step at tiny width, dumped for its check.
@@ -437,7 +448,7 @@ rows_of() {
             --dump "$dump/moe")
         p_common=(--device cpu --dtype fp32)
         p_scoring=(--rows 600 --vocab 96 --dim 32 --reps 1 --check "$dump/scoring")
-        p_attention=(--tokens 160 --heads 4 --kv-heads 2 --head-dim 16 --prompt 32
+        p_attention=(--heads 4 --kv-heads 2 --head-dim 16 --prompt 32
             --responses 4 --response-len 32 --reps 1 --check "$dump/attention")
         p_step=(--config "$tools/tiny-mistral.json" --layers 2 --groups 2 --prompt 12
             --response-len 8 --reps 1)
@@ -455,10 +466,17 @@ rows_of() {
     step scoring 20 --result "$r/scoring.json" \
         "$python" "$tools/scoring.py" "${p_common[@]}" "${p_scoring[@]}" \
         --budget-s 8 --out "$r/scoring.json" || bad=1
-    step contralign-attention 10 --json "$r/contralign-attention.json" \
-        "$c" bench attention --device "$device" "${c_attention[@]}" || bad=1
+    # bench attention times every --tokens with every --mask: one run per mask gives exactly
+    # the cases; attention.py pairs the i-th --mask with the i-th --tokens, all in one process.
+    step contralign-attention-causal 8 --json "$r/contralign-attention-causal.json" \
+        "$c" bench attention --device "$device" "${c_attention[@]}" --mask causal \
+        --tokens "$attention_causal" || bad=1
+    step contralign-attention-packed 7 --json "$r/contralign-attention-packed.json" \
+        "$c" bench attention --device "$device" "${c_attention[@]}" --mask packed \
+        --tokens "$attention_packed" || bad=1
     step attention 15 --result "$r/attention.json" \
         "$python" "$tools/attention.py" "${p_common[@]}" "${p_attention[@]}" \
+        --mask causal --tokens "$attention_causal" --mask packed --tokens "$attention_packed" \
         --budget-s 5 --out "$r/attention.json" || bad=1
     step contralign-dpo 30 --json "$r/contralign-dpo.json" "$c" bench step --device "$device" \
         --loss dpo --responses 2 "${c_step[@]}" \
@@ -536,7 +554,7 @@ trl_venv='python3 -m venv --system-site-packages "$1" &&
 
 scoreboard() {
     local dir=$1
-    begin "$2" 330 15
+    begin "$2" 330 10
     unpack "$dir"
     local results trl_python=
     # Global: the exit trap reads it after this function has returned.
@@ -554,7 +572,7 @@ scoreboard() {
     rows_of "$bin/contralign" cuda python3 "$trl_python" gpu "$results"
     local rc=$?
     printf '{"steps": [%s]}\n' "$(IFS=,; echo "${steps_json[*]}")" >"$results/steps.json"
-    timeout --kill-after=1 9 python3 "$root/tools/scoreboard/report.py" "$results" "$out" \
+    timeout --kill-after=1 4 python3 "$root/tools/scoreboard/report.py" "$results" "$out" \
         "contralign scoreboard, $(date -u '+%Y-%m-%d %H:%M UTC')" >"$logs/report.log" 2>&1 ||
         echo "gpu-suite: report.py failed (report.log)" >&2
     cp -r "$results" "$logs/results"
@@ -576,7 +594,7 @@ dry_run() {
     (cd "$root" && cargo build --release --bin contralign) || die "cargo build failed"
     rm -rf "$out_dir"
     limit_scale=4
-    begin "$out_dir" $((330 * limit_scale)) 15
+    begin "$out_dir" $((330 * limit_scale)) 10
     local results=$out_dir/results
     mkdir -p "$results"
     rows_of "$root/target/release/contralign" emu "$venv/bin/python" "$venv/bin/python" tiny \

@@ -6,8 +6,17 @@ transformers/integrations/sdpa_attention.py: key/value heads repeated to the que
 contralign's packed group (one prompt, K responses that see the prompt and themselves) has no
 SDPA mask of its own, so, as TRL's padded batches do, it runs as K sequences of prompt +
 response, the prompt computed K times.
+
+The cases are those of `contralign bench attention` with the same flags: every --tokens with
+every --mask, a packed case holding as many whole groups as fit (at least one: 512 + 8 x 256
+= 2560 tokens at the defaults), tokens outer. --mask and --tokens may each be given several
+times: the i-th --mask goes with the i-th --tokens, one process timing what several
+contralign invocations do (the GPU suite runs `--mask causal --tokens 2048,8192 --mask packed
+--tokens 2560`). Each case reports the tokens of its stream, as contralign does, and with
+--check recomputes contralign's dump `attention-MASK-TOKENS` (TOKENS as given).
 """
 
+import argparse
 import json
 import os
 
@@ -71,14 +80,51 @@ def check_one(dir, name, device):
     return result
 
 
-def time_case(a, tokens, packed):
+def cases(p, a):
+    """(mask, tokens as given) in contralign's order: per pairing of --mask and --tokens,
+    tokens outer, mask inner."""
+    masks = a.mask or [["causal", "packed"]]
+    tokens = a.tokens or [[2048, 8192]]
+    if len(masks) == 1:
+        masks = masks * len(tokens)
+    if len(tokens) == 1:
+        tokens = tokens * len(masks)
+    if len(masks) != len(tokens):
+        p.error(f"--mask given {len(masks)} times and --tokens {len(tokens)}: the i-th of "
+                "each go together")
+    out = []
+    for ms, ts in zip(masks, tokens):
+        out += [(m, t) for t in ts for m in ms]
+    return out
+
+
+def comma_list(kind, choices=None):
+    def parse(text):
+        try:
+            items = [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma list of {kind.__name__}: {text}")
+        bad = [x for x in items if (x not in choices if choices else x <= 0)]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{bad[0]}: " + (f"one of {', '.join(choices)}" if choices else
+                                 "every stream needs at least one token"))
+        return items
+    return parse
+
+
+def time_case(a, mask, tokens, budget_s):
     dtype = dtype_of(a.dtype)
     g = torch.Generator(device=a.device).manual_seed(7)
+    packed = mask == "packed"
     if packed:
         per = a.prompt + a.response_len
-        batch = a.responses * max(tokens // (a.prompt + a.responses * a.response_len), 1)
+        groups = max(tokens // (a.prompt + a.responses * a.response_len), 1)
+        batch = a.responses * groups
+        stream = groups * (a.prompt + a.responses * a.response_len)
         shape_q, shape_kv = (batch, per, a.heads, a.head_dim), (batch, per, a.kv_heads, a.head_dim)
     else:
+        stream = tokens
         shape_q, shape_kv = (1, tokens, a.heads, a.head_dim), (1, tokens, a.kv_heads, a.head_dim)
     q, k, v = (torch.randn(s, device=a.device, generator=g).to(dtype).requires_grad_()
                for s in (shape_q, shape_kv, shape_kv))
@@ -89,11 +135,11 @@ def time_case(a, tokens, packed):
         def forward():
             with torch.no_grad():
                 attend(q, k, v)
-        fwd, n = timed(forward, a.device, a.reps, a.budget_s / 4)
+        fwd, n = timed(forward, a.device, a.reps, budget_s / 2)
         out = attend(q, k, v)
         bwd, m = timed(lambda: out.backward(dout, retain_graph=True), a.device, a.reps,
-                       a.budget_s / 4)
-    return {"mask": "packed" if packed else "causal", "tokens": tokens,
+                       budget_s / 2)
+    return {"mask": mask, "tokens": stream, "requested_tokens": tokens,
             "sequences": shape_q[0], "sequence_len": shape_q[1],
             "backend": backend.name.lower(), "forward_ms": fwd * 1e3,
             "backward_ms": bwd * 1e3, "reps": [n, m]}
@@ -101,8 +147,11 @@ def time_case(a, tokens, packed):
 
 def main():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=4352, help="a causal stream and a packed "
-                   "one of as many whole groups as fit (one group: 512 + 8 x 256 = 2560)")
+    p.add_argument("--tokens", action="append", type=comma_list(int), help="stream lengths, "
+                   "a comma list (default 2048,8192); may be repeated, see --mask")
+    p.add_argument("--mask", action="append", type=comma_list(str, ("causal", "packed")),
+                   help="causal and/or packed, a comma list (default causal,packed); the i-th "
+                   "--mask goes with the i-th --tokens")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -110,13 +159,17 @@ def main():
     p.add_argument("--responses", type=int, default=8)
     p.add_argument("--response-len", type=int, default=256)
     a = p.parse_args()
+    todo = cases(p, a)
     result = {"row": "attention", "baseline": "torch sdpa (transformers 5.17 sdpa_attention)"}
     if a.check:
         result["check"] = {}
-        for mask in ("causal", "packed"):
-            for n, c in check_one(a.check, f"attention-{mask}-{a.tokens}", a.device).items():
-                result["check"][f"{mask} {n}"] = c
-    result["cases"] = [time_case(a, a.tokens, packed) for packed in (False, True)]
+        for mask, tokens in todo:
+            name = f"attention-{mask}-{tokens}"
+            for n, c in check_one(a.check, name, a.device).items():
+                result["check"][f"{mask} {tokens} {n}"] = c
+    # --budget-s shared out: each case's forward and backward get their part of it.
+    result["cases"] = [time_case(a, mask, tokens, a.budget_s / len(todo))
+                       for mask, tokens in todo]
     emit(result, a.out)
 
 

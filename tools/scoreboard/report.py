@@ -77,23 +77,44 @@ def scoring_rows(c, b):
     return out
 
 
-def attention_rows(c, b):
-    why_c, why_b = absent(c), absent(b)
+def mask_name(case):
+    """contralign writes "causal" or {"packed": {...}}, the baseline "causal" or "packed"."""
+    m = case["mask"]
+    return m if isinstance(m, str) else next(iter(m))
+
+
+def attention_rows(ours_by_mask, b):
+    """A row pair (forward, backward) per (mask, tokens) case either side ran, matched by
+    mask and the stream's token count; ours_by_mask: contralign's result per mask (one bench
+    step each). A case one side lacks says why: its step gave no figures, or it has no such
+    case. A mask neither side has a case of still gets a row pair saying why."""
+    why_b = absent(b)
+    theirs = {} if why_b else {(x["mask"], x["tokens"]): x for x in b.get("cases", [])}
+    ours, why_c = {}, {}
+    for mask, c in ours_by_mask.items():
+        why_c[mask] = absent(c)
+        if not why_c[mask]:
+            ours.update({(mask_name(x), x["tokens"]): x for x in c.get("cases", [])})
+    keys = list(ours) + [k for k in theirs if k not in ours]
     out = []
-    for mask in ("causal", "packed"):
-        cc = None if why_c else next((x for x in c["cases"] if
-                                      (x["mask"] == "causal") == (mask == "causal")), None)
-        bc = None if why_b else next((x for x in b["cases"] if x["mask"] == mask), None)
-        note = "; ".join(w for w in (why_c and f"contralign {why_c}",
-                                     why_b and f"baseline {why_b}") if w)
-        if mask == "packed" and bc:
-            note = (note + "; " if note else "") + \
-                f"SDPA as {bc['sequences']} sequences of {bc['sequence_len']}"
-        for what in ("forward", "backward"):
-            k = f"{what}_ms"
-            ours, theirs = cc and cc[k], bc and bc[k]
-            out.append(row(f"attention, {mask}", f"{what} (ms)", ours, theirs,
-                           ratio(theirs, ours), note))
+    for mask in ours_by_mask:
+        mine = [k for k in keys if k[0] == mask] or [(mask, None)]
+        for key in mine:
+            cc, bc = ours.get(key), theirs.get(key)
+            case = f"{mask} {key[1]}" if key[1] else mask
+            lacks = f"has no {case}-token case" if key[1] else f"has no {mask} case"
+            notes = []
+            if not cc:
+                notes.append(f"contralign {why_c[mask] or lacks}")
+            if not bc:
+                notes.append(f"baseline {why_b or lacks}")
+            if bc and mask == "packed":
+                notes.append(f"SDPA as {bc['sequences']} sequences of {bc['sequence_len']}")
+            for what in ("forward", "backward"):
+                k = f"{what}_ms"
+                mine_ms, their_ms = cc and cc[k], bc and bc[k]
+                out.append(row(f"attention, {case}", f"{what} (ms)", mine_ms, their_ms,
+                               ratio(their_ms, mine_ms), "; ".join(notes)))
     return out
 
 
@@ -182,7 +203,10 @@ def main():
     env = load(results, "env")
     gemm = None if absent(env) else env["gemm_tflops"]
     rows = scoring_rows(load(results, "contralign-scoring"), load(results, "scoring"))
-    rows += attention_rows(load(results, "contralign-attention"), load(results, "attention"))
+    # contralign's attention runs once per mask (the cases the baseline times in one
+    # process); rows per (mask, tokens) case.
+    rows += attention_rows({m: load(results, f"contralign-attention-{m}")
+                            for m in ("causal", "packed")}, load(results, "attention"))
     # Both DPO baselines have a row: TRL's own DPOTrainer, and its reproduction
     # (trl_step.py), which runs on the GPU only where TRL failed and in every dry run; a
     # baseline that did not run says why.
