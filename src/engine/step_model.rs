@@ -57,11 +57,13 @@ impl Launch {
 
 /// The launches of one step of `setup` on the emulator with the probe counting: a model of
 /// `cfg` with random weights, after one uncounted step (which makes the engine's arena and
-/// pool).
+/// pool). The data comes from a stream of its own, so that the one- and two-layer counts see
+/// the same token ids: the embedding's bytes follow the distinct ids, and a difference
+/// between the two would be multiplied by the target's layers.
 pub fn census(cfg: &ModelConfig, setup: &BenchSetup) -> Result<Vec<Launch>> {
-    let mut rng = StdRng::seed_from_u64(setup.seed);
-    let initial = random_params(cfg, &mut rng)?;
-    let data = BenchData::random(&mut rng, cfg, &setup.shape, setup.steps);
+    let initial = random_params(cfg, &mut StdRng::seed_from_u64(setup.seed))?;
+    let mut data_rng = StdRng::seed_from_u64(setup.seed ^ 0xda7a_da7a_da7a_da7a);
+    let data = BenchData::random(&mut data_rng, cfg, &setup.shape, setup.steps);
     let mut trainer = setup.trainer(Device::Emu, cfg, initial, &data)?;
     trainer.train_step()?;
     let probe = Probe {
@@ -228,14 +230,22 @@ pub fn extrapolate(
         seconds: vec![0.0; gpus.len()],
         ..KernelTotals::default()
     };
-    Ok(names
+    names
         .into_iter()
         .map(|name| {
             let one = at_target[0].get(name).unwrap_or(&empty);
             let two = at_target[1].get(name).unwrap_or(&empty);
-            (name.clone(), KernelTotals::affine(one, two, layers))
+            let t = KernelTotals::affine(one, two, layers);
+            ensure!(
+                t.bytes >= 0.0 && t.flops >= 0.0,
+                "`{name}` extrapolates to {} bytes and {} FLOPs at {layers} layers: its two-layer \
+                 count is below its one-layer count, which a step affine in its layers cannot be",
+                t.bytes,
+                t.flops
+            );
+            Ok((name.clone(), t))
         })
-        .collect())
+        .collect()
 }
 
 /// `cfg` and `shape` with widths times `width_mult / divisors.width`, lengths times
