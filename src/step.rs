@@ -241,15 +241,16 @@ pub fn reference_stats_in_passes<O: Ops>(
     }
 }
 
-/// The reference statistics of the groups of `range`, when there are any.
+/// The reference statistics of `chunk`'s responses, which start at response `*start`, when
+/// there are any; moves `*start` past them.
 fn ref_slice<'a>(
     ref_stats: Option<&'a [ResponseStats]>,
-    groups: &[Group],
-    range: &std::ops::Range<usize>,
+    chunk: &[Group],
+    start: &mut usize,
 ) -> Option<&'a [ResponseStats]> {
-    let responses = |gs: &[Group]| gs.iter().map(|g| g.responses.len()).sum::<usize>();
-    let start = responses(&groups[..range.start]);
-    ref_stats.map(|r| &r[start..start + responses(&groups[range.clone()])])
+    let from = *start;
+    *start += chunk.iter().map(|g| g.responses.len()).sum::<usize>();
+    ref_stats.map(|r| &r[from..*start])
 }
 
 /// Checks that reference statistics are there when the loss needs them, one per response.
@@ -312,11 +313,11 @@ pub fn loss_and_grads_in_passes<O: LossOps>(
 ) -> Result<StepOutput<O::Buf, MetricTotals>> {
     check_ref_stats(groups, spec, ref_stats)?;
     let mut grads = policy.zeros_like(ops);
-    let mut total = Combined::default();
+    let (mut total, mut responses) = (Combined::default(), 0);
     for range in token_chunks(groups, max_tokens) {
         let chunk = &groups[range.clone()];
         let share = chunk.len() as f64 / groups.len() as f64;
-        let reference = RefStats::from_host(ref_slice(ref_stats, groups, &range));
+        let reference = RefStats::from_host(ref_slice(ref_stats, chunk, &mut responses));
         let out = accumulate_grads(ops, policy, reference, chunk, spec, opts, share, &mut grads)?;
         total.add(share, out);
         progress(range.end);
@@ -430,13 +431,14 @@ pub fn evaluate_in_passes<O: Ops>(
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
     check_ref_stats(groups, spec, ref_stats)?;
-    let mut total = Combined::default();
+    let (mut total, mut responses) = (Combined::default(), 0);
     for range in token_chunks(groups, max_tokens) {
         let chunk = &groups[range.clone()];
         let batch = pack(policy, chunk)?;
         let (stats, aux_loss) = policy.score_with_aux(ops, &batch);
         ops.check()?;
-        let columns = Columns::new(chunk, &stats, ref_slice(ref_stats, groups, &range));
+        let refs = ref_slice(ref_stats, chunk, &mut responses);
+        let columns = Columns::new(chunk, &stats, refs);
         let out = batch_loss(spec, &columns.input())?;
         let metrics = batch_metrics(spec, &columns.input(), &stats);
         let pass = PassOutput {
