@@ -1,21 +1,29 @@
 // The global L2 norm of all gradients (f32 or bf16, as many buffers as there are) and
-// clip_grad_norm_'s scaling, in three launches that leave the norm on the device:
+// clip_grad_norm_'s scaling, leaving the norm on the device:
 //
-//   grad_norm_partial  every block sums the squares of its share of every buffer into
-//                      partials[blockIdx.x];
-//   grad_norm_finish   one block sums the partials and writes [norm, coef] with
-//                      coef = min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0);
-//   grad_clip_scale    multiplies every buffer by coef when coef < 1.
+//   grad_norm_{f32,bf16}       one launch: every block sums the squares of its share of every
+//                              buffer into partials[blockIdx.x]; the block that finishes last
+//                              sums the partials and writes [norm, coef] with
+//                              coef = min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0);
+//   grad_clip_scale_{f32,bf16} multiplies every buffer by coef when coef < 1 (the AdamW
+//                              kernels fold this in instead: cuda/adamw.cu).
 //
-// Sums are fp32 in a fixed order (each thread's elements in turn, then reduce.cuh's tree), so
-// the norm is the same bit for bit for a given grid and block.
+// The last block is found as in CUDA's threadFenceReduction sample: each block publishes its
+// partial, fences, and counts itself done on `done`; the block that counts gridDim.x reads
+// them all. Partials are written and read with atomics, which are coherent across blocks
+// (and which the emulator's racecheck knows are not a race), and the last block resets
+// `done` for the next launch. Sums are fp32 in a fixed order (each thread's elements in turn,
+// reduce.cuh's tree, then the partials in block order whichever block is last), so the norm
+// is the same bit for bit for a given grid and block.
 #include "contralign.cuh"
 #include "reduce.cuh"
 
 template <class T>
-__device__ __forceinline__ void grad_norm_partial(const T* const* buffers, const long long* lens,
-                                                  int count, float* partials) {
+__device__ __forceinline__ void grad_norm(const T* const* buffers, const long long* lens,
+                                          int count, float* partials, unsigned* done,
+                                          float max_norm, float* out) {
     __shared__ float scratch[33];
+    __shared__ bool last;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     float squares = 0.0f;
@@ -27,38 +35,39 @@ __device__ __forceinline__ void grad_norm_partial(const T* const* buffers, const
         }
     }
     const float total = block_sum(squares, scratch);
-    if (threadIdx.x == 0) partials[blockIdx.x] = total;
-}
-
-extern "C" __global__ void grad_norm_partial_f32(const float* const* buffers,
-                                                 const long long* lens, int count,
-                                                 float* partials) {
-    grad_norm_partial(buffers, lens, count, partials);
-}
-CONTRALIGN_KERNEL(grad_norm_partial_f32)
-
-extern "C" __global__ void grad_norm_partial_bf16(const __nv_bfloat16* const* buffers,
-                                                  const long long* lens, int count,
-                                                  float* partials) {
-    grad_norm_partial(buffers, lens, count, partials);
-}
-CONTRALIGN_KERNEL(grad_norm_partial_bf16)
-
-// Launched with one block.
-extern "C" __global__ void grad_norm_finish(const float* partials, int parts, float max_norm,
-                                            float* out) {
-    __shared__ float scratch[33];
-    float sum = 0.0f;
-    for (int p = threadIdx.x; p < parts; p += blockDim.x) sum += partials[p];
-    const float total = block_sum(sum, scratch);
     if (threadIdx.x == 0) {
-        const float norm = sqrtf(total);
+        atomicExch(&partials[blockIdx.x], total);
+        __threadfence();
+        last = atomicAdd(done, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float sum = 0.0f;
+    for (unsigned p = threadIdx.x; p < gridDim.x; p += blockDim.x) sum += atomicAdd(&partials[p], 0.0f);
+    const float all = block_sum(sum, scratch);
+    if (threadIdx.x == 0) {
+        const float norm = sqrtf(all);
         const float coef = max_norm / (norm + 1e-6f);
         out[0] = norm;
         out[1] = max_norm > 0.0f && coef < 1.0f ? coef : 1.0f;
+        atomicExch(done, 0u);
     }
 }
-CONTRALIGN_KERNEL(grad_norm_finish)
+
+extern "C" __global__ void grad_norm_f32(const float* const* buffers, const long long* lens,
+                                         int count, float* partials, unsigned* done,
+                                         float max_norm, float* out) {
+    grad_norm(buffers, lens, count, partials, done, max_norm, out);
+}
+CONTRALIGN_KERNEL(grad_norm_f32)
+
+extern "C" __global__ void grad_norm_bf16(const __nv_bfloat16* const* buffers,
+                                          const long long* lens, int count, float* partials,
+                                          unsigned* done, float max_norm, float* out) {
+    grad_norm(buffers, lens, count, partials, done, max_norm, out);
+}
+CONTRALIGN_KERNEL(grad_norm_bf16)
 
 template <class T>
 __device__ __forceinline__ void grad_clip_scale(T* const* buffers, const long long* lens,

@@ -78,7 +78,7 @@ impl RoundedStores {
     }
 
     /// The gradients' global norm (f64) and the clipping coefficient to `max_norm` (0: none)
-    /// as the device's `grad_norm_finish` computes it, in f32 from the norm.
+    /// as the device's `grad_norm_{f32,bf16}` kernels compute it, in f32 from the norm.
     pub fn norm_and_coef(grads: &Params<Stored>, max_norm: f64) -> (f64, f64) {
         let values: Vec<&Vec<f32>> = grads.iter().into_iter().map(|g| &g.values).collect();
         let norm = super::optimizer::global_norm(&values);

@@ -11,7 +11,7 @@
 //! packed layouts of `data::packing`) and the whole range otherwise (never too few tiles).
 
 use super::device::{AsView, Device, Float};
-use super::emu::{self, KernelArgs, LaunchConfig};
+use super::emu::{KernelArgs, LaunchConfig};
 use super::lists::{ListSource, StagedLists, Uploads};
 use super::pool::{Leased, Pool};
 use crate::ops::{AttentionLayout, AttentionShape};
@@ -394,12 +394,7 @@ impl<'a> AttentionKernels<'a> {
     fn launch(&self, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<()> {
         // SAFETY: the wrappers pass device pointers of live buffers of `self.device` whose
         // lengths they have checked against the shapes the kernels are given.
-        unsafe {
-            match (self.device, self.emu_seed) {
-                (Device::Emu, Some(seed)) => emu::launch_seeded(name, config, args, seed),
-                _ => self.device.launch(name, config, args),
-            }
-        }
+        unsafe { self.device.launch_seeded(name, config, args, self.emu_seed) }
     }
 
     /// The kernels' dimensions after checking the shape against the buffers and the layout.

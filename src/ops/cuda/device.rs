@@ -534,9 +534,27 @@ impl Device {
     /// As for a CUDA launch: every pointer argument must be the [`Buffer::device_ptr`] of a
     /// live buffer of this device, large enough for what the kernel reads and writes there.
     pub unsafe fn launch(&self, name: &str, config: LaunchConfig, args: &KernelArgs) -> Result<()> {
+        self.launch_seeded(name, config, args, None)
+    }
+
+    /// [`Device::launch`], on the emulator with scheduling seed `emu_seed` (block order and
+    /// thread shuffles) instead of [`emu::default_seed`]; a GPU ignores it.
+    ///
+    /// # Safety
+    /// As for [`Device::launch`].
+    pub unsafe fn launch_seeded(
+        &self,
+        name: &str,
+        config: LaunchConfig,
+        args: &KernelArgs,
+        emu_seed: Option<u64>,
+    ) -> Result<()> {
         args.check_homes(name, matches!(self, Device::Emu))?;
         match self {
-            Device::Emu => emu::launch(name, config, args),
+            Device::Emu => match emu_seed {
+                Some(seed) => emu::launch_seeded(name, config, args, seed),
+                None => emu::launch(name, config, args),
+            },
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => {
                 emu::check_args(name, args)?;

@@ -18,6 +18,9 @@ pub struct Kernels<'a> {
     /// Where launches that need temporary device memory (partial sums) take it from, so
     /// that a repeated launch allocates nothing.
     pub scratch: Pool,
+    /// The emulator's scheduling seed for every launch (None: [`super::emu::default_seed`]),
+    /// for tests that a result does not depend on block order or thread interleaving.
+    pub emu_seed: Option<u64>,
 }
 
 /// Blocks of the partial sums of the gradient norm: enough to fill a GPU, few enough for one
@@ -33,6 +36,8 @@ pub struct GradNormWorkspace {
     lens: Buffer<i64>,
     longest: usize,
     partials: Buffer<f32>,
+    /// The count of blocks done, which the last block resets to zero (cuda/grad_norm.cu).
+    done: Buffer<u32>,
     norm_and_coef: Buffer<f32>,
 }
 
@@ -115,6 +120,7 @@ impl<'a> Kernels<'a> {
             block: 256,
             max_grid: 4096,
             scratch,
+            emu_seed: None,
         }
     }
 
@@ -123,8 +129,8 @@ impl<'a> Kernels<'a> {
         // SAFETY: every wrapper passes device pointers of live buffers of `self.device` whose
         // lengths it has checked against what the kernel touches.
         unsafe {
-            self.device
-                .launch(name, LaunchConfig::new(grid, self.block, 0), args)
+            let config = LaunchConfig::new(grid, self.block, 0);
+            self.device.launch_seeded(name, config, args, self.emu_seed)
         }
     }
 
@@ -379,6 +385,7 @@ impl<'a> Kernels<'a> {
             lens: self.device.upload(&lens)?,
             longest,
             partials: self.device.alloc(parts)?,
+            done: self.device.upload(&[0u32])?,
             norm_and_coef: self.device.alloc(2)?,
         })
     }
@@ -387,19 +394,16 @@ impl<'a> Kernels<'a> {
     /// `max_norm` (0: none), as `[norm, coef]` on the device for [`Kernels::clip`] or the
     /// AdamW kernels.
     pub fn grad_norm(&self, ws: &GradNormWorkspace, max_norm: f32) -> Result<View<f32>> {
-        let parts = ws.partials.len();
         let mut args = KernelArgs::new();
         args.buffer(&ws.pointers)
             .buffer(&ws.lens)
             .arg(ws.pointers.len() as i32)
-            .buffer(&ws.partials);
-        self.launch(&format!("grad_norm_partial_{}", ws.dtype), parts, &args)?;
-        let mut args = KernelArgs::new();
-        args.buffer(&ws.partials)
-            .arg(parts as i32)
+            .buffer(&ws.partials)
+            .buffer(&ws.done)
             .arg(max_norm)
             .buffer(&ws.norm_and_coef);
-        self.launch("grad_norm_finish", 1, &args)?;
+        let kernel = format!("grad_norm_{}", ws.dtype);
+        self.launch(&kernel, ws.partials.len(), &args)?;
         Ok(ws.norm_and_coef.view())
     }
 
