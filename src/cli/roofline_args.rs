@@ -14,7 +14,7 @@ pub struct RooflineArgs {
     #[arg(long, value_name = "GB/s")]
     bandwidth: Option<f64>,
     /// Price the model at this measured bf16 peak, TFLOP/s (a large GEMM's rate), in place of
-    /// the H100's published 989.
+    /// the H100's published 989 (f32 ops, on the CUDA cores, at the H100's ratio of 67 to 989).
     #[arg(long, value_name = "TFLOP/s")]
     tflops: Option<f64>,
 }

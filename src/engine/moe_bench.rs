@@ -16,7 +16,7 @@ use crate::model::params::Expert;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::Tensor;
-use crate::ops::cuda::roofline::{Gpu, Modeled};
+use crate::ops::cuda::roofline::{Gpu, Math, Modeled};
 use crate::ops::storage::Dtype;
 use crate::ops::{MoeAux, Ops};
 use anyhow::{ensure, Context, Result};
@@ -210,7 +210,8 @@ pub fn time_moe(
         Dtype::Bf16 => 2.0,
     };
     let (rows, router, weights) = (t * d as f64, e * d as f64, 3.0 * e * (f * d) as f64);
-    let model = |elements: f64, flops: f64| Modeled::new(&gpu, size * elements, flops);
+    let math = Math::of(storage.name());
+    let model = |elements: f64, flops: f64| Modeled::new(&gpu, size * elements, flops, math);
     Ok(MoeTiming {
         dtype: storage.name(),
         tokens,

@@ -10,7 +10,7 @@
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
-use super::roofline::{Gpu, Modeled};
+use super::roofline::{Gpu, Math, Modeled};
 use super::scoring_bench::to_f32;
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::Result;
@@ -271,7 +271,8 @@ pub fn time_attention<E: Float>(
     let t = p.layout.tokens();
     let gpu = Gpu::published_for(&device.describe());
     let [forward_ideal, backward_ideal] = ideal::<E>(t, p.visible_pairs, shape);
-    let model = |(bytes, flops): (u64, u64)| Modeled::new(&gpu, bytes as f64, flops as f64);
+    let math = Math::of(E::DTYPE);
+    let model = |(bytes, flops): (u64, u64)| Modeled::new(&gpu, bytes as f64, flops as f64, math);
     Ok(AttentionTiming {
         dtype: E::DTYPE,
         mask,

@@ -17,7 +17,7 @@ use super::kernels::{AdamWStep, Kernels};
 use super::lists::Uploads;
 use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use super::pool::{Leased, Pool};
-use super::roofline::{table_header, Gpu};
+use super::roofline::{table_header, Gpu, Math};
 use super::scoring::Spans;
 use super::scoring_bench::{ScoringShape, Unfused};
 use crate::ops::optimizer::AdamWConfig;
@@ -100,6 +100,8 @@ pub struct OpProfile {
     pub counted: bool,
     /// Why the op is exempt from the traffic targets, where it is (the table lists it).
     pub exception: Option<&'static str>,
+    /// The units its FLOPs run on.
+    pub math: Math,
 }
 
 impl OpProfile {
@@ -140,6 +142,7 @@ pub struct Case {
     ideal: Ideal,
     run: Run,
     exception: Option<&'static str>,
+    math: Math,
 }
 
 pub fn case(
@@ -152,6 +155,7 @@ pub fn case(
         ideal: Box::new(ideal),
         run: Box::new(run),
         exception: None,
+        math: Math::Bf16TensorCores,
     }
 }
 
@@ -159,6 +163,14 @@ impl Case {
     /// The op with the reason it is exempt from the traffic targets.
     pub fn excepted(mut self, why: &'static str) -> Case {
         self.exception = Some(why);
+        self
+    }
+
+    /// The op with FLOPs of element type `E`: an f32 op's run on the CUDA cores.
+    pub fn math_of<E: Float>(mut self) -> Case {
+        if E::DTYPE == f32::DTYPE {
+            self.math = Math::F32;
+        }
         self
     }
 }
@@ -187,7 +199,8 @@ fn attention_case<E: Float>(backward: bool) -> Case {
             problem.backward(&kernels)
         },
     )
-    .excepted("compute-bound: the time is its FLOPs at the bf16 peak; K/V re-read per query tile")
+    .excepted("compute-bound: the time is its FLOPs at the peak; K/V re-read per query tile")
+    .math_of::<E>()
 }
 
 fn attention_shape(s: &Shapes) -> AttentionShape {
@@ -593,6 +606,7 @@ fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
             }
         },
     )
+    .math_of::<T>()
 }
 
 fn permute_case<E: Float>() -> Case {
@@ -938,6 +952,7 @@ pub fn profile(
             traffic,
             counted: records.iter().all(|r| r.counted),
             exception: c.exception,
+            math: c.math,
         });
     }
     Ok(out)
@@ -949,8 +964,9 @@ pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
     let mut out = format!(
         "Counted by the emulator's probe at {} tokens (d {}, ffn {}, {} heads of {}, {} \
          optimizer elements); times are the roofline model at Mistral-7B's shapes ({} tokens, \
-         50M optimizer elements), extrapolated with each op's counted/ideal ratio, on {}. A \
-         model, not a measurement.\n\n",
+         50M optimizer elements), extrapolated with each op's counted/ideal ratio, on {}; an \
+         f32 op's FLOPs at the fp32 peak of the CUDA cores ({}: the f32 paths check the \
+         engine, they are not its fast path). A model, not a measurement.\n\n",
         shapes.tokens,
         shapes.d,
         shapes.ffn,
@@ -958,7 +974,11 @@ pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
         shapes.head_dim,
         shapes.params,
         Shapes::mistral_7b().tokens,
-        figures.join(" and ")
+        figures.join(" and "),
+        gpus.iter()
+            .map(|g| format!("{} {} TFLOP/s", g.name, g.f32_flops / 1e12))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     out.push_str(&table_header(
         &[
@@ -994,7 +1014,7 @@ pub fn table(rows: &[OpProfile], shapes: &Shapes, gpus: &[Gpu]) -> String {
             r.op, r.launches, r.ideal_bytes
         ));
         for gpu in gpus {
-            let micros = gpu.seconds(r.bytes_7b(), r.flops_7b as f64) * 1e6;
+            let micros = gpu.seconds_on(r.bytes_7b(), r.flops_7b as f64, r.math) * 1e6;
             out.push_str(&format!(" {micros:.1} |"));
         }
         let note = match (r.accepted(), r.exception) {

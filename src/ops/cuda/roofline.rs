@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
-/// The two figures of a GPU that the model uses.
+/// The figures of a GPU that the model uses.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Gpu {
     pub name: String,
@@ -16,33 +16,64 @@ pub struct Gpu {
     pub bandwidth: f64,
     /// Dense bf16 tensor-core peak, FLOP per second.
     pub bf16_flops: f64,
+    /// fp32 peak on the CUDA cores (no tensor cores: cuBLAS's `COMPUTE_32F` without TF32, and
+    /// the f32 kernels' FMAs), FLOP per second.
+    pub f32_flops: f64,
+}
+
+/// Which units an op's FLOPs run on, and so which peak prices them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Math {
+    /// bf16 inputs on the tensor cores (cuBLAS, WMMA).
+    Bf16TensorCores,
+    /// fp32 on the CUDA cores: the f32 paths, which exist to check the engine, not for speed.
+    F32,
+}
+
+impl Math {
+    /// The units that ops storing `dtype` (`"f32"` or `"bf16"`, as `Float::DTYPE` and
+    /// `Dtype::name` spell them) compute on.
+    pub fn of(dtype: &str) -> Math {
+        if dtype == "f32" {
+            Math::F32
+        } else {
+            Math::Bf16TensorCores
+        }
+    }
 }
 
 impl Gpu {
-    /// A100 SXM4 80 GB: 2039 GB/s HBM2e, 312 TFLOP/s dense bf16 (NVIDIA's A100 datasheet).
+    /// A100 SXM4 80 GB: 2039 GB/s HBM2e, 312 TFLOP/s dense bf16, 19.5 TFLOP/s fp32 (NVIDIA's
+    /// A100 datasheet).
     pub fn a100() -> Gpu {
         Gpu {
             name: "A100".into(),
             bandwidth: 2039e9,
             bf16_flops: 312e12,
+            f32_flops: 19.5e12,
         }
     }
 
-    /// H100 SXM5 80 GB: 3350 GB/s HBM3, 989 TFLOP/s dense bf16 (NVIDIA's H100 datasheet).
+    /// H100 SXM5 80 GB: 3350 GB/s HBM3, 989 TFLOP/s dense bf16, 67 TFLOP/s fp32 (NVIDIA's
+    /// H100 datasheet).
     pub fn h100() -> Gpu {
         Gpu {
             name: "H100".into(),
             bandwidth: 3350e9,
             bf16_flops: 989e12,
+            f32_flops: 67e12,
         }
     }
 
-    /// H200 SXM 141 GB: 4800 GB/s HBM3e, 989 TFLOP/s dense bf16 (NVIDIA's H200 datasheet).
+    /// H200 SXM 141 GB: 4800 GB/s HBM3e, 989 TFLOP/s dense bf16, 67 TFLOP/s fp32 (NVIDIA's
+    /// H200 datasheet).
     pub fn h200() -> Gpu {
         Gpu {
             name: "H200".into(),
             bandwidth: 4800e9,
             bf16_flops: 989e12,
+            f32_flops: 67e12,
         }
     }
 
@@ -58,12 +89,15 @@ impl Gpu {
         }
     }
 
-    /// A GPU with measured figures (a copy's bandwidth, a GEMM's FLOP/s).
+    /// A GPU with measured figures (a copy's bandwidth, a bf16 GEMM's FLOP/s). Its fp32 peak
+    /// is not measured: it is taken as the same fraction of the bf16 one as on an H100.
     pub fn measured(name: &str, bandwidth: f64, bf16_flops: f64) -> Gpu {
+        let h100 = Gpu::h100();
         Gpu {
             name: name.into(),
             bandwidth,
             bf16_flops,
+            f32_flops: bf16_flops * h100.f32_flops / h100.bf16_flops,
         }
     }
 
@@ -101,9 +135,18 @@ impl Gpu {
         )
     }
 
-    /// The modeled seconds of moving `bytes` and computing `flops`.
+    /// The modeled seconds of moving `bytes` and computing `flops` on the tensor cores.
     pub fn seconds(&self, bytes: f64, flops: f64) -> f64 {
-        (bytes / self.bandwidth).max(flops / self.bf16_flops)
+        self.seconds_on(bytes, flops, Math::Bf16TensorCores)
+    }
+
+    /// The modeled seconds of moving `bytes` and computing `flops` on `math`'s units.
+    pub fn seconds_on(&self, bytes: f64, flops: f64, math: Math) -> f64 {
+        let peak = match math {
+            Math::Bf16TensorCores => self.bf16_flops,
+            Math::F32 => self.f32_flops,
+        };
+        (bytes / self.bandwidth).max(flops / peak)
     }
 }
 
@@ -116,16 +159,18 @@ pub struct Modeled {
     pub gpu: Gpu,
     pub bytes: f64,
     pub flops: f64,
+    pub math: Math,
     pub ms: f64,
 }
 
 impl Modeled {
-    pub fn new(gpu: &Gpu, bytes: f64, flops: f64) -> Modeled {
+    pub fn new(gpu: &Gpu, bytes: f64, flops: f64, math: Math) -> Modeled {
         Modeled {
             gpu: gpu.clone(),
             bytes,
             flops,
-            ms: gpu.seconds(bytes, flops) * 1e3,
+            math,
+            ms: gpu.seconds_on(bytes, flops, math) * 1e3,
         }
     }
 }
@@ -161,7 +206,13 @@ mod tests {
         let gpu = Gpu::measured("test", 1e12, 100e12);
         assert_eq!(gpu.seconds(2e12, 1e12), 2.0);
         assert_eq!(gpu.seconds(1e9, 300e12), 3.0);
-        assert_eq!(Modeled::new(&gpu, 2e12, 1e12).ms, 2000.0);
+        assert_eq!(
+            Modeled::new(&gpu, 2e12, 1e12, Math::Bf16TensorCores).ms,
+            2000.0
+        );
+        let h100 = Gpu::h100();
+        assert_eq!(h100.seconds_on(1e9, 67e12, Math::F32), 1.0);
+        assert_eq!(h100.seconds_on(1e9, 989e12, Math::Bf16TensorCores), 1.0);
     }
 
     #[test]

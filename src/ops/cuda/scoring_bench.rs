@@ -11,7 +11,7 @@ use super::emu::KernelArgs;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::pool::Pool;
-use super::roofline::{Gpu, Modeled};
+use super::roofline::{Gpu, Math, Modeled};
 use super::scoring::{chunk_rows_for, FusedScoring, Spans, DEFAULT_CHUNK_BYTES};
 use crate::ops::ResponseSpan;
 use anyhow::{ensure, Result};
@@ -431,15 +431,17 @@ pub fn report<E: Float>(
         size_of::<E>() as f64,
     );
     let forward_bytes = e * (r + v) * d + 12.0 * r;
+    let math = Math::of(E::DTYPE);
     let model = serde_json::json!({
-        "fused_forward": Modeled::new(&gpu, forward_bytes, fwd_flops as f64),
+        "fused_forward": Modeled::new(&gpu, forward_bytes, fwd_flops as f64, math),
         "fused_forward_backward": Modeled::new(
             &gpu,
             forward_bytes + e * r * d + 8.0 * v * d,
             both_flops as f64,
+            math,
         ),
-        "rows_pass": Modeled::new(&gpu, fwd_bytes as f64, 0.0),
-        "backward_pass": Modeled::new(&gpu, bwd_bytes as f64, 0.0),
+        "rows_pass": Modeled::new(&gpu, fwd_bytes as f64, 0.0, math),
+        "backward_pass": Modeled::new(&gpu, bwd_bytes as f64, 0.0, math),
     });
     Ok(serde_json::json!({
         "device": device.describe(),
