@@ -40,8 +40,19 @@ pub fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with(path, |tmp| {
+        std::fs::write(tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))
+    })
+}
+
+/// Builds the file `path` atomically: `write` writes a temporary file (removed if it fails),
+/// which then replaces `path`.
+pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    if let Err(e) = write(&tmp) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e);
+    }
     rename(&tmp, path)
 }
 

@@ -5,7 +5,8 @@ mod describe;
 mod save;
 
 pub use save::{
-    dtype_name, named_tensors, parse_dtype, save_f32, write_model_dir, Tensor, COMPANION_FILES,
+    dtype_name, named_tensors, parse_dtype, save_f32, save_f32_fetched, write_model_dir, Tensor,
+    COMPANION_FILES,
 };
 
 use crate::config::ModelConfig;

@@ -6,6 +6,7 @@ use crate::fsutil;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 
@@ -73,31 +74,37 @@ fn encode(data: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
 /// checkpoint holds no second copy of it (an optimizer state of 7B is 58 GB).
 const ENCODE_CHUNK: usize = 1 << 20;
 
-/// The safetensors header of `tensors` stored as `dtype`, laid out one after the other in
-/// their order, with the `format: pt` metadata that transformers checks for; padded with
-/// spaces to a multiple of 8 bytes, as the safetensors crate writes it.
-fn header(tensors: &[&Tensor], dtype: Dtype) -> Result<Vec<u8>> {
+/// The safetensors header of tensors `(name, shape)` stored as `dtype`, laid out one after
+/// the other in their order, with the `format: pt` metadata that transformers checks for;
+/// padded with spaces to a multiple of 8 bytes, as the safetensors crate writes it.
+fn header(entries: &[(&str, &[usize])], dtype: Dtype) -> Result<Vec<u8>> {
     let width = dtype.size();
-    let mut entries = serde_json::Map::new();
-    entries.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0;
-    for t in tensors {
-        let end = offset + t.data.len() * width;
-        let entry = json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, end]});
-        if entries.insert(t.name.clone(), entry).is_some() {
-            bail!("two tensors named {}", t.name);
+    for &(name, shape) in entries {
+        let end = offset + shape.iter().product::<usize>() * width;
+        let entry = json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]});
+        if map.insert(name.to_string(), entry).is_some() {
+            bail!("two tensors named {name}");
         }
         offset = end;
     }
-    let mut text = serde_json::to_vec(&Value::Object(entries)).context("serializing a header")?;
+    let mut text = serde_json::to_vec(&Value::Object(map)).context("serializing a header")?;
     text.resize(text.len().next_multiple_of(8), b' ');
     Ok(text)
 }
 
-/// Writes `tensors` to one safetensors file at `path` (not atomically; callers write into
-/// a temporary place), streaming: a chunk of one tensor is encoded at a time.
-fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
-    let header = header(tensors, dtype)?;
+/// Writes tensors `(name, shape)` to one safetensors file at `path` (not atomically; callers
+/// write into a temporary place), streaming: `fetch(i)` gives tensor i's values when its turn
+/// comes, and a chunk of them is encoded at a time.
+fn write_entries<'a>(
+    path: &Path,
+    entries: &[(&str, &[usize])],
+    dtype: Dtype,
+    mut fetch: impl FnMut(usize) -> Result<Cow<'a, [f32]>>,
+) -> Result<()> {
+    let header = header(entries, dtype)?;
     let fail = |e: std::io::Error| anyhow!("cannot write {}: {e}", path.display());
     let file = std::fs::File::create(path).map_err(fail)?;
     let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
@@ -105,8 +112,17 @@ fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
         .map_err(fail)?;
     out.write_all(&header).map_err(fail)?;
     let mut bytes = Vec::with_capacity(ENCODE_CHUNK * dtype.size());
-    for t in tensors {
-        for chunk in t.data.chunks(ENCODE_CHUNK) {
+    for (i, &(name, shape)) in entries.iter().enumerate() {
+        let data = fetch(i)?;
+        let want: usize = shape.iter().product();
+        if data.len() != want {
+            bail!(
+                "{}: tensor {name} of shape {shape:?} has {} values, not {want}",
+                path.display(),
+                data.len()
+            );
+        }
+        for chunk in data.chunks(ENCODE_CHUNK) {
             bytes.clear();
             encode(chunk, dtype, &mut bytes);
             out.write_all(&bytes).map_err(fail)?;
@@ -118,12 +134,36 @@ fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
         .map_err(fail)
 }
 
+/// Writes `tensors` to one safetensors file at `path`, as [`write_entries`].
+fn write_file(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<()> {
+    let entries: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .collect();
+    write_entries(path, &entries, dtype, |i| {
+        Ok(Cow::Borrowed(tensors[i].data))
+    })
+}
+
 /// Writes `tensors` (f32) to one safetensors file, atomically.
 pub fn save_f32(path: &Path, tensors: &[Tensor]) -> Result<()> {
-    let tmp = fsutil::temp_path(path);
     let refs: Vec<&Tensor> = tensors.iter().collect();
-    write_file(&tmp, &refs, Dtype::F32)?;
-    fsutil::rename(&tmp, path)
+    fsutil::write_atomically_with(path, |tmp| write_file(tmp, &refs, Dtype::F32))
+}
+
+/// Writes tensors `(name, shape)` as f32 to one safetensors file, atomically, `fetch(i)`
+/// giving tensor i's values when it is written: one tensor at a time on the host (a
+/// checkpoint's moments, downloaded from a device one by one).
+pub fn save_f32_fetched<'a>(
+    path: &Path,
+    entries: &[(String, Vec<usize>)],
+    fetch: impl FnMut(usize) -> Result<Cow<'a, [f32]>>,
+) -> Result<()> {
+    let entries: Vec<(&str, &[usize])> = entries
+        .iter()
+        .map(|(name, shape)| (name.as_str(), shape.as_slice()))
+        .collect();
+    fsutil::write_atomically_with(path, |tmp| write_entries(tmp, &entries, Dtype::F32, fetch))
 }
 
 /// Files of a Hugging Face model directory that travel with the weights.

@@ -39,6 +39,15 @@ use anyhow::{bail, ensure, Context, Result};
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
+/// One of AdamW's two moments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// `exp_avg`, the first.
+    ExpAvg,
+    /// `exp_avg_sq`, the second.
+    ExpAvgSq,
+}
+
 /// The flat buffers of the arena, each in the type the plan gives it.
 struct Flat {
     weights: TensorView,
@@ -309,22 +318,35 @@ impl DeviceEngine {
         Ok(norm as f64)
     }
 
+    /// The weights' store: the fp32 master copy when there is one.
+    fn weights_store(&self) -> TensorView {
+        match self.flat.master {
+            Some(master) => TensorView::F32(master),
+            None => self.flat.weights,
+        }
+    }
+
     /// The weights, in checkpoint order: the fp32 master copy when there is one.
     pub fn weights(&self) -> Result<Vec<Vec<f32>>> {
-        let flat = match self.flat.master {
-            Some(master) => self.device.download(&master)?,
-            None => self.flat.weights.download(&self.device)?,
-        };
-        Ok(store::split(&self.layout, &flat))
+        store::download(&self.device, &self.layout, self.weights_store())
     }
 
     /// AdamW's first and second moments, in checkpoint order.
     pub fn moments(&self) -> Result<Moments> {
-        let layout = &self.layout;
         Ok((
-            store::split(layout, &self.flat.exp_avg.download(&self.device)?),
-            store::split(layout, &self.flat.exp_avg_sq.download(&self.device)?),
+            store::download(&self.device, &self.layout, self.flat.exp_avg)?,
+            store::download(&self.device, &self.layout, self.flat.exp_avg_sq)?,
         ))
+    }
+
+    /// Tensor `index` (in checkpoint order) of one AdamW moment, downloaded alone: a
+    /// checkpoint streams the moments from the device without a host copy of them.
+    pub fn moment(&self, which: Moment, index: usize) -> Result<Vec<f32>> {
+        let flat = match which {
+            Moment::ExpAvg => self.flat.exp_avg,
+            Moment::ExpAvgSq => self.flat.exp_avg_sq,
+        };
+        store::download_one(&self.device, &self.layout, flat, index)
     }
 
     /// Replaces the gradients, rounded to their store's type: a step's update from given

@@ -7,6 +7,7 @@
 
 use super::trainer::{Trainer, TrainerState};
 use crate::checkpoint::{named_tensors, read_tensors, write_model_dir, TensorMap};
+use crate::engine::Moment;
 use crate::fsutil;
 use crate::model::params::param_specs;
 use crate::model::Model;
@@ -217,7 +218,7 @@ impl RunDir {
     /// Writes `checkpoint-STEP/` atomically, with the trainer's state brought back from its
     /// device first, then removes the checkpoints beyond `opts.total_limit`.
     pub fn save_checkpoint(&self, trainer: &mut Trainer, opts: &SaveOptions) -> Result<PathBuf> {
-        trainer.sync_to_host()?;
+        trainer.sync_weights_to_host()?;
         let path = self
             .path
             .join(format!("{CHECKPOINT_PREFIX}{}", trainer.step));
@@ -239,13 +240,25 @@ impl RunDir {
             if dtype != Dtype::F32 {
                 crate::checkpoint::save_f32(&dir.join(MASTER), &weights)?;
             }
-            let mut moments = named_tensors(&specs, "exp_avg.", &trainer.optimizer.exp_avg);
-            moments.extend(named_tensors(
-                &specs,
-                "exp_avg_sq.",
-                &trainer.optimizer.exp_avg_sq,
-            ));
-            crate::checkpoint::save_f32(&dir.join(OPTIMIZER), &moments)?;
+            // The moments are fetched a tensor at a time (from the device, where they live
+            // during a device run): 58 GB in f32 for a 7B, never all on the host.
+            let n = specs.len();
+            let entries: Vec<(String, Vec<usize>)> = ["exp_avg.", "exp_avg_sq."]
+                .iter()
+                .flat_map(|prefix| {
+                    specs
+                        .iter()
+                        .map(move |(name, shape)| (format!("{prefix}{name}"), shape.clone()))
+                })
+                .collect();
+            crate::checkpoint::save_f32_fetched(&dir.join(OPTIMIZER), &entries, |k| {
+                let which = if k < n {
+                    Moment::ExpAvg
+                } else {
+                    Moment::ExpAvgSq
+                };
+                trainer.moment(which, k % n)
+            })?;
             for (file, value) in [
                 (STATE, serde_json::to_value(trainer.state())?),
                 (HF_STATE, hf_state),

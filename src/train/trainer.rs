@@ -8,7 +8,7 @@ use super::refcache::RefLookup;
 use super::rounded::RoundedStores;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
-use crate::engine::{DeviceEngine, Update};
+use crate::engine::{DeviceEngine, Moment, Update};
 use crate::loss::LossSpec;
 use crate::memory_plan::{MemoryPlan, PrecisionOptions, RecomputePolicy, ReferenceSource};
 use crate::model::params::Params;
@@ -18,6 +18,7 @@ use crate::ops::cuda::device::Device;
 use crate::step::{self, Combined, RefStats};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::time::Instant;
 
 /// Warmup of the learning-rate schedule.
@@ -147,8 +148,9 @@ pub struct Trainer {
     pub step: u64,
     pub bad_steps_in_a_row: u32,
     data_hash: String,
-    /// Where the policy trains when not on the CPU; `policy` and `optimizer` then hold the
-    /// state as of the last [`Trainer::sync_to_host`].
+    /// Where the policy trains when not on the CPU; `policy` then holds the weights as of
+    /// the last [`Trainer::sync_weights_to_host`], and `optimizer` its step count, its moments
+    /// only after a [`Trainer::sync_to_host`].
     engine: Option<DeviceEngine>,
     /// On the CPU with bf16 stores: the bf16-rounding mode's stores.
     rounded: Option<RoundedStores>,
@@ -333,6 +335,10 @@ impl Trainer {
         if self.optimizer.step > 0 {
             engine.set_moments(&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq)?;
         }
+        // The moments live on the device from here on: the host's copies (58 GB in f32 for a
+        // 7B after a resume) are freed; `sync_to_host` brings them back where wanted.
+        self.optimizer.exp_avg = Vec::new();
+        self.optimizer.exp_avg_sq = Vec::new();
         self.engine = Some(engine);
         self.rounded = None;
         Ok(())
@@ -367,9 +373,9 @@ impl Trainer {
         }))
     }
 
-    /// Brings the device's weights and moments into `policy` and `optimizer` (before a
-    /// checkpoint is written from them); nothing to do on the CPU.
-    pub fn sync_to_host(&mut self) -> Result<()> {
+    /// Brings the device's weights into `policy` (before a checkpoint is written from it);
+    /// nothing to do on the CPU.
+    pub fn sync_weights_to_host(&mut self) -> Result<()> {
         if let Some(engine) = &self.engine {
             for (host, device) in self
                 .policy
@@ -380,11 +386,37 @@ impl Trainer {
             {
                 *host = device;
             }
+        }
+        Ok(())
+    }
+
+    /// Brings the device's weights and moments into `policy` and `optimizer`; nothing to do
+    /// on the CPU. (A checkpoint needs only the weights: [`Trainer::moment`] streams the
+    /// moments.)
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        self.sync_weights_to_host()?;
+        if let Some(engine) = &self.engine {
             let (m, v) = engine.moments()?;
             self.optimizer.exp_avg = m;
             self.optimizer.exp_avg_sq = v;
         }
         Ok(())
+    }
+
+    /// Tensor `index` (in checkpoint order) of one AdamW moment as the training holds it now:
+    /// downloaded alone from the device, or the optimizer's on the CPU.
+    pub fn moment(&self, which: Moment, index: usize) -> Result<Cow<'_, [f32]>> {
+        if let Some(engine) = &self.engine {
+            return Ok(Cow::Owned(engine.moment(which, index)?));
+        }
+        let moments = match which {
+            Moment::ExpAvg => &self.optimizer.exp_avg,
+            Moment::ExpAvgSq => &self.optimizer.exp_avg_sq,
+        };
+        let tensor = moments
+            .get(index)
+            .with_context(|| format!("the optimizer has no moment tensor {index}"))?;
+        Ok(Cow::Borrowed(tensor))
     }
 
     fn reference_stats(&self, groups: &[Group]) -> Result<Option<Vec<ResponseStats>>> {
