@@ -319,6 +319,21 @@ impl DeviceLayout {
         &self.lists
     }
 
+    /// Whether each buffer that [`DeviceLayout::args`] points to is in host memory.
+    fn homes(&self) -> [bool; 8] {
+        [
+            &self.positions,
+            &self.context_start,
+            &self.context_end,
+            &self.own_start,
+            &self.q_offsets,
+            &self.q_tiles,
+            &self.k_offsets,
+            &self.k_tiles,
+        ]
+        .map(|list| list.view().is_on_host())
+    }
+
     fn args(&self) -> LayoutArgs {
         LayoutArgs {
             positions: self.positions.device_ptr(),
@@ -496,7 +511,7 @@ impl<'a> AttentionKernels<'a> {
             .buffer(&v)
             .buffer(&out)
             .buffer(&lse)
-            .arg(layout.args())
+            .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
             &format!("attention_forward_{}", E::DTYPE),
@@ -575,7 +590,7 @@ impl<'a> AttentionKernels<'a> {
             .buffer(&dout)
             .buffer(&dk)
             .buffer(&dv)
-            .arg(layout.args())
+            .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
             &format!("attention_backward_dkdv_{}", E::DTYPE),
@@ -590,7 +605,7 @@ impl<'a> AttentionKernels<'a> {
             .buffer(&delta)
             .buffer(&dout)
             .buffer(&dq)
-            .arg(layout.args())
+            .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
             &format!("attention_backward_dq_{}", E::DTYPE),

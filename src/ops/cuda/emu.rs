@@ -12,7 +12,7 @@
 //! memory probe (`cuda/emu/probe.cpp`): each launch's global-memory traffic counted
 //! ([`Traffic`]), and racecheck.
 
-use super::device::AsView;
+use super::device::{AsView, View};
 use super::gemm::Gemm;
 use anyhow::{bail, ensure, Result};
 use std::cell::{Cell, RefCell};
@@ -111,6 +111,24 @@ impl KernelArgs {
         let view = buffer.view();
         self.homes.push((self.values.len(), view.is_on_host()));
         self.arg(view.device_ptr())
+    }
+
+    /// Appends the device address of `view`, or null without one (an optional parameter),
+    /// its memory checked as [`KernelArgs::buffer`]'s.
+    pub fn optional_buffer<T: bytemuck::Pod>(&mut self, view: Option<View<T>>) -> &mut Self {
+        match view {
+            Some(view) => self.buffer(&view),
+            None => self.arg(0u64),
+        }
+    }
+
+    /// Appends `value`, a struct that holds the addresses of buffers whose memory is on the
+    /// host where `on_host` says so, one flag per buffer: a launch checks them as it checks
+    /// [`KernelArgs::buffer`]'s.
+    pub fn arg_holding<T: Copy>(&mut self, value: T, on_host: &[bool]) -> &mut Self {
+        let index = self.values.len();
+        self.homes.extend(on_host.iter().map(|&home| (index, home)));
+        self.arg(value)
     }
 
     /// That every argument given as a buffer lives where `on_host` says the launch runs.
@@ -607,4 +625,46 @@ fn descriptor(name: &str) -> Result<KernelDesc> {
     };
     // SAFETY: the descriptor functions only return static data.
     Ok(unsafe { (EMU_KERNELS[index].1)() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cuda::device::Device;
+
+    /// Host memory given every way a kernel argument can point at a buffer — directly, as an
+    /// optional buffer, or inside a struct — is refused on a GPU and accepted on the emulator;
+    /// an absent optional buffer is a null that refers to no memory.
+    #[test]
+    fn every_way_of_passing_a_buffer_is_checked_for_its_memory() {
+        let buffer = Device::Emu.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        let view = buffer.view();
+        type Pass = fn(&mut KernelArgs, View<f32>);
+        let ways: [(&str, Pass); 3] = [
+            ("buffer", |a, v| {
+                a.buffer(&v);
+            }),
+            ("optional buffer", |a, v| {
+                a.optional_buffer(Some(v));
+            }),
+            ("a struct holding it", |a, v| {
+                a.arg_holding(v.device_ptr(), &[v.is_on_host(), v.is_on_host()]);
+            }),
+        ];
+        for (way, pass) in ways {
+            let mut args = KernelArgs::new();
+            args.arg(7i32);
+            pass(&mut args, view);
+            args.check_homes("k", true).unwrap();
+            let err = args.check_homes("k", false).unwrap_err().to_string();
+            assert!(
+                err.contains("kernel `k`: argument 1 is a host buffer"),
+                "{way}: {err}"
+            );
+        }
+        let mut args = KernelArgs::new();
+        args.optional_buffer::<f32>(None);
+        args.check_homes("k", false).unwrap();
+        assert_eq!(args.sizes, [8]);
+    }
 }

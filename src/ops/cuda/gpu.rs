@@ -41,6 +41,10 @@ fn driver_error(e: DriverError) -> anyhow::Error {
             | E::CUDA_ERROR_INVALID_ADDRESS_SPACE
             | E::CUDA_ERROR_INVALID_PC
             | E::CUDA_ERROR_LAUNCH_FAILED
+            | E::CUDA_ERROR_LAUNCH_TIMEOUT
+            | E::CUDA_ERROR_ECC_UNCORRECTABLE
+            | E::CUDA_ERROR_NVLINK_UNCORRECTABLE
+            | E::CUDA_ERROR_EXTERNAL_DEVICE
     );
     if lost {
         anyhow!(
@@ -462,7 +466,8 @@ impl Gpu {
             .map_err(driver_error)
             .with_context(|| {
                 format!(
-                    "kernel `{name}` asks for {} bytes of dynamic shared memory, more than this                      GPU allows",
+                    "kernel `{name}` asks for {} bytes of dynamic shared memory, more than this \
+                     GPU allows",
                     config.shared_bytes
                 )
             })?;
@@ -565,7 +570,17 @@ impl Gpu {
             cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
-        .map_err(|e| anyhow!("cuBLAS gemm {g:?}: {e:?}"))
+        .map_err(|e| {
+            // Launches are asynchronous: a kernel that faulted before this GEMM shows first
+            // here, as a cuBLAS failure. The stream's own state says whether that is so.
+            let message = format!("cuBLAS gemm {g:?}: {e:?}");
+            match unsafe { sys::cuStreamQuery(self.context.stream) }.result() {
+                Err(d) if d.0 != sys::cudaError_enum::CUDA_ERROR_NOT_READY => {
+                    driver_error(d).context(message)
+                }
+                _ => anyhow!(message),
+            }
+        })
     }
 
     pub fn synchronize(&self) -> Result<()> {

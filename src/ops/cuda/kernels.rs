@@ -102,11 +102,6 @@ pub(super) fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
     Ok(len / d)
 }
 
-/// A device address, or null for an absent optional buffer.
-fn ptr_or_null<T: bytemuck::Pod>(view: Option<View<T>>) -> u64 {
-    view.map_or(0, |v| v.device_ptr())
-}
-
 impl<'a> Kernels<'a> {
     /// The shape every caller but the tests wants: 256 threads, up to 4096 blocks.
     pub fn new(device: &'a Device) -> Self {
@@ -250,9 +245,9 @@ impl<'a> Kernels<'a> {
         ensure!(rstd.len() == rows, "rmsnorm: rstd needs {rows} elements");
         let mut args = KernelArgs::new();
         args.buffer(&x)
-            .arg(ptr_or_null(residual))
+            .optional_buffer(residual)
             .buffer(&w)
-            .arg(ptr_or_null(h_out))
+            .optional_buffer(h_out)
             .buffer(&y)
             .buffer(&rstd)
             .arg(rows as i32)
@@ -301,7 +296,7 @@ impl<'a> Kernels<'a> {
             .buffer(&w)
             .buffer(&rstd)
             .buffer(&dy)
-            .arg(ptr_or_null(dh_in))
+            .optional_buffer(dh_in)
             .buffer(&dh)
             .buffer(&partial)
             .arg(rows as i32)
@@ -373,6 +368,13 @@ impl<'a> Kernels<'a> {
     /// buffers' addresses and lengths on the device, the partial sums and the result, so
     /// that a step's norm allocates and uploads nothing.
     pub fn grad_norm_workspace<E: Float>(&self, grads: &[View<E>]) -> Result<GradNormWorkspace> {
+        // The kernels reach the gradients through a table of addresses, past the launch's
+        // check of its buffers' memory: check them here.
+        let on_host = matches!(self.device, Device::Emu);
+        ensure!(
+            grads.iter().all(|g| g.is_on_host() == on_host),
+            "grad_norm: a gradient buffer is not in the memory of the device it runs on"
+        );
         let pointers: Vec<u64> = grads.iter().map(|b| b.device_ptr()).collect();
         let lens: Vec<i64> = grads.iter().map(|b| b.len() as i64).collect();
         let longest = grads.iter().map(|g| g.len()).max().unwrap_or(0);
@@ -441,7 +443,7 @@ impl<'a> Kernels<'a> {
             .buffer(&m)
             .buffer(&v)
             .arg(param.len() as i64)
-            .arg(ptr_or_null(clip))
+            .optional_buffer(clip)
             .arg(*step);
         self.launch("adamw_f32", self.element_blocks(param.len()), &args)
     }
@@ -472,12 +474,12 @@ impl<'a> Kernels<'a> {
         }
         let mut args = KernelArgs::new();
         args.buffer(&param)
-            .arg(ptr_or_null(master))
+            .optional_buffer(master)
             .buffer(&grad)
             .buffer(&m)
             .buffer(&v)
             .arg(param.len() as i64)
-            .arg(ptr_or_null(clip))
+            .optional_buffer(clip)
             .arg(*step);
         let kernel = format!("adamw_bf16_g{}_m{}", G::DTYPE, M::DTYPE);
         self.launch(&kernel, self.element_blocks(param.len()), &args)
