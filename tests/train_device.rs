@@ -110,14 +110,33 @@ fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
         let spec = LossSpec::new(LossKind::Nca);
         let ref_stats =
             step::reference_stats(&CpuOps, &start, Some(&ref_model), &groups, &spec).unwrap();
+        // The held-out reference statistics: the resident reference's, scored on the device.
+        let on_device = emu.held_out_reference_stats(&groups).unwrap().unwrap();
+        let on_cpu = cpu.held_out_reference_stats(&groups).unwrap().unwrap();
+        assert_eq!(on_cpu, *ref_stats.as_ref().unwrap());
+        for (d, c) in on_device.iter().zip(&on_cpu) {
+            let rel = (d.logp_sum - c.logp_sum).abs() / c.logp_sum.abs();
+            assert!(
+                rel <= REL,
+                "{model}: reference S {} on emu, {} on the CPU",
+                d.logp_sum,
+                c.logp_sum
+            );
+        }
         let held_out = HeldOut::new(groups.clone(), ref_stats, 1);
-        let (eval_emu, eval_cpu) = (
-            held_out.row(&emu, got.last().unwrap()).unwrap(),
-            held_out.row(&cpu, want.last().unwrap()).unwrap(),
+        let before = counters();
+        let eval_emu = held_out.row(&emu, got.last().unwrap()).unwrap();
+        // Evaluated where the weights are: statistics come back, not the policy.
+        let downloaded = counters().downloaded_bytes - before.downloaded_bytes;
+        let weight_bytes = 4 * current.iter().map(Vec::len).sum::<usize>() as u64;
+        assert!(
+            downloaded * 20 < weight_bytes,
+            "{model}: a held-out evaluation downloaded {downloaded} bytes, weights are {weight_bytes}"
         );
+        let eval_cpu = held_out.row(&cpu, want.last().unwrap()).unwrap();
         let loss = |row: &serde_json::Value| row["eval_loss"].as_f64().unwrap();
         let rel = (loss(&eval_emu) - loss(&eval_cpu)).abs() / loss(&eval_cpu).abs();
-        // Both evaluate on the CPU, from weights whose updates agree to UPDATE_REL.
+        // The f32 device path against the CPU, from weights whose updates agree to UPDATE_REL.
         assert!(
             rel <= UPDATE_REL,
             "{model}: held-out loss {} on emu, {} on the CPU",

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use contralign::checkpoint::parse_dtype;
 use contralign::config::ModelConfig;
+use contralign::data::Group;
 use contralign::engine::DeviceEngine;
 use contralign::memory_plan::{
     human_bytes, PrecisionOptions, RecomputePolicy, ReferenceSource, StorageDtype,
@@ -16,7 +17,7 @@ use contralign::memory_plan::{
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{Device, DeviceKind};
-use contralign::step::{self, check_reference};
+use contralign::step::check_reference;
 use contralign::train::held_out::{HeldOut, EVAL_PREFIX};
 use contralign::train::optimizer::AdamWConfig;
 use contralign::train::plan::{Length, StepBudget};
@@ -24,7 +25,9 @@ use contralign::train::refcache::RefCache;
 use contralign::train::run_dir::{load_checkpoint, RunDir, SaveOptions, CONFIG};
 use contralign::train::schedule::ScheduleKind;
 use contralign::train::session::{self, Outcome};
-use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
+use contralign::train::trainer::{
+    Reference, TrainOptions, Trainer, Warmup, HELD_OUT_NEEDS_A_MODEL,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -346,14 +349,12 @@ impl Progress {
     }
 }
 
-/// The held-out groups of `--eval-data` (read with the training data's flags, cut into pairs
-/// as the training data is) and their reference statistics, which need the reference model.
-fn held_out(
-    args: &TrainArgs,
-    path: &Path,
-    policy: &Model<Vec<f32>>,
-    reference: &Reference,
-) -> Result<HeldOut> {
+/// The held-out groups of `--eval-data`, read with the training data's flags and cut into
+/// pairs as the training data is. Their reference statistics need the reference model.
+fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Result<Vec<Group>> {
+    if matches!(reference, Reference::Cache(_)) {
+        bail!("{HELD_OUT_NEEDS_A_MODEL}");
+    }
     let inputs = &args.inputs;
     let data = DataArgs {
         data: path.to_path_buf(),
@@ -361,24 +362,7 @@ fn held_out(
         ..inputs.data.clone()
     };
     let spec = inputs.loss.spec()?;
-    let groups = inputs.loss.prepare(&spec, data.load(&inputs.model)?)?;
-    let reference = match reference {
-        Reference::Model(model) => Some(model.as_ref()),
-        Reference::None => None,
-        Reference::Cache(_) => bail!(
-            "--eval-data with --ref-logps: the reference statistics cover the training data \
-             only; give --ref-model DIR for the held-out groups"
-        ),
-    };
-    let ref_stats = step::reference_stats_in_passes(
-        &CpuOps,
-        policy,
-        reference,
-        &groups,
-        &spec,
-        args.micro_tokens.max(1),
-    )?;
-    Ok(HeldOut::new(groups, ref_stats, args.eval_every))
+    inputs.loss.prepare(&spec, data.load(&inputs.model)?)
 }
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
@@ -489,8 +473,8 @@ fn train_in(
         check_reference(&policy, &reference)?;
         Reference::Model(Box::new(reference))
     };
-    let held_out = match &args.eval_data {
-        Some(path) => Some(held_out(args, path, &policy, &reference)?),
+    let held_out_groups = match &args.eval_data {
+        Some(path) => Some(held_out_groups(args, path, &reference)?),
         None => None,
     };
     let aux_coef = inputs
@@ -505,6 +489,14 @@ fn train_in(
     if let Some(device) = device {
         trainer.use_device(device)?;
     }
+    // Scored where the run trains: a resident reference on its device.
+    let held_out = match held_out_groups {
+        Some(groups) => {
+            let ref_stats = trainer.held_out_reference_stats(&groups)?;
+            Some(HeldOut::new(groups, ref_stats, args.eval_every))
+        }
+        None => None,
+    };
     if let Some(step) = resumed.then_some(trainer.step) {
         run.truncate_metrics(step)?;
     } else {

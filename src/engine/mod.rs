@@ -254,6 +254,60 @@ impl DeviceEngine {
         }
     }
 
+    /// The device ops on the engine's workspace.
+    fn ops(&self) -> DeviceOps<'_> {
+        ops_on(
+            &self.device,
+            &self.pool,
+            self.storage,
+            self.logits_chunk_rows,
+        )
+    }
+
+    /// The policy's evaluation of `groups` (no gradient), in passes of at most `max_tokens`
+    /// packed tokens, on the device: held-out evaluation while training reads the weights
+    /// where they are, and downloads only statistics.
+    pub fn evaluate_in_passes(
+        &self,
+        ref_stats: Option<&[ResponseStats]>,
+        groups: &[Group],
+        spec: &LossSpec,
+        aux_coef: f64,
+        max_tokens: usize,
+    ) -> Result<step::Evaluation> {
+        let ops = self.ops();
+        let model = &self.model;
+        step::evaluate_in_passes(
+            &ops,
+            model,
+            ref_stats,
+            groups,
+            spec,
+            aux_coef,
+            max_tokens,
+            |_| {},
+        )
+    }
+
+    /// The resident reference's statistics of `groups` (`None` when the loss needs none), in
+    /// passes of at most `max_tokens` packed tokens.
+    pub fn reference_stats_in_passes(
+        &self,
+        groups: &[Group],
+        spec: &LossSpec,
+        max_tokens: usize,
+    ) -> Result<Option<Vec<ResponseStats>>> {
+        let reference = self.reference.as_ref();
+        step::reference_stats_in_passes(
+            &self.ops(),
+            &self.model,
+            reference,
+            groups,
+            spec,
+            max_tokens,
+        )
+    }
+
     /// Whether a reference model is resident on the device.
     pub fn has_reference(&self) -> bool {
         self.reference.is_some()
@@ -271,8 +325,13 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<PassOutput<MetricTotals>> {
-        let ops = DeviceOps::with_pool(&self.device, self.pool.clone(), self.storage)
-            .with_scoring_chunk_rows(self.logits_chunk_rows);
+        // Not `self.ops()`: the gradients are borrowed mutably below.
+        let ops = ops_on(
+            &self.device,
+            &self.pool,
+            self.storage,
+            self.logits_chunk_rows,
+        );
         let resident = self
             .reference
             .as_ref()
@@ -363,6 +422,11 @@ impl DeviceEngine {
         store::upload(&self.device, &self.layout, self.flat.exp_avg, &m_host)?;
         store::upload(&self.device, &self.layout, self.flat.exp_avg_sq, &v_host)
     }
+}
+
+/// Device ops on `pool`, storing `storage`, scoring logits in chunks of `chunk_rows` rows.
+fn ops_on<'a>(device: &'a Device, pool: &Pool, storage: Dtype, chunk_rows: usize) -> DeviceOps<'a> {
+    DeviceOps::with_pool(device, pool.clone(), storage).with_scoring_chunk_rows(chunk_rows)
 }
 
 fn dtype_bytes(dtype: Dtype) -> usize {

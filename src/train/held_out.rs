@@ -6,8 +6,6 @@
 use super::trainer::{StepRecord, Trainer};
 use crate::data::Group;
 use crate::model::ResponseStats;
-use crate::ops::cpu::CpuOps;
-use crate::step;
 use anyhow::Result;
 use serde_json::{Map, Value};
 
@@ -37,19 +35,9 @@ impl HeldOut {
     }
 
     /// The metrics.jsonl row of the held-out evaluation after `record`'s step, under the
-    /// weights that step left (brought back from a device, where the run trains there).
+    /// weights that step left (on the device, where the run trains there).
     pub fn row(&self, trainer: &Trainer, record: &StepRecord) -> Result<Value> {
-        let fetched = trainer.device_policy()?;
-        let eval = step::evaluate_in_passes(
-            &CpuOps,
-            fetched.as_ref().unwrap_or(&trainer.policy),
-            self.ref_stats.as_deref(),
-            &self.groups,
-            &trainer.opts.spec,
-            trainer.opts.aux_coef,
-            trainer.opts.micro_tokens,
-            |_| {},
-        )?;
+        let eval = trainer.evaluate(&self.groups, self.ref_stats.as_deref())?;
         let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
         let mut row = Map::new();
         row.insert("step".into(), record.step.into());

@@ -124,6 +124,10 @@ impl StepRecord {
     }
 }
 
+/// Why held-out groups cannot be evaluated against a cache of reference log-probs.
+pub const HELD_OUT_NEEDS_A_MODEL: &str = "--eval-data with --ref-logps: the reference \
+    statistics cover the training data only; give --ref-model DIR for the held-out groups";
+
 /// Why a step's update is dropped, if it is.
 fn skip_reason(loss: f64, grad_norm: f64) -> Option<String> {
     if !loss.is_finite() {
@@ -371,6 +375,50 @@ impl Trainer {
             params,
             dtype: self.policy.dtype,
         }))
+    }
+
+    /// The policy's evaluation of held-out `groups` (no gradient), in passes of the run's
+    /// micro-batch tokens, under the weights the last step left: on the device where the run
+    /// trains there (only statistics come back), else on the CPU.
+    pub fn evaluate(
+        &self,
+        groups: &[Group],
+        ref_stats: Option<&[ResponseStats]>,
+    ) -> Result<step::Evaluation> {
+        let (spec, aux_coef) = (&self.opts.spec, self.opts.aux_coef);
+        let max_tokens = self.opts.micro_tokens.max(1);
+        match &self.engine {
+            Some(engine) => {
+                engine.evaluate_in_passes(ref_stats, groups, spec, aux_coef, max_tokens)
+            }
+            None => step::evaluate_in_passes(
+                &CpuOps,
+                &self.policy,
+                ref_stats,
+                groups,
+                spec,
+                aux_coef,
+                max_tokens,
+                |_| {},
+            ),
+        }
+    }
+
+    /// The frozen reference's statistics of held-out `groups` (`None` when the loss needs
+    /// none), in passes of the run's micro-batch tokens: on the device where the reference is
+    /// resident there, else from the reference model on the CPU. A cache of reference
+    /// log-probs covers the training data only.
+    pub fn held_out_reference_stats(&self, groups: &[Group]) -> Result<Option<Vec<ResponseStats>>> {
+        let (spec, max_tokens) = (&self.opts.spec, self.opts.micro_tokens.max(1));
+        if let Some(engine) = self.engine.as_ref().filter(|e| e.has_reference()) {
+            return engine.reference_stats_in_passes(groups, spec, max_tokens);
+        }
+        let reference = match &self.reference {
+            Reference::Model(model) => Some(model.as_ref()),
+            Reference::None => None,
+            Reference::Cache(_) => bail!("{HELD_OUT_NEEDS_A_MODEL}"),
+        };
+        step::reference_stats_in_passes(&CpuOps, &self.policy, reference, groups, spec, max_tokens)
     }
 
     /// Brings the device's weights into `policy` (before a checkpoint is written from it);
