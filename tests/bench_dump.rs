@@ -9,6 +9,7 @@ use contralign::checkpoint::{load_weights, read_tensors};
 use contralign::config::ModelConfig;
 use contralign::model::init::random_params_parallel;
 use contralign::model::params::param_specs;
+use contralign::ops::cuda::gemm::CUBLAS_WORKSPACE_BYTES;
 use tempfile::TempDir;
 
 fn json(path: &std::path::Path) -> serde_json::Value {
@@ -169,8 +170,18 @@ fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
     let first = meta["first_step_loss"].as_f64().unwrap();
     assert_eq!(report["first_step_loss"].as_f64(), Some(first));
     assert!(first.is_finite() && first > 0.0);
-    // The engine's planned memory; the driver's figure exists only on a GPU.
-    assert!(report["device_bytes"].as_u64().unwrap() > 0, "{report}");
+    // The engine's memory and cuBLAS's workspace are the plan (regions rounded up to their
+    // alignment); the driver's figure exists only on a GPU.
+    let (held, planned) = (
+        report["device_bytes"].as_u64().unwrap() as f64,
+        report["plan_bytes"].as_u64().unwrap() as f64,
+    );
+    let with_cublas = held + CUBLAS_WORKSPACE_BYTES as f64;
+    // 256-byte alignment of a few dozen regions at most.
+    assert!(
+        planned > 0.0 && (with_cublas - planned).abs() <= 16384.0,
+        "{report}"
+    );
     assert!(report["device_used_bytes"].is_null(), "{report}");
 }
 

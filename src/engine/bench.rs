@@ -89,6 +89,9 @@ pub struct StepTiming {
     pub mfu_vs_measured_gemm: f64,
     /// The engine's arena and workspace pool.
     pub device_bytes: usize,
+    /// The memory plan's total (`contralign plan`'s), which the arena is allocated from:
+    /// `device_used_bytes` against it is the plan's accuracy on a GPU.
+    pub plan_bytes: u64,
     /// Measured on a GPU: its memory in use after the timed steps less before the engine was
     /// made (the driver's total − free: the arena, the pool, cuBLAS's workspace and what the
     /// driver keeps for them). The steps allocate nothing, so this is their peak. `None` on
@@ -412,6 +415,7 @@ pub fn time_step(
         gemm_tflops: gemm,
         mfu_vs_measured_gemm: achieved / gemm,
         device_bytes: trainer.device_bytes().unwrap_or(0),
+        plan_bytes: trainer.device_plan()?.total(),
         device_used_bytes,
         note: if emulated {
             "the emulator's times: they check the command, they measure nothing about a GPU"

@@ -128,6 +128,10 @@ def step_rows(name, c, b, gemm_tflops):
     if not why_c:
         note = (note + "; " if note else "") + f"contralign: {c['precision']} engine, " \
             f"{c['layers']} layers, {c['tokens_per_step']} tokens/step"
+        if c.get("device_used_bytes") and c.get("plan_bytes"):
+            note += f", memory measured {c['device_used_bytes'] / 2**30:.2f} GiB against " \
+                f"{c['plan_bytes'] / 2**30:.2f} GiB planned " \
+                f"({c['device_used_bytes'] / c['plan_bytes']:.3f} of the plan)"
     ours = None if why_c else c["tokens_per_s"]
     theirs = None if why_b else b["tokens_per_s"]
     out = [row(name, "tokens/s", ours, theirs, ratio(ours, theirs), note),
