@@ -143,6 +143,58 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
     Ok((out, dtype.unwrap_or(Dtype::F32)))
 }
 
+/// One safetensors file, mapped and checked once, whose tensors are read one at a time as f32:
+/// a resume of a 7B brings back 29 GB of master weights and 58 GB of moments without holding
+/// a file's worth of them at once.
+pub struct MappedTensors {
+    path: PathBuf,
+    bytes: memmap2::Mmap,
+}
+
+impl MappedTensors {
+    pub fn open(path: &Path) -> Result<Self> {
+        let handle = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the file is only read; a concurrent writer is outside what we can guard.
+        let bytes = unsafe { memmap2::Mmap::map(&handle) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        deserialize(&bytes, path)?;
+        Ok(MappedTensors {
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    /// Tensor `name` as f32, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let st = deserialize(&self.bytes, &self.path)?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
+        if view.shape() != shape {
+            bail!(
+                "{}: tensor {name} has shape {:?}; expected {shape:?}",
+                self.path.display(),
+                view.shape()
+            );
+        }
+        to_f32(&view, name, &self.path)
+    }
+
+    /// That tensor `name` is there with `shape`, read nothing.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let st = deserialize(&self.bytes, &self.path)?;
+        match st.tensor(name) {
+            Ok(view) if view.shape() == shape => Ok(()),
+            Ok(view) => bail!(
+                "{}: tensor {name} has shape {:?}; expected {shape:?}",
+                self.path.display(),
+                view.shape()
+            ),
+            Err(_) => bail!("{}: tensor {name} is missing", self.path.display()),
+        }
+    }
+}
+
 /// Tensors by name: shape and f32 values.
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
 

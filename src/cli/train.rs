@@ -483,11 +483,15 @@ fn train_in(
         .unwrap_or(policy.cfg.default_aux_coef());
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
     let resumed = restored.is_some();
-    if let Some((state, moments)) = restored {
-        trainer.restore(&state, moments)?;
+    if let Some((state, _)) = &restored {
+        trainer.check_resumable(state)?;
     }
+    // The device first: a resume's moments then go up to it one tensor at a time.
     if let Some(device) = device {
         trainer.use_device(device)?;
+    }
+    if let Some((state, moments)) = restored {
+        trainer.restore(&state, |which, i| moments.tensor(which, i))?;
     }
     // Scored where the run trains: a resident reference on its device.
     let held_out = match held_out_groups {

@@ -415,6 +415,29 @@ impl DeviceEngine {
         store::upload(&self.device, &self.layout, self.flat.grads, &host)
     }
 
+    /// Replaces tensor `index` (in checkpoint order) of one moment, rounded to its store's
+    /// type: a resume, one tensor at a time.
+    pub fn set_moment(&mut self, which: Moment, index: usize, values: &[f32]) -> Result<()> {
+        let flat = match which {
+            Moment::ExpAvg => self.flat.exp_avg,
+            Moment::ExpAvgSq => self.flat.exp_avg_sq,
+        };
+        let span = self.layout.spans.get(index).with_context(|| {
+            format!(
+                "tensor {index} of a store of {} tensors",
+                self.layout.spans.len()
+            )
+        })?;
+        ensure!(
+            values.len() == span.len,
+            "moment tensor {index}: {} values for {} elements",
+            values.len(),
+            span.len
+        );
+        flat.slice(span.offset, span.len)?
+            .upload(&self.device, values)
+    }
+
     /// Replaces the moments (a resume), rounded to their store's type.
     pub fn set_moments(&mut self, exp_avg: &[Vec<f32>], exp_avg_sq: &[Vec<f32>]) -> Result<()> {
         let m_host: Vec<&Vec<f32>> = exp_avg.iter().collect();

@@ -6,7 +6,7 @@
 //! files where the filesystem allows). Resumes read checkpoints only, never `final/`.
 
 use super::trainer::{Trainer, TrainerState};
-use crate::checkpoint::{named_tensors, read_tensors, write_model_dir, TensorMap};
+use crate::checkpoint::{named_tensors, write_model_dir, MappedTensors};
 use crate::engine::Moment;
 use crate::fsutil;
 use crate::model::params::param_specs;
@@ -61,7 +61,33 @@ pub struct RunLock {
 pub struct Restored {
     pub policy: Model<Vec<f32>>,
     pub state: TrainerState,
-    pub moments: (Vec<Vec<f32>>, Vec<Vec<f32>>),
+    pub moments: CheckpointMoments,
+}
+
+/// A checkpoint's AdamW moments, checked and read a tensor at a time ([`Trainer::restore`]
+/// uploads them so to a device).
+pub struct CheckpointMoments {
+    file: MappedTensors,
+    specs: Vec<(String, Vec<usize>)>,
+}
+
+impl CheckpointMoments {
+    /// Tensor `index` (in checkpoint order) of one moment, as f32.
+    pub fn tensor(&self, which: Moment, index: usize) -> Result<Vec<f32>> {
+        let (name, shape) = self
+            .specs
+            .get(index)
+            .with_context(|| format!("a checkpoint's moments have no tensor {index}"))?;
+        self.file.get(&moment_name(which, name), shape)
+    }
+}
+
+/// The name of a moment's tensor in `optimizer.safetensors`.
+fn moment_name(which: Moment, param: &str) -> String {
+    match which {
+        Moment::ExpAvg => format!("exp_avg.{param}"),
+        Moment::ExpAvgSq => format!("exp_avg_sq.{param}"),
+    }
 }
 
 impl RunDir {
@@ -308,53 +334,29 @@ fn read_state(path: &Path) -> Result<TrainerState> {
         .with_context(|| format!("{}: malformed trainer state", path.display()))
 }
 
-/// Takes the tensor `name` out of `tensors`, checking its shape.
-fn take(tensors: &mut TensorMap, name: &str, shape: &[usize], file: &Path) -> Result<Vec<f32>> {
-    let (found, data) = tensors
-        .remove(name)
-        .with_context(|| format!("{}: tensor {name} is missing", file.display()))?;
-    if found != shape {
-        bail!(
-            "{}: tensor {name} has shape {found:?}; expected {shape:?}",
-            file.display()
-        );
-    }
-    Ok(data)
-}
-
 /// Reads a checkpoint back: weights (the f32 master copy when there is one), trainer state
-/// and optimizer moments.
+/// and optimizer moments (checked now, read when restored).
 pub fn load_checkpoint(dir: &Path) -> Result<Restored> {
     let mut policy = Model::load(&CpuOps, dir)?;
     let specs = param_specs(&policy.cfg);
     let master = dir.join(MASTER);
     if master.is_file() {
-        let mut tensors = read_tensors(&master)?;
+        let file = MappedTensors::open(&master)?;
         for ((name, shape), p) in specs.iter().zip(policy.params.iter_mut()) {
-            *p = take(&mut tensors, name, shape, &master)?;
+            *p = file.get(name, shape)?;
         }
     }
     let state = read_state(&dir.join(STATE))?;
-    let file = dir.join(OPTIMIZER);
-    let mut tensors = read_tensors(&file)?;
-    let (mut m, mut v) = (Vec::new(), Vec::new());
+    let file = MappedTensors::open(&dir.join(OPTIMIZER))?;
     for (name, shape) in &specs {
-        m.push(take(
-            &mut tensors,
-            &format!("exp_avg.{name}"),
-            shape,
-            &file,
-        )?);
-        v.push(take(
-            &mut tensors,
-            &format!("exp_avg_sq.{name}"),
-            shape,
-            &file,
-        )?);
+        for which in [Moment::ExpAvg, Moment::ExpAvgSq] {
+            file.check(&moment_name(which, name), shape)?;
+        }
     }
+    let moments = CheckpointMoments { file, specs };
     Ok(Restored {
         policy,
         state,
-        moments: (m, v),
+        moments,
     })
 }

@@ -270,13 +270,8 @@ impl Trainer {
         }
     }
 
-    /// Continues from a saved state: the weights are already in `policy`; `moments` are
-    /// AdamW's first and second moments per parameter.
-    pub fn restore(
-        &mut self,
-        state: &TrainerState,
-        moments: (Vec<Vec<f32>>, Vec<Vec<f32>>),
-    ) -> Result<()> {
+    /// That a run of `state` can continue with this trainer's data and seed.
+    pub fn check_resumable(&self, state: &TrainerState) -> Result<()> {
         if state.data_hash != self.data_hash {
             bail!(
                 "the training data differs from the data the run was started with (token \
@@ -292,6 +287,18 @@ impl Trainer {
                 state.seed
             );
         }
+        Ok(())
+    }
+
+    /// Continues a run from its state (the weights are already in `policy`) and its AdamW
+    /// moments, `moments(which, index)` giving each tensor in checkpoint order: on a device
+    /// ([`Trainer::use_device`] first) they go up one tensor at a time, never all on the host.
+    pub fn restore(
+        &mut self,
+        state: &TrainerState,
+        mut moments: impl FnMut(Moment, usize) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        self.check_resumable(state)?;
         self.step = state.step;
         self.bad_steps_in_a_row = state.bad_steps_in_a_row;
         self.cursor = Cursor::new(
@@ -302,9 +309,23 @@ impl Trainer {
             },
         );
         self.optimizer.step = state.optimizer_step;
-        let (m, v) = moments;
-        self.optimizer.exp_avg = m;
-        self.optimizer.exp_avg_sq = v;
+        let tensors = self.policy.params.iter().len();
+        match &mut self.engine {
+            Some(engine) => {
+                for which in [Moment::ExpAvg, Moment::ExpAvgSq] {
+                    for i in 0..tensors {
+                        engine.set_moment(which, i, &moments(which, i)?)?;
+                    }
+                }
+            }
+            None => {
+                let mut all = |which| -> Result<Vec<Vec<f32>>> {
+                    (0..tensors).map(|i| moments(which, i)).collect()
+                };
+                self.optimizer.exp_avg = all(Moment::ExpAvg)?;
+                self.optimizer.exp_avg_sq = all(Moment::ExpAvgSq)?;
+            }
+        }
         Ok(())
     }
 
