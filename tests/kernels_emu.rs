@@ -352,32 +352,41 @@ fn grad_norm_is_deterministic_and_leaves_small_gradients_alone() {
         .grad_norm_workspace(&bufs.iter().map(|b| b.view()).collect::<Vec<_>>())
         .unwrap();
     // One launch: whichever block finishes last adds up the partials, in block order. Other
-    // scheduling seeds make other blocks last; repeated launches find the count of blocks
-    // done reset.
-    let norms: Vec<Vec<f32>> = [None, Some(1), Some(0x5eed), Some(u64::MAX), None]
-        .into_iter()
-        .map(|seed| {
-            let k = Kernels {
-                emu_seed: seed,
-                ..kernels(&device, (96, 7))
-            };
-            device.download(&k.grad_norm(&ws, 0.0).unwrap()).unwrap()
-        })
-        .collect();
-    assert!(norms.windows(2).all(|w| w[0] == w[1]), "{norms:?}");
+    // scheduling seeds make other blocks last. Each launch asks for another clipping factor,
+    // so a launch that found the count of blocks done not reset (and so wrote nothing) would
+    // show the previous launch's factor.
     let want = grads
         .iter()
         .flatten()
         .map(|&g| g as f64 * g as f64)
         .sum::<f64>()
         .sqrt();
+    let seeds = [None, Some(1), Some(0x5eed), Some(u64::MAX), None];
+    let mut norms = Vec::new();
+    for (i, seed) in seeds.into_iter().enumerate() {
+        let k = Kernels {
+            emu_seed: seed,
+            ..kernels(&device, (96, 7))
+        };
+        let shrink = (i + 2) as f64;
+        let out = device
+            .download(&k.grad_norm(&ws, (want / shrink) as f32).unwrap())
+            .unwrap();
+        assert!(
+            (out[1] as f64 * shrink - 1.0).abs() <= 1e-5,
+            "launch {i}: {out:?}, norm {want}"
+        );
+        norms.push(out[0]);
+    }
+    assert!(norms.windows(2).all(|w| w[0] == w[1]), "{norms:?}");
     assert!(
-        (norms[0][0] as f64 - want).abs() <= 1e-5 * want,
+        (norms[0] as f64 - want).abs() <= 1e-5 * want,
         "{norms:?} vs {want}"
     );
-    assert_eq!(norms[0][1], 1.0, "max_norm 0 disables clipping");
+    let out = device.download(&k.grad_norm(&ws, 0.0).unwrap()).unwrap();
+    assert_eq!(out, [norms[0], 1.0], "max_norm 0 disables clipping");
     // max_norm above the norm: coef 1, gradients untouched (bit for bit).
-    let out = k.grad_norm(&ws, norms[0][0] * 2.0).unwrap();
+    let out = k.grad_norm(&ws, norms[0] * 2.0).unwrap();
     assert_eq!(device.download(&out).unwrap()[1], 1.0);
     k.clip(&ws).unwrap();
     for (b, g) in bufs.iter().zip(&grads) {

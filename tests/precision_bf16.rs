@@ -156,14 +156,15 @@ fn bf16_bounds(name: &str) -> Bounds {
 }
 
 /// The bounds of two bf16 computations that round at the same places: in norm the
-/// like-for-like unit, but one element may sit where the two sides' stores flipped by a bf16
-/// step, so element by element the bf16 bound.
+/// like-for-like unit; element by element, where a store flipped by a bf16 step moves an
+/// element by that much, what each side's bound against the exact values gives their
+/// difference: twice the bf16 bound.
 fn like_for_like_bounds(name: &str) -> Bounds {
     let (stats, grads) = relative_bounds(name, like_for_like_unit());
     Bounds {
         stats,
         grads,
-        element: bf16_bounds(name).element,
+        element: 2.0 * bf16_bounds(name).element,
     }
 }
 
@@ -173,9 +174,9 @@ fn relative(got: f64, want: f64) -> f64 {
 
 /// Bounds of one comparison (docs/numerics.md §6): `stats` relative for every statistic and
 /// loss; `grads` relative in norm for every gradient tensor; and element by element, each
-/// gradient `|got − want| ≤ element · (|want| + λ · rms(want))`: a relative part, and an
-/// absolute part that is the same relative bound on the tensor's own scale, for elements
-/// whose terms cancel.
+/// gradient `|got − want| ≤ element · (|want| + rms(want))`: a relative part, and an absolute
+/// part that is the same bound on the tensor's own scale, for elements whose terms cancel
+/// (`element` already holds the confidence factor λ).
 #[derive(Clone, Copy)]
 struct Bounds {
     stats: f64,
@@ -187,7 +188,7 @@ impl Bounds {
     /// `(absolute, relative)` of the element-wise check of a gradient tensor.
     fn element_bounds(&self, want: &[f64]) -> (f64, f64) {
         let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
-        (self.element * LAMBDA * rms, self.element)
+        (self.element * rms, self.element)
     }
 }
 

@@ -7,7 +7,7 @@ use contralign::engine::bench::{BenchSetup, StepShape};
 use contralign::engine::step_model::{self, Divisors, KernelTotals};
 use contralign::loss::{LossKind, LossSpec};
 use contralign::memory_plan::PrecisionOptions;
-use contralign::ops::cuda::roofline::Gpu;
+use contralign::ops::cuda::roofline::{Gpu, Math};
 use std::collections::BTreeMap;
 
 fn target() -> ModelConfig {
@@ -59,9 +59,19 @@ fn the_modeled_step_matches_a_direct_count_at_the_target() {
     };
     let gpus = [Gpu::h100()];
     let censuses = step_model::count_steps(&cfg, &setup(shape), divisors).unwrap();
-    let modeled = step_model::extrapolate(&censuses, divisors, cfg.num_layers, &gpus).unwrap();
-    let counted: BTreeMap<String, KernelTotals> =
-        step_model::totals(&step_model::census(&cfg, &setup(shape)).unwrap(), &gpus);
+    let modeled = step_model::extrapolate(
+        &censuses,
+        divisors,
+        cfg.num_layers,
+        &gpus,
+        Math::Bf16TensorCores,
+    )
+    .unwrap();
+    let counted: BTreeMap<String, KernelTotals> = step_model::totals(
+        &step_model::census(&cfg, &setup(shape)).unwrap(),
+        &gpus,
+        Math::Bf16TensorCores,
+    );
     let names = |m: &BTreeMap<String, KernelTotals>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(&modeled), names(&counted));
     // Launch counts are affine in the layers; a GEMM's and attention's FLOPs and a GEMM's

@@ -18,6 +18,7 @@ use contralign::ops::cuda::attention_bench::{
     time_attention, BenchMask, BenchProblem, DumpedTensor,
 };
 use contralign::ops::cuda::device::{Device, DeviceKind};
+use contralign::ops::cuda::roofline::Math;
 use contralign::ops::cuda::scoring_bench::{self, ScoringBench, ScoringDump, ScoringShape};
 use contralign::ops::AttentionShape;
 use half::bf16;
@@ -190,7 +191,8 @@ fn step_model(a: StepModelArgs) -> Result<()> {
     };
     let gpus = a.roofline.gpus()?;
     let censuses = step_model::count_steps(&target, &setup, divisors)?;
-    let rows = step_model::extrapolate(&censuses, divisors, target.num_layers, &gpus)?;
+    let math = Math::of(precision.precision.name());
+    let rows = step_model::extrapolate(&censuses, divisors, target.num_layers, &gpus, math)?;
     print!(
         "{}",
         step_model::report(&target, &shape, divisors, &rows, &gpus)

@@ -154,6 +154,12 @@ pub enum Reference {
 }
 
 impl Reference {
+    fn is_on_host(&self) -> bool {
+        match self {
+            Reference::Column(b) | Reference::Stats(b) => b.is_on_host(),
+        }
+    }
+
     fn buffer_and_stride(self) -> (&'static str, u64, usize, usize) {
         match self {
             Reference::Column(b) => ("S_ref", b.device_ptr(), b.len(), 1),
@@ -228,10 +234,12 @@ pub fn device_batch_loss(
     let rank_reward = pool.lease::<f64>(device, n)?;
     let group_metrics = pool.lease::<f64>(device, GROUP_METRICS * groups)?;
     let (ref_ptr, ref_stride) = reference.map_or((0, 1), |(_, ptr, _, stride)| (ptr, stride));
+    // The reference's memory is checked as a buffer argument's is.
+    let ref_home: Vec<bool> = inputs.s_ref.iter().map(|r| r.is_on_host()).collect();
     let mut args = KernelArgs::new();
     args.buffer(&inputs.stats)
         .buffer(&inputs.spans)
-        .arg(ref_ptr)
+        .arg_holding(ref_ptr, &ref_home)
         .arg(ref_stride as i32)
         .buffer(&inputs.rewards)
         .buffer(&layout.device_offsets)

@@ -390,6 +390,12 @@ impl DeviceEngine {
         store::download(&self.device, &self.layout, self.weights_store())
     }
 
+    /// Weight tensor `index` (in checkpoint order), downloaded alone: the fp32 master copy's
+    /// when there is one.
+    pub fn weight(&self, index: usize) -> Result<Vec<f32>> {
+        store::download_one(&self.device, &self.layout, self.weights_store(), index)
+    }
+
     /// AdamW's first and second moments, in checkpoint order.
     pub fn moments(&self) -> Result<Moments> {
         Ok((

@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::model::init::random_params;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::emu::{self, GemmShape, LaunchRecord, Probe};
-use crate::ops::cuda::roofline::{table_header, Gpu};
+use crate::ops::cuda::roofline::{table_header, Gpu, Math};
 use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -86,13 +86,13 @@ pub struct KernelTotals {
 }
 
 impl KernelTotals {
-    fn add(&mut self, launch: &Launch, gpus: &[Gpu]) {
+    fn add(&mut self, launch: &Launch, gpus: &[Gpu], math: Math) {
         self.launches += 1.0;
         self.bytes += launch.bytes;
         self.flops += launch.flops;
         self.seconds.resize(gpus.len(), 0.0);
         for (s, gpu) in self.seconds.iter_mut().zip(gpus) {
-            *s += gpu.seconds(launch.bytes, launch.flops);
+            *s += gpu.seconds_on(launch.bytes, launch.flops, math);
         }
     }
 
@@ -110,11 +110,12 @@ impl KernelTotals {
     }
 }
 
-/// Launches summed by kernel name (GEMMs as `gemm`).
-pub fn totals(launches: &[Launch], gpus: &[Gpu]) -> BTreeMap<String, KernelTotals> {
+/// Launches summed by kernel name (GEMMs as `gemm`), their FLOPs on `math`'s units (those of
+/// the step's storage type: its GEMMs, attention and experts compute at it).
+pub fn totals(launches: &[Launch], gpus: &[Gpu], math: Math) -> BTreeMap<String, KernelTotals> {
     let mut out: BTreeMap<String, KernelTotals> = BTreeMap::new();
     for l in launches {
-        out.entry(l.kernel.clone()).or_default().add(l, gpus);
+        out.entry(l.kernel.clone()).or_default().add(l, gpus, math);
     }
     out
 }
@@ -190,6 +191,7 @@ pub fn extrapolate(
     divisors: Divisors,
     layers: usize,
     gpus: &[Gpu],
+    math: Math,
 ) -> Result<BTreeMap<String, KernelTotals>> {
     let factors = (divisors.width as f64, divisors.length as f64);
     let mut at_target = Vec::new();
@@ -221,7 +223,7 @@ pub fn extrapolate(
                     .with_context(|| format!("launch {i} (`{}`)", b.kernel))?,
             );
         }
-        at_target.push(totals(&launches, gpus));
+        at_target.push(totals(&launches, gpus, math));
     }
     let names: std::collections::BTreeSet<&String> =
         at_target.iter().flat_map(|t| t.keys()).collect();
@@ -393,8 +395,9 @@ pub fn report(
         "Modeled training step: {} layers, d {}, ffn {}, {} heads ({} KV) of {}, vocabulary {}; \
          {} group(s) of a {}-token prompt and {} responses of {} ({} tokens). Read from six \
          steps counted by the emulator at widths / {} and lengths / {} (one and two layers, \
-         and each doubling), extrapolated by shape. Each launch is priced at its roofline (GEMMs at the bf16 \
-         peak, no launch overhead or latency): a bound that no GPU reaches. A model, not a \
+         and each doubling), extrapolated by shape. Each launch is priced at its roofline (FLOPs at the \
+         peak of the step's storage type, the tensor cores' for bf16; no launch overhead or \
+         latency): a bound that no GPU reaches. A model, not a \
          measurement.\n\n",
         target.num_layers,
         target.hidden_size,

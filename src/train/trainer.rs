@@ -453,14 +453,9 @@ impl Trainer {
     /// nothing to do on the CPU.
     pub fn sync_weights_to_host(&mut self) -> Result<()> {
         if let Some(engine) = &self.engine {
-            for (host, device) in self
-                .policy
-                .params
-                .iter_mut()
-                .into_iter()
-                .zip(engine.weights()?)
-            {
-                *host = device;
+            // One tensor at a time: the host never holds a second copy of the weights.
+            for (i, host) in self.policy.params.iter_mut().into_iter().enumerate() {
+                *host = engine.weight(i)?;
             }
         }
         Ok(())
