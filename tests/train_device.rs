@@ -383,3 +383,38 @@ fn resume_on_the_emulated_device_is_exact() {
         common::assert_close("loss", g, w, 8.0 / 256.0);
     }
 }
+
+/// A group longer than `--micro-tokens` runs as a pass of its own, past what the memory plan
+/// holds: a device run says so, naming the flag that plans for it; one whose groups fit does
+/// not.
+#[test]
+fn a_group_longer_than_a_micro_batch_is_reported_on_a_device() {
+    let tmp = TempDir::new().unwrap();
+    for (micro_tokens, warned) in [("8", true), ("8192", false)] {
+        let out = tmp.path().join(micro_tokens);
+        let run = contralign_ok(&[
+            "train",
+            "--device",
+            "emu",
+            "--loss",
+            "sft",
+            "--model",
+            &fx("tiny-mistral"),
+            "--data",
+            &fx("tiny-mistral.reward.jsonl"),
+            "--steps",
+            "1",
+            "--micro-tokens",
+            micro_tokens,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(
+            stderr.contains("warning: --data has a group of")
+                && stderr.contains("more than --micro-tokens 8:"),
+            warned,
+            "{stderr}"
+        );
+    }
+}

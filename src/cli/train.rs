@@ -349,6 +349,19 @@ impl Progress {
     }
 }
 
+/// Warns when `flag`'s longest group (`longest` packed tokens) is longer than a micro-batch:
+/// it runs as a pass of its own whose workspace the memory plan, made for `micro_tokens`, does
+/// not hold, and the device's pool grows past the plan.
+fn warn_past_the_plan(flag: &str, longest: usize, micro_tokens: usize) {
+    if longest > micro_tokens {
+        eprintln!(
+            "warning: {flag} has a group of {longest} packed tokens, more than --micro-tokens \
+             {micro_tokens}: its pass needs more device memory than the plan holds; \
+             --micro-tokens {longest} plans for it"
+        );
+    }
+}
+
 /// The held-out groups of `--eval-data`, read with the training data's flags and cut into
 /// pairs as the training data is. Their reference statistics need the reference model.
 fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Result<Vec<Group>> {
@@ -481,6 +494,10 @@ fn train_in(
         .loss
         .aux_coef
         .unwrap_or(policy.cfg.default_aux_coef());
+    let (train_groups_longest, opts_micro_tokens) = (
+        groups.iter().map(Group::packed_len).max().unwrap_or(0),
+        opts.micro_tokens,
+    );
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
     let resumed = restored.is_some();
     if let Some((state, _)) = &restored {
@@ -492,6 +509,13 @@ fn train_in(
     }
     if let Some((state, moments)) = restored {
         trainer.restore(&state, |which, i| moments.tensor(which, i))?;
+    }
+    if trainer.device().is_some() {
+        warn_past_the_plan("--data", train_groups_longest, opts_micro_tokens);
+        if let Some(groups) = &held_out_groups {
+            let longest = groups.iter().map(Group::packed_len).max().unwrap_or(0);
+            warn_past_the_plan("--eval-data", longest, opts_micro_tokens);
+        }
     }
     // Scored where the run trains: a resident reference on its device.
     let held_out = match held_out_groups {
