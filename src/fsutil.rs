@@ -49,11 +49,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// which then replaces `path`.
 pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(path);
-    if let Err(e) = write(&tmp) {
+    if let Err(e) = write(&tmp).and_then(|()| rename(&tmp, path)) {
         std::fs::remove_file(&tmp).ok();
         return Err(e);
     }
-    rename(&tmp, path)
+    Ok(())
 }
 
 /// Builds the directory `path` atomically: `fill` writes into a fresh temporary directory,
@@ -66,7 +66,7 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = fill(&tmp).and_then(|()| sync_dir_and_files(&tmp)) {
         std::fs::remove_dir_all(&tmp).ok();
         return Err(e);
     }
@@ -80,9 +80,42 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
         rename(&tmp, path)?;
         std::fs::remove_dir_all(&old)
             .with_context(|| format!("cannot remove {}", old.display()))?;
-        return Ok(());
+    } else {
+        rename(&tmp, path)?;
     }
-    rename(&tmp, path)
+    // The rename itself reaches the disk with its parent directory.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// Flushes every file directly in `dir`, and `dir` itself, to the disk: a directory renamed
+/// into place after a crash holds what it held before it (the caller may then delete the
+/// previous one, as checkpoints do).
+fn sync_dir_and_files(dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .path();
+        if path.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot flush {} to the disk", path.display()))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Flushes a directory's entries, where the filesystem allows it (some refuse to sync a
+/// directory; the files in it are synced either way).
+fn sync_dir(dir: &Path) {
+    if let Ok(handle) = std::fs::File::open(dir) {
+        handle.sync_all().ok();
+    }
 }
 
 /// Fails early, before any work, when files cannot be created in directory `dir` (which is
