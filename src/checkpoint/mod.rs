@@ -167,6 +167,22 @@ impl MappedTensors {
     /// Tensor `name` as f32, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let st = deserialize(&self.bytes, &self.path)?;
+        to_f32(&self.view(&st, name, shape)?, name, &self.path)
+    }
+
+    /// That tensor `name` is there with `shape`, read nothing.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let st = deserialize(&self.bytes, &self.path)?;
+        self.view(&st, name, shape).map(drop)
+    }
+
+    /// Tensor `name` of `st` (this file), which must have `shape`.
+    fn view<'a>(
+        &self,
+        st: &SafeTensors<'a>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<TensorView<'a>> {
         let view = st
             .tensor(name)
             .map_err(|_| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
@@ -177,21 +193,7 @@ impl MappedTensors {
                 view.shape()
             );
         }
-        to_f32(&view, name, &self.path)
-    }
-
-    /// That tensor `name` is there with `shape`, read nothing.
-    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let st = deserialize(&self.bytes, &self.path)?;
-        match st.tensor(name) {
-            Ok(view) if view.shape() == shape => Ok(()),
-            Ok(view) => bail!(
-                "{}: tensor {name} has shape {:?}; expected {shape:?}",
-                self.path.display(),
-                view.shape()
-            ),
-            Err(_) => bail!("{}: tensor {name} is missing", self.path.display()),
-        }
+        Ok(view)
     }
 }
 

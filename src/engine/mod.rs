@@ -407,11 +407,14 @@ impl DeviceEngine {
     /// Tensor `index` (in checkpoint order) of one AdamW moment, downloaded alone: a
     /// checkpoint streams the moments from the device without a host copy of them.
     pub fn moment(&self, which: Moment, index: usize) -> Result<Vec<f32>> {
-        let flat = match which {
+        store::download_one(&self.device, &self.layout, self.moment_store(which), index)
+    }
+
+    fn moment_store(&self, which: Moment) -> TensorView {
+        match which {
             Moment::ExpAvg => self.flat.exp_avg,
             Moment::ExpAvgSq => self.flat.exp_avg_sq,
-        };
-        store::download_one(&self.device, &self.layout, flat, index)
+        }
     }
 
     /// Replaces the gradients, rounded to their store's type: a step's update from given
@@ -424,24 +427,8 @@ impl DeviceEngine {
     /// Replaces tensor `index` (in checkpoint order) of one moment, rounded to its store's
     /// type: a resume, one tensor at a time.
     pub fn set_moment(&mut self, which: Moment, index: usize, values: &[f32]) -> Result<()> {
-        let flat = match which {
-            Moment::ExpAvg => self.flat.exp_avg,
-            Moment::ExpAvgSq => self.flat.exp_avg_sq,
-        };
-        let span = self.layout.spans.get(index).with_context(|| {
-            format!(
-                "tensor {index} of a store of {} tensors",
-                self.layout.spans.len()
-            )
-        })?;
-        ensure!(
-            values.len() == span.len,
-            "moment tensor {index}: {} values for {} elements",
-            values.len(),
-            span.len
-        );
-        flat.slice(span.offset, span.len)?
-            .upload(&self.device, values)
+        let flat = self.moment_store(which);
+        store::upload_one(&self.device, &self.layout, flat, index, values)
     }
 
     /// Replaces the moments (a resume), rounded to their store's type.

@@ -6,7 +6,7 @@
 //! while checkpoints still see Hugging Face names and shapes.
 
 use crate::config::ModelConfig;
-use crate::memory_plan::layout::ParamLayout;
+use crate::memory_plan::layout::{ParamLayout, ParamSpan};
 use crate::model::params::Params;
 use crate::ops::cuda::device::{Arena, Device};
 use crate::ops::cuda::pool::{Tensor, TensorView};
@@ -45,16 +45,39 @@ pub fn upload(
         tensors.len(),
         layout.spans.len()
     );
-    for (span, t) in layout.spans.iter().zip(tensors) {
-        ensure!(
-            t.len() == span.len,
-            "a tensor of {} elements for a span of {}",
-            t.len(),
-            span.len
-        );
-        flat.slice(span.offset, span.len)?.upload(device, t)?;
+    for (i, t) in tensors.iter().enumerate() {
+        upload_one(device, layout, flat, i, t)?;
     }
     Ok(())
+}
+
+/// Tensor `index` (in checkpoint order) of the flat store `flat`, replaced by `values`
+/// rounded to the store's type.
+pub fn upload_one(
+    device: &Device,
+    layout: &ParamLayout,
+    flat: TensorView,
+    index: usize,
+    values: &[f32],
+) -> Result<()> {
+    let span = span(layout, index)?;
+    ensure!(
+        values.len() == span.len,
+        "a tensor of {} elements for a span of {}",
+        values.len(),
+        span.len
+    );
+    flat.slice(span.offset, span.len)?.upload(device, values)
+}
+
+/// The span of tensor `index` (in checkpoint order).
+fn span(layout: &ParamLayout, index: usize) -> Result<&ParamSpan> {
+    layout.spans.get(index).with_context(|| {
+        format!(
+            "tensor {index} of a store of {} tensors",
+            layout.spans.len()
+        )
+    })
 }
 
 /// Tensor `index` (in checkpoint order) of the flat store `flat`, as f32.
@@ -64,12 +87,7 @@ pub fn download_one(
     flat: TensorView,
     index: usize,
 ) -> Result<Vec<f32>> {
-    let span = layout.spans.get(index).with_context(|| {
-        format!(
-            "tensor {index} of a store of {} tensors",
-            layout.spans.len()
-        )
-    })?;
+    let span = span(layout, index)?;
     flat.slice(span.offset, span.len)?.download(device)
 }
 

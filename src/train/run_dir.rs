@@ -269,12 +269,12 @@ impl RunDir {
             // The moments are fetched a tensor at a time (from the device, where they live
             // during a device run): 58 GB in f32 for a 7B, never all on the host.
             let n = specs.len();
-            let entries: Vec<(String, Vec<usize>)> = ["exp_avg.", "exp_avg_sq."]
-                .iter()
-                .flat_map(|prefix| {
+            let entries: Vec<(String, Vec<usize>)> = [Moment::ExpAvg, Moment::ExpAvgSq]
+                .into_iter()
+                .flat_map(|which| {
                     specs
                         .iter()
-                        .map(move |(name, shape)| (format!("{prefix}{name}"), shape.clone()))
+                        .map(move |(name, shape)| (moment_name(which, name), shape.clone()))
                 })
                 .collect();
             crate::checkpoint::save_f32_fetched(&dir.join(OPTIMIZER), &entries, |k| {
