@@ -6,8 +6,9 @@
 // the host (`AdamWStep`, computed by the same Rust code as the CPU's).
 //
 // `clip`, when not null, is grad_norm_finish's `[norm, coef]` (cuda/grad_norm.cu), read on the
-// device so that the host never waits for the norm: a non-finite norm skips the update (the
-// step is dropped on the device, parameters and moments untouched), and each gradient is
+// device so that the host never waits for the norm: a non-finite norm or coef skips the update
+// (the step is dropped on the device, parameters and moments untouched; grad_norm makes coef
+// NaN for a step whose loss was not finite), and each gradient is
 // scaled by coef first, rounded to fp32 as the CPU's clipping rounds it. That folds
 // clip_grad_norm_'s pass over the gradients into this one.
 //
@@ -98,7 +99,7 @@ __device__ __forceinline__ void store_moment(__nv_bfloat16* slot, float x,
 __device__ __forceinline__ bool clip_factor(const float* clip, double* coef) {
     *coef = 1.0;
     if (clip == nullptr) return true;
-    if (!isfinite(clip[0])) return false;
+    if (!isfinite(clip[0]) || !isfinite(clip[1])) return false;
     *coef = clip[1];
     return true;
 }

@@ -4,7 +4,12 @@
 //   grad_norm_{f32,bf16}       one launch: every block sums the squares of its share of every
 //                              buffer into partials[blockIdx.x]; the block that finishes last
 //                              sums the partials and writes [norm, coef] with
-//                              coef = min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0);
+//                              coef = min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0),
+//                              or coef = NaN when `drop` is set, which it resets;
+//   flag_nonfinite_f64         sets `drop` when a value is not finite: a micro-batch's loss or
+//                              load-balancing sums that make the step's loss non-finite, so
+//                              that the AdamW kernels (which skip a step whose norm or coef
+//                              is not finite) drop the step without the host reading the loss;
 //   grad_clip_scale_{f32,bf16} multiplies every buffer by coef when coef < 1 (the AdamW
 //                              kernels fold this in instead: cuda/adamw.cu).
 //
@@ -21,7 +26,7 @@
 template <class T>
 __device__ __forceinline__ void grad_norm(const T* const* buffers, const long long* lens,
                                           int count, float* partials, unsigned* done,
-                                          float max_norm, float* out) {
+                                          unsigned* drop, float max_norm, float* out) {
     __shared__ float scratch[33];
     __shared__ bool last;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
@@ -51,23 +56,32 @@ __device__ __forceinline__ void grad_norm(const T* const* buffers, const long lo
         const float coef = max_norm / (norm + 1e-6f);
         out[0] = norm;
         out[1] = max_norm > 0.0f && coef < 1.0f ? coef : 1.0f;
+        if (atomicExch(drop, 0u) != 0u) out[1] = NAN;
         atomicExch(done, 0u);
     }
 }
 
 extern "C" __global__ void grad_norm_f32(const float* const* buffers, const long long* lens,
                                          int count, float* partials, unsigned* done,
-                                         float max_norm, float* out) {
-    grad_norm(buffers, lens, count, partials, done, max_norm, out);
+                                         unsigned* drop, float max_norm, float* out) {
+    grad_norm(buffers, lens, count, partials, done, drop, max_norm, out);
 }
 CONTRALIGN_KERNEL(grad_norm_f32)
 
 extern "C" __global__ void grad_norm_bf16(const __nv_bfloat16* const* buffers,
                                           const long long* lens, int count, float* partials,
-                                          unsigned* done, float max_norm, float* out) {
-    grad_norm(buffers, lens, count, partials, done, max_norm, out);
+                                          unsigned* done, unsigned* drop, float max_norm,
+                                          float* out) {
+    grad_norm(buffers, lens, count, partials, done, drop, max_norm, out);
 }
 CONTRALIGN_KERNEL(grad_norm_bf16)
+
+extern "C" __global__ void flag_nonfinite_f64(const double* values, int n, unsigned* drop) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (!isfinite(values[i])) atomicExch(drop, 1u);
+    }
+}
+CONTRALIGN_KERNEL(flag_nonfinite_f64)
 
 template <class T>
 __device__ __forceinline__ void grad_clip_scale(T* const* buffers, const long long* lens,

@@ -6,7 +6,7 @@ use crate::data::{token_chunks, Group};
 use crate::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use crate::loss::{batch_loss, BatchInput, LossSpec};
 use crate::model::params::Params;
-use crate::model::{Model, PassOutput, ResponseStats, StatsLoss, StepOptions, StepOutput};
+use crate::model::{Model, PassOutput, ResponseStats, StatsLoss, StepOptions};
 use crate::ops::cpu::{CpuOps, RoundedCpuOps};
 use crate::ops::Ops;
 use anyhow::{bail, Context, Result};
@@ -77,10 +77,40 @@ impl Columns {
     }
 }
 
+/// A pass's loss and metrics, read on the host.
+pub struct LossReport {
+    pub loss: f64,
+    pub metrics: MetricTotals,
+}
+
+/// What a pass (or passes combined) logs, read on the host: the objective (the loss plus
+/// `aux_coef ·` the aux loss), the aux loss (Mixtral's load balancing) and the metrics.
+#[derive(Default)]
+pub struct Logged {
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub metrics: MetricTotals,
+}
+
+impl Logged {
+    /// A training pass's: its loss function's report and its aux loss, weighted.
+    pub fn new(report: LossReport, aux_loss: Option<f64>, aux_coef: f64) -> Logged {
+        Logged {
+            loss: report.loss + aux_coef * aux_loss.unwrap_or(0.0),
+            aux_loss,
+            metrics: report.metrics,
+        }
+    }
+}
+
 /// The loss library where a backend keeps its statistics tables: the CPU runs
 /// [`batch_loss`] and [`batch_metrics`] on the host; a device runs the loss kernels on its
-/// tables and reads back only the loss and the metrics (`crate::engine::loss`).
+/// tables, and its report (the loss and the metrics) stays there until it is read
+/// (`crate::engine::loss`): at once, or a step later by the training engine.
 pub trait LossOps: Ops {
+    /// The loss and the metrics of a pass where the backend leaves them.
+    type Report;
+
     /// Stages `batch` for `policy`'s pass ([`Ops::stage`]), with the loss's own host inputs
     /// (the reference's statistics when they come from the host).
     fn stage_batch(
@@ -95,7 +125,8 @@ pub trait LossOps: Ops {
     }
 
     /// The loss of `spec` over `groups`, packed as `batch`, from the policy's `(S, A, E)`
-    /// table `stats`: the loss, its gradient table, and the metrics with their weights.
+    /// table `stats`: its gradient table, and the report of the loss and of the metrics with
+    /// their weights.
     fn batch_loss(
         &self,
         spec: &LossSpec,
@@ -103,7 +134,25 @@ pub trait LossOps: Ops {
         groups: &[Group],
         stats: &Self::Table,
         reference: RefStats<'_, Self::Table>,
-    ) -> Result<StatsLoss<Self::Table, MetricTotals>>;
+    ) -> Result<StatsLoss<Self::Table, Self::Report>>;
+
+    /// The report's values on the host.
+    fn read_report(&self, report: Self::Report) -> Result<LossReport>;
+}
+
+/// What a pass logs, read now: its report, and its aux loss from the load-balancing sums.
+pub fn read_pass<O: LossOps>(
+    ops: &O,
+    out: PassOutput<O::Report, O::Balance>,
+    aux_coef: f64,
+) -> Result<Logged> {
+    let aux_loss = out.balance.as_ref().map(|b| ops.moe_balance_loss(b));
+    ops.check()?;
+    Ok(Logged::new(
+        ops.read_report(out.report)?,
+        aux_loss,
+        aux_coef,
+    ))
 }
 
 /// The reference model's statistics of a batch's responses, in order: none (a
@@ -136,6 +185,8 @@ pub fn batch_metric_counts(batch: &Batch) -> Vec<f64> {
 }
 
 impl LossOps for CpuOps {
+    type Report = LossReport;
+
     fn batch_loss(
         &self,
         spec: &LossSpec,
@@ -143,12 +194,18 @@ impl LossOps for CpuOps {
         groups: &[Group],
         stats: &Vec<f64>,
         reference: RefStats<'_, Vec<f64>>,
-    ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+    ) -> Result<StatsLoss<Vec<f64>, LossReport>> {
         host_batch_loss(spec, batch, groups, stats, reference)
+    }
+
+    fn read_report(&self, report: LossReport) -> Result<LossReport> {
+        Ok(report)
     }
 }
 
 impl LossOps for RoundedCpuOps {
+    type Report = LossReport;
+
     fn batch_loss(
         &self,
         spec: &LossSpec,
@@ -156,8 +213,12 @@ impl LossOps for RoundedCpuOps {
         groups: &[Group],
         stats: &Vec<f64>,
         reference: RefStats<'_, Vec<f64>>,
-    ) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+    ) -> Result<StatsLoss<Vec<f64>, LossReport>> {
         host_batch_loss(spec, batch, groups, stats, reference)
+    }
+
+    fn read_report(&self, report: LossReport) -> Result<LossReport> {
+        Ok(report)
     }
 }
 
@@ -168,7 +229,7 @@ fn host_batch_loss(
     groups: &[Group],
     stats: &[f64],
     reference: RefStats<'_, Vec<f64>>,
-) -> Result<StatsLoss<Vec<f64>, MetricTotals>> {
+) -> Result<StatsLoss<Vec<f64>, LossReport>> {
     let stats = ResponseStats::from_table(&batch.responses, stats);
     let ref_stats = match reference {
         RefStats::None => None,
@@ -182,9 +243,11 @@ fn host_batch_loss(
         .flat_map(|i| [out.d_s[i], out.d_a[i], out.d_e[i]])
         .collect();
     Ok(StatsLoss {
-        loss: out.loss,
         grads,
-        metrics: MetricTotals::new(metrics, &batch_metric_counts(batch)),
+        report: LossReport {
+            loss: out.loss,
+            metrics: MetricTotals::new(metrics, &batch_metric_counts(batch)),
+        },
     })
 }
 
@@ -284,7 +347,7 @@ pub fn loss_and_grads<O: LossOps>(
     groups: &[Group],
     spec: &LossSpec,
     opts: &StepOptions,
-) -> Result<StepOutput<O::Buf, MetricTotals>> {
+) -> Result<StepOutput<O::Buf>> {
     loss_and_grads_in_passes(
         ops,
         policy,
@@ -310,38 +373,36 @@ pub fn loss_and_grads_in_passes<O: LossOps>(
     opts: &StepOptions,
     max_tokens: usize,
     mut progress: impl FnMut(usize),
-) -> Result<StepOutput<O::Buf, MetricTotals>> {
+) -> Result<StepOutput<O::Buf>> {
     check_ref_stats(groups, spec, ref_stats)?;
     let mut grads = policy.zeros_like(ops);
-    let (mut total, mut responses) = (Combined::default(), 0);
+    let (mut total, mut responses) = (Logged::default(), 0);
     for range in token_chunks(groups, max_tokens) {
         let chunk = &groups[range.clone()];
         let share = chunk.len() as f64 / groups.len() as f64;
         let reference = RefStats::from_host(ref_slice(ref_stats, chunk, &mut responses));
-        let out = accumulate_grads(ops, policy, reference, chunk, spec, opts, share, &mut grads)?;
-        total.add(share, out);
+        let pass =
+            accumulate_and_read(ops, policy, reference, chunk, spec, opts, share, &mut grads)?;
+        total.add(share, pass);
         progress(range.end);
     }
     Ok(StepOutput {
-        loss: total.loss,
-        aux_loss: total.aux_loss,
-        metrics: total.metrics,
+        logged: total,
         grads,
     })
 }
 
-/// Passes over parts of the groups combined (a step's micro-batches, the passes of `eval`
-/// and `grads`): the loss and the aux loss weighted by each pass's share of the groups, the
-/// metrics by their counts.
-#[derive(Default)]
-pub struct Combined {
-    pub loss: f64,
-    pub aux_loss: Option<f64>,
-    pub metrics: MetricTotals,
+/// The loss of a batch with its gradient for every parameter.
+pub struct StepOutput<B> {
+    pub logged: Logged,
+    pub grads: Params<B>,
 }
 
-impl Combined {
-    pub fn add(&mut self, share: f64, out: PassOutput<MetricTotals>) {
+impl Logged {
+    /// Adds a pass over part of the groups (a step's micro-batch, a pass of `eval` or
+    /// `grads`): the loss and the aux loss weighted by the pass's share of the groups, the
+    /// metrics by their counts.
+    pub fn add(&mut self, share: f64, out: Logged) {
         self.loss += share * out.loss;
         if let Some(a) = out.aux_loss {
             *self.aux_loss.get_or_insert(0.0) += share * a;
@@ -363,7 +424,7 @@ pub fn accumulate_grads<O: LossOps>(
     opts: &StepOptions,
     scale: f64,
     grads: &mut Params<O::Buf>,
-) -> Result<PassOutput<MetricTotals>> {
+) -> Result<PassOutput<O::Report, O::Balance>> {
     match reference {
         RefStats::Table(_) => spec.validate()?,
         RefStats::None => check_ref_stats(groups, spec, None)?,
@@ -386,6 +447,23 @@ pub fn accumulate_grads<O: LossOps>(
         )
         .and_then(|out| ops.check().map(|()| out))
         .context("computing the loss")
+}
+
+/// [`accumulate_grads`], with what the pass logs read at once (a pass on the host, or one
+/// whose caller waits for it).
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_and_read<O: LossOps>(
+    ops: &O,
+    policy: &Model<O::Buf>,
+    reference: RefStats<'_, O::Table>,
+    groups: &[Group],
+    spec: &LossSpec,
+    opts: &StepOptions,
+    scale: f64,
+    grads: &mut Params<O::Buf>,
+) -> Result<Logged> {
+    let out = accumulate_grads(ops, policy, reference, groups, spec, opts, scale, grads)?;
+    read_pass(ops, out, opts.aux_coef)
 }
 
 /// The loss of a batch (no gradients) and its metrics (docs/losses.md §7).
@@ -431,7 +509,7 @@ pub fn evaluate_in_passes<O: Ops>(
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
     check_ref_stats(groups, spec, ref_stats)?;
-    let (mut total, mut responses) = (Combined::default(), 0);
+    let (mut total, mut responses) = (Logged::default(), 0);
     for range in token_chunks(groups, max_tokens) {
         let chunk = &groups[range.clone()];
         let batch = pack(policy, chunk)?;
@@ -441,7 +519,8 @@ pub fn evaluate_in_passes<O: Ops>(
         let columns = Columns::new(chunk, &stats, refs);
         let out = batch_loss(spec, &columns.input())?;
         let metrics = batch_metrics(spec, &columns.input(), &stats);
-        let pass = PassOutput {
+        // The objective's aux term is added once, to the combined aux loss.
+        let pass = Logged {
             loss: out.loss,
             aux_loss,
             metrics: MetricTotals::new(metrics, &batch_metric_counts(&batch)),

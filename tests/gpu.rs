@@ -320,6 +320,21 @@ fn uploads_are_staged_so_the_host_may_reuse_its_data_at_once() {
     assert_eq!(device.download(&small).unwrap(), [7.0, 8.0, 9.0]);
 }
 
+/// Copies to pinned memory queued on the stream (a step's logged scalars, read a step late)
+/// carry the values of their point in the stream and arrive whole.
+#[test]
+#[ignore = "needs a GPU: tools/gpu-suite.sh runs it with --ignored"]
+fn queued_downloads_carry_the_values_of_their_point_in_the_stream() {
+    common::device_step::check_readback(&gpu(), fresh_seed());
+}
+
+/// A non-finite loss flagged on the GPU drops the step there (`device_step::check_drop`).
+#[test]
+#[ignore = "needs a GPU: tools/gpu-suite.sh runs it with --ignored"]
+fn a_flagged_non_finite_loss_drops_the_step_on_the_gpu() {
+    common::device_step::check_drop(&gpu(), fresh_seed());
+}
+
 /// A host buffer (here the emulator's) given to a GPU kernel or GEMM is refused before the
 /// GPU sees its address, naming the kernel and the argument.
 #[test]

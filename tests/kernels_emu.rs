@@ -395,6 +395,17 @@ fn grad_norm_is_deterministic_and_leaves_small_gradients_alone() {
 }
 
 #[test]
+fn queued_downloads_carry_the_values_of_their_point_in_the_work() {
+    common::device_step::check_readback(&Device::Emu, 0x2eadbac);
+}
+
+/// A non-finite loss drops the step on the device (`device_step::check_drop`).
+#[test]
+fn a_flagged_non_finite_loss_drops_the_step_on_the_device() {
+    common::device_step::check_drop(&Device::Emu, 0xf1a6);
+}
+
+#[test]
 fn adamw_matches_the_cpu_optimizer_bit_for_bit() {
     let device = Device::Emu;
     let mut rng = common::rng("adamw");

@@ -11,6 +11,7 @@ use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::{Model, StatsLoss, StepOptions};
 use contralign::ops::cpu::CpuOps;
+use contralign::ops::Ops;
 use contralign::step;
 use rand::Rng;
 
@@ -37,7 +38,7 @@ fn unpacked(groups: &[Group]) -> Vec<Group> {
 /// every response through S, A and E.
 fn linear_loss(
     coef: &[[f64; 3]],
-) -> impl Fn(&Vec<f64>) -> anyhow::Result<StatsLoss<Vec<f64>, ()>> + '_ {
+) -> impl Fn(&Vec<f64>) -> anyhow::Result<StatsLoss<Vec<f64>, f64>> + '_ {
     move |table| {
         // E is NaN where a response has no EOS: no term there.
         let loss = table
@@ -46,9 +47,8 @@ fn linear_loss(
             .map(|(t, c)| c[0] * t[0] + c[1] * t[1] + if t[2].is_nan() { 0.0 } else { c[2] * t[2] })
             .sum();
         Ok(StatsLoss {
-            loss,
             grads: coef.concat(),
-            metrics: (),
+            report: loss,
         })
     }
 }
@@ -72,10 +72,12 @@ fn grads_of(
         recompute,
         aux_coef,
     };
-    let out = model
+    let (out, grads) = model
         .loss_and_grads(&CpuOps, &batch, linear_loss(coef), &opts)
         .unwrap();
-    (out.loss, out.grads.iter().into_iter().cloned().collect())
+    let aux = out.balance.map_or(0.0, |b| CpuOps.moe_balance_loss(&b));
+    let loss = out.report + aux_coef * aux;
+    (loss, grads.iter().into_iter().cloned().collect())
 }
 
 #[test]
@@ -211,13 +213,15 @@ fn gradients_agree_with_finite_differences() {
                 let mut slopes = |h: f32| {
                     let (plus, minus) = (orig + h, orig - h);
                     policy.params.iter_mut()[t][j] = plus;
-                    let up = objective(&policy).loss;
+                    let up = objective(&policy).logged.loss;
                     policy.params.iter_mut()[t][j] = minus;
-                    let down = objective(&policy).loss;
+                    let down = objective(&policy).logged.loss;
                     policy.params.iter_mut()[t][j] = orig;
                     let (h_up, h_down) = ((plus - orig) as f64, (orig - minus) as f64);
-                    let (forward, backward) =
-                        ((up - base.loss) / h_up, (base.loss - down) / h_down);
+                    let (forward, backward) = (
+                        (up - base.logged.loss) / h_up,
+                        (base.logged.loss - down) / h_down,
+                    );
                     (forward, backward, (up - down) / (h_up + h_down))
                 };
                 let (forward, backward, numeric) = slopes(1e-3);

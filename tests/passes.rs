@@ -132,8 +132,16 @@ fn passes_give_the_statistics_losses_metrics_and_gradients_of_one_pass() {
                 |_| {},
             )
             .unwrap();
-            close(&format!("{at}: step loss"), passes.loss, whole.loss);
-            close(&format!("{at}: eval vs step loss"), passes.loss, eval.loss);
+            close(
+                &format!("{at}: step loss"),
+                passes.logged.loss,
+                whole.logged.loss,
+            );
+            close(
+                &format!("{at}: eval vs step loss"),
+                passes.logged.loss,
+                eval.loss,
+            );
             for ((g, w), (tensor, _)) in passes
                 .grads
                 .iter()

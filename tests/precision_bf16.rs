@@ -69,7 +69,7 @@ fn run<O: LossOps>(ops: &O, name: &str) -> Outputs {
             .into_iter()
             .map(|g| ops.download(g))
             .collect();
-        out.push((golden_name.to_string(), eval.loss, step.loss, grads));
+        out.push((golden_name.to_string(), eval.loss, step.logged.loss, grads));
     }
     ops.check().unwrap();
     Outputs { stats, cases: out }

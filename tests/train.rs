@@ -17,7 +17,7 @@ use contralign::train::optimizer::AdamWConfig;
 use contralign::train::plan::{Length, StepBudget};
 use contralign::train::run_dir::{RunDir, SaveOptions};
 use contralign::train::schedule::ScheduleKind;
-use contralign::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
+use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
 use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
@@ -96,10 +96,7 @@ fn training_lowers_the_loss_of_every_loss_family() {
         };
         let mut trainer =
             Trainer::new(opts, policy, reference_for(&spec, model), data.to_vec()).unwrap();
-        let mut records = Vec::new();
-        while !trainer.done() {
-            records.push(trainer.train_step().unwrap());
-        }
+        let records = common::train_to_end(&mut trainer);
         let after = objective(&trainer.policy, model, data, &spec, aux_coef);
         eprintln!("{model} {}: {before:.6} -> {after:.6}", kind.name());
         assert!(
@@ -116,14 +113,6 @@ fn training_lowers_the_loss_of_every_loss_family() {
             records[0].loss
         );
     }
-}
-
-fn run_steps(trainer: &mut Trainer) -> Vec<StepRecord> {
-    let mut out = Vec::new();
-    while !trainer.done() {
-        out.push(trainer.train_step().unwrap());
-    }
-    out
 }
 
 #[test]
@@ -153,7 +142,7 @@ fn accumulation_over_micro_batches_does_not_change_a_step() {
                 groups.clone(),
             )
             .unwrap();
-            let record = t.train_step().unwrap();
+            let record = t.step_to_end().unwrap();
             (t, record)
         };
         // One group per forward/backward against the whole step at once.
@@ -230,7 +219,7 @@ fn checkpoints_are_hf_directories_that_score_like_the_model_in_memory() {
         groups.clone(),
     )
     .unwrap();
-    run_steps(&mut trainer);
+    common::train_to_end(&mut trainer);
     let batch = step::pack(&trainer.policy, &groups).unwrap();
     let in_memory = trainer.policy.score(&CpuOps, &batch);
 
@@ -515,47 +504,53 @@ fn nan_model(dir: &Path) -> PathBuf {
     out
 }
 
+/// On the CPU and on a device, where the step is dropped on the device and its scalars read
+/// a step late: the run stops at the step that reaches the limit, not after it.
 #[test]
 fn non_finite_steps_are_skipped_logged_and_stop_the_run_with_a_checkpoint() {
     let tmp = TempDir::new().unwrap();
     let model = nan_model(tmp.path());
-    let run = tmp.path().join("run");
-    let args = [
-        "train",
-        "--model",
-        &model.to_string_lossy(),
-        "--data",
-        &fx("tiny-mistral.reward.jsonl"),
-        "--loss",
-        "simpo",
-        "--pairs",
-        "best_vs_each",
-        "--out",
-        &run.to_string_lossy(),
-        "--steps",
-        "50",
-        "--groups-per-step",
-        "1",
-        "--max-bad-steps",
-        "3",
-    ];
-    let out = contralign(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("non-finite") && stderr.contains("checkpoint-3"),
-        "{stderr}"
-    );
-    let metrics = metrics_without_timing(&run);
-    assert_eq!(metrics.len(), 3);
-    for m in &metrics {
-        assert_eq!(m["skipped"], "non-finite loss", "{m}");
-        assert!(m["loss"].is_null());
+    for device in ["cpu", "emu"] {
+        let run = tmp.path().join(format!("run-{device}"));
+        let args = [
+            "train",
+            "--model",
+            &model.to_string_lossy(),
+            "--data",
+            &fx("tiny-mistral.reward.jsonl"),
+            "--loss",
+            "simpo",
+            "--pairs",
+            "best_vs_each",
+            "--out",
+            &run.to_string_lossy(),
+            "--steps",
+            "50",
+            "--groups-per-step",
+            "1",
+            "--max-bad-steps",
+            "3",
+            "--device",
+            device,
+        ];
+        let out = contralign(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{device}: {stderr}");
+        assert!(
+            stderr.contains("non-finite") && stderr.contains("checkpoint-3"),
+            "{device}: {stderr}"
+        );
+        let metrics = metrics_without_timing(&run);
+        assert_eq!(metrics.len(), 3, "{device}");
+        for m in &metrics {
+            assert_eq!(m["skipped"], "non-finite loss", "{device}: {m}");
+            assert!(m["loss"].is_null());
+        }
+        assert!(run
+            .join("checkpoint-3")
+            .join("trainer_state.json")
+            .is_file());
     }
-    assert!(run
-        .join("checkpoint-3")
-        .join("trainer_state.json")
-        .is_file());
 }
 
 #[test]

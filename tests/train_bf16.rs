@@ -91,7 +91,7 @@ fn trainer(model: &str, groups: &[contralign::data::Group], opts: TrainOptions) 
 }
 
 fn run(trainer: &mut Trainer) -> Vec<StepRecord> {
-    (0..STEPS).map(|_| trainer.train_step().unwrap()).collect()
+    common::train_steps(trainer, STEPS)
 }
 
 /// The bf16 ulp of `x` (its spacing at `|x|`).
@@ -223,7 +223,7 @@ fn an_adamw_step_on_the_engine_equals_the_cpu_rounding_mode_bit_for_bit() {
             lr,
             seed,
         };
-        engine.finish_step(Some(update), 0.0).unwrap();
+        engine.finish_step(update, 0.0).unwrap();
 
         let mut cpu = load();
         let stores = RoundedStores::new(precision, &mut cpu);

@@ -16,7 +16,7 @@ use contralign::train::held_out::HeldOut;
 use contralign::train::optimizer::{AdamW, AdamWConfig};
 use contralign::train::plan::{Length, StepBudget};
 use contralign::train::schedule::ScheduleKind;
-use contralign::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
+use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
 use tempfile::TempDir;
 
 fn options(steps: u64, micro_tokens: usize) -> TrainOptions {
@@ -45,14 +45,6 @@ fn trainer(model: &str, groups: &[Group], opts: TrainOptions) -> Trainer {
     let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
     let reference = Reference::Model(Box::new(load(&format!("{model}-ref"))));
     Trainer::new(opts, load(model), reference, groups.to_vec()).unwrap()
-}
-
-fn run(trainer: &mut Trainer) -> Vec<StepRecord> {
-    let mut out = Vec::new();
-    while !trainer.done() {
-        out.push(trainer.train_step().unwrap());
-    }
-    out
 }
 
 /// The f32 device path runs fp32 kernels with fp32 reductions where the CPU sums in f64
@@ -90,7 +82,10 @@ fn three_steps_on_the_emulated_device_equal_the_cpu_trainer() {
         let mut cpu = trainer(model, &groups, opts.clone());
         let mut emu = trainer(model, &groups, opts);
         emu.use_device(Device::Emu).unwrap();
-        let (want, got) = (run(&mut cpu), run(&mut emu));
+        let (want, got) = (
+            common::train_to_end(&mut cpu),
+            common::train_to_end(&mut emu),
+        );
         common::assert_steps_close(model, &got, &want, 0.05, REL);
         for (g, w) in got.iter().zip(&want) {
             // The device's metrics come from the loss kernels, combined over micro-batches.
@@ -207,7 +202,7 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
             arena >= planned && arena - planned < 4096 && made >= arena && made - arena < 4096,
             "{model}: planned {planned} bytes, arena {arena}, allocated {made}"
         );
-        emu.train_step().unwrap();
+        emu.step_to_end().unwrap();
         let after_first = counters();
         assert_eq!(
             after_first.allocations,
@@ -216,7 +211,7 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
             precision.describe(),
             after_first.allocated_bytes - after_setup.allocated_bytes
         );
-        let records: Vec<StepRecord> = (0..3).map(|_| emu.train_step().unwrap()).collect();
+        let records = common::train_steps(&mut emu, 3);
         let now = counters();
         assert_eq!(
             now.allocations,
@@ -233,7 +228,8 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
 /// the loss's inputs, staged together) and to the host only what it logs: per micro-batch
 /// the loss kernels' summary (the loss and the metrics: 1 + 6 + K + 2 f64 for groups of K
 /// responses) and, for Mixtral, the load-balancing sums (2E + 1 f64); per step the gradient
-/// norm (one f32).
+/// norm and the clip factor (two f32). The host reads them a step late: a step's call
+/// returns the record of the step before it.
 #[test]
 fn a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs() {
     let mut rng = rng("a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs");
@@ -255,10 +251,15 @@ fn a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs() {
             };
             let mut emu = trainer(model, &groups, opts);
             emu.use_device(Device::Emu).unwrap();
-            emu.train_step().unwrap();
+            assert!(
+                emu.train_step().unwrap().is_none(),
+                "step 1 read in its own call"
+            );
             let before = counters();
-            emu.train_step().unwrap();
+            let late = emu.train_step().unwrap().map(|r| r.step);
             let after = counters();
+            assert_eq!(late, Some(1), "step 2 returns the record of step 1");
+            assert_eq!(emu.flush().unwrap().map(|r| r.step), Some(2));
             let logged_bytes = 8 * (1 + 6 + k + 2 + aux_sums) as u64;
             let what = format!(
                 "{model}, a step of {micro_batches} micro-batches, {}",
@@ -276,7 +277,7 @@ fn a_step_uploads_its_batches_once_and_downloads_only_the_scalars_it_logs() {
                 ),
                 (
                     micro_batches * (1 + (aux_sums > 0) as u64) + 1,
-                    micro_batches * logged_bytes + 4
+                    micro_batches * logged_bytes + 8
                 ),
                 "downloads of {what}"
             );

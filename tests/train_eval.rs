@@ -163,3 +163,64 @@ fn eval_rows_equal_eval_on_the_checkpoints_and_survive_a_resume() {
         "--eval-data with --ref-logps",
     );
 }
+
+/// On a device a step's scalars are read while the next step runs; a step that is evaluated
+/// is read before the next one is queued, so that its eval row sees the weights it left:
+/// every row differs from the next (a row evaluated a step late would repeat the next one's
+/// weights), and the rows of steps 2 and 4 equal `eval` of checkpoint-2 and final/ (the
+/// device's f32 path against the CPU, to 1e-5).
+#[test]
+fn eval_rows_on_a_device_see_the_weights_of_their_step() {
+    let mut rng = common::rng("eval_rows_on_a_device_see_the_weights_of_their_step");
+    let tmp = TempDir::new().unwrap();
+    let held: Vec<_> = random_groups(&mut rng, 3, 256, 6, 3, 5)
+        .into_iter()
+        .map(|g| (g.prompt, g.responses, g.rewards))
+        .collect();
+    let held_out = tmp.path().join("held.parquet");
+    parquet_file::write_pretokenized(&held_out, &held, 2);
+    let model = "tiny-mistral";
+    let run = tmp.path().join("run");
+    contralign_ok(&[
+        "train",
+        "--model",
+        &fx(model),
+        "--ref-model",
+        &fx(&format!("{model}-ref")),
+        "--data",
+        &fx(&format!("{model}.reward.jsonl")),
+        "--eval-data",
+        held_out.to_str().unwrap(),
+        "--eval-every",
+        "1",
+        "--loss",
+        "nca",
+        "--steps",
+        "4",
+        "--groups-per-step",
+        "2",
+        "--lr",
+        "1e-2",
+        "--save-every",
+        "2",
+        "--device",
+        "emu",
+        "--precision",
+        "f32",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    let all = rows(&run);
+    let evals = eval_rows(&all);
+    let steps: Vec<u64> = evals.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    let loss = |row: &serde_json::Value| row["eval_loss"].as_f64().unwrap();
+    for pair in evals.windows(2) {
+        assert_ne!(loss(pair[0]), loss(pair[1]), "{pair:?}");
+    }
+    for (row, dir) in [(evals[1], "checkpoint-2"), (evals[3], "final")] {
+        let want = eval_of(&run.join(dir), &held_out, model);
+        let want = want["eval_loss"].as_f64().unwrap();
+        common::assert_close(&format!("eval_loss of {dir}"), loss(row), want, 1e-5);
+    }
+}

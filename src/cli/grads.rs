@@ -77,7 +77,7 @@ impl OnOps for &GradsArgs {
             .map(|g| ops.download(g))
             .collect();
         Ok(Gradients {
-            loss: out.loss,
+            loss: out.logged.loss,
             grads,
             cfg: l.policy.cfg,
             groups: l.groups.len(),

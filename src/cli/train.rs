@@ -568,6 +568,7 @@ fn train_in(
         &save,
         args.save_every,
         &interrupted,
+        |step| held_out.as_ref().is_some_and(|h| h.due(step, total)),
         |record, trainer| {
             if let Some(reason) = &record.skipped {
                 progress.bar.suspend(|| {
@@ -578,7 +579,7 @@ fn train_in(
                 });
             }
             progress.step(record.step, total, record.loss, record.tokens_per_s);
-            if let Some(held_out) = held_out.as_ref().filter(|h| h.due(trainer)) {
+            if let Some(held_out) = held_out.as_ref().filter(|h| h.due(record.step, total)) {
                 let row = held_out.row(trainer, record)?;
                 run.append_metrics(&row)?;
                 let loss = row[format!("{EVAL_PREFIX}loss")]

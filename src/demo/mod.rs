@@ -161,6 +161,7 @@ fn train_phase(
         &save,
         0,
         &AtomicBool::new(false),
+        |_| false,
         |r, _| {
             tokens += r.tokens;
             progress(phase.name, r, total);

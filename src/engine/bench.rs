@@ -72,7 +72,8 @@ pub struct StepTiming {
     pub shape: StepShape,
     pub tokens_per_step: usize,
     pub timed_steps: usize,
-    /// The median over the timed steps (after one untimed step).
+    /// The median over the timed steps (after one untimed step), run back to back as a run
+    /// steps: each from the read of the step before it to its own read.
     pub seconds_per_step: f64,
     /// The loss of the untimed first step, on the initial weights.
     pub first_step_loss: f64,
@@ -349,7 +350,7 @@ pub fn time_step(
     let used_before = device.used_memory()?;
     let mut trainer = setup.trainer(device, cfg, initial, &data)?;
     let BenchData { groups, stats } = data;
-    let first_step_loss = trainer.train_step()?.loss;
+    let first_step_loss = trainer.step_to_end()?.loss;
     if let (Some(dir), Some(tensors)) = (dump, &kept) {
         let mut refs = stats.iter();
         let dumped = groups
@@ -374,12 +375,17 @@ pub fn time_step(
         };
         write_dump(dir, cfg, tensors, record)?;
     }
-    let mut times = Vec::new();
+    // Back to back, as a run steps on a device (each step's scalars read while the next
+    // runs); a step's time runs from the read of the step before it to its own.
+    let mut records = Vec::new();
     for _ in 0..steps {
-        let start = Instant::now();
-        trainer.train_step()?;
-        times.push(start.elapsed().as_secs_f64());
+        records.extend(trainer.train_step()?);
     }
+    records.extend(trainer.flush()?);
+    let mut times: Vec<f64> = records
+        .iter()
+        .map(|r| r.tokens as f64 / r.tokens_per_s)
+        .collect();
     let seconds = median(&mut times);
     let used_after = match trainer.device() {
         Some(d) => d.used_memory()?,

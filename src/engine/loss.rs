@@ -18,7 +18,7 @@ use crate::ops::cuda::lists::{ListSource, Uploads};
 use crate::ops::cuda::ops::{DeviceOps, DeviceTable};
 use crate::ops::cuda::pool::{Leased, Pool, Tensor};
 use crate::ops::ExtraList;
-use crate::step::{batch_metric_counts, LossOps, RefStats};
+use crate::step::{batch_metric_counts, LossOps, LossReport, RefStats};
 use anyhow::{ensure, Context, Result};
 use std::rc::Rc;
 
@@ -363,10 +363,48 @@ impl LossLists {
     }
 }
 
+/// A micro-batch's loss and metrics where the loss kernels left them: the summary on the
+/// device (the loss, then the means of [`metric_names`]`(max_k)`), and how to read it.
+pub struct DeviceReport {
+    pub summary: Leased<f64>,
+    pub shape: ReportShape,
+}
+
+/// What the host knows of a loss summary from the batch: its largest group and the metrics'
+/// counts.
+pub struct ReportShape {
+    pub max_k: usize,
+    pub counts: Vec<f64>,
+}
+
+impl ReportShape {
+    /// The report from the summary's values, once on the host.
+    pub fn read(&self, summary: &[f64]) -> Result<LossReport> {
+        let names = metric_names(self.max_k);
+        ensure!(
+            summary.len() == 1 + names.len(),
+            "the loss summary holds {} values, {} metrics need {}",
+            summary.len(),
+            names.len(),
+            1 + names.len()
+        );
+        let means = names
+            .into_iter()
+            .zip(summary[1..].iter().copied())
+            .collect();
+        Ok(LossReport {
+            loss: summary[0],
+            metrics: MetricTotals::new(means, &self.counts),
+        })
+    }
+}
+
 /// The loss where the device's statistics are: the kernels above on the scoring's tables,
-/// with the rewards and the reference's S staged with the batch; the loss and the metrics
-/// come back (the micro-batch's one download), the gradient table stays for the backward.
+/// with the rewards and the reference's S staged with the batch; the gradient table stays for
+/// the backward, and the report (the loss and the metrics) on the device until it is read.
 impl LossOps for DeviceOps<'_> {
+    type Report = DeviceReport;
+
     fn stage_batch(
         &self,
         policy: &Model<Tensor>,
@@ -386,7 +424,7 @@ impl LossOps for DeviceOps<'_> {
         groups: &[Group],
         stats: &DeviceTable,
         reference: RefStats<'_, DeviceTable>,
-    ) -> Result<StatsLoss<DeviceTable, MetricTotals>> {
+    ) -> Result<StatsLoss<DeviceTable, DeviceReport>> {
         let (device, pool) = (self.device(), self.pool());
         let sources: Vec<String> = groups.iter().map(|g| g.source.clone()).collect();
         let layout = GroupLayout::from_source(&batch.group_offsets, &sources, self)?;
@@ -406,16 +444,20 @@ impl LossOps for DeviceOps<'_> {
             rewards: rewards.view(),
         };
         let out = device_batch_loss(device, pool, spec, &layout, &inputs)?;
-        let summary = device.download(&out.summary)?;
-        let means = metric_names(layout.max_k())
-            .into_iter()
-            .zip(summary[1..].iter().copied())
-            .collect();
         Ok(StatsLoss {
-            loss: summary[0],
             grads: DeviceTable::new(out.grads),
-            metrics: MetricTotals::new(means, &batch_metric_counts(batch)),
+            report: DeviceReport {
+                summary: out.summary,
+                shape: ReportShape {
+                    max_k: layout.max_k(),
+                    counts: batch_metric_counts(batch),
+                },
+            },
         })
+    }
+
+    fn read_report(&self, report: DeviceReport) -> Result<LossReport> {
+        report.shape.read(&self.device().download(&report.summary)?)
     }
 }
 

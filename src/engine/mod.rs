@@ -8,9 +8,11 @@
 //! Each store is f32 or bf16 as the plan's precision says (docs/numerics.md §7): bf16 weights
 //! with or without an fp32 master copy, gradients and moments f32 or bf16; `--precision f32`
 //! stores everything f32, the path checked against the CPU exactly. A step downloads its
-//! logged scalars and nothing else (docs/architecture.md §12).
+//! logged scalars and nothing else, and the host reads them a step late ([`ledger`],
+//! docs/architecture.md §12).
 
 pub mod bench;
+pub mod ledger;
 pub mod loss;
 pub mod moe_bench;
 pub mod step_model;
@@ -18,14 +20,13 @@ pub mod store;
 
 use crate::config::ModelConfig;
 use crate::data::Group;
-use crate::loss::metrics::MetricTotals;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
     Category, MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy, ReferenceSource,
 };
 use crate::model::params::{param_specs, Params};
-use crate::model::{Model, PassOutput, ResponseStats, StepOptions};
+use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View, ALIGNMENT};
 use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
@@ -35,6 +36,7 @@ use crate::ops::storage::Dtype;
 use crate::ops::Ops;
 use crate::step::{self, LossOps, RefStats};
 use anyhow::{bail, ensure, Context, Result};
+use ledger::{Ledger, StepScalars};
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
@@ -80,6 +82,8 @@ pub struct DeviceEngine {
     layout: ParamLayout,
     flat: Flat,
     norm: GradNormWorkspace,
+    /// The logged scalars of the step being queued and of the one before it.
+    ledger: Ledger,
     pool: Pool,
     /// The plan's rows of one logits chunk, which the scoring holds at most.
     logits_chunk_rows: usize,
@@ -230,6 +234,7 @@ impl DeviceEngine {
             layout,
             flat,
             norm,
+            ledger: Ledger::default(),
             pool,
             arena,
             device,
@@ -314,9 +319,9 @@ impl DeviceEngine {
     }
 
     /// One micro-batch's forward and backward, its gradient scaled by `share` (its part of
-    /// the step's groups) and added to the step's. The reference's statistics are
-    /// `ref_stats`, or the resident reference's scores of `groups`, which stay on the
-    /// device.
+    /// the step's groups) and added to the step's, its logged scalars queued for the host
+    /// ([`DeviceEngine::read_finished_step`]). The reference's statistics are `ref_stats`,
+    /// or the resident reference's scores of `groups`, which stay on the device.
     pub fn accumulate(
         &mut self,
         ref_stats: Option<&[ResponseStats]>,
@@ -324,7 +329,7 @@ impl DeviceEngine {
         spec: &LossSpec,
         opts: &StepOptions,
         share: f64,
-    ) -> Result<PassOutput<MetricTotals>> {
+    ) -> Result<()> {
         // Not `self.ops()`: the gradients are borrowed mutably below.
         let ops = ops_on(
             &self.device,
@@ -351,7 +356,7 @@ impl DeviceEngine {
             Some(table) => RefStats::Table(table),
             None => RefStats::from_host(ref_stats),
         };
-        step::accumulate_grads(
+        let out = step::accumulate_grads(
             &ops,
             &self.model,
             reference,
@@ -360,21 +365,27 @@ impl DeviceEngine {
             opts,
             share,
             &mut self.grads,
-        )
+        )?;
+        self.ledger.push(&self.device, &self.norm, share, out)
     }
 
-    /// The gradients' global norm, and unless `update` is `None`, that AdamW step with the
-    /// clipping to `max_grad_norm` (0: none) folded in; a non-finite norm skips the update on
-    /// the device. Returns the norm (the step's one download).
-    pub fn finish_step(&mut self, update: Option<Update>, max_grad_norm: f64) -> Result<f64> {
+    /// Ends the step: the gradients' global norm, and `update`, that AdamW step with the
+    /// clipping to `max_grad_norm` (0: none) folded in, which the device skips when a loss of
+    /// the step or the norm was not finite. Nothing is read back here: the norm is queued
+    /// with the step's other logged scalars.
+    pub fn finish_step(&mut self, update: Update, max_grad_norm: f64) -> Result<()> {
         let kernels = Kernels::new(&self.device);
         let norm_and_coef = kernels.grad_norm(&self.norm, max_grad_norm as f32)?;
-        if let Some(u) = update {
-            let step = AdamWStep::new(u.config, u.step, u.lr, u.seed);
-            adamw(&kernels, &self.flat, Some(norm_and_coef), &step)?;
-        }
-        let norm = self.device.download(&norm_and_coef.slice(0, 1)?)?[0];
-        Ok(norm as f64)
+        let step = AdamWStep::new(update.config, update.step, update.lr, update.seed);
+        adamw(&kernels, &self.flat, Some(norm_and_coef), &step)?;
+        self.ledger.finish(&self.device, norm_and_coef)
+    }
+
+    /// The logged scalars of the last finished step not read yet, if any: while the next
+    /// step runs on the device, they are there already; right after their own step, this
+    /// waits for it.
+    pub fn read_finished_step(&mut self, aux_coef: f64) -> Result<Option<StepScalars>> {
+        self.ledger.read_finished(&self.device, aux_coef)
     }
 
     /// The weights' store: the fp32 master copy when there is one.

@@ -65,12 +65,12 @@ pub fn census(cfg: &ModelConfig, setup: &BenchSetup) -> Result<Vec<Launch>> {
     let mut data_rng = StdRng::seed_from_u64(setup.seed ^ 0xda7a_da7a_da7a_da7a);
     let data = BenchData::random(&mut data_rng, cfg, &setup.shape, setup.steps);
     let mut trainer = setup.trainer(Device::Emu, cfg, initial, &data)?;
-    trainer.train_step()?;
+    trainer.step_to_end()?;
     let probe = Probe {
         count: true,
         racecheck: false,
     };
-    let (stepped, records) = emu::probed(probe, || trainer.train_step());
+    let (stepped, records) = emu::probed(probe, || trainer.step_to_end());
     stepped?;
     Ok(records.iter().map(Launch::new).collect())
 }

@@ -44,12 +44,13 @@ struct Forward<O: Ops> {
     balance: Option<O::Balance>,
 }
 
-/// The loss of a batch as a function of its statistics table: the loss, its gradient table
-/// `(dL/dS, dL/dA, dL/dE)` per response on the same backend, and what the caller logs.
-pub struct StatsLoss<T, M> {
-    pub loss: f64,
+/// The loss of a batch as a function of its statistics table: its gradient table
+/// `(dL/dS, dL/dA, dL/dE)` per response on the same backend, and its report: the loss and
+/// what the caller logs, as the backend leaves them (read on the host, or still on a device:
+/// `step::LossOps`).
+pub struct StatsLoss<T, R> {
     pub grads: T,
-    pub metrics: M,
+    pub report: R,
 }
 
 pub struct StepOptions {
@@ -59,22 +60,13 @@ pub struct StepOptions {
     pub aux_coef: f64,
 }
 
-/// What a forward and backward pass reports besides the gradients.
-pub struct PassOutput<M> {
-    /// The objective: the statistics loss plus `aux_coef · aux`.
-    pub loss: f64,
-    pub aux_loss: Option<f64>,
-    /// What the loss function reported besides the loss.
-    pub metrics: M,
-}
-
-pub struct StepOutput<B, M> {
-    /// The objective: the statistics loss plus `aux_coef · aux`.
-    pub loss: f64,
-    pub aux_loss: Option<f64>,
-    /// What the loss function reported besides the loss.
-    pub metrics: M,
-    pub grads: Params<B>,
+/// What a forward and backward pass reports besides the gradients: the loss function's
+/// report and, for Mixtral, the load-balancing sums, whose loss the caller reads
+/// (`Ops::moe_balance_loss`) when it logs it. The objective is the report's loss plus
+/// `aux_coef ·` that loss.
+pub struct PassOutput<R, Bal> {
+    pub report: R,
+    pub balance: Option<Bal>,
 }
 
 impl<B> Model<B> {
@@ -235,36 +227,33 @@ impl<B> Model<B> {
         (table, aux.map(|b| ops.moe_balance_loss(b)))
     }
 
-    /// The objective `loss_fn(stats) + aux_coef · aux` and its gradient for every parameter.
-    pub fn loss_and_grads<O: Ops<Buf = B>, M>(
+    /// The objective `loss_fn(stats) + aux_coef · aux`: what the pass reports, and the
+    /// gradient for every parameter.
+    #[allow(clippy::type_complexity)]
+    pub fn loss_and_grads<O: Ops<Buf = B>, R>(
         &self,
         ops: &O,
         batch: &Batch,
-        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, M>>,
+        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, R>>,
         opts: &StepOptions,
-    ) -> Result<StepOutput<B, M>> {
+    ) -> Result<(PassOutput<R, O::Balance>, Params<B>)> {
         let mut grads = self.zeros_like(ops);
         let out = self.accumulate_grads(ops, batch, loss_fn, opts, 1.0, &mut grads)?;
-        Ok(StepOutput {
-            loss: out.loss,
-            aux_loss: out.aux_loss,
-            metrics: out.metrics,
-            grads,
-        })
+        Ok((out, grads))
     }
 
     /// As [`Model::loss_and_grads`], adding `scale ·` the gradient into `grads`: a step
     /// accumulates its micro-batches this way, each scaled by its share of the step's groups,
     /// into gradients that live for the whole run.
-    pub fn accumulate_grads<O: Ops<Buf = B>, M>(
+    pub fn accumulate_grads<O: Ops<Buf = B>, R>(
         &self,
         ops: &O,
         batch: &Batch,
-        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, M>>,
+        loss_fn: impl FnOnce(&O::Table) -> Result<StatsLoss<O::Table, R>>,
         opts: &StepOptions,
         scale: f64,
         grads: &mut Params<B>,
-    ) -> Result<PassOutput<M>> {
+    ) -> Result<PassOutput<R, O::Balance>> {
         let cfg = &self.cfg;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let keep = Keep::ForBackward(opts.recompute);
@@ -273,8 +262,6 @@ impl<B> Model<B> {
         let (rows, table, lse) = self.response_scores(ops, batch, &fwd.hidden);
         let sl = loss_fn(&table)?;
         drop(table);
-        let aux_loss = fwd.balance.as_ref().map(|b| ops.moe_balance_loss(b));
-        let loss = sl.loss + opts.aux_coef * aux_loss.unwrap_or(0.0);
 
         let drows = {
             let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
@@ -331,9 +318,8 @@ impl<B> Model<B> {
         }
         ops.embedding_backward(&mut grads.embed, &dh, &batch.tokens, d);
         Ok(PassOutput {
-            loss,
-            aux_loss,
-            metrics: sl.metrics,
+            report: sl.report,
+            balance: fwd.balance,
         })
     }
 }

@@ -3,6 +3,8 @@
 //! Switch load-balancing loss (docs/model.md §4), in f64. The device backend runs the same
 //! arithmetic in its kernels (cuda/moe.cu) and is checked against this.
 
+use anyhow::{ensure, Result};
+
 /// The routing decision of one layer.
 #[derive(Clone, Debug)]
 pub struct Routing {
@@ -121,6 +123,22 @@ impl LoadBalance {
             prob_mass,
             total_weight,
         }
+    }
+
+    /// From the sums laid out flat as a device keeps them: `Σ w [e chosen]` of each expert,
+    /// then `Σ w p_e` of each, then `Σ w`.
+    pub fn from_flat_sums(experts: usize, sums: &[f64]) -> Result<Self> {
+        ensure!(
+            sums.len() == 2 * experts + 1,
+            "{} load-balancing sums for {experts} experts, which need {}",
+            sums.len(),
+            2 * experts + 1
+        );
+        Ok(LoadBalance::from_sums(
+            sums[..experts].to_vec(),
+            sums[experts..2 * experts].to_vec(),
+            sums[2 * experts],
+        ))
     }
 
     pub fn add_layer(&mut self, routing: &Routing, row_weights: &[f64]) {

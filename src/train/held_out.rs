@@ -29,9 +29,10 @@ impl HeldOut {
         }
     }
 
-    /// Whether the step just taken is evaluated: every `every` steps and the last one.
-    pub fn due(&self, trainer: &Trainer) -> bool {
-        trainer.done() || (self.every > 0 && trainer.step.is_multiple_of(self.every))
+    /// Whether `step` of a run of `total_steps` is evaluated: every `every` steps and the
+    /// last one.
+    pub fn due(&self, step: u64, total_steps: u64) -> bool {
+        step >= total_steps || (self.every > 0 && step.is_multiple_of(self.every))
     }
 
     /// The metrics.jsonl row of the held-out evaluation after `record`'s step, under the

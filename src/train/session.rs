@@ -17,18 +17,21 @@ pub enum Outcome {
 }
 
 /// Runs `trainer` to its last step. `on_step` sees every step once it is logged and before
-/// its checkpoint (progress display, held-out evaluation); `interrupted` is polled after
-/// each step.
+/// its checkpoint (progress display, held-out evaluation); `wants_weights(step)` says whether
+/// it needs the weights that step left (a held-out evaluation), which on a device means
+/// reading the step's scalars before the next step is queued, as a checkpoint, the last
+/// step, an interrupt and a run of non-finite steps near its limit do; `interrupted` is
+/// polled after each step. Otherwise a step on a device is logged while the next one runs.
 pub fn run(
     trainer: &mut Trainer,
     run: &RunDir,
     save: &SaveOptions,
     save_every: u64,
     interrupted: &AtomicBool,
+    wants_weights: impl Fn(u64) -> bool,
     mut on_step: impl FnMut(&StepRecord, &Trainer) -> Result<()>,
 ) -> Result<Outcome> {
-    while !trainer.done() {
-        let record = trainer.train_step()?;
+    let mut log = |record: StepRecord, trainer: &mut Trainer| -> Result<()> {
         run.append_metrics(&record.to_json())?;
         on_step(&record, trainer)?;
         if trainer.too_many_bad_steps() {
@@ -41,10 +44,26 @@ pub fn run(
                 path.display()
             );
         }
-        if interrupted.load(Ordering::SeqCst) {
+        Ok(())
+    };
+    while !trainer.done() {
+        if let Some(record) = trainer.train_step()? {
+            log(record, trainer)?;
+        }
+        let step = trainer.step;
+        let checkpoint = save_every > 0 && step.is_multiple_of(save_every) && !trainer.done();
+        let stopping = interrupted.load(Ordering::SeqCst);
+        // One more non-finite step would stop the run: it stops at that step, not after.
+        let near_limit = trainer.bad_steps_in_a_row + 1 >= trainer.opts.max_bad_steps;
+        if trainer.done() || checkpoint || stopping || near_limit || wants_weights(step) {
+            if let Some(record) = trainer.flush()? {
+                log(record, trainer)?;
+            }
+        }
+        if stopping {
             return Ok(Outcome::Interrupted(run.save_checkpoint(trainer, save)?));
         }
-        if save_every > 0 && trainer.step.is_multiple_of(save_every) && !trainer.done() {
+        if checkpoint {
             run.save_checkpoint(trainer, save)?;
         }
     }

@@ -8,6 +8,7 @@ use super::refcache::RefLookup;
 use super::rounded::RoundedStores;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::Group;
+use crate::engine::ledger::StepScalars;
 use crate::engine::{DeviceEngine, Moment, Update};
 use crate::loss::LossSpec;
 use crate::memory_plan::{MemoryPlan, PrecisionOptions, RecomputePolicy, ReferenceSource};
@@ -15,7 +16,7 @@ use crate::model::params::Params;
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cpu::{CpuOps, Stored};
 use crate::ops::cuda::device::Device;
-use crate::step::{self, Combined, RefStats};
+use crate::step::{self, Logged, RefStats};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -161,6 +162,47 @@ pub struct Trainer {
     engine: Option<DeviceEngine>,
     /// On the CPU with bf16 stores: the bf16-rounding mode's stores.
     rounded: Option<RoundedStores>,
+    /// On a device, the step queued last whose scalars are not read yet.
+    in_flight: Option<QueuedStep>,
+    /// When the host last read a step's scalars: the start of the next step's time on a
+    /// device that runs the steps back to back.
+    last_read: Option<Instant>,
+}
+
+/// What the host knows of a queued step before its scalars are read.
+struct QueuedStep {
+    step: u64,
+    epoch: f64,
+    lr: f64,
+    groups: usize,
+    tokens: usize,
+    queued_at: Instant,
+}
+
+impl QueuedStep {
+    /// The step's record, from what it logged, whether its update was dropped and the
+    /// seconds it took.
+    fn record(
+        &self,
+        logged: Logged,
+        grad_norm: f64,
+        skipped: Option<String>,
+        seconds: f64,
+    ) -> StepRecord {
+        StepRecord {
+            step: self.step,
+            epoch: self.epoch,
+            loss: logged.loss,
+            lr: self.lr,
+            grad_norm,
+            groups: self.groups,
+            tokens: self.tokens,
+            tokens_per_s: self.tokens as f64 / seconds,
+            metrics: logged.metrics.means(),
+            aux_loss: logged.aux_loss,
+            skipped,
+        }
+    }
 }
 
 /// A step's gradients on the CPU: f32, or in the bf16-rounding mode's stores.
@@ -241,6 +283,8 @@ impl Trainer {
             data_hash,
             engine: None,
             rounded,
+            in_flight: None,
+            last_read: None,
         })
     }
 
@@ -515,9 +559,19 @@ impl Trainer {
         }
     }
 
-    /// One optimizer step.
-    pub fn train_step(&mut self) -> Result<StepRecord> {
-        let start = Instant::now();
+    /// Whether a step's scalars wait for their read ([`Trainer::flush`]): on a device, the
+    /// step queued last until the next one reads them.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// One optimizer step. On the CPU it runs to its end and its record comes back. On a
+    /// device it is queued, and what comes back is the record of the step before it, read
+    /// while this one runs (none for a run's first step, or after a [`Trainer::flush`]): the
+    /// host never waits for a step to end before it queues the next. The update is dropped
+    /// when a loss or the gradient is not finite.
+    pub fn train_step(&mut self) -> Result<Option<StepRecord>> {
+        let queued_at = Instant::now();
         let (indices, epoch) = self.cursor.next_step(&self.planner);
         let step_groups: Vec<Group> = indices.iter().map(|&i| self.groups[i].clone()).collect();
         let n = step_groups.len() as f64;
@@ -534,7 +588,7 @@ impl Trainer {
             (None, None) => Some(HostGrads::Exact(self.policy.zeros_like(&CpuOps))),
         };
         let rounded_policy = self.rounded.as_ref().map(|s| s.model(&self.policy));
-        let mut total = Combined::default();
+        let mut total = Logged::default();
         let mut first = 0;
         for micro in self.planner.micro_batches(&indices, self.opts.micro_tokens) {
             let groups = &step_groups[first..first + micro.len()];
@@ -548,99 +602,137 @@ impl Trainer {
             // in proportion to its groups, and so does its gradient.
             let share = groups.len() as f64 / n;
             let (spec, reference) = (&self.opts.spec, RefStats::from_host(refs.as_deref()));
-            let out = match (&mut self.engine, &mut grads) {
+            match (&mut self.engine, &mut grads) {
                 (Some(engine), _) => {
                     engine.accumulate(refs.as_deref(), groups, spec, &step_opts, share)?
                 }
-                (None, Some(HostGrads::Exact(grads))) => step::accumulate_grads(
-                    &CpuOps,
-                    &self.policy,
-                    reference,
-                    groups,
-                    spec,
-                    &step_opts,
-                    share,
-                    grads,
-                )?,
-                (None, Some(HostGrads::Rounded(grads))) => step::accumulate_grads(
-                    &self.rounded.as_ref().expect("rounded stores").ops(),
-                    rounded_policy.as_ref().expect("made with the stores"),
-                    reference,
-                    groups,
-                    spec,
-                    &step_opts,
-                    share,
-                    grads,
-                )?,
-                (None, None) => unreachable!("CPU gradients exist without an engine"),
-            };
-            total.add(share, out);
-        }
-        let Combined {
-            loss,
-            aux_loss: aux,
-            metrics,
-        } = total;
-        let lr = self.schedule.lr_at(self.step);
-        // The update runs unless the loss or the gradient is not finite (the engine checks
-        // the gradient's norm on the device).
-        let update = Update {
-            config: &self.opts.adamw,
-            step: self.optimizer.step + 1,
-            lr,
-            seed: self.opts.seed,
-        };
-        let (grad_norm, skipped) = match (&mut self.engine, grads) {
-            (Some(engine), _) => {
-                let norm = engine
-                    .finish_step(loss.is_finite().then_some(update), self.opts.max_grad_norm)?;
-                let skipped = skip_reason(loss, norm);
-                if skipped.is_none() {
-                    self.optimizer.step += 1;
+                (None, Some(HostGrads::Exact(grads))) => {
+                    let policy = &self.policy;
+                    let pass = step::accumulate_and_read(
+                        &CpuOps, policy, reference, groups, spec, &step_opts, share, grads,
+                    )?;
+                    total.add(share, pass);
                 }
-                (norm, skipped)
+                (None, Some(HostGrads::Rounded(grads))) => {
+                    let ops = self.rounded.as_ref().expect("rounded stores").ops();
+                    let policy = rounded_policy.as_ref().expect("made with the stores");
+                    let pass = step::accumulate_and_read(
+                        &ops, policy, reference, groups, spec, &step_opts, share, grads,
+                    )?;
+                    total.add(share, pass);
+                }
+                (None, None) => unreachable!("CPU gradients exist without an engine"),
             }
-            (None, Some(HostGrads::Exact(mut grads))) => {
+        }
+        let lr = self.schedule.lr_at(self.step);
+        self.step += 1;
+        let queued = QueuedStep {
+            step: self.step,
+            epoch,
+            lr,
+            groups: step_groups.len(),
+            tokens: self.planner.tokens(&indices),
+            queued_at,
+        };
+        let Some(grads) = grads else {
+            // On the device: the step before is read now, while this one runs, and settles
+            // the optimizer's step count that this step's AdamW launch takes.
+            let previous = self.flush()?;
+            let update = Update {
+                config: &self.opts.adamw,
+                step: self.optimizer.step + 1,
+                lr,
+                seed: self.opts.seed,
+            };
+            let engine = self.engine.as_mut().expect("no CPU gradients: on a device");
+            engine.finish_step(update, self.opts.max_grad_norm)?;
+            self.in_flight = Some(queued);
+            return Ok(previous);
+        };
+        let (grad_norm, skipped) = match grads {
+            HostGrads::Exact(mut grads) => {
                 let norm = clip_global_norm(&mut grads.iter_mut(), self.opts.max_grad_norm);
-                let skipped = skip_reason(loss, norm);
+                let skipped = skip_reason(total.loss, norm);
                 if skipped.is_none() {
                     self.optimizer
                         .update(&mut self.policy.params.iter_mut(), &grads.iter(), lr);
                 }
                 (norm, skipped)
             }
-            (None, Some(HostGrads::Rounded(grads))) => {
+            HostGrads::Rounded(grads) => {
                 let (norm, coef) = RoundedStores::norm_and_coef(&grads, self.opts.max_grad_norm);
-                let skipped = skip_reason(loss, norm);
+                let skipped = skip_reason(total.loss, norm);
                 if skipped.is_none() {
-                    let step = FlatStep::new(update.config, update.step, lr, update.seed);
+                    let (adamw, seed) = (&self.opts.adamw, self.opts.seed);
+                    let step = FlatStep::new(adamw, self.optimizer.step + 1, lr, seed);
                     let stores = self.rounded.as_ref().expect("rounded stores");
                     stores.update(&mut self.policy, &mut self.optimizer, &grads, &step, coef);
                     self.optimizer.step += 1;
                 }
                 (norm, skipped)
             }
-            (None, None) => unreachable!("CPU gradients exist without an engine"),
         };
-        if skipped.is_some() {
+        self.settle(skipped.is_some());
+        let seconds = queued_at.elapsed().as_secs_f64();
+        Ok(Some(queued.record(total, grad_norm, skipped, seconds)))
+    }
+
+    /// Reads the scalars of the step in flight on a device, waiting for its end, and returns
+    /// its record; `None` when no step is in flight (always on the CPU).
+    pub fn flush(&mut self) -> Result<Option<StepRecord>> {
+        let Some(queued) = self.in_flight.take() else {
+            return Ok(None);
+        };
+        let engine = self
+            .engine
+            .as_mut()
+            .context("a step in flight without a device")?;
+        let StepScalars {
+            logged,
+            grad_norm,
+            dropped,
+        } = engine
+            .read_finished_step(self.opts.aux_coef)?
+            .context("the device engine holds no scalars of the step in flight")?;
+        let now = Instant::now();
+        // Back to back on the device, a step's time starts where the one before it ended.
+        let start = self
+            .last_read
+            .map_or(queued.queued_at, |t| t.max(queued.queued_at));
+        self.last_read = Some(now);
+        // The device decided; the reason is told from the scalars it dropped the step for.
+        let skipped = dropped.then(|| {
+            skip_reason(logged.loss, grad_norm).unwrap_or_else(|| "non-finite loss".to_string())
+        });
+        if !dropped {
+            self.optimizer.step += 1;
+        }
+        self.settle(dropped);
+        let seconds = (now - start).as_secs_f64();
+        Ok(Some(queued.record(logged, grad_norm, skipped, seconds)))
+    }
+
+    /// Counts a step whose update was skipped, or ran (which the optimizer counted).
+    fn settle(&mut self, skipped: bool) {
+        if skipped {
             self.bad_steps_in_a_row += 1;
         } else {
             self.bad_steps_in_a_row = 0;
         }
-        self.step += 1;
-        let tokens = self.planner.tokens(&indices);
-        Ok(StepRecord {
-            step: self.step,
-            epoch,
-            loss,
-            lr,
-            grad_norm,
-            groups: step_groups.len(),
-            tokens,
-            tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
-            metrics: metrics.means(),
-            aux_loss: aux,
-            skipped,
-        })
+    }
+
+    /// [`Trainer::train_step`] and, on a device, [`Trainer::flush`]: one step to its end and
+    /// its record, for callers that want each step's record before the next (tests, the
+    /// step benchmark's first step). Nothing may be in flight before.
+    pub fn step_to_end(&mut self) -> Result<StepRecord> {
+        if self.in_flight() {
+            bail!("a step is in flight: flush it before stepping to the end");
+        }
+        match self.train_step()? {
+            Some(record) => Ok(record),
+            None => self
+                .flush()?
+                .context("a queued step left no scalars to read"),
+        }
     }
 }

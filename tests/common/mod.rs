@@ -217,7 +217,7 @@ pub fn loss_and_grads_with_reference(
     groups: &[contralign::data::Group],
     spec: &contralign::loss::LossSpec,
     opts: &contralign::model::StepOptions,
-) -> contralign::model::StepOutput<Vec<f32>, contralign::loss::metrics::MetricTotals> {
+) -> contralign::step::StepOutput<Vec<f32>> {
     use contralign::{ops::cpu::CpuOps, step};
     let ref_stats = step::reference_stats(&CpuOps, policy, Some(reference), groups, spec).unwrap();
     step::loss_and_grads(&CpuOps, policy, ref_stats.as_deref(), groups, spec, opts).unwrap()
@@ -352,4 +352,26 @@ pub fn assert_steps_close(
             w.grad_norm
         );
     }
+}
+
+/// Runs `steps` steps of `trainer` back to back, as a run does (on a device each step's
+/// scalars are read while the next one runs), and returns their records in order.
+pub fn train_steps(
+    trainer: &mut contralign::train::trainer::Trainer,
+    steps: u64,
+) -> Vec<contralign::train::trainer::StepRecord> {
+    let mut records: Vec<_> = (0..steps)
+        .filter_map(|_| trainer.train_step().unwrap())
+        .collect();
+    records.extend(trainer.flush().unwrap());
+    assert_eq!(records.len() as u64, steps, "one record per step");
+    records
+}
+
+/// [`train_steps`] to the run's last step.
+pub fn train_to_end(
+    trainer: &mut contralign::train::trainer::Trainer,
+) -> Vec<contralign::train::trainer::StepRecord> {
+    let left = trainer.total_steps() - trainer.step;
+    train_steps(trainer, left)
 }

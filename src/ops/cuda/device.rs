@@ -189,7 +189,7 @@ impl<T: bytemuck::Pod> View<T> {
     }
 
     /// The elements, where they are in host memory.
-    fn host(&self) -> Option<&[T]> {
+    pub(super) fn host(&self) -> Option<&[T]> {
         // SAFETY: a host view points at `len` live, aligned elements of an allocation that its
         // carver keeps alive (the type's contract).
         self.on_host
@@ -260,7 +260,7 @@ pub fn counters() -> Counters {
     COUNTERS.with(|c| c.get())
 }
 
-fn count(update: impl FnOnce(&mut Counters)) {
+pub(super) fn count(update: impl FnOnce(&mut Counters)) {
     COUNTERS.with(|c| {
         let mut now = c.get();
         update(&mut now);
@@ -451,7 +451,7 @@ impl Device {
 
     /// Whether `view` lives on this device (a host view on the emulator, a GPU view on a
     /// GPU): a placeholder or a foreign buffer never reaches a kernel or cuBLAS.
-    fn check_home<T: bytemuck::Pod>(&self, view: &View<T>) -> Result<()> {
+    pub(super) fn check_home<T: bytemuck::Pod>(&self, view: &View<T>) -> Result<()> {
         let on_host = matches!(self, Device::Emu);
         ensure!(
             view.on_host == on_host,

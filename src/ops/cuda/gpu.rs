@@ -13,7 +13,7 @@
 use super::emu::{KernelArgs, LaunchConfig};
 use super::gemm::{Gemm, Op, CUBLAS_WORKSPACE_BYTES};
 use super::ptx;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas;
 use cudarc::driver::{result, sys, DriverError};
 use std::collections::HashMap;
@@ -268,6 +268,80 @@ impl Drop for Staging {
 // context bound.
 unsafe impl Send for Staging {}
 
+/// Pinned host memory that copies from the device land in while the host goes on (a step's
+/// logged scalars, [`super::readback`]), with an event recorded after the last copy queued.
+pub struct Pinned {
+    ptr: *mut u8,
+    capacity: usize,
+    event: sys::CUevent,
+    context: Arc<PrimaryContext>,
+}
+
+impl Pinned {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Queues the copy of `bytes` bytes at the device address `src` to byte `at`, after every
+    /// earlier launch on the stream, and records the event after it.
+    ///
+    /// # Safety
+    /// `src` must hold `bytes` bytes, and nothing may read bytes `at..at + bytes` until
+    /// [`Pinned::wait`] has returned.
+    pub unsafe fn queue_from_device(&mut self, at: usize, src: u64, bytes: usize) -> Result<()> {
+        ensure!(
+            at + bytes <= self.capacity,
+            "a copy of {bytes} bytes at {at} into {} pinned bytes",
+            self.capacity
+        );
+        self.context.bind()?;
+        let dst = std::slice::from_raw_parts_mut(self.ptr.add(at), bytes);
+        result::memcpy_dtoh_async(dst, src, self.context.stream)
+            .and_then(|()| result::event::record(self.event, self.context.stream))
+            .map_err(driver_error)
+            .context("queueing a copy from the GPU")
+    }
+
+    /// Waits for every copy queued so far.
+    pub fn wait(&self) -> Result<()> {
+        self.context.bind()?;
+        // SAFETY: the event was made with the context, which is current.
+        unsafe { result::event::synchronize(self.event) }
+            .map_err(driver_error)
+            .context("copying from the GPU (or a kernel before it failed)")
+    }
+
+    /// Writes `bytes` at the start, from the host (no copy may be in flight).
+    pub fn fill(&mut self, bytes: &[u8]) {
+        let len = bytes.len().min(self.capacity);
+        // SAFETY: `ptr` holds `capacity` bytes; the caller waited for the copies.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr, len) };
+    }
+
+    /// The first `len` bytes, as the copies left them once [`Pinned::wait`] has returned.
+    pub fn bytes(&self, len: usize) -> &[u8] {
+        // SAFETY: `ptr` holds `capacity` pinned bytes, allocated in Gpu::pinned and
+        // initialized there.
+        unsafe { std::slice::from_raw_parts(self.ptr, len.min(self.capacity)) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if self.context.bind().is_ok() {
+            // SAFETY: made in Gpu::pinned, freed once, after the copies that write them.
+            unsafe {
+                let _ = result::event::synchronize(self.event);
+                let _ = result::event::destroy(self.event);
+                let _ = result::free_host(self.ptr.cast());
+            }
+        }
+    }
+}
+
+// SAFETY: the pinned memory and its event belong to the one context, bound before each use.
+unsafe impl Send for Pinned {}
+
 /// An open GPU with the kernels loaded.
 pub struct Gpu {
     context: Arc<PrimaryContext>,
@@ -417,6 +491,32 @@ impl Gpu {
             .lock()
             .map_err(|_| anyhow!("the GPU's upload staging was poisoned by a panic"))?
             .upload(dst, src)
+    }
+
+    /// `capacity` bytes of pinned host memory, zeroed, for [`Pinned::queue_from_device`].
+    pub fn pinned(&self, capacity: usize) -> Result<Pinned> {
+        self.context.bind()?;
+        // SAFETY: the context is current; freed once in Drop.
+        let ptr: *mut u8 = unsafe { result::malloc_host(capacity.max(1), 0) }
+            .map_err(driver_error)
+            .context("pinning host memory for the logged scalars")?
+            .cast();
+        // SAFETY: `ptr` holds `capacity` bytes just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0, capacity) };
+        let event = match result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING) {
+            Ok(event) => event,
+            Err(e) => {
+                // SAFETY: allocated above, not used since.
+                let _ = unsafe { result::free_host(ptr.cast()) };
+                return Err(driver_error(e));
+            }
+        };
+        Ok(Pinned {
+            ptr,
+            capacity,
+            event,
+            context: self.context.clone(),
+        })
     }
 
     /// Copies `dst.len()` bytes from the device address `src`, after every earlier launch.

@@ -6,7 +6,7 @@ use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
 use super::pool::Pool;
 use crate::ops::optimizer::AdamWConfig;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use half::bf16;
 
 /// The kernels on one device, with the launch shape they use: `block` threads per block and
@@ -38,6 +38,9 @@ pub struct GradNormWorkspace {
     partials: Buffer<f32>,
     /// The count of blocks done, which the last block resets to zero (cuda/grad_norm.cu).
     done: Buffer<u32>,
+    /// Set by [`Kernels::flag_nonfinite`] to drop the step; the norm's launch reads it into
+    /// its coef (NaN: the AdamW kernels skip the step) and resets it.
+    drop: Buffer<u32>,
     norm_and_coef: Buffer<f32>,
 }
 
@@ -388,13 +391,15 @@ impl<'a> Kernels<'a> {
             longest,
             partials: self.device.alloc(parts)?,
             done: self.device.upload(&[0u32])?,
+            drop: self.device.upload(&[0u32])?,
             norm_and_coef: self.device.alloc(2)?,
         })
     }
 
     /// The global L2 norm of the workspace's gradients and clip_grad_norm_'s factor for
     /// `max_norm` (0: none), as `[norm, coef]` on the device for [`Kernels::clip`] or the
-    /// AdamW kernels.
+    /// AdamW kernels; coef is NaN, and the AdamW kernels skip the step, when
+    /// [`Kernels::flag_nonfinite`] found a value that was not finite since the last norm.
     pub fn grad_norm(&self, ws: &GradNormWorkspace, max_norm: f32) -> Result<View<f32>> {
         let mut args = KernelArgs::new();
         args.buffer(&ws.pointers)
@@ -402,11 +407,23 @@ impl<'a> Kernels<'a> {
             .arg(ws.pointers.len() as i32)
             .buffer(&ws.partials)
             .buffer(&ws.done)
+            .buffer(&ws.drop)
             .arg(max_norm)
             .buffer(&ws.norm_and_coef);
         let kernel = format!("grad_norm_{}", ws.dtype);
         self.launch(&kernel, ws.partials.len(), &args)?;
         Ok(ws.norm_and_coef.view())
+    }
+
+    /// Marks the step that `ws`'s next norm finishes as dropped when a value of `values` is
+    /// not finite: a micro-batch's loss, read by the device instead of the host.
+    pub fn flag_nonfinite(&self, values: &impl AsView<f64>, ws: &GradNormWorkspace) -> Result<()> {
+        let values = values.view();
+        let mut args = KernelArgs::new();
+        args.buffer(&values)
+            .arg(i32::try_from(values.len()).context("flag_nonfinite: too many values")?)
+            .buffer(&ws.drop);
+        self.launch("flag_nonfinite_f64", 1, &args)
     }
 
     /// Multiplies every gradient of the workspace by the factor [`Kernels::grad_norm`] left

@@ -17,6 +17,7 @@ pub mod moe;
 pub mod ops;
 pub mod pool;
 pub mod profile;
+pub mod readback;
 pub mod roofline;
 pub mod scoring;
 pub mod scoring_bench;

@@ -541,12 +541,6 @@ impl<'a> MoeKernels<'a> {
 
     /// The sums on the host, where the loss (a logged scalar) is computed.
     pub fn balance_sums(&self, balance: &DeviceBalance) -> Result<LoadBalance> {
-        let sums = self.device.download(&balance.sums)?;
-        let e = balance.experts;
-        Ok(LoadBalance::from_sums(
-            sums[..e].to_vec(),
-            sums[e..2 * e].to_vec(),
-            sums[2 * e],
-        ))
+        LoadBalance::from_flat_sums(balance.experts, &self.device.download(&balance.sums)?)
     }
 }

@@ -865,18 +865,24 @@ fn other_cases() -> Vec<Case> {
     ]
 }
 
-/// The gradient norm of `E` gradients (each read once), or with `clip` their scaling by the
-/// clip factor (each read and written once; the norm computed outside the count).
+/// The gradient norm of `E` gradients (each read once) after a micro-batch's loss was checked
+/// for the step's drop (8 bytes read), or with `clip` their scaling by the clip factor (each
+/// read and written once; the norm computed outside the count).
 fn grad_norm_case<E: Float>(clip: bool) -> Case {
     let e = size::<E>();
     let what = if clip { "clip" } else { "norm" };
     case(
         format!("grad_norm {what} {}", E::DTYPE),
-        move |s| (if clip { 2 } else { 1 } * e * s.params as u64, 0),
+        move |s| match clip {
+            true => (2 * e * s.params as u64, 0),
+            false => (e * s.params as u64 + 8, 0),
+        },
         move |k, s, rng| {
             let g = random::<E>(k.device, rng, s.params, 1.0)?;
             let ws = uncounted(|| k.grad_norm_workspace(&[g.view()]))?;
             if !clip {
+                let loss = uncounted(|| k.device.upload(&[0.5f64]))?;
+                k.flag_nonfinite(&loss, &ws)?;
                 return k.grad_norm(&ws, 1e-3).map(drop);
             }
             uncounted(|| k.grad_norm(&ws, 1e-3))?;
