@@ -5,9 +5,11 @@
 mod common;
 
 use common::{contralign_ok, fixture, fx, metrics_without_timing, random_groups, rng};
+use contralign::config::ModelConfig;
 use contralign::data::Group;
+use contralign::engine::DeviceEngine;
 use contralign::loss::{LossKind, LossSpec};
-use contralign::memory_plan::{Category, PrecisionOptions, RecomputePolicy};
+use contralign::memory_plan::{Category, PrecisionOptions, RecomputePolicy, ReferenceSource};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
@@ -224,6 +226,58 @@ fn steps_after_the_first_allocate_nothing_on_the_device() {
     }
 }
 
+/// Groups longer than `--micro-tokens` run as passes of their own, training and held-out: the
+/// plan is made for the longest (`Trainer::pass_tokens`), the engine allocates it, and
+/// neither the steps nor a held-out evaluation allocate beyond it.
+#[test]
+fn groups_longer_than_a_micro_batch_are_planned_for() {
+    let mut rng = rng("groups_longer_than_a_micro_batch_are_planned_for");
+    let groups = random_groups(&mut rng, 6, 256, 8, 3, 6);
+    let held_out = random_groups(&mut rng, 2, 256, 30, 4, 20);
+    let train_longest = groups.iter().map(Group::packed_len).max().unwrap();
+    let held_longest = held_out.iter().map(Group::packed_len).max().unwrap();
+    assert!(
+        held_longest > train_longest,
+        "{held_longest} vs {train_longest}"
+    );
+    let micro_tokens = train_longest / 2;
+    for model in ["tiny-mistral", "tiny-mixtral"] {
+        let opts = TrainOptions {
+            recompute: RecomputePolicy::Selective,
+            precision: PrecisionOptions::default(),
+            ..options(3, micro_tokens)
+        };
+        let mut emu = trainer(model, &groups, opts);
+        assert_eq!(emu.pass_tokens(), train_longest);
+        emu.plan_passes_of(&held_out).unwrap();
+        assert_eq!(emu.pass_tokens(), held_longest);
+        let plan = emu.device_plan().unwrap();
+        let before = counters();
+        emu.use_device(Device::Emu).unwrap();
+        let after_setup = counters();
+        let planned = plan.total() - plan.category_bytes(Category::CublasWorkspace);
+        let made = after_setup.allocated_bytes - before.allocated_bytes;
+        assert!(
+            made >= planned && made - planned < 8192,
+            "{model}: planned {planned} bytes, allocated {made}"
+        );
+        let records = common::train_to_end(&mut emu);
+        assert!(records.iter().all(|r| r.loss.is_finite()), "{model}");
+        let ref_stats = emu.held_out_reference_stats(&held_out).unwrap();
+        let eval = emu.evaluate(&held_out, ref_stats.as_deref()).unwrap();
+        assert!(eval.loss.is_finite(), "{model}");
+        assert_eq!(
+            counters().allocations,
+            after_setup.allocations,
+            "{model}: passes longer than --micro-tokens {micro_tokens} allocated past the plan"
+        );
+        assert!(
+            emu.plan_passes_of(&held_out).is_err(),
+            "planned after the fact"
+        );
+    }
+}
+
 /// A step copies to the device one list upload per micro-batch (the batch's host data with
 /// the loss's inputs, staged together) and to the host only what it logs: per micro-batch
 /// the loss kernels' summary (the loss and the metrics: 1 + 6 + K + 2 f64 for groups of K
@@ -385,15 +439,15 @@ fn resume_on_the_emulated_device_is_exact() {
     }
 }
 
-/// A group longer than `--micro-tokens` runs as a pass of its own, past what the memory plan
-/// holds: a device run says so, naming the flag that plans for it; one whose groups fit does
-/// not.
+/// A group longer than `--micro-tokens` runs as a pass of its own: a device run says so and
+/// plans for it (one whose groups fit says nothing), and refuses before reading a weight
+/// when that plan does not fit `--memory`, though the plan for `--micro-tokens` would.
 #[test]
-fn a_group_longer_than_a_micro_batch_is_reported_on_a_device() {
+fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
     let tmp = TempDir::new().unwrap();
-    for (micro_tokens, warned) in [("8", true), ("8192", false)] {
-        let out = tmp.path().join(micro_tokens);
-        let run = contralign_ok(&[
+    let run = |micro_tokens: &str, memory: &str| {
+        let out = tmp.path().join(format!("{micro_tokens}-{memory}"));
+        let args = [
             "train",
             "--device",
             "emu",
@@ -407,15 +461,44 @@ fn a_group_longer_than_a_micro_batch_is_reported_on_a_device() {
             "1",
             "--micro-tokens",
             micro_tokens,
+            "--memory",
+            memory,
             "--out",
             out.to_str().unwrap(),
-        ]);
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(
-            stderr.contains("warning: --data has a group of")
-                && stderr.contains("more than --micro-tokens 8:"),
-            warned,
-            "{stderr}"
-        );
+        ];
+        (common::contralign(&args), out)
+    };
+    let said = "more than --micro-tokens 8: planned for passes of";
+    let mut stderr = String::new();
+    for (micro_tokens, longer) in [("8192", false), ("8", true)] {
+        let (out, _) = run(micro_tokens, "80GB");
+        stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stderr.contains(said), longer, "{stderr}");
     }
+    // --memory between the plan for 8 tokens and the plan for the longest group.
+    let longest: usize = stderr
+        .split("--data has a group of ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no group length in {stderr}"));
+    let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
+    let plan = |tokens| {
+        let precision = PrecisionOptions::default();
+        let (recompute, reference) = (RecomputePolicy::Selective, ReferenceSource::None);
+        let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
+        plan.total()
+    };
+    let (small, long) = (plan(8), plan(longest));
+    assert!(long > small, "{small} vs {long} bytes");
+    let memory = format!("{:.9}", (small + long) as f64 / 2.0 / 1e9);
+    let (out, dir) = run("8", &memory);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--data's group of") && stderr.contains("does not fit"),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "a refused run left {}", dir.display());
 }

@@ -12,7 +12,7 @@ use contralign::config::ModelConfig;
 use contralign::data::Group;
 use contralign::engine::DeviceEngine;
 use contralign::memory_plan::{
-    human_bytes, PrecisionOptions, RecomputePolicy, ReferenceSource, StorageDtype,
+    human_bytes, MemoryPlan, PrecisionOptions, RecomputePolicy, ReferenceSource, StorageDtype,
 };
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
@@ -26,7 +26,7 @@ use contralign::train::run_dir::{load_checkpoint, RunDir, SaveOptions, CONFIG};
 use contralign::train::schedule::ScheduleKind;
 use contralign::train::session::{self, Outcome};
 use contralign::train::trainer::{
-    Reference, TrainOptions, Trainer, Warmup, HELD_OUT_NEEDS_A_MODEL,
+    longest_pass, Reference, TrainOptions, Trainer, Warmup, HELD_OUT_NEEDS_A_MODEL,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -178,6 +178,32 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 }
 
+/// The device of `--device` and the memory the run's plans must fit in.
+struct PlannedDevice {
+    device: Device,
+    /// `--memory`, else the GPU's; `None` on the emulator without `--memory`.
+    memory: Option<u64>,
+}
+
+/// The memory plan of the run for passes of `tokens` packed tokens under `recompute`: the
+/// model's config.json and the flags alone, before any weight is read. A --ref-logps cache is
+/// looked up on the host; a --ref-model lives on the device beside the policy (the trainer's
+/// choice, Trainer::device_plan).
+fn plan_for(
+    args: &TrainArgs,
+    opts: &TrainOptions,
+    tokens: usize,
+    recompute: RecomputePolicy,
+) -> Result<MemoryPlan> {
+    let cfg = ModelConfig::load(&args.inputs.model)?;
+    let reference = match (opts.spec.kind.needs_reference(), &args.ref_logps) {
+        (false, _) => ReferenceSource::None,
+        (true, Some(_)) => ReferenceSource::Cached,
+        (true, None) => ReferenceSource::Resident,
+    };
+    DeviceEngine::plan(&cfg, tokens, recompute, reference, opts.precision)
+}
+
 /// The device of `--device`, once the run's memory plan is known to fit in it (`--memory`,
 /// else the GPU's memory): checked from the model's config.json alone, before any weight is
 /// read.
@@ -188,39 +214,22 @@ fn open_planned_device(
     kind: DeviceKind,
     args: &TrainArgs,
     opts: &mut TrainOptions,
-) -> Result<Device> {
+) -> Result<PlannedDevice> {
     let device = Device::open(kind)?;
     eprintln!("device: {}", device.describe());
     eprintln!("precision: {}", opts.precision.describe());
-    let cfg = ModelConfig::load(&args.inputs.model)?;
     let memory = match &args.memory {
         Some(text) => Some(parse_memory(text)?),
         None => device.total_memory()?,
     };
-    // --ref-logps is looked up on the host; a --ref-model lives on the device beside the
-    // policy (the trainer's choice, Trainer::device_plan).
-    let reference = match (opts.spec.kind.needs_reference(), &args.ref_logps) {
-        (false, _) => ReferenceSource::None,
-        (true, Some(_)) => ReferenceSource::Cached,
-        (true, None) => ReferenceSource::Resident,
-    };
-    let plan_with = |recompute| {
-        DeviceEngine::plan(
-            &cfg,
-            opts.micro_tokens,
-            recompute,
-            reference,
-            opts.precision,
-        )
-    };
     if args.recompute.is_none() && !args.no_checkpointing {
-        let selective = plan_with(RecomputePolicy::Selective)?;
+        let selective = plan_for(args, opts, opts.micro_tokens, RecomputePolicy::Selective)?;
         if memory.is_none_or(|m| selective.total() <= m) {
             opts.recompute = RecomputePolicy::Selective;
         }
     }
     eprintln!("recompute: {}", opts.recompute.name());
-    let plan = plan_with(opts.recompute)?;
+    let plan = plan_for(args, opts, opts.micro_tokens, opts.recompute)?;
     if let Some(memory) = memory {
         plan.fits(memory).with_context(|| {
             format!(
@@ -234,7 +243,35 @@ fn open_planned_device(
             human_bytes(memory)
         );
     }
-    Ok(device)
+    Ok(PlannedDevice { device, memory })
+}
+
+impl PlannedDevice {
+    /// Where `flag`'s data has a group longer than `--micro-tokens`, which runs as a pass of
+    /// its own: says so, and checks that the plan for passes of `pass_tokens`, which the
+    /// engine then allocates, fits.
+    fn check_longer_pass(
+        &self,
+        flag: &str,
+        plan: &MemoryPlan,
+        pass_tokens: usize,
+        micro_tokens: usize,
+    ) -> Result<()> {
+        eprintln!(
+            "memory plan: {flag} has a group of {pass_tokens} packed tokens, more than \
+             --micro-tokens {micro_tokens}: planned for passes of {pass_tokens} tokens, {}",
+            human_bytes(plan.total())
+        );
+        match self.memory {
+            Some(memory) => plan.fits(memory).with_context(|| {
+                format!(
+                    "{flag}'s group of {pass_tokens} packed tokens does not fit on the device \
+                     as a pass of its own (--max-len shortens the groups)"
+                )
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 fn parse_betas(text: &str) -> Result<(f64, f64)> {
@@ -349,19 +386,6 @@ impl Progress {
     }
 }
 
-/// Warns when `flag`'s longest group (`longest` packed tokens) is longer than a micro-batch:
-/// it runs as a pass of its own whose workspace the memory plan, made for `micro_tokens`, does
-/// not hold, and the device's pool grows past the plan.
-fn warn_past_the_plan(flag: &str, longest: usize, micro_tokens: usize) {
-    if longest > micro_tokens {
-        eprintln!(
-            "warning: {flag} has a group of {longest} packed tokens, more than --micro-tokens \
-             {micro_tokens}: its pass needs more device memory than the plan holds; \
-             --micro-tokens {longest} plans for it"
-        );
-    }
-}
-
 /// The held-out groups of `--eval-data`, read with the training data's flags and cut into
 /// pairs as the training data is. Their reference statistics need the reference model.
 fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Result<Vec<Group>> {
@@ -430,7 +454,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 fn train_in(
     args: &TrainArgs,
     opts: TrainOptions,
-    device: Option<Device>,
+    device: Option<PlannedDevice>,
     run: &RunDir,
     out: &Path,
 ) -> Result<ExitCode> {
@@ -456,6 +480,12 @@ fn train_in(
         "data: {} groups, {responses} responses, {tokens} tokens packed (prompts once)",
         groups.len()
     );
+    // A group longer than a micro-batch is planned for before any weight is read.
+    let pass_tokens = longest_pass(&groups, opts.micro_tokens);
+    if let Some(planned) = device.as_ref().filter(|_| pass_tokens > opts.micro_tokens) {
+        let plan = plan_for(args, &opts, pass_tokens, opts.recompute)?;
+        planned.check_longer_pass("--data", &plan, pass_tokens, opts.micro_tokens)?;
+    }
     let resumed_from = match &args.resume {
         Some(_) => Some(run.latest_checkpoint()?.with_context(|| {
             format!("--resume {}: no checkpoint to resume from", out.display())
@@ -494,28 +524,27 @@ fn train_in(
         .loss
         .aux_coef
         .unwrap_or(policy.cfg.default_aux_coef());
-    let (train_groups_longest, opts_micro_tokens) = (
-        groups.iter().map(Group::packed_len).max().unwrap_or(0),
-        opts.micro_tokens,
-    );
+    let micro_tokens = opts.micro_tokens;
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
     let resumed = restored.is_some();
     if let Some((state, _)) = &restored {
         trainer.check_resumable(state)?;
     }
-    // The device first: a resume's moments then go up to it one tensor at a time.
-    if let Some(device) = device {
-        trainer.use_device(device)?;
+    if let Some(planned) = device {
+        if let Some(groups) = &held_out_groups {
+            let before = trainer.pass_tokens();
+            trainer.plan_passes_of(groups)?;
+            if trainer.pass_tokens() > before {
+                let plan = trainer.device_plan()?;
+                let tokens = trainer.pass_tokens();
+                planned.check_longer_pass("--eval-data", &plan, tokens, micro_tokens)?;
+            }
+        }
+        // The device first: a resume's moments then go up to it one tensor at a time.
+        trainer.use_device(planned.device)?;
     }
     if let Some((state, moments)) = restored {
         trainer.restore(&state, |which, i| moments.tensor(which, i))?;
-    }
-    if trainer.device().is_some() {
-        warn_past_the_plan("--data", train_groups_longest, opts_micro_tokens);
-        if let Some(groups) = &held_out_groups {
-            let longest = groups.iter().map(Group::packed_len).max().unwrap_or(0);
-            warn_past_the_plan("--eval-data", longest, opts_micro_tokens);
-        }
     }
     // Scored where the run trains: a resident reference on its device.
     let held_out = match held_out_groups {

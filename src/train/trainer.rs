@@ -132,6 +132,15 @@ impl StepRecord {
 pub const HELD_OUT_NEEDS_A_MODEL: &str = "--eval-data with --ref-logps: the reference \
     statistics cover the training data only; give --ref-model DIR for the held-out groups";
 
+/// The most packed tokens a pass over `groups` in micro-batches of `micro_tokens` holds: a
+/// longer group runs alone.
+pub fn longest_pass(groups: &[Group], micro_tokens: usize) -> usize {
+    groups
+        .iter()
+        .map(Group::packed_len)
+        .fold(micro_tokens, usize::max)
+}
+
 /// Why a step's update is dropped, if it is.
 fn skip_reason(loss: f64, grad_norm: f64) -> Option<String> {
     if !loss.is_finite() {
@@ -162,6 +171,9 @@ pub struct Trainer {
     engine: Option<DeviceEngine>,
     /// On the CPU with bf16 stores: the bf16-rounding mode's stores.
     rounded: Option<RoundedStores>,
+    /// The most packed tokens one pass on a device holds, which its memory plan is made for:
+    /// `--micro-tokens`, or the longest group that runs as a pass of its own.
+    pass_tokens: usize,
     /// On a device, the step queued last whose scalars are not read yet.
     in_flight: Option<QueuedStep>,
     /// When the host last read a step's scalars: the start of the next step's time on a
@@ -267,6 +279,7 @@ impl Trainer {
         let optimizer = AdamW::new(opts.adamw.clone(), &sizes);
         let cursor = Cursor::new(&planner, Position::default());
         let data_hash = super::refcache::data_hash(&groups);
+        let pass_tokens = longest_pass(&groups, opts.micro_tokens);
         let rounded = (opts.precision != PrecisionOptions::all_f32())
             .then(|| RoundedStores::new(opts.precision, &mut policy));
         Ok(Trainer {
@@ -283,6 +296,7 @@ impl Trainer {
             data_hash,
             engine: None,
             rounded,
+            pass_tokens,
             in_flight: None,
             last_read: None,
         })
@@ -373,11 +387,32 @@ impl Trainer {
         Ok(())
     }
 
-    /// The memory plan of this run on a device ([`DeviceEngine::plan`]).
+    /// The most packed tokens one pass on a device holds: `--micro-tokens`, or more where a
+    /// group is longer (it runs as a pass of its own), training or held-out
+    /// ([`Trainer::plan_passes_of`]).
+    pub fn pass_tokens(&self) -> usize {
+        self.pass_tokens
+    }
+
+    /// Makes the device plan hold a pass over each of `groups` too (held-out groups, which
+    /// the device evaluates in passes of `--micro-tokens`, a longer group alone), so that no
+    /// pass needs more than the plan; before [`Trainer::use_device`].
+    pub fn plan_passes_of(&mut self, groups: &[Group]) -> Result<()> {
+        if self.engine.is_some() {
+            bail!("the device's memory is planned already: plan the passes before using it");
+        }
+        self.pass_tokens = self
+            .pass_tokens
+            .max(longest_pass(groups, self.opts.micro_tokens));
+        Ok(())
+    }
+
+    /// The memory plan of this run on a device ([`DeviceEngine::plan`]), for passes of
+    /// [`Trainer::pass_tokens`].
     pub fn device_plan(&self) -> Result<MemoryPlan> {
         DeviceEngine::plan(
             &self.policy.cfg,
-            self.opts.micro_tokens,
+            self.pass_tokens,
             self.opts.recompute,
             self.reference_source(),
             self.opts.precision,
