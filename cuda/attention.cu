@@ -28,7 +28,12 @@
 // The backward recomputes P from lse instead of storing it and needs no atomics: each block
 // owns its outputs and sums in a fixed order, so the bits are the same from run to run.
 //
-// Tiles live in dynamic shared memory (under 48 KiB for head dims up to 128, no opt-in), rows
+// Head dims up to 128 run in the kernels above; 129 to 256 in the same kernels instantiated
+// with twice the accumulators (`*_d256`: correct, not tuned; their bf16 backward keeps 16
+// accumulator fragments a thread and spills, tools/ptx-spills-allowed.txt).
+//
+// Tiles live in dynamic shared memory (under 48 KiB for head dims up to 128, no opt-in; the
+// d256 kernels opt in to up to 78 KiB, within every sm_80+ GPU's limit), rows
 // padded by 16 bytes so that the 16 rows of a fragment fall on different banks. Products of
 // tiles go through 16 x 16 x 16 steps: WMMA (tensor cores, bf16 in, fp32 accumulate) for bf16,
 // fp32 FMAs for f32 (exact enough to match the CPU's f64 reference to ~1e-6). Head dims that
@@ -65,7 +70,6 @@ using Dims = AttentionDims;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kMaxHeadDim = 128;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // What a query row needs to test its keys: its mask ranges and position. Rows past the
@@ -82,15 +86,21 @@ __device__ __forceinline__ bool sees(const RowMask& r, int key, int key_position
 
 // Rows of a query or key tile, and how the 16 x 16 fragments of a tile product spread over
 // the warps: fragment f of a (rows x cols) product is (f / (cols / 16), f % (cols / 16)), and
-// warp w owns fragments w, w + 4, ...; `kSlots` accumulators per warp cover head dims up to
-// kMaxHeadDim.
+// warp w owns fragments w, w + 4, ...
 template <class T>
 struct Tile {
     static constexpr int kRows = sizeof(T) == 2 ? 32 : 16;
-    static constexpr int kSlots = (kRows / 16) * (kMaxHeadDim / 16) / kWarps;
     // Row strides in shared memory: 16 bytes of padding.
     static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
     static constexpr int kScoreLd = kRows + 4;
+};
+
+// The accumulators each warp keeps of a (rows x head_dim) product for head dims up to
+// kMaxDim: 128 for the kernels of every model this engine targets, 256 for the wide kernels
+// (`*_d256`) that make the other head dims correct.
+template <class T, int kMaxDim>
+struct Slots {
+    static constexpr int kN = (Tile<T>::kRows / 16) * (kMaxDim / 16) / kWarps;
 };
 
 __device__ __forceinline__ int padded_dim(int head_dim) { return (head_dim + 15) / 16 * 16; }
@@ -147,15 +157,15 @@ __device__ __forceinline__ void load_key_positions(int* key_pos, const LayoutArg
 
 // Writes the accumulators of a (kRows x head_dim) product, times `scale_of_row(r)`, to rows
 // [row0, ...) of one head of y (row stride `stride`), through the warp's 16 x 16 scratch.
-template <class T, class M, class Scale>
+template <class T, class M, int kN, class Scale>
 __device__ void write_rows(T* y, long long stride, int row0, int tokens, int head_dim,
-                           const typename M::Acc (&acc)[Tile<T>::kSlots], float* scratch,
+                           const typename M::Acc (&acc)[kN], float* scratch,
                            Scale scale_of_row) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int col_frags = padded_dim(head_dim) / 16;
     const int frags = (Tile<T>::kRows / 16) * col_frags;
 CONTRALIGN_UNROLL
-    for (int s = 0; s < Tile<T>::kSlots; ++s) {
+    for (int s = 0; s < kN; ++s) {
         const int f = warp + kWarps * s;
         if (f >= frags) break;
         const int fr = f / col_frags, fc = f % col_frags;
@@ -202,12 +212,13 @@ __device__ void tile_product_nt(const T* a, const T* b, float* c, int ld, int dp
 
 // ---- Forward --------------------------------------------------------------------------
 
-template <class T>
+template <class T, int kMaxDim>
 __device__ void attention_forward(const T* __restrict__ q, const T* __restrict__ k,
                                   const T* __restrict__ v, T* __restrict__ out,
                                   float* __restrict__ lse, LayoutArgs L, Dims D) {
     using M = Mma<T>;
     constexpr int R = Tile<T>::kRows;
+    constexpr int kN = Slots<T, kMaxDim>::kN;
     constexpr int kTpr = kThreads / R;  // threads per query row in the softmax
     constexpr int kSld = Tile<T>::kScoreLd;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -245,9 +256,9 @@ __device__ void attention_forward(const T* __restrict__ q, const T* __restrict__
     const RowMask mask = row_mask(L, row0 + my_row);
     float m = -INFINITY, l = 0.0f;
 
-    typename M::Acc acc[Tile<T>::kSlots];
+    typename M::Acc acc[kN];
 CONTRALIGN_UNROLL
-    for (int s = 0; s < Tile<T>::kSlots; ++s) M::zero(acc[s]);
+    for (int s = 0; s < kN; ++s) M::zero(acc[s]);
     const int col_frags = dp / 16;
     const int out_frags = (R / 16) * col_frags;
 
@@ -296,7 +307,7 @@ CONTRALIGN_UNROLL
         __syncthreads();
         // O = diag(alpha) O + P V.
 CONTRALIGN_UNROLL
-        for (int s = 0; s < Tile<T>::kSlots; ++s) {
+        for (int s = 0; s < kN; ++s) {
             const int f = warp + kWarps * s;
             if (f >= out_frags) break;
             const int fr = f / col_frags, fc = f % col_frags;
@@ -319,9 +330,10 @@ CONTRALIGN_UNROLL
     }
     if (my_part == 0) row_sum[my_row] = l;
     __syncthreads();
-    write_rows<T, M>(out + static_cast<long long>(h) * D.head_dim, q_stride, row0, L.tokens,
-                     D.head_dim, acc, scratch,
-                     [row_sum](int r) { return row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f; });
+    write_rows<T, M, kN>(out + static_cast<long long>(h) * D.head_dim, q_stride, row0,
+                         L.tokens, D.head_dim, acc, scratch, [row_sum](int r) {
+                             return row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
+                         });
     if (my_part == 0 && row0 + my_row < L.tokens) {
         lse[static_cast<long long>(row0 + my_row) * D.heads + h] =
             l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
@@ -441,7 +453,7 @@ __device__ void load_row_stats(const BackwardSmem<T>& s, const float* lse, const
     }
 }
 
-template <class T>
+template <class T, int kMaxDim>
 __device__ void attention_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k,
                                         const T* __restrict__ v, const float* __restrict__ lse,
                                         const float* __restrict__ delta,
@@ -449,6 +461,7 @@ __device__ void attention_backward_dkdv(const T* __restrict__ q, const T* __rest
                                         T* __restrict__ dv, LayoutArgs L, Dims D) {
     using M = Mma<T>;
     constexpr int R = Tile<T>::kRows;
+    constexpr int kN = Slots<T, kMaxDim>::kN;
     constexpr int kPld = Tile<T>::kScoreLd * static_cast<int>(sizeof(float) / sizeof(T));
     extern __shared__ __align__(128) unsigned char smem[];
     const BackwardSmem<T> s = carve_backward<T>(smem, D.head_dim);
@@ -467,9 +480,9 @@ __device__ void attention_backward_dkdv(const T* __restrict__ q, const T* __rest
     load_tile(s.vs, s.ld, v + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0,
               L.tokens, D.head_dim);
     load_key_positions(s.key_pos, L, key0, R);
-    typename M::Acc dk_acc[Tile<T>::kSlots], dv_acc[Tile<T>::kSlots];
+    typename M::Acc dk_acc[kN], dv_acc[kN];
 CONTRALIGN_UNROLL
-    for (int j = 0; j < Tile<T>::kSlots; ++j) {
+    for (int j = 0; j < kN; ++j) {
         M::zero(dk_acc[j]);
         M::zero(dv_acc[j]);
     }
@@ -487,7 +500,7 @@ CONTRALIGN_UNROLL
             probabilities_and_score_grads(s, L, D, row0, key0);
             // dV += P^T dO, dK += dS^T Q (scaled when written).
 CONTRALIGN_UNROLL
-            for (int j = 0; j < Tile<T>::kSlots; ++j) {
+            for (int j = 0; j < kN; ++j) {
                 const int f = warp + kWarps * j;
                 if (f >= out_frags) break;
                 const int fr = f / col_frags, fc = f % col_frags;
@@ -502,19 +515,20 @@ CONTRALIGN_UNROLL
         }
     }
     const float scale = D.scale_log2 * kLn2;
-    write_rows<T, M>(dk + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0, L.tokens,
-                     D.head_dim, dk_acc, s.scratch, [scale](int) { return scale; });
-    write_rows<T, M>(dv + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0, L.tokens,
-                     D.head_dim, dv_acc, s.scratch, [](int) { return 1.0f; });
+    write_rows<T, M, kN>(dk + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0,
+                         L.tokens, D.head_dim, dk_acc, s.scratch, [scale](int) { return scale; });
+    write_rows<T, M, kN>(dv + static_cast<long long>(kvh) * D.head_dim, kv_stride, key0,
+                         L.tokens, D.head_dim, dv_acc, s.scratch, [](int) { return 1.0f; });
 }
 
-template <class T>
+template <class T, int kMaxDim>
 __device__ void attention_backward_dq(const T* __restrict__ q, const T* __restrict__ k,
                                       const T* __restrict__ v, const float* __restrict__ lse,
                                       const float* __restrict__ delta, const T* __restrict__ dout,
                                       T* __restrict__ dq, LayoutArgs L, Dims D) {
     using M = Mma<T>;
     constexpr int R = Tile<T>::kRows;
+    constexpr int kN = Slots<T, kMaxDim>::kN;
     constexpr int kPld = Tile<T>::kScoreLd * static_cast<int>(sizeof(float) / sizeof(T));
     extern __shared__ __align__(128) unsigned char smem[];
     const BackwardSmem<T> s = carve_backward<T>(smem, D.head_dim);
@@ -533,9 +547,9 @@ __device__ void attention_backward_dq(const T* __restrict__ q, const T* __restri
     load_tile(s.dos, s.ld, dout + static_cast<long long>(h) * D.head_dim, q_stride, row0,
               L.tokens, D.head_dim);
     load_row_stats(s, lse, delta, L, D, row0, h);
-    typename M::Acc dq_acc[Tile<T>::kSlots];
+    typename M::Acc dq_acc[kN];
 CONTRALIGN_UNROLL
-    for (int j = 0; j < Tile<T>::kSlots; ++j) M::zero(dq_acc[j]);
+    for (int j = 0; j < kN; ++j) M::zero(dq_acc[j]);
     const T* dprobs = reinterpret_cast<const T*>(s.dscores);
     for (int i = L.q_offsets[qt]; i < L.q_offsets[qt + 1]; ++i) {
         const int key0 = L.q_tiles[i] * R;
@@ -548,7 +562,7 @@ CONTRALIGN_UNROLL
         probabilities_and_score_grads(s, L, D, row0, key0);
         // dQ += dS K (scaled when written).
 CONTRALIGN_UNROLL
-        for (int j = 0; j < Tile<T>::kSlots; ++j) {
+        for (int j = 0; j < kN; ++j) {
             const int f = warp + kWarps * j;
             if (f >= out_frags) break;
             const int fr = f / col_frags, fc = f % col_frags;
@@ -560,36 +574,44 @@ CONTRALIGN_UNROLL
         __syncthreads();
     }
     const float scale = D.scale_log2 * kLn2;
-    write_rows<T, M>(dq + static_cast<long long>(h) * D.head_dim, q_stride, row0, L.tokens,
-                     D.head_dim, dq_acc, s.scratch, [scale](int) { return scale; });
+    write_rows<T, M, kN>(dq + static_cast<long long>(h) * D.head_dim, q_stride, row0,
+                         L.tokens, D.head_dim, dq_acc, s.scratch, [scale](int) { return scale; });
 }
 
 }  // namespace
 
-#define CONTRALIGN_ATTENTION_KERNELS(suffix, T)                                                 \
+// The tile kernels for head dims up to D.
+#define CONTRALIGN_ATTENTION_TILE_KERNELS(suffix, T, D)                                        \
     extern "C" __global__ void __launch_bounds__(kThreads)                                      \
         attention_forward_##suffix(const T* q, const T* k, const T* v, T* out, float* lse,      \
                                    AttentionLayoutArgs layout, AttentionDims dims) {            \
-        attention_forward<T>(q, k, v, out, lse, layout, dims);                                  \
-    }                                                                                           \
-    extern "C" __global__ void attention_backward_delta_##suffix(                               \
-        const T* out, const T* dout, float* delta, long long rows, int head_dim) {              \
-        attention_backward_delta<T>(out, dout, delta, rows, head_dim);                          \
+        attention_forward<T, D>(q, k, v, out, lse, layout, dims);                               \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_##suffix(    \
         const T* q, const T* k, const T* v, const float* lse, const float* delta,               \
         const T* dout, T* dk, T* dv, AttentionLayoutArgs layout, AttentionDims dims) {          \
-        attention_backward_dkdv<T>(q, k, v, lse, delta, dout, dk, dv, layout, dims);            \
+        attention_backward_dkdv<T, D>(q, k, v, lse, delta, dout, dk, dv, layout, dims);         \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(kThreads) attention_backward_dq_##suffix(      \
         const T* q, const T* k, const T* v, const float* lse, const float* delta,               \
         const T* dout, T* dq, AttentionLayoutArgs layout, AttentionDims dims) {                 \
-        attention_backward_dq<T>(q, k, v, lse, delta, dout, dq, layout, dims);                  \
+        attention_backward_dq<T, D>(q, k, v, lse, delta, dout, dq, layout, dims);               \
     }
 
-CONTRALIGN_ATTENTION_KERNELS(f32, float)
-CONTRALIGN_ATTENTION_KERNELS(bf16, __nv_bfloat16)
-#undef CONTRALIGN_ATTENTION_KERNELS
+#define CONTRALIGN_ATTENTION_DELTA_KERNEL(suffix, T)                                            \
+    extern "C" __global__ void attention_backward_delta_##suffix(                               \
+        const T* out, const T* dout, float* delta, long long rows, int head_dim) {              \
+        attention_backward_delta<T>(out, dout, delta, rows, head_dim);                          \
+    }
+
+CONTRALIGN_ATTENTION_TILE_KERNELS(f32, float, 128)
+CONTRALIGN_ATTENTION_TILE_KERNELS(bf16, __nv_bfloat16, 128)
+CONTRALIGN_ATTENTION_TILE_KERNELS(f32_d256, float, 256)
+CONTRALIGN_ATTENTION_TILE_KERNELS(bf16_d256, __nv_bfloat16, 256)
+CONTRALIGN_ATTENTION_DELTA_KERNEL(f32, float)
+CONTRALIGN_ATTENTION_DELTA_KERNEL(bf16, __nv_bfloat16)
+#undef CONTRALIGN_ATTENTION_TILE_KERNELS
+#undef CONTRALIGN_ATTENTION_DELTA_KERNEL
 
 CONTRALIGN_KERNEL(attention_forward_f32)
 CONTRALIGN_KERNEL(attention_backward_delta_f32)
@@ -599,3 +621,9 @@ CONTRALIGN_KERNEL(attention_forward_bf16)
 CONTRALIGN_KERNEL(attention_backward_delta_bf16)
 CONTRALIGN_KERNEL(attention_backward_dkdv_bf16)
 CONTRALIGN_KERNEL(attention_backward_dq_bf16)
+CONTRALIGN_KERNEL(attention_forward_f32_d256)
+CONTRALIGN_KERNEL(attention_backward_dkdv_f32_d256)
+CONTRALIGN_KERNEL(attention_backward_dq_f32_d256)
+CONTRALIGN_KERNEL(attention_forward_bf16_d256)
+CONTRALIGN_KERNEL(attention_backward_dkdv_bf16_d256)
+CONTRALIGN_KERNEL(attention_backward_dq_bf16_d256)

@@ -1119,8 +1119,8 @@ pub struct AttentionCase {
 }
 
 /// Every mask kind (causal, sliding window, packed groups, window × packed groups), head dims
-/// 24, 64, 80 and 128, grouped-query ratios 1, 4 and 8, and a stream of 1000 tokens in many
-/// small groups.
+/// 24, 64, 80, 96 and 128 (the tuned kernels), 200 and 256 (their `_d256` instances),
+/// grouped-query ratios 1, 2, 3, 4 and 8, and a stream of 1000 tokens in many small groups.
 pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
     let shape = |heads, kv_heads, head_dim| AttentionShape {
         heads,
@@ -1165,6 +1165,16 @@ pub fn attention_cases(rng: &mut StdRng) -> Vec<AttentionCase> {
             name: "window 40, GQA 3",
             layout: AttentionLayout::causal(70, Some(40)),
             shape: shape(6, 2, 96),
+        },
+        AttentionCase {
+            name: "head dim 200, window 20 x packed",
+            layout: AttentionLayout::packed(&[(17, vec![12, 25]), (6, vec![9])], Some(20)),
+            shape: shape(4, 2, 200),
+        },
+        AttentionCase {
+            name: "head dim 256",
+            layout: AttentionLayout::causal(45, None),
+            shape: shape(2, 1, 256),
         },
         AttentionCase {
             name: "1000-token stream",

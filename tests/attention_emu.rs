@@ -1,6 +1,6 @@
 //! The attention kernels (cuda/attention.cu) in the emulator: forward and backward against the
-//! CPU reference for every mask kind, head dims 24/64/80/96/128 and grouped-query ratios
-//! 1/3/4/8
+//! CPU reference for every mask kind, head dims 24/64/80/96/128 (the tuned kernels) and
+//! 129/200/256 (their `_d256` instances) and grouped-query ratios 1/2/3/4/8
 //! (`selftest::attention_rows`); the tile lists against a brute-force derivation from the
 //! layout; masked-out tiles never loaded, counted by the emulator's probe, and never read,
 //! shown from outside the kernel by poisoning them; and
@@ -25,7 +25,7 @@ fn attention_matches_the_cpu_reference_for_every_mask_and_shape() {
     let rows = selftest::attention_rows(&Device::Emu, &mut rng).unwrap();
     assert!(rows.iter().all(|r| r.pass), "{}", selftest::table(&rows));
     // Every case gives out, lse, dq, dk, dv in f32 and bf16.
-    assert_eq!(rows.len(), 6 * 2 * 5);
+    assert_eq!(rows.len(), 8 * 2 * 5);
 }
 
 /// (query tile, key tile) pairs with at least one key that a row of the query tile sees,
@@ -448,16 +448,19 @@ fn bad_layouts_and_shapes_are_errors_that_say_what_is_wrong() {
     let shape = AttentionShape {
         heads: 2,
         kv_heads: 1,
-        head_dim: 130,
+        head_dim: 260,
     };
-    let x = Device::Emu.alloc::<f32>(3 * 2 * 130).unwrap();
-    let kv = Device::Emu.alloc::<f32>(3 * 130).unwrap();
-    let mut out = Device::Emu.alloc::<f32>(3 * 2 * 130).unwrap();
+    let x = Device::Emu.alloc::<f32>(3 * 2 * 260).unwrap();
+    let kv = Device::Emu.alloc::<f32>(3 * 260).unwrap();
+    let mut out = Device::Emu.alloc::<f32>(3 * 2 * 260).unwrap();
     let mut lse = Device::Emu.alloc::<f32>(6).unwrap();
     let err = AttentionKernels::new(&Device::Emu)
         .forward(&x, &kv, &kv, &layout, shape, &mut out, &mut lse)
         .unwrap_err();
-    assert!(format!("{err:#}").contains("head dimension 130"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("head dimension 260; the kernels take 1 to 256"),
+        "{err:#}"
+    );
     // bf16 kernels need the layout's tiles for bf16.
     let (xb, kvb) = (
         Device::Emu.alloc::<bf16>(3 * 2 * 16).unwrap(),
@@ -531,8 +534,9 @@ fn bench_attention_prints_timings_and_tile_counts_as_json() {
 #[test]
 fn head_dims_that_rows_cannot_load_in_16_bytes_take_the_element_loads() {
     let mut rng = common::rng("odd_head_dims");
-    // 1 and 17: element loads in both storages; 36: 16-byte loads in f32, not in bf16.
-    for (head_dim, heads, kv_heads) in [(1, 3, 1), (17, 4, 2), (36, 2, 2)] {
+    // 1, 17 and 129 (the wide kernels): element loads in both storages; 36: 16-byte loads in
+    // f32, not in bf16.
+    for (head_dim, heads, kv_heads) in [(1, 3, 1), (17, 4, 2), (36, 2, 2), (129, 2, 1)] {
         let case = selftest::AttentionCase {
             name: "odd head dim",
             layout: AttentionLayout::packed(&[(19, vec![7, 30]), (4, vec![12])], Some(15)),

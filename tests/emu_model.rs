@@ -373,8 +373,10 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
         [
             "attention forward f32",
             "attention backward f32",
+            "attention forward + backward f32, head dim 256",
             "attention forward bf16",
             "attention backward bf16",
+            "attention forward + backward bf16, head dim 256",
             "scoring response stats (S, A, E)",
             "scoring row coefficients",
             "moe route (softmax, top-k, counting sort)",

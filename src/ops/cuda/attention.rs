@@ -18,11 +18,15 @@ use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::{ensure, Result};
 use std::rc::Rc;
 
-/// The largest head dimension the kernels take (their shared memory is sized for it).
-pub const MAX_HEAD_DIM: usize = 128;
+/// The largest head dimension the kernels take: up to [`FAST_HEAD_DIM`] in the tuned
+/// kernels, above it in their `_d256` instances (twice the accumulators, shared memory past
+/// 48 KiB opted in), which are correct but not tuned.
+pub const MAX_HEAD_DIM: usize = 256;
+/// The largest head dimension of the tuned kernels (every Mistral and Mixtral has 128).
+pub const FAST_HEAD_DIM: usize = 128;
 /// Threads per block of the tile kernels (4 warps).
 const THREADS: u32 = 128;
-/// Static plus dynamic shared memory a block may use without opting in.
+/// Dynamic shared memory a block may use without opting in.
 const SHARED_LIMIT: usize = 48 * 1024;
 
 /// Rows of a query or key tile for storage `E`: 32 in bf16, 16 in f32 (whose tiles take twice
@@ -465,13 +469,22 @@ impl<'a> AttentionKernels<'a> {
         })
     }
 
-    fn shared(bytes: usize) -> Result<u32> {
-        ensure!(
-            bytes <= SHARED_LIMIT,
-            "attention: {bytes} bytes of shared memory, more than the {SHARED_LIMIT} a block \
-             gets without opting in"
-        );
-        Ok(bytes as u32)
+    /// The kernel `{stem}_{dtype}` for `head_dim`, or its `_d256` instance above
+    /// [`FAST_HEAD_DIM`], allowed `shared` bytes of dynamic shared memory: past the 48 KiB a
+    /// block gets without opting in, the kernel opts in (the d256 instances only; the device
+    /// refuses more than the GPU allows).
+    fn kernel<E: Float>(&self, stem: &str, head_dim: usize, shared: usize) -> Result<String> {
+        let wide = head_dim > FAST_HEAD_DIM;
+        let name = format!("{stem}_{}{}", E::DTYPE, if wide { "_d256" } else { "" });
+        if shared > SHARED_LIMIT {
+            ensure!(
+                wide,
+                "{name}: {shared} bytes of shared memory at head dim {head_dim}, more than the \
+                 {SHARED_LIMIT} the tuned kernels use"
+            );
+            self.device.set_max_dynamic_shared(&name, shared as u32)?;
+        }
+        Ok(name)
     }
 
     /// Overwrites `out [T, heads, hd]` and `lse [T, heads]` (natural log).
@@ -504,7 +517,8 @@ impl<'a> AttentionKernels<'a> {
             return Ok(());
         }
         let tiles = layout.tokens.div_ceil(tile_rows::<E>()) as u32;
-        let shared = Self::shared(forward_shared_bytes::<E>(shape.head_dim))?;
+        let shared = forward_shared_bytes::<E>(shape.head_dim);
+        let kernel = self.kernel::<E>("attention_forward", shape.head_dim, shared)?;
         let mut args = KernelArgs::new();
         args.buffer(&q)
             .buffer(&k)
@@ -514,8 +528,8 @@ impl<'a> AttentionKernels<'a> {
             .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
-            &format!("attention_forward_{}", E::DTYPE),
-            LaunchConfig::new((tiles, shape.heads as u32), THREADS, shared),
+            &kernel,
+            LaunchConfig::new((tiles, shape.heads as u32), THREADS, shared as u32),
             &args,
         )
     }
@@ -580,7 +594,9 @@ impl<'a> AttentionKernels<'a> {
         )?;
 
         let tiles = layout.tokens.div_ceil(tile_rows::<E>()) as u32;
-        let shared = Self::shared(backward_shared_bytes::<E>(shape.head_dim))?;
+        let shared = backward_shared_bytes::<E>(shape.head_dim);
+        let dkdv_kernel = self.kernel::<E>("attention_backward_dkdv", shape.head_dim, shared)?;
+        let dq_kernel = self.kernel::<E>("attention_backward_dq", shape.head_dim, shared)?;
         let mut args = KernelArgs::new();
         args.buffer(&q)
             .buffer(&k)
@@ -593,8 +609,8 @@ impl<'a> AttentionKernels<'a> {
             .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
-            &format!("attention_backward_dkdv_{}", E::DTYPE),
-            LaunchConfig::new((tiles, shape.kv_heads as u32), THREADS, shared),
+            &dkdv_kernel,
+            LaunchConfig::new((tiles, shape.kv_heads as u32), THREADS, shared as u32),
             &args,
         )?;
         let mut args = KernelArgs::new();
@@ -608,8 +624,8 @@ impl<'a> AttentionKernels<'a> {
             .arg_holding(layout.args(), &layout.homes())
             .arg(dims);
         self.launch(
-            &format!("attention_backward_dq_{}", E::DTYPE),
-            LaunchConfig::new((tiles, shape.heads as u32), THREADS, shared),
+            &dq_kernel,
+            LaunchConfig::new((tiles, shape.heads as u32), THREADS, shared as u32),
             &args,
         )
     }

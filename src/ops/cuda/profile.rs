@@ -203,6 +203,32 @@ fn attention_case<E: Float>(backward: bool) -> Case {
     .math_of::<E>()
 }
 
+/// The kernels for head dims 129 to 256 (`*_d256`, correct, not tuned) at head dim 256 and the
+/// profile's heads: the forward and the backward together, ideal as [`attention_case`]'s.
+fn wide_attention_case<E: Float>() -> Case {
+    let shape = |s: &Shapes| AttentionShape {
+        head_dim: 256,
+        ..attention_shape(s)
+    };
+    case(
+        format!("attention forward + backward {}, head dim 256", E::DTYPE),
+        move |s| {
+            let pairs = (s.tokens * (s.tokens + 1) / 2) as u64;
+            let [(fb, ff), (bb, bf)] = attention_bench::ideal::<E>(s.tokens, pairs, shape(s));
+            (fb + bb, ff + bf)
+        },
+        move |k, s, _| {
+            let mut problem =
+                BenchProblem::<E>::new(k.device, BenchMask::Causal, s.tokens, shape(s))?;
+            let kernels = AttentionKernels::new(k.device);
+            problem.forward(&kernels)?;
+            problem.backward(&kernels)
+        },
+    )
+    .excepted("head dims above 128: the untuned kernels (twice the accumulators), compute-bound")
+    .math_of::<E>()
+}
+
 fn attention_shape(s: &Shapes) -> AttentionShape {
     AttentionShape {
         heads: s.heads,
@@ -381,6 +407,7 @@ fn element_cases<E: Float>() -> Vec<Case> {
         rope_case::<E>("backward", true),
         attention_case::<E>(false),
         attention_case::<E>(true),
+        wide_attention_case::<E>(),
         // The logits read once; per row its target read, its log-sum-exp and log-prob written.
         case(
             format!("scoring rows {dt}"),
