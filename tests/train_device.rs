@@ -440,13 +440,16 @@ fn resume_on_the_emulated_device_is_exact() {
 }
 
 /// A group longer than `--micro-tokens` runs as a pass of its own: a device run says so and
-/// plans for it (one whose groups fit says nothing), and refuses before reading a weight
-/// when that plan does not fit `--memory`, though the plan for `--micro-tokens` would.
+/// plans for it (one whose groups fit says nothing); where only full recompute fits that pass,
+/// a run that chose selective itself takes full; under a `--recompute` it was given, it refuses
+/// before reading a weight, though the plan for `--micro-tokens` would fit.
 #[test]
 fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
     let tmp = TempDir::new().unwrap();
-    let run = |micro_tokens: &str, memory: &str| {
-        let out = tmp.path().join(format!("{micro_tokens}-{memory}"));
+    let run = |micro_tokens: &str, memory: &str, recompute: &[&str]| {
+        let out = tmp
+            .path()
+            .join(format!("{micro_tokens}-{memory}-{}", recompute.len()));
         let args = [
             "train",
             "--device",
@@ -466,17 +469,20 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
             "--out",
             out.to_str().unwrap(),
         ];
-        (common::contralign(&args), out)
+        let out_dir = out.clone();
+        (
+            common::contralign(&[&args[..], recompute].concat()),
+            out_dir,
+        )
     };
     let said = "more than --micro-tokens 8: planned for passes of";
     let mut stderr = String::new();
     for (micro_tokens, longer) in [("8192", false), ("8", true)] {
-        let (out, _) = run(micro_tokens, "80GB");
+        let (out, _) = run(micro_tokens, "80GB", &[]);
         stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{stderr}");
         assert_eq!(stderr.contains(said), longer, "{stderr}");
     }
-    // --memory between the plan for 8 tokens and the plan for the longest group.
     let longest: usize = stderr
         .split("--data has a group of ")
         .nth(1)
@@ -484,16 +490,26 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no group length in {stderr}"));
     let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
-    let plan = |tokens| {
-        let precision = PrecisionOptions::default();
-        let (recompute, reference) = (RecomputePolicy::Selective, ReferenceSource::None);
+    let plan = |tokens, recompute| {
+        let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
         let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
         plan.total()
     };
-    let (small, long) = (plan(8), plan(longest));
-    assert!(long > small, "{small} vs {long} bytes");
-    let memory = format!("{:.9}", (small + long) as f64 / 2.0 / 1e9);
-    let (out, dir) = run("8", &memory);
+    let (small, long) = (
+        plan(8, RecomputePolicy::Selective),
+        plan(longest, RecomputePolicy::Selective),
+    );
+    let long_full = plan(longest, RecomputePolicy::Full);
+    let gb = |bytes: u64| format!("{:.9}", bytes as f64 / 1e9);
+    // Room for the long pass under full recompute only.
+    let room = small.max(long_full);
+    assert!(room < long, "{small}, {long_full}, {long} bytes");
+    let (out, _) = run("8", &gb(room), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("recompute: full (a pass of"), "{stderr}");
+    // Under a given --recompute selective, no fallback: refused before any weight is read.
+    let (out, dir) = run("8", &gb(room), &["--recompute", "selective"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

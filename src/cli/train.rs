@@ -247,30 +247,43 @@ fn open_planned_device(
 }
 
 impl PlannedDevice {
-    /// Where `flag`'s data has a group longer than `--micro-tokens`, which runs as a pass of
-    /// its own: says so, and checks that the plan for passes of `pass_tokens`, which the
-    /// engine then allocates, fits.
-    fn check_longer_pass(
+    /// Where `flag`'s data has a group longer than `--micro-tokens` (`pass_tokens` packed
+    /// tokens, a pass of its own): says so, and returns the recompute policy under which the
+    /// plan for such passes (`plan_with`), which the engine then allocates, fits: `recompute`,
+    /// or full recompute where the run chose selective itself (`auto`) and only full fits.
+    fn plan_longer_pass(
         &self,
         flag: &str,
-        plan: &MemoryPlan,
-        pass_tokens: usize,
-        micro_tokens: usize,
-    ) -> Result<()> {
+        (pass_tokens, micro_tokens): (usize, usize),
+        (recompute, auto): (RecomputePolicy, bool),
+        plan_with: impl Fn(RecomputePolicy) -> Result<MemoryPlan>,
+    ) -> Result<RecomputePolicy> {
+        let plan = plan_with(recompute)?;
         eprintln!(
             "memory plan: {flag} has a group of {pass_tokens} packed tokens, more than \
              --micro-tokens {micro_tokens}: planned for passes of {pass_tokens} tokens, {}",
             human_bytes(plan.total())
         );
-        match self.memory {
-            Some(memory) => plan.fits(memory).with_context(|| {
-                format!(
-                    "{flag}'s group of {pass_tokens} packed tokens does not fit on the device \
-                     as a pass of its own (--max-len shortens the groups)"
-                )
-            }),
-            None => Ok(()),
+        let Some(memory) = self.memory.filter(|&m| plan.total() > m) else {
+            return Ok(recompute);
+        };
+        if auto && recompute == RecomputePolicy::Selective {
+            let full = plan_with(RecomputePolicy::Full)?;
+            if full.total() <= memory {
+                eprintln!(
+                    "recompute: full (a pass of {pass_tokens} tokens fits only with it), {}",
+                    human_bytes(full.total())
+                );
+                return Ok(RecomputePolicy::Full);
+            }
         }
+        plan.fits(memory).with_context(|| {
+            format!(
+                "{flag}'s group of {pass_tokens} packed tokens does not fit on the device as a \
+                 pass of its own (--max-len shortens the groups)"
+            )
+        })?;
+        Ok(recompute)
     }
 }
 
@@ -453,7 +466,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 /// the run's lock.
 fn train_in(
     args: &TrainArgs,
-    opts: TrainOptions,
+    mut opts: TrainOptions,
     device: Option<PlannedDevice>,
     run: &RunDir,
     out: &Path,
@@ -482,9 +495,14 @@ fn train_in(
     );
     // A group longer than a micro-batch is planned for before any weight is read.
     let pass_tokens = longest_pass(&groups, opts.micro_tokens);
+    let auto_recompute = args.recompute.is_none() && !args.no_checkpointing;
     if let Some(planned) = device.as_ref().filter(|_| pass_tokens > opts.micro_tokens) {
-        let plan = plan_for(args, &opts, pass_tokens, opts.recompute)?;
-        planned.check_longer_pass("--data", &plan, pass_tokens, opts.micro_tokens)?;
+        opts.recompute = planned.plan_longer_pass(
+            "--data",
+            (pass_tokens, opts.micro_tokens),
+            (opts.recompute, auto_recompute),
+            |r| plan_for(args, &opts, pass_tokens, r),
+        )?;
     }
     let resumed_from = match &args.resume {
         Some(_) => Some(run.latest_checkpoint()?.with_context(|| {
@@ -534,10 +552,14 @@ fn train_in(
         if let Some(groups) = &held_out_groups {
             let before = trainer.pass_tokens();
             trainer.plan_passes_of(groups)?;
-            if trainer.pass_tokens() > before {
-                let plan = trainer.device_plan()?;
-                let tokens = trainer.pass_tokens();
-                planned.check_longer_pass("--eval-data", &plan, tokens, micro_tokens)?;
+            let tokens = trainer.pass_tokens();
+            if tokens > before {
+                trainer.opts.recompute = planned.plan_longer_pass(
+                    "--eval-data",
+                    (tokens, micro_tokens),
+                    (trainer.opts.recompute, auto_recompute),
+                    |r| plan_for(args, &trainer.opts, tokens, r),
+                )?;
             }
         }
         // The device first: a resume's moments then go up to it one tensor at a time.

@@ -12,7 +12,7 @@ use crate::fsutil;
 use crate::model::params::param_specs;
 use crate::model::Model;
 use crate::ops::cpu::CpuOps;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use safetensors::tensor::Dtype;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -244,10 +244,6 @@ impl RunDir {
     /// Writes `checkpoint-STEP/` atomically, with the trainer's state brought back from its
     /// device first, then removes the checkpoints beyond `opts.total_limit`.
     pub fn save_checkpoint(&self, trainer: &mut Trainer, opts: &SaveOptions) -> Result<PathBuf> {
-        ensure!(
-            !trainer.in_flight(),
-            "a checkpoint while a step's scalars are unread: flush the step first"
-        );
         trainer.sync_weights_to_host()?;
         let path = self
             .path

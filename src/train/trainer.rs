@@ -467,6 +467,7 @@ impl Trainer {
     /// On a device, the policy as the last step left it, brought back (`policy` there holds
     /// the last checkpoint's weights); `None` on the CPU, where `policy` is current.
     pub fn device_policy(&self) -> Result<Option<Model<Vec<f32>>>> {
+        self.settled("the device's policy")?;
         let Some(engine) = &self.engine else {
             return Ok(None);
         };
@@ -491,6 +492,7 @@ impl Trainer {
         groups: &[Group],
         ref_stats: Option<&[ResponseStats]>,
     ) -> Result<step::Evaluation> {
+        self.settled("a held-out evaluation")?;
         let (spec, aux_coef) = (&self.opts.spec, self.opts.aux_coef);
         let max_tokens = self.opts.micro_tokens.max(1);
         match &self.engine {
@@ -531,6 +533,7 @@ impl Trainer {
     /// Brings the device's weights into `policy` (before a checkpoint is written from it);
     /// nothing to do on the CPU.
     pub fn sync_weights_to_host(&mut self) -> Result<()> {
+        self.settled("bringing the weights back")?;
         if let Some(engine) = &self.engine {
             // One tensor at a time: the host never holds a second copy of the weights.
             for (i, host) in self.policy.params.iter_mut().into_iter().enumerate() {
@@ -556,6 +559,7 @@ impl Trainer {
     /// Tensor `index` (in checkpoint order) of one AdamW moment as the training holds it now:
     /// downloaded alone from the device, or the optimizer's on the CPU.
     pub fn moment(&self, which: Moment, index: usize) -> Result<Cow<'_, [f32]>> {
+        self.settled("reading a moment")?;
         if let Some(engine) = &self.engine {
             return Ok(Cow::Owned(engine.moment(which, index)?));
         }
@@ -598,6 +602,15 @@ impl Trainer {
     /// step queued last until the next one reads them.
     pub fn in_flight(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// That no step is in flight: `what` reads the weights a step left, which on a device
+    /// are those of the step queued last only once its record is read.
+    fn settled(&self, what: &str) -> Result<()> {
+        if self.in_flight() {
+            bail!("{what} while a step is in flight: flush it first");
+        }
+        Ok(())
     }
 
     /// One optimizer step. On the CPU it runs to its end and its record comes back. On a
