@@ -10,8 +10,8 @@
 //                              load-balancing sums that make the step's loss non-finite, so
 //                              that the AdamW kernels (which skip a step whose norm or coef
 //                              is not finite) drop the step without the host reading the loss;
-//   grad_clip_scale_{f32,bf16} multiplies every buffer by coef when coef < 1 (the AdamW
-//                              kernels fold this in instead: cuda/adamw.cu).
+//   grad_clip_scale_{f32,bf16} multiplies every buffer by coef when coef < 1 and finite (the
+//                              AdamW kernels fold this in instead: cuda/adamw.cu).
 //
 // The last block is found as in CUDA's threadFenceReduction sample: each block publishes its
 // partial, fences, and counts itself done on `done`; the block that counts gridDim.x reads
@@ -49,7 +49,9 @@ __device__ __forceinline__ void grad_norm(const T* const* buffers, const long lo
     if (!last) return;
     __threadfence();
     float sum = 0.0f;
-    for (unsigned p = threadIdx.x; p < gridDim.x; p += blockDim.x) sum += atomicAdd(&partials[p], 0.0f);
+    for (unsigned p = threadIdx.x; p < gridDim.x; p += blockDim.x) {
+        sum += atomicAdd(&partials[p], 0.0f);
+    }
     const float all = block_sum(sum, scratch);
     if (threadIdx.x == 0) {
         const float norm = sqrtf(all);
@@ -87,7 +89,8 @@ template <class T>
 __device__ __forceinline__ void grad_clip_scale(T* const* buffers, const long long* lens,
                                                 int count, const float* norm_and_coef) {
     const float coef = norm_and_coef[1];
-    if (coef == 1.0f) return;
+    // A dropped step (NaN coef) leaves its gradients as they are, as AdamW leaves the weights.
+    if (coef == 1.0f || !isfinite(coef)) return;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     for (int k = 0; k < count; ++k) {

@@ -54,7 +54,7 @@ pub fn run(
         let checkpoint = save_every > 0 && step.is_multiple_of(save_every) && !trainer.done();
         let stopping = interrupted.load(Ordering::SeqCst);
         // One more non-finite step would stop the run: it stops at that step, not after.
-        let near_limit = trainer.bad_steps_in_a_row + 1 >= trainer.opts.max_bad_steps;
+        let near_limit = trainer.bad_steps_in_a_row.saturating_add(1) >= trainer.opts.max_bad_steps;
         if trainer.done() || checkpoint || stopping || near_limit || wants_weights(step) {
             if let Some(record) = trainer.flush()? {
                 log(record, trainer)?;
