@@ -317,10 +317,7 @@ pub fn host_batch_loss(
     let summary = device.download(&out.summary)?;
     let grads = device.download(&out.grads)?;
     let column = |c: usize| -> Vec<f64> { grads.iter().skip(c).step_by(3).copied().collect() };
-    let metrics = metric_names(layout.max_k())
-        .into_iter()
-        .zip(summary[1..].iter().copied())
-        .collect();
+    let metrics = summary_means(layout.max_k(), &summary)?;
     Ok((
         BatchOutput {
             loss: summary[0],
@@ -380,23 +377,29 @@ pub struct ReportShape {
 impl ReportShape {
     /// The report from the summary's values, once on the host.
     pub fn read(&self, summary: &[f64]) -> Result<LossReport> {
-        let names = metric_names(self.max_k);
-        ensure!(
-            summary.len() == 1 + names.len(),
-            "the loss summary holds {} values, {} metrics need {}",
-            summary.len(),
-            names.len(),
-            1 + names.len()
-        );
-        let means = names
-            .into_iter()
-            .zip(summary[1..].iter().copied())
-            .collect();
+        let means = summary_means(self.max_k, summary)?;
         Ok(LossReport {
             loss: summary[0],
             metrics: MetricTotals::new(means, &self.counts),
         })
     }
+}
+
+/// The metrics' means of a loss summary (the loss, then the means of
+/// [`metric_names`]`(max_k)`), named.
+fn summary_means(max_k: usize, summary: &[f64]) -> Result<Vec<(String, f64)>> {
+    let names = metric_names(max_k);
+    ensure!(
+        summary.len() == 1 + names.len(),
+        "the loss summary holds {} values, {} metrics need {}",
+        summary.len(),
+        names.len(),
+        1 + names.len()
+    );
+    Ok(names
+        .into_iter()
+        .zip(summary[1..].iter().copied())
+        .collect())
 }
 
 /// The loss where the device's statistics are: the kernels above on the scoring's tables,
