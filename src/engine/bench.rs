@@ -98,6 +98,12 @@ pub struct StepTiming {
     /// driver keeps for them). The steps allocate nothing, so this is their peak. `None` on
     /// the emulator.
     pub device_used_bytes: Option<u64>,
+    /// The plan's workspace (kept activations, recompute workspace, logits chunk, batch
+    /// data), which the engine's pool is made of.
+    pub workspace_plan_bytes: u64,
+    /// The most of it the steps leased at once: against `workspace_plan_bytes`, how much of
+    /// what the plan set aside a step used (counted by the pool on any device).
+    pub workspace_peak_bytes: usize,
     pub note: &'static str,
 }
 
@@ -423,6 +429,8 @@ pub fn time_step(
         device_bytes: trainer.device_bytes().unwrap_or(0),
         plan_bytes: trainer.device_plan()?.total(),
         device_used_bytes,
+        workspace_plan_bytes: trainer.device_plan()?.workspace_bytes(),
+        workspace_peak_bytes: trainer.workspace_peak().unwrap_or(0),
         note: if emulated {
             "the emulator's times: they check the command, they measure nothing about a GPU"
         } else {

@@ -23,7 +23,7 @@ use crate::data::Group;
 use crate::loss::LossSpec;
 use crate::memory_plan::layout::ParamLayout;
 use crate::memory_plan::{
-    Category, MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy, ReferenceSource,
+    MemoryPlan, PlanOptions, PrecisionOptions, RecomputePolicy, ReferenceSource,
 };
 use crate::model::params::{param_specs, Params};
 use crate::model::{Model, ResponseStats, StepOptions};
@@ -165,16 +165,7 @@ impl DeviceEngine {
             );
             arena_bytes += bytes.next_multiple_of(ALIGNMENT);
         }
-        let workspace_bytes: u64 = [
-            Category::KeptActivations,
-            Category::RecomputeWorkspace,
-            Category::LogitsChunk,
-            Category::BatchData,
-        ]
-        .iter()
-        .map(|&c| plan.category_bytes(c))
-        .sum();
-        let workspace_bytes = (workspace_bytes as usize).next_multiple_of(ALIGNMENT);
+        let workspace_bytes = (plan.workspace_bytes() as usize).next_multiple_of(ALIGNMENT);
         // One allocation: the parameter stores, then the step's workspace.
         let mut arena = Arena::new(&device, arena_bytes + workspace_bytes)?;
         let elements = layout.elements;
@@ -249,6 +240,12 @@ impl DeviceEngine {
     /// step's workspace) and what the workspace pool had to add beyond it.
     pub fn device_bytes(&self) -> usize {
         self.arena.capacity() + self.pool.allocated()
+    }
+
+    /// The most bytes of the workspace leased at once so far (the step's activations,
+    /// recomputations, logits chunk and batch data), against the plan's categories for them.
+    pub fn workspace_peak(&self) -> usize {
+        self.pool.peak()
     }
 
     /// Sets every gradient to zero: the start of a step.

@@ -127,6 +127,15 @@ impl Category {
         Category::BatchData,
     ];
 
+    /// What a step leases from the engine's workspace, as opposed to the stores it keeps
+    /// (and cuBLAS's own workspace, which its handle holds).
+    pub const WORKSPACE: [Category; 4] = [
+        Category::KeptActivations,
+        Category::RecomputeWorkspace,
+        Category::LogitsChunk,
+        Category::BatchData,
+    ];
+
     /// The name in `plan --json` (as serialized).
     pub fn key(self) -> &'static str {
         match self {
@@ -401,6 +410,14 @@ impl MemoryPlan {
             .iter()
             .filter(|r| r.category == category)
             .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// The bytes of the [`Category::WORKSPACE`] categories: the engine's workspace pool.
+    pub fn workspace_bytes(&self) -> u64 {
+        Category::WORKSPACE
+            .iter()
+            .map(|&c| self.category_bytes(c))
             .sum()
     }
 

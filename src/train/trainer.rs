@@ -464,6 +464,12 @@ impl Trainer {
         self.engine.as_ref().map(DeviceEngine::device_bytes)
     }
 
+    /// The most bytes of the device engine's workspace leased at once, when the run is on a
+    /// device.
+    pub fn workspace_peak(&self) -> Option<usize> {
+        self.engine.as_ref().map(DeviceEngine::workspace_peak)
+    }
+
     /// On a device, the policy as the last step left it, brought back (`policy` there holds
     /// the last checkpoint's weights); `None` on the CPU, where `policy` is current.
     pub fn device_policy(&self) -> Result<Option<Model<Vec<f32>>>> {
