@@ -108,33 +108,110 @@ __device__ __forceinline__ float clipped(float g, double coef) {
     return coef == 1.0 ? g : static_cast<float>(__dmul_rn(static_cast<double>(g), coef));
 }
 
+// One element of an f32 store: its moments and parameter updated in place.
+__device__ __forceinline__ void adamw_f32_element(const AdamWStep& s, double coef, float& param,
+                                                  float grad, float& m, float& v) {
+    const Updated u = adamw_update(s, param, clipped(grad, coef), m, v);
+    m = u.m;
+    v = u.v;
+    param = static_cast<float>(u.p);
+}
+
+// The random streams of a bf16 update's three stores.
+struct Streams {
+    unsigned long long weights;
+    unsigned long long m;
+    unsigned long long v;
+};
+
+// Element i of a bf16 store, from `old` (its master value, or the bf16 parameter): its
+// moments updated in place, the parameter written to `param` and, with a master, `*master`.
 template <class G, class M>
+__device__ __forceinline__ void adamw_bf16_element(const AdamWStep& s, const Streams& r,
+                                                   double coef, long long i, double old, G grad,
+                                                   M& m, M& v, __nv_bfloat16& param,
+                                                   float* master) {
+    const Updated u = adamw_update(s, old, clipped(to_f32(grad), coef), to_f32(m), to_f32(v));
+    store_moment(&m, u.m, r.m, i);
+    store_moment(&v, u.v, r.v, i);
+    const float p = static_cast<float>(u.p);
+    if (master != nullptr) {
+        *master = p;
+        param = __float2bfloat16_rn(p);
+    } else {
+        param = bf16_stochastic(p, mix64(r.weights ^ static_cast<unsigned long long>(i)));
+    }
+}
+
+// The whole groups of `w` elements that every store may move in one access each (none when
+// one of them is not 16-byte aligned: then every element goes alone).
+__device__ __forceinline__ long long whole_groups(int w, long long n, const void* a,
+                                                  const void* b, const void* c, const void* d,
+                                                  const void* e) {
+    const bool aligned = aligned128(a) && aligned128(b) && aligned128(c) && aligned128(d) &&
+                         (e == nullptr || aligned128(e));
+    return aligned ? n / w : 0;
+}
+
+// Each thread updates W consecutive elements at a time (a grid-stride apart), one access per
+// store: W = 8 when every store is bf16 (16 bytes each), else 4 (16 bytes of an f32 store, 8
+// of a bf16 one), so that a warp's lanes read and write consecutive bytes in every store.
+// kMaster: `master` is given (not null).
+template <int W, bool kMaster, class G, class M>
 __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ param,
                                                 float* __restrict__ master,
                                                 const G* __restrict__ grad, M* __restrict__ m,
-                                                M* __restrict__ v, long long n,
-                                                const float* __restrict__ clip,
+                                                M* __restrict__ v, long long n, double coef,
                                                 const AdamWStep& s) {
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const Streams r{store_stream(s, 0), store_stream(s, 1), store_stream(s, 2)};
+    const long long groups = whole_groups(W, n, param, grad, m, v, kMaster ? master : nullptr);
+    for (long long e = first; e < groups; e += stride) {
+        const long long i = e * W;
+        G g[W];
+        M mm[W], vv[W];
+        __nv_bfloat16 pp[W];
+        float ww[W];
+        load_elements<W>(grad + i, g);
+        load_elements<W>(m + i, mm);
+        load_elements<W>(v + i, vv);
+        // With a master the bf16 copy is only written.
+        if constexpr (kMaster) {
+            load_elements<W>(master + i, ww);
+        } else {
+            load_elements<W>(param + i, pp);
+        }
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < W; ++k) {
+            const double old = kMaster ? ww[k] : __bfloat162float(pp[k]);
+            adamw_bf16_element(s, r, coef, i + k, old, g[k], mm[k], vv[k], pp[k],
+                               kMaster ? &ww[k] : nullptr);
+        }
+        store_elements<W>(m + i, mm);
+        store_elements<W>(v + i, vv);
+        store_elements<W>(param + i, pp);
+        if constexpr (kMaster) store_elements<W>(master + i, ww);
+    }
+    for (long long i = groups * W + first; i < n; i += stride) {
+        const double old = kMaster ? master[i] : __bfloat162float(param[i]);
+        adamw_bf16_element(s, r, coef, i, old, grad[i], m[i], v[i], param[i],
+                           kMaster ? &master[i] : nullptr);
+    }
+}
+
+template <class G, class M>
+__device__ __forceinline__ void adamw_bf16(__nv_bfloat16* param, float* master, const G* grad,
+                                           M* m, M* v, long long n, const float* clip,
+                                           const AdamWStep& s) {
     double coef;
     if (!clip_factor(clip, &coef)) return;
-    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-    const unsigned long long weights = store_stream(s, 0);
-    const unsigned long long m_stream = store_stream(s, 1);
-    const unsigned long long v_stream = store_stream(s, 2);
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += stride) {
-        const double old = master != nullptr ? master[i] : __bfloat162float(param[i]);
-        const Updated u =
-            adamw_update(s, old, clipped(to_f32(grad[i]), coef), to_f32(m[i]), to_f32(v[i]));
-        store_moment(&m[i], u.m, m_stream, i);
-        store_moment(&v[i], u.v, v_stream, i);
-        const float p = static_cast<float>(u.p);
-        if (master != nullptr) {
-            master[i] = p;
-            param[i] = __float2bfloat16_rn(p);
-        } else {
-            param[i] = bf16_stochastic(p, mix64(weights ^ static_cast<unsigned long long>(i)));
-        }
+    // Without a master every store is bf16 when the gradients and moments are.
+    constexpr int kWidth = sizeof(G) == 2 && sizeof(M) == 2 ? 8 : 4;
+    if (master != nullptr) {
+        adamw_bf16_body<4, true>(param, master, grad, m, v, n, coef, s);
+    } else {
+        adamw_bf16_body<kWidth, false>(param, master, grad, m, v, n, coef, s);
     }
 }
 
@@ -145,13 +222,25 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
                                      const float* __restrict__ clip, AdamWStep s) {
     double coef;
     if (!clip_factor(clip, &coef)) return;
+    constexpr int W = 4;  // 16 bytes of each store
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += stride) {
-        const Updated u = adamw_update(s, param[i], clipped(grad[i], coef), m[i], v[i]);
-        m[i] = u.m;
-        v[i] = u.v;
-        param[i] = static_cast<float>(u.p);
+    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const long long groups = whole_groups(W, n, param, grad, m, v, nullptr);
+    for (long long e = first; e < groups; e += stride) {
+        const long long i = e * W;
+        float p[W], g[W], mm[W], vv[W];
+        load_elements<W>(param + i, p);
+        load_elements<W>(grad + i, g);
+        load_elements<W>(m + i, mm);
+        load_elements<W>(v + i, vv);
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < W; ++k) adamw_f32_element(s, coef, p[k], g[k], mm[k], vv[k]);
+        store_elements<W>(param + i, p);
+        store_elements<W>(m + i, mm);
+        store_elements<W>(v + i, vv);
+    }
+    for (long long i = groups * W + first; i < n; i += stride) {
+        adamw_f32_element(s, coef, param[i], grad[i], m[i], v[i]);
     }
 }
 CONTRALIGN_KERNEL(adamw_f32)
@@ -161,7 +250,7 @@ CONTRALIGN_KERNEL(adamw_f32)
     extern "C" __global__ void adamw_bf16_##suffix(__nv_bfloat16* param, float* master,         \
                                                    const G* grad, M* m, M* v, long long n,      \
                                                    const float* clip, AdamWStep s) {            \
-        adamw_bf16_body(param, master, grad, m, v, n, clip, s);                                 \
+        adamw_bf16(param, master, grad, m, v, n, clip, s);                                      \
     }
 
 CONTRALIGN_ADAMW_BF16(gf32_mf32, float, float)

@@ -4,13 +4,6 @@
 
 #include "contralign.cuh"
 
-// Loops over accumulator slots must unroll for the slots to live in registers.
-#ifdef __CUDACC__
-#define CONTRALIGN_UNROLL _Pragma("unroll")
-#else
-#define CONTRALIGN_UNROLL
-#endif
-
 // `Mma<T>` multiplies 16 x 16 blocks of shared memory into an fp32 accumulator held by one
 // warp: nn (a row-major, b row-major), nt (b read transposed: b[j][k]), tn (a read transposed:
 // a[k][i]). Leading dimensions are in elements; pointers 32-byte aligned, leading dimensions

@@ -690,6 +690,34 @@ pub fn adamw_exact(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> 
     exact(
         "adamw bf16+master moments",
         &[dev.download(&m)?, dev.download(&v)?].concat(),
+        &[want_m.clone(), want_v.clone()].concat(),
+    );
+
+    // One element in, no store is 16-byte aligned: the kernel moves every element alone.
+    let shifted = |x: &[f32]| dev.upload(&[&[0.0][..], x].concat());
+    let (p, g, m, v) = (
+        shifted(&case.param)?,
+        shifted(&case.grad)?,
+        shifted(&case.m)?,
+        shifted(&case.v)?,
+    );
+    let one_in = |b: &Buffer<f32>| b.view().slice(1, n);
+    k.adamw_f32(
+        &mut one_in(&p)?,
+        &one_in(&g)?,
+        &mut one_in(&m)?,
+        &mut one_in(&v)?,
+        None,
+        &case.step(0),
+    )?;
+    exact(
+        "adamw f32 unaligned param",
+        &dev.download(&one_in(&p)?)?,
+        &want_p,
+    );
+    exact(
+        "adamw f32 unaligned moments",
+        &[dev.download(&one_in(&m)?)?, dev.download(&one_in(&v)?)?].concat(),
         &[want_m, want_v].concat(),
     );
     Ok(rows)

@@ -464,6 +464,7 @@ fn selftest_on_the_emulator_passes_and_lists_every_op() {
         "grad_clip",
         "adamw f32 param",
         "adamw bf16+master param",
+        "adamw f32 unaligned param",
         "adamw bf16 stochastic neighbours",
         "adamw bf16 stochastic mean",
         "add_assign f32",

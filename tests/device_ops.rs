@@ -7,7 +7,7 @@ mod common;
 use common::device_step::check_step_on_device;
 use common::rng;
 use contralign::memory_plan::RecomputePolicy;
-use contralign::ops::cuda::device::{counters, AsView, Device, ALIGNMENT};
+use contralign::ops::cuda::device::{counters, Arena, AsView, Device, ALIGNMENT};
 use contralign::ops::cuda::lists::{KeptLists, StagedLists};
 use contralign::ops::cuda::ops::DeviceOps;
 use contralign::ops::cuda::pool::{Leased, Pool};
@@ -16,6 +16,31 @@ use rand::Rng;
 
 fn download<T: bytemuck::Pod>(list: &Leased<T>) -> Vec<T> {
     Device::Emu.download(&list.view()).unwrap()
+}
+
+/// A small lease that outlives the large one leased before it (a loss's summary beside the
+/// activations) does not split the workspace: it sits at the top, so that a later lease of
+/// nearly the whole region still fits, and neither overwrites the other.
+#[test]
+fn a_small_lease_left_behind_does_not_split_the_pool() {
+    let device = Device::Emu;
+    let mut arena = Arena::new(&device, 1 << 20).unwrap();
+    let pool = Pool::in_region(arena.carve::<u8>("workspace", 1 << 20).unwrap()).unwrap();
+    let large = pool.lease::<f32>(&device, 150_001).unwrap();
+    let summary: Vec<f64> = (0..13).map(|i| i as f64 * 0.25 - 1.0).collect();
+    let small = pool.upload(&device, &summary).unwrap();
+    drop(large);
+    let mut nearly_all = pool.lease::<u8>(&device, (1 << 20) - 4096).unwrap();
+    assert_eq!(
+        pool.allocated(),
+        0,
+        "the pool grew: the small lease split it"
+    );
+    device
+        .copy_to(&mut nearly_all, &vec![0xa5; (1 << 20) - 4096])
+        .unwrap();
+    assert_eq!(download(&small), summary);
+    assert!(download(&nearly_all).iter().all(|&b| b == 0xa5));
 }
 
 #[test]

@@ -20,6 +20,19 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// An event for the host to wait on at length (the logged scalars' copies, which a flush
+/// waits a whole step for): the waiting thread sleeps instead of spinning on a core.
+fn waited_event() -> Result<sys::CUevent, DriverError> {
+    let flags = sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
+        | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+    let mut event = std::mem::MaybeUninit::uninit();
+    // SAFETY: the caller's context is current; the driver writes the event on success.
+    unsafe {
+        sys::cuEventCreate(event.as_mut_ptr(), flags).result()?;
+        Ok(event.assume_init())
+    }
+}
+
 fn driver_error(e: DriverError) -> anyhow::Error {
     use sys::cudaError_enum as E;
     let name = e
@@ -503,7 +516,7 @@ impl Gpu {
             .cast();
         // SAFETY: `ptr` holds `capacity` bytes just allocated.
         unsafe { std::ptr::write_bytes(ptr, 0, capacity) };
-        let event = match result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING) {
+        let event = match waited_event() {
             Ok(event) => event,
             Err(e) => {
                 // SAFETY: allocated above, not used since.

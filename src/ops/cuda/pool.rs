@@ -1,7 +1,8 @@
 //! The workspace that device ops take their outputs from: segments of device memory, each
 //! allocated once, whose aligned regions are leased out and come back when their [`Tensor`]
-//! is dropped (first fit, neighbours merged). A training step's shapes repeat, so after the
-//! first step the leases fit into what is already there and the device allocates nothing; the
+//! is dropped (first fit, neighbours merged; small leases from the top down). A training
+//! step's shapes repeat, so after the first step the leases fit into what is already there
+//! and the device allocates nothing; the
 //! engine carves the first segment out of its arena, sized by its memory plan, so that even
 //! the first step allocates nothing beyond it. A lease that fits nowhere adds a segment (at
 //! least double the last), so an undersized plan costs an allocation, never a failure.
@@ -23,9 +24,26 @@ struct Segment {
     free: Vec<(usize, usize)>,
 }
 
+/// Leases of at most this many bytes are placed from a segment's top down, the others from
+/// its bottom up: the small ones (statistics, tables, a loss's summary, index lists) often
+/// outlive the large activations around them, and a small lease left between two large free
+/// ranges would keep a later large lease from fitting in their sum.
+const SMALL_LEASE: usize = 64 << 10;
+
 impl Segment {
     fn take(&mut self, bytes: usize) -> Option<usize> {
-        let i = self.free.iter().position(|&(_, len)| len >= bytes)?;
+        let fits = |&(_, len): &(usize, usize)| len >= bytes;
+        if bytes <= SMALL_LEASE {
+            let i = self.free.iter().rposition(fits)?;
+            let (offset, len) = self.free[i];
+            if len == bytes {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (offset, len - bytes);
+            }
+            return Some(offset + len - bytes);
+        }
+        let i = self.free.iter().position(fits)?;
         let (offset, len) = self.free[i];
         if len == bytes {
             self.free.remove(i);
