@@ -42,110 +42,94 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 
 // 16 bytes of elements that a thread loads or stores whole (ld.global.v4 / st.global.v4 on a
 // GPU, llm.c's x128): the widest access, and the one that moves the most bytes per
-// instruction. The address must be 16-byte aligned: a misaligned 16-byte access faults on a
-// GPU, and fails the launch in the emulator.
-template <class T>
-struct alignas(16) Pack128 {
-    static constexpr int size = 16 / sizeof(T);
+// instruction; or 8 (ld.global.v2): the bf16 side of a kernel whose threads take 4 elements
+// of each store, 16 bytes of the f32 ones, so that a warp's lanes cover consecutive bytes in
+// every store. The address must be aligned to the pack's size: a misaligned vector access
+// faults on a GPU, and fails the launch in the emulator.
+template <class T, int kBytes>
+struct alignas(kBytes) Pack {
+    static constexpr int size = kBytes / sizeof(T);
     T v[size];
     __device__ __forceinline__ T& operator[](int i) { return v[i]; }
     __device__ __forceinline__ const T& operator[](int i) const { return v[i]; }
 };
+template <class T>
+using Pack128 = Pack<T, 16>;
 
 // Whether `p` may be given to load128/store128.
 __device__ __forceinline__ bool aligned128(const void* p) {
     return reinterpret_cast<unsigned long long>(p) % 16 == 0;
 }
 
-template <class T>
-__device__ __forceinline__ Pack128<T> load128(const T* p) {
-    Pack128<T> pack;
 #ifdef __CUDACC__
-    const int4 bits = *reinterpret_cast<const int4*>(p);
-    memcpy(&pack, &bits, 16);
+// The vector type of one access of kBytes.
+template <int kBytes>
+struct PackBits;
+template <>
+struct PackBits<16> {
+    using type = int4;
+};
+template <>
+struct PackBits<8> {
+    using type = uint2;
+};
+#endif
+
+// `what` names the access in the emulator's failure ("load128: misaligned 16-byte access").
+template <int kBytes, class T>
+__device__ __forceinline__ Pack<T, kBytes> load_pack(const T* p, const char* what) {
+    Pack<T, kBytes> pack;
+#ifdef __CUDACC__
+    using Bits = typename PackBits<kBytes>::type;
+    const Bits bits = *reinterpret_cast<const Bits*>(p);
+    memcpy(&pack, &bits, kBytes);
 #else
-    ::contralign_emu::require_aligned(p, 16, "load128");
-    memcpy(&pack, p, 16);
+    ::contralign_emu::require_aligned(p, kBytes, what);
+    memcpy(&pack, p, kBytes);
 #endif
     return pack;
+}
+
+template <int kBytes, class T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, kBytes>& pack, const char* what) {
+#ifdef __CUDACC__
+    using Bits = typename PackBits<kBytes>::type;
+    Bits bits;
+    memcpy(&bits, &pack, kBytes);
+    *reinterpret_cast<Bits*>(p) = bits;
+#else
+    ::contralign_emu::require_aligned(p, kBytes, what);
+    memcpy(p, &pack, kBytes);
+#endif
+}
+
+template <class T>
+__device__ __forceinline__ Pack128<T> load128(const T* p) {
+    return load_pack<16>(p, "load128");
 }
 
 template <class T>
 __device__ __forceinline__ void store128(T* p, const Pack128<T>& pack) {
-#ifdef __CUDACC__
-    int4 bits;
-    memcpy(&bits, &pack, 16);
-    *reinterpret_cast<int4*>(p) = bits;
-#else
-    ::contralign_emu::require_aligned(p, 16, "store128");
-    memcpy(p, &pack, 16);
-#endif
+    store_pack<16>(p, pack, "store128");
 }
 
-// 8 bytes of elements a thread loads or stores whole (ld.global.v2): the bf16 side of a
-// kernel whose threads take 4 elements of each store, 16 bytes of the f32 ones, so that a
-// warp's lanes cover consecutive bytes in every store. Aligned as Pack128 must be, to 8.
-template <class T>
-struct alignas(8) Pack64 {
-    static constexpr int size = 8 / sizeof(T);
-    T v[size];
-    __device__ __forceinline__ T& operator[](int i) { return v[i]; }
-    __device__ __forceinline__ const T& operator[](int i) const { return v[i]; }
-};
-
-template <class T>
-__device__ __forceinline__ Pack64<T> load64(const T* p) {
-    Pack64<T> pack;
-#ifdef __CUDACC__
-    const uint2 bits = *reinterpret_cast<const uint2*>(p);
-    memcpy(&pack, &bits, 8);
-#else
-    ::contralign_emu::require_aligned(p, 8, "load64");
-    memcpy(&pack, p, 8);
-#endif
-    return pack;
-}
-
-template <class T>
-__device__ __forceinline__ void store64(T* p, const Pack64<T>& pack) {
-#ifdef __CUDACC__
-    uint2 bits;
-    memcpy(&bits, &pack, 8);
-    *reinterpret_cast<uint2*>(p) = bits;
-#else
-    ::contralign_emu::require_aligned(p, 8, "store64");
-    memcpy(p, &pack, 8);
-#endif
-}
-
-// W consecutive elements of a store in one access of W * sizeof(T) bytes, 16 (Pack128) or 8
-// (Pack64), into or out of a thread's array.
+// W consecutive elements of a store in one access of W * sizeof(T) bytes, a Pack of 16 or 8
+// bytes, into or out of a thread's array.
 template <int W, class T>
 __device__ __forceinline__ void load_elements(const T* p, T (&out)[W]) {
-    if constexpr (W * sizeof(T) == 16) {
-        const Pack128<T> pack = load128(p);
-        CONTRALIGN_UNROLL
-        for (int k = 0; k < W; ++k) out[k] = pack[k];
-    } else {
-        static_assert(W * sizeof(T) == 8, "an access of 8 or 16 bytes");
-        const Pack64<T> pack = load64(p);
-        CONTRALIGN_UNROLL
-        for (int k = 0; k < W; ++k) out[k] = pack[k];
-    }
+    constexpr int kBytes = W * sizeof(T);
+    static_assert(kBytes == 8 || kBytes == 16, "an access of 8 or 16 bytes");
+    const Pack<T, kBytes> pack = load_pack<kBytes>(p, "load_elements");
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < W; ++k) out[k] = pack[k];
 }
 
 template <int W, class T>
 __device__ __forceinline__ void store_elements(T* p, const T (&in)[W]) {
-    if constexpr (W * sizeof(T) == 16) {
-        Pack128<T> pack;
-        CONTRALIGN_UNROLL
-        for (int k = 0; k < W; ++k) pack[k] = in[k];
-        store128(p, pack);
-    } else {
-        static_assert(W * sizeof(T) == 8, "an access of 8 or 16 bytes");
-        Pack64<T> pack;
-        CONTRALIGN_UNROLL
-        for (int k = 0; k < W; ++k) pack[k] = in[k];
-        store64(p, pack);
-    }
+    constexpr int kBytes = W * sizeof(T);
+    static_assert(kBytes == 8 || kBytes == 16, "an access of 8 or 16 bytes");
+    Pack<T, kBytes> pack;
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < W; ++k) pack[k] = in[k];
+    store_pack<kBytes>(p, pack, "store_elements");
 }
