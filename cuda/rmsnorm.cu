@@ -16,7 +16,8 @@
 namespace {
 
 // `residual` may be null (h = x); `h_out` may be null (h is not stored) or alias x or
-// residual: every element is read and written by the same thread.
+// residual: every element is read and written by the same thread. `y` may be null: only the
+// row's 1/rms is wanted (a backward's recomputation), and the second pass is skipped.
 template <class T>
 __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restrict__ w, T* h_out,
                                 T* __restrict__ y, float* __restrict__ rstd, int rows, int d,
@@ -35,6 +36,7 @@ __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restri
         }
         const float inv_rms = rsqrtf(block_sum(squares, scratch) / d + eps);
         if (threadIdx.x == 0) rstd[r] = inv_rms;
+        if (y == nullptr) continue;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             float h;
             if (h_out != nullptr) {

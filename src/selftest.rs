@@ -325,7 +325,7 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     let r = inv_rms(&h, d, eps as f64);
     let want_y = CpuOps.rmsnorm(&h, &w, d, eps as f64);
     let mut want_dw = dw0.clone();
-    let mut want_dh = CpuOps.rmsnorm_backward(&h, &w, &dy, d, eps as f64, &mut want_dw);
+    let mut want_dh = CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw);
     for (g, a) in want_dh.iter_mut().zip(&dh_in) {
         *g = (*g as f64 + *a as f64) as f32;
     }

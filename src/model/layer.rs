@@ -294,9 +294,7 @@ pub fn forward_with<O: Ops>(
     );
     let (attn, lse) = attend(&q, &k, &v);
     let mut mid = ops.matmul(&attn, &p.o, t, qw, d);
-    ops.add_assign(&mut mid, x);
-
-    let ffn_in = ops.rmsnorm(&mid, &p.post_norm, d, eps);
+    let ffn_in = ops.rmsnorm_residual(&mut mid, x, &p.post_norm, d, eps);
     let (ffn_out, ffn) = match &p.ffn {
         FeedForward::Dense(w) => {
             let dense = std::slice::from_ref(w);
@@ -389,9 +387,15 @@ pub fn backward<O: Ops>(
         }
         _ => unreachable!("parameters, gradients and activations share one layer structure"),
     };
-    let mut dmid =
-        ops.rmsnorm_backward(&acts.mid, &p.post_norm, &dffn_in, d, eps, &mut g.post_norm);
-    ops.add_assign(&mut dmid, dy);
+    let dmid = ops.rmsnorm_backward(
+        &acts.mid,
+        &p.post_norm,
+        &dffn_in,
+        Some(dy),
+        d,
+        eps,
+        &mut g.post_norm,
+    );
 
     let dattn = ops.matmul_backward(&acts.attn, &p.o, &dmid, t, qw, d, &mut g.o);
     let (mut dq, mut dk, dv) = ops.attention_backward(
@@ -430,7 +434,13 @@ pub fn backward<O: Ops>(
     let dv_in = ops.matmul_backward(normed, &p.v, &dv, t, d, kvw, &mut g.v);
     ops.add_assign(&mut dnormed, &dk_in);
     ops.add_assign(&mut dnormed, &dv_in);
-    let mut dx = ops.rmsnorm_backward(x, &p.input_norm, &dnormed, d, eps, &mut g.input_norm);
-    ops.add_assign(&mut dx, &dmid);
-    dx
+    ops.rmsnorm_backward(
+        x,
+        &p.input_norm,
+        &dnormed,
+        Some(&dmid),
+        d,
+        eps,
+        &mut g.input_norm,
+    )
 }

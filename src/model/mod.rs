@@ -285,6 +285,7 @@ impl<B> Model<B> {
             &fwd.hidden,
             &self.params.final_norm,
             &dnormed,
+            None,
             d,
             cfg.rms_norm_eps,
             &mut grads.final_norm,

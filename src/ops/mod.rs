@@ -172,12 +172,28 @@ pub trait Ops {
 
     /// `y = w * x / sqrt(mean(x²) + eps)` per row of width `d`.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, d: usize, eps: f64) -> Self::Buf;
-    /// Returns `dx`; accumulates `dw`.
+    /// `x += residual` (stored as `x` is), then [`Ops::rmsnorm`] of that sum: a pre-norm
+    /// block's residual add and the norm after it, which a device fuses into one pass.
+    fn rmsnorm_residual(
+        &self,
+        x: &mut Self::Buf,
+        residual: &Self::Buf,
+        w: &Self::Buf,
+        d: usize,
+        eps: f64,
+    ) -> Self::Buf {
+        self.add_assign(x, residual);
+        self.rmsnorm(x, w, d, eps)
+    }
+    /// Returns `dx`, plus `dx_in` when given (the gradient that reaches `x` by the residual
+    /// stream, added before the one rounding to storage); accumulates `dw`.
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         x: &Self::Buf,
         w: &Self::Buf,
         dy: &Self::Buf,
+        dx_in: Option<&Self::Buf>,
         d: usize,
         eps: f64,
         dw: &mut Self::Buf,

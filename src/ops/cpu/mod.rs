@@ -122,11 +122,16 @@ impl Ops for CpuOps {
         x: &Vec<f32>,
         w: &Vec<f32>,
         dy: &Vec<f32>,
+        dx_in: Option<&Vec<f32>>,
         d: usize,
         eps: f64,
         dw: &mut Vec<f32>,
     ) -> Vec<f32> {
-        elementwise::rmsnorm_backward(x, w, dy, d, eps, dw)
+        let mut dx = elementwise::rmsnorm_backward(x, w, dy, d, eps, dw);
+        if let Some(dx_in) = dx_in {
+            self.add_assign(&mut dx, dx_in);
+        }
+        dx
     }
 
     fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {

@@ -131,14 +131,17 @@ impl Ops for RoundedCpuOps {
         x: &Stored,
         w: &Stored,
         dy: &Stored,
+        dx_in: Option<&Stored>,
         d: usize,
         eps: f64,
         dw: &mut Stored,
     ) -> Stored {
+        let dx_in = dx_in.map(|a| self.input(a));
         let dx = CpuOps.rmsnorm_backward(
             &self.input(x),
             &self.input(w),
             &self.input(dy),
+            dx_in.as_deref(),
             d,
             eps,
             &mut dw.values,

@@ -235,7 +235,33 @@ impl<'a> Kernels<'a> {
         rstd: &mut impl AsView<f32>,
         eps: f32,
     ) -> Result<()> {
-        let (x, w, y, rstd) = (x.view(), w.view(), y.view(), rstd.view());
+        let (x, w, rstd) = (x.view(), w.view(), rstd.view());
+        same_len("rmsnorm y", x, y.view())?;
+        self.rmsnorm_launch(x, residual, w, h_out, Some(y.view()), rstd, eps)
+    }
+
+    /// Only `rstd`, 1/rms of each row of `x` (a backward's recomputation): one read of `x`.
+    pub fn rmsnorm_rstd<E: Float>(
+        &self,
+        x: &impl AsView<E>,
+        w: &impl AsView<E>,
+        rstd: &mut impl AsView<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        self.rmsnorm_launch(x.view(), None, w.view(), None, None, rstd.view(), eps)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_launch<E: Float>(
+        &self,
+        x: View<E>,
+        residual: Option<View<E>>,
+        w: View<E>,
+        h_out: Option<View<E>>,
+        y: Option<View<E>>,
+        rstd: View<f32>,
+        eps: f32,
+    ) -> Result<()> {
         let d = w.len();
         let rows = rows_of("rmsnorm", x.len(), d)?;
         if let Some(r) = residual {
@@ -244,14 +270,13 @@ impl<'a> Kernels<'a> {
         if let Some(h) = h_out {
             same_len("rmsnorm h", x, h)?;
         }
-        same_len("rmsnorm y", x, y)?;
         ensure!(rstd.len() == rows, "rmsnorm: rstd needs {rows} elements");
         let mut args = KernelArgs::new();
         args.buffer(&x)
             .optional_buffer(residual)
             .buffer(&w)
             .optional_buffer(h_out)
-            .buffer(&y)
+            .optional_buffer(y)
             .buffer(&rstd)
             .arg(rows as i32)
             .arg(d as i32)

@@ -407,27 +407,60 @@ impl<'a> DeviceOps<'a> {
         Ok((y, rstd))
     }
 
+    fn rmsnorm_residual_at<E: Stored>(
+        &self,
+        x: &mut Tensor,
+        residual: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        // The sum is written over x, which must be stored as the step stores activations.
+        let h = x.view_as::<E>("rmsnorm_residual x")?;
+        let (residual, w) = (self.input::<E>(residual)?, self.input::<E>(w)?);
+        let y = self.alloc::<E>(h.len())?;
+        let rstd = self.alloc::<f32>(h.len() / w.view.len().max(1))?;
+        self.kernels.rmsnorm_forward(
+            &h,
+            Some(residual.view),
+            &w,
+            Some(h),
+            &mut y.view_as::<E>("rmsnorm y")?,
+            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
+            eps as f32,
+        )?;
+        Ok(y)
+    }
+
     fn rmsnorm_backward_at<E: Stored>(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
+        dx_in: Option<&Tensor>,
         eps: f64,
         dw: &mut Tensor,
     ) -> Result<Tensor> {
-        // The trait keeps no statistics between the passes: recompute 1/rms.
-        let (_, rstd) = self.rmsnorm_at::<E>(x, w, eps)?;
         let (xv, wv, dyv) = (
             self.input::<E>(x)?,
             self.input::<E>(w)?,
             self.input::<E>(dy)?,
         );
+        let dx_in = dx_in.map(|a| self.input::<E>(a)).transpose()?;
+        // The trait keeps no statistics between the passes: recompute 1/rms (alone).
+        let rstd = self.alloc::<f32>(xv.view.len() / wv.view.len().max(1))?;
+        self.kernels.rmsnorm_rstd(
+            &xv,
+            &wv,
+            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
+            eps as f32,
+        )?;
         let dx = self.alloc::<E>(x.len())?;
+        let dx_in_view = dx_in.as_ref().map(|a| a.view);
         let rstd = rstd.view_as::<f32>("rmsnorm rstd")?;
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
         self.accumulate_f32(dw, |dw| {
             self.kernels
-                .rmsnorm_backward(&xv, &wv, &rstd, &dyv, None, &mut dxv, dw)
+                .rmsnorm_backward(&xv, &wv, &rstd, &dyv, dx_in_view, &mut dxv, dw)
         })?;
         Ok(dx)
     }
@@ -767,11 +800,28 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
+    fn rmsnorm_residual(
+        &self,
+        x: &mut Tensor,
+        residual: &Tensor,
+        w: &Tensor,
+        _d: usize,
+        eps: f64,
+    ) -> Tensor {
+        let len = x.len();
+        self.attempt(
+            "rmsnorm_residual",
+            || Self::placeholder(len),
+            || at_storage!(self.rmsnorm_residual_at(x, residual, w, eps)),
+        )
+    }
+
     fn rmsnorm_backward(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
+        dx_in: Option<&Tensor>,
         _d: usize,
         eps: f64,
         dw: &mut Tensor,
@@ -779,7 +829,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm_backward",
             || Self::placeholder(x.len()),
-            || at_storage!(self.rmsnorm_backward_at(x, w, dy, eps, dw)),
+            || at_storage!(self.rmsnorm_backward_at(x, w, dy, dx_in, eps, dw)),
         )
     }
 
