@@ -405,6 +405,7 @@ pub fn time_step(
     let tokens = shape.tokens();
     let flops = model_flops(cfg, tokens, pairs);
     let achieved = flops / seconds / 1e12;
+    let plan = trainer.device_plan()?;
     Ok(StepTiming {
         device: described,
         layers: cfg.num_layers,
@@ -427,9 +428,9 @@ pub fn time_step(
         gemm_tflops: gemm,
         mfu_vs_measured_gemm: achieved / gemm,
         device_bytes: trainer.device_bytes().unwrap_or(0),
-        plan_bytes: trainer.device_plan()?.total(),
+        plan_bytes: plan.total(),
         device_used_bytes,
-        workspace_plan_bytes: trainer.device_plan()?.workspace_bytes(),
+        workspace_plan_bytes: plan.workspace_bytes(),
         workspace_peak_bytes: trainer.workspace_peak().unwrap_or(0),
         note: if emulated {
             "the emulator's times: they check the command, they measure nothing about a GPU"

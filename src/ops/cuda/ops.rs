@@ -390,21 +390,10 @@ impl<'a> DeviceOps<'a> {
         Ok(out)
     }
 
-    /// RMSNorm's output and each row's 1/rms.
-    fn rmsnorm_at<E: Stored>(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-        let (x, w) = (self.input::<E>(x)?, self.input::<E>(w)?);
-        let y = self.alloc::<E>(x.view.len())?;
-        let rstd = self.alloc::<f32>(x.view.len() / w.view.len().max(1))?;
-        self.kernels.rmsnorm_forward(
-            &x,
-            None,
-            &w,
-            None,
-            &mut y.view_as::<E>("rmsnorm y")?,
-            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
-            eps as f32,
-        )?;
-        Ok((y, rstd))
+    /// RMSNorm's output.
+    fn rmsnorm_at<E: Stored>(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let x = self.input::<E>(x)?;
+        self.normalize(x.view, None, w, eps)
     }
 
     fn rmsnorm_residual_at<E: Stored>(
@@ -416,14 +405,27 @@ impl<'a> DeviceOps<'a> {
     ) -> Result<Tensor> {
         // The sum is written over x, which must be stored as the step stores activations.
         let h = x.view_as::<E>("rmsnorm_residual x")?;
-        let (residual, w) = (self.input::<E>(residual)?, self.input::<E>(w)?);
-        let y = self.alloc::<E>(h.len())?;
-        let rstd = self.alloc::<f32>(h.len() / w.view.len().max(1))?;
+        let residual = self.input::<E>(residual)?;
+        self.normalize(h, Some(residual.view), w, eps)
+    }
+
+    /// The RMSNorm of `x`, or of `x + residual` written over `x`.
+    fn normalize<E: Stored>(
+        &self,
+        x: View<E>,
+        residual: Option<View<E>>,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let w = self.input::<E>(w)?;
+        let y = self.alloc::<E>(x.len())?;
+        // The kernel writes each row's 1/rms, which a forward does not keep.
+        let rstd = self.alloc::<f32>(x.len() / w.view.len().max(1))?;
         self.kernels.rmsnorm_forward(
-            &h,
-            Some(residual.view),
+            &x,
+            residual,
             &w,
-            Some(h),
+            residual.map(|_| x),
             &mut y.view_as::<E>("rmsnorm y")?,
             &mut rstd.view_as::<f32>("rmsnorm rstd")?,
             eps as f32,
@@ -447,16 +449,11 @@ impl<'a> DeviceOps<'a> {
         );
         let dx_in = dx_in.map(|a| self.input::<E>(a)).transpose()?;
         // The trait keeps no statistics between the passes: recompute 1/rms (alone).
-        let rstd = self.alloc::<f32>(xv.view.len() / wv.view.len().max(1))?;
-        self.kernels.rmsnorm_rstd(
-            &xv,
-            &wv,
-            &mut rstd.view_as::<f32>("rmsnorm rstd")?,
-            eps as f32,
-        )?;
+        let rstd_lease = self.alloc::<f32>(xv.view.len() / wv.view.len().max(1))?;
+        let mut rstd = rstd_lease.view_as::<f32>("rmsnorm rstd")?;
+        self.kernels.rmsnorm_rstd(&xv, &wv, &mut rstd, eps as f32)?;
         let dx = self.alloc::<E>(x.len())?;
         let dx_in_view = dx_in.as_ref().map(|a| a.view);
-        let rstd = rstd.view_as::<f32>("rmsnorm rstd")?;
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
         self.accumulate_f32(dw, |dw| {
             self.kernels
@@ -796,7 +793,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "rmsnorm",
             || Self::placeholder(x.len()),
-            || Ok(at_storage!(self.rmsnorm_at(x, w, eps))?.0),
+            || at_storage!(self.rmsnorm_at(x, w, eps)),
         )
     }
 

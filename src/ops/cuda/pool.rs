@@ -33,24 +33,22 @@ const SMALL_LEASE: usize = 64 << 10;
 impl Segment {
     fn take(&mut self, bytes: usize) -> Option<usize> {
         let fits = |&(_, len): &(usize, usize)| len >= bytes;
-        if bytes <= SMALL_LEASE {
-            let i = self.free.iter().rposition(fits)?;
-            let (offset, len) = self.free[i];
-            if len == bytes {
-                self.free.remove(i);
-            } else {
-                self.free[i] = (offset, len - bytes);
-            }
-            return Some(offset + len - bytes);
-        }
-        let i = self.free.iter().position(fits)?;
+        let from_top = bytes <= SMALL_LEASE;
+        let i = match from_top {
+            true => self.free.iter().rposition(fits)?,
+            false => self.free.iter().position(fits)?,
+        };
         let (offset, len) = self.free[i];
+        let (taken, rest) = match from_top {
+            true => (offset + len - bytes, offset),
+            false => (offset, offset + bytes),
+        };
         if len == bytes {
             self.free.remove(i);
         } else {
-            self.free[i] = (offset + bytes, len - bytes);
+            self.free[i] = (rest, len - bytes);
         }
-        Some(offset)
+        Some(taken)
     }
 
     fn give_back(&mut self, offset: usize, bytes: usize) {
