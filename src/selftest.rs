@@ -281,8 +281,9 @@ fn inv_rms(h: &[f32], d: usize, eps: f64) -> Vec<f64> {
         .collect()
 }
 
-/// RMSNorm with the residual add, forward (y, h, rstd) and backward (dh with a residual
-/// gradient, dw accumulated), on `rows` rows of `d`.
+/// RMSNorm with the residual add, forward (y, h, rstd), 1/rms alone (a backward's
+/// recomputation) and backward (dh with a residual gradient, dw accumulated), on `rows` rows
+/// of `d`.
 pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -> Result<Vec<Row>> {
     let dev = k.device;
     let eps = 1e-5f32;
@@ -309,6 +310,8 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         &mut rstd_b,
         eps,
     )?;
+    let mut rstd_alone = dev.alloc(rows)?;
+    k.rmsnorm_rstd(&h_b, &w_b, &mut rstd_alone, eps)?;
     let (mut dh_b, mut dw_b) = (dev.alloc::<E>(n)?, dev.upload(&dw0)?);
     k.rmsnorm_backward(
         &h_b,
@@ -379,6 +382,15 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
             name::<E>("rmsnorm_forward rstd"),
             shape.clone(),
             &dev.download(&rstd_b)?,
+            &rstd_want,
+            &magnitudes(&rstd_want),
+            rstd_bound,
+        ),
+        // The same sums in the same order as the forward's: the same bound.
+        compare(
+            name::<E>("rmsnorm_rstd"),
+            shape.clone(),
+            &dev.download(&rstd_alone)?,
             &rstd_want,
             &magnitudes(&rstd_want),
             rstd_bound,
