@@ -133,3 +133,69 @@ __device__ __forceinline__ void store_elements(T* p, const T (&in)[W]) {
     for (int k = 0; k < W; ++k) pack[k] = in[k];
     store_pack<kBytes>(p, pack, "store_elements");
 }
+
+// P consecutive elements of a store, loaded into fp32 or stored from it, in accesses of 16
+// bytes (P * sizeof(T) a multiple of 16), or one of 8 (the bf16 side of a 4-element chunk).
+template <int P, class T>
+struct ChunkAccess {
+    static constexpr int bytes = P * sizeof(T) < 16 ? P * sizeof(T) : 16;
+    static constexpr int elements = bytes / sizeof(T);
+    static_assert(P % elements == 0, "whole accesses");
+};
+
+template <int P, class T>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[P]) {
+    constexpr int E = ChunkAccess<P, T>::elements;
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < P; k += E) {
+        T part[E];
+        load_elements<E>(p + k, part);
+        CONTRALIGN_UNROLL
+        for (int i = 0; i < E; ++i) out[k + i] = to_f32(part[i]);
+    }
+}
+
+template <int P, class T>
+__device__ __forceinline__ void store_f32(T* p, const float (&in)[P]) {
+    constexpr int E = ChunkAccess<P, T>::elements;
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < P; k += E) {
+        T part[E];
+        CONTRALIGN_UNROLL
+        for (int i = 0; i < E; ++i) part[i] = from_f32<T>(in[k + i]);
+        store_elements<E>(p + k, part);
+    }
+}
+
+// The elements of the chunk of P at j of a row of n: P, or fewer at the row's end.
+template <int P>
+__device__ __forceinline__ int chunk_count(long long n, long long j) {
+    return n - j < P ? static_cast<int>(n - j) : P;
+}
+
+// A chunk of a row: `count` (at most P) elements at p, in vector accesses when `vector` (every
+// buffer of the kernel 16-byte aligned and its rows whole chunks) and the chunk is whole, else
+// one element at a time; the elements past `count` read as 0 and are not stored. Kernels over
+// rows give each thread chunks of P = Pack128<T>::size elements, so that a warp's lanes cover
+// consecutive 16-byte packs.
+template <int P, class T>
+__device__ __forceinline__ void load_chunk(const T* p, int count, bool vector, float (&out)[P]) {
+    if (vector && count == P) {
+        load_f32(p, out);
+        return;
+    }
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < P; ++k) out[k] = k < count ? to_f32(p[k]) : 0.0f;
+}
+
+template <int P, class T>
+__device__ __forceinline__ void store_chunk(T* p, int count, bool vector, const float (&in)[P]) {
+    if (vector && count == P) {
+        store_f32(p, in);
+        return;
+    }
+    CONTRALIGN_UNROLL
+    for (int k = 0; k < P; ++k) {
+        if (k < count) p[k] = from_f32<T>(in[k]);
+    }
+}

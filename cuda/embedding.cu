@@ -3,9 +3,9 @@
 //
 // The backward takes the ids grouped by value (host-made, staged with the batch): `order`
 // holds the token indices sorted by id, stably, and group `g` is id `unique[g]`'s tokens
-// `order[starts[g]..starts[g + 1]]`. A block owns one id's row and 128 of its columns; each
-// thread reads its table element once, adds that id's gradient rows in token order, and
-// writes it once, rounded to the table's type. Repeated ids thus add in the CPU reference's
+// `order[starts[g]..starts[g + 1]]`. A block owns one id's row and a span of its columns; each
+// thread reads its table elements once, adds that id's gradient rows in token order, and
+// writes them once, rounded to the table's type. Repeated ids thus add in the CPU reference's
 // order (bit for bit on f32), no atomics are needed, every table row is touched once, and
 // the parallelism is (distinct ids) x d instead of d. Into a bf16 table the one rounding per
 // op is the CPU's bf16 mode's.
@@ -13,36 +13,62 @@
 
 namespace {
 
+// Threads take chunks of P = Pack128<T>::size elements of the output, a grid-stride apart: a
+// 16-byte copy from the table where both are aligned and d is whole chunks, else element by
+// element (a chunk then may span two tokens).
 template <class T>
 __device__ void embedding_forward(const T* __restrict__ table, const unsigned* __restrict__ ids,
                                   T* __restrict__ out, long long tokens, int d,
                                   unsigned vocab) {
+    constexpr int P = Pack128<T>::size;
     const long long n = tokens * d;
+    const bool vector = d % P == 0 && aligned128(table) && aligned128(out);
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-         i += stride) {
-        const unsigned id = ids[i / d];
-        // An id past the table would read another tensor's memory: fail the launch instead.
-        if (id >= vocab) __trap();
-        out[i] = table[static_cast<long long>(id) * d + i % d];
+    for (long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+         c * P < n; c += stride) {
+        const long long first = c * P;
+        if (vector) {
+            const unsigned id = ids[first / d];
+            // An id past the table would read another tensor's memory: fail the launch instead.
+            if (id >= vocab) __trap();
+            store128(out + first, load128(table + static_cast<long long>(id) * d + first % d));
+            continue;
+        }
+        for (long long i = first; i < first + P && i < n; ++i) {
+            const unsigned id = ids[i / d];
+            if (id >= vocab) __trap();
+            out[i] = table[static_cast<long long>(id) * d + i % d];
+        }
     }
 }
 
+// A thread owns P consecutive columns of its block's id row (a block spans blockDim.x * P
+// columns), P the elements of 16 bytes of the wider of the two types: 16-byte accesses of the
+// gradient rows and of the table's row, or 8-byte ones of the bf16 one where the other is f32
+// (so that a warp's lanes cover consecutive bytes of both), where the buffers are aligned and
+// d is whole chunks.
 template <class T, class G>
 __device__ void embedding_backward(const T* __restrict__ dout, const unsigned* __restrict__ order,
                                    const unsigned* __restrict__ unique,
                                    const unsigned* __restrict__ starts, G* __restrict__ dtable,
                                    int d, unsigned vocab) {
-    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    constexpr int P = 16 / (sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
+    const int j = (blockIdx.y * blockDim.x + threadIdx.x) * P;
     if (j >= d) return;
+    const int count = chunk_count<P>(d, j);
+    const bool vector = d % P == 0 && aligned128(dout) && aligned128(dtable);
     const unsigned id = unique[blockIdx.x];
     if (id >= vocab) __trap();
-    G* cell = dtable + static_cast<long long>(id) * d + j;
-    float acc = to_f32(*cell);
+    G* cells = dtable + static_cast<long long>(id) * d + j;
+    float acc[P];
+    load_chunk(cells, count, vector, acc);
     for (unsigned i = starts[blockIdx.x]; i < starts[blockIdx.x + 1]; ++i) {
-        acc += to_f32(dout[static_cast<long long>(order[i]) * d + j]);
+        float row[P];
+        load_chunk(dout + static_cast<long long>(order[i]) * d + j, count, vector, row);
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < P; ++k) acc[k] += row[k];
     }
-    *cell = from_f32<G>(acc);
+    store_chunk(cells, count, vector, acc);
 }
 
 }  // namespace

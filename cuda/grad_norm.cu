@@ -20,8 +20,40 @@
 // `done` for the next launch. Sums are fp32 in a fixed order (each thread's elements in turn,
 // reduce.cuh's tree, then the partials in block order whichever block is last), so the norm
 // is the same bit for bit for a given grid and block.
+//
+// A thread takes 16-byte packs of a buffer a grid-stride apart, then the elements past the
+// last whole pack (every element, when the buffer is not 16-byte aligned) one at a time.
 #include "contralign.cuh"
 #include "reduce.cuh"
+
+namespace {
+
+// The whole 16-byte packs of n elements at g (none when g is not aligned).
+template <class T>
+__device__ __forceinline__ long long whole_packs(const T* g, long long n) {
+    return aligned128(g) ? n / Pack128<T>::size : 0;
+}
+
+template <class T>
+__device__ __forceinline__ float sum_squares(const T* g, long long n, long long first,
+                                             long long stride) {
+    constexpr int P = Pack128<T>::size;
+    const long long packs = whole_packs(g, n);
+    float squares = 0.0f;
+    for (long long p = first; p < packs; p += stride) {
+        float x[P];
+        load_f32(g + p * P, x);
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < P; ++k) squares += x[k] * x[k];
+    }
+    for (long long i = packs * P + first; i < n; i += stride) {
+        const float x = to_f32(g[i]);
+        squares += x * x;
+    }
+    return squares;
+}
+
+}  // namespace
 
 template <class T>
 __device__ __forceinline__ void grad_norm(const T* const* buffers, const long long* lens,
@@ -32,13 +64,7 @@ __device__ __forceinline__ void grad_norm(const T* const* buffers, const long lo
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     float squares = 0.0f;
-    for (int k = 0; k < count; ++k) {
-        const T* g = buffers[k];
-        for (long long i = first; i < lens[k]; i += stride) {
-            const float x = to_f32(g[i]);
-            squares += x * x;
-        }
-    }
+    for (int k = 0; k < count; ++k) squares += sum_squares(buffers[k], lens[k], first, stride);
     const float total = block_sum(squares, scratch);
     if (threadIdx.x == 0) {
         atomicExch(&partials[blockIdx.x], total);
@@ -93,9 +119,21 @@ __device__ __forceinline__ void grad_clip_scale(T* const* buffers, const long lo
     if (coef == 1.0f || !isfinite(coef)) return;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    constexpr int P = Pack128<T>::size;
     for (int k = 0; k < count; ++k) {
         T* g = buffers[k];
-        for (long long i = first; i < lens[k]; i += stride) g[i] = from_f32<T>(to_f32(g[i]) * coef);
+        const long long n = lens[k];
+        const long long packs = whole_packs(g, n);
+        for (long long p = first; p < packs; p += stride) {
+            float x[P];
+            load_f32(g + p * P, x);
+            CONTRALIGN_UNROLL
+            for (int e = 0; e < P; ++e) x[e] *= coef;
+            store_f32(g + p * P, x);
+        }
+        for (long long i = packs * P + first; i < n; i += stride) {
+            g[i] = from_f32<T>(to_f32(g[i]) * coef);
+        }
     }
 }
 

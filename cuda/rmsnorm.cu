@@ -1,6 +1,7 @@
 // RMSNorm fused with the residual add that precedes it in a pre-norm block:
 //   h = x + residual,  y = w * h / sqrt(mean(h²) + eps)
-// with fp32 statistics whatever the storage. One block per row (grid-stride over rows).
+// with fp32 statistics whatever the storage. One block per row (grid-stride over rows), its
+// threads over 16-byte chunks of the row.
 //
 // The forward stores h (the residual stream for the next block) and the row's 1/rms; h is
 // rounded to the storage type before the statistics are taken, so that the backward, which
@@ -15,6 +16,9 @@
 
 namespace {
 
+// Each thread takes chunks of P = Pack128<T>::size elements of a row (load_chunk), 16-byte
+// accesses where every buffer is aligned and d a multiple of P.
+//
 // `residual` may be null (h = x); `h_out` may be null (h is not stored) or alias x or
 // residual: every element is read and written by the same thread. `y` may be null: only the
 // row's 1/rms is wanted (a backward's recomputation), and the second pass is skipped.
@@ -22,59 +26,118 @@ template <class T>
 __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restrict__ w, T* h_out,
                                 T* __restrict__ y, float* __restrict__ rstd, int rows, int d,
                                 float eps) {
+    constexpr int P = Pack128<T>::size;
     __shared__ float scratch[33];
+    const bool vector = d % P == 0 && aligned128(x) && aligned128(w) &&
+                        (residual == nullptr || aligned128(residual)) &&
+                        (h_out == nullptr || aligned128(h_out)) && (y == nullptr || aligned128(y));
+    const int chunks = (d + P - 1) / P;
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
         float squares = 0.0f;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float h = to_f32(x[base + j]);
-            if (residual != nullptr) h += to_f32(residual[base + j]);
-            const T stored = from_f32<T>(h);
-            if (h_out != nullptr) h_out[base + j] = stored;
-            h = to_f32(stored);
-            squares += h * h;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            const int j = c * P;
+            const int count = chunk_count<P>(d, j);
+            float h[P];
+            load_chunk(x + base + j, count, vector, h);
+            if (residual != nullptr) {
+                float res[P];
+                load_chunk(residual + base + j, count, vector, res);
+                CONTRALIGN_UNROLL
+                for (int k = 0; k < P; ++k) h[k] += res[k];
+            }
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) h[k] = to_f32(from_f32<T>(h[k]));
+            if (h_out != nullptr) store_chunk(h_out + base + j, count, vector, h);
+            // Past `count`, h is 0 and adds nothing.
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) squares += h[k] * h[k];
         }
         const float inv_rms = rsqrtf(block_sum(squares, scratch) / d + eps);
         if (threadIdx.x == 0) rstd[r] = inv_rms;
         if (y == nullptr) continue;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float h;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            const int j = c * P;
+            const int count = chunk_count<P>(d, j);
+            float h[P], wj[P];
             if (h_out != nullptr) {
-                h = to_f32(h_out[base + j]);
+                load_chunk(h_out + base + j, count, vector, h);
             } else {
-                h = to_f32(x[base + j]);
-                if (residual != nullptr) h = to_f32(from_f32<T>(h + to_f32(residual[base + j])));
+                load_chunk(x + base + j, count, vector, h);
+                if (residual != nullptr) {
+                    float res[P];
+                    load_chunk(residual + base + j, count, vector, res);
+                    CONTRALIGN_UNROLL
+                    for (int k = 0; k < P; ++k) h[k] = to_f32(from_f32<T>(h[k] + res[k]));
+                }
             }
-            y[base + j] = from_f32<T>(to_f32(w[j]) * (h * inv_rms));
+            load_chunk(w + j, count, vector, wj);
+            float out[P];
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) out[k] = wj[k] * (h[k] * inv_rms);
+            store_chunk(y + base + j, count, vector, out);
         }
     }
 }
 
 // dh_j = r (w_j dy_j - h_j r² mean_i(w_i dy_i h_i)) + dh_in_j;  dw_j += dy_j h_j r.
-// `dh_in` may be null; `dh` may alias dh_in or dy.
+// `dh_in` may be null; `dh` may alias dh_in or dy. Chunks of 4 elements: 16 bytes of the fp32
+// partial rows, 8 of a bf16 row, so that a warp's lanes cover consecutive bytes of both.
 template <class T>
 __device__ void rmsnorm_backward(const T* __restrict__ h, const T* __restrict__ w,
                                  const float* __restrict__ rstd, const T* dy, const T* dh_in,
                                  T* dh, float* __restrict__ dw_partial, int rows, int d) {
+    constexpr int P = Pack128<float>::size;
     __shared__ float scratch[33];
     float* partial = dw_partial + static_cast<long long>(blockIdx.x) * d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) partial[j] = 0.0f;
+    const bool vector = d % P == 0 && aligned128(h) && aligned128(w) && aligned128(dy) &&
+                        (dh_in == nullptr || aligned128(dh_in)) && aligned128(dh) &&
+                        aligned128(dw_partial);
+    const int chunks = (d + P - 1) / P;
+    const float zeros[P] = {};
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const int j = c * P;
+        store_chunk(partial + j, chunk_count<P>(d, j), vector, zeros);
+    }
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
         const float inv_rms = rstd[r];
+        // dy, h and w at the chunk of columns j.
+        auto load = [&](int j, int count, float (&g)[P], float (&hj)[P], float (&wj)[P]) {
+            load_chunk(dy + base + j, count, vector, g);
+            load_chunk(h + base + j, count, vector, hj);
+            load_chunk(w + j, count, vector, wj);
+        };
         float proj = 0.0f;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            const float g = to_f32(dy[base + j]);
-            const float hj = to_f32(h[base + j]);
-            proj += to_f32(w[j]) * g * hj;
-            // Only this thread touches column j of this block's partial row.
-            partial[j] += g * hj * inv_rms;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            const int j = c * P;
+            const int count = chunk_count<P>(d, j);
+            float g[P], hj[P], wj[P], part[P];
+            load(j, count, g, hj, wj);
+            // Only this thread touches these columns of this block's partial row.
+            load_chunk(partial + j, count, vector, part);
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) {
+                proj += wj[k] * g[k] * hj[k];
+                part[k] += g[k] * hj[k] * inv_rms;
+            }
+            store_chunk(partial + j, count, vector, part);
         }
         const float c = inv_rms * inv_rms * block_sum(proj, scratch) / d;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float g = inv_rms * (to_f32(w[j]) * to_f32(dy[base + j]) - to_f32(h[base + j]) * c);
-            if (dh_in != nullptr) g += to_f32(dh_in[base + j]);
-            dh[base + j] = from_f32<T>(g);
+        for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+            const int j = ch * P;
+            const int count = chunk_count<P>(d, j);
+            float g[P], hj[P], wj[P], out[P];
+            load(j, count, g, hj, wj);
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) out[k] = inv_rms * (wj[k] * g[k] - hj[k] * c);
+            if (dh_in != nullptr) {
+                float extra[P];
+                load_chunk(dh_in + base + j, count, vector, extra);
+                CONTRALIGN_UNROLL
+                for (int k = 0; k < P; ++k) out[k] += extra[k];
+            }
+            store_chunk(dh + base + j, count, vector, out);
         }
     }
 }

@@ -25,7 +25,7 @@ pub mod moe_gemm;
 
 use crate::ops::cpu::CpuOps;
 use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
-use crate::ops::cuda::device::{Buffer, Device, Float};
+use crate::ops::cuda::device::{AsView, Buffer, Device, Float, View};
 use crate::ops::cuda::embedding::IdRows;
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
 use crate::ops::cuda::gemm::{element, Gemm, Op};
@@ -136,7 +136,7 @@ fn upload<E: Float>(device: &Device, x: &[f32]) -> Result<Buffer<E>> {
     device.upload(&x.iter().map(|&v| E::from_f32(v)).collect::<Vec<E>>())
 }
 
-fn download<E: Float>(device: &Device, buffer: &Buffer<E>) -> Result<Vec<f32>> {
+fn download<E: Float>(device: &Device, buffer: &impl AsView<E>) -> Result<Vec<f32>> {
     Ok(device
         .download(buffer)?
         .into_iter()
@@ -281,6 +281,14 @@ fn inv_rms(h: &[f32], d: usize, eps: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The most terms one thread of an RMSNorm block sums over a row of `d`: its chunks of one
+/// 16-byte access each (cuda/rmsnorm.cu), `block` threads apart; the backward's chunks of 4
+/// elements make no more.
+pub fn rmsnorm_thread_terms<E>(d: usize, block: usize) -> usize {
+    let chunk = 16 / size_of::<E>();
+    d.div_ceil(chunk).div_ceil(block) * chunk
+}
+
 /// RMSNorm with the residual add, forward (y, h, rstd), 1/rms alone (a backward's
 /// recomputation) and backward (dh with a residual gradient, dw accumulated), on `rows` rows
 /// of `d`.
@@ -333,11 +341,11 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         *g = (*g as f64 + *a as f64) as f32;
     }
 
-    // The sum of squares: each thread's ceil(d / block) terms, then the block's tree; then
-    // / d + eps (2 roundings) and rsqrtf (2 ulp on a GPU): 1/rms within (k/2 + 6) u, and y
-    // two roundings more.
+    // The sum of squares: each thread's terms (rmsnorm_thread_terms), then the block's
+    // tree; then / d + eps (2 roundings) and rsqrtf (2 ulp on a GPU): 1/rms within
+    // (k/2 + 6) u, and y two roundings more.
     let block = k.block as usize;
-    let k_sum = d.div_ceil(block) as f64 + tree_levels(block);
+    let k_sum = rmsnorm_thread_terms::<E>(d, block) as f64 + tree_levels(block);
     let rstd_bound = (k_sum / 2.0 + 6.0) * U;
     // dh = r (w dy - h r² P / d) + dh_in: the projection P sums like the squares, with three
     // roundings per term; r enters cubed; a few roundings around.
@@ -535,25 +543,39 @@ pub fn grad_norm<E: Float>(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Res
             rounded::<E>(&random(rng, n, scale))
         })
         .collect();
+    // Every other buffer one element in, not 16-byte aligned: the kernels take it element by
+    // element, the others in 16-byte packs.
     let bufs: Vec<Buffer<E>> = grads
         .iter()
-        .map(|g| upload::<E>(dev, g))
+        .enumerate()
+        .map(|(i, g)| upload::<E>(dev, &[&vec![0.0; i % 2][..], g].concat()))
+        .collect::<Result<_>>()?;
+    let views: Vec<View<E>> = bufs
+        .iter()
+        .zip(lens)
+        .enumerate()
+        .map(|(i, (b, &n))| b.view().slice(i % 2, n))
         .collect::<Result<_>>()?;
     let want_norm = global_norm(&grads.iter().collect::<Vec<_>>());
     let max_norm = (want_norm / 3.0) as f32;
-    let ws = k.grad_norm_workspace(&bufs.iter().map(Buffer::view).collect::<Vec<_>>())?;
+    let ws = k.grad_norm_workspace(&views)?;
     let got = dev.download(&k.grad_norm(&ws, max_norm)?)?;
     k.clip(&ws)?;
 
-    // Each thread's squares over every buffer (ceil(len / threads) each), the block's tree;
-    // then one block adds the partials (ceil(parts / block) each, a tree); sqrt halves it.
-    // A bf16 gradient is exact in fp32, so its norm has the fp32 bound.
+    // Each thread's squares over every buffer (at most ceil(len / P / threads) packs of P and
+    // one element past them each), the block's tree; then one block adds the partials
+    // (ceil(parts / block) each, a tree); sqrt halves it. A bf16 gradient is exact in fp32, so
+    // its norm has the fp32 bound.
     let block = k.block as usize;
     let longest = lens.iter().copied().max().unwrap_or(0);
     let parts = longest
         .div_ceil(block)
         .clamp(1, 1024.min(k.max_grid as usize));
-    let per_thread: usize = lens.iter().map(|&n| n.div_ceil(parts * block)).sum();
+    let pack = 16 / size_of::<E>();
+    let per_thread: usize = lens
+        .iter()
+        .map(|&n| n.div_ceil(pack).div_ceil(parts * block) * pack + 1)
+        .sum();
     let k_sum = (per_thread + parts.div_ceil(block) + 1) as f64 + 2.0 * tree_levels(block);
     let norm_bound = k_sum / 2.0 * U + 2.0 * U;
     // coef = max_norm / (norm + 1e-6): the norm's error and two roundings; one more for the
@@ -562,8 +584,8 @@ pub fn grad_norm<E: Float>(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Res
     let clip_bound = stored::<E>(norm_bound + 4.0 * U);
     let mut clipped_got = Vec::new();
     let mut clipped_want = Vec::new();
-    for (buf, g) in bufs.iter().zip(&grads) {
-        clipped_got.extend(download(dev, buf)?);
+    for (view, g) in views.iter().zip(&grads) {
+        clipped_got.extend(download(dev, view)?);
         clipped_want.extend(g.iter().map(|&v| (v as f64 * coef_want) as f32));
     }
     let shape = format!(
@@ -1067,12 +1089,19 @@ pub fn run(device: &Device, seed: u64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     rows.extend(swiglu::<f32>(&k, rng, 4099)?);
     rows.extend(swiglu::<bf16>(&k, rng, 4099)?);
-    rows.extend(embedding::<f32>(&k, rng, 67, 13, 257)?);
-    rows.extend(embedding::<bf16>(&k, rng, 67, 13, 257)?);
-    rows.extend(rmsnorm::<f32>(&k, rng, 37, 1001)?);
-    rows.extend(rmsnorm::<bf16>(&k, rng, 37, 1001)?);
-    rows.extend(rope::<f32>(&k, rng, 29, 5, 66)?);
-    rows.extend(rope::<bf16>(&k, rng, 29, 5, 66)?);
+    // Each row kernel at a width of element-wise accesses and at one of 16-byte chunks.
+    for d in [257, 264] {
+        rows.extend(embedding::<f32>(&k, rng, 67, 13, d)?);
+        rows.extend(embedding::<bf16>(&k, rng, 67, 13, d)?);
+    }
+    for d in [1001, 1000] {
+        rows.extend(rmsnorm::<f32>(&k, rng, 37, d)?);
+        rows.extend(rmsnorm::<bf16>(&k, rng, 37, d)?);
+    }
+    for head_dim in [66, 128] {
+        rows.extend(rope::<f32>(&k, rng, 29, 5, head_dim)?);
+        rows.extend(rope::<bf16>(&k, rng, 29, 5, head_dim)?);
+    }
     rows.extend(casts(&k, rng, 3001)?);
     rows.extend(grad_norm::<f32>(&k, rng, &[1, 4099, 31, 70001])?);
     rows.extend(grad_norm::<bf16>(&k, rng, &[1, 4099, 31, 70001])?);

@@ -196,13 +196,15 @@ fn embedding_matches_the_cpu_bit_for_bit_with_repeated_ids() {
     let device = Device::Emu;
     let mut rng = common::rng("embedding");
     // (tokens, vocab, d): one token, one column, more tokens than rows (ids repeat), widths
-    // that are no multiple of a warp.
+    // that are no multiple of a warp, and widths of whole 16-byte chunks (the vector path).
     for (tokens, vocab, d) in [
         (1, 1, 1),
         (1, 5, 7),
         (40, 3, 33),
         (300, 17, 129),
         (9, 1000, 4099),
+        (70, 11, 96),
+        (5, 300, 2056),
     ] {
         for launch in LAYER_SHAPES {
             let k = kernels(&device, launch);
@@ -271,8 +273,9 @@ fn rmsnorm_without_residual_is_plain_rmsnorm() {
     )
     .unwrap();
     let want = CpuOps.rmsnorm(&x, &w, d, 1e-6);
-    // As in selftest::rmsnorm: 6 threads' terms and a 7-level tree, (k/2 + 8) u.
-    let bound = ((d.div_ceil(96) as f32 + 7.0) / 2.0 + 8.0) * f32::EPSILON / 2.0;
+    // As in selftest::rmsnorm: a thread's terms and a 7-level tree, (k/2 + 8) u.
+    let terms = selftest::rmsnorm_thread_terms::<f32>(d, 96) as f32;
+    let bound = ((terms + 7.0) / 2.0 + 8.0) * f32::EPSILON / 2.0;
     let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
     assert_close(
         "y",

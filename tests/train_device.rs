@@ -16,9 +16,13 @@ use contralign::ops::cuda::device::{counters, Device};
 use contralign::step;
 use contralign::train::held_out::HeldOut;
 use contralign::train::optimizer::{AdamW, AdamWConfig};
-use contralign::train::plan::{Length, StepBudget};
+use contralign::train::plan::{Cursor, Length, Planner, Position, StepBudget};
+use contralign::train::refcache::RefLookup;
+use contralign::train::run_dir::{RunDir, SaveOptions};
 use contralign::train::schedule::ScheduleKind;
+use contralign::train::session;
 use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
+use std::sync::atomic::AtomicBool;
 use tempfile::TempDir;
 
 fn options(steps: u64, micro_tokens: usize) -> TrainOptions {
@@ -517,4 +521,93 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
         "{stderr}"
     );
     assert!(!dir.exists(), "a refused run left {}", dir.display());
+}
+
+/// A step that fails on a device follows a step still in flight: that step's record is read
+/// and logged before the error, not lost with it. The second step's groups include one the
+/// reference cache lacks, so it fails before its first launch, while the first is in flight.
+#[test]
+fn a_failing_step_on_a_device_logs_the_step_in_flight_before_it() {
+    let mut rng = rng("a_failing_step_on_a_device_logs_the_step_in_flight_before_it");
+    let model = "tiny-mistral";
+    let groups = random_groups(&mut rng, 9, 256, 9, 4, 10);
+    let opts = options(3, 40);
+    let planner = Planner::new(
+        groups.iter().map(Group::packed_len).collect(),
+        opts.seed,
+        opts.budget,
+    )
+    .unwrap();
+    let mut cursor = Cursor::new(&planner, Position::default());
+    let (first, _) = cursor.next_step(&planner);
+    let (second, _) = cursor.next_step(&planner);
+    let missing = *second.iter().find(|g| !first.contains(g)).unwrap();
+    let cached: Vec<Group> = (0..groups.len())
+        .filter(|&g| g != missing)
+        .map(|g| groups[g].clone())
+        .collect();
+    let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
+    let spec = LossSpec::new(LossKind::Nca);
+    let stats = step::reference_stats(
+        &CpuOps,
+        &load(model),
+        Some(&load(&format!("{model}-ref"))),
+        &cached,
+        &spec,
+    )
+    .unwrap()
+    .expect("NCA reads a reference");
+    let made = |device: Option<Device>| {
+        let lookup = RefLookup::from_stats(&cached, &stats);
+        let mut t = Trainer::new(
+            opts.clone(),
+            load(model),
+            Reference::Cache(lookup),
+            groups.clone(),
+        )
+        .unwrap();
+        if let Some(device) = device {
+            t.use_device(device).unwrap();
+        }
+        t
+    };
+    let mut cpu = made(None);
+    let want = cpu.step_to_end().unwrap();
+    let mut emu = made(Some(Device::Emu));
+    let tmp = TempDir::new().unwrap();
+    let run = RunDir::create(tmp.path()).unwrap();
+    let save = SaveOptions {
+        dtype: None,
+        max_shard_bytes: usize::MAX,
+        source: fixture(model),
+        total_limit: None,
+        keep: None,
+    };
+    let err = session::run(
+        &mut emu,
+        &run,
+        &save,
+        0,
+        &AtomicBool::new(false),
+        |_| false,
+        |_, _| Ok(()),
+    )
+    .err()
+    .expect("the second step lacks reference statistics");
+    let text = format!("{err:#}");
+    assert!(text.contains("not in the reference cache"), "{text}");
+    assert!(text.contains("step 1 is logged"), "{text}");
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(run.metrics_path())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["step"], 1);
+    let loss = logged[0]["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want.loss).abs() <= REL * want.loss.abs(),
+        "step 1's loss {loss} on emu, {} on the CPU",
+        want.loss
+    );
 }

@@ -47,7 +47,11 @@ pub fn run(
         Ok(())
     };
     while !trainer.done() {
-        if let Some(record) = trainer.train_step()? {
+        let record = match trainer.train_step() {
+            Ok(record) => record,
+            Err(err) => return Err(log_before_failing(trainer, run, err)),
+        };
+        if let Some(record) = record {
             log(record, trainer)?;
         }
         let step = trainer.step;
@@ -69,4 +73,34 @@ pub fn run(
     }
     let last = run.save_checkpoint(trainer, save)?;
     Ok(Outcome::Finished(run.save_final(&last)?))
+}
+
+/// A step that fails on a device may follow one whose scalars were not read yet (or were
+/// read but not logged): that step's record goes to metrics.jsonl before `err` is returned,
+/// so that a failure loses no step that ran, and the error says so.
+fn log_before_failing(trainer: &mut Trainer, run: &RunDir, err: anyhow::Error) -> anyhow::Error {
+    let record = match trainer.flush() {
+        Ok(Some(record)) => record,
+        Ok(None) => return err,
+        Err(read) => {
+            return err.context(format!(
+                "a step failed, and the step before it could not be read either ({read:#})"
+            ))
+        }
+    };
+    let metrics = run.metrics_path();
+    match run.append_metrics(&record.to_json()) {
+        Ok(()) => err.context(format!(
+            "the step after step {} failed (step {} is logged in {})",
+            record.step,
+            record.step,
+            metrics.display()
+        )),
+        Err(write) => err.context(format!(
+            "the step after step {} failed, and step {} could not be logged in {} ({write:#})",
+            record.step,
+            record.step,
+            metrics.display()
+        )),
+    }
 }

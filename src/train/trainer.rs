@@ -176,6 +176,9 @@ pub struct Trainer {
     pass_tokens: usize,
     /// On a device, the step queued last whose scalars are not read yet.
     in_flight: Option<QueuedStep>,
+    /// The record of a step read when the step after it failed to queue, for the next
+    /// [`Trainer::flush`]: a failed step loses no record of the steps before it.
+    unreported: Option<StepRecord>,
     /// When the host last read a step's scalars: the start of the next step's time on a
     /// device that runs the steps back to back.
     last_read: Option<Instant>,
@@ -298,6 +301,7 @@ impl Trainer {
             rounded,
             pass_tokens,
             in_flight: None,
+            unreported: None,
             last_read: None,
         })
     }
@@ -699,7 +703,10 @@ impl Trainer {
                 seed: self.opts.seed,
             };
             let engine = self.engine.as_mut().expect("no CPU gradients: on a device");
-            engine.finish_step(update, self.opts.max_grad_norm)?;
+            if let Err(err) = engine.finish_step(update, self.opts.max_grad_norm) {
+                self.unreported = previous;
+                return Err(err);
+            }
             self.in_flight = Some(queued);
             return Ok(previous);
         };
@@ -732,8 +739,12 @@ impl Trainer {
     }
 
     /// Reads the scalars of the step in flight on a device, waiting for its end, and returns
-    /// its record; `None` when no step is in flight (always on the CPU).
+    /// its record; `None` when no step is in flight (always on the CPU). After a failed
+    /// [`Trainer::train_step`], the record of the step before it, read or still in flight.
     pub fn flush(&mut self) -> Result<Option<StepRecord>> {
+        if let Some(record) = self.unreported.take() {
+            return Ok(Some(record));
+        }
         let Some(queued) = self.in_flight.take() else {
             return Ok(None);
         };

@@ -6,14 +6,14 @@
 
 use super::device::{AsView, Float};
 use super::emu::{KernelArgs, LaunchConfig};
-use super::kernels::{rows_of, Kernels};
+use super::kernels::{chunk, rows_of, Kernels};
 use super::lists::{ListSource, StagedLists};
 use super::pool::Leased;
 use anyhow::{ensure, Result};
 use std::rc::Rc;
 
-/// Columns of a table row per block.
-const COLUMNS_PER_BLOCK: u32 = 128;
+/// Threads per block, each owning one chunk of a table row's columns.
+const THREADS: u32 = 128;
 
 /// A list of token ids grouped by value: `order` holds the token indices sorted by id
 /// (stably: token order within an id), and group `g` is id `unique[g]`'s tokens
@@ -107,14 +107,16 @@ impl Kernels<'_> {
             .buffer(&dtable)
             .arg(d as i32)
             .arg(vocab as u32);
-        let grid = (groups as u32, (d as u32).div_ceil(COLUMNS_PER_BLOCK));
+        // A thread's columns: 16 bytes of the wider type (cuda/embedding.cu).
+        let columns_per_block = THREADS as usize * chunk::<E>().min(chunk::<G>());
+        let grid = (groups as u32, d.div_ceil(columns_per_block) as u32);
         let name = format!("embedding_backward_{}_{}", E::DTYPE, G::DTYPE);
         // SAFETY: live buffers of the device: `dout` holds `tokens` rows of `d`, the lists
         // index tokens below `tokens` (their lengths checked above, their values made by
         // `IdRows`), and the kernel traps on an id past the table's `vocab` rows.
         unsafe {
             self.device
-                .launch(&name, LaunchConfig::new(grid, COLUMNS_PER_BLOCK, 0), &args)
+                .launch(&name, LaunchConfig::new(grid, THREADS, 0), &args)
         }
     }
 }

@@ -34,7 +34,8 @@ pub struct GradNormWorkspace {
     dtype: &'static str,
     pointers: Buffer<u64>,
     lens: Buffer<i64>,
-    longest: usize,
+    /// The 16-byte packs of the longest buffer: one thread each in the clipping's launch.
+    longest_packs: usize,
     partials: Buffer<f32>,
     /// The count of blocks done, which the last block resets to zero (cuda/grad_norm.cu).
     done: Buffer<u32>,
@@ -95,6 +96,12 @@ pub(super) fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
         b.len()
     );
     Ok(())
+}
+
+/// The elements of one 16-byte access of `E`: the chunk a thread of the element-wise and row
+/// kernels takes (load_chunk in cuda/contralign.cuh).
+pub(super) fn chunk<E>() -> usize {
+    16 / size_of::<E>()
 }
 
 pub(super) fn rows_of(what: &str, len: usize, d: usize) -> Result<usize> {
@@ -219,7 +226,11 @@ impl<'a> Kernels<'a> {
             .arg(d as i32)
             .arg(vocab as u32);
         let name = format!("embedding_forward_{}", E::DTYPE);
-        self.launch(&name, self.element_blocks(out.len()), &args)
+        self.launch(
+            &name,
+            self.element_blocks(out.len().div_ceil(chunk::<E>())),
+            &args,
+        )
     }
 
     /// `h = x + residual` (stored in `h_out` when given), `y = w * h / rms(h)`, `rstd` per
@@ -364,6 +375,8 @@ impl<'a> Kernels<'a> {
             tokens * heads * head_dim,
             x.len()
         );
+        // The token's cosines and sines (cuda/rope.cu).
+        let shared = 2 * (head_dim / 2) * size_of::<f32>();
         let mut args = KernelArgs::new();
         args.buffer(&x)
             .buffer(&positions)
@@ -372,7 +385,14 @@ impl<'a> Kernels<'a> {
             .arg(head_dim as i32)
             .arg(theta)
             .arg(inverse as i32);
-        self.launch(&format!("rope_{}", E::DTYPE), tokens, &args)
+        let grid = tokens.clamp(1, self.max_grid as usize) as u32;
+        // SAFETY: `x` holds `tokens` rows of `heads * head_dim` (checked above) and `positions`
+        // one per token; the shared memory holds the `head_dim / 2` cosines and sines.
+        unsafe {
+            let config = LaunchConfig::new(grid, self.block, shared as u32);
+            self.device
+                .launch_seeded(&format!("rope_{}", E::DTYPE), config, &args, self.emu_seed)
+        }
     }
 
     /// f32 to bf16, rounding to nearest even.
@@ -413,7 +433,7 @@ impl<'a> Kernels<'a> {
             dtype: E::DTYPE,
             pointers: self.device.upload(&pointers)?,
             lens: self.device.upload(&lens)?,
-            longest,
+            longest_packs: longest.div_ceil(chunk::<E>()),
             partials: self.device.alloc(parts)?,
             done: self.device.upload(&[0u32])?,
             drop: self.device.upload(&[0u32])?,
@@ -460,7 +480,7 @@ impl<'a> Kernels<'a> {
             .arg(ws.pointers.len() as i32)
             .buffer(&ws.norm_and_coef);
         let kernel = format!("grad_clip_scale_{}", ws.dtype);
-        self.launch(&kernel, self.element_blocks(ws.longest), &args)
+        self.launch(&kernel, self.element_blocks(ws.longest_packs), &args)
     }
 
     /// One AdamW step of an f32 tensor: exactly the CPU's `AdamW::update`. With `clip` (the
