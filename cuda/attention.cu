@@ -161,9 +161,12 @@ template <class T, class M, int kN, class Scale>
 __device__ void write_rows(T* y, long long stride, int row0, int tokens, int head_dim,
                            const typename M::Acc (&acc)[kN], float* scratch,
                            Scale scale_of_row) {
+    constexpr int P = Pack128<T>::size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int col_frags = padded_dim(head_dim) / 16;
     const int frags = (Tile<T>::kRows / 16) * col_frags;
+    // Rows of whole chunks from an aligned start keep every chunk aligned.
+    const bool vector = head_dim % P == 0 && stride % P == 0 && aligned128(y);
 CONTRALIGN_UNROLL
     for (int s = 0; s < kN; ++s) {
         const int f = warp + kWarps * s;
@@ -171,10 +174,15 @@ CONTRALIGN_UNROLL
         const int fr = f / col_frags, fc = f % col_frags;
         M::store(scratch, acc[s], 16);
         __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
+        // A lane's chunk: P consecutive columns of a fragment row, one 16-byte store.
+        for (int e = lane * P; e < 256; e += 32 * P) {
             const int r = fr * 16 + e / 16, c = fc * 16 + e % 16;
             if (row0 + r < tokens && c < head_dim) {
-                y[(row0 + r) * stride + c] = from_f32<T>(scratch[e] * scale_of_row(r));
+                float values[P];
+CONTRALIGN_UNROLL
+                for (int k = 0; k < P; ++k) values[k] = scratch[e + k] * scale_of_row(r);
+                store_chunk(y + (row0 + r) * stride + c, chunk_count<P>(head_dim, c), vector,
+                            values);
             }
         }
         __syncwarp();
@@ -342,17 +350,26 @@ CONTRALIGN_UNROLL
 
 // ---- Backward -------------------------------------------------------------------------
 
-// delta[t, h] = sum_c dout[t, h, c] out[t, h, c], one warp per (t, h), lanes in a fixed order.
+// delta[t, h] = sum_c dout[t, h, c] out[t, h, c], one warp per (t, h), lanes over 16-byte
+// chunks of the row in a fixed order.
 template <class T>
 __device__ void attention_backward_delta(const T* __restrict__ out, const T* __restrict__ dout,
                                          float* __restrict__ delta, long long rows, int head_dim) {
+    constexpr int P = Pack128<T>::size;
     const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
     const int lane = threadIdx.x % 32;
+    const bool vector = head_dim % P == 0 && aligned128(out) && aligned128(dout);
     for (long long row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
          row += warps) {
         float sum = 0.0f;
-        for (int c = lane; c < head_dim; c += 32) {
-            sum += to_f32(out[row * head_dim + c]) * to_f32(dout[row * head_dim + c]);
+        for (int c = lane * P; c < head_dim; c += 32 * P) {
+            const int count = chunk_count<P>(head_dim, c);
+            float o[P], g[P];
+            load_chunk(out + row * head_dim + c, count, vector, o);
+            load_chunk(dout + row * head_dim + c, count, vector, g);
+            // Past `count` both are 0 and add nothing.
+CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) sum += o[k] * g[k];
         }
 CONTRALIGN_UNROLL
         for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
