@@ -361,6 +361,14 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
         // Nothing moves fewer bytes than it must.
         assert!(r.bytes_over_ideal() >= 0.99, "{}\n{table}", r.op);
         assert!(r.accepted(), "{} misses the targets\n{table}", r.op);
+        // bf16 elements move in packs (cuda/contralign.cuh's load_chunk): a 1- or 2-byte
+        // access costs a GPU an instruction per element.
+        let [one, two, ..] = r.traffic.accesses_by_width;
+        assert!(
+            one == 0 && two == 0,
+            "{}: {one} 1-byte and {two} 2-byte accesses\n{table}",
+            r.op
+        );
     }
     // The exceptions are these, each with its reason in the table.
     let excepted: Vec<&str> = rows
