@@ -39,6 +39,11 @@ def gib(b):
     return "—" if b is None else f"{b / 2**30:.2f} GiB"
 
 
+def size(b):
+    """Bytes in GiB, or in MiB below one GiB (the dry run's tiny shapes)."""
+    return gib(b) if b >= 2**30 else f"{b / 2**20:.2f} MiB"
+
+
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
@@ -132,6 +137,12 @@ def step_rows(name, c, b, gemm_tflops):
             note += f", memory measured {c['device_used_bytes'] / 2**30:.2f} GiB against " \
                 f"{c['plan_bytes'] / 2**30:.2f} GiB planned " \
                 f"({c['device_used_bytes'] / c['plan_bytes']:.3f} of the plan)"
+        if c.get("workspace_peak_bytes") and c.get("workspace_plan_bytes"):
+            # The pool's high-water mark: how much of the plan's activations, workspace,
+            # logits and batch categories a step used, on any device.
+            note += f", workspace used {size(c['workspace_peak_bytes'])} of " \
+                f"{size(c['workspace_plan_bytes'])} planned " \
+                f"({c['workspace_peak_bytes'] / c['workspace_plan_bytes']:.3f})"
     ours = None if why_c else c["tokens_per_s"]
     theirs = None if why_b else b["tokens_per_s"]
     out = [row(name, "tokens/s", ours, theirs, ratio(ours, theirs), note),
