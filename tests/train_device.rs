@@ -21,7 +21,7 @@ use contralign::train::refcache::RefLookup;
 use contralign::train::run_dir::{RunDir, SaveOptions};
 use contralign::train::schedule::ScheduleKind;
 use contralign::train::session;
-use contralign::train::trainer::{Reference, TrainOptions, Trainer, Warmup};
+use contralign::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
 use std::sync::atomic::AtomicBool;
 use tempfile::TempDir;
 
@@ -523,12 +523,82 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
     assert!(!dir.exists(), "a refused run left {}", dir.display());
 }
 
-/// A step that fails on a device follows a step still in flight: that step's record is read
-/// and logged before the error, not lost with it. The second step's groups include one the
-/// reference cache lacks, so it fails before its first launch, while the first is in flight.
+/// A trainer of `groups` whose reference statistics come from a cache of `cached` (the
+/// reference model's, computed here), on `device` or the CPU.
+fn cached_trainer(
+    model: &str,
+    groups: &[Group],
+    cached: &[Group],
+    opts: &TrainOptions,
+    device: Option<Device>,
+) -> Trainer {
+    let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
+    let stats = step::reference_stats(
+        &CpuOps,
+        &load(model),
+        Some(&load(&format!("{model}-ref"))),
+        cached,
+        &opts.spec,
+    )
+    .unwrap()
+    .expect("NCA reads a reference");
+    let lookup = RefLookup::from_stats(cached, &stats);
+    let mut t = Trainer::new(
+        opts.clone(),
+        load(model),
+        Reference::Cache(lookup),
+        groups.to_vec(),
+    )
+    .unwrap();
+    if let Some(device) = device {
+        t.use_device(device).unwrap();
+    }
+    t
+}
+
+/// `session::run` of `trainer` into a fresh run directory, which must fail: the error and
+/// the records metrics.jsonl holds.
+fn run_to_failure(
+    trainer: &mut Trainer,
+    model: &str,
+    on_step: impl FnMut(&StepRecord, &Trainer) -> anyhow::Result<()>,
+) -> (String, Vec<serde_json::Value>) {
+    let tmp = TempDir::new().unwrap();
+    let run = RunDir::create(tmp.path()).unwrap();
+    let save = SaveOptions {
+        dtype: None,
+        max_shard_bytes: usize::MAX,
+        source: fixture(model),
+        total_limit: None,
+        keep: None,
+    };
+    let err = session::run(
+        trainer,
+        &run,
+        &save,
+        0,
+        &AtomicBool::new(false),
+        |_| false,
+        on_step,
+    )
+    .err()
+    .expect("the run fails");
+    let logged = std::fs::read_to_string(run.metrics_path())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (format!("{err:#}"), logged)
+}
+
+/// A failure on a device comes with a step in flight whose record is not read yet: that
+/// record is read and logged before the error, not lost with it. The second step's groups
+/// include one the reference cache lacks, so it fails before its first launch while the
+/// first is in flight; and a failure of what sees a logged step (`on_step`: a held-out
+/// evaluation, the progress display) comes with the next step queued.
 #[test]
-fn a_failing_step_on_a_device_logs_the_step_in_flight_before_it() {
-    let mut rng = rng("a_failing_step_on_a_device_logs_the_step_in_flight_before_it");
+fn a_failure_on_a_device_logs_the_step_in_flight_before_it() {
+    let mut rng = rng("a_failure_on_a_device_logs_the_step_in_flight_before_it");
     let model = "tiny-mistral";
     let groups = random_groups(&mut rng, 9, 256, 9, 4, 10);
     let opts = options(3, 40);
@@ -546,68 +616,41 @@ fn a_failing_step_on_a_device_logs_the_step_in_flight_before_it() {
         .filter(|&g| g != missing)
         .map(|g| groups[g].clone())
         .collect();
-    let load = |name: &str| Model::load(&CpuOps, &fixture(name)).unwrap();
-    let spec = LossSpec::new(LossKind::Nca);
-    let stats = step::reference_stats(
-        &CpuOps,
-        &load(model),
-        Some(&load(&format!("{model}-ref"))),
-        &cached,
-        &spec,
-    )
-    .unwrap()
-    .expect("NCA reads a reference");
-    let made = |device: Option<Device>| {
-        let lookup = RefLookup::from_stats(&cached, &stats);
-        let mut t = Trainer::new(
-            opts.clone(),
-            load(model),
-            Reference::Cache(lookup),
-            groups.clone(),
-        )
-        .unwrap();
-        if let Some(device) = device {
-            t.use_device(device).unwrap();
-        }
-        t
+    let mut cpu = cached_trainer(model, &groups, &groups, &opts, None);
+    let want = [cpu.step_to_end().unwrap(), cpu.step_to_end().unwrap()];
+    let close = |logged: &serde_json::Value, want: &StepRecord| {
+        let loss = logged["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want.loss).abs() <= REL * want.loss.abs(),
+            "step {}'s loss {loss} on emu, {} on the CPU",
+            want.step,
+            want.loss
+        );
     };
-    let mut cpu = made(None);
-    let want = cpu.step_to_end().unwrap();
-    let mut emu = made(Some(Device::Emu));
-    let tmp = TempDir::new().unwrap();
-    let run = RunDir::create(tmp.path()).unwrap();
-    let save = SaveOptions {
-        dtype: None,
-        max_shard_bytes: usize::MAX,
-        source: fixture(model),
-        total_limit: None,
-        keep: None,
-    };
-    let err = session::run(
-        &mut emu,
-        &run,
-        &save,
-        0,
-        &AtomicBool::new(false),
-        |_| false,
-        |_, _| Ok(()),
-    )
-    .err()
-    .expect("the second step lacks reference statistics");
-    let text = format!("{err:#}");
-    assert!(text.contains("not in the reference cache"), "{text}");
-    assert!(text.contains("step 1 is logged"), "{text}");
-    let logged: Vec<serde_json::Value> = std::fs::read_to_string(run.metrics_path())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+
+    let mut emu = cached_trainer(model, &groups, &cached, &opts, Some(Device::Emu));
+    let (err, logged) = run_to_failure(&mut emu, model, |_, _| Ok(()));
+    assert!(err.contains("not in the reference cache"), "{err}");
+    assert!(
+        err.contains("step 1, which ran before this failure, is logged in"),
+        "{err}"
+    );
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(logged[0]["step"], 1);
-    let loss = logged[0]["loss"].as_f64().unwrap();
+    close(&logged[0], &want[0]);
+
+    let mut emu = cached_trainer(model, &groups, &groups, &opts, Some(Device::Emu));
+    let (err, logged) = run_to_failure(&mut emu, model, |record, _| {
+        anyhow::ensure!(record.step != 1, "the evaluation after step 1 failed");
+        Ok(())
+    });
+    assert!(err.contains("the evaluation after step 1 failed"), "{err}");
     assert!(
-        (loss - want.loss).abs() <= REL * want.loss.abs(),
-        "step 1's loss {loss} on emu, {} on the CPU",
-        want.loss
+        err.contains("step 2, which ran before this failure, is logged in"),
+        "{err}"
     );
+    let steps: Vec<_> = logged.iter().map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, [Some(1), Some(2)]);
+    close(&logged[0], &want[0]);
+    close(&logged[1], &want[1]);
 }

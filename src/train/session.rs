@@ -52,7 +52,11 @@ pub fn run(
             Err(err) => return Err(log_before_failing(trainer, run, err)),
         };
         if let Some(record) = record {
-            log(record, trainer)?;
+            // Logging a step (or what `on_step` does with it) can fail with the next step
+            // queued: that one is logged before the error too.
+            if let Err(err) = log(record, trainer) {
+                return Err(log_before_failing(trainer, run, err));
+            }
         }
         let step = trainer.step;
         let checkpoint = save_every > 0 && step.is_multiple_of(save_every) && !trainer.done();
@@ -76,8 +80,10 @@ pub fn run(
 }
 
 /// A step that fails on a device may follow one whose scalars were not read yet (or were
-/// read but not logged): that step's record goes to metrics.jsonl before `err` is returned,
-/// so that a failure loses no step that ran, and the error says so.
+/// read but not logged), and logging a step may fail with the next one queued: that step's
+/// record goes to metrics.jsonl before `err` is returned, so that a failure loses no step
+/// that ran, and the error says so. It is only logged: `on_step` (the progress display, a
+/// held-out evaluation) does not see it.
 fn log_before_failing(trainer: &mut Trainer, run: &RunDir, err: anyhow::Error) -> anyhow::Error {
     let record = match trainer.flush() {
         Ok(Some(record)) => record,
@@ -91,14 +97,12 @@ fn log_before_failing(trainer: &mut Trainer, run: &RunDir, err: anyhow::Error) -
     let metrics = run.metrics_path();
     match run.append_metrics(&record.to_json()) {
         Ok(()) => err.context(format!(
-            "the step after step {} failed (step {} is logged in {})",
-            record.step,
+            "step {}, which ran before this failure, is logged in {}",
             record.step,
             metrics.display()
         )),
         Err(write) => err.context(format!(
-            "the step after step {} failed, and step {} could not be logged in {} ({write:#})",
-            record.step,
+            "step {} ran before this failure but could not be logged in {} ({write:#})",
             record.step,
             metrics.display()
         )),

@@ -609,9 +609,10 @@ impl Trainer {
     }
 
     /// Whether a step's scalars wait for their read ([`Trainer::flush`]): on a device, the
-    /// step queued last until the next one reads them.
+    /// step queued last until the next one reads them, or a record read but not returned
+    /// because the step after it failed.
     pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
+        self.in_flight.is_some() || self.unreported.is_some()
     }
 
     /// That no step is in flight: `what` reads the weights a step left, which on a device
