@@ -568,10 +568,11 @@ pub fn grad_norm<E: Float>(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Res
     // its norm has the fp32 bound.
     let block = k.block as usize;
     let longest = lens.iter().copied().max().unwrap_or(0);
+    let pack = 16 / size_of::<E>();
     let parts = longest
+        .div_ceil(pack)
         .div_ceil(block)
         .clamp(1, 1024.min(k.max_grid as usize));
-    let pack = 16 / size_of::<E>();
     let per_thread: usize = lens
         .iter()
         .map(|&n| n.div_ceil(pack).div_ceil(parts * block) * pack + 1)

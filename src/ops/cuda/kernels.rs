@@ -430,14 +430,16 @@ impl<'a> Kernels<'a> {
         let pointers: Vec<u64> = grads.iter().map(|b| b.device_ptr()).collect();
         let lens: Vec<i64> = grads.iter().map(|b| b.len() as i64).collect();
         let longest = grads.iter().map(|g| g.len()).max().unwrap_or(0);
+        // A thread per 16-byte pack of the longest buffer, up to NORM_PARTS blocks.
+        let longest_packs = longest.div_ceil(chunk::<E>());
         let parts = self
-            .element_blocks(longest)
+            .element_blocks(longest_packs)
             .clamp(1, NORM_PARTS.min(self.max_grid) as usize);
         Ok(GradNormWorkspace {
             dtype: E::DTYPE,
             pointers: self.device.upload(&pointers)?,
             lens: self.device.upload(&lens)?,
-            longest_packs: longest.div_ceil(chunk::<E>()),
+            longest_packs,
             partials: self.device.alloc(parts)?,
             done: self.device.upload(&[0u32])?,
             drop: self.device.upload(&[0u32])?,
