@@ -13,31 +13,29 @@
 
 namespace {
 
-// Threads take chunks of P = Pack128<T>::size elements of the output, a grid-stride apart: a
-// 16-byte copy from the table where both are aligned and d is whole chunks, else element by
-// element (a chunk then may span two tokens).
+// Threads take 16-byte chunks of P = Pack128<T>::size elements of the output, a grid-stride
+// apart, where the table and the output are aligned and d is whole chunks (a chunk then never
+// spans two tokens); else single elements, a grid-stride apart.
 template <class T>
 __device__ void embedding_forward(const T* __restrict__ table, const unsigned* __restrict__ ids,
                                   T* __restrict__ out, long long tokens, int d,
                                   unsigned vocab) {
     constexpr int P = Pack128<T>::size;
-    const long long n = tokens * d;
     const bool vector = d % P == 0 && aligned128(table) && aligned128(out);
+    const int width = vector ? P : 1;
+    const long long units = tokens * d / width;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-    for (long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-         c * P < n; c += stride) {
-        const long long first = c * P;
+    for (long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; u < units;
+         u += stride) {
+        const long long i = u * width;
+        const unsigned id = ids[i / d];
+        // An id past the table would read another tensor's memory: fail the launch instead.
+        if (id >= vocab) __trap();
+        const T* row = table + static_cast<long long>(id) * d + i % d;
         if (vector) {
-            const unsigned id = ids[first / d];
-            // An id past the table would read another tensor's memory: fail the launch instead.
-            if (id >= vocab) __trap();
-            store128(out + first, load128(table + static_cast<long long>(id) * d + first % d));
-            continue;
-        }
-        for (long long i = first; i < first + P && i < n; ++i) {
-            const unsigned id = ids[i / d];
-            if (id >= vocab) __trap();
-            out[i] = table[static_cast<long long>(id) * d + i % d];
+            store128(out + i, load128(row));
+        } else {
+            out[i] = *row;
         }
     }
 }
