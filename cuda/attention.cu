@@ -178,9 +178,10 @@ CONTRALIGN_UNROLL
         for (int e = lane * P; e < 256; e += 32 * P) {
             const int r = fr * 16 + e / 16, c = fc * 16 + e % 16;
             if (row0 + r < tokens && c < head_dim) {
+                const float scale = scale_of_row(r);
                 float values[P];
 CONTRALIGN_UNROLL
-                for (int k = 0; k < P; ++k) values[k] = scratch[e + k] * scale_of_row(r);
+                for (int k = 0; k < P; ++k) values[k] = scratch[e + k] * scale;
                 store_chunk(y + (row0 + r) * stride + c, chunk_count<P>(head_dim, c), vector,
                             values);
             }

@@ -28,28 +28,30 @@
 
 namespace {
 
-// The whole 16-byte packs of n elements at g (none when g is not aligned).
-template <class T>
-__device__ __forceinline__ long long whole_packs(const T* g, long long n) {
-    return aligned128(g) ? n / Pack128<T>::size : 0;
+// Visits the n elements at g a grid-stride apart as `chunk(p, count, vector)` (load_chunk's
+// arguments): whole 16-byte packs, then the elements past the last one (every element, when g
+// is not 16-byte aligned) one at a time.
+template <class T, class Chunk>
+__device__ __forceinline__ void visit_packs(T* g, long long n, long long first, long long stride,
+                                            Chunk chunk) {
+    constexpr int P = Pack128<T>::size;
+    const long long packs = aligned128(g) ? n / P : 0;
+    for (long long p = first; p < packs; p += stride) chunk(g + p * P, P, true);
+    for (long long i = packs * P + first; i < n; i += stride) chunk(g + i, 1, false);
 }
 
 template <class T>
 __device__ __forceinline__ float sum_squares(const T* g, long long n, long long first,
                                              long long stride) {
     constexpr int P = Pack128<T>::size;
-    const long long packs = whole_packs(g, n);
     float squares = 0.0f;
-    for (long long p = first; p < packs; p += stride) {
+    visit_packs(g, n, first, stride, [&](const T* p, int count, bool vector) {
         float x[P];
-        load_f32(g + p * P, x);
+        load_chunk(p, count, vector, x);
+        // Past `count`, x is 0 and adds nothing.
         CONTRALIGN_UNROLL
         for (int k = 0; k < P; ++k) squares += x[k] * x[k];
-    }
-    for (long long i = packs * P + first; i < n; i += stride) {
-        const float x = to_f32(g[i]);
-        squares += x * x;
-    }
+    });
     return squares;
 }
 
@@ -121,19 +123,13 @@ __device__ __forceinline__ void grad_clip_scale(T* const* buffers, const long lo
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     constexpr int P = Pack128<T>::size;
     for (int k = 0; k < count; ++k) {
-        T* g = buffers[k];
-        const long long n = lens[k];
-        const long long packs = whole_packs(g, n);
-        for (long long p = first; p < packs; p += stride) {
+        visit_packs(buffers[k], lens[k], first, stride, [&](T* p, int n, bool vector) {
             float x[P];
-            load_f32(g + p * P, x);
+            load_chunk(p, n, vector, x);
             CONTRALIGN_UNROLL
             for (int e = 0; e < P; ++e) x[e] *= coef;
-            store_f32(g + p * P, x);
-        }
-        for (long long i = packs * P + first; i < n; i += stride) {
-            g[i] = from_f32<T>(to_f32(g[i]) * coef);
-        }
+            store_chunk(p, n, vector, x);
+        });
     }
 }
 

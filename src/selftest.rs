@@ -29,7 +29,7 @@ use crate::ops::cuda::device::{AsView, Buffer, Device, Float, View};
 use crate::ops::cuda::embedding::IdRows;
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
 use crate::ops::cuda::gemm::{element, Gemm, Op};
-use crate::ops::cuda::kernels::{AdamWStep, Kernels};
+use crate::ops::cuda::kernels::{chunk, AdamWStep, Kernels};
 use crate::ops::cuda::lists::Uploads;
 use crate::ops::cuda::pool::Pool;
 use crate::ops::optimizer::{global_norm, AdamW, AdamWConfig};
@@ -285,7 +285,7 @@ fn inv_rms(h: &[f32], d: usize, eps: f64) -> Vec<f64> {
 /// 16-byte access each (cuda/rmsnorm.cu), `block` threads apart; the backward's chunks of 4
 /// elements make no more.
 pub fn rmsnorm_thread_terms<E>(d: usize, block: usize) -> usize {
-    let chunk = 16 / size_of::<E>();
+    let chunk = chunk::<E>();
     d.div_ceil(chunk).div_ceil(block) * chunk
 }
 
@@ -568,7 +568,7 @@ pub fn grad_norm<E: Float>(k: &Kernels, rng: &mut StdRng, lens: &[usize]) -> Res
     // its norm has the fp32 bound.
     let block = k.block as usize;
     let longest = lens.iter().copied().max().unwrap_or(0);
-    let pack = 16 / size_of::<E>();
+    let pack = chunk::<E>();
     let parts = longest
         .div_ceil(pack)
         .div_ceil(block)

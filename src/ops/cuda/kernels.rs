@@ -100,7 +100,7 @@ pub(super) fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
 
 /// The elements of one 16-byte access of `E`: the chunk a thread of the element-wise and row
 /// kernels takes (load_chunk in cuda/contralign.cuh).
-pub(super) fn chunk<E>() -> usize {
+pub fn chunk<E>() -> usize {
     16 / size_of::<E>()
 }
 
