@@ -351,24 +351,23 @@ CONTRALIGN_UNROLL
 
 // ---- Backward -------------------------------------------------------------------------
 
-// delta[t, h] = sum_c dout[t, h, c] out[t, h, c], one warp per (t, h), lanes over 16-byte
-// chunks of the row in a fixed order.
+// delta[t, h] = sum_c dout[t, h, c] out[t, h, c], one warp per (t, h), lanes over the row's
+// chunks (RowChunks) in a fixed order.
 template <class T>
 __device__ void attention_backward_delta(const T* __restrict__ out, const T* __restrict__ dout,
                                          float* __restrict__ delta, long long rows, int head_dim) {
     constexpr int P = Pack128<T>::size;
     const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
     const int lane = threadIdx.x % 32;
-    const bool vector = head_dim % P == 0 && aligned128(out) && aligned128(dout);
+    const RowChunks<P> dims(head_dim, aligned128(out) && aligned128(dout));
     for (long long row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
          row += warps) {
         float sum = 0.0f;
-        for (int c = lane * P; c < head_dim; c += 32 * P) {
-            const int count = chunk_count<P>(head_dim, c);
+        for (int c = lane; c < dims.chunks; c += 32) {
             float o[P], g[P];
-            load_chunk(out + row * head_dim + c, count, vector, o);
-            load_chunk(dout + row * head_dim + c, count, vector, g);
-            // Past `count` both are 0 and add nothing.
+            dims.load(out + row * head_dim, c, o);
+            dims.load(dout + row * head_dim, c, g);
+            // Past the chunk's count both are 0 and add nothing.
 CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) sum += o[k] * g[k];
         }

@@ -14,9 +14,7 @@ extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ in,
         const Pack128<float> x = load128(in + 4 * p);
         __nv_bfloat16 y[4];
         for (int k = 0; k < 4; ++k) y[k] = __float2bfloat16_rn(x[k]);
-        uint2 bits;
-        memcpy(&bits, y, 8);
-        *reinterpret_cast<uint2*>(out + 4 * p) = bits;
+        store_elements<4>(out + 4 * p, y);
     }
     for (long long i = groups * 4 + first; i < n; i += stride) out[i] = __float2bfloat16_rn(in[i]);
 }
@@ -28,9 +26,8 @@ extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ in
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long groups = aligned128(in) && aligned128(out) ? n / 4 : 0;
     for (long long p = first; p < groups; p += stride) {
-        const uint2 bits = *reinterpret_cast<const uint2*>(in + 4 * p);
         __nv_bfloat16 x[4];
-        memcpy(x, &bits, 8);
+        load_elements<4>(in + 4 * p, x);
         Pack128<float> y;
         for (int k = 0; k < 4; ++k) y[k] = __bfloat162float(x[k]);
         store128(out + 4 * p, y);

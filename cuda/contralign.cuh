@@ -84,8 +84,7 @@ __device__ __forceinline__ Pack<T, kBytes> load_pack(const T* p, const char* wha
     const Bits bits = *reinterpret_cast<const Bits*>(p);
     memcpy(&pack, &bits, kBytes);
 #else
-    ::contralign_emu::require_aligned(p, kBytes, what);
-    memcpy(&pack, p, kBytes);
+    ::contralign_emu::rt::vector_load(&pack, p, kBytes, what);
 #endif
     return pack;
 }
@@ -98,8 +97,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kBytes>& pack, co
     memcpy(&bits, &pack, kBytes);
     *reinterpret_cast<Bits*>(p) = bits;
 #else
-    ::contralign_emu::require_aligned(p, kBytes, what);
-    memcpy(p, &pack, kBytes);
+    ::contralign_emu::rt::vector_store(p, &pack, kBytes, what);
 #endif
 }
 
@@ -173,11 +171,10 @@ __device__ __forceinline__ int chunk_count(long long n, long long j) {
     return n - j < P ? static_cast<int>(n - j) : P;
 }
 
-// A chunk of a row: `count` (at most P) elements at p, in vector accesses when `vector` (every
-// buffer of the kernel 16-byte aligned and its rows whole chunks) and the chunk is whole, else
-// one element at a time; the elements past `count` read as 0 and are not stored. Kernels over
-// rows give each thread chunks of P = Pack128<T>::size elements, so that a warp's lanes cover
-// consecutive 16-byte packs.
+// A chunk of a store: `count` (at most P) consecutive elements at p, in vector accesses when
+// `vector` (p 16-byte aligned) and the chunk is whole, else one element at a time; the
+// elements past `count` read as 0 and are not stored. For the chunks of a row that a block's
+// threads share, RowChunks below keeps a warp's accesses coalesced where vectors do not fit.
 template <int P, class T>
 __device__ __forceinline__ void load_chunk(const T* p, int count, bool vector, float (&out)[P]) {
     if (vector && count == P) {
@@ -199,3 +196,58 @@ __device__ __forceinline__ void store_chunk(T* p, int count, bool vector, const 
         if (k < count) p[k] = from_f32<T>(in[k]);
     }
 }
+
+// A row of n elements cut into `chunks` chunks of up to P, which a kernel's threads take by
+// chunk index c (consecutive lanes, consecutive c). Where every buffer of the kernel is
+// 16-byte aligned (`aligned`) and n is whole chunks, chunk c is the P consecutive elements at
+// c * P, moved in 16-byte accesses (8 for the bf16 side of P = 4). Else chunk c is the
+// elements c, c + chunks, c + 2 * chunks, ... moved one at a time: consecutive lanes then still
+// touch consecutive elements, where P consecutive elements a lane would spread a warp's
+// request over P times the sectors (coalescing 1/P on a GPU). Any element order suits the
+// kernels that use it: per-element maps and sums whose order is fixed by the shape.
+template <int P>
+struct RowChunks {
+    int n;
+    int chunks;
+    bool vector;
+
+    __device__ __forceinline__ RowChunks(int n, bool aligned)
+        : n(n), chunks((n + P - 1) / P), vector(aligned && n % P == 0) {}
+
+    // The row index of chunk c's k-th element.
+    __device__ __forceinline__ int index(int c, int k) const {
+        return vector ? c * P + k : c + k * chunks;
+    }
+
+    // Chunk c's elements: P, or fewer in the last chunks of a row that is not whole chunks.
+    __device__ __forceinline__ int count(int c) const {
+        return vector ? P : (n - c + chunks - 1) / chunks;
+    }
+
+    // Chunk c of the row at `row` into fp32; the elements past count(c) read as 0.
+    template <class T>
+    __device__ __forceinline__ void load(const T* row, int c, float (&out)[P]) const {
+        if (vector) {
+            load_f32(row + c * P, out);
+            return;
+        }
+        const int m = count(c);
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < P; ++k) out[k] = k < m ? to_f32(row[c + k * chunks]) : 0.0f;
+    }
+
+    // Chunk c of the row at `row` from fp32, rounded to T; the elements past count(c) are
+    // not stored.
+    template <class T>
+    __device__ __forceinline__ void store(T* row, int c, const float (&in)[P]) const {
+        if (vector) {
+            store_f32(row + c * P, in);
+            return;
+        }
+        const int m = count(c);
+        CONTRALIGN_UNROLL
+        for (int k = 0; k < P; ++k) {
+            if (k < m) row[c + k * chunks] = from_f32<T>(in[k]);
+        }
+    }
+};

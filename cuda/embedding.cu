@@ -40,8 +40,8 @@ __device__ void embedding_forward(const T* __restrict__ table, const unsigned* _
     }
 }
 
-// A thread owns P consecutive columns of its block's id row (a block spans blockDim.x * P
-// columns), P the elements of 16 bytes of the wider of the two types: 16-byte accesses of the
+// A thread owns chunk c of its block's id row (RowChunks; a block spans blockDim.x chunks), of
+// P elements, P those of 16 bytes of the wider of the two types: 16-byte accesses of the
 // gradient rows and of the table's row, or 8-byte ones of the bf16 one where the other is f32
 // (so that a warp's lanes cover consecutive bytes of both), where the buffers are aligned and
 // d is whole chunks.
@@ -51,22 +51,21 @@ __device__ void embedding_backward(const T* __restrict__ dout, const unsigned* _
                                    const unsigned* __restrict__ starts, G* __restrict__ dtable,
                                    int d, unsigned vocab) {
     constexpr int P = 16 / (sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
-    const int j = (blockIdx.y * blockDim.x + threadIdx.x) * P;
-    if (j >= d) return;
-    const int count = chunk_count<P>(d, j);
-    const bool vector = d % P == 0 && aligned128(dout) && aligned128(dtable);
+    const RowChunks<P> row(d, aligned128(dout) && aligned128(dtable));
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= row.chunks) return;
     const unsigned id = unique[blockIdx.x];
     if (id >= vocab) __trap();
-    G* cells = dtable + static_cast<long long>(id) * d + j;
+    G* cells = dtable + static_cast<long long>(id) * d;
     float acc[P];
-    load_chunk(cells, count, vector, acc);
+    row.load(cells, c, acc);
     for (unsigned i = starts[blockIdx.x]; i < starts[blockIdx.x + 1]; ++i) {
-        float row[P];
-        load_chunk(dout + static_cast<long long>(order[i]) * d + j, count, vector, row);
+        float grad[P];
+        row.load(dout + static_cast<long long>(order[i]) * d, c, grad);
         CONTRALIGN_UNROLL
-        for (int k = 0; k < P; ++k) acc[k] += row[k];
+        for (int k = 0; k < P; ++k) acc[k] += grad[k];
     }
-    store_chunk(cells, count, vector, acc);
+    row.store(cells, c, acc);
 }
 
 }  // namespace

@@ -226,7 +226,7 @@ __device__ void moe_unpermute(const T* __restrict__ y, const unsigned* __restric
 }
 
 // `dL/dweight` of each slot: `dout[t] · y[slot_row[slot]]`, products and sums in f64 (each
-// thread its 16-byte chunks of columns, then the block's fixed tree). One block per slot
+// thread its chunks of columns (RowChunks), then the block's fixed tree). One block per slot
 // (grid-stride).
 template <class T>
 __device__ void moe_slot_dots(const T* __restrict__ dout, const T* __restrict__ y,
@@ -234,18 +234,16 @@ __device__ void moe_slot_dots(const T* __restrict__ dout, const T* __restrict__ 
                               double* __restrict__ d_weights, long long slots, int k, int d) {
     constexpr int P = Pack128<T>::size;
     __shared__ double scratch[33];
-    const bool vector = d % P == 0 && aligned128(dout) && aligned128(y);
-    const int chunks = (d + P - 1) / P;
+    const RowChunks<P> row(d, aligned128(dout) && aligned128(y));
     for (long long slot = blockIdx.x; slot < slots; slot += gridDim.x) {
         const T* a = dout + (slot / k) * d;
         const T* b = y + static_cast<long long>(slot_row[slot]) * d;
         double acc = 0.0;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            const int count = chunk_count<P>(d, c * P);
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float av[P], bv[P];
-            load_chunk(a + c * P, count, vector, av);
-            load_chunk(b + c * P, count, vector, bv);
-            // Past `count` both are 0 and add nothing.
+            row.load(a, c, av);
+            row.load(b, c, bv);
+            // Past the chunk's count both are 0 and add nothing.
             CONTRALIGN_UNROLL
             for (int e = 0; e < P; ++e) acc += static_cast<double>(av[e]) * bv[e];
         }

@@ -16,7 +16,7 @@
 
 namespace {
 
-// Each thread takes chunks of P = Pack128<T>::size elements of a row (load_chunk), 16-byte
+// Each thread takes chunks of P = Pack128<T>::size elements of a row (RowChunks), 16-byte
 // accesses where every buffer is aligned and d a multiple of P.
 //
 // `residual` may be null (h = x); `h_out` may be null (h is not stored) or alias x or
@@ -28,54 +28,50 @@ __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restri
                                 float eps) {
     constexpr int P = Pack128<T>::size;
     __shared__ float scratch[33];
-    const bool vector = d % P == 0 && aligned128(x) && aligned128(w) &&
-                        (residual == nullptr || aligned128(residual)) &&
-                        (h_out == nullptr || aligned128(h_out)) && (y == nullptr || aligned128(y));
-    const int chunks = (d + P - 1) / P;
+    const RowChunks<P> row(d, aligned128(x) && aligned128(w) &&
+                                  (residual == nullptr || aligned128(residual)) &&
+                                  (h_out == nullptr || aligned128(h_out)) &&
+                                  (y == nullptr || aligned128(y)));
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
         float squares = 0.0f;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            const int j = c * P;
-            const int count = chunk_count<P>(d, j);
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float h[P];
-            load_chunk(x + base + j, count, vector, h);
+            row.load(x + base, c, h);
             if (residual != nullptr) {
                 float res[P];
-                load_chunk(residual + base + j, count, vector, res);
+                row.load(residual + base, c, res);
                 CONTRALIGN_UNROLL
                 for (int k = 0; k < P; ++k) h[k] += res[k];
             }
             CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) h[k] = to_f32(from_f32<T>(h[k]));
-            if (h_out != nullptr) store_chunk(h_out + base + j, count, vector, h);
-            // Past `count`, h is 0 and adds nothing.
+            if (h_out != nullptr) row.store(h_out + base, c, h);
+            // Past the chunk's count, h is 0 and adds nothing.
             CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) squares += h[k] * h[k];
         }
         const float inv_rms = rsqrtf(block_sum(squares, scratch) / d + eps);
         if (threadIdx.x == 0) rstd[r] = inv_rms;
         if (y == nullptr) continue;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            const int j = c * P;
-            const int count = chunk_count<P>(d, j);
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float h[P], wj[P];
             if (h_out != nullptr) {
-                load_chunk(h_out + base + j, count, vector, h);
+                row.load(h_out + base, c, h);
             } else {
-                load_chunk(x + base + j, count, vector, h);
+                row.load(x + base, c, h);
                 if (residual != nullptr) {
                     float res[P];
-                    load_chunk(residual + base + j, count, vector, res);
+                    row.load(residual + base, c, res);
                     CONTRALIGN_UNROLL
                     for (int k = 0; k < P; ++k) h[k] = to_f32(from_f32<T>(h[k] + res[k]));
                 }
             }
-            load_chunk(w + j, count, vector, wj);
+            row.load(w, c, wj);
             float out[P];
             CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) out[k] = wj[k] * (h[k] * inv_rms);
-            store_chunk(y + base + j, count, vector, out);
+            row.store(y + base, c, out);
         }
     }
 }
@@ -90,54 +86,46 @@ __device__ void rmsnorm_backward(const T* __restrict__ h, const T* __restrict__ 
     constexpr int P = Pack128<float>::size;
     __shared__ float scratch[33];
     float* partial = dw_partial + static_cast<long long>(blockIdx.x) * d;
-    const bool vector = d % P == 0 && aligned128(h) && aligned128(w) && aligned128(dy) &&
-                        (dh_in == nullptr || aligned128(dh_in)) && aligned128(dh) &&
-                        aligned128(dw_partial);
-    const int chunks = (d + P - 1) / P;
+    const RowChunks<P> row(d, aligned128(h) && aligned128(w) && aligned128(dy) &&
+                                  (dh_in == nullptr || aligned128(dh_in)) && aligned128(dh) &&
+                                  aligned128(dw_partial));
     const float zeros[P] = {};
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const int j = c * P;
-        store_chunk(partial + j, chunk_count<P>(d, j), vector, zeros);
-    }
+    for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) row.store(partial, c, zeros);
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
         const float inv_rms = rstd[r];
-        // dy, h and w at the chunk of columns j.
-        auto load = [&](int j, int count, float (&g)[P], float (&hj)[P], float (&wj)[P]) {
-            load_chunk(dy + base + j, count, vector, g);
-            load_chunk(h + base + j, count, vector, hj);
-            load_chunk(w + j, count, vector, wj);
+        // dy, h and w at chunk c.
+        auto load = [&](int c, float (&g)[P], float (&hj)[P], float (&wj)[P]) {
+            row.load(dy + base, c, g);
+            row.load(h + base, c, hj);
+            row.load(w, c, wj);
         };
         float proj = 0.0f;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            const int j = c * P;
-            const int count = chunk_count<P>(d, j);
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float g[P], hj[P], wj[P], part[P];
-            load(j, count, g, hj, wj);
+            load(c, g, hj, wj);
             // Only this thread touches these columns of this block's partial row.
-            load_chunk(partial + j, count, vector, part);
+            row.load(partial, c, part);
             CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) {
                 proj += wj[k] * g[k] * hj[k];
                 part[k] += g[k] * hj[k] * inv_rms;
             }
-            store_chunk(partial + j, count, vector, part);
+            row.store(partial, c, part);
         }
-        const float c = inv_rms * inv_rms * block_sum(proj, scratch) / d;
-        for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
-            const int j = ch * P;
-            const int count = chunk_count<P>(d, j);
+        const float coef = inv_rms * inv_rms * block_sum(proj, scratch) / d;
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float g[P], hj[P], wj[P], out[P];
-            load(j, count, g, hj, wj);
+            load(c, g, hj, wj);
             CONTRALIGN_UNROLL
-            for (int k = 0; k < P; ++k) out[k] = inv_rms * (wj[k] * g[k] - hj[k] * c);
+            for (int k = 0; k < P; ++k) out[k] = inv_rms * (wj[k] * g[k] - hj[k] * coef);
             if (dh_in != nullptr) {
                 float extra[P];
-                load_chunk(dh_in + base + j, count, vector, extra);
+                row.load(dh_in + base, c, extra);
                 CONTRALIGN_UNROLL
                 for (int k = 0; k < P; ++k) out[k] += extra[k];
             }
-            store_chunk(dh + base + j, count, vector, out);
+            row.store(dh + base, c, out);
         }
     }
 }

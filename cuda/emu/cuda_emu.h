@@ -145,6 +145,13 @@ void atomic_access(const void* address, unsigned bytes);
 // Adds a warp-wide operation's FLOPs to the launch's count (every lane calls it; lane 0
 // counts).
 void count_warp_flops(std::uint64_t flops);
+// A kernel's vector access of `bytes` (8 or 16: ld/st.global.v2/v4 on a GPU) between device
+// memory and a thread's `local` copy. Fails the launch, naming `what`, unless `device` is
+// aligned to `bytes`, as a GPU faults; the memory probe sees one access of `bytes`. Out of
+// line and outside the probe's instrumentation, which would see the pieces that the host
+// compiler cuts a copy into.
+void vector_load(void* local, const void* device, unsigned bytes, const char* what);
+void vector_store(void* device, const void* local, unsigned bytes, const char* what);
 }  // namespace rt
 
 // The variable of one `__shared__` declaration (`Site` is a lambda type unique to the
@@ -210,16 +217,6 @@ T shuffle(rt::WarpOp op, unsigned int mask, const T& var, unsigned int arg, int 
     return bits_to<T>(rt::warp_collective(op, mask, to_bits(var), arg, width));
 }
 
-}  // namespace contralign_emu
-
-namespace contralign_emu {
-// Fails the launch unless `p` is `bytes`-aligned, as a GPU faults on a misaligned access.
-inline void require_aligned(const void* p, unsigned bytes, const char* what) {
-    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
-        rt::fail("%s: misaligned %u-byte access at %p (a GPU faults: misaligned address)", what,
-                 bytes, p);
-    }
-}
 }  // namespace contralign_emu
 
 // `contralign_emu_run_<name>` runs the kernel from a parameter array;

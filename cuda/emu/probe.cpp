@@ -64,17 +64,6 @@ struct Shadow {
     Access other{};
 };
 
-// A thread's access that may continue: the host compiler splits a 16-byte copy into pieces,
-// which are joined back into one access while they are contiguous, of one kind, and within
-// one aligned 16 bytes.
-struct Pending {
-    std::uintptr_t address;
-    std::uintptr_t pc;
-    std::uint32_t size;
-    Kind kind;
-    bool valid;
-};
-
 // A warp-wide request: the `occurrence`-th execution, by lanes of `warp`, of the access at
 // `pc`.
 struct RequestKey {
@@ -110,7 +99,6 @@ struct Probe {
     std::unordered_map<std::uint64_t, std::uint8_t> sectors;
     std::unordered_map<std::uint64_t, std::uint32_t> occurrences;
     std::unordered_map<RequestKey, Pieces, RequestKeyHash> requests;
-    std::vector<Pending> pending;
     std::uint32_t epoch = 0;
     std::vector<std::uint32_t> warp_epochs;
     std::unordered_map<std::uintptr_t, Shadow> shared_shadow;
@@ -140,29 +128,14 @@ struct Probe {
             auto [it, inserted] = sectors.try_emplace(s, kind == Kind::Read ? 1 : 0);
             if (kind == Kind::Write) it->second |= 2;
         }
-        Pending& p = pending[thread];
-        if (p.valid && p.kind == kind && a == p.address + p.size &&
-            p.address >> 4 == (a + size - 1) >> 4) {
-            p.size += size;
-            return;
-        }
-        flush(thread);
-        p = Pending{a, pc, size, kind, true};
-    }
-
-    void flush(unsigned t) {
-        Pending& p = pending[t];
-        if (!p.valid) return;
-        p.valid = false;
-        const int width = p.size == 1 ? 0 : p.size == 2 ? 1 : p.size == 4 ? 2 : p.size == 8 ? 3
-                                                                : p.size == 16 ? 4 : 5;
+        const int width = size == 1 ? 0 : size == 2 ? 1 : size == 4 ? 2 : size == 8 ? 3
+                        : size == 16 ? 4 : 5;
         ++traffic.accesses_by_width[width];
-        const std::uint32_t occurrence = occurrences[std::uint64_t{p.pc} << 10 | t]++;
-        requests[RequestKey{p.pc, t / 32, occurrence}].emplace_back(p.address, p.size);
+        const std::uint32_t occurrence = occurrences[std::uint64_t{pc} << 10 | thread]++;
+        requests[RequestKey{pc, thread / 32, occurrence}].emplace_back(a, size);
     }
 
     void close_requests() {
-        for (unsigned t = 0; t < pending.size(); ++t) flush(t);
         std::vector<std::uint64_t> ids;
         for (auto& [key, pieces] : requests) {
             ids.clear();
@@ -366,7 +339,6 @@ void begin_launch(std::uint32_t flags, const unsigned char* static_shared,
     p.static_end = p.static_start + static_bytes;
     p.dynamic_start = reinterpret_cast<std::uintptr_t>(dynamic_shared);
     p.dynamic_end = p.dynamic_start + dynamic_bytes;
-    p.pending.assign(threads, Pending{});
     p.warp_epochs.assign((threads + 31) / 32, 0);
     t_probe = &p;
 }
@@ -382,10 +354,6 @@ void begin_block(std::uint64_t block_linear) {
 
 void resumed(unsigned thread) {
     if (Probe* p = t_probe) p->thread = thread;
-}
-
-void at_scheduling_point(unsigned thread) {
-    if (Probe* p = t_probe) p->flush(thread);
 }
 
 void barrier_released() {
@@ -427,6 +395,13 @@ void atomic_access(const void* address, unsigned bytes, std::uintptr_t pc) {
 
 void count_flops(std::uint64_t flops) {
     if (Probe* p = t_probe) p->traffic.flops += flops;
+}
+
+void vector_access(const void* address, unsigned bytes, bool write, std::uintptr_t pc) {
+    if (Probe* p = t_probe) {
+        p->access(reinterpret_cast<std::uintptr_t>(address), bytes,
+                  write ? Kind::Write : Kind::Read, pc);
+    }
 }
 
 bool active() { return t_probe != nullptr; }

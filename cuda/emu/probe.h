@@ -26,9 +26,11 @@ struct contralign_emu_options {
 };
 
 // The global-memory traffic of one launch; mirrored by `Traffic` in src/ops/cuda/emu.rs.
-// Accesses are counted per thread after joining the pieces of one wide access that the host
-// compiler split (contiguous, same kind, within one aligned 16 bytes); a warp-wide request is
-// the accesses that the lanes of a warp make at the same instruction for the same time.
+// An access is one load or store of a thread as the kernel makes it: a scalar one as the
+// compiler emits it, a vector one (load_pack/store_pack in cuda/contralign.cuh) whole, as a
+// GPU's ld/st.global.v2/v4; consecutive scalar accesses stay apart, as on a GPU, which cannot
+// merge loads whose alignment it does not know. A warp-wide request is the accesses that the
+// lanes of a warp make at the same instruction for the same time.
 struct contralign_emu_traffic {
     // Distinct 32-byte sectors whose first access was a read (fetched from DRAM), and distinct
     // sectors written (written back).
@@ -70,8 +72,6 @@ void begin_launch(std::uint32_t flags, const unsigned char* static_shared,
 void begin_block(std::uint64_t block_linear);
 // The runtime resumes the fiber of thread `thread` (linear in the block).
 void resumed(unsigned thread);
-// The calling fiber reaches a scheduling point: its pending access is complete.
-void at_scheduling_point(unsigned thread);
 // Every thread of the block passed a barrier; the lanes of `warp` completed a collective.
 void barrier_released();
 void warp_synced(unsigned warp);
@@ -80,6 +80,8 @@ void end_block();
 void end_launch(contralign_emu_traffic* out);
 // An atomic read-modify-write by the calling fiber, made at `pc`.
 void atomic_access(const void* address, unsigned bytes, std::uintptr_t pc);
+// A vector load or store of `bytes` by the calling fiber, made at `pc`: one access.
+void vector_access(const void* address, unsigned bytes, bool write, std::uintptr_t pc);
 // Adds to the launch's FLOPs (called by lane 0 of a warp).
 void count_flops(std::uint64_t flops);
 bool active();

@@ -509,7 +509,6 @@ int barrier(BarrierMode mode, int predicate) {
                       barrier_name(mode), barrier_name(b.barrier_mode));
         fail_current(b, buffer);
     }
-    probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::AtBarrier;
     f.predicate = predicate;
     ++b.at_barrier;
@@ -534,7 +533,6 @@ std::uint64_t warp_collective(WarpOp op, unsigned mask, std::uint64_t value, uns
                       op_name(op), width);
         fail_current(b, buffer);
     }
-    probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::AtWarp;
     f.op = op;
     f.mask = mask;
@@ -593,6 +591,28 @@ void atomic_access(const void* address, unsigned bytes) {
                          reinterpret_cast<std::uintptr_t>(__builtin_return_address(0)));
 }
 
+// A GPU faults on a misaligned vector access.
+static void require_aligned(const void* device, unsigned bytes, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(device) % bytes != 0) {
+        fail("%s: misaligned %u-byte access at %p (a GPU faults: misaligned address)", what,
+             bytes, device);
+    }
+}
+
+void vector_load(void* local, const void* device, unsigned bytes, const char* what) {
+    require_aligned(device, bytes, what);
+    probe::vector_access(device, bytes, false,
+                         reinterpret_cast<std::uintptr_t>(__builtin_return_address(0)));
+    std::memcpy(local, device, bytes);
+}
+
+void vector_store(void* device, const void* local, unsigned bytes, const char* what) {
+    require_aligned(device, bytes, what);
+    probe::vector_access(device, bytes, true,
+                         reinterpret_cast<std::uintptr_t>(__builtin_return_address(0)));
+    std::memcpy(device, local, bytes);
+}
+
 void count_warp_flops(std::uint64_t flops) {
     if (t_block != nullptr && t_block->current->lane == 0) probe::count_flops(flops);
 }
@@ -616,7 +636,6 @@ extern "C" void contralign_emu_fiber_main() {
     Block& b = *contralign_emu::rt::t_block;
     b.entry(b.params);
     auto& f = *b.current;
-    contralign_emu::probe::at_scheduling_point(static_cast<unsigned>(&f - b.fibers));
     f.state = State::Done;
     --b.live;
     contralign_emu::rt::release_barrier_if_complete(b);

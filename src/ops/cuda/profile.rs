@@ -160,6 +160,11 @@ pub fn case(
 }
 
 impl Case {
+    /// The op's name, as its table row shows it.
+    pub fn op(&self) -> &str {
+        &self.op
+    }
+
     /// The op with the reason it is exempt from the traffic targets.
     pub fn excepted(mut self, why: &'static str) -> Case {
         self.exception = Some(why);
@@ -927,21 +932,8 @@ fn adamw_step() -> AdamWStep {
     AdamWStep::new(&config, 3, 1e-4, 7)
 }
 
-/// Every op of `ops` once at `shapes`, then those of `extra`, on the emulator, with the probe
-/// counting.
-pub fn profile(
-    device: &Device,
-    shapes: &Shapes,
-    seed: u64,
-    extra: Vec<Case>,
-) -> Result<Vec<OpProfile>> {
-    ensure!(
-        matches!(device, Device::Emu),
-        "the profile counts memory traffic in the emulator: use --device emu"
-    );
-    let k = Kernels::new(device);
-    let rng = &mut StdRng::seed_from_u64(seed);
-    let big = Shapes::mistral_7b();
+/// Every op of `ops`, then those of `extra`.
+pub fn cases(extra: Vec<Case>) -> Vec<Case> {
     let mut cases = element_cases::<f32>();
     cases.extend(element_cases::<bf16>());
     cases.extend(scoring_cases());
@@ -955,8 +947,36 @@ pub fn profile(
     cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::WeightGrad));
     cases.extend(other_cases());
     cases.extend(extra);
+    cases
+}
+
+/// Every op of `ops` once at `shapes`, then those of `extra`, on the emulator, with the probe
+/// counting.
+pub fn profile(
+    device: &Device,
+    shapes: &Shapes,
+    seed: u64,
+    extra: Vec<Case>,
+) -> Result<Vec<OpProfile>> {
+    profile_cases(device, shapes, seed, &cases(extra))
+}
+
+/// `cases` once each at `shapes`, on the emulator, with the probe counting.
+pub fn profile_cases(
+    device: &Device,
+    shapes: &Shapes,
+    seed: u64,
+    cases: &[Case],
+) -> Result<Vec<OpProfile>> {
+    ensure!(
+        matches!(device, Device::Emu),
+        "the profile counts memory traffic in the emulator: use --device emu"
+    );
+    let k = Kernels::new(device);
+    let rng = &mut StdRng::seed_from_u64(seed);
+    let big = Shapes::mistral_7b();
     let mut out = Vec::new();
-    for c in &cases {
+    for c in cases {
         let (result, records) = emu::probed(
             Probe {
                 count: true,
