@@ -1,21 +1,26 @@
 // AdamW in one fused pass over a flat store: parameters in f32 or bf16, gradients and both
 // moments f32 or bf16 (bf16 only beside bf16 parameters). The update is PyTorch's (decoupled
 // weight decay, bias correction) and the arithmetic is the CPU reference's
-// (src/ops/optimizer.rs, `update_flat`) operation for operation in double, without
-// contraction into fma, so the CPU computes the same bits. The per-step constants come from
-// the host (`AdamWStep`, computed by the same Rust code as the CPU's).
+// (src/ops/optimizer.rs, `FlatStores::update`) operation for operation in fp32, as PyTorch
+// computes AdamW for fp32 tensors, each operation rounded once (no contraction into fma), so
+// the CPU computes the same bits. fp32 rather than double: an A100 runs fp64 at 1/16 of its
+// fp32 rate, and the double update's main loop took 36 fp64 operations and 10 conversions an
+// element (sm_80 SASS; two divisions and a square root among them), about 11 ps an element at
+// the A100's fp64 rate against the 7 ps in which it moves the 14 bytes an element of an
+// all-bf16 update. The per-step factors come from the host (`AdamWStep`, rounded to fp32 by
+// the same Rust code as the CPU's).
 //
 // `clip`, when not null, is grad_norm_finish's `[norm, coef]` (cuda/grad_norm.cu), read on the
 // device so that the host never waits for the norm: a non-finite norm or coef skips the update
 // (the step is dropped on the device, parameters and moments untouched; grad_norm makes coef
 // NaN for a step whose loss was not finite), and each gradient is
-// scaled by coef first, rounded to fp32 as the CPU's clipping rounds it. That folds
+// scaled by coef in fp32, as clip_grad_norm_ scales it. That folds
 // clip_grad_norm_'s pass over the gradients into this one.
 //
 // bf16 parameters take one of two forms:
 //   - with an fp32 master copy (`master` not null): the master is updated as an f32 tensor and
 //     the bf16 copy is the master rounded to nearest;
-//   - without: the updated value (rounded to fp32) is rounded to bf16 stochastically, up with
+//   - without: the updated fp32 value is rounded to bf16 stochastically, up with
 //     probability equal to its distance from the lower neighbour over the gap, so that updates
 //     smaller than a bf16 ulp still move the weights on average.
 // bf16 moments are computed in fp32 as f32 moments are, used unrounded in this step's update,
@@ -26,16 +31,17 @@
 // the CPU's bf16-rounding mode draws the same bits.
 #include "contralign.cuh"
 
-// Matches `AdamWStep` in src/ops/cuda/kernels.rs field for field.
+// Matches `AdamWStep` in src/ops/cuda/kernels.rs field for field (`StepFactors` of
+// src/ops/optimizer.rs, then the seed and the step).
 struct AdamWStep {
-    double beta1;
-    double one_minus_beta1;
-    double beta2;
-    double one_minus_beta2;
-    double eps;
-    double step_size;   // lr / (1 - beta1^t)
-    double bias2_sqrt;  // sqrt(1 - beta2^t)
-    double decay;       // 1 - lr * weight_decay
+    float beta1;
+    float one_minus_beta1;
+    float beta2;
+    float one_minus_beta2;
+    float eps;
+    float step_size;   // lr / (1 - beta1^t)
+    float bias2_sqrt;  // sqrt(1 - beta2^t)
+    float decay;       // 1 - lr * weight_decay
     unsigned long long seed;
     unsigned long long step;
 };
@@ -46,18 +52,16 @@ namespace {
 struct Updated {
     float m;
     float v;
-    double p;
+    float p;
 };
 
-__device__ __forceinline__ Updated adamw_update(const AdamWStep& s, double p, float g, float m,
+__device__ __forceinline__ Updated adamw_update(const AdamWStep& s, float p, float g, float m,
                                                 float v) {
-    const double gd = g;
     Updated u;
-    u.m = static_cast<float>(__dadd_rn(__dmul_rn(s.beta1, m), __dmul_rn(s.one_minus_beta1, gd)));
-    u.v = static_cast<float>(
-        __dadd_rn(__dmul_rn(s.beta2, v), __dmul_rn(__dmul_rn(s.one_minus_beta2, gd), gd)));
-    const double denom = __dadd_rn(__ddiv_rn(__dsqrt_rn(u.v), s.bias2_sqrt), s.eps);
-    u.p = __dsub_rn(__dmul_rn(p, s.decay), __ddiv_rn(__dmul_rn(s.step_size, u.m), denom));
+    u.m = __fadd_rn(__fmul_rn(s.beta1, m), __fmul_rn(s.one_minus_beta1, g));
+    u.v = __fadd_rn(__fmul_rn(s.beta2, v), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(u.v), s.bias2_sqrt), s.eps);
+    u.p = __fsub_rn(__fmul_rn(p, s.decay), __fdiv_rn(__fmul_rn(s.step_size, u.m), denom));
     return u;
 }
 
@@ -96,25 +100,25 @@ __device__ __forceinline__ void store_moment(__nv_bfloat16* slot, float x,
 }
 
 // Whether the step goes ahead, and the gradient's factor.
-__device__ __forceinline__ bool clip_factor(const float* clip, double* coef) {
-    *coef = 1.0;
+__device__ __forceinline__ bool clip_factor(const float* clip, float* coef) {
+    *coef = 1.0f;
     if (clip == nullptr) return true;
     if (!isfinite(clip[0]) || !isfinite(clip[1])) return false;
     *coef = clip[1];
     return true;
 }
 
-__device__ __forceinline__ float clipped(float g, double coef) {
-    return coef == 1.0 ? g : static_cast<float>(__dmul_rn(static_cast<double>(g), coef));
+__device__ __forceinline__ float clipped(float g, float coef) {
+    return coef == 1.0f ? g : __fmul_rn(g, coef);
 }
 
 // One element of an f32 store: its moments and parameter updated in place.
-__device__ __forceinline__ void adamw_f32_element(const AdamWStep& s, double coef, float& param,
+__device__ __forceinline__ void adamw_f32_element(const AdamWStep& s, float coef, float& param,
                                                   float grad, float& m, float& v) {
     const Updated u = adamw_update(s, param, clipped(grad, coef), m, v);
     m = u.m;
     v = u.v;
-    param = static_cast<float>(u.p);
+    param = u.p;
 }
 
 // The random streams of a bf16 update's three stores.
@@ -128,18 +132,17 @@ struct Streams {
 // moments updated in place, the parameter written to `param` and, with a master, `*master`.
 template <class G, class M>
 __device__ __forceinline__ void adamw_bf16_element(const AdamWStep& s, const Streams& r,
-                                                   double coef, long long i, double old, G grad,
+                                                   float coef, long long i, float old, G grad,
                                                    M& m, M& v, __nv_bfloat16& param,
                                                    float* master) {
     const Updated u = adamw_update(s, old, clipped(to_f32(grad), coef), to_f32(m), to_f32(v));
     store_moment(&m, u.m, r.m, i);
     store_moment(&v, u.v, r.v, i);
-    const float p = static_cast<float>(u.p);
     if (master != nullptr) {
-        *master = p;
-        param = __float2bfloat16_rn(p);
+        *master = u.p;
+        param = __float2bfloat16_rn(u.p);
     } else {
-        param = bf16_stochastic(p, mix64(r.weights ^ static_cast<unsigned long long>(i)));
+        param = bf16_stochastic(u.p, mix64(r.weights ^ static_cast<unsigned long long>(i)));
     }
 }
 
@@ -161,7 +164,7 @@ template <int W, bool kMaster, class G, class M>
 __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ param,
                                                 float* __restrict__ master,
                                                 const G* __restrict__ grad, M* __restrict__ m,
-                                                M* __restrict__ v, long long n, double coef,
+                                                M* __restrict__ v, long long n, float coef,
                                                 const AdamWStep& s) {
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -184,7 +187,7 @@ __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ para
         }
         CONTRALIGN_UNROLL
         for (int k = 0; k < W; ++k) {
-            const double old = kMaster ? ww[k] : __bfloat162float(pp[k]);
+            const float old = kMaster ? ww[k] : __bfloat162float(pp[k]);
             adamw_bf16_element(s, r, coef, i + k, old, g[k], mm[k], vv[k], pp[k],
                                kMaster ? &ww[k] : nullptr);
         }
@@ -194,7 +197,7 @@ __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ para
         if constexpr (kMaster) store_elements<W>(master + i, ww);
     }
     for (long long i = groups * W + first; i < n; i += stride) {
-        const double old = kMaster ? master[i] : __bfloat162float(param[i]);
+        const float old = kMaster ? master[i] : __bfloat162float(param[i]);
         adamw_bf16_element(s, r, coef, i, old, grad[i], m[i], v[i], param[i],
                            kMaster ? &master[i] : nullptr);
     }
@@ -204,7 +207,7 @@ template <class G, class M>
 __device__ __forceinline__ void adamw_bf16(__nv_bfloat16* param, float* master, const G* grad,
                                            M* m, M* v, long long n, const float* clip,
                                            const AdamWStep& s) {
-    double coef;
+    float coef;
     if (!clip_factor(clip, &coef)) return;
     // Without a master every store is bf16 when the gradients and moments are.
     constexpr int kWidth = sizeof(G) == 2 && sizeof(M) == 2 ? 8 : 4;
@@ -220,7 +223,7 @@ __device__ __forceinline__ void adamw_bf16(__nv_bfloat16* param, float* master, 
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad,
                                      float* __restrict__ m, float* __restrict__ v, long long n,
                                      const float* __restrict__ clip, AdamWStep s) {
-    double coef;
+    float coef;
     if (!clip_factor(clip, &coef)) return;
     constexpr int W = 4;  // 16 bytes of each store
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;

@@ -63,6 +63,26 @@ impl AdamWConfig {
     }
 }
 
+/// The factors of one AdamW step as the update multiplies by them: each rounded once to f32
+/// from its f64 value, as PyTorch hands its Python-float scalars to fp32 tensor operations.
+/// The CPU update ([`FlatStores::update`]) and the CUDA kernels (`cuda/adamw.cu`'s
+/// `AdamWStep`, field for field) both take these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepFactors {
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f32,
+    /// `√(1 − β2ᵗ)`.
+    pub bias2_sqrt: f32,
+    /// `1 − lr·wd`.
+    pub decay: f32,
+}
+
 /// AdamW state: f32 first and second moments per parameter tensor, and the step count.
 #[derive(Clone, Debug)]
 pub struct AdamW {
@@ -121,6 +141,22 @@ impl FlatStep {
             step,
         }
     }
+
+    /// The step's factors in f32.
+    pub fn factors(&self) -> StepFactors {
+        let (b1, b2) = self.betas;
+        let c = self.constants;
+        StepFactors {
+            beta1: b1 as f32,
+            one_minus_beta1: (1.0 - b1) as f32,
+            beta2: b2 as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            eps: self.eps as f32,
+            step_size: c.step_size as f32,
+            bias2_sqrt: c.bias2_sqrt as f32,
+            decay: c.decay as f32,
+        }
+    }
 }
 
 /// One stretch of a flat parameter store on the host, each part with the type it stands for
@@ -139,17 +175,14 @@ pub struct FlatStores<'a> {
 }
 
 impl FlatStores<'_> {
-    /// The kernel's update, operation for operation in double: each gradient times `coef`
-    /// (clipping) rounded to f32, the moments in f32 (bf16 moments stored stochastically
-    /// rounded, the unrounded ones used), and the weight through the master copy (rounded to
-    /// nearest) or rounded stochastically when bf16 has none.
+    /// The kernel's update, operation for operation in f32 as PyTorch computes AdamW for f32
+    /// tensors (each operation rounded once): each gradient times `coef` (clipping, rounded to
+    /// f32 first), the moments (bf16 moments stored stochastically rounded, the unrounded ones
+    /// used), and the weight through the master copy (rounded to nearest) or rounded
+    /// stochastically when bf16 has none.
     pub fn update(&mut self, step: &FlatStep, coef: f64) {
-        let (b1, b2) = step.betas;
-        let StepConstants {
-            step_size,
-            bias2_sqrt,
-            decay,
-        } = step.constants;
+        let f = step.factors();
+        let coef = coef as f32;
         let grads = self.grads;
         let (weights, weight_type) = (&mut *self.weights.0, self.weights.1);
         let (m, v, moment_type) = (&mut *self.moments.0, &mut *self.moments.1, self.moments.2);
@@ -159,16 +192,16 @@ impl FlatStores<'_> {
             let g = if coef == 1.0 {
                 grads[j]
             } else {
-                (grads[j] as f64 * coef) as f32
-            } as f64;
-            let mj = (b1 * m[j] as f64 + (1.0 - b1) * g) as f32;
-            let vj = (b2 * v[j] as f64 + (1.0 - b2) * g * g) as f32;
-            let denom = (vj as f64).sqrt() / bias2_sqrt + step.eps;
-            let old = match &self.master {
-                Some(master) => master[j] as f64,
-                None => weights[j] as f64,
+                grads[j] * coef
             };
-            let p = (old * decay - step_size * mj as f64 / denom) as f32;
+            let mj = f.beta1 * m[j] + f.one_minus_beta1 * g;
+            let vj = f.beta2 * v[j] + f.one_minus_beta2 * g * g;
+            let denom = vj.sqrt() / f.bias2_sqrt + f.eps;
+            let old = match &self.master {
+                Some(master) => master[j],
+                None => weights[j],
+            };
+            let p = old * f.decay - f.step_size * mj / denom;
             (m[j], v[j]) = match moment_type {
                 Dtype::F32 => (mj, vj),
                 Dtype::Bf16 => (

@@ -5,7 +5,7 @@
 use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
 use super::pool::Pool;
-use crate::ops::optimizer::AdamWConfig;
+use crate::ops::optimizer::{AdamWConfig, FlatStep, StepFactors};
 use anyhow::{ensure, Context, Result};
 use half::bf16;
 
@@ -45,19 +45,12 @@ pub struct GradNormWorkspace {
     norm_and_coef: Buffer<f32>,
 }
 
-/// The per-step constants of `adamw_f32` / `adamw_bf16` (`struct AdamWStep` in
-/// cuda/adamw.cu, field for field), computed as the CPU's AdamW computes them.
+/// The per-step factors of `adamw_f32` / `adamw_bf16` (`struct AdamWStep` in cuda/adamw.cu,
+/// field for field), the CPU's AdamW's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
-    pub beta1: f64,
-    pub one_minus_beta1: f64,
-    pub beta2: f64,
-    pub one_minus_beta2: f64,
-    pub eps: f64,
-    pub step_size: f64,
-    pub bias2_sqrt: f64,
-    pub decay: f64,
+    pub factors: StepFactors,
     /// The run's seed of the stochastic roundings (docs/numerics.md §4): with the step, the
     /// store and the element's flat index it makes every draw its own.
     pub seed: u64,
@@ -67,17 +60,8 @@ pub struct AdamWStep {
 
 impl AdamWStep {
     pub fn new(config: &AdamWConfig, step: u64, lr: f64, seed: u64) -> Self {
-        let (beta1, beta2) = config.betas;
-        let constants = config.step_constants(step, lr);
         AdamWStep {
-            beta1,
-            one_minus_beta1: 1.0 - beta1,
-            beta2,
-            one_minus_beta2: 1.0 - beta2,
-            eps: config.eps,
-            step_size: constants.step_size,
-            bias2_sqrt: constants.bias2_sqrt,
-            decay: constants.decay,
+            factors: FlatStep::new(config, step, lr, seed).factors(),
             seed,
             step,
         }
@@ -99,7 +83,7 @@ pub(super) fn same_len<A: bytemuck::Pod, B: bytemuck::Pod>(
 }
 
 /// The elements of one 16-byte access of `E`: the chunk a thread of the element-wise and row
-/// kernels takes (load_chunk in cuda/contralign.cuh).
+/// kernels takes (load_chunk and RowChunks in cuda/contralign.cuh).
 pub fn chunk<E>() -> usize {
     16 / size_of::<E>()
 }
