@@ -27,6 +27,19 @@ extern "C" __global__ void probe_copy128(const float* in, float* out, long long 
 }
 CONTRALIGN_KERNEL(probe_copy128)
 
+// The copy with each thread's 4 consecutive floats loaded one at a time, then stored one at a
+// time: 4-byte accesses 16 bytes apart across a warp's lanes, which a GPU does not merge into
+// 16-byte ones (it cannot prove the alignment).
+extern "C" __global__ void probe_copy_quads_by_element(const float* in, float* out,
+                                                       long long quads) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= quads) return;
+    float quad[4];
+    for (int k = 0; k < 4; ++k) quad[k] = in[4 * i + k];
+    for (int k = 0; k < 4; ++k) out[4 * i + k] = quad[k];
+}
+CONTRALIGN_KERNEL(probe_copy_quads_by_element)
+
 // Each thread writes its slot of shared memory and reads its neighbour's; `sync` puts the
 // barrier between, as it must be.
 extern "C" __global__ void probe_shared_neighbour(const float* in, float* out, int sync) {

@@ -129,6 +129,32 @@ fn sixteen_byte_loads_are_counted_whole_and_must_be_aligned() {
     }
 }
 
+/// A thread's consecutive scalar accesses stay apart, as on a GPU: each lane copying its 4
+/// consecutive floats one at a time makes 4-byte requests spread over 4 times the sectors
+/// they fill (coalescing 1/4), where the same bytes as one 16-byte access a lane are 1.0.
+#[test]
+fn consecutive_scalar_accesses_of_a_lane_are_not_joined() {
+    let device = Device::Emu;
+    let rng = &mut StdRng::seed_from_u64(3);
+    let quads = 1001;
+    let input = random(&device, rng, 4 * quads);
+    let out = device.alloc::<f32>(4 * quads).unwrap();
+    let config = LaunchConfig::new(quads.div_ceil(64) as u32, 64, 0);
+    let mut args = KernelArgs::new();
+    args.arg(input.device_ptr())
+        .arg(out.device_ptr())
+        .arg(quads as i64);
+    let traffic = counted(&device, "probe_copy_quads_by_element", config, &args);
+    assert_eq!(device.download(&out).unwrap(), device.download(&input).unwrap());
+    assert_eq!(traffic.accesses_by_width[2], 8 * quads as u64, "{traffic:?}");
+    assert_eq!(traffic.accesses_by_width.iter().sum::<u64>(), 8 * quads as u64);
+    let coalescing = traffic.coalescing();
+    assert!((0.24..0.27).contains(&coalescing), "{traffic:?}");
+    // Every byte still read and written once: the DRAM traffic is the copy's.
+    assert_eq!(traffic.read_sectors, (16 * quads).div_ceil(32) as u64);
+    assert_eq!(traffic.write_sectors, (16 * quads).div_ceil(32) as u64);
+}
+
 /// Attention loads its tiles 16 bytes at a time where the rows allow (`load128`): a q two floats
 /// past a 16-byte boundary (8-byte aligned) faults on a GPU, and fails here too. A raw `uint4`
 /// load there, which the host compiler split into four 4-byte accesses (the emulator build's
