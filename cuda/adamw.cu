@@ -2,8 +2,9 @@
 // moments f32 or bf16 (bf16 only beside bf16 parameters). The update is PyTorch's (decoupled
 // weight decay, bias correction) and the arithmetic is the CPU reference's
 // (src/ops/optimizer.rs, `FlatStores::update`) operation for operation in fp32, as PyTorch
-// computes AdamW for fp32 tensors, each operation rounded once (no contraction into fma), so
-// the CPU computes the same bits. fp32 rather than double: an A100 runs fp64 at 1/16 of its
+// computes AdamW for fp32 tensors (its formula; not its exact operation order: PyTorch's
+// `lerp_` and `addcdiv_` group the terms otherwise), each operation rounded once (no
+// contraction into fma), so the CPU computes the same bits. fp32 rather than double: an A100 runs fp64 at 1/16 of its
 // fp32 rate, and the double update's main loop took 36 fp64 operations and 10 conversions an
 // element (sm_80 SASS; two divisions and a square root among them), about 11 ps an element at
 // the A100's fp64 rate against the 7 ps in which it moves the 14 bytes an element of an
@@ -14,7 +15,7 @@
 // device so that the host never waits for the norm: a non-finite norm or coef skips the update
 // (the step is dropped on the device, parameters and moments untouched; grad_norm makes coef
 // NaN for a step whose loss was not finite), and each gradient is
-// scaled by coef in fp32, as clip_grad_norm_ scales it. That folds
+// scaled by coef in fp32 (the CPU's bf16-rounding mode rounds its coef to f32 first). That folds
 // clip_grad_norm_'s pass over the gradients into this one.
 //
 // bf16 parameters take one of two forms:

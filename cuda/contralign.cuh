@@ -204,7 +204,10 @@ __device__ __forceinline__ void store_chunk(T* p, int count, bool vector, const 
 // elements c, c + chunks, c + 2 * chunks, ... moved one at a time: consecutive lanes then still
 // touch consecutive elements, where P consecutive elements a lane would spread a warp's
 // request over P times the sectors (coalescing 1/P on a GPU). Any element order suits the
-// kernels that use it: per-element maps and sums whose order is fixed by the shape.
+// kernels that use it: per-element maps, and sums checked against error bounds, whose order
+// (thus last bits) depends on the shape and on the alignment of the buffers. The engine's
+// buffers are aligned (arena regions at multiples of 256 bytes, the flat store's spans at
+// multiples of 128 elements), so a given shape always takes the same order there.
 template <int P>
 struct RowChunks {
     int n;
@@ -219,7 +222,8 @@ struct RowChunks {
         return vector ? c * P + k : c + k * chunks;
     }
 
-    // Chunk c's elements: P, or fewer in the last chunks of a row that is not whole chunks.
+    // Chunk c's elements: P, or fewer where the row is not whole chunks (the later chunks,
+    // or all of them when n < 2P: n = 9 makes chunks of 5 and 4).
     __device__ __forceinline__ int count(int c) const {
         return vector ? P : (n - c + chunks - 1) / chunks;
     }

@@ -145,9 +145,19 @@ fn consecutive_scalar_accesses_of_a_lane_are_not_joined() {
         .arg(out.device_ptr())
         .arg(quads as i64);
     let traffic = counted(&device, "probe_copy_quads_by_element", config, &args);
-    assert_eq!(device.download(&out).unwrap(), device.download(&input).unwrap());
-    assert_eq!(traffic.accesses_by_width[2], 8 * quads as u64, "{traffic:?}");
-    assert_eq!(traffic.accesses_by_width.iter().sum::<u64>(), 8 * quads as u64);
+    assert_eq!(
+        device.download(&out).unwrap(),
+        device.download(&input).unwrap()
+    );
+    assert_eq!(
+        traffic.accesses_by_width[2],
+        8 * quads as u64,
+        "{traffic:?}"
+    );
+    assert_eq!(
+        traffic.accesses_by_width.iter().sum::<u64>(),
+        8 * quads as u64
+    );
     let coalescing = traffic.coalescing();
     assert!((0.24..0.27).contains(&coalescing), "{traffic:?}");
     // Every byte still read and written once: the DRAM traffic is the copy's.
@@ -387,8 +397,9 @@ fn every_memory_bound_kernel_meets_the_traffic_targets() {
         // Nothing moves fewer bytes than it must.
         assert!(r.bytes_over_ideal() >= 0.99, "{}\n{table}", r.op);
         assert!(r.accepted(), "{} misses the targets\n{table}", r.op);
-        // bf16 elements move in packs (cuda/contralign.cuh's load_chunk): a 1- or 2-byte
-        // access costs a GPU an instruction per element.
+        // bf16 elements move in packs at these widths, rows of whole 16-byte chunks
+        // (cuda/contralign.cuh's load_chunk and RowChunks): a 1- or 2-byte access costs a GPU
+        // an instruction per element.
         let [one, two, ..] = r.traffic.accesses_by_width;
         assert!(
             one == 0 && two == 0,

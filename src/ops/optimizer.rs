@@ -175,8 +175,9 @@ pub struct FlatStores<'a> {
 }
 
 impl FlatStores<'_> {
-    /// The kernel's update, operation for operation in f32 as PyTorch computes AdamW for f32
-    /// tensors (each operation rounded once): each gradient times `coef` (clipping, rounded to
+    /// The kernel's update, operation for operation in f32, PyTorch's AdamW formula for f32
+    /// tensors (each operation rounded once; PyTorch's `lerp_` and `addcdiv_` group some terms
+    /// otherwise): each gradient times `coef` (clipping, rounded to
     /// f32 first), the moments (bf16 moments stored stochastically rounded, the unrounded ones
     /// used), and the weight through the master copy (rounded to nearest) or rounded
     /// stochastically when bf16 has none.

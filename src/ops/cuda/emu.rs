@@ -214,7 +214,8 @@ impl Probe {
 /// The global-memory traffic of one launch as the probe counted it (`contralign_emu_traffic`
 /// in `cuda/emu/probe.h`). Only accesses inside device buffers count ([`Device::alloc`]'s on
 /// the emulator). A warp-wide request is what the lanes of a warp access at one instruction
-/// for one time; pieces of one wide access that the host compiler split are joined first.
+/// for one time. Each access counts as the kernel makes it: a vector access (`load_pack` /
+/// `store_pack`) whole, a thread's consecutive scalar accesses apart, as on a GPU.
 ///
 /// [`Device::alloc`]: super::device::Device::alloc
 #[repr(C)]

@@ -372,6 +372,8 @@ impl<'a> Kernels<'a> {
         let grid = tokens.clamp(1, self.max_grid as usize) as u32;
         // A thread per (head, chunk) of a token, in whole warps, up to the usual block: the
         // 8 KV heads of 128 in bf16 make 64, whom 256 threads would leave three quarters idle.
+        // Where a half head is not whole chunks, these threads take the token's (head, j)
+        // pairs one at a time instead, about P each.
         let items = heads * (head_dim / 2).div_ceil(chunk::<E>());
         let threads = (items.next_multiple_of(32) as u32).clamp(32, self.block.max(32));
         // SAFETY: `x` holds `tokens` rows of `heads * head_dim` (checked above) and `positions`
