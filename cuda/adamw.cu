@@ -4,12 +4,13 @@
 // (src/ops/optimizer.rs, `FlatStores::update`) operation for operation in fp32, as PyTorch
 // computes AdamW for fp32 tensors (its formula; not its exact operation order: PyTorch's
 // `lerp_` and `addcdiv_` group the terms otherwise), each operation rounded once (no
-// contraction into fma), so the CPU computes the same bits. fp32 rather than double: an A100 runs fp64 at 1/16 of its
-// fp32 rate, and the double update's main loop took 36 fp64 operations and 10 conversions an
-// element (sm_80 SASS; two divisions and a square root among them), about 11 ps an element at
-// the A100's fp64 rate against the 7 ps in which it moves the 14 bytes an element of an
-// all-bf16 update. The per-step factors come from the host (`AdamWStep`, rounded to fp32 by
-// the same Rust code as the CPU's).
+// contraction into fma), so the CPU computes the same bits. fp32 rather than double: the
+// double update's main loop took 36 fp64 operations and 10 conversions an element (sm_80
+// SASS; two divisions and a square root among them), about 11 ps an element on an A100's fp64
+// units (32 a multiprocessor, half its fp32 ones), against the 7 ps in which it moves the 14
+// bytes an element of an all-bf16 update; the fp32 update's 26 fp32 operations take about 3.
+// The per-step factors come from the host (`AdamWStep`, rounded to fp32 by the same Rust code
+// as the CPU's).
 //
 // `clip`, when not null, is grad_norm_finish's `[norm, coef]` (cuda/grad_norm.cu), read on the
 // device so that the host never waits for the norm: a non-finite norm or coef skips the update
