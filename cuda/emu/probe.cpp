@@ -64,22 +64,29 @@ struct Shadow {
     Access other{};
 };
 
-// A warp-wide request: the `occurrence`-th execution, by lanes of `warp`, of the access at
-// `pc`.
+// A warp-wide request: the `occurrence`-th execution, by lanes of warp `who`, of the access at
+// `pc` in one `interval` between the warp's reconvergence points (barriers and warp-wide
+// collectives, which the lanes reach together). Counting executions from the last such point
+// keeps lanes that ran a loop fewer times (a shorter last chunk) from pairing every later
+// access with their neighbours' earlier ones. Also the count itself: `who` a thread,
+// `occurrence` 0.
 struct RequestKey {
     std::uintptr_t pc;
-    std::uint32_t warp;
+    std::uint32_t who;
     std::uint32_t occurrence;
+    std::uint64_t interval;
     bool operator==(const RequestKey& o) const {
-        return pc == o.pc && warp == o.warp && occurrence == o.occurrence;
+        return pc == o.pc && who == o.who && occurrence == o.occurrence &&
+               interval == o.interval;
     }
 };
 
 struct RequestKeyHash {
     std::size_t operator()(const RequestKey& k) const {
         std::uint64_t h = k.pc * 0x9e3779b97f4a7c15ull;
-        h ^= (std::uint64_t{k.warp} << 32 | k.occurrence) + 0x632be59bd9b4e019ull + (h << 6) +
+        h ^= (std::uint64_t{k.who} << 32 | k.occurrence) + 0x632be59bd9b4e019ull + (h << 6) +
              (h >> 2);
+        h ^= k.interval * 0xbf58476d1ce4e5b9ull + (h << 6) + (h >> 2);
         return static_cast<std::size_t>(h);
     }
 };
@@ -97,7 +104,7 @@ struct Probe {
     contralign_emu_traffic traffic{};
     // Bit 0: first accessed by a read; bit 1: written.
     std::unordered_map<std::uint64_t, std::uint8_t> sectors;
-    std::unordered_map<std::uint64_t, std::uint32_t> occurrences;
+    std::unordered_map<RequestKey, std::uint32_t, RequestKeyHash> occurrences;
     std::unordered_map<RequestKey, Pieces, RequestKeyHash> requests;
     std::uint32_t epoch = 0;
     std::vector<std::uint32_t> warp_epochs;
@@ -131,8 +138,9 @@ struct Probe {
         const int width = size == 1 ? 0 : size == 2 ? 1 : size == 4 ? 2 : size == 8 ? 3
                         : size == 16 ? 4 : 5;
         ++traffic.accesses_by_width[width];
-        const std::uint32_t occurrence = occurrences[std::uint64_t{pc} << 10 | thread]++;
-        requests[RequestKey{pc, thread / 32, occurrence}].emplace_back(a, size);
+        const std::uint64_t interval = std::uint64_t{epoch} << 32 | warp_epochs[thread / 32];
+        const std::uint32_t occurrence = occurrences[RequestKey{pc, thread, 0, interval}]++;
+        requests[RequestKey{pc, thread / 32, occurrence, interval}].emplace_back(a, size);
     }
 
     void close_requests() {

@@ -30,7 +30,8 @@ struct contralign_emu_options {
 // compiler emits it, a vector one (load_pack/store_pack in cuda/contralign.cuh) whole, as a
 // GPU's ld/st.global.v2/v4; consecutive scalar accesses stay apart, as on a GPU, which cannot
 // merge loads whose alignment it does not know. A warp-wide request is the accesses that the
-// lanes of a warp make at the same instruction for the same time.
+// lanes of a warp make at the same instruction for the same time, counted from the warp's
+// last barrier or collective.
 struct contralign_emu_traffic {
     // Distinct 32-byte sectors whose first access was a read (fetched from DRAM), and distinct
     // sectors written (written back).
