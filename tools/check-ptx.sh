@@ -2,7 +2,8 @@
 # Builds the PTX (`cargo build --release --features cuda`) and assembles every PTX file with
 # ptxas for sm_80 and sm_90: any error fails; each kernel's registers and spills are printed,
 # and a function that spills registers (spill stores or loads) fails unless
-# tools/ptx-spills-allowed.txt lists it with the reason.
+# tools/ptx-spills-allowed.txt lists it with the reason; a kernel whose PTX does fp64
+# arithmetic fails unless tools/ptx-f64-allowed.txt lists it with the reason.
 # Needs nvcc/ptxas: tools/install-cuda-toolchain.sh (or NVCC / CUDA_HOME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,3 +63,25 @@ if ((${#spills[@]})); then
   exit 1
 fi
 echo "ptxas: ${#files[@]} PTX files assemble for sm_80 and sm_90, no register spills"
+
+# fp64 arithmetic: an A100 and an H100 run it at half their fp32 rate (the AdamW update in
+# double was slower than its bytes), so a kernel's PTX may do fp64 only where
+# tools/ptx-f64-allowed.txt says why (per token, row or response; never per element of a large
+# tensor). An f64 instruction elsewhere, often a double literal in float code, fails.
+f64_allowed=$(sed -e 's/#.*//' tools/ptx-f64-allowed.txt | awk 'NF >= 2 { print $1 }')
+f64_kernels=()
+while read -r name count; do
+  if grep -qxF "$name" <<<"$f64_allowed"; then
+    echo "fp64: $name $count instructions (allowed)"
+  else
+    f64_kernels+=("$name ($count)")
+  fi
+done < <(awk '/^\.(visible )?\.entry / { name = $3; sub(/\(.*/, "", name) }
+              /^\.(visible )?\.func / { name = "" }
+              name != "" && /^[ \t]+(add|sub|mul|fma|div|sqrt|rcp|rsqrt|neg|abs|min|max|cvt|setp|ex2|lg2|sin|cos)[a-z0-9.]*\.f64/ { n[name]++ }
+              END { for (k in n) print k, n[k] }' "${files[@]}" | sort)
+if ((${#f64_kernels[@]})); then
+  echo "fp64 arithmetic in: ${f64_kernels[*]}" >&2
+  echo "compute in fp32 (a double literal such as 0.5 makes float code double: write 0.5f), or list the kernel in tools/ptx-f64-allowed.txt with the reason" >&2
+  exit 1
+fi
