@@ -217,11 +217,6 @@ struct RowChunks {
     __device__ __forceinline__ RowChunks(int n, bool aligned)
         : n(n), chunks((n + P - 1) / P), vector(aligned && n % P == 0) {}
 
-    // The row index of chunk c's k-th element.
-    __device__ __forceinline__ int index(int c, int k) const {
-        return vector ? c * P + k : c + k * chunks;
-    }
-
     // Chunk c's elements: P, or fewer where the row is not whole chunks (the later chunks,
     // or all of them when n < 2P: n = 9 makes chunks of 5 and 4).
     __device__ __forceinline__ int count(int c) const {
