@@ -7,6 +7,7 @@ mod common;
 use common::device_step::check_step_on_device;
 use common::rng;
 use contralign::memory_plan::RecomputePolicy;
+use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Arena, AsView, Device, ALIGNMENT};
 use contralign::ops::cuda::lists::{KeptLists, StagedLists};
 use contralign::ops::cuda::ops::DeviceOps;
@@ -131,4 +132,96 @@ fn staged_lists_go_up_once_and_are_found_by_their_contents() {
     );
     // The first batch's copies live as long as someone holds them.
     assert_eq!(download(&got_weights), weights);
+}
+
+/// `matmul_backward_into` sums `dy · w` into an accumulator in the GEMM (`beta = 1`): on the
+/// emulated device, in each storage type and into an accumulator of either type, it gives
+/// the CPU's bf16-rounding mode's sum (the product and the prior value added in f64, rounded
+/// once to f32 and then to the accumulator's type), and accumulates the weight gradient.
+/// The two sides sum in different orders, so they may differ by one rounding of the result:
+/// one ulp of the accumulator's type, against the magnitude of the terms summed.
+#[test]
+fn a_projection_backward_sums_its_input_gradient_into_the_accumulator() {
+    use contralign::ops::cpu::RoundedCpuOps;
+    use contralign::ops::storage::Dtype;
+    let mut rng = rng("a_projection_backward_sums_its_input_gradient_into_the_accumulator");
+    let device = Device::Emu;
+    let mut random =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-1.5..1.5)).collect() };
+    for storage in [Dtype::F32, Dtype::Bf16] {
+        let (dev, cpu) = (
+            DeviceOps::with_storage(&device, storage),
+            RoundedCpuOps::new(storage),
+        );
+        for (m, k, n) in [(37, 129, 67), (5, 1, 300), (1, 3, 1), (64, 40, 9)] {
+            let (x, w, dy) = (random(m * k), random(n * k), random(m * n));
+            let (acc0, dw0) = (random(m * k), random(n * k));
+            for f32_accumulators in [false, true] {
+                let what =
+                    format!("{storage:?} m={m} k={k} n={n} f32 accumulators {f32_accumulators}");
+                let inputs = [&x, &w, &dy, &acc0, &dw0];
+                let (dev_acc, dev_dw) = sum_into(&dev, inputs, (m, k, n), f32_accumulators);
+                dev.check().unwrap();
+                let (cpu_acc, cpu_dw) = sum_into(&cpu, inputs, (m, k, n), f32_accumulators);
+                let ulp = if f32_accumulators || storage == Dtype::F32 {
+                    f32::EPSILON as f64
+                } else {
+                    2f64.powi(-7)
+                };
+                // The magnitude of each element's terms: its prior value and |dy|·|w| (|dy|ᵀ·|x|).
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+                let (mut acc_scale, mut dw_scale) = (abs(&acc0), abs(&dw0));
+                CpuOps.matmul_backward_into(
+                    &abs(&x),
+                    &abs(&w),
+                    &abs(&dy),
+                    (m, k, n),
+                    &mut dw_scale,
+                    &mut acc_scale,
+                );
+                for (name, got, want, scale) in [
+                    ("acc", dev_acc, cpu_acc, acc_scale),
+                    ("dw", dev_dw, cpu_dw, dw_scale),
+                ] {
+                    for (i, ((g, w), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
+                        let bound = ulp * *s as f64;
+                        assert!(
+                            (*g as f64 - *w as f64).abs() <= bound,
+                            "{what}: {name}[{i}] = {g}, want {w} (bound {bound:.3e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `matmul_backward_into` on `ops`: the accumulator and the weight gradient after it, each
+/// starting as the values given, stored in the ops' storage type or (`f32_accumulators`) in
+/// an f32 tensor holding the same values.
+fn sum_into<O: Ops>(
+    ops: &O,
+    [x, w, dy, acc0, dw0]: [&Vec<f32>; 5],
+    (m, k, n): (usize, usize, usize),
+    f32_accumulators: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let tensor = |values: &[f32]| {
+        let stored = ops.upload(values);
+        if !f32_accumulators {
+            return stored;
+        }
+        let mut sum = ops.zeros(values.len());
+        ops.add_assign(&mut sum, &stored);
+        sum
+    };
+    let (mut acc, mut dw) = (tensor(acc0), tensor(dw0));
+    ops.matmul_backward_into(
+        &ops.upload(x),
+        &ops.upload(w),
+        &ops.upload(dy),
+        (m, k, n),
+        &mut dw,
+        &mut acc,
+    );
+    (ops.download(&acc), ops.download(&dw))
 }

@@ -125,6 +125,25 @@ impl<O: Ops> Rows<'_, O> {
             Rows::Experts(r) => ops.moe_expert_matmul_backward(x, w, dy, r, k, n, dw),
         }
     }
+
+    /// [`Rows::project_backward`] with `dx` summed into `acc` (in the GEMM where the rows
+    /// are dense: [`Ops::matmul_backward_into`]).
+    fn project_backward_into(
+        &self,
+        ops: &O,
+        (x, w, dy): (&O::Buf, &[&O::Buf], &O::Buf),
+        (k, n): (usize, usize),
+        dw: &mut [&mut O::Buf],
+        acc: &mut O::Buf,
+    ) {
+        match self {
+            Rows::Dense(m) => ops.matmul_backward_into(x, w[0], dy, (*m, k, n), dw[0], acc),
+            Rows::Experts(r) => {
+                let dx = ops.moe_expert_matmul_backward(x, w, dy, r, k, n, dw);
+                ops.add_assign(acc, &dx);
+            }
+        }
+    }
 }
 
 /// The SwiGLU MLPs `w` (one, or one per expert) on `rows` of `x`.
@@ -166,8 +185,7 @@ fn mlp_backward<O: Ops>(
     let mut gate: Vec<_> = g.iter_mut().map(|e| &mut e.gate).collect();
     let mut dx = rows.project_backward(ops, (x, &pick(|e| &e.gate), &dgate), (d, i), &mut gate);
     let mut up: Vec<_> = g.iter_mut().map(|e| &mut e.up).collect();
-    let dx_up = rows.project_backward(ops, (x, &pick(|e| &e.up), &dup), (d, i), &mut up);
-    ops.add_assign(&mut dx, &dx_up);
+    rows.project_backward_into(ops, (x, &pick(|e| &e.up), &dup), (d, i), &mut up, &mut dx);
     dx
 }
 
@@ -246,8 +264,7 @@ pub fn moe_backward<O: Ops>(
     );
     let mut dx = ops.moe_unpermute(&dinput, &a.routing, false, d);
     let dz = ops.moe_route_backward(&a.routing, &a.output, dy, d, aux);
-    let dx_router = ops.matmul_backward(x, router, &dz, t, d, s.experts, grouter);
-    ops.add_assign(&mut dx, &dx_router);
+    ops.matmul_backward_into(x, router, &dz, (t, d, s.experts), grouter, &mut dx);
     dx
 }
 
@@ -430,10 +447,8 @@ pub fn backward<O: Ops>(
         ops.rmsnorm(x, &p.input_norm, d, eps)
     });
     let mut dnormed = ops.matmul_backward(normed, &p.q, &dq, t, d, qw, &mut g.q);
-    let dk_in = ops.matmul_backward(normed, &p.k, &dk, t, d, kvw, &mut g.k);
-    let dv_in = ops.matmul_backward(normed, &p.v, &dv, t, d, kvw, &mut g.v);
-    ops.add_assign(&mut dnormed, &dk_in);
-    ops.add_assign(&mut dnormed, &dv_in);
+    ops.matmul_backward_into(normed, &p.k, &dk, (t, d, kvw), &mut g.k, &mut dnormed);
+    ops.matmul_backward_into(normed, &p.v, &dv, (t, d, kvw), &mut g.v, &mut dnormed);
     ops.rmsnorm_backward(
         x,
         &p.input_norm,

@@ -213,6 +213,19 @@ pub trait Ops {
         n: usize,
         dw: &mut Self::Buf,
     ) -> Self::Buf;
+    /// [`Ops::matmul_backward`] with `dx` summed into `acc`: `acc += dy · w` (`shape` is
+    /// `(m, k, n)`), rounded once to `acc`'s type. For a projection whose input also feeds
+    /// others (q, k and v; gate and up; the router), whose input gradients a device sums in
+    /// the GEMM (`beta = 1`) instead of in a pass of its own over a temporary.
+    fn matmul_backward_into(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        shape: (usize, usize, usize),
+        dw: &mut Self::Buf,
+        acc: &mut Self::Buf,
+    );
 
     /// Rotates every head of `x [T, heads * head_dim]` in place by its token's position
     /// (half-split RoPE); `inverse` rotates back, which is the backward.

@@ -47,6 +47,13 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
 /// `dx [m, k] = dy [m, n] · w [n, k]`.
 pub fn matmul_nn(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut dx = vec![0f32; m * k];
+    matmul_nn_acc(dy, w, m, k, n, &mut dx);
+    dx
+}
+
+/// `dx [m, k] += dy [m, n] · w [n, k]`, the sum made in f64 and rounded once.
+pub fn matmul_nn_acc(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize, dx: &mut [f32]) {
+    assert_eq!(dx.len(), m * k);
     dx.par_chunks_mut(k.max(1))
         .enumerate()
         .for_each(|(i, row)| {
@@ -57,10 +64,9 @@ pub fn matmul_nn(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32
                 }
             }
             for (o, a) in row.iter_mut().zip(&acc) {
-                *o = *a as f32;
+                *o = (*o as f64 + *a) as f32;
             }
         });
-    dx
 }
 
 /// `dw [n, k] += dy [m, n]ᵀ · x [m, k]`.

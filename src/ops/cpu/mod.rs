@@ -148,8 +148,22 @@ impl Ops for CpuOps {
         n: usize,
         dw: &mut Vec<f32>,
     ) -> Vec<f32> {
+        let mut dx = vec![0f32; m * k];
+        self.matmul_backward_into(x, w, dy, (m, k, n), dw, &mut dx);
+        dx
+    }
+
+    fn matmul_backward_into(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        dw: &mut Vec<f32>,
+        acc: &mut Vec<f32>,
+    ) {
         linalg::matmul_tn_acc(dy, x, m, k, n, dw);
-        linalg::matmul_nn(dy, w, m, k, n)
+        linalg::matmul_nn_acc(dy, w, m, k, n, acc);
     }
 
     fn rope(

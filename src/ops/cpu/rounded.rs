@@ -177,6 +177,27 @@ impl Ops for RoundedCpuOps {
         self.output(dx)
     }
 
+    fn matmul_backward_into(
+        &self,
+        x: &Stored,
+        w: &Stored,
+        dy: &Stored,
+        shape: (usize, usize, usize),
+        dw: &mut Stored,
+        acc: &mut Stored,
+    ) {
+        CpuOps.matmul_backward_into(
+            &self.input(x),
+            &self.input(w),
+            &self.input(dy),
+            shape,
+            &mut dw.values,
+            &mut acc.values,
+        );
+        keep_type(dw);
+        keep_type(acc);
+    }
+
     fn rope(
         &self,
         x: &mut Stored,

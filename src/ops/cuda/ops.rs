@@ -518,15 +518,7 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(w)?,
             self.input::<E>(dy)?,
         );
-        let weight_grad = Gemm::projection_weight_grad(m, k, n);
-        match dw.storage() {
-            // bf16 inputs accumulate into a bf16 gradient in the GEMM itself (fp32 compute,
-            // one rounding of `dw + dyᵀx`), which needs no f32 copy.
-            TensorView::Bf16(mut dw) if E::STORED == Dtype::Bf16 => {
-                self.device.gemm(&weight_grad, &dy, &x, &mut dw)?
-            }
-            _ => self.accumulate_f32(dw, |dw| self.device.gemm(&weight_grad, &dy, &x, dw))?,
-        }
+        self.gemm_accumulate(&Gemm::projection_weight_grad(m, k, n), &dy, &x, dw)?;
         let dx = self.alloc::<E>(m * k)?;
         self.device.gemm(
             &Gemm::projection_input_grad(m, k, n),
@@ -535,6 +527,44 @@ impl<'a> DeviceOps<'a> {
             &mut dx.view_as::<E>("matmul input gradient")?,
         )?;
         Ok(dx)
+    }
+
+    fn matmul_backward_into_at<E: Stored>(
+        &self,
+        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        (m, k, n): (usize, usize, usize),
+        dw: &mut Tensor,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        let (x, w, dy) = (
+            self.input::<E>(x)?,
+            self.input::<E>(w)?,
+            self.input::<E>(dy)?,
+        );
+        self.gemm_accumulate(&Gemm::projection_weight_grad(m, k, n), &dy, &x, dw)?;
+        let input_grad = Gemm {
+            beta: 1.0,
+            ..Gemm::projection_input_grad(m, k, n)
+        };
+        self.gemm_accumulate(&input_grad, &dy, &w, acc)
+    }
+
+    /// `acc = a·b + acc` (`gemm.beta` is 1) in `acc`'s type: bf16 inputs sum into a bf16
+    /// `acc` in the GEMM itself (fp32 compute, one rounding of the sum), which needs no f32
+    /// copy; any other pairing through an f32 copy of `acc`.
+    fn gemm_accumulate<E: Stored>(
+        &self,
+        gemm: &Gemm,
+        a: &impl AsView<E>,
+        b: &impl AsView<E>,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        match acc.storage() {
+            TensorView::Bf16(mut acc) if E::STORED == Dtype::Bf16 => {
+                self.device.gemm(gemm, a, b, &mut acc)
+            }
+            _ => self.accumulate_f32(acc, |acc| self.device.gemm(gemm, a, b, acc)),
+        }
     }
 
     fn attention_at<E: Stored>(
@@ -852,6 +882,22 @@ impl Ops for DeviceOps<'_> {
             "matmul_backward",
             || Self::placeholder(m * k),
             || at_storage!(self.matmul_backward_at((x, w, dy), (m, k, n), dw)),
+        )
+    }
+
+    fn matmul_backward_into(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        shape: (usize, usize, usize),
+        dw: &mut Tensor,
+        acc: &mut Tensor,
+    ) {
+        self.attempt(
+            "matmul_backward_into",
+            || (),
+            || at_storage!(self.matmul_backward_into_at((x, w, dy), shape, dw, acc)),
         )
     }
 
