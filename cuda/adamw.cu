@@ -9,9 +9,11 @@
 // SASS; two divisions and a square root among them), about 11 ps an element on an A100's fp64
 // units (32 a multiprocessor, half its fp32 ones), against the 7 ps in which it moves the 14
 // bytes an element of an all-bf16 update; the fp32 update's 26 fp32 operations take about 3.
-// The next limit is the issue rate: with the hashes of its stochastic roundings (about 20
-// integer instructions each), an element issues 120 to 145 instructions (static count of the
-// loops), 6 to 7 ps at an A100's 4 warp-instructions a multiprocessor and clock.
+// The next limit is the issue rate, which the hashes of the stochastic roundings dominate
+// (64-bit multiplies and shifts, on 32-bit integer units): an element hashes once and its
+// three stores share the hash's bits (below). The all-bf16 loop (8 elements a pass) is 1654
+// sm_80 SASS instructions, 635 of them integer, the divisions' and square roots' slow paths
+// included, against 2419 and 1223 with a hash a store.
 // The per-step factors come from the host (`AdamWStep`, rounded to fp32 by the same Rust code
 // as the CPU's).
 //
@@ -29,11 +31,13 @@
 //     probability equal to its distance from the lower neighbour over the gap, so that updates
 //     smaller than a bf16 ulp still move the weights on average.
 // bf16 moments are computed in fp32 as f32 moments are, used unrounded in this step's update,
-// and stored rounded stochastically. The random bits of element i of a store are
-// mix64(stream ^ i), stream = mix64(mix64(mix64(seed) ^ step) ^ store) with store 0 for the
-// weights, 1 for m and 2 for v (docs/numerics.md §7): i is the element's index in the flat
-// store, which names its tensor and its place in it, so a run is deterministic per seed and
-// the CPU's bf16-rounding mode draws the same bits.
+// and stored rounded stochastically. Element i draws one hash a step, bits = mix64(stream ^ i)
+// with stream = mix64(mix64(seed) ^ step), whose 16-bit fields are its three stores' draws:
+// the top 16 bits the weight's, the next m's, the next v's (docs/numerics.md §4). One hash
+// rather than one a store: each is about 20 integer instructions, and an all-bf16 update
+// issues enough of them to approach the time its bytes take. i is the element's index in the
+// flat store, which names its tensor and its place in it, so a run is deterministic per seed
+// and the CPU's bf16-rounding mode draws the same bits.
 #include "contralign.cuh"
 
 // Matches `AdamWStep` in src/ops/cuda/kernels.rs field for field (`StepFactors` of
@@ -79,29 +83,30 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-// The random stream of one store (0 weights, 1 m, 2 v) in this step.
-__device__ __forceinline__ unsigned long long store_stream(const AdamWStep& s,
-                                                           unsigned long long store) {
-    return mix64(mix64(mix64(s.seed) ^ s.step) ^ store);
+// This step's random stream: element i's bits are mix64(stream ^ i).
+__device__ __forceinline__ unsigned long long step_stream(const AdamWStep& s) {
+    return mix64(mix64(s.seed) ^ s.step);
+}
+
+// The 16 random bits of one store (0 weights, 1 m, 2 v) in an element's bits.
+__device__ __forceinline__ unsigned store_draw(unsigned long long bits, int store) {
+    return static_cast<unsigned>(bits >> (48 - 16 * store)) & 0xffffu;
 }
 
 // x rounded to one of its two bf16 neighbours, up with probability (x - lower) / (upper -
-// lower): adding 16 uniform bits below bf16's last bit carries into it with that probability.
-// Infinities and NaN are rounded as usual.
-__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned long long random) {
+// lower): adding 16 uniform bits (`draw`) below bf16's last bit carries into it with that
+// probability. Infinities and NaN are rounded as usual.
+__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned draw) {
     const unsigned bits = __float_as_uint(x);
     if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(x);
-    const unsigned rounded = bits + static_cast<unsigned>(random >> 48);
+    const unsigned rounded = bits + draw;
     return __ushort_as_bfloat16(static_cast<unsigned short>(rounded >> 16));
 }
 
 // A moment as its store keeps it: f32 as computed, bf16 rounded stochastically.
-__device__ __forceinline__ void store_moment(float* slot, float x, unsigned long long, long long) {
-    *slot = x;
-}
-__device__ __forceinline__ void store_moment(__nv_bfloat16* slot, float x,
-                                             unsigned long long stream, long long i) {
-    *slot = bf16_stochastic(x, mix64(stream ^ static_cast<unsigned long long>(i)));
+__device__ __forceinline__ void store_moment(float* slot, float x, unsigned) { *slot = x; }
+__device__ __forceinline__ void store_moment(__nv_bfloat16* slot, float x, unsigned draw) {
+    *slot = bf16_stochastic(x, draw);
 }
 
 // Whether the step goes ahead, and the gradient's factor.
@@ -126,28 +131,24 @@ __device__ __forceinline__ void adamw_f32_element(const AdamWStep& s, float coef
     param = u.p;
 }
 
-// The random streams of a bf16 update's three stores.
-struct Streams {
-    unsigned long long weights;
-    unsigned long long m;
-    unsigned long long v;
-};
-
 // Element i of a bf16 store, from `old` (its master value, or the bf16 parameter): its
 // moments updated in place, the parameter written to `param` and, with a master, `*master`.
+// `stream` is step_stream's; the hash is left out where nothing draws from it (f32 moments
+// beside a master).
 template <class G, class M>
-__device__ __forceinline__ void adamw_bf16_element(const AdamWStep& s, const Streams& r,
-                                                   float coef, long long i, float old, G grad,
-                                                   M& m, M& v, __nv_bfloat16& param,
-                                                   float* master) {
+__device__ __forceinline__ void adamw_bf16_element(const AdamWStep& s,
+                                                   unsigned long long stream, float coef,
+                                                   long long i, float old, G grad, M& m, M& v,
+                                                   __nv_bfloat16& param, float* master) {
     const Updated u = adamw_update(s, old, clipped(to_f32(grad), coef), to_f32(m), to_f32(v));
-    store_moment(&m, u.m, r.m, i);
-    store_moment(&v, u.v, r.v, i);
+    const unsigned long long bits = mix64(stream ^ static_cast<unsigned long long>(i));
+    store_moment(&m, u.m, store_draw(bits, 1));
+    store_moment(&v, u.v, store_draw(bits, 2));
     if (master != nullptr) {
         *master = u.p;
         param = __float2bfloat16_rn(u.p);
     } else {
-        param = bf16_stochastic(u.p, mix64(r.weights ^ static_cast<unsigned long long>(i)));
+        param = bf16_stochastic(u.p, store_draw(bits, 0));
     }
 }
 
@@ -173,7 +174,7 @@ __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ para
                                                 const AdamWStep& s) {
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const Streams r{store_stream(s, 0), store_stream(s, 1), store_stream(s, 2)};
+    const unsigned long long stream = step_stream(s);
     const long long groups = whole_groups(W, n, param, grad, m, v, kMaster ? master : nullptr);
     for (long long e = first; e < groups; e += stride) {
         const long long i = e * W;
@@ -193,7 +194,7 @@ __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ para
         CONTRALIGN_UNROLL
         for (int k = 0; k < W; ++k) {
             const float old = kMaster ? ww[k] : __bfloat162float(pp[k]);
-            adamw_bf16_element(s, r, coef, i + k, old, g[k], mm[k], vv[k], pp[k],
+            adamw_bf16_element(s, stream, coef, i + k, old, g[k], mm[k], vv[k], pp[k],
                                kMaster ? &ww[k] : nullptr);
         }
         store_elements<W>(m + i, mm);
@@ -203,7 +204,7 @@ __device__ __forceinline__ void adamw_bf16_body(__nv_bfloat16* __restrict__ para
     }
     for (long long i = groups * W + first; i < n; i += stride) {
         const float old = kMaster ? master[i] : __bfloat162float(param[i]);
-        adamw_bf16_element(s, r, coef, i, old, grad[i], m[i], v[i], param[i],
+        adamw_bf16_element(s, stream, coef, i, old, grad[i], m[i], v[i], param[i],
                            kMaster ? &master[i] : nullptr);
     }
 }

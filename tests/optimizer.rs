@@ -110,3 +110,57 @@ fn warmup_ratio_and_bad_optimizer_settings() {
     );
     assert_eq!(g[0], vec![3.0, 4.0]);
 }
+
+/// The stochastic roundings' draws (docs/numerics.md §4): the three stores' 16-bit fields of
+/// one element's hash are each uniform and independent of one another, over a run of
+/// consecutive flat indices (the case that matters: neighbouring elements of one tensor).
+/// Each checked fraction is a mean of Bernoulli trials, allowed 6 standard deviations.
+#[test]
+fn the_stores_draws_from_one_hash_are_uniform_and_independent() {
+    use contralign::ops::storage::{rounding_bits, Store};
+    let stores = [Store::Weights, Store::ExpAvg, Store::ExpAvgSq];
+    let (seed, step, n) = (0x5eed_u64, 7u64, 200_000u64);
+    let draws: Vec<[u32; 3]> = (0..n)
+        .map(|i| {
+            let bits = rounding_bits(seed, step, 1_000_003 + i);
+            stores.map(|s| s.draw(bits))
+        })
+        .collect();
+    let within = |what: &str, hits: usize, p: f64| {
+        let sigma = (p * (1.0 - p) / n as f64).sqrt();
+        let got = hits as f64 / n as f64;
+        assert!(
+            (got - p).abs() <= 6.0 * sigma,
+            "{what}: fraction {got:.5}, want {p} ± {:.5}",
+            6.0 * sigma
+        );
+    };
+    for (a, store) in stores.iter().enumerate() {
+        assert!(draws.iter().all(|d| d[a] <= 0xffff));
+        // Below each of a few thresholds: the draw's distribution, top bits and low bits.
+        for threshold in [1u32, 0x1000, 0x5555, 0x8000, 0xc000, 0xfff0] {
+            let hits = draws.iter().filter(|d| d[a] < threshold).count();
+            within(
+                &format!("{store:?} < {threshold:#x}"),
+                hits,
+                threshold as f64 / 65536.0,
+            );
+        }
+        let odd = draws.iter().filter(|d| d[a] & 1 == 1).count();
+        within(&format!("{store:?} odd"), odd, 0.5);
+        for b in a + 1..3 {
+            // Two stores' roundings of one element both going up at p = 1/2 and at p = 1/8.
+            for (threshold, p) in [(0x8000u32, 0.25), (0x2000, 1.0 / 64.0)] {
+                let both = draws
+                    .iter()
+                    .filter(|d| d[a] < threshold && d[b] < threshold)
+                    .count();
+                within(&format!("{store:?} and {:?} joint", stores[b]), both, p);
+            }
+        }
+    }
+    // A different step or seed draws other bits for the same element.
+    let bits = rounding_bits(seed, step, 42);
+    assert_ne!(bits, rounding_bits(seed, step + 1, 42));
+    assert_ne!(bits, rounding_bits(seed + 1, step, 42));
+}

@@ -187,9 +187,14 @@ impl FlatStores<'_> {
         let grads = self.grads;
         let (weights, weight_type) = (&mut *self.weights.0, self.weights.1);
         let (m, v, moment_type) = (&mut *self.moments.0, &mut *self.moments.1, self.moments.2);
-        let draw =
-            |store, j: usize| rounding_bits(step.seed, step.step, store, self.first + j as u64);
+        let draws =
+            moment_type == Dtype::Bf16 || (self.master.is_none() && weight_type == Dtype::Bf16);
         for j in 0..weights.len() {
+            let bits = if draws {
+                rounding_bits(step.seed, step.step, self.first + j as u64)
+            } else {
+                0
+            };
             let g = if coef == 1.0 {
                 grads[j]
             } else {
@@ -206,8 +211,8 @@ impl FlatStores<'_> {
             (m[j], v[j]) = match moment_type {
                 Dtype::F32 => (mj, vj),
                 Dtype::Bf16 => (
-                    bf16_stochastic(mj, draw(Store::ExpAvg, j)),
-                    bf16_stochastic(vj, draw(Store::ExpAvgSq, j)),
+                    bf16_stochastic(mj, Store::ExpAvg.draw(bits)),
+                    bf16_stochastic(vj, Store::ExpAvgSq.draw(bits)),
                 ),
             };
             weights[j] = match (&mut self.master, weight_type) {
@@ -216,7 +221,7 @@ impl FlatStores<'_> {
                     weight_type.round(p)
                 }
                 (None, Dtype::F32) => p,
-                (None, Dtype::Bf16) => bf16_stochastic(p, draw(Store::Weights, j)),
+                (None, Dtype::Bf16) => bf16_stochastic(p, Store::Weights.draw(bits)),
             };
         }
     }

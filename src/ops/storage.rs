@@ -51,7 +51,8 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Which flat store a stochastic rounding draws for: each has its own random stream.
+/// Which flat store a stochastic rounding draws for: each has its own 16 bits of an
+/// element's random bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Store {
     Weights = 0,
@@ -59,21 +60,29 @@ pub enum Store {
     ExpAvgSq = 2,
 }
 
-/// The random bits of element `index` of `store` in AdamW step `step` of a run seeded `seed`
-/// (docs/numerics.md §7): the device's hash, bit for bit.
-pub fn rounding_bits(seed: u64, step: u64, store: Store, index: u64) -> u64 {
-    let stream = mix64(mix64(mix64(seed) ^ step) ^ store as u64);
-    mix64(stream ^ index)
+impl Store {
+    /// This store's 16 bits of an element's [`rounding_bits`]: the weights the top 16, `m` the
+    /// next, `v` the next (`cuda/adamw.cu`'s `store_draw`).
+    pub fn draw(self, bits: u64) -> u32 {
+        (bits >> (48 - 16 * self as u32)) as u32 & 0xffff
+    }
+}
+
+/// The random bits of flat element `index` in AdamW step `step` of a run seeded `seed`
+/// (docs/numerics.md §4), one hash an element that its stores share ([`Store::draw`]): the
+/// device's hash, bit for bit.
+pub fn rounding_bits(seed: u64, step: u64, index: u64) -> u64 {
+    mix64(mix64(mix64(seed) ^ step) ^ index)
 }
 
 /// `x` rounded to one of its bf16 neighbours, up with probability equal to its distance from
-/// the lower one over their gap, `random` giving the draw (its top 16 bits): `cuda/adamw.cu`'s
+/// the lower one over their gap, `draw` (16 uniform bits) deciding: `cuda/adamw.cu`'s
 /// `bf16_stochastic`. Infinities and NaN round to nearest.
-pub fn bf16_stochastic(x: f32, random: u64) -> f32 {
+pub fn bf16_stochastic(x: f32, draw: u32) -> f32 {
     let bits = x.to_bits();
     if bits & 0x7f80_0000 == 0x7f80_0000 {
         return Dtype::Bf16.round(x);
     }
-    let rounded = bits.wrapping_add((random >> 48) as u32);
+    let rounded = bits.wrapping_add(draw);
     f32::from_bits(rounded & 0xffff_0000)
 }
