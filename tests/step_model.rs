@@ -6,6 +6,7 @@ use contralign::config::ModelConfig;
 use contralign::engine::bench::{BenchSetup, StepShape};
 use contralign::engine::step_model::{self, Divisors, KernelTotals};
 use contralign::loss::{LossKind, LossSpec};
+use contralign::memory_plan::layout::ParamLayout;
 use contralign::memory_plan::PrecisionOptions;
 use contralign::ops::cuda::roofline::{Gpu, Math};
 use std::collections::BTreeMap;
@@ -74,6 +75,16 @@ fn the_modeled_step_matches_a_direct_count_at_the_target() {
     );
     let names = |m: &BTreeMap<String, KernelTotals>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(&modeled), names(&counted));
+    // The step zeroes its gradients, a memset that the model prices as the bytes it writes:
+    // at least a gradient's bytes a parameter (the rest: the padding between the flat
+    // store's spans, and the few accumulators the step starts at zero).
+    let gradient_bytes = (ParamLayout::new(&cfg).parameters as u64
+        * PrecisionOptions::default().grads.bytes()) as f64;
+    let memset = counted["memset"].bytes;
+    assert!(
+        memset >= gradient_bytes && memset < 1.5 * gradient_bytes,
+        "memset {memset} bytes, gradients {gradient_bytes}"
+    );
     // Launch counts are affine in the layers; a GEMM's and attention's FLOPs and a GEMM's
     // bytes follow their shapes exactly; a kernel's counted bytes within 5%, the whole
     // step's within 1%. The embedding backward reads and writes one row per distinct id,

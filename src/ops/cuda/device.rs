@@ -517,6 +517,7 @@ impl Device {
         self.check_home(&dst)?;
         match self {
             Device::Emu => {
+                emu::record_memset(dst.len * size_of::<T>());
                 bytemuck::cast_slice_mut::<T, u8>(dst.host_mut().expect("checked")).fill(0)
             }
             #[cfg(feature = "cuda")]

@@ -428,6 +428,30 @@ pub(crate) fn record_gemm(g: &Gemm, input_bytes: usize, output_bytes: usize) {
     });
 }
 
+/// The name under which [`record_memset`] records a device memset.
+pub const MEMSET: &str = "memset";
+
+/// Records a device memset ([`Device::zero`]) on the emulator in a counting [`probed`] run:
+/// the bytes it writes, which a GPU's `cuMemsetD8Async` moves as a kernel would (the step
+/// model prices them; the kernel profile, which is about kernels, leaves them out).
+///
+/// [`Device::zero`]: super::device::Device::zero
+pub(crate) fn record_memset(bytes: usize) {
+    if !SETTINGS.with(|s| s.probe.get().count) {
+        return;
+    }
+    record(LaunchRecord {
+        kernel: MEMSET.into(),
+        config: None,
+        traffic: Traffic {
+            write_sectors: bytes.div_ceil(32) as u64,
+            ..Traffic::default()
+        },
+        counted: false,
+        gemm: None,
+    });
+}
+
 /// The opt-ins of kernels to more dynamic shared memory, by name.
 static MAX_DYNAMIC_SHARED: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 

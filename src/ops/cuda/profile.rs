@@ -11,7 +11,7 @@ use super::attention::AttentionKernels;
 use super::attention_bench::{self, BenchMask, BenchProblem};
 use super::device::{Buffer, Device, Float, View};
 use super::embedding::IdRows;
-use super::emu::{self, Probe, Traffic};
+use super::emu::{self, LaunchRecord, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::lists::Uploads;
@@ -985,6 +985,11 @@ pub fn profile_cases(
             || (c.run)(&k, shapes, rng),
         );
         result?;
+        // Kernels only: a memset of the op's accumulators is the step model's to price.
+        let records: Vec<LaunchRecord> = records
+            .into_iter()
+            .filter(|r| r.kernel != emu::MEMSET)
+            .collect();
         let mut traffic = Traffic::default();
         for r in &records {
             traffic.add(&r.traffic);
