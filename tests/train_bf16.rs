@@ -171,7 +171,7 @@ fn bf16_training_on_the_emulated_device_equals_the_cpu_rounding_mode() {
 /// One AdamW step of the engine's stores from the same weights, gradients and moments as the
 /// CPU's bf16-rounding mode: every store bit for bit, for every option. The trainers above
 /// drift apart by rounding-boundary crossings; this ties what the trainer feeds the kernel
-/// (each tensor's flat offset, the step, the run's seed, each store's stream) to what the
+/// (each tensor's flat offset, the step, the run's seed, each store's field of the hash) to what the
 /// CPU draws. No clipping: the two norms differ in their last bits.
 #[test]
 fn an_adamw_step_on_the_engine_equals_the_cpu_rounding_mode_bit_for_bit() {

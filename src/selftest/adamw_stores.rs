@@ -2,8 +2,9 @@
 //! bf16-rounding mode (`ops::optimizer::FlatStores`), for every combination of master copy,
 //! gradient type and moment type: bit for bit (bound 0), stochastic roundings included. The
 //! device updates one flat store in one launch; the CPU updates it in two stretches, the
-//! second starting at an odd flat index, so that the rounding's hash of (seed, step, store,
-//! flat index) is checked to be the device's and not a per-stretch restart.
+//! second starting at an odd flat index, so that the rounding's hash of (seed, step, flat
+//! index) and each store's field of it are checked to be the device's and not a per-stretch
+//! restart.
 
 use super::{compare, magnitudes, random, upload, Row};
 use crate::ops::cuda::device::{Device, Float};

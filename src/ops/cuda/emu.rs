@@ -437,7 +437,8 @@ pub const MEMSET: &str = "memset";
 ///
 /// [`Device::zero`]: super::device::Device::zero
 pub(crate) fn record_memset(bytes: usize) {
-    if !SETTINGS.with(|s| s.probe.get().count) {
+    // A GPU issues nothing for an empty one.
+    if bytes == 0 || !SETTINGS.with(|s| s.probe.get().count) {
         return;
     }
     record(LaunchRecord {

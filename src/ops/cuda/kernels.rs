@@ -51,8 +51,9 @@ pub struct GradNormWorkspace {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
     pub factors: StepFactors,
-    /// The run's seed of the stochastic roundings (docs/numerics.md §4): with the step, the
-    /// store and the element's flat index it makes every draw its own.
+    /// The run's seed of the stochastic roundings (docs/numerics.md §4): with the step and the
+    /// element's flat index it makes every element's hash its own, whose 16-bit fields the
+    /// stores draw.
     pub seed: u64,
     /// The step (1 for the first update).
     pub step: u64,
