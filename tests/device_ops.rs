@@ -240,3 +240,62 @@ fn sum_into<O: Ops>(
     );
     (ops.download(&acc), ops.download(&dw))
 }
+
+/// Fresh gradients (`ops::cuda::fresh`): the one op that covers a fresh gradient exactly may
+/// overwrite it; an op that adds into it, or covers it only in part, finds it zeroed first;
+/// what is left fresh is zeroed by `settle_all`; a gradient written once is fresh no more.
+#[test]
+fn fresh_gradients_are_overwritten_whole_or_zeroed_before_anything_adds_into_them() {
+    use contralign::ops::cuda::fresh::FreshGrads;
+    use contralign::ops::cuda::pool::TensorView;
+    let device = Device::Emu;
+    // Four gradients of awkward lengths in one buffer, holding a previous step's values.
+    let lens = [13usize, 1, 40, 7];
+    let total: usize = lens.iter().sum();
+    let store = device.upload(&vec![3.5f32; total]).unwrap();
+    let whole = store.view();
+    let mut spans = Vec::new();
+    let mut at = 0;
+    for len in lens {
+        spans.push(TensorView::F32(whole.slice(at, len).unwrap()));
+        at += len;
+    }
+    let read = || device.download(&whole).unwrap();
+    let fresh = FreshGrads::default();
+    fresh.mark(spans.iter().copied());
+    assert!(fresh.overwrites(&device, &spans[0]).unwrap());
+    assert!(
+        !fresh.overwrites(&device, &spans[0]).unwrap(),
+        "written once already"
+    );
+    // Nothing was zeroed: the op that overwrites writes it.
+    assert!(read().iter().all(|&v| v == 3.5));
+    // A view over the end of the second gradient and the start of the third zeroes both.
+    let straddle = TensorView::F32(whole.slice(13, 5).unwrap());
+    assert!(!fresh.overwrites(&device, &straddle).unwrap());
+    let after = read();
+    assert!(after[..13].iter().all(|&v| v == 3.5));
+    assert!(after[13..54].iter().all(|&v| v == 0.0));
+    assert!(after[54..].iter().all(|&v| v == 3.5));
+    // Adding into the third again finds it written (zeroed): nothing changes.
+    device
+        .copy_to(&mut whole.slice(14, 40).unwrap(), &[1.25; 40])
+        .unwrap();
+    fresh.settle(&device, &spans[2]).unwrap();
+    assert!(read()[14..54].iter().all(|&v| v == 1.25));
+    // The last is left fresh until the micro-batch ends.
+    fresh.settle_all(&device).unwrap();
+    let end = read();
+    assert!(end[54..].iter().all(|&v| v == 0.0));
+    assert!(end[14..54].iter().all(|&v| v == 1.25));
+    // A new step marks them all again.
+    fresh.mark(spans.iter().copied());
+    fresh.settle(&device, &spans[0]).unwrap();
+    assert!(read()[..13].iter().all(|&v| v == 0.0));
+    fresh.clear();
+    fresh.settle_all(&device).unwrap();
+    assert!(
+        read()[14..54].iter().all(|&v| v == 1.25),
+        "cleared: nothing fresh"
+    );
+}

@@ -28,6 +28,7 @@ use crate::memory_plan::{
 use crate::model::params::{param_specs, Params};
 use crate::model::{Model, ResponseStats, StepOptions};
 use crate::ops::cuda::device::{Arena, Device, View, ALIGNMENT};
+use crate::ops::cuda::fresh::FreshGrads;
 use crate::ops::cuda::kernels::{AdamWStep, GradNormWorkspace, Kernels};
 use crate::ops::cuda::ops::DeviceOps;
 use crate::ops::cuda::pool::{Pool, Tensor, TensorView};
@@ -37,6 +38,7 @@ use crate::ops::Ops;
 use crate::step::{self, LossOps, RefStats};
 use anyhow::{bail, ensure, Context, Result};
 use ledger::{Ledger, StepScalars};
+use std::rc::Rc;
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
 pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
@@ -76,6 +78,8 @@ pub struct DeviceEngine {
     model: Model<Tensor>,
     /// Views of `flat.grads`, in the same layout.
     grads: Params<Tensor>,
+    /// Which of `grads` this step has not written yet ([`DeviceEngine::zero_grads`]).
+    fresh: Rc<FreshGrads>,
     /// A reference model resident on the device (the plan's `reference.weights`), scored
     /// there each micro-batch; `None` when its statistics come from a cache.
     reference: Option<Model<Tensor>>,
@@ -219,6 +223,7 @@ impl DeviceEngine {
         Ok(DeviceEngine {
             model,
             grads,
+            fresh: Rc::default(),
             reference,
             logits_chunk_rows: plan.logits_chunk_rows,
             storage,
@@ -248,12 +253,14 @@ impl DeviceEngine {
         self.pool.peak()
     }
 
-    /// Sets every gradient to zero: the start of a step.
+    /// Starts a step's gradients at zero without writing them (`ops::cuda::fresh`): they
+    /// are marked fresh, the first op that writes each overwrites or zeroes it, and each
+    /// micro-batch's end zeroes what it left fresh. The padding between the store's spans
+    /// is zero from the arena's one zero-fill and never written.
     pub fn zero_grads(&self) -> Result<()> {
-        match self.flat.grads {
-            TensorView::F32(mut g) => self.device.zero(&mut g),
-            TensorView::Bf16(mut g) => self.device.zero(&mut g),
-        }
+        self.fresh
+            .mark(self.grads.iter().into_iter().map(|g| g.storage()));
+        Ok(())
     }
 
     /// The device ops on the engine's workspace.
@@ -333,7 +340,8 @@ impl DeviceEngine {
             &self.pool,
             self.storage,
             self.logits_chunk_rows,
-        );
+        )
+        .with_fresh_grads(self.fresh.clone());
         let resident = self
             .reference
             .as_ref()
@@ -363,6 +371,7 @@ impl DeviceEngine {
             share,
             &mut self.grads,
         )?;
+        self.fresh.settle_all(&self.device)?;
         self.ledger.push(&self.device, &self.norm, share, out)
     }
 
@@ -371,6 +380,8 @@ impl DeviceEngine {
     /// the step or the norm was not finite. Nothing is read back here: the norm is queued
     /// with the step's other logged scalars.
     pub fn finish_step(&mut self, update: Update, max_grad_norm: f64) -> Result<()> {
+        // A step without a micro-batch leaves its gradients fresh: they are zero.
+        self.fresh.settle_all(&self.device)?;
         let kernels = Kernels::new(&self.device);
         let norm_and_coef = kernels.grad_norm(&self.norm, max_grad_norm as f32)?;
         let step = AdamWStep::new(update.config, update.step, update.lr, update.seed);
@@ -429,6 +440,7 @@ impl DeviceEngine {
     /// gradients (tests/train_bf16.rs compares it with the CPU's bit for bit).
     pub fn set_grads(&mut self, grads: &[Vec<f32>]) -> Result<()> {
         let host: Vec<&Vec<f32>> = grads.iter().collect();
+        self.fresh.clear();
         store::upload(&self.device, &self.layout, self.flat.grads, &host)
     }
 

@@ -8,6 +8,7 @@ pub mod attention_bench;
 pub mod device;
 pub mod embedding;
 pub mod emu;
+pub mod fresh;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 mod gpu;

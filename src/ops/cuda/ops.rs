@@ -23,6 +23,7 @@
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout, HostLayout};
 use super::device::{AsView, Device, View};
 use super::embedding::IdRows;
+use super::fresh::FreshGrads;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::lists::{KeptLists, ListSource, StagedLists};
@@ -93,6 +94,10 @@ pub struct DeviceOps<'a> {
     spans: RefCell<Option<KeptSpans>>,
     /// Rows of one logits chunk of the scoring; `None`: as many as its default budget holds.
     scoring_chunk_rows: Option<usize>,
+    /// The engine's gradients not written yet this step (`super::fresh`): an op that adds
+    /// into one zeroes it first, a weight-gradient GEMM overwrites it. `None`: every
+    /// accumulator holds its sum.
+    fresh: Option<Rc<FreshGrads>>,
 }
 
 /// [`Ops::Table`] on a device: three f64 per response in the pool; nothing when the device
@@ -156,7 +161,37 @@ impl<'a> DeviceOps<'a> {
             attention_layout: RefCell::new(None),
             spans: RefCell::new(None),
             scoring_chunk_rows: None,
+            fresh: None,
         }
+    }
+
+    /// Ops that take `fresh` for the gradients not written yet this step.
+    pub fn with_fresh_grads(mut self, fresh: Rc<FreshGrads>) -> Self {
+        self.fresh = Some(fresh);
+        self
+    }
+
+    /// Zeroes what of `acc` is a fresh gradient, before an op adds into it.
+    pub(super) fn settle(&self, acc: &Tensor) -> Result<()> {
+        match &self.fresh {
+            Some(fresh) => fresh.settle(self.device, &acc.storage()),
+            None => Ok(()),
+        }
+    }
+
+    /// `Gemm::projection_weight_grad`, which adds `dyᵀ · x` into `dw`, or overwrites `dw`
+    /// (`β = 0`) where it is a fresh gradient.
+    fn weight_grad_gemm(&self, dw: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Gemm> {
+        let add = Gemm::projection_weight_grad(m, k, n);
+        let overwrites = match &self.fresh {
+            Some(fresh) => fresh.overwrites(self.device, &dw.storage())?,
+            None => false,
+        };
+        Ok(if overwrites {
+            Gemm { beta: 0.0, ..add }
+        } else {
+            add
+        })
     }
 
     /// Ops whose LM-head scoring holds at most `rows` rows of logits at once (the memory
@@ -455,6 +490,7 @@ impl<'a> DeviceOps<'a> {
         let dx = self.alloc::<E>(x.len())?;
         let dx_in_view = dx_in.as_ref().map(|a| a.view);
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
+        self.settle(dw)?;
         self.accumulate_f32(dw, |dw| {
             self.kernels
                 .rmsnorm_backward(&xv, &wv, &rstd, &dyv, dx_in_view, &mut dxv, dw)
@@ -484,6 +520,7 @@ impl<'a> DeviceOps<'a> {
     ) -> Result<()> {
         let rows = IdRows::new(ids).on_device(self)?;
         let dout = self.input::<E>(dout)?;
+        self.settle(dtable)?;
         match dtable.storage() {
             TensorView::F32(mut t) => self.kernels.embedding_backward(&dout, &rows, &mut t, d),
             TensorView::Bf16(mut t) => self.kernels.embedding_backward(&dout, &rows, &mut t, d),
@@ -518,7 +555,7 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(w)?,
             self.input::<E>(dy)?,
         );
-        self.gemm_accumulate(&Gemm::projection_weight_grad(m, k, n), &dy, &x, dw)?;
+        self.gemm_accumulate(&self.weight_grad_gemm(dw, (m, k, n))?, &dy, &x, dw)?;
         let dx = self.alloc::<E>(m * k)?;
         self.device.gemm(
             &Gemm::projection_input_grad(m, k, n),
@@ -541,7 +578,7 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(w)?,
             self.input::<E>(dy)?,
         );
-        self.gemm_accumulate(&Gemm::projection_weight_grad(m, k, n), &dy, &x, dw)?;
+        self.gemm_accumulate(&self.weight_grad_gemm(dw, (m, k, n))?, &dy, &x, dw)?;
         let input_grad = Gemm {
             beta: 1.0,
             ..Gemm::projection_input_grad(m, k, n)
@@ -708,6 +745,7 @@ impl<'a> DeviceOps<'a> {
         )?;
         let dh = self.alloc::<E>(h.len())?;
         let mut dhv = dh.view_as::<E>("scoring dh")?;
+        self.settle(dhead)?;
         self.accumulate_f32(dhead, |dhead| {
             self.scoring::<E>(vocab).backward(
                 &hv,

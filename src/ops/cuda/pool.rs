@@ -275,6 +275,22 @@ impl TensorView {
         self.len() == 0
     }
 
+    /// The device address of the first element.
+    pub fn device_ptr(&self) -> u64 {
+        match self {
+            TensorView::F32(v) => v.device_ptr(),
+            TensorView::Bf16(v) => v.device_ptr(),
+        }
+    }
+
+    /// The bytes the elements take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            TensorView::F32(v) => 4 * v.len(),
+            TensorView::Bf16(v) => 2 * v.len(),
+        }
+    }
+
     /// Elements `offset..offset + len`, in the same type.
     pub fn slice(&self, offset: usize, len: usize) -> Result<TensorView> {
         Ok(match self {

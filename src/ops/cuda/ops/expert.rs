@@ -159,6 +159,7 @@ impl DeviceOps<'_> {
         let what = "moe expert weight gradients";
         let moe = self.moe();
         let tensors: Vec<&Tensor> = dw.iter().map(|t| &**t).collect();
+        tensors.iter().try_for_each(|t| self.settle(t))?;
         if let Some((stack, _)) = in_place::<f32>(what, &tensors) {
             return moe.expert_weight_grad(dy, x, r, (k, n), stack);
         }
