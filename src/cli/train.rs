@@ -138,8 +138,8 @@ pub struct TrainArgs {
     /// Where the policy trains. cpu: the reference backend. emu: the device engine in the
     /// CUDA emulator on the host (slow; for checking). cuda: the device engine on a GPU (a
     /// build with --features cuda). On emu and cuda the weights, gradients and AdamW's moments
-    /// live on the device as flat buffers in the types of the precision flags (zeroing, the
-    /// norm and AdamW with the clipping folded in are one launch each); attention, the
+    /// live on the device as flat buffers in the types of the precision flags (the norm and
+    /// AdamW with the clipping folded in are one launch each); attention, the
     /// LM-head scoring, MoE dispatch and the loss run there too; a --ref-model is resident on
     /// the device beside the policy (--ref-logps saves its memory).
     #[arg(long, value_enum, default_value = "cpu")]

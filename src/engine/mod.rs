@@ -1,9 +1,10 @@
 //! The device-resident training engine (docs/architecture.md §12): the policy's weights, its
 //! gradients and AdamW's moments in one arena on a device, each a flat buffer
 //! ([`ParamLayout`], [`store`]); every op's output leased from a pool made once
-//! ([`crate::ops::cuda::pool`]); a step that zeroes the gradients, accumulates its
-//! micro-batches into them, takes the global norm and runs AdamW with the clipping folded in,
-//! one launch each, without any device allocation after the first step.
+//! ([`crate::ops::cuda::pool`]); a step that starts its gradients at zero without a pass over
+//! them (fresh gradients, docs/cuda.md), accumulates its micro-batches into them, takes the
+//! global norm and runs AdamW with the clipping folded in, one launch each, without any
+//! device allocation after the first step.
 //!
 //! Each store is f32 or bf16 as the plan's precision says (docs/numerics.md §7): bf16 weights
 //! with or without an fp32 master copy, gradients and moments f32 or bf16; `--precision f32`
@@ -378,7 +379,9 @@ impl DeviceEngine {
     /// Ends the step: the gradients' global norm, and `update`, that AdamW step with the
     /// clipping to `max_grad_norm` (0: none) folded in, which the device skips when a loss of
     /// the step or the norm was not finite. Nothing is read back here: the norm is queued
-    /// with the step's other logged scalars.
+    /// with the step's other logged scalars. Not after a failed [`DeviceEngine::accumulate`]:
+    /// its gradients are partial (the trainer drops such a step and starts the next with
+    /// [`DeviceEngine::zero_grads`]).
     pub fn finish_step(&mut self, update: Update, max_grad_norm: f64) -> Result<()> {
         // A step without a micro-batch leaves its gradients fresh: they are zero.
         self.fresh.settle_all(&self.device)?;

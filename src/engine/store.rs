@@ -1,8 +1,8 @@
 //! The flat parameter store on a device: the tensors of a [`ParamLayout`] (every tensor of the
 //! model as one span of a single flat buffer, under its checkpoint name) as views, and the
 //! moves between host tensors in checkpoint order and the flat buffers. Weights, gradients and
-//! both AdamW moments are each one such buffer, f32 or bf16 (docs/numerics.md §7), so zeroing,
-//! the global norm, clipping and AdamW are one launch over the whole model (llm.c's layout),
+//! both AdamW moments are each one such buffer, f32 or bf16 (docs/numerics.md §7), so the
+//! global norm, clipping and AdamW are one launch over the whole model (llm.c's layout),
 //! while checkpoints still see Hugging Face names and shapes.
 
 use crate::config::ModelConfig;

@@ -1,6 +1,6 @@
 //! The flat parameter store: every tensor of `param_specs` at an element offset, the same
 //! offsets in the weights, the master copy, the gradients and both moments, so that
-//! zeroing, the global norm, clipping and AdamW are one launch over one buffer each
+//! the global norm, clipping and AdamW are one launch over one buffer each
 //! (docs/architecture.md §12).
 
 use crate::config::ModelConfig;

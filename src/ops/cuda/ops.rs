@@ -586,7 +586,7 @@ impl<'a> DeviceOps<'a> {
         self.gemm_accumulate(&input_grad, &dy, &w, acc)
     }
 
-    /// `acc = a·b + acc` (`gemm.beta` is 1) in `acc`'s type: bf16 inputs sum into a bf16
+    /// `acc = a·b + β·acc` (`gemm.beta`: 1, or 0 to overwrite) in `acc`'s type: bf16 inputs sum into a bf16
     /// `acc` in the GEMM itself (fp32 compute, one rounding of the sum), which needs no f32
     /// copy; any other pairing through an f32 copy of `acc`.
     fn gemm_accumulate<E: Stored>(
@@ -829,14 +829,17 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "add_assign",
             || (),
-            || match (acc.storage(), x.storage()) {
-                (TensorView::Bf16(mut a), TensorView::Bf16(x)) => {
-                    self.kernels.add_assign(&mut a, &x)
-                }
-                _ => {
-                    let x = self.input::<f32>(x)?;
-                    self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
-                }
+            || {
+                self.settle(acc)
+                    .and_then(|()| match (acc.storage(), x.storage()) {
+                        (TensorView::Bf16(mut a), TensorView::Bf16(x)) => {
+                            self.kernels.add_assign(&mut a, &x)
+                        }
+                        _ => {
+                            let x = self.input::<f32>(x)?;
+                            self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
+                        }
+                    })
             },
         )
     }
@@ -1074,6 +1077,7 @@ impl Ops for DeviceOps<'_> {
             "scatter_add_rows (on the host)",
             || (),
             || {
+                self.settle(dst)?;
                 let mut host_dst = self.host(dst)?;
                 CpuOps.scatter_add_rows(&mut host_dst, &self.host(src)?, rows, scale, d);
                 self.write(dst, &host_dst)
