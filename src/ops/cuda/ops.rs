@@ -546,32 +546,23 @@ impl<'a> DeviceOps<'a> {
 
     fn matmul_backward_at<E: Stored>(
         &self,
-        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        inputs: (&Tensor, &Tensor, &Tensor),
         (m, k, n): (usize, usize, usize),
         dw: &mut Tensor,
     ) -> Result<Tensor> {
-        let (x, w, dy) = (
-            self.input::<E>(x)?,
-            self.input::<E>(w)?,
-            self.input::<E>(dy)?,
-        );
-        self.gemm_accumulate(&self.weight_grad_gemm(dw, (m, k, n))?, &dy, &x, dw)?;
-        let dx = self.alloc::<E>(m * k)?;
-        self.device.gemm(
-            &Gemm::projection_input_grad(m, k, n),
-            &dy,
-            &w,
-            &mut dx.view_as::<E>("matmul input gradient")?,
-        )?;
+        let mut dx = self.alloc::<E>(m * k)?;
+        self.projection_backward_at::<E>(inputs, (m, k, n), dw, (&mut dx, 0.0))?;
         Ok(dx)
     }
 
-    fn matmul_backward_into_at<E: Stored>(
+    /// A projection's backward: `dw += dyᵀ · x` (or `=` into a fresh gradient), and
+    /// `dx = dy · w + β·dx`: `β` 0 into a fresh output, 1 to sum into an accumulator.
+    fn projection_backward_at<E: Stored>(
         &self,
         (x, w, dy): (&Tensor, &Tensor, &Tensor),
         (m, k, n): (usize, usize, usize),
         dw: &mut Tensor,
-        acc: &mut Tensor,
+        (dx, beta): (&mut Tensor, f32),
     ) -> Result<()> {
         let (x, w, dy) = (
             self.input::<E>(x)?,
@@ -580,10 +571,10 @@ impl<'a> DeviceOps<'a> {
         );
         self.gemm_accumulate(&self.weight_grad_gemm(dw, (m, k, n))?, &dy, &x, dw)?;
         let input_grad = Gemm {
-            beta: 1.0,
+            beta,
             ..Gemm::projection_input_grad(m, k, n)
         };
-        self.gemm_accumulate(&input_grad, &dy, &w, acc)
+        self.gemm_accumulate(&input_grad, &dy, &w, dx)
     }
 
     /// `acc = a·b + β·acc` (`gemm.beta`: 1, or 0 to overwrite) in `acc`'s type: bf16 inputs sum into a bf16
@@ -830,16 +821,16 @@ impl Ops for DeviceOps<'_> {
             "add_assign",
             || (),
             || {
-                self.settle(acc)
-                    .and_then(|()| match (acc.storage(), x.storage()) {
-                        (TensorView::Bf16(mut a), TensorView::Bf16(x)) => {
-                            self.kernels.add_assign(&mut a, &x)
-                        }
-                        _ => {
-                            let x = self.input::<f32>(x)?;
-                            self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
-                        }
-                    })
+                self.settle(acc)?;
+                match (acc.storage(), x.storage()) {
+                    (TensorView::Bf16(mut a), TensorView::Bf16(x)) => {
+                        self.kernels.add_assign(&mut a, &x)
+                    }
+                    _ => {
+                        let x = self.input::<f32>(x)?;
+                        self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
+                    }
+                }
             },
         )
     }
@@ -938,7 +929,7 @@ impl Ops for DeviceOps<'_> {
         self.attempt(
             "matmul_backward_into",
             || (),
-            || at_storage!(self.matmul_backward_into_at((x, w, dy), shape, dw, acc)),
+            || at_storage!(self.projection_backward_at((x, w, dy), shape, dw, (acc, 1.0))),
         )
     }
 
