@@ -273,7 +273,14 @@ fn swiglu<E: Float>(b: &mut Bench) -> Result<()> {
         &format!("backward {}", E::DTYPE),
         &shape,
         Work::Bytes(5 * bytes),
-        || k.swiglu_backward(&gate, &up, &dout, &mut dgate, &mut dup),
+        || k.swiglu_backward((&gate, &up, &dout), &mut dgate, &mut dup, None),
+    )?;
+    b.case(
+        "swiglu",
+        &format!("backward + output {}", E::DTYPE),
+        &shape,
+        Work::Bytes(6 * bytes),
+        || k.swiglu_backward((&gate, &up, &dout), &mut dgate, &mut dup, Some(out.view())),
     )
 }
 
@@ -362,8 +369,8 @@ fn rmsnorm<E: Float>(b: &mut Bench) -> Result<()> {
         "rmsnorm",
         &format!("backward {}", E::DTYPE),
         &shape,
-        Work::Bytes(4 * tensor + w_bytes + rstd_bytes + 8 * D as u64),
-        || k.rmsnorm_backward(&h, &w, &rstd, &dy, Some(dh_in.view()), &mut dh, &mut dw),
+        Work::Bytes(4 * tensor + w_bytes + 8 * D as u64),
+        || k.rmsnorm_backward(&h, &w, &dy, Some(dh_in.view()), &mut dh, &mut dw, 1e-5),
     )
 }
 

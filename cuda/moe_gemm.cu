@@ -5,11 +5,14 @@
 //
 //   moe_gemm_forward_*    y[r] = x[r] · W_eᵀ   x [R, K], W_e [N, K], y [R, N]   (overwrites y)
 //   moe_gemm_input_*      dx[r] = dy[r] · W_e  dy [R, K], W_e [K, N], dx [R, N] (overwrites dx)
-//   moe_gemm_weight_*_*   dW_e += dy_eᵀ · x_e  dy [R, M], x [R, N], dW_e [M, N] (accumulates)
+//   moe_gemm_weight_*_*   dW_e += dy_eᵀ · x_e  dy [R, M], x [R, N], dW_e [M, N]
+//                         (or dW_e = dy_eᵀ · x_e with `accumulate` 0)
 //
 // where r runs over expert e's rows. Expert e's weight (or gradient) is at `w + e * w_stride`:
 // the flat parameter store lays the experts out at one stride. An expert without rows leaves
-// its gradient as it was.
+// its gradient as it was when accumulating, and gets zeros when not. Not accumulating is how
+// a step writes gradients it has not written yet (docs/cuda.md, "Fresh gradients"): their
+// old bytes are neither zeroed first nor read.
 //
 // Tiling: blocks of 4 warps own a 64 x 64 tile of the output; each warp a 32 x 32 quadrant of
 // 2 x 2 fragments (`Mma` of mma.cuh: WMMA, tensor cores with fp32 accumulation, for bf16;
@@ -200,17 +203,19 @@ __device__ void expert_rows_gemm(const T* __restrict__ a, const T* __restrict__ 
     });
 }
 
-// dW_e [M, N] += dy_eᵀ · x_e over expert e's rows, one 64 x 64 tile of dW_e.
+// dW_e [M, N] += dy_eᵀ · x_e over expert e's rows (`=` unless `accumulate`), one 64 x 64
+// tile of dW_e.
 template <class T, class G>
 __device__ void expert_weight_gemm(const T* __restrict__ dy, const T* __restrict__ x,
                                    G* __restrict__ dw, long long w_stride,
-                                   const unsigned* __restrict__ offsets, int M, int N) {
+                                   const unsigned* __restrict__ offsets, int M, int N,
+                                   bool accumulate) {
     using S = Stage<T>;
     __shared__ __align__(128) unsigned char smem[Stage<T>::kBytes];
     const int e = blockIdx.z;
     const int begin = static_cast<int>(offsets[e]);
     const int rows = static_cast<int>(offsets[e + 1]) - begin;
-    if (rows == 0) return;
+    if (rows == 0 && accumulate) return;
     const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile;
     T* as = reinterpret_cast<T*>(smem);
     T* bs = reinterpret_cast<T*>(smem + S::kOperandBytes);
@@ -231,6 +236,10 @@ __device__ void expert_weight_gemm(const T* __restrict__ dy, const T* __restrict
     const bool vector = N % kOutChunk == 0 && aligned128(dwe);
     q.write(smem, M - m0, N - n0, [&](int r, int col, int count, const float (&values)[kOutChunk]) {
         G* p = dwe + static_cast<long long>(m0 + r) * N + n0 + col;
+        if (!accumulate) {
+            store_chunk(p, count, vector, values);
+            return;
+        }
         float sum[kOutChunk];
         load_chunk(p, count, vector, sum);
 CONTRALIGN_UNROLL
@@ -256,8 +265,8 @@ CONTRALIGN_UNROLL
 #define CONTRALIGN_MOE_WEIGHT_KERNEL(suffix, T, G)                                              \
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_gemm_weight_##suffix(            \
         const T* dy, const T* x, G* dw, long long w_stride, const unsigned* offsets, int M,     \
-        int N) {                                                                               \
-        expert_weight_gemm<T, G>(dy, x, dw, w_stride, offsets, M, N);                          \
+        int N, int accumulate) {                                                               \
+        expert_weight_gemm<T, G>(dy, x, dw, w_stride, offsets, M, N, accumulate != 0);         \
     }
 
 CONTRALIGN_MOE_GEMM_KERNELS(f32, float)

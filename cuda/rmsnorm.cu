@@ -8,7 +8,7 @@
 // reads the stored h, differentiates exactly the function the forward computed.
 //
 // The backward returns dh = d(loss)/dh (plus the gradient arriving through the residual
-// stream, when given) and accumulates dw in two deterministic passes: each block sums its
+// stream, when given), taking 1/rms again from the stored h, and accumulates dw in two deterministic passes: each block sums its
 // rows into its own row of `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce` adds those
 // rows into dw in block order.
 #include "contralign.cuh"
@@ -20,8 +20,7 @@ namespace {
 // accesses where every buffer is aligned and d a multiple of P.
 //
 // `residual` may be null (h = x); `h_out` may be null (h is not stored) or alias x or
-// residual: every element is read and written by the same thread. `y` may be null: only the
-// row's 1/rms is wanted (a backward's recomputation), and the second pass is skipped.
+// residual: every element is read and written by the same thread.
 template <class T>
 __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restrict__ w, T* h_out,
                                 T* __restrict__ y, float* __restrict__ rstd, int rows, int d,
@@ -30,8 +29,7 @@ __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restri
     __shared__ float scratch[33];
     const RowChunks<P> row(d, aligned128(x) && aligned128(w) &&
                                   (residual == nullptr || aligned128(residual)) &&
-                                  (h_out == nullptr || aligned128(h_out)) &&
-                                  (y == nullptr || aligned128(y)));
+                                  (h_out == nullptr || aligned128(h_out)) && aligned128(y));
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
         float squares = 0.0f;
@@ -53,7 +51,6 @@ __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restri
         }
         const float inv_rms = rsqrtf(block_sum(squares, scratch) / d + eps);
         if (threadIdx.x == 0) rstd[r] = inv_rms;
-        if (y == nullptr) continue;
         for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
             float h[P], wj[P];
             if (h_out != nullptr) {
@@ -76,13 +73,15 @@ __device__ void rmsnorm_forward(const T* x, const T* residual, const T* __restri
     }
 }
 
-// dh_j = r (w_j dy_j - h_j r² mean_i(w_i dy_i h_i)) + dh_in_j;  dw_j += dy_j h_j r.
+// dh_j = r (w_j dy_j - h_j r² mean_i(w_i dy_i h_i)) + dh_in_j;  dw_j += dy_j h_j r, where
+// r = 1/rms(h) is taken again from h here: the first pass over a row sums h² and w dy h, the
+// second writes dh and the partial row (a separate launch for r would read h once more).
 // `dh_in` may be null; `dh` may alias dh_in or dy. Chunks of 4 elements: 16 bytes of the fp32
 // partial rows, 8 of a bf16 row, so that a warp's lanes cover consecutive bytes of both.
 template <class T>
-__device__ void rmsnorm_backward(const T* __restrict__ h, const T* __restrict__ w,
-                                 const float* __restrict__ rstd, const T* dy, const T* dh_in,
-                                 T* dh, float* __restrict__ dw_partial, int rows, int d) {
+__device__ void rmsnorm_backward(const T* __restrict__ h, const T* __restrict__ w, const T* dy,
+                                 const T* dh_in, T* dh, float* __restrict__ dw_partial,
+                                 int rows, int d, float eps) {
     constexpr int P = Pack128<float>::size;
     __shared__ float scratch[33];
     float* partial = dw_partial + static_cast<long long>(blockIdx.x) * d;
@@ -93,32 +92,35 @@ __device__ void rmsnorm_backward(const T* __restrict__ h, const T* __restrict__ 
     for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) row.store(partial, c, zeros);
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long base = static_cast<long long>(r) * d;
-        const float inv_rms = rstd[r];
         // dy, h and w at chunk c.
         auto load = [&](int c, float (&g)[P], float (&hj)[P], float (&wj)[P]) {
             row.load(dy + base, c, g);
             row.load(h + base, c, hj);
             row.load(w, c, wj);
         };
-        float proj = 0.0f;
+        float squares = 0.0f, proj = 0.0f;
         for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
-            float g[P], hj[P], wj[P], part[P];
+            float g[P], hj[P], wj[P];
+            load(c, g, hj, wj);
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) {
+                squares += hj[k] * hj[k];
+                proj += wj[k] * g[k] * hj[k];
+            }
+        }
+        const float inv_rms = rsqrtf(block_sum(squares, scratch) / d + eps);
+        const float coef = inv_rms * inv_rms * block_sum(proj, scratch) / d;
+        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
+            float g[P], hj[P], wj[P], part[P], out[P];
             load(c, g, hj, wj);
             // Only this thread touches these columns of this block's partial row.
             row.load(partial, c, part);
             CONTRALIGN_UNROLL
             for (int k = 0; k < P; ++k) {
-                proj += wj[k] * g[k] * hj[k];
                 part[k] += g[k] * hj[k] * inv_rms;
+                out[k] = inv_rms * (wj[k] * g[k] - hj[k] * coef);
             }
             row.store(partial, c, part);
-        }
-        const float coef = inv_rms * inv_rms * block_sum(proj, scratch) / d;
-        for (int c = threadIdx.x; c < row.chunks; c += blockDim.x) {
-            float g[P], hj[P], wj[P], out[P];
-            load(c, g, hj, wj);
-            CONTRALIGN_UNROLL
-            for (int k = 0; k < P; ++k) out[k] = inv_rms * (wj[k] * g[k] - hj[k] * coef);
             if (dh_in != nullptr) {
                 float extra[P];
                 row.load(dh_in + base, c, extra);
@@ -148,18 +150,18 @@ extern "C" __global__ void rmsnorm_forward_bf16(const __nv_bfloat16* x,
 }
 CONTRALIGN_KERNEL(rmsnorm_forward_bf16)
 
-extern "C" __global__ void rmsnorm_backward_f32(const float* h, const float* w, const float* rstd,
-                                                const float* dy, const float* dh_in, float* dh,
-                                                float* dw_partial, int rows, int d) {
-    rmsnorm_backward(h, w, rstd, dy, dh_in, dh, dw_partial, rows, d);
+extern "C" __global__ void rmsnorm_backward_f32(const float* h, const float* w, const float* dy,
+                                                const float* dh_in, float* dh,
+                                                float* dw_partial, int rows, int d, float eps) {
+    rmsnorm_backward(h, w, dy, dh_in, dh, dw_partial, rows, d, eps);
 }
 CONTRALIGN_KERNEL(rmsnorm_backward_f32)
 
 extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* h, const __nv_bfloat16* w,
-                                                 const float* rstd, const __nv_bfloat16* dy,
+                                                 const __nv_bfloat16* dy,
                                                  const __nv_bfloat16* dh_in, __nv_bfloat16* dh,
-                                                 float* dw_partial, int rows, int d) {
-    rmsnorm_backward(h, w, rstd, dy, dh_in, dh, dw_partial, rows, d);
+                                                 float* dw_partial, int rows, int d, float eps) {
+    rmsnorm_backward(h, w, dy, dh_in, dh, dw_partial, rows, d, eps);
 }
 CONTRALIGN_KERNEL(rmsnorm_backward_bf16)
 

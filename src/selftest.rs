@@ -148,7 +148,8 @@ fn name<E: Float>(op: &str) -> String {
     format!("{op} {}", E::DTYPE)
 }
 
-/// SwiGLU forward and backward on `n` elements.
+/// SwiGLU forward and backward on `n` elements; the backward that also writes the forward's
+/// output gives the forward's bits and its own.
 pub fn swiglu<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<Row>> {
     let dev = k.device;
     let gate = rounded::<E>(&random(rng, n, 8.0));
@@ -162,7 +163,31 @@ pub fn swiglu<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<R
     let mut out = dev.alloc::<E>(n)?;
     k.swiglu_forward(&g, &u, &mut out)?;
     let (mut dg, mut du) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?);
-    k.swiglu_backward(&g, &u, &d, &mut dg, &mut du)?;
+    k.swiglu_backward((&g, &u, &d), &mut dg, &mut du, None)?;
+    let (mut dg_fused, mut du_fused) = (dev.alloc::<E>(n)?, dev.alloc::<E>(n)?);
+    let out_again = dev.alloc::<E>(n)?;
+    k.swiglu_backward(
+        (&g, &u, &d),
+        &mut dg_fused,
+        &mut du_fused,
+        Some(out_again.view()),
+    )?;
+    let same_bits = |what: &str, got: &Buffer<E>, want: &Buffer<E>| -> Result<Row> {
+        let want = download(dev, want)?;
+        Ok(compare(
+            name::<E>(what),
+            format!("{n}"),
+            &download(dev, got)?,
+            &want,
+            &magnitudes(&want),
+            0.0,
+        ))
+    };
+    let fused = [
+        same_bits("swiglu_backward+out out", &out_again, &out)?,
+        same_bits("swiglu_backward+out dgate", &dg_fused, &dg)?,
+        same_bits("swiglu_backward+out dup", &du_fused, &du)?,
+    ];
     let shape = format!("{n}");
     // s = 1 / (1 + expf(-g)) carries about 2 u (expf's 2 ulp are damped by the 1 +), which
     // g (1 - s) in dgate multiplies by up to |g| = 8: 16 u, plus a handful of roundings. dgate's
@@ -177,7 +202,7 @@ pub fn swiglu<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<R
             ((d * u * s).abs() * (1.0 + g.abs() * (1.0 - s))) as f32
         })
         .collect();
-    Ok(vec![
+    Ok([
         compare(
             name::<E>("swiglu_forward"),
             shape.clone(),
@@ -202,7 +227,10 @@ pub fn swiglu<E: Float>(k: &Kernels, rng: &mut StdRng, n: usize) -> Result<Vec<R
             &magnitudes(&want_du),
             bound,
         ),
-    ])
+    ]
+    .into_iter()
+    .chain(fused)
+    .collect())
 }
 
 /// Embedding forward and backward: `tokens` ids drawn from a vocabulary small enough that
@@ -289,9 +317,8 @@ pub fn rmsnorm_thread_terms<E>(d: usize, block: usize) -> usize {
     d.div_ceil(chunk).div_ceil(block) * chunk
 }
 
-/// RMSNorm with the residual add, forward (y, h, rstd), 1/rms alone (a backward's
-/// recomputation) and backward (dh with a residual gradient, dw accumulated), on `rows` rows
-/// of `d`.
+/// RMSNorm with the residual add, forward (y, h, rstd) and backward (dh with a residual
+/// gradient, dw accumulated, 1/rms taken again from h), on `rows` rows of `d`.
 pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -> Result<Vec<Row>> {
     let dev = k.device;
     let eps = 1e-5f32;
@@ -318,17 +345,15 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         &mut rstd_b,
         eps,
     )?;
-    let mut rstd_alone = dev.alloc(rows)?;
-    k.rmsnorm_rstd(&h_b, &w_b, &mut rstd_alone, eps)?;
     let (mut dh_b, mut dw_b) = (dev.alloc::<E>(n)?, dev.upload(&dw0)?);
     k.rmsnorm_backward(
         &h_b,
         &w_b,
-        &rstd_b,
         &upload::<E>(dev, &dy)?,
         Some(upload::<E>(dev, &dh_in)?.view()),
         &mut dh_b,
         &mut dw_b,
+        eps,
     )?;
 
     // h = x + residual in fp32, stored as E: exact.
@@ -390,15 +415,6 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
             name::<E>("rmsnorm_forward rstd"),
             shape.clone(),
             &dev.download(&rstd_b)?,
-            &rstd_want,
-            &magnitudes(&rstd_want),
-            rstd_bound,
-        ),
-        // The same sums in the same order as the forward's: the same bound.
-        compare(
-            name::<E>("rmsnorm_rstd"),
-            shape.clone(),
-            &dev.download(&rstd_alone)?,
             &rstd_want,
             &magnitudes(&rstd_want),
             rstd_bound,

@@ -454,7 +454,6 @@ fn selftest_on_the_emulator_passes_and_lists_every_op() {
         "embedding_forward bf16",
         "embedding_backward f32",
         "rmsnorm_forward y bf16",
-        "rmsnorm_rstd f32",
         "rmsnorm_backward dh f32",
         "rmsnorm_backward dw bf16",
         "rope_forward f32",

@@ -57,6 +57,53 @@ fn a_mixtral_step_on_the_emulated_device_matches_the_cpu() {
     check_step_on_device(&Device::Emu, "tiny-mixtral", RecomputePolicy::Selective);
 }
 
+/// On the device, selective recompute makes the SwiGLU's output again inside its backward
+/// (`Ops::swiglu_down_backward`) and RMSNorm's 1/rms inside its backward, where `none` keeps
+/// both: the same arithmetic, so every gradient is the same bits, f32 and bf16, dense and
+/// mixture of experts.
+#[test]
+fn recompute_policies_give_the_same_gradient_bits_on_the_device() {
+    use contralign::loss::{LossKind, LossSpec};
+    use contralign::model::{Model, StepOptions};
+    use contralign::ops::storage::Dtype;
+    use contralign::step;
+    let device = Device::Emu;
+    for name in ["tiny-mistral", "tiny-mixtral"] {
+        let mut rng = rng(name);
+        let groups = common::random_groups(&mut rng, 3, 256, 9, 4, 7);
+        let spec = LossSpec::new(LossKind::Sft);
+        for storage in [Dtype::F32, Dtype::Bf16] {
+            let ops = DeviceOps::with_storage(&device, storage);
+            let model = Model::load(&ops, &common::fixture(name)).unwrap();
+            let grads = |recompute| {
+                let opts = StepOptions {
+                    recompute,
+                    aux_coef: 0.02,
+                };
+                let out = step::loss_and_grads(&ops, &model, None, &groups, &spec, &opts).unwrap();
+                ops.check().unwrap();
+                let grads: Vec<Vec<f32>> = out
+                    .grads
+                    .iter()
+                    .into_iter()
+                    .map(|g| ops.download(g))
+                    .collect();
+                (out.logged.loss, grads)
+            };
+            let kept = grads(RecomputePolicy::None);
+            let selective = grads(RecomputePolicy::Selective);
+            assert_eq!(kept.0, selective.0, "{name} {storage:?}: loss");
+            for (i, (a, b)) in kept.1.iter().zip(&selective.1).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{name} {storage:?}: gradient {i} differs between none and selective"
+                );
+            }
+            assert!(kept.1.iter().any(|g| g.iter().any(|&v| v != 0.0)));
+        }
+    }
+}
+
 #[test]
 fn a_failing_device_op_is_reported_once_and_stops_the_work_after_it() {
     let device = Device::Emu;
@@ -263,16 +310,16 @@ fn fresh_gradients_are_overwritten_whole_or_zeroed_before_anything_adds_into_the
     let read = || device.download(&whole).unwrap();
     let fresh = FreshGrads::default();
     fresh.mark(spans.iter().copied());
-    assert!(fresh.overwrites(&device, &spans[0]).unwrap());
+    assert!(fresh.overwrites(&device, &spans[..1]).unwrap());
     assert!(
-        !fresh.overwrites(&device, &spans[0]).unwrap(),
+        !fresh.overwrites(&device, &spans[..1]).unwrap(),
         "written once already"
     );
     // Nothing was zeroed: the op that overwrites writes it.
     assert!(read().iter().all(|&v| v == 3.5));
     // A view over the end of the second gradient and the start of the third zeroes both.
     let straddle = TensorView::F32(whole.slice(13, 5).unwrap());
-    assert!(!fresh.overwrites(&device, &straddle).unwrap());
+    assert!(!fresh.overwrites(&device, &[straddle]).unwrap());
     let after = read();
     assert!(after[..13].iter().all(|&v| v == 3.5));
     assert!(after[13..54].iter().all(|&v| v == 0.0));
@@ -297,5 +344,23 @@ fn fresh_gradients_are_overwritten_whole_or_zeroed_before_anything_adds_into_the
     assert!(
         read()[14..54].iter().all(|&v| v == 1.25),
         "cleared: nothing fresh"
+    );
+    // Several gradients at once (the experts' grouped GEMM): overwritten only when every one
+    // is fresh; otherwise the fresh ones among them are zeroed and the op adds.
+    device
+        .copy_to(&mut whole.slice(0, total).unwrap(), &vec![3.5; total])
+        .unwrap();
+    fresh.mark(spans.iter().copied());
+    assert!(fresh.overwrites(&device, &[spans[1], spans[3]]).unwrap());
+    assert!(!fresh.overwrites(&device, &[spans[0], spans[1]]).unwrap());
+    let mixed = read();
+    assert!(
+        mixed[..13].iter().all(|&v| v == 0.0),
+        "the fresh one zeroed"
+    );
+    assert!(mixed[13..].iter().all(|&v| v == 3.5));
+    assert!(
+        !fresh.overwrites(&device, &[]).unwrap(),
+        "nothing to overwrite"
     );
 }

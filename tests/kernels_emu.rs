@@ -128,27 +128,41 @@ fn swiglu_backward_matches_the_cpu_reference() {
 
             let (want_dg, want_du) = CpuOps.swiglu_backward(&gate, &up, &dy);
             let (scale_dg, scale_du) = scales(&gate, &up, &dy);
-            let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            let mut args = KernelArgs::new();
-            args.arg(gate.as_ptr()).arg(up.as_ptr()).arg(dy.as_ptr());
-            args.arg(dg.as_mut_ptr()).arg(du.as_mut_ptr()).arg(n as i64);
-            launch("swiglu_backward_f32", grid, block, &args);
-            assert_close("f32 dgate", &dg, &want_dg, &scale_dg, F32_REL, 1e-30);
-            assert_close("f32 dup", &du, &want_du, &scale_du, F32_REL, 1e-30);
+            // Without the forward's output (kept), then writing it again.
+            let want_out = CpuOps.swiglu(&gate, &up);
+            let mut out = vec![f32::NAN; n];
+            for out_ptr in [std::ptr::null_mut(), out.as_mut_ptr()] {
+                let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                let mut args = KernelArgs::new();
+                args.arg(gate.as_ptr()).arg(up.as_ptr()).arg(dy.as_ptr());
+                args.arg(dg.as_mut_ptr()).arg(du.as_mut_ptr()).arg(out_ptr);
+                args.arg(n as i64);
+                launch("swiglu_backward_f32", grid, block, &args);
+                assert_close("f32 dgate", &dg, &want_dg, &scale_dg, F32_REL, 1e-30);
+                assert_close("f32 dup", &du, &want_du, &scale_du, F32_REL, 1e-30);
+            }
+            let scale_out: Vec<f32> = want_out.iter().map(|v| v.abs()).collect();
+            assert_close("f32 out", &out, &want_out, &scale_out, F32_REL, 1e-30);
 
             let (gate_h, up_h, dy_h) = (to_bf16(&gate), to_bf16(&up), to_bf16(&dy));
             let (gate_r, up_r, dy_r) = (from_bf16(&gate_h), from_bf16(&up_h), from_bf16(&dy_h));
             let (want_dg, want_du) = CpuOps.swiglu_backward(&gate_r, &up_r, &dy_r);
             let (scale_dg, scale_du) = scales(&gate_r, &up_r, &dy_r);
             let (mut dg_h, mut du_h) = (vec![0xffffu16; n], vec![0xffffu16; n]);
+            let mut out_h = vec![0xffffu16; n];
             let mut args = KernelArgs::new();
             args.arg(gate_h.as_ptr())
                 .arg(up_h.as_ptr())
                 .arg(dy_h.as_ptr());
             args.arg(dg_h.as_mut_ptr())
                 .arg(du_h.as_mut_ptr())
+                .arg(out_h.as_mut_ptr())
                 .arg(n as i64);
             launch("swiglu_backward_bf16", grid, block, &args);
+            let want_out = CpuOps.swiglu(&gate_r, &up_r);
+            let scale_out: Vec<f32> = want_out.iter().map(|v| v.abs()).collect();
+            let out_r = from_bf16(&out_h);
+            assert_close("bf16 out", &out_r, &want_out, &scale_out, BF16_REL, 1e-30);
             assert_close(
                 "bf16 dgate",
                 &from_bf16(&dg_h),

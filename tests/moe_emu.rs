@@ -10,6 +10,7 @@ use contralign::ops::cpu::CpuOps;
 use contralign::ops::cuda::device::{counters, Device};
 use contralign::ops::cuda::emu::{self, Probe};
 use contralign::ops::cuda::ops::DeviceOps;
+use contralign::ops::cuda::pool::Tensor;
 use contralign::ops::{MoeAux, Ops};
 use contralign::selftest::{self, moe};
 use rand::rngs::StdRng;
@@ -182,6 +183,14 @@ fn the_moe_layer_on_the_device_matches_the_cpu_forward_and_backward() {
     }
 }
 
+/// Each expert's gate, up and down gradients, in that order.
+fn expert_grads(ops: &DeviceOps, grads: &[Expert<Tensor>]) -> Vec<Vec<f32>> {
+    grads
+        .iter()
+        .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| ops.download(b)))
+        .collect()
+}
+
 #[test]
 fn the_moe_layer_downloads_nothing_and_runs_in_place_on_stacked_experts() {
     // Two row tiles per expert, two column tiles and three K steps of the grouped GEMMs.
@@ -206,10 +215,7 @@ fn the_moe_layer_downloads_nothing_and_runs_in_place_on_stacked_experts() {
     for w in &weights {
         host_weights.extend([&w.gate, &w.up, &w.down].map(|b| ops.download(b)));
     }
-    let host_grads: Vec<Vec<f32>> = grads
-        .iter()
-        .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| ops.download(b)))
-        .collect();
+    let host_grads = expert_grads(&ops, &grads);
 
     let before = counters();
     // Counted (which records the library GEMMs too) and race-checked.
@@ -274,10 +280,7 @@ fn the_moe_layer_downloads_nothing_and_runs_in_place_on_stacked_experts() {
         rel_err(&ops.download(&grouter), &want.grads[0]) <= BOUND,
         "router gradient"
     );
-    let got: Vec<Vec<f32>> = grads
-        .iter()
-        .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| ops.download(b)))
-        .collect();
+    let got = expert_grads(&ops, &grads);
     for (j, ((g, before), w)) in got
         .iter()
         .zip(&host_grads)
@@ -288,4 +291,101 @@ fn the_moe_layer_downloads_nothing_and_runs_in_place_on_stacked_experts() {
         let err = rel_err(&added, w);
         assert!(err <= BOUND, "expert gradient {j} off by {err:e}");
     }
+}
+
+/// Fresh gradients (docs/cuda.md "Fresh gradients"): the experts' grouped GEMMs overwrite
+/// them without a memset and without reading their old bytes (NaNs here), an expert that
+/// receives no row gets zeros, and the router's GEMM overwrites its own.
+#[test]
+fn fresh_expert_gradients_are_overwritten_without_zeroing_or_reading_them() {
+    use contralign::ops::cuda::emu::MEMSET;
+    use contralign::ops::cuda::fresh::FreshGrads;
+    use std::rc::Rc;
+    let (t, d, ffn, experts, k) = (70, 24, 40, 4, 2);
+    let s = MoeShape { d, ffn, experts, k };
+    let device = Device::Emu;
+    let fresh = Rc::new(FreshGrads::default());
+    let ops = DeviceOps::new(&device).with_fresh_grads(fresh.clone());
+    let rng = &mut StdRng::seed_from_u64(17);
+    // Every token's first feature is 1 and the last expert's router weight on it -60: that
+    // expert is never among the top k.
+    let mut router = random(rng, experts * d, 0.5);
+    router[(experts - 1) * d] = -60.0;
+    let mut x = random(rng, t * d, 1.0);
+    x.iter_mut().step_by(d).for_each(|v| *v = 1.0);
+    let dy = random(rng, t * d, 1.0);
+    let mut host_weights = vec![router.clone()];
+    for _ in 0..experts {
+        host_weights.extend((0..3).map(|_| random(rng, ffn * d, 0.4)));
+    }
+    let flat = |w: &[Vec<f32>]| ops.upload(&w.concat());
+    let weights_flat = flat(&host_weights[1..]);
+    let weights = expert_views(&weights_flat, experts, ffn * d).unwrap();
+    let grads_flat = ops.upload(&vec![f32::NAN; experts * 3 * ffn * d]);
+    let mut grads = expert_views(&grads_flat, experts, ffn * d).unwrap();
+    let mut grouter = ops.upload(&vec![f32::NAN; experts * d]);
+    let router_dev = ops.upload(&router);
+    fresh.mark(
+        grads
+            .iter()
+            .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| b.storage()))
+            .chain([grouter.storage()]),
+    );
+    let x_dev = ops.upload(&x);
+    let row_weights = prompt_weighted_rows(t);
+    let probe = Probe {
+        count: true,
+        racecheck: false,
+    };
+    // The load-balancing sums are zeroed once a step, for every layer to add into.
+    let mut balance = ops.moe_balance(experts);
+    let (_, records) = emu::probed(probe, || {
+        let (_, acts) = moe_forward(&ops, s, &router_dev, &weights, &x_dev, t);
+        ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
+        let aux = MoeAux {
+            balance: &balance,
+            coef: AUX_COEF,
+            row_weights: &row_weights,
+        };
+        moe_backward(
+            &ops,
+            s,
+            (&router_dev, &weights),
+            (&mut grouter, &mut grads),
+            (&x_dev, t),
+            &acts,
+            &ops.upload(&dy),
+            Some(aux),
+        )
+    });
+    ops.check().unwrap();
+    let memsets: Vec<_> = records.iter().filter(|r| r.kernel == MEMSET).collect();
+    assert!(memsets.is_empty(), "no gradient zeroed: {memsets:?}");
+    let weight_grads = records
+        .iter()
+        .filter(|r| r.kernel.starts_with("moe_gemm_weight"))
+        .count();
+    assert_eq!(weight_grads, 3);
+
+    let want = run_layer(&CpuOps, s, &host_weights, &x, &dy);
+    assert!(
+        rel_err(&ops.download(&grouter), &want.grads[0]) <= BOUND,
+        "router gradient"
+    );
+    let got = expert_grads(&ops, &grads);
+    for (j, (g, w)) in got.iter().zip(&want.grads[1..]).enumerate() {
+        let err = rel_err(g, w);
+        assert!(err <= BOUND, "expert gradient {j} off by {err:e}");
+    }
+    let starved = &got[3 * (experts - 1)..];
+    assert!(
+        starved.iter().flatten().all(|&v| v == 0.0),
+        "the expert without rows gets zeros"
+    );
+    assert!(want.grads[1..3 * (experts - 1) + 1]
+        .iter()
+        .all(|g| g.iter().any(|&v| v != 0.0)));
+    // Everything was written: nothing is left for the end of the micro-batch to zero.
+    let (_, records) = emu::probed(probe, || fresh.settle_all(&device).unwrap());
+    assert!(records.is_empty());
 }

@@ -90,6 +90,16 @@ fn the_modeled_step_matches_a_direct_count_at_the_target() {
         "memset bytes, gradients {gradient_bytes}"
     );
     assert!(memset < 0.3 * gradient_bytes as f64);
+    // Selective recompute makes the SwiGLU's output again inside its backward's pass, and an
+    // RMSNorm backward takes 1/rms from its input itself: neither is a launch of its own. A
+    // layer runs one SwiGLU forward and backward, and two norms, each forward, recomputed and
+    // backward; the final norm (kept) forward and backward.
+    let launches = |kernel: &str| counted[kernel].launches;
+    let layers_f = layers as f64;
+    assert_eq!(launches("swiglu_forward_bf16"), layers_f);
+    assert_eq!(launches("swiglu_backward_bf16"), layers_f);
+    assert_eq!(launches("rmsnorm_forward_bf16"), 4.0 * layers_f + 1.0);
+    assert_eq!(launches("rmsnorm_backward_bf16"), 2.0 * layers_f + 1.0);
     // Launch counts are affine in the layers; a GEMM's and attention's FLOPs and a GEMM's
     // bytes follow their shapes exactly; a kernel's counted bytes within 5%, the whole
     // step's within 1%. The embedding backward reads and writes one row per distinct id,

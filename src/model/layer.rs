@@ -126,6 +126,22 @@ impl<O: Ops> Rows<'_, O> {
         }
     }
 
+    /// The down projection's backward through the SwiGLU whose output was not kept
+    /// ([`Ops::swiglu_down_backward`]): returns `(dgate, dup)`, accumulates `dw`.
+    fn swiglu_down_backward(
+        &self,
+        ops: &O,
+        gate_up: (&O::Buf, &O::Buf),
+        (w, dy): (&[&O::Buf], &O::Buf),
+        (i, d): (usize, usize),
+        dw: &mut [&mut O::Buf],
+    ) -> (O::Buf, O::Buf) {
+        match self {
+            Rows::Dense(m) => ops.swiglu_down_backward(gate_up, (w[0], dy), (*m, i, d), dw[0]),
+            Rows::Experts(r) => ops.moe_swiglu_down_backward(gate_up, (w, dy), r, (i, d), dw),
+        }
+    }
+
     /// [`Rows::project_backward`] with `dx` summed into `acc` (in the GEMM where the rows
     /// are dense: [`Ops::matmul_backward_into`]).
     fn project_backward_into(
@@ -174,14 +190,19 @@ fn mlp_backward<O: Ops>(
     rows: Rows<O>,
     (d, i): (usize, usize),
 ) -> O::Buf {
-    let mut recomputed = None;
-    let act = kept_or(&acts.act, &mut recomputed, || {
-        ops.swiglu(&acts.gate, &acts.up)
-    });
     let pick = |f: fn(&Expert<O::Buf>) -> &O::Buf| w.iter().map(f).collect::<Vec<_>>();
     let mut down: Vec<_> = g.iter_mut().map(|e| &mut e.down).collect();
-    let dact = rows.project_backward(ops, (act, &pick(|e| &e.down), dout), (i, d), &mut down);
-    let (dgate, dup) = ops.swiglu_backward(&acts.gate, &acts.up, &dact);
+    let w_down = pick(|e| &e.down);
+    let (dgate, dup) = match &acts.act {
+        Some(act) => {
+            let dact = rows.project_backward(ops, (act, &w_down, dout), (i, d), &mut down);
+            ops.swiglu_backward(&acts.gate, &acts.up, &dact)
+        }
+        None => {
+            let gate_up = (&acts.gate, &acts.up);
+            rows.swiglu_down_backward(ops, gate_up, (&w_down, dout), (i, d), &mut down)
+        }
+    };
     let mut gate: Vec<_> = g.iter_mut().map(|e| &mut e.gate).collect();
     let mut dx = rows.project_backward(ops, (x, &pick(|e| &e.gate), &dgate), (d, i), &mut gate);
     let mut up: Vec<_> = g.iter_mut().map(|e| &mut e.up).collect();

@@ -271,6 +271,23 @@ pub trait Ops {
         up: &Self::Buf,
         dy: &Self::Buf,
     ) -> (Self::Buf, Self::Buf);
+    /// The backward of the down projection `y [m, d] = swiglu(gate, up) · w [d, i]ᵀ` and of
+    /// the SwiGLU before it, when the SwiGLU's output was not kept: returns `(dgate, dup)`,
+    /// accumulates `dw += dyᵀ · swiglu(gate, up)`. The same numbers as recomputing the
+    /// output, [`Ops::matmul_backward`] and [`Ops::swiglu_backward`]; a device takes `dy · w`
+    /// first and then writes the output again in the SwiGLU's backward pass, which reads gate
+    /// and up anyway.
+    fn swiglu_down_backward(
+        &self,
+        (gate, up): (&Self::Buf, &Self::Buf),
+        (w, dy): (&Self::Buf, &Self::Buf),
+        (m, i, d): (usize, usize, usize),
+        dw: &mut Self::Buf,
+    ) -> (Self::Buf, Self::Buf) {
+        let act = self.swiglu(gate, up);
+        let dact = self.matmul_backward(&act, w, dy, m, i, d, dw);
+        self.swiglu_backward(gate, up, &dact)
+    }
 
     /// `out[i] = scale[i] * x[rows[i]]`.
     fn gather_rows(&self, x: &Self::Buf, rows: &[u32], scale: RowScale, d: usize) -> Self::Buf;
@@ -315,6 +332,20 @@ pub trait Ops {
         n: usize,
         dw: &mut [&mut Self::Buf],
     ) -> Self::Buf;
+    /// [`Ops::swiglu_down_backward`] on each expert's rows (expert order), through its own
+    /// down projection `w[e] [d, i]`.
+    fn moe_swiglu_down_backward(
+        &self,
+        (gate, up): (&Self::Buf, &Self::Buf),
+        (w, dy): (&[&Self::Buf], &Self::Buf),
+        routing: &Self::Routing,
+        (i, d): (usize, usize),
+        dw: &mut [&mut Self::Buf],
+    ) -> (Self::Buf, Self::Buf) {
+        let act = self.swiglu(gate, up);
+        let dact = self.moe_expert_matmul_backward(&act, w, dy, routing, i, d, dw);
+        self.swiglu_backward(gate, up, &dact)
+    }
     /// `x [T, d]`'s rows in expert order, `[T k, d]`; with `weighted`, each scaled by its
     /// slot's routing weight (the combine's backward).
     fn moe_permute(

@@ -1,6 +1,7 @@
 //! The experts' grouped GEMMs (cuda/moe_gemm.cu through [`MoeKernels`]) against an f64
 //! evaluation of their definition on the device's own routing: each expert's rows times its
-//! own weight, forward, input gradient and the accumulated weight gradient.
+//! own weight, forward, input gradient and the weight gradient, accumulated and overwritten
+//! (into a gradient of NaNs, which must not be read; an expert without rows gets zeros).
 //!
 //! Bounds, as for the library GEMMs (`selftest::gemm`): an fp32 accumulation of `K` products
 //! errs by `K u` of the sum of their magnitudes (twice that for bf16 inputs, whose products
@@ -9,8 +10,8 @@
 //! it is added to.
 
 use super::{compare, random, rounded, stored, Row, U};
-use crate::ops::cuda::device::{Device, Float};
-use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, MoeKernels};
+use crate::ops::cuda::device::{Device, Float, View};
+use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, GradWrite, MoeKernels};
 use crate::ops::cuda::pool::Pool;
 use anyhow::Result;
 use half::bf16;
@@ -104,15 +105,24 @@ fn check<E: Float, G: Float>(device: &Device, rng: &mut StdRng, c: &Case) -> Res
             .collect()
     };
     let w_stack = ExpertStack::new("weights", &stack(n * k_in)?)?;
-    let dw_views = (0..experts)
-        .map(|e| dw_dev.view().slice(e * n * k_in, n * k_in))
-        .collect::<Result<Vec<_>>>()?;
-    let dw_stack = ExpertStack::new("weight gradients", &dw_views)?;
+    let fresh_dev = device.upload(&vec![G::from_f32(f32::NAN); experts * n * k_in])?;
+    let grad_stack = |flat: View<G>| -> Result<ExpertStack<G>> {
+        let views = (0..experts)
+            .map(|e| flat.slice(e * n * k_in, n * k_in))
+            .collect::<Result<Vec<_>>>()?;
+        ExpertStack::new("weight gradients", &views)
+    };
     let y_dev = device.alloc::<E>(rows * n)?;
     let dx_dev = device.alloc::<E>(rows * k_in)?;
     moe.expert_forward(x_dev.view(), w_stack, &r, (k_in, n), y_dev.view())?;
     moe.expert_input_grad(dy_dev.view(), w_stack, &r, (k_in, n), dx_dev.view())?;
-    moe.expert_weight_grad(dy_dev.view(), x_dev.view(), &r, (k_in, n), dw_stack)?;
+    for (dw, write) in [
+        (dw_dev.view(), GradWrite::Accumulate),
+        (fresh_dev.view(), GradWrite::Overwrite),
+    ] {
+        let inputs = (dy_dev.view(), x_dev.view());
+        moe.expert_weight_grad(inputs, &r, (k_in, n), grad_stack(dw)?, write)?;
+    }
 
     let (mut y, mut y_scale) = (Vec::new(), Vec::new());
     for row in 0..rows {
@@ -131,6 +141,7 @@ fn check<E: Float, G: Float>(device: &Device, rng: &mut StdRng, c: &Case) -> Res
         }
     }
     let (mut dw_want, mut dw_scale) = (Vec::new(), Vec::new());
+    let (mut fresh_want, mut fresh_scale) = (Vec::new(), Vec::new());
     for e in 0..experts {
         let (begin, end) = (offsets[e] as usize, offsets[e + 1] as usize);
         for i in 0..n {
@@ -139,6 +150,8 @@ fn check<E: Float, G: Float>(device: &Device, rng: &mut StdRng, c: &Case) -> Res
                 let (s, m) = dot((begin..end).map(|row| (dy[row * n + i], x[row * k_in + j])));
                 dw_want.push((prior + s) as f32);
                 dw_scale.push((prior.abs() + m) as f32);
+                fresh_want.push(s as f32);
+                fresh_scale.push(m as f32);
             }
         }
     }
@@ -147,23 +160,32 @@ fn check<E: Float, G: Float>(device: &Device, rng: &mut StdRng, c: &Case) -> Res
     let rows_of = |what: &str| format!("moe_gemm {what} {}->{}", E::DTYPE, G::DTYPE);
     let got = |v: Vec<E>| v.into_iter().map(E::to_f32).collect::<Vec<f32>>();
     let max_rows = offsets.windows(2).map(|o| o[1] - o[0]).max().unwrap_or(0) as usize;
-    let weight_row = compare(
-        rows_of("weight grad +="),
-        shape(c),
-        &device
-            .download(&dw_dev)?
-            .into_iter()
-            .map(G::to_f32)
-            .collect::<Vec<f32>>(),
-        &dw_want,
-        &dw_scale,
-        stored::<G>(bound(max_rows + 1)),
-    );
+    let gradients = |flat| -> Result<Vec<f32>> {
+        Ok(device.download(flat)?.into_iter().map(G::to_f32).collect())
+    };
+    let weight_rows = vec![
+        compare(
+            rows_of("weight grad +="),
+            shape(c),
+            &gradients(&dw_dev)?,
+            &dw_want,
+            &dw_scale,
+            stored::<G>(bound(max_rows + 1)),
+        ),
+        compare(
+            rows_of("weight grad ="),
+            shape(c),
+            &gradients(&fresh_dev)?,
+            &fresh_want,
+            &fresh_scale,
+            stored::<G>(bound(max_rows)),
+        ),
+    ];
     if G::DTYPE != "f32" {
         // The forward and input rows do not depend on the gradients' type: checked once.
-        return Ok(vec![weight_row]);
+        return Ok(weight_rows);
     }
-    Ok(vec![
+    let mut rows = vec![
         compare(
             format!("moe_gemm forward {}", E::DTYPE),
             shape(c),
@@ -180,8 +202,9 @@ fn check<E: Float, G: Float>(device: &Device, rng: &mut StdRng, c: &Case) -> Res
             &dx_scale,
             stored::<E>(bound(n)),
         ),
-        weight_row,
-    ])
+    ];
+    rows.extend(weight_rows);
+    Ok(rows)
 }
 
 /// Every case at every pair of types the engine runs: f32 throughout, bf16 inputs with f32

@@ -57,17 +57,24 @@ impl FreshGrads {
         keys.iter().filter_map(|at| spans.remove(at)).collect()
     }
 
-    /// Whether an op may overwrite `t` rather than add to it: `t` is exactly a fresh
-    /// gradient, which is then no longer fresh. A fresh gradient that `t` only overlaps is
-    /// zeroed first, and the answer is no.
-    pub fn overwrites(&self, device: &Device, t: &TensorView) -> Result<bool> {
-        let taken = self.take_overlapping(t);
-        if let [only] = taken.as_slice() {
-            if bytes(only) == bytes(t) {
-                return Ok(true);
+    /// Whether an op may overwrite `ts` rather than add into them: each is exactly a fresh
+    /// gradient, and they are then fresh no more. Otherwise the fresh gradients any of them
+    /// shares a byte with are zeroed first, and the answer is no.
+    pub fn overwrites(&self, device: &Device, ts: &[TensorView]) -> Result<bool> {
+        let exact = |t: &TensorView| {
+            self.spans
+                .borrow()
+                .get(&t.device_ptr())
+                .is_some_and(|g| bytes(g) == bytes(t))
+        };
+        if !ts.is_empty() && ts.iter().all(exact) {
+            let mut spans = self.spans.borrow_mut();
+            for t in ts {
+                spans.remove(&t.device_ptr());
             }
+            return Ok(true);
         }
-        taken.iter().try_for_each(|g| zero(device, g))?;
+        ts.iter().try_for_each(|t| self.settle(device, t))?;
         Ok(false)
     }
 

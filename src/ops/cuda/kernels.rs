@@ -147,13 +147,14 @@ impl<'a> Kernels<'a> {
         self.launch(&name, self.element_blocks(gate.len()), &args)
     }
 
+    /// `(dgate, dup)` from `dout`, and `out = silu(gate) * up` again where `out` is given (a
+    /// backward that did not keep the forward's output), in the same pass.
     pub fn swiglu_backward<E: Float>(
         &self,
-        gate: &impl AsView<E>,
-        up: &impl AsView<E>,
-        dout: &impl AsView<E>,
+        (gate, up, dout): (&impl AsView<E>, &impl AsView<E>, &impl AsView<E>),
         dgate: &mut impl AsView<E>,
         dup: &mut impl AsView<E>,
+        out: Option<View<E>>,
     ) -> Result<()> {
         let (gate, up, dout, dgate, dup) = (
             gate.view(),
@@ -162,7 +163,7 @@ impl<'a> Kernels<'a> {
             dgate.view(),
             dup.view(),
         );
-        for b in [up, dout, dgate, dup] {
+        for b in [up, dout, dgate, dup].into_iter().chain(out) {
             same_len("swiglu_backward", gate, b)?;
         }
         let mut args = KernelArgs::new();
@@ -171,6 +172,7 @@ impl<'a> Kernels<'a> {
             .buffer(&dout)
             .buffer(&dgate)
             .buffer(&dup)
+            .optional_buffer(out)
             .arg(gate.len() as i64);
         let name = format!("swiglu_backward_{}", E::DTYPE);
         self.launch(&name, self.element_blocks(gate.len()), &args)
@@ -231,33 +233,8 @@ impl<'a> Kernels<'a> {
         rstd: &mut impl AsView<f32>,
         eps: f32,
     ) -> Result<()> {
-        let (x, w, rstd) = (x.view(), w.view(), rstd.view());
-        same_len("rmsnorm y", x, y.view())?;
-        self.rmsnorm_launch(x, residual, w, h_out, Some(y.view()), rstd, eps)
-    }
-
-    /// Only `rstd`, 1/rms of each row of `x` (a backward's recomputation): one read of `x`.
-    pub fn rmsnorm_rstd<E: Float>(
-        &self,
-        x: &impl AsView<E>,
-        w: &impl AsView<E>,
-        rstd: &mut impl AsView<f32>,
-        eps: f32,
-    ) -> Result<()> {
-        self.rmsnorm_launch(x.view(), None, w.view(), None, None, rstd.view(), eps)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_launch<E: Float>(
-        &self,
-        x: View<E>,
-        residual: Option<View<E>>,
-        w: View<E>,
-        h_out: Option<View<E>>,
-        y: Option<View<E>>,
-        rstd: View<f32>,
-        eps: f32,
-    ) -> Result<()> {
+        let (x, w, y, rstd) = (x.view(), w.view(), y.view(), rstd.view());
+        same_len("rmsnorm y", x, y)?;
         let d = w.len();
         let rows = rows_of("rmsnorm", x.len(), d)?;
         if let Some(r) = residual {
@@ -272,7 +249,7 @@ impl<'a> Kernels<'a> {
             .optional_buffer(residual)
             .buffer(&w)
             .optional_buffer(h_out)
-            .optional_buffer(y)
+            .buffer(&y)
             .buffer(&rstd)
             .arg(rows as i32)
             .arg(d as i32)
@@ -281,26 +258,20 @@ impl<'a> Kernels<'a> {
         self.launch(&name, rows, &args)
     }
 
-    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32).
+    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32). The rows' 1/rms is
+    /// taken again from `h` (with `eps`) inside the kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_backward<E: Float>(
         &self,
         h: &impl AsView<E>,
         w: &impl AsView<E>,
-        rstd: &impl AsView<f32>,
         dy: &impl AsView<E>,
         dh_in: Option<View<E>>,
         dh: &mut impl AsView<E>,
         dw: &mut impl AsView<f32>,
+        eps: f32,
     ) -> Result<()> {
-        let (h, w, rstd, dy, dh, dw) = (
-            h.view(),
-            w.view(),
-            rstd.view(),
-            dy.view(),
-            dh.view(),
-            dw.view(),
-        );
+        let (h, w, dy, dh, dw) = (h.view(), w.view(), dy.view(), dh.view(), dw.view());
         let d = w.len();
         let rows = rows_of("rmsnorm_backward", h.len(), d)?;
         same_len("rmsnorm_backward dy", h, dy)?;
@@ -308,23 +279,19 @@ impl<'a> Kernels<'a> {
         if let Some(g) = dh_in {
             same_len("rmsnorm_backward dh_in", h, g)?;
         }
-        ensure!(
-            rstd.len() == rows,
-            "rmsnorm_backward: rstd needs {rows} elements"
-        );
         same_len("rmsnorm_backward dw", w, dw)?;
         let parts = self.rmsnorm_dw_parts(rows);
         let (partial, _lease) = self.scratch.take::<f32>(self.device, parts * d)?;
         let mut args = KernelArgs::new();
         args.buffer(&h)
             .buffer(&w)
-            .buffer(&rstd)
             .buffer(&dy)
             .optional_buffer(dh_in)
             .buffer(&dh)
             .buffer(&partial)
             .arg(rows as i32)
-            .arg(d as i32);
+            .arg(d as i32)
+            .arg(eps);
         self.launch(&format!("rmsnorm_backward_{}", E::DTYPE), parts, &args)?;
         let mut args = KernelArgs::new();
         args.buffer(&partial)

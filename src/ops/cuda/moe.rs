@@ -82,6 +82,16 @@ impl<E: bytemuck::Pod> ExpertStack<E> {
     }
 }
 
+/// How the experts' weight-gradient GEMM writes its gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// `dw_e += dy_eᵀ · x_e`; an expert without rows keeps its gradient.
+    Accumulate,
+    /// `dw_e = dy_eᵀ · x_e`, zeros for an expert without rows; the old bytes are not read (a
+    /// fresh gradient, docs/cuda.md "Fresh gradients").
+    Overwrite,
+}
+
 /// One layer's routing on the device.
 pub struct DeviceRouting {
     pub experts: usize,
@@ -305,15 +315,15 @@ impl<'a> MoeKernels<'a> {
         self.launch(&format!("{kernel}_{}", E::DTYPE), config, &args)
     }
 
-    /// `dw_e [n, k] += dy_eᵀ · x_e` over each expert's rows of `dy [R, n]` and `x [R, k]`;
-    /// an expert without rows keeps its gradient.
+    /// `dw_e [n, k] += dy_eᵀ · x_e` (or `=`, as `write` says) over each expert's rows of
+    /// `dy [R, n]` and `x [R, k]`.
     pub fn expert_weight_grad<E: Float, G: Float>(
         &self,
-        dy: View<E>,
-        x: View<E>,
+        (dy, x): (View<E>, View<E>),
         r: &DeviceRouting,
         (k, n): (usize, usize),
         dw: ExpertStack<G>,
+        write: GradWrite,
     ) -> Result<()> {
         dw.check("moe expert weight gradients", r.experts, n * k)?;
         ensure_len("moe expert weight-gradient dy", dy.len(), r.slots() * n)?;
@@ -327,7 +337,7 @@ impl<'a> MoeKernels<'a> {
             "moe expert weight gradient: {} rows of {n} by {k} exceed the kernel's grid",
             r.slots()
         );
-        if r.slots() == 0 || n == 0 || k == 0 {
+        if n == 0 || k == 0 || (r.slots() == 0 && write == GradWrite::Accumulate) {
             return Ok(());
         }
         let mut args = KernelArgs::new();
@@ -337,7 +347,8 @@ impl<'a> MoeKernels<'a> {
             .arg(dw.stride as i64)
             .buffer(&r.expert_offsets)
             .arg(n as i32)
-            .arg(k as i32);
+            .arg(k as i32)
+            .arg(i32::from(write == GradWrite::Accumulate));
         let grid = (col_tiles as u32, row_tiles as u32, r.experts as u32);
         self.launch(
             &format!("moe_gemm_weight_{}_{}", E::DTYPE, G::DTYPE),

@@ -179,15 +179,23 @@ impl<'a> DeviceOps<'a> {
         }
     }
 
+    /// Whether an op may overwrite `grads` rather than add into them: each is exactly a
+    /// fresh gradient, and then fresh no more. Otherwise what of them was fresh is zeroed.
+    pub(super) fn overwrites(&self, grads: &[&Tensor]) -> Result<bool> {
+        match &self.fresh {
+            Some(fresh) => {
+                let views: Vec<TensorView> = grads.iter().map(|t| t.storage()).collect();
+                fresh.overwrites(self.device, &views)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// `Gemm::projection_weight_grad`, which adds `dyᵀ · x` into `dw`, or overwrites `dw`
     /// (`β = 0`) where it is a fresh gradient.
     fn weight_grad_gemm(&self, dw: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Gemm> {
         let add = Gemm::projection_weight_grad(m, k, n);
-        let overwrites = match &self.fresh {
-            Some(fresh) => fresh.overwrites(self.device, &dw.storage())?,
-            None => false,
-        };
-        Ok(if overwrites {
+        Ok(if self.overwrites(&[dw])? {
             Gemm { beta: 0.0, ..add }
         } else {
             add
@@ -483,17 +491,13 @@ impl<'a> DeviceOps<'a> {
             self.input::<E>(dy)?,
         );
         let dx_in = dx_in.map(|a| self.input::<E>(a)).transpose()?;
-        // The trait keeps no statistics between the passes: recompute 1/rms (alone).
-        let rstd_lease = self.alloc::<f32>(xv.view.len() / wv.view.len().max(1))?;
-        let mut rstd = rstd_lease.view_as::<f32>("rmsnorm rstd")?;
-        self.kernels.rmsnorm_rstd(&xv, &wv, &mut rstd, eps as f32)?;
         let dx = self.alloc::<E>(x.len())?;
         let dx_in_view = dx_in.as_ref().map(|a| a.view);
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
         self.settle(dw)?;
         self.accumulate_f32(dw, |dw| {
             self.kernels
-                .rmsnorm_backward(&xv, &wv, &rstd, &dyv, dx_in_view, &mut dxv, dw)
+                .rmsnorm_backward(&xv, &wv, &dyv, dx_in_view, &mut dxv, dw, eps as f32)
         })?;
         Ok(dx)
     }
@@ -560,21 +564,54 @@ impl<'a> DeviceOps<'a> {
     fn projection_backward_at<E: Stored>(
         &self,
         (x, w, dy): (&Tensor, &Tensor, &Tensor),
-        (m, k, n): (usize, usize, usize),
+        shape: (usize, usize, usize),
         dw: &mut Tensor,
+        dx: (&mut Tensor, f32),
+    ) -> Result<()> {
+        self.projection_weight_grad_at::<E>((x, dy), shape, dw)?;
+        self.projection_input_grad_at::<E>((w, dy), shape, dx)
+    }
+
+    /// `dw += dyᵀ · x` (or `=` into a fresh gradient) for `y [m, n] = x [m, k] · w [n, k]ᵀ`.
+    fn projection_weight_grad_at<E: Stored>(
+        &self,
+        (x, dy): (&Tensor, &Tensor),
+        shape: (usize, usize, usize),
+        dw: &mut Tensor,
+    ) -> Result<()> {
+        let (x, dy) = (self.input::<E>(x)?, self.input::<E>(dy)?);
+        self.gemm_accumulate(&self.weight_grad_gemm(dw, shape)?, &dy, &x, dw)
+    }
+
+    /// `dx = dy · w + β·dx` for `y [m, n] = x [m, k] · w [n, k]ᵀ`.
+    fn projection_input_grad_at<E: Stored>(
+        &self,
+        (w, dy): (&Tensor, &Tensor),
+        (m, k, n): (usize, usize, usize),
         (dx, beta): (&mut Tensor, f32),
     ) -> Result<()> {
-        let (x, w, dy) = (
-            self.input::<E>(x)?,
-            self.input::<E>(w)?,
-            self.input::<E>(dy)?,
-        );
-        self.gemm_accumulate(&self.weight_grad_gemm(dw, (m, k, n))?, &dy, &x, dw)?;
+        let (w, dy) = (self.input::<E>(w)?, self.input::<E>(dy)?);
         let input_grad = Gemm {
             beta,
             ..Gemm::projection_input_grad(m, k, n)
         };
         self.gemm_accumulate(&input_grad, &dy, &w, dx)
+    }
+
+    /// [`Ops::swiglu_down_backward`]: `dact = dy · w` first, then `(dgate, dup)` and the
+    /// SwiGLU's output in one pass over gate and up, then `dw` from that output.
+    fn swiglu_down_backward_at<E: Stored>(
+        &self,
+        (gate, up): (&Tensor, &Tensor),
+        (w, dy): (&Tensor, &Tensor),
+        (m, i, d): (usize, usize, usize),
+        dw: &mut Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut dact = self.alloc::<E>(m * i)?;
+        self.projection_input_grad_at::<E>((w, dy), (m, i, d), (&mut dact, 0.0))?;
+        let (act, dgate, dup) = self.swiglu_backward_output_at::<E>(gate, up, &dact)?;
+        self.projection_weight_grad_at::<E>((&act, dy), (m, i, d), dw)?;
+        Ok((dgate, dup))
     }
 
     /// `acc = a·b + β·acc` (`gemm.beta`: 1, or 0 to overwrite) in `acc`'s type: bf16 inputs sum into a bf16
@@ -668,6 +705,29 @@ impl<'a> DeviceOps<'a> {
         up: &Tensor,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        self.swiglu_grads::<E>((gate, up, dy), None)
+    }
+
+    /// The SwiGLU's output `silu(gate) · up` made again in its backward's pass, with
+    /// `(dgate, dup)`: `(output, dgate, dup)`.
+    fn swiglu_backward_output_at<E: Stored>(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let out = self.alloc::<E>(gate.len())?;
+        let view = out.view_as::<E>("swiglu output")?;
+        let (dgate, dup) = self.swiglu_grads::<E>((gate, up, dy), Some(view))?;
+        Ok((out, dgate, dup))
+    }
+
+    /// `(dgate, dup)`, and the forward's output into `out` where given.
+    fn swiglu_grads<E: Stored>(
+        &self,
+        (gate, up, dy): (&Tensor, &Tensor, &Tensor),
+        out: Option<View<E>>,
+    ) -> Result<(Tensor, Tensor)> {
         let (gate, up, dy) = (
             self.input::<E>(gate)?,
             self.input::<E>(up)?,
@@ -676,11 +736,10 @@ impl<'a> DeviceOps<'a> {
         let dgate = self.alloc::<E>(gate.view.len())?;
         let dup = self.alloc::<E>(up.view.len())?;
         self.kernels.swiglu_backward(
-            &gate,
-            &up,
-            &dy,
+            (&gate, &up, &dy),
             &mut dgate.view_as::<E>("swiglu dgate")?,
             &mut dup.view_as::<E>("swiglu dup")?,
+            out,
         )?;
         Ok((dgate, dup))
     }
@@ -1023,6 +1082,21 @@ impl Ops for DeviceOps<'_> {
         )
     }
 
+    fn swiglu_down_backward(
+        &self,
+        gate_up: (&Tensor, &Tensor),
+        down: (&Tensor, &Tensor),
+        shape: (usize, usize, usize),
+        dw: &mut Tensor,
+    ) -> (Tensor, Tensor) {
+        let len = shape.0 * shape.1;
+        self.attempt(
+            "swiglu_down_backward",
+            || (Self::placeholder(len), Self::placeholder(len)),
+            || at_storage!(self.swiglu_down_backward_at(gate_up, down, shape, dw)),
+        )
+    }
+
     fn gather_rows(&self, x: &Tensor, rows: &[u32], scale: RowScale, d: usize) -> Tensor {
         if scale.is_none() {
             // An unscaled gather is an embedding lookup in `x` (the prediction rows).
@@ -1145,6 +1219,25 @@ impl Ops for DeviceOps<'_> {
             || {
                 let r = routed(routing)?;
                 at_storage!(self.expert_matmul_backward_at((x, w, dy), r, (k_in, n), dw))
+            },
+        )
+    }
+
+    fn moe_swiglu_down_backward(
+        &self,
+        gate_up: (&Tensor, &Tensor),
+        down: (&[&Tensor], &Tensor),
+        routing: &Option<DeviceRouting>,
+        (i, d): (usize, usize),
+        dw: &mut [&mut Tensor],
+    ) -> (Tensor, Tensor) {
+        let len = routing.as_ref().map_or(0, DeviceRouting::slots) * i;
+        self.attempt(
+            "moe_swiglu_down_backward",
+            || (Self::placeholder(len), Self::placeholder(len)),
+            || {
+                let r = routed(routing)?;
+                at_storage!(self.moe_swiglu_down_backward_at(gate_up, down, r, (i, d), dw))
             },
         )
     }

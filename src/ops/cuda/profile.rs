@@ -15,7 +15,7 @@ use super::emu::{self, LaunchRecord, Probe, Traffic};
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::lists::Uploads;
-use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
+use super::moe::{DeviceRouting, ExpertStack, GradWrite, MoeKernels};
 use super::pool::{Leased, Pool};
 use super::roofline::{table_header, Gpu, Math};
 use super::scoring::Spans;
@@ -315,6 +315,34 @@ fn targets(device: &Device, rng: &mut StdRng, s: &Shapes) -> Result<Buffer<u32>>
     device.upload(&targets)
 }
 
+/// The SwiGLU backward: gate, up and dy read, dgate and dup written; with
+/// `writes_output`, the forward's output written again too (a backward that did not keep
+/// it: one more write, where a recomputation of its own would read gate and up once more).
+fn swiglu_backward_case<E: Float>(writes_output: bool) -> Case {
+    let (e, dt) = (size::<E>(), E::DTYPE);
+    let (name, tensors) = if writes_output {
+        (format!("swiglu backward {dt}, output recomputed"), 6)
+    } else {
+        (format!("swiglu backward {dt}"), 5)
+    };
+    case(
+        name,
+        move |s| (tensors * (s.tokens * s.ffn) as u64 * e, 0),
+        move |k, s, rng| {
+            let n = s.tokens * s.ffn;
+            let g = random::<E>(k.device, rng, n, 4.0)?;
+            let (u, dy) = (
+                random(k.device, rng, n, 2.0)?,
+                random(k.device, rng, n, 1.0)?,
+            );
+            let (mut dg, mut du) = (k.device.alloc::<E>(n)?, k.device.alloc::<E>(n)?);
+            let out = k.device.alloc::<E>(n)?;
+            let out = writes_output.then(|| out.view());
+            k.swiglu_backward((&g, &u, &dy), &mut dg, &mut du, out)
+        },
+    )
+}
+
 fn element_cases<E: Float>() -> Vec<Case> {
     let e = size::<E>();
     let dt = E::DTYPE;
@@ -332,20 +360,8 @@ fn element_cases<E: Float>() -> Vec<Case> {
                 k.swiglu_forward(&g, &u, &mut out)
             },
         ),
-        case(
-            format!("swiglu backward {dt}"),
-            move |s| (5 * (s.tokens * s.ffn) as u64 * e, 0),
-            |k, s, rng| {
-                let n = s.tokens * s.ffn;
-                let g = random::<E>(k.device, rng, n, 4.0)?;
-                let (u, dy) = (
-                    random(k.device, rng, n, 2.0)?,
-                    random(k.device, rng, n, 1.0)?,
-                );
-                let (mut dg, mut du) = (k.device.alloc::<E>(n)?, k.device.alloc::<E>(n)?);
-                k.swiglu_backward(&g, &u, &dy, &mut dg, &mut du)
-            },
-        ),
+        swiglu_backward_case::<E>(false),
+        swiglu_backward_case::<E>(true),
         // The ids read, each distinct id's table row read once, each token's output row
         // written.
         case(
@@ -388,24 +404,23 @@ fn element_cases<E: Float>() -> Vec<Case> {
                 )
             },
         ),
-        // h, dy and the incoming gradient read, dh written; w and rstd once; dw read and
-        // written.
+        // h, dy and the incoming gradient read, dh written; w once; dw read and written.
         case(
             format!("rmsnorm backward {dt}"),
             move |s| {
                 let n = (s.tokens * s.d) as u64;
-                (4 * n * e + s.d as u64 * (e + 8) + 4 * s.tokens as u64, 0)
+                (4 * n * e + s.d as u64 * (e + 8), 0)
             },
             |k, s, rng| {
                 let n = s.tokens * s.d;
                 let h = random::<E>(k.device, rng, n, 2.0)?;
                 let w = random::<E>(k.device, rng, s.d, 1.0)?;
-                let rstd = random::<f32>(k.device, rng, s.tokens, 1.0)?;
                 let dy = random::<E>(k.device, rng, n, 1.0)?;
                 let dh_in = random::<E>(k.device, rng, n, 1.0)?;
                 let mut dh = k.device.alloc::<E>(n)?;
                 let mut dw = random::<f32>(k.device, rng, s.d, 1.0)?;
-                k.rmsnorm_backward(&h, &w, &rstd, &dy, Some(dh_in.view()), &mut dh, &mut dw)
+                let dh_in = Some(dh_in.view());
+                k.rmsnorm_backward(&h, &w, &dy, dh_in, &mut dh, &mut dw, 1e-5)
             },
         ),
         rope_case::<E>("forward", false),
@@ -573,20 +588,26 @@ fn routed_case(
 enum ExpertGemm {
     Forward,
     InputGrad,
-    WeightGrad,
+    WeightGrad(GradWrite),
 }
 
 /// One of the experts' grouped GEMMs (`T` in, `G` out for the weight gradient) at Mixtral's
 /// routing over the `T k` rows, from `d` to `ffn` (the gate and up projections) at the widths
 /// of [`Shapes::expert_width_divisor`]: each operand read once and the output written once
-/// (read too when accumulated into), the expert offsets read by every block.
+/// (read too when accumulated into, not when a fresh gradient is overwritten), the expert
+/// offsets read by every block.
 fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
     let widths = |s: &Shapes| (s.d / s.expert_width_divisor, s.ffn / s.expert_width_divisor);
     let dt = T::DTYPE;
     let name = match op {
         ExpertGemm::Forward => format!("forward {dt}"),
         ExpertGemm::InputGrad => format!("input grad {dt}"),
-        ExpertGemm::WeightGrad => format!("weight grad {dt} -> {}", G::DTYPE),
+        ExpertGemm::WeightGrad(GradWrite::Accumulate) => {
+            format!("weight grad {dt} -> {}", G::DTYPE)
+        }
+        ExpertGemm::WeightGrad(GradWrite::Overwrite) => {
+            format!("weight grad {dt} -> {}, fresh (overwritten)", G::DTYPE)
+        }
     };
     case(
         format!("moe expert gemm {name}"),
@@ -597,7 +618,10 @@ fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
             let (t, g) = (size::<T>(), size::<G>());
             let bytes = match op {
                 ExpertGemm::Forward | ExpertGemm::InputGrad => t * (rows * (d + f) + e * f * d),
-                ExpertGemm::WeightGrad => t * rows * (f + d) + 2 * g * e * f * d,
+                ExpertGemm::WeightGrad(GradWrite::Accumulate) => {
+                    t * rows * (f + d) + 2 * g * e * f * d
+                }
+                ExpertGemm::WeightGrad(GradWrite::Overwrite) => t * rows * (f + d) + g * e * f * d,
             };
             (bytes + 4 * (e + 1), 2 * rows * d * f)
         },
@@ -625,7 +649,7 @@ fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
                     let dx = k.device.alloc::<T>(rows * d)?;
                     moe.expert_input_grad(dy.view(), w, &r, (d, f), dx.view())
                 }
-                ExpertGemm::WeightGrad => {
+                ExpertGemm::WeightGrad(write) => {
                     let dy = random::<T>(k.device, rng, rows * f, 1.0)?;
                     let x = random::<T>(k.device, rng, rows * d, 1.0)?;
                     let grads = random::<G>(k.device, rng, s.experts * f * d, 0.1)?;
@@ -633,7 +657,7 @@ fn expert_gemm_case<T: Float, G: Float>(op: ExpertGemm) -> Case {
                         .map(|e| grads.view().slice(e * f * d, f * d))
                         .collect::<Result<Vec<_>>>()?;
                     let dw = ExpertStack::new("expert gradients", &views)?;
-                    moe.expert_weight_grad(dy.view(), x.view(), &r, (d, f), dw)
+                    moe.expert_weight_grad((dy.view(), x.view()), &r, (d, f), dw, write)
                 }
             }
         },
@@ -940,11 +964,15 @@ pub fn cases(extra: Vec<Case>) -> Vec<Case> {
     cases.extend(moe_cases());
     cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::Forward));
     cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::InputGrad));
-    cases.push(expert_gemm_case::<bf16, f32>(ExpertGemm::WeightGrad));
-    cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::WeightGrad));
+    let accumulate = ExpertGemm::WeightGrad(GradWrite::Accumulate);
+    cases.push(expert_gemm_case::<bf16, f32>(accumulate));
+    cases.push(expert_gemm_case::<bf16, bf16>(accumulate));
+    cases.push(expert_gemm_case::<bf16, bf16>(ExpertGemm::WeightGrad(
+        GradWrite::Overwrite,
+    )));
     cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::Forward));
     cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::InputGrad));
-    cases.push(expert_gemm_case::<f32, f32>(ExpertGemm::WeightGrad));
+    cases.push(expert_gemm_case::<f32, f32>(accumulate));
     cases.extend(other_cases());
     cases.extend(extra);
     cases

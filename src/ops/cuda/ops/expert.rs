@@ -13,7 +13,7 @@
 
 use super::DeviceOps;
 use crate::ops::cuda::device::View;
-use crate::ops::cuda::moe::{DeviceRouting, ExpertStack};
+use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, GradWrite};
 use crate::ops::cuda::pool::{Leased, Stored, Tensor, TensorView};
 use crate::ops::storage::Dtype;
 use anyhow::{ensure, Result};
@@ -137,8 +137,19 @@ impl DeviceOps<'_> {
         (k, n): (usize, usize),
         dw: &mut [&mut Tensor],
     ) -> Result<Tensor> {
-        let (x, dy) = (self.input::<E>(x)?, self.input::<E>(dy)?);
-        self.expert_weight_grads::<E>((dy.view, x.view), r, (k, n), dw)?;
+        let (xv, dyv) = (self.input::<E>(x)?, self.input::<E>(dy)?);
+        self.expert_weight_grads::<E>((dyv.view, xv.view), r, (k, n), dw)?;
+        self.expert_input_grad_at::<E>((w, dy), r, (k, n))
+    }
+
+    /// `dx = dy · w[e]` on each expert's rows.
+    fn expert_input_grad_at<E: Stored>(
+        &self,
+        (w, dy): (&[&Tensor], &Tensor),
+        r: &DeviceRouting,
+        (k, n): (usize, usize),
+    ) -> Result<Tensor> {
+        let dy = self.input::<E>(dy)?;
         let w = self.expert_stack::<E>("moe expert weights", w)?;
         let dx = self.alloc::<E>(r.slots() * k)?;
         let out = dx.view_as::<E>("moe expert input gradient")?;
@@ -147,8 +158,28 @@ impl DeviceOps<'_> {
         Ok(dx)
     }
 
+    /// [`Ops::moe_swiglu_down_backward`]: each expert's `dact = dy · w[e]` first, then
+    /// `(dgate, dup)` and the SwiGLU's output in one pass, then the weight gradients from it.
+    ///
+    /// [`Ops::moe_swiglu_down_backward`]: crate::ops::Ops::moe_swiglu_down_backward
+    pub(super) fn moe_swiglu_down_backward_at<E: Stored>(
+        &self,
+        (gate, up): (&Tensor, &Tensor),
+        (w, dy): (&[&Tensor], &Tensor),
+        r: &DeviceRouting,
+        (i, d): (usize, usize),
+        dw: &mut [&mut Tensor],
+    ) -> Result<(Tensor, Tensor)> {
+        let dact = self.expert_input_grad_at::<E>((w, dy), r, (i, d))?;
+        let (act, dgate, dup) = self.swiglu_backward_output_at::<E>(gate, up, &dact)?;
+        let (act, dy) = (self.input::<E>(&act)?, self.input::<E>(dy)?);
+        self.expert_weight_grads::<E>((dy.view, act.view), r, (i, d), dw)?;
+        Ok((dgate, dup))
+    }
+
     /// `dw[e] += dy_eᵀ · x_e`: in place when the gradients lie at one stride as f32, or as
-    /// bf16 with bf16 inputs (the kernels' accumulating types); else through an f32 copy.
+    /// bf16 with bf16 inputs (the kernels' accumulating types), overwriting them (`=`) when
+    /// they are all fresh gradients; else through an f32 copy.
     fn expert_weight_grads<E: Stored>(
         &self,
         (dy, x): (View<E>, View<E>),
@@ -159,22 +190,34 @@ impl DeviceOps<'_> {
         let what = "moe expert weight gradients";
         let moe = self.moe();
         let tensors: Vec<&Tensor> = dw.iter().map(|t| &**t).collect();
-        tensors.iter().try_for_each(|t| self.settle(t))?;
         if let Some((stack, _)) = in_place::<f32>(what, &tensors) {
-            return moe.expert_weight_grad(dy, x, r, (k, n), stack);
+            let write = self.grad_write(&tensors)?;
+            return moe.expert_weight_grad((dy, x), r, (k, n), stack, write);
         }
         if E::STORED == Dtype::Bf16 {
             if let Some((stack, _)) = in_place::<bf16>(what, &tensors) {
-                return moe.expert_weight_grad(dy, x, r, (k, n), stack);
+                let write = self.grad_write(&tensors)?;
+                return moe.expert_weight_grad((dy, x), r, (k, n), stack, write);
             }
         }
+        tensors.iter().try_for_each(|t| self.settle(t))?;
         let sums = self.expert_stack::<f32>(what, &tensors)?;
-        moe.expert_weight_grad(dy, x, r, (k, n), sums.stack)?;
+        moe.expert_weight_grad((dy, x), r, (k, n), sums.stack, GradWrite::Accumulate)?;
         if sums.copy.is_some() {
             for (t, &sum) in dw.iter().zip(&sums.views) {
                 self.convert(TensorView::F32(sum), t.storage())?;
             }
         }
         Ok(())
+    }
+
+    /// Overwrite when every one of `grads` is a fresh gradient; else accumulate, what of them
+    /// was fresh zeroed first.
+    fn grad_write(&self, grads: &[&Tensor]) -> Result<GradWrite> {
+        Ok(if self.overwrites(grads)? {
+            GradWrite::Overwrite
+        } else {
+            GradWrite::Accumulate
+        })
     }
 }
