@@ -21,6 +21,7 @@
 use anyhow::{Context, Result};
 use contralign::ops::cuda::device::{Buffer, Device, DeviceKind, Float};
 use contralign::ops::cuda::embedding::IdRows;
+use contralign::ops::cuda::fresh::GradWrite;
 use contralign::ops::cuda::gemm::Gemm;
 use contralign::ops::cuda::kernels::{AdamWStep, Kernels};
 use contralign::ops::cuda::lists::Uploads;
@@ -370,7 +371,10 @@ fn rmsnorm<E: Float>(b: &mut Bench) -> Result<()> {
         &format!("backward {}", E::DTYPE),
         &shape,
         Work::Bytes(4 * tensor + w_bytes + 8 * D as u64),
-        || k.rmsnorm_backward(&h, &w, &dy, Some(dh_in.view()), &mut dh, &mut dw, 1e-5),
+        || {
+            let dw = (&mut dw, GradWrite::Accumulate);
+            k.rmsnorm_backward(&h, &w, &dy, Some(dh_in.view()), &mut dh, dw, 1e-5)
+        },
     )
 }
 

@@ -10,7 +10,7 @@
 // The backward returns dh = d(loss)/dh (plus the gradient arriving through the residual
 // stream, when given), taking 1/rms again from the stored h, and accumulates dw in two deterministic passes: each block sums its
 // rows into its own row of `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce` adds those
-// rows into dw in block order.
+// rows into dw in block order (or writes their sum over a fresh dw).
 #include "contralign.cuh"
 #include "reduce.cuh"
 
@@ -165,14 +165,15 @@ extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* h, const _
 }
 CONTRALIGN_KERNEL(rmsnorm_backward_bf16)
 
-// dw_j += sum over p of dw_partial[p, j], in order of p.
+// dw_j += sum over p of dw_partial[p, j], in order of p; `=` unless `accumulate` (a fresh
+// gradient, whose old value is not read).
 extern "C" __global__ void rmsnorm_dw_reduce(const float* dw_partial, int parts, int d,
-                                             float* dw) {
+                                             float* dw, int accumulate) {
     const int stride = gridDim.x * blockDim.x;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
         float total = 0.0f;
         for (int p = 0; p < parts; ++p) total += dw_partial[static_cast<long long>(p) * d + j];
-        dw[j] += total;
+        dw[j] = accumulate ? dw[j] + total : total;
     }
 }
 CONTRALIGN_KERNEL(rmsnorm_dw_reduce)

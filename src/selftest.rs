@@ -28,6 +28,7 @@ use crate::ops::cuda::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use crate::ops::cuda::device::{AsView, Buffer, Device, Float, View};
 use crate::ops::cuda::embedding::IdRows;
 use crate::ops::cuda::emu::{KernelArgs, LaunchConfig};
+use crate::ops::cuda::fresh::GradWrite;
 use crate::ops::cuda::gemm::{element, Gemm, Op};
 use crate::ops::cuda::kernels::{chunk, AdamWStep, Kernels};
 use crate::ops::cuda::lists::Uploads;
@@ -345,16 +346,17 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         &mut rstd_b,
         eps,
     )?;
+    // dw added into (dw0), then written over a fresh gradient (NaNs, not to be read).
     let (mut dh_b, mut dw_b) = (dev.alloc::<E>(n)?, dev.upload(&dw0)?);
-    k.rmsnorm_backward(
-        &h_b,
-        &w_b,
-        &upload::<E>(dev, &dy)?,
-        Some(upload::<E>(dev, &dh_in)?.view()),
-        &mut dh_b,
-        &mut dw_b,
-        eps,
-    )?;
+    let mut dw_fresh_b = dev.upload(&vec![f32::NAN; d])?;
+    let (dy_b, dh_in_b) = (upload::<E>(dev, &dy)?, upload::<E>(dev, &dh_in)?);
+    for dw in [
+        (&mut dw_b, GradWrite::Accumulate),
+        (&mut dw_fresh_b, GradWrite::Overwrite),
+    ] {
+        let dh_in = Some(dh_in_b.view());
+        k.rmsnorm_backward(&h_b, &w_b, &dy_b, dh_in, &mut dh_b, dw, eps)?;
+    }
 
     // h = x + residual in fp32, stored as E: exact.
     let h: Vec<f32> = rounded::<E>(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<_>>());
@@ -362,6 +364,8 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     let want_y = CpuOps.rmsnorm(&h, &w, d, eps as f64);
     let mut want_dw = dw0.clone();
     let mut want_dh = CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw);
+    let mut want_dw_fresh = vec![0.0; d];
+    CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw_fresh);
     for (g, a) in want_dh.iter_mut().zip(&dh_in) {
         *g = (*g as f64 + *a as f64) as f32;
     }
@@ -392,14 +396,17 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     // rstd's error), then the blocks' partials in order, then into dw.
     let grid = k.rmsnorm_dw_parts(rows);
     let dw_bound = (rows.div_ceil(grid) + grid + 4) as f64 * U + rstd_bound;
-    let scale_dw: Vec<f32> = (0..d)
+    let terms_dw: Vec<f64> = (0..d)
         .map(|j| {
-            let terms: f64 = (0..rows)
+            (0..rows)
                 .map(|t| (dy[t * d + j] as f64 * h[t * d + j] as f64 * r[t]).abs())
-                .sum();
-            (terms + dw0[j].abs() as f64) as f32
+                .sum()
         })
         .collect();
+    let scale_dw: Vec<f32> = (0..d)
+        .map(|j| (terms_dw[j] + dw0[j].abs() as f64) as f32)
+        .collect();
+    let scale_dw_fresh: Vec<f32> = terms_dw.iter().map(|&t| t as f32).collect();
     let rstd_want: Vec<f32> = r.iter().map(|&v| v as f32).collect();
     let shape = format!("{rows}x{d}");
     Ok(vec![
@@ -437,10 +444,18 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         ),
         compare(
             name::<E>("rmsnorm_backward dw"),
-            shape,
+            shape.clone(),
             &dev.download(&dw_b)?,
             &want_dw,
             &scale_dw,
+            dw_bound,
+        ),
+        compare(
+            name::<E>("rmsnorm_backward dw fresh"),
+            shape,
+            &dev.download(&dw_fresh_b)?,
+            &want_dw_fresh,
+            &scale_dw_fresh,
             dw_bound,
         ),
     ])

@@ -76,12 +76,13 @@ fn the_modeled_step_matches_a_direct_count_at_the_target() {
     let names = |m: &BTreeMap<String, KernelTotals>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(&modeled), names(&counted));
     // Gradients start fresh (docs/cuda.md "Fresh gradients"): the projections' weight
-    // gradients are overwritten by their GEMMs, and only what is added into is zeroed — the
-    // embedding's and the LM head's gradients, the norms' (bf16, the default), and the f32
-    // accumulator of the head's input gradient (`[T, d]`) — a fraction of the gradients' bytes.
+    // gradients are overwritten by their GEMMs, the LM head's by its first chunk's GEMM and
+    // the norms' by their partials' reduction, and only what is scattered into is zeroed —
+    // the embedding's gradient (bf16, the default) and the f32 accumulator of the head's
+    // input gradient (`[T, d]`) — a fraction of the gradients' bytes.
     let (v, d, layers) = (cfg.vocab_size, cfg.hidden_size, cfg.num_layers);
     let tokens = shape.groups * (shape.prompt + shape.responses * shape.response_len);
-    let zeroed = 2 * (2 * v * d + (2 * layers + 1) * d) + 4 * tokens * d;
+    let zeroed = 2 * v * d + 4 * tokens * d;
     let gradient_bytes =
         ParamLayout::new(&cfg).parameters as u64 * PrecisionOptions::default().grads.bytes();
     let memset = counted["memset"].bytes;

@@ -11,7 +11,8 @@
 
 use super::{compare, random, rounded, stored, Row, U};
 use crate::ops::cuda::device::{Device, Float, View};
-use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, GradWrite, MoeKernels};
+use crate::ops::cuda::fresh::GradWrite;
+use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use crate::ops::cuda::pool::Pool;
 use anyhow::Result;
 use half::bf16;

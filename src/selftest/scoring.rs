@@ -29,6 +29,7 @@
 use super::{compare, download, random, rounded, stored, tree_levels, upload, Row, U};
 use crate::ops::cpu::scoring as cpu_scoring;
 use crate::ops::cuda::device::Float;
+use crate::ops::cuda::fresh::GradWrite;
 use crate::ops::cuda::kernels::Kernels;
 use crate::ops::cuda::scoring::{FusedScoring, Spans};
 use crate::ops::{row_grads, span_table, ResponseSpan, ResponseStats};
@@ -176,34 +177,28 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     // A micro-batch's share of its step scales the coefficients.
     let share = rng.gen_range(0.1..1.0);
     k.row_coef(&spans_b, &grads_b, share, &mut coef_b)?;
+    // dhead added into (dhead0), then written over a fresh gradient (NaNs, not to be read).
     let mut dh_b = dev.alloc::<E>(rows * d)?;
     let mut dhead_b = dev.upload(&dhead0)?;
-    scoring.backward(
-        &h_b,
-        &w_b,
-        &targets_b,
-        &lse_b,
-        &coef_b,
-        d,
-        &mut dh_b,
-        &mut dhead_b,
-    )?;
+    let mut dhead_fresh_b = dev.upload(&vec![f32::NAN; vocab * d])?;
+    for dhead in [
+        (&mut dhead_b, GradWrite::Accumulate),
+        (&mut dhead_fresh_b, GradWrite::Overwrite),
+    ] {
+        scoring.backward(&h_b, &w_b, &targets_b, &lse_b, &coef_b, d, &mut dh_b, dhead)?;
+    }
 
     // The reference.
     let (want_logp, want_lse) = cpu_scoring::token_logprobs(&h, &w, &targets, d, vocab);
     let want_stats = ResponseStats::from_table(&case.spans, &span_table(&case.spans, &want_logp));
     let dlogp = row_grads(&case.spans, rows, &grads.concat(), share);
+    let backward = |dhead: &mut Vec<f32>| {
+        cpu_scoring::token_logprobs_backward(&h, &w, &targets, &want_lse, &dlogp, d, vocab, dhead)
+    };
     let mut want_dhead = dhead0.clone();
-    let want_dh = cpu_scoring::token_logprobs_backward(
-        &h,
-        &w,
-        &targets,
-        &want_lse,
-        &dlogp,
-        d,
-        vocab,
-        &mut want_dhead,
-    );
+    let want_dh = backward(&mut want_dhead);
+    let mut want_dhead_fresh = vec![0.0; vocab * d];
+    backward(&mut want_dhead_fresh);
 
     // The bounds.
     let mags = magnitudes_of(&h, &w, case, &want_lse, &want_logp);
@@ -266,15 +261,18 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
                 .sum::<f64>() as f32
         })
         .collect();
-    let scale_dhead: Vec<f32> = (0..vocab * d)
+    let terms_dhead: Vec<f64> = (0..vocab * d)
         .map(|i| {
             let (v, j) = (i / d, i % d);
-            let terms: f64 = (0..rows)
+            (0..rows)
                 .map(|t| dz_scale[t * vocab + v] * (h[t * d + j] as f64).abs())
-                .sum();
-            (terms + dhead0[i].abs() as f64) as f32
+                .sum()
         })
         .collect();
+    let scale_dhead: Vec<f32> = (0..vocab * d)
+        .map(|i| (terms_dhead[i] + dhead0[i].abs() as f64) as f32)
+        .collect();
+    let scale_dhead_fresh: Vec<f32> = terms_dhead.iter().map(|&t| t as f32).collect();
 
     let shape = case.describe();
     let name = |op: &str| format!("{op} {}", E::DTYPE);
@@ -337,10 +335,18 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
         ),
         compare(
             name("scoring_backward dhead"),
-            shape,
+            shape.clone(),
             &dev.download(&dhead_b)?,
             &want_dhead,
             &scale_dhead,
+            dhead_bound,
+        ),
+        compare(
+            name("scoring_backward dhead fresh"),
+            shape,
+            &dev.download(&dhead_fresh_b)?,
+            &want_dhead_fresh,
+            &scale_dhead_fresh,
             dhead_bound,
         ),
     ])

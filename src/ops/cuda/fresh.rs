@@ -13,6 +13,17 @@ use anyhow::Result;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+/// How an op writes a gradient (or any accumulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// Adds into it: `g += …`.
+    Accumulate,
+    /// Overwrites it, `g = …`, without reading its old bytes: a fresh gradient. An op that
+    /// adds several parts into it (rows of a scatter, experts, chunks) writes zeros where no
+    /// part falls.
+    Overwrite,
+}
+
 /// The fresh gradients, by the device address of their first byte.
 #[derive(Debug, Default)]
 pub struct FreshGrads {

@@ -4,6 +4,7 @@
 
 use super::device::{AsView, Buffer, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
+use super::fresh::GradWrite;
 use super::pool::Pool;
 use crate::ops::optimizer::{AdamWConfig, FlatStep, StepFactors};
 use anyhow::{ensure, Context, Result};
@@ -258,8 +259,8 @@ impl<'a> Kernels<'a> {
         self.launch(&name, rows, &args)
     }
 
-    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32). The rows' 1/rms is
-    /// taken again from `h` (with `eps`) inside the kernel.
+    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32; `=` as `write`
+    /// says). The rows' 1/rms is taken again from `h` (with `eps`) inside the kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_backward<E: Float>(
         &self,
@@ -268,7 +269,7 @@ impl<'a> Kernels<'a> {
         dy: &impl AsView<E>,
         dh_in: Option<View<E>>,
         dh: &mut impl AsView<E>,
-        dw: &mut impl AsView<f32>,
+        (dw, write): (&mut impl AsView<f32>, GradWrite),
         eps: f32,
     ) -> Result<()> {
         let (h, w, dy, dh, dw) = (h.view(), w.view(), dy.view(), dh.view(), dw.view());
@@ -297,7 +298,8 @@ impl<'a> Kernels<'a> {
         args.buffer(&partial)
             .arg(parts as i32)
             .arg(d as i32)
-            .buffer(&dw);
+            .buffer(&dw)
+            .arg(i32::from(write == GradWrite::Accumulate));
         self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
     }
 

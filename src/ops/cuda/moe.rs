@@ -10,6 +10,7 @@
 
 use super::device::{AsView, Device, Float, View};
 use super::emu::{KernelArgs, LaunchConfig};
+use super::fresh::GradWrite;
 use super::kernels::rows_of;
 use super::pool::{Leased, Pool};
 use crate::ops::moe::LoadBalance;
@@ -80,16 +81,6 @@ impl<E: bytemuck::Pod> ExpertStack<E> {
         );
         Ok(())
     }
-}
-
-/// How the experts' weight-gradient GEMM writes its gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradWrite {
-    /// `dw_e += dy_eᵀ · x_e`; an expert without rows keeps its gradient.
-    Accumulate,
-    /// `dw_e = dy_eᵀ · x_e`, zeros for an expert without rows; the old bytes are not read (a
-    /// fresh gradient, docs/cuda.md "Fresh gradients").
-    Overwrite,
 }
 
 /// One layer's routing on the device.

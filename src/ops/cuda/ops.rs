@@ -23,7 +23,7 @@
 use super::attention::{tile_rows, AttentionKernels, DeviceLayout, HostLayout};
 use super::device::{AsView, Device, View};
 use super::embedding::IdRows;
-use super::fresh::FreshGrads;
+use super::fresh::{FreshGrads, GradWrite};
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::lists::{KeptLists, ListSource, StagedLists};
@@ -179,23 +179,28 @@ impl<'a> DeviceOps<'a> {
         }
     }
 
-    /// Whether an op may overwrite `grads` rather than add into them: each is exactly a
-    /// fresh gradient, and then fresh no more. Otherwise what of them was fresh is zeroed.
-    pub(super) fn overwrites(&self, grads: &[&Tensor]) -> Result<bool> {
-        match &self.fresh {
+    /// How an op writes `grads`: it overwrites them when each is exactly a fresh gradient
+    /// (fresh no more); otherwise it adds into them, what of them was fresh zeroed first.
+    pub(super) fn grad_write(&self, grads: &[&Tensor]) -> Result<GradWrite> {
+        let overwrites = match &self.fresh {
             Some(fresh) => {
                 let views: Vec<TensorView> = grads.iter().map(|t| t.storage()).collect();
-                fresh.overwrites(self.device, &views)
+                fresh.overwrites(self.device, &views)?
             }
-            None => Ok(false),
-        }
+            None => false,
+        };
+        Ok(if overwrites {
+            GradWrite::Overwrite
+        } else {
+            GradWrite::Accumulate
+        })
     }
 
     /// `Gemm::projection_weight_grad`, which adds `dyᵀ · x` into `dw`, or overwrites `dw`
     /// (`β = 0`) where it is a fresh gradient.
     fn weight_grad_gemm(&self, dw: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Gemm> {
         let add = Gemm::projection_weight_grad(m, k, n);
-        Ok(if self.overwrites(&[dw])? {
+        Ok(if self.grad_write(&[dw])? == GradWrite::Overwrite {
             Gemm { beta: 0.0, ..add }
         } else {
             add
@@ -393,16 +398,21 @@ impl<'a> DeviceOps<'a> {
 
     /// Runs `accumulate` on `acc`'s elements as f32: in place when `acc` is f32; when it is
     /// bf16 (a bf16 gradient store), on an f32 copy rounded back to nearest once at the end,
-    /// as the CPU's bf16-rounding mode rounds after each accumulating op.
+    /// as the CPU's bf16-rounding mode rounds after each accumulating op. An op that
+    /// overwrites `acc` (`write`) gets f32 space whose old values it does not read, not a copy.
     fn accumulate_f32(
         &self,
         acc: &mut Tensor,
+        write: GradWrite,
         accumulate: impl FnOnce(&mut View<f32>) -> Result<()>,
     ) -> Result<()> {
         match acc.storage() {
             TensorView::F32(mut a) => accumulate(&mut a),
             TensorView::Bf16(mut a) => {
-                let sum = self.copy_as::<f32>(acc)?;
+                let sum = match write {
+                    GradWrite::Accumulate => self.copy_as::<f32>(acc)?,
+                    GradWrite::Overwrite => self.alloc::<f32>(acc.len())?,
+                };
                 let mut sum = sum.view_as::<f32>("f32 accumulator")?;
                 accumulate(&mut sum)?;
                 self.kernels.cast_to_bf16(&sum, &mut a)
@@ -494,10 +504,17 @@ impl<'a> DeviceOps<'a> {
         let dx = self.alloc::<E>(x.len())?;
         let dx_in_view = dx_in.as_ref().map(|a| a.view);
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
-        self.settle(dw)?;
-        self.accumulate_f32(dw, |dw| {
-            self.kernels
-                .rmsnorm_backward(&xv, &wv, &dyv, dx_in_view, &mut dxv, dw, eps as f32)
+        let write = self.grad_write(&[dw])?;
+        self.accumulate_f32(dw, write, |dw| {
+            self.kernels.rmsnorm_backward(
+                &xv,
+                &wv,
+                &dyv,
+                dx_in_view,
+                &mut dxv,
+                (dw, write),
+                eps as f32,
+            )
         })?;
         Ok(dx)
     }
@@ -628,7 +645,14 @@ impl<'a> DeviceOps<'a> {
             TensorView::Bf16(mut acc) if E::STORED == Dtype::Bf16 => {
                 self.device.gemm(gemm, a, b, &mut acc)
             }
-            _ => self.accumulate_f32(acc, |acc| self.device.gemm(gemm, a, b, acc)),
+            _ => {
+                let write = if gemm.beta == 0.0 {
+                    GradWrite::Overwrite
+                } else {
+                    GradWrite::Accumulate
+                };
+                self.accumulate_f32(acc, write, |acc| self.device.gemm(gemm, a, b, acc))
+            }
         }
     }
 
@@ -795,8 +819,8 @@ impl<'a> DeviceOps<'a> {
         )?;
         let dh = self.alloc::<E>(h.len())?;
         let mut dhv = dh.view_as::<E>("scoring dh")?;
-        self.settle(dhead)?;
-        self.accumulate_f32(dhead, |dhead| {
+        let write = self.grad_write(&[dhead])?;
+        self.accumulate_f32(dhead, write, |dhead| {
             self.scoring::<E>(vocab).backward(
                 &hv,
                 &head,
@@ -805,7 +829,7 @@ impl<'a> DeviceOps<'a> {
                 &coef,
                 d,
                 &mut dhv,
-                dhead,
+                (dhead, write),
             )
         })?;
         Ok(dh)
@@ -887,7 +911,8 @@ impl Ops for DeviceOps<'_> {
                     }
                     _ => {
                         let x = self.input::<f32>(x)?;
-                        self.accumulate_f32(acc, |a| self.kernels.add_assign(a, &x))
+                        let add = |a: &mut View<f32>| self.kernels.add_assign(a, &x);
+                        self.accumulate_f32(acc, GradWrite::Accumulate, add)
                     }
                 }
             },

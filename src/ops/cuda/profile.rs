@@ -12,10 +12,11 @@ use super::attention_bench::{self, BenchMask, BenchProblem};
 use super::device::{Buffer, Device, Float, View};
 use super::embedding::IdRows;
 use super::emu::{self, LaunchRecord, Probe, Traffic};
+use super::fresh::GradWrite;
 use super::gemm::Gemm;
 use super::kernels::{AdamWStep, Kernels};
 use super::lists::Uploads;
-use super::moe::{DeviceRouting, ExpertStack, GradWrite, MoeKernels};
+use super::moe::{DeviceRouting, ExpertStack, MoeKernels};
 use super::pool::{Leased, Pool};
 use super::roofline::{table_header, Gpu, Math};
 use super::scoring::Spans;
@@ -420,7 +421,8 @@ fn element_cases<E: Float>() -> Vec<Case> {
                 let mut dh = k.device.alloc::<E>(n)?;
                 let mut dw = random::<f32>(k.device, rng, s.d, 1.0)?;
                 let dh_in = Some(dh_in.view());
-                k.rmsnorm_backward(&h, &w, &dy, dh_in, &mut dh, &mut dw, 1e-5)
+                let dw = (&mut dw, GradWrite::Accumulate);
+                k.rmsnorm_backward(&h, &w, &dy, dh_in, &mut dh, dw, 1e-5)
             },
         ),
         rope_case::<E>("forward", false),

@@ -12,6 +12,7 @@
 
 use super::device::{AsView, Device, Float, View};
 use super::emu::KernelArgs;
+use super::fresh::GradWrite;
 use super::gemm::Gemm;
 use super::kernels::{rows_of, same_len, Kernels};
 use super::lists::{ListSource, Uploads};
@@ -353,7 +354,8 @@ impl<'a> FusedScoring<'a> {
     }
 
     /// From `coef[t] = dL/dlogp_t`: overwrites `dh [rows, d]` with `dL/dh` and accumulates
-    /// `dL/dW` into `dhead [vocab, d]` (fp32).
+    /// `dL/dW` into `dhead [vocab, d]` (fp32), or overwrites it as `write` says: the first
+    /// chunk's GEMM then takes `β = 0`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<E: Float>(
         &self,
@@ -364,7 +366,7 @@ impl<'a> FusedScoring<'a> {
         coef: &impl AsView<f32>,
         d: usize,
         dh: &mut impl AsView<E>,
-        dhead: &mut impl AsView<f32>,
+        (dhead, write): (&mut impl AsView<f32>, GradWrite),
     ) -> Result<()> {
         let (h, head, targets, lse, coef, mut dh, mut dhead) = (
             h.view(),
@@ -379,6 +381,9 @@ impl<'a> FusedScoring<'a> {
         same_len("scoring backward dh", h, dh)?;
         same_len("scoring backward dhead", head, dhead)?;
         if rows == 0 {
+            if write == GradWrite::Overwrite {
+                self.kernels.device.zero(&mut dhead)?;
+            }
             return Ok(());
         }
         let device = self.kernels.device;
@@ -397,12 +402,12 @@ impl<'a> FusedScoring<'a> {
                 (&head, 0),
                 (&mut dh, start * d),
             )?;
-            device.gemm_at(
-                &Gemm::projection_weight_grad(n, d, vocab),
-                (&z, 0),
-                (&h, start * d),
-                (&mut dhead, 0),
-            )?;
+            let overwrite = start == 0 && write == GradWrite::Overwrite;
+            let weight_grad = Gemm {
+                beta: if overwrite { 0.0 } else { 1.0 },
+                ..Gemm::projection_weight_grad(n, d, vocab)
+            };
+            device.gemm_at(&weight_grad, (&z, 0), (&h, start * d), (&mut dhead, 0))?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 
 use super::device::{AsView, Buffer, Device, Float};
 use super::emu::KernelArgs;
+use super::fresh::GradWrite;
 use super::gemm::Gemm;
 use super::kernels::Kernels;
 use super::pool::Pool;
@@ -162,7 +163,7 @@ impl<'a, E: Float> ScoringBench<'a, E> {
             &self.coef,
             self.shape.dim,
             &mut self.dh,
-            &mut self.dhead,
+            (&mut self.dhead, GradWrite::Accumulate),
         )
     }
 

@@ -13,7 +13,8 @@
 
 use super::DeviceOps;
 use crate::ops::cuda::device::View;
-use crate::ops::cuda::moe::{DeviceRouting, ExpertStack, GradWrite};
+use crate::ops::cuda::fresh::GradWrite;
+use crate::ops::cuda::moe::{DeviceRouting, ExpertStack};
 use crate::ops::cuda::pool::{Leased, Stored, Tensor, TensorView};
 use crate::ops::storage::Dtype;
 use anyhow::{ensure, Result};
@@ -209,15 +210,5 @@ impl DeviceOps<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Overwrite when every one of `grads` is a fresh gradient; else accumulate, what of them
-    /// was fresh zeroed first.
-    fn grad_write(&self, grads: &[&Tensor]) -> Result<GradWrite> {
-        Ok(if self.overwrites(grads)? {
-            GradWrite::Overwrite
-        } else {
-            GradWrite::Accumulate
-        })
     }
 }
