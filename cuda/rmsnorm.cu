@@ -5,7 +5,9 @@
 //
 // The forward stores h (the residual stream for the next block) and the row's 1/rms; h is
 // rounded to the storage type before the statistics are taken, so that the backward, which
-// reads the stored h, differentiates exactly the function the forward computed.
+// reads the stored h, differentiates the function the forward computed. (The backward sums
+// h² in chunks of 4 elements, a bf16 forward in chunks of 8: the two 1/rms may differ in
+// their last bit.)
 //
 // The backward returns dh = d(loss)/dh (plus the gradient arriving through the residual
 // stream, when given), taking 1/rms again from the stored h, and accumulates dw in two deterministic passes: each block sums its

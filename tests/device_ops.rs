@@ -364,3 +364,66 @@ fn fresh_gradients_are_overwritten_whole_or_zeroed_before_anything_adds_into_the
         "nothing to overwrite"
     );
 }
+
+/// A fresh gradient that an op overwrites gets zeros where the op has no rows to sum: the
+/// RMSNorm `dw`, the LM head's gradient and the experts' weight gradients, with no token.
+#[test]
+fn overwriting_a_fresh_gradient_with_no_rows_writes_zeros() {
+    use contralign::ops::cuda::fresh::GradWrite;
+    use contralign::ops::cuda::kernels::Kernels;
+    use contralign::ops::cuda::moe::{ExpertStack, MoeKernels};
+    use contralign::ops::cuda::scoring::FusedScoring;
+    let device = Device::Emu;
+    let k = Kernels::new(&device);
+    let (d, vocab, experts) = (24, 37, 3);
+    let nans = |len: usize| device.upload(&vec![f32::NAN; len]).unwrap();
+    let none_f32 = device.upload::<f32>(&[]).unwrap();
+    let none_u32 = device.upload::<u32>(&[]).unwrap();
+    let zeros = |buffer| -> bool { device.download(buffer).unwrap().iter().all(|&v| v == 0.0) };
+
+    let (w, mut dw) = (device.upload(&vec![1.0f32; d]).unwrap(), nans(d));
+    let mut dh = device.upload::<f32>(&[]).unwrap();
+    let dw_write = (&mut dw, GradWrite::Overwrite);
+    k.rmsnorm_backward(&none_f32, &w, &none_f32, None, &mut dh, dw_write, 1e-5)
+        .unwrap();
+    assert!(zeros(&dw), "rmsnorm dw");
+
+    let (head, mut dhead) = (
+        device.upload(&vec![0.5f32; vocab * d]).unwrap(),
+        nans(vocab * d),
+    );
+    let scoring = FusedScoring {
+        kernels: &k,
+        chunk_rows: 8,
+    };
+    let (lse, coef) = (
+        device.upload::<f32>(&[]).unwrap(),
+        device.upload::<f32>(&[]).unwrap(),
+    );
+    let dhead_write = (&mut dhead, GradWrite::Overwrite);
+    scoring
+        .backward(
+            &none_f32,
+            &head,
+            &none_u32,
+            &lse,
+            &coef,
+            d,
+            &mut dh,
+            dhead_write,
+        )
+        .unwrap();
+    assert!(zeros(&dhead), "LM head gradient");
+
+    let moe = MoeKernels::new(&device, Pool::default());
+    let routing = moe.route(&none_f32, experts, 2).unwrap();
+    let grads = nans(experts * d * 5);
+    let views: Vec<_> = (0..experts)
+        .map(|e| grads.view().slice(e * d * 5, d * 5).unwrap())
+        .collect();
+    let stack = ExpertStack::new("expert gradients", &views).unwrap();
+    let inputs = (none_f32.view(), none_f32.view());
+    moe.expert_weight_grad(inputs, &routing, (d, 5), stack, GradWrite::Overwrite)
+        .unwrap();
+    assert!(zeros(&grads), "experts' gradients");
+}

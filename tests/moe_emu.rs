@@ -303,89 +303,107 @@ fn fresh_expert_gradients_are_overwritten_without_zeroing_or_reading_them() {
     use std::rc::Rc;
     let (t, d, ffn, experts, k) = (70, 24, 40, 4, 2);
     let s = MoeShape { d, ffn, experts, k };
-    let device = Device::Emu;
-    let fresh = Rc::new(FreshGrads::default());
-    let ops = DeviceOps::new(&device).with_fresh_grads(fresh.clone());
-    let rng = &mut StdRng::seed_from_u64(17);
-    // Every token's first feature is 1 and the last expert's router weight on it -60: that
-    // expert is never among the top k.
-    let mut router = random(rng, experts * d, 0.5);
-    router[(experts - 1) * d] = -60.0;
-    let mut x = random(rng, t * d, 1.0);
-    x.iter_mut().step_by(d).for_each(|v| *v = 1.0);
-    let dy = random(rng, t * d, 1.0);
-    let mut host_weights = vec![router.clone()];
-    for _ in 0..experts {
-        host_weights.extend((0..3).map(|_| random(rng, ffn * d, 0.4)));
-    }
-    let flat = |w: &[Vec<f32>]| ops.upload(&w.concat());
-    let weights_flat = flat(&host_weights[1..]);
-    let weights = expert_views(&weights_flat, experts, ffn * d).unwrap();
-    let grads_flat = ops.upload(&vec![f32::NAN; experts * 3 * ffn * d]);
-    let mut grads = expert_views(&grads_flat, experts, ffn * d).unwrap();
-    let mut grouter = ops.upload(&vec![f32::NAN; experts * d]);
-    let router_dev = ops.upload(&router);
-    fresh.mark(
-        grads
-            .iter()
-            .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| b.storage()))
-            .chain([grouter.storage()]),
-    );
-    let x_dev = ops.upload(&x);
-    let row_weights = prompt_weighted_rows(t);
-    let probe = Probe {
-        count: true,
-        racecheck: false,
-    };
-    // The load-balancing sums are zeroed once a step, for every layer to add into.
-    let mut balance = ops.moe_balance(experts);
-    let (_, records) = emu::probed(probe, || {
-        let (_, acts) = moe_forward(&ops, s, &router_dev, &weights, &x_dev, t);
-        ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
-        let aux = MoeAux {
-            balance: &balance,
-            coef: AUX_COEF,
-            row_weights: &row_weights,
+    // The experts' gradients at one stride (the engine's flat store: in place), and apart
+    // (through f32 space that the GEMM overwrites, then copied into them).
+    for stacked in [true, false] {
+        let device = Device::Emu;
+        let fresh = Rc::new(FreshGrads::default());
+        let ops = DeviceOps::new(&device).with_fresh_grads(fresh.clone());
+        let rng = &mut StdRng::seed_from_u64(17);
+        // Every token's first feature is 1 and the last expert's router weight on it -60: that
+        // expert is never among the top k.
+        let mut router = random(rng, experts * d, 0.5);
+        router[(experts - 1) * d] = -60.0;
+        let mut x = random(rng, t * d, 1.0);
+        x.iter_mut().step_by(d).for_each(|v| *v = 1.0);
+        let dy = random(rng, t * d, 1.0);
+        let mut host_weights = vec![router.clone()];
+        for _ in 0..experts {
+            host_weights.extend((0..3).map(|_| random(rng, ffn * d, 0.4)));
+        }
+        let flat = |w: &[Vec<f32>]| ops.upload(&w.concat());
+        let weights_flat = flat(&host_weights[1..]);
+        let weights = expert_views(&weights_flat, experts, ffn * d).unwrap();
+        let nans = |len: usize| ops.upload(&vec![f32::NAN; len]);
+        let grads_flat = nans(experts * 3 * ffn * d);
+        let mut grads = if stacked {
+            expert_views(&grads_flat, experts, ffn * d).unwrap()
+        } else {
+            (0..experts)
+                .map(|_| Expert {
+                    gate: nans(ffn * d),
+                    up: nans(ffn * d),
+                    down: nans(d * ffn),
+                })
+                .collect()
         };
-        moe_backward(
-            &ops,
-            s,
-            (&router_dev, &weights),
-            (&mut grouter, &mut grads),
-            (&x_dev, t),
-            &acts,
-            &ops.upload(&dy),
-            Some(aux),
-        )
-    });
-    ops.check().unwrap();
-    let memsets: Vec<_> = records.iter().filter(|r| r.kernel == MEMSET).collect();
-    assert!(memsets.is_empty(), "no gradient zeroed: {memsets:?}");
-    let weight_grads = records
-        .iter()
-        .filter(|r| r.kernel.starts_with("moe_gemm_weight"))
-        .count();
-    assert_eq!(weight_grads, 3);
+        let mut grouter = nans(experts * d);
+        let router_dev = ops.upload(&router);
+        fresh.mark(
+            grads
+                .iter()
+                .flat_map(|g| [&g.gate, &g.up, &g.down].map(|b| b.storage()))
+                .chain([grouter.storage()]),
+        );
+        let x_dev = ops.upload(&x);
+        let row_weights = prompt_weighted_rows(t);
+        let probe = Probe {
+            count: true,
+            racecheck: false,
+        };
+        // The load-balancing sums are zeroed once a step, for every layer to add into.
+        let mut balance = ops.moe_balance(experts);
+        let (_, records) = emu::probed(probe, || {
+            let (_, acts) = moe_forward(&ops, s, &router_dev, &weights, &x_dev, t);
+            ops.moe_balance_add(&mut balance, acts.routing(), &row_weights);
+            let aux = MoeAux {
+                balance: &balance,
+                coef: AUX_COEF,
+                row_weights: &row_weights,
+            };
+            moe_backward(
+                &ops,
+                s,
+                (&router_dev, &weights),
+                (&mut grouter, &mut grads),
+                (&x_dev, t),
+                &acts,
+                &ops.upload(&dy),
+                Some(aux),
+            )
+        });
+        ops.check().unwrap();
+        let memsets: Vec<_> = records.iter().filter(|r| r.kernel == MEMSET).collect();
+        assert!(memsets.is_empty(), "stacked {stacked}: zeroed {memsets:?}");
+        let weight_grads = records
+            .iter()
+            .filter(|r| r.kernel.starts_with("moe_gemm_weight"))
+            .count();
+        assert_eq!(weight_grads, 3);
 
-    let want = run_layer(&CpuOps, s, &host_weights, &x, &dy);
-    assert!(
-        rel_err(&ops.download(&grouter), &want.grads[0]) <= BOUND,
-        "router gradient"
-    );
-    let got = expert_grads(&ops, &grads);
-    for (j, (g, w)) in got.iter().zip(&want.grads[1..]).enumerate() {
-        let err = rel_err(g, w);
-        assert!(err <= BOUND, "expert gradient {j} off by {err:e}");
+        let want = run_layer(&CpuOps, s, &host_weights, &x, &dy);
+        assert!(
+            rel_err(&ops.download(&grouter), &want.grads[0]) <= BOUND,
+            "router gradient"
+        );
+        let got = expert_grads(&ops, &grads);
+        for (j, (g, w)) in got.iter().zip(&want.grads[1..]).enumerate() {
+            let err = rel_err(g, w);
+            assert!(
+                err <= BOUND,
+                "stacked {stacked}: expert gradient {j} off by {err:e}"
+            );
+        }
+        let starved = &got[3 * (experts - 1)..];
+        assert!(
+            starved.iter().flatten().all(|&v| v == 0.0),
+            "the expert without rows gets zeros"
+        );
+        assert!(want.grads[1..3 * (experts - 1) + 1]
+            .iter()
+            .all(|g| g.iter().any(|&v| v != 0.0)));
+        // Everything was written: nothing is left for the end of the micro-batch to zero.
+        let (_, records) = emu::probed(probe, || fresh.settle_all(&device).unwrap());
+        assert!(records.is_empty());
     }
-    let starved = &got[3 * (experts - 1)..];
-    assert!(
-        starved.iter().flatten().all(|&v| v == 0.0),
-        "the expert without rows gets zeros"
-    );
-    assert!(want.grads[1..3 * (experts - 1) + 1]
-        .iter()
-        .all(|g| g.iter().any(|&v| v != 0.0)));
-    // Everything was written: nothing is left for the end of the micro-batch to zero.
-    let (_, records) = emu::probed(probe, || fresh.settle_all(&device).unwrap());
-    assert!(records.is_empty());
 }

@@ -2,10 +2,11 @@
 //! gradient at a step's start is a memset of the whole flat store (2 bytes a parameter with
 //! bf16 gradients: 14.5 GB for Mistral-7B), most of which the step's first weight-gradient
 //! GEMMs would overwrite anyway. Instead the engine marks its gradients fresh: the first op
-//! that writes a fresh gradient either overwrites all of it (a GEMM with `β = 0`) or, if it
-//! adds into it (a scatter, RMSNorm's `dw`, the experts' grouped GEMMs, the LM head's chunks),
-//! zeroes it first; what a micro-batch leaves fresh is zeroed at its end, so that every
-//! gradient holds its sum whenever anything else reads it.
+//! that writes a fresh gradient either overwrites all of it (a GEMM with `β = 0`, the
+//! experts' grouped GEMMs, RMSNorm's `dw` reduction, the LM head's first chunk) or, if it
+//! scatters into it (the embedding's backward), zeroes it first; what a micro-batch leaves
+//! fresh is zeroed at its end, so that every gradient holds its sum whenever anything else
+//! reads it.
 
 use super::device::Device;
 use super::pool::TensorView;
@@ -19,8 +20,8 @@ pub enum GradWrite {
     /// Adds into it: `g += …`.
     Accumulate,
     /// Overwrites it, `g = …`, without reading its old bytes: a fresh gradient. An op that
-    /// adds several parts into it (rows of a scatter, experts, chunks) writes zeros where no
-    /// part falls.
+    /// sums several parts into it (experts, chunks, partial rows) writes zeros where no part
+    /// falls.
     Overwrite,
 }
 

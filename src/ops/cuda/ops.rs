@@ -94,9 +94,9 @@ pub struct DeviceOps<'a> {
     spans: RefCell<Option<KeptSpans>>,
     /// Rows of one logits chunk of the scoring; `None`: as many as its default budget holds.
     scoring_chunk_rows: Option<usize>,
-    /// The engine's gradients not written yet this step (`super::fresh`): an op that adds
-    /// into one zeroes it first, a weight-gradient GEMM overwrites it. `None`: every
-    /// accumulator holds its sum.
+    /// The engine's gradients not written yet this step (`super::fresh`): an op that covers
+    /// one whole overwrites it ([`DeviceOps::grad_write`]), one that scatters into it zeroes
+    /// it first. `None`: every accumulator holds its sum.
     fresh: Option<Rc<FreshGrads>>,
 }
 
@@ -631,9 +631,10 @@ impl<'a> DeviceOps<'a> {
         Ok((dgate, dup))
     }
 
-    /// `acc = a·b + β·acc` (`gemm.beta`: 1, or 0 to overwrite) in `acc`'s type: bf16 inputs sum into a bf16
-    /// `acc` in the GEMM itself (fp32 compute, one rounding of the sum), which needs no f32
-    /// copy; any other pairing through an f32 copy of `acc`.
+    /// `acc = a·b + β·acc` (`gemm.beta`: 1, or 0 to overwrite) in `acc`'s type: bf16 inputs
+    /// sum into a bf16 `acc` in the GEMM itself (fp32 compute, one rounding of the sum), which
+    /// needs no f32 copy; any other pairing through f32 ([`DeviceOps::accumulate_f32`]: a copy
+    /// of `acc`, or with `β = 0` f32 space that is not read).
     fn gemm_accumulate<E: Stored>(
         &self,
         gemm: &Gemm,

@@ -49,7 +49,18 @@ impl DeviceOps<'_> {
                 copy: None,
             });
         }
-        let len = tensors.first().map_or(0, |t| t.len());
+        let stack = self.contiguous_stack::<E>(what, tensors)?;
+        for (t, &view) in tensors.iter().zip(&stack.views) {
+            self.convert(t.storage(), E::wrap(view))?;
+        }
+        self.expert_copies
+            .set(self.expert_copies.get() + tensors.len() as u64);
+        Ok(stack)
+    }
+
+    /// Space for `tensors` (of one length) as `E`, one after the other, its values not set.
+    fn contiguous_stack<E: Stored>(&self, what: &str, tensors: &[&Tensor]) -> Result<Stack<E>> {
+        let (len, experts) = (tensors.first().map_or(0, |t| t.len()), tensors.len());
         for (e, t) in tensors.iter().enumerate() {
             ensure!(
                 t.len() == len,
@@ -57,16 +68,11 @@ impl DeviceOps<'_> {
                 t.len()
             );
         }
-        let copy = self.alloc::<E>(len * tensors.len())?;
+        let copy = self.alloc::<E>(len * experts)?;
         let whole = copy.view_as::<E>(what)?;
-        let views = (0..tensors.len())
+        let views = (0..experts)
             .map(|e| whole.slice(e * len, len))
             .collect::<Result<Vec<_>>>()?;
-        for (t, &view) in tensors.iter().zip(&views) {
-            self.convert(t.storage(), E::wrap(view))?;
-        }
-        self.expert_copies
-            .set(self.expert_copies.get() + tensors.len() as u64);
         Ok(Stack {
             stack: ExpertStack::new(what, &views)?,
             views,
@@ -178,9 +184,10 @@ impl DeviceOps<'_> {
         Ok((dgate, dup))
     }
 
-    /// `dw[e] += dy_eᵀ · x_e`: in place when the gradients lie at one stride as f32, or as
-    /// bf16 with bf16 inputs (the kernels' accumulating types), overwriting them (`=`) when
-    /// they are all fresh gradients; else through an f32 copy.
+    /// `dw[e] += dy_eᵀ · x_e`, overwriting them (`=`) when they are all fresh gradients: in
+    /// place when the gradients lie at one stride as f32, or as bf16 with bf16 inputs (the
+    /// kernels' accumulating types); else through f32 space, a copy of them unless they are
+    /// overwritten, rounded back once.
     fn expert_weight_grads<E: Stored>(
         &self,
         (dy, x): (View<E>, View<E>),
@@ -191,19 +198,20 @@ impl DeviceOps<'_> {
         let what = "moe expert weight gradients";
         let moe = self.moe();
         let tensors: Vec<&Tensor> = dw.iter().map(|t| &**t).collect();
+        let write = self.grad_write(&tensors)?;
         if let Some((stack, _)) = in_place::<f32>(what, &tensors) {
-            let write = self.grad_write(&tensors)?;
             return moe.expert_weight_grad((dy, x), r, (k, n), stack, write);
         }
         if E::STORED == Dtype::Bf16 {
             if let Some((stack, _)) = in_place::<bf16>(what, &tensors) {
-                let write = self.grad_write(&tensors)?;
                 return moe.expert_weight_grad((dy, x), r, (k, n), stack, write);
             }
         }
-        tensors.iter().try_for_each(|t| self.settle(t))?;
-        let sums = self.expert_stack::<f32>(what, &tensors)?;
-        moe.expert_weight_grad((dy, x), r, (k, n), sums.stack, GradWrite::Accumulate)?;
+        let sums = match write {
+            GradWrite::Accumulate => self.expert_stack::<f32>(what, &tensors)?,
+            GradWrite::Overwrite => self.contiguous_stack::<f32>(what, &tensors)?,
+        };
+        moe.expert_weight_grad((dy, x), r, (k, n), sums.stack, write)?;
         if sums.copy.is_some() {
             for (t, &sum) in dw.iter().zip(&sums.views) {
                 self.convert(TensorView::F32(sum), t.storage())?;
