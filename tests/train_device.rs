@@ -654,3 +654,54 @@ fn a_failure_on_a_device_logs_the_step_in_flight_before_it() {
     close(&logged[0], &want[0]);
     close(&logged[1], &want[1]);
 }
+
+/// A micro-batch that fails part way leaves the step's gradients partial: the engine refuses
+/// to update from them until the next step starts, then trains on.
+#[test]
+fn no_update_is_made_from_the_gradients_of_a_failed_micro_batch() {
+    use contralign::engine::Update;
+    use contralign::model::StepOptions;
+    let mut rng = rng("no_update_is_made_from_the_gradients_of_a_failed_micro_batch");
+    let model = "tiny-mistral";
+    let policy = Model::load(&CpuOps, &fixture(model)).unwrap();
+    let vocab = policy.cfg.vocab_size as u32;
+    let groups = random_groups(&mut rng, 2, vocab, 9, 3, 8);
+    // A response token past the vocabulary: the embedding's kernel traps on it.
+    let mut bad = groups.clone();
+    bad[1].responses[0][0] = vocab + 3;
+    let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
+    let plan = DeviceEngine::plan(
+        &policy.cfg,
+        128,
+        RecomputePolicy::Full,
+        reference,
+        precision,
+    )
+    .unwrap();
+    let mut engine = DeviceEngine::new(Device::Emu, &policy, None, &plan).unwrap();
+    let spec = LossSpec::new(LossKind::Sft);
+    let opts = StepOptions {
+        recompute: RecomputePolicy::Full,
+        aux_coef: 0.0,
+    };
+    let config = AdamWConfig::default();
+    let update = |step| Update {
+        config: &config,
+        step,
+        lr: 1e-3,
+        seed: 7,
+    };
+    let before = engine.weights().unwrap();
+    engine.zero_grads().unwrap();
+    engine
+        .accumulate(None, &groups[..1], &spec, &opts, 0.5)
+        .unwrap();
+    assert!(engine.accumulate(None, &bad, &spec, &opts, 0.5).is_err());
+    let err = engine.finish_step(update(1), 1.0).unwrap_err();
+    assert!(format!("{err:#}").contains("partial"), "{err:#}");
+    assert_eq!(engine.weights().unwrap(), before, "no update was made");
+    engine.zero_grads().unwrap();
+    engine.accumulate(None, &groups, &spec, &opts, 1.0).unwrap();
+    engine.finish_step(update(1), 1.0).unwrap();
+    assert_ne!(engine.weights().unwrap(), before, "the next step trains");
+}

@@ -39,6 +39,7 @@ use crate::ops::Ops;
 use crate::step::{self, LossOps, RefStats};
 use anyhow::{bail, ensure, Context, Result};
 use ledger::{Ledger, StepScalars};
+use std::cell::Cell;
 use std::rc::Rc;
 
 /// AdamW's first and second moments, per tensor in checkpoint order.
@@ -81,6 +82,9 @@ pub struct DeviceEngine {
     grads: Params<Tensor>,
     /// Which of `grads` this step has not written yet ([`DeviceEngine::zero_grads`]).
     fresh: Rc<FreshGrads>,
+    /// A micro-batch of this step failed part way: `grads` hold part of its sum, and no
+    /// update may be made from them until the next [`DeviceEngine::zero_grads`].
+    partial: Cell<bool>,
     /// A reference model resident on the device (the plan's `reference.weights`), scored
     /// there each micro-batch; `None` when its statistics come from a cache.
     reference: Option<Model<Tensor>>,
@@ -225,6 +229,7 @@ impl DeviceEngine {
             model,
             grads,
             fresh: Rc::default(),
+            partial: Cell::new(false),
             reference,
             logits_chunk_rows: plan.logits_chunk_rows,
             storage,
@@ -261,6 +266,7 @@ impl DeviceEngine {
     pub fn zero_grads(&self) -> Result<()> {
         self.fresh
             .mark(self.grads.iter().into_iter().map(|g| g.storage()));
+        self.partial.set(false);
         Ok(())
     }
 
@@ -335,6 +341,8 @@ impl DeviceEngine {
         opts: &StepOptions,
         share: f64,
     ) -> Result<()> {
+        // Partial until this micro-batch has been added whole: an error below leaves it so.
+        let partial_before = self.partial.replace(true);
         // Not `self.ops()`: the gradients are borrowed mutably below.
         let ops = ops_on(
             &self.device,
@@ -373,16 +381,23 @@ impl DeviceEngine {
             &mut self.grads,
         )?;
         self.fresh.settle_all(&self.device)?;
-        self.ledger.push(&self.device, &self.norm, share, out)
+        self.ledger.push(&self.device, &self.norm, share, out)?;
+        self.partial.set(partial_before);
+        Ok(())
     }
 
     /// Ends the step: the gradients' global norm, and `update`, that AdamW step with the
     /// clipping to `max_grad_norm` (0: none) folded in, which the device skips when a loss of
     /// the step or the norm was not finite. Nothing is read back here: the norm is queued
-    /// with the step's other logged scalars. Not after a failed [`DeviceEngine::accumulate`]:
-    /// its gradients are partial (the trainer drops such a step and starts the next with
-    /// [`DeviceEngine::zero_grads`]).
+    /// with the step's other logged scalars. Refused after a failed
+    /// [`DeviceEngine::accumulate`]: its gradients are partial (the trainer drops such a step
+    /// and starts the next with [`DeviceEngine::zero_grads`]).
     pub fn finish_step(&mut self, update: Update, max_grad_norm: f64) -> Result<()> {
+        ensure!(
+            !self.partial.get(),
+            "no update from this step: one of its micro-batches failed, so its gradients are \
+             partial (start the next step with zero_grads)"
+        );
         // A step without a micro-batch leaves its gradients fresh: they are zero.
         self.fresh.settle_all(&self.device)?;
         let kernels = Kernels::new(&self.device);
@@ -444,7 +459,11 @@ impl DeviceEngine {
     pub fn set_grads(&mut self, grads: &[Vec<f32>]) -> Result<()> {
         let host: Vec<&Vec<f32>> = grads.iter().collect();
         self.fresh.clear();
-        store::upload(&self.device, &self.layout, self.flat.grads, &host)
+        // Partial until the whole upload has gone through.
+        self.partial.set(true);
+        store::upload(&self.device, &self.layout, self.flat.grads, &host)?;
+        self.partial.set(false);
+        Ok(())
     }
 
     /// Replaces tensor `index` (in checkpoint order) of one moment, rounded to its store's
