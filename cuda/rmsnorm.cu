@@ -10,9 +10,10 @@
 // their last bit.)
 //
 // The backward returns dh = d(loss)/dh (plus the gradient arriving through the residual
-// stream, when given), taking 1/rms again from the stored h, and accumulates dw in two deterministic passes: each block sums its
-// rows into its own row of `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce` adds those
-// rows into dw in block order (or writes their sum over a fresh dw).
+// stream, when given), taking 1/rms again from the stored h, and accumulates dw in two
+// deterministic passes: each block sums its rows into its own row of
+// `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce` adds those rows into dw in block
+// order (or writes their sum over a fresh dw).
 #include "contralign.cuh"
 #include "reduce.cuh"
 

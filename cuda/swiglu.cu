@@ -1,10 +1,11 @@
 // SwiGLU, the MLP's gate: out = silu(gate) * up, and its backward, which also writes out
 // again when given somewhere to (a backward that did not keep the forward's: the down
 // projection's weight gradient needs it, and this pass reads gate and up anyway, where a
-// separate recomputation would read them once more). Element-wise and memory bound: each thread handles 16-byte packs (load128/store128) a grid-stride apart, then the
-// elements past the last whole pack (or every element, when a buffer is not 16-byte aligned)
-// one at a time, computing in fp32 whatever the storage type (f32, or bf16 as the GPU backend
-// stores activations).
+// separate recomputation would read them once more). Element-wise and memory bound: each
+// thread handles 16-byte packs (load128/store128) a grid-stride apart, then the elements
+// past the last whole pack (or every element, when a buffer is not 16-byte aligned) one at a
+// time, computing in fp32 whatever the storage type (f32, or bf16 as the GPU backend stores
+// activations).
 #include "contralign.cuh"
 
 namespace {

@@ -25,6 +25,30 @@ pub enum GradWrite {
     Overwrite,
 }
 
+impl GradWrite {
+    /// A GEMM's `β` for this write: 1 adds into `C`, 0 overwrites it without reading it.
+    pub fn beta(self) -> f32 {
+        match self {
+            GradWrite::Accumulate => 1.0,
+            GradWrite::Overwrite => 0.0,
+        }
+    }
+
+    /// The write a GEMM with `beta` makes.
+    pub fn of_beta(beta: f32) -> Self {
+        if beta == 0.0 {
+            GradWrite::Overwrite
+        } else {
+            GradWrite::Accumulate
+        }
+    }
+
+    /// The kernels' `accumulate` argument: 1 to add, 0 to overwrite.
+    pub fn accumulate_flag(self) -> i32 {
+        i32::from(self == GradWrite::Accumulate)
+    }
+}
+
 /// The fresh gradients, by the device address of their first byte.
 #[derive(Debug, Default)]
 pub struct FreshGrads {

@@ -299,7 +299,7 @@ impl<'a> Kernels<'a> {
             .arg(parts as i32)
             .arg(d as i32)
             .buffer(&dw)
-            .arg(i32::from(write == GradWrite::Accumulate));
+            .arg(write.accumulate_flag());
         self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
     }
 

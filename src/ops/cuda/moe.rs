@@ -339,7 +339,7 @@ impl<'a> MoeKernels<'a> {
             .buffer(&r.expert_offsets)
             .arg(n as i32)
             .arg(k as i32)
-            .arg(i32::from(write == GradWrite::Accumulate));
+            .arg(write.accumulate_flag());
         let grid = (col_tiles as u32, row_tiles as u32, r.experts as u32);
         self.launch(
             &format!("moe_gemm_weight_{}_{}", E::DTYPE, G::DTYPE),

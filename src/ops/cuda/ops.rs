@@ -199,11 +199,9 @@ impl<'a> DeviceOps<'a> {
     /// `Gemm::projection_weight_grad`, which adds `dyᵀ · x` into `dw`, or overwrites `dw`
     /// (`β = 0`) where it is a fresh gradient.
     fn weight_grad_gemm(&self, dw: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Gemm> {
-        let add = Gemm::projection_weight_grad(m, k, n);
-        Ok(if self.grad_write(&[dw])? == GradWrite::Overwrite {
-            Gemm { beta: 0.0, ..add }
-        } else {
-            add
+        Ok(Gemm {
+            beta: self.grad_write(&[dw])?.beta(),
+            ..Gemm::projection_weight_grad(m, k, n)
         })
     }
 
@@ -647,11 +645,7 @@ impl<'a> DeviceOps<'a> {
                 self.device.gemm(gemm, a, b, &mut acc)
             }
             _ => {
-                let write = if gemm.beta == 0.0 {
-                    GradWrite::Overwrite
-                } else {
-                    GradWrite::Accumulate
-                };
+                let write = GradWrite::of_beta(gemm.beta);
                 self.accumulate_f32(acc, write, |acc| self.device.gemm(gemm, a, b, acc))
             }
         }

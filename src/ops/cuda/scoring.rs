@@ -402,9 +402,14 @@ impl<'a> FusedScoring<'a> {
                 (&head, 0),
                 (&mut dh, start * d),
             )?;
-            let overwrite = start == 0 && write == GradWrite::Overwrite;
+            // Only the first chunk may overwrite: the later ones add to it.
+            let chunk_write = if start == 0 {
+                write
+            } else {
+                GradWrite::Accumulate
+            };
             let weight_grad = Gemm {
-                beta: if overwrite { 0.0 } else { 1.0 },
+                beta: chunk_write.beta(),
                 ..Gemm::projection_weight_grad(n, d, vocab)
             };
             device.gemm_at(&weight_grad, (&z, 0), (&h, start * d), (&mut dhead, 0))?;
