@@ -1111,6 +1111,9 @@ pub fn gemms(device: &Device, rng: &mut StdRng) -> Result<Vec<Row>> {
         gemm::<f32, f32>(device, rng, Gemm::projection_weight_grad(301, 19, 5))?,
         gemm::<bf16, f32>(device, rng, general(Op::T, Op::T, 23, 41, 77, 0.5, -1.5))?,
         gemm::<bf16, bf16>(device, rng, general(Op::N, Op::N, 64, 1, 1, -2.0, 0.25))?,
+        // The weight gradient of a micro-batch without tokens: zeroes c, or leaves it.
+        gemm::<bf16, f32>(device, rng, general(Op::T, Op::N, 5, 19, 0, 1.0, 0.0))?,
+        gemm::<bf16, bf16>(device, rng, general(Op::T, Op::N, 7, 3, 0, 1.0, 1.0))?,
     ])
 }
 

@@ -553,3 +553,33 @@ fn gemm_computes_the_cpu_references_projection_and_its_gradients() {
         .unwrap_err();
     assert!(format!("{err}").contains("no cuBLAS combination"), "{err}");
 }
+
+#[test]
+fn gemm_over_an_empty_sum_zeroes_c_with_beta_zero_and_keeps_it_with_beta_one() {
+    use contralign::ops::cuda::gemm::Gemm;
+    let device = Device::Emu;
+    let empty = device.upload::<f32>(&[]).unwrap();
+    let (m, n) = (7, 5);
+    let weight_grad = |beta| Gemm {
+        beta,
+        ..Gemm::projection_weight_grad(0, n, m)
+    };
+    // NaN where c was: beta = 0 ignores c, as BLAS does.
+    let mut c = device.upload(&vec![f32::NAN; m * n]).unwrap();
+    device
+        .gemm(&weight_grad(0.0), &empty, &empty, &mut c)
+        .unwrap();
+    assert_eq!(device.download(&c).unwrap(), vec![0f32; m * n]);
+
+    let prior: Vec<f32> = (0..m * n).map(|i| i as f32 - 3.5).collect();
+    let mut c = device.upload(&prior).unwrap();
+    device
+        .gemm(&weight_grad(1.0), &empty, &empty, &mut c)
+        .unwrap();
+    assert_eq!(device.download(&c).unwrap(), prior);
+
+    let err = device
+        .gemm(&weight_grad(0.5), &empty, &empty, &mut c)
+        .unwrap_err();
+    assert!(format!("{err}").contains("with beta 0.5"), "{err}");
+}

@@ -580,6 +580,25 @@ impl Device {
         }
     }
 
+    /// A GEMM over an empty sum (`k = 0`: a micro-batch without tokens makes one) is
+    /// `c = beta · c`, done here for both devices rather than left to cuBLAS, whose `k = 0`
+    /// contract is unwritten (PyTorch's `addmm` does not hand it to cuBLAS either): `β = 0`
+    /// zeroes `c` (a fresh gradient of no tokens), `β = 1` leaves it.
+    fn empty_sum_gemm<C: Float>(&self, g: &Gemm, mut c: View<C>) -> Result<()> {
+        if g.beta == 0.0 {
+            self.zero(&mut c)
+        } else if g.beta == 1.0 {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "gemm {}x{}x0 with beta {}: an empty sum scales c, which no caller asks for",
+                g.m,
+                g.n,
+                g.beta
+            ))
+        }
+    }
+
     /// `c = alpha · op(a) · op(b) + beta · c` ([`Gemm`]) with fp32 accumulation: cuBLAS on a
     /// GPU, [`gemm::host_gemm`] on the emulator.
     pub fn gemm<E: Float, C: Float>(
@@ -604,6 +623,9 @@ impl Device {
             self.check_home(&c),
         ] {
             home.context("gemm")?;
+        }
+        if g.k == 0 && g.m * g.n > 0 {
+            return self.empty_sum_gemm(g, c);
         }
         match self {
             Device::Emu => {
