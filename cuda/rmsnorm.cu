@@ -12,8 +12,8 @@
 // The backward returns dh = d(loss)/dh (plus the gradient arriving through the residual
 // stream, when given), taking 1/rms again from the stored h, and accumulates dw in two
 // deterministic passes: each block sums its rows into its own row of
-// `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce` adds those rows into dw in block
-// order (or writes their sum over a fresh dw).
+// `dw_partial [gridDim.x, d]`, then `rmsnorm_dw_reduce_*` adds those rows into dw (fp32 or
+// bf16) in block order (or writes their sum over a fresh dw).
 #include "contralign.cuh"
 #include "reduce.cuh"
 
@@ -168,15 +168,46 @@ extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* h, const _
 }
 CONTRALIGN_KERNEL(rmsnorm_backward_bf16)
 
+namespace {
+
 // dw_j += sum over p of dw_partial[p, j], in order of p; `=` unless `accumulate` (a fresh
-// gradient, whose old value is not read).
-extern "C" __global__ void rmsnorm_dw_reduce(const float* dw_partial, int parts, int d,
-                                             float* dw, int accumulate) {
+// gradient, whose old value is not read). A bf16 dw is read, added to in fp32 and rounded
+// once: the bits of an fp32 copy accumulated and cast back, without the copy. Each thread
+// takes chunks of 4 elements: 16 bytes of each fp32 partial row, 8 of a bf16 dw.
+template <class T>
+__device__ void rmsnorm_dw_reduce(const float* dw_partial, int parts, int d, T* dw,
+                                  int accumulate) {
+    constexpr int P = 4;
+    const RowChunks<P> row(d, aligned128(dw_partial) && aligned128(dw));
     const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
-        float total = 0.0f;
-        for (int p = 0; p < parts; ++p) total += dw_partial[static_cast<long long>(p) * d + j];
-        dw[j] = accumulate ? dw[j] + total : total;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < row.chunks; c += stride) {
+        float total[P] = {};
+        for (int p = 0; p < parts; ++p) {
+            float part[P];
+            row.load(dw_partial + static_cast<long long>(p) * d, c, part);
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) total[k] += part[k];
+        }
+        if (accumulate) {
+            float old[P];
+            row.load(dw, c, old);
+            CONTRALIGN_UNROLL
+            for (int k = 0; k < P; ++k) total[k] = old[k] + total[k];
+        }
+        row.store(dw, c, total);
     }
 }
-CONTRALIGN_KERNEL(rmsnorm_dw_reduce)
+
+}  // namespace
+
+extern "C" __global__ void rmsnorm_dw_reduce_f32(const float* dw_partial, int parts, int d,
+                                                 float* dw, int accumulate) {
+    rmsnorm_dw_reduce(dw_partial, parts, d, dw, accumulate);
+}
+CONTRALIGN_KERNEL(rmsnorm_dw_reduce_f32)
+
+extern "C" __global__ void rmsnorm_dw_reduce_bf16(const float* dw_partial, int parts, int d,
+                                                  __nv_bfloat16* dw, int accumulate) {
+    rmsnorm_dw_reduce(dw_partial, parts, d, dw, accumulate);
+}
+CONTRALIGN_KERNEL(rmsnorm_dw_reduce_bf16)

@@ -357,6 +357,17 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         let dh_in = Some(dh_in_b.view());
         k.rmsnorm_backward(&h_b, &w_b, &dy_b, dh_in, &mut dh_b, dw, eps)?;
     }
+    // The same into bf16 gradients (`--grads bf16`): summed in fp32, rounded once.
+    let dw0_bf16 = rounded::<bf16>(&dw0);
+    let mut dw_bf16_b = upload::<bf16>(dev, &dw0_bf16)?;
+    let mut dw_fresh_bf16_b = upload::<bf16>(dev, &vec![f32::NAN; d])?;
+    for dw in [
+        (&mut dw_bf16_b, GradWrite::Accumulate),
+        (&mut dw_fresh_bf16_b, GradWrite::Overwrite),
+    ] {
+        let dh_in = Some(dh_in_b.view());
+        k.rmsnorm_backward(&h_b, &w_b, &dy_b, dh_in, &mut dh_b, dw, eps)?;
+    }
 
     // h = x + residual in fp32, stored as E: exact.
     let h: Vec<f32> = rounded::<E>(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<_>>());
@@ -366,6 +377,8 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     let mut want_dh = CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw);
     let mut want_dw_fresh = vec![0.0; d];
     CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw_fresh);
+    let mut want_dw_bf16 = dw0_bf16.clone();
+    CpuOps.rmsnorm_backward(&h, &w, &dy, None, d, eps as f64, &mut want_dw_bf16);
     for (g, a) in want_dh.iter_mut().zip(&dh_in) {
         *g = (*g as f64 + *a as f64) as f32;
     }
@@ -452,11 +465,27 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
         ),
         compare(
             name::<E>("rmsnorm_backward dw fresh"),
-            shape,
+            shape.clone(),
             &dev.download(&dw_fresh_b)?,
             &want_dw_fresh,
             &scale_dw_fresh,
             dw_bound,
+        ),
+        compare(
+            name::<E>("rmsnorm_backward dw:bf16"),
+            shape.clone(),
+            &download(dev, &dw_bf16_b)?,
+            &want_dw_bf16,
+            &scale_dw,
+            stored::<bf16>(dw_bound),
+        ),
+        compare(
+            name::<E>("rmsnorm_backward dw:bf16 fresh"),
+            shape,
+            &download(dev, &dw_fresh_bf16_b)?,
+            &want_dw_fresh,
+            &scale_dw_fresh,
+            stored::<bf16>(dw_bound),
         ),
     ])
 }

@@ -427,3 +427,56 @@ fn overwriting_a_fresh_gradient_with_no_rows_writes_zeros() {
         .unwrap();
     assert!(zeros(&grads), "experts' gradients");
 }
+
+/// RMSNorm's `dw` into a bf16 gradient is summed in fp32 and rounded once, in the reduction
+/// itself: the bits of an fp32 copy of the gradient accumulated and rounded back (the path
+/// before the bf16 reduction existed, and what the CPU's bf16-rounding mode does).
+#[test]
+fn rmsnorm_dw_into_bf16_has_the_bits_of_an_f32_copy_rounded_once() {
+    use contralign::ops::cuda::fresh::GradWrite;
+    use contralign::ops::cuda::kernels::Kernels;
+    use half::bf16;
+    let device = Device::Emu;
+    let k = Kernels::new(&device);
+    let mut rng = rng("rmsnorm dw bf16");
+    for (rows, d) in [(53, 77), (9, 96), (1, 5)] {
+        let mut random = |n: usize, scale: f32| -> Vec<bf16> {
+            (0..n)
+                .map(|_| bf16::from_f32(rng.gen_range(-scale..scale)))
+                .collect()
+        };
+        let (h, w, dy) = (random(rows * d, 2.0), random(d, 1.5), random(rows * d, 1.0));
+        let old = random(d, 0.3);
+        let (h, w, dy) = (
+            device.upload(&h).unwrap(),
+            device.upload(&w).unwrap(),
+            device.upload(&dy).unwrap(),
+        );
+        for write in [GradWrite::Accumulate, GradWrite::Overwrite] {
+            let mut dh = device.alloc::<bf16>(rows * d).unwrap();
+            let mut dw_bf16 = device.upload(&old).unwrap();
+            k.rmsnorm_backward(&h, &w, &dy, None, &mut dh, (&mut dw_bf16, write), 1e-5)
+                .unwrap();
+            let old_f32: Vec<f32> = old.iter().map(|v| v.to_f32()).collect();
+            let mut dw_f32 = device.upload(&old_f32).unwrap();
+            k.rmsnorm_backward(&h, &w, &dy, None, &mut dh, (&mut dw_f32, write), 1e-5)
+                .unwrap();
+            let want: Vec<u16> = device
+                .download(&dw_f32)
+                .unwrap()
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_bits())
+                .collect();
+            let got: Vec<u16> = device
+                .download(&dw_bf16)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "rows {rows} d {d} {write:?}");
+            if write == GradWrite::Accumulate {
+                assert_ne!(got, old.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
+    }
+}

@@ -141,8 +141,8 @@ fn mistral_7b_categories_by_hand() {
     // Selective recomputes input_rstd, post_rstd 2·16,384, normed, ffn_in 2·33,554,432,
     // act 117,440,512.
     let work_selective = 2 * 16_384 + 2 * 33_554_432 + 117_440_512 + backward;
-    // bf16 gradients: the f32 accumulator of the largest non-GEMM gradient, the [V, d]
-    // embedding, 32000·4096·4.
+    // bf16 gradients over several logits chunks: the f32 accumulator that the LM head's
+    // chunks add into, [V, d] = 32000·4096·4. The 4096 rows here are one chunk: none.
     let accumulator = 524_288_000;
 
     let plan = MemoryPlan::new(&cfg, &options(4096, RecomputePolicy::Selective)).unwrap();
@@ -154,14 +154,26 @@ fn mistral_7b_categories_by_hand() {
         (Category::Moments, p * 2 * 2),
         (Category::ReferenceWeights, 0),
         (Category::KeptActivations, kept_selective),
-        (Category::RecomputeWorkspace, work_selective + accumulator),
+        (Category::RecomputeWorkspace, work_selective),
         (Category::LogitsChunk, LOGITS_T4096),
         (Category::CublasWorkspace, CUBLAS),
         (Category::BatchData, BATCH_T4096),
     ];
     assert_eq!(bytes(&plan), want);
-    assert_eq!(plan.total(), 72_371_667_200);
+    assert_eq!(plan.total(), 71_847_379_200);
     plan.fits(80_000_000_000).unwrap();
+    let chunked = MemoryPlan::new(
+        &cfg,
+        &PlanOptions {
+            logits_chunk_rows: Some(1024),
+            ..options(4096, RecomputePolicy::Selective)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        chunked.category_bytes(Category::RecomputeWorkspace),
+        work_selective + accumulator
+    );
 
     // Full: only the 32 layer inputs are kept per layer; the workspace holds the whole
     // layer once: normed, q, attn, mid, ffn_in 5·33,554,432, k, v 2·8,388,608, lse 524,288,
@@ -172,7 +184,7 @@ fn mistral_7b_categories_by_hand() {
     assert_eq!(full.category_bytes(Category::KeptActivations), kept_full);
     assert_eq!(
         full.category_bytes(Category::RecomputeWorkspace),
-        layer + backward + accumulator
+        layer + backward
     );
 
     // None keeps the whole layer for each of the 32 layers and recomputes nothing.
@@ -181,10 +193,7 @@ fn mistral_7b_categories_by_hand() {
         none.category_bytes(Category::KeptActivations),
         32 * (33_554_432 + layer) + 2 * 33_554_432 + 16_384
     );
-    assert_eq!(
-        none.category_bytes(Category::RecomputeWorkspace),
-        backward + accumulator
-    );
+    assert_eq!(none.category_bytes(Category::RecomputeWorkspace), backward);
 
     // A resident reference model adds its bf16 weights; fp32 master, moments and
     // gradients are 4 bytes per parameter each.
@@ -213,11 +222,21 @@ fn mistral_7b_categories_by_hand() {
     assert_eq!(wide.category_bytes(Category::MasterWeights), p * 4);
     assert_eq!(wide.category_bytes(Category::Gradients), p * 4);
     assert_eq!(wide.category_bytes(Category::Moments), p * 4 * 2);
-    // f32 gradients accumulate in place: no accumulator.
-    assert_eq!(
-        wide.category_bytes(Category::RecomputeWorkspace),
-        work_selective
-    );
+    // f32 gradients accumulate in place: no accumulator, in one chunk or several.
+    let wide_chunked = MemoryPlan::new(
+        &cfg,
+        &PlanOptions {
+            logits_chunk_rows: Some(1024),
+            ..wide.options
+        },
+    )
+    .unwrap();
+    for plan in [&wide, &wide_chunked] {
+        assert_eq!(
+            plan.category_bytes(Category::RecomputeWorkspace),
+            work_selective
+        );
+    }
 }
 
 #[test]
@@ -256,8 +275,8 @@ fn mixtral_8x7b_categories_by_hand() {
         + 524_288
         + 33_554_432;
     assert_eq!(work, 1_527_447_552);
-    // The bf16 gradients' f32 accumulator, [V, d] = 32000·4096·4.
-    let accumulator = 524_288_000;
+    // The 4096 rows are one logits chunk: the LM head's GEMM writes its bf16 gradient, no
+    // f32 accumulator.
     let plan = MemoryPlan::new(&cfg, &options(4096, RecomputePolicy::Selective)).unwrap();
     let want = vec![
         (Category::Weights, p * 2),
@@ -266,7 +285,7 @@ fn mixtral_8x7b_categories_by_hand() {
         (Category::Moments, p * 2 * 2),
         (Category::ReferenceWeights, 0),
         (Category::KeptActivations, kept),
-        (Category::RecomputeWorkspace, work + accumulator),
+        (Category::RecomputeWorkspace, work),
         (Category::LogitsChunk, LOGITS_T4096),
         (Category::CublasWorkspace, CUBLAS),
         (Category::BatchData, BATCH_T4096),
@@ -478,12 +497,12 @@ fn plan_prints_the_table_and_json() {
         "parameters   7,241,732,096",
         "precision    bf16 (master none, moments bf16, grads bf16)",
         "recompute    selective (the default where it fits)",
-        "weights                 14.48 GB     14,483,464,192   20.0%",
-        "moments (m, v)          28.97 GB     28,966,928,384   40.0%",
-        "kept activations        12.43 GB     12,431,933,440   17.2%",
-        "recompute workspace      1.38 GB      1,380,483,072    1.9%",
-        "total                   72.37 GB     72,371,667,200  100.0%",
-        "fits in 80.00 GB: yes (free 7.63 GB)",
+        "weights                 14.48 GB     14,483,464,192   20.2%",
+        "moments (m, v)          28.97 GB     28,966,928,384   40.3%",
+        "kept activations        12.43 GB     12,431,933,440   17.3%",
+        "recompute workspace     856.2 MB        856,195,072    1.2%",
+        "total                   71.85 GB     71,847,379,200  100.0%",
+        "fits in 80.00 GB: yes (free 8.15 GB)",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from\n{text}");
     }
@@ -556,7 +575,7 @@ fn plan_that_does_not_fit_exits_1_naming_the_flag() {
             "--memory",
             "65GB",
         ],
-        "Each of these fits: --recompute full (61.43 GB), --micro-tokens 1920.",
+        "Each of these fits: --recompute full (60.91 GB), --micro-tokens 2048.",
     );
     assert!(!stderr.contains("--master none"), "{stderr}");
     // The default recompute is full already when selective does not fit: the way out is a
@@ -571,7 +590,7 @@ fn plan_that_does_not_fit_exits_1_naming_the_flag() {
             "--memory",
             "60GB",
         ],
-        "Each of these fits: --micro-tokens 2048.",
+        "Each of these fits: --micro-tokens 2816.",
     );
     assert!(!stderr.contains("--recompute"), "{stderr}");
     contralign_ok(&[
@@ -579,7 +598,7 @@ fn plan_that_does_not_fit_exits_1_naming_the_flag() {
         "--model",
         &path,
         "--micro-tokens",
-        "2048",
+        "2816",
         "--memory",
         "60GB",
     ]);
@@ -589,11 +608,11 @@ fn plan_that_does_not_fit_exits_1_naming_the_flag() {
             "--model",
             &path,
             "--micro-tokens",
-            "2176",
+            "2944",
             "--memory",
             "60GB",
         ],
-        "--micro-tokens 2048",
+        "--micro-tokens 2816",
     );
 }
 

@@ -128,6 +128,57 @@ fn scoring_is_deterministic_and_chunking_changes_only_roundings() {
 }
 
 #[test]
+fn a_bf16_lm_head_gradient_is_refused_over_several_chunks() {
+    use contralign::ops::cuda::fresh::GradWrite;
+    let device = Device::Emu;
+    let k = Kernels::new(&device);
+    let (rows, vocab, d) = (5, 11, 8);
+    let bf16s = |n: usize, v: f32| device.upload(&vec![bf16::from_f32(v); n]).unwrap();
+    let (h, w) = (bf16s(rows * d, 0.5), bf16s(vocab * d, 0.25));
+    let targets = device.upload(&[1u32, 3, 2, 0, 9]).unwrap();
+    let (lse, coef) = (
+        device.upload(&[3.0f32; 5]).unwrap(),
+        device.upload(&[0.5f32; 5]).unwrap(),
+    );
+    let (mut dh, mut dhead) = (bf16s(rows * d, 0.0), bf16s(vocab * d, 1.0));
+    let backward = |chunk_rows, dh: &mut _, dhead: &mut _| {
+        FusedScoring {
+            kernels: &k,
+            chunk_rows,
+        }
+        .backward(
+            &h,
+            &w,
+            &targets,
+            &lse,
+            &coef,
+            d,
+            dh,
+            (dhead, GradWrite::Accumulate),
+        )
+    };
+    let err = backward(2, &mut dh, &mut dhead).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("5 rows take 3 chunks of 2"),
+        "{err:#}"
+    );
+    assert!(
+        device
+            .download(&dhead)
+            .unwrap()
+            .iter()
+            .all(|&v| v == bf16::ONE),
+        "nothing written"
+    );
+    backward(5, &mut dh, &mut dhead).unwrap();
+    assert!(device
+        .download(&dhead)
+        .unwrap()
+        .iter()
+        .any(|&v| v != bf16::ONE));
+}
+
+#[test]
 fn a_target_past_the_vocabulary_traps_and_bad_spans_are_errors() {
     let device = Device::Emu;
     let k = Kernels::new(&device);

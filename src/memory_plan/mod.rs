@@ -12,7 +12,8 @@
 //! - moments: `moments.m` and `moments.v`, `P ·` 2 or 4 each (`--moments`);
 //! - reference weights: `P · a` for a resident reference model, else nothing;
 //! - kept activations and the recompute workspace: [`activations`], and with bf16 gradients
-//!   `grads.accumulator` `[V, d]` f32 (the f32 copy a non-GEMM accumulation adds into);
+//!   and more than one logits chunk (`C < T`) `grads.accumulator` `[V, d]` f32 (the f32 copy
+//!   that the LM head's chunks add into);
 //! - logits chunk: `logits.chunk` `[C, V]` f32 (the chunk's logits, then `dL/dlogits` in
 //!   place), `logits.rows`, `logits.d_rows` `[C, d]` (the chunk's head inputs and their
 //!   gradient), and per target token `scoring.token_logp`, `scoring.token_lse`,
@@ -312,10 +313,10 @@ impl MemoryPlan {
         }
 
         activations::add(&mut r, cfg, t, a, options.recompute)?;
-        if p.grads == StorageDtype::Bf16 {
-            // Into bf16 gradients, the accumulations that are not one GEMM (the embedding's
-            // scatter, the LM head's chunks, the norms) add in an f32 copy of the tensor,
-            // rounded back once (docs/numerics.md §7): at most a [V, d] table.
+        if p.grads == StorageDtype::Bf16 && chunk < t {
+            // Into a bf16 gradient, the LM head's logits chunks add in an f32 copy of it,
+            // rounded back once (docs/numerics.md §7); when its rows are one chunk, its one
+            // GEMM writes the bf16 gradient itself, as every other op does.
             r.tensor(
                 "grads.accumulator".into(),
                 Category::RecomputeWorkspace,

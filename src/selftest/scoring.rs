@@ -34,6 +34,7 @@ use crate::ops::cuda::kernels::Kernels;
 use crate::ops::cuda::scoring::{FusedScoring, Spans};
 use crate::ops::{row_grads, span_table, ResponseSpan, ResponseStats};
 use anyhow::Result;
+use half::bf16;
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -187,6 +188,25 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     ] {
         scoring.backward(&h_b, &w_b, &targets_b, &lse_b, &coef_b, d, &mut dh_b, dhead)?;
     }
+    // With bf16 inputs, into a bf16 gradient in one chunk (one GEMM, one rounding).
+    let one_chunk = FusedScoring {
+        kernels: k,
+        chunk_rows: rows.max(1),
+    };
+    let dhead0_bf16 = rounded::<bf16>(&dhead0);
+    let mut dhead_bf16 = Vec::new();
+    if E::DTYPE == "bf16" {
+        let mut dh_b = dev.alloc::<E>(rows * d)?;
+        for (start, write) in [
+            (&dhead0_bf16, GradWrite::Accumulate),
+            (&vec![f32::NAN; vocab * d], GradWrite::Overwrite),
+        ] {
+            let mut dhead_b = upload::<bf16>(dev, start)?;
+            let dhead = (&mut dhead_b, write);
+            one_chunk.backward(&h_b, &w_b, &targets_b, &lse_b, &coef_b, d, &mut dh_b, dhead)?;
+            dhead_bf16.push(download(dev, &dhead_b)?);
+        }
+    }
 
     // The reference.
     let (want_logp, want_lse) = cpu_scoring::token_logprobs(&h, &w, &targets, d, vocab);
@@ -199,6 +219,8 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
     let want_dh = backward(&mut want_dhead);
     let mut want_dhead_fresh = vec![0.0; vocab * d];
     backward(&mut want_dhead_fresh);
+    let mut want_dhead_bf16 = dhead0_bf16.clone();
+    backward(&mut want_dhead_bf16);
 
     // The bounds.
     let mags = magnitudes_of(&h, &w, case, &want_lse, &want_logp);
@@ -276,7 +298,7 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
 
     let shape = case.describe();
     let name = |op: &str| format!("{op} {}", E::DTYPE);
-    Ok(vec![
+    let mut rows_out = vec![
         compare(
             name("scoring_rows logp"),
             shape.clone(),
@@ -343,11 +365,35 @@ pub fn scoring<E: Float>(k: &Kernels, rng: &mut StdRng, case: &ScoringCase) -> R
         ),
         compare(
             name("scoring_backward dhead fresh"),
-            shape,
+            shape.clone(),
             &dev.download(&dhead_fresh_b)?,
             &want_dhead_fresh,
             &scale_dhead_fresh,
             dhead_bound,
         ),
-    ])
+    ];
+    let one_chunk_bound = stored::<bf16>(dz_bound + gemm_bound(rows + 1));
+    let one_chunk_rows = [
+        (
+            "scoring_backward dhead:bf16 one chunk",
+            &want_dhead_bf16,
+            &scale_dhead,
+        ),
+        (
+            "scoring_backward dhead:bf16 one chunk fresh",
+            &want_dhead_fresh,
+            &scale_dhead_fresh,
+        ),
+    ];
+    for ((op, want, scale), got) in one_chunk_rows.into_iter().zip(&dhead_bf16) {
+        rows_out.push(compare(
+            name(op),
+            format!("{rows} rows x {vocab} x d {d}, one chunk"),
+            got,
+            want,
+            scale,
+            one_chunk_bound,
+        ));
+    }
+    Ok(rows_out)
 }

@@ -259,17 +259,17 @@ impl<'a> Kernels<'a> {
         self.launch(&name, rows, &args)
     }
 
-    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (fp32; `=` as `write`
-    /// says). The rows' 1/rms is taken again from `h` (with `eps`) inside the kernel.
+    /// `dh = d(loss)/dh (+ dh_in)`; `dw +=` the weight's gradient (summed in fp32, stored
+    /// as `G` with one rounding; `=` as `write` says). The rows' 1/rms is taken again from `h` (with `eps`) inside the kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_backward<E: Float>(
+    pub fn rmsnorm_backward<E: Float, G: Float>(
         &self,
         h: &impl AsView<E>,
         w: &impl AsView<E>,
         dy: &impl AsView<E>,
         dh_in: Option<View<E>>,
         dh: &mut impl AsView<E>,
-        (dw, write): (&mut impl AsView<f32>, GradWrite),
+        (dw, write): (&mut impl AsView<G>, GradWrite),
         eps: f32,
     ) -> Result<()> {
         let (h, w, dy, dh, dw) = (h.view(), w.view(), dy.view(), dh.view(), dw.view());
@@ -300,11 +300,16 @@ impl<'a> Kernels<'a> {
             .arg(d as i32)
             .buffer(&dw)
             .arg(write.accumulate_flag());
-        self.launch("rmsnorm_dw_reduce", self.element_blocks(d), &args)
+        // A thread per chunk of 4 elements (cuda/rmsnorm.cu).
+        self.launch(
+            &format!("rmsnorm_dw_reduce_{}", G::DTYPE),
+            self.element_blocks(d.div_ceil(4)),
+            &args,
+        )
     }
 
     /// The blocks of the RMSNorm backward: each sums 8 rows or more of dw into its partial
-    /// row, so that the partials (written, then read by rmsnorm_dw_reduce) add at most an
+    /// row, so that the partials (written, then read by rmsnorm_dw_reduce_*) add at most an
     /// eighth of the bytes the rows themselves move.
     pub fn rmsnorm_dw_parts(&self, rows: usize) -> usize {
         rows.div_ceil(8).clamp(1, self.max_grid as usize)

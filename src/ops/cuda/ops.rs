@@ -503,17 +503,17 @@ impl<'a> DeviceOps<'a> {
         let dx_in_view = dx_in.as_ref().map(|a| a.view);
         let mut dxv = dx.view_as::<E>("rmsnorm dx")?;
         let write = self.grad_write(&[dw])?;
-        self.accumulate_f32(dw, write, |dw| {
-            self.kernels.rmsnorm_backward(
-                &xv,
-                &wv,
-                &dyv,
-                dx_in_view,
-                &mut dxv,
-                (dw, write),
-                eps as f32,
-            )
-        })?;
+        let kernels = &self.kernels;
+        // The reduction writes `dw` at its stored type, bf16 included.
+        macro_rules! backward_into {
+            ($dw:expr) => {
+                kernels.rmsnorm_backward(&xv, &wv, &dyv, dx_in_view, &mut dxv, $dw, eps as f32)
+            };
+        }
+        match dw.storage() {
+            TensorView::F32(mut dw) => backward_into!((&mut dw, write)),
+            TensorView::Bf16(mut dw) => backward_into!((&mut dw, write)),
+        }?;
         Ok(dx)
     }
 
@@ -815,18 +815,22 @@ impl<'a> DeviceOps<'a> {
         let dh = self.alloc::<E>(h.len())?;
         let mut dhv = dh.view_as::<E>("scoring dh")?;
         let write = self.grad_write(&[dhead])?;
-        self.accumulate_f32(dhead, write, |dhead| {
-            self.scoring::<E>(vocab).backward(
-                &hv,
-                &head,
-                &*device_targets,
-                &lse,
-                &coef,
-                d,
-                &mut dhv,
-                (dhead, write),
-            )
-        })?;
+        let scoring = self.scoring::<E>(vocab);
+        let (targets, d) = (&*device_targets, d);
+        match dhead.storage() {
+            // One chunk's GEMM writes a bf16 gradient with one rounding, as the f32 copy
+            // would after it, without the copy ([V, d] f32) and its cast.
+            TensorView::Bf16(mut dhead)
+                if E::STORED == Dtype::Bf16 && scoring.single_chunk(rows) =>
+            {
+                let dhead = (&mut dhead, write);
+                scoring.backward(&hv, &head, targets, &lse, &coef, d, &mut dhv, dhead)
+            }
+            _ => self.accumulate_f32(dhead, write, |dhead| {
+                let dhead = (dhead, write);
+                scoring.backward(&hv, &head, targets, &lse, &coef, d, &mut dhv, dhead)
+            }),
+        }?;
         Ok(dh)
     }
 }

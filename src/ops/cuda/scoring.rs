@@ -353,11 +353,18 @@ impl<'a> FusedScoring<'a> {
         Ok(())
     }
 
+    /// Whether `rows` prediction rows are one chunk: one GEMM then makes the LM head's
+    /// gradient, which may be stored as bf16 directly (one rounding of its fp32 sum).
+    pub fn single_chunk(&self, rows: usize) -> bool {
+        rows <= self.chunk_rows.max(1)
+    }
+
     /// From `coef[t] = dL/dlogp_t`: overwrites `dh [rows, d]` with `dL/dh` and accumulates
-    /// `dL/dW` into `dhead [vocab, d]` (fp32), or overwrites it as `write` says: the first
-    /// chunk's GEMM then takes `β = 0`.
+    /// `dL/dW` into `dhead [vocab, d]`, or overwrites it as `write` says: the first chunk's
+    /// GEMM then takes `β = 0`. `dhead` is fp32, or bf16 when the rows are one chunk
+    /// ([`FusedScoring::single_chunk`]): chunks summed in bf16 would round once a chunk.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward<E: Float>(
+    pub fn backward<E: Float, G: Float>(
         &self,
         h: &impl AsView<E>,
         head: &impl AsView<E>,
@@ -366,7 +373,7 @@ impl<'a> FusedScoring<'a> {
         coef: &impl AsView<f32>,
         d: usize,
         dh: &mut impl AsView<E>,
-        (dhead, write): (&mut impl AsView<f32>, GradWrite),
+        (dhead, write): (&mut impl AsView<G>, GradWrite),
     ) -> Result<()> {
         let (h, head, targets, lse, coef, mut dh, mut dhead) = (
             h.view(),
@@ -380,6 +387,14 @@ impl<'a> FusedScoring<'a> {
         let (rows, vocab) = self.shape(&h, &head, &targets, d)?;
         same_len("scoring backward dh", h, dh)?;
         same_len("scoring backward dhead", head, dhead)?;
+        ensure!(
+            G::DTYPE == "f32" || self.single_chunk(rows),
+            "scoring backward: {rows} rows take {} chunks of {}, whose sum into a {} LM-head \
+             gradient would round once a chunk: sum them in f32",
+            rows.div_ceil(self.chunk_rows.max(1)),
+            self.chunk_rows,
+            G::DTYPE
+        );
         if rows == 0 {
             if write == GradWrite::Overwrite {
                 self.kernels.device.zero(&mut dhead)?;
