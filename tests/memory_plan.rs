@@ -532,6 +532,30 @@ fn plan_prints_the_table_and_json() {
     assert_eq!(v["regions"][0]["name"], "weights");
 }
 
+/// The default plan of Mistral-7B at 8192 tokens falls back to full recompute and names the
+/// largest micro-batch at which selective fits 80 GB.
+#[test]
+fn a_plan_that_falls_back_to_full_recompute_names_where_selective_fits() {
+    let path = config_path("mistral-7b-v0.1");
+    let out = contralign_ok(&["plan", "--model", &path]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(
+            "recompute    full (the default: selective does not fit; at --micro-tokens 6400 \
+             it does: about 6N FLOPs a token against full's 8N)"
+        ),
+        "{text}"
+    );
+    let cfg = config("mistral-7b-v0.1");
+    let selective = |t| {
+        MemoryPlan::new(&cfg, &options(t, RecomputePolicy::Selective))
+            .unwrap()
+            .total()
+    };
+    assert!(selective(6400) <= 80_000_000_000);
+    assert!(selective(6528) > 80_000_000_000);
+}
+
 #[test]
 fn plan_that_does_not_fit_exits_1_naming_the_flag() {
     let path = config_path("mistral-7b-v0.1");

@@ -523,6 +523,56 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
     assert!(!dir.exists(), "a refused run left {}", dir.display());
 }
 
+/// Where selective recompute does not fit the micro-batch, a device run takes full recompute
+/// and names the largest `--micro-tokens` (a multiple of 128) at which selective would fit.
+#[test]
+fn a_run_that_falls_back_to_full_recompute_names_the_micro_batch_where_selective_fits() {
+    let tmp = TempDir::new().unwrap();
+    let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
+    let plan = |tokens, recompute| {
+        let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
+        let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
+        plan.total()
+    };
+    // Room for 4096 tokens with full recompute: selective fits up to the last multiple of
+    // 128 before it does not.
+    let room = plan(4096, RecomputePolicy::Full);
+    let fits = |t: usize| plan(t, RecomputePolicy::Selective) <= room;
+    let largest = (1..32)
+        .map(|i| i * 128)
+        .take_while(|&t| fits(t))
+        .last()
+        .unwrap();
+    assert!(largest < 4096 && !fits(largest + 128));
+    let out = tmp.path().join("run");
+    let memory = format!("{:.9}", room as f64 / 1e9);
+    let args = [
+        "train",
+        "--device",
+        "emu",
+        "--loss",
+        "sft",
+        "--model",
+        &fx("tiny-mistral"),
+        "--data",
+        &fx("tiny-mistral.reward.jsonl"),
+        "--steps",
+        "1",
+        "--micro-tokens",
+        "4096",
+        "--memory",
+        &memory,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = contralign_ok(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let said = format!(
+        "recompute: full (selective does not fit; at --micro-tokens {largest} it does: about 6N"
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+}
+
 /// A trainer of `groups` whose reference statistics come from a cache of `cached` (the
 /// reference model's, computed here), on `device` or the CPU.
 fn cached_trainer(

@@ -126,7 +126,8 @@ pub struct TrainArgs {
     /// about 8N FLOPs per token instead of 6N). selective: keep the GEMM and attention
     /// outputs, recompute the norms and SwiGLU (about 6N). The gradients are the same bits
     /// under all three. Default: on a device, selective where the memory plan fits, else
-    /// full; on the CPU, full.
+    /// full (the run then names the largest --micro-tokens at which selective fits); on the
+    /// CPU, full.
     #[arg(
         long,
         value_enum,
@@ -222,13 +223,25 @@ fn open_planned_device(
         Some(text) => Some(parse_memory(text)?),
         None => device.total_memory()?,
     };
+    let mut why = String::new();
     if args.recompute.is_none() && !args.no_checkpointing {
         let selective = plan_for(args, opts, opts.micro_tokens, RecomputePolicy::Selective)?;
-        if memory.is_none_or(|m| selective.total() <= m) {
-            opts.recompute = RecomputePolicy::Selective;
+        match memory {
+            Some(m) if selective.total() > m => {
+                why = " (selective does not fit".into();
+                let at = MemoryPlan::selective_micro_tokens(&selective.cfg, &selective.options, m)?;
+                if let Some(t) = at {
+                    why += &format!(
+                        "; at --micro-tokens {t} it does: about 6N FLOPs a token against \
+                         full's 8N, the same steps by gradient accumulation"
+                    );
+                }
+                why += ")";
+            }
+            _ => opts.recompute = RecomputePolicy::Selective,
         }
     }
-    eprintln!("recompute: {}", opts.recompute.name());
+    eprintln!("recompute: {}{why}", opts.recompute.name());
     let plan = plan_for(args, opts, opts.micro_tokens, opts.recompute)?;
     if let Some(memory) = memory {
         plan.fits(memory).with_context(|| {

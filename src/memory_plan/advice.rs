@@ -44,7 +44,7 @@ fn change(category: Category, o: &PlanOptions) -> Option<(&'static str, PlanOpti
 }
 
 /// The largest `--micro-tokens` (a multiple of 128, below the plan's) whose plan fits.
-fn fitting_micro_tokens(plan: &MemoryPlan, memory: u64) -> Option<usize> {
+pub(super) fn fitting_micro_tokens(plan: &MemoryPlan, memory: u64) -> Option<usize> {
     let fits = |t: usize| {
         let o = PlanOptions {
             micro_tokens: t,

@@ -396,6 +396,25 @@ impl MemoryPlan {
         )
     }
 
+    /// The largest `--micro-tokens` (a multiple of 128, below `options`') at which selective
+    /// recompute fits in `memory` bytes: where the default fell back to full recompute (8N
+    /// FLOPs a token instead of about 6N), the micro-batch that avoids it, and whose gradient
+    /// accumulation gives the same step.
+    pub fn selective_micro_tokens(
+        cfg: &ModelConfig,
+        options: &PlanOptions,
+        memory: u64,
+    ) -> Result<Option<usize>> {
+        let selective = MemoryPlan::new(
+            cfg,
+            &PlanOptions {
+                recompute: RecomputePolicy::Selective,
+                ..*options
+            },
+        )?;
+        Ok(advice::fitting_micro_tokens(&selective, memory))
+    }
+
     /// The arena's size: every region's bytes.
     pub fn total(&self) -> u64 {
         self.regions.iter().map(|r| r.bytes).sum()
