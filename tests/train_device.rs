@@ -443,6 +443,50 @@ fn resume_on_the_emulated_device_is_exact() {
     }
 }
 
+/// One `sft` step of the tiny Mistral on the emulated device under `--micro-tokens` and
+/// `--memory`, with `extra` flags, writing into `out`.
+fn tiny_device_run(
+    micro_tokens: &str,
+    memory: &str,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let (model, data) = (fx("tiny-mistral"), fx("tiny-mistral.reward.jsonl"));
+    let args = [
+        "train",
+        "--device",
+        "emu",
+        "--loss",
+        "sft",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--steps",
+        "1",
+        "--micro-tokens",
+        micro_tokens,
+        "--memory",
+        memory,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    common::contralign(&[&args[..], extra].concat())
+}
+
+/// The bytes of the tiny Mistral's device plan (default precision, no reference).
+fn tiny_plan_bytes(tokens: usize, recompute: RecomputePolicy) -> u64 {
+    let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
+    let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
+    let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
+    plan.total()
+}
+
+/// Bytes as `--memory` takes them, exactly.
+fn memory_flag(bytes: u64) -> String {
+    format!("{:.9}", bytes as f64 / 1e9)
+}
+
 /// A group longer than `--micro-tokens` runs as a pass of its own: a device run says so and
 /// plans for it (one whose groups fit says nothing); where only full recompute fits that pass,
 /// a run that chose selective itself takes full; under a `--recompute` it was given, it refuses
@@ -454,30 +498,7 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
         let out = tmp
             .path()
             .join(format!("{micro_tokens}-{memory}-{}", recompute.len()));
-        let args = [
-            "train",
-            "--device",
-            "emu",
-            "--loss",
-            "sft",
-            "--model",
-            &fx("tiny-mistral"),
-            "--data",
-            &fx("tiny-mistral.reward.jsonl"),
-            "--steps",
-            "1",
-            "--micro-tokens",
-            micro_tokens,
-            "--memory",
-            memory,
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        let out_dir = out.clone();
-        (
-            common::contralign(&[&args[..], recompute].concat()),
-            out_dir,
-        )
+        (tiny_device_run(micro_tokens, memory, &out, recompute), out)
     };
     let said = "more than --micro-tokens 8: planned for passes of";
     let mut stderr = String::new();
@@ -493,27 +514,21 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no group length in {stderr}"));
-    let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
-    let plan = |tokens, recompute| {
-        let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
-        let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
-        plan.total()
-    };
+    let plan = tiny_plan_bytes;
     let (small, long) = (
         plan(8, RecomputePolicy::Selective),
         plan(longest, RecomputePolicy::Selective),
     );
     let long_full = plan(longest, RecomputePolicy::Full);
-    let gb = |bytes: u64| format!("{:.9}", bytes as f64 / 1e9);
     // Room for the long pass under full recompute only.
     let room = small.max(long_full);
     assert!(room < long, "{small}, {long_full}, {long} bytes");
-    let (out, _) = run("8", &gb(room), &[]);
+    let (out, _) = run("8", &memory_flag(room), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("recompute: full (a pass of"), "{stderr}");
     // Under a given --recompute selective, no fallback: refused before any weight is read.
-    let (out, dir) = run("8", &gb(room), &["--recompute", "selective"]);
+    let (out, dir) = run("8", &memory_flag(room), &["--recompute", "selective"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -528,12 +543,7 @@ fn a_group_longer_than_a_micro_batch_is_planned_for_on_a_device() {
 #[test]
 fn a_run_that_falls_back_to_full_recompute_names_the_micro_batch_where_selective_fits() {
     let tmp = TempDir::new().unwrap();
-    let cfg = ModelConfig::load(&fixture("tiny-mistral")).unwrap();
-    let plan = |tokens, recompute| {
-        let (precision, reference) = (PrecisionOptions::default(), ReferenceSource::None);
-        let plan = DeviceEngine::plan(&cfg, tokens, recompute, reference, precision).unwrap();
-        plan.total()
-    };
+    let plan = tiny_plan_bytes;
     // Room for 4096 tokens with full recompute: selective fits up to the last multiple of
     // 128 before it does not.
     let room = plan(4096, RecomputePolicy::Full);
@@ -544,28 +554,8 @@ fn a_run_that_falls_back_to_full_recompute_names_the_micro_batch_where_selective
         .last()
         .unwrap();
     assert!(largest < 4096 && !fits(largest + 128));
-    let out = tmp.path().join("run");
-    let memory = format!("{:.9}", room as f64 / 1e9);
-    let args = [
-        "train",
-        "--device",
-        "emu",
-        "--loss",
-        "sft",
-        "--model",
-        &fx("tiny-mistral"),
-        "--data",
-        &fx("tiny-mistral.reward.jsonl"),
-        "--steps",
-        "1",
-        "--micro-tokens",
-        "4096",
-        "--memory",
-        &memory,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let run = contralign_ok(&args);
+    let run = tiny_device_run("4096", &memory_flag(room), &tmp.path().join("run"), &[]);
+    assert!(run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     let said = format!(
         "recompute: full (selective does not fit; at --micro-tokens {largest} it does: about 6N"

@@ -370,6 +370,21 @@ impl MemoryPlan {
         })
     }
 
+    /// The plan of `options` under `recompute` instead of its own policy.
+    fn with_recompute(
+        cfg: &ModelConfig,
+        options: &PlanOptions,
+        recompute: RecomputePolicy,
+    ) -> Result<Self> {
+        MemoryPlan::new(
+            cfg,
+            &PlanOptions {
+                recompute,
+                ..*options
+            },
+        )
+    }
+
     /// The plan with selective recompute where it fits in `memory` bytes, else with full
     /// recompute (`options.recompute` is not read).
     pub fn with_default_recompute(
@@ -377,23 +392,11 @@ impl MemoryPlan {
         options: &PlanOptions,
         memory: u64,
     ) -> Result<Self> {
-        let selective = MemoryPlan::new(
-            cfg,
-            &PlanOptions {
-                recompute: RecomputePolicy::Selective,
-                ..*options
-            },
-        )?;
+        let selective = Self::with_recompute(cfg, options, RecomputePolicy::Selective)?;
         if selective.total() <= memory {
             return Ok(selective);
         }
-        MemoryPlan::new(
-            cfg,
-            &PlanOptions {
-                recompute: RecomputePolicy::Full,
-                ..*options
-            },
-        )
+        Self::with_recompute(cfg, options, RecomputePolicy::Full)
     }
 
     /// The largest `--micro-tokens` (a multiple of 128, below `options`') at which selective
@@ -405,13 +408,7 @@ impl MemoryPlan {
         options: &PlanOptions,
         memory: u64,
     ) -> Result<Option<usize>> {
-        let selective = MemoryPlan::new(
-            cfg,
-            &PlanOptions {
-                recompute: RecomputePolicy::Selective,
-                ..*options
-            },
-        )?;
+        let selective = Self::with_recompute(cfg, options, RecomputePolicy::Selective)?;
         Ok(advice::fitting_micro_tokens(&selective, memory))
     }
 
