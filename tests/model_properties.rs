@@ -224,24 +224,25 @@ fn gradients_agree_with_finite_differences() {
                     );
                     (forward, backward, (up - down) / (h_up + h_down))
                 };
-                let (forward, backward, numeric) = slopes(1e-3);
-                // A top-k routing decision that flips inside [-h, h] makes the objective jump;
-                // the two one-sided slopes then disagree and the point says nothing.
-                if (forward - backward).abs() > 0.1 * numeric.abs() + 1e-2 * max + 1e-3 {
-                    at_routing_boundary += 1;
-                    continue;
-                }
                 let exact = g[j] as f64;
                 let bound = 2e-2 * exact.abs() + 2e-3 * max + 1e-5;
-                // A small jump can hide from that test; a quarter of the step then moves the
-                // estimate by the jump, where a smooth objective's stays within the bound.
-                if (numeric - exact).abs() > bound {
-                    let (_, _, finer) = slopes(2.5e-4);
-                    if (finer - numeric).abs() > bound {
-                        at_routing_boundary += 1;
-                        continue;
-                    }
-                }
+                // A top-k routing decision that flips inside [-h, h] makes the objective
+                // jump, and a difference quotient across the jump grows as the step shrinks,
+                // where a smooth one settles. So a quotient at step h is trusted only where a
+                // quarter of the step moves it by less than the bound (the smaller step's own
+                // quotients carry more of the loss's f32 noise): the central one; else, when the
+                // routing is at a tie at the point itself (a perturbation of either sign
+                // flips it: every parameter upstream jumps on one side), the one-sided
+                // quotient of the side that keeps the point's routing, the one the analytic
+                // gradient differentiates. None settles: the point says nothing.
+                let (coarse, fine) = (slopes(1e-3), slopes(2.5e-4));
+                let settled = [(coarse.2, fine.2), (coarse.0, fine.0), (coarse.1, fine.1)]
+                    .into_iter()
+                    .find(|&(at_h, at_quarter)| (at_h - at_quarter).abs() <= bound);
+                let Some((numeric, _)) = settled else {
+                    at_routing_boundary += 1;
+                    continue;
+                };
                 let err = (numeric - exact).abs();
                 assert!(
                     err <= bound,
