@@ -422,7 +422,7 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
     let scale_dw_fresh: Vec<f32> = terms_dw.iter().map(|&t| t as f32).collect();
     let rstd_want: Vec<f32> = r.iter().map(|&v| v as f32).collect();
     let shape = format!("{rows}x{d}");
-    Ok(vec![
+    let mut checks = vec![
         compare(
             name::<E>("rmsnorm_forward h"),
             shape.clone(),
@@ -455,39 +455,37 @@ pub fn rmsnorm<E: Float>(k: &Kernels, rng: &mut StdRng, rows: usize, d: usize) -
             &scale_dh,
             dh_bound,
         ),
-        compare(
-            name::<E>("rmsnorm_backward dw"),
-            shape.clone(),
-            &dev.download(&dw_b)?,
-            &want_dw,
-            &scale_dw,
-            dw_bound,
-        ),
-        compare(
-            name::<E>("rmsnorm_backward dw fresh"),
-            shape.clone(),
-            &dev.download(&dw_fresh_b)?,
+    ];
+    // dw added into its start and written over a fresh gradient, into f32 and bf16 stores.
+    let dw_rows = [
+        ("dw", download(dev, &dw_b)?, &want_dw, &scale_dw, dw_bound),
+        (
+            "dw fresh",
+            download(dev, &dw_fresh_b)?,
             &want_dw_fresh,
             &scale_dw_fresh,
             dw_bound,
         ),
-        compare(
-            name::<E>("rmsnorm_backward dw:bf16"),
-            shape.clone(),
-            &download(dev, &dw_bf16_b)?,
+        (
+            "dw:bf16",
+            download(dev, &dw_bf16_b)?,
             &want_dw_bf16,
             &scale_dw,
             stored::<bf16>(dw_bound),
         ),
-        compare(
-            name::<E>("rmsnorm_backward dw:bf16 fresh"),
-            shape,
-            &download(dev, &dw_fresh_bf16_b)?,
+        (
+            "dw:bf16 fresh",
+            download(dev, &dw_fresh_bf16_b)?,
             &want_dw_fresh,
             &scale_dw_fresh,
             stored::<bf16>(dw_bound),
         ),
-    ])
+    ];
+    for (what, got, want, scale, bound) in dw_rows {
+        let op = name::<E>(&format!("rmsnorm_backward {what}"));
+        checks.push(compare(op, shape.clone(), &got, want, scale, bound));
+    }
+    Ok(checks)
 }
 
 /// RoPE forward and backward (the inverse rotation) at random positions up to 10^5.

@@ -88,27 +88,17 @@ fn model_line(cfg: &ModelConfig) -> String {
     )
 }
 
-/// Where selective recompute would fit at a smaller micro-batch: `; it does at
-/// --micro-tokens N (…)`, else nothing.
-fn selective_hint(plan: &MemoryPlan, memory: u64) -> String {
-    match MemoryPlan::selective_micro_tokens(&plan.cfg, &plan.options, memory) {
-        Ok(Some(t)) => {
-            format!("; at --micro-tokens {t} it does: about 6N FLOPs a token against full's 8N")
-        }
-        _ => String::new(),
-    }
-}
-
-fn table(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> String {
+fn table(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> Result<String> {
     let o = &plan.options;
     let total = plan.total();
     let recompute = match (args.recompute, o.recompute) {
         (Some(_), _) => String::new(),
         (None, RecomputePolicy::Selective) => " (the default where it fits)".into(),
-        (None, _) => format!(
-            " (the default: selective does not fit{})",
-            selective_hint(plan, memory)
-        ),
+        (None, _) => {
+            let hint = plan.selective_hint(memory)?;
+            let hint = hint.map(|h| format!("; {h}")).unwrap_or_default();
+            format!(" (the default: selective does not fit{hint})")
+        }
     };
     let mut out = format!(
         "model        {}: {}\nparameters   {}\nmicro-batch  {} tokens, logits chunk {} rows\n\
@@ -144,7 +134,7 @@ fn table(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> String {
         format!("no ({} short)", human_bytes(total - memory))
     };
     out += &format!("\nfits in {}: {verdict}\n", human_bytes(memory));
-    out
+    Ok(out)
 }
 
 fn json(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> serde_json::Value {
@@ -185,7 +175,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if args.json {
         println!("{}", json(&args, &plan, memory));
     } else {
-        print!("{}", table(&args, &plan, memory));
+        print!("{}", table(&args, &plan, memory)?);
     }
     plan.fits(memory)
 }

@@ -228,15 +228,9 @@ fn open_planned_device(
         let selective = plan_for(args, opts, opts.micro_tokens, RecomputePolicy::Selective)?;
         match memory {
             Some(m) if selective.total() > m => {
-                why = " (selective does not fit".into();
-                let at = MemoryPlan::selective_micro_tokens(&selective.cfg, &selective.options, m)?;
-                if let Some(t) = at {
-                    why += &format!(
-                        "; at --micro-tokens {t} it does: about 6N FLOPs a token against \
-                         full's 8N, the same steps by gradient accumulation"
-                    );
-                }
-                why += ")";
+                let hint = selective.selective_hint(m)?;
+                let hint = hint.map(|h| format!("; {h}")).unwrap_or_default();
+                why = format!(" (selective does not fit{hint})");
             }
             _ => opts.recompute = RecomputePolicy::Selective,
         }

@@ -399,17 +399,22 @@ impl MemoryPlan {
         Self::with_recompute(cfg, options, RecomputePolicy::Full)
     }
 
-    /// The largest `--micro-tokens` (a multiple of 128, below `options`') at which selective
-    /// recompute fits in `memory` bytes: where the default fell back to full recompute (8N
-    /// FLOPs a token instead of about 6N), the micro-batch that avoids it, and whose gradient
-    /// accumulation gives the same step.
-    pub fn selective_micro_tokens(
-        cfg: &ModelConfig,
-        options: &PlanOptions,
-        memory: u64,
-    ) -> Result<Option<usize>> {
-        let selective = Self::with_recompute(cfg, options, RecomputePolicy::Selective)?;
-        Ok(advice::fitting_micro_tokens(&selective, memory))
+    /// Where selective recompute does not fit this plan's micro-batch: the largest
+    /// `--micro-tokens` (a multiple of 128) at which it fits in `memory` bytes, said as
+    /// `plan` and `train` print it (`at --micro-tokens N it does: …`); `None` at none. That
+    /// micro-batch avoids full recompute's 8N FLOPs a token, and gradient accumulation gives
+    /// the same steps.
+    pub fn selective_hint(&self, memory: u64) -> Result<Option<String>> {
+        let rebuilt;
+        let selective = if self.options.recompute == RecomputePolicy::Selective {
+            self
+        } else {
+            rebuilt = Self::with_recompute(&self.cfg, &self.options, RecomputePolicy::Selective)?;
+            &rebuilt
+        };
+        Ok(advice::fitting_micro_tokens(selective, memory).map(|t| {
+            format!("at --micro-tokens {t} it does: about 6N FLOPs a token against full's 8N")
+        }))
     }
 
     /// The arena's size: every region's bytes.
