@@ -38,7 +38,7 @@
 // fixed order that depends only on blockDim, so results are the same bit for bit from run to
 // run. Row indices are int (a batch has fewer than 2^31 rows); element offsets are 64-bit
 // (a chunk of 65,536 rows of 32,000 logits has 2^31 elements).
-#include "contralign.cuh"
+#include "reduce.cuh"
 
 namespace {
 
@@ -72,67 +72,20 @@ __device__ __forceinline__ Lse lse_combine(Lse a, Lse b) {
     return Lse{m, a.s * expf(a.m - m) + b.s * expf(b.m - m), a.t + b.t};
 }
 
-// The combination of the states of the first `lanes` lanes of the warp, in lane 0.
-__device__ __forceinline__ Lse warp_combine(Lse v, unsigned lanes) {
-    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
-    const unsigned lane = threadIdx.x % 32;
-    for (unsigned offset = 16; offset > 0; offset /= 2) {
-        const Lse other{__shfl_down_sync(mask, v.m, offset), __shfl_down_sync(mask, v.s, offset),
-                        __shfl_down_sync(mask, v.t, offset)};
-        if (lane + offset < lanes) v = lse_combine(v, other);
-    }
-    return v;
+// An Lse of the lane `offset` lanes down (reduce.cuh's warp_reduce shuffles through it).
+__device__ __forceinline__ Lse shuffle_down(unsigned mask, Lse v, unsigned offset) {
+    return Lse{__shfl_down_sync(mask, v.m, offset), __shfl_down_sync(mask, v.s, offset),
+               __shfl_down_sync(mask, v.t, offset)};
 }
+
+struct LseCombine {
+    __device__ __forceinline__ Lse operator()(Lse a, Lse b) const { return lse_combine(a, b); }
+};
 
 // The block's combined state, returned to every thread; `scratch` holds at least 33 states
 // and is free again on return.
-__device__ Lse block_combine(Lse v, Lse* scratch) {
-    const unsigned warp = threadIdx.x / 32;
-    const unsigned lane = threadIdx.x % 32;
-    const unsigned warps = (blockDim.x + 31) / 32;
-    const unsigned left = blockDim.x - warp * 32;
-    v = warp_combine(v, left < 32 ? left : 32);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        Lse w = lane < warps ? scratch[lane] : lse_empty();
-        w = warp_combine(w, blockDim.x < 32 ? blockDim.x : 32);
-        if (lane == 0) scratch[32] = w;
-    }
-    __syncthreads();
-    const Lse total = scratch[32];
-    __syncthreads();
-    return total;
-}
-
-// The same for fp64 sums (the per-response statistics).
-__device__ __forceinline__ double warp_sum_f64(double v, unsigned lanes) {
-    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
-    const unsigned lane = threadIdx.x % 32;
-    for (unsigned offset = 16; offset > 0; offset /= 2) {
-        const double other = __shfl_down_sync(mask, v, offset);
-        if (lane + offset < lanes) v += other;
-    }
-    return v;
-}
-
-__device__ double block_sum_f64(double v, double* scratch) {
-    const unsigned warp = threadIdx.x / 32;
-    const unsigned lane = threadIdx.x % 32;
-    const unsigned warps = (blockDim.x + 31) / 32;
-    const unsigned left = blockDim.x - warp * 32;
-    v = warp_sum_f64(v, left < 32 ? left : 32);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double w = lane < warps ? scratch[lane] : 0.0;
-        w = warp_sum_f64(w, blockDim.x < 32 ? blockDim.x : 32);
-        if (lane == 0) scratch[32] = w;
-    }
-    __syncthreads();
-    const double total = scratch[32];
-    __syncthreads();
-    return total;
+__device__ __forceinline__ Lse block_combine(Lse v, Lse* scratch) {
+    return block_reduce(v, scratch, lse_empty(), LseCombine{});
 }
 
 // 16 bytes of storage (4 floats or 8 bf16) through load128/store128, which check the
@@ -241,30 +194,9 @@ __device__ void scoring_backward(T* z, int rows, int vocab, const unsigned* __re
     }
 }
 
-// The block's maximum of `v`, returned to every thread (the baseline's first pass).
-__device__ float block_max(float v, float* scratch) {
-    const unsigned warp = threadIdx.x / 32;
-    const unsigned lane = threadIdx.x % 32;
-    const unsigned warps = (blockDim.x + 31) / 32;
-    const unsigned left = blockDim.x - warp * 32;
-    const unsigned lanes = left < 32 ? left : 32;
-    const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
-    for (unsigned offset = 16; offset > 0; offset /= 2) {
-        const float other = __shfl_down_sync(mask, v, offset);
-        if (lane + offset < lanes) v = fmaxf(v, other);
-    }
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float m = scratch[0];
-        for (unsigned w = 1; w < warps; ++w) m = fmaxf(m, scratch[w]);
-        scratch[32] = m;
-    }
-    __syncthreads();
-    const float total = scratch[32];
-    __syncthreads();
-    return total;
-}
+struct Max {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
 }  // namespace
 
@@ -276,10 +208,10 @@ extern "C" __global__ void scoring_unfused_log_softmax(const float* logits, floa
         const long long base = static_cast<long long>(r) * vocab;
         float m = -INFINITY;
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, logits[base + j]);
-        m = block_max(m, scratch);
+        m = block_reduce(m, scratch, -INFINITY, Max{});
         float s = 0.0f;
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(logits[base + j] - m);
-        const float lse = m + logf(static_cast<float>(block_sum_f64(s, sum_scratch)));
+        const float lse = m + logf(static_cast<float>(block_sum(static_cast<double>(s), sum_scratch)));
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) out[base + j] = logits[base + j] - lse;
     }
 }
@@ -317,7 +249,7 @@ extern "C" __global__ void scoring_response_stats(const float* logp, const int* 
         const int len = spans[3 * i + 1];
         double sum = 0.0;
         for (int j = threadIdx.x; j < len; j += blockDim.x) sum += logp[start + j];
-        const double total = block_sum_f64(sum, scratch);
+        const double total = block_sum(sum, scratch);
         if (threadIdx.x == 0) {
             stats[3 * i] = total;
             stats[3 * i + 1] = total / len;

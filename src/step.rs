@@ -184,43 +184,31 @@ pub fn batch_metric_counts(batch: &Batch) -> Vec<f64> {
     metric_counts(&batch.group_offsets, &has_eos)
 }
 
-impl LossOps for CpuOps {
-    type Report = LossReport;
+/// The CPU backends' [`LossOps`]: the loss library on their host table of `(S, A, E)`.
+macro_rules! host_loss_ops {
+    ($($ops:ty),*) => {$(
+        impl LossOps for $ops {
+            type Report = LossReport;
 
-    fn batch_loss(
-        &self,
-        spec: &LossSpec,
-        batch: &Batch,
-        groups: &[Group],
-        stats: &Vec<f64>,
-        reference: RefStats<'_, Vec<f64>>,
-    ) -> Result<StatsLoss<Vec<f64>, LossReport>> {
-        host_batch_loss(spec, batch, groups, stats, reference)
-    }
+            fn batch_loss(
+                &self,
+                spec: &LossSpec,
+                batch: &Batch,
+                groups: &[Group],
+                stats: &Vec<f64>,
+                reference: RefStats<'_, Vec<f64>>,
+            ) -> Result<StatsLoss<Vec<f64>, LossReport>> {
+                host_batch_loss(spec, batch, groups, stats, reference)
+            }
 
-    fn read_report(&self, report: LossReport) -> Result<LossReport> {
-        Ok(report)
-    }
+            fn read_report(&self, report: LossReport) -> Result<LossReport> {
+                Ok(report)
+            }
+        }
+    )*};
 }
 
-impl LossOps for RoundedCpuOps {
-    type Report = LossReport;
-
-    fn batch_loss(
-        &self,
-        spec: &LossSpec,
-        batch: &Batch,
-        groups: &[Group],
-        stats: &Vec<f64>,
-        reference: RefStats<'_, Vec<f64>>,
-    ) -> Result<StatsLoss<Vec<f64>, LossReport>> {
-        host_batch_loss(spec, batch, groups, stats, reference)
-    }
-
-    fn read_report(&self, report: LossReport) -> Result<LossReport> {
-        Ok(report)
-    }
-}
+host_loss_ops!(CpuOps, RoundedCpuOps);
 
 /// The loss library on a host table of `(S, A, E)`: what the CPU backends' [`LossOps`] run.
 fn host_batch_loss(

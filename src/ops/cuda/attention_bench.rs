@@ -11,13 +11,12 @@ use super::attention::{tile_rows, AttentionKernels, DeviceLayout};
 use super::device::{Buffer, Device, Float};
 use super::pool::Pool;
 use super::roofline::{Gpu, Math, Modeled};
-use super::scoring_bench::to_f32;
+use super::scoring_bench::{median_seconds, to_f32};
 use crate::ops::{AttentionLayout, AttentionShape};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::time::Instant;
 
 /// The mask of a benchmark case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -83,26 +82,6 @@ fn random<E: Float>(device: &Device, rng: &mut ChaCha8Rng, n: usize) -> Result<B
         .map(|_| E::from_f32(rng.gen_range(-2.0..2.0)))
         .collect();
     device.upload(&host)
-}
-
-/// The median time of `reps` runs of `run`, each followed by a synchronize, after one
-/// warm-up.
-fn median_seconds(
-    device: &Device,
-    reps: usize,
-    mut run: impl FnMut() -> Result<()>,
-) -> Result<f64> {
-    run()?;
-    device.synchronize()?;
-    let mut times = Vec::with_capacity(reps.max(1));
-    for _ in 0..reps.max(1) {
-        let start = Instant::now();
-        run()?;
-        device.synchronize()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// One named f32 tensor of a dumped case.
