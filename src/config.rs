@@ -57,6 +57,19 @@ fn opt_f64(obj: &Value, key: &str) -> Result<Option<f64>> {
     }
 }
 
+/// The most parameters a config may describe: 2^48, about 280 trillion (the largest open
+/// checkpoints hold well under one trillion).
+const MAX_PARAMETERS: u128 = 1 << 48;
+/// The most tensors: 2^20 (Mixtral-8x7B has 995).
+const MAX_TENSORS: u128 = 1 << 20;
+
+fn positive_finite(key: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        return Ok(());
+    }
+    bail!("key `{key}`: expected a positive number, found {value}")
+}
+
 fn opt_bool(obj: &Value, key: &str, default: bool) -> Result<bool> {
     match field(obj, key) {
         None => Ok(default),
@@ -184,7 +197,7 @@ impl ModelConfig {
         } else {
             None
         };
-        Ok(ModelConfig {
+        let cfg = ModelConfig {
             vocab_size: req_usize(&raw, "vocab_size")?,
             hidden_size,
             intermediate_size: req_usize(&raw, "intermediate_size")?,
@@ -200,7 +213,54 @@ impl ModelConfig {
             eos_token_ids: token_ids(&raw, "eos_token_id")?,
             moe,
             raw,
-        })
+        };
+        positive_finite("rms_norm_eps", cfg.rms_norm_eps)?;
+        positive_finite("rope_theta", cfg.rope_theta)?;
+        cfg.check_size()?;
+        Ok(cfg)
+    }
+
+    /// Refuses sizes no machine holds before anything is sized from them: every count below
+    /// is exact (u128, checked), so that no later product of these keys can overflow.
+    fn check_size(&self) -> Result<()> {
+        let n = |x: usize| Some(x as u128);
+        let mul = |a: Option<u128>, b: Option<u128>| a?.checked_mul(b?);
+        let add = |a: Option<u128>, b: Option<u128>| a?.checked_add(b?);
+        let d = n(self.hidden_size);
+        let experts = n(self.moe.as_ref().map_or(1, |m| m.num_experts));
+        let q_width = mul(n(self.num_heads), n(self.head_dim));
+        let kv_width = mul(n(self.num_kv_heads), n(self.head_dim));
+        let attention = mul(d, add(mul(q_width, n(2)), mul(kv_width, n(2))));
+        let mlp = mul(experts, mul(n(3), mul(d, n(self.intermediate_size))));
+        let router = if self.moe.is_some() { d } else { n(0) };
+        let layer = add(add(attention, mlp), add(router, mul(d, n(2))));
+        let table = mul(n(self.vocab_size), d);
+        let head = if self.tie_word_embeddings {
+            n(0)
+        } else {
+            table
+        };
+        let total = add(mul(n(self.num_layers), layer), add(add(table, head), d));
+        let tensors = mul(n(self.num_layers), add(n(7), mul(experts, n(3))));
+        match (total, tensors) {
+            (Some(p), Some(t)) if p <= MAX_PARAMETERS && t <= MAX_TENSORS => Ok(()),
+            _ => bail!(
+                "the sizes (num_hidden_layers {}, hidden_size {}, intermediate_size {}, \
+                 num_attention_heads {} of head_dim {}, num_key_value_heads {}, vocab_size {}{}) \
+                 make more than 2^48 parameters or 2^20 tensors, which no machine holds",
+                self.num_layers,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_heads,
+                self.head_dim,
+                self.num_kv_heads,
+                self.vocab_size,
+                self.moe.as_ref().map_or(String::new(), |m| format!(
+                    ", num_local_experts {}",
+                    m.num_experts
+                )),
+            ),
+        }
     }
 
     pub fn load(dir: &Path) -> Result<Self> {

@@ -133,13 +133,26 @@ pub fn check_writable_dir(dir: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fails early, before any work, when the file `path` cannot be written: its directory
-/// must exist and take new files.
+/// Fails early, before any work, when the file `path` cannot be written: it must not be a
+/// directory, and its directory must exist and take new files.
 pub fn check_writable_file(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {}: is a directory; give a file path",
+            path.display()
+        );
+    }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    if parent.exists() && !parent.is_dir() {
+        bail!(
+            "{flag} {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        );
+    }
     if !parent.is_dir() {
         bail!(
             "{flag} {}: directory {} does not exist",
@@ -151,5 +164,34 @@ pub fn check_writable_file(path: &Path, flag: &str) -> Result<()> {
     std::fs::write(&probe, b"")
         .with_context(|| format!("{flag} {}: cannot write there", path.display()))?;
     std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// Fails when writing `out` would replace one of the command's inputs (`(flag, path)`): the
+/// input file itself, or a file inside an input directory (a model's weights). An `out` that
+/// does not exist yet replaces nothing; an input that is not a path (a Hub id) holds nothing
+/// here.
+pub fn check_not_an_input(out: &Path, flag: &str, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Ok(target) = std::fs::canonicalize(out) else {
+        return Ok(());
+    };
+    for &(input_flag, input) in inputs {
+        let Ok(real) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        if target == real {
+            bail!(
+                "{flag} {} is the {input_flag} input itself; give another path",
+                out.display()
+            );
+        }
+        if real.is_dir() && target.starts_with(&real) {
+            bail!(
+                "{flag} {} would replace a file of {input_flag} {}; give a path outside it",
+                out.display(),
+                input.display()
+            );
+        }
+    }
     Ok(())
 }

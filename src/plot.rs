@@ -135,11 +135,14 @@ fn read_metrics(file: &Path) -> Result<Metrics> {
     Ok(metrics)
 }
 
+/// The files a run's figures are written to.
+pub const FIGURES: [&str; 3] = ["loss.png", "rewards.png", "logps.png"];
+
 fn figures(metrics: &Metrics) -> Vec<(&'static str, Vec<Panel>)> {
     let keys = |names: &[&str]| names.iter().map(|s| s.to_string()).collect();
     vec![
         (
-            "loss.png",
+            FIGURES[0],
             vec![
                 Panel {
                     title: "Training loss",
@@ -159,7 +162,7 @@ fn figures(metrics: &Metrics) -> Vec<(&'static str, Vec<Panel>)> {
             ],
         ),
         (
-            "rewards.png",
+            FIGURES[1],
             vec![
                 Panel {
                     title: "Implicit reward of the j-th best-rated response",
@@ -174,7 +177,7 @@ fn figures(metrics: &Metrics) -> Vec<(&'static str, Vec<Panel>)> {
             ],
         ),
         (
-            "logps.png",
+            FIGURES[2],
             vec![Panel {
                 title: "Log-probability of the chosen and rejected responses",
                 y_label: "log-probability",

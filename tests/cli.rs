@@ -229,6 +229,105 @@ fn cli_errors_are_messages_not_panics() {
 }
 
 #[test]
+fn an_out_that_would_replace_an_input_or_is_no_file_fails_before_any_work() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::copy(fx("tiny-mistral.reward.jsonl"), &data).unwrap();
+    let before = std::fs::read(&data).unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fx("tiny-mistral")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let weights_before = std::fs::read(&weights).unwrap();
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, b"").unwrap();
+    let (data_s, model_s, weights_s) = (
+        data.to_string_lossy().into_owned(),
+        model.to_string_lossy().into_owned(),
+        weights.to_string_lossy().into_owned(),
+    );
+    let under_a_file = a_file.join("g.safetensors").to_string_lossy().into_owned();
+    let a_dir = dir.path().to_string_lossy().into_owned();
+    let grads = |out: &str| {
+        [
+            "grads", "--model", &model_s, "--data", &data_s, "--loss", "sft", "--out", out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let precompute = |out: &str| {
+        [
+            "precompute-ref",
+            "--model",
+            &model_s,
+            "--data",
+            &data_s,
+            "--out",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let cases = [
+        (grads(&data_s), "is the --data input itself"),
+        (grads(&weights_s), "would replace a file of --model"),
+        (precompute(&data_s), "is the --data input itself"),
+        (grads(&a_dir), "is a directory; give a file path"),
+        (precompute(&a_dir), "is a directory; give a file path"),
+        (grads(&under_a_file), "a-file is not a directory"),
+    ];
+    for (args, message) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        contralign_fails(&args, message);
+    }
+    assert_eq!(std::fs::read(&data).unwrap(), before);
+    assert_eq!(std::fs::read(&weights).unwrap(), weights_before);
+}
+
+#[test]
+fn counts_outside_their_range_are_refused_by_the_flag_parser() {
+    let model = fx("tiny-mistral");
+    let data = fx("tiny-mistral.reward.jsonl");
+    let dir = TempDir::new().unwrap();
+    let out = dir.path().join("run").to_string_lossy().into_owned();
+    let train = [
+        "train", "--model", &model, "--data", &data, "--loss", "sft", "--out", &out,
+    ];
+    let too_big = (i64::MAX as u64 + 1).to_string();
+    for (flag, value) in [
+        ("--max-bad-steps", "0"),
+        ("--micro-tokens", "0"),
+        ("--seed", too_big.as_str()),
+        ("--steps", too_big.as_str()),
+        ("--warmup-steps", too_big.as_str()),
+    ] {
+        let mut args = train.to_vec();
+        args.extend([flag, value]);
+        let result = common::contralign(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag} <N>'")),
+            "{flag} {value}: {stderr}"
+        );
+    }
+    assert!(!std::path::Path::new(&out).exists());
+    let score = [
+        "score",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--micro-tokens",
+        "0",
+    ];
+    assert_eq!(common::contralign(&score).status.code(), Some(2));
+}
+
+#[test]
 fn help_explains_every_flag() {
     let commands = [
         "train",
@@ -239,7 +338,14 @@ fn help_explains_every_flag() {
         "plot",
         "generate",
         "selftest",
+        "plan",
+        "init",
+        "demo",
         "bench scoring",
+        "bench attention",
+        "bench moe",
+        "bench step",
+        "bench step-model",
     ];
     for cmd in commands {
         let mut args: Vec<&str> = cmd.split(' ').collect();

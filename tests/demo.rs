@@ -1,10 +1,10 @@
 //! The demo: alignment improves the held-out judge score over SFT on a shortened run with a
 //! fixed seed, `--json` reports the table's numbers, and the demo's NCA phase is the same run
-//! as `train --config examples/demo.toml`.
+//! as `train --config examples/demo.toml`; it never replaces a directory it did not write.
 
 mod common;
 
-use common::{contralign_ok, metrics_without_timing};
+use common::{contralign_fails, contralign_ok, metrics_without_timing};
 use tempfile::TempDir;
 
 #[test]
@@ -56,4 +56,21 @@ fn nca_improves_over_sft_and_train_with_the_demo_config_reproduces_it() {
         metrics_without_timing(&train_run),
         metrics_without_timing(&out.join("nca"))
     );
+}
+
+#[test]
+fn the_demo_refuses_a_directory_it_did_not_write() {
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("project");
+    std::fs::create_dir_all(out.join("sft")).unwrap();
+    std::fs::write(out.join("sft").join("mine.txt"), b"theirs").unwrap();
+    contralign_fails(
+        &["demo", "--quick", "--out", &out.to_string_lossy()],
+        "holds files the demo did not write",
+    );
+    assert_eq!(
+        std::fs::read(out.join("sft").join("mine.txt")).unwrap(),
+        b"theirs"
+    );
+    assert!(!out.join("tokenizer").exists());
 }

@@ -301,6 +301,48 @@ fn unsupported_configs_are_named() {
 }
 
 #[test]
+fn impossible_config_values_are_named() {
+    // The fixture keeps its rope_theta in rope_parameters, transformers 5's spelling.
+    for (key, value) in [("rms_norm_eps", -1.0), ("rope_theta", 0.0)] {
+        let bad = broken_model(
+            |_| {},
+            |c| match key {
+                "rope_theta" => c["rope_parameters"][key] = value.into(),
+                _ => c[key] = value.into(),
+            },
+        );
+        assert_mentions(
+            &load_err(bad.path()),
+            &[
+                "config.json",
+                &format!("key `{key}`: expected a positive number, found {value}"),
+            ],
+        );
+    }
+    // Sizes whose products overflow, or that no machine holds; each is refused before
+    // anything is sized from it.
+    let huge = u64::MAX - 1;
+    for (key, value) in [
+        ("head_dim", huge),
+        ("intermediate_size", huge),
+        ("vocab_size", huge),
+        ("num_hidden_layers", u32::MAX as u64),
+        ("num_local_experts", huge),
+        ("hidden_size", 1 << 40),
+    ] {
+        let bad = broken_model(|_| {}, |c| c[key] = value.into());
+        assert_mentions(
+            &load_err(bad.path()),
+            &[
+                "config.json",
+                &format!("{key} {value}"),
+                "which no machine holds",
+            ],
+        );
+    }
+}
+
+#[test]
 fn a_missing_model_directory_is_named_whatever_the_data() {
     let dir = TempDir::new().unwrap();
     let missing = dir.path().join("no-model");

@@ -1,6 +1,6 @@
 //! Reward-to-pairs strategies and the batch metrics, on hand-checked groups.
 
-use contralign::data::pairs::{to_pairs, PairStrategy};
+use contralign::data::pairs::{chosen_first, to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
 use contralign::loss::{BatchInput, LossKind, LossSpec};
@@ -24,6 +24,24 @@ fn indices(pairs: &[Group]) -> Vec<(u32, u32)> {
             (p.responses[0][0] - 10, p.responses[1][0] - 10)
         })
         .collect()
+}
+
+#[test]
+fn a_pairwise_loss_reads_a_group_of_two_better_first() {
+    let better_first = group(&[0.9, 0.2]);
+    assert_eq!(
+        chosen_first(better_first.clone(), "dpo").unwrap(),
+        better_first
+    );
+    let better_second = chosen_first(group(&[0.2, 0.9]), "dpo").unwrap();
+    assert_eq!(indices(&[better_second]), vec![(1, 0)]);
+    let tied = chosen_first(group(&[0.5, 0.5]), "dpo")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        tied.starts_with("test:1: dpo needs a chosen and a rejected response, but the two rewards are equal (0.5)"),
+        "{tied}"
+    );
 }
 
 #[test]

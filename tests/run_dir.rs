@@ -1,7 +1,7 @@
 //! The run directory of `train`: a failed run leaves none behind, `final/` is the model
 //! alone (sharing the last checkpoint's files), one process writes a run at a time (a lock
-//! a killed process leaves does not block a resume), `--save-total-limit`, and a full disk
-//! in words.
+//! a killed process leaves does not block a resume, nor does the lack of a checkpoint), a new
+//! run never replaces another's files, `--save-total-limit`, and a full disk in words.
 
 mod common;
 
@@ -307,4 +307,55 @@ fn a_full_disk_is_reported_in_words_with_the_path() {
         text.contains("metrics.jsonl") && text.contains("No space left on device"),
         "{text}"
     );
+}
+
+#[test]
+fn a_new_run_refuses_a_directory_holding_names_it_would_replace() {
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("hf");
+    for dir in ["checkpoint-2", "final"] {
+        std::fs::create_dir_all(out.join(dir)).unwrap();
+        std::fs::write(out.join(dir).join("pytorch_model.bin"), b"theirs").unwrap();
+    }
+    contralign_fails(
+        &strs(&args(&out, &["--steps", "2"])),
+        "holds checkpoint-2, final, which a new run would replace",
+    );
+    for dir in ["checkpoint-2", "final"] {
+        let kept = std::fs::read(out.join(dir).join("pytorch_model.bin")).unwrap();
+        assert_eq!(kept, b"theirs", "{dir}");
+    }
+    assert!(!out.join("metrics.jsonl").exists());
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_resumes_from_step_0() {
+    let tmp = TempDir::new().unwrap();
+    let run = tmp.path().join("run");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_contralign"))
+        .args(args(
+            &run,
+            &["--steps", "1000000", "--save-every", "1000000"],
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&run, 2, ".");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(checkpoints(&run).is_empty());
+
+    let run_s = run.to_string_lossy().into_owned();
+    let out = contralign_ok(&["train", "--resume", &run_s, "--steps", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no checkpoint yet; starting again from step 0"),
+        "{stderr}"
+    );
+    let steps: Vec<u64> = metrics_without_timing(&run)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+    assert_eq!(checkpoints(&run), vec![3]);
 }

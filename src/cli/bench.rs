@@ -66,15 +66,13 @@ enum StepLoss {
 /// the reference and the first step's loss for the scoreboard's PyTorch side.
 #[derive(Args, Debug)]
 struct StepArgs {
+    /// Where the step runs (emu: the emulator, for checking the command, not for timing).
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
-    /// A config.json, or a model directory holding one.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "examples/configs/mistral-7b-v0.1.json"
-    )]
-    config: PathBuf,
+    /// A config.json, or a model directory holding one. Default: Mistral-7B-v0.1's
+    /// (examples/configs/mistral-7b-v0.1.json, built in).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Layers of the model, in place of the config's own count (Mistral-7B's is 32).
     #[arg(long, default_value_t = 2)]
     layers: usize,
@@ -99,17 +97,34 @@ struct StepArgs {
     precision: PrecisionArgs,
 }
 
+/// `--config`, else the built-in Mistral-7B-v0.1 config (examples/configs/), so that the
+/// default runs from any directory.
+fn bench_config(path: Option<&std::path::Path>) -> Result<ModelConfig> {
+    match path {
+        Some(p) => ModelConfig::load_dir_or_file(p),
+        None => ModelConfig::from_json(serde_json::from_str(include_str!(
+            "../../examples/configs/mistral-7b-v0.1.json"
+        ))?)
+        .context("the built-in Mistral-7B-v0.1 config"),
+    }
+}
+
 /// The data of a benchmarked step: groups of one prompt and its responses, and the loss.
 #[derive(Args, Debug)]
 struct StepDataArgs {
+    /// Prompt tokens of each group.
     #[arg(long, default_value_t = 512)]
     prompt: usize,
+    /// Responses per group.
     #[arg(long, default_value_t = 4)]
     responses: usize,
+    /// Tokens per response.
     #[arg(long, default_value_t = 256)]
     response_len: usize,
+    /// Groups in the micro-batch.
     #[arg(long, default_value_t = 2)]
     groups: usize,
+    /// Seed of the random weights and token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// The loss (dpo needs --responses 2).
@@ -146,20 +161,20 @@ impl StepDataArgs {
 /// census at the defaults (the six run in parallel threads).
 #[derive(Args, Debug)]
 struct StepModelArgs {
-    /// A config.json, or a model directory holding one.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "examples/configs/mistral-7b-v0.1.json"
-    )]
-    config: PathBuf,
+    /// A config.json, or a model directory holding one. Default: Mistral-7B-v0.1's
+    /// (examples/configs/mistral-7b-v0.1.json, built in).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Layers of the target (the config's own count when not given).
     #[arg(long)]
     layers: Option<usize>,
     #[command(flatten)]
     data: StepDataArgs,
+    /// What the small shapes divide the heads, KV heads, hidden size, MLP width and
+    /// vocabulary by.
     #[arg(long, default_value_t = 8)]
     width_divisor: usize,
+    /// What the small shapes divide the prompt, response and sliding-window lengths by.
     #[arg(long, default_value_t = 8)]
     length_divisor: usize,
     #[command(flatten)]
@@ -170,7 +185,7 @@ struct StepModelArgs {
 
 fn step_model(a: StepModelArgs) -> Result<()> {
     let precision = a.precision.options(StorageDtype::Bf16)?;
-    let mut target = ModelConfig::load_dir_or_file(&a.config)?;
+    let mut target = bench_config(a.config.as_deref())?;
     if let Some(layers) = a.layers {
         ensure!(layers >= 1, "--layers must be at least 1");
         target.num_layers = layers;
@@ -203,7 +218,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
 fn step(a: StepArgs) -> Result<()> {
     let precision = a.precision.options(StorageDtype::Bf16)?;
     ensure!(a.layers >= 1, "--layers must be at least 1");
-    let mut cfg = ModelConfig::load_dir_or_file(&a.config)?;
+    let mut cfg = bench_config(a.config.as_deref())?;
     cfg.num_layers = a.layers;
     cfg.raw["num_hidden_layers"] = a.layers.into();
     let shape = a.data.shape();
@@ -355,12 +370,14 @@ pub struct AttentionBenchArgs {
     /// Where the kernels run (emu: the emulator, for checking the command, not for timing).
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
-    /// Storage of Q, K, V and the outputs (bf16: tensor cores; f32: what the model uses today).
+    /// Storage of Q, K, V and the outputs (bf16: tensor cores, the engine's default; f32: the
+    /// path checked against the CPU exactly).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Stream lengths; a packed case holds as many whole groups as fit (at least one).
     #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
     tokens: Vec<usize>,
+    /// Which attention patterns to time.
     #[arg(
         long,
         value_enum,
@@ -368,10 +385,13 @@ pub struct AttentionBenchArgs {
         default_value = "causal,packed"
     )]
     mask: Vec<MaskKind>,
+    /// Query heads.
     #[arg(long, default_value_t = 32)]
     heads: usize,
+    /// Key/value heads (grouped-query attention: a divisor of --heads).
     #[arg(long, default_value_t = 8)]
     kv_heads: usize,
+    /// Dimension of each head.
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
     /// Prompt tokens of a packed group.
@@ -562,6 +582,7 @@ fn write_attention_dump(
 /// PyTorch side.
 #[derive(Args, Debug)]
 pub struct MoeBenchArgs {
+    /// Where the layer runs (emu: the emulator, for checking the command, not for timing).
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
     /// Token rows entering the layer.
@@ -573,6 +594,7 @@ pub struct MoeBenchArgs {
     /// Width of each expert's MLP.
     #[arg(long, default_value_t = 14336)]
     ffn: usize,
+    /// Experts of the layer.
     #[arg(long, default_value_t = 8)]
     experts: usize,
     /// Experts per token (1 to 4).
@@ -585,6 +607,7 @@ pub struct MoeBenchArgs {
     /// Timed runs (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// A folder for the layer's inputs (as stored), its output and input gradient and the

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 /// accuracy (the implicit reward ranks the best held-out answer above the worst), the change
 /// of the best answer's log-likelihood from the SFT model, and training tokens/s. Writes the
 /// data, tokenizer, models and the three run directories (with plots) under --out; a rerun
-/// replaces them.
+/// replaces them. --out must be new, empty, or a previous demo's (marked .contralign-demo).
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Where the demo writes its data, models and runs.

@@ -4,7 +4,7 @@ use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
 use contralign::checkpoint::{named_tensors, save_f32, Tensor};
-use contralign::fsutil::check_writable_file;
+use contralign::fsutil::{check_not_an_input, check_writable_file};
 use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::StepOptions;
@@ -23,7 +23,7 @@ pub struct GradsArgs {
     #[command(flatten)]
     inputs: InputArgs,
     /// Keep every activation instead of recomputing each layer in the backward
-    /// (faster, more memory; gradients agree to float rounding).
+    /// (faster, more memory; the same gradients bit for bit).
     #[arg(long)]
     no_checkpointing: bool,
     /// Output safetensors file (written atomically).
@@ -47,7 +47,12 @@ impl OnOps for &GradsArgs {
     type Output = Gradients;
     fn run<O: LossOps>(self, ops: &O) -> Result<Gradients> {
         let l = self.inputs.load(ops, self.passes.max_tokens(), || {
-            check_writable_file(&self.out, "--out")
+            check_writable_file(&self.out, "--out")?;
+            let inputs = &self.inputs;
+            let mut read = vec![("--model", inputs.model.as_path())];
+            read.extend(inputs.ref_model.as_deref().map(|p| ("--ref-model", p)));
+            read.push(("--data", inputs.data.data.as_path()));
+            check_not_an_input(&self.out, "--out", &read)
         })?;
         let opts = StepOptions {
             recompute: if self.no_checkpointing {

@@ -194,6 +194,7 @@ pub fn run(args: InitArgs) -> Result<()> {
             args.out.display()
         );
     }
+    contralign::fsutil::check_writable_file(&args.out, "--out")?;
     let dtype = parse_dtype(&args.dtype)?;
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let tokenizer = args

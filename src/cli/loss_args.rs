@@ -3,7 +3,7 @@
 use crate::cli::data_args::DataArgs;
 use anyhow::{bail, Result};
 use clap::Args;
-use contralign::data::pairs::{to_pairs, PairStrategy};
+use contralign::data::pairs::{chosen_first, to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
 use contralign::model::{Model, ResponseStats};
@@ -59,7 +59,7 @@ pub struct LossArgs {
     #[arg(long, value_name = "STRATEGY", value_parser = clap::builder::PossibleValuesParser::new(PairStrategy::NAMES))]
     pub pairs: Option<String>,
     /// Seed of best_vs_random. Default 0.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     pub seed: u64,
 }
 
@@ -101,24 +101,30 @@ impl LossArgs {
             }
             None => groups,
         };
-        for g in &groups {
-            let k = g.responses.len();
-            if k < 2 {
-                bail!(
-                    "{}: the loss needs a group of at least 2 responses, found {k}",
-                    g.source
-                );
-            }
-            if spec.kind.is_pairwise() && k != 2 {
-                bail!(
-                    "{}: {} is pairwise but the group has {k} responses; give --pairs \
-                     best_vs_random|best_vs_each|all_pairs",
-                    g.source,
-                    spec.kind.name()
-                );
-            }
-        }
-        Ok(groups)
+        groups
+            .into_iter()
+            .map(|g| {
+                let k = g.responses.len();
+                if k < 2 {
+                    bail!(
+                        "{}: the loss needs a group of at least 2 responses, found {k}",
+                        g.source
+                    );
+                }
+                if !spec.kind.is_pairwise() {
+                    return Ok(g);
+                }
+                if k != 2 {
+                    bail!(
+                        "{}: {} is pairwise but the group has {k} responses; give --pairs \
+                         best_vs_random|best_vs_each|all_pairs",
+                        g.source,
+                        spec.kind.name()
+                    );
+                }
+                chosen_first(g, spec.kind.name())
+            })
+            .collect()
     }
 }
 

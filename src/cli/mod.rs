@@ -22,6 +22,9 @@ mod selftest;
 mod size_arg;
 mod train;
 
+/// The largest count or seed a run's flags take: `train.toml` saves integers as TOML's i64.
+pub(crate) const SAVED_INT_MAX: u64 = i64::MAX as u64;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;

@@ -12,15 +12,19 @@ pub struct PassArgs {
     /// pass's activations is bounded by it, whatever the data set's size. Statistics do not
     /// depend on it; losses and metrics combine over passes as a training step's
     /// micro-batches do (per group, and the Mixtral aux loss per pass).
-    #[arg(long, value_name = "N", default_value_t = 8192)]
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = at_least_one())]
     pub micro_tokens: usize,
 }
 
 impl PassArgs {
-    /// At least one token: 0 would make every group a pass of its own anyway.
     pub fn max_tokens(&self) -> usize {
-        self.micro_tokens.max(1)
+        self.micro_tokens
     }
+}
+
+/// The parser of a count that must be at least 1 (`--micro-tokens` of every command).
+pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 /// A bar over `groups` groups, drawn on stderr (hidden when it is not a terminal).

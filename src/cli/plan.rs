@@ -22,7 +22,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "DIR|CONFIG.json")]
     model: PathBuf,
     /// Most packed tokens in one forward/backward (train's --micro-tokens).
-    #[arg(long, value_name = "N", default_value_t = 8192)]
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
     micro_tokens: usize,
     #[command(flatten)]
     precision: PrecisionArgs,
@@ -39,8 +39,9 @@ pub struct PlanArgs {
     /// (train --ref-model: its weights on the device) or none (reference-free losses).
     #[arg(long, value_enum, default_value = "cached")]
     reference: ReferenceSource,
-    /// Rows of one logits chunk. Default: the most (a multiple of 128, at most
-    /// --micro-tokens) whose fp32 logits fit in 1 GiB.
+    /// Rows of one logits chunk (at most --micro-tokens: a larger value is cut to it).
+    /// Default: the most (a multiple of 128, at most --micro-tokens) whose fp32 logits fit
+    /// in 1 GiB.
     #[arg(long, value_name = "N")]
     logits_chunk_rows: Option<usize>,
     /// The device's memory: 80GB, 80 (GB), 79.5GiB, 85899345920B. Decimal GB, as

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 ///
 /// logps.png: logps/chosen and logps/rejected (the NCA paper's Figure 2).
 ///
-/// Eval metrics (eval/loss, eval/rewards/...) are drawn in their training series' color,
+/// Eval metrics (eval_loss, eval_rewards/..., TRL's names) are drawn in their training series' color,
 /// thinner and with a dot per point. Null or missing values are skipped (the line joins the
 /// steps around them); a panel or figure with no values is left out with a note. The run may
 /// still be writing: a half-written last line is ignored. Each PNG is written to a temporary

@@ -4,7 +4,7 @@ use crate::cli::passes::{groups_bar, PassArgs};
 use anyhow::Result;
 use clap::Args;
 use contralign::data::Group;
-use contralign::fsutil::check_writable_file;
+use contralign::fsutil::{check_not_an_input, check_writable_file};
 use contralign::model::Model;
 use contralign::step::LossOps;
 use contralign::train::refcache::RefCache;
@@ -59,6 +59,11 @@ impl OnOps for Precompute<'_> {
 
 pub fn run(args: PrecomputeArgs) -> Result<()> {
     check_writable_file(&args.out, "--out")?;
+    check_not_an_input(
+        &args.out,
+        "--out",
+        &[("--model", &args.model), ("--data", &args.data.data)],
+    )?;
     let groups = args.data.load(&args.model)?;
     let cache = args.device.run(Precompute {
         args: &args,

@@ -63,10 +63,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Optimizer steps to take. Default: one epoch.
-    #[arg(long, value_name = "N", conflicts_with = "epochs")]
+    #[arg(long, value_name = "N", conflicts_with = "epochs", value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     steps: Option<u64>,
     /// Passes over the data set (each reshuffled). Default 1.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     epochs: Option<u64>,
     /// Packed tokens per optimizer step: groups are added while they fit (a step holds at
     /// least one group).
@@ -77,7 +77,7 @@ pub struct TrainArgs {
     groups_per_step: Option<usize>,
     /// Most packed tokens in one forward/backward; larger steps accumulate gradients over
     /// micro-batches (the loss stays the mean over the step's groups).
-    #[arg(long, value_name = "N", default_value_t = 8192)]
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
     micro_tokens: usize,
     /// Peak learning rate (the default is TRL's DPO default).
     #[arg(long, value_name = "F", default_value = "1e-6")]
@@ -95,7 +95,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", default_value = "linear", value_parser = clap::builder::PossibleValuesParser::new(ScheduleKind::NAMES))]
     schedule: String,
     /// Linear warmup steps from 0 to --lr.
-    #[arg(long, value_name = "N", conflicts_with = "warmup_ratio")]
+    #[arg(long, value_name = "N", conflicts_with = "warmup_ratio", value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     warmup_steps: Option<u64>,
     /// Warmup as a fraction of all steps (rounded up).
     #[arg(long, value_name = "F")]
@@ -104,11 +104,11 @@ pub struct TrainArgs {
     #[arg(long, value_name = "F", default_value_t = 1.0)]
     max_grad_norm: f64,
     /// Save checkpoint-STEP every N steps (0: only at the last step, with final/).
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     save_every: u64,
     /// Keep only the newest N checkpoint-STEP directories (Hugging Face's save_total_limit);
     /// the newest and the one a run resumed from are never removed. Default: keep all.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=crate::cli::SAVED_INT_MAX))]
     save_total_limit: Option<u64>,
     /// dtype of saved weights: float32, bfloat16 or float16. Default: as loaded.
     #[arg(long, value_name = "DTYPE")]
@@ -156,7 +156,7 @@ pub struct TrainArgs {
     memory: Option<String>,
     /// Stop (after saving a checkpoint) when this many steps in a row have a non-finite
     /// loss or gradient; such steps are skipped and logged.
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     max_bad_steps: u32,
     /// Held-out data (TRL's eval_dataset): a file, a folder or a data set id, read with the
     /// data flags above; scored every --eval-every steps and at the end, its metrics logged
@@ -167,7 +167,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", default_value = "test")]
     eval_split: String,
     /// Evaluate --eval-data every N steps (TRL's eval_steps; 0: only at the end).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=crate::cli::SAVED_INT_MAX))]
     eval_every: u64,
     /// Read flags from a TOML file (keys are the flags' names); command-line flags win.
     #[arg(long, value_name = "FILE.toml")]
@@ -483,13 +483,23 @@ fn train_in(
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let inputs = &args.inputs;
     let spec = &opts.spec;
-    if args.resume.is_none() && run.holds_a_run()? {
-        bail!(
-            "--out {} already holds a run; continue it with --resume {}, or choose another \
-             directory",
-            out.display(),
-            out.display()
-        );
+    if args.resume.is_none() {
+        if run.holds_a_run()? {
+            bail!(
+                "--out {} already holds a run; continue it with --resume {}, or choose another \
+                 directory",
+                out.display(),
+                out.display()
+            );
+        }
+        let replaceable = run.replaceable_entries()?;
+        if !replaceable.is_empty() {
+            bail!(
+                "--out {} holds {}, which a new run would replace; choose another directory",
+                out.display(),
+                replaceable.join(", ")
+            );
+        }
     }
 
     let data = inputs.data.load(&inputs.model)?;
@@ -512,9 +522,18 @@ fn train_in(
         )?;
     }
     let resumed_from = match &args.resume {
-        Some(_) => Some(run.latest_checkpoint()?.with_context(|| {
-            format!("--resume {}: no checkpoint to resume from", out.display())
-        })?),
+        Some(_) => {
+            let latest = run.latest_checkpoint()?;
+            if latest.is_none() {
+                // A run stopped before its first checkpoint: its saved configuration is all
+                // there is to continue, so it starts again.
+                eprintln!(
+                    "--resume {}: no checkpoint yet; starting again from step 0",
+                    out.display()
+                );
+            }
+            latest
+        }
         None => None,
     };
     let restored = match &resumed_from {
@@ -551,7 +570,6 @@ fn train_in(
         .unwrap_or(policy.cfg.default_aux_coef());
     let micro_tokens = opts.micro_tokens;
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
-    let resumed = restored.is_some();
     if let Some((state, _)) = &restored {
         trainer.check_resumable(state)?;
     }
@@ -583,8 +601,8 @@ fn train_in(
         }
         None => None,
     };
-    if let Some(step) = resumed.then_some(trainer.step) {
-        run.truncate_metrics(step)?;
+    if args.resume.is_some() {
+        run.truncate_metrics(trainer.step)?;
     } else {
         contralign::fsutil::write_atomically(
             &run.path.join(CONFIG),

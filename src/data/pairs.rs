@@ -3,7 +3,7 @@
 //! responses with equal rewards never form a pair.
 
 use super::Group;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -40,6 +40,21 @@ fn pair(g: &Group, chosen: usize, rejected: usize) -> Group {
         rewards: vec![1.0, 0.0],
         source: g.source.clone(),
     }
+}
+
+/// A group of two as a pairwise loss reads it, the better-rated response first: as it is when
+/// it already is, else swapped into a pair (rewards `(1, 0)`). Equal rewards make no pair: an
+/// error naming the group's line.
+pub fn chosen_first(g: Group, loss: &str) -> Result<Group> {
+    let r = &g.rewards;
+    ensure!(
+        r[0] != r[1],
+        "{}: {loss} needs a chosen and a rejected response, but the two rewards are equal \
+         ({}); drop the group, or give --pairs to leave out groups without a better response",
+        g.source,
+        r[0]
+    );
+    Ok(if r[0] > r[1] { g } else { pair(&g, 1, 0) })
 }
 
 /// The pairs of every group, in group order. Groups whose rewards are all equal give none.

@@ -22,7 +22,7 @@ use crate::train::run_dir::{RunDir, SaveOptions};
 use crate::train::schedule::ScheduleKind;
 use crate::train::session;
 use crate::train::trainer::{Reference, StepRecord, TrainOptions, Trainer, Warmup};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -139,7 +139,7 @@ fn train_phase(
     };
     let mut trainer = Trainer::new(train, policy, phase.reference, phase.groups)?;
     let dir = opts.out.join(phase.name);
-    // The demo owns its output directory: a rerun replaces the previous run.
+    // The demo owns its output directory (`claim_out`): a rerun replaces the previous run.
     if dir.exists() {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot replace {}", dir.display()))?;
@@ -214,9 +214,40 @@ fn evaluate(
     Ok((accuracy, exact, reward_accuracy, chosen_change))
 }
 
+/// Marks a directory as the demo's: a rerun replaces what is in it, and only there.
+const MARKER: &str = ".contralign-demo";
+
+/// Makes `out` the demo's: a new or empty directory gets the marker; one that holds it is a
+/// previous demo's; anything else holds files the demo did not write, which a rerun would
+/// replace, so it is refused.
+fn claim_out(out: &Path) -> Result<()> {
+    if out.join(MARKER).is_file() {
+        return Ok(());
+    }
+    if out.exists() {
+        ensure!(
+            out.is_dir(),
+            "--out {}: exists and is not a directory",
+            out.display()
+        );
+        let mut entries = std::fs::read_dir(out)
+            .with_context(|| format!("--out {}: cannot read the directory", out.display()))?;
+        ensure!(
+            entries.next().is_none(),
+            "--out {}: holds files the demo did not write (it marks its own directories with \
+             {MARKER}), which it would replace; give a new or empty directory",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
+    crate::fsutil::write_atomically(&out.join(MARKER), b"")
+}
+
 pub fn run(opts: &DemoOptions, progress: &mut Progress) -> Result<DemoReport> {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let out = &opts.out;
+    claim_out(out)?;
     let tokenizer_dir = out.join("tokenizer");
     let vocab = setup::write_tokenizer(&tokenizer_dir)?;
     let init = out.join("init");

@@ -283,7 +283,8 @@ impl MemoryPlan {
         }
         let chunk = match options.logits_chunk_rows {
             Some(0) => bail!("--logits-chunk-rows must be at least 1"),
-            Some(rows) => rows,
+            // A chunk is never longer than a pass.
+            Some(rows) => rows.min(t),
             None => default_logits_chunk_rows(cfg.vocab_size, t),
         };
         let p = &options.precision;

@@ -1,5 +1,5 @@
 //! The fused scoring (cuda/scoring.cu through [`FusedScoring`]) against the CPU reference
-//! (`ops::cpu::scoring`, `model::span_stats`, `model::token_grads`), forward and backward.
+//! (`ops::cpu::scoring`, `ops::span_table`, `ops::row_grads`), forward and backward.
 //!
 //! Bounds, with `u = 2^-24` and `M_t = max_v Σ_j |h_tj W_vj|` the magnitude row `t`'s
 //! logits are computed from:

@@ -201,6 +201,26 @@ impl RunDir {
         Ok(self.metrics_path().exists() || !self.checkpoints()?.is_empty())
     }
 
+    /// The entries of the directory that a new run would replace or remove (its
+    /// configuration, `final/`, `checkpoint-*`, the plots), sorted: a directory that holds
+    /// files of its own under those names (another trainer's output, say) is not a new run's.
+    /// The lock is not among them: a new run takes it before it looks.
+    pub fn replaceable_entries(&self) -> Result<Vec<String>> {
+        let entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("cannot read run directory {}", self.path.display()))?;
+        let mut found: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|name| {
+                [METRICS, CONFIG, FINAL].contains(&name.as_str())
+                    || crate::plot::FIGURES.contains(&name.as_str())
+                    || name.starts_with(CHECKPOINT_PREFIX)
+            })
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
     /// Removes the oldest checkpoints beyond `opts.total_limit`, never the newest one nor
     /// `opts.keep`.
     fn prune_checkpoints(&self, opts: &SaveOptions) -> Result<()> {
