@@ -113,8 +113,9 @@ fn read_metrics(file: &Path) -> Result<Metrics> {
         let source = format!("{}:{}", file.display(), number + 1);
         let object = match serde_json::from_slice::<serde_json::Value>(line) {
             Ok(serde_json::Value::Object(object)) => object,
-            // The run appends while we read: its last line may be half written.
-            _ if i + 1 == lines.len() => break,
+            // The run appends while we read: its last line may be half written (a line is
+            // complete once its newline is there).
+            _ if i + 1 == lines.len() && !bytes.ends_with(b"\n") => break,
             Ok(other) => bail!("{source}: expected a JSON object, found {other}"),
             Err(e) => return Err(anyhow!(e).context(format!("{source}: invalid JSON"))),
         };

@@ -182,7 +182,15 @@ fn cli_errors_are_messages_not_panics() {
         .into_owned();
     let reward = fx("tiny-mistral.reward.jsonl");
     let model = fx("tiny-mistral");
-    let cases: [(Vec<&str>, &str); 5] = [
+    let run = dir.path().join("run").to_string_lossy().into_owned();
+    let cases: [(Vec<&str>, &str); 6] = [
+        (
+            vec![
+                "train", "--model", &model, "--data", &reward, "--loss", "sft", "--out", &run,
+                "--memory", "abc",
+            ],
+            "--memory \"abc\": unknown unit \"ABC\"",
+        ),
         (
             vec![
                 "grads", "--model", &model, "--data", &reward, "--loss", "nca", "--out", &out_file,

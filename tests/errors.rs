@@ -109,6 +109,43 @@ fn token_outside_vocabulary_is_an_error() {
 }
 
 #[test]
+fn skip_invalid_skips_ids_outside_the_vocabulary_and_groups_of_one() {
+    let dir = TempDir::new().unwrap();
+    let path = data_file(
+        &dir,
+        &[
+            GOOD,
+            r#"{"prompt_ids": [1, 999], "response_ids": [[7, 2], [9, 2]], "rewards": [1, 0]}"#,
+            r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2]], "rewards": [3]}"#,
+        ],
+    );
+    let (model, data) = (fixture("tiny-mistral"), path.to_string_lossy().into_owned());
+    let model = model.to_string_lossy().into_owned();
+    let eval = ["eval", "--model", &model, "--data", &data, "--loss", "sft"];
+    common::contralign_fails(&eval, "data.jsonl:3: the loss needs a group of at least 2");
+    let skipping = [&eval[..], &["--skip-invalid"]].concat();
+    let out = common::contralign_ok(&skipping);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("skipped 1 invalid of 3 records")
+            && stderr.contains(&format!("{data}:2: prompt, token 1: id 999"))
+            && stderr.contains("skipped 1 groups of one response"),
+        "{stderr}"
+    );
+    // Scoring reads the group of one.
+    let score = [
+        "score",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--skip-invalid",
+    ];
+    let scored = String::from_utf8(common::contralign_ok(&score).stdout).unwrap();
+    assert_eq!(scored.lines().count(), 3, "{scored}");
+}
+
+#[test]
 fn loss_on_a_single_response_group_is_an_error() {
     let dir = TempDir::new().unwrap();
     let path = data_file(
@@ -369,6 +406,30 @@ fn a_missing_model_directory_is_named_whatever_the_data() {
     }
 }
 
+/// A safetensors file of `header` and 8 bytes of data.
+fn one_tensor_file(header: &str) -> Vec<u8> {
+    let len = (header.len() as u64).to_le_bytes();
+    [&len[..], header.as_bytes(), &[0u8; 8]].concat()
+}
+
+#[test]
+fn a_non_finite_weight_is_named() {
+    let nan = broken_model(
+        |tensors| {
+            let (_, _, data) = tensors
+                .iter_mut()
+                .find(|(name, _, _)| name == "lm_head.weight")
+                .unwrap();
+            data[5] = f32::NAN;
+        },
+        |_| {},
+    );
+    assert_mentions(
+        &load_err(nan.path()),
+        &["tensor lm_head.weight holds NaN at element 5", "finite"],
+    );
+}
+
 #[test]
 fn truncated_or_corrupt_safetensors_are_described_in_words() {
     let good = std::fs::read(fixture("tiny-mistral/model.safetensors")).unwrap();
@@ -401,6 +462,14 @@ fn truncated_or_corrupt_safetensors_are_described_in_words() {
         (
             [&8u64.to_le_bytes()[..], b"{\"a\": 1,"].concat(),
             vec!["not valid JSON".into()],
+        ),
+        (
+            one_tensor_file(r#"{"w":{"dtype":"BOGUS","shape":[2],"data_offsets":[0,8]}}"#),
+            vec!["tensor w: unknown dtype \"BOGUS\"".into()],
+        ),
+        (
+            one_tensor_file(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#),
+            vec!["tensor w: shape [3] of F32 needs 12 bytes, data_offsets give 8".into()],
         ),
     ];
     for (bytes, parts) in cases {

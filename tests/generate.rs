@@ -359,7 +359,17 @@ fn generate_command_on_pre_tokenized_data() {
 fn generate_command_refuses_bad_requests() {
     let model = fx("tiny-mistral");
     let data = fx("tiny-mistral.reward.jsonl");
+    let tmp = TempDir::new().unwrap();
+    let oov_file = tmp.path().join("oov.jsonl");
+    std::fs::write(
+        &oov_file,
+        r#"{"prompt_ids": [1, 999], "response_ids": [[7, 2], [9, 2]], "rewards": [1, 0]}"#,
+    )
+    .unwrap();
+    let oov = oov_file.to_string_lossy().into_owned();
+    let oov_message = format!("{oov}:1: prompt, token 1: id 999 is outside the vocabulary");
     for (args, needle) in [
+        (vec!["--data", &oov], oov_message.as_str()),
         (vec!["--prompt", "hello"], "no tokenizer.json"),
         (
             vec!["--prompt", "hi", "--data", &data],

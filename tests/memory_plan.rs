@@ -674,6 +674,10 @@ fn plan_rejects_bad_input_with_a_clear_message() {
             "--memory \"80XB\": unknown unit \"XB\"",
         ),
         (
+            vec!["--memory", "1e-10"],
+            "--memory must be at least 1 byte and below 2^64, found \"1e-10\"",
+        ),
+        (
             vec!["--precision", "f32", "--moments", "bf16"],
             "--moments bf16 with --precision f32",
         ),

@@ -377,6 +377,8 @@ fn missing_empty_and_unplottable_inputs_are_errors() {
         ("", &["holds no metrics"][..]),
         ("\n\n", &["holds no metrics"][..]),
         (r#"{"step": 1, "lo"#, &["holds no metrics"][..]),
+        // A last line with its newline is complete: bad, not half written.
+        ("garbage\n", &["metrics.jsonl:1: invalid JSON"][..]),
         (
             "{\"step\": 1, \"loss\": null}\n{\"step\": 2, \"skipped\": \"non-finite loss\"}\n",
             &["holds no metrics"][..],

@@ -27,6 +27,64 @@ fn data_end(bytes: &[u8]) -> Option<u64> {
         .max()
 }
 
+/// The bytes of one element of a safetensors dtype, if it is one.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// What is wrong with the first tensor entry of the header that is malformed (no known
+/// dtype, a shape or data_offsets that are not lists of sizes) or whose byte range does not
+/// match its shape and dtype, as `tensor NAME: ...`.
+fn bad_entry(bytes: &[u8]) -> Option<String> {
+    let header = header_json(bytes)?.ok()?;
+    let mut entries: Vec<_> = header
+        .as_object()?
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let sizes = |v: &serde_json::Value| -> Option<Vec<u64>> {
+        v.as_array()?.iter().map(|x| x.as_u64()).collect()
+    };
+    for (name, t) in entries {
+        let Some(width) = t["dtype"].as_str().and_then(dtype_bytes) else {
+            return Some(format!("tensor {name}: unknown dtype {}", t["dtype"]));
+        };
+        let Some(shape) = sizes(&t["shape"]) else {
+            return Some(format!(
+                "tensor {name}: shape {} is not a list of sizes",
+                t["shape"]
+            ));
+        };
+        let offsets = sizes(&t["data_offsets"]).filter(|o| o.len() == 2 && o[0] <= o[1]);
+        let Some(offsets) = offsets else {
+            return Some(format!(
+                "tensor {name}: data_offsets {} is not [start, end]",
+                t["data_offsets"]
+            ));
+        };
+        let needed = shape
+            .iter()
+            .try_fold(width, |n, &dim| n.checked_mul(dim))
+            .map_or("more than 2^64".to_string(), |n| n.to_string());
+        let given = offsets[1] - offsets[0];
+        if needed != given.to_string() {
+            return Some(format!(
+                "tensor {name}: shape {shape:?} of {} needs {needed} bytes, data_offsets \
+                 give {given}",
+                t["dtype"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    None
+}
+
 /// Why a safetensors file could not be read or written. `bytes` is the file's content
 /// when it was read (empty when it was written).
 pub fn describe(err: &SafeTensorError, bytes: &[u8]) -> String {
@@ -53,9 +111,11 @@ pub fn describe(err: &SafeTensorError, bytes: &[u8]) -> String {
         }
         E::InvalidHeaderDeserialization => match header_json(bytes) {
             Some(Err(e)) => format!("the header is not valid JSON: {e}"),
-            _ => "the header is JSON but not a map of tensor names to their dtype, shape and \
-                  data_offsets"
-                .to_string(),
+            _ => bad_entry(bytes).unwrap_or_else(|| {
+                "the header is JSON but not a map of tensor names to their dtype, shape and \
+                 data_offsets"
+                    .to_string()
+            }),
         },
         E::JsonError(e) => format!("the header is not valid JSON: {e}"),
         E::MetadataIncompleteBuffer => {
@@ -76,9 +136,9 @@ pub fn describe(err: &SafeTensorError, bytes: &[u8]) -> String {
         E::InvalidOffset(name) => format!(
             "the header's byte range of tensor {name} does not start where the previous one ends"
         ),
-        E::TensorInvalidInfo => {
+        E::TensorInvalidInfo => bad_entry(bytes).unwrap_or_else(|| {
             "a tensor's byte range in the header does not match its shape and dtype".to_string()
-        }
+        }),
         E::ValidationOverflow => "a tensor's shape in the header overflows its size".to_string(),
         E::TensorNotFound(name) => format!("no tensor {name}"),
         E::IoError(e) => e.to_string(),

@@ -130,7 +130,14 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
                 );
             }
             dtype.get_or_insert(view.dtype());
-            out.insert(name.clone(), to_f32(&view, &name, &file)?);
+            let values = to_f32(&view, &name, &file)?;
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                bail!(
+                    "{}: tensor {name} holds {v} at element {i}; a model's weights are finite",
+                    file.display()
+                );
+            }
+            out.insert(name.clone(), values);
         }
     }
     if let Some(missing) = expected.keys().find(|n| !out.contains_key(*n)) {

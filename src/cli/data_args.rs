@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
+use contralign::config::ModelConfig;
 use contralign::data::load::{load_files, DataOptions};
 use contralign::data::Group;
 use contralign::hub::data_files;
@@ -39,7 +40,8 @@ pub struct DataArgs {
     /// UltraFeedback's score: a completion's key or dotted path.
     #[arg(long, value_name = "FIELD", default_value = "overall_score")]
     pub score_field: String,
-    /// Skip and count malformed lines instead of stopping at the first.
+    /// Skip and count invalid records instead of stopping at the first: malformed lines,
+    /// token ids outside the model's vocabulary, and (for a loss) groups of one response.
     #[arg(long)]
     pub skip_invalid: bool,
 }
@@ -74,12 +76,34 @@ impl DataArgs {
             skip_invalid: self.skip_invalid,
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
-        let data = load_files(
+        let mut data = load_files(
             &self.data.display().to_string(),
             &files,
             tokenizer.as_ref(),
             &opts,
         )?;
+        if self.skip_invalid {
+            // Ids the model cannot read make a group as invalid as a malformed line.
+            let vocab = ModelConfig::load(model_dir)?.vocab_size;
+            let s = &mut data.stats;
+            data.groups.retain(|g| match g.check_vocab(vocab) {
+                Ok(()) => true,
+                Err(e) => {
+                    s.skipped += 1;
+                    s.first_skipped.get_or_insert_with(|| format!("{e:#}"));
+                    false
+                }
+            });
+            if data.groups.is_empty() {
+                bail!(
+                    "{}: no valid group; all {} records were invalid, the first: {}",
+                    self.data.display(),
+                    s.skipped,
+                    s.first_skipped.as_deref().unwrap_or("?")
+                );
+            }
+            s.groups = data.groups.len();
+        }
         let s = &data.stats;
         if s.skipped > 0 {
             eprintln!(

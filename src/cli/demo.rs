@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-/// Alignment on a CPU in under a minute (README: 18 s on 2 cores), nothing downloaded.
+/// Alignment on a CPU in under a minute (README: 20 s on 2 cores), nothing downloaded.
 ///
 /// A tiny Mistral, initialized from scratch with a tokenizer trained on the task, learns to
 /// sort lists of 4–6 digits: first `sft` on answers of mixed quality (so it starts

@@ -157,6 +157,9 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
     let groups = data_args.load(&args.model)?;
     let tokenizer = model_tokenizer(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
+    for g in &groups {
+        g.check_vocab(model.cfg.vocab_size)?;
+    }
     let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (i, g) in generate(&model, &prompts, sampling)?.iter().enumerate() {

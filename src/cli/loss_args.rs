@@ -89,8 +89,27 @@ impl LossArgs {
     }
 
     /// The groups the loss sees: pairs when a strategy is given. Checks group sizes before
-    /// any model is loaded.
-    pub fn prepare(&self, spec: &LossSpec, groups: Vec<Group>) -> Result<Vec<Group>> {
+    /// any model is loaded; with `skip_invalid` (`--skip-invalid`), a group of one response
+    /// is skipped and counted instead.
+    pub fn prepare(
+        &self,
+        spec: &LossSpec,
+        mut groups: Vec<Group>,
+        skip_invalid: bool,
+    ) -> Result<Vec<Group>> {
+        if skip_invalid {
+            let before = groups.len();
+            groups.retain(|g| g.responses.len() >= 2);
+            let skipped = before - groups.len();
+            if skipped > 0 {
+                eprintln!(
+                    "skipped {skipped} groups of one response: the loss compares two or more"
+                );
+            }
+            if groups.is_empty() {
+                bail!("no group has two responses, which the loss needs");
+            }
+        }
         let groups = match &self.pairs {
             Some(name) => {
                 let pairs = to_pairs(&groups, PairStrategy::parse(name)?, self.seed);
@@ -176,7 +195,9 @@ impl InputArgs {
             );
         }
         precheck()?;
-        let groups = self.loss.prepare(&spec, self.data.load(&self.model)?)?;
+        let groups =
+            self.loss
+                .prepare(&spec, self.data.load(&self.model)?, self.data.skip_invalid)?;
         let policy = Model::load(ops, &self.model)?;
         let reference = match &self.ref_model {
             Some(dir) if spec.kind.needs_reference() => Some(Model::load(ops, dir)?),

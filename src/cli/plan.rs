@@ -1,5 +1,5 @@
 use crate::cli::precision_args::PrecisionArgs;
-use crate::cli::size_arg::parse_size;
+use crate::cli::size_arg::parse_size_in;
 use anyhow::Result;
 use clap::Args;
 use contralign::config::ModelConfig;
@@ -55,11 +55,7 @@ pub struct PlanArgs {
 
 /// `--memory`: a bare number is in GB.
 pub fn parse_memory(text: &str) -> Result<u64> {
-    if text.trim().parse::<f64>().is_ok() {
-        parse_size("--memory", &format!("{}GB", text.trim()))
-    } else {
-        parse_size("--memory", text)
-    }
+    parse_size_in("--memory", text, 1e9)
 }
 
 /// `7,241,732,096`.

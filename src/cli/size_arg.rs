@@ -3,16 +3,21 @@
 use anyhow::{bail, Context, Result};
 
 /// `text` in bytes; decimal units (`KB`, `MB`, `GB`, `TB`) as transformers'
-/// `max_shard_size` reads them, binary ones with an `i` (`GiB`), any case. `flag` names the
-/// option in errors.
+/// `max_shard_size` reads them, binary ones with an `i` (`GiB`), any case; a bare number is
+/// bytes. `flag` names the option in errors.
 pub fn parse_size(flag: &str, text: &str) -> Result<u64> {
+    parse_size_in(flag, text, 1.0)
+}
+
+/// [`parse_size`] where a bare number counts units of `bare` bytes (`--memory 80`: GB).
+pub fn parse_size_in(flag: &str, text: &str, bare: f64) -> Result<u64> {
     let t = text.trim().to_ascii_uppercase();
-    let (digits, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => t.split_at(i),
-        None => (t.as_str(), ""),
-    };
+    // The unit is the trailing letters, so that an exponent (`1e3GB`) stays in the number.
+    let split = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len();
+    let (digits, unit) = t.split_at(split);
     let scale: f64 = match unit {
-        "" | "B" => 1.0,
+        "" => bare,
+        "B" => 1.0,
         "KB" => 1e3,
         "MB" => 1e6,
         "GB" => 1e9,

@@ -419,7 +419,9 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
         ..inputs.data.clone()
     };
     let spec = inputs.loss.spec()?;
-    inputs.loss.prepare(&spec, data.load(&inputs.model)?)
+    inputs
+        .loss
+        .prepare(&spec, data.load(&inputs.model)?, data.skip_invalid)
 }
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
@@ -450,6 +452,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let device = match args.device.device_kind() {
         Some(kind) => Some(open_planned_device(kind, &args, &mut opts)?),
         None => {
+            if let Some(text) = &args.memory {
+                parse_memory(text)?;
+                eprintln!("--memory {text}: the CPU trainer plans no device memory; ignored");
+            }
             if opts.precision != PrecisionOptions::all_f32() {
                 eprintln!(
                     "precision: {} (the CPU's bf16-rounding mode)",
@@ -503,7 +509,9 @@ fn train_in(
     }
 
     let data = inputs.data.load(&inputs.model)?;
-    let groups = inputs.loss.prepare(spec, data.clone())?;
+    let groups = inputs
+        .loss
+        .prepare(spec, data.clone(), inputs.data.skip_invalid)?;
     let responses: usize = groups.iter().map(|g| g.responses.len()).sum();
     let tokens: usize = groups.iter().map(|g| g.packed_len()).sum();
     eprintln!(
