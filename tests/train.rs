@@ -735,14 +735,30 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
         "{saved}"
     );
 
-    std::fs::write(&config, "learning_rate = 1e-5\n").unwrap();
-    let out = contralign(&["train", "--config", &config.to_string_lossy()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("run.toml") && stderr.contains("learning_rate"),
-        "{stderr}"
-    );
+    for (text, message) in [
+        ("learning_rate = 1e-5\n", "unknown key `learning_rate`"),
+        (
+            "lr = \"fast\"\n",
+            "key `lr`: invalid value 'fast' for '--lr <F>'",
+        ),
+        (
+            "steps = 1.5\n",
+            "key `steps`: invalid value '1.5' for '--steps <N>'",
+        ),
+        (
+            "micro_tokens = 100\nmicro-tokens = 200\n",
+            "keys `micro-tokens` and `micro_tokens` both set --micro-tokens",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = contralign(&["train", "--config", &config.to_string_lossy()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: {message}", config.display())),
+            "{text}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -9,16 +9,39 @@ use serde::Serialize;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// The long flags of `T` that a file may set, with whether each takes a value.
-fn file_keys<T: Args>() -> Vec<(String, bool)> {
-    T::augment_args(clap::Command::new("train"))
+/// The arguments of `T` that a file may set (by their long names).
+fn file_keys<T: Args>() -> (clap::Command, Vec<clap::Arg>) {
+    let command = T::augment_args(clap::Command::new("train"));
+    let args = command
         .get_arguments()
-        .filter_map(|a| {
-            let long = a.get_long()?;
-            let excluded = ["config", "resume", "help", "version"].contains(&long);
-            (!excluded).then(|| (long.to_string(), a.get_action().takes_values()))
+        .filter(|a| {
+            a.get_long()
+                .is_some_and(|long| !["config", "resume", "help", "version"].contains(&long))
         })
-        .collect()
+        .cloned()
+        .collect();
+    (command, args)
+}
+
+/// `--flag=text` through the command's own parser (with `--resume`, so that nothing else is
+/// required), so that a bad value is named with the file and key it came from rather than as
+/// a command-line flag.
+fn check_value(command: &clap::Command, flag: &str, text: &str) -> Result<(), String> {
+    // A model's parser resolves a Hub id (a download when missing): left to the real parse,
+    // whose message names the value already.
+    if ["model", "ref-model"].contains(&flag) {
+        return Ok(());
+    }
+    let argv = ["train", &format!("--{flag}={text}"), "--resume", "."];
+    let command = command.clone().mut_args(|a| a.required(false));
+    match command.try_get_matches_from(argv) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            Err(first.trim_start_matches("error: ").to_string())
+        }
+    }
 }
 
 /// The flags a TOML file stands for, in file order.
@@ -27,12 +50,13 @@ pub fn toml_to_args<T: Args>(path: &Path) -> Result<Vec<OsString>> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: malformed TOML", path.display()))?;
-    let keys = file_keys::<T>();
+    let (command, keys) = file_keys::<T>();
     let mut args = Vec::new();
+    let mut seen: Vec<(String, String)> = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
-        let Some((_, takes_value)) = keys.iter().find(|(k, _)| *k == flag) else {
-            let mut names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+        let Some(arg) = keys.iter().find(|a| a.get_long() == Some(flag.as_str())) else {
+            let mut names: Vec<&str> = keys.iter().filter_map(clap::Arg::get_long).collect();
             names.sort();
             bail!(
                 "{}: unknown key `{key}`; the keys are the flags' names: {}",
@@ -40,6 +64,14 @@ pub fn toml_to_args<T: Args>(path: &Path) -> Result<Vec<OsString>> {
                 names.join(", ")
             );
         };
+        if let Some((first, _)) = seen.iter().find(|(_, f)| *f == flag) {
+            bail!(
+                "{}: keys `{first}` and `{key}` both set --{flag}; keep one",
+                path.display()
+            );
+        }
+        seen.push((key.clone(), flag.clone()));
+        let takes_value = &arg.get_action().takes_values();
         let text = match &value {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
@@ -74,6 +106,8 @@ pub fn toml_to_args<T: Args>(path: &Path) -> Result<Vec<OsString>> {
                 path.display()
             );
         }
+        check_value(&command, &flag, &text)
+            .map_err(|e| anyhow::anyhow!("{}: key `{key}`: {e}", path.display()))?;
         args.push(OsString::from(format!("--{flag}")));
         args.push(OsString::from(text));
     }
