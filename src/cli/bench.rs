@@ -74,15 +74,15 @@ struct StepArgs {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Layers of the model, in place of the config's own count (Mistral-7B's is 32).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::passes::at_least_one())]
     layers: usize,
     #[command(flatten)]
     data: StepDataArgs,
     /// Timed steps (the median is reported), after one untimed step.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::passes::at_least_one())]
     steps: usize,
     /// The side of the square bf16 GEMM whose rate MFU is also read against.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
     gemm_size: usize,
     /// A folder for the first step's inputs and loss (then every step trains on the same
     /// --groups groups).
@@ -113,16 +113,16 @@ fn bench_config(path: Option<&std::path::Path>) -> Result<ModelConfig> {
 #[derive(Args, Debug)]
 struct StepDataArgs {
     /// Prompt tokens of each group.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::cli::passes::at_least_one())]
     prompt: usize,
     /// Responses per group.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::cli::passes::at_least_one())]
     responses: usize,
     /// Tokens per response.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::cli::passes::at_least_one())]
     response_len: usize,
     /// Groups in the micro-batch.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::passes::at_least_one())]
     groups: usize,
     /// Seed of the random weights and token ids.
     #[arg(long, default_value_t = 0)]
@@ -166,16 +166,16 @@ struct StepModelArgs {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Layers of the target (the config's own count when not given).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::passes::at_least_one())]
     layers: Option<usize>,
     #[command(flatten)]
     data: StepDataArgs,
     /// What the small shapes divide the heads, KV heads, hidden size, MLP width and
     /// vocabulary by.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     width_divisor: usize,
     /// What the small shapes divide the prompt, response and sliding-window lengths by.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     length_divisor: usize,
     #[command(flatten)]
     precision: PrecisionArgs,
@@ -318,22 +318,22 @@ fn scoring(a: ScoringArgs) -> Result<()> {
 #[derive(Args, Debug)]
 struct ScoringArgs {
     /// Prediction rows (tokens scored).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
     rows: usize,
     /// Vocabulary size.
-    #[arg(long, default_value_t = 32000)]
+    #[arg(long, default_value_t = 32000, value_parser = crate::cli::passes::at_least_one())]
     vocab: usize,
     /// Hidden width.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::passes::at_least_one())]
     dim: usize,
     /// Storage of h, the LM head and the logits.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Rows per chunk of logits [default: as many as 256 MiB hold].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::passes::at_least_one())]
     chunk_rows: Option<usize>,
     /// Timed repetitions of each case (the median is printed), after one warm-up.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::at_least_one())]
     reps: usize,
     /// Where it runs.
     #[arg(long, value_enum, default_value = "cuda")]
@@ -375,7 +375,7 @@ pub struct AttentionBenchArgs {
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Stream lengths; a packed case holds as many whole groups as fit (at least one).
-    #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192", value_parser = crate::cli::passes::at_least_one())]
     tokens: Vec<usize>,
     /// Which attention patterns to time.
     #[arg(
@@ -386,25 +386,25 @@ pub struct AttentionBenchArgs {
     )]
     mask: Vec<MaskKind>,
     /// Query heads.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::passes::at_least_one())]
     heads: usize,
     /// Key/value heads (grouped-query attention: a divisor of --heads).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     kv_heads: usize,
     /// Dimension of each head.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::passes::at_least_one())]
     head_dim: usize,
     /// Prompt tokens of a packed group.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::cli::passes::at_least_one())]
     prompt: usize,
     /// Responses per packed group.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     responses: usize,
     /// Tokens per response.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::cli::passes::at_least_one())]
     response_len: usize,
     /// Timed runs per case (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::cli::passes::at_least_one())]
     reps: usize,
     /// A folder for each case's inputs, outputs, gradients and loss Σ out·dout
     /// (`attention-MASK-TOKENS.{safetensors,json}`).
@@ -586,26 +586,26 @@ pub struct MoeBenchArgs {
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceKind,
     /// Token rows entering the layer.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::passes::at_least_one())]
     tokens: usize,
     /// Hidden width.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::passes::at_least_one())]
     dim: usize,
     /// Width of each expert's MLP.
-    #[arg(long, default_value_t = 14336)]
+    #[arg(long, default_value_t = 14336, value_parser = crate::cli::passes::at_least_one())]
     ffn: usize,
     /// Experts of the layer.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     experts: usize,
     /// Experts per token (1 to 4).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::cli::passes::at_least_one())]
     top_k: usize,
     /// Storage of the weights and activations (the engine's default is bf16; f32 is the path
     /// checked against the CPU exactly).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Timed runs (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::at_least_one())]
     reps: usize,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]

@@ -37,7 +37,7 @@ pub struct SelftestArgs {
     profile: bool,
 
     /// Tokens of the profile (its batch; the widths are Mistral-7B's).
-    #[arg(long, default_value_t = 64, requires = "profile")]
+    #[arg(long, default_value_t = 64, requires = "profile", value_parser = crate::cli::passes::at_least_one())]
     profile_tokens: usize,
 
     #[command(flatten)]
