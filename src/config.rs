@@ -214,6 +214,15 @@ impl ModelConfig {
             moe,
             raw,
         };
+        let special = cfg.bos_token_id.iter().map(|&id| ("bos_token_id", id));
+        for (key, id) in special.chain(cfg.eos_token_ids.iter().map(|&id| ("eos_token_id", id))) {
+            if id as usize >= cfg.vocab_size {
+                bail!(
+                    "key `{key}`: token id {id} is outside the vocabulary (vocab_size {})",
+                    cfg.vocab_size
+                );
+            }
+        }
         positive_finite("rms_norm_eps", cfg.rms_norm_eps)?;
         positive_finite("rope_theta", cfg.rope_theta)?;
         cfg.check_size()?;

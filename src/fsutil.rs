@@ -17,8 +17,14 @@ pub fn rename(from: &Path, to: &Path) -> Result<()> {
 
 /// A JSON file that must hold an object (config.json, tokenizer_config.json).
 pub fn read_json_object(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a JSON file (byte {} is not UTF-8 text)",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: malformed JSON", path.display()))?;
     if !value.is_object() {

@@ -183,7 +183,24 @@ fn cli_errors_are_messages_not_panics() {
     let reward = fx("tiny-mistral.reward.jsonl");
     let model = fx("tiny-mistral");
     let run = dir.path().join("run").to_string_lossy().into_owned();
-    let cases: [(Vec<&str>, &str); 6] = [
+    let cases: [(Vec<&str>, &str); 7] = [
+        // Optimizer flags are checked before the data is read (and tokenized).
+        (
+            vec![
+                "train",
+                "--model",
+                &model,
+                "--data",
+                "/no/such/data.jsonl",
+                "--loss",
+                "sft",
+                "--out",
+                &run,
+                "--lr",
+                "-1",
+            ],
+            "--lr must be >= 0, found -1",
+        ),
         (
             vec![
                 "train", "--model", &model, "--data", &reward, "--loss", "sft", "--out", &run,

@@ -46,6 +46,12 @@ fn malformed_json_names_file_and_line() {
     );
     let text = err_text(read_file(&path));
     assert_mentions(&text, &[&format!("{}:3", path.display()), "malformed JSON"]);
+    // A line that is not UTF-8 (a binary file) is named too.
+    let mut bytes = format!("{GOOD}\n").into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe{}\n");
+    std::fs::write(&path, bytes).unwrap();
+    let text = err_text(read_file(&path));
+    assert_mentions(&text, &[&format!("{}:2", path.display()), "not UTF-8 text"]);
 }
 
 #[test]
@@ -339,6 +345,24 @@ fn unsupported_configs_are_named() {
 
 #[test]
 fn impossible_config_values_are_named() {
+    for key in ["eos_token_id", "bos_token_id"] {
+        let bad = broken_model(|_| {}, |c| c[key] = 999.into());
+        assert_mentions(
+            &load_err(bad.path()),
+            &[
+                "config.json",
+                &format!("key `{key}`: token id 999 is outside the vocabulary (vocab_size 256)"),
+            ],
+        );
+    }
+    let dir_weights = broken_model(|_| {}, |_| {});
+    let weights = dir_weights.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::create_dir(&weights).unwrap();
+    assert_mentions(
+        &load_err(dir_weights.path()),
+        &["model.safetensors: is a directory, not a safetensors file"],
+    );
     // The fixture keeps its rope_theta in rope_parameters, transformers 5's spelling.
     for (key, value) in [("rms_norm_eps", -1.0), ("rope_theta", 0.0)] {
         let bad = broken_model(

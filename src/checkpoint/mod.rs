@@ -48,6 +48,12 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(files);
     }
     let single = dir.join("model.safetensors");
+    if single.is_dir() {
+        bail!(
+            "{}: is a directory, not a safetensors file",
+            single.display()
+        );
+    }
     if single.exists() {
         return Ok(vec![single]);
     }

@@ -426,6 +426,7 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut opts = args.options()?;
+    opts.validate()?;
     let out = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             bail!(

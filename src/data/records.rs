@@ -52,10 +52,11 @@ fn jsonl_records(path: &Path) -> Result<Box<dyn Iterator<Item = Result<RawRecord
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let name = path.display().to_string();
-    let lines = std::io::BufReader::new(file).lines().enumerate();
+    // Lines as bytes: a line that is not UTF-8 is a malformed record of its own (named by its
+    // line, skippable), not the end of the file.
+    let lines = std::io::BufReader::new(file).split(b'\n').enumerate();
     Ok(Box::new(lines.filter_map(move |(i, line)| {
         let line = match line {
-            Ok(line) if line.trim().is_empty() => return None,
             Ok(line) => line,
             Err(e) => {
                 return Some(Err(
@@ -63,9 +64,17 @@ fn jsonl_records(path: &Path) -> Result<Box<dyn Iterator<Item = Result<RawRecord
                 ))
             }
         };
+        let value = match String::from_utf8(line) {
+            Ok(text) if text.trim().is_empty() => return None,
+            Ok(text) => serde_json::from_str(&text).context("malformed JSON"),
+            Err(e) => Err(anyhow::anyhow!(
+                "not UTF-8 text (byte {} of the line)",
+                e.utf8_error().valid_up_to()
+            )),
+        };
         Some(Ok(RawRecord {
             source: format!("{name}:{}", i + 1),
-            value: serde_json::from_str(&line).context("malformed JSON"),
+            value,
         }))
     })))
 }

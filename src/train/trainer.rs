@@ -54,6 +54,32 @@ pub struct TrainOptions {
     pub max_bad_steps: u32,
 }
 
+impl TrainOptions {
+    /// Every value checked on its own, before any data or model is read.
+    pub fn validate(&self) -> Result<()> {
+        self.spec.validate()?;
+        self.adamw.validate()?;
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            bail!("--lr must be >= 0, found {}", self.lr);
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!(
+                "--max-grad-norm must be >= 0 (0 disables clipping), found {}",
+                self.max_grad_norm
+            );
+        }
+        if let Warmup::Ratio(ratio) = self.warmup {
+            if !(0.0..=1.0).contains(&ratio) {
+                bail!("--warmup-ratio must be in [0, 1], found {ratio}");
+            }
+        }
+        if self.micro_tokens == 0 {
+            bail!("--micro-tokens must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// Where the reference statistics come from.
 pub enum Reference {
     /// The loss is reference-free.
@@ -234,20 +260,7 @@ impl Trainer {
         reference: Reference,
         groups: Vec<Group>,
     ) -> Result<Self> {
-        opts.spec.validate()?;
-        opts.adamw.validate()?;
-        if !(opts.lr.is_finite() && opts.lr >= 0.0) {
-            bail!("--lr must be >= 0, found {}", opts.lr);
-        }
-        if !(opts.max_grad_norm.is_finite() && opts.max_grad_norm >= 0.0) {
-            bail!(
-                "--max-grad-norm must be >= 0 (0 disables clipping), found {}",
-                opts.max_grad_norm
-            );
-        }
-        if opts.micro_tokens == 0 {
-            bail!("--micro-tokens must be at least 1");
-        }
+        opts.validate()?;
         if opts.spec.kind.needs_reference() && matches!(reference, Reference::None) {
             bail!(
                 "--loss {} compares the policy with a reference model: give --ref-model DIR \
