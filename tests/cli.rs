@@ -524,6 +524,40 @@ fn eval_reproduces_every_golden_model_loss() {
 }
 
 #[test]
+fn hyperparameters_a_loss_does_not_read_are_reported_as_ignored() {
+    let (model, data) = (fx("tiny-mistral"), fx("tiny-mistral.reward.jsonl"));
+    let eval = |flags: &[&str]| {
+        let mut args = vec!["eval", "--model", &model, "--data", &data];
+        args.extend_from_slice(flags);
+        String::from_utf8_lossy(&contralign_ok(&args).stderr).into_owned()
+    };
+    let nca = eval(&[
+        "--loss",
+        "nca",
+        "--ref-model",
+        &model,
+        "--gamma",
+        "2",
+        "--label-smoothing",
+        "0.1",
+    ]);
+    assert!(
+        nca.contains("note: --gamma, --label-smoothing do not apply to --loss nca; ignored"),
+        "{nca}"
+    );
+    let refa = eval(&[
+        "--loss",
+        "refa",
+        "--gamma",
+        "2",
+        "--alpha",
+        "0.5",
+        "--no-normalize",
+    ]);
+    assert!(!refa.contains("note:"), "{refa}");
+}
+
+#[test]
 fn eval_refuses_bad_requests_before_loading_models() {
     let reward = fx("tiny-mistral.reward.jsonl");
     let cases: [(&[&str], &str); 4] = [

@@ -80,12 +80,47 @@ impl LossArgs {
             sft_weight: self.sft_weight,
         };
         spec.validate()?;
+        let ignored = self.ignored_flags(kind);
+        if !ignored.is_empty() {
+            eprintln!(
+                "note: {} {} not apply to --loss {}; ignored",
+                ignored.join(", "),
+                if ignored.len() == 1 { "does" } else { "do" },
+                kind.name()
+            );
+        }
         if let Some(c) = self.aux_coef {
             if !(c.is_finite() && c >= 0.0) {
                 bail!("--aux-coef must be >= 0, found {c}");
             }
         }
         Ok(spec)
+    }
+
+    /// The hyperparameter flags given that `kind` does not read (docs/losses.md §5).
+    fn ignored_flags(&self, kind: LossKind) -> Vec<&'static str> {
+        use LossKind::*;
+        let reads_alpha = matches!(kind, Infonca | Nca | InfoncaFree | Refa);
+        [
+            ("--alpha", self.alpha.is_some() && !reads_alpha),
+            (
+                "--gamma",
+                self.gamma.is_some() && !matches!(kind, Simpo | Refa),
+            ),
+            (
+                "--lambda",
+                self.lambda.is_some() && !matches!(kind, Refa | InfoncaFree),
+            ),
+            (
+                "--label-smoothing",
+                self.label_smoothing != 0.0 && kind != Dpo,
+            ),
+            ("--one-vs-all", self.one_vs_all && kind != Refa),
+            ("--no-normalize", self.no_normalize && kind != Refa),
+        ]
+        .into_iter()
+        .filter_map(|(flag, ignored)| ignored.then_some(flag))
+        .collect()
     }
 
     /// The groups the loss sees: pairs when a strategy is given. Checks group sizes before
