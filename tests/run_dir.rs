@@ -359,3 +359,38 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_step_0() {
     assert_eq!(steps, vec![1, 2, 3]);
     assert_eq!(checkpoints(&run), vec![3]);
 }
+
+#[test]
+fn a_resume_keeps_the_flags_it_was_given_and_refuses_another_model() {
+    let tmp = TempDir::new().unwrap();
+    let run = tmp.path().join("run");
+    contralign_ok(&strs(&args(&run, &["--steps", "2"])));
+    let run_s = run.to_string_lossy().into_owned();
+    contralign_fails(
+        &[
+            "train",
+            "--resume",
+            &run_s,
+            "--steps",
+            "3",
+            "--model",
+            &fx("tiny-mixtral"),
+        ],
+        "differs from the run's",
+    );
+    contralign_ok(&["train", "--resume", &run_s, "--steps", "3", "--lr", "2e-3"]);
+    let saved = std::fs::read_to_string(run.join("train.toml")).unwrap();
+    assert!(
+        saved.contains("steps = 3") && saved.contains("lr = 0.002"),
+        "{saved}"
+    );
+    // The next resume continues with them: one more step at the new rate.
+    contralign_ok(&["train", "--resume", &run_s, "--steps", "4"]);
+    let lrs: Vec<f64> = metrics_without_timing(&run)
+        .iter()
+        .map(|m| m["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lrs.len(), 4);
+    let saved = std::fs::read_to_string(run.join("train.toml")).unwrap();
+    assert!(saved.contains("lr = 0.002"), "{saved}");
+}

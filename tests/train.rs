@@ -479,7 +479,9 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it() {
     assert_eq!(numbers, (1..=steps as u64 + 2).collect::<Vec<_>>());
 }
 
-/// A copy of tiny-mistral with a NaN in its final norm, so that every loss is NaN.
+/// A copy of tiny-mistral whose final norm scales by f32::MAX (finite weights, which the
+/// loader accepts): the normalized hidden states overflow to ±inf, their logits to NaN, and
+/// so every loss.
 fn nan_model(dir: &Path) -> PathBuf {
     let src = fixture("tiny-mistral");
     let out = dir.join("nan-model");
@@ -490,7 +492,7 @@ fn nan_model(dir: &Path) -> PathBuf {
         tensors.into_iter().map(|(n, (s, d))| (n, s, d)).collect();
     owned.sort_by(|a, b| a.0.cmp(&b.0));
     for t in owned.iter_mut().filter(|t| t.0 == "model.norm.weight") {
-        t.2[0] = f32::NAN;
+        t.2.fill(f32::MAX);
     }
     let views: Vec<contralign::checkpoint::Tensor> = owned
         .iter()
@@ -700,6 +702,33 @@ fn precomputed_reference_matches_the_reference_model_and_refuses_a_mismatch() {
         !out.status.success() && stderr.contains("another model"),
         "{stderr}"
     );
+
+    // Edited caches: a short hash, a token count or a log-probability that cannot be.
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(Edit, &str); 3] = [
+        (|c| c["model_hash"] = "00".into(), "(content hash 00…)"),
+        (|c| c["groups"][1][0][1] = 99.into(), "group 1 ("),
+        (
+            |c| c["groups"][0][1][0] = 5.0.into(),
+            "must be finite log-probabilities (<= 0)",
+        ),
+    ];
+    for (i, (edit, message)) in edits.into_iter().enumerate() {
+        let mut edited = original.clone();
+        edit(&mut edited);
+        std::fs::write(&cache, edited.to_string()).unwrap();
+        let mut args = base_args("tiny-mixtral", "nca", &tmp.path().join(format!("edit{i}")));
+        args.extend([
+            "--steps".into(),
+            "1".into(),
+            "--ref-logps".into(),
+            cache_s.clone(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::contralign_fails(&args, message);
+    }
 }
 
 #[test]

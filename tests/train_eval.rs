@@ -224,3 +224,39 @@ fn eval_rows_on_a_device_see_the_weights_of_their_step() {
         common::assert_close(&format!("eval_loss of {dir}"), loss(row), want, 1e-5);
     }
 }
+
+#[test]
+fn held_out_ids_outside_the_vocabulary_fail_before_the_first_step() {
+    let tmp = TempDir::new().unwrap();
+    let held = tmp.path().join("held.jsonl");
+    std::fs::write(
+        &held,
+        r#"{"prompt_ids": [1, 999], "response_ids": [[7, 2], [9, 2]], "rewards": [1, 0]}"#,
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    contralign_fails(
+        &[
+            "train",
+            "--model",
+            &fx("tiny-mistral"),
+            "--data",
+            &fx("tiny-mistral.reward.jsonl"),
+            "--loss",
+            "sft",
+            "--eval-data",
+            &held.to_string_lossy(),
+            "--eval-every",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            &run.to_string_lossy(),
+        ],
+        &format!("{}:1: prompt, token 1: id 999", held.display()),
+    );
+    assert!(
+        !run.exists(),
+        "a run refused before its first step leaves no --out"
+    );
+}

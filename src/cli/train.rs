@@ -45,7 +45,7 @@ use std::sync::Arc;
 /// final/ (the last checkpoint's model alone), train.toml (the run's configuration) and the
 /// plots of metrics.jsonl. Ctrl-C saves a checkpoint and exits (status 130);
 /// `--resume RUN_DIR` continues from the newest checkpoint with the saved configuration
-/// (flags given again override it). One process writes a run at a time (RUN_DIR/train.lock). Every flag can also be set in a
+/// (flags given again override it and are saved with it; the models cannot change). One process writes a run at a time (RUN_DIR/train.lock). Every flag can also be set in a
 /// TOML file given by --config, under the flag's name (`tokens-per-step = 4096`); flags on
 /// the command line win.
 #[derive(Args, Clone, Debug, Serialize)]
@@ -406,6 +406,37 @@ impl Progress {
     }
 }
 
+/// Refuses a resume whose `--model` or `--ref-model` is not the run's own: a resume continues
+/// from its checkpoint's weights, and its reference statistics are the saved reference's.
+fn check_same_models(args: &TrainArgs, run_dir: &Path) -> Result<()> {
+    let saved_path = run_dir.join(CONFIG);
+    let text = std::fs::read_to_string(&saved_path)
+        .with_context(|| format!("cannot read {}", saved_path.display()))?;
+    let saved: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("{}: malformed TOML", saved_path.display()))?;
+    let now = args.with_absolute_paths()?;
+    let given = [
+        ("model", Some(&now.inputs.model)),
+        ("ref-model", now.inputs.ref_model.as_ref()),
+    ];
+    for (key, path) in given {
+        let before = saved
+            .get(key)
+            .and_then(toml::Value::as_str)
+            .map(PathBuf::from);
+        if before.as_ref() != path {
+            bail!(
+                "--resume {}: --{key} {} differs from the run's {}; a resume continues from its \
+                 checkpoint with the run's models (start a new run with --model to change them)",
+                run_dir.display(),
+                path.map_or("(none)".into(), |p| p.display().to_string()),
+                before.map_or("(none)".into(), |p| p.display().to_string()),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The held-out groups of `--eval-data`, read with the training data's flags and cut into
 /// pairs as the training data is. Their reference statistics need the reference model.
 fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Result<Vec<Group>> {
@@ -427,6 +458,9 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut opts = args.options()?;
     opts.validate()?;
+    if let Some(run_dir) = &args.resume {
+        check_same_models(&args, run_dir)?;
+    }
     let out = match (&args.resume, &args.out) {
         (Some(r), Some(o)) if r != o => {
             bail!(
@@ -570,7 +604,14 @@ fn train_in(
         Reference::Model(Box::new(reference))
     };
     let held_out_groups = match &args.eval_data {
-        Some(path) => Some(held_out_groups(args, path, &reference)?),
+        Some(path) => {
+            let groups = held_out_groups(args, path, &reference)?;
+            // Checked now, not at the first evaluation steps later.
+            for g in &groups {
+                g.check_vocab(policy.cfg.vocab_size)?;
+            }
+            Some(groups)
+        }
         None => None,
     };
     let aux_coef = inputs
@@ -612,12 +653,13 @@ fn train_in(
     };
     if args.resume.is_some() {
         run.truncate_metrics(trainer.step)?;
-    } else {
-        contralign::fsutil::write_atomically(
-            &run.path.join(CONFIG),
-            args_to_toml(&args.with_absolute_paths()?)?.as_bytes(),
-        )?;
     }
+    // A resume saves the flags it was given with the saved ones, so that the next resume
+    // continues with them too.
+    contralign::fsutil::write_atomically(
+        &run.path.join(CONFIG),
+        args_to_toml(&args.with_absolute_paths()?)?.as_bytes(),
+    )?;
     let save = SaveOptions {
         dtype: save_dtype,
         max_shard_bytes,

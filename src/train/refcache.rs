@@ -55,6 +55,11 @@ pub fn model_hash(dir: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// The first 12 hex digits of a hash, for messages (all of a shorter, edited one).
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
 /// One response's cached statistics: `[logp_sum, tokens, eos_logp or null]`.
 type Entry = (f64, usize, Option<f64>);
 
@@ -152,9 +157,9 @@ impl RefCache {
                  truncation settings hashes to {}…; run `contralign precompute-ref` again",
                 path.display(),
                 self.data_file,
-                &self.data_hash[..12],
+                short(&self.data_hash),
                 data.display(),
-                &hash[..12]
+                short(&hash)
             );
         }
         let hash = model_hash(model_dir)?;
@@ -164,9 +169,9 @@ impl RefCache {
                  reference {} hashes to {}…; run `contralign precompute-ref` again",
                 path.display(),
                 self.model_dir,
-                &self.model_hash[..12],
+                short(&self.model_hash),
                 model_dir.display(),
-                &hash[..12]
+                short(&hash)
             );
         }
         if self.groups.len() != groups.len() {
@@ -176,6 +181,33 @@ impl RefCache {
                 self.groups.len(),
                 groups.len()
             );
+        }
+        // The hashes vouch for the token ids, not for the numbers beside them.
+        for (i, (g, entries)) in groups.iter().zip(&self.groups).enumerate() {
+            if entries.len() != g.responses.len() {
+                bail!(
+                    "{}: group {i} ({}): {} responses cached for {} in the data",
+                    path.display(),
+                    g.source,
+                    entries.len(),
+                    g.responses.len()
+                );
+            }
+            for (j, (r, &(logp_sum, tokens, eos_logp))) in
+                g.responses.iter().zip(entries).enumerate()
+            {
+                let what = format!("{}: group {i} ({}), response {j}", path.display(), g.source);
+                if tokens != r.len() {
+                    bail!("{what}: {tokens} tokens cached for {} in the data", r.len());
+                }
+                let log_prob = |v: f64| v.is_finite() && v <= 0.0;
+                if !log_prob(logp_sum) || eos_logp.is_some_and(|e| !log_prob(e)) {
+                    bail!(
+                        "{what}: logp_sum {logp_sum} and eos_logp {eos_logp:?} must be finite \
+                         log-probabilities (<= 0)"
+                    );
+                }
+            }
         }
         Ok(())
     }
