@@ -151,6 +151,64 @@ fn a_table_of_other_columns_lists_them() {
     );
 }
 
+/// A text column stored as plain binary (no STRING annotation, as pandas writes at times)
+/// reads as its text, not as base64; a column named twice and a NaN are named.
+#[test]
+fn binary_text_columns_read_as_text_and_odd_tables_are_named() {
+    let tmp = TempDir::new().unwrap();
+    let pairs = |annotation: &str, name: &str| {
+        let path = tmp.path().join(name);
+        let columns: Vec<Chunk> = ["Hi there", "a fine answer", "no"]
+            .into_iter()
+            .map(|text| {
+                let mut c = Column::<ByteArray>::default();
+                c.push_scalar(text.into());
+                Chunk::Text(c)
+            })
+            .collect();
+        let schema = format!(
+            "message schema {{ optional binary prompt{annotation}; \
+             optional binary chosen{annotation}; optional binary rejected{annotation}; }}"
+        );
+        parquet_file::write(&path, &schema, Compression::UNCOMPRESSED, vec![columns]);
+        path
+    };
+    let text = load(&pairs(" (STRING)", "text.parquet"), &DataOptions::default()).unwrap();
+    let binary = load(&pairs("", "binary.parquet"), &DataOptions::default()).unwrap();
+    assert_eq!(contents(&binary.groups), contents(&text.groups));
+
+    let twice = tmp.path().join("twice.parquet");
+    let columns: Vec<Chunk> = ["Hi", "yes", "no"]
+        .into_iter()
+        .map(|text| {
+            let mut c = Column::<ByteArray>::default();
+            c.push_scalar(text.into());
+            Chunk::Text(c)
+        })
+        .collect();
+    parquet_file::write(
+        &twice,
+        "message schema { optional binary prompt (STRING); optional binary chosen (STRING); \
+         optional binary chosen (STRING); }",
+        Compression::UNCOMPRESSED,
+        vec![columns],
+    );
+    let text = err_text(load(&twice, &DataOptions::default()));
+    assert!(text.contains("column `chosen` appears twice"), "{text}");
+
+    let nan = tmp.path().join("nan.parquet");
+    parquet_file::write_pretokenized(
+        &nan,
+        &[(vec![1, 5], vec![vec![7], vec![9]], vec![f64::NAN, 0.0])],
+        1,
+    );
+    let text = err_text(load(&nan, &DataOptions::default()));
+    assert!(
+        text.contains("nan.parquet, row 0") && text.contains("NaN"),
+        "{text}"
+    );
+}
+
 /// Fresh random conversations in UltraFeedback's shape, written with each codec and awkward
 /// row-group sizes, equal their JSON Lines twin.
 #[test]

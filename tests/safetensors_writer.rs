@@ -125,3 +125,39 @@ fn model_directories_in_every_dtype_one_file_or_shards() {
         }
     }
 }
+
+#[test]
+fn a_value_beyond_a_16_bit_range_is_refused_naming_the_tensor() {
+    let mut data = vec![0.5f32; (1 << 20) + 3];
+    let far = (1 << 20) + 1;
+    data[far] = 70000.0;
+    let tensors = vec![("w".to_string(), vec![data.len()], data)];
+    let config = serde_json::json!({"model_type": "mistral", "torch_dtype": "float32"});
+    let dir = TempDir::new().unwrap();
+    let err = write_model_dir(
+        dir.path(),
+        &config,
+        &views(&tensors),
+        Dtype::F16,
+        usize::MAX,
+        None,
+    )
+    .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!(
+            "tensor w holds 70000 at element {far}, beyond the range of float16"
+        )),
+        "{text}"
+    );
+    // bfloat16 holds it.
+    write_model_dir(
+        dir.path(),
+        &config,
+        &views(&tensors),
+        Dtype::BF16,
+        usize::MAX,
+        None,
+    )
+    .unwrap();
+}

@@ -55,19 +55,28 @@ pub fn dtype_name(dtype: Dtype) -> &'static str {
 }
 
 /// Appends the little-endian bytes of `data` in `dtype` to `out` (round to nearest even for
-/// 16-bit types).
-fn encode(data: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+/// 16-bit types). Returns the first value that is finite but rounds to infinity in `dtype`
+/// (its index and value): such a file would not load back.
+fn encode(data: &[f32], dtype: Dtype, out: &mut Vec<u8>) -> Option<(usize, f32)> {
+    let mut overflow = None;
+    let mut push = |i: usize, x: f32, finite: bool, bytes: [u8; 2]| {
+        if x.is_finite() && !finite && overflow.is_none() {
+            overflow = Some((i, x));
+        }
+        out.extend(bytes);
+    };
     match dtype {
-        Dtype::BF16 => out.extend(
-            data.iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()),
-        ),
-        Dtype::F16 => out.extend(
-            data.iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes()),
-        ),
+        Dtype::BF16 => data.iter().enumerate().for_each(|(i, &x)| {
+            let y = half::bf16::from_f32(x);
+            push(i, x, y.is_finite(), y.to_le_bytes())
+        }),
+        Dtype::F16 => data.iter().enumerate().for_each(|(i, &x)| {
+            let y = half::f16::from_f32(x);
+            push(i, x, y.is_finite(), y.to_le_bytes())
+        }),
         _ => out.extend_from_slice(bytemuck::cast_slice(data)),
     }
+    overflow
 }
 
 /// Elements encoded at a time while writing: the file is streamed, so that writing a
@@ -122,9 +131,17 @@ fn write_entries<'a>(
                 data.len()
             );
         }
-        for chunk in data.chunks(ENCODE_CHUNK) {
+        for (c, chunk) in data.chunks(ENCODE_CHUNK).enumerate() {
             bytes.clear();
-            encode(chunk, dtype, &mut bytes);
+            if let Some((i, x)) = encode(chunk, dtype, &mut bytes) {
+                bail!(
+                    "{}: tensor {name} holds {x} at element {}, beyond the range of {}; save \
+                     in a wider dtype (--save-dtype float32, or bfloat16 for float16)",
+                    path.display(),
+                    c * ENCODE_CHUNK + i,
+                    dtype_name(dtype)
+                );
+            }
             out.write_all(&bytes).map_err(fail)?;
         }
     }

@@ -8,6 +8,7 @@ use super::records::RawRecord;
 use anyhow::{bail, Context, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::reader::RowIter;
+use parquet::record::{Field, Row};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -42,6 +43,17 @@ impl ParquetRecords {
             .iter()
             .map(|f| f.name().to_string())
             .collect();
+        if let Some(twice) = columns
+            .iter()
+            .enumerate()
+            .find(|(i, c)| columns[..*i].contains(c))
+        {
+            bail!(
+                "{}: column `{}` appears twice; a row's fields must have one value each",
+                path.display(),
+                twice.1
+            );
+        }
         if format_of(|k| columns.iter().any(|c| c == k)).is_none() {
             bail!(
                 "{}: the columns {columns:?} fit no data format; expected {EXPECTED_FIELDS}",
@@ -74,7 +86,7 @@ impl ParquetRecords {
             .get_row_group(self.next_group)
             .with_context(what)?;
         for row in RowIter::from_row_group(None, group.as_ref()).with_context(what)? {
-            self.rows.push_back(row.with_context(what)?.to_json_value());
+            self.rows.push_back(row_json(&row.with_context(what)?));
         }
         self.next_group += 1;
         Ok(true)
@@ -99,5 +111,48 @@ impl Iterator for ParquetRecords {
             source,
             value: Ok(value),
         }))
+    }
+}
+
+/// A row as JSON, as its JSONL twin's line holds it ([`field_json`]).
+fn row_json(row: &Row) -> Value {
+    Value::Object(
+        row.get_column_iter()
+            .map(|(name, field)| (name.clone(), field_json(field)))
+            .collect(),
+    )
+}
+
+/// A field as JSON, where the parquet crate's own conversion would mislead the formats'
+/// checks: binary values holding UTF-8 text (pandas writes strings so at times) as strings,
+/// other binary as null (the crate writes base64, which would read as text); decimals as
+/// numbers (the crate writes strings); non-finite floats as their names ("NaN", "inf"; the
+/// crate writes null), so that a message shows them.
+fn field_json(field: &Field) -> Value {
+    match field {
+        Field::Bytes(b) => std::str::from_utf8(b.data())
+            .map_or(Value::Null, |text| Value::String(text.to_string())),
+        Field::Float(x) if !x.is_finite() => Value::String(x.to_string()),
+        Field::Double(x) if !x.is_finite() => Value::String(x.to_string()),
+        Field::Decimal(_) => {
+            let text = field.to_json_value();
+            let number = text.as_str().and_then(|t| t.parse::<f64>().ok());
+            number
+                .and_then(serde_json::Number::from_f64)
+                .map_or(text, Value::Number)
+        }
+        Field::Group(row) => row_json(row),
+        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_json).collect()),
+        Field::MapInternal(map) => Value::Object(
+            map.entries()
+                .iter()
+                .map(|(key, value)| {
+                    let key = field_json(key);
+                    let name = key.as_str().map_or_else(|| key.to_string(), str::to_string);
+                    (name, field_json(value))
+                })
+                .collect(),
+        ),
+        other => other.to_json_value(),
     }
 }
