@@ -99,6 +99,10 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// The largest magnitude a point is drawn at: an axis's span stays finite (plotters never
+/// finishes an axis whose span overflows), and a value beyond it is drawn at the edge.
+const AXIS_LIMIT: f64 = 1e300;
+
 /// Parses a `metrics.jsonl`. Non-finite numbers, nulls and non-numbers are left out; a
 /// `step` that is not a number is an error.
 fn read_metrics(file: &Path) -> Result<Metrics> {
@@ -126,7 +130,10 @@ fn read_metrics(file: &Path) -> Result<Metrics> {
         for (key, value) in &object {
             match value.as_f64() {
                 Some(v) if key != "step" && v.is_finite() => {
-                    metrics.entry(key.clone()).or_default().push((step, v))
+                    metrics.entry(key.clone()).or_default().push((
+                        step.clamp(-AXIS_LIMIT, AXIS_LIMIT),
+                        v.clamp(-AXIS_LIMIT, AXIS_LIMIT),
+                    ))
                 }
                 _ => {}
             }

@@ -462,3 +462,15 @@ fn cli_errors_and_help() {
         ],
     );
 }
+
+#[test]
+fn values_beyond_any_axis_are_drawn_at_its_edge() {
+    let lines = [
+        json!({"step": 1, "loss": 1e308}).to_string(),
+        json!({"step": 2, "loss": -1e308}).to_string(),
+        json!({"step": 3, "loss": f64::MAX}).to_string(),
+    ];
+    let dir = run_dir(&lines, "");
+    let written = plot_run(dir.path()).unwrap();
+    assert_eq!(names(&written), vec!["loss.png"]);
+}
