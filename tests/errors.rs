@@ -135,7 +135,9 @@ fn skip_invalid_skips_ids_outside_the_vocabulary_and_groups_of_one() {
     assert!(
         stderr.contains("skipped 1 invalid of 3 records")
             && stderr.contains(&format!("{data}:2: prompt, token 1: id 999"))
-            && stderr.contains("skipped 1 groups of one response"),
+            && stderr.contains(&format!(
+                "skipped 1 groups of one response (the first: {data}:3)"
+            )),
         "{stderr}"
     );
     // Scoring reads the group of one.

@@ -326,6 +326,10 @@ fn a_new_run_refuses_a_directory_holding_names_it_would_replace() {
         assert_eq!(kept, b"theirs", "{dir}");
     }
     assert!(!out.join("metrics.jsonl").exists());
+    assert!(
+        !out.join("train.lock").exists(),
+        "a refused run leaves no lock file"
+    );
 }
 
 #[test]

@@ -134,11 +134,16 @@ impl LossArgs {
     ) -> Result<Vec<Group>> {
         if skip_invalid {
             let before = groups.len();
+            let first = groups
+                .iter()
+                .find(|g| g.responses.len() < 2)
+                .map(|g| g.source.clone());
             groups.retain(|g| g.responses.len() >= 2);
             let skipped = before - groups.len();
-            if skipped > 0 {
+            if let Some(first) = first {
                 eprintln!(
-                    "skipped {skipped} groups of one response: the loss compares two or more"
+                    "skipped {skipped} groups of one response (the first: {first}): the loss \
+                     compares two or more"
                 );
             }
             if groups.is_empty() {

@@ -502,10 +502,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     };
     let existed = out.exists();
     let run = RunDir::create(&out)?;
+    let had_lock = run.lock_path().exists();
     let result = train_in(&args, opts, device, &run, &out);
-    // A run that failed before its first step leaves no directory behind.
-    if result.is_err() && !existed && !run.holds_a_run().unwrap_or(true) {
-        std::fs::remove_dir_all(&out).ok();
+    // A run that failed before its first step leaves nothing behind: no directory it
+    // created, no lock file in one that was there.
+    if result.is_err() && !run.holds_a_run().unwrap_or(true) {
+        if !existed {
+            std::fs::remove_dir_all(&out).ok();
+        } else if !had_lock {
+            std::fs::remove_file(run.lock_path()).ok();
+        }
     }
     result
 }

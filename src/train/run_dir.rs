@@ -99,10 +99,15 @@ impl RunDir {
         })
     }
 
+    /// The lock file ([`RunDir::lock`]).
+    pub fn lock_path(&self) -> PathBuf {
+        self.path.join(LOCK)
+    }
+
     /// Takes the run's lock: one process at a time writes a run. Refused, naming the
     /// process, while another holds it; a lock left by a process that died is free.
     pub fn lock(&self) -> Result<RunLock> {
-        let path = self.path.join(LOCK);
+        let path = self.lock_path();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
