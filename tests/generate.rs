@@ -377,8 +377,14 @@ fn generate_command_refuses_bad_requests() {
         ),
         (vec![], "--prompt"),
         (vec!["--data", &data, "--temperature", "-1"], "temperature"),
-        (vec!["--data", &data, "--top-p", "0"], "top_p"),
-        (vec!["--data", &data, "--top-p", "1.5"], "top_p"),
+        (
+            vec!["--data", &data, "--top-p", "0"],
+            "--top-p must be in (0, 1]",
+        ),
+        (
+            vec!["--data", &data, "--top-p", "1.5"],
+            "--top-p must be in (0, 1]",
+        ),
         (vec!["--data", &data, "--chat"], "cannot be used with"),
         (vec!["--data", &data, "--json"], "cannot be used with"),
         (

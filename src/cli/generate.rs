@@ -111,6 +111,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     sampling.check()?;
+    if sampling.temperature == 0.0 && sampling.top_p < 1.0 {
+        eprintln!("note: --top-p samples only with --temperature above 0; decoding is greedy");
+    }
     match (&args.prompt, &args.data) {
         (Some(text), _) => run_prompt(&args, text, &sampling),
         (None, Some(data)) => run_data(&args, data, &sampling),

@@ -195,7 +195,7 @@ pub fn run(args: InitArgs) -> Result<()> {
         );
     }
     contralign::fsutil::check_writable_file(&args.out, "--out")?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let tokenizer = args
         .tokenizer

@@ -526,7 +526,12 @@ fn train_in(
     out: &Path,
 ) -> Result<ExitCode> {
     let _lock = run.lock()?;
-    let save_dtype = args.save_dtype.as_deref().map(parse_dtype).transpose()?;
+    let save_dtype = args
+        .save_dtype
+        .as_deref()
+        .map(parse_dtype)
+        .transpose()
+        .context("--save-dtype")?;
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let inputs = &args.inputs;
     let spec = &opts.spec;

@@ -39,12 +39,12 @@ impl Sampling {
     pub fn check(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             bail!(
-                "the temperature must be a finite number >= 0 (0 is greedy), not {}",
+                "--temperature must be a finite number >= 0 (0 is greedy), not {}",
                 self.temperature
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("top_p must be in (0, 1], not {}", self.top_p);
+            bail!("--top-p must be in (0, 1], not {}", self.top_p);
         }
         Ok(())
     }
