@@ -555,6 +555,11 @@ fn hyperparameters_a_loss_does_not_read_are_reported_as_ignored() {
         "--no-normalize",
     ]);
     assert!(!refa.contains("note:"), "{refa}");
+    let aux = eval(&["--loss", "sft", "--aux-coef", "1"]);
+    assert!(
+        aux.contains("note: --aux-coef weighs Mixtral's load-balancing loss; a Mistral has none"),
+        "{aux}"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use crate::cli::data_args::DataArgs;
 use anyhow::{bail, Result};
 use clap::Args;
+use contralign::config::ModelConfig;
 use contralign::data::pairs::{chosen_first, to_pairs, PairStrategy};
 use contralign::data::Group;
 use contralign::loss::{LossKind, LossSpec};
@@ -95,6 +96,15 @@ impl LossArgs {
             }
         }
         Ok(spec)
+    }
+
+    /// `--aux-coef`, else the config's own (as transformers takes it); a note when it is
+    /// given for a model without experts.
+    pub fn aux_coef_for(&self, cfg: &ModelConfig) -> f64 {
+        if self.aux_coef.is_some() && cfg.moe.is_none() {
+            eprintln!("note: --aux-coef weighs Mixtral's load-balancing loss; a Mistral has none");
+        }
+        self.aux_coef.unwrap_or(cfg.default_aux_coef())
     }
 
     /// The hyperparameter flags given that `kind` does not read (docs/losses.md §5).
@@ -251,7 +261,7 @@ impl InputArgs {
             &spec,
             max_tokens,
         )?;
-        let aux_coef = self.loss.aux_coef.unwrap_or(policy.cfg.default_aux_coef());
+        let aux_coef = self.loss.aux_coef_for(&policy.cfg);
         Ok(Loaded {
             spec,
             groups,

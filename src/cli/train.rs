@@ -458,6 +458,9 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut opts = args.options()?;
     opts.validate()?;
+    if args.eval_every > 0 && args.eval_data.is_none() {
+        eprintln!("note: --eval-every evaluates --eval-data, which is not given; ignored");
+    }
     if let Some(run_dir) = &args.resume {
         check_same_models(&args, run_dir)?;
     }
@@ -625,10 +628,7 @@ fn train_in(
         }
         None => None,
     };
-    let aux_coef = inputs
-        .loss
-        .aux_coef
-        .unwrap_or(policy.cfg.default_aux_coef());
+    let aux_coef = inputs.loss.aux_coef_for(&policy.cfg);
     let micro_tokens = opts.micro_tokens;
     let mut trainer = Trainer::new(TrainOptions { aux_coef, ..opts }, policy, reference, groups)?;
     if let Some((state, _)) = &restored {

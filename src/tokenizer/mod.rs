@@ -52,8 +52,13 @@ impl TextTokenizer {
         if !path.is_file() {
             bail!("{}: no such file", path.display());
         }
-        let mut tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+            anyhow!(
+                "{}: not a tokenizer the tokenizers library reads (a Hugging Face \
+                     tokenizer.json): {e}",
+                path.display()
+            )
+        })?;
         // Lengths are the data loader's business: a tokenizer.json saved with truncation or
         // padding must not cut or pad what it encodes.
         tokenizer
