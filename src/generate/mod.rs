@@ -205,7 +205,7 @@ mod tests {
         };
         assert!(bad(-0.5, 1.0).contains("temperature"));
         assert!(bad(f64::NAN, 1.0).contains("temperature"));
-        assert!(bad(1.0, 0.0).contains("top_p"));
-        assert!(bad(1.0, 1.5).contains("top_p"));
+        assert!(bad(1.0, 0.0).contains("--top-p"));
+        assert!(bad(1.0, 1.5).contains("--top-p"));
     }
 }
