@@ -356,7 +356,10 @@ fn malformed_lines_name_file_line_and_problem() {
         ),
         (
             format!(r#"{{"prompt": {system}, "chosen": "the", "rejected": "t"}}"#),
-            &["chat template", "Only user and assistant roles are supported!"],
+            &[
+                "tokenizer_config.json: chat template",
+                "Only user and assistant roles are supported!",
+            ],
         ),
         (
             format!(r#"{{"prompt": "Hi", "chosen": {}, "rejected": "t"}}"#, assistant("x")),

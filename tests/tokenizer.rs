@@ -259,6 +259,14 @@ fn load_errors_name_the_file() {
         text.contains("tokenizer_config.json") && text.contains("chat_template"),
         "{text}"
     );
+
+    let dir = tokenizer_dir(Some(serde_json::json!({"chat_template": " "})));
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("tokenizer_config.json: chat_template")
+            && text.contains("the chat template is empty"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -85,10 +85,14 @@ impl TextTokenizer {
         let template = if jinja_path.is_file() {
             let source = std::fs::read_to_string(&jinja_path)
                 .with_context(|| format!("cannot read {}", jinja_path.display()))?;
-            Some(ChatTemplate::new(&source).with_context(|| jinja_path.display().to_string())?)
+            let origin = jinja_path.display().to_string();
+            Some(ChatTemplate::new(&source, &origin).with_context(|| origin.clone())?)
         } else {
             config_template(&config)
-                .and_then(|source| source.map(ChatTemplate::new).transpose())
+                .and_then(|source| {
+                    let origin = config_path.display().to_string();
+                    source.map(|s| ChatTemplate::new(s, &origin)).transpose()
+                })
                 .with_context(|| format!("{}: chat_template", config_path.display()))?
         };
         Ok(TextTokenizer {

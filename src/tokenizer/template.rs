@@ -11,10 +11,16 @@ const NAME: &str = "chat_template";
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    /// Where it was read (`dir/tokenizer_config.json`, `dir/chat_template.jinja`), for
+    /// messages.
+    origin: String,
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str) -> Result<Self> {
+    pub fn new(source: &str, origin: &str) -> Result<Self> {
+        if source.trim().is_empty() {
+            return Err(anyhow!("the chat template is empty"));
+        }
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -32,6 +38,7 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
+            origin: origin.to_string(),
         })
     }
 
@@ -53,7 +60,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(NAME)
-            .map_err(|e| anyhow!("chat template: {e}"))?;
+            .map_err(|e| anyhow!("{}: chat template: {e}", self.origin))?;
         // A missing token is undefined (renders as nothing), as it is for transformers.
         let token = |t: Option<&str>| t.map_or(Value::UNDEFINED, Value::from);
         template
@@ -63,6 +70,6 @@ impl ChatTemplate {
                 eos_token => token(eos_token),
                 add_generation_prompt,
             })
-            .map_err(|e| anyhow!("chat template: {e}"))
+            .map_err(|e| anyhow!("{}: chat template: {e}", self.origin))
     }
 }
