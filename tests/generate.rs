@@ -468,3 +468,24 @@ fn generate_command_completes_text_prompts_through_the_tokenizer() {
     let ids: Vec<u32> = serde_json::from_value(line["ids"].clone()).unwrap();
     assert_eq!(line["completion"], tokenizer.decode(&ids).unwrap());
 }
+
+#[test]
+fn a_sequence_past_the_trained_positions_is_noted() {
+    let args = [
+        "generate",
+        "--model",
+        &fx("tiny-mistral"),
+        "--data",
+        &fx("tiny-mistral.reward.jsonl"),
+        "--max-new-tokens",
+        "520",
+    ];
+    let out = common::contralign_ok(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pass the model's max_position_embeddings of 512"),
+        "{stderr}"
+    );
+    let within = common::contralign_ok(&args[..5]);
+    assert!(String::from_utf8_lossy(&within.stderr).is_empty());
+}

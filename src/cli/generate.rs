@@ -1,6 +1,7 @@
 use crate::cli::data_args::{model_tokenizer, DataArgs};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
+use contralign::config::ModelConfig;
 use contralign::generate::{generate, Sampling};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
@@ -103,6 +104,18 @@ fn tokenize_prompt(
     }
 }
 
+/// A note when a sequence may reach past the positions the model was trained on
+/// (config.json's `max_position_embeddings`): generation goes on, as transformers' does.
+fn note_position_limit(cfg: &ModelConfig, longest: usize) {
+    let limit = cfg.raw["max_position_embeddings"].as_u64();
+    if let Some(limit) = limit.filter(|&l| longest as u64 > l) {
+        eprintln!(
+            "note: sequences of up to {longest} tokens (prompt + --max-new-tokens) pass the \
+             model's max_position_embeddings of {limit}"
+        );
+    }
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = Sampling {
         temperature: args.temperature,
@@ -131,6 +144,7 @@ fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()
     })?;
     let (rendered, ids) = tokenize_prompt(&tokenizer, text, args)?;
     let model = Model::load(&CpuOps, &args.model)?;
+    note_position_limit(&model.cfg, ids.len() + sampling.max_new_tokens);
     let g = generate(&model, &[ids], sampling)?.remove(0);
     let completion = tokenizer.decode(&g.ids)?;
     if args.json {
@@ -165,6 +179,8 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
     }
     let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    note_position_limit(&model.cfg, longest + sampling.max_new_tokens);
     for (i, g) in generate(&model, &prompts, sampling)?.iter().enumerate() {
         let completion = tokenizer.as_ref().map(|t| t.decode(&g.ids)).transpose()?;
         let line = serde_json::json!({
