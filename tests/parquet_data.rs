@@ -151,6 +151,18 @@ fn a_table_of_other_columns_lists_them() {
     );
 }
 
+/// One row of one text value per column.
+fn text_columns(values: &[&str]) -> Vec<Chunk> {
+    values
+        .iter()
+        .map(|&text| {
+            let mut c = Column::<ByteArray>::default();
+            c.push_scalar(text.into());
+            Chunk::Text(c)
+        })
+        .collect()
+}
+
 /// A text column stored as plain binary (no STRING annotation, as pandas writes at times)
 /// reads as its text, not as base64; a column named twice and a NaN are named.
 #[test]
@@ -158,14 +170,7 @@ fn binary_text_columns_read_as_text_and_odd_tables_are_named() {
     let tmp = TempDir::new().unwrap();
     let pairs = |annotation: &str, name: &str| {
         let path = tmp.path().join(name);
-        let columns: Vec<Chunk> = ["Hi there", "a fine answer", "no"]
-            .into_iter()
-            .map(|text| {
-                let mut c = Column::<ByteArray>::default();
-                c.push_scalar(text.into());
-                Chunk::Text(c)
-            })
-            .collect();
+        let columns = text_columns(&["Hi there", "a fine answer", "no"]);
         let schema = format!(
             "message schema {{ optional binary prompt{annotation}; \
              optional binary chosen{annotation}; optional binary rejected{annotation}; }}"
@@ -178,14 +183,7 @@ fn binary_text_columns_read_as_text_and_odd_tables_are_named() {
     assert_eq!(contents(&binary.groups), contents(&text.groups));
 
     let twice = tmp.path().join("twice.parquet");
-    let columns: Vec<Chunk> = ["Hi", "yes", "no"]
-        .into_iter()
-        .map(|text| {
-            let mut c = Column::<ByteArray>::default();
-            c.push_scalar(text.into());
-            Chunk::Text(c)
-        })
-        .collect();
+    let columns = text_columns(&["Hi", "yes", "no"]);
     parquet_file::write(
         &twice,
         "message schema { optional binary prompt (STRING); optional binary chosen (STRING); \

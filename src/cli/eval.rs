@@ -28,7 +28,7 @@ pub struct EvalArgs {
 impl OnOps for &EvalArgs {
     type Output = step::Evaluation;
     fn run<O: LossOps>(self, ops: &O) -> Result<step::Evaluation> {
-        let max_tokens = self.passes.max_tokens();
+        let max_tokens = self.passes.micro_tokens;
         let l = self.inputs.load(ops, max_tokens, || Ok(()))?;
         let bar = groups_bar(l.groups.len());
         let eval = step::evaluate_in_passes(

@@ -46,7 +46,7 @@ pub struct Gradients {
 impl OnOps for &GradsArgs {
     type Output = Gradients;
     fn run<O: LossOps>(self, ops: &O) -> Result<Gradients> {
-        let l = self.inputs.load(ops, self.passes.max_tokens(), || {
+        let l = self.inputs.load(ops, self.passes.micro_tokens, || {
             check_writable_file(&self.out, "--out")?;
             let inputs = &self.inputs;
             let mut read = vec![("--model", inputs.model.as_path())];
@@ -70,7 +70,7 @@ impl OnOps for &GradsArgs {
             &l.groups,
             &l.spec,
             &opts,
-            self.passes.max_tokens(),
+            self.passes.micro_tokens,
             |done| bar.set_position(done as u64),
         );
         bar.finish_and_clear();

@@ -16,13 +16,8 @@ pub struct PassArgs {
     pub micro_tokens: usize,
 }
 
-impl PassArgs {
-    pub fn max_tokens(&self) -> usize {
-        self.micro_tokens
-    }
-}
-
-/// The parser of a count that must be at least 1 (`--micro-tokens` of every command).
+/// The parser of a count that must be at least 1 (`--micro-tokens` of every command, the
+/// bench shapes).
 pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }

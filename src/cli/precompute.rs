@@ -49,7 +49,7 @@ impl OnOps for Precompute<'_> {
             &self.args.model,
             self.groups,
             &self.args.data.data,
-            self.args.passes.max_tokens(),
+            self.args.passes.micro_tokens,
             |done| bar.set_position(done as u64),
         )?;
         bar.finish_and_clear();

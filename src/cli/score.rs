@@ -44,7 +44,7 @@ impl OnOps for Scoring<'_> {
             ops,
             &model,
             self.groups,
-            self.args.passes.max_tokens(),
+            self.args.passes.micro_tokens,
             |done| bar.set_position(done as u64),
         );
         bar.finish_and_clear();
