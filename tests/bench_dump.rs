@@ -145,7 +145,7 @@ fn step_dump_holds_the_benchmarked_model_groups_and_reference() {
     let model = dir.path().join("model");
     let cfg = ModelConfig::load(&model).unwrap();
     assert_eq!(cfg.num_layers, 1);
-    let (weights, _) = load_weights(&model, &cfg).unwrap();
+    let (weights, _) = load_weights(&model, &cfg, contralign::ops::storage::Dtype::F32).unwrap();
     let drawn = random_params_parallel(&cfg, 5).unwrap();
     for ((name, _), want) in param_specs(&cfg).iter().zip(&drawn) {
         assert_eq!(&weights[name], want, "{name}");

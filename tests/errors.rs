@@ -11,6 +11,7 @@ use contralign::memory_plan::RecomputePolicy;
 use contralign::model::params::param_specs;
 use contralign::model::{Model, StepOptions};
 use contralign::ops::cpu::CpuOps;
+use contralign::ops::storage::Dtype as StorageDtype;
 use contralign::step;
 use std::path::Path;
 use tempfile::TempDir;
@@ -220,7 +221,7 @@ fn broken_model(
 ) -> TempDir {
     let src = fixture("tiny-mixtral");
     let cfg = ModelConfig::load(&src).unwrap();
-    let (mut weights, _) = load_weights(&src, &cfg).unwrap();
+    let (mut weights, _) = load_weights(&src, &cfg, StorageDtype::F32).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(&cfg)
         .into_iter()
         .map(|(name, shape)| {
@@ -454,6 +455,73 @@ fn a_non_finite_weight_is_named() {
         &load_err(nan.path()),
         &["tensor lm_head.weight holds NaN at element 5", "finite"],
     );
+}
+
+/// f32's largest values have no bf16: a run that stores its weights in bf16 refuses them at
+/// load, naming the tensor, instead of training on infinities; f32 storage takes them.
+#[test]
+fn a_weight_beyond_bf16_is_refused_where_bf16_stores_it() {
+    // The smallest f32 that rounds to bf16's infinity, and f32::MAX; bf16::MAX itself is fine.
+    let beyond = f32::from_bits(0x7f7f_8000);
+    for (value, element) in [(beyond, 3), (-f32::MAX, 11)] {
+        let model = broken_model(
+            |tensors| {
+                let (_, _, data) = tensors
+                    .iter_mut()
+                    .find(|(name, _, _)| name == "model.norm.weight")
+                    .unwrap();
+                data[element] = value;
+            },
+            |_| {},
+        );
+        let dir = TempDir::new().unwrap();
+        let data = dir.path().join("ids.jsonl");
+        std::fs::write(&data, GOOD).unwrap();
+        let (model, data) = (model.path().to_string_lossy(), data.to_string_lossy());
+        let message = format!("tensor model.norm.weight holds {value:e} at element {element}");
+        for args in [
+            vec!["score", "--precision", "bf16"],
+            vec!["score", "--device", "emu", "--precision", "bf16"],
+            vec!["eval", "--loss", "simpo", "--precision", "bf16"],
+        ] {
+            let text = common::contralign_fails(
+                &[&args[..], &["--model", &model, "--data", &data]].concat(),
+                &message,
+            );
+            assert_mentions(&text, &["beyond bf16's largest value", "--precision f32"]);
+        }
+        let run = dir.path().join("run");
+        let good = fixture("tiny-mixtral");
+        let good = good.to_string_lossy();
+        // The policy, then the reference, beyond bf16: both are stored in bf16.
+        for (policy, reference) in [(&model, &good), (&good, &model)] {
+            common::contralign_fails(
+                &[
+                    "train",
+                    "--model",
+                    policy,
+                    "--ref-model",
+                    reference,
+                    "--data",
+                    &data,
+                    "--loss",
+                    "nca",
+                    "--precision",
+                    "bf16",
+                    "--steps",
+                    "1",
+                    "--out",
+                    &run.to_string_lossy(),
+                ],
+                &message,
+            );
+        }
+        assert!(!run.exists(), "a refused run leaves no directory");
+        common::contralign_ok(&["score", "--model", &model, "--data", &data]);
+    }
+    let at_max = broken_model(|tensors| tensors[0].2[0] = half::bf16::MAX.to_f32(), |_| {});
+    let cfg = ModelConfig::load(at_max.path()).unwrap();
+    load_weights(at_max.path(), &cfg, StorageDtype::Bf16).unwrap();
 }
 
 #[test]

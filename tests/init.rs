@@ -112,7 +112,9 @@ fn init_from_flags_writes_a_transformers_initialized_mistral() {
         assert!(out.join(file).is_file(), "{file}");
     }
     // Weights N(0, 0.02²), norms 1: over the embedding's 1M draws the std is 0.02 to 1%.
-    let (weights, _) = contralign::checkpoint::load_weights(&out, &cfg).unwrap();
+    let (weights, _) =
+        contralign::checkpoint::load_weights(&out, &cfg, contralign::ops::storage::Dtype::F32)
+            .unwrap();
     let (std, mean) = std_and_mean(&weights["model.embed_tokens.weight"]);
     assert!(
         (std - 0.02).abs() < 2e-4 && mean.abs() < 1e-4,

@@ -479,8 +479,8 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it() {
     assert_eq!(numbers, (1..=steps as u64 + 2).collect::<Vec<_>>());
 }
 
-/// A copy of tiny-mistral whose final norm scales by f32::MAX (finite weights, which the
-/// loader accepts): the normalized hidden states overflow to ±inf, their logits to NaN, and
+/// A copy of tiny-mistral whose final norm scales by bf16's largest value (finite weights
+/// that bf16 holds, which the loader accepts in either precision): the normalized hidden states overflow to ±inf, their logits to NaN, and
 /// so every loss.
 fn nan_model(dir: &Path) -> PathBuf {
     let src = fixture("tiny-mistral");
@@ -492,7 +492,7 @@ fn nan_model(dir: &Path) -> PathBuf {
         tensors.into_iter().map(|(n, (s, d))| (n, s, d)).collect();
     owned.sort_by(|a, b| a.0.cmp(&b.0));
     for t in owned.iter_mut().filter(|t| t.0 == "model.norm.weight") {
-        t.2.fill(f32::MAX);
+        t.2.fill(half::bf16::MAX.to_f32());
     }
     let views: Vec<contralign::checkpoint::Tensor> = owned
         .iter()

@@ -11,6 +11,7 @@ pub use save::{
 
 use crate::config::ModelConfig;
 use crate::model::params::param_specs;
+use crate::ops::storage::Dtype as StorageDtype;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -98,8 +99,13 @@ fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
 }
 
 /// The weights of a checkpoint as f32, by name, checked against `cfg`: every expected tensor
-/// present with its expected shape, nothing else. Also returns the stored dtype.
-pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Vec<f32>>, Dtype)> {
+/// present with its expected shape, nothing else, every value finite and one that `storage`
+/// (what the run will hold them in) can hold. Also returns the stored dtype.
+pub fn load_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    storage: StorageDtype,
+) -> Result<(HashMap<String, Vec<f32>>, Dtype)> {
     let expected: BTreeMap<String, Vec<usize>> = param_specs(cfg).into_iter().collect();
     let mut out = HashMap::new();
     let mut dtype = None;
@@ -141,6 +147,14 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<(HashMap<String, Ve
                 bail!(
                     "{}: tensor {name} holds {v} at element {i}; a model's weights are finite",
                     file.display()
+                );
+            }
+            if let Some((i, v)) = storage.first_overflow(&values) {
+                bail!(
+                    "{}: tensor {name} holds {v:e} at element {i}, beyond bf16's largest value \
+                     ({:e}): --precision bf16 would store it as infinity; use --precision f32",
+                    file.display(),
+                    half::bf16::MAX.to_f32()
                 );
             }
             out.insert(name.clone(), values);

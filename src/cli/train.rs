@@ -600,9 +600,13 @@ fn train_in(
         }
         None => None,
     };
+    let weights_storage: contralign::ops::storage::Dtype = opts.precision.precision.into();
     let (policy, restored) = match restored {
         Some(r) => (r.policy, Some((r.state, r.moments))),
-        None => (Model::load(&CpuOps, &inputs.model)?, None),
+        None => (
+            Model::load_for(&CpuOps, &inputs.model, weights_storage)?,
+            None,
+        ),
     };
     let reference = if !spec.kind.needs_reference() {
         Reference::None
@@ -613,7 +617,7 @@ fn train_in(
         Reference::Cache(cache.lookup(&data))
     } else {
         let dir = inputs.ref_model.as_ref().expect("checked above");
-        let reference = Model::load(&CpuOps, dir)?;
+        let reference = Model::load_for(&CpuOps, dir, weights_storage)?;
         check_reference(&policy, &reference)?;
         Reference::Model(Box::new(reference))
     };

@@ -10,6 +10,7 @@ use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::data::packing::Batch;
 use crate::memory_plan::RecomputePolicy;
+use crate::ops::storage::Dtype as StorageDtype;
 use crate::ops::{AttentionLayout, BatchLists, ExtraList, MoeAux, Ops};
 use anyhow::{Context, Result};
 use layer::LayerActs;
@@ -70,9 +71,16 @@ pub struct PassOutput<R, Bal> {
 }
 
 impl<B> Model<B> {
+    /// The checkpoint in `dir` on `ops`, whose storage type must hold its weights.
     pub fn load<O: Ops<Buf = B>>(ops: &O, dir: &Path) -> Result<Self> {
+        Self::load_for(ops, dir, ops.storage())
+    }
+
+    /// The checkpoint in `dir` on `ops`, for a run that stores its weights in `storage`
+    /// (a trainer that keeps the host's f32 copy and moves it to a bf16 store later).
+    pub fn load_for<O: Ops<Buf = B>>(ops: &O, dir: &Path, storage: StorageDtype) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
-        let (mut weights, dtype) = checkpoint::load_weights(dir, &cfg)?;
+        let (mut weights, dtype) = checkpoint::load_weights(dir, &cfg, storage)?;
         let params = Params::build(&cfg, |name, _| {
             let w = weights
                 .remove(name)

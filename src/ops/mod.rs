@@ -153,6 +153,11 @@ pub trait Ops {
         Ok(())
     }
 
+    /// What this backend stores uploads and op outputs in.
+    fn storage(&self) -> storage::Dtype {
+        storage::Dtype::F32
+    }
+
     /// Makes a batch's host lists resident ahead of its pass, where the backend keeps them
     /// apart from the host (a device: in one copy); the ops given them later find them there.
     /// The CPU has nothing to do.

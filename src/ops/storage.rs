@@ -35,6 +35,20 @@ impl Dtype {
         }
     }
 
+    /// The first element of `values` that this type cannot hold: one that rounds to an
+    /// infinity (bf16 has f32's exponent range but its largest value, 3.3895314e38, sits below
+    /// f32's, so the last half-step of f32's range overflows).
+    pub fn first_overflow(self, values: &[f32]) -> Option<(usize, f32)> {
+        if self == Dtype::F32 {
+            return None;
+        }
+        values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.is_finite() && !self.round(**v).is_finite())
+            .map(|(i, v)| (i, *v))
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",

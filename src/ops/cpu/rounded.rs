@@ -96,6 +96,10 @@ impl Ops for RoundedCpuOps {
     type Balance = LoadBalance;
     type Table = Vec<f64>;
 
+    fn storage(&self) -> Dtype {
+        self.storage
+    }
+
     fn upload(&self, data: &[f32]) -> Stored {
         self.output(data.to_vec())
     }

@@ -256,11 +256,6 @@ impl<'a> DeviceOps<'a> {
         &self.pool
     }
 
-    /// What uploads and op outputs are stored in.
-    pub fn storage(&self) -> Dtype {
-        self.storage
-    }
-
     fn placeholder(len: usize) -> Tensor {
         Tensor::owned(Device::host_zeros(len))
     }
@@ -854,6 +849,10 @@ impl Ops for DeviceOps<'_> {
     type Routing = Option<DeviceRouting>;
     type Balance = Option<DeviceBalance>;
     type Table = DeviceTable;
+
+    fn storage(&self) -> Dtype {
+        self.storage
+    }
 
     /// The first error since the last call, if any operation failed; clears it.
     fn check(&self) -> Result<()> {
