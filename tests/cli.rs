@@ -253,6 +253,57 @@ fn cli_errors_are_messages_not_panics() {
     );
 }
 
+/// Results that cannot be written (stdout on a full disk) are an error naming stdout, never
+/// the panic of `println!`; a reader that goes away early (`| head`) ends the run quietly.
+#[test]
+fn results_that_cannot_be_written_are_an_error_not_a_panic() {
+    let model = fx("tiny-mistral");
+    let data = fx("tiny-mistral.pairs.jsonl");
+    let commands: [&[&str]; 5] = [
+        &["score", "--model", &model, "--data", &data],
+        &[
+            "eval", "--model", &model, "--loss", "simpo", "--data", &data,
+        ],
+        &["plan", "--model", &model],
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--max-new-tokens",
+            "2",
+        ],
+        &["selftest", "--device", "emu", "--seed", "1"],
+    ];
+    let run = |args: &[&str], stdout: std::process::Stdio| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_contralign"))
+            .args(args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for args in commands {
+        let full = std::fs::File::create("/dev/full").unwrap();
+        let out = run(args, full.into()).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("error: writing the results to stdout: No space left on device")
+                && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+        // Closed before anything is read: the first write finds no reader.
+        let mut child = run(args, std::process::Stdio::piped());
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn an_out_that_would_replace_an_input_or_is_no_file_fails_before_any_work() {
     let dir = TempDir::new().unwrap();

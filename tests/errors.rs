@@ -589,3 +589,36 @@ fn truncated_or_corrupt_safetensors_are_described_in_words() {
         }
     }
 }
+
+/// A tokenizer.json that is a folder or a dangling link (a Hub cache missing its blob) is named
+/// as such, not taken for a model without a tokenizer.
+#[test]
+fn a_tokenizer_json_that_is_not_a_file_is_named() {
+    let dir = TempDir::new().unwrap();
+    let model = dir.path().join("model");
+    common::tiny_mistral_with_tokenizer(&model);
+    let tokenizer = model.join("tokenizer.json");
+    let data = data_file(
+        &dir,
+        &[r#"{"prompt": "the heat", "chosen": "the", "rejected": "eh"}"#],
+    );
+    let (model, data) = (model.to_string_lossy(), data.to_string_lossy());
+    let score = ["score", "--model", &model, "--data", &data];
+    common::contralign_ok(&score);
+    std::fs::remove_file(&tokenizer).unwrap();
+    std::fs::create_dir(&tokenizer).unwrap();
+    common::contralign_fails(&score, &format!("{}: not a file", tokenizer.display()));
+    std::fs::remove_dir(&tokenizer).unwrap();
+    let blob = dir.path().join("blobs/missing");
+    std::os::unix::fs::symlink(&blob, &tokenizer).unwrap();
+    let dangling = format!(
+        "{}: a link to {}, which does not exist",
+        tokenizer.display(),
+        blob.display()
+    );
+    common::contralign_fails(&score, &dangling);
+    common::contralign_fails(
+        &["generate", "--model", &model, "--prompt", "the"],
+        &dangling,
+    );
+}

@@ -775,6 +775,14 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
             "key `steps`: invalid value '1.5' for '--steps <N>'",
         ),
         (
+            "model = 5\n",
+            "key `model`: expected a string (DIR|ID), found 5",
+        ),
+        (
+            "eval-data = [\"a\", \"b\"]\n",
+            "key `eval-data`: expected a string (FILE|DIR|ID), found [\"a\", \"b\"]",
+        ),
+        (
             "micro_tokens = 100\nmicro-tokens = 200\n",
             "keys `micro-tokens` and `micro_tokens` both set --micro-tokens",
         ),
@@ -786,6 +794,49 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
         assert!(
             stderr.contains(&format!("{}: {message}", config.display())),
             "{text}: {stderr}"
+        );
+    }
+
+    // A required flag that no file and no flag sets is named with the files that could.
+    std::fs::write(&config, "loss = \"simpo\"\n").unwrap();
+    let saved_path = run.join("train.toml");
+    let without_data: String = saved
+        .lines()
+        .filter(|l| !l.starts_with("data ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&saved_path, without_data).unwrap();
+    let (config, saved_path) = (config.display(), saved_path.display());
+    for (args, sources) in [
+        (
+            vec![
+                "--config",
+                &config.to_string(),
+                "--model",
+                &fx("tiny-mistral"),
+            ],
+            config.to_string(),
+        ),
+        (
+            vec!["--resume", &run.to_string_lossy()],
+            saved_path.to_string(),
+        ),
+        (
+            vec![
+                "--resume",
+                &run.to_string_lossy(),
+                "--config",
+                &config.to_string(),
+            ],
+            format!("{saved_path} nor {config}"),
+        ),
+    ] {
+        common::contralign_fails(
+            &[&["train"], &args[..]].concat(),
+            &format!(
+                "--data is required and neither {sources} nor the command line sets it: add \
+                 `data = ...` there or give --data"
+            ),
         );
     }
 }

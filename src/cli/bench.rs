@@ -3,6 +3,7 @@
 use super::plan::parse_memory;
 use super::precision_args::PrecisionArgs;
 use super::roofline_args::RooflineArgs;
+use crate::cli::stdout;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use contralign::checkpoint::{save_f32, Tensor};
@@ -208,11 +209,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
     let censuses = step_model::count_steps(&target, &setup, divisors)?;
     let math = Math::of(precision.precision.name());
     let rows = step_model::extrapolate(&censuses, divisors, target.num_layers, &gpus, math)?;
-    print!(
-        "{}",
-        step_model::report(&target, &shape, divisors, &rows, &gpus)
-    );
-    Ok(())
+    stdout::text(step_model::report(&target, &shape, divisors, &rows, &gpus))
 }
 
 fn step(a: StepArgs) -> Result<()> {
@@ -241,7 +238,7 @@ fn step(a: StepArgs) -> Result<()> {
                 "out_of_memory": format!("{why:#}"),
                 "precision": precision.describe(),
             });
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            stdout::line(serde_json::to_string_pretty(&report)?)?;
             return Ok(());
         }
     }
@@ -255,7 +252,7 @@ fn step(a: StepArgs) -> Result<()> {
         precision,
     };
     let timing = time_step(device, &cfg, shape, run)?;
-    println!("{}", serde_json::to_string_pretty(&timing)?);
+    stdout::line(serde_json::to_string_pretty(&timing)?)?;
     Ok(())
 }
 
@@ -302,7 +299,7 @@ fn scoring(a: ScoringArgs) -> Result<()> {
     if let Some(d) = dumped {
         report["dumped"] = d;
     }
-    println!("{report}");
+    stdout::line(report)?;
     Ok(())
 }
 
@@ -459,7 +456,7 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
         "cases": cases,
         "dumps": dumps,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    stdout::line(serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }
 
@@ -644,6 +641,6 @@ fn moe(a: MoeBenchArgs) -> Result<()> {
     if let Some(d) = dumped {
         report["dumped"] = d;
     }
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    stdout::line(serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }

@@ -44,6 +44,17 @@ fn check_value(command: &clap::Command, flag: &str, text: &str) -> Result<(), St
     }
 }
 
+/// The value names of a flag that takes a path or a Hub id (`DIR|ID`), which a file gives as a
+/// string: a number or a list there is a slip, not a directory named `5`.
+fn path_value(arg: &clap::Arg) -> Option<String> {
+    let names: Vec<&str> = arg.get_value_names()?.iter().map(|n| n.as_str()).collect();
+    let names = names.join(" ");
+    ["FILE", "DIR", "ID"]
+        .iter()
+        .any(|kind| names.split(['|', '_', ' ']).any(|part| part == *kind))
+        .then_some(names)
+}
+
 /// The flags a TOML file stands for, in file order.
 pub fn toml_to_args<T: Args>(path: &Path) -> Result<Vec<OsString>> {
     let text =
@@ -72,6 +83,12 @@ pub fn toml_to_args<T: Args>(path: &Path) -> Result<Vec<OsString>> {
         }
         seen.push((key.clone(), flag.clone()));
         let takes_value = &arg.get_action().takes_values();
+        if let Some(names) = path_value(arg).filter(|_| !value.is_str()) {
+            bail!(
+                "{}: key `{key}`: expected a string ({names}), found {value}",
+                path.display()
+            );
+        }
         let text = match &value {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
@@ -173,7 +190,38 @@ pub fn expand_train_args<T: Args>(
         expanded.extend(toml_to_args::<T>(file).context("--config")?);
     }
     expanded.extend(args);
+    let sources: Vec<String> = resume
+        .iter()
+        .map(|run| run.join(saved_config).display().to_string())
+        .chain(config.iter().map(|file| file.display().to_string()))
+        .collect();
+    if let Some(flag) = missing_required::<T>(&expanded).filter(|_| !sources.is_empty()) {
+        bail!(
+            "--{flag} is required and neither {} nor the command line sets it: add \
+             `{flag} = ...` there or give --{flag}",
+            sources.join(" nor ")
+        );
+    }
     Ok(expanded)
+}
+
+/// The first flag that `T` requires and `args` does not hold (as `--flag X` or `--flag=X`).
+fn missing_required<T: Args>(args: &[OsString]) -> Option<String> {
+    let command = T::augment_args(clap::Command::new("train"));
+    let given = |long: &str| {
+        args.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a.strip_prefix("--")
+                .is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
+        })
+    };
+    let missing = command
+        .get_arguments()
+        .filter(|a| a.is_required_set())
+        .filter_map(|a| a.get_long())
+        .find(|long| !given(long))
+        .map(str::to_string);
+    missing
 }
 
 /// The TOML a run directory saves: every flag that has a value.

@@ -47,7 +47,8 @@ pub struct DataArgs {
 }
 
 /// The tokenizer of a model directory, `None` when it has no tokenizer.json. A path that is
-/// not a directory is an error first, so that it is not blamed on text needing a tokenizer.
+/// not a directory is an error first, so that it is not blamed on text needing a tokenizer;
+/// so is a tokenizer.json that is there but is not a file.
 pub fn model_tokenizer(model_dir: &Path) -> Result<Option<TextTokenizer>> {
     if !model_dir.is_dir() {
         let what = if model_dir.exists() {
@@ -57,7 +58,8 @@ pub fn model_tokenizer(model_dir: &Path) -> Result<Option<TextTokenizer>> {
         };
         bail!("--model {}: {what}", model_dir.display());
     }
-    if model_dir.join("tokenizer.json").is_file() {
+    // A dangling link (a Hub cache missing its blob) is there too.
+    if model_dir.join("tokenizer.json").symlink_metadata().is_ok() {
         Ok(Some(TextTokenizer::load(model_dir)?))
     } else {
         Ok(None)

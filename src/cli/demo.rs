@@ -1,3 +1,4 @@
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use contralign::demo::{self, DemoOptions, DemoReport, PhaseReport};
@@ -118,9 +119,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     })?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        stdout::line(serde_json::to_string(&report)?)
     } else {
-        println!("{}", table(&report, &args.out));
+        stdout::line(table(&report, &args.out))
     }
-    Ok(())
 }

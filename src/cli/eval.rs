@@ -1,6 +1,7 @@
 use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use crate::cli::passes::{groups_bar, PassArgs};
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use contralign::step;
@@ -53,9 +54,5 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .into_iter()
         .map(|(k, v)| (k, v.into()))
         .collect();
-    println!(
-        "{}",
-        serde_json::json!({"loss": eval.loss, "metrics": metrics})
-    );
-    Ok(())
+    stdout::line(serde_json::json!({"loss": eval.loss, "metrics": metrics}))
 }

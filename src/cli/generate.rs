@@ -1,4 +1,5 @@
 use crate::cli::data_args::{model_tokenizer, DataArgs};
+use crate::cli::stdout;
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use contralign::config::ModelConfig;
@@ -6,7 +7,6 @@ use contralign::generate::{generate, Sampling};
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::tokenizer::{Message, TextTokenizer};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Generate a completion of a prompt, or of every prompt of a data set, on the CPU with a KV
@@ -154,11 +154,10 @@ fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()
             "ids": g.ids,
             "stopped_at_eos": g.stopped_at_eos,
         });
-        println!("{line}");
+        stdout::line(line)
     } else {
-        println!("{completion}");
+        stdout::line(completion)
     }
-    Ok(())
 }
 
 fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()> {
@@ -178,7 +177,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         g.check_vocab(model.cfg.vocab_size)?;
     }
     let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = stdout::Lines::new();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     note_position_limit(&model.cfg, longest + sampling.max_new_tokens);
     for (i, g) in generate(&model, &prompts, sampling)?.iter().enumerate() {
@@ -189,8 +188,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
             "completion": completion,
             "stopped_at_eos": g.stopped_at_eos,
         });
-        writeln!(out, "{line}")?;
+        out.line(line)?;
     }
-    out.flush()?;
-    Ok(())
+    out.finish()
 }

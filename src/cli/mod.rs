@@ -20,6 +20,7 @@ mod roofline_args;
 mod score;
 mod selftest;
 mod size_arg;
+mod stdout;
 mod train;
 
 /// The largest count or seed a run's flags take: `train.toml` saves integers as TOML's i64.

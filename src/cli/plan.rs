@@ -1,5 +1,6 @@
 use crate::cli::precision_args::PrecisionArgs;
 use crate::cli::size_arg::parse_size_in;
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use contralign::config::ModelConfig;
@@ -170,9 +171,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => MemoryPlan::with_default_recompute(&cfg, &options, memory)?,
     };
     if args.json {
-        println!("{}", json(&args, &plan, memory));
+        stdout::line(json(&args, &plan, memory))?;
     } else {
-        print!("{}", table(&args, &plan, memory)?);
+        stdout::text(table(&args, &plan, memory)?)?;
     }
     plan.fits(memory)
 }

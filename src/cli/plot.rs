@@ -1,3 +1,4 @@
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ pub struct PlotArgs {
 
 pub fn run(args: PlotArgs) -> Result<()> {
     for path in contralign::plot::plot_run(&args.run_dir)? {
-        println!("{}", path.display());
+        stdout::line(path.display())?;
     }
     Ok(())
 }

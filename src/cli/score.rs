@@ -1,13 +1,13 @@
 use crate::cli::data_args::DataArgs;
 use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::passes::{groups_bar, PassArgs};
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use contralign::data::Group;
 use contralign::model::{Model, ResponseStats};
 use contralign::step;
 use contralign::step::LossOps;
-use std::io::Write;
 use std::path::PathBuf;
 
 /// Score every response of a data set under a model: one JSON line per response, in file
@@ -58,7 +58,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         args: &args,
         groups: &groups,
     })?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = stdout::Lines::new();
     let indices = groups
         .iter()
         .enumerate()
@@ -72,8 +72,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             "logp_mean": s.logp_mean,
             "eos_logp": s.eos_logp,
         });
-        writeln!(out, "{line}")?;
+        out.line(line)?;
     }
-    out.flush()?;
-    Ok(())
+    out.finish()
 }

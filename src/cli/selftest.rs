@@ -1,4 +1,5 @@
 use super::roofline_args::RooflineArgs;
+use crate::cli::stdout;
 use anyhow::Result;
 use clap::Args;
 use contralign::engine::loss;
@@ -56,11 +57,14 @@ pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     let gpus = args.roofline.gpus()?;
     let device = Device::open(kind)?;
     let seed = args.seed.unwrap_or_else(rand::random);
-    println!("device: {} ({kind}), seed {seed}", device.describe());
+    stdout::line(format!(
+        "device: {} ({kind}), seed {seed}",
+        device.describe()
+    ))?;
     if args.profile {
         let shapes = Shapes::small(args.profile_tokens, 1 << 20);
         let rows = profile::profile(&device, &shapes, seed, vec![loss::profile_case()])?;
-        print!("{}", profile::table(&rows, &shapes, &gpus));
+        stdout::text(profile::table(&rows, &shapes, &gpus))?;
         return Ok(ExitCode::SUCCESS);
     }
     let probe = Probe {
@@ -69,13 +73,13 @@ pub fn run(args: SelftestArgs) -> Result<ExitCode> {
     };
     let (rows, _) = emu::probed(probe, || selftest::run(&device, seed));
     let rows = rows?;
-    print!("{}", selftest::table(&rows));
+    stdout::text(selftest::table(&rows))?;
     let failed = rows.iter().filter(|r| !r.pass).count();
     if failed == 0 {
-        println!("all {} checks pass", rows.len());
+        stdout::line(format!("all {} checks pass", rows.len()))?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{failed} of {} checks FAIL", rows.len());
+        stdout::line(format!("{failed} of {} checks FAIL", rows.len()))?;
         Ok(ExitCode::FAILURE)
     }
 }

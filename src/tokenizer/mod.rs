@@ -50,7 +50,14 @@ impl TextTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            bail!("{}: no such file", path.display());
+            let what = match std::fs::read_link(&path) {
+                Ok(target) if !path.exists() => {
+                    format!("a link to {}, which does not exist", target.display())
+                }
+                _ if path.exists() => "not a file".to_string(),
+                _ => "no such file".to_string(),
+            };
+            bail!("{}: {what}", path.display());
         }
         let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
             anyhow!(
