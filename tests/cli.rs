@@ -591,9 +591,11 @@ fn hyperparameters_a_loss_does_not_read_are_reported_as_ignored() {
         "2",
         "--label-smoothing",
         "0.1",
+        "--p",
+        "1",
     ]);
     assert!(
-        nca.contains("note: --gamma, --label-smoothing do not apply to --loss nca; ignored"),
+        nca.contains("note: --gamma, --p, --label-smoothing do not apply to --loss nca; ignored"),
         "{nca}"
     );
     let refa = eval(&[
@@ -604,6 +606,8 @@ fn hyperparameters_a_loss_does_not_read_are_reported_as_ignored() {
         "--alpha",
         "0.5",
         "--no-normalize",
+        "--p",
+        "1",
     ]);
     assert!(!refa.contains("note:"), "{refa}");
     let aux = eval(&["--loss", "sft", "--aux-coef", "1"]);

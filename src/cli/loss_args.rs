@@ -117,6 +117,8 @@ impl LossArgs {
                 "--gamma",
                 self.gamma.is_some() && !matches!(kind, Simpo | Refa),
             ),
+            // Its default (2) cannot be told from a `--p 2`, which changes nothing anyway.
+            ("--p", self.p != 2 && kind != Refa),
             (
                 "--lambda",
                 self.lambda.is_some() && !matches!(kind, Refa | InfoncaFree),
