@@ -1,7 +1,7 @@
 //! `config.json` of a Hugging Face Mistral or Mixtral checkpoint, in both spellings found in
 //! the wild (see `docs/model.md`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
@@ -223,10 +223,24 @@ impl ModelConfig {
                 );
             }
         }
+        if field(&cfg.raw, "max_position_embeddings").is_some() {
+            req_usize(&cfg.raw, "max_position_embeddings")?;
+        }
         positive_finite("rms_norm_eps", cfg.rms_norm_eps)?;
         positive_finite("rope_theta", cfg.rope_theta)?;
         cfg.check_size()?;
         Ok(cfg)
+    }
+
+    /// This config with `layers` layers (a bench's `--layers`), its sizes checked as a
+    /// config.json's are.
+    pub fn with_layers(mut self, layers: usize) -> Result<Self> {
+        ensure!(layers >= 1, "--layers must be at least 1");
+        self.num_layers = layers;
+        self.raw["num_hidden_layers"] = layers.into();
+        self.check_size()
+            .with_context(|| format!("--layers {layers}"))?;
+        Ok(self)
     }
 
     /// Refuses sizes no machine holds before anything is sized from them: every count below

@@ -76,18 +76,28 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
         std::fs::remove_dir_all(&tmp).ok();
         return Err(e);
     }
+    // A move that fails leaves what was there, and nothing of the new directory.
+    let give_up = |e: anyhow::Error| {
+        std::fs::remove_dir_all(&tmp).ok();
+        Err(e)
+    };
     if path.exists() {
         let old = path.with_file_name(format!(
             ".{}.old-{}",
             path.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
         ));
-        rename(path, &old)?;
-        rename(&tmp, path)?;
+        if let Err(e) = rename(path, &old) {
+            return give_up(e);
+        }
+        if let Err(e) = rename(&tmp, path) {
+            rename(&old, path).ok();
+            return give_up(e);
+        }
         std::fs::remove_dir_all(&old)
             .with_context(|| format!("cannot remove {}", old.display()))?;
-    } else {
-        rename(&tmp, path)?;
+    } else if let Err(e) = rename(&tmp, path) {
+        return give_up(e);
     }
     // The rename itself reaches the disk with its parent directory.
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -142,7 +152,7 @@ pub fn check_writable_dir(dir: &Path, flag: &str) -> Result<()> {
 /// Fails early, before any work, when the file `path` cannot be written: it must not be a
 /// directory, and its directory must exist and take new files.
 pub fn check_writable_file(path: &Path, flag: &str) -> Result<()> {
-    if path.is_dir() {
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
         bail!(
             "{flag} {}: is a directory; give a file path",
             path.display()

@@ -401,6 +401,39 @@ fn counts_outside_their_range_are_refused_by_the_flag_parser() {
         "0",
     ];
     assert_eq!(common::contralign(&score).status.code(), Some(2));
+
+    // Counts that would overflow a sum or a list's capacity further on.
+    let max = u64::MAX.to_string();
+    let prompts = fx("tiny-mistral.pairs.jsonl");
+    let generate = ["generate", "--model", &model, "--data", &prompts];
+    let bench_moe = [
+        "bench", "moe", "--device", "emu", "--tokens", "8", "--dim", "16",
+    ];
+    let bench_step = ["bench", "step", "--device", "emu", "--config", &model];
+    let cases: [(&[&str], &str, &str); 7] = [
+        (&generate, "--max-new-tokens", "0"),
+        (&generate, "--max-new-tokens", &max),
+        (&["bench", "scoring", "--device", "emu"], "--reps", &max),
+        (&["bench", "attention", "--device", "emu"], "--reps", &max),
+        (&bench_moe, "--reps", &max),
+        (&bench_moe, "--top-k", "5"),
+        (&bench_step, "--steps", &max),
+    ];
+    for (command, flag, value) in cases {
+        let args = [command, &[flag, value]].concat();
+        let result = common::contralign(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag} <")),
+            "{args:?}: {stderr}"
+        );
+    }
+    // --layers goes through the size check of a config.json's own keys.
+    for command in ["step", "step-model"] {
+        let args = ["bench", command, "--config", &model, "--layers", &max];
+        common::contralign_fails(&args, "--layers 18446744073709551615: the sizes");
+    }
 }
 
 #[test]
@@ -801,4 +834,17 @@ fn score_takes_the_precision_flag_on_every_backend() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// `--racecheck` runs the checks and `--profile` replaces them: together one would be dropped.
+#[test]
+fn selftest_refuses_racecheck_with_profile() {
+    let args = ["selftest", "--device", "emu", "--racecheck", "--profile"];
+    let result = common::contralign(&args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("'--racecheck' cannot be used with '--profile'"),
+        "{stderr}"
+    );
 }

@@ -622,3 +622,55 @@ fn a_tokenizer_json_that_is_not_a_file_is_named() {
         &dangling,
     );
 }
+
+/// A mixture of experts that the device kernels cannot route (more than 4 experts per token)
+/// is refused by name where a device would run it — loading onto it, and planning for it —
+/// while the CPU runs it.
+#[test]
+fn experts_per_token_beyond_the_device_kernels_are_refused_before_any_work() {
+    let dir = TempDir::new().unwrap();
+    let model = dir.path().join("mx6");
+    let model = model.to_string_lossy();
+    common::contralign_ok(&[
+        "init",
+        "--out",
+        &model,
+        "--arch",
+        "mixtral",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--intermediate-size",
+        "16",
+        "--vocab-size",
+        "256",
+        "--experts",
+        "16",
+        "--experts-per-token",
+        "6",
+    ]);
+    let data = common::fx("tiny-mistral.reward.jsonl");
+    let message = "6 experts per token of 16: the device engine routes each token to 1 to 4";
+    let score = ["score", "--model", &model, "--data", &data];
+    let text = common::contralign_fails(&[&score[..], &["--device", "emu"]].concat(), message);
+    assert_mentions(&text, &["mx6/config.json"]);
+    let text = common::contralign_fails(&["plan", "--model", &model], message);
+    assert_mentions(&text, &["num_experts_per_tok"]);
+    common::contralign_ok(&score);
+}
+
+/// config.json's max_position_embeddings, when given, is a positive integer like the other
+/// sizes.
+#[test]
+fn a_zero_max_position_embeddings_is_named() {
+    let zero = broken_model(|_| {}, |raw| raw["max_position_embeddings"] = 0.into());
+    assert_mentions(
+        &load_err(zero.path()),
+        &["key `max_position_embeddings`: expected a positive integer, found 0"],
+    );
+}

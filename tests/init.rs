@@ -280,3 +280,56 @@ fn init_models_load_in_transformers() {
         check(&run.join("final"));
     }
 }
+
+/// Outputs whose path cannot take them are refused before any work, naming --out: a dangling
+/// link for a new model directory, a path ending in `/` for a file. A directory that cannot be
+/// moved into place leaves nothing of itself behind.
+#[test]
+fn outputs_that_cannot_be_placed_are_refused_and_leave_nothing() {
+    let dir = TempDir::new().unwrap();
+    let link = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+    let config = fixture("tiny-mistral").join("config.json");
+    contralign_fails(
+        &[
+            "init",
+            "--out",
+            &link.to_string_lossy(),
+            "--config",
+            &config.to_string_lossy(),
+        ],
+        &format!("--out {}: already exists", link.display()),
+    );
+    let slash = format!("{}/", dir.path().join("new").display());
+    let (model, data) = (fx("tiny-mistral"), fx("tiny-mistral.pairs.jsonl"));
+    for command in [&["grads", "--loss", "simpo"][..], &["precompute-ref"][..]] {
+        let args = [
+            command,
+            &["--model", &model, "--data", &data, "--out", &slash],
+        ]
+        .concat();
+        contralign_fails(
+            &args,
+            &format!("--out {slash}: is a directory; give a file path"),
+        );
+    }
+    // A new directory ending in `/` is fine for init.
+    contralign_ok(&[
+        "init",
+        "--out",
+        &slash,
+        "--config",
+        &config.to_string_lossy(),
+    ]);
+    let failed = contralign::fsutil::write_dir_atomically(&link, |tmp| {
+        std::fs::write(tmp.join("weights"), b"1234")?;
+        Ok(())
+    });
+    assert!(failed.is_err());
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["dangling", "new"]);
+}

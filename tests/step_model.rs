@@ -8,7 +8,7 @@ use contralign::engine::step_model::{self, Divisors, KernelTotals};
 use contralign::loss::{LossKind, LossSpec};
 use contralign::memory_plan::layout::ParamLayout;
 use contralign::memory_plan::PrecisionOptions;
-use contralign::ops::cuda::roofline::{Gpu, Math};
+use contralign::ops::cuda::roofline::{Gpu, Math, LAUNCH_FLOOR_S};
 use std::collections::BTreeMap;
 
 fn target() -> ModelConfig {
@@ -148,6 +148,25 @@ fn the_modeled_step_matches_a_direct_count_at_the_target() {
     assert!(
         (step_seconds.0 - step_seconds.1).abs() < 0.01 * step_seconds.1,
         "step seconds {step_seconds:?}"
+    );
+    // With each launch at least LAUNCH_FLOOR_S: between the larger of the roofline and the
+    // floors and their sum, kernel by kernel, and extrapolated as closely as the roofline.
+    for (name, t) in modeled.iter().chain(&counted) {
+        let floors = t.launches * LAUNCH_FLOOR_S;
+        let (low, high) = (t.seconds[0].max(floors), t.seconds[0] + floors);
+        assert!(
+            t.floored[0] >= low * (1.0 - 1e-9) && t.floored[0] <= high * (1.0 + 1e-9),
+            "{name}: floored {} outside [{low}, {high}]",
+            t.floored[0]
+        );
+    }
+    let step_floored = (
+        sum(&modeled, |t| t.floored[0]),
+        sum(&counted, |t| t.floored[0]),
+    );
+    assert!(
+        relative(step_floored.0, step_floored.1) < 0.01,
+        "step seconds with the launch floor {step_floored:?}"
     );
 }
 

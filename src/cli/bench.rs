@@ -80,7 +80,7 @@ struct StepArgs {
     #[command(flatten)]
     data: StepDataArgs,
     /// Timed steps (the median is reported), after one untimed step.
-    #[arg(long, default_value_t = 3, value_parser = crate::cli::passes::at_least_one())]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::passes::repetitions())]
     steps: usize,
     /// The side of the square bf16 GEMM whose rate MFU is also read against.
     #[arg(long, default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
@@ -188,9 +188,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
     let precision = a.precision.options(StorageDtype::Bf16)?;
     let mut target = bench_config(a.config.as_deref())?;
     if let Some(layers) = a.layers {
-        ensure!(layers >= 1, "--layers must be at least 1");
-        target.num_layers = layers;
-        target.raw["num_hidden_layers"] = layers.into();
+        target = target.with_layers(layers)?;
     }
     let shape = a.data.shape();
     check_step_shape(&shape, a.data.loss())?;
@@ -214,10 +212,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
 
 fn step(a: StepArgs) -> Result<()> {
     let precision = a.precision.options(StorageDtype::Bf16)?;
-    ensure!(a.layers >= 1, "--layers must be at least 1");
-    let mut cfg = bench_config(a.config.as_deref())?;
-    cfg.num_layers = a.layers;
-    cfg.raw["num_hidden_layers"] = a.layers.into();
+    let cfg = bench_config(a.config.as_deref())?.with_layers(a.layers)?;
     let shape = a.data.shape();
     if let Some(text) = &a.memory {
         let memory = parse_memory(text)?;
@@ -330,7 +325,7 @@ struct ScoringArgs {
     #[arg(long, value_parser = crate::cli::passes::at_least_one())]
     chunk_rows: Option<usize>,
     /// Timed repetitions of each case (the median is printed), after one warm-up.
-    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::at_least_one())]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::repetitions())]
     reps: usize,
     /// Where it runs.
     #[arg(long, value_enum, default_value = "cuda")]
@@ -401,7 +396,7 @@ pub struct AttentionBenchArgs {
     #[arg(long, default_value_t = 256, value_parser = crate::cli::passes::at_least_one())]
     response_len: usize,
     /// Timed runs per case (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 10, value_parser = crate::cli::passes::at_least_one())]
+    #[arg(long, default_value_t = 10, value_parser = crate::cli::passes::repetitions())]
     reps: usize,
     /// A folder for each case's inputs, outputs, gradients and loss Σ out·dout
     /// (`attention-MASK-TOKENS.{safetensors,json}`).
@@ -594,15 +589,15 @@ pub struct MoeBenchArgs {
     /// Experts of the layer.
     #[arg(long, default_value_t = 8, value_parser = crate::cli::passes::at_least_one())]
     experts: usize,
-    /// Experts per token (1 to 4).
-    #[arg(long, default_value_t = 2, value_parser = crate::cli::passes::at_least_one())]
+    /// Experts per token (1 to 4, what the device engine routes).
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=contralign::ops::cuda::moe::MAX_K as u64))]
     top_k: usize,
     /// Storage of the weights and activations (the engine's default is bf16; f32 is the path
     /// checked against the CPU exactly).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: Dtype,
     /// Timed runs (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::at_least_one())]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::passes::repetitions())]
     reps: usize,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]

@@ -54,8 +54,8 @@ pub struct GenerateArgs {
     /// Skip and count malformed data set lines instead of stopping at the first.
     #[arg(long, conflicts_with = "prompt")]
     skip_invalid: bool,
-    /// Stop after N new tokens (an EOS stops sooner).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Stop after N new tokens (an EOS stops sooner); 1 to 2^20.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
     max_new_tokens: usize,
     /// Divide the logits by F before sampling; 0 is greedy (the highest logit, the lowest id
     /// among equal ones).

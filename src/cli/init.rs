@@ -11,7 +11,7 @@ use contralign::model::params::param_specs;
 use contralign::tokenizer::TextTokenizer;
 use rand::SeedableRng;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Arch {
@@ -188,13 +188,17 @@ impl InitArgs {
 }
 
 pub fn run(args: InitArgs) -> Result<()> {
-    if args.out.exists() {
+    // A dangling link is there too: a directory cannot be moved over it.
+    if args.out.symlink_metadata().is_ok() {
         bail!(
             "--out {}: already exists; init writes a new model directory",
             args.out.display()
         );
     }
-    contralign::fsutil::check_writable_file(&args.out, "--out")?;
+    // Its parent must take a new entry; a trailing slash only says it is to be a directory.
+    let entry = args.out.to_string_lossy();
+    let entry = Path::new(entry.trim_end_matches('/'));
+    contralign::fsutil::check_writable_file(entry, "--out")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;
     let tokenizer = args

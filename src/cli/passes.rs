@@ -22,6 +22,12 @@ pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
+/// The parser of a count of timed repetitions (a bench's `--reps`, `--steps`): at least 1, at
+/// most a million, which no timing needs and whose list of times still fits in memory.
+pub fn repetitions() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+}
+
 /// A bar over `groups` groups, drawn on stderr (hidden when it is not a terminal).
 pub fn groups_bar(groups: usize) -> ProgressBar {
     let bar = ProgressBar::new(groups as u64);

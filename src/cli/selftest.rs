@@ -27,7 +27,7 @@ pub struct SelftestArgs {
     seed: Option<u64>,
 
     /// With --device emu: run the checks under racecheck (a race fails the launch).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "profile")]
     racecheck: bool,
 
     /// With --device emu: instead of the checks, count every kernel's memory traffic at

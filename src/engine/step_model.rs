@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::model::init::random_params;
 use crate::ops::cuda::device::Device;
 use crate::ops::cuda::emu::{self, GemmShape, LaunchRecord, Probe};
-use crate::ops::cuda::roofline::{table_header, Gpu, Math};
+use crate::ops::cuda::roofline::{table_header, Gpu, Math, LAUNCH_FLOOR_S};
 use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -76,13 +76,15 @@ pub fn census(cfg: &ModelConfig, setup: &BenchSetup) -> Result<Vec<Launch>> {
 }
 
 /// One kernel's share of a step: launches, bytes, FLOPs and the roofline's seconds on each
-/// GPU (each launch priced on its own, then summed).
+/// GPU (each launch priced on its own, then summed), and the same with each launch taking at
+/// least [`LAUNCH_FLOOR_S`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KernelTotals {
     pub launches: f64,
     pub bytes: f64,
     pub flops: f64,
     pub seconds: Vec<f64>,
+    pub floored: Vec<f64>,
 }
 
 impl KernelTotals {
@@ -91,8 +93,11 @@ impl KernelTotals {
         self.bytes += launch.bytes;
         self.flops += launch.flops;
         self.seconds.resize(gpus.len(), 0.0);
-        for (s, gpu) in self.seconds.iter_mut().zip(gpus) {
-            *s += gpu.seconds_on(launch.bytes, launch.flops, math);
+        self.floored.resize(gpus.len(), 0.0);
+        for ((s, f), gpu) in self.seconds.iter_mut().zip(&mut self.floored).zip(gpus) {
+            let roofline = gpu.seconds_on(launch.bytes, launch.flops, math);
+            *s += roofline;
+            *f += roofline.max(LAUNCH_FLOOR_S);
         }
     }
 
@@ -100,12 +105,13 @@ impl KernelTotals {
     fn affine(one: &KernelTotals, two: &KernelTotals, layers: usize) -> KernelTotals {
         let extra = layers as f64 - 1.0;
         let mix = |a: f64, b: f64| a + extra * (b - a);
-        let seconds = one.seconds.iter().zip(&two.seconds);
+        let mix_all = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(&a, &b)| mix(a, b)).collect();
         KernelTotals {
             launches: mix(one.launches, two.launches),
             bytes: mix(one.bytes, two.bytes),
             flops: mix(one.flops, two.flops),
-            seconds: seconds.map(|(&a, &b)| mix(a, b)).collect(),
+            seconds: mix_all(&one.seconds, &two.seconds),
+            floored: mix_all(&one.floored, &two.floored),
         }
     }
 }
@@ -230,6 +236,7 @@ pub fn extrapolate(
     // A kernel that one layer count does not launch: none of it there.
     let empty = KernelTotals {
         seconds: vec![0.0; gpus.len()],
+        floored: vec![0.0; gpus.len()],
         ..KernelTotals::default()
     };
     names
@@ -397,7 +404,7 @@ pub fn report(
          steps counted by the emulator at widths / {} and lengths / {} (one and two layers, \
          and each doubling), extrapolated by shape. Each launch is priced at its roofline (FLOPs at the \
          peak of the step's storage type, the tensor cores' for bf16; no launch overhead or \
-         latency): a bound that no GPU reaches. A model, not a \
+         latency in the table): a bound that no GPU reaches. A model, not a \
          measurement.\n\n",
         target.num_layers,
         target.hidden_size,
@@ -420,13 +427,17 @@ pub fn report(
         let time = |t: &KernelTotals| t.seconds.get(last).copied().unwrap_or(0.0);
         time(b.1).total_cmp(&time(a.1))
     });
-    let step_seconds: Vec<f64> = (0..gpus.len())
-        .map(|i| {
-            rows.values()
-                .map(|t| t.seconds.get(i).copied().unwrap_or(0.0))
-                .sum()
-        })
-        .collect();
+    let step_sum = |field: fn(&KernelTotals) -> &Vec<f64>| -> Vec<f64> {
+        (0..gpus.len())
+            .map(|i| {
+                rows.values()
+                    .map(|t| field(t).get(i).copied().unwrap_or(0.0))
+                    .sum()
+            })
+            .collect()
+    };
+    let step_seconds = step_sum(|t| &t.seconds);
+    let step_floored = step_sum(|t| &t.floored);
     out.push_str(&table_header(
         &[
             ("kernel", ":--"),
@@ -459,21 +470,27 @@ pub fn report(
         bytes: rows.values().map(|t| t.bytes).sum(),
         flops: rows.values().map(|t| t.flops).sum(),
         seconds: step_seconds.clone(),
+        floored: step_floored.clone(),
     };
     line("**step**", &all);
     let pairs = visible_pairs(shape, target.sliding_window);
     let model_flops = super::bench::model_flops(target, tokens, pairs);
     out.push('\n');
-    for (gpu, s) in gpus.iter().zip(&step_seconds) {
+    for ((gpu, s), floored) in gpus.iter().zip(&step_seconds).zip(&step_floored) {
         out.push_str(&format!(
             "- {}: {:.1} ms a step, {:.0} tokens/s, {:.1} model TFLOP/s ({:.1}% of the {:.0} \
-             TFLOP/s bf16 peak).\n",
+             TFLOP/s bf16 peak); with each launch taking at least {:.0} µs (an assumed launch \
+             cost, not a measurement): {:.1} ms, {:.0} tokens/s, {:.1}% of the peak.\n",
             gpu.describe(),
             s * 1e3,
             tokens as f64 / s,
             model_flops / s / 1e12,
             100.0 * model_flops / s / gpu.bf16_flops,
             gpu.bf16_flops / 1e12,
+            LAUNCH_FLOOR_S * 1e6,
+            floored * 1e3,
+            tokens as f64 / floored,
+            100.0 * model_flops / floored / gpu.bf16_flops,
         ));
     }
     out.push_str(&format!(

@@ -38,7 +38,7 @@ pub mod layout;
 pub mod precision;
 
 use crate::config::ModelConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use layout::ParamLayout;
 pub use precision::{MasterWeights, PrecisionOptions, StorageDtype};
 use serde::Serialize;
@@ -277,6 +277,11 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     pub fn new(cfg: &ModelConfig, options: &PlanOptions) -> Result<Self> {
+        // A plan is for the device engine: a model it cannot run has none.
+        if let Some(moe) = &cfg.moe {
+            crate::ops::cuda::moe::check_routing(moe.num_experts, moe.experts_per_token)
+                .context("config.json's num_local_experts and num_experts_per_tok")?;
+        }
         let t = options.micro_tokens;
         if t == 0 {
             bail!("--micro-tokens must be at least 1");

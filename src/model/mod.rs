@@ -80,6 +80,10 @@ impl<B> Model<B> {
     /// (a trainer that keeps the host's f32 copy and moves it to a bf16 store later).
     pub fn load_for<O: Ops<Buf = B>>(ops: &O, dir: &Path, storage: StorageDtype) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
+        if let Some(moe) = &cfg.moe {
+            ops.check_moe(moe.num_experts, moe.experts_per_token)
+                .with_context(|| format!("{}", dir.join("config.json").display()))?;
+        }
         let (mut weights, dtype) = checkpoint::load_weights(dir, &cfg, storage)?;
         let params = Params::build(&cfg, |name, _| {
             let w = weights

@@ -158,6 +158,12 @@ pub trait Ops {
         storage::Dtype::F32
     }
 
+    /// Refuses a mixture of experts of `experts` experts, top-`k`, that this backend cannot
+    /// route (the CPU routes any).
+    fn check_moe(&self, _experts: usize, _k: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Makes a batch's host lists resident ahead of its pass, where the backend keeps them
     /// apart from the host (a device: in one copy); the ops given them later find them there.
     /// The CPU has nothing to do.

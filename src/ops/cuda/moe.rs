@@ -20,6 +20,21 @@ use anyhow::{ensure, Context, Result};
 pub const MAX_K: usize = 4;
 /// The most experts (`moe_count` keeps one counter per expert in shared memory).
 pub const MAX_EXPERTS: usize = 1024;
+/// Refuses a mixture of experts that the device kernels cannot route: `experts` experts, each
+/// token to its top `k`.
+pub fn check_routing(experts: usize, k: usize) -> Result<()> {
+    ensure!(
+        (1..=MAX_EXPERTS).contains(&experts),
+        "{experts} experts: the device engine routes among 1 to {MAX_EXPERTS}"
+    );
+    ensure!(
+        (1..=MAX_K.min(experts)).contains(&k),
+        "{k} experts per token of {experts}: the device engine routes each token to 1 to {}",
+        MAX_K.min(experts)
+    );
+    Ok(())
+}
+
 /// Slots per block of the counting sort (`moe_count`, `moe_permute_index`).
 const SLOTS_PER_BLOCK: usize = 256;
 /// Threads of the one-block prefix sum (`moe_offsets`'s `run_start[1024]`).
@@ -154,15 +169,7 @@ impl<'a> MoeKernels<'a> {
         k: usize,
     ) -> Result<DeviceRouting> {
         let logits = logits.view();
-        ensure!(
-            (1..=MAX_EXPERTS).contains(&experts),
-            "moe route: {experts} experts, expected 1 to {MAX_EXPERTS}"
-        );
-        ensure!(
-            (1..=MAX_K.min(experts)).contains(&k),
-            "moe route: top-{k} of {experts} experts, expected 1 to {}",
-            MAX_K.min(experts)
-        );
+        check_routing(experts, k).context("moe route")?;
         let tokens = rows_of("moe route logits", logits.len(), experts)?;
         let slots = tokens * k;
         ensure!(

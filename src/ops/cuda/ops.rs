@@ -854,6 +854,10 @@ impl Ops for DeviceOps<'_> {
         self.storage
     }
 
+    fn check_moe(&self, experts: usize, k: usize) -> Result<()> {
+        super::moe::check_routing(experts, k)
+    }
+
     /// The first error since the last call, if any operation failed; clears it.
     fn check(&self) -> Result<()> {
         match self.error.borrow_mut().take() {

@@ -2,11 +2,17 @@
 //! The figures are the published ones (DRAM bandwidth, dense bf16 tensor-core peak) unless a
 //! measurement replaces them ([`Gpu::measured`]: the GPU suite's kernel bench with its copy
 //! bandwidth, `selftest --profile` and `bench step-model` with `--bandwidth` and `--tflops`).
-//! A model, not a measurement: it ignores latency, occupancy, caches beyond the compulsory
-//! traffic, and launch overhead.
+//! A model, not a measurement: it ignores latency, occupancy and caches beyond the compulsory
+//! traffic; launch overhead only in the step model's second figure ([`LAUNCH_FLOOR_S`]).
 
 use anyhow::{ensure, Result};
 use serde::Serialize;
+
+/// The least time the step model's second figure lets a launch take: back-to-back launches
+/// on one stream cost a few microseconds each on an A100 or H100 even when the kernel has
+/// almost nothing to do (the launch's latency, the grid's ramp-up and drain). An assumed
+/// round figure, not a measurement; CUDA graphs would lower it.
+pub const LAUNCH_FLOOR_S: f64 = 3e-6;
 
 /// The figures of a GPU that the model uses.
 #[derive(Clone, Debug, PartialEq, Serialize)]
