@@ -70,7 +70,16 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
         run_dir.display()
     );
     let file = run_dir.join("metrics.jsonl");
-    ensure!(file.is_file(), "no metrics.jsonl in {}", run_dir.display());
+    ensure!(
+        file.is_file(),
+        "{}: {}",
+        file.display(),
+        if file.exists() {
+            "not a file"
+        } else {
+            "no such file"
+        }
+    );
     let metrics = read_metrics(&file)?;
     register_font()?;
     let mut written = Vec::new();
@@ -79,14 +88,21 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
             .into_iter()
             .filter(|p| p.keys.iter().any(|k| has_values(&metrics, k)))
             .collect();
+        let path = run_dir.join(name);
         if panels.is_empty() {
+            // A figure of an earlier plot would show curves these metrics no longer have.
+            let stale = path.is_file() && std::fs::remove_file(&path).is_ok();
             eprintln!(
-                "note: {name} not drawn: no numeric values of its metrics in {}",
-                file.display()
+                "note: {name} not drawn: no numeric values of its metrics in {}{}",
+                file.display(),
+                if stale {
+                    "; the earlier one removed"
+                } else {
+                    ""
+                }
             );
             continue;
         }
-        let path = run_dir.join(name);
         draw_figure(&metrics, &panels, &path)?;
         written.push(path);
     }
@@ -195,9 +211,10 @@ fn figures(metrics: &Metrics) -> Vec<(&'static str, Vec<Panel>)> {
     ]
 }
 
-/// `rewards/rank_1..K` for the largest K logged (training or eval), in rank order.
+/// The `rewards/rank_j` logged (training or eval), in rank order: only those there, so that
+/// one stray key (`rank_100000000`) makes one curve, not a hundred million.
 fn rank_keys(metrics: &Metrics) -> Vec<String> {
-    let k = metrics
+    let ranks: std::collections::BTreeSet<usize> = metrics
         .keys()
         .filter_map(|key| {
             key.trim_start_matches(EVAL_PREFIX)
@@ -205,9 +222,11 @@ fn rank_keys(metrics: &Metrics) -> Vec<String> {
                 .parse::<usize>()
                 .ok()
         })
-        .max()
-        .unwrap_or(0);
-    (1..=k).map(|j| format!("rewards/rank_{j}")).collect()
+        .collect();
+    ranks
+        .into_iter()
+        .map(|j| format!("rewards/rank_{j}"))
+        .collect()
 }
 
 fn has_values(metrics: &Metrics, key: &str) -> bool {

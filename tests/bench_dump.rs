@@ -320,3 +320,72 @@ fn moe_dump_holds_the_inputs_and_output_of_the_layer() {
         (Some(4), Some(2))
     );
 }
+
+/// A dump goes to a new or empty folder: one that holds anything (here the very model that
+/// `--config` reads) is refused before any work, and left as it was.
+#[test]
+fn a_dump_into_a_folder_that_holds_files_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::fixture("tiny-mistral").join(file), model.join(file)).unwrap();
+    }
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let (config, dump) = (model.to_string_lossy(), dir.path().to_string_lossy());
+    let message = format!("--dump {dump}: exists and is not empty");
+    let cases: [&[&str]; 4] = [
+        &[
+            "step",
+            "--config",
+            &config,
+            "--steps",
+            "1",
+            "--gemm-size",
+            "16",
+        ],
+        &[
+            "scoring", "--rows", "600", "--vocab", "16", "--dim", "8", "--reps", "1",
+        ],
+        &[
+            "attention",
+            "--tokens",
+            "64",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--head-dim",
+            "8",
+        ],
+        &[
+            "moe",
+            "--tokens",
+            "8",
+            "--dim",
+            "16",
+            "--ffn",
+            "16",
+            "--experts",
+            "4",
+        ],
+    ];
+    for case in cases {
+        let args = [&["bench"], case, &["--device", "emu", "--dump", &dump]].concat();
+        common::contralign_fails(&args, &message);
+    }
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
+    let file = model.join("config.json");
+    common::contralign_fails(
+        &[
+            &["bench"],
+            cases[3],
+            &["--device", "emu", "--dump", &file.to_string_lossy()],
+        ]
+        .concat(),
+        &format!("--dump {}: not a directory", file.display()),
+    );
+}

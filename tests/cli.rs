@@ -848,3 +848,29 @@ fn selftest_refuses_racecheck_with_profile() {
         "{stderr}"
     );
 }
+
+/// Gradients or a loss beyond f32 are not written as a file of infinities: the first is
+/// named, and nothing is left at --out.
+#[test]
+fn grads_that_are_not_finite_are_not_written() {
+    let dir = TempDir::new().unwrap();
+    let out = dir.path().join("g.safetensors");
+    let (model, out_text) = (fx("tiny-mistral"), out.to_string_lossy());
+    let pairs = fx("tiny-mistral.pairs.jsonl");
+    let rewards = fx("tiny-mistral.reward.jsonl");
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--data", &pairs, "--loss", "simpo", "--beta", "1e40"],
+            "e39 (inf in f32): not finite, so nothing was written",
+        ),
+        (
+            &["--data", &rewards, "--loss", "refa", "--beta", "1e308"],
+            "the loss is NaN (NaN in f32): not finite",
+        ),
+    ];
+    for (flags, message) in cases {
+        let args = [&["grads", "--model", &model, "--out", &out_text], flags].concat();
+        common::contralign_fails(&args, message);
+        assert!(!out.exists());
+    }
+}

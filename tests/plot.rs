@@ -369,10 +369,17 @@ fn missing_empty_and_unplottable_inputs_are_errors() {
         &err_text(plot_run(&gone)),
         &[&gone.display().to_string(), "does not exist"],
     );
+    let metrics = dir.path().join("metrics.jsonl");
     assert_mentions(
         &err_text(plot_run(dir.path())),
-        &["no metrics.jsonl in", &dir.path().display().to_string()],
+        &[&format!("{}: no such file", metrics.display())],
     );
+    std::fs::create_dir(&metrics).unwrap();
+    assert_mentions(
+        &err_text(plot_run(dir.path())),
+        &[&format!("{}: not a file", metrics.display())],
+    );
+    std::fs::remove_dir(&metrics).unwrap();
     for (text, parts) in [
         ("", &["holds no metrics"][..]),
         ("\n\n", &["holds no metrics"][..]),
@@ -413,6 +420,8 @@ fn cli_prints_the_paths_written_and_notes_skipped_figures() {
         })
         .collect();
     let dir = run_dir(&lines, "{\"st");
+    // An earlier plot's rewards figure, which these metrics can no longer draw.
+    std::fs::write(dir.path().join("rewards.png"), b"old").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_contralign"))
         .arg("plot")
         .arg(dir.path())
@@ -426,7 +435,11 @@ fn cli_prints_the_paths_written_and_notes_skipped_figures() {
         .map(|n| dir.path().join(n).display().to_string())
         .collect();
     assert_eq!(printed, want);
-    assert_mentions(&stderr, &["rewards.png not drawn"]);
+    assert_mentions(
+        &stderr,
+        &["rewards.png not drawn", "the earlier one removed"],
+    );
+    assert!(!dir.path().join("rewards.png").exists());
     let logps = Image::load(&dir.path().join("logps.png"));
     assert_series(&logps, "logps.png", 0, TAB10[0]);
 }
@@ -473,4 +486,22 @@ fn values_beyond_any_axis_are_drawn_at_its_edge() {
     let dir = run_dir(&lines, "");
     let written = plot_run(dir.path()).unwrap();
     assert_eq!(names(&written), vec!["loss.png"]);
+}
+
+/// Rank curves are those logged: a lone `rank_100000000` is one curve, not a hundred million
+/// keys built from 1 up.
+#[test]
+fn a_far_rank_is_one_curve() {
+    let dir = run_dir(
+        &[
+            json!({"step": 1, "loss": 1.0, "eval_rewards/rank_100000000": 0.5}).to_string(),
+            json!({"step": 2, "loss": 0.5, "eval_rewards/rank_100000000": 0.25}).to_string(),
+        ],
+        "",
+    );
+    let written = plot_run(dir.path()).unwrap();
+    assert!(
+        written.contains(&dir.path().join("rewards.png")),
+        "{written:?}"
+    );
 }

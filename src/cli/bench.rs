@@ -211,6 +211,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
 }
 
 fn step(a: StepArgs) -> Result<()> {
+    check_dump_dir(a.dump.as_deref())?;
     let precision = a.precision.options(StorageDtype::Bf16)?;
     let cfg = bench_config(a.config.as_deref())?.with_layers(a.layers)?;
     let shape = a.data.shape();
@@ -262,6 +263,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn scoring(a: ScoringArgs) -> Result<()> {
+    check_dump_dir(a.dump.as_deref())?;
     ensure!(
         a.rows > 0 && a.vocab > 0 && a.dim > 0,
         "--rows, --vocab and --dim must be positive"
@@ -405,6 +407,7 @@ pub struct AttentionBenchArgs {
 }
 
 fn attention(a: AttentionBenchArgs) -> Result<()> {
+    check_dump_dir(a.dump.as_deref())?;
     if a.tokens.contains(&0) {
         bail!("--tokens: every stream needs at least one token");
     }
@@ -453,6 +456,25 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
     });
     stdout::line(serde_json::to_string_pretty(&report)?)?;
     Ok(())
+}
+
+/// `--dump DIR`, before any work: a new or empty folder, so that the dump replaces nothing
+/// (least of all the model that `--config` reads).
+fn check_dump_dir(dump: Option<&Path>) -> Result<()> {
+    let Some(dir) = dump else {
+        return Ok(());
+    };
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(true) => bail!(
+            "--dump {}: exists and is not empty; a dump goes to a new or empty folder",
+            dir.display()
+        ),
+        Ok(false) => Ok(()),
+        Err(_) if dir.symlink_metadata().is_ok() => {
+            bail!("--dump {}: not a directory", dir.display())
+        }
+        Err(_) => Ok(()),
+    }
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
@@ -609,6 +631,7 @@ pub struct MoeBenchArgs {
 }
 
 fn moe(a: MoeBenchArgs) -> Result<()> {
+    check_dump_dir(a.dump.as_deref())?;
     let device = Device::open(a.device)?;
     let shape = MoeShape {
         d: a.dim,

@@ -1,7 +1,7 @@
 use crate::cli::device_args::{DeviceArgs, OnOps};
 use crate::cli::loss_args::InputArgs;
 use crate::cli::passes::{groups_bar, PassArgs};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use contralign::checkpoint::{named_tensors, save_f32, Tensor};
 use contralign::fsutil::{check_not_an_input, check_writable_file};
@@ -95,6 +95,23 @@ pub fn run(args: GradsArgs) -> Result<()> {
     let data = &out.grads;
     let loss = [out.loss as f32];
     let mut tensors = named_tensors(&param_specs(&out.cfg), "", data);
+    // A file of infinities is no gradient: nothing is written, and the first is named.
+    let gradient = tensors.iter().find_map(|t| {
+        let (i, v) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite())?;
+        Some(format!(
+            "the gradient of {} holds {v} at element {i}",
+            t.name
+        ))
+    });
+    let loss_f32 =
+        (!loss[0].is_finite()).then(|| format!("the loss is {:e} ({} in f32)", out.loss, loss[0]));
+    if let Some(what) = loss_f32.or(gradient) {
+        bail!(
+            "{what}: not finite, so nothing was written to {} (a loss flag such as --beta may \
+             be too large for f32)",
+            args.out.display()
+        );
+    }
     tensors.push(Tensor {
         name: "loss".to_string(),
         shape: vec![],
