@@ -59,6 +59,8 @@ fn score_prints_golden_statistics_in_file_order_on_the_cpu_and_the_emulated_devi
                 response = 0;
             }
             assert_eq!(line["group"], group);
+            let data = fx(&format!("{name}.reward.jsonl"));
+            assert_eq!(line["source"], format!("{data}:{}", group + 1));
             assert_eq!(line["response"], response);
             let w = &want[i * 4..i * 4 + 4];
             assert_close("logp_sum", line["logp_sum"].as_f64().unwrap(), w[0], 1e-5);

@@ -349,9 +349,33 @@ fn generate_command_on_pre_tokenized_data() {
     let want = generate(&model, &prompts, &Sampling::greedy(5)).unwrap();
     for (i, (line, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(line["group"], i);
+        assert_eq!(line["source"], format!("{data}:{}", i + 1));
         assert_eq!(line["ids"], serde_json::json!(w.ids));
         assert_eq!(line["stopped_at_eos"], w.stopped_at_eos);
         assert!(line["completion"].is_null());
+    }
+    // A data set folder whose only split is `test`, chosen by --split.
+    let tmp = TempDir::new().unwrap();
+    let split = tmp.path().join("data/test-00000-of-00001.jsonl");
+    std::fs::create_dir_all(split.parent().unwrap()).unwrap();
+    std::fs::copy(&data, &split).unwrap();
+    let folder = tmp.path().to_string_lossy();
+    let args = [
+        "generate",
+        "--model",
+        &fx("tiny-mistral"),
+        "--data",
+        &folder,
+    ];
+    let out = contralign_ok(&[&args[..], &["--split", "test", "--max-new-tokens", "5"]].concat());
+    let from_folder = lines(&out);
+    assert_eq!(from_folder.len(), got.len());
+    for (a, b) in from_folder.iter().zip(&got) {
+        assert_eq!(a["ids"], b["ids"]);
+        assert_eq!(
+            a["source"],
+            format!("{}:{}", split.display(), a["group"].as_u64().unwrap() + 1)
+        );
     }
 }
 
@@ -448,13 +472,27 @@ fn generate_command_completes_text_prompts_through_the_tokenizer() {
     argv.extend(["--chat", "--json"]);
     let line = &lines(&contralign_ok(&argv))[0];
     assert_eq!(plain, format!("{}\n", line["completion"].as_str().unwrap()));
-    // Text data goes through the tokenizer too.
+    // Text data goes through the tokenizer too, each prompt tokenized alone: "hello there "
+    // ends in a ▁ that training's split would cut (it merges into the responses' ▁the), and
+    // generation continues the prompt as the user wrote it.
     let data = tmp.path().join("data.jsonl");
+    let prompt = "hello there ";
     std::fs::write(
         &data,
-        r#"{"prompt": "hello there", "responses": ["the end", "then"], "rewards": [1, 0]}"#,
+        format!(r#"{{"prompt": "{prompt}", "responses": ["the end", "then"], "rewards": [1, 0]}}"#),
     )
     .unwrap();
+    let alone = tokenizer.encode_with_special_tokens(prompt).unwrap();
+    let split = tokenizer
+        .tokenize_plain(prompt, &["the end".into(), "then".into()])
+        .unwrap();
+    assert!(
+        !split.prompt_cut.is_empty(),
+        "the case needs a prompt the split shortens"
+    );
+    let want = generate(&model, &[alone], &Sampling::greedy(4))
+        .unwrap()
+        .remove(0);
     let out = contralign_ok(&[
         "generate",
         "--model",
@@ -465,8 +503,8 @@ fn generate_command_completes_text_prompts_through_the_tokenizer() {
         "4",
     ]);
     let line = &lines(&out)[0];
-    let ids: Vec<u32> = serde_json::from_value(line["ids"].clone()).unwrap();
-    assert_eq!(line["completion"], tokenizer.decode(&ids).unwrap());
+    assert_eq!(line["ids"], serde_json::json!(want.ids));
+    assert_eq!(line["completion"], tokenizer.decode(&want.ids).unwrap());
 }
 
 #[test]

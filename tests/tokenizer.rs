@@ -117,7 +117,7 @@ fn plain_text_is_split_where_prompt_and_prompt_plus_response_diverge() {
         Tokenized {
             prompt: vec![1, 246, 75, 108],
             responses: vec![vec![249, 251, 2], vec![251, 2]],
-            prompt_shortened: false,
+            prompt_cut: vec![],
         }
     );
     // "Hi the": ▁the; a response that already ends with the EOS text gets no second one.
@@ -125,7 +125,7 @@ fn plain_text_is_split_where_prompt_and_prompt_plus_response_diverge() {
         .tokenize_plain("Hi", &[" the".into(), " t</s>".into()])
         .unwrap();
     assert_eq!(got.responses, [vec![252, 2], vec![250, 2]]);
-    assert!(!got.prompt_shortened);
+    assert!(got.prompt_cut.is_empty());
     // "Hi " alone ends in ▁ (246), which "Hi the" merges into ▁the: the prompt is the common
     // prefix, one token shorter.
     let got = tok
@@ -136,7 +136,7 @@ fn plain_text_is_split_where_prompt_and_prompt_plus_response_diverge() {
         Tokenized {
             prompt: vec![1, 246, 75, 108],
             responses: vec![vec![252, 2], vec![246, 251, 2]],
-            prompt_shortened: true,
+            prompt_cut: vec![246],
         }
     );
     // Without tokenizer_config.json there is no EOS nor chat template; BOS comes from

@@ -70,12 +70,23 @@ impl DataArgs {
     /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
     /// has one); what was skipped or truncated is reported on stderr.
     pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
+        self.load_with(model_dir, false)
+    }
+
+    /// The groups of the data set with each prompt as tokenized alone, what generation
+    /// continues (not TRL's training split of prompt and responses).
+    pub fn load_prompts_alone(&self, model_dir: &Path) -> Result<Vec<Group>> {
+        self.load_with(model_dir, true)
+    }
+
+    fn load_with(&self, model_dir: &Path, prompt_alone: bool) -> Result<Vec<Group>> {
         let tokenizer = model_tokenizer(model_dir)?;
         let opts = DataOptions {
             max_prompt_len: self.max_prompt_len,
             max_len: self.max_len,
             score_field: self.score_field.clone(),
             skip_invalid: self.skip_invalid,
+            prompt_alone,
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
         let mut data = load_files(

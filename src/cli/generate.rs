@@ -17,9 +17,12 @@ use std::path::{Path, PathBuf};
 /// object {"prompt", "completion", "ids", "stopped_at_eos"} where "prompt" is the text the
 /// model saw (the chat template rendered) and "ids" the new tokens, the EOS included.
 ///
-/// With --data, prints one JSON line per group, in file order: {"group", "ids",
-/// "completion", "stopped_at_eos"}; "completion" is null when the model directory has no
-/// tokenizer (pre-tokenized data).
+/// With --data, prints one JSON line per group, in file order: {"group", "source", "ids",
+/// "completion", "stopped_at_eos"}; "group" counts the groups generated for, "source" names
+/// the record (`file:line`, or `file, row N` for Parquet), and "completion" is null when the
+/// model directory has no tokenizer (pre-tokenized data). A text prompt is tokenized alone
+/// (with the chat template's generation prompt), not split from the responses as training
+/// splits it.
 #[derive(Args, Debug)]
 #[command(
     allow_negative_numbers = true,
@@ -40,6 +43,18 @@ pub struct GenerateArgs {
     /// the model directory's tokenizer, pre-tokenized prompts do not).
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// The split of a data set id or folder (`load_dataset`'s split).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "train",
+        conflicts_with = "prompt"
+    )]
+    split: String,
+    /// The config (subset) of a data set id or folder, as its card's `configs:` name it.
+    /// Default: the card's default config.
+    #[arg(long, value_name = "NAME", conflicts_with = "prompt")]
+    data_config: Option<String>,
     /// Keep at most the last N tokens of each data set prompt.
     #[arg(long, value_name = "N", conflicts_with = "prompt")]
     max_prompt_len: Option<usize>,
@@ -163,27 +178,30 @@ fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()
 fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()> {
     let data_args = DataArgs {
         data: data.to_path_buf(),
-        split: "train".to_string(),
-        data_config: None,
+        split: args.split.clone(),
+        data_config: args.data_config.clone(),
         max_prompt_len: args.max_prompt_len,
         max_len: None,
         score_field: args.score_field.clone(),
         skip_invalid: args.skip_invalid,
     };
-    let groups = data_args.load(&args.model)?;
+    let groups = data_args.load_prompts_alone(&args.model)?;
     let tokenizer = model_tokenizer(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     for g in &groups {
         g.check_vocab(model.cfg.vocab_size)?;
     }
-    let prompts: Vec<Vec<u32>> = groups.into_iter().map(|g| g.prompt).collect();
+    let (prompts, sources): (Vec<Vec<u32>>, Vec<String>) =
+        groups.into_iter().map(|g| (g.prompt, g.source)).unzip();
     let mut out = stdout::Lines::new();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     note_position_limit(&model.cfg, longest + sampling.max_new_tokens);
-    for (i, g) in generate(&model, &prompts, sampling)?.iter().enumerate() {
+    let generated = generate(&model, &prompts, sampling)?;
+    for (i, (g, source)) in generated.iter().zip(&sources).enumerate() {
         let completion = tokenizer.as_ref().map(|t| t.decode(&g.ids)).transpose()?;
         let line = serde_json::json!({
             "group": i,
+            "source": source,
             "ids": g.ids,
             "completion": completion,
             "stopped_at_eos": g.stopped_at_eos,

@@ -11,7 +11,9 @@ use contralign::step::LossOps;
 use std::path::PathBuf;
 
 /// Score every response of a data set under a model: one JSON line per response, in file
-/// order, `{"group", "response", "logp_sum", "tokens", "logp_mean", "eos_logp"}`.
+/// order, `{"group", "source", "response", "logp_sum", "tokens", "logp_mean", "eos_logp"}`
+/// ("group" counts the groups scored, "source" names the record: `file:line`, or
+/// `file, row N` for Parquet).
 ///
 /// `logp_sum` is the sum of the response tokens' log-probabilities given the prompt (the
 /// final EOS included), `tokens` their count, `logp_mean` their mean, and `eos_logp` the
@@ -62,10 +64,11 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let indices = groups
         .iter()
         .enumerate()
-        .flat_map(|(g, group)| (0..group.responses.len()).map(move |r| (g, r)));
-    for ((group, response), s) in indices.zip(&stats) {
+        .flat_map(|(g, group)| (0..group.responses.len()).map(move |r| (g, &group.source, r)));
+    for ((group, source, response), s) in indices.zip(&stats) {
         let line = serde_json::json!({
             "group": group,
+            "source": source,
             "response": response,
             "logp_sum": s.logp_sum,
             "tokens": s.tokens,

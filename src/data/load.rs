@@ -20,6 +20,9 @@ pub struct DataOptions {
     pub score_field: String,
     /// Skip and count invalid lines instead of failing on the first.
     pub skip_invalid: bool,
+    /// Each prompt as tokenized alone (what generation continues) instead of TRL's training
+    /// split, which cuts the prompt's last tokens where they merge with a response's.
+    pub prompt_alone: bool,
 }
 
 impl Default for DataOptions {
@@ -29,6 +32,7 @@ impl Default for DataOptions {
             max_len: None,
             score_field: "overall_score".to_string(),
             skip_invalid: false,
+            prompt_alone: false,
         }
     }
 }
@@ -127,8 +131,12 @@ fn group(
     let Tokenized {
         mut prompt,
         mut responses,
-        prompt_shortened,
+        prompt_cut,
     } = token_ids(record.sequences, tokenizer)?;
+    let prompt_shortened = !prompt_cut.is_empty() && !opts.prompt_alone;
+    if opts.prompt_alone {
+        prompt.extend(prompt_cut);
+    }
     if prompt.is_empty() {
         bail!("the prompt has no tokens");
     }
@@ -163,7 +171,7 @@ fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<
         Sequences::Tokens { prompt, responses } => Ok(Tokenized {
             prompt,
             responses,
-            prompt_shortened: false,
+            prompt_cut: Vec::new(),
         }),
         Sequences::Plain { prompt, responses } => need()?.tokenize_plain(&prompt, &responses),
         Sequences::Chat { prompt, responses } => need()?.tokenize_chat(&prompt, &responses),

@@ -23,9 +23,10 @@ pub struct Message {
 pub struct Tokenized {
     pub prompt: Vec<u32>,
     pub responses: Vec<Vec<u32>>,
-    /// Whether the prompt is shorter than the prompt tokenized alone: its last tokens
-    /// merged with the start of a response.
-    pub prompt_shortened: bool,
+    /// The last tokens of the prompt tokenized alone that the split cut off, because they
+    /// merged with the start of a response (empty when none did): `prompt` followed by them
+    /// is the prompt alone, which generation continues.
+    pub prompt_cut: Vec<u32>,
 }
 
 /// The texts a conversation is tokenized from: the prompt rendered with the generation
@@ -248,7 +249,7 @@ pub fn split_at_divergence(prompt: Vec<u32>, full: Vec<Vec<u32>>) -> Tokenized {
         .min()
         .unwrap_or(prompt.len());
     Tokenized {
-        prompt_shortened: common < prompt.len(),
+        prompt_cut: prompt[common..].to_vec(),
         prompt: prompt[..common].to_vec(),
         responses: full.into_iter().map(|f| f[common..].to_vec()).collect(),
     }
