@@ -1,6 +1,7 @@
 //! One loss-and-gradient evaluation over a list of groups: packing, the reference model's
 //! statistics, the per-group loss and the model's backward.
 
+use crate::config::ModelConfig;
 use crate::data::packing::Batch;
 use crate::data::{token_chunks, Group};
 use crate::loss::metrics::{batch_metrics, metric_counts, MetricTotals};
@@ -22,12 +23,12 @@ pub fn pack<B>(model: &Model<B>, groups: &[Group]) -> Result<Batch> {
 }
 
 /// Checks that a reference model can score the same token ids as the policy.
-pub fn check_reference<B>(policy: &Model<B>, reference: &Model<B>) -> Result<()> {
-    if policy.cfg.vocab_size != reference.cfg.vocab_size {
+pub fn check_reference(policy: &ModelConfig, reference: &ModelConfig) -> Result<()> {
+    if policy.vocab_size != reference.vocab_size {
         bail!(
             "the reference model's vocab_size ({}) differs from the policy's ({})",
-            reference.cfg.vocab_size,
-            policy.cfg.vocab_size
+            reference.vocab_size,
+            policy.vocab_size
         );
     }
     Ok(())
@@ -285,7 +286,7 @@ pub fn reference_stats_in_passes<O: Ops>(
             spec.kind.name()
         ),
         (true, Some(r)) => {
-            check_reference(policy, r)?;
+            check_reference(&policy.cfg, &r.cfg)?;
             Ok(Some(score_groups(ops, r, groups, max_tokens, |_| {})?))
         }
         (false, _) => Ok(None),

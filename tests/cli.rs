@@ -645,6 +645,18 @@ fn hyperparameters_a_loss_does_not_read_are_reported_as_ignored() {
         "1",
     ]);
     assert!(!refa.contains("note:"), "{refa}");
+    let free = eval(&[
+        "--loss",
+        "simpo",
+        "--pairs",
+        "best_vs_each",
+        "--ref-model",
+        &model,
+    ]);
+    assert!(
+        free.contains("note: --loss simpo is reference-free: --ref-model ignored"),
+        "{free}"
+    );
     let aux = eval(&["--loss", "sft", "--aux-coef", "1"]);
     assert!(
         aux.contains("note: --aux-coef weighs Mixtral's load-balancing loss; a Mistral has none"),

@@ -699,8 +699,53 @@ fn precomputed_reference_matches_the_reference_model_and_refuses_a_mismatch() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("another model"),
+        !out.status.success()
+            && stderr.contains(&format!(
+                "the reference, which without --ref-model is the policy {},",
+                fx("tiny-mixtral")
+            ))
+            && stderr.contains("or give --ref-model with the model the cache was made with"),
         "{stderr}"
+    );
+    // A --ref-model beside the cache is checked against the policy as a live one is.
+    let other_vocab = tmp.path().join("other-vocab");
+    contralign_ok(&[
+        "init",
+        "--out",
+        &other_vocab.to_string_lossy(),
+        "--config",
+        &fx("tiny-mixtral-ref/config.json"),
+        "--vocab-size",
+        "300",
+    ]);
+    let mut args = base_args("tiny-mixtral", "nca", &tmp.path().join("z"));
+    args.extend(["--ref-logps".into(), cache_s.clone()]);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ref_at = args.iter().position(|a| *a == "--ref-model").unwrap() + 1;
+    let other = other_vocab.to_string_lossy();
+    args[ref_at] = &other;
+    common::contralign_fails(
+        &args,
+        "the reference model's vocab_size (300) differs from the policy's",
+    );
+    // A reference-free loss reads neither flag, and says so.
+    let mut args = base_args("tiny-mixtral", "simpo", &tmp.path().join("free"));
+    args.extend([
+        "--steps".into(),
+        "1".into(),
+        "--pairs".into(),
+        "best_vs_each".into(),
+        "--ref-logps".into(),
+        cache_s.clone(),
+        "--ref-model".into(),
+        fx("tiny-mixtral-ref"),
+    ]);
+    let out = run_cli(&args);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("note: --loss simpo is reference-free: --ref-model, --ref-logps ignored"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // Edited caches: a short hash, a token count or a log-probability that cannot be.

@@ -229,6 +229,22 @@ pub struct Loaded<B> {
     pub aux_coef: f64,
 }
 
+/// A note naming the reference flags given (`(flag, given)`) to a loss that reads no
+/// reference: they are not read, so nothing checks them either.
+pub fn note_reference_free(kind: LossKind, flags: &[(&str, bool)]) {
+    if kind.needs_reference() {
+        return;
+    }
+    let given: Vec<&str> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+    if !given.is_empty() {
+        eprintln!(
+            "note: --loss {} is reference-free: {} ignored",
+            kind.name(),
+            given.join(", ")
+        );
+    }
+}
+
 impl InputArgs {
     /// Checks the flags and the data first (and runs `precheck`, e.g. that the output can be
     /// written), then loads the models: bad requests fail before any heavy work. The
@@ -246,6 +262,7 @@ impl InputArgs {
                 spec.kind.name()
             );
         }
+        note_reference_free(spec.kind, &[("--ref-model", self.ref_model.is_some())]);
         precheck()?;
         let groups =
             self.loss

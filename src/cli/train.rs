@@ -1,7 +1,7 @@
 use crate::cli::config_file::args_to_toml;
 use crate::cli::data_args::DataArgs;
 use crate::cli::device_args::Backend;
-use crate::cli::loss_args::InputArgs;
+use crate::cli::loss_args::{note_reference_free, InputArgs};
 use crate::cli::plan::parse_memory;
 use crate::cli::precision_args::PrecisionArgs;
 use crate::cli::size_arg::parse_size;
@@ -477,6 +477,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         (Some(r), None) => r.clone(),
         (None, None) => bail!("give --out RUN_DIR"),
     };
+    note_reference_free(
+        opts.spec.kind,
+        &[
+            ("--ref-model", args.inputs.ref_model.is_some()),
+            ("--ref-logps", args.ref_logps.is_some()),
+        ],
+    );
     if opts.spec.kind.needs_reference()
         && args.inputs.ref_model.is_none()
         && args.ref_logps.is_none()
@@ -612,13 +619,20 @@ fn train_in(
         Reference::None
     } else if let Some(path) = &args.ref_logps {
         let cache = RefCache::load(path)?;
-        let model_dir = inputs.ref_model.as_ref().unwrap_or(&inputs.model);
-        cache.check(path, &inputs.data.data, &data, model_dir)?;
+        let model_dir = match &inputs.ref_model {
+            Some(dir) => {
+                check_reference(&policy.cfg, &ModelConfig::load(dir)?)?;
+                dir
+            }
+            None => &inputs.model,
+        };
+        let given = inputs.ref_model.is_some();
+        cache.check(path, &inputs.data.data, &data, model_dir, given)?;
         Reference::Cache(cache.lookup(&data))
     } else {
         let dir = inputs.ref_model.as_ref().expect("checked above");
         let reference = Model::load_for(&CpuOps, dir, weights_storage)?;
-        check_reference(&policy, &reference)?;
+        check_reference(&policy.cfg, &reference.cfg)?;
         Reference::Model(Box::new(reference))
     };
     let held_out_groups = match &args.eval_data {

@@ -142,13 +142,15 @@ impl RefCache {
         Ok(cache)
     }
 
-    /// Refuses a cache made for other data or another model, saying which and why.
+    /// Refuses a cache made for other data or another model, saying which and why;
+    /// `reference_given`: whether `model_dir` is `--ref-model` (else the policy, its default).
     pub fn check(
         &self,
         path: &Path,
         data: &Path,
         groups: &[Group],
         model_dir: &Path,
+        reference_given: bool,
     ) -> Result<()> {
         let hash = data_hash(groups);
         if hash != self.data_hash {
@@ -164,13 +166,23 @@ impl RefCache {
         }
         let hash = model_hash(model_dir)?;
         if hash != self.model_hash {
+            let (reference, fix) = if reference_given {
+                (format!("--ref-model {}", model_dir.display()), "")
+            } else {
+                (
+                    format!(
+                        "the reference, which without --ref-model is the policy {},",
+                        model_dir.display()
+                    ),
+                    " or give --ref-model with the model the cache was made with",
+                )
+            };
             bail!(
-                "{}: the cache was made with another model: {} (content hash {}…), but the \
-                 reference {} hashes to {}…; run `contralign precompute-ref` again",
+                "{}: the cache was made with another model: {} (content hash {}…), but \
+                 {reference} hashes to {}…; run `contralign precompute-ref` again{fix}",
                 path.display(),
                 self.model_dir,
                 short(&self.model_hash),
-                model_dir.display(),
                 short(&hash)
             );
         }
