@@ -321,71 +321,97 @@ fn moe_dump_holds_the_inputs_and_output_of_the_layer() {
     );
 }
 
-/// A dump goes to a new or empty folder: one that holds anything (here the very model that
-/// `--config` reads) is refused before any work, and left as it was.
+/// A dump replaces nothing: a folder that holds what it would write (here the very model that
+/// `--config` reads, and an earlier dump) is refused before any work and left as it was, while
+/// other files may be there (the GPU suite dumps several runs into one folder).
 #[test]
-fn a_dump_into_a_folder_that_holds_files_is_refused() {
+fn a_dump_that_would_replace_a_file_is_refused() {
     let dir = TempDir::new().unwrap();
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(common::fixture("tiny-mistral").join(file), model.join(file)).unwrap();
     }
+    for file in [
+        "scoring.json",
+        "attention-causal-64.safetensors",
+        "moe.json",
+    ] {
+        std::fs::write(dir.path().join(file), b"earlier").unwrap();
+    }
     let before = std::fs::read(model.join("model.safetensors")).unwrap();
     let (config, dump) = (model.to_string_lossy(), dir.path().to_string_lossy());
-    let message = format!("--dump {dump}: exists and is not empty");
-    let cases: [&[&str]; 4] = [
-        &[
-            "step",
-            "--config",
-            &config,
-            "--steps",
-            "1",
-            "--gemm-size",
-            "16",
-        ],
-        &[
-            "scoring", "--rows", "600", "--vocab", "16", "--dim", "8", "--reps", "1",
-        ],
-        &[
-            "attention",
-            "--tokens",
-            "64",
-            "--heads",
-            "2",
-            "--kv-heads",
-            "1",
-            "--head-dim",
-            "8",
-        ],
-        &[
-            "moe",
-            "--tokens",
-            "8",
-            "--dim",
-            "16",
-            "--ffn",
-            "16",
-            "--experts",
-            "4",
-        ],
+    fn bench<'a>(case: &[&'a str], dump: &'a str) -> Vec<&'a str> {
+        [&["bench"], case, &["--device", "emu", "--dump", dump]].concat()
+    }
+    let attention = [
+        "attention",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "8",
     ];
-    for case in cases {
-        let args = [&["bench"], case, &["--device", "emu", "--dump", &dump]].concat();
-        common::contralign_fails(&args, &message);
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "step",
+                "--config",
+                &config,
+                "--steps",
+                "1",
+                "--gemm-size",
+                "16",
+            ],
+            "model",
+        ),
+        (
+            vec![
+                "scoring", "--rows", "600", "--vocab", "16", "--dim", "8", "--reps", "1",
+            ],
+            "scoring.json",
+        ),
+        (
+            [&attention[..], &["--tokens", "32,64", "--mask", "causal"]].concat(),
+            "attention-causal-64.safetensors",
+        ),
+        (
+            vec![
+                "moe",
+                "--tokens",
+                "8",
+                "--dim",
+                "16",
+                "--ffn",
+                "16",
+                "--experts",
+                "4",
+            ],
+            "moe.json",
+        ),
+    ];
+    for (case, name) in &cases {
+        common::contralign_fails(
+            &bench(case, &dump),
+            &format!("--dump {dump}: {name} is there already; a dump replaces nothing"),
+        );
     }
     assert_eq!(
         std::fs::read(model.join("model.safetensors")).unwrap(),
         before
     );
+    // Beside them, a case of its own.
+    let other = [
+        &attention[..],
+        &["--tokens", "32", "--mask", "causal", "--reps", "1"],
+    ]
+    .concat();
+    common::contralign_ok(&bench(&other, &dump));
+    assert!(dir.path().join("attention-causal-32.json").is_file());
     let file = model.join("config.json");
     common::contralign_fails(
-        &[
-            &["bench"],
-            cases[3],
-            &["--device", "emu", "--dump", &file.to_string_lossy()],
-        ]
-        .concat(),
+        &bench(&cases[3].0, &file.to_string_lossy()),
         &format!("--dump {}: not a directory", file.display()),
     );
 }

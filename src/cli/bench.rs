@@ -211,7 +211,7 @@ fn step_model(a: StepModelArgs) -> Result<()> {
 }
 
 fn step(a: StepArgs) -> Result<()> {
-    check_dump_dir(a.dump.as_deref())?;
+    check_dump_dir(a.dump.as_deref(), &["model".into(), "step.json".into()])?;
     let precision = a.precision.options(StorageDtype::Bf16)?;
     let cfg = bench_config(a.config.as_deref())?.with_layers(a.layers)?;
     let shape = a.data.shape();
@@ -263,7 +263,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn scoring(a: ScoringArgs) -> Result<()> {
-    check_dump_dir(a.dump.as_deref())?;
+    check_dump_dir(a.dump.as_deref(), &dump_files(&["scoring".into()]))?;
     ensure!(
         a.rows > 0 && a.vocab > 0 && a.dim > 0,
         "--rows, --vocab and --dim must be positive"
@@ -407,7 +407,10 @@ pub struct AttentionBenchArgs {
 }
 
 fn attention(a: AttentionBenchArgs) -> Result<()> {
-    check_dump_dir(a.dump.as_deref())?;
+    let stems: Vec<String> = (a.tokens.iter())
+        .flat_map(|&t| a.mask.iter().map(move |&kind| attention_dump_name(kind, t)))
+        .collect();
+    check_dump_dir(a.dump.as_deref(), &dump_files(&stems))?;
     if a.tokens.contains(&0) {
         bail!("--tokens: every stream needs at least one token");
     }
@@ -430,7 +433,7 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
                 },
             };
             if let Some(dir) = &a.dump {
-                let name = format!("attention-{}-{tokens}", kind.name());
+                let name = attention_dump_name(kind, tokens);
                 let tensors = match a.dtype {
                     Dtype::Bf16 => {
                         BenchProblem::<bf16>::new(&device, mask, tokens, shape)?.dump(&device)?
@@ -458,23 +461,41 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--dump DIR`, before any work: a new or empty folder, so that the dump replaces nothing
-/// (least of all the model that `--config` reads).
-fn check_dump_dir(dump: Option<&Path>) -> Result<()> {
+/// `--dump DIR`, before any work: a folder (made if missing) where none of the entries the
+/// dump writes (`names`) exists yet, so that the dump replaces nothing — least of all the
+/// model that `--config` reads. Other files may be there: the GPU suite dumps several runs
+/// into one folder.
+fn check_dump_dir(dump: Option<&Path>, names: &[String]) -> Result<()> {
     let Some(dir) = dump else {
         return Ok(());
     };
-    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
-        Ok(true) => bail!(
-            "--dump {}: exists and is not empty; a dump goes to a new or empty folder",
-            dir.display()
-        ),
-        Ok(false) => Ok(()),
-        Err(_) if dir.symlink_metadata().is_ok() => {
-            bail!("--dump {}: not a directory", dir.display())
-        }
-        Err(_) => Ok(()),
+    if dir.symlink_metadata().is_ok() && !dir.is_dir() {
+        bail!("--dump {}: not a directory", dir.display());
     }
+    if let Some(name) = names
+        .iter()
+        .find(|n| dir.join(n).symlink_metadata().is_ok())
+    {
+        bail!(
+            "--dump {}: {name} is there already; a dump replaces nothing (move it, or dump \
+             elsewhere)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// What `bench attention --dump` writes for a case: `NAME.safetensors` and `NAME.json`.
+fn attention_dump_name(kind: MaskKind, tokens: usize) -> String {
+    format!("attention-{}-{tokens}", kind.name())
+}
+
+/// The file names of dumps named `stems`: each one's `.safetensors` and `.json`.
+fn dump_files(stems: &[String]) -> Vec<String> {
+    stems
+        .iter()
+        .flat_map(|s| [format!("{s}.safetensors"), format!("{s}.json")])
+        .collect()
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
@@ -631,7 +652,7 @@ pub struct MoeBenchArgs {
 }
 
 fn moe(a: MoeBenchArgs) -> Result<()> {
-    check_dump_dir(a.dump.as_deref())?;
+    check_dump_dir(a.dump.as_deref(), &dump_files(&["moe".into()]))?;
     let device = Device::open(a.device)?;
     let shape = MoeShape {
         d: a.dim,
