@@ -519,14 +519,14 @@ fn bad_length_limits_are_refused() {
                 max_prompt_len: Some(0),
                 ..DataOptions::default()
             },
-            "maximum prompt length must be at least 1",
+            "--max-prompt-len (the maximum prompt length) must be at least 1",
         ),
         (
             DataOptions {
                 max_len: Some(1),
                 ..DataOptions::default()
             },
-            "maximum length must be at least 2",
+            "--max-len (the maximum length) must be at least 2",
         ),
     ] {
         let text = data.err(&opts);

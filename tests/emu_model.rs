@@ -611,11 +611,15 @@ fn measured_figures_are_checked_before_the_profile_runs() {
     for (args, want) in [
         (
             &["--profile", "--bandwidth", "0"][..],
-            "a measured bandwidth must be positive",
+            "--bandwidth must be a finite number above 0, found 0",
+        ),
+        (
+            &["--profile", "--bandwidth", "inf"][..],
+            "--bandwidth must be a finite number above 0, found inf",
         ),
         (
             &["--profile", "--tflops=-3"][..],
-            "a measured bf16 peak must be positive",
+            "--tflops must be a finite number above 0, found -3",
         ),
         (
             &["--bandwidth", "2000"][..],

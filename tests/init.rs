@@ -213,11 +213,7 @@ fn init_models_score_trl_text_as_trl_ids_and_train_on_text() {
             "--data",
             data.to_str().unwrap(),
         ]);
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        common::score_statistics(&String::from_utf8(out.stdout).unwrap())
     };
     let (from_text, from_ids) = (score(&text_file), score(&ids_file));
     assert_eq!(from_text.len(), 2 * rows);

@@ -102,7 +102,7 @@ struct StepArgs {
 /// default runs from any directory.
 fn bench_config(path: Option<&std::path::Path>) -> Result<ModelConfig> {
     match path {
-        Some(p) => ModelConfig::load_dir_or_file(p),
+        Some(p) => crate::cli::model_arg::local_config("--config", p),
         None => ModelConfig::from_json(serde_json::from_str(include_str!(
             "../../examples/configs/mistral-7b-v0.1.json"
         ))?)
@@ -269,6 +269,12 @@ fn scoring(a: ScoringArgs) -> Result<()> {
         "--rows, --vocab and --dim must be positive"
     );
     ensure!(a.chunk_rows != Some(0), "--chunk-rows must be positive");
+    ensure!(
+        a.dump.is_none() || a.rows > scoring_bench::RESPONSE_LEN,
+        "--dump needs at least 2 responses of {} rows: --rows {} holds 1",
+        scoring_bench::RESPONSE_LEN,
+        a.rows
+    );
     let device = Device::open(a.device)?;
     let shape = ScoringShape {
         rows: a.rows,
@@ -311,7 +317,8 @@ fn scoring(a: ScoringArgs) -> Result<()> {
 /// nothing about a GPU.
 #[derive(Args, Debug)]
 struct ScoringArgs {
-    /// Prediction rows (tokens scored).
+    /// Prediction rows (tokens scored), cut into responses of 256 rows (the last one
+    /// shorter), four to a group; --dump needs at least two responses (more than 256 rows).
     #[arg(long, default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
     rows: usize,
     /// Vocabulary size.
@@ -503,7 +510,7 @@ fn create_dir(dir: &Path) -> Result<()> {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, value.to_string())
+    contralign::fsutil::write_atomically(path, value.to_string().as_bytes())
         .with_context(|| format!("--dump: cannot write {}", path.display()))
 }
 
@@ -516,13 +523,8 @@ fn write_scoring_dump(
     shape: &ScoringShape,
     dir: &Path,
 ) -> Result<serde_json::Value> {
+    // At least one: `scoring` refuses a --dump of fewer than two responses.
     let pairs = d.s.len() / 2;
-    ensure!(
-        pairs >= 1,
-        "--dump needs at least 2 responses: --rows {} holds {}",
-        shape.rows,
-        d.s.len()
-    );
     let s = &d.s[..2 * pairs];
     let spec = LossSpec::new(LossKind::Dpo);
     let zeros = vec![0.0; s.len()];

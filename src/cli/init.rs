@@ -133,7 +133,7 @@ impl InitArgs {
     /// The configuration: the base with the flags given written over it.
     fn config(&self, tokenizer: Option<&TextTokenizer>) -> Result<Value> {
         let mut config = match &self.config {
-            Some(path) => contralign::fsutil::read_json_object(path)?,
+            Some(path) => contralign::fsutil::read_json_object(path).context("--config")?,
             None => default_config(self.arch),
         };
         let obj = config.as_object_mut().expect("checked to be an object");

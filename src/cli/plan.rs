@@ -158,7 +158,7 @@ fn json(args: &PlanArgs, plan: &MemoryPlan, memory: u64) -> serde_json::Value {
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let memory = parse_memory(&args.memory)?;
-    let cfg = ModelConfig::load_dir_or_file(&args.model)?;
+    let cfg = crate::cli::model_arg::local_config("--model", &args.model)?;
     let options = PlanOptions {
         micro_tokens: args.micro_tokens,
         precision: args.precision.options(StorageDtype::Bf16)?,

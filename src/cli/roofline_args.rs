@@ -1,6 +1,6 @@
 //! `--bandwidth` and `--tflops`: the roofline model priced with measured figures.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use contralign::ops::cuda::roofline::Gpu;
 
@@ -26,6 +26,11 @@ impl RooflineArgs {
     }
 
     pub fn gpus(&self) -> Result<Vec<Gpu>> {
+        for (flag, value) in [("--bandwidth", self.bandwidth), ("--tflops", self.tflops)] {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                bail!("{flag} must be a finite number above 0, found {v}");
+            }
+        }
         Gpu::priced(
             self.bandwidth.map(|b| b * 1e9),
             self.tflops.map(|t| t * 1e12),

@@ -82,10 +82,13 @@ pub fn load_files(
     opts: &DataOptions,
 ) -> Result<Dataset> {
     if opts.max_prompt_len == Some(0) {
-        bail!("the maximum prompt length must be at least 1 token");
+        bail!("--max-prompt-len (the maximum prompt length) must be at least 1 token");
     }
     if opts.max_len.is_some_and(|m| m < 2) {
-        bail!("the maximum length must be at least 2 tokens (a prompt and a response token)");
+        bail!(
+            "--max-len (the maximum length) must be at least 2 tokens (a prompt and a response \
+             token)"
+        );
     }
     let mut groups = Vec::new();
     let mut stats = DataStats::default();

@@ -313,7 +313,7 @@ fn write_dump(dir: &Path, cfg: &ModelConfig, tensors: &[Vec<f32>], dump: StepDum
         None,
     )?;
     let path = dir.join("step.json");
-    std::fs::write(&path, serde_json::to_string(&dump)?)
+    crate::fsutil::write_atomically(&path, serde_json::to_string(&dump)?.as_bytes())
         .with_context(|| format!("--dump: cannot write {}", path.display()))
 }
 

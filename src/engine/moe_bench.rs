@@ -311,7 +311,7 @@ pub fn dump_moe(
         "loss": loss,
     });
     let path = dir.join("moe.json");
-    std::fs::write(&path, record.to_string())
+    crate::fsutil::write_atomically(&path, record.to_string().as_bytes())
         .with_context(|| format!("--dump: cannot write {}", path.display()))?;
     Ok(loss)
 }

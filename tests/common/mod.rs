@@ -375,3 +375,16 @@ pub fn train_to_end(
     let left = trainer.total_steps() - trainer.step;
     train_steps(trainer, left)
 }
+
+/// `score`'s JSON lines without the `source` each names (the file a record came from), so
+/// that the statistics of the same records read from two places compare equal.
+pub fn score_statistics(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| {
+            let mut line: serde_json::Value = serde_json::from_str(l).unwrap();
+            line.as_object_mut().unwrap().remove("source");
+            line
+        })
+        .collect()
+}

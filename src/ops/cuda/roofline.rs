@@ -115,7 +115,7 @@ impl Gpu {
             if let Some(v) = value {
                 ensure!(
                     v.is_finite() && v > 0.0,
-                    "a measured {what} must be positive, got {v}"
+                    "a measured {what} must be a finite number above 0, got {v}"
                 );
             }
         }
@@ -230,7 +230,10 @@ mod tests {
         let gpus = Gpu::priced(None, Some(700e12)).unwrap();
         assert_eq!(gpus[1].bandwidth, 3350e9);
         let error = Gpu::priced(Some(0.0), None).unwrap_err().to_string();
-        assert!(error.contains("bandwidth must be positive"), "{error}");
+        assert!(
+            error.contains("bandwidth must be a finite number above 0"),
+            "{error}"
+        );
         assert!(Gpu::priced(None, Some(f64::NAN)).is_err());
     }
 

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 /// Tokens per response of the benchmark's batch (the last one takes what is left).
-const RESPONSE_LEN: usize = 256;
+pub const RESPONSE_LEN: usize = 256;
 
 /// The shape of a scoring benchmark.
 #[derive(Clone, Copy, Debug)]
