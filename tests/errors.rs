@@ -124,21 +124,23 @@ fn skip_invalid_skips_ids_outside_the_vocabulary_and_groups_of_one() {
             GOOD,
             r#"{"prompt_ids": [1, 999], "response_ids": [[7, 2], [9, 2]], "rewards": [1, 0]}"#,
             r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2]], "rewards": [3]}"#,
+            "not json",
         ],
     );
     let (model, data) = (fixture("tiny-mistral"), path.to_string_lossy().into_owned());
     let model = model.to_string_lossy().into_owned();
     let eval = ["eval", "--model", &model, "--data", &data, "--loss", "sft"];
-    common::contralign_fails(&eval, "data.jsonl:3: the loss needs a group of at least 2");
+    common::contralign_fails(&eval, "data.jsonl:4: malformed JSON");
     let skipping = [&eval[..], &["--skip-invalid"]].concat();
     let out = common::contralign_ok(&skipping);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("skipped 1 invalid of 3 records")
-            && stderr.contains(&format!("{data}:2: prompt, token 1: id 999"))
-            && stderr.contains(&format!(
-                "skipped 1 groups of one response (the first: {data}:3)"
-            )),
+        // The first in file order: the ids outside the vocabulary, before the bad line.
+        stderr.contains(&format!(
+            "skipped 2 invalid of 4 records (the first: {data}:2: prompt, token 1: id 999"
+        )) && stderr.contains(&format!(
+            "skipped 1 groups of one response (the first: {data}:3)"
+        )),
         "{stderr}"
     );
     // Scoring reads the group of one.

@@ -752,8 +752,17 @@ fn precomputed_reference_matches_the_reference_model_and_refuses_a_mismatch() {
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(Edit, &str); 3] = [
+    let edits: [(Edit, &str); 6] = [
         (|c| c["model_hash"] = "00".into(), "(content hash 00…)"),
+        (
+            |c| c["groups"][0][0] = serde_json::json!([-57.5, 10, -6.5, 7]),
+            "groups[0][0]: expected [logp_sum, tokens, eos_logp or null], found [-57.5,10,-6.5,7]",
+        ),
+        (
+            |c| c["groups"][1][1][1] = (-10).into(),
+            "groups[1][1]: expected [logp_sum, tokens, eos_logp or null], found",
+        ),
+        (|c| c["extra"] = 1.into(), "unknown field `extra`"),
         (|c| c["groups"][1][0][1] = 99.into(), "group 1 ("),
         (
             |c| c["groups"][0][1][0] = 5.0.into(),

@@ -86,37 +86,22 @@ impl DataArgs {
             max_len: self.max_len,
             score_field: self.score_field.clone(),
             skip_invalid: self.skip_invalid,
+            // Ids the model cannot read make a record as invalid as a malformed line, skipped
+            // in its place in the file; without skipping, each command fails on the first.
+            vocab: if self.skip_invalid {
+                Some(ModelConfig::load(model_dir)?.vocab_size)
+            } else {
+                None
+            },
             prompt_alone,
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
-        let mut data = load_files(
+        let data = load_files(
             &self.data.display().to_string(),
             &files,
             tokenizer.as_ref(),
             &opts,
         )?;
-        if self.skip_invalid {
-            // Ids the model cannot read make a group as invalid as a malformed line.
-            let vocab = ModelConfig::load(model_dir)?.vocab_size;
-            let s = &mut data.stats;
-            data.groups.retain(|g| match g.check_vocab(vocab) {
-                Ok(()) => true,
-                Err(e) => {
-                    s.skipped += 1;
-                    s.first_skipped.get_or_insert_with(|| format!("{e:#}"));
-                    false
-                }
-            });
-            if data.groups.is_empty() {
-                bail!(
-                    "{}: no valid group; all {} records were invalid, the first: {}",
-                    self.data.display(),
-                    s.skipped,
-                    s.first_skipped.as_deref().unwrap_or("?")
-                );
-            }
-            s.groups = data.groups.len();
-        }
         let s = &data.stats;
         if s.skipped > 0 {
             eprintln!(

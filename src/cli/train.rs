@@ -56,7 +56,9 @@ pub struct TrainArgs {
     #[serde(flatten)]
     inputs: InputArgs,
     /// Reference statistics precomputed by `contralign precompute-ref` for this data and
-    /// reference model, instead of running --ref-model at every step.
+    /// reference model, instead of running --ref-model at every step. The cache is checked
+    /// against --ref-model's weights, or the policy's when --ref-model is not given: name the
+    /// model it was made with.
     #[arg(long, value_name = "FILE")]
     ref_logps: Option<PathBuf>,
     /// The run directory (created if missing; must not hold another run).

@@ -20,6 +20,9 @@ pub struct DataOptions {
     pub score_field: String,
     /// Skip and count invalid lines instead of failing on the first.
     pub skip_invalid: bool,
+    /// A record with a token id at or above this (the model's vocab_size) is invalid: with
+    /// `skip_invalid` it is skipped in file order like a malformed one.
+    pub vocab: Option<usize>,
     /// Each prompt as tokenized alone (what generation continues) instead of TRL's training
     /// split, which cuts the prompt's last tokens where they merge with a response's.
     pub prompt_alone: bool,
@@ -32,6 +35,7 @@ impl Default for DataOptions {
             max_len: None,
             score_field: "overall_score".to_string(),
             skip_invalid: false,
+            vocab: None,
             prompt_alone: false,
         }
     }
@@ -152,15 +156,19 @@ fn group(
         opts.max_prompt_len,
         opts.max_len,
     )?;
-    stats.truncated_prompts += usize::from(cuts.prompt);
-    stats.truncated_responses += cuts.responses;
-    stats.shortened_prompts += usize::from(prompt_shortened);
-    Ok(Group {
+    let group = Group {
         prompt,
         responses,
         rewards: record.rewards,
         source: source.to_string(),
-    })
+    };
+    if let Some(what) = opts.vocab.and_then(|v| group.out_of_vocab(v)) {
+        bail!("{what}");
+    }
+    stats.truncated_prompts += usize::from(cuts.prompt);
+    stats.truncated_responses += cuts.responses;
+    stats.shortened_prompts += usize::from(prompt_shortened);
+    Ok(group)
 }
 
 fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<Tokenized> {

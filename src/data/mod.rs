@@ -47,8 +47,9 @@ impl Group {
         self.prompt.len() + self.responses.iter().map(Vec::len).sum::<usize>()
     }
 
-    /// Checks every token id against the vocabulary of the model that will read it.
-    pub fn check_vocab(&self, vocab: usize) -> anyhow::Result<()> {
+    /// The first token id of the group at or above `vocab`, described (`prompt, token 3: id
+    /// 999 is outside the vocabulary (size 256)`), if there is one.
+    pub fn out_of_vocab(&self, vocab: usize) -> Option<String> {
         let seqs = std::iter::once(("prompt".to_string(), &self.prompt)).chain(
             self.responses
                 .iter()
@@ -57,12 +58,19 @@ impl Group {
         );
         for (what, ids) in seqs {
             if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-                anyhow::bail!(
-                    "{}: {what}, token {pos}: id {id} is outside the vocabulary (size {vocab})",
-                    self.source
-                );
+                return Some(format!(
+                    "{what}, token {pos}: id {id} is outside the vocabulary (size {vocab})"
+                ));
             }
         }
-        Ok(())
+        None
+    }
+
+    /// Fails, naming the group's source, when a token id is at or above `vocab`.
+    pub fn check_vocab(&self, vocab: usize) -> anyhow::Result<()> {
+        match self.out_of_vocab(vocab) {
+            Some(what) => anyhow::bail!("{}: {what}", self.source),
+            None => Ok(()),
+        }
     }
 }

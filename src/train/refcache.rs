@@ -8,7 +8,7 @@ use crate::model::{Model, ResponseStats};
 use crate::ops::Ops;
 use crate::step::score_groups;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -63,7 +63,7 @@ fn short(hash: &str) -> &str {
 /// One response's cached statistics: `[logp_sum, tokens, eos_logp or null]`.
 type Entry = (f64, usize, Option<f64>);
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 pub struct RefCache {
     pub format: String,
     /// The model directory it was computed from (for messages) and its content hash.
@@ -123,23 +123,88 @@ impl RefCache {
         crate::fsutil::write_atomically(path, text.as_bytes())
     }
 
+    /// Reads a cache, naming the field or entry (`groups[3][1]`) that is not what
+    /// `precompute-ref` writes.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read reference cache {}", path.display()))?;
-        let cache: RefCache = serde_json::from_str(&text).with_context(|| {
+        let not_a_cache = || {
             format!(
                 "{}: not a reference log-prob cache (make one with `contralign precompute-ref`)",
                 path.display()
             )
-        })?;
-        if cache.format != FORMAT {
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(not_a_cache)?;
+        let Some(fields) = value.as_object() else {
+            bail!("{}: expected a JSON object", not_a_cache());
+        };
+        const KEYS: [&str; 6] = [
+            "format",
+            "model_dir",
+            "model_hash",
+            "data_file",
+            "data_hash",
+            "groups",
+        ];
+        if let Some(key) = fields.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            bail!("{}: unknown field `{key}`", not_a_cache());
+        }
+        let text_field = |key: &str| -> Result<String> {
+            match fields.get(key) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => bail!(
+                    "{}: field `{key}`: expected a string, found {other}",
+                    not_a_cache()
+                ),
+                None => bail!("{}: field `{key}` is missing", not_a_cache()),
+            }
+        };
+        let format = text_field("format")?;
+        if format != FORMAT {
             bail!(
-                "{}: cache format {:?}; this version reads {FORMAT:?}",
-                path.display(),
-                cache.format
+                "{}: cache format {format:?}; this version reads {FORMAT:?}",
+                path.display()
             );
         }
-        Ok(cache)
+        let Some(groups) = fields.get("groups").and_then(|g| g.as_array()) else {
+            bail!(
+                "{}: field `groups`: expected a list of groups",
+                not_a_cache()
+            );
+        };
+        let groups = groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                let entries = group.as_array().with_context(|| {
+                    format!(
+                        "{}: groups[{g}]: expected a list of responses, found {group}",
+                        path.display()
+                    )
+                })?;
+                entries
+                    .iter()
+                    .enumerate()
+                    .map(|(r, entry)| {
+                        serde_json::from_value::<Entry>(entry.clone()).map_err(|_| {
+                            anyhow::anyhow!(
+                                "{}: groups[{g}][{r}]: expected [logp_sum, tokens, eos_logp or \
+                                 null], found {entry}",
+                                path.display()
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<Entry>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RefCache {
+            format,
+            model_dir: text_field("model_dir")?,
+            model_hash: text_field("model_hash")?,
+            data_file: text_field("data_file")?,
+            data_hash: text_field("data_hash")?,
+            groups,
+        })
     }
 
     /// Refuses a cache made for other data or another model, saying which and why;
