@@ -76,7 +76,8 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
         std::fs::remove_dir_all(&tmp).ok();
         return Err(e);
     }
-    // A move that fails leaves what was there, and nothing of the new directory.
+    // A move that fails leaves nothing of the new directory, and what was there in place
+    // (or, if even that move back fails, says where it is).
     let give_up = |e: anyhow::Error| {
         std::fs::remove_dir_all(&tmp).ok();
         Err(e)
@@ -91,7 +92,14 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
             return give_up(e);
         }
         if let Err(e) = rename(&tmp, path) {
-            rename(&old, path).ok();
+            if let Err(restore) = rename(&old, path) {
+                // Nothing is lost, but the previous directory is under another name.
+                return give_up(e.context(format!(
+                    "and the previous {} could not be put back: it is at {} ({restore:#})",
+                    path.display(),
+                    old.display()
+                )));
+            }
             return give_up(e);
         }
         std::fs::remove_dir_all(&old)

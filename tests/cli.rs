@@ -255,6 +255,17 @@ fn cli_errors_are_messages_not_panics() {
     );
 }
 
+/// Runs the binary with stdout a pipe whose reader is already closed.
+fn closed_reader(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    std::process::Command::new(env!("CARGO_BIN_EXE_contralign"))
+        .args(args)
+        .stdout(writer)
+        .output()
+        .unwrap()
+}
+
 /// Results that cannot be written (stdout on a full disk) are an error naming stdout, never
 /// the panic of `println!`; a reader that goes away early (`| head`) ends the run quietly.
 #[test]
@@ -296,14 +307,25 @@ fn results_that_cannot_be_written_are_an_error_not_a_panic() {
                 && !stderr.contains("panicked"),
             "{args:?}: {stderr}"
         );
-        // Closed before anything is read: the first write finds no reader.
-        let mut child = run(args, std::process::Stdio::piped());
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
+        // A reader closed before the command starts: its first write finds none. The table
+        // is lost on purpose, and the exit status stays the verdict: success here, but a
+        // selftest that fails or a plan that does not fit fails whoever reads it.
+        if args[0] == "selftest" {
+            continue;
+        }
+        let out = closed_reader(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(!stderr.contains("error"), "{args:?}: {stderr}");
     }
+    let too_small = ["plan", "--model", &model, "--memory", "1MB"];
+    let out = closed_reader(&too_small);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

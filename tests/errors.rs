@@ -130,7 +130,11 @@ fn skip_invalid_skips_ids_outside_the_vocabulary_and_groups_of_one() {
     let (model, data) = (fixture("tiny-mistral"), path.to_string_lossy().into_owned());
     let model = model.to_string_lossy().into_owned();
     let eval = ["eval", "--model", &model, "--data", &data, "--loss", "sft"];
-    common::contralign_fails(&eval, "data.jsonl:4: malformed JSON");
+    // The first invalid record in the file fails the load, whatever its fault.
+    common::contralign_fails(
+        &eval,
+        "data.jsonl:2: prompt, token 1: id 999 is outside the vocabulary",
+    );
     let skipping = [&eval[..], &["--skip-invalid"]].concat();
     let out = common::contralign_ok(&skipping);
     let stderr = String::from_utf8_lossy(&out.stderr);

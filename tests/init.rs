@@ -296,6 +296,17 @@ fn outputs_that_cannot_be_placed_are_refused_and_leave_nothing() {
         ],
         &format!("--out {}: already exists", link.display()),
     );
+    let slashed = format!("{}/", link.display());
+    contralign_fails(
+        &[
+            "init",
+            "--out",
+            &slashed,
+            "--config",
+            &config.to_string_lossy(),
+        ],
+        &format!("--out {slashed}: already exists"),
+    );
     let slash = format!("{}/", dir.path().join("new").display());
     let (model, data) = (fx("tiny-mistral"), fx("tiny-mistral.pairs.jsonl"));
     for command in [&["grads", "--loss", "simpo"][..], &["precompute-ref"][..]] {

@@ -893,6 +893,9 @@ fn a_toml_config_sets_flags_and_the_command_line_overrides_it() {
             ),
         );
     }
+    // --help needs none of them.
+    let help = contralign_ok(&["train", "--config", &config.to_string(), "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--ref-logps"));
 }
 
 #[test]

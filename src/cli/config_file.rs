@@ -195,7 +195,11 @@ pub fn expand_train_args<T: Args>(
         .map(|run| run.join(saved_config).display().to_string())
         .chain(config.iter().map(|file| file.display().to_string()))
         .collect();
-    if let Some(flag) = missing_required::<T>(&expanded).filter(|_| !sources.is_empty()) {
+    // `--help` needs nothing else: clap prints it whatever is missing.
+    let wants_help = expanded.iter().any(|a| a == "--help" || a == "-h");
+    if let Some(flag) =
+        missing_required::<T>(&expanded).filter(|_| !sources.is_empty() && !wants_help)
+    {
         bail!(
             "--{flag} is required and neither {} nor the command line sets it: add \
              `{flag} = ...` there or give --{flag}",

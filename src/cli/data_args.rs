@@ -86,13 +86,9 @@ impl DataArgs {
             max_len: self.max_len,
             score_field: self.score_field.clone(),
             skip_invalid: self.skip_invalid,
-            // Ids the model cannot read make a record as invalid as a malformed line, skipped
-            // in its place in the file; without skipping, each command fails on the first.
-            vocab: if self.skip_invalid {
-                Some(ModelConfig::load(model_dir)?.vocab_size)
-            } else {
-                None
-            },
+            // Ids the model cannot read make a record as invalid as a malformed line: an
+            // error, or skipped, in its place in the file.
+            vocab: Some(ModelConfig::load(model_dir)?.vocab_size),
             prompt_alone,
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 /// "completion", "stopped_at_eos"}; "group" counts the groups generated for, "source" names
 /// the record (`file:line`, or `file, row N` for Parquet), and "completion" is null when the
 /// model directory has no tokenizer (pre-tokenized data). A text prompt is tokenized alone
-/// (with the chat template's generation prompt), not split from the responses as training
-/// splits it.
+/// (a conversation through the chat template with its generation prompt, plain text with the
+/// tokenizer's special tokens), not split from the responses as training splits it.
 #[derive(Args, Debug)]
 #[command(
     allow_negative_numbers = true,

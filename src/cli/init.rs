@@ -188,16 +188,17 @@ impl InitArgs {
 }
 
 pub fn run(args: InitArgs) -> Result<()> {
+    // The entry itself: a trailing slash only says it is to be a directory (and would make
+    // a dangling link or a file look absent).
+    let entry = args.out.to_string_lossy();
+    let entry = Path::new(entry.trim_end_matches('/'));
     // A dangling link is there too: a directory cannot be moved over it.
-    if args.out.symlink_metadata().is_ok() {
+    if entry.symlink_metadata().is_ok() {
         bail!(
             "--out {}: already exists; init writes a new model directory",
             args.out.display()
         );
     }
-    // Its parent must take a new entry; a trailing slash only says it is to be a directory.
-    let entry = args.out.to_string_lossy();
-    let entry = Path::new(entry.trim_end_matches('/'));
     contralign::fsutil::check_writable_file(entry, "--out")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let max_shard_bytes = parse_size("--max-shard-size", &args.max_shard_size)? as usize;

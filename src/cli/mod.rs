@@ -83,13 +83,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
-}
-
 /// `train`'s command line with its configuration files expanded into flags.
 fn expand(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
     if argv.get(1).is_some_and(|a| a == "train") {
@@ -107,7 +100,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         // The reader of stdout went away (`| head`): what it wanted it has.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if stdout::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

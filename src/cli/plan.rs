@@ -171,9 +171,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => MemoryPlan::with_default_recompute(&cfg, &options, memory)?,
     };
     if args.json {
-        stdout::line(json(&args, &plan, memory))?;
+        stdout::unless_unread(stdout::line(json(&args, &plan, memory)))?;
     } else {
-        stdout::text(table(&args, &plan, memory)?)?;
+        stdout::unless_unread(stdout::text(table(&args, &plan, memory)?))?;
     }
+    // The exit status says whether it fits, whether or not anyone reads the table.
     plan.fits(memory)
 }

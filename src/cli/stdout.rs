@@ -8,6 +8,24 @@ use std::io::{BufWriter, StdoutLock, Write};
 
 const WHAT: &str = "writing the results to stdout";
 
+/// Whether `err` is a write to a reader that went away (`| head`): what it wanted it has.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `result` with a reader that went away taken as no error: for a command whose exit status
+/// is its verdict (`selftest`, `plan`), which must not turn into success because nobody
+/// read the table.
+pub fn unless_unread(result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
 /// `text` and a newline on stdout, flushed.
 pub fn line(text: impl Display) -> Result<()> {
     let mut out = Lines::new();

@@ -20,8 +20,8 @@ pub struct DataOptions {
     pub score_field: String,
     /// Skip and count invalid lines instead of failing on the first.
     pub skip_invalid: bool,
-    /// A record with a token id at or above this (the model's vocab_size) is invalid: with
-    /// `skip_invalid` it is skipped in file order like a malformed one.
+    /// A record with a token id at or above this (the model's vocab_size) is invalid, in its
+    /// place in the file like a malformed one: an error, or with `skip_invalid` skipped.
     pub vocab: Option<usize>,
     /// Each prompt as tokenized alone (what generation continues) instead of TRL's training
     /// split, which cuts the prompt's last tokens where they merge with a response's.

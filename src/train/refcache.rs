@@ -138,17 +138,6 @@ impl RefCache {
         let Some(fields) = value.as_object() else {
             bail!("{}: expected a JSON object", not_a_cache());
         };
-        const KEYS: [&str; 6] = [
-            "format",
-            "model_dir",
-            "model_hash",
-            "data_file",
-            "data_hash",
-            "groups",
-        ];
-        if let Some(key) = fields.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            bail!("{}: unknown field `{key}`", not_a_cache());
-        }
         let text_field = |key: &str| -> Result<String> {
             match fields.get(key) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -165,6 +154,18 @@ impl RefCache {
                 "{}: cache format {format:?}; this version reads {FORMAT:?}",
                 path.display()
             );
+        }
+        const KEYS: [&str; 6] = [
+            "format",
+            "model_dir",
+            "model_hash",
+            "data_file",
+            "data_hash",
+            "groups",
+        ];
+        // After the format: another version's fields are its format's business.
+        if let Some(key) = fields.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            bail!("{}: unknown field `{key}`", not_a_cache());
         }
         let Some(groups) = fields.get("groups").and_then(|g| g.as_array()) else {
             bail!(
