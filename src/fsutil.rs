@@ -10,6 +10,18 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Why `path` cannot be read as a file, for a message: "no such file", "not a file", or a
+/// link whose target is missing (a Hub cache without its blob).
+pub fn not_a_file(path: &Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(target) if !path.exists() => {
+            format!("a link to {}, which does not exist", target.display())
+        }
+        _ if path.exists() => "not a file".to_string(),
+        _ => "no such file".to_string(),
+    }
+}
+
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to)
         .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))

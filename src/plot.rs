@@ -74,11 +74,7 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
         file.is_file(),
         "{}: {}",
         file.display(),
-        if file.exists() {
-            "not a file"
-        } else {
-            "no such file"
-        }
+        crate::fsutil::not_a_file(&file)
     );
     let metrics = read_metrics(&file)?;
     register_font()?;

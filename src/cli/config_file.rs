@@ -219,13 +219,12 @@ fn missing_required<T: Args>(args: &[OsString]) -> Option<String> {
                 .is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
         })
     };
-    let missing = command
+    let required: Vec<String> = command
         .get_arguments()
         .filter(|a| a.is_required_set())
-        .filter_map(|a| a.get_long())
-        .find(|long| !given(long))
-        .map(str::to_string);
-    missing
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    required.into_iter().find(|long| !given(long))
 }
 
 /// The TOML a run directory saves: every flag that has a value.

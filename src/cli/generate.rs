@@ -188,9 +188,6 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
     let groups = data_args.load_prompts_alone(&args.model)?;
     let tokenizer = model_tokenizer(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
-    for g in &groups {
-        g.check_vocab(model.cfg.vocab_size)?;
-    }
     let (prompts, sources): (Vec<Vec<u32>>, Vec<String>) =
         groups.into_iter().map(|g| (g.prompt, g.source)).unzip();
     let mut out = stdout::Lines::new();

@@ -621,14 +621,13 @@ fn train_in(
         Reference::None
     } else if let Some(path) = &args.ref_logps {
         let cache = RefCache::load(path)?;
-        let model_dir = match &inputs.ref_model {
+        let (model_dir, given) = match &inputs.ref_model {
             Some(dir) => {
                 check_reference(&policy.cfg, &ModelConfig::load(dir)?)?;
-                dir
+                (dir, true)
             }
-            None => &inputs.model,
+            None => (&inputs.model, false),
         };
-        let given = inputs.ref_model.is_some();
         cache.check(path, &inputs.data.data, &data, model_dir, given)?;
         Reference::Cache(cache.lookup(&data))
     } else {
@@ -638,14 +637,8 @@ fn train_in(
         Reference::Model(Box::new(reference))
     };
     let held_out_groups = match &args.eval_data {
-        Some(path) => {
-            let groups = held_out_groups(args, path, &reference)?;
-            // Checked now, not at the first evaluation steps later.
-            for g in &groups {
-                g.check_vocab(policy.cfg.vocab_size)?;
-            }
-            Some(groups)
-        }
+        // Their ids are checked against the model as they load, not at the first evaluation.
+        Some(path) => Some(held_out_groups(args, path, &reference)?),
         None => None,
     };
     let aux_coef = inputs.loss.aux_coef_for(&policy.cfg);

@@ -51,14 +51,7 @@ impl TextTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            let what = match std::fs::read_link(&path) {
-                Ok(target) if !path.exists() => {
-                    format!("a link to {}, which does not exist", target.display())
-                }
-                _ if path.exists() => "not a file".to_string(),
-                _ => "no such file".to_string(),
-            };
-            bail!("{}: {what}", path.display());
+            bail!("{}: {}", path.display(), crate::fsutil::not_a_file(&path));
         }
         let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
             anyhow!(
