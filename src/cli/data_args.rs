@@ -70,17 +70,28 @@ impl DataArgs {
     /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
     /// has one); what was skipped or truncated is reported on stderr.
     pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
-        self.load_with(model_dir, false)
+        let tokenizer = model_tokenizer(model_dir)?;
+        self.load_with(model_dir, tokenizer.as_ref(), false)
     }
 
     /// The groups of the data set with each prompt as tokenized alone, what generation
-    /// continues (not TRL's training split of prompt and responses).
-    pub fn load_prompts_alone(&self, model_dir: &Path) -> Result<Vec<Group>> {
-        self.load_with(model_dir, true)
+    /// continues (not TRL's training split of prompt and responses), and the tokenizer that
+    /// tokenized them, which decodes what is generated.
+    pub fn load_prompts_alone(
+        &self,
+        model_dir: &Path,
+    ) -> Result<(Vec<Group>, Option<TextTokenizer>)> {
+        let tokenizer = model_tokenizer(model_dir)?;
+        let groups = self.load_with(model_dir, tokenizer.as_ref(), true)?;
+        Ok((groups, tokenizer))
     }
 
-    fn load_with(&self, model_dir: &Path, prompt_alone: bool) -> Result<Vec<Group>> {
-        let tokenizer = model_tokenizer(model_dir)?;
+    fn load_with(
+        &self,
+        model_dir: &Path,
+        tokenizer: Option<&TextTokenizer>,
+        prompt_alone: bool,
+    ) -> Result<Vec<Group>> {
         let opts = DataOptions {
             max_prompt_len: self.max_prompt_len,
             max_len: self.max_len,
@@ -92,12 +103,7 @@ impl DataArgs {
             prompt_alone,
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
-        let data = load_files(
-            &self.data.display().to_string(),
-            &files,
-            tokenizer.as_ref(),
-            &opts,
-        )?;
+        let data = load_files(&self.data.display().to_string(), &files, tokenizer, &opts)?;
         let s = &data.stats;
         if s.skipped > 0 {
             eprintln!(

@@ -185,8 +185,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         score_field: args.score_field.clone(),
         skip_invalid: args.skip_invalid,
     };
-    let groups = data_args.load_prompts_alone(&args.model)?;
-    let tokenizer = model_tokenizer(&args.model)?;
+    let (groups, tokenizer) = data_args.load_prompts_alone(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let (prompts, sources): (Vec<Vec<u32>>, Vec<String>) =
         groups.into_iter().map(|g| (g.prompt, g.source)).unzip();
