@@ -6,8 +6,29 @@ use std::path::{Path, PathBuf};
 
 /// A temporary name beside `path`, unique to this process.
 pub fn temp_path(path: &Path) -> PathBuf {
+    beside(path, "tmp")
+}
+
+/// Where `write_dir_atomically` keeps the directory it replaces until the new one is in place.
+fn old_path(path: &Path) -> PathBuf {
+    beside(path, "old")
+}
+
+fn beside(path: &Path, kind: &str) -> PathBuf {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.{kind}-{}", std::process::id()))
+}
+
+/// The name that a file name made by [`temp_path`] or [`old_path`] (by any process) stands
+/// for: `.NAME.tmp-PID` or `.NAME.old-PID` gives `NAME`.
+pub fn leftover_of(file_name: &str) -> Option<&str> {
+    let rest = file_name.strip_prefix('.')?;
+    let (name, pid) = rest.rsplit_once('-')?;
+    let name = name
+        .strip_suffix(".tmp")
+        .or_else(|| name.strip_suffix(".old"))?;
+    let is_pid = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    (is_pid && !name.is_empty()).then_some(name)
 }
 
 /// Why `path` cannot be read as a file, for a message: "no such file", "not a file", or a
@@ -67,10 +88,19 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// which then replaces `path`.
 pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(path);
-    if let Err(e) = write(&tmp).and_then(|()| rename(&tmp, path)) {
+    let flushed = |tmp: &Path| {
+        std::fs::File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot flush {} to the disk", tmp.display()))
+    };
+    if let Err(e) = write(&tmp)
+        .and_then(|()| flushed(&tmp))
+        .and_then(|()| rename(&tmp, path))
+    {
         std::fs::remove_file(&tmp).ok();
         return Err(e);
     }
+    sync_parent(path);
     Ok(())
 }
 
@@ -95,11 +125,7 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
         Err(e)
     };
     if path.exists() {
-        let old = path.with_file_name(format!(
-            ".{}.old-{}",
-            path.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let old = old_path(path);
         if let Err(e) = rename(path, &old) {
             return give_up(e);
         }
@@ -119,11 +145,15 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
     } else if let Err(e) = rename(&tmp, path) {
         return give_up(e);
     }
-    // The rename itself reaches the disk with its parent directory.
+    sync_parent(path);
+    Ok(())
+}
+
+/// Flushes the directory that holds `path`: a rename reaches the disk with its parent.
+fn sync_parent(path: &Path) {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent);
     }
-    Ok(())
 }
 
 /// Flushes every file directly in `dir`, and `dir` itself, to the disk: a directory renamed

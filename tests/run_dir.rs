@@ -398,3 +398,128 @@ fn a_resume_keeps_the_flags_it_was_given_and_refuses_another_model() {
     let saved = std::fs::read_to_string(run.join("train.toml")).unwrap();
     assert!(saved.contains("lr = 0.002"), "{saved}");
 }
+
+#[test]
+fn a_resume_replaces_an_exclusive_saved_flag_and_keeps_the_runs_budget_and_data() {
+    let tmp = TempDir::new().unwrap();
+    let run = tmp.path().join("run");
+    // 3 groups, 2 a step: one epoch is 2 steps.
+    contralign_ok(&strs(&args(&run, &["--epochs", "1"])));
+    let run_s = run.to_string_lossy().into_owned();
+    // --steps replaces the saved epochs (clap refuses the two together), and is saved.
+    let out = contralign_ok(&["train", "--resume", &run_s, "--steps", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--steps replaces epochs of"), "{stderr}");
+    let saved = std::fs::read_to_string(run.join("train.toml")).unwrap();
+    assert!(
+        saved.contains("steps = 3") && !saved.contains("epochs"),
+        "{saved}"
+    );
+    assert_eq!(metrics_without_timing(&run).len(), 3);
+
+    // Another cut of the epochs into steps would skip or repeat groups.
+    contralign_fails(
+        &[
+            "train",
+            "--resume",
+            &run_s,
+            "--steps",
+            "4",
+            "--groups-per-step",
+            "3",
+        ],
+        "--groups-per-step 3 differs from the run's --groups-per-step 2",
+    );
+    contralign_fails(
+        &[
+            "train",
+            "--resume",
+            &run_s,
+            "--steps",
+            "4",
+            "--tokens-per-step",
+            "64",
+        ],
+        "--tokens-per-step 64 differs from the run's --groups-per-step 2",
+    );
+
+    // The same token ids with one reward changed are other data to learn from.
+    let data = std::fs::read_to_string(fx("tiny-mistral.reward.jsonl")).unwrap();
+    let changed = data.replacen("\"rewards\": [2.5,", "\"rewards\": [3.5,", 1);
+    assert_ne!(changed, data);
+    let changed_path = tmp.path().join("changed.jsonl");
+    std::fs::write(&changed_path, changed).unwrap();
+    contralign_fails(
+        &[
+            "train",
+            "--resume",
+            &run_s,
+            "--steps",
+            "4",
+            "--data",
+            &changed_path.to_string_lossy(),
+        ],
+        "differs from the data the run was started with",
+    );
+    assert_eq!(metrics_without_timing(&run).len(), 3);
+}
+
+#[test]
+fn epochs_too_many_to_plan_are_refused_at_once() {
+    let tmp = TempDir::new().unwrap();
+    for budget in [["--groups-per-step", "2"], ["--tokens-per-step", "64"]] {
+        let run = tmp.path().join(budget[0].trim_start_matches('-'));
+        let mut args = args(&run, &["--epochs", "9223372036854775807"]);
+        // args() gives --groups-per-step 2; the budget under test replaces it.
+        let at = args.iter().position(|a| a == "--groups-per-step").unwrap();
+        args.splice(at..at + 2, budget.map(String::from));
+        contralign_fails(
+            &strs(&args),
+            "--epochs 9223372036854775807: 9223372036854775807 epochs of 3 groups are too many",
+        );
+        assert!(!run.exists(), "a refused run leaves no directory");
+    }
+}
+
+#[test]
+fn a_finished_run_killed_before_final_is_finished_by_a_resume_which_removes_leftovers() {
+    let tmp = TempDir::new().unwrap();
+    let run = tmp.path().join("run");
+    contralign_ok(&strs(&args(&run, &["--steps", "2"])));
+    let final_names = names(&run.join("final"));
+    // Killed after checkpoint-2 and before final/, with the temporary copies of writes
+    // another process (another pid) had under way.
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    let leftovers = [
+        ".final.old-4242",
+        ".checkpoint-3.tmp-4242",
+        ".metrics.jsonl.tmp-77",
+    ];
+    std::fs::create_dir(run.join(leftovers[0])).unwrap();
+    std::fs::create_dir(run.join(leftovers[1])).unwrap();
+    std::fs::write(run.join(leftovers[1]).join("model.safetensors"), b"part").unwrap();
+    std::fs::write(run.join(leftovers[2]), b"{}").unwrap();
+    // Names that are not the run's own stay.
+    let foreign = [".notes.tmp-1", ".final.tmp-x"];
+    for name in foreign {
+        std::fs::write(run.join(name), b"mine").unwrap();
+    }
+
+    let run_s = run.to_string_lossy().into_owned();
+    let out = contralign_ok(&["train", "--resume", &run_s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is complete (2 of 2 steps;"), "{stderr}");
+    assert_eq!(names(&run.join("final")), final_names);
+    assert_eq!(
+        std::fs::read(run.join("final/model.safetensors")).unwrap(),
+        std::fs::read(run.join("checkpoint-2/model.safetensors")).unwrap()
+    );
+    let entries = names(&run);
+    for name in leftovers {
+        assert!(!entries.contains(name), "{name} is left: {entries:?}");
+    }
+    for name in foreign {
+        assert!(entries.contains(name), "{name} was removed: {entries:?}");
+    }
+    assert_eq!(metrics_without_timing(&run).len(), 2);
+}

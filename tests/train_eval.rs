@@ -30,18 +30,22 @@ fn eval_of(
     checkpoint: &Path,
     held_out: &Path,
     model: &str,
+    extra: &[&str],
 ) -> serde_json::Map<String, serde_json::Value> {
-    let out = contralign_ok(&[
+    let ref_model = fx(&format!("{model}-ref"));
+    let mut args = vec![
         "eval",
         "--model",
         checkpoint.to_str().unwrap(),
         "--ref-model",
-        &fx(&format!("{model}-ref")),
+        &ref_model,
         "--data",
         held_out.to_str().unwrap(),
         "--loss",
         "nca",
-    ]);
+    ];
+    args.extend(extra);
+    let out = contralign_ok(&args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["metrics"]
         .as_object()
@@ -104,7 +108,7 @@ fn eval_rows_equal_eval_on_the_checkpoints_and_survive_a_resume() {
             [2, 4]
         );
         for (row, dir) in evals.iter().zip(["checkpoint-2", "final"]) {
-            let want = eval_of(&run.join(dir), &held_out, model);
+            let want = eval_of(&run.join(dir), &held_out, model, &[]);
             let mut got = row.as_object().unwrap().clone();
             got.remove("step");
             got.remove("epoch");
@@ -164,6 +168,69 @@ fn eval_rows_equal_eval_on_the_checkpoints_and_survive_a_resume() {
     );
 }
 
+/// The CPU's bf16-rounding mode evaluates held-out data as it trains, with the weights and
+/// the reference rounded where the device stores bf16: the row equals `eval --precision bf16`
+/// of the final model (its f32 master weights), not the f32 evaluation.
+#[test]
+fn eval_rows_in_the_cpus_bf16_mode_equal_eval_at_bf16() {
+    let mut rng = common::rng("eval_rows_in_the_cpus_bf16_mode_equal_eval_at_bf16");
+    let tmp = TempDir::new().unwrap();
+    let held: Vec<_> = random_groups(&mut rng, 3, 256, 5, 3, 6)
+        .into_iter()
+        .map(|g| (g.prompt, g.responses, g.rewards))
+        .collect();
+    let held_out = tmp.path().join("held.parquet");
+    parquet_file::write_pretokenized(&held_out, &held, 2);
+    let run = tmp.path().join("run");
+    contralign_ok(&[
+        "train",
+        "--model",
+        &fx("tiny-mistral"),
+        "--ref-model",
+        &fx("tiny-mistral-ref"),
+        "--data",
+        &fx("tiny-mistral.reward.jsonl"),
+        "--eval-data",
+        held_out.to_str().unwrap(),
+        "--loss",
+        "nca",
+        "--steps",
+        "2",
+        "--groups-per-step",
+        "2",
+        "--lr",
+        "1e-2",
+        "--precision",
+        "bf16",
+        "--master",
+        "f32",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    let all = rows(&run);
+    let evals = eval_rows(&all);
+    assert_eq!(evals.len(), 1, "{all:?}");
+    let mut got = evals[0].as_object().unwrap().clone();
+    got.remove("step");
+    got.remove("epoch");
+    let final_dir = run.join("final");
+    let bf16 = eval_of(
+        &final_dir,
+        &held_out,
+        "tiny-mistral",
+        &["--precision", "bf16"],
+    );
+    assert_eq!(got, bf16);
+    let f32 = eval_of(&final_dir, &held_out, "tiny-mistral", &[]);
+    let loss = |m: &serde_json::Map<String, serde_json::Value>| m["eval_loss"].as_f64().unwrap();
+    assert!(
+        (loss(&f32) - loss(&bf16)).abs() > 1e-6 * loss(&f32).abs(),
+        "the f32 and bf16 evaluations should differ: {} and {}",
+        loss(&f32),
+        loss(&bf16)
+    );
+}
+
 /// On a device a step's scalars are read while the next step runs; a step that is evaluated
 /// is read before the next one is queued, so that its eval row sees the weights it left:
 /// every row differs from the next (a row evaluated a step late would repeat the next one's
@@ -219,7 +286,7 @@ fn eval_rows_on_a_device_see_the_weights_of_their_step() {
         assert_ne!(loss(pair[0]), loss(pair[1]), "{pair:?}");
     }
     for (row, dir) in [(evals[1], "checkpoint-2"), (evals[3], "final")] {
-        let want = eval_of(&run.join(dir), &held_out, model);
+        let want = eval_of(&run.join(dir), &held_out, model, &[]);
         let want = want["eval_loss"].as_f64().unwrap();
         common::assert_close(&format!("eval_loss of {dir}"), loss(row), want, 1e-5);
     }

@@ -172,7 +172,8 @@ pub fn expand_train_args<T: Args>(
 ) -> Result<Vec<OsString>> {
     let config = take_flag(&mut args, "config", true)?;
     let resume = take_flag(&mut args, "resume", false)?;
-    let mut expanded = Vec::new();
+    // Each source's flags, the earliest first: what a later one sets wins.
+    let mut layers: Vec<(String, Vec<OsString>)> = Vec::new();
     if let Some(run) = &resume {
         let saved = run.join(saved_config);
         if !saved.is_file() {
@@ -182,19 +183,18 @@ pub fn expand_train_args<T: Args>(
                 run.display()
             );
         }
-        expanded.extend(toml_to_args::<T>(&saved)?);
-        expanded.push("--out".into());
-        expanded.push(run.clone().into_os_string());
+        let mut flags = toml_to_args::<T>(&saved)?;
+        flags.push("--out".into());
+        flags.push(run.clone().into_os_string());
+        layers.push((saved.display().to_string(), flags));
     }
     if let Some(file) = &config {
-        expanded.extend(toml_to_args::<T>(file).context("--config")?);
+        let flags = toml_to_args::<T>(file).context("--config")?;
+        layers.push((file.display().to_string(), flags));
     }
-    expanded.extend(args);
-    let sources: Vec<String> = resume
-        .iter()
-        .map(|run| run.join(saved_config).display().to_string())
-        .chain(config.iter().map(|file| file.display().to_string()))
-        .collect();
+    let sources: Vec<String> = layers.iter().map(|(source, _)| source.clone()).collect();
+    layers.push(("the command line".into(), args));
+    let expanded = drop_overridden_exclusives::<T>(layers);
     // `--help` needs nothing else: clap prints it whatever is missing.
     let wants_help = expanded.iter().any(|a| a == "--help" || a == "-h");
     if let Some(flag) =
@@ -207,6 +207,90 @@ pub fn expand_train_args<T: Args>(
         );
     }
     Ok(expanded)
+}
+
+/// The flags of all `layers` (sources, the earliest first), less those of an earlier source
+/// that a later one excludes: a run saved with `--epochs` resumed with `--steps`, or a
+/// `--config` with `warmup-steps` given `--warmup-ratio`, takes the later choice, as a flag
+/// given again replaces the earlier value (clap would refuse the two together).
+fn drop_overridden_exclusives<T: Args>(layers: Vec<(String, Vec<OsString>)>) -> Vec<OsString> {
+    let command = T::augment_args(clap::Command::new("train"));
+    let exclusive = exclusive_pairs(&command);
+    let mut expanded = Vec::new();
+    for (i, (source, flags)) in layers.iter().enumerate() {
+        let later: Vec<String> = layers[i + 1..]
+            .iter()
+            .flat_map(|(_, flags)| flag_names(flags))
+            .collect();
+        for (flag, tokens) in split_flags(&command, flags) {
+            let winner = later
+                .iter()
+                .find(|l| exclusive.contains(&(flag.clone(), l.to_string())));
+            match winner {
+                Some(winner) => eprintln!("note: --{winner} replaces {flag} of {source}"),
+                None => expanded.extend(tokens),
+            }
+        }
+    }
+    expanded
+}
+
+/// Every ordered pair of long names `(a, b)` that clap refuses together (`conflicts_with`,
+/// declared on one side of the pair, holds both ways).
+fn exclusive_pairs(command: &clap::Command) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for arg in command.get_arguments() {
+        for other in command.get_arg_conflicts_with(arg) {
+            if let (Some(a), Some(b)) = (arg.get_long(), other.get_long()) {
+                pairs.push((a.to_string(), b.to_string()));
+                pairs.push((b.to_string(), a.to_string()));
+            }
+        }
+    }
+    pairs
+}
+
+/// The long names of the flags in `args` (`--flag`, `--flag=value`; values are skipped).
+fn flag_names(args: &[OsString]) -> Vec<String> {
+    args.iter()
+        .filter_map(|a| {
+            let a = a.to_string_lossy();
+            let rest = a.strip_prefix("--")?;
+            Some(rest.split('=').next().unwrap_or(rest).to_string())
+        })
+        .collect()
+}
+
+/// `args` cut into flags, each its long name and its tokens (`--flag value`, `--flag=value`
+/// or a switch), as `toml_to_args` and a command line write them.
+fn split_flags(command: &clap::Command, args: &[OsString]) -> Vec<(String, Vec<OsString>)> {
+    let takes_value = |name: &str| {
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name))
+            .is_some_and(|a| a.get_action().takes_values())
+    };
+    let mut flags = Vec::new();
+    let mut tokens = args.iter();
+    while let Some(token) = tokens.next() {
+        let text = token.to_string_lossy();
+        let Some(rest) = text.strip_prefix("--") else {
+            flags.push((String::new(), vec![token.clone()]));
+            continue;
+        };
+        let mut taken = vec![token.clone()];
+        let name = match rest.split_once('=') {
+            Some((name, _)) => name.to_string(),
+            None => {
+                if takes_value(rest) {
+                    taken.extend(tokens.next().cloned());
+                }
+                rest.to_string()
+            }
+        };
+        flags.push((name, taken));
+    }
+    flags
 }
 
 /// The first flag that `T` requires and `args` does not hold (as `--flag X` or `--flag=X`).

@@ -72,10 +72,10 @@ pub struct TrainArgs {
     epochs: Option<u64>,
     /// Packed tokens per optimizer step: groups are added while they fit (a step holds at
     /// least one group).
-    #[arg(long, value_name = "N", conflicts_with = "groups_per_step")]
+    #[arg(long, value_name = "N", conflicts_with = "groups_per_step", value_parser = crate::cli::passes::saved_count())]
     tokens_per_step: Option<usize>,
     /// Groups per optimizer step. Default 8 (TRL's per-device batch size).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count())]
     groups_per_step: Option<usize>,
     /// Most packed tokens in one forward/backward; larger steps accumulate gradients over
     /// micro-batches (the loss stays the mean over the step's groups).
@@ -693,10 +693,23 @@ fn train_in(
     };
     let total = trainer.total_steps();
     if trainer.done() {
+        // A run killed between its last checkpoint and final/ (or while final/ replaced
+        // the one of an earlier end) is finished here.
+        let last = save
+            .keep
+            .as_ref()
+            .context("a complete run has a checkpoint")?;
+        let final_dir = run.save_final(last)?;
+        if let Err(e) = contralign::plot::plot_run(&run.path) {
+            eprintln!("warning: no plots: {e:#}");
+        }
         eprintln!(
-            "the run in {} is complete ({} of {total} steps); give --steps N to train further",
+            "the run in {} is complete ({} of {total} steps; {} holds the model of {}); give \
+             --steps N to train further",
             out.display(),
-            trainer.step
+            trainer.step,
+            final_dir.display(),
+            last.display()
         );
         return Ok(ExitCode::SUCCESS);
     }

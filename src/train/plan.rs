@@ -3,18 +3,33 @@
 //! memory (gradient accumulation). Everything is a pure function of the seed, so a resumed
 //! run sees exactly the batches it would have seen.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// The most group visits (epochs × groups) whose steps a token budget plans one by one:
+/// under a second of shuffling, where more would hang before the first step.
+const MAX_PLANNED_VISITS: u64 = 100_000_000;
 
 /// How much data one optimizer step takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepBudget {
     /// Groups are added while their packed tokens stay within this many (at least one group).
     Tokens(usize),
     /// This many groups.
     Groups(usize),
+}
+
+impl StepBudget {
+    /// The flag that sets it, with its value.
+    pub fn flag(&self) -> String {
+        match self {
+            StepBudget::Tokens(n) => format!("--tokens-per-step {n}"),
+            StepBudget::Groups(n) => format!("--groups-per-step {n}"),
+        }
+    }
 }
 
 /// How long training runs.
@@ -75,11 +90,30 @@ impl Planner {
     }
 
     /// The number of optimizer steps a run of `length` takes.
-    pub fn total_steps(&self, length: Length) -> u64 {
-        match length {
-            Length::Steps(n) => n,
-            Length::Epochs(e) => (0..e).map(|e| self.epoch(e).len() as u64).sum(),
-        }
+    /// Under a token budget each epoch's shuffle is cut to count its steps, so the epochs
+    /// are bounded (`MAX_PLANNED_VISITS` groups in all); under a group budget every epoch has
+    /// the same steps.
+    pub fn total_steps(&self, length: Length) -> Result<u64> {
+        let epochs = match length {
+            Length::Steps(n) => return Ok(n),
+            Length::Epochs(e) => e,
+        };
+        let groups = self.lengths.len() as u64;
+        let steps = match self.budget {
+            StepBudget::Groups(n) => groups.div_ceil(n as u64).checked_mul(epochs),
+            StepBudget::Tokens(_) => epochs
+                .checked_mul(groups)
+                .filter(|visits| *visits <= MAX_PLANNED_VISITS)
+                .map(|_| (0..epochs).map(|e| self.epoch(e).len() as u64).sum()),
+        };
+        // A step count is saved as a TOML and JSON integer, an i64.
+        let steps = steps.filter(|s| i64::try_from(*s).is_ok());
+        steps.ok_or_else(|| {
+            anyhow!(
+                "--epochs {epochs}: {epochs} epochs of {groups} groups are too many steps to \
+                 plan; give fewer epochs, or --steps N"
+            )
+        })
     }
 
     /// The packed token count of a step.

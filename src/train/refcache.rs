@@ -17,12 +17,27 @@ const FORMAT: &str = "contralign-ref-logps-v1";
 /// The content hash of a data set's token ids (prompts and responses, in order). Rewards do
 /// not enter: the reference statistics do not depend on them.
 pub fn data_hash(groups: &[Group]) -> String {
+    groups_hash(groups, false)
+}
+
+/// The content hash of a data set's token ids and rewards, in order: what training learns
+/// from, which a resume must find unchanged.
+pub fn training_data_hash(groups: &[Group]) -> String {
+    groups_hash(groups, true)
+}
+
+fn groups_hash(groups: &[Group], with_rewards: bool) -> String {
     let mut h = blake3::Hasher::new();
     for g in groups {
         hash_ids(&mut h, &g.prompt);
         h.update(&(g.responses.len() as u64).to_le_bytes());
         for r in &g.responses {
             hash_ids(&mut h, r);
+        }
+        if with_rewards {
+            for reward in &g.rewards {
+                h.update(&reward.to_bits().to_le_bytes());
+            }
         }
     }
     h.finalize().to_hex().to_string()

@@ -140,7 +140,36 @@ impl RunDir {
         file.set_len(0)
             .and_then(|()| write!(file, "process {}", std::process::id()))
             .with_context(|| format!("cannot write {}", path.display()))?;
+        self.remove_leftovers()?;
         Ok(RunLock { _file: file })
+    }
+
+    /// Removes what a killed writer left of its atomic writes: the temporary copies of a
+    /// checkpoint, `final/`, metrics.jsonl or train.toml it was writing, and a `final/` it was
+    /// replacing (a run that reached its end makes `final/` again on resume). They are its
+    /// own names only, and with the lock held no other process is writing them.
+    fn remove_leftovers(&self) -> Result<()> {
+        let entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("cannot read run directory {}", self.path.display()))?;
+        for entry in entries.filter_map(|e| e.ok()) {
+            let file_name = entry.file_name().to_string_lossy().to_string();
+            if !fsutil::leftover_of(&file_name).is_some_and(is_run_entry) {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| {
+                format!(
+                    "cannot remove {}, left by an interrupted write",
+                    path.display()
+                )
+            })?;
+        }
+        Ok(())
     }
 
     pub fn metrics_path(&self) -> PathBuf {
@@ -156,6 +185,17 @@ impl RunDir {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         writeln!(f, "{record}").with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn flush_metrics(&self) -> Result<()> {
+        let path = self.metrics_path();
+        match std::fs::File::open(&path) {
+            Ok(file) => file
+                .sync_all()
+                .with_context(|| format!("cannot flush {} to the disk", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot open {}", path.display())),
+        }
     }
 
     /// Keeps only the metrics of steps up to `step` (a resume redoes the later ones).
@@ -216,11 +256,7 @@ impl RunDir {
         let mut found: Vec<String> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|name| {
-                [METRICS, CONFIG, FINAL].contains(&name.as_str())
-                    || crate::plot::FIGURES.contains(&name.as_str())
-                    || name.starts_with(CHECKPOINT_PREFIX)
-            })
+            .filter(|name| is_run_entry(name))
             .collect();
         found.sort();
         Ok(found)
@@ -270,6 +306,9 @@ impl RunDir {
     /// device first, then removes the checkpoints beyond `opts.total_limit`.
     pub fn save_checkpoint(&self, trainer: &mut Trainer, opts: &SaveOptions) -> Result<PathBuf> {
         trainer.sync_weights_to_host()?;
+        // The checkpoint's steps are in metrics.jsonl on the disk before it is: a resume
+        // keeps the lines up to its step and redoes none of them.
+        self.flush_metrics()?;
         let path = self
             .path
             .join(format!("{CHECKPOINT_PREFIX}{}", trainer.step));
@@ -350,6 +389,14 @@ impl RunDir {
             "is_world_process_zero": true,
         }))
     }
+}
+
+/// Whether `name` is one a run writes in its directory (its configuration, metrics,
+/// `final/`, `checkpoint-*`, the plots).
+fn is_run_entry(name: &str) -> bool {
+    [METRICS, CONFIG, FINAL].contains(&name)
+        || crate::plot::FIGURES.contains(&name)
+        || name.starts_with(CHECKPOINT_PREFIX)
 }
 
 fn read_state(path: &Path) -> Result<TrainerState> {

@@ -68,7 +68,8 @@ pub fn run(
                 log(record, trainer)?;
             }
         }
-        if stopping {
+        // Interrupted at the last step, the run ends as a finished one would.
+        if stopping && !trainer.done() {
             return Ok(Outcome::Interrupted(run.save_checkpoint(trainer, save)?));
         }
         if checkpoint {

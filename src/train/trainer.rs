@@ -103,8 +103,13 @@ pub struct TrainerState {
     pub seed: u64,
     pub optimizer_step: u64,
     pub bad_steps_in_a_row: u32,
-    /// The token hash of the training data, so that a resume on changed data is refused.
+    /// The hash of the training data's token ids and rewards, so that a resume on changed
+    /// data is refused.
     pub data_hash: String,
+    /// How the run cuts its epochs into steps, which a resume must keep (absent in the state
+    /// of a run saved before it was recorded).
+    #[serde(default)]
+    pub budget: Option<StepBudget>,
 }
 
 /// What one step did, for metrics.jsonl.
@@ -276,7 +281,7 @@ impl Trainer {
             opts.seed,
             opts.budget,
         )?;
-        let total_steps = planner.total_steps(opts.length);
+        let total_steps = planner.total_steps(opts.length)?;
         if total_steps == 0 {
             bail!("the run has no steps: give --steps N or --epochs N with N >= 1");
         }
@@ -294,7 +299,7 @@ impl Trainer {
         let sizes: Vec<usize> = policy.params.iter().iter().map(|p| p.len()).collect();
         let optimizer = AdamW::new(opts.adamw.clone(), &sizes);
         let cursor = Cursor::new(&planner, Position::default());
-        let data_hash = super::refcache::data_hash(&groups);
+        let data_hash = super::refcache::training_data_hash(&groups);
         let pass_tokens = longest_pass(&groups, opts.micro_tokens);
         let rounded = (opts.precision != PrecisionOptions::all_f32())
             .then(|| RoundedStores::new(opts.precision, &mut policy));
@@ -342,6 +347,7 @@ impl Trainer {
             optimizer_step: self.optimizer.step,
             bad_steps_in_a_row: self.bad_steps_in_a_row,
             data_hash: self.data_hash.clone(),
+            budget: Some(self.opts.budget),
         }
     }
 
@@ -349,10 +355,18 @@ impl Trainer {
     pub fn check_resumable(&self, state: &TrainerState) -> Result<()> {
         if state.data_hash != self.data_hash {
             bail!(
-                "the training data differs from the data the run was started with (token \
-                 hash {}… then, {}… now): a resume must see the same data",
+                "the training data differs from the data the run was started with (hash of \
+                 its token ids and rewards {}… then, {}… now): a resume must see the same data",
                 &state.data_hash[..12.min(state.data_hash.len())],
                 &self.data_hash[..12]
+            );
+        }
+        if let Some(saved) = state.budget.filter(|b| *b != self.opts.budget) {
+            bail!(
+                "{} differs from the run's {}: a resume continues the run's cut of its epochs \
+                 into steps (start a new run to change it)",
+                self.opts.budget.flag(),
+                saved.flag()
             );
         }
         if state.seed != self.opts.seed {
@@ -522,16 +536,29 @@ impl Trainer {
             Some(engine) => {
                 engine.evaluate_in_passes(ref_stats, groups, spec, aux_coef, max_tokens)
             }
-            None => step::evaluate_in_passes(
-                &CpuOps,
-                &self.policy,
-                ref_stats,
-                groups,
-                spec,
-                aux_coef,
-                max_tokens,
-                |_| {},
-            ),
+            // The bf16-rounding mode evaluates the weights as the engine stores them.
+            None => match &self.rounded {
+                Some(stores) => step::evaluate_in_passes(
+                    &stores.ops(),
+                    &stores.model(&self.policy),
+                    ref_stats,
+                    groups,
+                    spec,
+                    aux_coef,
+                    max_tokens,
+                    |_| {},
+                ),
+                None => step::evaluate_in_passes(
+                    &CpuOps,
+                    &self.policy,
+                    ref_stats,
+                    groups,
+                    spec,
+                    aux_coef,
+                    max_tokens,
+                    |_| {},
+                ),
+            },
         }
     }
 
@@ -550,7 +577,36 @@ impl Trainer {
             Reference::Cache(_) => bail!("{HELD_OUT_NEEDS_A_MODEL}"),
             Reference::OnDevice => bail!("the reference model is on a device the run left"),
         };
-        step::reference_stats_in_passes(&CpuOps, &self.policy, reference, groups, spec, max_tokens)
+        self.host_reference_stats(reference, groups, max_tokens)
+    }
+
+    /// The reference's statistics of `groups` on the host, in passes of `max_tokens`; the
+    /// bf16-rounding mode scores the reference as the engine does, in bf16.
+    fn host_reference_stats(
+        &self,
+        reference: Option<&Model<Vec<f32>>>,
+        groups: &[Group],
+        max_tokens: usize,
+    ) -> Result<Option<Vec<ResponseStats>>> {
+        let spec = &self.opts.spec;
+        match &self.rounded {
+            Some(stores) => step::reference_stats_in_passes(
+                &stores.ops(),
+                &stores.model(&self.policy),
+                reference.map(|m| stores.model(m)).as_ref(),
+                groups,
+                spec,
+                max_tokens,
+            ),
+            None => step::reference_stats_in_passes(
+                &CpuOps,
+                &self.policy,
+                reference,
+                groups,
+                spec,
+                max_tokens,
+            ),
+        }
     }
 
     /// Brings the device's weights into `policy` (before a checkpoint is written from it);
@@ -602,19 +658,7 @@ impl Trainer {
         }
         match &self.reference {
             Reference::None => bail!("no reference statistics"),
-            // The bf16-rounding mode scores the reference as the engine does: in bf16.
-            Reference::Model(m) => match &self.rounded {
-                Some(stores) => step::reference_stats(
-                    &stores.ops(),
-                    &stores.model(&self.policy),
-                    Some(&stores.model(m)),
-                    groups,
-                    &self.opts.spec,
-                ),
-                None => {
-                    step::reference_stats(&CpuOps, &self.policy, Some(m), groups, &self.opts.spec)
-                }
-            },
+            Reference::Model(m) => self.host_reference_stats(Some(m), groups, usize::MAX),
             Reference::Cache(lookup) => Ok(Some(lookup.stats(groups)?)),
             // The engine scores a resident reference itself, in each micro-batch.
             Reference::OnDevice => bail!("the reference model is resident on the device"),
