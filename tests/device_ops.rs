@@ -44,6 +44,52 @@ fn a_small_lease_left_behind_does_not_split_the_pool() {
     assert!(download(&nearly_all).iter().all(|&b| b == 0xa5));
 }
 
+/// A lease beyond a plan's region adds a segment of its own size, not twice the region's
+/// (a GPU whose memory the arena holds has no room for that); the pool's own segments then
+/// double, so that a growing need makes few of them.
+#[test]
+fn a_pool_grows_by_what_it_lacks_not_by_its_carved_region() {
+    let device = Device::Emu;
+    let mut arena = Arena::new(&device, 1 << 20).unwrap();
+    let pool = Pool::in_region(arena.carve::<u8>("workspace", 1 << 20).unwrap()).unwrap();
+    let _region = pool.lease::<u8>(&device, 1 << 20).unwrap();
+    let _first = pool.lease::<u8>(&device, 3000).unwrap();
+    assert_eq!(
+        pool.allocated(),
+        3072,
+        "the first segment holds the lease alone"
+    );
+    let _second = pool.lease::<u8>(&device, 3000).unwrap();
+    assert_eq!(
+        pool.allocated(),
+        3072 + 6144,
+        "the next one doubles the pool's own"
+    );
+}
+
+/// A device-to-device copy is a memcpy on a GPU (cuMemcpyDtoDAsync): overlapping ranges are
+/// refused on every device, the emulator's too; adjacent ones copy.
+#[test]
+fn a_device_copy_refuses_overlapping_ranges() {
+    let device = Device::Emu;
+    let data: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+    let buffer = device.upload(&data).unwrap();
+    let src = buffer.view().slice(0, 20).unwrap();
+    let err = device
+        .copy_buffer(&src, &mut buffer.view().slice(5, 20).unwrap())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("overlapping"), "{err:#}");
+    device
+        .copy_buffer(
+            &buffer.view().slice(0, 17).unwrap(),
+            &mut buffer.view().slice(17, 17).unwrap(),
+        )
+        .unwrap();
+    let copied = device.download(&buffer.view()).unwrap();
+    assert_eq!(copied[17..34], data[..17]);
+    assert_eq!(copied[..17], data[..17]);
+}
+
 #[test]
 fn a_mistral_step_on_the_emulated_device_matches_the_cpu() {
     check_step_on_device(&Device::Emu, "tiny-mistral", RecomputePolicy::None);

@@ -151,7 +151,8 @@ pub struct TrainArgs {
     #[serde(flatten)]
     precision: PrecisionArgs,
     /// The device memory the run may plan for (80GB, 79.5GiB; a bare number is GB). Default:
-    /// the GPU's memory on cuda, no limit on emu. The run's memory plan (`contralign plan`
+    /// on cuda the GPU's free memory once the driver, the kernels and cuBLAS are loaded, less
+    /// 512 MiB for the kernels cuBLAS loads at its first GEMMs; no limit on emu. The run's memory plan (`contralign plan`
     /// with the same flags) must fit, or the run stops before loading any weight, naming the
     /// flag to change.
     #[arg(long, value_name = "SIZE")]
@@ -223,7 +224,7 @@ fn open_planned_device(
     eprintln!("precision: {}", opts.precision.describe());
     let memory = match &args.memory {
         Some(text) => Some(parse_memory(text)?),
-        None => device.total_memory()?,
+        None => device.plannable_memory()?,
     };
     let mut why = String::new();
     if args.recompute.is_none() && !args.no_checkpointing {

@@ -380,12 +380,14 @@ impl Device {
         }
     }
 
-    /// The device's memory in bytes; `None` for the emulator, whose memory is the host's.
-    pub fn total_memory(&self) -> Result<Option<u64>> {
+    /// The bytes a run's memory plan may take on the device: on a GPU what is free once the
+    /// driver, the kernels and cuBLAS are loaded, less room for cuBLAS's lazily loaded
+    /// kernels; `None` for the emulator, whose memory is the host's.
+    pub fn plannable_memory(&self) -> Result<Option<u64>> {
         match self {
             Device::Emu => Ok(None),
             #[cfg(feature = "cuda")]
-            Device::Gpu(gpu) => gpu.total_memory().map(Some),
+            Device::Gpu(gpu) => gpu.plannable_memory().map(Some),
         }
     }
 
@@ -691,11 +693,17 @@ impl Device {
         );
         self.check_home(&src)?;
         self.check_home(&dst)?;
+        // cuMemcpyDtoDAsync is a memcpy: overlapping ranges give undefined contents.
+        let bytes = (src.len * size_of::<T>()) as u64;
+        ensure!(
+            src.ptr + bytes <= dst.ptr || dst.ptr + bytes <= src.ptr || bytes == 0,
+            "device copy of {bytes} bytes between overlapping ranges"
+        );
         match self {
-            // SAFETY: two host views of `src.len` live elements (checked above); they may
-            // overlap, as device pointers may.
+            // SAFETY: two host views of `src.len` live elements that do not overlap (checked
+            // above).
             Device::Emu => unsafe {
-                std::ptr::copy(src.ptr as *const T, dst.ptr as *mut T, src.len)
+                std::ptr::copy_nonoverlapping(src.ptr as *const T, dst.ptr as *mut T, src.len)
             },
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => gpu.copy_on_device(dst.ptr, src.ptr, src.len * size_of::<T>())?,

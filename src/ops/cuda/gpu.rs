@@ -20,6 +20,10 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// Device memory left out of a run's plan for what cuBLAS loads at its first GEMMs (the
+/// kernels it picks, loaded lazily by the driver), which no plan can count.
+const CUBLAS_LAZY_HEADROOM: u64 = 512 << 20;
+
 /// An event for the host to wait on at length (the logged scalars' copies, which a flush
 /// waits a whole step for): the waiting thread sleeps instead of spinning on a core.
 fn waited_event() -> Result<sys::CUevent, DriverError> {
@@ -175,6 +179,19 @@ impl Blas {
                 "cuBLAS: setting its {} MiB workspace: {status:?}",
                 blas.workspace.bytes >> 20
             );
+        }
+        // By default cuBLAS may sum split-K partial products in a bf16 output's type: a bf16
+        // GEMM (and a bf16 gradient accumulated with beta = 1) then rounds more than once,
+        // where the emulator and the CPU's bf16 mode round once, from fp32. SAFETY: a live
+        // handle.
+        let status = unsafe {
+            cublas::sys::cublasSetMathMode(
+                blas.handle,
+                cublas::sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+            )
+        };
+        if status != cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cuBLAS: setting its math mode to fp32 reductions: {status:?}");
         }
         Ok(blas)
     }
@@ -436,11 +453,27 @@ impl Gpu {
         })
     }
 
-    /// The device's total memory in bytes.
-    pub fn total_memory(&self) -> Result<u64> {
+    /// The bytes a run's memory plan may take: what the driver reports free once this
+    /// process's context, kernels and cuBLAS handle are loaded (and any other process's
+    /// memory is taken), plus the cuBLAS workspace, which the plan counts, less
+    /// [`CUBLAS_LAZY_HEADROOM`].
+    pub fn plannable_memory(&self) -> Result<u64> {
+        self.blas()?;
         self.context.bind()?;
-        let (_, total) = result::mem_get_info().map_err(driver_error)?;
-        Ok(total as u64)
+        let (free, _) = result::mem_get_info().map_err(driver_error)?;
+        Ok((free as u64 + CUBLAS_WORKSPACE_BYTES).saturating_sub(CUBLAS_LAZY_HEADROOM))
+    }
+
+    /// The cuBLAS handle with its workspace, made at the first use.
+    fn blas(&self) -> Result<&Blas> {
+        self.blas
+            .get_or_init(|| {
+                self.alloc_zeroed(CUBLAS_WORKSPACE_BYTES as usize)
+                    .and_then(|workspace| Blas::create(self.context.clone(), workspace))
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// Bytes of the device's memory in use, by this process and any other (total − free).
@@ -649,15 +682,7 @@ impl Gpu {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        let blas = self
-            .blas
-            .get_or_init(|| {
-                self.alloc_zeroed(CUBLAS_WORKSPACE_BYTES as usize)
-                    .and_then(|workspace| Blas::create(self.context.clone(), workspace))
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .as_ref()
-            .map_err(|e| anyhow!("{e}"))?;
+        let blas = self.blas()?;
         self.context.bind()?;
         let (lda, ldb, ldc) = g.leading_dims();
         // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ, and a row-major matrix

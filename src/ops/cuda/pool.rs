@@ -4,8 +4,10 @@
 //! step's shapes repeat, so after the first step the leases fit into what is already there
 //! and the device allocates nothing; the
 //! engine carves the first segment out of its arena, sized by its memory plan, so that even
-//! the first step allocates nothing beyond it. A lease that fits nowhere adds a segment (at
-//! least double the last), so an undersized plan costs an allocation, never a failure.
+//! the first step allocates nothing beyond it. A lease that fits nowhere adds a segment, so
+//! an undersized plan costs an allocation: the pool's own segments double (few of them) up
+//! to [`GROWTH_CAP`] beyond the lease, and the carved region never counts, so that a short
+//! plan asks the GPU for about what it lacks, not for twice the arena's workspace.
 
 use super::device::{AsView, Buffer, Device, Float, View, ALIGNMENT};
 use crate::ops::storage::{Dtype, PARALLEL_CHUNK};
@@ -23,6 +25,9 @@ struct Segment {
     /// Free `(offset, bytes)` ranges, sorted by offset, never adjacent.
     free: Vec<(usize, usize)>,
 }
+
+/// The most bytes a segment the pool adds holds beyond the lease it is added for.
+const GROWTH_CAP: usize = 1 << 30;
 
 /// Leases of at most this many bytes are placed from a segment's top down, the others from
 /// its bottom up: the small ones (statistics, tables, a loss's summary, index lists) often
@@ -130,13 +135,16 @@ impl Pool {
         let (segment, offset) = match found {
             Some(place) => place,
             None => {
-                let last = self
+                let last_owned = self
                     .state
                     .borrow()
                     .segments
-                    .last()
+                    .iter()
+                    .rev()
+                    .find(|s| s.owned.is_some())
                     .map_or(0, |s| s.memory.len());
-                self.add_segment(device, bytes.max(2 * last))?;
+                let growth = (2 * last_owned).min(bytes.saturating_add(GROWTH_CAP));
+                self.add_segment(device, bytes.max(growth))?;
                 self.find(bytes).expect("a new segment holds the lease")
             }
         };
