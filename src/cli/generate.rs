@@ -185,6 +185,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         score_field: args.score_field.clone(),
         skip_invalid: args.skip_invalid,
     };
+    data_args.refuse_flags_a_file_ignores()?;
     let (groups, tokenizer) = data_args.load_prompts_alone(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let (prompts, sources): (Vec<Vec<u32>>, Vec<String>) =
