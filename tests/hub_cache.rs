@@ -398,10 +398,14 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
     );
 
     // A snapshot with config.json and the weights but no tokenizer.json (tiny-mistral has
-    // none), for text: the snapshot and the command that fetches the tokenizer.
+    // none), for text or a --prompt: the snapshot and the command that fetches the tokenizer.
     let snapshot = hub
         .join("models--test-org--tiny-mistral/snapshots")
         .join(COMMIT);
+    let fetch_tokenizer = format!(
+        "`hf download test-org/tiny-mistral tokenizer.json tokenizer_config.json \
+         --revision {COMMIT}`"
+    );
     score_fails(
         &fx("parquet/pairs_plain.jsonl"),
         &[
@@ -409,10 +413,22 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
                 "the model directory {} has no tokenizer.json",
                 snapshot.display()
             ),
-            &format!(
-                "`hf download test-org/tiny-mistral tokenizer.json tokenizer_config.json \
-                 --revision {COMMIT}`"
-            ),
+            &fetch_tokenizer,
+        ],
+    );
+    fails(
+        c,
+        &watch,
+        &[
+            "generate",
+            "--model",
+            "test-org/tiny-mistral",
+            "--prompt",
+            "Hi",
+        ],
+        &[
+            &format!("{} has no tokenizer.json", snapshot.display()),
+            &fetch_tokenizer,
         ],
     );
 

@@ -242,10 +242,11 @@ fn keyword_in_dir_name(path: &str, keyword: &str) -> bool {
 /// Whether the file's name holds `keyword` followed by a separator (`train.jsonl`,
 /// `my-test-0.json`): `datasets`' `KEYWORDS_IN_FILENAME_BASE_PATTERNS`.
 fn keyword_in_file_name(path: &str, keyword: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    let words: Vec<&str> = words(name).collect();
+    let words: Vec<&str> = words(file_name(path)).collect();
     // The last word has no separator after it.
-    words[..words.len() - 1].contains(&keyword)
+    words
+        .split_last()
+        .is_some_and(|(_, followed)| followed.contains(&keyword))
 }
 
 /// The default splits by one naming rule: each split's files that `names` matches.
