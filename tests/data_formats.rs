@@ -589,3 +589,101 @@ fn trl_golden_rows_load_to_trl_token_ids() {
     assert!(shortened >= 1);
     assert_eq!(got.stats.shortened_prompts, shortened);
 }
+
+/// Two pre-tokenized reward groups, as JSON objects.
+const FIRST: &str =
+    r#"{"prompt_ids": [1, 5], "response_ids": [[7, 2], [9, 2]], "rewards": [1, 0]}"#;
+const SECOND: &str =
+    r#"{"prompt_ids": [1, 6], "response_ids": [[8, 2], [9, 2]], "rewards": [0, 1]}"#;
+
+/// The UTF-8 byte order mark.
+const BOM: &str = "\u{feff}";
+
+/// The prompts and sources of a data set's groups.
+fn prompts_and_sources(path: &std::path::Path) -> Vec<(Vec<u32>, String)> {
+    let data = load_groups(path, None, &DataOptions::default()).unwrap();
+    data.groups
+        .into_iter()
+        .map(|g| (g.prompt, g.source))
+        .collect()
+}
+
+fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(text.as_bytes()).unwrap();
+    gz.finish().unwrap()
+}
+
+#[test]
+fn json_arrays_byte_order_marks_and_gzip_read_as_datasets_reads_them() {
+    let dir = TempDir::new().unwrap();
+    let name = |file: &str| dir.path().join(file).display().to_string();
+
+    // A .json file holding one array (with a BOM, pretty-printed): its items, by index.
+    let array = dir.path().join("records.json");
+    std::fs::write(&array, format!("{BOM}[\n  {FIRST},\n  {SECOND}\n]\n")).unwrap();
+    assert_eq!(
+        prompts_and_sources(&array),
+        [
+            (vec![1, 5], format!("{}, item 0", name("records.json"))),
+            (vec![1, 6], format!("{}, item 1", name("records.json"))),
+        ]
+    );
+    // A bad item is named by its index; a bad line of a gzip-compressed file by its line.
+    let bad = dir.path().join("bad.jsonl.gz");
+    std::fs::write(&array, format!(r#"[{FIRST}, {{"prompt_ids": "x"}}]"#)).unwrap();
+    std::fs::write(&bad, gzip(&format!("{FIRST}\n{{\"prompt_ids\": \n"))).unwrap();
+    for (path, start) in [
+        (&array, format!("{}, item 1: ", name("records.json"))),
+        (&bad, format!("{}:2: malformed JSON", name("bad.jsonl.gz"))),
+    ] {
+        let err = format!(
+            "{:#}",
+            load_groups(path, None, &DataOptions::default()).unwrap_err()
+        );
+        assert!(err.starts_with(&start), "{err}");
+    }
+
+    // JSON Lines after a BOM (line 1 a record like the others), and gzip-compressed JSON
+    // Lines given directly: lines named in the file as they are.
+    let lines = format!("{FIRST}\n{SECOND}\n");
+    for (file, bytes) in [
+        ("bom.jsonl", format!("{BOM}{lines}").into_bytes()),
+        ("train.jsonl.gz", gzip(&lines)),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(
+            prompts_and_sources(&path),
+            [
+                (vec![1, 5], format!("{}:1", name(file))),
+                (vec![1, 6], format!("{}:2", name(file))),
+            ]
+        );
+    }
+
+    // In a folder, a .jsonl.gz is data and datasets' metadata files are not.
+    let folder = TempDir::new().unwrap();
+    std::fs::write(
+        folder.path().join("data.jsonl.gz"),
+        gzip(&format!("{FIRST}\n")),
+    )
+    .unwrap();
+    for meta in [
+        "dataset_infos.json",
+        "dataset_info.json",
+        "dataset_dict.json",
+        "config.json",
+    ] {
+        std::fs::write(folder.path().join(meta), r#"{"default": {"splits": {}}}"#).unwrap();
+    }
+    let got = prompts_and_sources(folder.path());
+    assert_eq!(
+        got,
+        [(
+            vec![1, 5],
+            format!("{}:1", folder.path().join("data.jsonl.gz").display())
+        )]
+    );
+}

@@ -346,6 +346,15 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
     let c = tmp.path();
     let hub = c.join("hub");
     let data = fx("tiny-mistral.reward.jsonl");
+    // The policy by id, the data as given.
+    let score_fails = |data: &str, parts: &[&str]| {
+        fails(
+            c,
+            &watch,
+            &["score", "--model", "test-org/tiny-mistral", "--data", data],
+            parts,
+        )
+    };
     fails(
         c,
         &watch,
@@ -373,16 +382,8 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
             "`hf download test-org/tiny-mistral --revision v2`",
         ],
     );
-    fails(
-        c,
-        &watch,
-        &[
-            "score",
-            "--model",
-            "test-org/tiny-mistral",
-            "--data",
-            "test-org/absent-data",
-        ],
+    score_fails(
+        "test-org/absent-data",
         &[
             "data set test-org/absent-data is not in the Hugging Face cache",
             "datasets--test-org--absent-data",
@@ -391,17 +392,44 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
     );
 
     // A relative path to a data file that is missing is a missing file, not an id.
+    score_fails(
+        "data/missing.parquet",
+        &["cannot read data/missing.parquet"],
+    );
+
+    // A snapshot with config.json and the weights but no tokenizer.json (tiny-mistral has
+    // none), for text or a --prompt: the snapshot and the command that fetches the tokenizer.
+    let snapshot = hub
+        .join("models--test-org--tiny-mistral/snapshots")
+        .join(COMMIT);
+    let fetch_tokenizer = format!(
+        "`hf download test-org/tiny-mistral tokenizer.json tokenizer_config.json \
+         --revision {COMMIT}`"
+    );
+    score_fails(
+        &fx("parquet/pairs_plain.jsonl"),
+        &[
+            &format!(
+                "the model directory {} has no tokenizer.json",
+                snapshot.display()
+            ),
+            &fetch_tokenizer,
+        ],
+    );
     fails(
         c,
         &watch,
         &[
-            "score",
+            "generate",
             "--model",
             "test-org/tiny-mistral",
-            "--data",
-            "data/missing.parquet",
+            "--prompt",
+            "Hi",
         ],
-        &["cannot read data/missing.parquet"],
+        &[
+            &format!("{} has no tokenizer.json", snapshot.display()),
+            &fetch_tokenizer,
+        ],
     );
 
     // A blob deleted under a snapshot: a shard of the sharded Mixtral, a data shard.
@@ -423,20 +451,172 @@ fn offline_misses_name_the_id_the_cache_and_the_command() {
     ));
     let shard = snapshot.join("data/train-00001-of-00002.parquet");
     std::fs::remove_file(std::fs::canonicalize(&shard).unwrap()).unwrap();
-    fails(
-        c,
-        &watch,
-        &[
-            "score",
-            "--model",
-            "test-org/tiny-mistral",
-            "--data",
-            "test-org/tiny-reward",
-        ],
+    score_fails(
+        "test-org/tiny-reward",
         &[
             "lacks data/train-00001-of-00002.parquet",
             "--repo-type dataset",
         ],
     );
     assert_eq!(watch.connections.load(Ordering::SeqCst), 0);
+}
+
+/// A data set folder of `files` (relative path, contents) in a temporary folder.
+fn folder(files: &[(&str, &str)]) -> TempDir {
+    let tmp = TempDir::new().unwrap();
+    for (path, text) in files {
+        let path = tmp.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    tmp
+}
+
+/// The files of a folder's split (relative paths), or the error's text.
+fn split_of(dir: &TempDir, config: Option<&str>, split: &str) -> Result<Vec<String>, String> {
+    contralign::hub::data_files(dir.path(), config, split)
+        .map(|files| {
+            files
+                .iter()
+                .map(|f| {
+                    let rel = f.strip_prefix(dir.path()).unwrap();
+                    rel.to_str().unwrap().to_string()
+                })
+                .collect()
+        })
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn sharded_split_names_come_first_then_folders_then_file_names() {
+    // HuggingFaceH4/ultrafeedback_binarized's layout without its card.
+    let shards = folder(&[
+        ("data/train_prefs-00000-of-00001.parquet", ""),
+        ("data/train_sft-00000-of-00002.parquet", ""),
+        ("data/train_sft-00001-of-00002.parquet", ""),
+        ("data/test_prefs-00000-of-00001.parquet", ""),
+        ("dataset_infos.json", "{}"),
+    ]);
+    assert_eq!(
+        split_of(&shards, None, "train_prefs").unwrap(),
+        ["data/train_prefs-00000-of-00001.parquet"]
+    );
+    assert_eq!(
+        split_of(&shards, None, "train_sft").unwrap(),
+        [
+            "data/train_sft-00000-of-00002.parquet",
+            "data/train_sft-00001-of-00002.parquet"
+        ]
+    );
+    let err = split_of(&shards, None, "train").unwrap_err();
+    assert!(
+        err.ends_with("no split `train`; its splits: test_prefs, train_prefs, train_sft"),
+        "{err}"
+    );
+
+    // A split keyword as a folder wins over one in file names: `my_test.jsonl` is part of
+    // no split, as `datasets` resolves the folder patterns first.
+    let named = folder(&[
+        ("train/part-0.jsonl", ""),
+        ("other/my_test.jsonl", ""),
+        ("config.json", "{}"),
+    ]);
+    assert_eq!(
+        split_of(&named, None, "train").unwrap(),
+        ["train/part-0.jsonl"]
+    );
+    let err = split_of(&named, None, "test").unwrap_err();
+    assert!(err.ends_with("no split `test`; its splits: train"), "{err}");
+
+    // Without a folder keyword, a keyword followed by a separator in the file name; the
+    // names `datasets` ignores (config.json, dataset_info.json) are no data.
+    let files = folder(&[
+        ("my_test.jsonl", ""),
+        ("train.jsonl", ""),
+        ("pretrain.jsonl", ""),
+        ("dataset_info.json", "{}"),
+    ]);
+    assert_eq!(split_of(&files, None, "train").unwrap(), ["train.jsonl"]);
+    assert_eq!(split_of(&files, None, "test").unwrap(), ["my_test.jsonl"]);
+    let unnamed = folder(&[("a.jsonl", ""), ("dataset_dict.json", "{}")]);
+    assert_eq!(split_of(&unnamed, None, "train").unwrap(), ["a.jsonl"]);
+}
+
+/// A card with a config per language under `data_dir`: `en` by datasets' naming there,
+/// `de` by its data_files there, and `xx` whose data_files this cannot read.
+const DATA_DIR_CARD: &str = "---
+configs:
+- config_name: en
+  data_dir: en
+  default: true
+- config_name: de
+  data_dir: de/
+  data_files:
+    train: de_train*.jsonl
+- config_name: xx
+  data_files: 3
+---
+";
+
+#[test]
+fn card_configs_with_data_dir_resolve_under_it() {
+    let dir = folder(&[
+        ("README.md", DATA_DIR_CARD),
+        ("en/train.jsonl", ""),
+        ("en/test.jsonl", ""),
+        ("de/de_train-0.jsonl", ""),
+        ("de/de_test.jsonl", ""),
+        ("train.jsonl", ""),
+    ]);
+    assert_eq!(split_of(&dir, None, "train").unwrap(), ["en/train.jsonl"]);
+    assert_eq!(
+        split_of(&dir, Some("en"), "test").unwrap(),
+        ["en/test.jsonl"]
+    );
+    assert_eq!(
+        split_of(&dir, Some("de"), "train").unwrap(),
+        ["de/de_train-0.jsonl"]
+    );
+    let err = split_of(&dir, Some("de"), "test").unwrap_err();
+    assert!(err.ends_with("no split `test`; its splits: train"), "{err}");
+    let err = split_of(&dir, Some("xx"), "train").unwrap_err();
+    let card = dir.path().join("README.md");
+    assert!(
+        err.contains(&format!(
+            "{}: configs[2] (xx): data_files: expected a path pattern",
+            card.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_split_or_config_of_a_single_file_is_refused() {
+    let tmp = cache();
+    let watch = Watch::new();
+    let c = tmp.path();
+    let data = fx("tiny-mistral.reward.jsonl");
+    let score = ["score", "--model", "test-org/tiny-mistral", "--data", &data];
+    fails(
+        c,
+        &watch,
+        &[&score[..], &["--split", "test"]].concat(),
+        &[&format!(
+            "--split test: --data {data} is a single file, read whole as the split `train`"
+        )],
+    );
+    fails(
+        c,
+        &watch,
+        &[&score[..], &["--data-config", "en"]].concat(),
+        &[&format!(
+            "--data-config en: --data {data} is a single file, which has no configs"
+        )],
+    );
+    // The default split, and `train` named, read the file.
+    let default = ok(c, &watch, &score);
+    assert_eq!(
+        ok(c, &watch, &[&score[..], &["--split", "train"]].concat()),
+        default
+    );
 }

@@ -284,7 +284,7 @@ fn a_folder_of_shards_is_one_data_set_in_name_order() {
     let empty = TempDir::new().unwrap();
     let text = err_text(load_groups(empty.path(), None, &DataOptions::default()));
     assert!(
-        text.contains("no data files (.parquet, .jsonl, .json)"),
+        text.contains("no data files (.parquet, .jsonl, .json, .jsonl.gz, .json.gz)"),
         "{text}"
     );
 }

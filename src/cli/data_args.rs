@@ -5,7 +5,7 @@ use clap::Args;
 use contralign::config::ModelConfig;
 use contralign::data::load::{load_files, DataOptions};
 use contralign::data::Group;
-use contralign::hub::data_files;
+use contralign::hub::{data_files, is_single_file};
 use contralign::tokenizer::TextTokenizer;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,30 @@ pub fn model_tokenizer(model_dir: &Path) -> Result<Option<TextTokenizer>> {
 }
 
 impl DataArgs {
+    /// Refuses `--split` (other than its default, `train`) and `--data-config` for a single
+    /// file, which is read whole as the split `train` of no config: either flag would be
+    /// ignored, as `datasets` refuses an unknown split of a file.
+    pub fn refuse_flags_a_file_ignores(&self) -> Result<()> {
+        if !is_single_file(&self.data) {
+            return Ok(());
+        }
+        let data = self.data.display();
+        if let Some(config) = &self.data_config {
+            bail!(
+                "--data-config {config}: --data {data} is a single file, which has no configs; \
+                 --data-config picks a subset of a data set id or folder"
+            );
+        }
+        if self.split != "train" {
+            bail!(
+                "--split {}: --data {data} is a single file, read whole as the split `train`; \
+                 --split picks a split of a data set id or folder",
+                self.split
+            );
+        }
+        Ok(())
+    }
+
     /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
     /// has one); what was skipped or truncated is reported on stderr.
     pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
@@ -101,6 +125,7 @@ impl DataArgs {
             // error, or skipped, in its place in the file.
             vocab: Some(ModelConfig::load(model_dir)?.vocab_size),
             prompt_alone,
+            model_dir: Some(model_dir.to_path_buf()),
         };
         let files = data_files(&self.data, self.data_config.as_deref(), &self.split)?;
         let data = load_files(&self.data.display().to_string(), &files, tokenizer, &opts)?;

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use contralign::config::ModelConfig;
 use contralign::generate::{generate, Sampling};
+use contralign::hub::checkpoint_files::how_to_get_tokenizer;
 use contralign::model::Model;
 use contralign::ops::cpu::CpuOps;
 use contralign::tokenizer::{Message, TextTokenizer};
@@ -153,8 +154,9 @@ fn run_prompt(args: &GenerateArgs, text: &str, sampling: &Sampling) -> Result<()
     let tokenizer = model_tokenizer(&args.model)?.with_context(|| {
         format!(
             "--prompt needs a tokenizer, and {} has no tokenizer.json (--data takes \
-             pre-tokenized prompts)",
-            args.model.display()
+             pre-tokenized prompts); {}",
+            args.model.display(),
+            how_to_get_tokenizer(&args.model)
         )
     })?;
     let (rendered, ids) = tokenize_prompt(&tokenizer, text, args)?;
@@ -185,6 +187,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         score_field: args.score_field.clone(),
         skip_invalid: args.skip_invalid,
     };
+    data_args.refuse_flags_a_file_ignores()?;
     let (groups, tokenizer) = data_args.load_prompts_alone(&args.model)?;
     let model = Model::load(&CpuOps, &args.model)?;
     let (prompts, sources): (Vec<Vec<u32>>, Vec<String>) =

@@ -264,6 +264,7 @@ impl InputArgs {
         }
         note_reference_free(spec.kind, &[("--ref-model", self.ref_model.is_some())]);
         precheck()?;
+        self.data.refuse_flags_a_file_ignores()?;
         let groups =
             self.loss
                 .prepare(&spec, self.data.load(&self.model)?, self.data.skip_invalid)?;

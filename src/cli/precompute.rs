@@ -64,6 +64,7 @@ pub fn run(args: PrecomputeArgs) -> Result<()> {
         "--out",
         &[("--model", &args.model), ("--data", &args.data.data)],
     )?;
+    args.data.refuse_flags_a_file_ignores()?;
     let groups = args.data.load(&args.model)?;
     let cache = args.device.run(Precompute {
         args: &args,

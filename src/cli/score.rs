@@ -55,6 +55,7 @@ impl OnOps for Scoring<'_> {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
+    args.data.refuse_flags_a_file_ignores()?;
     let groups = args.data.load(&args.model)?;
     let stats = args.device.run(Scoring {
         args: &args,

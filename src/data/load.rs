@@ -26,6 +26,9 @@ pub struct DataOptions {
     /// Each prompt as tokenized alone (what generation continues) instead of TRL's training
     /// split, which cuts the prompt's last tokens where they merge with a response's.
     pub prompt_alone: bool,
+    /// The model directory text records are tokenized with, named (with how to get its
+    /// tokenizer.json) when a text record finds no tokenizer.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Default for DataOptions {
@@ -37,6 +40,7 @@ impl Default for DataOptions {
             skip_invalid: false,
             vocab: None,
             prompt_alone: false,
+            model_dir: None,
         }
     }
 }
@@ -126,6 +130,21 @@ pub fn load_files(
     Ok(Dataset { groups, stats })
 }
 
+/// The error of a text record without a tokenizer: the model directory that has none and
+/// how to get one.
+fn no_tokenizer(model_dir: Option<&Path>) -> String {
+    match model_dir {
+        Some(dir) => format!(
+            "the record is text, but the model directory {} has no tokenizer.json; {}",
+            dir.display(),
+            crate::hub::checkpoint_files::how_to_get_tokenizer(dir)
+        ),
+        None => "the record is text, but no tokenizer was given (the model directory has no \
+                 tokenizer.json)"
+            .to_string(),
+    }
+}
+
 /// One record's group; counts its truncations into `stats` once it is known to be valid.
 fn group(
     value: &Value,
@@ -139,7 +158,7 @@ fn group(
         mut prompt,
         mut responses,
         prompt_cut,
-    } = token_ids(record.sequences, tokenizer)?;
+    } = token_ids(record.sequences, tokenizer, opts.model_dir.as_deref())?;
     let prompt_shortened = !prompt_cut.is_empty() && !opts.prompt_alone;
     if opts.prompt_alone {
         prompt.extend(prompt_cut);
@@ -171,13 +190,12 @@ fn group(
     Ok(group)
 }
 
-fn token_ids(sequences: Sequences, tokenizer: Option<&TextTokenizer>) -> Result<Tokenized> {
-    let need = || {
-        tokenizer.context(
-            "the line is text, but no tokenizer was given (the model directory has no \
-             tokenizer.json)",
-        )
-    };
+fn token_ids(
+    sequences: Sequences,
+    tokenizer: Option<&TextTokenizer>,
+    model_dir: Option<&Path>,
+) -> Result<Tokenized> {
+    let need = || tokenizer.with_context(|| no_tokenizer(model_dir));
     match sequences {
         Sequences::Tokens { prompt, responses } => Ok(Tokenized {
             prompt,

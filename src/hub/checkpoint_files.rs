@@ -5,7 +5,7 @@
 use super::cache::{commit_dir, incomplete_snapshot, snapshot_dir};
 use super::download::{not_available, Remote};
 use super::env::HubEnv;
-use super::repo::RepoId;
+use super::repo::{RepoId, RepoKind};
 use crate::checkpoint::{weight_files, COMPANION_FILES};
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,33 @@ fn missing_files(dir: &Path) -> Vec<String> {
         missing.push(SINGLE.to_string());
     }
     missing
+}
+
+/// How to get the tokenizer a model directory lacks: for a snapshot of the cache
+/// (`models--ORG--NAME/snapshots/COMMIT`) the `hf download` command of its files, else
+/// where to put them. Downloads fetch them with the weights; a snapshot downloaded by other
+/// means may lack them, and a tokenizer is needed only for text.
+pub fn how_to_get_tokenizer(dir: &Path) -> String {
+    let files = ["tokenizer.json", "tokenizer_config.json"];
+    match snapshot_id(dir) {
+        Some(id) => format!(
+            "fetch it with `{}` (where the Hub is reachable)",
+            id.download_command(&files)
+        ),
+        None => format!("copy the model's {} into it", files.join(" and ")),
+    }
+}
+
+/// The model id and commit of a snapshot folder of the cache, from its path.
+fn snapshot_id(dir: &Path) -> Option<RepoId> {
+    let commit = dir.file_name()?.to_str()?;
+    let snapshots = dir.parent()?;
+    let folder = snapshots.parent()?.file_name()?.to_str()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let (org, name) = folder.strip_prefix("models--")?.split_once("--")?;
+    RepoId::parse(&format!("{org}/{name}@{commit}"), RepoKind::Model)
 }
 
 /// The snapshot folder of a model id, complete: from the cache, else downloaded.

@@ -38,15 +38,23 @@ pub fn data_files(arg: &Path, config: Option<&str>, split: &str) -> Result<Vec<P
     if arg.is_dir() {
         return data_files::folder_split(&arg.display().to_string(), arg, config, split);
     }
-    // `data/train.jsonl` is a missing file, not the repository `data` of `train.jsonl`.
-    let file_name = FileKind::holds_data(arg);
-    match arg
-        .to_str()
-        .and_then(|s| RepoId::parse(s, RepoKind::Dataset))
-    {
-        Some(id) if !arg.exists() && !file_name => {
-            data_files::dataset_files(&id, &env::HubEnv::from_env(), config, split)
-        }
-        _ => Ok(vec![arg.to_path_buf()]),
+    match dataset_id(arg) {
+        Some(id) => data_files::dataset_files(&id, &env::HubEnv::from_env(), config, split),
+        None => Ok(vec![arg.to_path_buf()]),
     }
+}
+
+/// Whether a `--data` argument is one file (read whole, as one split of no config) rather
+/// than a folder or a data set id.
+pub fn is_single_file(arg: &Path) -> bool {
+    !arg.is_dir() && dataset_id(arg).is_none()
+}
+
+/// A `--data` argument that is not a path as a data set id: `data/train.jsonl` is a missing
+/// file, not the repository `data` of `train.jsonl`.
+fn dataset_id(arg: &Path) -> Option<RepoId> {
+    if arg.exists() || FileKind::holds_data(arg) {
+        return None;
+    }
+    RepoId::parse(arg.to_str()?, RepoKind::Dataset)
 }
