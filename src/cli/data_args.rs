@@ -122,6 +122,14 @@ impl DataArgs {
                 s.truncated_responses
             );
         }
+        if s.dropped_long_prompts > 0 {
+            eprintln!(
+                "{}: dropped {} groups whose prompt leaves no room for a response within \
+                 --max-len (as TRL's DPOTrainer drops them)",
+                self.data.display(),
+                s.dropped_long_prompts
+            );
+        }
         if s.shortened_prompts > 0 {
             eprintln!(
                 "{}: {} prompts end in a token that merges with the start of their responses \
