@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, tokenizer_dir, SYSTEM_IN_LAST_USER_TURN};
 use contralign::data::load::{load_groups, DataOptions, DataStats, Dataset};
 use contralign::data::Group;
 use contralign::tokenizer::TextTokenizer;
@@ -55,13 +55,7 @@ impl Data {
 
     /// Loads with the tiny tokenizer.json and this tokenizer_config.json.
     fn load_with_config(&self, config: serde_json::Value) -> anyhow::Result<Dataset> {
-        let dir = TempDir::new().unwrap();
-        std::fs::copy(
-            fixture("tiny-tokenizer/tokenizer.json"),
-            dir.path().join("tokenizer.json"),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let dir = tokenizer_dir(Some(config));
         let tok = TextTokenizer::load(dir.path()).unwrap();
         load_groups(&self.path, Some(&tok), &DataOptions::default())
     }
@@ -390,12 +384,7 @@ fn empty_responses_are_the_eos_alone_as_in_trl() {
 
 #[test]
 fn a_template_that_moves_the_prompt_names_the_record() {
-    // The system message goes into the last user turn (as Mistral-7B-Instruct-v0.3's
-    // template does), so the conversation does not start with the prompt's rendering.
-    let template = "{% set ns = namespace(system='') %}{% for m in messages %}\
-        {% if m.role == 'system' %}{% set ns.system = m.content %}\
-        {% elif m.role == 'user' %}[INST] {% if loop.last %}{{ ns.system }} {% endif %}\
-        {{ m.content }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}";
+    // The conversation does not start with the prompt's rendering.
     let prompt = r#"[{"role": "system", "content": "brief"}, {"role": "user", "content": "Hi"}]"#;
     let line = format!(
         r#"{{"prompt": {prompt}, "chosen": {}, "rejected": {}}}"#,
@@ -404,7 +393,7 @@ fn a_template_that_moves_the_prompt_names_the_record() {
     );
     let data = Data::new(&[&line]);
     let config = serde_json::json!({
-        "bos_token": "<s>", "eos_token": "</s>", "chat_template": template,
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": SYSTEM_IN_LAST_USER_TURN,
     });
     let text = match data.load_with_config(config) {
         Ok(d) => panic!("expected an error, loaded {:?}", d.groups),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, tokenizer_dir, SYSTEM_IN_LAST_USER_TURN};
 use contralign::tokenizer::{Message, TextTokenizer, Tokenized};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -21,20 +21,6 @@ fn err_text<T>(r: anyhow::Result<T>) -> String {
         Ok(_) => panic!("expected an error"),
         Err(e) => format!("{e:#}"),
     }
-}
-
-/// A model directory with the tiny tokenizer.json and the given tokenizer_config.json.
-fn tokenizer_dir(config: Option<Value>) -> TempDir {
-    let dir = TempDir::new().unwrap();
-    std::fs::copy(
-        fixture("tiny-tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    if let Some(config) = config {
-        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    }
-    dir
 }
 
 fn tiny() -> TextTokenizer {
@@ -240,14 +226,8 @@ fn response_must_extend_the_prompt_rendering() {
 
 #[test]
 fn a_template_that_moves_the_prompt_is_refused_where_the_renderings_diverge() {
-    // Like Mistral-7B-Instruct-v0.3's: the system message goes into the last user turn, so
-    // the prompt alone and the prompt with a response render it differently.
-    let template = "{% set ns = namespace(system='') %}{% for m in messages %}\
-        {% if m.role == 'system' %}{% set ns.system = m.content %}\
-        {% elif m.role == 'user' %}[INST] {% if loop.last %}{{ ns.system }} {% endif %}\
-        {{ m.content }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}";
     let dir = tokenizer_dir(Some(serde_json::json!({
-        "bos_token": "<s>", "eos_token": "</s>", "chat_template": template,
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": SYSTEM_IN_LAST_USER_TURN,
     })));
     let tok = TextTokenizer::load(dir.path()).unwrap();
     let prompt = [msg("system", "brief"), msg("user", "Hi")];

@@ -34,7 +34,8 @@ pub struct DataArgs {
     #[arg(long, value_name = "N")]
     pub max_prompt_len: Option<usize>,
     /// At most N tokens of prompt + response (TRL's max_length); longer responses are cut
-    /// and then have no EOS.
+    /// and then have no EOS, and groups whose prompt leaves no room for a response are
+    /// dropped, as TRL drops them.
     #[arg(long, value_name = "N")]
     pub max_len: Option<usize>,
     /// UltraFeedback's score: a completion's key or dotted path.

@@ -6,12 +6,15 @@
 //!   rewards `(1, 0)`, chosen first; without `prompt`, TRL's implicit prompt: the longest
 //!   common prefix of `chosen` and `rejected` (see [`split_implicit_prompt`]);
 //! - UltraFeedback as published, `{"instruction": P, "completions": [{"response": R,
-//!   "overall_score": s, ..}, ..]}`, the score field selectable;
+//!   "overall_score": s, ..}, ..]}`, the score field selectable; plain text there becomes
+//!   one user message and assistant messages when the tokenizer has a chat template
+//!   ([`Sequences::Instruction`]);
 //!
 //! and the pre-tokenized forms of [`super::pretokenized`].
 //!
 //! With a conversational prompt, a response is its assistant message(s); a plain-string
-//! response there is one assistant message.
+//! response there is one assistant message. An empty response is a response (TRL tokenizes
+//! an empty plain-text one as the EOS alone); an empty prompt is an error.
 
 use super::pretokenized;
 use crate::tokenizer::Message;
