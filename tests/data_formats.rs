@@ -70,10 +70,15 @@ impl Data {
     }
 
     fn err(&self, opts: &DataOptions) -> String {
-        match self.load(opts) {
-            Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
-            Err(e) => format!("{e:#}"),
-        }
+        load_error(self.load(opts))
+    }
+}
+
+/// The error of a load expected to fail, with its causes.
+fn load_error(loaded: anyhow::Result<Dataset>) -> String {
+    match loaded {
+        Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
+        Err(e) => format!("{e:#}"),
     }
 }
 
@@ -395,10 +400,7 @@ fn a_template_that_moves_the_prompt_names_the_record() {
     let config = serde_json::json!({
         "bos_token": "<s>", "eos_token": "</s>", "chat_template": SYSTEM_IN_LAST_USER_TURN,
     });
-    let text = match data.load_with_config(config) {
-        Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
-        Err(e) => format!("{e:#}"),
-    };
+    let text = load_error(data.load_with_config(config));
     for part in [
         &format!("{}:1: ", data.path.display()),
         "renders the prompt differently",

@@ -209,8 +209,8 @@ impl TextTokenizer {
 
     /// Plain text as TRL's DPOTrainer tokenizes it: the prompt with special tokens added, and
     /// the prompt followed by each response and the EOS token's text (unless the response
-    /// already ends with it); see [`split_at_divergence`].
-    /// Without an EOS token, which ends every plain-text response, it is an error.
+    /// already ends with it); see [`split_at_divergence`]. A tokenizer without an EOS token
+    /// is an error here: TRL ends every plain-text response with it.
     pub fn tokenize_plain(&self, prompt: &str, responses: &[String]) -> Result<Tokenized> {
         let (eos, _) = self.eos.as_ref().with_context(|| {
             format!(
@@ -239,6 +239,7 @@ impl TextTokenizer {
     /// template alone; training splits token ids instead ([`Self::tokenize_chat`]).
     pub fn chat_texts(&self, prompt: &[Message], responses: &[Vec<Message>]) -> Result<ChatTexts> {
         let (prompt_text, full) = self.render_conversations(prompt, responses)?;
+        // Each full rendering starts with the prompt's, so the cut is on a char boundary.
         let responses = full
             .into_iter()
             .map(|f| f[prompt_text.len()..].to_string())
@@ -283,15 +284,15 @@ impl TextTokenizer {
             .enumerate()
             .map(|(i, response)| {
                 let full = self.render_chat(&conversation(prompt, response), false)?;
-                match full.starts_with(&prompt_text) {
-                    true => Ok(full),
-                    false => bail!(
+                if !full.starts_with(&prompt_text) {
+                    bail!(
                         "response {i}: the chat template renders the prompt differently when a \
                          response follows it, so the conversation does not start with the \
                          prompt and cannot be split into prompt and response; {}",
                         divergence(&prompt_text, &full)
-                    ),
+                    );
                 }
+                Ok(full)
             })
             .collect::<Result<_>>()?;
         Ok((prompt_text, full))
