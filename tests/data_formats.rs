@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, tokenizer_dir, SYSTEM_IN_LAST_USER_TURN};
 use contralign::data::load::{load_groups, DataOptions, DataStats, Dataset};
 use contralign::data::Group;
 use contralign::tokenizer::TextTokenizer;
@@ -53,6 +53,13 @@ impl Data {
         load_groups(&self.path, Some(&tok), opts)
     }
 
+    /// Loads with the tiny tokenizer.json and this tokenizer_config.json.
+    fn load_with_config(&self, config: serde_json::Value) -> anyhow::Result<Dataset> {
+        let dir = tokenizer_dir(Some(config));
+        let tok = TextTokenizer::load(dir.path()).unwrap();
+        load_groups(&self.path, Some(&tok), &DataOptions::default())
+    }
+
     fn group(&self, line: usize, prompt: Vec<u32>, responses: &[&[u32]], rewards: &[f64]) -> Group {
         Group {
             prompt,
@@ -63,10 +70,15 @@ impl Data {
     }
 
     fn err(&self, opts: &DataOptions) -> String {
-        match self.load(opts) {
-            Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
-            Err(e) => format!("{e:#}"),
-        }
+        load_error(self.load(opts))
+    }
+}
+
+/// The error of a load expected to fail, with its causes.
+fn load_error(loaded: anyhow::Result<Dataset>) -> String {
+    match loaded {
+        Ok(d) => panic!("expected an error, loaded {:?}", d.groups),
+        Err(e) => format!("{e:#}"),
     }
 }
 
@@ -208,9 +220,19 @@ const UF_LINE: &str = r#"{"source": "evol_instruct", "instruction": "Hi", "model
 fn ultrafeedback_with_default_and_custom_score_fields() {
     let line = UF_LINE.replace('\n', "");
     let data = Data::new(&[&line]);
+    // With a chat template the instruction is one user message and each response one
+    // assistant message, as HuggingFaceH4's binarization makes them.
     assert_eq!(
         only_group(&data),
-        data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &HE], &[7.5, 3.0])
+        data.group(1, chat_prompt(), &[&THE, &HE], &[7.5, 3.0])
+    );
+    // Without one they are plain text, joined as TRL joins plain text.
+    let plain = data
+        .load_with_config(serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"}))
+        .unwrap();
+    assert_eq!(
+        plain.groups,
+        [data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &HE], &[7.5, 3.0])]
     );
     let opts = DataOptions {
         score_field: "annotations.helpfulness.Rating".into(),
@@ -256,7 +278,7 @@ fn formats_are_detected_per_line() {
             data.group(2, PLAIN_PROMPT.to_vec(), &[&T], &[4.0]),
             data.group(4, chat_prompt(), &[&T, &THE], &[1.0, 0.0]),
             data.group(6, vec![1, 6], &[&[8], &[3, 2]], &[1.0, 0.0]),
-            data.group(7, PLAIN_PROMPT.to_vec(), &[&THE, &HE], &[7.5, 3.0]),
+            data.group(7, chat_prompt(), &[&THE, &HE], &[7.5, 3.0]),
         ]
     );
     assert_eq!(
@@ -302,28 +324,93 @@ fn truncation_keeps_the_prompt_end_and_cuts_responses() {
         }
     );
 
-    // A prompt as long as max_len leaves no room for a response; skipped lines count no cuts.
+    // A prompt as long as max_len leaves no room for a response: the group is dropped and
+    // counted, as TRL's DPOTrainer drops it (`len(prompt_ids) < max_length`), with no cuts.
     let opts = DataOptions {
         max_len: Some(4),
         ..DataOptions::default()
     };
-    let text = data.err(&opts);
+    let dataset = data.load(&opts).unwrap();
+    assert_eq!(
+        dataset.groups,
+        [data.group(3, vec![1, 5], &[&[8, 9], &[9, 2]], &[1.0, 0.0])]
+    );
+    assert_eq!(
+        dataset.stats,
+        DataStats {
+            lines: 3,
+            groups: 1,
+            truncated_responses: 1,
+            dropped_long_prompts: 2,
+            ..DataStats::default()
+        }
+    );
+    // A prompt one token shorter keeps a one-token response.
+    let opts = DataOptions {
+        max_len: Some(5),
+        ..DataOptions::default()
+    };
+    assert_eq!(data.load(&opts).unwrap().stats.dropped_long_prompts, 0);
+    // When every group is dropped, the error says why.
+    let long = Data::new(&[r#"{"prompt": "Hi", "responses": ["the"], "rewards": [1]}"#]);
+    let text = long.err(&DataOptions {
+        max_len: Some(4),
+        ..DataOptions::default()
+    });
     assert!(
-        text.contains(&format!("{}:1", data.path.display()))
-            && text.contains("prompt of 4 tokens leaves no room")
-            && text.contains("maximum length of 4"),
+        text.contains("no group left")
+            && text.contains("prompts of all 1 records leave no room")
+            && text.contains("--max-len 4"),
         "{text}"
     );
-    let skipping = DataOptions {
-        skip_invalid: true,
-        ..opts
-    };
-    let dataset = data.load(&skipping).unwrap();
-    assert_eq!(dataset.groups.len(), 1);
+}
+
+#[test]
+fn empty_responses_are_the_eos_alone_as_in_trl() {
+    // TRL appends the EOS to an empty plain-text response; an empty assistant message is
+    // what the template renders for it.
+    let data = Data::new(&[
+        r#"{"prompt": "Hi", "chosen": "the", "rejected": ""}"#,
+        &format!(
+            r#"{{"prompt": {USER_HI}, "chosen": {}, "rejected": {}}}"#,
+            assistant("t"),
+            assistant("")
+        ),
+    ]);
+    let dataset = data.load(&DataOptions::default()).unwrap();
     assert_eq!(
-        (dataset.stats.skipped, dataset.stats.truncated_responses),
-        (2, 1)
+        dataset.groups,
+        [
+            data.group(1, PLAIN_PROMPT.to_vec(), &[&THE, &[2]], &[1.0, 0.0]),
+            data.group(2, chat_prompt(), &[&T, &[2]], &[1.0, 0.0]),
+        ]
     );
+}
+
+#[test]
+fn a_template_that_moves_the_prompt_names_the_record() {
+    // The conversation does not start with the prompt's rendering.
+    let prompt = r#"[{"role": "system", "content": "brief"}, {"role": "user", "content": "Hi"}]"#;
+    let line = format!(
+        r#"{{"prompt": {prompt}, "chosen": {}, "rejected": {}}}"#,
+        assistant("t"),
+        assistant("the")
+    );
+    let data = Data::new(&[&line]);
+    let config = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": SYSTEM_IN_LAST_USER_TURN,
+    });
+    let text = load_error(data.load_with_config(config));
+    for part in [
+        &format!("{}:1: ", data.path.display()),
+        "renders the prompt differently",
+        "diverge at character 7",
+        "\"brief Hi [/INST]\"",
+        "\"Hi [/INST]t</s>\"",
+    ] {
+        assert!(text.contains(part), "{text:?} lacks {part:?}");
+    }
+    assert!(!text.contains("merges"), "{text}");
 }
 
 #[test]
@@ -339,8 +426,8 @@ fn malformed_lines_name_file_line_and_problem() {
             &["field `prompt`", "expected a string or a list of messages"],
         ),
         (
-            r#"{"prompt": "Hi", "responses": ["the", ""], "rewards": [1, 0]}"#.into(),
-            &["response 1", "is empty"],
+            r#"{"prompt": "", "responses": ["the", "t"], "rewards": [1, 0]}"#.into(),
+            &["field `prompt` is empty"],
         ),
         (
             r#"{"prompt": "Hi", "responses": ["the", "t"], "rewards": [1]}"#.into(),
@@ -363,7 +450,18 @@ fn malformed_lines_name_file_line_and_problem() {
         ),
         (
             format!(r#"{{"prompt": "Hi", "chosen": {}, "rejected": "t"}}"#, assistant("x")),
-            &["response 0 is a conversation but the prompt is plain text"],
+            &[
+                "field `chosen` is a conversation",
+                "the prompt is plain text",
+                "with a conversational prompt",
+            ],
+        ),
+        (
+            format!(
+                r#"{{"prompt": "Hi", "responses": ["t", {}], "rewards": [1, 0]}}"#,
+                assistant("x")
+            ),
+            &["field `responses[1]` is a conversation"],
         ),
         (
             r#"{"prompt": [{"content": "Hi"}], "chosen": "the", "rejected": "t"}"#.into(),

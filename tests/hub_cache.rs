@@ -613,6 +613,29 @@ fn a_split_or_config_of_a_single_file_is_refused() {
             "--data-config en: --data {data} is a single file, which has no configs"
         )],
     );
+    let out = tmp.path().join("run");
+    let train = [
+        "train",
+        "--model",
+        "test-org/tiny-mistral",
+        "--data",
+        &data,
+        "--loss",
+        "nca",
+        "--split",
+        "test",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(
+        c,
+        &watch,
+        &train,
+        &[&format!(
+            "--split test: --data {data} is a single file, read whole as the split `train`"
+        )],
+    );
+    assert!(!out.exists(), "a refused run leaves no directory");
     // The default split, and `train` named, read the file.
     let default = ok(c, &watch, &score);
     assert_eq!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, tokenizer_dir, SYSTEM_IN_LAST_USER_TURN};
 use contralign::tokenizer::{Message, TextTokenizer, Tokenized};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -21,20 +21,6 @@ fn err_text<T>(r: anyhow::Result<T>) -> String {
         Ok(_) => panic!("expected an error"),
         Err(e) => format!("{e:#}"),
     }
-}
-
-/// A model directory with the tiny tokenizer.json and the given tokenizer_config.json.
-fn tokenizer_dir(config: Option<Value>) -> TempDir {
-    let dir = TempDir::new().unwrap();
-    std::fs::copy(
-        fixture("tiny-tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    if let Some(config) = config {
-        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    }
-    dir
 }
 
 fn tiny() -> TextTokenizer {
@@ -147,9 +133,17 @@ fn plain_text_is_split_where_prompt_and_prompt_plus_response_diverge() {
         (tok.bos_id(), tok.eos_id(), tok.chat_template()),
         (None, None, None)
     );
-    let got = tok.tokenize_plain("Hi", &[" the".into()]).unwrap();
-    assert_eq!(got.prompt, [1, 246, 75, 108]);
-    assert_eq!(got.responses, [vec![252]]);
+    assert_eq!(
+        tok.encode_with_special_tokens("Hi").unwrap(),
+        [1, 246, 75, 108]
+    );
+    // Plain-text responses end with the EOS, which this tokenizer lacks: refused, naming
+    // the directory, rather than trained without it.
+    let text = err_text(tok.tokenize_plain("Hi", &[" the".into()]));
+    assert!(
+        text.contains(&bare.path().display().to_string()) && text.contains("EOS"),
+        "{text}"
+    );
     let text = err_text(tok.tokenize_chat(&[msg("user", "Hi")], &[vec![msg("assistant", "t")]]));
     assert!(
         text.contains("conversational data needs a chat template"),
@@ -222,10 +216,157 @@ fn response_must_extend_the_prompt_rendering() {
     let text = err_text(tok.chat_texts(&[msg("user", "hi")], &[vec![msg("assistant", "ok")]]));
     assert!(
         text.contains("response 0")
-            && text.contains("does not start with")
-            && text.contains("hi>>"),
+            && text.contains("renders the prompt differently")
+            && text.contains("diverge at character 2")
+            && text.contains(r#"the prompt alone continues ">>""#)
+            && text.contains(r#"the conversation "ok""#),
         "{text}"
     );
+}
+
+#[test]
+fn a_template_that_moves_the_prompt_is_refused_where_the_renderings_diverge() {
+    let dir = tokenizer_dir(Some(serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": SYSTEM_IN_LAST_USER_TURN,
+    })));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let prompt = [msg("system", "brief"), msg("user", "Hi")];
+    assert_eq!(
+        tok.render_chat(&prompt, true).unwrap(),
+        "[INST] brief Hi [/INST]"
+    );
+    let responses = [vec![msg("assistant", "the")]];
+    let text = err_text(tok.tokenize_chat(&prompt, &responses));
+    assert!(
+        text.contains("response 0")
+            && text.contains("renders the prompt differently")
+            && text.contains("diverge at character 7")
+            && text.contains(r#"the prompt alone continues "brief Hi [/INST]""#)
+            && text.contains(r#"the conversation "Hi [/INST]the</s>""#),
+        "{text}"
+    );
+    assert_eq!(err_text(tok.chat_texts(&prompt, &responses)), text);
+}
+
+#[test]
+fn special_tokens_map_json_defines_them_in_a_legacy_folder() {
+    // No added_tokens_decoder in tokenizer_config.json: transformers 5 reads
+    // special_tokens_map.json, whose tokens win.
+    let dir = tokenizer_dir(Some(serde_json::json!({"bos_token": "<unk>"})));
+    let map = serde_json::json!({"bos_token": "<s>", "eos_token": {"content": "</s>"}});
+    std::fs::write(dir.path().join("special_tokens_map.json"), map.to_string()).unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
+    let got = tok.tokenize_plain("Hi", &[" the".into()]).unwrap();
+    assert_eq!(got.responses, [vec![252, 2]]);
+
+    // With added_tokens_decoder (saved by transformers >= 4.34) the map is not read.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<unk>", "added_tokens_decoder": {}}).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(0), None));
+
+    // A token of the map outside the vocabulary names the map.
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(
+        dir.path().join("special_tokens_map.json"),
+        serde_json::json!({"eos_token": "<|im_end|>"}).to_string(),
+    )
+    .unwrap();
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("special_tokens_map.json") && text.contains("<|im_end|>"),
+        "{text}"
+    );
+}
+
+#[test]
+fn add_bos_and_add_eos_token_rebuild_the_post_processor() {
+    let with = |flags: Value| {
+        let mut config = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(flags.as_object().unwrap().clone());
+        let dir = tokenizer_dir(Some(config));
+        let tok = TextTokenizer::load(dir.path()).unwrap();
+        tok.encode_with_special_tokens("Hi").unwrap()
+    };
+    // tokenizer.json's post-processor adds BOS; the flags replace it.
+    assert_eq!(with(serde_json::json!({})), [1, 246, 75, 108]);
+    assert_eq!(
+        with(serde_json::json!({"add_bos_token": true, "add_eos_token": true})),
+        [1, 246, 75, 108, 2]
+    );
+    assert_eq!(
+        with(serde_json::json!({"add_bos_token": false})),
+        [246, 75, 108]
+    );
+    // A flag left out is false once the other is set, as in transformers 5.
+    assert_eq!(
+        with(serde_json::json!({"add_eos_token": true})),
+        [246, 75, 108, 2]
+    );
+    // A flag whose token is undefined is dropped.
+    let dir = tokenizer_dir(Some(
+        serde_json::json!({"add_bos_token": true, "add_eos_token": true, "bos_token": "<s>"}),
+    ));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!(
+        tok.encode_with_special_tokens("Hi").unwrap(),
+        [1, 246, 75, 108]
+    );
+    let dir = tokenizer_dir(Some(serde_json::json!({"add_bos_token": "yes"})));
+    let text = err_text(TextTokenizer::load(dir.path()));
+    assert!(
+        text.contains("tokenizer_config.json")
+            && text.contains("add_bos_token: expected true or false"),
+        "{text}"
+    );
+}
+
+#[test]
+fn templates_get_transformers_globals_and_filters() {
+    let template = "{{ unk_token }}|{{ pad_token is defined }}|{{ sep_token is defined }}|\
+        {% if tools is none and documents is none %}none{% endif %}|\
+        {{ messages[0] | tojson }}|{{ {'b': 'é', 'a': [1, 2.5, none, true]} | tojson }}|\
+        {{ {'a': {'x': []}} | tojson(indent=2) }}|{{ '<&>' | tojson }}|{{ strftime_now('%Y') }}";
+    let dir = tokenizer_dir(Some(serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": {"content": "<unk>"},
+        "pad_token": "</s>", "sep_token": null, "chat_template": template,
+    })));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let year = contralign::tokenizer::strftime::DateTime::now().year;
+    assert_eq!(
+        tok.render_chat(&[msg("user", "Hi")], false).unwrap(),
+        format!(
+            "<unk>|True|False|none|{{\"role\": \"user\", \"content\": \"Hi\"}}|\
+             {{\"b\": \"é\", \"a\": [1, 2.5, null, true]}}|{{\n  \"a\": {{\n    \"x\": []\n  }}\n}}|\
+             \"<&>\"|{year}"
+        )
+    );
+}
+
+#[test]
+fn strftime_writes_the_utc_date_as_python_does() {
+    use contralign::tokenizer::strftime::DateTime;
+    // 2024-02-29 13:05:09 UTC, a Thursday.
+    let t = DateTime::from_unix(1_709_211_909);
+    assert_eq!(
+        t.format("%d %b %Y|%B %m %y|%H:%M:%S|%a %A|100%%").unwrap(),
+        "29 Feb 2024|February 02 24|13:05:09|Thu Thursday|100%"
+    );
+    assert_eq!(
+        DateTime::from_unix(-1)
+            .format("%Y-%m-%d %H:%M:%S %A")
+            .unwrap(),
+        "1969-12-31 23:59:59 Wednesday"
+    );
+    let text = err_text(t.format("%Q"));
+    assert!(text.contains("%Q is not supported"), "{text}");
 }
 
 #[test]

@@ -461,6 +461,7 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut opts = args.options()?;
     opts.validate()?;
+    args.inputs.data.refuse_flags_a_file_ignores()?;
     if args.eval_every > 0 && args.eval_data.is_none() {
         eprintln!("note: --eval-every evaluates --eval-data, which is not given; ignored");
     }

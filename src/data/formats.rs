@@ -6,12 +6,15 @@
 //!   rewards `(1, 0)`, chosen first; without `prompt`, TRL's implicit prompt: the longest
 //!   common prefix of `chosen` and `rejected` (see [`split_implicit_prompt`]);
 //! - UltraFeedback as published, `{"instruction": P, "completions": [{"response": R,
-//!   "overall_score": s, ..}, ..]}`, the score field selectable;
+//!   "overall_score": s, ..}, ..]}`, the score field selectable; plain text there becomes
+//!   one user message and assistant messages when the tokenizer has a chat template
+//!   ([`Sequences::Instruction`]);
 //!
 //! and the pre-tokenized forms of [`super::pretokenized`].
 //!
 //! With a conversational prompt, a response is its assistant message(s); a plain-string
-//! response there is one assistant message.
+//! response there is one assistant message. An empty response is a response (TRL tokenizes
+//! an empty plain-text one as the EOS alone); an empty prompt is an error.
 
 use super::pretokenized;
 use crate::tokenizer::Message;
@@ -32,6 +35,13 @@ pub enum Sequences {
     Chat {
         prompt: Vec<Message>,
         responses: Vec<Vec<Message>>,
+    },
+    /// UltraFeedback's plain-text instruction and responses: with a chat template, one user
+    /// message and one assistant message each (as HuggingFaceH4's binarization makes them);
+    /// without one, plain text.
+    Instruction {
+        prompt: String,
+        responses: Vec<String>,
     },
 }
 
@@ -116,13 +126,16 @@ pub(super) fn rewards(obj: &Map<String, Value>, responses: usize) -> Result<Vec<
 }
 
 fn reward_group(obj: &Map<String, Value>) -> Result<Record> {
-    let prompt = text(field(obj, "prompt")?, "field `prompt`")?;
+    let prompt = prompt_text(field(obj, "prompt")?, "field `prompt`")?;
     let responses = field(obj, "responses")?
         .as_array()
         .context("field `responses`: expected a list of responses")?
         .iter()
         .enumerate()
-        .map(|(i, r)| text(r, &format!("field `responses`, response {i}")))
+        .map(|(i, r)| {
+            let name = format!("`responses[{i}]`");
+            text(r, &format!("field `responses`, response {i}")).map(|t| (name, t))
+        })
         .collect::<Result<Vec<_>>>()?;
     let rewards = rewards(obj, responses.len())?;
     if responses.is_empty() {
@@ -138,11 +151,15 @@ fn preference_pair(obj: &Map<String, Value>) -> Result<Record> {
     let chosen = text(field(obj, "chosen")?, "field `chosen`")?;
     let rejected = text(field(obj, "rejected")?, "field `rejected`")?;
     let (prompt, chosen, rejected) = match obj.get("prompt") {
-        Some(prompt) => (text(prompt, "field `prompt`")?, chosen, rejected),
+        Some(prompt) => (prompt_text(prompt, "field `prompt`")?, chosen, rejected),
         None => implicit_prompt(chosen, rejected)?,
     };
+    let responses = vec![
+        ("`chosen`".to_string(), chosen),
+        ("`rejected`".to_string(), rejected),
+    ];
     Ok(Record {
-        sequences: sequences(prompt, vec![chosen, rejected])?,
+        sequences: sequences(prompt, responses)?,
         rewards: vec![1.0, 0.0],
     })
 }
@@ -210,7 +227,7 @@ fn byte_offset(s: &str, chars: usize) -> usize {
 }
 
 fn ultrafeedback(obj: &Map<String, Value>, score_field: &str) -> Result<Record> {
-    let prompt = text(field(obj, "instruction")?, "field `instruction`")?;
+    let prompt = prompt_text(field(obj, "instruction")?, "field `instruction`")?;
     let completions = field(obj, "completions")?
         .as_array()
         .context("field `completions`: expected a list of completions")?;
@@ -224,16 +241,18 @@ fn ultrafeedback(obj: &Map<String, Value>, score_field: &str) -> Result<Record> 
             .as_object()
             .with_context(|| format!("completion {i}: expected a JSON object"))?;
         let what = format!("completion {i}");
-        responses.push(text(
+        let response = text(
             field(c, "response").with_context(|| what.clone())?,
             &format!("{what}, field `response`"),
-        )?);
+        )?;
+        responses.push((format!("`completions[{i}].response`"), response));
         rewards.push(score(c, score_field).with_context(|| what)?);
     }
-    Ok(Record {
-        sequences: sequences(prompt, responses)?,
-        rewards,
-    })
+    let sequences = match sequences(prompt, responses)? {
+        Sequences::Plain { prompt, responses } => Sequences::Instruction { prompt, responses },
+        other => other,
+    };
+    Ok(Record { sequences, rewards })
 }
 
 /// A completion's score: a number or a numeric string (UltraFeedback stores its ratings as
@@ -275,10 +294,20 @@ enum Text {
     Chat(Vec<Message>),
 }
 
+/// A prompt: text that is not empty.
+fn prompt_text(value: &Value, what: &str) -> Result<Text> {
+    match text(value, what)? {
+        Text::Plain(s) if s.is_empty() => bail!("{what} is empty"),
+        prompt => Ok(prompt),
+    }
+}
+
+/// A prompt or response. An empty string is a response, as in TRL, which tokenizes an empty
+/// plain-text response as the EOS token alone (and an empty assistant message as the
+/// template renders it).
 fn text(value: &Value, what: &str) -> Result<Text> {
     match value {
         Value::Null => bail!("{what} is null"),
-        Value::String(s) if s.is_empty() => bail!("{what} is empty"),
         Value::String(s) => Ok(Text::Plain(s.clone())),
         Value::Array(a) if a.is_empty() => bail!("{what} holds no message"),
         Value::Array(a) => a
@@ -307,17 +336,21 @@ fn message(value: &Value) -> Result<Message> {
     })
 }
 
-fn sequences(prompt: Text, responses: Vec<Text>) -> Result<Sequences> {
+/// The prompt and its responses, each response named by its field (`` `chosen` ``,
+/// `` `responses[1]` ``) for errors.
+fn sequences(prompt: Text, responses: Vec<(String, Text)>) -> Result<Sequences> {
     match prompt {
         Text::Plain(prompt) => {
             let responses = responses
                 .into_iter()
-                .enumerate()
-                .map(|(i, r)| match r {
+                .map(|(name, r)| match r {
                     Text::Plain(r) => Ok(r),
-                    Text::Chat(_) => {
-                        bail!("response {i} is a conversation but the prompt is plain text")
-                    }
+                    Text::Chat(_) => bail!(
+                        "field {name} is a conversation (a list of messages) but the prompt is \
+                         plain text: with a plain-text prompt every response must be plain \
+                         text; with a conversational prompt (a list of {{\"role\", \"content\"}} \
+                         messages) a response may be its assistant message(s) or a string"
+                    ),
                 })
                 .collect::<Result<_>>()?;
             Ok(Sequences::Plain { prompt, responses })
@@ -325,12 +358,9 @@ fn sequences(prompt: Text, responses: Vec<Text>) -> Result<Sequences> {
         Text::Chat(prompt) => {
             let responses = responses
                 .into_iter()
-                .map(|r| match r {
+                .map(|(_, r)| match r {
                     Text::Chat(messages) => messages,
-                    Text::Plain(content) => vec![Message {
-                        role: "assistant".to_string(),
-                        content,
-                    }],
+                    Text::Plain(content) => vec![Message::new("assistant", content)],
                 })
                 .collect();
             Ok(Sequences::Chat { prompt, responses })

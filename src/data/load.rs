@@ -5,7 +5,7 @@ use super::formats::{record_of, Sequences};
 use super::records::{records, RawRecord};
 use super::truncate::truncate;
 use super::Group;
-use crate::tokenizer::{TextTokenizer, Tokenized};
+use crate::tokenizer::{Message, TextTokenizer, Tokenized};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,9 @@ pub struct DataStats {
     /// Prompts shorter than their own tokenization, because their last tokens merged with
     /// the start of the responses (TRL warns of the mismatch).
     pub shortened_prompts: usize,
+    /// Groups dropped because their prompt leaves no room for a response within `max_len`,
+    /// as TRL's DPOTrainer drops them.
+    pub dropped_long_prompts: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,7 +108,8 @@ pub fn load_files(
             let RawRecord { source, value } = record?;
             stats.lines += 1;
             match value.and_then(|v| group(&v, &source, tokenizer, opts, &mut stats)) {
-                Ok(group) => groups.push(group),
+                Ok(Some(group)) => groups.push(group),
+                Ok(None) => stats.dropped_long_prompts += 1,
                 Err(e) if opts.skip_invalid => {
                     stats.skipped += 1;
                     stats
@@ -121,6 +125,12 @@ pub fn load_files(
             Some(first) => bail!(
                 "{name}: no valid group; all {} lines were invalid, the first: {first}",
                 stats.skipped
+            ),
+            None if stats.dropped_long_prompts > 0 => bail!(
+                "{name}: no group left: the prompts of all {} records leave no room for a \
+                 response within --max-len {} tokens",
+                stats.dropped_long_prompts,
+                opts.max_len.unwrap_or_default()
             ),
             None if files.len() == 1 => bail!("{name}: no groups in the file"),
             None => bail!("{name}: no groups in the files"),
@@ -145,14 +155,15 @@ fn no_tokenizer(model_dir: Option<&Path>) -> String {
     }
 }
 
-/// One record's group; counts its truncations into `stats` once it is known to be valid.
+/// One record's group, `None` when `max_len` leaves its responses no room; counts its
+/// truncations into `stats` once it is known to be valid.
 fn group(
     value: &Value,
     source: &str,
     tokenizer: Option<&TextTokenizer>,
     opts: &DataOptions,
     stats: &mut DataStats,
-) -> Result<Group> {
+) -> Result<Option<Group>> {
     let record = record_of(value, &opts.score_field)?;
     let Tokenized {
         mut prompt,
@@ -169,12 +180,14 @@ fn group(
     if let Some(i) = responses.iter().position(Vec::is_empty) {
         bail!("response {i} has no tokens");
     }
-    let cuts = truncate(
+    let Some(cuts) = truncate(
         &mut prompt,
         &mut responses,
         opts.max_prompt_len,
         opts.max_len,
-    )?;
+    ) else {
+        return Ok(None);
+    };
     let group = Group {
         prompt,
         responses,
@@ -187,7 +200,7 @@ fn group(
     stats.truncated_prompts += usize::from(cuts.prompt);
     stats.truncated_responses += cuts.responses;
     stats.shortened_prompts += usize::from(prompt_shortened);
-    Ok(group)
+    Ok(Some(group))
 }
 
 fn token_ids(
@@ -204,5 +217,18 @@ fn token_ids(
         }),
         Sequences::Plain { prompt, responses } => need()?.tokenize_plain(&prompt, &responses),
         Sequences::Chat { prompt, responses } => need()?.tokenize_chat(&prompt, &responses),
+        Sequences::Instruction { prompt, responses } => {
+            let tokenizer = need()?;
+            if tokenizer.chat_template().is_some() {
+                let prompt = [Message::new("user", prompt)];
+                let responses: Vec<Vec<Message>> = responses
+                    .into_iter()
+                    .map(|r| vec![Message::new("assistant", r)])
+                    .collect();
+                tokenizer.tokenize_chat(&prompt, &responses)
+            } else {
+                tokenizer.tokenize_plain(&prompt, &responses)
+            }
+        }
     }
 }

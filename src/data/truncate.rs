@@ -1,8 +1,6 @@
 //! Length limits on a tokenized group, as TRL applies them: the prompt keeps its end (left
 //! truncation) and prompt + response is at most `max_len`, the response cut at its end.
 
-use anyhow::{bail, Result};
-
 /// How many sequences of one group were cut.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Cuts {
@@ -11,14 +9,16 @@ pub struct Cuts {
 }
 
 /// Applies `max_prompt_len` to the prompt, then `max_len` to prompt + each response. A
-/// response cut here loses its EOS, and the loss treats it as truncated. A prompt that
-/// leaves no room for a response is an error.
+/// response cut here loses its EOS, and the loss treats it as truncated. `None` when the
+/// prompt leaves no room for a response: TRL's DPOTrainer (`_prepare_dataset`, since v1.9)
+/// drops such rows (`len(prompt_ids) < max_length` under `keep_start`), so the group is
+/// dropped, not an error.
 pub fn truncate(
     prompt: &mut Vec<u32>,
     responses: &mut [Vec<u32>],
     max_prompt_len: Option<usize>,
     max_len: Option<usize>,
-) -> Result<Cuts> {
+) -> Option<Cuts> {
     let mut cuts = Cuts::default();
     if let Some(max) = max_prompt_len {
         if prompt.len() > max {
@@ -27,18 +27,11 @@ pub fn truncate(
         }
     }
     if let Some(max) = max_len {
-        if prompt.len() >= max {
-            bail!(
-                "the prompt of {} tokens leaves no room for a response within the maximum \
-                 length of {max} tokens",
-                prompt.len()
-            );
-        }
-        let room = max - prompt.len();
+        let room = max.checked_sub(prompt.len()).filter(|&room| room > 0)?;
         for r in responses.iter_mut().filter(|r| r.len() > room) {
             r.truncate(room);
             cuts.responses += 1;
         }
     }
-    Ok(cuts)
+    Some(cuts)
 }

@@ -1,14 +1,29 @@
 //! The text side of a Hugging Face model directory: `tokenizer.json` (through the
-//! `tokenizers` crate), the special tokens and chat template of `tokenizer_config.json`, and
-//! the split of a prompt and its responses into token ids as TRL makes it.
+//! `tokenizers` crate), the special tokens of `tokenizer_config.json` (and of a legacy
+//! `special_tokens_map.json`) and its chat template, and the split of a prompt and its
+//! responses into token ids as TRL makes it.
 
+pub mod strftime;
 mod template;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use template::ChatTemplate;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
+
+/// transformers' named special tokens (`SPECIAL_TOKENS_ATTRIBUTES`), which
+/// `apply_chat_template` passes to the template where the tokenizer defines them.
+const SPECIAL_TOKEN_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 /// One chat message, as chat templates see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,9 +54,30 @@ pub struct ChatTexts {
 
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
+    /// The model directory it was loaded from, for errors.
+    dir: PathBuf,
     bos: Option<(String, u32)>,
     eos: Option<(String, u32)>,
+    /// The named special tokens the tokenizer defines (`bos_token`, `unk_token`, ...), as
+    /// chat templates see them.
+    special_tokens: Vec<(String, String)>,
     template: Option<ChatTemplate>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Message {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A named special token (`bos_token`, ...) and the file that defines it.
+struct SpecialToken {
+    key: &'static str,
+    content: String,
+    file: PathBuf,
 }
 
 impl TextTokenizer {
@@ -68,20 +104,27 @@ impl TextTokenizer {
         tokenizer.with_padding(None);
         let config_path = dir.join("tokenizer_config.json");
         let config = read_config(&config_path)?;
-        let special = |key: &str| -> Result<Option<(String, u32)>> {
-            let Some(content) = token_content(&config[key]) else {
+        let special_tokens = special_tokens(dir, &config)?;
+        let id_of = |key: &str| -> Result<Option<(String, u32)>> {
+            let Some(token) = special_tokens.iter().find(|t| t.key == key) else {
                 return Ok(None);
             };
-            let id = tokenizer.token_to_id(content).with_context(|| {
+            let id = tokenizer.token_to_id(&token.content).with_context(|| {
                 format!(
-                    "{}: {key} {content:?} is not in the vocabulary of {}",
-                    config_path.display(),
+                    "{}: {key} {:?} is not in the vocabulary of {}",
+                    token.file.display(),
+                    token.content,
                     path.display()
                 )
             })?;
-            Ok(Some((content.to_string(), id)))
+            Ok(Some((token.content.clone(), id)))
         };
-        let (bos, eos) = (special("bos_token")?, special("eos_token")?);
+        let (bos, eos) = (id_of("bos_token")?, id_of("eos_token")?);
+        if let Some(processor) = flagged_post_processor(&config, bos.as_ref(), eos.as_ref())
+            .with_context(|| format!("{}", config_path.display()))?
+        {
+            tokenizer.with_post_processor(Some(processor));
+        }
         let jinja_path = dir.join("chat_template.jinja");
         let template = if jinja_path.is_file() {
             let source = std::fs::read_to_string(&jinja_path)
@@ -98,8 +141,13 @@ impl TextTokenizer {
         };
         Ok(TextTokenizer {
             tokenizer,
+            dir: dir.to_path_buf(),
             bos,
             eos,
+            special_tokens: special_tokens
+                .into_iter()
+                .map(|t| (t.key.to_string(), t.content))
+                .collect(),
             template,
         })
     }
@@ -142,19 +190,15 @@ impl TextTokenizer {
         self.template.as_ref().map(ChatTemplate::source)
     }
 
-    /// Renders the chat template over `messages`, with `bos_token`, `eos_token` and
-    /// `add_generation_prompt` defined as transformers' `apply_chat_template` defines them.
+    /// Renders the chat template over `messages`, with the special tokens (`bos_token`,
+    /// `eos_token`, `unk_token`, ...), `tools`, `documents` and `add_generation_prompt`
+    /// defined as transformers' `apply_chat_template` defines them.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.template.as_ref().context(
             "conversational data needs a chat template, and the tokenizer has none (no \
                  chat_template in tokenizer_config.json, no chat_template.jinja)",
         )?;
-        template.render(
-            messages,
-            self.bos.as_ref().map(|(s, _)| s.as_str()),
-            self.eos.as_ref().map(|(s, _)| s.as_str()),
-            add_generation_prompt,
-        )
+        template.render(messages, &self.special_tokens, add_generation_prompt)
     }
 
     /// The text's tokens with the special tokens of tokenizer.json's post-processor added
@@ -165,13 +209,21 @@ impl TextTokenizer {
 
     /// Plain text as TRL's DPOTrainer tokenizes it: the prompt with special tokens added, and
     /// the prompt followed by each response and the EOS token's text (unless the response
-    /// already ends with it); see [`split_at_divergence`].
+    /// already ends with it); see [`split_at_divergence`]. A tokenizer without an EOS token
+    /// is an error here: TRL ends every plain-text response with it.
     pub fn tokenize_plain(&self, prompt: &str, responses: &[String]) -> Result<Tokenized> {
-        let eos = self.eos.as_ref().map(|(text, _)| text.as_str());
+        let (eos, _) = self.eos.as_ref().with_context(|| {
+            format!(
+                "plain-text responses end with the EOS token (as TRL appends it), and the \
+                 tokenizer in {} defines none (no eos_token in tokenizer_config.json or \
+                 special_tokens_map.json)",
+                self.dir.display()
+            )
+        })?;
         let full = responses
             .iter()
             .map(|r| {
-                let eos = eos.filter(|e| !r.ends_with(e)).unwrap_or("");
+                let eos = if r.ends_with(eos.as_str()) { "" } else { eos };
                 self.encode_with_special_tokens(&format!("{prompt}{r}{eos}"))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -186,23 +238,12 @@ impl TextTokenizer {
     /// response without the generation prompt adds after that prompt text. A check of the
     /// template alone; training splits token ids instead ([`Self::tokenize_chat`]).
     pub fn chat_texts(&self, prompt: &[Message], responses: &[Vec<Message>]) -> Result<ChatTexts> {
-        let prompt_text = self.render_chat(prompt, true)?;
-        let responses = responses
-            .iter()
-            .enumerate()
-            .map(|(i, response)| {
-                let full = self.render_chat(&conversation(prompt, response), false)?;
-                full.strip_prefix(&prompt_text)
-                    .map(str::to_string)
-                    .with_context(|| {
-                        format!(
-                            "response {i}: the chat template's rendering of the conversation \
-                             {full:?} does not start with its rendering of the prompt \
-                             {prompt_text:?}"
-                        )
-                    })
-            })
-            .collect::<Result<_>>()?;
+        let (prompt_text, full) = self.render_conversations(prompt, responses)?;
+        // Each full rendering starts with the prompt's, so the cut is on a char boundary.
+        let responses = full
+            .into_iter()
+            .map(|f| f[prompt_text.len()..].to_string())
+            .collect();
         Ok(ChatTexts {
             prompt: prompt_text,
             responses,
@@ -217,13 +258,63 @@ impl TextTokenizer {
         prompt: &[Message],
         responses: &[Vec<Message>],
     ) -> Result<Tokenized> {
-        let prompt_ids = self.encode(&self.render_chat(prompt, true)?)?;
+        let (prompt_text, full) = self.render_conversations(prompt, responses)?;
+        let full = full
+            .iter()
+            .map(|f| self.encode(f))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_at_divergence(self.encode(&prompt_text)?, full))
+    }
+
+    /// The prompt rendered with the generation prompt, and the prompt and each response
+    /// rendered without it, each of which must start with the prompt's rendering: a template
+    /// that renders the prompt differently once a response follows (Mistral-7B-Instruct-v0.3's
+    /// moves the system message into the last user turn) leaves no place to split them.
+    /// TRL only warns there ("Mismatch between tokenized prompt and the start of tokenized
+    /// prompt+chosen") and splits at the prompt's length anyway, training on tokens that are
+    /// not the response; this is an error instead.
+    fn render_conversations(
+        &self,
+        prompt: &[Message],
+        responses: &[Vec<Message>],
+    ) -> Result<(String, Vec<String>)> {
+        let prompt_text = self.render_chat(prompt, true)?;
         let full = responses
             .iter()
-            .map(|r| self.encode(&self.render_chat(&conversation(prompt, r), false)?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(split_at_divergence(prompt_ids, full))
+            .enumerate()
+            .map(|(i, response)| {
+                let full = self.render_chat(&conversation(prompt, response), false)?;
+                if !full.starts_with(&prompt_text) {
+                    bail!(
+                        "response {i}: the chat template renders the prompt differently when a \
+                         response follows it, so the conversation does not start with the \
+                         prompt and cannot be split into prompt and response; {}",
+                        divergence(&prompt_text, &full)
+                    );
+                }
+                Ok(full)
+            })
+            .collect::<Result<_>>()?;
+        Ok((prompt_text, full))
     }
+}
+
+/// Where two renderings first differ: the character offset and a few characters of each
+/// from there.
+fn divergence(prompt: &str, full: &str) -> String {
+    const SHOWN: usize = 40;
+    let at = prompt
+        .char_indices()
+        .zip(full.chars())
+        .find(|((_, a), b)| a != b)
+        .map_or(prompt.len().min(full.len()), |((i, _), _)| i);
+    let from = |s: &str| s[at..].chars().take(SHOWN).collect::<String>();
+    format!(
+        "they diverge at character {}: the prompt alone continues {:?}, the conversation {:?}",
+        prompt[..at].chars().count(),
+        from(prompt),
+        from(full)
+    )
 }
 
 fn conversation(prompt: &[Message], response: &[Message]) -> Vec<Message> {
@@ -248,12 +339,93 @@ pub fn split_at_divergence(prompt: Vec<u32>, full: Vec<Vec<u32>>) -> Tokenized {
     }
 }
 
-/// tokenizer_config.json as a JSON object, or `null` when there is none.
+/// tokenizer_config.json (or special_tokens_map.json) as a JSON object, or `null` when there
+/// is none.
 fn read_config(path: &Path) -> Result<Value> {
     if !path.is_file() {
         return Ok(Value::Null);
     }
     crate::fsutil::read_json_object(path)
+}
+
+/// The named special tokens as transformers 5's `from_pretrained` reads them: those of
+/// tokenizer_config.json, and where it has no `added_tokens_decoder` (a folder saved before
+/// transformers 4.34), those of special_tokens_map.json over them.
+fn special_tokens(dir: &Path, config: &Value) -> Result<Vec<SpecialToken>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let map_path = dir.join("special_tokens_map.json");
+    let map = match config.get("added_tokens_decoder") {
+        Some(_) => Value::Null,
+        None => read_config(&map_path)?,
+    };
+    Ok(SPECIAL_TOKEN_KEYS
+        .iter()
+        .filter_map(|&key| {
+            let (content, file) = match token_content(&map[key]) {
+                Some(content) => (content, &map_path),
+                None => (token_content(&config[key])?, &config_path),
+            };
+            Some(SpecialToken {
+                key,
+                content: content.to_string(),
+                file: file.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The post-processor transformers 5 builds when tokenizer_config.json sets `add_bos_token`
+/// or `add_eos_token` (`TokenizersBackend.update_post_processor`), which replaces
+/// tokenizer.json's: BOS before the text when `add_bos_token`, EOS after it when
+/// `add_eos_token`, a flag that is missing being false and a flag whose token is undefined
+/// being dropped. `None` when neither flag is set (tokenizer.json's post-processor stays).
+fn flagged_post_processor(
+    config: &Value,
+    bos: Option<&(String, u32)>,
+    eos: Option<&(String, u32)>,
+) -> Result<Option<TemplateProcessing>> {
+    let flag = |key: &str| -> Result<Option<bool>> {
+        match &config[key] {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(*b)),
+            other => bail!("{key}: expected true or false, found {other}"),
+        }
+    };
+    let (add_bos, add_eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
+    if add_bos.is_none() && add_eos.is_none() {
+        return Ok(None);
+    }
+    let bos = bos.filter(|_| add_bos == Some(true));
+    let eos = eos.filter(|_| add_eos == Some(true));
+    let piece = |token: Option<&(String, u32)>, type_id: u8| {
+        token.map(|(text, _)| format!("{text}:{type_id}"))
+    };
+    let template = |sequence: &str, type_id: u8| -> String {
+        [
+            piece(bos, type_id),
+            Some(format!("{sequence}:{type_id}")),
+            piece(eos, type_id),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ")
+    };
+    let single = template("$A", 0);
+    let pair = format!("{single} {}", template("$B", 1));
+    let special: Vec<(String, u32)> = bos.into_iter().chain(eos).cloned().collect();
+    let processor = TemplateProcessing::builder()
+        .try_single(single.as_str())
+        .and_then(|b| b.try_pair(pair.as_str()))
+        .map_err(|e| {
+            anyhow!("cannot build the post-processor of add_bos_token/add_eos_token: {e}")
+        })?
+        .special_tokens(special)
+        .build()
+        .map_err(|e| {
+            anyhow!("cannot build the post-processor of add_bos_token/add_eos_token: {e}")
+        })?;
+    Ok(Some(processor))
 }
 
 /// tokenizer_config.json's chat template: a string, or in older files a list of named
@@ -272,8 +444,8 @@ fn config_template(config: &Value) -> Result<Option<&str>> {
     }
 }
 
-/// A special token of tokenizer_config.json: a string, or an AddedToken-style object
-/// `{"content": ..}`.
+/// A special token of tokenizer_config.json or special_tokens_map.json: a string, or an
+/// AddedToken-style object `{"content": ..}`.
 fn token_content(value: &Value) -> Option<&str> {
     match value {
         Value::String(s) => Some(s),

@@ -16,6 +16,28 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A model directory with the tiny tokenizer.json and the given tokenizer_config.json.
+pub fn tokenizer_dir(config: Option<serde_json::Value>) -> tempfile::TempDir {
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::copy(
+        fixture("tiny-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    }
+    dir
+}
+
+/// A chat template like Mistral-7B-Instruct-v0.3's, which writes the system message into
+/// the last user turn: the prompt alone (`[INST] brief Hi [/INST]`) and the prompt with a
+/// response (`[INST] Hi [/INST]..`) render it differently.
+pub const SYSTEM_IN_LAST_USER_TURN: &str = "{% set ns = namespace(system='') %}\
+    {% for m in messages %}{% if m.role == 'system' %}{% set ns.system = m.content %}\
+    {% elif m.role == 'user' %}[INST] {% if loop.last %}{{ ns.system }} {% endif %}\
+    {{ m.content }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}";
+
 /// A golden safetensors file (all F64), by name: `(shape, values)`.
 pub struct Golden(pub HashMap<String, (Vec<usize>, Vec<f64>)>);
 
