@@ -403,6 +403,12 @@ fn counts_outside_their_range_are_refused_by_the_flag_parser() {
         ("--seed", too_big.as_str()),
         ("--steps", too_big.as_str()),
         ("--warmup-steps", too_big.as_str()),
+        // Counts train.toml saves are TOML integers (i64).
+        ("--micro-tokens", too_big.as_str()),
+        ("--groups-per-step", too_big.as_str()),
+        ("--tokens-per-step", too_big.as_str()),
+        ("--max-len", too_big.as_str()),
+        ("--max-prompt-len", too_big.as_str()),
     ] {
         let mut args = train.to_vec();
         args.extend([flag, value]);

@@ -31,12 +31,12 @@ pub struct DataArgs {
     #[arg(long, value_name = "NAME")]
     pub data_config: Option<String>,
     /// Keep at most the last N prompt tokens.
-    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count())]
+    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count(0))]
     pub max_prompt_len: Option<usize>,
     /// At most N tokens of prompt + response (TRL's max_length); longer responses are cut
     /// and then have no EOS, and groups whose prompt leaves no room for a response are
     /// dropped, as TRL drops them.
-    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count())]
+    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count(0))]
     pub max_len: Option<usize>,
     /// UltraFeedback's score: a completion's key or dotted path.
     #[arg(long, value_name = "FIELD", default_value = "overall_score")]

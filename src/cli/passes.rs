@@ -19,12 +19,13 @@ pub struct PassArgs {
 /// The parser of a count that must be at least 1 (`--micro-tokens` of every command, the
 /// bench shapes).
 pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=crate::cli::SAVED_INT_MAX)
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
-/// The parser of a count that a run's train.toml saves (a TOML integer, an i64).
-pub fn saved_count() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(..=crate::cli::SAVED_INT_MAX)
+/// The parser of a count of at least `min` that a run's train.toml saves (a TOML integer,
+/// an i64).
+pub fn saved_count(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..=crate::cli::SAVED_INT_MAX)
 }
 
 /// The parser of a count of timed repetitions (a bench's `--reps`, `--steps`): at least 1, at

@@ -72,14 +72,14 @@ pub struct TrainArgs {
     epochs: Option<u64>,
     /// Packed tokens per optimizer step: groups are added while they fit (a step holds at
     /// least one group).
-    #[arg(long, value_name = "N", conflicts_with = "groups_per_step", value_parser = crate::cli::passes::saved_count())]
+    #[arg(long, value_name = "N", conflicts_with = "groups_per_step", value_parser = crate::cli::passes::saved_count(0))]
     tokens_per_step: Option<usize>,
     /// Groups per optimizer step. Default 8 (TRL's per-device batch size).
-    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count())]
+    #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count(0))]
     groups_per_step: Option<usize>,
     /// Most packed tokens in one forward/backward; larger steps accumulate gradients over
     /// micro-batches (the loss stays the mean over the step's groups).
-    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = crate::cli::passes::at_least_one())]
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = crate::cli::passes::saved_count(1))]
     micro_tokens: usize,
     /// Peak learning rate (the default is TRL's DPO default).
     #[arg(long, value_name = "F", default_value = "1e-6")]
