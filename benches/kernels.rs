@@ -94,6 +94,11 @@ impl Bench<'_> {
         let seconds = self.time(&mut run).with_context(|| what.clone())?;
         // A note in parentheses after a group's name is for criterion's output.
         let family = group.split(" (").next().unwrap_or(group);
+        // As measured: a run stopped before the summary still leaves its figures.
+        println!(
+            "kernels bench: {family} {name} {shape}: {:.2} µs",
+            seconds * 1e6
+        );
         self.lines.push(Line {
             kernel: format!("{family} {name}"),
             shape: shape.to_string(),
@@ -602,9 +607,17 @@ fn run(b: &mut Bench) -> Result<()> {
     scoring(b)
 }
 
+/// Set where a GPU must be found (tools/gpu-suite.sh on the GPU machine).
+const REQUIRE_GPU: &str = "CONTRALIGN_REQUIRE_GPU";
+
 fn main() -> ExitCode {
     let device = match Device::open(DeviceKind::Cuda) {
         Ok(device) => device,
+        // Where a GPU must be there (the GPU suite sets it), no GPU is a failure, not a skip.
+        Err(e) if std::env::var_os(REQUIRE_GPU).is_some() => {
+            println!("kernels bench: no GPU, and {REQUIRE_GPU} is set: {e:#}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             println!("kernels bench: skipped: {e:#}");
             return ExitCode::SUCCESS;

@@ -31,7 +31,7 @@
 # the report and the packing of the logs have limits of their own, counted too:
 #   run         150 s = unpack 10 + selftest 25 + test-gpu 70 + bench 20
 #                     + test-kernels-emu 20 + summary and logs.tar.gz 5
-#   scoreboard  330 s = unpack 10 + trl-venv 10 + env 10 + scoring 15 + 20
+#   scoreboard  330 s = unpack 10 + trl-site 10 + env 10 + scoring 15 + 20
 #                     + attention 8 + 7 + 15 + dpo 30 + trl-dpo 35 + trl-step 25
 #                     + nca 25 + 20 + contralign-7b 35 + mistral7b 30 + moe 10 + 15
 #                     + report 5 + logs.tar.gz 5
@@ -314,9 +314,9 @@ unpack() {
         done
     fi
     chmod +x "$bin"/* || die "chmod failed"
-    # The driver compiles the embedded PTX for the GPU when a process first loads it (about
-    # 4 s for every module): its cache, large enough for all of them, spares the later
-    # processes of the suite that.
+    # The driver compiles the embedded PTX for the GPU when a process first loads it (ptxas
+    # -arch=sm_90 takes 6 s for all the modules on this project's 2-core machine): its
+    # cache, large enough for all of them, spares the later processes of the suite that.
     export CUDA_CACHE_DISABLE=0 CUDA_CACHE_MAXSIZE=$((1 << 30))
     local libs
     libs=$(cublas_dirs | paste -sd: -)
@@ -350,8 +350,10 @@ run() {
     # Criterion's part cut to 0.2 s a case (from 1.3 s; each case's own median, which the
     # bench summary reads, keeps its quarter second) to fit 20 s: the scoreboard measures the
     # kernels that matter side by side with their baselines.
-    step bench 20 "$bin/bench-kernels" --bench --noplot --warm-up-time 0.05 \
-        --measurement-time 0.15
+    # Each case's time is printed as it is measured (the table only at the end), criterion's
+    # bootstrap cut from 100000 resamples a case to 1000; no GPU fails the step.
+    CONTRALIGN_REQUIRE_GPU=1 step bench 20 "$bin/bench-kernels" --bench --noplot \
+        --warm-up-time 0.05 --measurement-time 0.15 --nresamples 1000
     # The emulator's tests need no GPU: last, so that what does comes first.
     step test-kernels-emu 20 "$bin/test-kernels-emu"
 
@@ -386,10 +388,11 @@ run() {
         if grep -q '^## kernels bench summary' "$logs/bench.log" 2>/dev/null; then
             sed -n '/^## kernels bench summary/,$p' "$logs/bench.log"
         else
-            echo "## kernels bench (end of bench.log)"
+            echo "## kernels bench (no summary: the times as measured, and the end of bench.log)"
             echo
             echo '```'
-            tail -n 20 "$logs/bench.log" 2>/dev/null
+            grep '^kernels bench' "$logs/bench.log" 2>/dev/null
+            tail -n 5 "$logs/bench.log" 2>/dev/null
             echo '```'
         fi
         local name
@@ -510,7 +513,7 @@ rows_of() {
             "$trl_python" "$tools/trl_dpo.py" "${p_common[@]}" "${p_step[@]}" \
             "${dpo_check[@]}" --budget-s 15 --out "$r/trl-dpo.json" || bad=1
     else
-        echo "{\"missing\": \"TRL did not install: see trl-venv.log\"}" >"$r/trl-dpo.json"
+        echo "{\"missing\": \"TRL did not unpack: see trl-site.log\"}" >"$r/trl-dpo.json"
     fi
     if [[ $shape == tiny ]] || grep -q '"failed"\|"missing"\|"skipped"' "$r/trl-dpo.json"; then
         step trl-step 25 --result "$r/trl-step.json" \
@@ -563,12 +566,18 @@ rows_of() {
     ((bad == 0))
 }
 
-# A venv at $1 over the GPU machine's python3 (torch, transformers, accelerate) with the
-# carried wheels of $2 installed offline (a script for `bash -c`, run as a step).
+# The carried wheels of $3 (pure Python) unpacked into the folder $2, and at $4 a python
+# that is $1 with that folder first on its path: no venv, since the GPU machine's python3 is
+# a venv already, and a venv made from one sees its base interpreter's packages, not its
+# torch and transformers (a script for `bash -c`, run as a step; no pip needed).
 # shellcheck disable=SC2016
-trl_venv='python3 -m venv --system-site-packages "$1" &&
-    "$1/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$2"/*.whl &&
-    "$1/bin/python" -c "import trl, datasets; print(\"trl\", trl.__version__)"'
+trl_site='rm -rf "$2" && mkdir -p "$2" &&
+    "$1" -c "import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])" "$2" "$3"/*.whl &&
+    printf "#!/bin/sh\nPYTHONPATH=\"%s\${PYTHONPATH:+:\$PYTHONPATH}\" exec \"%s\" \"\$@\"\n" \
+        "$2" "$1" >"$4" && chmod +x "$4" &&
+    "$4" -c "import trl, datasets, torch; print(\"trl\", trl.__version__, \"from\", trl.__file__)"'
 
 scoreboard() {
     local dir=$1
@@ -580,12 +589,16 @@ scoreboard() {
     results=$work/results
     mkdir -p "$results"
     trap 'rm -rf "$bin" "$work"' EXIT
+    # The card, named by the driver: the table says which one ran it even where the
+    # baselines' environment probe fails.
+    timeout 5 nvidia-smi -L >"$results/gpus.txt" 2>/dev/null || rm -f "$results/gpus.txt"
     if [[ ! -d $dir/wheels ]]; then
-        echo "== trl-venv: no wheels in $dir (\`$0 prepare $dir\` downloads them)"
-    elif step trl-venv 10 bash -c "$trl_venv" _ "$work/trl-venv" "$dir/wheels"; then
-        trl_python=$work/trl-venv/bin/python
+        echo "== trl-site: no wheels in $dir (\`$0 prepare $dir\` downloads them)"
+    elif step trl-site 10 bash -c "$trl_site" _ python3 "$work/trl-site" "$dir/wheels" \
+        "$work/trl-python"; then
+        trl_python=$work/trl-python
     else
-        echo "== trl-venv: TRL did not install (trl-venv.log): the DPO row runs trl_step.py"
+        echo "== trl-site: TRL did not unpack (trl-site.log): the DPO row runs trl_step.py"
     fi
     rows_of "$bin/contralign" cuda python3 "$trl_python" gpu "$results"
     local rc=$?
@@ -615,7 +628,12 @@ dry_run() {
     begin "$out_dir" $((330 * limit_scale)) 10
     local results=$out_dir/results
     mkdir -p "$results"
-    rows_of "$root/target/release/contralign" emu "$venv/bin/python" "$venv/bin/python" tiny \
+    # TRL as the GPU machine gets it: the wheels unpacked beside the python, not installed.
+    local trl_python=
+    download_wheels "$out_dir/wheels"
+    step trl-site 10 bash -c "$trl_site" _ "$venv/bin/python" "$out_dir/trl-site" \
+        "$out_dir/wheels" "$out_dir/trl-python" && trl_python=$out_dir/trl-python
+    rows_of "$root/target/release/contralign" emu "$venv/bin/python" "$trl_python" tiny \
         "$results"
     local rc=$?
     printf '{"steps": [%s]}\n' "$(IFS=,; echo "${steps_json[*]}")" >"$results/steps.json"

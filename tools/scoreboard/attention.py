@@ -1,8 +1,10 @@
 """The attention baseline: PyTorch SDPA (the flash backend on a GPU), forward and backward.
 
 As transformers 5.17's Mistral runs it (sdpa_attention_forward in
-transformers/integrations/sdpa_attention.py: key/value heads repeated to the query heads,
-`scaled_dot_product_attention(..., is_causal=True)`). A plain causal stream is one sequence;
+transformers/integrations/sdpa_attention.py: without an attention mask and with a head
+dimension of at most 256, `scaled_dot_product_attention(..., is_causal=True,
+enable_gqa=True)`, the key/value heads shared by their query heads inside the kernel rather
+than repeated, `use_gqa_in_sdpa`). A plain causal stream is one sequence;
 contralign's packed group (one prompt, K responses that see the prompt and themselves) has no
 SDPA mask of its own, so, as TRL's padded batches do, it runs as K sequences of prompt +
 response, the prompt computed K times.
@@ -29,10 +31,10 @@ from common import bounded, compare, dtype_of, emit, parser, timed
 
 def attend(q, k, v):
     """q [B, T, H, hd], k, v [B, T, KV, hd] -> [B, T, H, hd], causal."""
-    rep = q.shape[2] // k.shape[2]
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=gqa).transpose(1, 2)
 
 
 def packed_sequences(tokens, prompt, responses, response_len):

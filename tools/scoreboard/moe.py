@@ -1,6 +1,9 @@
 """The MoE layer's baseline: transformers 5.17's MixtralSparseMoeBlock (the router's top-2
-and its loop over experts, transformers/models/mixtral/modeling_mixtral.py) at Mixtral-8x7B's
-shapes, forward and backward on random tokens, random weights.
+and its experts, transformers/models/mixtral/modeling_mixtral.py) at Mixtral-8x7B's shapes,
+forward and backward on random tokens, random weights. The experts run as a Mixtral model runs
+them by default (`experts_implementation="grouped_mm"`, PyTorch's grouped GEMM where it can
+dispatch, transformers' per-expert fallback elsewhere), or as `--experts-implementation eager`
+says (a loop over the experts).
 
 With --check DIR (a `contralign bench moe --dump DIR`) the block is loaded with contralign's
 router and experts (gate and up concatenated into gate_up_proj, as transformers stores them)
@@ -19,14 +22,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 MIXTRAL = os.path.join(ROOT, "examples", "configs", "mixtral-8x7b-v0.1.json")
 
 
-def config_of(path, **dims):
+def config_of(path, implementation, **dims):
     from transformers import AutoConfig
     cfg = {k: v for k, v in json.load(open(path)).items()
            if k not in ("architectures", "transformers_version")}
     cfg = AutoConfig.for_model(**{**cfg, **dims})
-    # The loop over experts that the docstring names (transformers' "eager" experts), said
-    # outright: a standalone block has no implementation set and warns.
-    cfg._experts_implementation = "eager"
+    # Said outright: a standalone block has no implementation set (a model's from_pretrained
+    # picks grouped_mm) and warns.
+    cfg._experts_implementation = implementation
     return cfg
 
 
@@ -35,12 +38,12 @@ def relative(ours, theirs):
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)).item()
 
 
-def check(dir, config, device):
+def check(dir, config, implementation, device):
     from safetensors.torch import load_file
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     t = load_file(os.path.join(dir, "moe.safetensors"), device=device)
     meta = json.load(open(os.path.join(dir, "moe.json")))
-    cfg = config_of(config, hidden_size=meta["dim"], intermediate_size=meta["ffn"],
+    cfg = config_of(config, implementation, hidden_size=meta["dim"], intermediate_size=meta["ffn"],
                     num_local_experts=meta["experts"], num_experts_per_tok=meta["top_k"])
     with torch.device(device):
         block = MixtralSparseMoeBlock(cfg).float()
@@ -62,10 +65,13 @@ def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--config", default=MIXTRAL)
     p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--experts-implementation", choices=("grouped_mm", "eager"),
+                   default="grouped_mm")
     a = p.parse_args()
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    checked = check(a.check, a.config, a.device) if a.check else None
-    cfg = config_of(a.config)
+    implementation = a.experts_implementation
+    checked = check(a.check, a.config, implementation, a.device) if a.check else None
+    cfg = config_of(a.config, implementation)
     torch.manual_seed(0)
     dtype = dtype_of(a.dtype)
     with torch.device(a.device):
@@ -87,7 +93,8 @@ def main():
 
     fwd, n = timed(forward, a.device, a.reps, a.budget_s / 2)
     both, m = timed(forward_backward, a.device, a.reps, a.budget_s / 2)
-    result = {"row": "moe", "baseline": "transformers MixtralSparseMoeBlock",
+    result = {"row": "moe",
+              "baseline": f"transformers MixtralSparseMoeBlock, experts {implementation}",
               "tokens": a.tokens, "dtype": a.dtype, "forward_ms": fwd * 1e3,
               "forward_backward_ms": both * 1e3, "reps": [n, m]}
     if checked:

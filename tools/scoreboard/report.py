@@ -184,8 +184,32 @@ def moe_rows(c, b):
     return out
 
 
-def markdown(title, env, rows, steps):
+CONTRALIGN_RESULTS = ("contralign-scoring", "contralign-attention-causal",
+                      "contralign-attention-packed", "contralign-dpo", "contralign-nca",
+                      "contralign-7b", "contralign-moe")
+
+
+def contralign_devices(results):
+    """The devices contralign's results name (its benches print `device`)."""
+    found = (load(results, name) for name in CONTRALIGN_RESULTS)
+    return sorted({r["device"] for r in found if not absent(r) and "device" in r})
+
+
+def listed_gpus(results):
+    """`nvidia-smi -L` as the scoreboard recorded it, or None."""
+    path = os.path.join(results, "gpus.txt")
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    return "; ".join(text.splitlines()) or None
+
+
+def markdown(title, env, rows, steps, gpus=None, devices=()):
     lines = [f"# {title}", ""]
+    # Which card ran the rows, whatever became of the baselines' environment probe.
+    if gpus:
+        lines.append(f"nvidia-smi -L: {gpus}.")
+    lines.append(f"contralign ran on: {', '.join(devices) or 'no result names a device'}.")
     if absent(env):
         lines.append(f"Environment: {absent(env)}")
     else:
@@ -235,10 +259,12 @@ def main():
     rows += moe_rows(load(results, "contralign-moe"), load(results, "moe"))
     steps = load(results, "steps")
     steps = [] if absent(steps) else steps["steps"]
-    board = {"title": title, "environment": env, "rows": rows, "steps": steps}
+    gpus, devices = listed_gpus(results), contralign_devices(results)
+    board = {"title": title, "gpus": gpus, "contralign_devices": devices, "environment": env,
+             "rows": rows, "steps": steps}
     with open(os.path.join(out, "scoreboard.json"), "w") as f:
         json.dump(board, f, indent=2)
-    text = markdown(title, env, rows, steps)
+    text = markdown(title, env, rows, steps, gpus, devices)
     with open(os.path.join(out, "scoreboard.md"), "w") as f:
         f.write(text)
     print(text)
