@@ -388,17 +388,5 @@ fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32) -> Result<()> {
         .write_header()
         .and_then(|mut w| w.write_image_data(rgb))
         .with_context(|| format!("cannot encode {}", path.display()))?;
-    // The process id keeps two concurrent `plot`s of one run from sharing a temporary file.
-    let tmp = path.with_extension(format!("png.{}.tmp", std::process::id()));
-    let result = std::fs::write(&tmp, &bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-        });
-    if result.is_err() {
-        // Best effort: the write error is the one worth reporting.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsutil::write_atomically(path, &bytes)
 }

@@ -363,6 +363,21 @@ fn truncation_keeps_the_prompt_end_and_cuts_responses() {
             && text.contains("--max-len 4"),
         "{text}"
     );
+    // Skipped invalid lines and dropped groups are counted apart.
+    let mixed = Data::new(&[
+        r#"{"prompt": "Hi", "responses": ["the"], "rewards": [1]}"#,
+        r#"{"prompt": "Hi"}"#,
+    ]);
+    let text = mixed.err(&DataOptions {
+        max_len: Some(4),
+        skip_invalid: true,
+        ..DataOptions::default()
+    });
+    assert!(
+        text.contains("no group left: 1 records were invalid")
+            && text.contains("the prompts of the other 1 leave no room"),
+        "{text}"
+    );
 }
 
 #[test]

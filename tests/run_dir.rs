@@ -411,8 +411,11 @@ fn a_resume_replaces_an_exclusive_saved_flag_and_keeps_the_runs_budget_and_data(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--steps replaces epochs of"), "{stderr}");
     let saved = std::fs::read_to_string(run.join("train.toml")).unwrap();
+    // The run's template date is saved: a resume on another day tokenizes alike.
     assert!(
-        saved.contains("steps = 3") && !saved.contains("epochs"),
+        saved.contains("steps = 3")
+            && !saved.contains("epochs")
+            && saved.contains("template-date = \""),
         "{saved}"
     );
     assert_eq!(metrics_without_timing(&run).len(), 3);
@@ -462,6 +465,17 @@ fn a_resume_replaces_an_exclusive_saved_flag_and_keeps_the_runs_budget_and_data(
         "differs from the data the run was started with",
     );
     assert_eq!(metrics_without_timing(&run).len(), 3);
+
+    // A state saved before the rewards' hash and the budget were recorded resumes, its
+    // data checked by the token ids alone.
+    let state_path = run.join("checkpoint-3/contralign_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let fields = state.as_object_mut().unwrap();
+    assert!(fields.remove("training_hash").is_some() && fields.remove("budget").is_some());
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    contralign_ok(&["train", "--resume", &run_s, "--steps", "4"]);
+    assert_eq!(metrics_without_timing(&run).len(), 4);
 }
 
 #[test]

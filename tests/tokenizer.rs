@@ -5,6 +5,7 @@
 mod common;
 
 use common::{fixture, tokenizer_dir, SYSTEM_IN_LAST_USER_TURN};
+use contralign::tokenizer::strftime::DateTime;
 use contralign::tokenizer::{Message, TextTokenizer, Tokenized};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -269,6 +270,20 @@ fn special_tokens_map_json_defines_them_in_a_legacy_folder() {
     let tok = TextTokenizer::load(dir.path()).unwrap();
     assert_eq!((tok.bos_id(), tok.eos_id()), (Some(0), None));
 
+    // A null in the map unsets the config's token, as transformers copies every map key.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("special_tokens_map.json"),
+        serde_json::json!({"eos_token": null}).to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), None));
+
     // A token of the map outside the vocabulary names the map.
     std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
     std::fs::write(
@@ -283,9 +298,16 @@ fn special_tokens_map_json_defines_them_in_a_legacy_folder() {
     );
 }
 
+/// transformers 5 drops `add_bos_token`/`add_eos_token` when a tokenizer.json is there
+/// (`_from_pretrained`), so its post-processor decides: the flags change nothing.
 #[test]
-fn add_bos_and_add_eos_token_rebuild_the_post_processor() {
-    let with = |flags: Value| {
+fn add_bos_and_add_eos_token_leave_tokenizer_json_in_charge() {
+    for flags in [
+        serde_json::json!({}),
+        serde_json::json!({"add_bos_token": true, "add_eos_token": true}),
+        serde_json::json!({"add_bos_token": false}),
+        serde_json::json!({"add_eos_token": true}),
+    ] {
         let mut config = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
         config
             .as_object_mut()
@@ -293,39 +315,12 @@ fn add_bos_and_add_eos_token_rebuild_the_post_processor() {
             .extend(flags.as_object().unwrap().clone());
         let dir = tokenizer_dir(Some(config));
         let tok = TextTokenizer::load(dir.path()).unwrap();
-        tok.encode_with_special_tokens("Hi").unwrap()
-    };
-    // tokenizer.json's post-processor adds BOS; the flags replace it.
-    assert_eq!(with(serde_json::json!({})), [1, 246, 75, 108]);
-    assert_eq!(
-        with(serde_json::json!({"add_bos_token": true, "add_eos_token": true})),
-        [1, 246, 75, 108, 2]
-    );
-    assert_eq!(
-        with(serde_json::json!({"add_bos_token": false})),
-        [246, 75, 108]
-    );
-    // A flag left out is false once the other is set, as in transformers 5.
-    assert_eq!(
-        with(serde_json::json!({"add_eos_token": true})),
-        [246, 75, 108, 2]
-    );
-    // A flag whose token is undefined is dropped.
-    let dir = tokenizer_dir(Some(
-        serde_json::json!({"add_bos_token": true, "add_eos_token": true, "bos_token": "<s>"}),
-    ));
-    let tok = TextTokenizer::load(dir.path()).unwrap();
-    assert_eq!(
-        tok.encode_with_special_tokens("Hi").unwrap(),
-        [1, 246, 75, 108]
-    );
-    let dir = tokenizer_dir(Some(serde_json::json!({"add_bos_token": "yes"})));
-    let text = err_text(TextTokenizer::load(dir.path()));
-    assert!(
-        text.contains("tokenizer_config.json")
-            && text.contains("add_bos_token: expected true or false"),
-        "{text}"
-    );
+        assert_eq!(
+            tok.encode_with_special_tokens("Hi").unwrap(),
+            [1, 246, 75, 108],
+            "{flags}"
+        );
+    }
 }
 
 #[test]
@@ -333,26 +328,60 @@ fn templates_get_transformers_globals_and_filters() {
     let template = "{{ unk_token }}|{{ pad_token is defined }}|{{ sep_token is defined }}|\
         {% if tools is none and documents is none %}none{% endif %}|\
         {{ messages[0] | tojson }}|{{ {'b': 'é', 'a': [1, 2.5, none, true]} | tojson }}|\
-        {{ {'a': {'x': []}} | tojson(indent=2) }}|{{ '<&>' | tojson }}|{{ strftime_now('%Y') }}";
+        {{ {'a': {'x': []}} | tojson(indent=2) }}|{{ '<&>' | tojson }}|{{ strftime_now('%Y') }}|\
+        {{ {'b': 'é', 'a': 1, 'c': '😀'} | tojson(ensure_ascii=True, sort_keys=True) }}|\
+        {{ [1, {'x': 2}] | tojson(separators=[',', ':']) }}|\
+        {{ {'a': [1, {}]} | tojson(indent=1, separators=[';', '=']) }}";
     let dir = tokenizer_dir(Some(serde_json::json!({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": {"content": "<unk>"},
         "pad_token": "</s>", "sep_token": null, "chat_template": template,
     })));
     let tok = TextTokenizer::load(dir.path()).unwrap();
-    let year = contralign::tokenizer::strftime::DateTime::now().year;
+    let year = DateTime::today().year;
     assert_eq!(
         tok.render_chat(&[msg("user", "Hi")], false).unwrap(),
         format!(
             "<unk>|True|False|none|{{\"role\": \"user\", \"content\": \"Hi\"}}|\
              {{\"b\": \"é\", \"a\": [1, 2.5, null, true]}}|{{\n  \"a\": {{\n    \"x\": []\n  }}\n}}|\
-             \"<&>\"|{year}"
+             \"<&>\"|{year}|\
+             {{\"a\": 1, \"b\": \"\\u00e9\", \"c\": \"\\ud83d\\ude00\"}}|\
+             [1,{{\"x\":2}}]|\
+             {{\n \"a\"=[\n  1;\n  {{}}\n ]\n}}"
         )
+    );
+    // Python's json.dumps(..., ensure_ascii=True, sort_keys=True), separators=(",", ":"),
+    // indent=1 with separators=(";", "="), as written above.
+    let dated = tok
+        .with_template_date(DateTime::parse_date("2024-02-29").unwrap())
+        .unwrap();
+    let rendered = dated.render_chat(&[msg("user", "Hi")], false).unwrap();
+    assert!(rendered.contains("\"<&>\"|2024|"), "{rendered}");
+}
+
+/// strftime_now renders the tokenizer's template date, one instant for every rendering.
+#[test]
+fn strftime_now_renders_the_template_date() {
+    let template = "{{ strftime_now('%d %b %Y %H:%M') }}|{{ messages[0].content }}";
+    let dir = tokenizer_dir(Some(serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": template,
+    })));
+    let tok = TextTokenizer::load(dir.path()).unwrap();
+    let today = DateTime::today();
+    assert_eq!(
+        tok.render_chat(&[msg("user", "Hi")], false).unwrap(),
+        format!("{}|Hi", today.format("%d %b %Y 00:00").unwrap())
+    );
+    let tok = tok
+        .with_template_date(DateTime::parse_date("2023-12-31").unwrap())
+        .unwrap();
+    assert_eq!(
+        tok.render_chat(&[msg("user", "Hi")], false).unwrap(),
+        "31 Dec 2023 00:00|Hi"
     );
 }
 
 #[test]
 fn strftime_writes_the_utc_date_as_python_does() {
-    use contralign::tokenizer::strftime::DateTime;
     // 2024-02-29 13:05:09 UTC, a Thursday.
     let t = DateTime::from_unix(1_709_211_909);
     assert_eq!(
@@ -367,6 +396,25 @@ fn strftime_writes_the_utc_date_as_python_does() {
     );
     let text = err_text(t.format("%Q"));
     assert!(text.contains("%Q is not supported"), "{text}");
+
+    // Dates as --template-date takes them, round trip and refusals.
+    for date in ["2024-02-29", "1969-12-31", "2000-03-01", "2100-02-28"] {
+        assert_eq!(DateTime::parse_date(date).unwrap().ymd(), date);
+    }
+    assert_eq!(
+        DateTime::parse_date("2024-02-29").unwrap(),
+        DateTime::from_unix(1_709_164_800)
+    );
+    for bad in [
+        "2023-02-29",
+        "2100-02-29",
+        "2024-13-01",
+        "2024-1-01",
+        "24-01-01",
+        "today",
+    ] {
+        assert!(DateTime::parse_date(bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

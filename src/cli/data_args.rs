@@ -6,6 +6,7 @@ use contralign::config::ModelConfig;
 use contralign::data::load::{load_files, DataOptions};
 use contralign::data::Group;
 use contralign::hub::{data_files, is_single_file};
+use contralign::tokenizer::strftime::DateTime;
 use contralign::tokenizer::TextTokenizer;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,12 @@ pub struct DataArgs {
     /// dropped, as TRL drops them.
     #[arg(long, value_name = "N", value_parser = crate::cli::passes::saved_count(0))]
     pub max_len: Option<usize>,
+    /// The date (YYYY-MM-DD, at 00:00 UTC) that a chat template's `strftime_now` renders,
+    /// where transformers renders the clock: a run's data then tokenizes the same on any day
+    /// (train saves the date it used, so that a resume does; give a reference cache's to
+    /// score its data alike). Default: today, UTC.
+    #[arg(long, value_name = "YYYY-MM-DD", value_parser = template_date)]
+    pub template_date: Option<String>,
     /// UltraFeedback's score: a completion's key or dotted path.
     #[arg(long, value_name = "FIELD", default_value = "overall_score")]
     pub score_field: String,
@@ -65,6 +72,12 @@ pub fn model_tokenizer(model_dir: &Path) -> Result<Option<TextTokenizer>> {
     } else {
         Ok(None)
     }
+}
+
+/// A --template-date: checked as it is parsed, kept as its text (train.toml saves it).
+fn template_date(text: &str) -> Result<String> {
+    DateTime::parse_date(text)?;
+    Ok(text.to_string())
 }
 
 impl DataArgs {
@@ -95,7 +108,7 @@ impl DataArgs {
     /// The groups of the data set, text tokenized with the tokenizer of `model_dir` (when it
     /// has one); what was skipped or truncated is reported on stderr.
     pub fn load(&self, model_dir: &Path) -> Result<Vec<Group>> {
-        let tokenizer = model_tokenizer(model_dir)?;
+        let tokenizer = self.tokenizer(model_dir)?;
         self.load_with(model_dir, tokenizer.as_ref(), false)
     }
 
@@ -106,9 +119,18 @@ impl DataArgs {
         &self,
         model_dir: &Path,
     ) -> Result<(Vec<Group>, Option<TextTokenizer>)> {
-        let tokenizer = model_tokenizer(model_dir)?;
+        let tokenizer = self.tokenizer(model_dir)?;
         let groups = self.load_with(model_dir, tokenizer.as_ref(), true)?;
         Ok((groups, tokenizer))
+    }
+
+    /// The tokenizer of `model_dir` (if it has one), its template dated by --template-date.
+    fn tokenizer(&self, model_dir: &Path) -> Result<Option<TextTokenizer>> {
+        let tokenizer = model_tokenizer(model_dir)?;
+        match (&self.template_date, tokenizer) {
+            (Some(date), Some(t)) => Ok(Some(t.with_template_date(DateTime::parse_date(date)?)?)),
+            (_, tokenizer) => Ok(tokenizer),
+        }
     }
 
     fn load_with(

@@ -185,6 +185,7 @@ fn run_data(args: &GenerateArgs, data: &Path, sampling: &Sampling) -> Result<()>
         max_prompt_len: args.max_prompt_len,
         max_len: None,
         score_field: args.score_field.clone(),
+        template_date: None,
         skip_invalid: args.skip_invalid,
     };
     data_args.refuse_flags_a_file_ignores()?;

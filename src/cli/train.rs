@@ -458,7 +458,13 @@ fn held_out_groups(args: &TrainArgs, path: &Path, reference: &Reference) -> Resu
         .prepare(&spec, data.load(&inputs.model)?, data.skip_invalid)
 }
 
-pub fn run(args: TrainArgs) -> Result<ExitCode> {
+pub fn run(mut args: TrainArgs) -> Result<ExitCode> {
+    // The day its chat template's strftime_now renders, fixed for the run and saved with it,
+    // so that a resume on another day tokenizes its data as the run did.
+    args.inputs
+        .data
+        .template_date
+        .get_or_insert_with(|| contralign::tokenizer::strftime::DateTime::today().ymd());
     let mut opts = args.options()?;
     opts.validate()?;
     args.inputs.data.refuse_flags_a_file_ignores()?;

@@ -122,9 +122,17 @@ pub fn load_files(
     }
     if groups.is_empty() {
         match &stats.first_skipped {
-            Some(first) => bail!(
+            Some(first) if stats.dropped_long_prompts == 0 => bail!(
                 "{name}: no valid group; all {} lines were invalid, the first: {first}",
                 stats.skipped
+            ),
+            Some(first) => bail!(
+                "{name}: no group left: {} records were invalid (the first: {first}) and the \
+                 prompts of the other {} leave no room for a response within --max-len {} \
+                 tokens",
+                stats.skipped,
+                stats.dropped_long_prompts,
+                opts.max_len.unwrap_or_default()
             ),
             None if stats.dropped_long_prompts > 0 => bail!(
                 "{name}: no group left: the prompts of all {} records leave no room for a \

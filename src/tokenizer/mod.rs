@@ -10,7 +10,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use template::ChatTemplate;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
 
 /// transformers' named special tokens (`SPECIAL_TOKENS_ATTRIBUTES`), which
@@ -119,23 +118,24 @@ impl TextTokenizer {
             })?;
             Ok(Some((token.content.clone(), id)))
         };
+        // tokenizer.json's post-processor adds the special tokens: transformers 5 drops
+        // add_bos_token and add_eos_token when there is a tokenizer.json.
         let (bos, eos) = (id_of("bos_token")?, id_of("eos_token")?);
-        if let Some(processor) = flagged_post_processor(&config, bos.as_ref(), eos.as_ref())
-            .with_context(|| format!("{}", config_path.display()))?
-        {
-            tokenizer.with_post_processor(Some(processor));
-        }
+        // What `strftime_now` renders until `with_template_date` says otherwise.
+        let today = strftime::DateTime::today();
         let jinja_path = dir.join("chat_template.jinja");
         let template = if jinja_path.is_file() {
             let source = std::fs::read_to_string(&jinja_path)
                 .with_context(|| format!("cannot read {}", jinja_path.display()))?;
             let origin = jinja_path.display().to_string();
-            Some(ChatTemplate::new(&source, &origin).with_context(|| origin.clone())?)
+            Some(ChatTemplate::new(&source, &origin, today).with_context(|| origin.clone())?)
         } else {
             config_template(&config)
                 .and_then(|source| {
                     let origin = config_path.display().to_string();
-                    source.map(|s| ChatTemplate::new(s, &origin)).transpose()
+                    source
+                        .map(|s| ChatTemplate::new(s, &origin, today))
+                        .transpose()
                 })
                 .with_context(|| format!("{}: chat_template", config_path.display()))?
         };
@@ -188,6 +188,13 @@ impl TextTokenizer {
 
     pub fn chat_template(&self) -> Option<&str> {
         self.template.as_ref().map(ChatTemplate::source)
+    }
+
+    /// The tokenizer with its chat template's `strftime_now` rendering `date` (transformers
+    /// renders the clock's time, which would tokenize a run's data otherwise on another day).
+    pub fn with_template_date(mut self, date: strftime::DateTime) -> Result<Self> {
+        self.template = self.template.map(|t| t.at(date)).transpose()?;
+        Ok(self)
     }
 
     /// Renders the chat template over `messages`, with the special tokens (`bos_token`,
@@ -361,8 +368,9 @@ fn special_tokens(dir: &Path, config: &Value) -> Result<Vec<SpecialToken>> {
     Ok(SPECIAL_TOKEN_KEYS
         .iter()
         .filter_map(|&key| {
-            let (content, file) = match token_content(&map[key]) {
-                Some(content) => (content, &map_path),
+            // A key of the map replaces the config's, `null` (no such token) included.
+            let (content, file) = match map.get(key) {
+                Some(value) => (token_content(value)?, &map_path),
                 None => (token_content(&config[key])?, &config_path),
             };
             Some(SpecialToken {
@@ -372,60 +380,6 @@ fn special_tokens(dir: &Path, config: &Value) -> Result<Vec<SpecialToken>> {
             })
         })
         .collect())
-}
-
-/// The post-processor transformers 5 builds when tokenizer_config.json sets `add_bos_token`
-/// or `add_eos_token` (`TokenizersBackend.update_post_processor`), which replaces
-/// tokenizer.json's: BOS before the text when `add_bos_token`, EOS after it when
-/// `add_eos_token`, a flag that is missing being false and a flag whose token is undefined
-/// being dropped. `None` when neither flag is set (tokenizer.json's post-processor stays).
-fn flagged_post_processor(
-    config: &Value,
-    bos: Option<&(String, u32)>,
-    eos: Option<&(String, u32)>,
-) -> Result<Option<TemplateProcessing>> {
-    let flag = |key: &str| -> Result<Option<bool>> {
-        match &config[key] {
-            Value::Null => Ok(None),
-            Value::Bool(b) => Ok(Some(*b)),
-            other => bail!("{key}: expected true or false, found {other}"),
-        }
-    };
-    let (add_bos, add_eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
-    if add_bos.is_none() && add_eos.is_none() {
-        return Ok(None);
-    }
-    let bos = bos.filter(|_| add_bos == Some(true));
-    let eos = eos.filter(|_| add_eos == Some(true));
-    let piece = |token: Option<&(String, u32)>, type_id: u8| {
-        token.map(|(text, _)| format!("{text}:{type_id}"))
-    };
-    let template = |sequence: &str, type_id: u8| -> String {
-        [
-            piece(bos, type_id),
-            Some(format!("{sequence}:{type_id}")),
-            piece(eos, type_id),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ")
-    };
-    let single = template("$A", 0);
-    let pair = format!("{single} {}", template("$B", 1));
-    let special: Vec<(String, u32)> = bos.into_iter().chain(eos).cloned().collect();
-    let processor = TemplateProcessing::builder()
-        .try_single(single.as_str())
-        .and_then(|b| b.try_pair(pair.as_str()))
-        .map_err(|e| {
-            anyhow!("cannot build the post-processor of add_bos_token/add_eos_token: {e}")
-        })?
-        .special_tokens(special)
-        .build()
-        .map_err(|e| {
-            anyhow!("cannot build the post-processor of add_bos_token/add_eos_token: {e}")
-        })?;
-    Ok(Some(processor))
 }
 
 /// tokenizer_config.json's chat template: a string, or in older files a list of named

@@ -69,6 +69,45 @@ impl DateTime {
         Self::from_unix(secs)
     }
 
+    /// Today's date (UTC) at 00:00:00.
+    pub fn today() -> Self {
+        let now = Self::now();
+        DateTime {
+            hour: 0,
+            minute: 0,
+            second: 0,
+            ..now
+        }
+    }
+
+    /// The date as `YYYY-MM-DD`, what [`DateTime::parse_date`] reads.
+    pub fn ymd(&self) -> String {
+        format!("{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+
+    /// `YYYY-MM-DD` at 00:00:00 UTC.
+    pub fn parse_date(text: &str) -> Result<Self> {
+        let parts: Vec<&str> = text.split('-').collect();
+        let number = |s: &str| s.parse::<i64>().ok().filter(|_| !s.starts_with('+'));
+        let date = match parts[..] {
+            [y, m, d] if y.len() == 4 && m.len() == 2 && d.len() == 2 => {
+                number(y).zip(number(m)).zip(number(d))
+            }
+            _ => None,
+        };
+        let Some(((year, month), day)) =
+            date.filter(|&((_, m), d)| (1..=12).contains(&m) && (1..=31).contains(&d))
+        else {
+            bail!("expected a date as YYYY-MM-DD, found {text:?}");
+        };
+        let parsed = Self::from_unix(days_from_civil(year, month, day) * 86_400);
+        // A day past its month's end (2023-02-29) comes back as another date.
+        if (parsed.year, i64::from(parsed.month), i64::from(parsed.day)) != (year, month, day) {
+            bail!("{text:?} is not a date: that month has no day {day}");
+        }
+        Ok(parsed)
+    }
+
     /// The time written as Python's `strftime` writes it, for the directives `%d %m %Y %y
     /// %H %M %S %b %B %a %A %%`; any other is an error.
     pub fn format(&self, format: &str) -> Result<String> {
@@ -105,6 +144,18 @@ impl DateTime {
         }
         Ok(out)
     }
+}
+
+/// The day count from 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm; the
+/// inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// The proleptic Gregorian date of a day count from 1970-01-01 (H. Hinnant's algorithm).

@@ -103,9 +103,13 @@ pub struct TrainerState {
     pub seed: u64,
     pub optimizer_step: u64,
     pub bad_steps_in_a_row: u32,
-    /// The hash of the training data's token ids and rewards, so that a resume on changed
-    /// data is refused.
+    /// The hash of the training data's token ids, so that a resume on changed data is
+    /// refused.
     pub data_hash: String,
+    /// The hash of its token ids and rewards (absent in the state of a run saved before it
+    /// was recorded, whose resume checks the ids alone).
+    #[serde(default)]
+    pub training_hash: Option<String>,
     /// How the run cuts its epochs into steps, which a resume must keep (absent in the state
     /// of a run saved before it was recorded).
     #[serde(default)]
@@ -195,7 +199,9 @@ pub struct Trainer {
     /// Optimizer steps taken (skipped ones included).
     pub step: u64,
     pub bad_steps_in_a_row: u32,
+    /// [`TrainerState::data_hash`] and [`TrainerState::training_hash`] of its groups.
     data_hash: String,
+    training_hash: String,
     /// Where the policy trains when not on the CPU; `policy` then holds the weights as of
     /// the last [`Trainer::sync_weights_to_host`], and `optimizer` its step count, its moments
     /// only after a [`Trainer::sync_to_host`].
@@ -299,7 +305,8 @@ impl Trainer {
         let sizes: Vec<usize> = policy.params.iter().iter().map(|p| p.len()).collect();
         let optimizer = AdamW::new(opts.adamw.clone(), &sizes);
         let cursor = Cursor::new(&planner, Position::default());
-        let data_hash = super::refcache::training_data_hash(&groups);
+        let data_hash = super::refcache::data_hash(&groups);
+        let training_hash = super::refcache::training_data_hash(&groups);
         let pass_tokens = longest_pass(&groups, opts.micro_tokens);
         let rounded = (opts.precision != PrecisionOptions::all_f32())
             .then(|| RoundedStores::new(opts.precision, &mut policy));
@@ -315,6 +322,7 @@ impl Trainer {
             step: 0,
             bad_steps_in_a_row: 0,
             data_hash,
+            training_hash,
             engine: None,
             rounded,
             pass_tokens,
@@ -347,18 +355,23 @@ impl Trainer {
             optimizer_step: self.optimizer.step,
             bad_steps_in_a_row: self.bad_steps_in_a_row,
             data_hash: self.data_hash.clone(),
+            training_hash: Some(self.training_hash.clone()),
             budget: Some(self.opts.budget),
         }
     }
 
     /// That a run of `state` can continue with this trainer's data and seed.
     pub fn check_resumable(&self, state: &TrainerState) -> Result<()> {
-        if state.data_hash != self.data_hash {
+        let (then, now, what) = match &state.training_hash {
+            Some(saved) => (saved, &self.training_hash, "its token ids and rewards"),
+            None => (&state.data_hash, &self.data_hash, "its token ids"),
+        };
+        if then != now {
             bail!(
                 "the training data differs from the data the run was started with (hash of \
-                 its token ids and rewards {}… then, {}… now): a resume must see the same data",
-                &state.data_hash[..12.min(state.data_hash.len())],
-                &self.data_hash[..12]
+                 {what} {}… then, {}… now): a resume must see the same data",
+                &then[..12.min(then.len())],
+                &now[..12]
             );
         }
         if let Some(saved) = state.budget.filter(|b| *b != self.opts.budget) {
